@@ -1,0 +1,60 @@
+"""Every environment variable spotrun reads, in one place.
+
+Arguments passed in code always win over the environment; the environment wins over the
+defaults below. Read them through these helpers so a bad value fails with one clear line.
+
+=============================  ==========================================================
+``SPOTRUN_URL``                the run URL when none is passed
+``SPOTRUN_NOTICE_SOURCE``      ``auto`` (default), ``ec2``, ``gcp``, ``azure`` or ``none``
+``SPOTRUN_IMDS_ENDPOINT``      EC2 metadata base URL (default ``http://169.254.169.254``)
+``SPOTRUN_GCP_METADATA_ENDPOINT``  GCP metadata base URL
+``SPOTRUN_AZURE_METADATA_ENDPOINT``  Azure IMDS base URL
+``SPOTRUN_POLL_INTERVAL``      seconds between metadata polls (default 5, AWS's advice)
+``SPOTRUN_REBALANCE``          on a rebalance recommendation: ``checkpoint`` (default),
+                               ``stop`` or ``ignore``
+``SPOTRUN_SEGMENT_ID``         set by the launcher so ledger records join its segment
+=============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+__all__ = ["env_choice", "env_float", "env_int", "env_str"]
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {default}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; set it to e.g. {default}") from None
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+    return value

@@ -1,0 +1,115 @@
+"""Every exception spotrun raises on purpose.
+
+Catch :class:`SpotrunError` to handle them all. Each message is one line that names the
+problem and, where there is one, the fix.
+
+::
+
+    SpotrunError
+    ├── ConfigError                  a bad argument, option or environment variable
+    │   └── StorageURLError          a run URL that cannot be parsed or has no backend
+    ├── StorageError                 reading or writing the run URL failed
+    │   ├── StorageNotFoundError     the bucket or directory does not exist
+    │   └── CredentialsError         no usable cloud credentials
+    ├── CheckpointError              a checkpoint cannot be used
+    │   ├── NoCheckpointError        no committed checkpoint at the run URL
+    │   ├── CorruptCheckpointError   sizes or hashes do not match its manifest
+    │   ├── IncompatibleCheckpointError  its tensors do not fit the model (key, shapes)
+    │   └── UnsupportedFormatError   written by a newer spotrun than this one
+    ├── SaveError                    a save (often a background one) failed
+    ├── NoticeError                  an interruption-notice source misbehaved
+    ├── CostError                    a cost report or estimate cannot be computed
+    │   └── PriceUnavailableError    no price source could answer
+    └── LaunchError                  the launcher could not keep the run going
+        └── CapacityError            no spot or on-demand capacity in any pool
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CapacityError",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "CostError",
+    "CredentialsError",
+    "IncompatibleCheckpointError",
+    "LaunchError",
+    "NoCheckpointError",
+    "NoticeError",
+    "PriceUnavailableError",
+    "SaveError",
+    "SpotrunError",
+    "StorageError",
+    "StorageNotFoundError",
+    "StorageURLError",
+    "UnsupportedFormatError",
+]
+
+
+class SpotrunError(Exception):
+    """Base of every error spotrun raises on purpose."""
+
+
+class ConfigError(SpotrunError, ValueError):
+    """A bad argument, option or environment variable."""
+
+
+class StorageURLError(ConfigError):
+    """A run URL that cannot be parsed or names no installed fsspec backend."""
+
+
+class StorageError(SpotrunError, OSError):
+    """Reading or writing the run URL failed."""
+
+
+class StorageNotFoundError(StorageError):
+    """The bucket or directory behind a run URL does not exist."""
+
+
+class CredentialsError(StorageError):
+    """No usable cloud credentials were found."""
+
+
+class CheckpointError(SpotrunError):
+    """A checkpoint cannot be used."""
+
+
+class NoCheckpointError(CheckpointError):
+    """No committed checkpoint exists at the run URL."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files do not match the sizes and hashes in its manifest."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint's state does not fit the object it is loaded into."""
+
+
+class UnsupportedFormatError(CheckpointError):
+    """A manifest written in a newer format than this spotrun understands."""
+
+
+class SaveError(SpotrunError):
+    """A save failed; the previous committed checkpoint is untouched."""
+
+
+class NoticeError(SpotrunError):
+    """An interruption-notice source misbehaved."""
+
+
+class CostError(SpotrunError):
+    """A cost report or estimate cannot be computed."""
+
+
+class PriceUnavailableError(CostError):
+    """No price source (API, cache, shipped snapshot, override) could answer."""
+
+
+class LaunchError(SpotrunError):
+    """The launcher could not keep the run going."""
+
+
+class CapacityError(LaunchError):
+    """No spot or on-demand capacity could be had in any allowed pool."""

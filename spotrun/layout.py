@@ -1,0 +1,63 @@
+"""What lives where under a run URL, and what a training process's exit code means.
+
+This is the contract between the processes that share a run: the training script (any
+rank), the launcher on the same machine or on a controller, and the CLI. Keep it stable;
+change it only together with ``manifest.FORMAT_VERSION``.
+
+::
+
+    RUN_URL/
+      000000000100/            one checkpoint per folder, named by its zero-padded step
+        rank-00000.pt          payload files (written first)
+        manifest.json          written last: its existence *is* the commit
+      done.json                the run finished (written once, by rank 0)
+      ledger/                  one small JSON object per event (segments, checkpoints, ...)
+      launch/                  the launcher's own state (instances, attempts)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DONE_MARKER",
+    "EXIT_FAILED",
+    "EXIT_FINISHED",
+    "EXIT_INTERRUPTED",
+    "LAUNCH_DIR",
+    "LEDGER_DIR",
+    "MANIFEST",
+    "STEP_DIGITS",
+    "checkpoint_dir",
+    "parse_step",
+]
+
+STEP_DIGITS = 12
+MANIFEST = "manifest.json"
+DONE_MARKER = "done.json"
+LEDGER_DIR = "ledger"
+LAUNCH_DIR = "launch"
+
+#: The training loop ran to its end; ``done.json`` exists. Do not relaunch.
+EXIT_FINISHED = 0
+#: Any other failure (an exception in user code, a bad configuration). Relaunching will
+#: most likely fail the same way. (Python's own exit code for an uncaught exception.)
+EXIT_FAILED = 1
+#: Stopped on a signal or an interruption notice after committing a checkpoint: relaunch
+#: and it resumes. 75 is EX_TEMPFAIL from sysexits.h, "try again later".
+EXIT_INTERRUPTED = 75
+# A second Ctrl-C aborts at once with the shell's usual 128 + SIGINT = 130 (not resumable
+# from the current step, but the last committed checkpoint is intact).
+
+
+def checkpoint_dir(step: int) -> str:
+    """The folder name of the checkpoint at ``step``: zero-padded so names sort like numbers."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"{step:0{STEP_DIGITS}d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a checkpoint folder name, or None when ``name`` is not one."""
+    name = name.rstrip("/")
+    if len(name) == STEP_DIGITS and name.isdigit():
+        return int(name)
+    return None

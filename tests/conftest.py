@@ -1,0 +1,94 @@
+"""Shared fixtures. No test reaches beyond 127.0.0.1: AWS traffic goes to moto, metadata
+traffic to fake servers on loopback, and the real metadata address is switched off."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set before anything imports boto3/s3fs, and inherited by every child process a test starts.
+_SAFE_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # botocore must never ask 169.254.169.254 for credentials or a region.
+    "AWS_EC2_METADATA_DISABLED": "true",
+    # No notice watcher probes a real metadata address unless a test points it at a fake.
+    "SPOTRUN_NOTICE_SOURCE": "none",
+    "SPOTRUN_IMDS_ENDPOINT": "http://127.0.0.1:9",
+    "SPOTRUN_GCP_METADATA_ENDPOINT": "http://127.0.0.1:9",
+    "SPOTRUN_AZURE_METADATA_ENDPOINT": "http://127.0.0.1:9",
+}
+for _k, _v in _SAFE_ENV.items():
+    os.environ[_k] = _v
+for _k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "SPOTRUN_URL"):
+    os.environ.pop(_k, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A moto server on 127.0.0.1 for the whole session; yields its endpoint URL.
+
+    s3fs talks through aiobotocore, which moto's in-process mock does not intercept, so S3
+    tests need a real HTTP server.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh bucket on the moto server; yields its name.
+
+    ``AWS_ENDPOINT_URL`` is set for the test (and its child processes), so boto3, s3fs and
+    spotrun all reach moto without extra options.
+    """
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    bucket = f"spotrun-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    yield bucket
+
+
+@pytest.fixture()
+def s3_storage_options(moto_server: str) -> dict:
+    """fsspec options that reach the moto server (for code given options explicitly)."""
+    return {"client_kwargs": {"endpoint_url": moto_server}, "skip_instance_cache": True}
+
+
+@pytest.fixture()
+def child_env() -> dict:
+    """The environment for a child process: this one's, plus the repo on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+PYTHON = sys.executable
