@@ -1,0 +1,95 @@
+"""Small HTTP helpers for metadata services: no proxy, short deadline-bound timeouts."""
+
+from __future__ import annotations
+
+import calendar
+import time
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+import requests
+
+__all__ = ["Response", "http_request", "new_session", "parse_iso8601", "parse_rfc1123", "remaining"]
+
+
+class Response:
+    """Status and body text of one answer (the body is tiny for metadata)."""
+
+    __slots__ = ("status", "text", "headers")
+
+    def __init__(self, status: int, text: str, headers: dict[str, str]) -> None:
+        self.status = status
+        self.text = text
+        self.headers = headers
+
+
+def new_session() -> requests.Session:
+    """A session that ignores HTTP(S)_PROXY, .netrc and friends.
+
+    A proxy variable set for pip or the S3 client would otherwise send metadata requests
+    (and the IMDSv2 token) off the machine, where they fail or leak.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {}
+    return session
+
+
+def remaining(deadline: float | None, cap: float) -> float:
+    """Seconds to use as a timeout: ``cap``, or less if ``deadline`` (monotonic) is nearer.
+
+    Raises TimeoutError when the deadline has already passed.
+    """
+    if deadline is None:
+        return cap
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return min(cap, left)
+
+
+def http_request(
+    session: requests.Session,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float,
+) -> Response:
+    """One request; connection and timeout errors propagate as ``requests`` exceptions."""
+    resp = session.request(
+        method, url, headers=headers, timeout=timeout, allow_redirects=False, stream=False
+    )
+    try:
+        return Response(resp.status_code, resp.text, dict(resp.headers))
+    finally:
+        resp.close()
+
+
+def parse_iso8601(value: str | None) -> float | None:
+    """``2026-11-27T10:00:00Z`` -> epoch seconds; None for empty or unparsable values."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"  # fromisoformat only learned "Z" in 3.11
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return calendar.timegm(parsed.timetuple()) + parsed.microsecond / 1e6
+    return parsed.timestamp()
+
+
+def parse_rfc1123(value: str | None) -> float | None:
+    """``Mon, 19 Sep 2016 18:29:47 GMT`` -> epoch seconds; None for empty or unparsable."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()

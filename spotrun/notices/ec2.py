@@ -1,0 +1,214 @@
+"""EC2 spot interruption notices and rebalance recommendations, through IMDSv2.
+
+IMDSv2 wants a session token: ``PUT /latest/api/token`` with the TTL header, then the
+token on every GET. The watcher keeps one token, renews it shortly before it expires and at
+once on a 401 (the service restarted, or the token was revoked).
+
+Two documents matter (both 404 until AWS posts them):
+
+- ``/latest/meta-data/spot/instance-action``: ``{"action": "terminate"|"stop"|"hibernate",
+  "time": "2026-11-27T10:00:00Z"}``, about two minutes before the action. ``time`` is the
+  deadline.
+- ``/latest/meta-data/events/recommendations/rebalance``: ``{"noticeTime": "..."}``, an
+  early warning that the instance is at elevated risk; it may come long before, or without,
+  an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Any
+
+import requests
+
+from ..errors import ConfigError, NoticeError
+from ..instance import InstanceInfo
+from ._http import http_request, new_session, parse_iso8601, remaining
+from .base import REBALANCE_MODES, Notice, PollingWatcher
+
+__all__ = ["DEFAULT_IMDS_ENDPOINT", "Ec2Watcher", "MAX_TOKEN_TTL", "region_from_az"]
+
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+#: The longest token lifetime IMDS accepts (six hours).
+MAX_TOKEN_TTL = 21600
+
+TOKEN_PATH = "/latest/api/token"
+TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+ACTION_PATH = "/latest/meta-data/spot/instance-action"
+REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
+
+_AZ_REGION = re.compile(r"^([a-z]{2}(?:-[a-z]+)+-\d+)")
+
+
+def region_from_az(az: str | None) -> str | None:
+    """``us-east-1a`` -> ``us-east-1``; also Local/Wavelength zones (``us-west-2-lax-1a``)."""
+    if not az:
+        return None
+    match = _AZ_REGION.match(az)
+    return match.group(1) if match else None
+
+
+class Ec2Watcher(PollingWatcher):
+    """Polls EC2's instance metadata service (IMDSv2) for spot notices.
+
+    ``rebalance``: ``"checkpoint"`` delivers a rebalance recommendation with ``stop=False``,
+    ``"stop"`` with ``stop=True``, ``"ignore"`` never polls for it. A rebalance is delivered
+    at most once, and not at all after an interruption notice.
+    """
+
+    name = "ec2"
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_IMDS_ENDPOINT,
+        *,
+        poll_interval: float = 5.0,
+        rebalance: str = "checkpoint",
+        token_ttl: int = MAX_TOKEN_TTL,
+        startup_timeout: float = 1.0,
+        request_timeout: float = 2.0,
+    ) -> None:
+        super().__init__(poll_interval=poll_interval, startup_timeout=startup_timeout)
+        if rebalance not in REBALANCE_MODES:
+            raise ConfigError(f"rebalance={rebalance!r} is not one of {', '.join(REBALANCE_MODES)}")
+        if not (isinstance(token_ttl, int) and 1 <= token_ttl <= MAX_TOKEN_TTL):
+            raise ConfigError(f"token_ttl={token_ttl!r} must be an integer in 1..{MAX_TOKEN_TTL}")
+        self.endpoint = endpoint.rstrip("/")
+        self.rebalance = rebalance
+        self.token_ttl = token_ttl
+        self.request_timeout = float(request_timeout)
+        self._session = new_session()  # the polling thread's own; instance_info makes its own
+        self._token: str | None = None
+        self._token_renew_at = 0.0  # time.monotonic()
+        self._token_lock = threading.Lock()
+
+    def _unavailable_hint(self) -> str:
+        return (
+            f" (asked {self.endpoint}; in a container on EC2? the IMDSv2 token answer needs "
+            "HttpPutResponseHopLimit=2 on the instance)"
+        )
+
+    # -- token --------------------------------------------------------------------------
+
+    def _token_for(self, session: requests.Session, deadline: float | None, *, renew: bool) -> str:
+        with self._token_lock:
+            if not renew and self._token is not None and time.monotonic() < self._token_renew_at:
+                return self._token
+            asked = time.monotonic()
+            resp = http_request(
+                session,
+                "PUT",
+                self.endpoint + TOKEN_PATH,
+                headers={TTL_HEADER: str(self.token_ttl)},
+                timeout=remaining(deadline, self.request_timeout),
+            )
+            if resp.status != 200 or not resp.text:
+                raise NoticeError(f"IMDSv2 token request answered HTTP {resp.status}")
+            # Renew well before expiry (a minute, or a quarter of a short TTL), counted from
+            # when we asked, so clock drift on the request cannot outlive the token.
+            self._token = resp.text.strip()
+            self._token_renew_at = asked + self.token_ttl - min(60.0, self.token_ttl / 4)
+            return self._token
+
+    def _get(self, session: requests.Session, path: str, deadline: float | None = None):
+        token = self._token_for(session, deadline, renew=False)
+        url = self.endpoint + path
+        resp = http_request(
+            session, "GET", url, headers={TOKEN_HEADER: token},
+            timeout=remaining(deadline, self.request_timeout),
+        )
+        if resp.status == 401:
+            token = self._token_for(session, deadline, renew=True)
+            resp = http_request(
+                session, "GET", url, headers={TOKEN_HEADER: token},
+                timeout=remaining(deadline, self.request_timeout),
+            )
+        return resp
+
+    # -- hooks --------------------------------------------------------------------------
+
+    def _probe(self, deadline: float) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._token_for(self._session, deadline, renew=True)
+                return True
+            except NoticeError:  # something answered, but not as IMDSv2 does
+                return False
+            except (requests.RequestException, TimeoutError, OSError):
+                # Refused or silent. Retry briefly in case the service is still coming up.
+                left = deadline - time.monotonic()
+                if left <= 0.05:
+                    return False
+                self._stop.wait(min(0.1, left))
+        return False
+
+    def _poll(self) -> list[tuple[Any, Notice]]:
+        found: list[tuple[Any, Notice]] = []
+        resp = self._get(self._session, ACTION_PATH)
+        now = time.time()
+        if resp.status == 200:
+            doc = _json_or_raw(resp.text)
+            action = str(doc.get("action") or "terminate").lower()
+            key = ("action", action, doc.get("time"))
+            found.append((key, Notice(
+                source="ec2", action=action, stop=True, detected_at=now,
+                deadline=parse_iso8601(doc.get("time")), detail=doc,
+            )))
+        elif resp.status != 404:
+            raise NoticeError(f"HTTP {resp.status} from {ACTION_PATH}")
+
+        stop_seen = found or any(k[0] == "action" for k in self._delivered)
+        if self.rebalance != "ignore" and "rebalance" not in self._delivered and not stop_seen:
+            resp = self._get(self._session, REBALANCE_PATH)
+            if resp.status == 200:
+                doc = _json_or_raw(resp.text)
+                found.append(("rebalance", Notice(
+                    source="ec2", action="rebalance", stop=self.rebalance == "stop",
+                    detected_at=time.time(), notice_time=parse_iso8601(doc.get("noticeTime")),
+                    detail=doc,
+                )))
+            elif resp.status != 404:
+                raise NoticeError(f"HTTP {resp.status} from {REBALANCE_PATH}")
+        return found
+
+    def _fetch_instance_info(self, deadline: float) -> InstanceInfo | None:
+        session = new_session()
+        try:
+            def text(leaf: str) -> str | None:
+                resp = self._get(session, "/latest/meta-data/" + leaf, deadline)
+                if resp.status == 200 and resp.text.strip():
+                    return resp.text.strip()
+                if resp.status == 404:
+                    return None
+                raise NoticeError(f"HTTP {resp.status} from /latest/meta-data/{leaf}")
+
+            instance_id = text("instance-id")
+            if instance_id is None:
+                return None
+            az = text("placement/availability-zone")
+            region = text("placement/region") or region_from_az(az)
+            lifecycle = (text("instance-life-cycle") or "on-demand").lower()
+            return InstanceInfo(
+                cloud="aws",
+                instance_id=instance_id,
+                instance_type=text("instance-type"),
+                region=region,
+                availability_zone=az,
+                market="spot" if lifecycle == "spot" else "on-demand",
+            )
+        finally:
+            session.close()
+
+
+def _json_or_raw(text: str) -> dict:
+    """The provider's JSON, or ``{"raw": text}``: a 200 on a notice path is a notice even
+    when its body is odd, so it must not be dropped as a parse error."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return doc if isinstance(doc, dict) else {"raw": doc}
