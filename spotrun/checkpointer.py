@@ -1,0 +1,572 @@
+"""The training-loop wrapper: resume, checkpoint on a schedule and on notice, stop cleanly.
+
+Call order::
+
+    with Checkpointer(url, model=model, optimizer=opt, data=loader) as ckpt:
+        for step in ckpt.range(total_steps):     # restore() happens here; starts at 0 or the
+            train_one_step(...)                  #   saved step; saves on schedule and on notice;
+                                                 #   on a stop: commits, raises SystemExit(75)
+    # range() ran to its end: final checkpoint committed, done marker written, exit code 0
+
+or, for loops that are not a simple range::
+
+    with Checkpointer(...) as ckpt:
+        step = ckpt.restore()
+        while step < total_steps:
+            train_one_step(...)
+            step += 1
+            ckpt.step(step)          # may save; on a stop request it saves and exits (75)
+        ckpt.finish()
+
+Signals and notices only set flags; all I/O happens in the training thread at a step
+boundary, so a signal can never land inside a half-built checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import threading
+import time
+import types
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from .commit import commit, list_checkpoints, prune, read_manifest
+from .config import env_str
+from .distributed import Group
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    SaveError,
+    StorageError,
+    UnsupportedFormatError,
+)
+from .instance import InstanceInfo
+from .layout import DONE_MARKER, EXIT_INTERRUPTED
+from .ledger import Ledger
+from .manifest import Manifest
+from .notices import Notice, Watcher, watchers_from_env
+from .snapshot import check_plain, payload_name, read_payload, write_payload
+from .state import check_stateful, collect_rng_state, load_object_state, restore_rng_state, unwrap
+from .storage import Storage, open_storage
+
+__all__ = ["Checkpointer"]
+
+log = logging.getLogger("spotrun")
+
+PAYLOAD_FORMAT = 1
+DEFAULT_EVERY_SECONDS = 300.0
+
+
+def _process_start_time() -> float:
+    """When this process started (epoch seconds), for the restart-overhead figure.
+
+    Includes interpreter start and imports (torch alone can take seconds), which a resumed
+    run really pays. Falls back to "now" where /proc is not available.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def _named(kind: str, obj: Any) -> dict[str, Any]:
+    """``model=m`` -> {"model": m}; ``model=[a, b]`` -> {"model.0": a, "model.1": b}."""
+    if obj is None:
+        return {}
+    if isinstance(obj, (list, tuple)):
+        return {f"{kind}.{i}": o for i, o in enumerate(obj)}
+    return {kind: obj}
+
+
+class Checkpointer:
+    """Wrap a training loop so it survives interruptions and resumes exactly.
+
+    Args:
+        url: where the run lives: a path, ``file://``, ``s3://bucket/prefix``, ``memory://``
+            or any fsspec URL. Default: ``$SPOTRUN_URL``.
+        model, optimizer, scheduler, scaler: an object or a list of them. A DDP or
+            ``torch.compile`` model saves its inner module. Saved once (by rank 0).
+        data: the data loader(s) (e.g. :class:`~spotrun.ResumableLoader`); saved per rank.
+        objects: more stateful objects (``state_dict``/``load_state_dict``), saved once.
+        per_rank: stateful objects that differ between ranks, saved by each rank.
+        values: initial plain values (numbers, strings, lists, dicts, tensors). Read and
+            update them through :attr:`values`; they are saved and restored with the rest.
+        metadata: JSON-serialisable facts recorded in each manifest (config, git hash...).
+        every_steps: checkpoint when the completed-step count is a multiple of this.
+        every_seconds: checkpoint when this long has passed since the last one. When neither
+            is given, every 300 s; notices and signals always checkpoint.
+        keep_last: committed checkpoints to keep (older ones are deleted after a newer commit).
+        save_rng: save and restore every RNG (required for exact resume).
+        weights_only: load with ``torch.load(weights_only=True)``; only set False for storage
+            you trust, since unpickling can run code.
+        handle_signals: install SIGTERM/SIGINT handlers while inside the ``with`` block.
+        watchers: interruption-notice sources; default: from the environment (see
+            :func:`spotrun.notices.watchers_from_env`); ``[]`` for none.
+        storage_options: passed to fsspec (e.g. S3 endpoint, profile).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        data: Any = None,
+        objects: Mapping[str, Any] | None = None,
+        per_rank: Mapping[str, Any] | None = None,
+        values: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        keep_last: int = 2,
+        save_rng: bool = True,
+        weights_only: bool = True,
+        handle_signals: bool = True,
+        watchers: Sequence[Watcher] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if every_steps is not None and every_steps < 1:
+            raise ConfigError(f"every_steps={every_steps} must be a positive number of steps")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ConfigError(f"every_seconds={every_seconds} must be positive")
+        if keep_last < 1:
+            raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
+        self.storage: Storage = open_storage(url, storage_options)
+        self.objects: dict[str, Any] = {}
+        for group in (
+            _named("model", model),
+            _named("optimizer", optimizer),
+            _named("scheduler", scheduler),
+            _named("scaler", scaler),
+            dict(objects or {}),
+        ):
+            self.objects.update(group)
+        self.per_rank: dict[str, Any] = {**_named("data", data), **dict(per_rank or {})}
+        clash = set(self.objects) & set(self.per_rank)
+        if clash:
+            raise ConfigError(f"names used twice: {sorted(clash)}; give each object one name")
+        for name, obj in {**self.objects, **self.per_rank}.items():
+            check_stateful(name, unwrap(obj))
+        self.values: dict[str, Any] = dict(values or {})
+        self.metadata = dict(metadata or {})
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        if every_steps is None and every_seconds is None:
+            self.every_seconds = DEFAULT_EVERY_SECONDS
+        self.keep_last = keep_last
+        self.save_rng = save_rng
+        self.weights_only = weights_only
+        self.handle_signals = handle_signals
+        self._watchers_arg = watchers
+
+        #: Completed training steps (restored on resume).
+        self.steps_done = 0
+        self.finished = False
+        self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
+        self._group: Group | None = None
+        self._ledger = Ledger(self.storage)
+        self._entered = False
+        self._restored = False
+        self._last_saved_step: int | None = None
+        self._last_save_time = time.time()
+        self._save_durations: collections.deque[float] = collections.deque(maxlen=5)
+        # Written from signal handlers and watcher threads: deque appends and plain
+        # attribute stores are atomic under the GIL, and no lock means no deadlock when a
+        # signal interrupts the main thread while it holds one.
+        self._notices: collections.deque[Notice] = collections.deque()
+        self._stop_requested = False
+        self._save_requested = False
+        self._sigint_seen = False
+        self._prev_handlers: dict[int, Any] = {}
+        self._watchers: list[Watcher] = []
+        self._stop_notice: Notice | None = None
+
+    # -- context ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Checkpointer:
+        if self._entered:
+            raise RuntimeError("Checkpointer is already active; use one 'with' block per run")
+        self.storage.ensure_root(create=True)
+        self._group = Group()
+        self._entered = True
+        self._process_started_at = _process_start_time()
+        if self.handle_signals:
+            self._install_signal_handlers()
+        self._start_watchers()
+        if self._group.is_main:
+            info = self._instance_info()
+            self._record(
+                "segment_started",
+                segment_id=self.segment_id,
+                instance=info,
+                started_at=self._process_started_at,
+                source="wrapper",
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        for w in self._watchers:
+            w.stop()
+        self._restore_signal_handlers()
+        self._entered = False
+        if self._group is None or not self._group.is_main or self.finished:
+            return
+        if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
+            reason = "interrupted"
+        elif exc_type is None or isinstance(exc, KeyboardInterrupt):
+            reason = "stopped"
+        else:
+            reason = "failed"
+        self._record("segment_ended", segment_id=self.segment_id, reason=reason,
+                     ended_at=time.time(), source="wrapper")
+
+    def _require_active(self) -> Group:
+        if not self._entered or self._group is None:
+            raise RuntimeError("use the Checkpointer inside a 'with' block")
+        return self._group
+
+    # -- signals and notices ---------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not in the main thread; SIGTERM/SIGINT handlers not installed")
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._prev_handlers.items():
+            signal.signal(sig, handler)
+        self._prev_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            if self._sigint_seen:
+                # Second Ctrl-C: the user means it. Abort now; the last committed
+                # checkpoint is intact because commits are atomic.
+                raise KeyboardInterrupt
+            self._sigint_seen = True
+        self._deliver(Notice(source="signal", action=signal.Signals(signum).name,
+                             stop=True, detected_at=time.time()))
+
+    def _deliver(self, notice: Notice) -> None:
+        """Record a notice from any thread or a signal handler; acted on at the next step."""
+        self._notices.append(notice)
+        if notice.stop:
+            self._stop_requested = True
+        else:
+            self._save_requested = True
+
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint and exit at the next step boundary (thread-safe)."""
+        self._deliver(Notice(source="user", action="stop", stop=True, detected_at=time.time()))
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a signal or notice asked this process to stop."""
+        return self._stop_requested
+
+    def _start_watchers(self) -> None:
+        watchers = watchers_from_env() if self._watchers_arg is None else list(self._watchers_arg)
+        for w in watchers:
+            w.start(self._deliver)
+        self._watchers = watchers
+
+    def _instance_info(self) -> InstanceInfo:
+        for w in self._watchers:
+            info = w.instance_info(timeout=1.0)
+            if info is not None:
+                return info
+        return InstanceInfo()
+
+    def _drain_notices(self) -> None:
+        while self._notices:
+            n = self._notices.popleft()
+            left = n.seconds_left()
+            log.warning(
+                "%s notice %r%s; %s at the end of step %d",
+                n.source,
+                n.action,
+                f", {left:.0f}s before the machine goes" if left is not None else "",
+                "checkpointing and stopping" if n.stop else "checkpointing",
+                self.steps_done,
+            )
+            if n.stop and self._stop_notice is None:
+                self._stop_notice = n
+            if self._group is not None and self._group.is_main:
+                self._record("notice_received", segment_id=self.segment_id, source=n.source,
+                             action=n.action, notice_time=n.notice_time,
+                             detected_at=n.detected_at, deadline=n.deadline)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def range(self, total_steps: int) -> Iterator[int]:
+        """Yield step indices from the restored position up to ``total_steps``.
+
+        After each step's body it calls :meth:`step`; when the range ends it calls
+        :meth:`finish`. Breaking out of the loop does neither (the run is not done).
+        """
+        start = self.restore()
+        for i in range(start, total_steps):
+            yield i
+            self.step(i + 1)
+        self.finish()
+
+    def step(self, steps_done: int | None = None) -> None:
+        """Tell the checkpointer a training step has completed.
+
+        ``steps_done`` is the count of completed steps (default: one more than before). Saves
+        when a schedule or notice says so; after a stop request, saves and raises
+        ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch.
+        """
+        group = self._require_active()
+        self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
+        self._drain_notices()
+        time_due = (
+            self.every_seconds is not None
+            and time.time() - self._last_save_time >= self.every_seconds
+        )
+        stop, requested, time_due = group.agree(
+            stop=self._stop_requested, save=self._save_requested, time_due=time_due
+        )
+        step_due = self.every_steps is not None and self.steps_done % self.every_steps == 0
+        if stop:
+            self._stop_requested = True
+            self._save_before_stop()
+            raise SystemExit(EXIT_INTERRUPTED)
+        if requested or time_due or step_due:
+            self._save_requested = False
+            self.save()
+
+    def _save_before_stop(self) -> None:
+        notice = self._stop_notice
+        left = notice.seconds_left() if notice else None
+        typical = max(self._save_durations) if self._save_durations else None
+        if left is not None and typical is not None and typical > left:
+            log.warning(
+                "%.1fs left before the machine goes but saves have taken up to %.1fs; "
+                "trying anyway (the previous checkpoint stays the latest if this one cannot finish)",
+                left, typical,
+            )
+        t0 = time.time()
+        self.save()
+        if notice is not None:
+            log.warning(
+                "stop after notice: posted %s, detected %s, committed %s (%.1fs after detection)",
+                _fmt_time(notice.notice_time), _fmt_time(notice.detected_at),
+                _fmt_time(time.time()), time.time() - notice.detected_at,
+            )
+        else:
+            log.info("stop checkpoint committed in %.1fs", time.time() - t0)
+
+    def finish(self) -> None:
+        """Mark the run complete: commit a final checkpoint and write the done marker."""
+        group = self._require_active()
+        self.save()
+        if group.is_main:
+            import json
+
+            marker = {"step": self.steps_done, "finished_at": time.time(), "segment_id": self.segment_id}
+            self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
+            self._record("segment_ended", segment_id=self.segment_id, reason="finished",
+                         ended_at=time.time(), source="wrapper")
+        group.barrier()
+        self.finished = True
+        log.info("run finished at step %d", self.steps_done)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def _payload(self, group: Group) -> dict[str, Any]:
+        payload: dict[str, Any] = {"format": PAYLOAD_FORMAT, "step": self.steps_done}
+        if group.is_main:
+            payload["objects"] = {n: unwrap(o).state_dict() for n, o in self.objects.items()}
+            for k, v in self.values.items():
+                check_plain(k, v)
+            payload["values"] = dict(self.values)
+        payload["per_rank"] = {n: unwrap(o).state_dict() for n, o in self.per_rank.items()}
+        if self.save_rng:
+            payload["rng"] = collect_rng_state()
+        return payload
+
+    def save(self) -> None:
+        """Checkpoint now (all ranks must call it together). A no-op if this step is saved.
+
+        Payload first, manifest last: if anything fails, the previous checkpoint is still
+        the latest, untouched, and :class:`SaveError` says why.
+        """
+        group = self._require_active()
+        step = self.steps_done
+        if self._last_saved_step == step:
+            return
+        t0 = time.time()
+        try:
+            name, entry = write_payload(self.storage, step, group.rank, self._payload(group))
+            entries = group.gather((name, entry))
+            if group.is_main:
+                assert entries is not None
+                manifest = Manifest(
+                    step=step,
+                    files=dict(entries),
+                    world_size=group.world_size,
+                    metadata=self.metadata,
+                    save_seconds=round(time.time() - t0, 6),
+                )
+                commit(self.storage, manifest)
+        except (StorageError, OSError, RuntimeError) as exc:
+            raise SaveError(
+                f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact"
+            ) from exc
+        group.barrier()
+        elapsed = time.time() - t0
+        self._last_saved_step = step
+        self._last_save_time = time.time()
+        self._save_durations.append(elapsed)
+        if group.is_main:
+            log.info("checkpoint at step %d committed (%.1f MB in %.2fs)",
+                     step, manifest.total_bytes / 1e6, elapsed)
+            self._record("checkpoint_committed", segment_id=self.segment_id, step=step,
+                         committed_at=self._last_save_time, stall_s=elapsed, save_s=elapsed,
+                         nbytes=manifest.total_bytes)
+            prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Load the latest valid checkpoint into every object; return the step to start at.
+
+        A fresh run returns 0. A damaged newest checkpoint is skipped with a warning and
+        the one before it is used. Idempotent: a second call returns the same step.
+        """
+        group = self._require_active()
+        if self._restored:
+            return self.steps_done
+        step = group.broadcast(self._choose_checkpoint(group) if group.is_main else None)
+        if step is not None:
+            manifest = self._chosen_manifest if group.is_main else read_manifest(self.storage, step)
+            self._apply(self._load_payloads(manifest, group), group)
+            self.steps_done = step
+            self._last_saved_step = step
+            log.info("resumed from step %d at %s", step, self.storage.display())
+            if group.is_main and self.storage.exists(DONE_MARKER):
+                log.info("this run already finished (done marker present)")
+        self._restored = True
+        self._last_save_time = time.time()
+        if group.is_main:
+            self._record("training_resumed", segment_id=self.segment_id, step=self.steps_done,
+                         process_started_at=self._process_started_at, first_step_at=time.time())
+        return self.steps_done
+
+    def _choose_checkpoint(self, group: Group) -> int | None:
+        """Newest committed checkpoint whose files check out (rank 0 decides for all)."""
+        for info in reversed(list_checkpoints(self.storage)):
+            if info.status != "committed" or info.manifest is None:
+                if info.status == "invalid":
+                    log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
+                continue
+            manifest = info.manifest
+            try:
+                if manifest.world_size != group.world_size:
+                    log.warning(
+                        "checkpoint at step %d was written by %d ranks, this run has %d; "
+                        "per-rank state (RNG, data position) of missing ranks starts fresh",
+                        info.step, manifest.world_size, group.world_size,
+                    )
+                present = set(self.storage.list_dir(info.name))
+                missing = [n for n in manifest.files if n not in present]
+                if missing:
+                    raise CorruptCheckpointError(f"files missing: {', '.join(missing)}")
+                for n, entry in manifest.files.items():
+                    size = self.storage.size(f"{info.name}/{n}")
+                    if size != entry.size:
+                        raise CorruptCheckpointError(
+                            f"{n}: {size} bytes, manifest says {entry.size} (truncated)"
+                        )
+                # Hash-check and load rank 0's payload now; a bad one sends us further back.
+                self._rank0_payload = read_payload(
+                    self.storage, info.step, payload_name(0), manifest.files[payload_name(0)],
+                    weights_only=self.weights_only,
+                )
+            except UnsupportedFormatError:
+                raise
+            except (CorruptCheckpointError, StorageError, KeyError) as exc:
+                log.warning("skipping damaged checkpoint at step %d (%s); trying an older one",
+                            info.step, exc)
+                continue
+            self._chosen_manifest = manifest
+            return info.step
+        return None
+
+    def _load_payloads(self, manifest: Manifest, group: Group) -> tuple[dict, dict | None]:
+        if group.is_main:
+            shared = own = self._rank0_payload
+            del self._rank0_payload
+        else:
+            shared = read_payload(self.storage, manifest.step, payload_name(0),
+                                  manifest.files[payload_name(0)], weights_only=self.weights_only)
+            mine = payload_name(group.rank)
+            own = (
+                read_payload(self.storage, manifest.step, mine, manifest.files[mine],
+                             weights_only=self.weights_only)
+                if mine in manifest.files else None
+            )
+        return shared, own
+
+    def _apply(self, payloads: tuple[dict, dict | None], group: Group) -> None:
+        shared, own = payloads
+        if shared.get("format", 0) > PAYLOAD_FORMAT:
+            raise UnsupportedFormatError(
+                f"checkpoint payload format {shared.get('format')} is newer than this spotrun "
+                "understands; upgrade spotrun"
+            )
+        saved_objects = shared.get("objects", {})
+        for name, obj in self.objects.items():
+            if name not in saved_objects:
+                raise CheckpointError(
+                    f"checkpoint has no state for {name!r} (it has {sorted(saved_objects)}); "
+                    "pass the same objects under the same names as the run that saved it"
+                )
+            load_object_state(name, obj, saved_objects[name])
+        self.values.update(shared.get("values", {}))
+        if own is None:
+            return
+        for name, obj in self.per_rank.items():
+            if name in own.get("per_rank", {}):
+                load_object_state(name, obj, own["per_rank"][name])
+            else:
+                log.warning("checkpoint has no %r state for rank %d; it starts fresh",
+                            name, group.rank)
+        if self.save_rng and "rng" in own:
+            restore_rng_state(own["rng"])
+
+    # -- ledger ----------------------------------------------------------------------------
+
+    def _record(self, method: str, **fields: Any) -> None:
+        """Write a ledger record; a failing ledger never stops training."""
+        try:
+            getattr(self._ledger, method)(**fields)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
+            log.warning("could not write the run ledger (%s): %s", method, exc)
+
+
+def _fmt_time(t: float | None) -> str:
+    if t is None:
+        return "?"
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+

@@ -1,0 +1,160 @@
+"""``spotrun ls``, ``spotrun verify`` and ``spotrun check-resume``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+
+def _storage_options(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    from ..errors import ConfigError
+
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"--storage-options is not JSON ({exc}); e.g. '{{\"anon\": false}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    return value
+
+
+def _add_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", metavar="URL", help="run URL: a path, s3://bucket/prefix, memory://...")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options as a JSON object")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ls", help="list the checkpoints of a run",
+                       description="List each checkpoint folder: step, time, size, status.")
+    _add_url(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser(
+        "verify", help="re-hash every checkpoint of a run",
+        description="Re-hash every file of every committed checkpoint against its manifest. "
+        "Exit 0 when all are intact, 1 naming each damaged file otherwise.",
+    )
+    _add_url(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "check-resume", help="prove a training command resumes bit-for-bit",
+        description="Run CMD once uninterrupted and once interrupted K times with real "
+        "SIGTERMs (resuming after each), then compare the two final checkpoints entry by "
+        "entry. PASS (exit 0) or FAIL naming every differing entry (exit 1). CMD must take "
+        "its run URL from $SPOTRUN_URL.",
+    )
+    p.add_argument("--interruptions", "-k", type=int, default=3, metavar="K")
+    p.add_argument("--seed", type=int, default=None, help="seed for the interruption times")
+    p.add_argument("--workdir", default=None, help="where both runs go (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per attempt")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the training command")
+    p.set_defaults(func=cmd_check_resume)
+
+
+def _fmt_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from ..commit import list_checkpoints
+    from ..layout import DONE_MARKER
+    from ..storage import Storage
+
+    storage = Storage(args.url, _storage_options(args.storage_options))
+    storage.ensure_root(create=False)
+    rows = []
+    for info in list_checkpoints(storage):
+        m = info.manifest
+        rows.append({
+            "step": info.step,
+            "status": info.status,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_at)) if m else None,
+            "bytes": m.total_bytes if m else None,
+            "world_size": m.world_size if m else None,
+            "problem": info.problem,
+        })
+    done = storage.exists(DONE_MARKER)
+    if args.json:
+        print(json.dumps({"url": storage.display(), "done": done, "checkpoints": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no checkpoints at {storage.display()}")
+        return 0
+    print(f"{'STEP':>12}  {'TIME (UTC)':20}  {'SIZE':>10}  STATUS")
+    for r in rows:
+        size = _fmt_size(r["bytes"]) if r["bytes"] is not None else "-"
+        status = r["status"] + (f" ({r['problem']})" if r["problem"] else "")
+        print(f"{r['step']:>12}  {r['time'] or '-':20}  {size:>10}  {status}")
+    if done:
+        print("run finished (done marker present)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..commit import list_checkpoints, verify_checkpoint
+    from ..storage import Storage
+
+    storage = Storage(args.url, _storage_options(args.storage_options))
+    storage.ensure_root(create=False)
+    results = []
+    for info in list_checkpoints(storage):
+        if info.status == "committed" and info.manifest is not None:
+            problems = verify_checkpoint(storage, info.manifest, deep=True)
+        elif info.status == "invalid":
+            problems = [f"{storage.display(info.name)}: {info.problem}"]
+        else:
+            problems = []  # an uncommitted folder is not a checkpoint: nothing to verify
+        results.append({"step": info.step, "status": info.status, "problems": problems})
+    damaged = [r for r in results if r["problems"]]
+    if args.json:
+        print(json.dumps({"url": storage.display(), "ok": not damaged, "checkpoints": results}, indent=2))
+    else:
+        for r in results:
+            if r["status"] == "incomplete":
+                print(f"step {r['step']}: not committed (ignored; a save that never finished)")
+            elif r["problems"]:
+                for problem in r["problems"]:
+                    print(f"step {r['step']}: DAMAGED: {problem}")
+            else:
+                print(f"step {r['step']}: ok")
+        committed = sum(r["status"] == "committed" for r in results)
+        print(f"{committed - len(damaged)} of {committed} committed checkpoints intact"
+              + (f", {len(damaged)} damaged" if damaged else ""))
+    return 1 if damaged else 0
+
+
+def cmd_check_resume(args: argparse.Namespace) -> int:
+    from ..resume_check import check_resume
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    result = check_resume(cmd, interruptions=args.interruptions, workdir=args.workdir,
+                          seed=args.seed, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"uninterrupted run: {result.uninterrupted_seconds:.1f}s; interrupted run: "
+              f"{result.interruptions} interruptions, {result.interrupted_seconds:.1f}s in all; "
+              f"final step {result.final_step}")
+        if result.passed:
+            print("PASS: the interrupted run ends bit-for-bit equal to the uninterrupted one")
+        else:
+            print(f"FAIL: {len(result.differences)} state entries differ:")
+            for d in result.differences:
+                print(f"  {d}")
+        print(f"runs kept in {result.run_dirs[0]} and {result.run_dirs[1]}")
+    return 0 if result.passed else 1
