@@ -1,0 +1,34 @@
+"""Cost: the run ledger priced (``spotrun cost``) and estimates before a run (``spotrun estimate``).
+
+::
+
+    from spotrun.cost import report_for_run
+    report = report_for_run(storage, spot_price=None, on_demand_price=None, offline=False)
+    print(report.to_text()); report.to_dict(); report.to_html()
+
+See ``docs/cost.md`` for every figure and how it is computed.
+"""
+
+from __future__ import annotations
+
+from .estimate import JobEstimate, estimate_job, rate_per_hour, young_interval
+from .portfolio import PortfolioResult, evaluate_portfolio, load_toml
+from .prices import Price, PriceBook, time_weighted_average
+from .report import CostReport, Segment, build_segments, report_for_run
+
+__all__ = [
+    "CostReport",
+    "JobEstimate",
+    "PortfolioResult",
+    "Price",
+    "PriceBook",
+    "Segment",
+    "build_segments",
+    "estimate_job",
+    "evaluate_portfolio",
+    "load_toml",
+    "rate_per_hour",
+    "report_for_run",
+    "time_weighted_average",
+    "young_interval",
+]

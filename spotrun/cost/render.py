@@ -1,0 +1,113 @@
+"""Plain-text rendering of cost reports, estimates and portfolios."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .report import CostReport
+
+__all__ = ["fmt_duration", "fmt_usd", "report_text"]
+
+
+def fmt_usd(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) < 10:
+        return f"${value:,.4f}"
+    return f"${value:,.2f}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{s % 60:04.1f}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def fmt_time(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}%"
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int] | None = None) -> list[str]:
+    right = right or set()
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def report_text(report: CostReport) -> str:
+    d: dict[str, Any] = report.to_dict()
+    t = d["totals"]
+    out = [f"spotrun cost: {d['run_url']}", ""]
+    rows = []
+    for s in d["segments"]:
+        inst = s["instance"]
+        price = s["price"]
+        rows.append([
+            s["segment_id"][:12],
+            f"{inst.get('instance_type') or '?'} {inst.get('market')}",
+            inst.get("availability_zone") or inst.get("region") or inst.get("cloud") or "",
+            fmt_time(s["start"]),
+            fmt_duration(s["duration_s"]),
+            s["end_reason"],
+            "n/a" if price is None else f"{price['usd_per_hour']:.4f}",
+            fmt_usd(s["cost_usd"]),
+            fmt_duration(s["lost_work_s"]),
+            fmt_duration(s["restart_overhead_s"]),
+            fmt_duration(s["stall_s"]),
+        ])
+    out += table(
+        ["segment", "instance", "zone", "start (UTC)", "duration", "ended", "$/h", "cost",
+         "lost", "restart", "stall"],
+        rows,
+        right={4, 6, 7, 8, 9, 10},
+    )
+    out += ["", "Totals"]
+    summary = [
+        ("segments", str(t["segments"])),
+        ("interruptions", str(t["interruptions"])),
+        ("checkpoints", str(t["checkpoints"])),
+        ("compute time", fmt_duration(t["duration_s"])),
+        ("useful time", fmt_duration(t["useful_s"])),
+        ("cost (what this run paid)", fmt_usd(t["cost_usd"])),
+        ("  of which lost work", f"{fmt_usd(t['lost_work_usd'])} ({fmt_duration(t['lost_work_s'])})"),
+        ("  of which restarts", f"{fmt_usd(t['restart_overhead_usd'])} ({fmt_duration(t['restart_overhead_s'])})"),
+        ("  of which checkpoint stalls", f"{fmt_usd(t['stall_usd'])} ({fmt_duration(t['stall_s'])})"),
+        ("on-demand cost of the useful work", fmt_usd(t["on_demand_usd"])),
+        ("savings", f"{fmt_usd(t['savings_usd'])} ({fmt_pct(t['savings_pct'])})"),
+    ]
+    width = max(len(k) for k, _ in summary)
+    out += [f"  {k.ljust(width)}  {v}" for k, v in summary]
+    if d["interruptions"]:
+        out += ["", "Interruptions"]
+        for i in d["interruptions"]:
+            ck = i["last_checkpoint_step"]
+            out.append(
+                f"  {fmt_time(i['at'])}  segment {i['segment_id'][:12]} ({i['reason']}): lost "
+                f"{fmt_duration(i['lost_work_s'])} = {fmt_usd(i['lost_work_usd'])} since "
+                + ("its first step" if ck is None else f"checkpoint step {ck}")
+                + (
+                    f"; restart took {fmt_duration(i['restart_overhead_s'])} = {fmt_usd(i['restart_overhead_usd'])}"
+                    if i["restart_overhead_s"] is not None
+                    else "; not relaunched"
+                )
+            )
+    out += ["", "Price sources"]
+    out += [f"  - {label}" for label in d["price_sources"]] or ["  - none"]
+    if d["warnings"]:
+        out += ["", "Warnings"]
+        out += [f"  ! {w}" for w in d["warnings"]]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,365 @@
+"""What a run cost: segments from the ledger, priced, with lost work and restarts in dollars.
+
+Merge rule (how ledger records become segments):
+
+* records with the same ``segment_id`` form one segment;
+* its start is the launcher's ``started_at`` when a launcher recorded one (on EC2 that is the
+  launch request, so boot time shows), else the wrapper's, else the earliest
+  ``process_started_at``/record time;
+* its instance is the wrapper's, with every field the launcher recorded written over it
+  (the launcher's view of instance id, type, zone and market is authoritative);
+* its end is the launcher's ``segment_ended`` when there is one, else the wrapper's; with no
+  end record (the process was killed), it ends at its last record's time with reason
+  ``unknown``, which counts as an interruption.
+
+Figures, per segment (all times in seconds):
+
+* ``duration`` = end - start; ``cost`` = duration x the hourly price of its market (spot:
+  time-weighted spot price; on-demand: on-demand price);
+* ``startup`` = first training step - start (the whole segment if it never reached a step);
+* ``restart_overhead`` = the startup of every segment after the first (the first one's
+  startup would happen on on-demand too, so it is useful time);
+* ``lost_work`` = for a segment that did not finish, end - its last committed checkpoint, or
+  end - its first training step when it committed none: work that must be redone;
+* ``stall`` = the seconds training paused for checkpoints. Stalls are *not* useful work: an
+  uninterrupted on-demand run would not need them to survive, so they are part of the price
+  of running on spot (the same rule as ``spotrun estimate``). Stalls happen before the last
+  commit and after the first step, so they never overlap lost work or restarts;
+* ``useful`` = duration - lost_work - restart_overhead - stall; ``on_demand_cost`` = useful x
+  the on-demand price of the segment's instance type: what the same work would have cost
+  uninterrupted on on-demand.
+
+Savings = total on-demand cost - total cost; percent of the on-demand cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PriceUnavailableError
+from ..instance import InstanceInfo
+from ..ledger import Ledger
+from ..storage import Storage
+from .prices import Price, PriceBook
+
+__all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_for_run"]
+
+log = logging.getLogger("spotrun")
+
+INTERRUPTED_REASONS = ("interrupted", "unknown")
+NO_API_CLOUDS = ("simulated", "local")
+
+
+@dataclass
+class Segment:
+    """One stretch of compute (one process, or one instance), merged from its records."""
+
+    segment_id: str
+    instance: InstanceInfo
+    start: float
+    end: float
+    end_reason: str
+    sources: list[str] = field(default_factory=list)
+    first_step_at: float | None = None
+    resumed_step: int | None = None
+    process_started_at: float | None = None
+    checkpoints: list[dict] = field(default_factory=list)
+    notices: list[dict] = field(default_factory=list)
+    # Filled in by price_segments.
+    is_first: bool = False
+    price: Price | None = None
+    on_demand_price: Price | None = None
+    price_error: str | None = None
+    on_demand_error: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.end_reason in INTERRUPTED_REASONS
+
+    @property
+    def duration_s(self) -> float:
+        return max(0.0, self.end - self.start)
+
+    @property
+    def startup_s(self) -> float:
+        if self.first_step_at is None:
+            return self.duration_s
+        return min(self.duration_s, max(0.0, self.first_step_at - self.start))
+
+    @property
+    def restart_overhead_s(self) -> float:
+        return 0.0 if self.is_first else self.startup_s
+
+    @property
+    def last_checkpoint(self) -> dict | None:
+        done = [c for c in self.checkpoints if c["committed_at"] <= self.end]
+        return max(done, key=lambda c: c["committed_at"]) if done else None
+
+    @property
+    def lost_work_s(self) -> float:
+        if self.end_reason == "finished" or self.first_step_at is None:
+            return 0.0
+        ckpt = self.last_checkpoint
+        since = self.first_step_at if ckpt is None else max(ckpt["committed_at"], self.first_step_at)
+        # Lost work never exceeds what is left after the startup.
+        return max(0.0, min(self.end - since, self.duration_s - self.startup_s))
+
+    @property
+    def stall_s(self) -> float:
+        return float(sum(c.get("stall_s", 0.0) for c in self.checkpoints))
+
+    @property
+    def useful_s(self) -> float:
+        return max(0.0, self.duration_s - self.lost_work_s - self.restart_overhead_s - self.stall_s)
+
+    def _usd(self, seconds: float, price: Price | None) -> float | None:
+        return None if price is None else seconds / 3600.0 * price.usd_per_hour
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.price
+        ckpt = self.last_checkpoint
+        return {
+            "segment_id": self.segment_id,
+            "instance": self.instance.to_dict(),
+            "start": self.start,
+            "end": self.end,
+            "end_reason": self.end_reason,
+            "interrupted": self.interrupted,
+            "sources": self.sources,
+            "duration_s": self.duration_s,
+            "first_step_at": self.first_step_at,
+            "resumed_step": self.resumed_step,
+            "startup_s": self.startup_s,
+            "restart_overhead_s": self.restart_overhead_s,
+            "lost_work_s": self.lost_work_s,
+            "last_checkpoint_step": None if ckpt is None else ckpt["step"],
+            "stall_s": self.stall_s,
+            "useful_s": self.useful_s,
+            "checkpoints": self.checkpoints,
+            "notices": self.notices,
+            "price": None if p is None else p.to_dict(),
+            "price_error": self.price_error,
+            "on_demand_price": None if self.on_demand_price is None else self.on_demand_price.to_dict(),
+            "on_demand_error": self.on_demand_error,
+            "cost_usd": self._usd(self.duration_s, p),
+            "lost_work_usd": self._usd(self.lost_work_s, p),
+            "restart_overhead_usd": self._usd(self.restart_overhead_s, p),
+            "stall_usd": self._usd(self.stall_s, p),
+            "on_demand_usd": self._usd(self.useful_s, self.on_demand_price),
+        }
+
+
+def build_segments(records: list[dict]) -> list[Segment]:
+    """Merge ledger records into segments (see the module docstring), sorted by start."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        sid = r.get("segment_id")
+        if sid is not None:
+            groups.setdefault(str(sid), []).append(r)
+    segments = []
+    for sid, recs in groups.items():
+        recs.sort(key=lambda r: (r["time"], str(r.get("id"))))
+        starts = {r.get("source"): r for r in recs if r["event"] == "segment_started"}
+        ends = {r.get("source"): r for r in recs if r["event"] == "segment_ended"}
+        resumes = [r for r in recs if r["event"] == "training_resumed"]
+        inst: dict[str, Any] = {}
+        for src in ("wrapper", None, "launcher"):  # later wins
+            if src in starts:
+                inst.update({k: v for k, v in (starts[src].get("instance") or {}).items() if v is not None})
+        first = min(resumes, key=lambda r: r["first_step_at"]) if resumes else None
+        start_rec = starts.get("launcher") or starts.get("wrapper") or next(iter(starts.values()), None)
+        if start_rec is not None:
+            start = float(start_rec["started_at"])
+        elif first is not None:
+            start = float(first["process_started_at"])
+        else:
+            start = recs[0]["time"]
+        end_rec = ends.get("launcher") or ends.get("wrapper") or next(iter(ends.values()), None)
+        if end_rec is not None:
+            end, reason = float(end_rec["ended_at"]), str(end_rec["reason"])
+        else:
+            end, reason = max(r["time"] for r in recs), "unknown"
+        segments.append(
+            Segment(
+                segment_id=sid,
+                instance=InstanceInfo.from_dict(inst),
+                start=start,
+                end=max(start, end),
+                end_reason=reason,
+                sources=sorted({str(r.get("source")) for r in recs if r["event"].startswith("segment_")}),
+                first_step_at=None if first is None else float(first["first_step_at"]),
+                resumed_step=None if first is None else int(first["step"]),
+                process_started_at=None if first is None else float(first["process_started_at"]),
+                checkpoints=[
+                    {k: r.get(k) for k in ("step", "committed_at", "stall_s", "save_s", "nbytes")}
+                    for r in recs
+                    if r["event"] == "checkpoint_committed"
+                ],
+                notices=[
+                    {k: r.get(k) for k in ("source", "action", "notice_time", "detected_at", "deadline")}
+                    for r in recs
+                    if r["event"] == "notice_received"
+                ],
+            )
+        )
+    segments.sort(key=lambda s: (s.start, s.segment_id))
+    if segments:
+        segments[0].is_first = True
+    return segments
+
+
+def price_segments(segments: list[Segment], prices: PriceBook) -> None:
+    """Attach a market price and an on-demand price to each segment (errors are recorded)."""
+    for seg in segments:
+        inst = seg.instance
+        use_api = inst.cloud not in NO_API_CLOUDS
+        try:
+            if inst.market == "on-demand":
+                seg.price = prices.on_demand(inst.instance_type, inst.region, use_api=use_api)
+            else:
+                # Spot, and "local" (a laptop or an unknown machine): priced as spot only
+                # when a price can be found (an override, or a known instance type).
+                seg.price = prices.spot(
+                    inst.instance_type, inst.availability_zone, seg.start, seg.end,
+                    region=inst.region, use_api=use_api,
+                )
+        except PriceUnavailableError as exc:
+            seg.price_error = str(exc)
+        try:
+            seg.on_demand_price = prices.on_demand(inst.instance_type, inst.region, use_api=use_api)
+        except PriceUnavailableError as exc:
+            seg.on_demand_error = str(exc)
+
+
+def _sum(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(sum(known)) if known else None
+
+
+@dataclass
+class CostReport:
+    """The priced run: segments, totals, per-interruption detail, and warnings."""
+
+    run_url: str
+    segments: list[Segment]
+    generated_at: float = field(default_factory=time.time)
+    warnings: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Any]:
+        segs = [s.to_dict() for s in self.segments]
+        cost = _sum([s["cost_usd"] for s in segs])
+        od = _sum([s["on_demand_usd"] for s in segs])
+        complete = all(s["cost_usd"] is not None and s["on_demand_usd"] is not None for s in segs)
+        savings = None if (cost is None or od is None or not complete) else od - cost
+        return {
+            "segments": len(segs),
+            "interruptions": sum(1 for s in self.segments if s.interrupted),
+            "duration_s": sum(s.duration_s for s in self.segments),
+            "useful_s": sum(s.useful_s for s in self.segments),
+            "lost_work_s": sum(s.lost_work_s for s in self.segments),
+            "restart_overhead_s": sum(s.restart_overhead_s for s in self.segments),
+            "stall_s": sum(s.stall_s for s in self.segments),
+            "checkpoints": sum(len(s.checkpoints) for s in self.segments),
+            "cost_usd": cost,
+            "lost_work_usd": _sum([s["lost_work_usd"] for s in segs]),
+            "restart_overhead_usd": _sum([s["restart_overhead_usd"] for s in segs]),
+            "stall_usd": _sum([s["stall_usd"] for s in segs]),
+            "on_demand_usd": od,
+            "savings_usd": savings,
+            "savings_pct": None if savings is None or not od else 100.0 * savings / od,
+            "complete": complete,
+        }
+
+    def interruptions(self) -> list[dict[str, Any]]:
+        out = []
+        for i, seg in enumerate(self.segments):
+            if not seg.interrupted:
+                continue
+            nxt = self.segments[i + 1] if i + 1 < len(self.segments) else None
+            d = seg.to_dict()
+            out.append({
+                "segment_id": seg.segment_id,
+                "at": seg.end,
+                "reason": seg.end_reason,
+                "last_checkpoint_step": d["last_checkpoint_step"],
+                "lost_work_s": seg.lost_work_s,
+                "lost_work_usd": d["lost_work_usd"],
+                "next_segment_id": None if nxt is None else nxt.segment_id,
+                "restart_overhead_s": None if nxt is None else nxt.restart_overhead_s,
+                "restart_overhead_usd": None if nxt is None else nxt.to_dict()["restart_overhead_usd"],
+            })
+        return out
+
+    def price_sources(self) -> list[str]:
+        labels = []
+        for seg in self.segments:
+            for p in (seg.price, seg.on_demand_price):
+                if p is not None and p.label() not in labels:
+                    labels.append(p.label())
+        return labels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_url": self.run_url,
+            "generated_at": self.generated_at,
+            "totals": self.totals(),
+            "segments": [s.to_dict() for s in self.segments],
+            "interruptions": self.interruptions(),
+            "price_sources": self.price_sources(),
+            "warnings": self.warnings,
+        }
+
+    def to_text(self) -> str:
+        from .render import report_text
+
+        return report_text(self)
+
+    def to_html(self) -> str:
+        from .html import report_html
+
+        return report_html(self)
+
+
+def report_for_run(
+    storage: Storage,
+    *,
+    spot_price: float | None = None,
+    on_demand_price: float | None = None,
+    offline: bool = False,
+    price_book: PriceBook | None = None,
+) -> CostReport:
+    """Read the run's ledger and price it.
+
+    ``spot_price``/``on_demand_price`` override every other source (USD per hour);
+    ``offline`` never calls an AWS API; ``price_book`` replaces the default price lookup
+    (tests pass one with stubbed clients). A run with no ledger records gives an empty
+    report with a warning rather than an error, so a launcher can always print one.
+    """
+    prices = price_book or PriceBook(
+        spot_price=spot_price, on_demand_price=on_demand_price, offline=offline
+    )
+    records = Ledger(storage).records()
+    segments = build_segments(records)
+    price_segments(segments, prices)
+    report = CostReport(run_url=storage.display(), segments=segments)
+    if not segments:
+        report.warnings.append(f"no ledger records under {storage.display('ledger')}: nothing to report")
+    for seg in segments:
+        if seg.price_error:
+            report.warnings.append(f"segment {seg.segment_id}: {seg.price_error}")
+        if seg.on_demand_error:
+            report.warnings.append(f"segment {seg.segment_id}: {seg.on_demand_error}")
+        for p in (seg.price, seg.on_demand_price):
+            if p is not None and p.fallback:
+                msg = f"segment {seg.segment_id}: {p.fallback}; used {p.source}"
+                if msg not in report.warnings:
+                    report.warnings.append(msg)
+        if seg.end_reason == "unknown":
+            report.warnings.append(
+                f"segment {seg.segment_id} has no end record (killed?); it ends at its last "
+                "record and counts as an interruption"
+            )
+    return report
