@@ -9,7 +9,14 @@ from email.utils import parsedate_to_datetime
 
 import requests
 
-__all__ = ["Response", "http_request", "new_session", "parse_iso8601", "parse_rfc1123", "remaining"]
+__all__ = [
+    "Response",
+    "http_request",
+    "new_session",
+    "parse_iso8601",
+    "parse_rfc1123",
+    "remaining",
+]
 
 
 class Response:

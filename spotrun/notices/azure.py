@@ -54,7 +54,9 @@ class AzureWatcher(PollingWatcher):
         self._session = new_session()
         self._vm_name: str | None = None
 
-    def _get_json(self, session: requests.Session, path: str, deadline: float | None, cap: float) -> dict:
+    def _get_json(
+        self, session: requests.Session, path: str, deadline: float | None, cap: float
+    ) -> dict:
         resp = http_request(
             session, "GET", self.endpoint + path, headers=_HEADERS,
             timeout=remaining(deadline, cap),

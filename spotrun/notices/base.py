@@ -46,7 +46,8 @@ class Notice:
     """
 
     source: str  # "signal" | "ec2" | "gcp" | "azure"
-    action: str  # "terminate" | "stop" | "hibernate" | "rebalance" | "preempt" | "SIGTERM" | "SIGINT"
+    # "terminate" | "stop" | "hibernate" | "rebalance" | "preempt" | "SIGTERM" | "SIGINT"
+    action: str
     stop: bool
     detected_at: float  # time.time() when spotrun saw it
     notice_time: float | None = None  # when the provider posted it (epoch seconds)

@@ -42,11 +42,15 @@ def _read(path: Path) -> str:
 
 
 def detect_cloud(
-    *, dmi_dir: str | Path = DMI_DIR, hypervisor_uuid: str | Path = HYPERVISOR_UUID
+    *, dmi_dir: str | Path | None = None, hypervisor_uuid: str | Path | None = None
 ) -> str:
     """Name the cloud from local hints only: ``"ec2"``, ``"gcp"``, ``"azure"``, ``"none"``
-    (hints readable, no known cloud) or ``"unknown"`` (no hints to go on)."""
-    dmi = Path(dmi_dir)
+    (hints readable, no known cloud) or ``"unknown"`` (no hints to go on).
+
+    The paths default to the kernel's (``/sys/class/dmi/id``, ``/sys/hypervisor/uuid``).
+    """
+    dmi = Path(dmi_dir if dmi_dir is not None else DMI_DIR)
+    hypervisor_uuid = hypervisor_uuid if hypervisor_uuid is not None else HYPERVISOR_UUID
     fields = {
         name: _read(dmi / name).lower()
         for name in ("sys_vendor", "product_name", "product_version", "bios_vendor",

@@ -306,9 +306,9 @@ class FakeMetadataServer:
         split = urllib.parse.urlsplit(path)
         query = urllib.parse.parse_qs(split.query)
         if (headers.get("Metadata") or "").lower() != "true":
-            return 400, js, json.dumps({"error": "Bad request. Required metadata header not specified"}).encode()
+            return 400, js, _error("Bad request. Required metadata header not specified")
         if "api-version" not in query:
-            return 400, js, json.dumps({"error": "Bad request. api-version was not specified"}).encode()
+            return 400, js, _error("Bad request. api-version was not specified")
         if method != "GET":
             return 405, js, b""
         info = self.instance
@@ -353,6 +353,10 @@ class FakeMetadataServer:
         except (ConfigError, ValueError) as exc:
             return 400, json.dumps({"error": str(exc)}).encode()
         return 200, json.dumps({"ok": True, "result": result}).encode()
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
