@@ -1,0 +1,152 @@
+"""The launcher's own record of a run, kept at ``RUN_URL/launch/state.json``.
+
+Keeping it in the run URL (not on the controller's disk) is what makes ``spotrun launch
+--resume RUN_URL`` and ``spotrun status``/``stop`` work from any machine: whoever holds the
+URL holds the whole story. One writer at a time (the controller, or ``spotrun stop`` when no
+controller is alive); each write replaces the whole file atomically
+(:meth:`Storage.write_bytes`), so a reader sees the old state or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import LaunchError
+from ..layout import LAUNCH_DIR
+from ..storage import Storage
+
+__all__ = [
+    "STATE_FILE",
+    "STATE_VERSION",
+    "STOP_FILE",
+    "LaunchState",
+    "Segment",
+    "exit_record_path",
+    "load_state",
+    "new_run_id",
+    "save_state",
+]
+
+STATE_VERSION = 1
+STATE_FILE = f"{LAUNCH_DIR}/state.json"
+#: Written by ``spotrun stop``; a live controller sees it on its next poll and stops.
+STOP_FILE = f"{LAUNCH_DIR}/stop.json"
+
+
+def exit_record_path(segment_id: str) -> str:
+    """Where an EC2 instance's user data writes its command's exit code."""
+    return f"{LAUNCH_DIR}/exit-{segment_id}.json"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Segment:
+    """One instance (or one simulated instance) running the command once."""
+
+    segment_id: str
+    instance_id: str
+    instance_type: str | None
+    market: str  # "spot" | "on-demand"
+    started_at: float
+    availability_zone: str | None = None
+    subnet_id: str | None = None
+    fleet_id: str | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None  # finished | interrupted | failed | stopped
+    exit_code: int | None = None
+    detail: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.ended_at is None
+
+
+@dataclass
+class LaunchState:
+    """Everything a controller needs to pick a run up again."""
+
+    mode: str  # "ec2" | "local"
+    run_id: str
+    created_at: float
+    status: str = "running"  # running | finished | failed | stopped
+    options: dict[str, Any] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
+    interruptions: int = 0
+    failures: int = 0
+    on_demand: bool = False  # fell back for good (sticky across --resume)
+    launch_template_id: str | None = None
+    attempts: int = 0
+    controller_pid: int | None = None
+    controller_host: str | None = None
+    heartbeat_at: float | None = None
+    poll_s: float | None = None
+    message: str | None = None
+    version: int = STATE_VERSION
+
+    @property
+    def current(self) -> Segment | None:
+        """The segment still running (at most one), or None."""
+        for seg in reversed(self.segments):
+            if seg.open:
+                return seg
+        return None
+
+    def touch(self, poll_s: float | None = None) -> None:
+        self.controller_pid = os.getpid()
+        self.controller_host = socket.gethostname()
+        self.heartbeat_at = time.time()
+        if poll_s is not None:
+            self.poll_s = poll_s
+
+    def controller_alive(self, now: float | None = None) -> bool:
+        """Whether a controller wrote a heartbeat recently (three polls, at least 30 s)."""
+        if self.heartbeat_at is None or self.status != "running":
+            return False
+        now = time.time() if now is None else now
+        return now - self.heartbeat_at < max(30.0, 3 * (self.poll_s or 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LaunchState:
+        version = int(data.get("version", 1))
+        if version > STATE_VERSION:
+            raise LaunchError(
+                f"launch state version {version} is newer than this spotrun understands "
+                f"({STATE_VERSION}); upgrade spotrun"
+            )
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        segs = [
+            Segment(**{k: v for k, v in s.items() if k in Segment.__dataclass_fields__})
+            for s in known.pop("segments", [])
+        ]
+        return cls(segments=segs, **known)
+
+
+def load_state(storage: Storage) -> LaunchState | None:
+    """The run's launch state, or None when no launcher has run there."""
+    if not storage.exists(STATE_FILE):
+        return None
+    try:
+        data = json.loads(storage.read_bytes(STATE_FILE))
+    except ValueError as exc:
+        raise LaunchError(
+            f"{storage.display(STATE_FILE)} is not valid JSON ({exc}); "
+            "fix or delete it (the checkpoints are unaffected)"
+        ) from exc
+    return LaunchState.from_dict(data)
+
+
+def save_state(storage: Storage, state: LaunchState) -> None:
+    data = json.dumps(state.to_dict(), indent=1, sort_keys=True).encode()
+    storage.write_bytes(STATE_FILE, data)
