@@ -13,6 +13,8 @@ defaults below. Read them through these helpers so a bad value fails with one cl
 ``SPOTRUN_REBALANCE``          on a rebalance recommendation: ``checkpoint`` (default),
                                ``stop`` or ``ignore``
 ``SPOTRUN_SEGMENT_ID``         set by the launcher so ledger records join its segment
+``SPOTRUN_CACHE_DIR``          where ``prices.json`` (cached AWS price answers) lives
+                               (default ``$XDG_CACHE_HOME/spotrun`` or ``~/.cache/spotrun``)
 =============================  ==========================================================
 """
 
