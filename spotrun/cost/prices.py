@@ -297,8 +297,6 @@ class PriceBook:
                               f"pricing.get_products, fetched {_iso(cached['fetched_at'])}", failure)
                 self._memo[key] = price
                 return price
-        elif use_api and self.offline:
-            failure = "offline: no AWS API asked"
         snap = self._snapshot_on_demand(instance_type, region)
         if snap is None:
             raise PriceUnavailableError(
@@ -385,8 +383,6 @@ class PriceBook:
                              f"{len(points)} price point(s)")
         elif use_api and not self.offline:
             failure = "no availability zone recorded, so no spot price history"
-        elif use_api and self.offline:
-            failure = "offline: no AWS API asked"
         snap = self._snapshot_spot(instance_type, region)
         if snap is None:
             raise PriceUnavailableError(
@@ -423,8 +419,6 @@ class PriceBook:
                 self.cache.put(key, {"price": value, "fetched_at": time.time()})
                 return Price(value, "aws-api",
                              f"describe_spot_price_history {region}, mean of {len(latest)} zone(s)")
-        elif use_api:
-            failure = "offline: no AWS API asked"
         snap = self._snapshot_spot(instance_type, region)
         if snap is None:
             raise PriceUnavailableError(
