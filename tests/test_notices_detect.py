@@ -98,7 +98,7 @@ def test_auto_on_this_machine_is_fast_and_stays_on_loopback(monkeypatch, loopbac
     t0 = time.monotonic()
     found = watchers_from_env(poll_interval=0.05)
     took = time.monotonic() - t0
-    assert took < 1.2, took
+    assert took < 1.5, took
     hint = detect_cloud()
     if hint in ("none", "unknown"):
         assert found == []  # nothing answers on the closed port
@@ -120,7 +120,7 @@ def test_auto_probe_with_silent_endpoints_respects_budget(monkeypatch, tmp_path,
         t0 = time.monotonic()
         assert watchers_from_env() == []
         took = time.monotonic() - t0
-    assert took < 1.1, took
+    assert took < 1.5, took
     assert len(loopback_only) >= 3  # all three were asked, in parallel
     assert len([r for r in caplog.records if r.name == "spotrun"]) == 1
 
@@ -130,7 +130,7 @@ def test_auto_with_non_cloud_dmi_sends_no_packet(monkeypatch, tmp_path, loopback
     monkeypatch.setenv("SPOTRUN_NOTICE_SOURCE", "auto")
     t0 = time.monotonic()
     assert watchers_from_env() == []
-    assert time.monotonic() - t0 < 0.1
+    assert time.monotonic() - t0 < 0.5
     assert loopback_only == []
 
 

@@ -172,10 +172,10 @@ def test_unreachable_gives_up_within_about_a_second(cls):
         w.start(Inbox())
         assert time.monotonic() - t0 < 0.05
         assert wait_until(lambda: not w.running, timeout=3)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 1.8
         assert w.state == "unavailable"
         t0 = time.monotonic()
         assert w.instance_info(timeout=0.3) is None
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 0.8
     finally:
         silent.close()
