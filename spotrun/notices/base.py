@@ -244,7 +244,8 @@ class PollingWatcher(Watcher):
             if key in self._delivered or self._stop.is_set():
                 continue
             self._delivered.add(key)
-            log.warning(
+            # info, not warning: the receiver (the Checkpointer) logs what it does about it.
+            log.info(
                 "spotrun: %s notice: %s (stop=%s, %s s left)",
                 notice.source,
                 notice.action,
