@@ -239,3 +239,33 @@ def test_cli_estimate_text_and_json(capsys):
     assert "INSTANCE_TYPE" in capsys.readouterr().err
     assert main(["estimate", "g5.xlarge", "--hours", "3", "--interruption-rate", "sometimes", "--offline"]) == 2
     assert main(["estimate", "--portfolio", "/nonexistent.toml", "--offline"]) == 2
+
+
+def test_estimate_asks_aws_for_todays_spot_price(tmp_path):
+    """Today's spot price: the mean of each zone's latest price (stubbed EC2 API)."""
+    from datetime import datetime, timezone
+
+    import boto3
+    from botocore.stub import ANY, Stubber
+
+    ec2 = boto3.client("ec2", region_name="eu-west-1")
+    pricing = boto3.client("pricing", region_name="us-east-1")
+    now = datetime.now(tz=timezone.utc).timestamp()
+
+    def row(zone, t, p):
+        return {"AvailabilityZone": zone, "InstanceType": "g5.xlarge", "ProductDescription": "Linux/UNIX",
+                "SpotPrice": str(p), "Timestamp": datetime.fromtimestamp(t, tz=timezone.utc)}
+
+    with Stubber(ec2) as es, Stubber(pricing) as ps:
+        es.add_response("describe_spot_price_history", {"SpotPriceHistory": [
+            row("eu-west-1a", now - 500, 0.50), row("eu-west-1a", now - 5000, 0.90),
+            row("eu-west-1b", now - 100, 0.30)]},
+            {"InstanceTypes": ["g5.xlarge"], "ProductDescriptions": ["Linux/UNIX"], "StartTime": ANY, "EndTime": ANY})
+        ps.add_client_error("get_products", "ThrottlingException", "slow down")
+        clients = {"ec2": ec2, "pricing": pricing}
+        e = estimate_job(instance_type="g5.xlarge", hours_per_run=1, region="eu-west-1",
+                         interruption_rate=0, prices=PriceBook(client_factory=lambda s, r: clients[s]))
+        es.assert_no_pending_responses()
+    assert e.spot_price.source == "aws-api" and e.spot_price.usd_per_hour == pytest.approx((0.50 + 0.30) / 2)
+    assert e.on_demand_price.source == "snapshot" and "ThrottlingException" in e.on_demand_price.fallback
+    assert "eu-west-1" in e.on_demand_price.detail  # the snapshot says it lists us-east-1 only
