@@ -1,9 +1,204 @@
-"""`spotrun` commands for the launch capability (filled in by its issue)."""
+"""``spotrun launch``, ``spotrun status`` and ``spotrun stop``.
+
+Exit codes of ``launch``: 0 the run finished (or ``stop`` stopped it), 1 it failed (the
+command's failure limit, or a launch rule said stop), 2 bad usage, 130 Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
+import time
+from datetime import datetime, timezone
+
+from ..errors import ConfigError
+
+__all__ = ["parse_deadline", "register"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # noqa: ARG001 - filled in later
-    return None
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_deadline(value: str, now: float | None = None) -> float:
+    """``2025-06-01T12:00Z`` (ISO 8601, UTC when no zone) or a duration from now: 90m, 6h, 2d."""
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+    if m:
+        return now + float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--deadline {value!r}: use a time like 2025-06-01T12:00Z or a duration like 6h") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--env {item!r}: use NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return cmd
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="keep a training command running on spot until it finishes (EC2 or --local)",
+        description=(
+            "Run CMD until the run is done: on EC2 spot instances, relaunching after "
+            "interruptions and falling back to on-demand when the rules say so; or with "
+            "--local, on this machine with simulated spot interruptions. See docs/launch.md."
+        ),
+        usage="spotrun launch [--local | --run-url URL --instance-types T1,T2 ... | --resume URL] -- CMD ...",
+    )
+    p.add_argument("--run-url", help="where the run lives (EC2: s3://bucket/prefix; --local default: ./runs/NAME)")
+    p.add_argument("--resume", metavar="RUN_URL", help="pick up an EC2 launch whose controller stopped")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="relaunch after this many command failures before giving up (default 0)")
+
+    loc = p.add_argument_group("local mode")
+    loc.add_argument("--local", action="store_true", help="run CMD here, playing spot")
+    loc.add_argument("--name", help="run folder name under ./runs (default: script name and time)")
+    loc.add_argument("--interruptions", type=int, default=2, help="spot interruptions to play (default 2)")
+    loc.add_argument("--instance-type", default="g5.xlarge",
+                     help="instance type the fake metadata serves and the cost report prices (default g5.xlarge)")
+    loc.add_argument("--grace", type=float, default=5.0,
+                     help="seconds from notice to SIGTERM (AWS gives 120; default 5)")
+    loc.add_argument("--seed", type=int, help="seed for the interruption times")
+    loc.add_argument("--mean-interval", type=float,
+                     help="interrupt about this many seconds into each segment (default: after its first new checkpoint)")
+
+    ec2 = p.add_argument_group("EC2 mode")
+    ec2.add_argument("--instance-types", type=_csv, help="comma-separated, e.g. g5.xlarge,g6.xlarge,g4dn.xlarge")
+    ec2.add_argument("--region", help="AWS region (default: the SDK's, e.g. AWS_DEFAULT_REGION)")
+    ec2.add_argument("--subnets", type=_csv, default=[], help="comma-separated subnet ids (one pool per type x subnet)")
+    ec2.add_argument("--ami", help="AMI id (default: the latest AWS Deep Learning base GPU AMI, via SSM)")
+    ec2.add_argument("--setup", action="append", default=[], metavar="CMD",
+                     help="a shell line run before CMD, e.g. 'pip install mypkg spotrun' (repeatable)")
+    ec2.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                     help="exported for CMD (repeatable; never credentials)")
+    ec2.add_argument("--iam-instance-profile", help="instance profile name or ARN (S3 access to the run URL)")
+    ec2.add_argument("--security-group-ids", type=_csv, default=[], help="comma-separated security group ids")
+    ec2.add_argument("--key-name", help="EC2 key pair for SSH (optional)")
+    ec2.add_argument("--max-interruptions", type=int, help="after K spot interruptions, use on-demand (or stop with --fallback none)")
+    ec2.add_argument("--fallback", choices=("on-demand", "none"), default="on-demand",
+                     help="what to do when spot will not do (default on-demand)")
+    ec2.add_argument("--max-price", type=float, help="highest spot price, USD per instance-hour")
+    ec2.add_argument("--deadline", help="finish by: ISO time (UTC) or a duration (6h); on-demand when it is near")
+    ec2.add_argument("--poll", type=float, default=15.0, help="seconds between checks on the instance (default 15)")
+    ec2.add_argument("--spot-wait", type=float, default=600.0,
+                     help="seconds to wait for spot capacity before falling back (default 600)")
+    ec2.add_argument("--on-ctrl-c", choices=("ask", "terminate", "leave"), default="ask",
+                     help="what Ctrl-C does to a running instance (default: ask; terminate when not interactive)")
+    ec2.add_argument("--offline-prices", action="store_true", help="price the report from the shipped snapshot")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="the training command, after --")
+    p.set_defaults(func=_launch)
+
+    s = sub.add_parser("status", help="a launched run: segments, current instance, last checkpoint, cost so far")
+    s.add_argument("run_url", metavar="RUN_URL")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--no-aws", action="store_true", help="do not ask EC2 for the instance's live state")
+    s.set_defaults(func=_status)
+
+    t = sub.add_parser("stop", help="terminate a run's instances (or local command); keep its checkpoints")
+    t.add_argument("run_url", metavar="RUN_URL")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.set_defaults(func=_stop)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from ..storage import Storage
+
+    cmd = _command(args)
+    if args.local:
+        from ..launch.local import LocalLauncher, LocalOptions, default_run_url
+
+        if args.resume:
+            raise ConfigError("--resume is for EC2 runs; for --local, run the same command with --run-url again")
+        if not cmd:
+            raise ConfigError("no command; usage: spotrun launch --local -- python train.py")
+        url = args.run_url or default_run_url(cmd, args.name)
+        opts = LocalOptions(
+            run_url=url, command=cmd, interruptions=args.interruptions,
+            instance_type=args.instance_type, grace_s=args.grace, seed=args.seed,
+            mean_interval=args.mean_interval, max_failures=args.max_failures,
+        )
+        outcome = LocalLauncher(Storage(url), opts).run()
+        return outcome.exit_code
+
+    from ..launch.controller import Ec2Controller, Ec2Options, Timing
+    from ..launch.ec2 import Ec2Api
+
+    timing = Timing(poll_s=args.poll, spot_wait_s=args.spot_wait)
+    kwargs = dict(timing=timing, on_ctrl_c=args.on_ctrl_c, offline_prices=args.offline_prices)
+    if args.resume:
+        if cmd:
+            raise ConfigError("--resume takes no command: the run's own is used")
+        storage = Storage(args.resume)
+        ctl = Ec2Controller.resume(storage, **kwargs)
+    else:
+        if not args.run_url:
+            raise ConfigError("EC2 mode needs --run-url s3://bucket/prefix (or use --local)")
+        if not args.instance_types:
+            raise ConfigError("EC2 mode needs --instance-types, e.g. g5.xlarge,g6.xlarge")
+        if not cmd:
+            raise ConfigError("no command; usage: spotrun launch --run-url URL --instance-types T -- python train.py")
+        storage = Storage(args.run_url)
+        if storage.is_local:
+            print("spotrun: warning: a local --run-url is not reachable from EC2 instances; use s3://",
+                  file=sys.stderr)
+        opts = Ec2Options(
+            run_url=storage.display(), command=cmd, instance_types=args.instance_types,
+            region=args.region, subnets=args.subnets, ami=args.ami, setup=args.setup,
+            iam_instance_profile=args.iam_instance_profile,
+            security_group_ids=args.security_group_ids, key_name=args.key_name,
+            env=_env_pairs(args.env), max_interruptions=args.max_interruptions,
+            max_failures=args.max_failures, fallback=args.fallback, max_price=args.max_price,
+            deadline=parse_deadline(args.deadline) if args.deadline else None,
+        )
+        opts.validate()
+        ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts, **kwargs)
+    return ctl.run().exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ..launch.status import format_status, run_status
+    from ..storage import Storage
+
+    st = run_status(Storage(args.run_url), live=not args.no_aws)
+    print(json.dumps(st, indent=1, sort_keys=True, default=str) if args.json else format_status(st))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from ..launch.status import stop_run
+    from ..storage import Storage
+
+    result = stop_run(Storage(args.run_url))
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+    elif result["mode"] == "local":
+        if result["signalled"]:
+            print(f"spotrun: sent SIGINT to the local launcher (pid {result['signalled']}); "
+                  "it waits for the command's checkpoint, then stops")
+        else:
+            print(f"spotrun: stop requested in {result['run_url']}; a launcher watching it stops at its next check")
+    else:
+        ids = result["terminated"]
+        print(f"spotrun: terminated {', '.join(ids) if ids else 'nothing (no instance was running)'}; "
+              f"checkpoints kept at {result['run_url']}. Continue with: spotrun launch --resume {result['run_url']}")
+    return 0
