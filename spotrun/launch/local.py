@@ -68,8 +68,9 @@ class LocalOptions:
     mean_interval: float | None = None
     #: How often this process checks on the child.
     poll_s: float = 0.1
-    #: How often it looks at the run URL (checkpoints, stop requests).
-    check_s: float = 0.5
+    #: How often it looks at the run URL (checkpoints, stop requests); default 0.1 s on
+    #: local disk, 1 s on object stores (each look is a LIST and a HEAD).
+    check_s: float | None = None
     #: SPOTRUN_POLL_INTERVAL for the child's EC2 watcher.
     notice_poll_s: float = 0.2
     max_failures: int = 0
@@ -134,6 +135,10 @@ class LocalLauncher:
         self._stop_signal: int | None = None
         self._stop_count = 0
         self._posted_last = False
+        #: Seconds between successive checkpoints, as observed (None until two are seen).
+        self._ckpt_gap: float | None = None
+        if options.check_s is None:
+            options.check_s = 0.1 if storage.is_local else 1.0
         self.state = self._load_or_new_state()
 
     def _load_or_new_state(self) -> LaunchState:
@@ -240,13 +245,15 @@ class LocalLauncher:
         cost_report_text(self.storage, offline=True, out=self.out)
         return LaunchOutcome(status, code, message, len(self.state.segments), self.state.interruptions)
 
-    def _notice_delay(self, since_start: float) -> float:
+    def _notice_delay(self) -> float:
         """Random wait before the notice, once armed (see the module docstring)."""
         if self.options.mean_interval is not None:
             return self.rng.uniform(0.5, 1.5) * self.options.mean_interval
-        # Half the time the segment needed for its first checkpoint, at most: a notice
-        # landing well before the next scheduled one, while the job still has work to lose.
-        return self.rng.uniform(0.0, min(2.0, 0.5 * since_start))
+        # Within half a checkpoint interval: the notice lands between two scheduled
+        # checkpoints (so there is work to lose, as on real spot) but long before the job
+        # could run out of steps.
+        gap = self._ckpt_gap if self._ckpt_gap is not None else 0.5
+        return self.rng.uniform(0.0, min(2.0, 0.5 * gap))
 
     def _segment(self, *, interrupt: bool) -> tuple[str, int | None, str]:
         from ..notices.fake_server import FakeMetadataServer
@@ -284,10 +291,11 @@ class LocalLauncher:
             raise LaunchError(f"cannot start {o.command[0]!r}: {exc}") from exc
         notice_at: float | None = None
         if interrupt and o.mean_interval is not None:
-            notice_at = started + self._notice_delay(0.0)
+            notice_at = started + self._notice_delay()
         posted = term_at = kill_at = None
         forwarded = 0
         next_check = started
+        seen_step, seen_at = start_step, None
         kill_after = o.grace_s if o.kill_after_s is None else o.kill_after_s
         try:
             while True:
@@ -307,10 +315,14 @@ class LocalLauncher:
                         self.storage.remove(STOP_FILE)
                         self._stop_signal, self._stop_count = signal.SIGINT, 1
                         continue
-                    if interrupt and notice_at is None and forwarded == 0:
-                        step = last_checkpoint(self.storage)
-                        if step is not None and (start_step is None or step > start_step):
-                            notice_at = now + self._notice_delay(now - started)
+                    step = last_checkpoint(self.storage) if notice_at is None or self._ckpt_gap is None else None
+                    if step is not None and step != seen_step:
+                        if seen_at is not None and seen_step != start_step:
+                            self._ckpt_gap = now - seen_at
+                        seen_step, seen_at = step, now
+                    if (interrupt and notice_at is None and forwarded == 0 and step is not None
+                            and (start_step is None or step > start_step)):
+                        notice_at = now + self._notice_delay()
                 if notice_at is not None and posted is None and forwarded == 0 and now >= notice_at:
                     server.post_interruption("terminate", in_seconds=o.grace_s)
                     posted = now
