@@ -15,10 +15,27 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .checkpointer import Checkpointer
-from .commit import CheckpointInfo, find_latest_valid, list_checkpoints, verify_checkpoint
-from .data import ResumableLoader
-from .errors import (
+from typing import TYPE_CHECKING, Any
+
+# Importing spotrun must stay cheap: the CLI's --help, the fake metadata server and the
+# launcher do not need torch. Names load from their modules on first use.
+_EXPORTS = {
+    "Checkpointer": "checkpointer",
+    "CheckpointInfo": "commit",
+    "find_latest_valid": "commit",
+    "list_checkpoints": "commit",
+    "verify_checkpoint": "commit",
+    "ResumableLoader": "data",
+    "InstanceInfo": "instance",
+    "EXIT_FAILED": "layout",
+    "EXIT_FINISHED": "layout",
+    "EXIT_INTERRUPTED": "layout",
+    "seed_everything": "state",
+    "Storage": "storage",
+    "open_storage": "storage",
+}
+
+from .errors import (  # noqa: E402 - errors are light and needed everywhere
     CapacityError,
     CheckpointError,
     ConfigError,
@@ -37,10 +54,27 @@ from .errors import (
     StorageURLError,
     UnsupportedFormatError,
 )
-from .instance import InstanceInfo
-from .state import seed_everything
-from .layout import EXIT_FAILED, EXIT_FINISHED, EXIT_INTERRUPTED
-from .storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from .checkpointer import Checkpointer
+    from .commit import CheckpointInfo, find_latest_valid, list_checkpoints, verify_checkpoint
+    from .data import ResumableLoader
+    from .instance import InstanceInfo
+    from .layout import EXIT_FAILED, EXIT_FINISHED, EXIT_INTERRUPTED
+    from .state import seed_everything
+    from .storage import Storage, open_storage
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spotrun' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "EXIT_FAILED",

@@ -9,8 +9,9 @@ Atomicity, per backend:
 * local disk: write to a temporary name in the same directory, ``fsync``, ``os.replace``,
   then ``fsync`` the directory, so a crash leaves either the old file or the new one;
 * object stores: an object only becomes visible when its PUT (or multipart completion)
-  succeeds, so a plain write is already all-or-nothing;
-* ``memory://`` and others: written whole on close.
+  succeeds, so a plain write is already all-or-nothing (and a rename would be a full copy);
+* ``memory://`` and every other backend: written under a temporary name, then moved, since
+  their files may be visible from the moment they are opened.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ __all__ = ["HashingWriter", "Storage", "open_storage"]
 log = logging.getLogger("spotrun")
 
 URL_ENV = "SPOTRUN_URL"
+
+# Backends whose objects appear only once the upload completes.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def _is_credentials_error(exc: BaseException) -> bool:
@@ -192,14 +196,17 @@ class Storage:
                         f"run directory {self.root} does not exist; check the path"
                     )
                 return
-            if self.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+            if self.protocol in _OBJECT_STORES:
                 bucket = self.root.split("/", 1)[0]
                 self.fs.invalidate_cache(bucket)
-                if not self.fs.exists(bucket):
+                # info(), not exists(): exists() turns a credentials error into False.
+                try:
+                    self.fs.info(bucket)
+                except FileNotFoundError:
                     raise StorageNotFoundError(
                         f"bucket {bucket!r} of {self.display()} does not exist or is not "
                         f"visible with these credentials; create it or fix the URL"
-                    )
+                    ) from None
             elif create:
                 self.fs.makedirs(self.root, exist_ok=True)
 
@@ -254,6 +261,17 @@ class Storage:
         with translate_errors(self.display(rel), "writing"):
             if self.is_local:
                 yield from self._write_local(path)
+            elif self.protocol not in _OBJECT_STORES:
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                try:
+                    with self.fs.open(tmp, "wb") as raw:
+                        yield HashingWriter(raw)
+                    self.fs.mv(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        self.fs.rm(tmp)
+                    raise
             else:
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 raw = self.fs.open(path, "wb")

@@ -1,0 +1,44 @@
+"""Process helpers shared by the tests that start real training processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = str(REPO / "examples" / "train.py")
+
+
+def env_for(url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["SPOTRUN_URL"] = url
+    env.update(extra)
+    return env
+
+
+def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) -> str:
+    """Read the child's output until a line contains ``needle``; fail on exit or timeout."""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"process exited ({proc.wait()}) before printing {needle!r}")
+        if needle in line:
+            return line
+    raise AssertionError(f"no {needle!r} within {timeout}s")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out or ""

@@ -1,0 +1,77 @@
+"""Signals: real processes, real SIGTERM/SIGINT; exit codes a supervisor can act on."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+import spotrun
+from helpers import REPO, env_for, spawn, wait_for_line
+from spotrun.commit import find_latest_valid
+from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.storage import Storage
+
+SCRIPT = str(REPO / "tests" / "scripts" / "sleepy_train.py")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_one_signal_saves_and_exits_resumable(tmp_path, sig):
+    url = str(tmp_path / "run")
+    proc = spawn([SCRIPT], env_for(url))
+    wait_for_line(proc, "ready")
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_INTERRUPTED, out
+    info = find_latest_valid(Storage(url))
+    assert info is not None and info.step >= 1  # saved at the step the signal landed in
+    assert not Storage(url).exists(DONE_MARKER)
+
+
+def test_second_sigint_aborts_at_once(tmp_path):
+    url = str(tmp_path / "run")
+    proc = spawn([SCRIPT, "100", "2.0"], env_for(url))  # 2 s steps
+    wait_for_line(proc, "ready")
+    # Both inside one step: the second must abort without waiting for the step to end.
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # two pending SIGINTs would coalesce into one
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, out)
+    assert "KeyboardInterrupt" in out
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_finished_run_exits_zero_with_done_marker_and_resume_is_noop(tmp_path):
+    url = str(tmp_path / "run")
+    proc = spawn([SCRIPT, "5"], env_for(url))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_FINISHED, out
+    assert Storage(url).exists(DONE_MARKER)
+    proc = spawn([SCRIPT, "5"], env_for(url))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_FINISHED and "ready" not in out
+
+
+def test_handlers_restored_on_exit(tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with spotrun.Checkpointer(str(tmp_path / "r"), model=torch.nn.Linear(2, 2), watchers=[]) as ck:
+        assert signal.getsignal(signal.SIGTERM) == ck._on_signal
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_failure_exits_nonzero_and_is_recorded(tmp_path):
+    from spotrun.ledger import Ledger
+
+    url = str(tmp_path / "r")
+    with pytest.raises(ZeroDivisionError):
+        with spotrun.Checkpointer(url, model=torch.nn.Linear(2, 2), watchers=[],
+                                  handle_signals=False) as ck:
+            for _ in ck.range(3):
+                1 / 0
+    ends = [r for r in Ledger(Storage(url)).records() if r["event"] == "segment_ended"]
+    assert [r["reason"] for r in ends] == ["failed"]
