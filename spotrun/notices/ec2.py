@@ -40,6 +40,10 @@ TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
+# EC2 posts instance-action this long before its ``time``. The document carries no posting
+# time of its own, so the notice time is estimated from the deadline (and never later than
+# the moment we saw it), which makes "posted -> detected" in the logs a real latency figure.
+NOTICE_LEAD_S = 120.0
 
 _AZ_REGION = re.compile(r"^([a-z]{2}(?:-[a-z]+)+-\d+)")
 
@@ -154,9 +158,11 @@ class Ec2Watcher(PollingWatcher):
             doc = _json_or_raw(resp.text)
             action = str(doc.get("action") or "terminate").lower()
             key = ("action", action, doc.get("time"))
+            deadline = parse_iso8601(doc.get("time"))
+            posted = None if deadline is None else min(deadline - NOTICE_LEAD_S, now)
             found.append((key, Notice(
                 source="ec2", action=action, stop=True, detected_at=now,
-                deadline=parse_iso8601(doc.get("time")), detail=doc,
+                notice_time=posted, deadline=deadline, detail=doc,
             )))
         elif resp.status != 404:
             raise NoticeError(f"HTTP {resp.status} from {ACTION_PATH}")
