@@ -7,15 +7,30 @@ of a few flags, so every rank sees the same decision at the same step. The cost 
 small collective per step, not one per tensor (see the README for the measured figure).
 
 Without an initialised process group everything here degrades to a single process.
+
+**torchrun's exit code.** When its workers exit 75 (``EXIT_INTERRUPTED``: checkpoint
+committed, relaunch me), torchrun itself exits 1, as for any worker failure, and a launcher
+can no longer tell "interrupted, resumable" from "crashed". :func:`torchrun` (``python -m
+spotrun.distributed ...``, same arguments as ``torchrun``) runs the same launcher and maps
+the outcome back: 75 when any worker exited 75, ``128 + signal`` when torchrun itself was
+signalled (it forwards the signal to the workers, which checkpoint and exit 75), otherwise
+what torchrun would have returned.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["Group"]
+from .layout import EXIT_INTERRUPTED
+
+__all__ = ["Group", "torchrun"]
+
+log = logging.getLogger("spotrun")
 
 
 class Group:
@@ -30,7 +45,7 @@ class Group:
         self._device = torch.device("cpu")
         if self._dist is not None and self._dist.get_backend() == "nccl":
             self._device = torch.device("cuda", torch.cuda.current_device())
-        self._flags = torch.zeros(3, dtype=torch.int32, device=self._device)
+        self._flags = torch.zeros(4, dtype=torch.int32, device=self._device)
 
     @property
     def distributed(self) -> bool:
@@ -40,14 +55,16 @@ class Group:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def agree(self, *, stop: bool, save: bool, time_due: bool) -> tuple[bool, bool, bool]:
-        """Each flag becomes True on every rank if it is True on any rank."""
+    def agree(self, **flags: bool) -> tuple[bool, ...]:
+        """Each flag (in the order given) becomes True on every rank if it is True on any."""
         if self._dist is None:
-            return stop, save, time_due
-        self._flags[0], self._flags[1], self._flags[2] = int(stop), int(save), int(time_due)
+            return tuple(bool(v) for v in flags.values())
+        if self._flags.numel() != len(flags):
+            self._flags = torch.zeros(len(flags), dtype=torch.int32, device=self._device)
+        for i, v in enumerate(flags.values()):
+            self._flags[i] = int(v)
         self._dist.all_reduce(self._flags, op=self._dist.ReduceOp.MAX)
-        stop_all, save_all, time_all = (bool(v) for v in self._flags.tolist())
-        return stop_all, save_all, time_all
+        return tuple(bool(v) for v in self._flags.tolist())
 
     def barrier(self) -> None:
         if self._dist is not None:
@@ -68,3 +85,36 @@ class Group:
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
         self._dist.gather_object(obj, out, dst=0)
         return out
+
+
+def torchrun(argv: Sequence[str] | None = None) -> int:
+    """Run ``torch.distributed.run`` (torchrun) with ``argv``; return spotrun's exit code.
+
+    0 when every worker finished; ``EXIT_INTERRUPTED`` (75) when any worker exited 75 (the
+    ranks agree before stopping, so one rank's 75 means the stop checkpoint was committed
+    by all of them; ranks that torchrun then killed while they were tearing down do not
+    change that); ``128 + signum`` when torchrun was signalled; 1 for any other failure,
+    after printing torchrun's failure summary.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        if EXIT_INTERRUPTED in codes:
+            log.warning("spotrun: workers stopped on an interruption (exit codes %s); "
+                        "checkpoint committed, exiting %d", codes, EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
+        print(exc.format_msg(), file=sys.stderr)
+        return 1
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun())
