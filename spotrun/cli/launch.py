@@ -117,6 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("stop", help="terminate a run's instances (or local command); keep its checkpoints")
     t.add_argument("run_url", metavar="RUN_URL")
     t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.add_argument("--wait", type=float, default=None,
+                   help="seconds to wait for a live controller to acknowledge (default: three of its polls, at least 30)")
     t.set_defaults(func=_stop)
 
 
@@ -188,7 +190,7 @@ def _stop(args: argparse.Namespace) -> int:
     from ..launch.status import stop_run
     from ..storage import Storage
 
-    result = stop_run(Storage(args.run_url))
+    result = stop_run(Storage(args.run_url), wait_s=args.wait)
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True))
     elif result["mode"] == "local":

@@ -1,0 +1,41 @@
+"""Keep a training command running until its run is done: on EC2 spot, or simulated locally.
+
+* :class:`LocalLauncher` (``spotrun launch --local``): runs the command here as a child,
+  playing spot with a fake EC2 metadata service, notices, SIGTERM and restarts.
+* :class:`Ec2Controller` (``spotrun launch --run-url s3://... --instance-types ...``):
+  instant fleets across pools, relaunch after interruptions, on-demand fallback, state in
+  the run URL for ``--resume``.
+* :func:`run_status` / :func:`stop_run`: ``spotrun status`` and ``spotrun stop``.
+
+Both launchers record every segment in the run ledger (source ``"launcher"``) and set
+``SPOTRUN_SEGMENT_ID`` so the wrapper's own records join it. See ``docs/launch.md``.
+"""
+
+from __future__ import annotations
+
+from .controller import Ec2Controller, Ec2Options, LaunchOutcome, Timing
+from .ec2 import Ec2Api, Pool
+from .local import LocalLauncher, LocalOptions, default_run_url
+from .state import LaunchState, Segment, load_state
+from .status import format_status, run_status, stop_run
+from .userdata import build_user_data, check_no_secrets
+
+__all__ = [
+    "Ec2Api",
+    "Ec2Controller",
+    "Ec2Options",
+    "LaunchOutcome",
+    "LaunchState",
+    "LocalLauncher",
+    "LocalOptions",
+    "Pool",
+    "Segment",
+    "Timing",
+    "build_user_data",
+    "check_no_secrets",
+    "default_run_url",
+    "format_status",
+    "load_state",
+    "run_status",
+    "stop_run",
+]

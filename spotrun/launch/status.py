@@ -141,6 +141,13 @@ def stop_run(storage: Storage, *, wait_s: float | None = None, sleep: Any = time
 
     api = Ec2Api.for_region(state.options.get("region"))
     alive_controller = state.controller_alive()
+    if alive_controller and state.controller_host == socket.gethostname() and state.controller_pid:
+        try:
+            os.kill(state.controller_pid, 0)
+        except ProcessLookupError:
+            alive_controller = False
+        except PermissionError:
+            pass
     storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
     ids = [s.instance_id for s in api.find_run_instances(state.run_id)
            if s.state not in ("terminated", "shutting-down")]
