@@ -46,6 +46,13 @@ def make_data(n: int, dim: int, classes: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+def say(line: str) -> None:
+    # One write per line: both ranks share torchrun's stdout, and an unbuffered print()
+    # writes the text and its newline separately, so another rank's line can land between.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True)
@@ -108,13 +115,13 @@ def main() -> int:
                 loss.backward()
                 optimizer.step()
                 ckpt.values["loss_sum"] += loss.item()
-                print(f"rank {rank} step {step + 1}", flush=True)
+                say(f"rank {rank} step {step + 1}")
                 if args.step_sleep:
                     time.sleep(args.step_sleep)
     except SystemExit as exc:
         code = exc.code
     finally:
-        print(f"rank {rank} exit {code} at step {ckpt.steps_done}", flush=True)
+        say(f"rank {rank} exit {code} at step {ckpt.steps_done}")
         dist.destroy_process_group()
     return int(code or 0)
 
