@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LaunchError
 
 __all__ = ["parse_deadline", "register"]
 
@@ -174,7 +174,12 @@ def _launch(args: argparse.Namespace) -> int:
         )
         opts.validate()
         ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts, **kwargs)
-    return ctl.run().exit_code
+    try:
+        return ctl.run().exit_code
+    except LaunchError as exc:
+        # Not a usage error: the launch ran and could not go on (no capacity, a refused call).
+        print(f"spotrun: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _status(args: argparse.Namespace) -> int:

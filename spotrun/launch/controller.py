@@ -24,6 +24,7 @@ All time constants live in :class:`Timing` so tests run the whole loop in second
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -247,6 +248,21 @@ class Ec2Controller:
                     return outcome
         except KeyboardInterrupt:
             return self._ctrl_c()
+        except Exception as exc:
+            self._left_running(exc)
+            raise
+
+    def _left_running(self, exc: BaseException) -> None:
+        """The controller is dying of an error: say what may still run and how to stop it."""
+        cur = self.state.current
+        url = self.storage.display()
+        with contextlib.suppress(Exception):
+            self.state.message = f"controller stopped: {exc}"
+            self._save()
+        if cur is not None:
+            self._say(f"controller error ({exc}); instance {cur.instance_id} ({cur.instance_type}, "
+                      f"{cur.market}) in {self.api.region} may still be running. Watch it again: "
+                      f"spotrun launch --resume {url}; stop it: spotrun stop {url}")
 
     # -- steps -------------------------------------------------------------------------
 

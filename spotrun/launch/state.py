@@ -17,7 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import LaunchError
+from ..errors import LaunchError, StorageError
 from ..layout import LAUNCH_DIR
 from ..storage import Storage
 
@@ -137,8 +137,18 @@ def load_state(storage: Storage) -> LaunchState | None:
     """The run's launch state, or None when no launcher has run there."""
     if not storage.exists(STATE_FILE):
         return None
+    for attempt in range(4):
+        try:
+            raw = storage.read_bytes(STATE_FILE)
+            break
+        except StorageError:
+            # The controller replaces the file every poll; on S3 a read racing a PUT can fail
+            # its precondition (the object changed under it). The next read sees the new one.
+            if attempt == 3:
+                raise
+            time.sleep(0.1 * (attempt + 1))
     try:
-        data = json.loads(storage.read_bytes(STATE_FILE))
+        data = json.loads(raw)
     except ValueError as exc:
         raise LaunchError(
             f"{storage.display(STATE_FILE)} is not valid JSON ({exc}); "
