@@ -15,6 +15,12 @@ defaults below. Read them through these helpers so a bad value fails with one cl
 ``SPOTRUN_SEGMENT_ID``         set by the launcher so ledger records join its segment
 ``SPOTRUN_CACHE_DIR``          where ``prices.json`` (cached AWS price answers) lives
                                (default ``$XDG_CACHE_HOME/spotrun`` or ``~/.cache/spotrun``)
+``SPOTRUN_S3_PART_MIB``        S3 multipart part size and ranged-read size in MiB
+                               (default 16; 5 to 5120, S3's limits)
+``SPOTRUN_S3_CONCURRENCY``     S3 parts or ranges in flight per transfer (default 8); a
+                               write holds at most (this + 1) x part size of buffers
+``SPOTRUN_S3_RETRIES``         extra tries per S3 part/range after botocore's own retries,
+                               on throttling, 5xx and dropped connections (default 3)
 =============================  ==========================================================
 """
 

@@ -12,23 +12,46 @@ Atomicity, per backend:
   succeeds, so a plain write is already all-or-nothing (and a rename would be a full copy);
 * ``memory://`` and every other backend: written under a temporary name, then moved, since
   their files may be visible from the moment they are opened.
+
+Speed (``s3://``): a write smaller than one part is a single PUT; a larger one is a multipart
+upload with up to ``concurrency`` parts in flight while the caller keeps producing bytes,
+completed only when every part is in and aborted on any failure, so an object never appears
+half-written and no multipart upload is left behind. A large read is ``concurrency`` ranged
+GETs into one preallocated buffer. Each request is retried by botocore (its retry config) and
+then, for throttling, 5xx and dropped connections, again per part/range with exponential
+backoff. Memory: a write holds at most ``(concurrency + 1) x part_size`` bytes of buffers
+(9 x 16 MiB = 144 MiB by default) whatever the object's size; a read holds the object itself
+and nothing more than small socket reads besides. Knobs: the constructor's ``part_size`` and
+``concurrency``, else ``SPOTRUN_S3_PART_MIB``, ``SPOTRUN_S3_CONCURRENCY``,
+``SPOTRUN_S3_RETRIES`` (see :mod:`spotrun.config`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import os
 import posixpath
+import random
 import uuid
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import IO, Any, TypeVar
 
 import fsspec
+from fsspec.asyn import sync
 from fsspec.core import split_protocol
 
-from .errors import CredentialsError, StorageError, StorageNotFoundError, StorageURLError
+from .config import env_int
+from .errors import (
+    ConfigError,
+    CredentialsError,
+    StorageError,
+    StorageNotFoundError,
+    StorageURLError,
+)
 
 __all__ = ["HashingWriter", "Storage", "open_storage"]
 
@@ -38,6 +61,41 @@ URL_ENV = "SPOTRUN_URL"
 
 # Backends whose objects appear only once the upload completes.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+MiB = 1 << 20
+DEFAULT_PART_MIB = 16
+DEFAULT_CONCURRENCY = 8
+DEFAULT_RETRIES = 3
+# S3's limits: every part but the last at least 5 MiB, at most 5 GiB, at most 10,000 parts.
+_MIN_PART = 5 * MiB
+_MAX_PART = 5 << 30
+_MAX_PARTS = 10_000
+# Part sizes double every this many parts, so a stream of unknown length still fits in
+# 10,000 parts: 2000 x (1+2+4+8+16) x 16 MiB is about 970 GiB per object by default.
+_PARTS_PER_SIZE = 2000
+# Below this a write hashes inline; above it hashing (which releases the GIL) runs on a
+# helper thread while the bytes are written, so sha256 does not slow the disk down.
+_OVERLAP_HASH_MIN = 4 * MiB
+_BACKOFF_BASE_S = 0.25
+_BACKOFF_MAX_S = 10.0
+# Error codes S3 uses for "slow down / try again", whatever the HTTP status.
+_RETRY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "RequestTimeout", "InternalError", "ServiceUnavailable",
+    "RequestThrottled", "BandwidthLimitExceeded",
+})
+
+_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+T = TypeVar("T")
+
+
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="spotrun-hash"
+        )
+    return _hash_pool
 
 
 def _is_credentials_error(exc: BaseException) -> bool:
@@ -80,17 +138,38 @@ class HashingWriter:
     Hashing on the way out means a commit never re-reads what it just wrote.
     """
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: Any) -> None:
         self._raw = raw
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, data: Any) -> int:
+        """Pass ``data`` through without copying it; returns its length.
+
+        Large writes hash on a helper thread while the bytes go out, and this returns only
+        when both are done, so the caller may reuse or free ``data`` afterwards.
+        """
         view = memoryview(data).cast("B")
-        self._hash.update(view)
-        self.size += view.nbytes
-        self._raw.write(view)
-        return view.nbytes
+        n = view.nbytes
+        if n >= _OVERLAP_HASH_MIN:
+            hashed = _hasher().submit(self._hash.update, view)
+            try:
+                self._write_all(view)
+            finally:
+                hashed.result()
+        else:
+            self._hash.update(view)
+            self._write_all(view)
+        self.size += n
+        return n
+
+    def _write_all(self, view: memoryview) -> None:
+        # An unbuffered file may write less than asked (Linux caps one write at ~2 GiB).
+        while view.nbytes:
+            written = self._raw.write(view)
+            if written is None or written >= view.nbytes:
+                return
+            view = view[written:]
 
     def flush(self) -> None:
         self._raw.flush()
@@ -121,9 +200,20 @@ class Storage:
             fsspec URL.
         storage_options: passed to the fsspec filesystem (e.g. ``{"client_kwargs":
             {"endpoint_url": ...}}`` for S3-compatible stores).
+        part_size: S3 multipart part size and ranged-read size in bytes (at least 5 MiB).
+            Default: ``$SPOTRUN_S3_PART_MIB`` MiB, else 16 MiB.
+        concurrency: S3 parts or ranges in flight at once. Default:
+            ``$SPOTRUN_S3_CONCURRENCY``, else 8.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        part_size: int | None = None,
+        concurrency: int | None = None,
+    ) -> None:
         if not isinstance(url, str) or not url.strip():
             raise StorageURLError(
                 f"run URL {url!r} is empty; pass a path or URL, or set {URL_ENV}"
@@ -151,16 +241,43 @@ class Storage:
         self.storage_options = dict(storage_options or {})
         self.root = path.rstrip("/") if protocol != "file" else path
         self.is_local = protocol == "file"
+        self._part_size_arg, self._concurrency_arg = part_size, concurrency
+        self.part_size = part_size if part_size is not None else env_int(
+            "SPOTRUN_S3_PART_MIB", DEFAULT_PART_MIB) * MiB
+        self.concurrency = concurrency if concurrency is not None else env_int(
+            "SPOTRUN_S3_CONCURRENCY", DEFAULT_CONCURRENCY)
+        self.retries = env_int("SPOTRUN_S3_RETRIES", DEFAULT_RETRIES)
+        if not _MIN_PART <= self.part_size <= _MAX_PART:
+            raise ConfigError(
+                f"S3 part size {self.part_size} bytes is outside S3's 5 MiB..5 GiB; "
+                "set SPOTRUN_S3_PART_MIB (or part_size=) between 5 and 5120 MiB"
+            )
+        if self.concurrency < 1:
+            raise ConfigError(
+                f"S3 concurrency {self.concurrency} must be at least 1; "
+                "set SPOTRUN_S3_CONCURRENCY (or concurrency=) to e.g. 8"
+            )
+        if self.retries < 0:
+            raise ConfigError(f"SPOTRUN_S3_RETRIES={self.retries} must be 0 or more")
+        # The parallel paths drive s3fs's own aiobotocore client on fsspec's event loop
+        # rather than a separate boto3 client: same credentials, endpoint, region, SSE and
+        # requester-pays options as every other call here, one connection pool, and no
+        # thread per part (one loop thread overlaps all requests).
+        self._s3 = self.protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3")
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         # Filesystem instances hold event loops and sockets; rebuild them in the new process.
-        return {"url": self.url, "storage_options": self.storage_options}
+        return {"url": self.url, "storage_options": self.storage_options,
+                "part_size": self._part_size_arg, "concurrency": self._concurrency_arg}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["url"], state["storage_options"],
+            part_size=state.get("part_size"), concurrency=state.get("concurrency"),
+        )
 
     # -- paths -------------------------------------------------------------------------
 
@@ -241,8 +358,18 @@ class Storage:
         with translate_errors(self.display(rel), "reading size of"):
             return int(self.fs.size(self.full(rel)))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str) -> bytes | bytearray:
+        """The whole content of ``rel``.
+
+        On S3 an object larger than one part comes as parallel ranged GETs into one
+        preallocated ``bytearray`` (returned as is: converting it to ``bytes`` would copy
+        it); each range is pinned to the object's ETag, so an object replaced mid-read
+        fails the read instead of mixing two versions.
+        """
         with translate_errors(self.display(rel), "reading"):
+            if self._s3:
+                return _s3_read(self.fs, self.full(rel), self.part_size, self.concurrency,
+                                self.retries)
             return bytes(self.fs.cat_file(self.full(rel)))
 
     def open_read(self, rel: str) -> IO[bytes]:
@@ -256,11 +383,24 @@ class Storage:
         """Write ``rel`` all-or-nothing; the file appears only if the block succeeds.
 
         Yields a :class:`HashingWriter`, so the caller learns size and sha256 for free.
+        On S3 the upload runs while the caller writes (see the module docstring for the
+        memory it holds); on local disk the bytes go straight to the file, no copy.
         """
         path = self.full(rel)
         with translate_errors(self.display(rel), "writing"):
             if self.is_local:
                 yield from self._write_local(path)
+            elif self._s3:
+                upload = _S3Upload(self.fs, path, part_size=self.part_size,
+                                   concurrency=self.concurrency, retries=self.retries)
+                try:
+                    yield HashingWriter(upload)
+                    upload.complete()
+                except BaseException:
+                    upload.abort()
+                    raise
+                finally:
+                    self.fs.invalidate_cache(path)
             elif self.protocol not in _OBJECT_STORES:
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
                 self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -379,3 +519,265 @@ def open_storage(
                 f"no run URL: pass one (a path or s3://bucket/prefix) or set {URL_ENV}"
             )
     return Storage(url, storage_options)
+
+
+# -- parallel S3 transfers ---------------------------------------------------------------
+
+
+class _ShortReadError(OSError):
+    """A ranged GET returned fewer bytes than asked (a dropped connection): retried."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether a failed S3 request is worth repeating: throttling, 5xx, lost connections."""
+    if isinstance(exc, (FileNotFoundError, PermissionError)) or _is_credentials_error(exc):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _RETRY_CODES
+        seen = seen.__cause__ or seen.__context__
+    # No HTTP answer at all: a reset, a timeout, a truncated body.
+    if isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
+
+
+async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], retries: int,
+                        stop: Callable[[], bool] = lambda: False) -> T:
+    """Run ``attempt()``; repeat it up to ``retries`` times on a transient failure.
+
+    On top of botocore's own per-request retries: a part lost after a long upload would
+    cost the whole save, so it gets a second, slower layer (exponential backoff, jitter).
+    """
+    for n in range(retries + 1):
+        try:
+            return await attempt()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if stop() or not _retryable(exc):
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if n >= retries:
+                raise StorageError(
+                    f"S3 {what} still failing after {n + 1} attempts ({reason}); check the "
+                    "endpoint and network, or raise SPOTRUN_S3_RETRIES"
+                ) from exc
+            delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**n) * random.uniform(0.5, 1.0)
+            log.info("S3 %s failed (%s); retry %d of %d in %.2fs", what, reason, n + 1,
+                     retries, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _S3Upload:
+    """The raw sink behind :meth:`Storage.open_write` on S3: parallel multipart upload.
+
+    Call order: ``write()`` any number of times, then exactly one of ``complete()`` (the
+    object appears) or ``abort()`` (nothing appears, no upload is left open). Writes fill
+    a ``part_size`` buffer; a full buffer goes out as an UploadPart on s3fs's event loop
+    as soon as more bytes arrive, and ``write`` blocks only while ``concurrency`` parts are
+    already in flight. So at most ``concurrency + 1`` part buffers exist at once. An object
+    that never fills one part is one PUT at ``complete()``.
+    """
+
+    def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int,
+                 retries: int) -> None:
+        self._fs = fs
+        self._loop = fs.loop
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._where = f"s3://{self._bucket}/{self._key}"
+        self._part_size = part_size
+        self._concurrency = concurrency
+        self._retries = retries
+        self._upload_id: str | None = None
+        self._next_part = 1
+        self._buf = bytearray(part_size)
+        self._fill = 0
+        self._free: list[bytearray] = []
+        self._inflight: dict[concurrent.futures.Future[dict[str, Any]], bytearray] = {}
+        self._parts: list[dict[str, Any]] = []
+        self._aborting = False
+        self.closed = False
+
+    # -- file-like ---------------------------------------------------------------------
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        pos, n = 0, view.nbytes
+        while pos < n:
+            if self._fill == len(self._buf):
+                self._send(self._buf)
+                self._buf = self._new_buffer()
+                self._fill = 0
+            take = min(len(self._buf) - self._fill, n - pos)
+            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    # -- outcome -----------------------------------------------------------------------
+
+    def complete(self) -> None:
+        """Make the object visible: one PUT, or the last part and CompleteMultipartUpload."""
+        if self._upload_id is None:
+            body = bytes(memoryview(self._buf)[: self._fill])
+            self._buf = bytearray()
+            self._call("put", "put_object", Body=body)
+        else:
+            last = self._buf if self._fill == len(self._buf) else self._buf[: self._fill]
+            self._buf = bytearray()
+            self._send(last)
+            while self._inflight:
+                self._reap(concurrent.futures.FIRST_EXCEPTION)
+            parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+            self._call("complete", "complete_multipart_upload", UploadId=self._upload_id,
+                       MultipartUpload={"Parts": parts})
+            log.debug("uploaded %s in %d parts", self._where, len(parts))
+        self.closed = True
+
+    def abort(self) -> None:
+        """Drop everything: stop retrying, let parts in flight end, abort the upload."""
+        if self.closed:
+            return
+        self.closed = True
+        self._aborting = True
+        self._buf = bytearray()
+        self._free.clear()
+        if self._inflight:
+            # Waiting (briefly) rather than cancelling: a part S3 accepts after the abort
+            # would keep the upload's storage alive.
+            concurrent.futures.wait(list(self._inflight), timeout=60)
+            for fut in self._inflight:
+                fut.cancel()
+            self._inflight.clear()
+        if self._upload_id is not None:
+            try:
+                self._call("abort", "abort_multipart_upload", UploadId=self._upload_id)
+            except Exception as exc:  # noqa: BLE001 - the original failure matters more
+                log.warning(
+                    "could not abort the multipart upload of %s (%s); no object was written, "
+                    "but its parts may be billed until an AbortIncompleteMultipartUpload "
+                    "lifecycle rule removes them", self._where, exc)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        return sync(self._loop, _with_retries, f"{what} {self._where}",
+                    lambda: self._fs._call_s3(method, Bucket=self._bucket, Key=self._key,
+                                              **kwargs),
+                    self._retries, lambda: self._aborting)
+
+    def _target_size(self) -> int:
+        return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))
+
+    def _new_buffer(self) -> bytearray:
+        size = self._target_size()
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) == size:
+                return buf
+        return bytearray(size)
+
+    def _send(self, body: bytearray) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._call("start", "create_multipart_upload")["UploadId"]
+        if self._next_part > _MAX_PARTS:
+            raise StorageError(
+                f"{self._where}: more than {_MAX_PARTS} parts; raise SPOTRUN_S3_PART_MIB"
+            )
+        while len(self._inflight) >= self._concurrency:
+            self._reap(concurrent.futures.FIRST_COMPLETED)
+        number = self._next_part
+        self._next_part += 1
+        fut = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self._loop)
+        self._inflight[fut] = body
+
+    async def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
+        response = await _with_retries(
+            f"part {number} of {self._where}",
+            lambda: self._fs._call_s3("upload_part", Bucket=self._bucket, Key=self._key,
+                                      UploadId=self._upload_id, PartNumber=number, Body=body),
+            self._retries, lambda: self._aborting,
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def _reap(self, when: str) -> None:
+        done, _ = concurrent.futures.wait(list(self._inflight), return_when=when)
+        for fut in done:
+            body = self._inflight.pop(fut)
+            self._parts.append(fut.result())  # raises the part's error: the caller aborts
+            self._free.append(body)
+
+
+def _s3_read(fs: Any, path: str, part_size: int, concurrency: int,
+             retries: int) -> bytes | bytearray:
+    return sync(fs.loop, _s3_read_async, fs, path, part_size, concurrency, retries)
+
+
+async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
+                         retries: int) -> bytes | bytearray:
+    bucket, key, version = fs.split_path(path)
+    where = f"s3://{bucket}/{key}"
+    pin: dict[str, str] = {"VersionId": version} if version else {}
+    head = await _with_retries(
+        f"head {where}", lambda: fs._call_s3("head_object", Bucket=bucket, Key=key, **pin),
+        retries)
+    size = int(head["ContentLength"])
+    if head.get("ETag"):
+        pin["IfMatch"] = head["ETag"]
+
+    async def get_whole() -> bytes:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **pin)
+        try:
+            data: bytes = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        if len(data) != size:
+            raise _ShortReadError(f"{where}: got {len(data)} of {size} bytes")
+        return data
+
+    if size <= part_size:
+        return await _with_retries(f"get {where}", get_whole, retries)
+
+    buf = bytearray(size)
+    view = memoryview(buf)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def get_range(start: int, end: int) -> None:
+        async def attempt() -> None:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                         Range=f"bytes={start}-{end - 1}", **pin)
+            body = response["Body"]
+            try:
+                pos = start
+                # Straight into the final buffer: no per-range copy held in memory.
+                while pos < end:
+                    got = await body.readinto(view[pos:end])
+                    if not got:
+                        raise _ShortReadError(
+                            f"{where}: range {start}-{end - 1} ended at byte {pos}")
+                    pos += got
+            finally:
+                body.close()
+
+        async with gate:
+            await _with_retries(f"range {start}-{end - 1} of {where}", attempt, retries)
+
+    tasks = [asyncio.ensure_future(get_range(lo, min(lo + part_size, size)))
+             for lo in range(0, size, part_size)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return buf
