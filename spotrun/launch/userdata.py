@@ -10,9 +10,11 @@ What the script does, in order:
 1. asks IMDSv2 (a token first: the instances require it) for the instance id, which becomes
    ``SPOTRUN_SEGMENT_ID`` so the wrapper's ledger records join the launcher's segment;
 2. exports ``SPOTRUN_URL``, ``SPOTRUN_RUN_ID``, ``SPOTRUN_SEGMENT_ID`` and the user's ``--env``;
-3. runs the setup commands (``set -e``: a failed ``pip install`` is a failed segment);
+3. runs the setup lines in the same shell (so an activated environment carries over to the
+   command); the first failing line (a failed ``pip install``) fails the segment;
 4. runs the command and records its exit code under ``RUN_URL/launch/exit-<segment>.json``
-   (through spotrun itself, which the setup installed, so no AWS CLI is needed);
+   (through spotrun itself, which the setup installed, so no AWS CLI is needed; the Python
+   is ``$SPOTRUN_PYTHON`` when set, else ``python3`` on PATH);
 5. shuts the instance down, which terminates it (the launch template sets
    ``InstanceInitiatedShutdownBehavior=terminate``), so an idle instance never bills: on exit 0
    the run is done; on 75 it was interrupted and the controller relaunches elsewhere; on
@@ -84,7 +86,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TEMPLATE = """#!/bin/bash
 # spotrun user data for run {run_id}. It holds no credentials: the instance profile does.
 set -o pipefail
-exec >>/var/log/spotrun.log 2>&1
+exec >>"${{SPOTRUN_LOG:-/var/log/spotrun.log}}" 2>&1
 echo "spotrun: boot $(date -u +%FT%TZ)"
 export HOME="${{HOME:-/root}}"
 IMDS=http://169.254.169.254
@@ -96,22 +98,21 @@ export SPOTRUN_SEGMENT_ID="$INSTANCE_ID"
 {env_lines}
 spotrun_report() {{
   # Best effort: if spotrun is not importable the controller still sees the shutdown.
-  python3 -c 'import json, sys, time
+  "${{SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}}" -c 'import json, sys, time
 from spotrun.storage import Storage
-Storage(sys.argv[1]).write_bytes(sys.argv[2], json.dumps({{"exit_code": int(sys.argv[3]), "stage": sys.argv[4], "time": time.time()}}).encode())' \\
+Storage(sys.argv[1]).write_bytes(sys.argv[2], json.dumps({{"exit_code": int(sys.argv[3]), "stage": sys.argv[4], "time": time.time()}}).encode())' \
     "$SPOTRUN_URL" "launch/exit-$SPOTRUN_SEGMENT_ID.json" "$1" "$2" || true
 }}
-(
-  set -e
-{setup_lines}
-)
-rc=$?
-if [ "$rc" -ne 0 ]; then
+spotrun_setup_failed() {{
+  rc=$?
   echo "spotrun: setup failed with exit code $rc"
   spotrun_report "$rc" setup
   shutdown -h now
   exit "$rc"
-fi
+}}
+# Setup runs in this shell (so 'source venv/bin/activate' carries over to the command);
+# the first failing line fails the segment.
+{setup_lines}
 {command}
 rc=$?
 echo "spotrun: command exited with code $rc"
@@ -141,7 +142,7 @@ def build_user_data(
         if not _ENV_NAME.match(name):
             raise ConfigError(f"--env {name!r} is not a valid variable name; use NAME=VALUE")
     env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    setup_lines = "\n".join(f"  {line}" for line in setup) or "  true"
+    setup_lines = "\n".join(f"{line} || spotrun_setup_failed" for line in setup)
     script = _TEMPLATE.format(
         run_id=shlex.quote(run_id),
         run_url=shlex.quote(run_url),
