@@ -25,6 +25,7 @@ boundary, so a signal can never land inside a half-built checkpoint.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -32,8 +33,8 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 from .commit import commit, list_checkpoints, prune, read_manifest
 from .config import env_str
@@ -51,7 +52,7 @@ from .layout import DONE_MARKER, EXIT_INTERRUPTED
 from .ledger import Ledger
 from .manifest import Manifest
 from .notices import Notice, Watcher, watchers_from_env
-from .snapshot import check_plain, payload_name, read_payload, write_payload
+from .snapshot import StagingBuffers, check_plain, payload_name, read_payload, write_payload
 from .state import check_stateful, collect_rng_state, load_object_state, restore_rng_state, unwrap
 from .storage import Storage, open_storage
 
@@ -106,6 +107,10 @@ class Checkpointer:
         every_seconds: checkpoint when this long has passed since the last one. When neither
             is given, every 300 s; notices and signals always checkpoint.
         keep_last: committed checkpoints to keep (older ones are deleted after a newer commit).
+        async_save: copy the state into reusable host buffers and write it from a background
+            thread, so training pauses only for the copy. False: write before returning.
+        when_busy: when a save is due while the previous one is still being written:
+            ``"wait"`` for it (training pauses) or ``"skip"`` this one.
         save_rng: save and restore every RNG (required for exact resume).
         weights_only: load with ``torch.load(weights_only=True)``; only set False for storage
             you trust, since unpickling can run code.
@@ -131,6 +136,8 @@ class Checkpointer:
         every_steps: int | None = None,
         every_seconds: float | None = None,
         keep_last: int = 2,
+        async_save: bool = True,
+        when_busy: Literal["wait", "skip"] = "wait",
         save_rng: bool = True,
         weights_only: bool = True,
         handle_signals: bool = True,
@@ -143,6 +150,8 @@ class Checkpointer:
             raise ConfigError(f"every_seconds={every_seconds} must be positive")
         if keep_last < 1:
             raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
+        if when_busy not in ("wait", "skip"):
+            raise ConfigError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
         self.storage: Storage = open_storage(url, storage_options)
         self.objects: dict[str, Any] = {}
         for group in (
@@ -166,6 +175,8 @@ class Checkpointer:
         if every_steps is None and every_seconds is None:
             self.every_seconds = DEFAULT_EVERY_SECONDS
         self.keep_last = keep_last
+        self.async_save = async_save
+        self.when_busy = when_busy
         self.save_rng = save_rng
         self.weights_only = weights_only
         self.handle_signals = handle_signals
@@ -182,6 +193,11 @@ class Checkpointer:
         self._last_saved_step: int | None = None
         self._last_save_time = time.time()
         self._save_durations: collections.deque[float] = collections.deque(maxlen=5)
+        self._staging = StagingBuffers()
+        self._job: _Job | None = None  # the save being written in the background, if any
+        self._pending_step: int | None = None
+        # Distributed: (step, file entry, t0, stall) written by this rank, awaiting commit.
+        self._uncommitted: tuple[int, Any, float, float] | None = None
         # Written from signal handlers and watcher threads: deque appends and plain
         # attribute stores are atomic under the GIL, and no lock means no deadlock when a
         # signal interrupts the main thread while it holds one.
@@ -224,8 +240,11 @@ class Checkpointer:
     ) -> None:
         for w in self._watchers:
             w.stop()
-        self._restore_signal_handlers()
-        self._entered = False
+        try:
+            self._finish_inflight(exc)
+        finally:
+            self._restore_signal_handlers()
+            self._entered = False
         if self._group is None or not self._group.is_main or self.finished:
             return
         if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
@@ -236,6 +255,22 @@ class Checkpointer:
             reason = "failed"
         self._record("segment_ended", segment_id=self.segment_id, reason=reason,
                      ended_at=time.time(), source="wrapper")
+
+    def _finish_inflight(self, exc: BaseException | None) -> None:
+        """On the way out, let a save in flight reach its commit (unless aborting)."""
+        job = self._job
+        if job is None or isinstance(exc, KeyboardInterrupt):
+            return  # a second Ctrl-C means now; the last commit is intact
+        if self._group is not None and self._group.distributed and exc is not None:
+            # Other ranks may be gone: no collectives. The write finishes, nothing commits.
+            job.done.wait()
+            return
+        try:
+            self.wait()
+        except SaveError as err:
+            if exc is None:
+                raise
+            log.error("%s", err)
 
     def _require_active(self) -> Group:
         if not self._entered or self._group is None:
@@ -333,19 +368,23 @@ class Checkpointer:
         """Tell the checkpointer a training step has completed.
 
         ``steps_done`` is the count of completed steps (default: one more than before). Saves
-        when a schedule or notice says so; after a stop request, saves and raises
-        ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch.
+        when a schedule or notice says so; after a stop request, saves, waits for the commit
+        and raises ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch. A
+        background save that failed is raised here as :class:`SaveError`.
         """
         group = self._require_active()
         self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
         self._drain_notices()
+        busy = self._poll_background()
         time_due = (
             self.every_seconds is not None
             and time.time() - self._last_save_time >= self.every_seconds
         )
-        stop, requested, time_due = group.agree(
-            stop=self._stop_requested, save=self._save_requested, time_due=time_due
+        stop, requested, time_due, any_busy = group.agree(
+            stop=self._stop_requested, save=self._save_requested, time_due=time_due, busy=busy
         )
+        if not any_busy and self._uncommitted is not None:
+            self._commit_distributed()
         step_due = self.every_steps is not None and self.steps_done % self.every_steps == 0
         if stop:
             self._stop_requested = True
@@ -367,6 +406,7 @@ class Checkpointer:
             )
         t0 = time.time()
         self.save()
+        self.wait()
         if notice is not None:
             log.warning(
                 "stop after notice: posted %s, detected %s, committed %s (%.1fs after detection)",
@@ -380,9 +420,8 @@ class Checkpointer:
         """Mark the run complete: commit a final checkpoint and write the done marker."""
         group = self._require_active()
         self.save()
+        self.wait()
         if group.is_main:
-            import json
-
             marker = {"step": self.steps_done, "finished_at": time.time(), "segment_id": self.segment_id}
             self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
             self._record("segment_ended", segment_id=self.segment_id, reason="finished",
@@ -406,45 +445,115 @@ class Checkpointer:
         return payload
 
     def save(self) -> None:
-        """Checkpoint now (all ranks must call it together). A no-op if this step is saved.
+        """Checkpoint the current step (all ranks must call it together).
 
-        Payload first, manifest last: if anything fails, the previous checkpoint is still
-        the latest, untouched, and :class:`SaveError` says why.
+        Synchronous mode returns once the checkpoint is committed. Async mode (the default)
+        returns as soon as the state is copied into reusable host buffers (the only pause
+        training sees); a background thread writes and commits it. At most one save is in
+        flight: when the next one is due first, ``when_busy="wait"`` waits for it,
+        ``"skip"`` skips this one (both logged). Payload first, manifest last: whatever
+        fails, the previous checkpoint stays the latest, untouched.
         """
         group = self._require_active()
         step = self.steps_done
-        if self._last_saved_step == step:
+        if step in (self._last_saved_step, self._pending_step):
             return
         t0 = time.time()
+        if self._job is not None and not self._job.done.is_set():
+            if self.when_busy == "skip":
+                log.info("save at step %d skipped: the save of step %d is still being written",
+                         step, self._pending_step)
+                return
+            log.info("save at step %d waits for the save of step %d to finish writing",
+                     step, self._pending_step)
+        # The previous save must be durable before its staging buffers are reused.
+        self.wait()
+        payload = self._payload(group)
+        if self.async_save:
+            payload = self._staging.stage(payload)
+        stall = time.time() - t0
+        self._pending_step = step
+        self._last_save_time = time.time()
+        job = _Job(self._persist, step, payload, group, t0, stall)
+        self._job = job
+        if self.async_save:
+            job.start()
+        else:
+            job.run()
+            self.wait()
+
+    def _persist(self, step: int, payload: dict[str, Any], group: Group, t0: float, stall: float) -> Any:
+        """Write one rank's payload; single-process runs also commit (background thread)."""
         try:
-            name, entry = write_payload(self.storage, step, group.rank, self._payload(group))
-            entries = group.gather((name, entry))
-            if group.is_main:
-                assert entries is not None
-                manifest = Manifest(
-                    step=step,
-                    files=dict(entries),
-                    world_size=group.world_size,
-                    metadata=self.metadata,
-                    save_seconds=round(time.time() - t0, 6),
-                )
-                commit(self.storage, manifest)
+            entry = write_payload(self.storage, step, group.rank, payload)
+            if group.distributed:
+                return entry  # committed from the main thread once every rank has written
+            self._commit(step, [entry], world_size=1, t0=t0, stall=stall)
+            return None
         except (StorageError, OSError, RuntimeError) as exc:
             raise SaveError(
                 f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact"
             ) from exc
-        group.barrier()
+
+    def _commit(self, step: int, entries: list[tuple[str, Any]], *, world_size: int,
+                t0: float, stall: float) -> None:
+        manifest = Manifest(step=step, files=dict(entries), world_size=world_size,
+                            metadata=self.metadata, save_seconds=round(time.time() - t0, 6))
+        commit(self.storage, manifest)
         elapsed = time.time() - t0
-        self._last_saved_step = step
-        self._last_save_time = time.time()
         self._save_durations.append(elapsed)
-        if group.is_main:
-            log.info("checkpoint at step %d committed (%.1f MB in %.2fs)",
-                     step, manifest.total_bytes / 1e6, elapsed)
-            self._record("checkpoint_committed", segment_id=self.segment_id, step=step,
-                         committed_at=self._last_save_time, stall_s=elapsed, save_s=elapsed,
-                         nbytes=manifest.total_bytes)
-            prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+        log.info("checkpoint at step %d committed (%.1f MB, training paused %.3fs, written in %.2fs)",
+                 step, manifest.total_bytes / 1e6, stall, elapsed)
+        self._record("checkpoint_committed", segment_id=self.segment_id, step=step,
+                     committed_at=time.time(), stall_s=stall, save_s=elapsed,
+                     nbytes=manifest.total_bytes)
+        prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+
+    def _poll_background(self) -> bool:
+        """True while this rank's save is still being written; raises a failed one."""
+        job = self._job
+        if job is None:
+            return False
+        if not job.done.is_set():
+            return True
+        self._collect(job)
+        return False
+
+    def _collect(self, job: _Job) -> None:
+        self._job = None
+        step = self._pending_step
+        self._pending_step = None
+        if job.error is not None:
+            self._uncommitted = None
+            raise job.error
+        if job.result is not None:  # distributed: written, not yet committed
+            self._uncommitted = (step, job.result, job.args[3], job.args[4])
+        else:
+            self._last_saved_step = step
+
+    def _commit_distributed(self) -> None:
+        """Every rank has written its payload: rank 0 commits (main thread, all ranks call)."""
+        assert self._uncommitted is not None and self._group is not None
+        step, entry, t0, stall = self._uncommitted
+        self._uncommitted = None
+        entries = self._group.gather(entry)
+        if self._group.is_main:
+            assert entries is not None
+            self._commit(step, entries, world_size=self._group.world_size, t0=t0, stall=stall)
+        self._last_saved_step = step
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and committed (all ranks call it)."""
+        group = self._require_active()
+        job = self._job
+        if job is not None:
+            job.done.wait()
+            self._collect(job)
+        if group.distributed:
+            group.barrier()  # every rank has written its payload
+            if self._uncommitted is not None:
+                self._commit_distributed()
+            group.barrier()  # the manifest exists before anyone moves on
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -563,6 +672,27 @@ class Checkpointer:
             getattr(self._ledger, method)(**fields)
         except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
             log.warning("could not write the run ledger (%s): %s", method, exc)
+
+
+class _Job:
+    """One background save: a daemon thread (a second Ctrl-C must not wait for it)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="spotrun-save", daemon=True).start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def _fmt_time(t: float | None) -> str:

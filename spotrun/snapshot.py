@@ -9,6 +9,7 @@ the file is on local disk, and verified against the manifest before anything is 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import pickle
@@ -22,7 +23,7 @@ from .layout import checkpoint_dir
 from .manifest import FileEntry
 from .storage import Storage
 
-__all__ = ["check_plain", "payload_name", "read_payload", "write_payload"]
+__all__ = ["StagingBuffers", "check_plain", "payload_name", "read_payload", "write_payload"]
 
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor)
 
@@ -52,6 +53,64 @@ def check_plain(name: str, value: Any) -> None:
         f"value {name!r} is a {type(value).__name__}, which safe (weights_only) loading "
         "refuses; store plain numbers, strings, lists, dicts or tensors (e.g. float(x))"
     )
+
+
+class StagingBuffers:
+    """Host copies of the state's tensors, allocated once and reused by every save.
+
+    The first phase of an async save: :meth:`stage` copies every tensor of a state tree into
+    these buffers (pinned host memory for CUDA tensors, copied with ``non_blocking=True``
+    and one synchronisation at the end), so training may change the live tensors while a
+    background thread writes the copies. Extra host memory is one copy of the state, held
+    for the life of the run rather than re-allocated (and page-faulted) at every save.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def stage(self, tree: Any) -> Any:
+        """A copy of ``tree`` whose tensors live in this object's buffers."""
+        cuda = [False]
+        staged = self._copy(tree, (), cuda)
+        if cuda[0]:
+            torch.cuda.synchronize()  # the non-blocking copies must land before the write
+        return staged
+
+    def _copy(self, node: Any, path: tuple[Any, ...], cuda: list[bool]) -> Any:
+        if isinstance(node, torch.Tensor):
+            return self._stage_tensor(node, path, cuda)
+        if isinstance(node, Mapping):
+            out = {k: self._copy(v, (*path, k), cuda) for k, v in node.items()}
+            if isinstance(node, collections.OrderedDict):
+                # Module state dicts carry per-submodule versions in ``_metadata``; keep it
+                # (and the type) so async and sync saves write identical bytes.
+                out = collections.OrderedDict(out)
+                if hasattr(node, "_metadata"):
+                    out._metadata = node._metadata  # type: ignore[attr-defined]
+            return out
+        if isinstance(node, list):
+            return [self._copy(v, (*path, i), cuda) for i, v in enumerate(node)]
+        if isinstance(node, tuple):
+            return tuple(self._copy(v, (*path, i), cuda) for i, v in enumerate(node))
+        return node  # ints, floats, strings, None: immutable, safe to share
+
+    def _stage_tensor(self, t: torch.Tensor, path: tuple[Any, ...], cuda: list[bool]) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = t.is_cuda and torch.cuda.is_available()
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buf
+        if t.is_cuda:
+            cuda[0] = True
+            buf.copy_(t, non_blocking=True)
+        else:
+            buf.copy_(t)
+        return buf
 
 
 def write_payload(storage: Storage, step: int, rank: int, payload: Mapping[str, Any]) -> tuple[str, FileEntry]:

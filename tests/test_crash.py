@@ -29,7 +29,9 @@ def _kill_during_saves(url: str, kills: int, seed: int) -> int:
     seen_incomplete = 0
     for _ in range(kills):
         proc = spawn([SCRIPT, "100000"], env_for(url))
-        wait_for_line(proc, "step ")  # training is running: every step is followed by a save
+        # By "step 3", step 1 is committed (a save waits for the one before it); from here
+        # on every step is followed by a save, so most kills land inside one.
+        wait_for_line(proc, "step 3")
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -1,0 +1,67 @@
+"""fsspec backends that make storage slow or broken on demand, for async-save tests.
+
+``slowfile://`` is local disk whose writes sleep (``SPOTRUN_TEST_WRITE_DELAY`` seconds per
+write call, shared by child processes through the environment); ``failmem://`` is memory
+storage whose payload writes raise while ``FailMemFS.failing`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+
+class _SlowWriter:
+    def __init__(self, raw, delay: float) -> None:
+        self._raw, self._delay = raw, delay
+
+    def write(self, data):
+        time.sleep(self._delay)
+        return self._raw.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._raw.close()
+
+
+class SlowLocalFS(LocalFileSystem):
+    protocol = ("slowfile",)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, str) and path.startswith("slowfile://"):
+            path = path[len("slowfile://"):]
+        return super()._strip_protocol(path)
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        f = super()._open(path, mode, *args, **kwargs)
+        delay = float(os.environ.get("SPOTRUN_TEST_WRITE_DELAY", "0"))
+        if "w" in mode and delay and ".pt" in path:  # payload files only, not manifests
+            return _SlowWriter(f, delay)
+        return f
+
+
+class FailMemFS(MemoryFileSystem):
+    protocol = ("failmem",)
+    failing = False
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        if "w" in mode and FailMemFS.failing and ".pt" in path:
+            raise OSError("injected storage failure")
+        return super()._open(path, mode, *args, **kwargs)
+
+
+def register() -> None:
+    fsspec.register_implementation("slowfile", SlowLocalFS, clobber=True)
+    fsspec.register_implementation("failmem", FailMemFS, clobber=True)
