@@ -182,3 +182,74 @@ def test_child_sees_the_simulated_instance(tmp_path: Path, child_env: dict) -> N
     info = json.loads((run / "probe.json").read_text())
     assert info == {"SPOTRUN_SEGMENT_ID": "sim-1", "SPOTRUN_NOTICE_SOURCE": "ec2",
                     "SPOTRUN_POLL_INTERVAL": "0.2", "instance_type": "g6.xlarge", "instance_id": "sim-1"}
+
+
+def _final_objects(run: Path, steps: int) -> dict:
+    from spotrun.commit import read_manifest
+    from spotrun.snapshot import read_payload
+
+    storage = Storage(str(run))
+    manifest = read_manifest(storage, steps)
+    (name, entry), = manifest.files.items()
+    return read_payload(storage, steps, name, entry)["objects"]
+
+
+def _assert_same(a: object, b: object, path: str = "") -> None:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.slow
+def test_example_survives_interruptions_bit_for_bit(tmp_path: Path, child_env: dict) -> None:
+    """The README's main job: the example under --local equals an uninterrupted run."""
+    repo = Path(__file__).resolve().parents[1]
+    steps = 120
+    args = [sys.executable, str(repo / "examples" / "train.py"), "--steps", str(steps),
+            "--every-steps", "10", "--step-sleep", "0.02"]
+    plain = tmp_path / "plain"
+    subprocess.run(args, env={**child_env, "SPOTRUN_URL": str(plain)}, check=True,
+                   capture_output=True, timeout=120)
+    run = tmp_path / "spot"
+    proc = launcher(child_env, run, "--interruptions", "2", "--grace", "1", "--seed", "7", cmd=args)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert [r for _, r in launcher_segments(run)] == ["interrupted", "interrupted", "finished"]
+    _assert_same(_final_objects(plain, steps), _final_objects(run, steps))
+
+
+@pytest.mark.slow
+def test_spotrun_stop_then_same_command_continues(tmp_path: Path, script: Path, child_env: dict) -> None:
+    run = tmp_path / "run"
+    steps = 150
+    cmd = [sys.executable, str(script), str(steps), "10", "0.02"]
+    proc = launcher(child_env, run, "--interruptions", "0", cmd=cmd)
+    storage = Storage(str(run))
+    wait_until = time.time() + 60
+    while time.time() < wait_until and (last_checkpoint(storage) or 0) < 20:
+        time.sleep(0.05)
+    stop = subprocess.run([sys.executable, "-m", "spotrun.cli", "stop", str(run)], env=child_env,
+                          capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and f"pid {proc.pid}" in stop.stdout, stop.stdout + stop.stderr
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    stopped_at = last_checkpoint(storage)
+    assert stopped_at is not None and 20 <= stopped_at < steps
+
+    again = launcher(child_env, run, "--interruptions", "0", cmd=cmd)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out
+    assert f"resuming after step {stopped_at}" in out
+    assert json.loads((run / "final.json").read_text()) == {"w": expected_weight(steps)}
+    assert launcher_segments(run) == [("sim-1", "stopped"), ("sim-2", "finished")]
