@@ -469,3 +469,24 @@ def test_stop_file_stops_a_live_controller(world: World, storage: Storage) -> No
     assert outcome.status == "stopped" and outcome.exit_code == 0
     assert world.running(ctl.state.run_id) == []
     assert not storage.exists(STOP_FILE)
+
+
+def test_deadline_near_means_on_demand(world: World, storage: Storage) -> None:
+    import time
+
+    ctl = controller(world, storage, options(world, storage, deadline=time.time() + 600),
+                     finish_at_once(storage))
+    assert ctl.run().status == "finished"
+    assert [s.market for s in ctl.state.segments] == ["on-demand"]
+
+
+def test_max_interruptions_without_fallback_stops(world: World, storage: Storage) -> None:
+    def act(ctl: Ec2Controller) -> None:
+        world.spot_interrupt(ctl.state.current.instance_id)
+
+    ctl = controller(world, storage, options(world, storage, max_interruptions=1, fallback="none"), act)
+    outcome = ctl.run()
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert "--fallback none" in outcome.message
+    assert [s.end_reason for s in ctl.state.segments] == ["interrupted"]
+    assert world.running(ctl.state.run_id) == []

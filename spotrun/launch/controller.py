@@ -311,10 +311,9 @@ class Ec2Controller:
                       "it was launched for this run before the controller stopped")
             self._begin_segment(keep.instance_id, Pool(keep.instance_type or "?", keep.subnet_id),
                                 keep.market or "spot", fleet_id=None, started_at=keep.launch_time)
+        # Anything else alive under this run id is a stray (if the state's own instance is
+        # gone, the loop records its end; it must not be joined by a second one).
         extras = [s.instance_id for s in alive if keep is None or s.instance_id != keep.instance_id]
-        if extras and cur is not None and keep is None:
-            # The state's instance is gone; its end is handled by the loop. Others are strays.
-            pass
         if extras:
             self._say(f"terminating {', '.join(extras)}: more than one instance for this run")
             self.api.terminate(extras)

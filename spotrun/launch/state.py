@@ -82,7 +82,6 @@ class LaunchState:
     segments: list[Segment] = field(default_factory=list)
     interruptions: int = 0
     failures: int = 0
-    on_demand: bool = False  # fell back for good (sticky across --resume)
     launch_template_id: str | None = None
     attempts: int = 0
     controller_pid: int | None = None
