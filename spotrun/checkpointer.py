@@ -184,6 +184,7 @@ class Checkpointer:
 
         #: Completed training steps (restored on resume).
         self.steps_done = 0
+        self._last_step_at: float | None = None
         self.finished = False
         self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
         self._group: Group | None = None
@@ -254,7 +255,8 @@ class Checkpointer:
         else:
             reason = "failed"
         self._record("segment_ended", segment_id=self.segment_id, reason=reason,
-                     ended_at=time.time(), source="wrapper")
+                     ended_at=time.time(), source="wrapper", steps_done=self.steps_done,
+                     last_step_at=self._last_step_at)
 
     def _finish_inflight(self, exc: BaseException | None) -> None:
         """On the way out, let a save in flight reach its commit (unless aborting)."""
@@ -374,6 +376,7 @@ class Checkpointer:
         """
         group = self._require_active()
         self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
+        self._last_step_at = time.time()
         self._drain_notices()
         busy = self._poll_background()
         time_due = (
@@ -425,7 +428,8 @@ class Checkpointer:
             marker = {"step": self.steps_done, "finished_at": time.time(), "segment_id": self.segment_id}
             self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
             self._record("segment_ended", segment_id=self.segment_id, reason="finished",
-                         ended_at=time.time(), source="wrapper")
+                         ended_at=time.time(), source="wrapper", steps_done=self.steps_done,
+                         last_step_at=self._last_step_at)
         group.barrier()
         self.finished = True
         log.info("run finished at step %d", self.steps_done)
@@ -506,7 +510,7 @@ class Checkpointer:
                  step, manifest.total_bytes / 1e6, stall, elapsed)
         self._record("checkpoint_committed", segment_id=self.segment_id, step=step,
                      committed_at=time.time(), stall_s=stall, save_s=elapsed,
-                     nbytes=manifest.total_bytes)
+                     nbytes=manifest.total_bytes, captured_at=t0)
         prune(self.storage, keep_last=self.keep_last, newest_committed=step)
 
     def _poll_background(self) -> bool:

@@ -143,11 +143,27 @@ class Ledger:
         )
 
     def segment_ended(
-        self, *, segment_id: str, reason: str, ended_at: float, source: str
+        self,
+        *,
+        segment_id: str,
+        reason: str,
+        ended_at: float,
+        source: str,
+        steps_done: int | None = None,
+        last_step_at: float | None = None,
     ) -> dict:
-        """A segment ended (``reason``: finished, interrupted, failed or stopped)."""
+        """A segment ended (``reason``: finished, interrupted, failed or stopped).
+
+        The wrapper also says how far training got (``steps_done``, and when the last step
+        completed), so lost work is measured in training time, not in shutdown time.
+        """
         if reason not in SEGMENT_END_REASONS:
             raise ValueError(f"reason must be one of {SEGMENT_END_REASONS}, got {reason!r}")
+        extra: dict[str, Any] = {}
+        if steps_done is not None:
+            extra["steps_done"] = int(steps_done)
+        if last_step_at is not None:
+            extra["last_step_at"] = float(last_step_at)
         return self.append(
             "segment_ended",
             time=ended_at,
@@ -155,6 +171,7 @@ class Ledger:
             reason=reason,
             ended_at=float(ended_at),
             source=source,
+            **extra,
         )
 
     def checkpoint_committed(
@@ -166,8 +183,10 @@ class Ledger:
         stall_s: float,
         save_s: float,
         nbytes: int,
+        captured_at: float | None = None,
     ) -> dict:
-        """A checkpoint was committed; ``stall_s`` is how long training paused for it."""
+        """A checkpoint was committed; ``stall_s`` is how long training paused for it and
+        ``captured_at`` when its state was taken (an async save commits later)."""
         return self.append(
             "checkpoint_committed",
             time=committed_at,
@@ -177,6 +196,7 @@ class Ledger:
             stall_s=float(stall_s),
             save_s=float(save_s),
             nbytes=int(nbytes),
+            **({} if captured_at is None else {"captured_at": float(captured_at)}),
         )
 
     def training_resumed(

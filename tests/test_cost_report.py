@@ -131,10 +131,11 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     price_a = (0.30 * 900 + 0.40 * 800) / 1700
     price_b = 0.35
     dur_a, dur_b = 1700.0, 1600.0
-    lost_a = 1700.0 - 1200.0          # launcher end - last committed checkpoint
-    restart_b = 2200.0 - 2000.0       # launcher start -> first step (first segment's startup is useful)
+    lost_a = 1650.0 - 1200.0          # wrapper's end (training over) - last committed checkpoint
+    shutdown_a = 1700.0 - 1650.0      # wrapper's end -> launcher's end: teardown
+    restart_b = shutdown_a + (2200.0 - 2000.0)  # + launcher start -> first step (first segment's startup is useful)
     stall_a, stall_b = 5.0, 4.0
-    useful = (dur_a - lost_a - stall_a) + (dur_b - restart_b - stall_b)
+    useful = (dur_a - lost_a - shutdown_a - stall_a) + (dur_b - (restart_b - shutdown_a) - stall_b)
     cost = dur_a / 3600 * price_a + dur_b / 3600 * price_b
     od_cost = useful / 3600 * OD
 
@@ -147,7 +148,7 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     assert t["useful_s"] == pytest.approx(useful)
     assert t["cost_usd"] == pytest.approx(cost)
     assert t["lost_work_usd"] == pytest.approx(lost_a / 3600 * price_a)
-    assert t["restart_overhead_usd"] == pytest.approx(restart_b / 3600 * price_b)
+    assert t["restart_overhead_usd"] == pytest.approx(shutdown_a / 3600 * price_a + (restart_b - shutdown_a) / 3600 * price_b)
     assert t["stall_usd"] == pytest.approx(stall_a / 3600 * price_a + stall_b / 3600 * price_b)
     assert t["on_demand_usd"] == pytest.approx(od_cost)
     assert t["savings_usd"] == pytest.approx(od_cost - cost)
@@ -156,7 +157,7 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     seg_a, seg_b = d["segments"]
     assert seg_a["instance"]["instance_id"] == "i-a" and seg_a["instance"]["availability_zone"] == "us-east-1a"
     assert seg_a["end_reason"] == "interrupted" and seg_a["end"] == T0 + 1700  # launcher's end wins
-    assert seg_a["startup_s"] == pytest.approx(90) and seg_a["restart_overhead_s"] == 0
+    assert seg_a["startup_s"] == pytest.approx(90) and seg_a["restart_overhead_s"] == pytest.approx(shutdown_a)
     assert seg_a["last_checkpoint_step"] == 100 and len(seg_a["notices"]) == 1
     assert seg_b["resumed_step"] == 100 and seg_b["lost_work_s"] == 0
     assert seg_a["price"]["source"] == "aws-api" and seg_a["price"]["usd_per_hour"] == pytest.approx(price_a)
@@ -322,3 +323,21 @@ def test_cli_cost_config_prices_table(tmp_path, capsys):
     cfg.write_text("[prices]\nspotty = 1\n")
     assert main(["cost", url, "--config", str(cfg)]) == 2
     assert "spotty" in capsys.readouterr().err
+
+
+def test_checkpoint_on_notice_loses_no_work(tmp_path):
+    """A stop checkpoint captures the last completed step: nothing is redone, and the time
+    from the wrapper's end to the launcher's is teardown, counted with restarts."""
+    ledger = Ledger(Storage(str(tmp_path / "run")))
+    inst = InstanceInfo(cloud="simulated", instance_type="g5.xlarge", region="us-east-1",
+                        availability_zone="us-east-1a", market="spot")
+    ledger.segment_started(segment_id="A", instance=inst, started_at=T0, source="launcher")
+    ledger.training_resumed(segment_id="A", step=0, process_started_at=T0 + 1, first_step_at=T0 + 3)
+    ledger.checkpoint_committed(segment_id="A", step=40, committed_at=T0 + 50.5, stall_s=0.01,
+                                save_s=0.5, nbytes=10, captured_at=T0 + 50)
+    ledger.segment_ended(segment_id="A", reason="interrupted", ended_at=T0 + 51, source="wrapper",
+                         steps_done=40, last_step_at=T0 + 50)
+    ledger.segment_ended(segment_id="A", reason="interrupted", ended_at=T0 + 52.5, source="launcher")
+    (seg,) = report_for_run(Storage(str(tmp_path / "run")), offline=True).to_dict()["segments"]
+    assert seg["lost_work_s"] == 0
+    assert seg["restart_overhead_s"] == pytest.approx(52.5 - 51)

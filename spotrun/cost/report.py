@@ -18,9 +18,15 @@ Figures, per segment (all times in seconds):
   time-weighted spot price; on-demand: on-demand price);
 * ``startup`` = first training step - start (the whole segment if it never reached a step);
 * ``restart_overhead`` = the startup of every segment after the first (the first one's
-  startup would happen on on-demand too, so it is useful time);
-* ``lost_work`` = for a segment that did not finish, end - its last committed checkpoint, or
-  end - its first training step when it committed none: work that must be redone;
+  startup would happen on on-demand too, so it is useful time), plus its shutdown;
+* ``lost_work`` = for a segment that did not finish, the training time after the state its
+  last committed checkpoint captured: from that capture to the last completed step when the
+  wrapper recorded its end (so a checkpoint taken on the notice loses nothing), else (the
+  process was killed) to the segment's end; from its first training step when it committed
+  none. Work that must be redone;
+* ``shutdown`` = for an interrupted segment, from the wrapper's end (checkpoint committed,
+  training over) to the segment's end as the launcher saw it: process and machine teardown.
+  It counts with the restart overhead: both are what an interruption costs besides lost work;
 * ``stall`` = the seconds training paused for checkpoints. Stalls are *not* useful work: an
   uninterrupted on-demand run would not need them to survive, so they are part of the price
   of running on spot (the same rule as ``spotrun estimate``). Stalls happen before the last
@@ -66,6 +72,8 @@ class Segment:
     first_step_at: float | None = None
     resumed_step: int | None = None
     process_started_at: float | None = None
+    training_ended_at: float | None = None  # the wrapper's end record, when it wrote one
+    last_step_at: float | None = None
     checkpoints: list[dict] = field(default_factory=list)
     notices: list[dict] = field(default_factory=list)
     # Filled in by price_segments.
@@ -90,8 +98,14 @@ class Segment:
         return min(self.duration_s, max(0.0, self.first_step_at - self.start))
 
     @property
+    def shutdown_s(self) -> float:
+        if not self.interrupted or self.training_ended_at is None:
+            return 0.0
+        return max(0.0, min(self.end - self.training_ended_at, self.duration_s - self.startup_s))
+
+    @property
     def restart_overhead_s(self) -> float:
-        return 0.0 if self.is_first else self.startup_s
+        return (0.0 if self.is_first else self.startup_s) + self.shutdown_s
 
     @property
     def last_checkpoint(self) -> dict | None:
@@ -103,9 +117,17 @@ class Segment:
         if self.end_reason == "finished" or self.first_step_at is None:
             return 0.0
         ckpt = self.last_checkpoint
-        since = self.first_step_at if ckpt is None else max(ckpt["committed_at"], self.first_step_at)
-        # Lost work never exceeds what is left after the startup.
-        return max(0.0, min(self.end - since, self.duration_s - self.startup_s))
+        if ckpt is None:
+            since = self.first_step_at
+        else:
+            captured = ckpt.get("captured_at")
+            since = max(ckpt["committed_at"] if captured is None else captured, self.first_step_at)
+        # Training stopped at the last completed step, else when the wrapper ended, else
+        # (killed) at the segment's end.
+        until = next(t for t in (self.last_step_at, self.training_ended_at, self.end) if t is not None)
+        until = min(until, self.end)
+        # Lost work never exceeds what is left after the startup and shutdown.
+        return max(0.0, min(until - since, self.duration_s - self.startup_s - self.shutdown_s))
 
     @property
     def stall_s(self) -> float:
@@ -193,8 +215,10 @@ def build_segments(records: list[dict]) -> list[Segment]:
                 first_step_at=None if first is None else float(first["first_step_at"]),
                 resumed_step=None if first is None else int(first["step"]),
                 process_started_at=None if first is None else float(first["process_started_at"]),
+                training_ended_at=float(ends["wrapper"]["ended_at"]) if "wrapper" in ends else None,
+                last_step_at=(ends["wrapper"].get("last_step_at") if "wrapper" in ends else None),
                 checkpoints=[
-                    {k: r.get(k) for k in ("step", "committed_at", "stall_s", "save_s", "nbytes")}
+                    {k: r.get(k) for k in ("step", "committed_at", "stall_s", "save_s", "nbytes", "captured_at")}
                     for r in recs
                     if r["event"] == "checkpoint_committed"
                 ],
@@ -288,8 +312,12 @@ class CostReport:
                 "lost_work_s": seg.lost_work_s,
                 "lost_work_usd": d["lost_work_usd"],
                 "next_segment_id": None if nxt is None else nxt.segment_id,
-                "restart_overhead_s": None if nxt is None else nxt.restart_overhead_s,
-                "restart_overhead_usd": None if nxt is None else nxt.to_dict()["restart_overhead_usd"],
+                # This segment's shutdown plus the next one's startup.
+                "restart_overhead_s": seg.shutdown_s + (0.0 if nxt is None else nxt.startup_s),
+                "restart_overhead_usd": _sum([
+                    seg._usd(seg.shutdown_s, seg.price),
+                    None if nxt is None else nxt._usd(nxt.startup_s, nxt.price),
+                ]),
             })
         return out
 
