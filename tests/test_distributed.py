@@ -178,3 +178,13 @@ def test_notice_to_one_rank_only_stops_both_at_one_step(tmp_path, reference):
     assert "rank0 spotrun ec2 notice" not in out
     assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", out), out[-4000:]
     _resume_and_compare(url, reference, stop)
+
+
+def test_sigterm_to_torchrun_itself_reaches_every_rank(tmp_path):
+    """What a machine shutting down does: torchrun forwards SIGTERM; all commit one step."""
+    url = str(tmp_path / "run")
+    proc = _launch(url, step_sleep=0.05)
+    _wait_for_checkpoint(proc, url)
+    proc.send_signal(signal.SIGTERM)
+    code, out = _finish(proc)
+    _check_stopped_together(url, out, code, 128 + signal.SIGTERM)
