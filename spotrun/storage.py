@@ -98,6 +98,17 @@ def _hasher() -> concurrent.futures.ThreadPoolExecutor:
     return _hash_pool
 
 
+def _forget_hasher() -> None:
+    # A forked child inherits the pool object but not its threads: work sent to it would
+    # never run. Start a new pool there on first use.
+    global _hash_pool
+    _hash_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_hasher)
+
+
 def _is_credentials_error(exc: BaseException) -> bool:
     # botocore is optional at import time (a local-only user may not have it configured).
     name = type(exc).__name__

@@ -11,7 +11,9 @@ import hashlib
 import http.client
 import io
 import os
+import signal
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
@@ -337,3 +339,28 @@ def test_hashing_writer_finishes_short_writes(size):
     assert w.write(data) == size
     assert bytes(raw.out) == data
     assert w.size == size and w.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_hashing_works_in_a_forked_child(tmp_path):
+    data = os.urandom(5 * MiB)  # large enough for the hashing thread
+    HashingWriter(io.BytesIO()).write(data)  # the parent's pool now has a thread
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            st = Storage(str(tmp_path))
+            ok = st.write_bytes("child.bin", data) == hashlib.sha256(data).hexdigest()
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung hashing (the inherited pool has no threads)")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "child.bin").read_bytes() == data
