@@ -347,10 +347,11 @@ class Checkpointer:
             )
             if n.stop and self._stop_notice is None:
                 self._stop_notice = n
-            if self._group is not None and self._group.is_main:
-                self._record("notice_received", segment_id=self.segment_id, source=n.source,
-                             action=n.action, notice_time=n.notice_time,
-                             detected_at=n.detected_at, deadline=n.deadline)
+            # Every rank records what it saw (often only one rank sees a notice); the
+            # ledger takes concurrent writers without losing records.
+            self._record("notice_received", segment_id=self.segment_id, source=n.source,
+                         action=n.action, notice_time=n.notice_time,
+                         detected_at=n.detected_at, deadline=n.deadline)
 
     # -- the loop --------------------------------------------------------------------------
 
