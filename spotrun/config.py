@@ -13,6 +13,10 @@ defaults below. Read them through these helpers so a bad value fails with one cl
 ``SPOTRUN_REBALANCE``          on a rebalance recommendation: ``checkpoint`` (default),
                                ``stop`` or ``ignore``
 ``SPOTRUN_SEGMENT_ID``         set by the launcher so ledger records join its segment
+``SPOTRUN_RUN_ID``             set on EC2 instances by the launcher's boot script (the tag)
+``SPOTRUN_PYTHON``             boot script: the interpreter that records exit codes
+                               (default ``python3`` on PATH)
+``SPOTRUN_LOG``                boot script: where the instance logs (``/var/log/spotrun.log``)
 ``SPOTRUN_CACHE_DIR``          where ``prices.json`` (cached AWS price answers) lives
                                (default ``$XDG_CACHE_HOME/spotrun`` or ``~/.cache/spotrun``)
 ``SPOTRUN_S3_PART_MIB``        S3 multipart part size and ranged-read size in MiB
