@@ -585,6 +585,25 @@ async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], retries:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _http_status(exc: BaseException) -> int:
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        seen = seen.__cause__ or seen.__context__
+    return 0
+
+
+def _total_size(content_range: str | None, received: int) -> int:
+    """The object size from ``bytes 0-N/TOTAL``; without one the answer was the whole."""
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1].strip()
+        if total.isdigit():
+            return int(total)
+    return received
+
+
 class _S3Upload:
     """The raw sink behind :meth:`Storage.open_write` on S3: parallel multipart upload.
 
@@ -738,28 +757,38 @@ async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
     bucket, key, version = fs.split_path(path)
     where = f"s3://{bucket}/{key}"
     pin: dict[str, str] = {"VersionId": version} if version else {}
-    head = await _with_retries(
-        f"head {where}", lambda: fs._call_s3("head_object", Bucket=bucket, Key=key, **pin),
-        retries)
-    size = int(head["ContentLength"])
-    if head.get("ETag"):
-        pin["IfMatch"] = head["ETag"]
 
-    async def get_whole() -> bytes:
-        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **pin)
+    async def get_first() -> tuple[bytes, int, str | None]:
+        # One request answers a small object whole and tells a large one's size: no HEAD,
+        # so small reads (manifests, ledger records) cost what a plain GET costs.
+        try:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                         Range=f"bytes=0-{part_size - 1}", **pin)
+        except OSError as exc:
+            if _http_status(exc) != 416:
+                raise
+            # An empty object has no byte 0 to ask for.
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **pin)
         try:
             data: bytes = await response["Body"].read()
         finally:
             response["Body"].close()
-        if len(data) != size:
-            raise _ShortReadError(f"{where}: got {len(data)} of {size} bytes")
-        return data
+        total = _total_size(response.get("ContentRange"), len(data))
+        if len(data) != min(total, part_size) and len(data) != total:
+            raise _ShortReadError(f"{where}: got {len(data)} bytes of the first part")
+        return data, total, response.get("ETag")
 
-    if size <= part_size:
-        return await _with_retries(f"get {where}", get_whole, retries)
+    first, size, etag = await _with_retries(f"get {where}", get_first, retries)
+    if len(first) == size:
+        return first
+    if etag:
+        pin["IfMatch"] = etag
 
     buf = bytearray(size)
     view = memoryview(buf)
+    view[: len(first)] = first
+    done = len(first)
+    del first
     gate = asyncio.Semaphore(concurrency)
 
     async def get_range(start: int, end: int) -> None:
@@ -783,7 +812,7 @@ async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
             await _with_retries(f"range {start}-{end - 1} of {where}", attempt, retries)
 
     tasks = [asyncio.ensure_future(get_range(lo, min(lo + part_size, size)))
-             for lo in range(0, size, part_size)]
+             for lo in range(done, size, part_size)]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

@@ -208,10 +208,19 @@ def test_large_read_is_parallel_ranged_gets(s3_bucket, moto_server, proxy):
     ranges = sorted(h["range"] for m, _, q, h, s in proxy.seen if _is_ranged_get(m, q, h))
     assert ranges == sorted([f"bytes=0-{PART - 1}", f"bytes={PART}-{2 * PART - 1}",
                              f"bytes={2 * PART}-{len(data) - 1}"])
-    # Small objects stay one plain GET.
+    # The first range also told the size: no HEAD. A small object costs one request.
+    assert proxy.count(lambda m, q, h: m == "HEAD") == 0
     _client(moto_server).put_object(Bucket=s3_bucket, Key="run/small", Body=b"abc")
+    before = len(proxy.seen)
     assert st.read_bytes("small") == b"abc"
-    assert proxy.count(_is_ranged_get) == 3
+    assert len(proxy.seen) == before + 1
+    _client(moto_server).put_object(Bucket=s3_bucket, Key="run/empty", Body=b"")
+    assert st.read_bytes("empty") == b""
+    # Exactly one part: one request too.
+    _client(moto_server).put_object(Bucket=s3_bucket, Key="run/one-part", Body=data[:PART])
+    before = len(proxy.seen)
+    assert bytes(st.read_bytes("one-part")) == data[:PART]
+    assert len(proxy.seen) == before + 1
 
 
 def test_aborted_write_leaves_no_object_and_no_upload(s3_bucket, moto_server, proxy):
