@@ -181,7 +181,7 @@ def test_large_write_is_a_parallel_multipart_upload(s3_bucket, moto_server, prox
     assert f.size == len(data)
     assert f.sha256 == hashlib.sha256(data).hexdigest()
     assert proxy.count(_is_upload_part) == 4  # 3 full parts and a short last one
-    key = f"run/000000000001/rank-00000.pt"
+    key = "run/000000000001/rank-00000.pt"
     s3 = _client(moto_server)
     assert s3.head_object(Bucket=s3_bucket, Key=key)["ETag"].strip('"').endswith("-4")
     assert s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == data
