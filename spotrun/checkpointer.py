@@ -52,7 +52,14 @@ from .layout import DONE_MARKER, EXIT_INTERRUPTED
 from .ledger import Ledger
 from .manifest import Manifest
 from .notices import Notice, Watcher, watchers_from_env
-from .snapshot import StagingBuffers, check_plain, payload_name, read_payload, write_payload
+from .snapshot import (
+    StagingBuffers,
+    check_plain,
+    open_payload,
+    payload_name,
+    read_payload,
+    write_payload,
+)
 from .state import check_stateful, collect_rng_state, load_object_state, restore_rng_state, unwrap
 from .storage import Storage, open_storage
 
@@ -547,6 +554,11 @@ class Checkpointer:
             self._commit(step, entries, world_size=self._group.world_size, t0=t0, stall=stall)
         self._last_saved_step = step
 
+    @property
+    def save_in_flight(self) -> bool:
+        """True while a background save is still being written or awaits its commit."""
+        return (self._job is not None and not self._job.done.is_set()) or self._uncommitted is not None
+
     def wait(self) -> None:
         """Block until the save in flight is written and committed (all ranks call it)."""
         group = self._require_active()
@@ -571,10 +583,11 @@ class Checkpointer:
         group = self._require_active()
         if self._restored:
             return self.steps_done
-        step = group.broadcast(self._choose_checkpoint(group) if group.is_main else None)
+        # Rank 0 picks (and loads) the checkpoint; the others load the step it names.
+        step = group.broadcast(self._restore_newest_valid(group) if group.is_main else None)
         if step is not None:
-            manifest = self._chosen_manifest if group.is_main else read_manifest(self.storage, step)
-            self._apply(self._load_payloads(manifest, group), group)
+            if not group.is_main:
+                self._apply(self._load_other_rank(read_manifest(self.storage, step), group), group)
             self.steps_done = step
             self._last_saved_step = step
             log.info("resumed from step %d at %s", step, self.storage.display())
@@ -587,59 +600,67 @@ class Checkpointer:
                          process_started_at=self._process_started_at, first_step_at=time.time())
         return self.steps_done
 
-    def _choose_checkpoint(self, group: Group) -> int | None:
-        """Newest committed checkpoint whose files check out (rank 0 decides for all)."""
+    def _restore_newest_valid(self, group: Group) -> int | None:
+        """Load the newest committed checkpoint whose files check out; return its step.
+
+        Its hash is verified while the state loads (see :class:`~spotrun.snapshot.Verification`);
+        when the hash fails, the objects are loaded again from an older checkpoint, so
+        nothing of a damaged one survives.
+        """
         for info in reversed(list_checkpoints(self.storage)):
             if info.status != "committed" or info.manifest is None:
                 if info.status == "invalid":
                     log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
                 continue
             manifest = info.manifest
+            if manifest.world_size != group.world_size:
+                log.warning(
+                    "checkpoint at step %d was written by %d ranks, this run has %d; "
+                    "per-rank state (RNG, data position) of missing ranks starts fresh",
+                    info.step, manifest.world_size, group.world_size,
+                )
             try:
-                if manifest.world_size != group.world_size:
-                    log.warning(
-                        "checkpoint at step %d was written by %d ranks, this run has %d; "
-                        "per-rank state (RNG, data position) of missing ranks starts fresh",
-                        info.step, manifest.world_size, group.world_size,
-                    )
-                present = set(self.storage.list_dir(info.name))
-                missing = [n for n in manifest.files if n not in present]
-                if missing:
-                    raise CorruptCheckpointError(f"files missing: {', '.join(missing)}")
-                for n, entry in manifest.files.items():
-                    size = self.storage.size(f"{info.name}/{n}")
-                    if size != entry.size:
-                        raise CorruptCheckpointError(
-                            f"{n}: {size} bytes, manifest says {entry.size} (truncated)"
-                        )
-                # Hash-check and load rank 0's payload now; a bad one sends us further back.
-                self._rank0_payload = read_payload(
+                self._check_sizes(info.name, manifest)
+                payload, verification = open_payload(
                     self.storage, info.step, payload_name(0), manifest.files[payload_name(0)],
                     weights_only=self.weights_only,
                 )
+                try:
+                    self._apply((payload, payload), group)
+                except CheckpointError:
+                    verification.check()  # damage explains a misfit better than the misfit
+                    raise
+                verification.check()
             except UnsupportedFormatError:
                 raise
             except (CorruptCheckpointError, StorageError, KeyError) as exc:
                 log.warning("skipping damaged checkpoint at step %d (%s); trying an older one",
                             info.step, exc)
                 continue
-            self._chosen_manifest = manifest
             return info.step
         return None
 
-    def _load_payloads(self, manifest: Manifest, group: Group) -> tuple[dict, dict | None]:
-        if group.is_main:
-            shared = own = self._rank0_payload
-            del self._rank0_payload
-        else:
-            shared = read_payload(self.storage, manifest.step, payload_name(0),
-                                  manifest.files[payload_name(0)], weights_only=self.weights_only)
-            mine = payload_name(group.rank)
-            own = (
-                read_payload(self.storage, manifest.step, mine, manifest.files[mine],
-                             weights_only=self.weights_only)
-                if mine in manifest.files else None
-            )
+    def _check_sizes(self, folder: str, manifest: Manifest) -> None:
+        """Every file of every rank present with its size: cheap, and catches a partial copy."""
+        present = set(self.storage.list_dir(folder))
+        missing = [n for n in manifest.files if n not in present]
+        if missing:
+            raise CorruptCheckpointError(f"files missing: {', '.join(missing)}")
+        for n, entry in manifest.files.items():
+            size = self.storage.size(f"{folder}/{n}")
+            if size != entry.size:
+                raise CorruptCheckpointError(f"{n}: {size} bytes, manifest says {entry.size} (truncated)")
+
+    def _load_other_rank(self, manifest: Manifest, group: Group) -> tuple[dict, dict | None]:
+        """Rank 0's shared state and this rank's own, both verified before use."""
+        shared = read_payload(self.storage, manifest.step, payload_name(0),
+                              manifest.files[payload_name(0)], weights_only=self.weights_only)
+        mine = payload_name(group.rank)
+        own = (
+            read_payload(self.storage, manifest.step, mine, manifest.files[mine],
+                         weights_only=self.weights_only)
+            if mine in manifest.files else None
+        )
         return shared, own
 
     def _apply(self, payloads: tuple[dict, dict | None], group: Group) -> None:

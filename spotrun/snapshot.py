@@ -12,7 +12,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import mmap
+import os
 import pickle
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +26,15 @@ from .layout import checkpoint_dir
 from .manifest import FileEntry
 from .storage import Storage
 
-__all__ = ["StagingBuffers", "check_plain", "payload_name", "read_payload", "write_payload"]
+__all__ = [
+    "StagingBuffers",
+    "Verification",
+    "check_plain",
+    "open_payload",
+    "payload_name",
+    "read_payload",
+    "write_payload",
+]
 
 _PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor)
 
@@ -129,44 +140,126 @@ def read_payload(
     Raises CorruptCheckpointError when the bytes do not match, so the caller can fall back
     to an older checkpoint.
     """
+    payload, verification = open_payload(storage, step, name, entry, weights_only=weights_only)
+    verification.check()
+    return payload
+
+
+class Verification:
+    """A sha256/size check running beside the load; :meth:`check` waits and raises on damage.
+
+    hashlib releases the GIL on large buffers, so the hash really runs in parallel with
+    ``torch.load`` and ``load_state_dict``: restore costs about max(hash, load), not the sum.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="spotrun-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+
+    def check(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def open_payload(
+    storage: Storage, step: int, name: str, entry: FileEntry, *, weights_only: bool = True
+) -> tuple[dict[str, Any], Verification]:
+    """Start loading one payload while its bytes are verified; returns both.
+
+    The payload must not be trusted (or kept) until ``Verification.check()`` returned.
+    Local files are memory-mapped (pages come in as ``load_state_dict`` copies them, no
+    second copy in RAM); remote ones are read whole (parallel ranged GETs on S3) and loaded
+    from that buffer without another copy.
+    """
     rel = f"{checkpoint_dir(step)}/{name}"
     where = storage.display(rel)
     local = storage.local_path(rel)
     if local is not None:
-        _check_local_file(local, entry, where)
+        size = os.path.getsize(local)
+        if size != entry.size:  # cheap, and torch.load would choke on a truncated file anyway
+            raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
+        verification = Verification(lambda: _check_local_file(local, entry, where))
         source: Any = local
-        mmap = True  # pages come in as load_state_dict copies them: no second copy in RAM
+        use_mmap = True
     else:
         data = storage.read_bytes(rel)
-        _check_digest(len(data), hashlib.sha256(data).hexdigest(), entry, where)
-        source, mmap = io.BytesIO(data), False
+        _check_size(len(data), entry, where)
+        verification = Verification(lambda: _check_digest(len(data), hashlib.sha256(data).hexdigest(), entry, where))
+        source, use_mmap = _BufferReader(data), False
     try:
-        payload = torch.load(source, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        payload = torch.load(source, map_location="cpu", weights_only=weights_only, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
+        verification.check()  # damage explains a refusal better than the refusal does
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(
             f"{where}: safe loading (weights_only=True) refused it: {first}; if you trust "
             "this storage, pass weights_only=False"
         ) from exc
     except (RuntimeError, EOFError, ValueError) as exc:
+        verification.check()
         raise CorruptCheckpointError(f"{where}: cannot be read ({exc})") from exc
     if not isinstance(payload, dict):
+        verification.check()
         raise CorruptCheckpointError(f"{where}: holds a {type(payload).__name__}, not a spotrun payload")
-    return payload
+    return payload, verification
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable read-only file over a buffer, without the copy ``io.BytesIO`` makes."""
+
+    def __init__(self, buffer: bytes | bytearray) -> None:
+        self._view = memoryview(buffer).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def _check_local_file(path: str, entry: FileEntry, where: str) -> None:
-    h = hashlib.sha256()
-    size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    _check_digest(size, h.hexdigest(), entry, where)
+        size = os.fstat(f.fileno()).st_size
+        _check_size(size, entry, where)
+        if size == 0:
+            digest = hashlib.sha256().hexdigest()
+        else:
+            # Hash the mapping in one call: no Python-level chunk copies, and the pages it
+            # faults in are the ones torch's own mmap reads next.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                digest = hashlib.sha256(m).hexdigest()
+    _check_digest(size, digest, entry, where)
+
+
+def _check_size(size: int, entry: FileEntry, where: str) -> None:
+    if size != entry.size:
+        raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
 
 
 def _check_digest(size: int, digest: str, entry: FileEntry, where: str) -> None:
-    if size != entry.size:
-        raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
+    _check_size(size, entry, where)
     if digest != entry.sha256:
         raise CorruptCheckpointError(f"{where}: sha256 does not match the manifest (corrupted)")
