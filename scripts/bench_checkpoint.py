@@ -159,15 +159,6 @@ def checkpointer(url: str, st: State, **kw: Any) -> spotrun.Checkpointer:
                                 handle_signals=False, watchers=[], every_steps=10**9, **kw)
 
 
-def save_in_flight(ck: spotrun.Checkpointer) -> bool:
-    """Whether an async save is still being written (without collecting it)."""
-    flag = getattr(ck, "save_in_flight", None)
-    if isinstance(flag, bool):
-        return flag
-    job = getattr(ck, "_job", None)
-    return job is not None and not job.done.is_set()
-
-
 def timed_save(ck: spotrun.Checkpointer, step: int) -> tuple[float, float]:
     """(stall, persist): what save() cost the caller, then until the save was durable."""
     ck.steps_done = step
@@ -266,7 +257,7 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
             if ASYNC:
                 while True:
                     steps_persist.append(_timed_step(st))
-                    if not save_in_flight(ck):
+                    if not ck.save_in_flight:
                         break
                 ck.wait()
             else:

@@ -8,7 +8,6 @@ modification time (so step 10 is newer than step 9 on every backend).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -30,7 +29,6 @@ __all__ = [
 log = logging.getLogger("spotrun")
 
 Status = Literal["committed", "incomplete", "invalid"]
-_HASH_CHUNK = 8 << 20
 
 
 @dataclass
@@ -104,18 +102,10 @@ def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True
             problems.append(f"{where}: size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
             continue
         if deep:
-            digest = hash_file(storage, rel)
+            _, digest = storage.sha256(rel)
             if digest != entry.sha256:
                 problems.append(f"{where}: sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}... (corrupted)")
     return problems
-
-
-def hash_file(storage: Storage, rel: str) -> str:
-    h = hashlib.sha256()
-    with storage.open_read(rel) as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_latest_valid(

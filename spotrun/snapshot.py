@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import mmap
 import os
 import pickle
 import threading
@@ -186,7 +185,7 @@ def open_payload(
         size = os.path.getsize(local)
         if size != entry.size:  # cheap, and torch.load would choke on a truncated file anyway
             raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
-        verification = Verification(lambda: _check_local_file(local, entry, where))
+        verification = Verification(lambda: _check_digest(*storage.sha256(rel), entry, where))
         source: Any = local
         use_mmap = True
     else:
@@ -238,20 +237,6 @@ class _BufferReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
-
-
-def _check_local_file(path: str, entry: FileEntry, where: str) -> None:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        _check_size(size, entry, where)
-        if size == 0:
-            digest = hashlib.sha256().hexdigest()
-        else:
-            # Hash the mapping in one call: no Python-level chunk copies, and the pages it
-            # faults in are the ones torch's own mmap reads next.
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                digest = hashlib.sha256(m).hexdigest()
-    _check_digest(size, digest, entry, where)
 
 
 def _check_size(size: int, entry: FileEntry, where: str) -> None:
