@@ -37,8 +37,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--every-steps", type=int, default=50, help="checkpoint interval in steps")
-    p.add_argument("--step-sleep", type=float, default=0.0,
-                   help="seconds to sleep per step (stands in for a bigger model)")
+    p.add_argument("--step-sleep", type=float, default=0.02,
+                   help="seconds to sleep per step, standing in for a bigger model so that "
+                        "interruptions have a run to land in (default 0.02; 0 for full speed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-rng", action="store_true",
                    help="do not save RNG state (demonstrates a resume that is NOT exact)")
