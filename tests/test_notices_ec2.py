@@ -114,7 +114,9 @@ def test_token_is_sent_and_renewed_after_expire_tokens(imds):
     first_401 = next(i for i, r in enumerate(log) if r[2] == 401)
     # The 401 is followed by a fresh token and a successful retry of the same path.
     assert log[first_401 + 1] == ("PUT", "/latest/api/token", 200)
-    assert log[first_401 + 2] == ("GET", log[first_401][1], 404)
+    # (404, or 200 when the retry lands after the notice the test posts right away.)
+    method, path, status = log[first_401 + 2]
+    assert (method, path) == ("GET", log[first_401][1]) and status in (200, 404)
     assert sum(1 for r in log if r[2] == 401) == 1
     assert len(inbox.items) == 1
 

@@ -72,21 +72,13 @@ class AzureWatcher(PollingWatcher):
         return doc
 
     def _probe(self, deadline: float) -> bool:
-        while not self._stop.is_set():
-            try:
-                doc = self._get_json(self._session, INSTANCE_PATH, deadline, self.request_timeout)
-            except NoticeError:
-                return False
-            except (requests.RequestException, TimeoutError, OSError):
-                left = deadline - time.monotonic()
-                if left <= 0.05:
-                    return False
-                self._stop.wait(min(0.1, left))
-                continue
-            compute = doc.get("compute") or {}
-            self._vm_name = compute.get("name") or None
-            return True
-        return False
+        doc = self._retry_until(
+            deadline, lambda: self._get_json(self._session, INSTANCE_PATH, deadline, self.request_timeout)
+        )
+        if doc is None:
+            return False
+        self._vm_name = (doc.get("compute") or {}).get("name") or None
+        return True
 
     def _poll(self) -> list[tuple[Any, Notice]]:
         doc = self._get_json(self._session, EVENTS_PATH, None, self.events_timeout)

@@ -19,9 +19,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NoticeError
 from ..instance import InstanceInfo
 
 __all__ = ["Notice", "PollingWatcher", "REBALANCE_MODES", "Watcher"]
@@ -62,6 +62,7 @@ class Notice:
 
 
 OnNotice = Callable[[Notice], None]
+T = TypeVar("T")
 
 
 class Watcher(ABC):
@@ -175,6 +176,25 @@ class PollingWatcher(Watcher):
             with self._info_lock:
                 self._info = info
         return info
+
+    def _retry_until(self, deadline: float, attempt: Callable[[], T]) -> T | None:
+        """``attempt()``'s answer, retried briefly while the service refuses or stays silent
+        (it may still be starting); None at ``deadline`` (time.monotonic()) or on stop.
+
+        A :class:`NoticeError` means something answered, but not as this service does:
+        that is final. (requests' errors are OSErrors, so one clause covers both.)
+        """
+        while not self._stop.is_set():
+            try:
+                return attempt()
+            except NoticeError:
+                return None
+            except OSError:
+                left = deadline - time.monotonic()
+                if left <= 0.05:
+                    return None
+                self._stop.wait(min(0.1, left))
+        return None
 
     # -- hooks --------------------------------------------------------------------------
 

@@ -136,19 +136,8 @@ class Ec2Watcher(PollingWatcher):
     # -- hooks --------------------------------------------------------------------------
 
     def _probe(self, deadline: float) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._token_for(self._session, deadline, renew=True)
-                return True
-            except NoticeError:  # something answered, but not as IMDSv2 does
-                return False
-            except (requests.RequestException, TimeoutError, OSError):
-                # Refused or silent. Retry briefly in case the service is still coming up.
-                left = deadline - time.monotonic()
-                if left <= 0.05:
-                    return False
-                self._stop.wait(min(0.1, left))
-        return False
+        token = self._retry_until(deadline, lambda: self._token_for(self._session, deadline, renew=True))
+        return token is not None
 
     def _poll(self) -> list[tuple[Any, Notice]]:
         found: list[tuple[Any, Notice]] = []

@@ -54,18 +54,9 @@ class GcpWatcher(PollingWatcher):
         )
 
     def _probe(self, deadline: float) -> bool:
-        while not self._stop.is_set():
-            try:
-                resp = self._get(self._session, "preempted", deadline)
-            except (requests.RequestException, TimeoutError, OSError):
-                left = deadline - time.monotonic()
-                if left <= 0.05:
-                    return False
-                self._stop.wait(min(0.1, left))
-                continue
-            # The real server tags every answer; anything else at this address is not it.
-            return resp.status == 200 and resp.headers.get("Metadata-Flavor") == "Google"
-        return False
+        resp = self._retry_until(deadline, lambda: self._get(self._session, "preempted", deadline))
+        # The real server tags every answer; anything else at this address is not it.
+        return resp is not None and resp.status == 200 and resp.headers.get("Metadata-Flavor") == "Google"
 
     def _poll(self) -> list[tuple[Any, Notice]]:
         resp = self._get(self._session, "preempted")
