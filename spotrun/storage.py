@@ -336,6 +336,12 @@ class Storage:
                         f"bucket {bucket!r} of {self.display()} does not exist or is not "
                         f"visible with these credentials; create it or fix the URL"
                     ) from None
+                except PermissionError:
+                    # S3 answers 404 for a missing bucket; 403 means it exists but this
+                    # role may not HEAD it, as under the least-privilege policy in
+                    # docs/launch.md (ListBucket only for the run's prefix). Carry on: the
+                    # first real read or write names any permission it lacks.
+                    log.debug("HEAD of bucket %r denied; assuming it exists", bucket)
             elif create:
                 self.fs.makedirs(self.root, exist_ok=True)
 

@@ -99,3 +99,17 @@ def test_unsafe_value_refused_at_save_not_at_resume(tmp_path):
 def test_not_stateful_object():
     with pytest.raises(spotrun.ConfigError, match="no state_dict"):
         spotrun.Checkpointer("/tmp/x", objects={"thing": 3})
+
+
+def test_bucket_head_denied_is_not_fatal(s3_bucket, monkeypatch):
+    """A least-privilege role may list only the run's prefix, so HeadBucket answers 403:
+    the run must still start (S3 says 404, not 403, for a bucket that does not exist)."""
+    st = Storage(f"s3://{s3_bucket}/run")
+
+    def denied(path, **kw):
+        raise PermissionError("Forbidden")
+
+    monkeypatch.setattr(st.fs, "info", denied)
+    st.ensure_root(create=True)
+    st.write_bytes("x", b"1")
+    assert st.read_bytes("x") == b"1"
