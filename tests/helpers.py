@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = str(REPO / "examples" / "train.py")
@@ -42,3 +45,27 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) ->
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out or ""
+
+
+class Inbox:
+    """An ``on_notice`` callback that collects notices from a watcher's thread."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.arrived = threading.Event()
+        self.arrival_times: list[float] = []
+
+    def __call__(self, notice: Any) -> None:
+        self.arrival_times.append(time.monotonic())
+        self.items.append(notice)
+        self.arrived.set()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """Poll ``pred`` until it holds or ``timeout`` passes; its final answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()

@@ -188,7 +188,7 @@ def test_no_reachable_endpoint_adds_under_a_second(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     result = json.loads(res.stdout.strip().splitlines()[-1])
     med = {name: median(times) for name, times in result["seconds"].items()}
-    print(f"\nwrapped 20-step run, median of 5: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()))
+    print("\nwrapped 20-step run, median of 5: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items()))
     assert med["ec2"] - med["none"] < 1.0, med
     assert med["auto"] - med["none"] < 1.0, med
     # The ec2 watcher really ran against the closed port, and never found a service.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import socket
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
+from helpers import Inbox, wait_until
 from spotrun.errors import ConfigError
 from spotrun.instance import InstanceInfo
 from spotrun.notices import Ec2Watcher, Notice, watchers_from_env
@@ -18,29 +18,6 @@ from spotrun.notices.ec2 import ACTION_PATH, REBALANCE_PATH, region_from_az
 from spotrun.notices.fake_server import FakeMetadataServer
 
 POLL = 0.05
-
-
-class Inbox:
-    """Collects notices from the watcher thread."""
-
-    def __init__(self) -> None:
-        self.items: list[Notice] = []
-        self.arrived = threading.Event()
-        self.arrival_times: list[float] = []
-
-    def __call__(self, notice: Notice) -> None:
-        self.arrival_times.append(time.monotonic())
-        self.items.append(notice)
-        self.arrived.set()
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def polls_of(imds: FakeMetadataServer, path: str) -> int:

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
+from helpers import Inbox, wait_until
 from spotrun.instance import InstanceInfo
-from spotrun.notices import AzureWatcher, GcpWatcher, Notice
+from spotrun.notices import AzureWatcher, GcpWatcher
 from spotrun.notices.fake_server import AZURE_VM_NAME, FakeMetadataServer
 from spotrun.notices.gcp import PREEMPTION_WINDOW_S
 
 POLL = 0.05
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.items: list[Notice] = []
-        self.arrived = threading.Event()
-
-    def __call__(self, notice: Notice) -> None:
-        self.items.append(notice)
-        self.arrived.set()
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def count(server: FakeMetadataServer, fragment: str) -> int:
