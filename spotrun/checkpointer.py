@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from .commit import commit, list_checkpoints, prune, read_manifest
+from .commit import commit, list_checkpoints, prune, read_manifest, verify_checkpoint
 from .config import env_str
 from .distributed import Group
 from .errors import (
@@ -654,7 +654,10 @@ class Checkpointer:
                     info.step, manifest.world_size, group.world_size,
                 )
             try:
-                self._check_sizes(info.name, manifest)
+                # Every rank's file present with its size: cheap, and catches a partial copy.
+                problems = verify_checkpoint(self.storage, manifest, deep=False)
+                if problems:
+                    raise CorruptCheckpointError("; ".join(problems))
                 payload, verification = open_payload(
                     self.storage, info.step, payload_name(0), manifest.files[payload_name(0)],
                     weights_only=self.weights_only,
@@ -673,17 +676,6 @@ class Checkpointer:
                 continue
             return info.step
         return None
-
-    def _check_sizes(self, folder: str, manifest: Manifest) -> None:
-        """Every file of every rank present with its size: cheap, and catches a partial copy."""
-        present = set(self.storage.list_dir(folder))
-        missing = [n for n in manifest.files if n not in present]
-        if missing:
-            raise CorruptCheckpointError(f"files missing: {', '.join(missing)}")
-        for n, entry in manifest.files.items():
-            size = self.storage.size(f"{folder}/{n}")
-            if size != entry.size:
-                raise CorruptCheckpointError(f"{n}: {size} bytes, manifest says {entry.size} (truncated)")
 
     def _load_other_rank(self, manifest: Manifest, group: Group) -> tuple[dict, dict | None]:
         """Rank 0's shared state and this rank's own, both verified before use."""

@@ -6,7 +6,7 @@ import logging
 from typing import Any, TextIO
 
 from ..instance import InstanceInfo
-from ..layout import DONE_MARKER, MANIFEST, parse_step
+from ..layout import DONE_MARKER, MANIFEST, checkpoint_dir, parse_step
 from ..storage import Storage
 
 __all__ = ["cost_report_text", "last_checkpoint", "record_segment_end", "record_segment_start"]
@@ -32,13 +32,13 @@ def record_segment_end(storage: Storage, *, segment_id: str, reason: str, ended_
 
 
 def last_checkpoint(storage: Storage) -> int | None:
-    """The highest step with a committed manifest, by number (never listing order)."""
-    steps = sorted(
-        (s for s in (parse_step(n) for n in storage.list_dir()) if s is not None), reverse=True
-    )
+    """The highest step with a manifest, by number (never listing order).
+
+    Only the manifest's presence is checked, not its content: cheap enough to poll.
+    """
+    steps = sorted((s for s in map(parse_step, storage.list_dir()) if s is not None), reverse=True)
     for step in steps:
-        name = f"{step:012d}"
-        if storage.exists(f"{name}/{MANIFEST}"):
+        if storage.exists(f"{checkpoint_dir(step)}/{MANIFEST}"):
             return step
     return None
 
