@@ -209,7 +209,6 @@ class Checkpointer:
         self._pending_step: int | None = None
         # Distributed: (step, file entry, t0, stall) written by this rank, awaiting commit.
         self._uncommitted: tuple[int, Any, float, float] | None = None
-        self._save_error: BaseException | None = None  # a failed save, not yet raised
         # Written from signal handlers and watcher threads: deque appends and plain
         # attribute stores are atomic under the GIL, and no lock means no deadlock when a
         # signal interrupts the main thread while it holds one.
@@ -395,11 +394,9 @@ class Checkpointer:
             self.every_seconds is not None
             and time.time() - self._last_save_time >= self.every_seconds
         )
-        stop, requested, time_due, any_busy, any_failed = group.agree(
-            stop=self._stop_requested, save=self._save_requested, time_due=time_due, busy=busy,
-            failed=self._save_error is not None,
+        stop, requested, time_due, any_busy = group.agree(
+            stop=self._stop_requested, save=self._save_requested, time_due=time_due, busy=busy
         )
-        self._raise_save_error(any_failed)
         if not any_busy and self._uncommitted is not None:
             self._commit_distributed()
         step_due = self.every_steps is not None and self.steps_done % self.every_steps == 0
@@ -528,8 +525,7 @@ class Checkpointer:
         prune(self.storage, keep_last=self.keep_last, newest_committed=step)
 
     def _poll_background(self) -> bool:
-        """True while this rank's save is still being written (a failure is kept for
-        :meth:`_raise_save_error`, so every rank raises it at the same step)."""
+        """True while this rank's save is still being written; raises a failed one."""
         job = self._job
         if job is None:
             return False
@@ -544,8 +540,7 @@ class Checkpointer:
         self._pending_step = None
         if job.error is not None:
             self._uncommitted = None
-            self._save_error = job.error
-            return
+            raise job.error
         if job.result is not None:  # distributed: written, not yet committed
             self._uncommitted = (step, job.result, job.args[3], job.args[4])
         else:
@@ -559,29 +554,8 @@ class Checkpointer:
         entries = self._group.gather(entry)
         if self._group.is_main:
             assert entries is not None
-            try:
-                self._commit(step, entries, world_size=self._group.world_size, t0=t0, stall=stall)
-            except (StorageError, OSError) as exc:
-                # Not raised here: the other ranks have moved on. Every rank raises it
-                # together at the next agreement.
-                self._save_error = SaveError(
-                    f"commit of the checkpoint at step {step} failed ({exc}); the previous "
-                    "checkpoint is intact"
-                )
-                return
+            self._commit(step, entries, world_size=self._group.world_size, t0=t0, stall=stall)
         self._last_saved_step = step
-
-    def _raise_save_error(self, any_failed: bool) -> None:
-        """Raise a failed save on every rank at once (``any_failed`` comes from all ranks);
-        a rank raising alone would leave the others waiting in a collective forever."""
-        if not any_failed:
-            return
-        error = self._save_error or SaveError(
-            "a checkpoint failed on another rank (its log says why); the previous checkpoint "
-            "is intact"
-        )
-        self._save_error = None
-        raise error
 
     @property
     def save_in_flight(self) -> bool:
@@ -595,16 +569,11 @@ class Checkpointer:
         if job is not None:
             job.done.wait()
             self._collect(job)
-        if not group.distributed:
-            self._raise_save_error(self._save_error is not None)
-            return
-        # Every rank has written its payload (or failed: then all raise together).
-        (any_failed,) = group.agree(failed=self._save_error is not None)
-        self._raise_save_error(any_failed)
-        if self._uncommitted is not None:
-            self._commit_distributed()
-        (any_failed,) = group.agree(failed=self._save_error is not None)
-        self._raise_save_error(any_failed)  # the manifest exists before anyone moves on
+        if group.distributed:
+            group.barrier()  # every rank has written its payload
+            if self._uncommitted is not None:
+                self._commit_distributed()
+            group.barrier()  # the manifest exists before anyone moves on
 
     # -- restoring -------------------------------------------------------------------------
 

@@ -16,10 +16,6 @@ Per-rank notices: when ``SPOTRUN_TEST_IMDS_RANK<LOCAL_RANK>`` is set, this rank 
 (fake) EC2 metadata endpoint and no other rank does, so a test can post a notice that only
 one rank sees. Without it the environment decides, as in any run.
 
-Failure injection: with ``SPOTRUN_TEST_FAIL_RANK=R`` and ``SPOTRUN_TEST_FAIL_FROM_STEP=S``,
-rank R's payload writes raise OSError from step S on (inside the real background save), so a
-test can check that every rank raises the failure together instead of hanging.
-
 Each rank writes its pid to ``<pid-dir>/rank<RANK>.pid`` before training (so a test can
 signal one rank only), prints ``rank R step S`` lines, and on its way out prints
 ``rank R exit CODE at step S``.
@@ -84,19 +80,6 @@ def main() -> int:
             f.write(str(os.getpid()))
         os.replace(tmp, os.path.join(args.pid_dir, f"rank{rank}.pid"))
 
-    if os.environ.get("SPOTRUN_TEST_FAIL_RANK") == str(rank):
-        import spotrun.checkpointer as checkpointer_module
-
-        fail_from = int(os.environ.get("SPOTRUN_TEST_FAIL_FROM_STEP", "0"))
-        real_write = checkpointer_module.write_payload
-
-        def failing_write(storage, step, rank_, payload):  # type: ignore[no-untyped-def]
-            if step >= fail_from:
-                raise OSError(f"injected storage failure on rank {rank_} at step {step}")
-            return real_write(storage, step, rank_, payload)
-
-        checkpointer_module.write_payload = failing_write
-
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     spotrun.seed_everything(args.seed)  # same initial weights everywhere (DDP checks too)
@@ -137,9 +120,6 @@ def main() -> int:
                     time.sleep(args.step_sleep)
     except SystemExit as exc:
         code = exc.code
-    except spotrun.SaveError as exc:
-        say(f"rank {rank} SaveError: {exc}")
-        code = 1
     finally:
         say(f"rank {rank} exit {code} at step {ckpt.steps_done}")
         dist.destroy_process_group()
