@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 # Importing spotrun must stay cheap: the CLI's --help, the fake metadata server and the
 # launcher do not need torch. Names load from their modules on first use.
 _EXPORTS = {
-    "Checkpointer": "checkpointer",
+    "Checkpointer": "checkpoint",
     "CheckpointInfo": "commit",
     "find_latest_valid": "commit",
     "list_checkpoints": "commit",
@@ -56,7 +56,7 @@ from .errors import (  # noqa: E402 - errors are light and needed everywhere
 )
 
 if TYPE_CHECKING:
-    from .checkpointer import Checkpointer
+    from .checkpoint import Checkpointer
     from .commit import CheckpointInfo, find_latest_valid, list_checkpoints, verify_checkpoint
     from .data import ResumableLoader
     from .instance import InstanceInfo

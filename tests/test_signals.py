@@ -60,7 +60,7 @@ def test_finished_run_exits_zero_with_done_marker_and_resume_is_noop(tmp_path):
 def test_handlers_restored_on_exit(tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with spotrun.Checkpointer(str(tmp_path / "r"), model=torch.nn.Linear(2, 2), watchers=[]) as ck:
-        assert signal.getsignal(signal.SIGTERM) == ck._on_signal
+        assert signal.getsignal(signal.SIGTERM) == ck._interrupts._on_signal
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 

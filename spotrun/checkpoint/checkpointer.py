@@ -24,45 +24,42 @@ boundary, so a signal can never land inside a half-built checkpoint.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from .commit import commit, list_checkpoints, prune, read_manifest, verify_checkpoint
-from .config import env_str
-from .distributed import Group
-from .errors import (
+from ..commit import list_checkpoints, read_manifest, verify_checkpoint
+from ..config import env_str
+from ..distributed import Group
+from ..errors import (
     CheckpointError,
     ConfigError,
     CorruptCheckpointError,
-    SaveError,
     StorageError,
     UnsupportedFormatError,
 )
-from .instance import InstanceInfo
-from .layout import DONE_MARKER, EXIT_INTERRUPTED
-from .ledger import Ledger
-from .manifest import Manifest
-from .notices import Notice, Watcher, watchers_from_env
-from .snapshot import (
-    StagingBuffers,
-    check_plain,
-    open_payload,
-    payload_name,
-    read_payload,
-    write_payload,
+from ..events import (
+    Event,
+    NoticeReceived,
+    SegmentEnded,
+    SegmentStarted,
+    TrainingResumed,
+    ledger_sink,
 )
-from .state import check_stateful, collect_rng_state, load_object_state, restore_rng_state, unwrap
-from .storage import Storage, open_storage
+from ..layout import DONE_MARKER, EXIT_INTERRUPTED
+from ..ledger import Ledger
+from ..manifest import Manifest
+from ..notices import Notice, Watcher
+from ..snapshot import check_plain, open_payload, payload_name, read_payload
+from ..state import check_stateful, collect_rng_state, load_object_state, restore_rng_state, unwrap
+from ..storage import Storage, open_storage
+from .interrupts import Interrupts
+from .saver import Saver
 
 __all__ = ["Checkpointer"]
 
@@ -70,8 +67,6 @@ log = logging.getLogger("spotrun")
 
 PAYLOAD_FORMAT = 1
 DEFAULT_EVERY_SECONDS = 300.0
-#: Niceness of the background save thread (0-19; higher yields more to training).
-BACKGROUND_NICE = 10
 
 
 def _process_start_time() -> float:
@@ -190,7 +185,6 @@ class Checkpointer:
         self.save_rng = save_rng
         self.weights_only = weights_only
         self.handle_signals = handle_signals
-        self._watchers_arg = watchers
 
         #: Completed training steps (restored on resume).
         self.steps_done = 0
@@ -198,27 +192,11 @@ class Checkpointer:
         self.finished = False
         self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
         self._group: Group | None = None
-        self._ledger = Ledger(self.storage)
+        self._saver: Saver | None = None
+        self._ledger_sink = ledger_sink(Ledger(self.storage))
         self._entered = False
         self._restored = False
-        self._last_saved_step: int | None = None
-        self._last_save_time = time.time()
-        self._save_durations: collections.deque[float] = collections.deque(maxlen=5)
-        self._staging = StagingBuffers()
-        self._job: _Job | None = None  # the save being written in the background, if any
-        self._pending_step: int | None = None
-        # Distributed: (step, file entry, t0, stall) written by this rank, awaiting commit.
-        self._uncommitted: tuple[int, Any, float, float] | None = None
-        # Written from signal handlers and watcher threads: deque appends and plain
-        # attribute stores are atomic under the GIL, and no lock means no deadlock when a
-        # signal interrupts the main thread while it holds one.
-        self._notices: collections.deque[Notice] = collections.deque()
-        self._stop_requested = False
-        self._save_requested = False
-        self._sigint_seen = False
-        self._prev_handlers: dict[int, Any] = {}
-        self._watchers: list[Watcher] = []
-        self._stop_notice: Notice | None = None
+        self._interrupts = Interrupts(handle_signals=handle_signals, watchers=watchers)
 
     # -- context ---------------------------------------------------------------------------
 
@@ -227,20 +205,18 @@ class Checkpointer:
             raise RuntimeError("Checkpointer is already active; use one 'with' block per run")
         self.storage.ensure_root(create=True)
         self._group = Group()
+        self._saver = Saver(
+            self.storage, self._group, keep_last=self.keep_last, async_save=self.async_save,
+            when_busy=self.when_busy, metadata=self.metadata, segment_id=self.segment_id,
+            emit=self._emit,
+        )
         self._entered = True
         self._process_started_at = _process_start_time()
-        if self.handle_signals:
-            self._install_signal_handlers()
-        self._start_watchers()
+        self._interrupts.start()
         if self._group.is_main:
-            info = self._instance_info()
-            self._record(
-                "segment_started",
-                segment_id=self.segment_id,
-                instance=info,
-                started_at=self._process_started_at,
-                source="wrapper",
-            )
+            self._emit(SegmentStarted(segment_id=self.segment_id,
+                                      instance=self._interrupts.instance_info(),
+                                      started_at=self._process_started_at))
         return self
 
     def __exit__(
@@ -249,12 +225,12 @@ class Checkpointer:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> None:
-        for w in self._watchers:
-            w.stop()
+        self._interrupts.stop_watchers()
         try:
-            self._finish_inflight(exc)
+            if self._saver is not None:
+                self._saver.finish_inflight(exc)
         finally:
-            self._restore_signal_handlers()
+            self._interrupts.restore_signal_handlers()
             self._entered = False
         if self._group is None or not self._group.is_main or self.finished:
             return
@@ -264,104 +240,31 @@ class Checkpointer:
             reason = "stopped"
         else:
             reason = "failed"
-        self._record("segment_ended", segment_id=self.segment_id, reason=reason,
-                     ended_at=time.time(), source="wrapper", steps_done=self.steps_done,
-                     last_step_at=self._last_step_at)
+        self._emit(SegmentEnded(segment_id=self.segment_id, reason=reason, ended_at=time.time(),
+                                steps_done=self.steps_done, last_step_at=self._last_step_at))
 
-    def _finish_inflight(self, exc: BaseException | None) -> None:
-        """On the way out, let a save in flight reach its commit (unless aborting)."""
-        job = self._job
-        if job is None or isinstance(exc, KeyboardInterrupt):
-            return  # a second Ctrl-C means now; the last commit is intact
-        if self._group is not None and self._group.distributed and exc is not None:
-            # Other ranks may be gone: no collectives. The write finishes, nothing commits.
-            job.done.wait()
-            return
-        try:
-            self.wait()
-        except SaveError as err:
-            if exc is None:
-                raise
-            log.error("%s", err)
-
-    def _require_active(self) -> Group:
-        if not self._entered or self._group is None:
+    def _require_active(self) -> tuple[Group, Saver]:
+        if not self._entered or self._group is None or self._saver is None:
             raise RuntimeError("use the Checkpointer inside a 'with' block")
-        return self._group
+        return self._group, self._saver
 
     # -- signals and notices ---------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("not in the main thread; SIGTERM/SIGINT handlers not installed")
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._prev_handlers.items():
-            signal.signal(sig, handler)
-        self._prev_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        if signum == signal.SIGINT:
-            if self._sigint_seen:
-                # Second Ctrl-C: the user means it. Abort now; the last committed
-                # checkpoint is intact because commits are atomic.
-                raise KeyboardInterrupt
-            self._sigint_seen = True
-        self._deliver(Notice(source="signal", action=signal.Signals(signum).name,
-                             stop=True, detected_at=time.time()))
-
-    def _deliver(self, notice: Notice) -> None:
-        """Record a notice from any thread or a signal handler; acted on at the next step."""
-        self._notices.append(notice)
-        if notice.stop:
-            self._stop_requested = True
-        else:
-            self._save_requested = True
-
     def request_stop(self) -> None:
         """Ask the loop to checkpoint and exit at the next step boundary (thread-safe)."""
-        self._deliver(Notice(source="user", action="stop", stop=True, detected_at=time.time()))
+        self._interrupts.request_stop()
 
     @property
     def should_stop(self) -> bool:
         """True once a signal or notice asked this process to stop."""
-        return self._stop_requested
+        return self._interrupts.stop_requested
 
-    def _start_watchers(self) -> None:
-        watchers = watchers_from_env() if self._watchers_arg is None else list(self._watchers_arg)
-        for w in watchers:
-            w.start(self._deliver)
-        self._watchers = watchers
-
-    def _instance_info(self) -> InstanceInfo:
-        for w in self._watchers:
-            info = w.instance_info(timeout=1.0)
-            if info is not None:
-                return info
-        return InstanceInfo()
-
-    def _drain_notices(self) -> None:
-        while self._notices:
-            n = self._notices.popleft()
-            left = n.seconds_left()
-            log.warning(
-                "%s notice %r%s; %s at the end of step %d",
-                n.source,
-                n.action,
-                f", {left:.0f}s before the machine goes" if left is not None else "",
-                "checkpointing and stopping" if n.stop else "checkpointing",
-                self.steps_done,
-            )
-            if n.stop and self._stop_notice is None:
-                self._stop_notice = n
-            # Every rank records what it saw (often only one rank sees a notice); the
-            # ledger takes concurrent writers without losing records.
-            self._record("notice_received", segment_id=self.segment_id, source=n.source,
-                         action=n.action, notice_time=n.notice_time,
-                         detected_at=n.detected_at, deadline=n.deadline)
+    def _on_notice(self, n: Notice) -> None:
+        # Every rank records what it saw (often only one rank sees a notice); the
+        # ledger takes concurrent writers without losing records.
+        self._emit(NoticeReceived(segment_id=self.segment_id, source=n.source, action=n.action,
+                                  notice_time=n.notice_time, detected_at=n.detected_at,
+                                  deadline=n.deadline))
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -385,33 +288,34 @@ class Checkpointer:
         and raises ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch. A
         background save that failed is raised here as :class:`SaveError`.
         """
-        group = self._require_active()
+        group, saver = self._require_active()
+        inbox = self._interrupts
         self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
         self._last_step_at = time.time()
-        self._drain_notices()
-        busy = self._poll_background()
+        inbox.drain(self.steps_done, self._on_notice)
+        busy = saver.poll()
         time_due = (
             self.every_seconds is not None
-            and time.time() - self._last_save_time >= self.every_seconds
+            and time.time() - saver.last_save_time >= self.every_seconds
         )
         stop, requested, time_due, any_busy = group.agree(
-            stop=self._stop_requested, save=self._save_requested, time_due=time_due, busy=busy
+            stop=inbox.stop_requested, save=inbox.save_requested, time_due=time_due, busy=busy
         )
-        if not any_busy and self._uncommitted is not None:
-            self._commit_distributed()
+        if not any_busy:
+            saver.commit_written()
         step_due = self.every_steps is not None and self.steps_done % self.every_steps == 0
         if stop:
-            self._stop_requested = True
+            inbox.stop_requested = True
             self._save_before_stop()
             raise SystemExit(EXIT_INTERRUPTED)
         if requested or time_due or step_due:
-            self._save_requested = False
+            inbox.save_requested = False
             self.save()
 
     def _save_before_stop(self) -> None:
-        notice = self._stop_notice
+        notice = self._interrupts.stop_notice
         left = notice.seconds_left() if notice else None
-        typical = max(self._save_durations) if self._save_durations else None
+        typical = self._saver.typical_duration if self._saver is not None else None
         if left is not None and typical is not None and typical > left:
             log.warning(
                 "%.1fs left before the machine goes but saves have taken up to %.1fs; "
@@ -432,15 +336,15 @@ class Checkpointer:
 
     def finish(self) -> None:
         """Mark the run complete: commit a final checkpoint and write the done marker."""
-        group = self._require_active()
+        group, _ = self._require_active()
         self.save()
         self.wait()
         if group.is_main:
             marker = {"step": self.steps_done, "finished_at": time.time(), "segment_id": self.segment_id}
             self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
-            self._record("segment_ended", segment_id=self.segment_id, reason="finished",
-                         ended_at=time.time(), source="wrapper", steps_done=self.steps_done,
-                         last_step_at=self._last_step_at)
+            self._emit(SegmentEnded(segment_id=self.segment_id, reason="finished",
+                                    ended_at=time.time(), steps_done=self.steps_done,
+                                    last_step_at=self._last_step_at))
         group.barrier()
         self.finished = True
         log.info("run finished at step %d", self.steps_done)
@@ -469,111 +373,18 @@ class Checkpointer:
         ``"skip"`` skips this one (both logged). Payload first, manifest last: whatever
         fails, the previous checkpoint stays the latest, untouched.
         """
-        group = self._require_active()
-        step = self.steps_done
-        if step in (self._last_saved_step, self._pending_step):
-            return
-        t0 = time.time()
-        if self._job is not None and not self._job.done.is_set():
-            if self.when_busy == "skip":
-                log.info("save at step %d skipped: the save of step %d is still being written",
-                         step, self._pending_step)
-                return
-            log.info("save at step %d waits for the save of step %d to finish writing",
-                     step, self._pending_step)
-        # The previous save must be durable before its staging buffers are reused.
-        self.wait()
-        payload = self._payload(group)
-        if self.async_save:
-            payload = self._staging.stage(payload)
-        stall = time.time() - t0
-        self._pending_step = step
-        self._last_save_time = time.time()
-        job = _Job(self._persist, step, payload, group, t0, stall)
-        self._job = job
-        if self.async_save:
-            job.start()
-        else:
-            job.run()
-            self.wait()
-
-    def _persist(self, step: int, payload: dict[str, Any], group: Group, t0: float, stall: float) -> Any:
-        """Write one rank's payload; single-process runs also commit (background thread)."""
-        try:
-            entry = write_payload(self.storage, step, group.rank, payload)
-            if group.distributed:
-                return entry  # committed from the main thread once every rank has written
-            self._commit(step, [entry], world_size=1, t0=t0, stall=stall)
-            return None
-        except (StorageError, OSError, RuntimeError) as exc:
-            raise SaveError(
-                f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact"
-            ) from exc
-
-    def _commit(self, step: int, entries: list[tuple[str, Any]], *, world_size: int,
-                t0: float, stall: float) -> None:
-        manifest = Manifest(step=step, files=dict(entries), world_size=world_size,
-                            metadata=self.metadata, save_seconds=round(time.time() - t0, 6))
-        commit(self.storage, manifest)
-        elapsed = time.time() - t0
-        self._save_durations.append(elapsed)
-        log.info("checkpoint at step %d committed (%.1f MB, training paused %.3fs, written in %.2fs)",
-                 step, manifest.total_bytes / 1e6, stall, elapsed)
-        self._record("checkpoint_committed", segment_id=self.segment_id, step=step,
-                     committed_at=time.time(), stall_s=stall, save_s=elapsed,
-                     nbytes=manifest.total_bytes, captured_at=t0)
-        prune(self.storage, keep_last=self.keep_last, newest_committed=step)
-
-    def _poll_background(self) -> bool:
-        """True while this rank's save is still being written; raises a failed one."""
-        job = self._job
-        if job is None:
-            return False
-        if not job.done.is_set():
-            return True
-        self._collect(job)
-        return False
-
-    def _collect(self, job: _Job) -> None:
-        self._job = None
-        step = self._pending_step
-        self._pending_step = None
-        if job.error is not None:
-            self._uncommitted = None
-            raise job.error
-        if job.result is not None:  # distributed: written, not yet committed
-            self._uncommitted = (step, job.result, job.args[3], job.args[4])
-        else:
-            self._last_saved_step = step
-
-    def _commit_distributed(self) -> None:
-        """Every rank has written its payload: rank 0 commits (main thread, all ranks call)."""
-        assert self._uncommitted is not None and self._group is not None
-        step, entry, t0, stall = self._uncommitted
-        self._uncommitted = None
-        entries = self._group.gather(entry)
-        if self._group.is_main:
-            assert entries is not None
-            self._commit(step, entries, world_size=self._group.world_size, t0=t0, stall=stall)
-        self._last_saved_step = step
+        group, saver = self._require_active()
+        saver.save(self.steps_done, lambda: self._payload(group))
 
     @property
     def save_in_flight(self) -> bool:
         """True while a background save is still being written or awaits its commit."""
-        return (self._job is not None and not self._job.done.is_set()) or self._uncommitted is not None
+        return self._saver is not None and self._saver.in_flight
 
     def wait(self) -> None:
         """Block until the save in flight is written and committed (all ranks call it)."""
-        group = self._require_active()
-        job = self._job
-        if job is not None:
-            job.done.wait()
-            self._collect(job)
-        if group.distributed:
-            group.barrier()  # every rank has written its payload
-            if self._uncommitted is not None:
-                self._commit_distributed()
-            group.barrier()  # the manifest exists before anyone moves on
+        _, saver = self._require_active()
+        saver.wait()
 
     # -- restoring -------------------------------------------------------------------------
 
@@ -583,7 +394,7 @@ class Checkpointer:
         A fresh run returns 0. A damaged newest checkpoint is skipped with a warning and
         the one before it is used. Idempotent: a second call returns the same step.
         """
-        group = self._require_active()
+        group, saver = self._require_active()
         if self._restored:
             return self.steps_done
         # Rank 0 picks (and loads) the checkpoint; the others load the step it names.
@@ -592,15 +403,16 @@ class Checkpointer:
             if not group.is_main:
                 self._apply(self._load_other_rank(read_manifest(self.storage, step), group), group)
             self.steps_done = step
-            self._last_saved_step = step
+            saver.last_saved_step = step
             log.info("resumed from step %d at %s", step, self.storage.display())
             if group.is_main and self.storage.exists(DONE_MARKER):
                 log.info("this run already finished (done marker present)")
         self._restored = True
-        self._last_save_time = time.time()
+        saver.last_save_time = time.time()
         if group.is_main:
-            self._record("training_resumed", segment_id=self.segment_id, step=self.steps_done,
-                         process_started_at=self._process_started_at, first_step_at=time.time())
+            self._emit(TrainingResumed(segment_id=self.segment_id, step=self.steps_done,
+                                       process_started_at=self._process_started_at,
+                                       first_step_at=time.time()))
         return self.steps_done
 
     def _restore_newest_valid(self, group: Group) -> int | None:
@@ -685,43 +497,14 @@ class Checkpointer:
         if self.save_rng and "rng" in own:
             restore_rng_state(own["rng"])
 
-    # -- ledger ----------------------------------------------------------------------------
+    # -- events ----------------------------------------------------------------------------
 
-    def _record(self, method: str, **fields: Any) -> None:
+    def _emit(self, event: Event) -> None:
         """Write a ledger record; a failing ledger never stops training."""
         try:
-            getattr(self._ledger, method)(**fields)
+            self._ledger_sink(event)
         except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
-            log.warning("could not write the run ledger (%s): %s", method, exc)
-
-
-class _Job:
-    """One background save: a daemon thread (a second Ctrl-C must not wait for it)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.fn, self.args = fn, args
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        threading.Thread(target=self._run_in_background, name="spotrun-save", daemon=True).start()
-
-    def _run_in_background(self) -> None:
-        # Training comes first: on a busy CPU the writer (serialising, hashing, syscalls)
-        # yields to the training threads instead of stretching their steps. Linux applies
-        # nice per thread, and threads this one starts (the hash pool) inherit it.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        self.run()
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-            self.error = exc
-        finally:
-            self.done.set()
+            log.warning("could not write the run ledger (%s): %s", type(event).__name__, exc)
 
 
 def _fmt_time(t: float | None) -> str:

@@ -1,0 +1,253 @@
+"""The saver: capture a step's state, write it (in the background), commit it, prune.
+
+One commit path for one rank and many: every rank writes its own payload files, then
+:meth:`Saver._commit` writes the manifest (rank 0) once *every* rank's files are durable,
+and retention runs after that. With one rank "every rank has written" is true the moment
+its write ends, so the commit follows at once in the writer thread; with several ranks it
+is known at the first step boundary where the ranks agree that no save is still being
+written (:meth:`Saver.commit_written`, main thread, a collective). Whatever fails, the
+previous checkpoint stays the latest, untouched.
+
+Call order (all ranks together, training thread)::
+
+    saver.save(step, payload_fn)    # stage (the only pause), write in the background
+    saver.poll()                    # each step: still writing? raises a failed write
+    saver.commit_written()          # each step, once no rank is busy (distributed only)
+    saver.wait()                    # block until written and committed
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..commit import commit, prune
+from ..distributed import Group
+from ..errors import SaveError, StorageError
+from ..events import CheckpointCommitted, EventSink
+from ..manifest import FileEntry, Manifest
+from ..snapshot import StagingBuffers, write_payload
+from ..storage import Storage
+
+__all__ = ["Saver"]
+
+log = logging.getLogger("spotrun")
+
+#: Niceness of the background save thread (0-19; higher yields more to training).
+BACKGROUND_NICE = 10
+
+Entries = list[tuple[str, FileEntry]]
+
+
+@dataclass
+class _Written:
+    """One rank's files of a step, written and awaiting the commit."""
+
+    step: int
+    entries: Entries
+    captured_at: float
+    stall: float
+
+
+class Saver:
+    """Writes and commits checkpoints for one run; at most one save in flight."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        group: Group,
+        *,
+        keep_last: int,
+        async_save: bool,
+        when_busy: Literal["wait", "skip"],
+        metadata: Mapping[str, Any],
+        segment_id: str,
+        emit: EventSink,
+    ) -> None:
+        self.storage = storage
+        self.group = group
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self.metadata = metadata
+        self.segment_id = segment_id
+        self._emit = emit
+        self._staging = StagingBuffers()
+        self._job: _Job | None = None  # the save being written in the background, if any
+        self._pending_step: int | None = None
+        self._written: _Written | None = None  # distributed: written here, not yet committed
+        #: The newest step this process saw committed (or restored from).
+        self.last_saved_step: int | None = None
+        self.last_save_time = time.time()
+        self._durations: collections.deque[float] = collections.deque(maxlen=5)
+
+    @property
+    def typical_duration(self) -> float | None:
+        """The longest of the last few saves (capture to commit), or None before the first."""
+        return max(self._durations) if self._durations else None
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a background save is still being written or awaits its commit."""
+        return (self._job is not None and not self._job.done.is_set()) or self._written is not None
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save(self, step: int, payload: Callable[[], dict[str, Any]]) -> None:
+        """Checkpoint ``step`` with the state ``payload()`` returns (see the module docstring)."""
+        if step in (self.last_saved_step, self._pending_step):
+            return
+        t0 = time.time()
+        if self._job is not None and not self._job.done.is_set():
+            if self.when_busy == "skip":
+                log.info("save at step %d skipped: the save of step %d is still being written",
+                         step, self._pending_step)
+                return
+            log.info("save at step %d waits for the save of step %d to finish writing",
+                     step, self._pending_step)
+        # The previous save must be durable before its staging buffers are reused.
+        self.wait()
+        state = payload()
+        if self.async_save:
+            state = self._staging.stage(state)
+        stall = time.time() - t0
+        self._pending_step = step
+        self.last_save_time = time.time()
+        job = _Job(self._write, step, state, t0, stall)
+        self._job = job
+        if self.async_save:
+            job.start()
+        else:
+            job.run()
+            self.wait()
+
+    def _write(self, step: int, state: dict[str, Any], t0: float, stall: float) -> _Written | None:
+        """Write this rank's files (background thread); commit at once when it is the only rank."""
+        try:
+            written = _Written(step, [write_payload(self.storage, step, self.group.rank, state)], t0, stall)
+            if self.group.distributed:
+                return written  # committed from the training thread once every rank has written
+            self._commit(written, [written.entries])
+            return None
+        except (StorageError, OSError, RuntimeError) as exc:
+            raise SaveError(
+                f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact"
+            ) from exc
+
+    def _commit(self, written: _Written, per_rank: list[Entries]) -> None:
+        """Every rank's files are durable: write the manifest (the commit), then prune."""
+        step = written.step
+        files = dict(e for entries in per_rank for e in entries)
+        manifest = Manifest(step=step, files=files, world_size=len(per_rank),
+                            metadata=dict(self.metadata),
+                            save_seconds=round(time.time() - written.captured_at, 6))
+        commit(self.storage, manifest)
+        elapsed = time.time() - written.captured_at
+        self._durations.append(elapsed)
+        log.info("checkpoint at step %d committed (%.1f MB, training paused %.3fs, written in %.2fs)",
+                 step, manifest.total_bytes / 1e6, written.stall, elapsed)
+        self._emit(CheckpointCommitted(
+            segment_id=self.segment_id, step=step, committed_at=time.time(),
+            stall_s=written.stall, save_s=elapsed, nbytes=manifest.total_bytes,
+            captured_at=written.captured_at,
+        ))
+        prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+
+    # -- completing ----------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """True while this rank's save is still being written; raises a failed one."""
+        job = self._job
+        if job is None:
+            return False
+        if not job.done.is_set():
+            return True
+        self._collect(job)
+        return False
+
+    def _collect(self, job: _Job) -> None:
+        self._job = None
+        step = self._pending_step
+        self._pending_step = None
+        if job.error is not None:
+            self._written = None
+            raise job.error
+        if job.result is not None:
+            self._written = job.result
+        else:
+            self.last_saved_step = step
+
+    def commit_written(self) -> None:
+        """Distributed: every rank has written its files; rank 0 commits (all ranks call)."""
+        written = self._written
+        if written is None:
+            return
+        self._written = None
+        per_rank = self.group.gather(written.entries)
+        if self.group.is_main:
+            assert per_rank is not None
+            self._commit(written, per_rank)
+        self.last_saved_step = written.step
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and committed (all ranks call it)."""
+        job = self._job
+        if job is not None:
+            job.done.wait()
+            self._collect(job)
+        if self.group.distributed:
+            self.group.barrier()  # every rank has written its files
+            self.commit_written()
+            self.group.barrier()  # the manifest exists before anyone moves on
+
+    def finish_inflight(self, exc: BaseException | None) -> None:
+        """On the way out, let a save in flight reach its commit (unless aborting)."""
+        job = self._job
+        if job is None or isinstance(exc, KeyboardInterrupt):
+            return  # a second Ctrl-C means now; the last commit is intact
+        if self.group.distributed and exc is not None:
+            # Other ranks may be gone: no collectives. The write finishes, nothing commits.
+            job.done.wait()
+            return
+        try:
+            self.wait()
+        except SaveError as err:
+            if exc is None:
+                raise
+            log.error("%s", err)
+
+
+class _Job:
+    """One background save: a daemon thread (a second Ctrl-C must not wait for it)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run_in_background, name="spotrun-save", daemon=True).start()
+
+    def _run_in_background(self) -> None:
+        # Training comes first: on a busy CPU the writer (serialising, hashing, syscalls)
+        # yields to the training threads instead of stretching their steps. Linux applies
+        # nice per thread, and threads this one starts (the hash pool) inherit it.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        self.run()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self.error = exc
+        finally:
+            self.done.set()
