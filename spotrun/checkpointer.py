@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import types
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from .commit import commit, list_checkpoints, prune, read_manifest, verify_checkpoint
-from .config import env_str
+from .config import env_float, env_str
 from .distributed import Group
 from .errors import (
     CheckpointError,
@@ -50,7 +51,7 @@ from .errors import (
 )
 from .instance import InstanceInfo
 from .layout import DONE_MARKER, EXIT_INTERRUPTED
-from .ledger import Ledger
+from .ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
 from .manifest import Manifest
 from .notices import Notice, Watcher, watchers_from_env
 from .snapshot import (
@@ -199,6 +200,9 @@ class Checkpointer:
         self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
         self._group: Group | None = None
         self._ledger = Ledger(self.storage)
+        # Ledger writes go through one background thread: a hanging storage must not
+        # block __enter__ or a step (it once blocked __enter__ for 9 minutes).
+        self._ledger_writer = BackgroundLedger(self._ledger)
         self._entered = False
         self._restored = False
         self._last_saved_step: int | None = None
@@ -254,9 +258,13 @@ class Checkpointer:
         try:
             self._finish_inflight(exc)
         finally:
-            self._restore_signal_handlers()
+            if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
+                self._hold_signals_until_exit()
+            else:
+                self._restore_signal_handlers()
             self._entered = False
         if self._group is None or not self._group.is_main or self.finished:
+            self._flush_ledger()
             return
         if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
             reason = "interrupted"
@@ -267,6 +275,7 @@ class Checkpointer:
         self._record("segment_ended", segment_id=self.segment_id, reason=reason,
                      ended_at=time.time(), source="wrapper", steps_done=self.steps_done,
                      last_step_at=self._last_step_at)
+        self._flush_ledger()
 
     def _finish_inflight(self, exc: BaseException | None) -> None:
         """On the way out, let a save in flight reach its commit (unless aborting)."""
@@ -301,6 +310,26 @@ class Checkpointer:
     def _restore_signal_handlers(self) -> None:
         for sig, handler in self._prev_handlers.items():
             signal.signal(sig, handler)
+        self._prev_handlers.clear()
+
+    def _hold_signals_until_exit(self) -> None:
+        """After a committed stop checkpoint, instead of restoring the old handlers.
+
+        The process is on its way out with EXIT_INTERRUPTED, but the interpreter's teardown
+        (threads, torch, atexit, the ledger flush) can take a while; a supervisor's second
+        SIGTERM landing then would kill it with the default action (-15), and the relaunch
+        logic would read "crashed" although the checkpoint is safe. SIGTERM is therefore
+        ignored from here on (SIG_IGN is a kernel disposition, so it holds to the very end
+        of finalisation); a Ctrl-C still means "now" and ends the process at once, with 75,
+        because the stop checkpoint is committed.
+        """
+        if not self._prev_handlers:
+            return  # handle_signals=False or not the main thread: the user's signals
+        for sig in self._prev_handlers:
+            if sig == signal.SIGTERM:
+                signal.signal(sig, signal.SIG_IGN)
+            else:
+                signal.signal(sig, _exit_interrupted_now)
         self._prev_handlers.clear()
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
@@ -688,11 +717,18 @@ class Checkpointer:
     # -- ledger ----------------------------------------------------------------------------
 
     def _record(self, method: str, **fields: Any) -> None:
-        """Write a ledger record; a failing ledger never stops training."""
+        """Queue a ledger record (``Ledger.<method>(**fields)``) for the background writer;
+        returns at once. A failing or hanging ledger never stops or stalls training."""
+        self._ledger_writer.submit(method, **fields)
+
+    def _flush_ledger(self) -> None:
+        """Wait, with a bound, for queued ledger records (segment_ended among them)."""
         try:
-            getattr(self._ledger, method)(**fields)
-        except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
-            log.warning("could not write the run ledger (%s): %s", method, exc)
+            bound = env_float("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S)
+        except Exception as exc:  # noqa: BLE001 - a bad variable must not break the exit
+            log.warning("%s; using %.3g s", exc, DEFAULT_FLUSH_S)
+            bound = DEFAULT_FLUSH_S
+        self._ledger_writer.close(bound)
 
 
 class _Job:
@@ -722,6 +758,14 @@ class _Job:
             self.error = exc
         finally:
             self.done.set()
+
+
+def _exit_interrupted_now(signum: int, frame: types.FrameType | None) -> None:
+    """SIGINT after a committed stop checkpoint: leave now, saying "interrupted, resumable"."""
+    with contextlib.suppress(Exception):  # a flush interrupted mid-write may refuse; fine
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _fmt_time(t: float | None) -> str:
