@@ -64,3 +64,26 @@ def test_second_sigterm_during_the_stop_save_does_not_abort_it(tmp_path):
     assert "committed" in out
     info = find_latest_valid(Storage(url))
     assert info is not None and info.step == step
+
+
+def test_ctrl_c_after_the_stop_commit_exits_75_at_once(tmp_path):
+    # Ctrl-C, then Ctrl-C again while the process is still tearing down: the user means
+    # "now", and the stop checkpoint is committed, so the code is 75 without the teardown.
+    # (This one held before the fix too; it guards the handler installed after the commit.)
+    url = str(tmp_path / "run")
+    proc = spawn([SCRIPT], env_for(url, STOP_TWICE_LINGER="30"))
+    try:
+        wait_for_line(proc, "ready")
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        wait_for_line(proc, "tearing down", timeout=60)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, (proc.returncode, out)
+    assert took < 10, took  # not the 30 s teardown
+    info = find_latest_valid(Storage(url))
+    assert info is not None and info.step >= 1
