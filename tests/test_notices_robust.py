@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from helpers import Inbox, wait_until
+
 from spotrun.notices import Ec2Watcher, watchers_from_env
 from spotrun.notices import detect as detect_mod
 from spotrun.notices._http import parse_time

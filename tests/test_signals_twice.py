@@ -10,9 +10,9 @@ import signal
 import time
 
 import pytest
-
 import slowfs
 from helpers import REPO, env_for, spawn, wait_for_line
+
 from spotrun.commit import find_latest_valid
 from spotrun.layout import EXIT_INTERRUPTED
 from spotrun.storage import Storage

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
 
-import torch  # noqa: E402
+import slowfs
+import torch
 
-import slowfs  # noqa: E402
-import spotrun  # noqa: E402
+import spotrun
 
 slowfs.register()
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
