@@ -113,3 +113,15 @@ class LaunchError(SpotrunError):
 
 class CapacityError(LaunchError):
     """No spot or on-demand capacity could be had in any allowed pool."""
+
+
+class MetadataBusyError(NoticeError):
+    """A metadata service answered with a passing error (HTTP 5xx, 429, 408): it is there
+    and struggling, so keep watching and retry with backoff; never a reason to give up."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+__all__ += ["MetadataBusyError"]

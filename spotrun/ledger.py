@@ -29,20 +29,26 @@ when a record is written after the fact (a launcher noting an instance's launch 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 import time as _time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .config import env_float
+from .events import Event, ledger_sink
 from .instance import InstanceInfo
 from .layout import LEDGER_DIR
 from .storage import Storage
 
-__all__ = ["SEGMENT_END_REASONS", "Ledger"]
+__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger"]
 
 log = logging.getLogger("spotrun")
 
@@ -233,3 +239,167 @@ class Ledger:
             detected_at=float(detected_at),
             deadline=None if deadline is None else float(deadline),
         )
+
+
+#: How long the training process waits at exit for its ledger records (``SPOTRUN_LEDGER_FLUSH_S``).
+DEFAULT_FLUSH_S = 5.0
+#: Records waiting to be written; beyond this, new ones are dropped (with a warning).
+DEFAULT_MAX_PENDING = 256
+#: A single write running longer than this is reported once as hanging.
+DEFAULT_SLOW_AFTER_S = 30.0
+# Drop warnings are repeated at most this often, with a running count.
+_DROP_LOG_EVERY = 60.0
+_STOP = object()
+
+
+class BackgroundLedger:
+    """Writes a :class:`Ledger`'s records from one background thread, so that a slow or
+    hanging storage never blocks training.
+
+    :meth:`submit` never blocks: it queues the call (records keep their event ``time``,
+    taken by the caller) and returns. Records are written one at a time, in submission
+    order. At most ``max_pending`` wait; beyond that new ones are dropped with a warning
+    (bookkeeping must not grow memory without bound while the storage hangs). A write that
+    runs longer than ``slow_after`` seconds is reported once. :meth:`close` waits a bounded
+    time for what is queued; records still queued at interpreter exit get the same bounded
+    wait (an ``atexit`` hook), so an exception path does not silently lose them.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        slow_after: float = DEFAULT_SLOW_AFTER_S,
+    ) -> None:
+        self.ledger = ledger
+        self._write = ledger_sink(ledger)
+        self.slow_after = float(slow_after)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(max_pending)))
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._busy_since: float | None = None  # time.monotonic() when the current write began
+        self._warned_slow = False
+        self._dropped = 0
+        self._last_drop_log = float("-inf")
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped so far because too many were waiting."""
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        """Records queued or being written."""
+        return self._queue.unfinished_tasks
+
+    def submit(self, event: Event) -> bool:
+        """Queue ``event`` for writing; False when it had to be dropped. Never blocks."""
+        self._warn_if_hanging()
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self._dropped += 1
+            now = _time.monotonic()
+            if now - self._last_drop_log >= _DROP_LOG_EVERY:
+                self._last_drop_log = now
+                log.warning(
+                    "run ledger at %s is not keeping up (%d records waiting); dropped %d "
+                    "record(s) so far, latest %s. Training goes on; the cost report will miss "
+                    "them. Check that the storage answers",
+                    self.ledger.storage.display(LEDGER_DIR), self._queue.maxsize,
+                    self._dropped, type(event).__name__,
+                )
+            return False
+        self._ensure_thread()
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every queued record is written (or failed)."""
+        deadline = _time.monotonic() + max(0.0, timeout)
+        done = self._queue.all_tasks_done
+        with done:
+            while self._queue.unfinished_tasks:
+                left = deadline - _time.monotonic()
+                if left <= 0:
+                    return False
+                done.wait(left)
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """Flush with a bound, then let the thread end. False (and a warning) when records
+        were still unwritten at the bound; the thread is a daemon and is left behind."""
+        if self.flush(timeout):
+            with self._lock:
+                thread, self._thread = self._thread, None
+            if thread is not None:
+                try:
+                    self._queue.put(_STOP, timeout=1.0)
+                except queue.Full:  # a submit raced in: the thread stays, harmlessly
+                    return True
+                thread.join(1.0)
+            return True
+        log.warning(
+            "run ledger at %s: %d record(s) not written within %.3g s (the storage is hanging "
+            "or slow); exiting without them. Training state is unaffected; raise "
+            "SPOTRUN_LEDGER_FLUSH_S to wait longer",
+            self.ledger.storage.display(LEDGER_DIR), self.pending, timeout,
+        )
+        return False
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(
+                target=self._run, name="spotrun-ledger", daemon=True
+            )
+            self._thread.start()
+        _live_writers.add(self)
+
+    def _warn_if_hanging(self) -> None:
+        since = self._busy_since
+        if since is None or self._warned_slow:
+            return
+        running = _time.monotonic() - since
+        if running > self.slow_after:
+            self._warned_slow = True
+            log.warning(
+                "a run ledger write to %s has been running for %.0f s; training goes on, "
+                "records wait in memory (at most %d, later ones are dropped)",
+                self.ledger.storage.display(LEDGER_DIR), running, self._queue.maxsize,
+            )
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                self._busy_since = _time.monotonic()
+                try:
+                    self._write(item)
+                except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
+                    log.warning("could not write the run ledger (%s): %s", type(item).__name__, exc)
+                finally:
+                    self._busy_since = None
+            finally:
+                self._queue.task_done()
+
+
+_live_writers: weakref.WeakSet[BackgroundLedger] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    # Daemon threads die when the interpreter ends: give queued records one bounded chance.
+    writers = [w for w in list(_live_writers) if w.pending]
+    if not writers:
+        return
+    try:
+        bound = env_float("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S)
+    except Exception:  # noqa: BLE001 - a bad variable must not break exit
+        bound = DEFAULT_FLUSH_S
+    deadline = _time.monotonic() + bound
+    for w in writers:
+        w.close(max(0.0, deadline - _time.monotonic()))

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from ..commit import list_checkpoints, read_manifest, verify_checkpoint
-from ..config import env_str
+from ..config import env_float, env_str
 from ..distributed import Group
 from ..errors import (
     CheckpointError,
@@ -49,10 +49,9 @@ from ..events import (
     SegmentEnded,
     SegmentStarted,
     TrainingResumed,
-    ledger_sink,
 )
 from ..layout import DONE_MARKER, EXIT_INTERRUPTED
-from ..ledger import Ledger
+from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
 from ..manifest import Manifest
 from ..notices import Notice, Watcher
 from ..snapshot import check_plain, open_payload, payload_name, read_payload
@@ -193,7 +192,9 @@ class Checkpointer:
         self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
         self._group: Group | None = None
         self._saver: Saver | None = None
-        self._ledger_sink = ledger_sink(Ledger(self.storage))
+        # Ledger writes go through one background thread: a hanging storage must not
+        # block __enter__ or a step (it once blocked __enter__ for 9 minutes).
+        self._ledger_writer = BackgroundLedger(Ledger(self.storage))
         self._entered = False
         self._restored = False
         self._interrupts = Interrupts(handle_signals=handle_signals, watchers=watchers)
@@ -230,9 +231,13 @@ class Checkpointer:
             if self._saver is not None:
                 self._saver.finish_inflight(exc)
         finally:
-            self._interrupts.restore_signal_handlers()
+            if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
+                self._interrupts.hold_until_exit()
+            else:
+                self._interrupts.restore_signal_handlers()
             self._entered = False
         if self._group is None or not self._group.is_main or self.finished:
+            self._flush_ledger()
             return
         if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
             reason = "interrupted"
@@ -242,6 +247,7 @@ class Checkpointer:
             reason = "failed"
         self._emit(SegmentEnded(segment_id=self.segment_id, reason=reason, ended_at=time.time(),
                                 steps_done=self.steps_done, last_step_at=self._last_step_at))
+        self._flush_ledger()
 
     def _require_active(self) -> tuple[Group, Saver]:
         if not self._entered or self._group is None or self._saver is None:
@@ -500,11 +506,18 @@ class Checkpointer:
     # -- events ----------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
-        """Write a ledger record; a failing ledger never stops training."""
+        """Queue a ledger record for the background writer; returns at once. A failing or
+        hanging ledger never stops or stalls training."""
+        self._ledger_writer.submit(event)
+
+    def _flush_ledger(self) -> None:
+        """Wait, with a bound, for queued ledger records (segment_ended among them)."""
         try:
-            self._ledger_sink(event)
-        except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
-            log.warning("could not write the run ledger (%s): %s", type(event).__name__, exc)
+            bound = env_float("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S)
+        except Exception as exc:  # noqa: BLE001 - a bad variable must not break the exit
+            log.warning("%s; using %.3g s", exc, DEFAULT_FLUSH_S)
+            bound = DEFAULT_FLUSH_S
+        self._ledger_writer.close(bound)
 
 
 def _fmt_time(t: float | None) -> str:

@@ -9,8 +9,11 @@ happens, so a signal can never land inside a half-built checkpoint.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import types
@@ -18,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..instance import InstanceInfo
+from ..layout import EXIT_INTERRUPTED
 from ..notices import Notice, Watcher, watchers_from_env
 
 __all__ = ["Interrupts"]
@@ -63,6 +67,26 @@ class Interrupts:
     def restore_signal_handlers(self) -> None:
         for sig, handler in self._prev_handlers.items():
             signal.signal(sig, handler)
+        self._prev_handlers.clear()
+
+    def hold_until_exit(self) -> None:
+        """After a committed stop checkpoint, instead of restoring the old handlers.
+
+        The process is on its way out with EXIT_INTERRUPTED, but the interpreter's teardown
+        (threads, torch, atexit, the ledger flush) can take a while; a supervisor's second
+        SIGTERM landing then would kill it with the default action (-15), and the relaunch
+        logic would read "crashed" although the checkpoint is safe. SIGTERM is therefore
+        ignored from here on (SIG_IGN is a kernel disposition, so it holds to the very end
+        of finalisation); a Ctrl-C still means "now" and ends the process at once, with 75,
+        because the stop checkpoint is committed.
+        """
+        if not self._prev_handlers:
+            return  # handle_signals=False or not the main thread: the user's signals
+        for sig in self._prev_handlers:
+            if sig == signal.SIGTERM:
+                signal.signal(sig, signal.SIG_IGN)
+            else:
+                signal.signal(sig, _exit_interrupted_now)
         self._prev_handlers.clear()
 
     def instance_info(self) -> InstanceInfo:
@@ -121,3 +145,11 @@ class Interrupts:
             if n.stop and self.stop_notice is None:
                 self.stop_notice = n
             on_notice(n)
+
+
+def _exit_interrupted_now(signum: int, frame: types.FrameType | None) -> None:
+    """SIGINT after a committed stop checkpoint: leave now, saying "interrupted, resumable"."""
+    with contextlib.suppress(Exception):  # a flush interrupted mid-write may refuse; fine
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import math
 import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -15,6 +16,7 @@ __all__ = [
     "new_session",
     "parse_iso8601",
     "parse_rfc1123",
+    "parse_time",
     "remaining",
 ]
 
@@ -73,9 +75,10 @@ def http_request(
         resp.close()
 
 
-def parse_iso8601(value: str | None) -> float | None:
-    """``2026-11-27T10:00:00Z`` -> epoch seconds; None for empty or unparsable values."""
-    if not value:
+def parse_iso8601(value: object) -> float | None:
+    """``2026-11-27T10:00:00Z`` -> epoch seconds; None for empty, unparsable or non-string
+    values (a provider document is untrusted input: a number here must not raise)."""
+    if not value or not isinstance(value, str):
         return None
     text = value.strip()
     if text.endswith(("Z", "z")):
@@ -89,14 +92,51 @@ def parse_iso8601(value: str | None) -> float | None:
     return parsed.timestamp()
 
 
-def parse_rfc1123(value: str | None) -> float | None:
-    """``Mon, 19 Sep 2016 18:29:47 GMT`` -> epoch seconds; None for empty or unparsable."""
-    if not value:
+def parse_rfc1123(value: object) -> float | None:
+    """``Mon, 19 Sep 2016 18:29:47 GMT`` -> epoch seconds; None for empty, unparsable or
+    non-string values."""
+    if not value or not isinstance(value, str):
         return None
     try:
         parsed = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
+
+
+# Epoch numbers above this are taken as milliseconds: in seconds it would be year 5138.
+_EPOCH_MS_ABOVE = 1e11
+
+
+def parse_time(value: object) -> float | None:
+    """A provider's time field, whatever shape it came in, as epoch seconds; None when it
+    cannot be read (the caller picks a default).
+
+    Accepts ISO 8601 strings, RFC 1123 strings, and epoch numbers (seconds, or
+    milliseconds when implausibly large for seconds), also as numeric strings. Never raises.
+    """
+    if isinstance(value, bool):  # bool is an int; True is not a time
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return parse_iso8601(text) or parse_rfc1123(text)
+        return _epoch(number)
+    if isinstance(value, (int, float)):
+        try:
+            return _epoch(float(value))
+        except OverflowError:  # an int too big for a float
+            return None
+    return None
+
+
+def _epoch(number: float) -> float | None:
+    if not math.isfinite(number) or number <= 0:
+        return None
+    if number > _EPOCH_MS_ABOVE:
+        number /= 1000.0
+    return number if number <= _EPOCH_MS_ABOVE else None

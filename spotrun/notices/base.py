@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, NoticeError
+from ..errors import ConfigError, MetadataBusyError, NoticeError
 from ..instance import InstanceInfo
 
 __all__ = ["Notice", "PollingWatcher", "REBALANCE_MODES", "Watcher"]
@@ -34,6 +34,10 @@ REBALANCE_MODES = ("checkpoint", "stop", "ignore")
 # A passing error is logged at most this often, so a flapping metadata service cannot
 # flood the training log.
 _ERROR_LOG_EVERY = 60.0
+# After a failed poll (or a busy answer at start-up) the next try comes after this, doubling
+# on every failure in a row up to the poll interval: a struggling service recovers unseen
+# within a fraction of a second, and is never asked more often than at start.
+_RETRY_FIRST_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,11 @@ class PollingWatcher(Watcher):
         self._state = "idle"
         self._last_error_log = float("-inf")
         self._failing = False
+        self._retry_delay = _RETRY_FIRST_S
+        # What the service said when the probe did not get a usable answer: a passing error
+        # (it is there: watch anyway) or a refusal (something else answers at that address).
+        self._busy_answer: str | None = None
+        self._refusal: str | None = None
         self._info: InstanceInfo | None = None
         self._info_lock = threading.Lock()
 
@@ -181,19 +190,28 @@ class PollingWatcher(Watcher):
         """``attempt()``'s answer, retried briefly while the service refuses or stays silent
         (it may still be starting); None at ``deadline`` (time.monotonic()) or on stop.
 
-        A :class:`NoticeError` means something answered, but not as this service does:
-        that is final. (requests' errors are OSErrors, so one clause covers both.)
+        A :class:`MetadataBusyError` (HTTP 5xx/429) means the service is there but
+        struggling: retried with backoff, and remembered in ``_busy_answer`` so that the probe
+        can say "there" even when no try succeeded in time. Any other :class:`NoticeError`
+        means something answered, but not as this service does: final, remembered in
+        ``_refusal``. (requests' errors are OSErrors, so one clause covers refused and silent.)
         """
+        delay = _RETRY_FIRST_S / 2
         while not self._stop.is_set():
             try:
                 return attempt()
-            except NoticeError:
+            except MetadataBusyError as exc:
+                self._busy_answer = str(exc)
+                delay = min(delay * 2, 0.4)
+            except NoticeError as exc:
+                self._refusal = str(exc)
                 return None
             except OSError:
-                left = deadline - time.monotonic()
-                if left <= 0.05:
-                    return None
-                self._stop.wait(min(0.1, left))
+                delay = 0.1
+            left = deadline - time.monotonic()
+            if left <= 0.05:
+                return None
+            self._stop.wait(min(delay, left))
         return None
 
     # -- hooks --------------------------------------------------------------------------
@@ -227,22 +245,43 @@ class PollingWatcher(Watcher):
             return
         if not reachable:
             self._state = "unavailable"
-            log.info(
-                "spotrun: no %s metadata service answered; not watching for %s notices%s",
-                self.name,
-                self.name,
-                self._unavailable_hint(),
-            )
+            if self._refusal is not None:
+                # Something answered: saying "no service answered" would send the reader
+                # looking for a network problem that is not there.
+                log.info(
+                    "spotrun: the %s metadata address answered, but not as the %s service "
+                    "does (%s); not watching for %s notices%s",
+                    self.name, self.name, self._refusal, self.name, self._unavailable_hint(),
+                )
+            else:
+                log.info(
+                    "spotrun: no %s metadata service answered; not watching for %s notices%s",
+                    self.name,
+                    self.name,
+                    self._unavailable_hint(),
+                )
             return
         self._state = "polling"
+        if self._busy_answer is not None:
+            log.info(
+                "spotrun: the %s metadata service is there but answered %s; watching its "
+                "notices anyway, retrying with backoff", self.name, self._busy_answer,
+            )
         log.debug("spotrun: watching %s notices every %.3g s", self.name, self.poll_interval)
         while not self._stop.is_set():
-            self._poll_once(on_notice)
-            if self._stop.wait(self.poll_interval):
+            ok = self._poll_once(on_notice)
+            if ok:
+                self._retry_delay = _RETRY_FIRST_S
+                wait = self.poll_interval
+            else:
+                wait = min(self.poll_interval, self._retry_delay)
+                self._retry_delay = min(self.poll_interval, self._retry_delay * 2)
+            if self._stop.wait(wait):
                 break
         self._state = "stopped"
 
-    def _poll_once(self, on_notice: OnNotice) -> None:
+    def _poll_once(self, on_notice: OnNotice) -> bool:
+        """One poll; False when it failed (the caller retries sooner, with backoff)."""
         try:
             posted = self._poll()
         except Exception as exc:
@@ -256,7 +295,7 @@ class PollingWatcher(Watcher):
                     exc,
                     self.poll_interval,
                 )
-            return
+            return False
         if self._failing:
             self._failing = False
             log.info("spotrun: %s metadata service answers again", self.name)
@@ -278,3 +317,4 @@ class PollingWatcher(Watcher):
                 # The callback's bug must not end notice watching: a later stop notice
                 # still matters more than this one.
                 log.exception("spotrun: the %s notice handler raised", self.name)
+        return True

@@ -17,6 +17,7 @@ Two documents matter (both 404 until AWS posts them):
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -24,9 +25,9 @@ from typing import Any
 
 import requests
 
-from ..errors import ConfigError, NoticeError
+from ..errors import ConfigError, MetadataBusyError, NoticeError
 from ..instance import InstanceInfo
-from ._http import http_request, new_session, parse_iso8601, remaining
+from ._http import http_request, new_session, parse_time, remaining
 from .base import REBALANCE_MODES, Notice, PollingWatcher
 
 __all__ = ["DEFAULT_IMDS_ENDPOINT", "Ec2Watcher", "MAX_TOKEN_TTL", "region_from_az"]
@@ -44,6 +45,11 @@ REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 # time of its own, so the notice time is estimated from the deadline (and never later than
 # the moment we saw it), which makes "posted -> detected" in the logs a real latency figure.
 NOTICE_LEAD_S = 120.0
+
+log = logging.getLogger("spotrun")
+
+# Answers (besides any 5xx) that mean "the service is there but cannot answer right now".
+_BUSY_STATUSES = frozenset({408, 429})
 
 _AZ_REGION = re.compile(r"^([a-z]{2}(?:-[a-z]+)+-\d+)")
 
@@ -110,7 +116,13 @@ class Ec2Watcher(PollingWatcher):
                 headers={TTL_HEADER: str(self.token_ttl)},
                 timeout=remaining(deadline, self.request_timeout),
             )
-            if resp.status != 200 or not resp.text:
+            busy = resp.status >= 500 or resp.status in _BUSY_STATUSES
+            if busy or (resp.status == 200 and not resp.text.strip()):
+                # IMDS is there, just struggling (throttled, restarting): retry, never give up.
+                raise MetadataBusyError(
+                    f"HTTP {resp.status} to the IMDSv2 token request", resp.status
+                )
+            if resp.status != 200:
                 raise NoticeError(f"IMDSv2 token request answered HTTP {resp.status}")
             # Renew well before expiry (a minute, or a quarter of a short TTL), counted from
             # when we asked, so clock drift on the request cannot outlive the token.
@@ -137,7 +149,10 @@ class Ec2Watcher(PollingWatcher):
 
     def _probe(self, deadline: float) -> bool:
         token = self._retry_until(deadline, lambda: self._token_for(self._session, deadline, renew=True))
-        return token is not None
+        # A busy answer (5xx, 429) means IMDS is there: watch, and let polling get the token.
+        # Other 4xx stay final: GCP's and Azure's metadata servers live at the same address
+        # and answer EC2's token request with 4xx.
+        return token is not None or self._busy_answer is not None
 
     def _poll(self) -> list[tuple[Any, Notice]]:
         found: list[tuple[Any, Notice]] = []
@@ -146,9 +161,21 @@ class Ec2Watcher(PollingWatcher):
         if resp.status == 200:
             doc = _json_or_raw(resp.text)
             action = str(doc.get("action") or "terminate").lower()
-            key = ("action", action, doc.get("time"))
-            deadline = parse_iso8601(doc.get("time"))
+            raw_time = doc.get("time")
+            # The key must be hashable whatever the document holds (a list, a dict...).
+            key = ("action", action, json.dumps(raw_time, sort_keys=True, default=str))
+            deadline = parse_time(raw_time)
             posted = None if deadline is None else min(deadline - NOTICE_LEAD_S, now)
+            if deadline is None:
+                # An unreadable time must not drop the notice: the machine still goes, so
+                # stop with EC2's usual two minutes. Said once per notice, not every poll.
+                deadline = now + NOTICE_LEAD_S
+                if key not in self._delivered:
+                    log.warning(
+                        "spotrun: ec2 instance-action has an unreadable time %.80r; assuming "
+                        "the machine goes in %.0f s (EC2's usual notice)", raw_time,
+                        NOTICE_LEAD_S,
+                    )
             found.append((key, Notice(
                 source="ec2", action=action, stop=True, detected_at=now,
                 notice_time=posted, deadline=deadline, detail=doc,
@@ -163,7 +190,7 @@ class Ec2Watcher(PollingWatcher):
                 doc = _json_or_raw(resp.text)
                 found.append(("rebalance", Notice(
                     source="ec2", action="rebalance", stop=self.rebalance == "stop",
-                    detected_at=time.time(), notice_time=parse_iso8601(doc.get("noticeTime")),
+                    detected_at=time.time(), notice_time=parse_time(doc.get("noticeTime")),
                     detail=doc,
                 )))
             elif resp.status != 404:

@@ -183,6 +183,14 @@ class FakeMetadataServer:
                 self._incarnation += 1
         return deadline
 
+    def post_action_document(self, doc: Any) -> None:
+        """EC2 only: serve exactly ``doc`` (any JSON value, or raw bytes) as ``spot/instance-action``, to
+        test odd documents (a numeric ``time``, a missing one, garbage)."""
+        if self.flavor != "ec2":
+            raise ConfigError(f"instance-action documents exist only on EC2, not {self.flavor}")
+        with self._lock:
+            self._action = doc
+
     def post_rebalance(self) -> float:
         """EC2 only: post a rebalance recommendation noticed now; returns its notice time."""
         if self.flavor != "ec2":
@@ -275,7 +283,7 @@ class FakeMetadataServer:
             return 200, plain, value.encode()
         if doc is None:
             return 404, plain, b""
-        return 200, plain, json.dumps(doc).encode()
+        return 200, plain, (doc if isinstance(doc, bytes) else json.dumps(doc).encode())
 
     def _answer_gcp(self, method: str, path: str, headers: Any) -> tuple[int, dict, bytes]:
         base = {"Content-Type": "application/text", "Metadata-Flavor": "Google"}
