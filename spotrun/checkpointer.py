@@ -50,6 +50,7 @@ from .errors import (
 )
 from .instance import InstanceInfo
 from .layout import DONE_MARKER, EXIT_INTERRUPTED
+from .lease import acquire_run_lease, release_run_lease
 from .ledger import Ledger
 from .manifest import Manifest
 from .notices import Notice, Watcher, watchers_from_env
@@ -227,6 +228,9 @@ class Checkpointer:
             raise RuntimeError("Checkpointer is already active; use one 'with' block per run")
         self.storage.ensure_root(create=True)
         self._group = Group()
+        # One writer per run: rank 0 holds the run's lease from here to __exit__ (raises
+        # LeaseHeldError, on every rank, when another trainer has it).
+        self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
         self._entered = True
         self._process_started_at = _process_start_time()
         if self.handle_signals:
@@ -256,6 +260,8 @@ class Checkpointer:
         finally:
             self._restore_signal_handlers()
             self._entered = False
+            # A save still writing (a second Ctrl-C) keeps the lease until this process ends.
+            release_run_lease(self._lease, writing=self._job is not None and not self._job.done.is_set())
         if self._group is None or not self._group.is_main or self.finished:
             return
         if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
@@ -500,6 +506,8 @@ class Checkpointer:
     def _persist(self, step: int, payload: dict[str, Any], group: Group, t0: float, stall: float) -> Any:
         """Write one rank's payload; single-process runs also commit (background thread)."""
         try:
+            if self._lease is not None:
+                self._lease.check()  # a writer whose lease was taken over writes nothing more
             entry = write_payload(self.storage, step, group.rank, payload)
             if group.distributed:
                 return entry  # committed from the main thread once every rank has written
@@ -514,6 +522,8 @@ class Checkpointer:
                 t0: float, stall: float) -> None:
         manifest = Manifest(step=step, files=dict(entries), world_size=world_size,
                             metadata=self.metadata, save_seconds=round(time.time() - t0, 6))
+        if self._lease is not None:
+            self._lease.check()  # re-checked just before the manifest: the commit itself
         commit(self.storage, manifest)
         elapsed = time.time() - t0
         self._save_durations.append(elapsed)
