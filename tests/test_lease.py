@@ -48,7 +48,7 @@ def _fake_owner(**over) -> LeaseInfo:
 
 
 def _refused(out: str, owner_segment: str, owner_pid: int | None = None) -> None:
-    line = next((ln for ln in out.splitlines() if "LeaseHeldError" in ln), None)
+    line = next((ln for ln in out.splitlines() if ln.startswith("spotrun.errors.LeaseHeldError")), None)
     assert line is not None, out
     assert "already has a writer" in line and f"segment {owner_segment}" in line, line
     assert "expires" in line and "stop that one" in line, line
@@ -68,7 +68,7 @@ def test_simultaneous_writers_one_trains(url):
     code, out = finish(loser)
     assert code not in (0, EXIT_INTERRUPTED)
     _refused(out, winner_seg, winner.pid)
-    assert "ready" not in out
+    assert "ready" not in out.splitlines()
     wait_for_line(winner, "ready", timeout=90)
     winner.send_signal(signal.SIGTERM)
     code, _ = finish(winner)
