@@ -235,7 +235,13 @@ class Checkpointer:
         self._process_started_at = _process_start_time()
         if self.handle_signals:
             self._install_signal_handlers()
-        self._start_watchers()
+        try:
+            self._start_watchers()
+        except BaseException:  # e.g. a bad SPOTRUN_NOTICE_SOURCE: leave nothing held
+            self._restore_signal_handlers()
+            release_run_lease(self._lease, writing=False)
+            self._entered = False
+            raise
         if self._group.is_main:
             info = self._instance_info()
             self._record(

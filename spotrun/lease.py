@@ -376,6 +376,8 @@ class Lease:
         """Extend the lease (call with the lock held); marks it lost when someone took it."""
         if self._lost is not None or self.info is None or self._tag is None:
             return
+        if self._stop.is_set() and self.info.released_at is not None:
+            return  # released while this renewal waited for the lock: leave it released
         now = time.time()
         info = LeaseInfo(**{**asdict(self.info), "renewed_at": now, "expires_at": now + self.ttl_s})
         tag = self.storage.replace_tagged(LEASE, info.to_json(), self._tag)
@@ -409,7 +411,16 @@ class Lease:
         if self._lost is not None:
             raise self._lost
         with self._lock:
-            found = self._read()
+            try:
+                found = self._read()
+            except (SpotrunError, OSError) as exc:
+                # Cannot look: the compare-and-swap still guarantees that nobody took a
+                # lease before its expiry, so a lease well inside its time is still ours.
+                if self.info is not None and time.time() < self.info.expires_at - self.heartbeat_s:
+                    log.debug("could not re-read the lease (%s); it is ours until %s", exc,
+                              _fmt_utc(self.info.expires_at))
+                    return
+                raise
             if found is None or found[0] is None or found[0].token != self.token:
                 self._lose(found[0] if found else None)
             else:
@@ -422,9 +433,9 @@ class Lease:
     # -- letting go ------------------------------------------------------------------------
 
     def stop_heartbeat(self) -> None:
+        # No join: a renewal in flight finishes under the lock and then sees the stop flag,
+        # and a second Ctrl-C must not wait for a slow storage call.
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
 
     def release(self) -> None:
         """Mark the lease released so the next writer takes it at once (a clean exit)."""

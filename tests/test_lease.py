@@ -253,3 +253,25 @@ def test_stale_temporaries_removed_live_ones_kept(tmp_path):
     assert code == EXIT_FINISHED, out
     assert not os.path.exists(fresh_payload)
     assert os.path.exists(fresh_ledger) and os.path.exists(not_tmp)
+
+
+def test_launch_local_hands_the_lease_to_the_next_segment(tmp_path, child_env):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**child_env, "SPOTRUN_LEASE_TTL": "600"}  # nothing may wait out the TTL
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+         "--interruptions", "1", "--grace", "1", "--seed", "1", "--",
+         sys.executable, SCRIPT, "80", "0.05", "5"],
+        env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # The first segment starts with no word from the launcher; the next one may take over
+    # the lease of the one the launcher saw end.
+    assert "takeover: None" in out and "takeover: sim-1" in out
+    assert time.monotonic() - t0 < 240
+    lease = read_lease(Storage(str(run)))
+    assert lease is not None and lease.segment_id == "sim-2" and lease.released_at is not None

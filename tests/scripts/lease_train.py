@@ -4,6 +4,7 @@ training is underway and 'step N' after each step. argv: steps, seconds per step
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -16,6 +17,7 @@ steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 step_seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 0.05
 every = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
 model = torch.nn.Linear(4, 4)
+print(f"takeover: {os.environ.get('SPOTRUN_LEASE_TAKEOVER')}", flush=True)
 with spotrun.Checkpointer(model=model, every_steps=every, watchers=[]) as ckpt:
     for i, step in enumerate(ckpt.range(steps)):
         if i == 0:
