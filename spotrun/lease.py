@@ -37,7 +37,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import env_float, env_str
-from .errors import ConfigError, LeaseError, LeaseHeldError, LeaseLostError, SpotrunError
+from .errors import (
+    ConfigError,
+    LeaseError,
+    LeaseHeldError,
+    LeaseLostError,
+    SpotrunError,
+)
 from .layout import LAUNCH_DIR, LEASE, LEDGER_DIR, parse_step
 from .storage import Storage
 
@@ -130,7 +136,7 @@ class LeaseInfo:
     def from_json(cls, data: bytes) -> LeaseInfo:
         raw = json.loads(data)
         if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
+            raise TypeError("not a JSON object")
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         return cls(**fields)
 
@@ -285,8 +291,9 @@ class Lease:
         if info.segment_id in self.takeover:
             return f"the launcher saw segment {info.segment_id} end", True
         if now >= info.expires_at:
-            return (f"it expired at {_fmt_utc(info.expires_at)} (no heartbeat for "
-                    f"{now - info.renewed_at:.0f}s)", False)
+            why = (f"it expired at {_fmt_utc(info.expires_at)} (no heartbeat for "
+                   f"{now - info.renewed_at:.0f}s)")
+            return why, False
         return None
 
     def _won(self, info: LeaseInfo, tag: str) -> None:
