@@ -25,6 +25,14 @@ defaults below. Read them through these helpers so a bad value fails with one cl
                                write holds at most (this + 1) x part size of buffers
 ``SPOTRUN_S3_RETRIES``         extra tries per S3 part/range after botocore's own retries,
                                on throttling, 5xx and dropped connections (default 3)
+``SPOTRUN_LEASE_TTL``          seconds a run's writer lease lives without a heartbeat
+                               (default 30): how long a relaunch elsewhere may wait for a
+                               writer that vanished without releasing it
+``SPOTRUN_LEASE_HEARTBEAT``    seconds between lease renewals (default TTL / 3)
+``SPOTRUN_LEASE_WAIT``         longest a new writer waits for a lease whose owner may be
+                               gone to expire (default: TTL + heartbeat); 0 refuses at once
+``SPOTRUN_LEASE_TAKEOVER``     set by a launcher: comma-separated segment ids whose
+                               processes it saw end; their lease is taken over at once
 =============================  ==========================================================
 """
 

@@ -18,10 +18,14 @@ problem and, where there is one, the fix.
     │   └── UnsupportedFormatError   written by a newer spotrun than this one
     ├── SaveError                    a save (often a background one) failed
     ├── NoticeError                  an interruption-notice source misbehaved
+    │   └── MetadataBusyError        a metadata service answered with a passing error: retry
     ├── CostError                    a cost report or estimate cannot be computed
     │   └── PriceUnavailableError    no price source could answer
-    └── LaunchError                  the launcher could not keep the run going
-        └── CapacityError            no spot or on-demand capacity in any pool
+    ├── LaunchError                  the launcher could not keep the run going
+    │   └── CapacityError            no spot or on-demand capacity in any pool
+    └── LeaseError                   the run's one-writer lease (see spotrun.lease)
+        ├── LeaseHeldError           another live trainer is writing this run
+        └── LeaseLostError           another trainer took this run over: no more commits
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ __all__ = [
     "CredentialsError",
     "IncompatibleCheckpointError",
     "LaunchError",
+    "LeaseError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "MetadataBusyError",
     "NoCheckpointError",
     "NoticeError",
     "PriceUnavailableError",
@@ -124,4 +132,14 @@ class MetadataBusyError(NoticeError):
         self.status = status
 
 
-__all__ += ["MetadataBusyError"]
+
+class LeaseError(SpotrunError):
+    """The run URL's single-writer lease could not be taken or kept."""
+
+
+class LeaseHeldError(LeaseError):
+    """Another trainer, alive or not yet known to be gone, holds the run's lease."""
+
+
+class LeaseLostError(LeaseError):
+    """This process's lease was taken over: it must not write or commit again."""

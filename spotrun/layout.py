@@ -13,6 +13,9 @@ change it only together with ``manifest.FORMAT_VERSION``.
       done.json                the run finished (written once, by rank 0)
       ledger/                  one small JSON object per event (segments, checkpoints, ...)
       launch/                  the launcher's own state (instances, attempts)
+      lease                    who writes the run now (owner, heartbeat, expiry): on S3 one
+                               object replaced by conditional writes; elsewhere a folder of
+                               numbered versions, the newest current (see spotrun.lease)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "EXIT_FINISHED",
     "EXIT_INTERRUPTED",
     "LAUNCH_DIR",
+    "LEASE",
     "LEDGER_DIR",
     "MANIFEST",
     "STEP_DIGITS",
@@ -35,6 +39,8 @@ MANIFEST = "manifest.json"
 DONE_MARKER = "done.json"
 LEDGER_DIR = "ledger"
 LAUNCH_DIR = "launch"
+#: The single-writer lease (:mod:`spotrun.lease`).
+LEASE = "lease"
 
 #: The training loop ran to its end; ``done.json`` exists. Do not relaunch.
 EXIT_FINISHED = 0

@@ -524,6 +524,102 @@ class Storage:
                 pass
             self.fs.invalidate_cache(posixpath.dirname(path))
 
+    # -- conditional writes (the run's single-writer lease, see spotrun.lease) -----------
+    #
+    # A "tagged" object changes only through whoever read its current version (its tag), so
+    # of two writers that read the same version exactly one can replace it. On S3 it is one
+    # object, its tag the ETag: IfNoneMatch="*" creates, IfMatch=<etag> replaces, and S3
+    # answers 412 (or 409 for a concurrent conditional write) to the loser. Elsewhere
+    # ``rel`` is a folder of numbered versions ``v<generation>.json`` and the tag is the
+    # generation: replacing version g means creating g + 1 with an atomic create-if-absent
+    # (``os.link`` on local disk), which only one writer can do. fsspec offers no
+    # conditional write for other backends, so there it is best effort (check, then write).
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        """The current version of tagged object ``rel`` and its tag; None when there is none."""
+        if self._s3:
+            bucket, key, _ = self.fs.split_path(self.full(rel))
+
+            async def get() -> tuple[bytes, str]:
+                response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+                try:
+                    return await response["Body"].read(), str(response["ETag"])
+                finally:
+                    response["Body"].close()
+
+            with translate_errors(self.display(rel), "reading"):
+                try:
+                    return sync(self.fs.loop, get)  # type: ignore[no-any-return]
+                except FileNotFoundError:
+                    return None
+        for _ in range(10):
+            generations = self._tagged_versions(rel)
+            if not generations:
+                return None
+            newest = generations[-1]
+            try:
+                return bytes(self.read_bytes(_tagged_name(rel, newest))), str(newest)
+            except StorageNotFoundError:
+                continue  # replaced and pruned between the listing and the read: look again
+        raise StorageError(f"{self.display(rel)} keeps changing while being read; try again")
+
+    def create_tagged(self, rel: str, data: bytes) -> str | None:
+        """Create tagged object ``rel`` if it does not exist; its tag, or None when it does."""
+        if self._s3:
+            return self._put_conditional(rel, data, IfNoneMatch="*")
+        if self._tagged_versions(rel):
+            return None
+        return "1" if self.write_if_absent(_tagged_name(rel, 1), data) else None
+
+    def replace_tagged(self, rel: str, data: bytes, tag: str) -> str | None:
+        """Replace ``rel`` only if its current version is still ``tag``; the new tag, or None
+        when another writer changed it first (or it is gone)."""
+        if self._s3:
+            return self._put_conditional(rel, data, IfMatch=tag)
+        try:
+            generation = int(tag)
+        except ValueError:
+            return None
+        mine = _tagged_name(rel, generation + 1)
+        if not self.write_if_absent(mine, data):
+            return None
+        generations = self._tagged_versions(rel)
+        if generations[-1] != generation + 1:
+            # ``tag`` was stale and its successor had already been pruned: not ours to make.
+            self.remove(mine)
+            return None
+        for old in generations[:-2]:  # keep the previous version for readers mid-listing
+            self.remove(_tagged_name(rel, old))
+        return str(generation + 1)
+
+    def _tagged_versions(self, rel: str) -> list[int]:
+        found = []
+        for name in self.list_dir(rel):
+            if name.startswith("v") and name.endswith(".json") and name[1:-5].isdigit():
+                found.append(int(name[1:-5]))
+        return sorted(found)
+
+    def _put_conditional(self, rel: str, data: bytes, **condition: str) -> str | None:
+        path = self.full(rel)
+        bucket, key, _ = self.fs.split_path(path)
+        with translate_errors(self.display(rel), "writing"):
+            try:
+                response = sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket,
+                                Key=key, Body=data, **condition)
+            except OSError as exc:
+                # 412: the condition failed; 409: a concurrent conditional write won; 404:
+                # IfMatch on an object that is gone. All mean "another writer got there".
+                if _http_status(exc) in (404, 409, 412):
+                    return None
+                raise
+            finally:
+                self.fs.invalidate_cache(posixpath.dirname(path))
+        return str(response["ETag"])
+
+
+def _tagged_name(rel: str, generation: int) -> str:
+    return f"{rel}/v{generation:012d}.json"
+
 
 def fsync_dir(directory: str) -> None:
     """fsync a directory so a rename inside it survives power loss (no-op where unsupported)."""

@@ -51,6 +51,7 @@ from ..events import (
     TrainingResumed,
 )
 from ..layout import DONE_MARKER, EXIT_INTERRUPTED
+from ..lease import acquire_run_lease, release_run_lease
 from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
 from ..manifest import Manifest
 from ..notices import Notice, Watcher
@@ -206,14 +207,23 @@ class Checkpointer:
             raise RuntimeError("Checkpointer is already active; use one 'with' block per run")
         self.storage.ensure_root(create=True)
         self._group = Group()
+        # One writer per run: rank 0 holds the run's lease from here to __exit__ (raises
+        # LeaseHeldError, on every rank, when another trainer has it).
+        self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
         self._saver = Saver(
             self.storage, self._group, keep_last=self.keep_last, async_save=self.async_save,
             when_busy=self.when_busy, metadata=self.metadata, segment_id=self.segment_id,
-            emit=self._emit,
+            emit=self._emit, lease=self._lease,
         )
         self._entered = True
         self._process_started_at = _process_start_time()
-        self._interrupts.start()
+        try:
+            self._interrupts.start()
+        except BaseException:  # e.g. a bad SPOTRUN_NOTICE_SOURCE: leave nothing held
+            self._interrupts.restore_signal_handlers()
+            release_run_lease(self._lease, writing=False)
+            self._entered = False
+            raise
         if self._group.is_main:
             self._emit(SegmentStarted(segment_id=self.segment_id,
                                       instance=self._interrupts.instance_info(),
@@ -236,6 +246,8 @@ class Checkpointer:
             else:
                 self._interrupts.restore_signal_handlers()
             self._entered = False
+            # A save still writing (a second Ctrl-C) keeps the lease until this process ends.
+            release_run_lease(self._lease, writing=self._saver is not None and self._saver.writing)
         if self._group is None or not self._group.is_main or self.finished:
             self._flush_ledger()
             return

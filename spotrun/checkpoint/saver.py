@@ -34,6 +34,7 @@ from ..errors import SaveError, StorageError
 from ..events import CheckpointCommitted, EventSink
 from ..manifest import FileEntry, Manifest
 from ..snapshot import StagingBuffers, write_payload
+from ..lease import Lease
 from ..storage import Storage
 
 __all__ = ["Saver"]
@@ -70,6 +71,7 @@ class Saver:
         metadata: Mapping[str, Any],
         segment_id: str,
         emit: EventSink,
+        lease: Lease | None = None,
     ) -> None:
         self.storage = storage
         self.group = group
@@ -79,6 +81,7 @@ class Saver:
         self.metadata = metadata
         self.segment_id = segment_id
         self._emit = emit
+        self._lease = lease
         self._staging = StagingBuffers()
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
@@ -92,6 +95,11 @@ class Saver:
     def typical_duration(self) -> float | None:
         """The longest of the last few saves (capture to commit), or None before the first."""
         return max(self._durations) if self._durations else None
+
+    @property
+    def writing(self) -> bool:
+        """True while a background write is still running."""
+        return self._job is not None and not self._job.done.is_set()
 
     @property
     def in_flight(self) -> bool:
@@ -131,6 +139,8 @@ class Saver:
     def _write(self, step: int, state: dict[str, Any], t0: float, stall: float) -> _Written | None:
         """Write this rank's files (background thread); commit at once when it is the only rank."""
         try:
+            if self._lease is not None:
+                self._lease.check()  # a writer whose lease was taken over writes nothing more
             written = _Written(step, [write_payload(self.storage, step, self.group.rank, state)], t0, stall)
             if self.group.distributed:
                 return written  # committed from the training thread once every rank has written
@@ -148,6 +158,8 @@ class Saver:
         manifest = Manifest(step=step, files=files, world_size=len(per_rank),
                             metadata=dict(self.metadata),
                             save_seconds=round(time.time() - written.captured_at, 6))
+        if self._lease is not None:
+            self._lease.check()  # re-checked just before the manifest: the commit itself
         commit(self.storage, manifest)
         elapsed = time.time() - written.captured_at
         self._durations.append(elapsed)

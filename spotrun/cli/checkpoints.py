@@ -71,10 +71,12 @@ def _fmt_size(n: int) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     from ..commit import list_checkpoints
     from ..layout import DONE_MARKER
+    from ..lease import read_lease
     from ..storage import Storage
 
     storage = Storage(args.url, _storage_options(args.storage_options))
     storage.ensure_root(create=False)
+    lease = read_lease(storage)
     rows = []
     for info in list_checkpoints(storage):
         m = info.manifest
@@ -88,10 +90,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         })
     done = storage.exists(DONE_MARKER)
     if args.json:
-        print(json.dumps({"url": storage.display(), "done": done, "checkpoints": rows}, indent=2))
+        print(json.dumps({"url": storage.display(), "done": done, "checkpoints": rows,
+                          "writer": lease.to_dict() if lease else None}, indent=2))
         return 0
+    writer = f"writer: {lease.state_text()}" if lease else "writer: none (no lease)"
     if not rows:
         print(f"no checkpoints at {storage.display()}")
+        print(writer)
         return 0
     print(f"{'STEP':>12}  {'TIME (UTC)':20}  {'SIZE':>10}  STATUS")
     for r in rows:
@@ -100,6 +105,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{r['step']:>12}  {r['time'] or '-':20}  {size:>10}  {status}")
     if done:
         print("run finished (done marker present)")
+    print(writer)
     return 0
 
 

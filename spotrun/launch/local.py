@@ -135,6 +135,9 @@ class LocalLauncher:
         self._stop_signal: int | None = None
         self._stop_count = 0
         self._posted_last = False
+        #: Segments whose whole process group this launcher saw end: their run lease may be
+        #: taken over at once by the next segment (SPOTRUN_LEASE_TAKEOVER).
+        self._gone_segments: list[str] = []
         #: Seconds between successive checkpoints, as observed (None until two are seen).
         self._ckpt_gap: float | None = None
         if options.check_s is None:
@@ -270,6 +273,8 @@ class LocalLauncher:
                "SPOTRUN_NOTICE_SOURCE": "ec2",
                "SPOTRUN_IMDS_ENDPOINT": server.url,
                "SPOTRUN_POLL_INTERVAL": str(o.notice_poll_s)}
+        if self._gone_segments:
+            env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(self._gone_segments)
         start_step = last_checkpoint(self.storage)
         started = self.clock()
         seg = Segment(segment_id=seg_id, instance_id=seg_id, instance_type=o.instance_type,
@@ -348,6 +353,8 @@ class LocalLauncher:
             raise
         finally:
             server.stop()
+        if _group_gone(proc.pid):
+            self._gone_segments.append(seg_id)
         self._posted_last = posted is not None
         reason, detail = self._classify(rc, posted=posted is not None, stopped=forwarded > 0)
         seg.ended_at, seg.end_reason, seg.exit_code, seg.detail = self.clock(), reason, rc, detail
@@ -370,6 +377,17 @@ class LocalLauncher:
             return "failed", ("the command exited 0 without writing done.json; does it run its "
                               "loop through spotrun.Checkpointer (range() or finish())?")
         return "failed", f"the command failed with exit code {rc}"
+
+
+def _group_gone(pgid: int) -> bool:
+    """True when no process of the child's session is left (one could still be writing)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

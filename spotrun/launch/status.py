@@ -56,7 +56,17 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
         "done": is_done(storage),
         "current": None,
         "message": state.message if state else None,
+        "writer": None,
     }
+    from ..lease import read_lease
+
+    try:
+        lease = read_lease(storage)
+    except Exception as exc:  # noqa: BLE001 - status shows what it can
+        out["writer"] = {"text": f"unknown ({exc})"}
+    else:
+        if lease is not None:
+            out["writer"] = {**lease.to_dict(), "text": lease.state_text()}
     cur = state.current if state else None
     if cur is not None:
         current: dict[str, Any] = {
@@ -88,6 +98,8 @@ def format_status(st: dict[str, Any]) -> str:
     cp = st["last_checkpoint"]
     lines.append(f"checkpoint {'step ' + str(cp) if cp is not None else 'none committed'}"
                  + ("; done.json written" if st["done"] else ""))
+    writer = st.get("writer")
+    lines.append(f"writer     {writer['text'] if writer else 'none (no lease)'}")
     lines.append(f"segments   {len(st['segments'])}, interruptions {st['interruptions']}, "
                  f"failures {st['failures']}")
     for s in st["segments"]:
