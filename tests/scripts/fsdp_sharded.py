@@ -1,0 +1,154 @@
+"""An FSDP2 model + AdamW under torchrun (gloo, CPU) that saves or loads a sharded checkpoint.
+
+    save:  train a few steps, write through spotrun.sharded (sync or --async, the latter
+           while the training thread keeps running all_reduces), rank 0 commits the
+           manifest and keeps the gathered full state next to it (--reference) for checking.
+    load:  build a fresh model on this many ranks, read_sharded (resharding), gather the
+           full state and compare it (torch.equal) with --reference; or, with
+           --expect-error, print which spotrun error the load raised.
+
+Each rank prints "rank R ok ..." or "rank R error CLASS"; the test reads these lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from spotrun.commit import commit, read_manifest
+from spotrun.errors import SpotrunError
+from spotrun.manifest import Manifest
+from spotrun.sharded import ShardedSaver, get_state, is_sharded, read_sharded, set_state, write_sharded
+from spotrun.storage import Storage
+
+DIMS = [12, 33, 20, 7]  # odd sizes: uneven shards on 2, 3 and 4 ranks
+
+
+def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(a, b) for a, b in zip(DIMS, DIMS[1:])]
+    model = torch.nn.Sequential(*layers)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def train(model: torch.nn.Module, optim: torch.optim.Optimizer, rank: int, steps: int) -> None:
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(steps):
+        x = torch.randn(8, DIMS[0], generator=gen)
+        loss = model(x).square().mean()
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+
+
+def full_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict:
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=opts),
+            "optim": get_optimizer_state_dict(model, optim, options=opts)}
+
+
+def differences(a, b, path="") -> list[str]:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+              and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+        return [] if ok else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["save", "load"])
+    p.add_argument("--url", required=True)
+    p.add_argument("--step", type=int, default=3)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--async", dest="use_async", action="store_true")
+    p.add_argument("--expect-error", action="store_true")
+    args = p.parse_args()
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    storage = Storage(args.url)
+    model, optim = build(world)
+    assert is_sharded(model) and is_sharded(optim)
+
+    if args.mode == "save":
+        train(model, optim, rank, args.step)
+        state = get_state(model, optim)
+        assert is_sharded(state)
+        if args.use_async:
+            saver = ShardedSaver(storage)
+            staged = saver.stage(state)
+            fut = saver.write_async(args.step, staged)
+            # The training thread keeps running collectives on the default group while
+            # the background write runs its own on the saver's group.
+            reduces = 0
+            t = torch.ones(1000)
+            while not fut.done() or reduces < 20:
+                dist.all_reduce(t)
+                reduces += 1
+            files = fut.result()
+            expected = torch.full((1000,), float(world) ** reduces)
+            assert torch.equal(t, expected), "all_reduce results were disturbed"
+            saver.close()
+            print(f"rank {rank} overlapped {reduces} all_reduces", flush=True)
+        else:
+            files = write_sharded(storage, args.step, state)
+        full = full_state(model, optim)
+        if rank == 0:
+            commit(storage, Manifest(step=args.step, files=dict(files), world_size=world))
+            torch.save(full, args.reference)
+        dist.barrier()
+        print(f"rank {rank} ok saved {sorted(n for n, _ in files)}", flush=True)
+    else:
+        manifest = read_manifest(storage, args.step)
+        state = get_state(model, optim)
+        try:
+            read_sharded(storage, manifest, state)
+        except SpotrunError as exc:
+            print(f"rank {rank} error {type(exc).__name__}: {exc}", flush=True)
+            dist.destroy_process_group()
+            return 0 if args.expect_error else 1
+        if args.expect_error:
+            print(f"rank {rank} loaded a damaged checkpoint without error", flush=True)
+            return 1
+        set_state(model, optim, state)
+        full = full_state(model, optim)
+        if rank == 0:
+            saved = torch.load(args.reference, weights_only=True)
+            diff = differences(saved, full)
+            if diff:
+                print(f"rank 0 MISMATCH {diff[:10]}", flush=True)
+                return 1
+        # One more step must run on the resharded state (optimizer state in place).
+        train(model, optim, rank, 1)
+        print(f"rank {rank} ok loaded on {world} ranks", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
