@@ -41,13 +41,15 @@ Restore on any number of ranks (DCP reshards)::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import logging
 import pickle
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -526,6 +528,17 @@ def _reraise_load(exc: CheckpointException) -> None:
     ) from exc
 
 
+@contextlib.contextmanager
+def _quiet_single_process(use_dist: bool) -> Iterator[None]:
+    # Without a process group DCP warns that it assumes one process: that is the intent here.
+    if use_dist:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 # -- writing ---------------------------------------------------------------------------
 
 
@@ -552,8 +565,9 @@ def write_sharded(
     writer = SpotrunStorageWriter(storage, step)
     use_dist = dist.is_available() and dist.is_initialized()
     try:
-        dcp.save(state_dict, storage_writer=writer, planner=planner,
-                 process_group=process_group, no_dist=not use_dist)
+        with _quiet_single_process(use_dist):
+            dcp.save(state_dict, storage_writer=writer, planner=planner,
+                     process_group=process_group, no_dist=not use_dist)
     except CheckpointException as exc:
         errors = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in _rank_errors(exc))
         raise SaveError(
@@ -609,8 +623,9 @@ def read_sharded(
         raise failure
     assert reader is not None
     try:
-        dcp.load(state_dict, storage_reader=reader, planner=planner,
-                 process_group=process_group, no_dist=not use_dist)
+        with _quiet_single_process(use_dist):
+            dcp.load(state_dict, storage_reader=reader, planner=planner,
+                     process_group=process_group, no_dist=not use_dist)
     except CheckpointException as exc:
         _reraise_load(exc)
     except RuntimeError as exc:
