@@ -295,7 +295,13 @@ class SpotrunStorageWriter(StorageWriter):
                     # torch.save writes a view's whole storage: save only the view's bytes.
                     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
                         tensor = tensor.clone()
-                    torch.save(tensor, out)
+                    # Serialised in memory first, then one write: torch.save alone makes
+                    # dozens of small writes per tensor, each hashed inline; one large
+                    # write hashes on a helper thread while the bytes go to storage.
+                    buf = io.BytesIO()
+                    torch.save(tensor, buf)
+                    out.write(buf.getbuffer())
+                    del buf
                 length = out.size - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))

@@ -8,6 +8,7 @@ Single-process tests cover the storage writer/reader, verification and error cla
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,8 +52,7 @@ def _torchrun(nproc: int, *args: str, env: dict) -> str:
 
 
 def _ok_ranks(out: str, what: str) -> set[int]:
-    return {int(line.split()[1]) for line in out.splitlines()
-            if line.startswith("rank ") and f" ok {what}" in line}
+    return {int(r) for r in re.findall(rf"rank (\d+) ok {what}", out)}
 
 
 def _save(nproc: int, url: str, ref: Path, env: dict, *extra: str) -> str:
@@ -96,7 +96,7 @@ def test_async_save_on_2_overlaps_collectives_then_load_on_4(tmp_path: Path, chi
     env = dict(child_env, SPOTRUN_TEST_WRITE_DELAY="0.01")
     url, ref = f"slowfile://{tmp_path / 'run'}", tmp_path / "ref.pt"
     out = _save(2, url, ref, env, "--async")
-    overlapped = [int(line.split()[3]) for line in out.splitlines() if " overlapped " in line]
+    overlapped = [int(n) for n in re.findall(r"rank \d+ overlapped (\d+) of", out)]
     assert len(overlapped) == 2 and all(n > 0 for n in overlapped), out[-4000:]
     _check_manifest(str(tmp_path / "run"), 2)
     _load(4, str(tmp_path / "run"), ref, child_env)
@@ -112,7 +112,7 @@ def test_damaged_shard_raises_corrupt_on_every_rank(tmp_path: Path, child_env: d
     shard.write_bytes(bytes(data))
     out = _torchrun(2, "load", "--url", url, "--reference", str(ref), "--expect-error",
                     env=child_env)
-    errors = [line for line in out.splitlines() if " error " in line]
+    errors = re.findall(r"rank \d+ error [^\n]*", out)
     assert len(errors) == 2 and all("CorruptCheckpointError" in e and "__1_0.distcp" in e
                                     for e in errors), out[-4000:]
 

@@ -35,6 +35,13 @@ from spotrun.storage import Storage
 DIMS = [12, 33, 20, 7]  # odd sizes: uneven shards on 2, 3 and 4 ranks
 
 
+def say(line: str) -> None:
+    # One write per line: print() writes the text and the newline separately, and lines
+    # of ranks sharing one stdout would interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     layers = [torch.nn.Linear(a, b) for a, b in zip(DIMS, DIMS[1:])]
@@ -126,7 +133,7 @@ def main() -> int:
             expected = torch.full((1000,), float(world) ** reduces)
             assert torch.equal(t, expected), "all_reduce results were disturbed"
             saver.close()
-            print(f"rank {rank} overlapped {during} of {reduces} all_reduces", flush=True)
+            say(f"rank {rank} overlapped {during} of {reduces} all_reduces")
         else:
             files = write_sharded(storage, args.step, state)
         full = full_state(model, optim)
@@ -134,18 +141,18 @@ def main() -> int:
             commit(storage, Manifest(step=args.step, files=dict(files), world_size=world))
             torch.save(full, args.reference)
         dist.barrier()
-        print(f"rank {rank} ok saved {sorted(n for n, _ in files)}", flush=True)
+        say(f"rank {rank} ok saved {sorted(n for n, _ in files)}")
     else:
         manifest = read_manifest(storage, args.step)
         state = get_state(model, optim)
         try:
             read_sharded(storage, manifest, state)
         except SpotrunError as exc:
-            print(f"rank {rank} error {type(exc).__name__}: {exc}", flush=True)
+            say(f"rank {rank} error {type(exc).__name__}: {exc}")
             dist.destroy_process_group()
             return 0 if args.expect_error else 1
         if args.expect_error:
-            print(f"rank {rank} loaded a damaged checkpoint without error", flush=True)
+            say(f"rank {rank} loaded a damaged checkpoint without error")
             return 1
         set_state(model, optim, state)
         full = full_state(model, optim)
@@ -153,11 +160,11 @@ def main() -> int:
             saved = torch.load(args.reference, weights_only=True)
             diff = differences(saved, full)
             if diff:
-                print(f"rank 0 MISMATCH {diff[:10]}", flush=True)
+                say(f"rank 0 MISMATCH {diff[:10]}")
                 return 1
         # One more step must run on the resharded state (optimizer state in place).
         train(model, optim, rank, 1)
-        print(f"rank {rank} ok loaded on {world} ranks", flush=True)
+        say(f"rank {rank} ok loaded on {world} ranks")
     dist.destroy_process_group()
     return 0
 
