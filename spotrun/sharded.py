@@ -78,7 +78,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.checkpoint.storage import (
+    StorageReader,
+    StorageWriter,
+    WriteResult,
+)
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
@@ -139,7 +143,7 @@ def is_sharded(obj_or_state: Any) -> bool:
     if isinstance(obj_or_state, torch.nn.Module):
         return any(isinstance(t, DTensor) for t in obj_or_state.parameters()) or any(
             isinstance(t, DTensor) for t in obj_or_state.buffers()
-        ) or _holds_sharded(_fsdp1_sharded_probe(obj_or_state))
+        ) or _fsdp1_sharded(obj_or_state)
     if isinstance(obj_or_state, torch.optim.Optimizer):
         params = (p for g in obj_or_state.param_groups for p in g["params"])
         return any(isinstance(p, DTensor) for p in params) or _holds_sharded(
@@ -148,21 +152,17 @@ def is_sharded(obj_or_state: Any) -> bool:
     return _holds_sharded(obj_or_state)
 
 
-def _fsdp1_sharded_probe(module: torch.nn.Module) -> Any:
-    # FSDP1 keeps flat parameters as plain tensors; only its SHARDED_STATE_DICT type says
-    # the state is sharded. Ask FSDP1 (if it wraps this module) which type is configured.
+def _fsdp1_sharded(module: torch.nn.Module) -> bool:
+    # FSDP1 keeps flat parameters as plain tensors; only its state dict type says whether
+    # its state dict is sharded (ShardedTensors/DTensors), and building one is collective.
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
         from torch.distributed.fsdp import StateDictType
     except ImportError:  # pragma: no cover - torch without FSDP
-        return None
-    roots = [m for m in module.modules() if isinstance(m, FSDP1)]
-    if not roots:
-        return None
-    state_type = getattr(roots[0], "_state_dict_type", None)
-    if state_type == StateDictType.SHARDED_STATE_DICT:
-        return module.state_dict()
-    return None
+        return False
+    return any(isinstance(m, FSDP1)
+               and getattr(m, "_state_dict_type", None) == StateDictType.SHARDED_STATE_DICT
+               for m in module.modules())
 
 
 def is_sharded_checkpoint(manifest: Manifest) -> bool:

@@ -16,11 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
 from helpers import REPO
-from spotrun.commit import commit, read_manifest, verify_checkpoint
-from spotrun.errors import CorruptCheckpointError, IncompatibleCheckpointError, StorageError
+
+from spotrun.commit import commit, list_checkpoints, read_manifest, verify_checkpoint
+from spotrun.errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    SaveError,
+    StorageError,
+)
 from spotrun.manifest import Manifest
 from spotrun.sharded import (
     DCP_METADATA,
@@ -91,10 +96,10 @@ def test_save_on_4_load_on_2_3_4(tmp_path: Path, child_env: dict) -> None:
 
 @pytest.mark.slow
 def test_async_save_on_2_overlaps_collectives_then_load_on_4(tmp_path: Path, child_env: dict) -> None:
-    # slowfile:// (tests/slowfs.py) sleeps on every write call, so the background write is
-    # still going while the training thread runs its all_reduces.
-    env = dict(child_env, SPOTRUN_TEST_WRITE_DELAY="0.01")
-    url, ref = f"slowfile://{tmp_path / 'run'}", tmp_path / "ref.pt"
+    # slowdcp:// (defined in the script) sleeps on every shard write, so the background
+    # write is still going while the training thread runs its all_reduces.
+    env = dict(child_env, SPOTRUN_TEST_WRITE_DELAY="0.2")
+    url, ref = f"slowdcp://{tmp_path / 'run'}", tmp_path / "ref.pt"
     out = _save(2, url, ref, env, "--async")
     overlapped = [int(n) for n in re.findall(r"rank \d+ overlapped (\d+) of", out)]
     assert len(overlapped) == 2 and all(n > 0 for n in overlapped), out[-4000:]
@@ -265,3 +270,17 @@ def test_saver_stage_reuses_buffers_and_sees_new_values(tmp_path: Path) -> None:
         assert saver.stage(state)["model"]["w"].shape == (3,)
     finally:
         saver.close()
+
+
+def test_failed_write_raises_save_error_and_commits_nothing(tmp_path: Path) -> None:
+    storage, _ = _write_and_commit(str(tmp_path / "run"), _state(), step=7)
+    folder = tmp_path / "run" / "000000000008"
+    folder.mkdir()
+    folder.chmod(0o500)  # the shard cannot be created (root ignores this: see below)
+    if os.geteuid() == 0:
+        folder.chmod(0o700)
+        folder.rmdir()
+        folder.write_bytes(b"")  # a file where the folder must go: makedirs fails for root too
+    with pytest.raises(SaveError, match="step 8 .* failed .*previous checkpoint is untouched"):
+        write_sharded(storage, 8, _state())
+    assert [c.step for c in list_checkpoints(storage) if c.status == "committed"] == [7]

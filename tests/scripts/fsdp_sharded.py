@@ -13,8 +13,10 @@ Each rank prints "rank R ok ..." or "rank R error CLASS"; the test reads these l
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,14 @@ from torch.distributed.fsdp import fully_shard
 from spotrun.commit import commit, read_manifest
 from spotrun.errors import SpotrunError
 from spotrun.manifest import Manifest
-from spotrun.sharded import ShardedSaver, get_state, is_sharded, read_sharded, set_state, write_sharded
+from spotrun.sharded import (
+    ShardedSaver,
+    get_state,
+    is_sharded,
+    read_sharded,
+    set_state,
+    write_sharded,
+)
 from spotrun.storage import Storage
 
 DIMS = [12, 33, 20, 7]  # odd sizes: uneven shards on 2, 3 and 4 ranks
@@ -44,7 +53,7 @@ def say(line: str) -> None:
 
 def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(a, b) for a, b in zip(DIMS, DIMS[1:])]
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(DIMS)]
     model = torch.nn.Sequential(*layers)
     mesh = init_device_mesh("cpu", (world,))
     for layer in layers:
@@ -85,6 +94,48 @@ def differences(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
+def _register_slow_fs() -> None:
+    """``slowdcp://``: local disk whose writes of DCP shard files sleep
+    ``SPOTRUN_TEST_WRITE_DELAY`` seconds per call, so a background write stays in flight."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class SlowWriter:
+        def __init__(self, raw, delay: float) -> None:
+            self._raw, self._delay = raw, delay
+
+        def write(self, data):
+            time.sleep(self._delay)
+            return self._raw.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._raw, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._raw.close()
+
+    class SlowDcpFS(LocalFileSystem):
+        protocol = ("slowdcp",)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            if isinstance(path, str) and path.startswith("slowdcp://"):
+                path = path[len("slowdcp://"):]
+            return super()._strip_protocol(path)
+
+        def _open(self, path, mode="rb", *args, **kwargs):
+            f = super()._open(path, mode, *args, **kwargs)
+            delay = float(os.environ.get("SPOTRUN_TEST_WRITE_DELAY", "0"))
+            if "w" in mode and delay and ".distcp" in path:
+                return SlowWriter(f, delay)
+            return f
+
+    fsspec.register_implementation("slowdcp", SlowDcpFS, clobber=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["save", "load"])
@@ -95,12 +146,8 @@ def main() -> int:
     p.add_argument("--expect-error", action="store_true")
     args = p.parse_args()
 
-    if args.url.startswith("slowfile://"):
-        # Slow writes (tests/slowfs.py) keep the background write in flight for a while.
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-        import slowfs
-
-        slowfs.register()
+    if args.url.startswith("slowdcp://"):
+        _register_slow_fs()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     storage = Storage(args.url)
