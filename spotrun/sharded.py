@@ -1,0 +1,743 @@
+"""Sharded checkpoints (FSDP2, FSDP1 sharded state dicts, tensor parallel) through PyTorch's DCP.
+
+``torch.distributed.checkpoint`` (DCP) does the planning, deduplication and resharding; this
+module only moves its bytes through spotrun's :class:`~spotrun.storage.Storage`, so local
+disk, ``s3://`` and ``memory://`` URLs all get spotrun's atomic writes, S3 multipart
+uploads, retries and hashing on the way out. Nothing here writes a manifest: DCP's files,
+``.metadata`` included, are ordinary payload, and the caller commits spotrun's manifest last.
+
+Layout of one sharded checkpoint (DCP's own names, so ``dcp.load`` with a plain
+``FileSystemReader`` can read a local copy too)::
+
+    000000000100/
+      __0_0.distcp      rank 0's shards (one file per rank)
+      __1_0.distcp      rank 1's shards
+      ...
+      .metadata         DCP's index (written by rank 0 after every rank has written)
+      manifest.json     spotrun's commit, written by the caller, last
+
+Call order for a synchronous save (every rank, the same calls in the same order)::
+
+    state = get_state(model, optimizer)                      # sharded state, no gather
+    files = write_sharded(storage, step, state)              # collective
+    if rank == 0:                                            # files lists EVERY rank's files
+        commit(storage, Manifest(step, dict(files), world_size=world))
+
+Asynchronous save (at most one in flight per :class:`ShardedSaver`)::
+
+    saver = ShardedSaver(storage)            # training thread, all ranks: makes a gloo group
+    staged = saver.stage(state)              # training thread: copy into reused host buffers
+    future = saver.write_async(step, staged) # background thread; no default-group collective
+    ...                                      # training goes on, its all_reduces included
+    files = future.result()                  # next step: rank 0 commits the manifest
+
+Restore on any number of ranks (DCP reshards)::
+
+    state = get_state(model, optimizer)      # the NEW topology's (empty) sharded state
+    read_sharded(storage, manifest, state)   # collective; loads in place, verifies sha256
+    set_state(model, optimizer, state)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import io
+import logging
+import pickle
+import threading
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._state_dict_utils import (
+    _check_state_dict_similarity,
+    _copy_state_dict,
+    _create_cpu_state_dict,
+)
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.storage import (
+    StorageReader,
+    StorageWriter,
+    WriteResult,
+)
+from torch.distributed.tensor import DTensor
+from torch.futures import Future
+
+from .errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    SaveError,
+    StorageError,
+    StorageNotFoundError,
+)
+from .layout import MANIFEST, checkpoint_dir
+from .manifest import FileEntry, Manifest
+from .storage import Storage
+
+__all__ = [
+    "DCP_METADATA",
+    "ShardedSaver",
+    "get_state",
+    "is_sharded",
+    "is_sharded_checkpoint",
+    "read_sharded",
+    "set_state",
+    "write_sharded",
+]
+
+log = logging.getLogger("spotrun")
+
+#: DCP's index file; its presence in a manifest marks a sharded checkpoint.
+DCP_METADATA = ".metadata"
+_SUFFIX = ".distcp"
+# WriteResults whose index starts with this carry one written file's (name, size, sha256)
+# from a rank to the coordinator; finish() takes them out before DCP's metadata is written.
+_FILE_RECORD_FQN = "__spotrun_file__/"
+
+
+# -- what is sharded -------------------------------------------------------------------
+
+
+def _holds_sharded(obj: Any) -> bool:
+    if isinstance(obj, (DTensor, ShardedTensor)):
+        return True
+    if isinstance(obj, Mapping):
+        return any(_holds_sharded(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_sharded(v) for v in obj)
+    return False
+
+
+def is_sharded(obj_or_state: Any) -> bool:
+    """True when a model's, optimizer's or state dict's tensors include DTensors or
+    ShardedTensors (FSDP2, FSDP1 with sharded state dicts, tensor parallel).
+
+    A module is checked through its parameters and buffers (no state dict is built); an
+    optimizer through its per-parameter state and its parameters (a fresh optimizer has no
+    state yet, but its parameters are the model's DTensors); anything else is walked as a
+    nested state dict.
+    """
+    if isinstance(obj_or_state, torch.nn.Module):
+        return any(isinstance(t, DTensor) for t in obj_or_state.parameters()) or any(
+            isinstance(t, DTensor) for t in obj_or_state.buffers()
+        ) or _fsdp1_sharded(obj_or_state)
+    if isinstance(obj_or_state, torch.optim.Optimizer):
+        params = (p for g in obj_or_state.param_groups for p in g["params"])
+        return any(isinstance(p, DTensor) for p in params) or _holds_sharded(
+            list(obj_or_state.state.values())
+        )
+    return _holds_sharded(obj_or_state)
+
+
+def _fsdp1_sharded(module: torch.nn.Module) -> bool:
+    # FSDP1 keeps flat parameters as plain tensors; only its state dict type says whether
+    # its state dict is sharded (ShardedTensors/DTensors), and building one is collective.
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+        from torch.distributed.fsdp import StateDictType
+    except ImportError:  # pragma: no cover - torch without FSDP
+        return False
+    return any(isinstance(m, FSDP1)
+               and getattr(m, "_state_dict_type", None) == StateDictType.SHARDED_STATE_DICT
+               for m in module.modules())
+
+
+def is_sharded_checkpoint(manifest: Manifest) -> bool:
+    """True when a committed checkpoint was written through DCP (it lists ``.metadata``)."""
+    return DCP_METADATA in manifest.files
+
+
+# -- getting and setting the state -----------------------------------------------------
+
+
+def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
+    if optimizers is None:
+        return []
+    if isinstance(optimizers, torch.optim.Optimizer):
+        return [optimizers]
+    return list(optimizers)
+
+
+def get_state(
+    model: torch.nn.Module,
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+    *,
+    options: StateDictOptions | None = None,
+) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` through ``torch.distributed.checkpoint.state_dict``.
+
+    The default options keep the state sharded (each rank holds only its own shards, no
+    gather), which is what lets DCP write ranks in parallel and reshard on load. Before the
+    first optimizer step DCP initialises the optimizer's state (zero moments), so a freshly
+    built model and optimizer give a state dict of the right shapes to load into.
+    Collective when the model is sharded: call it on every rank.
+    """
+    opts = _optimizer_list(optimizers)
+    model_sd, optim_sd = get_state_dict(model, opts, options=options or StateDictOptions())
+    state: dict[str, Any] = {"model": model_sd}
+    if opts:
+        state["optim"] = optim_sd
+    return state
+
+
+def set_state(
+    model: torch.nn.Module,
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None,
+    state: Mapping[str, Any],
+    *,
+    options: StateDictOptions | None = None,
+) -> None:
+    """Put a state from :func:`get_state` (after :func:`read_sharded`) back into the objects."""
+    opts = _optimizer_list(optimizers)
+    set_state_dict(
+        model,
+        opts,
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}) if opts else {},
+        options=options or StateDictOptions(),
+    )
+
+
+# -- DCP storage writer over spotrun's Storage -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileRecord:
+    name: str
+    size: int
+    sha256: str
+
+
+class SpotrunStorageWriter(StorageWriter):
+    """A DCP ``StorageWriter`` that writes one checkpoint folder through spotrun's Storage.
+
+    DCP calls it in this order (``dcp.save``; every rank unless noted):
+
+    0) ``reset()``
+    1) ``set_up_storage_writer(is_coordinator, rank=...)``
+    2) ``prepare_local_plan(plan)``
+    3) (coordinator) ``prepare_global_plan(plans)``: gives rank ``i`` the file ``__i_0.distcp``
+    4) ``write_data(plan, planner)``: one file per rank, written all-or-nothing and hashed as
+       it goes out; besides DCP's WriteResults it returns one record per file it wrote
+    5) (coordinator) ``finish(metadata, results)``: takes the file records out of the
+       gathered results, writes ``.metadata`` the same way, keeps every file's entry
+
+    Afterwards :attr:`files` holds ``[(name, FileEntry)]``: every rank's files and
+    ``.metadata`` on the coordinator, this rank's own file(s) elsewhere.
+    """
+
+    def __init__(self, storage: Storage, step: int) -> None:
+        super().__init__()
+        self.storage = storage
+        self.folder = checkpoint_dir(step)
+        self.is_coordinator = False
+        self.rank = 0
+        self.save_id = uuid.uuid4().hex
+        self.files: list[tuple[str, FileEntry]] = []
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        # The folder comes from the step, not from DCP's checkpoint_id.
+        self.save_id = uuid.uuid4().hex
+        self.files = []
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0) or 0)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [
+            dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_"))
+            for i, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix = plan.storage_data.prefix if plan.storage_data is not None else f"__{self.rank}_"
+        name = f"{prefix}0{_SUFFIX}"
+        results: list[WriteResult] = []
+        # Bytes first, then tensors: the order DCP's own FileSystemWriter uses.
+        items = sorted(plan.items, key=lambda wi: wi.type != WriteItemType.BYTE_IO)
+        with self.storage.open_write(f"{self.folder}/{name}") as out:
+            for item in items:
+                offset = out.size
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    out.write(data.getbuffer())
+                else:
+                    tensor = data.detach()
+                    if tensor.device.type != "cpu":
+                        tensor = tensor.cpu()
+                    # torch.save writes a view's whole storage: save only the view's bytes.
+                    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                        tensor = tensor.clone()
+                    # Serialised in memory first, then one write: torch.save alone makes
+                    # dozens of small writes per tensor, each hashed inline; one large
+                    # write hashes on a helper thread while the bytes go to storage.
+                    buf = io.BytesIO()
+                    torch.save(tensor, buf)
+                    out.write(buf.getbuffer())
+                    del buf
+                length = out.size - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+        record = _FileRecord(name, out.size, out.sha256)
+        self.files = [(name, FileEntry(out.size, out.sha256))]
+        results.append(WriteResult(index=MetadataIndex(_FILE_RECORD_FQN + name),
+                                   size_in_bytes=out.size, storage_data=record))
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        storage_md: dict[MetadataIndex, Any] = {}
+        files: list[tuple[str, FileEntry]] = []
+        for rank_results in results:
+            for wr in rank_results:
+                if isinstance(wr.storage_data, _FileRecord):
+                    rec = wr.storage_data
+                    files.append((rec.name, FileEntry(rec.size, rec.sha256)))
+                else:
+                    storage_md[wr.index] = wr.storage_data
+        metadata.storage_data = storage_md
+        metadata.storage_meta = self.storage_meta()
+        with self.storage.open_write(f"{self.folder}/{DCP_METADATA}") as out:
+            pickle.dump(metadata, out)
+        files.append((DCP_METADATA, FileEntry(out.size, out.sha256)))
+        self.files = sorted(files)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.storage.display(self.folder), save_id=self.save_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False  # never picked automatically by DCP: spotrun passes it explicitly
+
+
+# -- DCP storage reader over spotrun's Storage -----------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` allowing only the classes it is made of.
+
+    DCP writes its index with pickle; a plain ``pickle.load`` of a file from a bucket would
+    run whatever code the file names. This allows DCP's metadata dataclasses, torch's
+    sizes, dtypes and layouts, and a few containers, and refuses everything else.
+    """
+
+    _MODULES = frozenset({
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.filesystem",
+        "torch.distributed.checkpoint.planner",
+    })
+    _ALLOWED = frozenset({
+        ("collections", "OrderedDict"),
+        ("torch", "Size"),
+        ("torch", "device"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "slice"),
+        # Looks a layout up by name among torch's layouts (TensorProperties uses it).
+        ("torch.serialization", "_get_layout"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+class SpotrunStorageReader(StorageReader):
+    """A DCP ``StorageReader`` over spotrun's Storage that checks every file it reads
+    against the manifest (size and sha256) before a byte of it is used.
+
+    DCP calls it in this order (``dcp.load``; every rank unless noted):
+
+    0) ``reset()``
+    1) ``read_metadata()``: the ``.metadata`` that :func:`read_sharded` already read and
+       verified (read up front because DCP turns a failure there into a generic error)
+    2) ``set_up_storage_reader(metadata, is_coordinator)``
+    3) ``prepare_local_plan(plan)``, then (coordinator) ``prepare_global_plan(plans)``
+    4) ``read_data(plan, planner)``: each needed file is read whole, verified, then sliced
+       into the planner's tensors (DCP narrows saved shards to this rank's new shards)
+    """
+
+    def __init__(self, storage: Storage, manifest: Manifest) -> None:
+        super().__init__()
+        self.storage = storage
+        self.manifest = manifest
+        self.folder = checkpoint_dir(manifest.step)
+        self.load_id = uuid.uuid4().hex
+        self.metadata = self._load_metadata()
+        self.storage_data: dict[MetadataIndex, Any] = {}
+
+    def read_verified(self, name: str) -> bytes | bytearray:
+        """The bytes of one file of the checkpoint, or CorruptCheckpointError when it is
+        missing, unlisted, or differs from the manifest (StorageError for access errors)."""
+        rel = f"{self.folder}/{name}"
+        where = self.storage.display(rel)
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise CorruptCheckpointError(
+                f"{where}: not listed in the manifest of step {self.manifest.step}; the "
+                "checkpoint is damaged, restore from an older one"
+            )
+        try:
+            data = self.storage.read_bytes(rel)
+        except StorageNotFoundError:
+            # A missing file under a readable manifest is damage; a missing bucket or
+            # folder (the manifest gone too) is an access problem and stays a StorageError.
+            if self.storage.exists(f"{self.folder}/{MANIFEST}"):
+                raise CorruptCheckpointError(
+                    f"{where}: missing although the manifest of step {self.manifest.step} "
+                    "lists it; restore from an older checkpoint"
+                ) from None
+            raise
+        if len(data) != entry.size:
+            raise CorruptCheckpointError(
+                f"{where}: {len(data)} bytes, manifest says {entry.size} (truncated or "
+                "overwritten); restore from an older checkpoint"
+            )
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            raise CorruptCheckpointError(
+                f"{where}: sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}... "
+                "(corrupted); restore from an older checkpoint"
+            )
+        return data
+
+    def _load_metadata(self) -> Metadata:
+        raw = self.read_verified(DCP_METADATA)
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{self.storage.display(f'{self.folder}/{DCP_METADATA}')}: unreadable DCP "
+                f"metadata ({exc}); restore from an older checkpoint"
+            ) from exc
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpointError(
+                f"{self.storage.display(self.folder)}: .metadata holds a "
+                f"{type(metadata).__name__}, not DCP metadata; restore from an older checkpoint"
+            )
+        return metadata
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.load_id = uuid.uuid4().hex
+
+    def read_metadata(self) -> Metadata:  # no **kwargs: no fallback to rank-local metadata
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool,
+                              *args: Any, **kwargs: Any) -> None:
+        self.storage_data = dict(metadata.storage_data or {})
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            info: _StorageInfo = self.storage_data[item.storage_index]
+            per_file.setdefault(info.relative_path, []).append(item)
+        for name, items in sorted(per_file.items()):
+            data = memoryview(self.read_verified(name))
+            for item in items:
+                info = self.storage_data[item.storage_index]
+                if info.transform_descriptors:
+                    raise IncompatibleCheckpointError(
+                        f"{self.storage.display(self.folder)}: DCP storage transforms "
+                        f"{info.transform_descriptors} are not supported by spotrun's reader"
+                    )
+                chunk = io.BytesIO(data[info.offset:info.offset + info.length])
+                if item.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(item, chunk)
+                    continue
+                tensor = torch.load(chunk, map_location="cpu", weights_only=True)
+                tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+                target = planner.resolve_tensor(item).detach()
+                if target.size() != tensor.size():
+                    raise IncompatibleCheckpointError(
+                        f"{self.storage.display(self.folder)}: {item.storage_index.fqn} has "
+                        f"shape {tuple(tensor.size())} in the checkpoint, "
+                        f"{tuple(target.size())} here; load into the same model"
+                    )
+                target.copy_(tensor)
+                planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+# -- errors out of DCP -----------------------------------------------------------------
+
+
+def _rank_errors(exc: CheckpointException) -> list[tuple[int, BaseException]]:
+    out = []
+    for rank, wrapped in sorted(exc.failures.items()):
+        err = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        out.append((rank, err))
+    return out
+
+
+def _reraise_load(exc: CheckpointException) -> None:
+    """DCP gathers every rank's failure into one CheckpointException on all ranks; raise
+    spotrun's class for it, so every rank takes the same decision (fall back or stop)."""
+    errors = _rank_errors(exc)
+    for cls in (CorruptCheckpointError, IncompatibleCheckpointError, StorageError):
+        for rank, err in errors:
+            if isinstance(err, cls):
+                raise type(err)(f"rank {rank}: {err}") from exc
+    rank, err = errors[0] if errors else (-1, exc)
+    raise IncompatibleCheckpointError(
+        f"rank {rank}: loading the sharded checkpoint failed ({type(err).__name__}: {err}); "
+        "check that the model and optimizer match the ones that saved it"
+    ) from exc
+
+
+@contextlib.contextmanager
+def _quiet_single_process(use_dist: bool) -> Iterator[None]:
+    # Without a process group DCP warns that it assumes one process: that is the intent here.
+    if use_dist:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def write_sharded(
+    storage: Storage,
+    step: int,
+    state_dict: dict[str, Any],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    planner: SavePlanner | None = None,
+) -> list[tuple[str, FileEntry]]:
+    """Write ``state_dict`` (sharded or not) as DCP files into ``checkpoint_dir(step)``.
+
+    Collective over ``process_group`` (default: the default group): every rank calls it,
+    every rank writes its own shards in parallel, rank 0 of the group writes ``.metadata``
+    last, and it returns on every rank only when all of that is durable. Returns
+    ``[(name, FileEntry)]`` for every file of the checkpoint on the group's rank 0 (the
+    rank that commits the manifest), this rank's own file elsewhere. Raises
+    :class:`~spotrun.errors.SaveError` on every rank when any rank failed; the previous
+    checkpoint is untouched (nothing is committed).
+
+    Replicated tensors (DDP, plain tensors) are written once, by DCP's dedup planner.
+    """
+    writer = SpotrunStorageWriter(storage, step)
+    use_dist = dist.is_available() and dist.is_initialized()
+    try:
+        with _quiet_single_process(use_dist):
+            dcp.save(state_dict, storage_writer=writer, planner=planner,
+                     process_group=process_group, no_dist=not use_dist)
+    except CheckpointException as exc:
+        errors = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in _rank_errors(exc))
+        raise SaveError(
+            f"sharded save of step {step} to {storage.display(checkpoint_dir(step))} failed "
+            f"({errors}); the previous checkpoint is untouched, fix the cause and save again"
+        ) from exc
+    return writer.files
+
+
+def read_sharded(
+    storage: Storage,
+    manifest: Manifest,
+    state_dict: dict[str, Any],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    planner: LoadPlanner | None = None,
+) -> None:
+    """Load a committed sharded checkpoint into ``state_dict`` in place, resharding.
+
+    ``state_dict`` is this run's own (e.g. :func:`get_state` of a freshly built model on
+    any number of ranks): DCP reads, for each of its shards, the overlapping parts of the
+    saved shards. Each file read is checked against ``manifest`` first. Collective: every
+    rank calls it. Raises, on every rank alike: CorruptCheckpointError when a file is
+    missing or differs from the manifest (fall back to an older checkpoint);
+    StorageError when storage cannot be read; IncompatibleCheckpointError when the state
+    does not fit (missing keys, other shapes).
+    """
+    if not is_sharded_checkpoint(manifest):
+        raise IncompatibleCheckpointError(
+            f"{storage.display(checkpoint_dir(manifest.step))} is not a sharded (DCP) "
+            "checkpoint; restore it with the Checkpointer's replicated path"
+        )
+    use_dist = dist.is_available() and dist.is_initialized()
+    reader: SpotrunStorageReader | None = None
+    failure: BaseException | None = None
+    try:
+        reader = SpotrunStorageReader(storage, manifest)
+    except (CorruptCheckpointError, StorageError) as exc:
+        failure = exc
+    if use_dist:
+        # Agree before DCP's collectives, so a rank that cannot read .metadata does not
+        # leave the others waiting in DCP's planning.
+        failures: list[Any] = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(failures, None if failure is None else (type(failure), str(failure)),
+                               group=process_group)
+        for rank, f in enumerate(failures):
+            if f is not None:
+                cls, msg = f
+                if failure is not None:
+                    raise failure
+                raise cls(f"rank {rank}: {msg}")
+    elif failure is not None:
+        raise failure
+    assert reader is not None
+    try:
+        with _quiet_single_process(use_dist):
+            dcp.load(state_dict, storage_reader=reader, planner=planner,
+                     process_group=process_group, no_dist=not use_dist)
+    except CheckpointException as exc:
+        _reraise_load(exc)
+    except RuntimeError as exc:
+        # DCP's planner raises plain RuntimeErrors for keys missing from the checkpoint.
+        raise IncompatibleCheckpointError(
+            f"{storage.display(checkpoint_dir(manifest.step))}: {exc}; check that the model "
+            "and optimizer match the ones that saved it"
+        ) from exc
+
+
+# -- async -----------------------------------------------------------------------------
+
+
+class ShardedSaver:
+    """Sharded saves that stage in the training thread and write in the background.
+
+    Why a dedicated process group: ``dcp.save`` runs collectives before writing (gather
+    and scatter of plans) and after (gathering every rank's results so rank 0 can write
+    ``.metadata``, then a broadcast). Planning in the training thread would still leave the
+    second one, and with it every file's size and sha256, for the background. Collectives
+    on the default group from the background thread would interleave with the training
+    thread's own (gloo matches messages by order, so that hangs or mixes up tensors), so
+    every DCP collective here runs on one extra gloo group made once, in the constructor,
+    as ``torch.distributed.checkpoint.async_save`` expects. gloo runs on CPU for any
+    accelerator backend, and a group's collectives are ordered only within that group.
+
+    Call order (every rank, in the same order)::
+
+        saver = ShardedSaver(storage)          # training thread; collective (new_group)
+        staged = saver.stage(state)            # training thread; waits for the previous write
+        fut = saver.write_async(step, staged)  # returns at once
+        files = fut.result()                   # or saver.write(step, staged) in your own thread
+        saver.close()
+
+    ``stage`` copies this rank's local shards into host buffers made on the first call and
+    reused while the state's structure stays the same (pinned when CUDA is available, so
+    device-to-host copies are asynchronous DMA, synchronised before ``stage`` returns).
+    At most one write is in flight: ``stage`` waits for the previous write to finish, since
+    it would otherwise overwrite buffers that write is still reading.
+    """
+
+    def __init__(self, storage: Storage, *, process_group: dist.ProcessGroup | None = None,
+                 pin_memory: bool | None = None) -> None:
+        self.storage = storage
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._group: dist.ProcessGroup | None = process_group
+        if process_group is None and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        self._buffers: dict[str, Any] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="spotrun-dcp")
+        self._in_flight: concurrent.futures.Future[list[tuple[str, FileEntry]]] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group every DCP collective of this saver runs on."""
+        return self._group
+
+    def wait(self) -> list[tuple[str, FileEntry]] | None:
+        """Wait for the write in flight, if any; its files, or its error (SaveError)."""
+        fut, self._in_flight = self._in_flight, None
+        return None if fut is None else fut.result()
+
+    @torch.no_grad()
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Copy ``state_dict``'s tensors (this rank's local shards) into reused host buffers.
+
+        Call in the training thread, on every rank. Waits for the previous write first (its
+        error, if any, is raised here). Returns the staged state dict: same structure, same
+        DTensor placements, host tensors, and current values of non-tensor leaves.
+        """
+        self.wait()
+        if self._buffers is None or not _same_structure(state_dict, self._buffers):
+            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
+        staged = _copy_state_dict(state_dict, self._buffers, non_blocking=self.pin_memory,
+                                  type_check=False)
+        if self.pin_memory and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return staged
+
+    def write(self, step: int, staged: dict[str, Any]) -> list[tuple[str, FileEntry]]:
+        """Write a staged state; safe in a background thread (collectives only on the
+        saver's own group). Returns what :func:`write_sharded` returns."""
+        with self._lock:
+            return write_sharded(self.storage, step, staged, process_group=self._group)
+
+    def write_async(self, step: int, staged: dict[str, Any]
+                    ) -> concurrent.futures.Future[list[tuple[str, FileEntry]]]:
+        """Start :meth:`write` on the saver's thread; returns its future."""
+        if self._in_flight is not None and not self._in_flight.done():
+            raise SaveError("a sharded write is still in flight; call stage() or wait() first")
+        self._in_flight = self._executor.submit(self.write, step, staged)
+        return self._in_flight
+
+    def close(self) -> None:
+        """Wait for the write in flight and stop the saver's thread (the group is kept:
+        destroying a group is collective and gloo tears down badly mid-exit)."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def _same_structure(state: Any, buffers: Any) -> bool:
+    try:
+        return bool(_check_state_dict_similarity(state, buffers))
+    except Exception:  # noqa: BLE001 - any mismatch in walking means "rebuild"
+        return False

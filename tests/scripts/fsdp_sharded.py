@@ -1,0 +1,221 @@
+"""An FSDP2 model + AdamW under torchrun (gloo, CPU) that saves or loads a sharded checkpoint.
+
+    save:  train a few steps, write through spotrun.sharded (sync or --async, the latter
+           while the training thread keeps running all_reduces), rank 0 commits the
+           manifest and keeps the gathered full state next to it (--reference) for checking.
+    load:  build a fresh model on this many ranks, read_sharded (resharding), gather the
+           full state and compare it (torch.equal) with --reference; or, with
+           --expect-error, print which spotrun error the load raised.
+
+Each rank prints "rank R ok ..." or "rank R error CLASS"; the test reads these lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from spotrun.commit import commit, read_manifest
+from spotrun.errors import SpotrunError
+from spotrun.manifest import Manifest
+from spotrun.sharded import (
+    ShardedSaver,
+    get_state,
+    is_sharded,
+    read_sharded,
+    set_state,
+    write_sharded,
+)
+from spotrun.storage import Storage
+
+DIMS = [12, 33, 20, 7]  # odd sizes: uneven shards on 2, 3 and 4 ranks
+
+
+def say(line: str) -> None:
+    # One write per line: print() writes the text and the newline separately, and lines
+    # of ranks sharing one stdout would interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(DIMS)]
+    model = torch.nn.Sequential(*layers)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def train(model: torch.nn.Module, optim: torch.optim.Optimizer, rank: int, steps: int) -> None:
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(steps):
+        x = torch.randn(8, DIMS[0], generator=gen)
+        loss = model(x).square().mean()
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+
+
+def full_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict:
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=opts),
+            "optim": get_optimizer_state_dict(model, optim, options=opts)}
+
+
+def differences(a, b, path="") -> list[str]:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+              and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+        return [] if ok else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def _register_slow_fs() -> None:
+    """``slowdcp://``: local disk whose writes of DCP shard files sleep
+    ``SPOTRUN_TEST_WRITE_DELAY`` seconds per call, so a background write stays in flight."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class SlowWriter:
+        def __init__(self, raw, delay: float) -> None:
+            self._raw, self._delay = raw, delay
+
+        def write(self, data):
+            time.sleep(self._delay)
+            return self._raw.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._raw, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._raw.close()
+
+    class SlowDcpFS(LocalFileSystem):
+        protocol = ("slowdcp",)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            if isinstance(path, str) and path.startswith("slowdcp://"):
+                path = path[len("slowdcp://"):]
+            return super()._strip_protocol(path)
+
+        def _open(self, path, mode="rb", *args, **kwargs):
+            f = super()._open(path, mode, *args, **kwargs)
+            delay = float(os.environ.get("SPOTRUN_TEST_WRITE_DELAY", "0"))
+            if "w" in mode and delay and ".distcp" in path:
+                return SlowWriter(f, delay)
+            return f
+
+    fsspec.register_implementation("slowdcp", SlowDcpFS, clobber=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["save", "load"])
+    p.add_argument("--url", required=True)
+    p.add_argument("--step", type=int, default=3)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--async", dest="use_async", action="store_true")
+    p.add_argument("--expect-error", action="store_true")
+    args = p.parse_args()
+
+    if args.url.startswith("slowdcp://"):
+        _register_slow_fs()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    storage = Storage(args.url)
+    model, optim = build(world)
+    assert is_sharded(model) and is_sharded(optim)
+
+    if args.mode == "save":
+        train(model, optim, rank, args.step)
+        state = get_state(model, optim)
+        assert is_sharded(state)
+        if args.use_async:
+            saver = ShardedSaver(storage)
+            staged = saver.stage(state)
+            fut = saver.write_async(args.step, staged)
+            # The training thread keeps running collectives on the default group while
+            # the background write runs its own on the saver's group. Each round's first
+            # all_reduce also agrees whether every rank's write is done, so all ranks run
+            # the same number of rounds.
+            reduces = during = 0
+            base = torch.arange(1000, dtype=torch.float64)
+            ranks_sum = world * (world + 1) / 2
+            while True:
+                pending = torch.tensor([0.0 if fut.done() else 1.0])
+                dist.all_reduce(pending)
+                t = base * (rank + 1) + reduces
+                dist.all_reduce(t)
+                assert torch.equal(t, base * ranks_sum + world * reduces), "all_reduce disturbed"
+                reduces += 1
+                during += int(not fut.done())
+                if pending.item() == 0 and reduces >= 5:
+                    break
+            files = fut.result()
+            saver.close()
+            say(f"rank {rank} overlapped {during} of {reduces} all_reduces")
+        else:
+            files = write_sharded(storage, args.step, state)
+        full = full_state(model, optim)
+        if rank == 0:
+            commit(storage, Manifest(step=args.step, files=dict(files), world_size=world))
+            torch.save(full, args.reference)
+        dist.barrier()
+        say(f"rank {rank} ok saved {sorted(n for n, _ in files)}")
+    else:
+        manifest = read_manifest(storage, args.step)
+        state = get_state(model, optim)
+        try:
+            read_sharded(storage, manifest, state)
+        except SpotrunError as exc:
+            say(f"rank {rank} error {type(exc).__name__}: {exc}")
+            dist.destroy_process_group()
+            return 0 if args.expect_error else 1
+        if args.expect_error:
+            say(f"rank {rank} loaded a damaged checkpoint without error")
+            return 1
+        set_state(model, optim, state)
+        full = full_state(model, optim)
+        if rank == 0:
+            saved = torch.load(args.reference, weights_only=True)
+            diff = differences(saved, full)
+            if diff:
+                say(f"rank 0 MISMATCH {diff[:10]}")
+                return 1
+        # One more step must run on the resharded state (optimizer state in place).
+        train(model, optim, rank, 1)
+        say(f"rank {rank} ok loaded on {world} ranks")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
