@@ -123,6 +123,12 @@ class Checkpointer:
         watchers: interruption-notice sources; default: from the environment (see
             :func:`spotrun.notices.watchers_from_env`); ``[]`` for none.
         storage_options: passed to fsspec (e.g. S3 endpoint, profile).
+        sharded: save the model and optimizer through ``torch.distributed.checkpoint``, each
+            rank writing its own shards, and reshard on restore (any number of ranks).
+            Default (None): when the model's parameters are DTensors / ShardedTensors
+            (FSDP2 ``fully_shard``, tensor parallel, FSDP1 with sharded state dicts). Needs
+            exactly one model. Everything else (scheduler, ``objects=``, ``values=``,
+            ``per_rank=``, RNG) is saved as for replicated runs.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class Checkpointer:
         handle_signals: bool = True,
         watchers: Sequence[Watcher] | None = None,
         storage_options: dict[str, Any] | None = None,
+        sharded: bool | None = None,
     ) -> None:
         if every_steps is not None and every_steps < 1:
             raise ConfigError(f"every_steps={every_steps} must be a positive number of steps")
@@ -158,6 +165,12 @@ class Checkpointer:
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
         self.storage: Storage = open_storage(url, storage_options)
+        self._model_names = list(_named("model", model))
+        self._optimizer_names = list(_named("optimizer", optimizer))
+        self._sharded_arg = sharded
+        #: True when model and optimizer state go through DCP (decided on ``__enter__``).
+        self.sharded = False
+        self._sharded_saver: Any = None
         self.objects: dict[str, Any] = {}
         for group in (
             _named("model", model),
@@ -210,10 +223,16 @@ class Checkpointer:
         # One writer per run: rank 0 holds the run's lease from here to __exit__ (raises
         # LeaseHeldError, on every rank, when another trainer has it).
         self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
+        self.sharded = self._decide_sharded()
+        if self.sharded:
+            from ..sharded import ShardedSaver
+
+            # Collective (it makes the saver's own process group): every rank is here.
+            self._sharded_saver = ShardedSaver(self.storage)
         self._saver = Saver(
             self.storage, self._group, keep_last=self.keep_last, async_save=self.async_save,
             when_busy=self.when_busy, metadata=self.metadata, segment_id=self.segment_id,
-            emit=self._emit, lease=self._lease,
+            emit=self._emit, sharded=self._sharded_saver, lease=self._lease,
         )
         self._entered = True
         self._process_started_at = _process_start_time()
@@ -369,10 +388,42 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------
 
+    def _decide_sharded(self) -> bool:
+        if self._sharded_arg is False:
+            return False
+        from ..sharded import is_sharded
+
+        detected = any(is_sharded(unwrap(self.objects[n])) for n in self._model_names)
+        if not (detected or self._sharded_arg):
+            return False
+        if len(self._model_names) != 1:
+            raise ConfigError(
+                f"sharded checkpoints take exactly one model, got {len(self._model_names)}; "
+                "wrap the models in one nn.Module (or pass sharded=False)"
+            )
+        log.info("sharded model: model and optimizer state go through "
+                 "torch.distributed.checkpoint, every rank writing its own shards")
+        return True
+
+    def _replicated_objects(self) -> dict[str, Any]:
+        """The objects saved in rank 0's payload (all but model and optimizer when sharded)."""
+        if not self.sharded:
+            return self.objects
+        dcp_names = {*self._model_names, *self._optimizer_names}
+        return {n: o for n, o in self.objects.items() if n not in dcp_names}
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """Model and optimizer state as DCP wants it: each rank's own shards, no gather."""
+        from ..sharded import get_state
+
+        return get_state(unwrap(self.objects[self._model_names[0]]),
+                         [self.objects[n] for n in self._optimizer_names])
+
     def _payload(self, group: Group) -> dict[str, Any]:
         payload: dict[str, Any] = {"format": PAYLOAD_FORMAT, "step": self.steps_done}
         if group.is_main:
-            payload["objects"] = {n: unwrap(o).state_dict() for n, o in self.objects.items()}
+            payload["objects"] = {n: unwrap(o).state_dict()
+                                  for n, o in self._replicated_objects().items()}
             for k, v in self.values.items():
                 check_plain(k, v)
             payload["values"] = dict(self.values)
@@ -392,7 +443,8 @@ class Checkpointer:
         fails, the previous checkpoint stays the latest, untouched.
         """
         group, saver = self._require_active()
-        saver.save(self.steps_done, lambda: self._payload(group))
+        saver.save(self.steps_done, lambda: self._payload(group),
+                   self._sharded_state if self.sharded else None)
 
     @property
     def save_in_flight(self) -> bool:

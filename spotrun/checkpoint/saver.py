@@ -8,9 +8,15 @@ is known at the first step boundary where the ranks agree that no save is still 
 written (:meth:`Saver.commit_written`, main thread, a collective). Whatever fails, the
 previous checkpoint stays the latest, untouched.
 
+A sharded run (FSDP2, tensor parallel) has two kinds of payload per rank: its DCP shard files
+(model and optimizer, written through :class:`~spotrun.sharded.ShardedSaver` on its own
+process group, so the background write never interleaves with the training thread's
+collectives) and its ``rank-NNNNN.pt`` (everything else). Both are written before the commit,
+and the manifest lists every file of every rank.
+
 Call order (all ranks together, training thread)::
 
-    saver.save(step, payload_fn)    # stage (the only pause), write in the background
+    saver.save(step, payload_fn, sharded_fn)  # stage (the only pause), write in the background
     saver.poll()                    # each step: still writing? raises a failed write
     saver.commit_written()          # each step, once no rank is busy (distributed only)
     saver.wait()                    # block until written and committed
@@ -26,16 +32,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..commit import commit, prune
 from ..distributed import Group
 from ..errors import SaveError, StorageError
 from ..events import CheckpointCommitted, EventSink
+from ..lease import Lease
 from ..manifest import FileEntry, Manifest
 from ..snapshot import StagingBuffers, write_payload
-from ..lease import Lease
 from ..storage import Storage
+
+if TYPE_CHECKING:
+    from ..sharded import ShardedSaver
 
 __all__ = ["Saver"]
 
@@ -72,6 +81,7 @@ class Saver:
         segment_id: str,
         emit: EventSink,
         lease: Lease | None = None,
+        sharded: ShardedSaver | None = None,
     ) -> None:
         self.storage = storage
         self.group = group
@@ -82,6 +92,7 @@ class Saver:
         self.segment_id = segment_id
         self._emit = emit
         self._lease = lease
+        self._sharded = sharded
         self._staging = StagingBuffers()
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
@@ -108,8 +119,10 @@ class Saver:
 
     # -- saving --------------------------------------------------------------------------------
 
-    def save(self, step: int, payload: Callable[[], dict[str, Any]]) -> None:
-        """Checkpoint ``step`` with the state ``payload()`` returns (see the module docstring)."""
+    def save(self, step: int, payload: Callable[[], dict[str, Any]],
+             sharded: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Checkpoint ``step``: ``payload()`` is this rank's ``torch.save`` state and
+        ``sharded()`` (sharded runs) the model and optimizer state for DCP."""
         if step in (self.last_saved_step, self._pending_step):
             return
         t0 = time.time()
@@ -123,12 +136,16 @@ class Saver:
         # The previous save must be durable before its staging buffers are reused.
         self.wait()
         state = payload()
+        shards = sharded() if sharded is not None and self._sharded is not None else None
         if self.async_save:
             state = self._staging.stage(state)
+            if shards is not None:
+                assert self._sharded is not None
+                shards = self._sharded.stage(shards)
         stall = time.time() - t0
         self._pending_step = step
         self.last_save_time = time.time()
-        job = _Job(self._write, step, state, t0, stall)
+        job = _Job(self._write, step, state, shards, t0, stall)
         self._job = job
         if self.async_save:
             job.start()
@@ -136,16 +153,26 @@ class Saver:
             job.run()
             self.wait()
 
-    def _write(self, step: int, state: dict[str, Any], t0: float, stall: float) -> _Written | None:
+    def _write(self, step: int, state: dict[str, Any], shards: dict[str, Any] | None,
+               t0: float, stall: float) -> _Written | None:
         """Write this rank's files (background thread); commit at once when it is the only rank."""
         try:
             if self._lease is not None:
                 self._lease.check()  # a writer whose lease was taken over writes nothing more
-            written = _Written(step, [write_payload(self.storage, step, self.group.rank, state)], t0, stall)
+            entries: Entries = []
+            if shards is not None:
+                assert self._sharded is not None
+                # Collective on the sharded saver's own group: every rank's shards and DCP's
+                # .metadata are durable when it returns (rank 0 gets every file's entry).
+                entries += self._sharded.write(step, shards)
+            entries.append(write_payload(self.storage, step, self.group.rank, state))
+            written = _Written(step, entries, t0, stall)
             if self.group.distributed:
                 return written  # committed from the training thread once every rank has written
             self._commit(written, [written.entries])
             return None
+        except SaveError:
+            raise
         except (StorageError, OSError, RuntimeError) as exc:
             raise SaveError(
                 f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact"
