@@ -1,0 +1,153 @@
+"""FSDP2 under real torchrun (gloo, CPU) with the Checkpointer: sharded saves through DCP,
+bit-exact resume after SIGTERM on the same world size, and elastic resume on another one."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from spotrun.commit import list_checkpoints, read_manifest, verify_checkpoint
+from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.storage import Storage
+
+from .conftest import REPO, free_port
+from .helpers import env_for
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = str(REPO / "tests" / "scripts" / "fsdp_train.py")
+STEPS, EVERY, SAMPLES = 40, 8, 240
+TIMEOUT = 300
+
+
+def _launch(url: str, nproc: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
+           "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
+           "--samples", str(SAMPLES), *extra]
+    return subprocess.Popen(cmd, env=env_for(url), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=REPO)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {TIMEOUT}s (deadlock?)\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def _committed(url: str) -> list[int]:
+    return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
+
+
+def _digest(out: str) -> str:
+    found = re.findall(r"^full-state ([0-9a-f]{64})$", out, re.MULTILINE)
+    assert len(found) == 1, out[-4000:]
+    return found[0]
+
+
+def _per_epoch(out: str) -> dict[int, Counter]:
+    epochs: dict[int, Counter] = {}
+    for _, _, e, idx in re.findall(r"^rank (\d) step (\d+) epoch (\d+) idx ([\d,]+)$", out,
+                                   re.MULTILINE):
+        epochs.setdefault(int(e), Counter()).update(int(i) for i in idx.split(","))
+    return epochs
+
+
+def _interrupt(url: str, nproc: int, *extra: str) -> tuple[int, str]:
+    """Run on ``nproc`` ranks and SIGTERM the wrapper just after its first checkpoint."""
+    proc = _launch(url, nproc, "--step-sleep", "0.05", *extra)
+    deadline = time.monotonic() + TIMEOUT
+    while not _committed(url):
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
+        assert time.monotonic() < deadline, "no checkpoint committed"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    code, out = _finish(proc)
+    assert code == 128 + signal.SIGTERM, out[-4000:]
+    stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", out, re.MULTILINE))
+    assert len(stops) == 1, out[-4000:]
+    stop = int(stops.pop())
+    assert 0 < stop < STEPS and max(_committed(url)) == stop
+    return stop, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[str, str]:
+    url = str(tmp_path_factory.mktemp("fsdp") / "reference")
+    code, out = _finish(_launch(url, 2))
+    assert code == EXIT_FINISHED, out[-4000:]
+    return _digest(out), out
+
+
+def test_sigterm_then_resume_is_bit_exact(tmp_path, reference):
+    digest, ref_out = reference
+    url = str(tmp_path / "run")
+    stop, first = _interrupt(url, 2)
+    # Every rank's shards, DCP's index and the rank files, all listed and verified.
+    st = Storage(url)
+    manifest = read_manifest(st, stop)
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt",
+            "rank-00001.pt"} <= set(manifest.files)
+    assert manifest.world_size == 2 and verify_checkpoint(st, manifest) == []
+    code, out = _finish(_launch(url, 2))
+    assert code == EXIT_FINISHED, out[-4000:]
+    assert f"resumed from step {stop}" in out
+    assert _digest(out) == digest
+    assert _per_epoch(first + out) == _per_epoch(ref_out)
+
+
+@pytest.mark.parametrize("before,after", [(2, 3), (3, 2)])
+def test_resume_on_another_world_size(tmp_path, before, after):
+    url = str(tmp_path / "run")
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    stop, first = _interrupt(url, before, "--dump", str(dump))
+    code, out = _finish(_launch(url, after, "--dump", str(dump)))
+    assert code == EXIT_FINISHED, out[-4000:]
+    assert f"resumed from step {stop}" in out
+    saved = torch.load(dump / f"stopped-{stop}.pt", weights_only=True)
+    loaded = torch.load(dump / f"restored-{stop}.pt", weights_only=True)
+    flat_saved, flat_loaded = _flatten(saved), _flatten(loaded)
+    assert flat_saved.keys() == flat_loaded.keys()
+    for key, value in flat_saved.items():
+        other = flat_loaded[key]
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, other), key
+        else:
+            assert value == other, key
+    # Every finished epoch read every sample once; only the remainder rule (the last
+    # shares padded to a multiple of the world size) may repeat fewer than `after` of them.
+    epochs = _per_epoch(first + out)
+    for epoch in sorted(epochs)[:-1]:  # the last one is cut short by --steps
+        seen = epochs[epoch]
+        assert set(seen) == set(range(SAMPLES)), epoch
+        assert sum(seen.values()) - SAMPLES < after, (epoch, seen.most_common(3))
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: tree}
