@@ -456,8 +456,17 @@ class Checkpointer:
         done = threading.Event()
         failure: list[BaseException] = []
 
+        import torch  # already loaded by spotrun.state
+
+        # The CUDA device is per thread: NCCL collectives and staging copies on the helper
+        # thread must use this rank's device, not device 0.
+        device = (torch.cuda.current_device()
+                  if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
         def save_and_commit() -> None:
             try:
+                if device is not None:
+                    torch.cuda.set_device(device)
                 self.save()
                 self.wait()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
