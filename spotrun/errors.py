@@ -43,8 +43,8 @@ __all__ = [
     "SpotrunError",
     "StorageError",
     "StorageNotFoundError",
-    "StorageUnavailableError",
     "StorageURLError",
+    "StorageUnavailableError",
     "UnsupportedFormatError",
 ]
 

@@ -18,9 +18,9 @@ import uuid
 import boto3
 import pytest
 import torch
+from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from helpers import REPO, env_for, spawn, wait_for_line
 from spotrun.commit import find_latest_valid, list_checkpoints
 from spotrun.errors import StorageError, StorageUnavailableError
 from spotrun.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
@@ -30,7 +30,7 @@ from spotrun.storage import Storage
 SCRIPT = str(REPO / "tests" / "scripts" / "s3_stop_train.py")
 # Writes into checkpoint folders (PUT object, multipart POST/PUT), not ledger records: the
 # ledger's own bound is a separate item (issue 9, item 8).
-CHECKPOINT_WRITES = dict(method="PUT|POST", path=r"/\d{12}/")
+CHECKPOINT_WRITES = {"method": "PUT|POST", "path": r"/\d{12}/"}
 
 
 def _moto(moto_server: str):
@@ -182,11 +182,12 @@ def test_restore_throttled_on_every_get_fails_within_the_bound(s3_bucket, moto_s
     fault_proxy.add("error", status=503, method="GET")
     model = torch.nn.Linear(8, 8)
     t0 = time.monotonic()
-    with pytest.raises(StorageUnavailableError) as info:
-        with spotrun.Checkpointer(url, model=model, handle_signals=False, watchers=[],
-                                  every_steps=1, storage_options=_opts(fault_proxy.url)) as ck:
-            for _ in ck.range(10):
-                pass
+    with pytest.raises(StorageUnavailableError) as info, spotrun.Checkpointer(
+        url, model=model, handle_signals=False, watchers=[], every_steps=1,
+        storage_options=_opts(fault_proxy.url),
+    ) as ck:
+        for _ in ck.range(10):
+            pass
     elapsed = time.monotonic() - t0
     message = str(info.value)
     assert url.split("://")[1] in message and "SlowDown (HTTP 503)" in message, message
@@ -284,11 +285,12 @@ def test_forbidden_checkpoint_reads_fail_the_start_and_change_nothing(s3_bucket,
     # Every read of an object in a checkpoint folder is denied (an IAM mistake); listing works.
     fault_proxy.add("error", status=403, method="GET", path=r"/\d{12}/")
     model = torch.nn.Linear(8, 8)
-    with pytest.raises(StorageError, match="(?i)denied|forbidden|permission"):
-        with spotrun.Checkpointer(url, model=model, handle_signals=False, watchers=[],
-                                  every_steps=2, storage_options=_opts(fault_proxy.url)) as ck:
-            for _ in ck.range(10):
-                pass
+    with pytest.raises(StorageError, match="(?i)denied|forbidden|permission"), spotrun.Checkpointer(
+        url, model=model, handle_signals=False, watchers=[], every_steps=2,
+        storage_options=_opts(fault_proxy.url),
+    ) as ck:
+        for _ in ck.range(10):
+            pass
     fault_proxy.clear()
     assert _objects(moto_server, s3_bucket, prefix) == before  # no fresh start, no new folders
     assert fault_proxy.count(method="PUT|POST", path=r"/\d{12}/") == 0
