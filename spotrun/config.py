@@ -25,6 +25,18 @@ defaults below. Read them through these helpers so a bad value fails with one cl
                                write holds at most (this + 1) x part size of buffers
 ``SPOTRUN_S3_RETRIES``         extra tries per S3 part/range after botocore's own retries,
                                on throttling, 5xx and dropped connections (default 3)
+``SPOTRUN_S3_RETRY_SECONDS``   time limit on those extra tries: none starts (and one
+                               running is cut) this long after the first (default 120)
+``SPOTRUN_S3_ATTEMPTS``        botocore's attempts per S3 request, in all (standard retry
+                               mode; default 3); used unless ``config_kwargs`` has ``retries``
+``SPOTRUN_S3_CONNECT_TIMEOUT`` seconds to open a connection to S3 (default 10)
+``SPOTRUN_S3_READ_TIMEOUT``    seconds of silence on an S3 connection before the request
+                               fails and is retried (default 60)
+``SPOTRUN_STOP_TIMEOUT``       after a signal (or a stop without a known deadline), how long
+                               the stop checkpoint may take, counted from the signal
+                               (default 90: EC2 gives 120 s)
+``SPOTRUN_STOP_MARGIN``        after a notice with a deadline, the stop checkpoint must
+                               commit this many seconds before it (default 10)
 ``SPOTRUN_LEASE_TTL``          seconds a run's writer lease lives without a heartbeat
                                (default 30): how long a relaunch elsewhere may wait for a
                                writer that vanished without releasing it
@@ -42,7 +54,13 @@ import os
 
 from .errors import ConfigError
 
-__all__ = ["env_choice", "env_float", "env_int", "env_str"]
+__all__ = ["DEFAULT_STOP_MARGIN_S", "DEFAULT_STOP_TIMEOUT_S", "env_choice", "env_float",
+           "env_int", "env_str"]
+
+#: ``SPOTRUN_STOP_TIMEOUT``: EC2 gives two minutes from notice to shutdown; leave room.
+DEFAULT_STOP_TIMEOUT_S = 90.0
+#: ``SPOTRUN_STOP_MARGIN``: time to log, write the ledger and exit before the deadline.
+DEFAULT_STOP_MARGIN_S = 10.0
 
 
 def env_str(name: str, default: str | None = None) -> str | None:

@@ -10,7 +10,8 @@ problem and, where there is one, the fix.
     │   └── StorageURLError          a run URL that cannot be parsed or has no backend
     ├── StorageError                 reading or writing the run URL failed
     │   ├── StorageNotFoundError     the bucket or directory does not exist
-    │   └── CredentialsError         no usable cloud credentials
+    │   ├── CredentialsError         no usable cloud credentials
+    │   └── StorageUnavailableError  still throttled, failing or silent after bounded retries
     ├── CheckpointError              a checkpoint cannot be used
     │   ├── NoCheckpointError        no committed checkpoint at the run URL
     │   ├── CorruptCheckpointError   sizes or hashes do not match its manifest
@@ -51,6 +52,7 @@ __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "StorageURLError",
+    "StorageUnavailableError",
     "UnsupportedFormatError",
 ]
 
@@ -143,3 +145,10 @@ class LeaseHeldError(LeaseError):
 
 class LeaseLostError(LeaseError):
     """This process's lease was taken over: it must not write or commit again."""
+
+
+class StorageUnavailableError(StorageError):
+    """The store kept throttling (503 SlowDown), failing (5xx) or not answering (timeouts,
+    dropped connections) through every bounded retry. Nothing is wrong with the data: try
+    again later, or give the retries more room (``SPOTRUN_S3_RETRIES``,
+    ``SPOTRUN_S3_RETRY_SECONDS``, ``SPOTRUN_S3_ATTEMPTS``)."""

@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_FINISHED",
     "EXIT_INTERRUPTED",
+    "EXIT_STOP_UNSAVED",
     "LAUNCH_DIR",
     "LEASE",
     "LEDGER_DIR",
@@ -52,6 +53,13 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75
 # A second Ctrl-C aborts at once with the shell's usual 128 + SIGINT = 130 (not resumable
 # from the current step, but the last committed checkpoint is intact).
+#: Stopped on a signal or notice, but the stop checkpoint did not commit within its bound
+#: (the notice's deadline minus ``SPOTRUN_STOP_MARGIN``, or ``SPOTRUN_STOP_TIMEOUT`` after a
+#: signal) or failed: the process gave up on it. The previous committed checkpoint is intact
+#: and the latest, so relaunch and it resumes from there. 143 = 128 + SIGTERM, what a
+#: process killed by the interruption's SIGTERM reports: the launchers (and systemd,
+#: Kubernetes, torchrun) already treat it as "interrupted, relaunch".
+EXIT_STOP_UNSAVED = 128 + 15
 
 
 def checkpoint_dir(step: int) -> str:

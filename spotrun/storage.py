@@ -17,13 +17,30 @@ Speed (``s3://``): a write smaller than one part is a single PUT; a larger one i
 upload with up to ``concurrency`` parts in flight while the caller keeps producing bytes,
 completed only when every part is in and aborted on any failure, so an object never appears
 half-written and no multipart upload is left behind. A large read is ``concurrency`` ranged
-GETs into one preallocated buffer. Each request is retried by botocore (its retry config) and
-then, for throttling, 5xx and dropped connections, again per part/range with exponential
-backoff. Memory: a write holds at most ``(concurrency + 1) x part_size`` bytes of buffers
+GETs into one preallocated buffer. Memory: a write holds at most ``(concurrency + 1) x part_size`` bytes of buffers
 (9 x 16 MiB = 144 MiB by default) whatever the object's size; a read holds the object itself
 and nothing more than small socket reads besides. Knobs: the constructor's ``part_size`` and
 ``concurrency``, else ``SPOTRUN_S3_PART_MIB``, ``SPOTRUN_S3_CONCURRENCY``,
 ``SPOTRUN_S3_RETRIES`` (see :mod:`spotrun.config`).
+
+Nothing waits forever (``s3://``), and the retry layers do not multiply:
+
+* every request has a connect and a read timeout (``SPOTRUN_S3_CONNECT_TIMEOUT``, 10 s;
+  ``SPOTRUN_S3_READ_TIMEOUT``, 60 s of silence on the socket);
+* botocore retries each request (standard mode: throttling, 5xx, timeouts, dropped
+  connections) up to ``SPOTRUN_S3_ATTEMPTS`` attempts in all (3), with its exponential
+  backoff (at most 1 + 2 s between them);
+* s3fs's own retry loop (5 more rounds of all of the above, which made a throttled read
+  retry for minutes) is turned off;
+* parts and ranges, which a long transfer cannot afford to lose, get ``SPOTRUN_S3_RETRIES``
+  more rounds (3) with exponential backoff, and none starts, and a running one is cut,
+  once ``SPOTRUN_S3_RETRY_SECONDS`` (120 s) have passed since the first try.
+
+So a throttled or failing request gives up after about 15 s (at most
+``SPOTRUN_S3_RETRY_SECONDS`` plus one attempt), and a silent endpoint after at most
+attempts x (connect + read timeout), with :class:`~spotrun.errors.StorageUnavailableError`
+naming the URL, what was retried and for how long. Timeouts and retry settings the caller
+passes in ``storage_options["config_kwargs"]`` win over these defaults.
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ import mmap
 import os
 import posixpath
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import IO, Any, TypeVar
@@ -45,12 +63,13 @@ import fsspec
 from fsspec.asyn import sync
 from fsspec.core import split_protocol
 
-from .config import env_int
+from .config import env_float, env_int
 from .errors import (
     ConfigError,
     CredentialsError,
     StorageError,
     StorageNotFoundError,
+    StorageUnavailableError,
     StorageURLError,
 )
 
@@ -67,6 +86,10 @@ MiB = 1 << 20
 DEFAULT_PART_MIB = 16
 DEFAULT_CONCURRENCY = 8
 DEFAULT_RETRIES = 3
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_ATTEMPTS = 3
+DEFAULT_RETRY_SECONDS = 120.0
 # S3's limits: every part but the last at least 5 MiB, at most 5 GiB, at most 10,000 parts.
 _MIN_PART = 5 * MiB
 _MAX_PART = 5 << 30
@@ -118,9 +141,59 @@ def _is_credentials_error(exc: BaseException) -> bool:
     )
 
 
+def _transient_remote(exc: BaseException) -> bool:
+    """Whether ``exc`` is a remote store that stayed busy, failing or silent (not a local
+    disk error, not a refusal): throttling, 5xx, timeouts, dropped connections."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _RETRY_CODES
+        module = type(seen).__module__.split(".")[0]
+        if module in ("botocore", "aiobotocore", "aiohttp") and any(
+            word in type(seen).__name__ for word in ("Timeout", "Connection", "Endpoint")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """``SlowDown (HTTP 503): Please reduce your request rate`` or the exception's first line."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            error = response.get("Error", {})
+            return f"{error.get('Code', '?')} (HTTP {status}): {error.get('Message', '')}".rstrip(": ")
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _requests_made(exc: BaseException) -> int:
+    """How many HTTP requests botocore made for the call that raised ``exc`` (1 if unknown)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return int(response.get("ResponseMetadata", {}).get("RetryAttempts") or 0) + 1
+        seen = seen.__cause__ or seen.__context__
+    return 1
+
+
+_UNAVAILABLE_FIX = ("the store is throttling, failing or not answering: try again later, check "
+                    "the endpoint and network, or raise SPOTRUN_S3_RETRIES / "
+                    "SPOTRUN_S3_RETRY_SECONDS / SPOTRUN_S3_ATTEMPTS")
+
+
 @contextlib.contextmanager
 def translate_errors(url: str, what: str) -> Iterator[None]:
     """Turn backend exceptions into spotrun's one-line errors, naming the URL."""
+    started = time.monotonic()
     try:
         yield
     except (StorageError, StorageURLError):
@@ -138,6 +211,12 @@ def translate_errors(url: str, what: str) -> Iterator[None]:
             raise CredentialsError(
                 f"{what}: no cloud credentials for {url}; configure them (AWS_PROFILE, "
                 "an instance profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            ) from exc
+        if _transient_remote(exc):
+            raise StorageUnavailableError(
+                f"{what}: {url} still failing after {_requests_made(exc)} request(s) over "
+                f"{time.monotonic() - started:.1f}s of retries ({_describe(exc)}); "
+                f"{_UNAVAILABLE_FIX}"
             ) from exc
         if isinstance(exc, OSError):
             raise StorageError(f"{what}: {url}: {exc}") from exc
@@ -239,10 +318,11 @@ class Storage:
             raise StorageURLError(
                 f"run URL {url!r} has no bucket or path; use e.g. {protocol}://bucket/run-name"
             )
+        options = dict(storage_options or {})
+        if protocol in ("s3", "s3a"):
+            options = _s3_client_options(options)
         try:
-            self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(
-                protocol, **(storage_options or {})
-            )
+            self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **options)
         except (ValueError, ImportError) as exc:
             raise StorageURLError(
                 f"run URL {url!r}: no fsspec backend for {protocol!r} ({exc}); "
@@ -271,11 +351,20 @@ class Storage:
             )
         if self.retries < 0:
             raise ConfigError(f"SPOTRUN_S3_RETRIES={self.retries} must be 0 or more")
+        self.retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
+        if self.retry_seconds < 0:
+            raise ConfigError(
+                f"SPOTRUN_S3_RETRY_SECONDS={self.retry_seconds} must be 0 or more, e.g. 120")
         # The parallel paths drive s3fs's own aiobotocore client on fsspec's event loop
         # rather than a separate boto3 client: same credentials, endpoint, region, SSE and
         # requester-pays options as every other call here, one connection pool, and no
         # thread per part (one loop thread overlaps all requests).
         self._s3 = self.protocol in ("s3", "s3a") and hasattr(self.fs, "_call_s3")
+        if self._s3:
+            # s3fs repeats every failed call up to 5 times on top of botocore's attempts and
+            # spotrun's rounds; multiplied, a throttled read kept retrying for minutes. One
+            # try here: botocore and _with_retries are the (bounded) retry layers.
+            self.fs.retries = 1
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -387,7 +476,7 @@ class Storage:
         with translate_errors(self.display(rel), "reading"):
             if self._s3:
                 return _s3_read(self.fs, self.full(rel), self.part_size, self.concurrency,
-                                self.retries)
+                                self.retries, retry_seconds=self.retry_seconds)
             return bytes(self.fs.cat_file(self.full(rel)))
 
     def sha256(self, rel: str) -> tuple[int, str]:
@@ -423,7 +512,8 @@ class Storage:
                 yield from self._write_local(path)
             elif self._s3:
                 upload = _S3Upload(self.fs, path, part_size=self.part_size,
-                                   concurrency=self.concurrency, retries=self.retries)
+                                   concurrency=self.concurrency, retries=self.retries,
+                                   retry_seconds=self.retry_seconds)
                 try:
                     yield HashingWriter(upload)
                     upload.complete()
@@ -635,6 +725,26 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _s3_client_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with spotrun's timeouts and botocore retry settings where the caller
+    gave none (s3fs's own defaults would retry a throttled call for minutes)."""
+    config = dict(options.get("config_kwargs") or {})
+    connect = env_float("SPOTRUN_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S)
+    read = env_float("SPOTRUN_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_S)
+    attempts = env_int("SPOTRUN_S3_ATTEMPTS", DEFAULT_ATTEMPTS)
+    for name, value, example in (("SPOTRUN_S3_CONNECT_TIMEOUT", connect, 10),
+                                 ("SPOTRUN_S3_READ_TIMEOUT", read, 60),
+                                 ("SPOTRUN_S3_ATTEMPTS", attempts, 3)):
+        if not value > 0:
+            raise ConfigError(f"{name}={value} must be positive; set it to e.g. {example}")
+    config.setdefault("connect_timeout", connect)
+    config.setdefault("read_timeout", read)
+    # Standard mode: retries throttling, 5xx, timeouts and dropped connections with
+    # exponential backoff, and its retry quota stops a storm of retries on a dead endpoint.
+    config.setdefault("retries", {"mode": "standard", "total_max_attempts": attempts})
+    return {**options, "config_kwargs": config}
+
+
 def open_storage(
     url: str | None = None, storage_options: dict[str, Any] | None = None
 ) -> Storage:
@@ -674,27 +784,42 @@ def _retryable(exc: BaseException) -> bool:
 
 
 async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], retries: int,
-                        stop: Callable[[], bool] = lambda: False) -> T:
+                        stop: Callable[[], bool] = lambda: False, *,
+                        retry_seconds: float | None = None) -> T:
     """Run ``attempt()``; repeat it up to ``retries`` times on a transient failure.
 
     On top of botocore's own per-request retries: a part lost after a long upload would
     cost the whole save, so it gets a second, slower layer (exponential backoff, jitter).
+    Bounded in time too: no retry starts, and a retry still running is cut, once
+    ``retry_seconds`` (default ``$SPOTRUN_S3_RETRY_SECONDS``, else 120) have passed since
+    the first try; the first try itself is never cut (a large healthy part may be slow).
+    Gives up with :class:`StorageUnavailableError`.
     """
+    if retry_seconds is None:
+        retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
+    started = time.monotonic()
+    deadline = started + retry_seconds
     for n in range(retries + 1):
         try:
-            return await attempt()
+            if n == 0:
+                return await attempt()
+            return await asyncio.wait_for(attempt(), max(0.0, deadline - time.monotonic()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if stop() or not _retryable(exc):
                 raise
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if n >= retries:
-                raise StorageError(
-                    f"S3 {what} still failing after {n + 1} attempts ({reason}); check the "
-                    "endpoint and network, or raise SPOTRUN_S3_RETRIES"
-                ) from exc
+            reason = _describe(exc)
+            elapsed = time.monotonic() - started
             delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**n) * random.uniform(0.5, 1.0)
+            if n >= retries or time.monotonic() + delay >= deadline:
+                limit = (f"{retries} retries" if n >= retries
+                         else f"the {retry_seconds:g}s retry time limit")
+                raise StorageUnavailableError(
+                    f"S3 {what} still failing after {n + 1} attempts over {elapsed:.1f}s "
+                    f"(last: {reason}; each attempt is up to SPOTRUN_S3_ATTEMPTS requests "
+                    f"with backoff; stopped at {limit}); {_UNAVAILABLE_FIX}"
+                ) from exc
             log.info("S3 %s failed (%s); retry %d of %d in %.2fs", what, reason, n + 1,
                      retries, delay)
             await asyncio.sleep(delay)
@@ -732,7 +857,7 @@ class _S3Upload:
     """
 
     def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int,
-                 retries: int) -> None:
+                 retries: int, retry_seconds: float | None = None) -> None:
         self._fs = fs
         self._loop = fs.loop
         self._bucket, self._key, _ = fs.split_path(path)
@@ -740,6 +865,7 @@ class _S3Upload:
         self._part_size = part_size
         self._concurrency = concurrency
         self._retries = retries
+        self._retry_seconds = retry_seconds
         self._upload_id: str | None = None
         self._next_part = 1
         self._buf = bytearray(part_size)
@@ -819,7 +945,7 @@ class _S3Upload:
         return sync(self._loop, _with_retries, f"{what} {self._where}",
                     lambda: self._fs._call_s3(method, Bucket=self._bucket, Key=self._key,
                                               **kwargs),
-                    self._retries, lambda: self._aborting)
+                    self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds)
 
     def _target_size(self) -> int:
         return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))
@@ -851,7 +977,7 @@ class _S3Upload:
             f"part {number} of {self._where}",
             lambda: self._fs._call_s3("upload_part", Bucket=self._bucket, Key=self._key,
                                       UploadId=self._upload_id, PartNumber=number, Body=body),
-            self._retries, lambda: self._aborting,
+            self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds,
         )
         return {"PartNumber": number, "ETag": response["ETag"]}
 
@@ -864,12 +990,14 @@ class _S3Upload:
 
 
 def _s3_read(fs: Any, path: str, part_size: int, concurrency: int,
-             retries: int) -> bytes | bytearray:
-    return sync(fs.loop, _s3_read_async, fs, path, part_size, concurrency, retries)
+             retries: int, *, retry_seconds: float | None = None) -> bytes | bytearray:
+    return sync(fs.loop, _s3_read_async, fs, path, part_size, concurrency, retries,
+                retry_seconds=retry_seconds)
 
 
 async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
-                         retries: int) -> bytes | bytearray:
+                         retries: int, *, retry_seconds: float | None = None
+                         ) -> bytes | bytearray:
     bucket, key, version = fs.split_path(path)
     where = f"s3://{bucket}/{key}"
     pin: dict[str, str] = {"VersionId": version} if version else {}
@@ -894,7 +1022,8 @@ async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
             raise _ShortReadError(f"{where}: got {len(data)} bytes of the first part")
         return data, total, response.get("ETag")
 
-    first, size, etag = await _with_retries(f"get {where}", get_first, retries)
+    first, size, etag = await _with_retries(f"get {where}", get_first, retries,
+                                            retry_seconds=retry_seconds)
     if len(first) == size:
         return first
     if etag:
@@ -925,7 +1054,8 @@ async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
                 body.close()
 
         async with gate:
-            await _with_retries(f"range {start}-{end - 1} of {where}", attempt, retries)
+            await _with_retries(f"range {start}-{end - 1} of {where}", attempt, retries,
+                                retry_seconds=retry_seconds)
 
     tasks = [asyncio.ensure_future(get_range(lo, min(lo + part_size, size)))
              for lo in range(done, size, part_size)]

@@ -92,3 +92,19 @@ def child_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture()
+def fault_proxy(moto_server: str) -> Iterator:
+    """A :class:`faultproxy.FaultProxy` in front of the moto server, closed after the test.
+
+    Point S3 clients at ``fault_proxy.url``; add rules (hang, stall, reset, error) at any
+    time; ``fault_proxy.log`` records every request and what was done to it.
+    """
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(moto_server)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -27,19 +27,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import types
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
+
 from ..commit import list_checkpoints, read_manifest, verify_checkpoint
-from ..config import env_float, env_str
+from ..config import DEFAULT_STOP_MARGIN_S, DEFAULT_STOP_TIMEOUT_S, env_float, env_str
 from ..distributed import Group
 from ..errors import (
     CheckpointError,
     ConfigError,
     CorruptCheckpointError,
+    SaveError,
     StorageError,
     UnsupportedFormatError,
 )
@@ -50,7 +54,7 @@ from ..events import (
     SegmentStarted,
     TrainingResumed,
 )
-from ..layout import DONE_MARKER, EXIT_INTERRUPTED
+from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 from ..lease import acquire_run_lease, release_run_lease
 from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
 from ..manifest import Manifest
@@ -270,7 +274,9 @@ class Checkpointer:
         if self._group is None or not self._group.is_main or self.finished:
             self._flush_ledger()
             return
-        if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
+        if isinstance(exc, SystemExit) and exc.code in (EXIT_INTERRUPTED, EXIT_STOP_UNSAVED):
+            # Both mean the machine was taken; EXIT_STOP_UNSAVED only says the stop
+            # checkpoint did not make it (the previous one is the latest).
             reason = "interrupted"
         elif exc_type is None or isinstance(exc, KeyboardInterrupt):
             reason = "stopped"
@@ -343,16 +349,38 @@ class Checkpointer:
         step_due = self.every_steps is not None and self.steps_done % self.every_steps == 0
         if stop:
             inbox.stop_requested = True
-            self._save_before_stop()
-            raise SystemExit(EXIT_INTERRUPTED)
+            committed = self._save_before_stop()
+            raise SystemExit(EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED)
         if requested or time_due or step_due:
             inbox.save_requested = False
             self.save()
 
-    def _save_before_stop(self) -> None:
+    def _save_before_stop(self) -> bool:
+        """Commit a checkpoint before stopping, within the time the machine has left.
+
+        The bound: the notice's deadline minus ``SPOTRUN_STOP_MARGIN`` when the deadline is
+        known, else ``SPOTRUN_STOP_TIMEOUT`` counted from the signal or request. The save
+        runs on a daemon thread (a hanging store cannot hold the process past the bound).
+        True when it committed; False (logged as an error naming the checkpoint that stays
+        the latest) when it failed or did not commit in time: the caller then exits with
+        ``EXIT_STOP_UNSAVED``, and a relaunch resumes from the previous checkpoint.
+        """
+        _, saver = self._require_active()
         notice = self._interrupts.stop_notice
-        left = notice.seconds_left() if notice else None
-        typical = self._saver.typical_duration if self._saver is not None else None
+        now = time.time()
+        left = notice.seconds_left(now) if notice else None
+        if notice is not None and notice.deadline is not None:
+            margin = _stop_knob("SPOTRUN_STOP_MARGIN", DEFAULT_STOP_MARGIN_S)
+            bound_at = notice.deadline - margin
+            bound_why = f"the notice's deadline minus SPOTRUN_STOP_MARGIN={margin:g}s"
+        else:
+            limit = _stop_knob("SPOTRUN_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT_S)
+            # Counted from the signal: the machine's clock started then, not at this step's end.
+            bound_at = (notice.detected_at if notice else now) + limit
+            bound_why = f"SPOTRUN_STOP_TIMEOUT={limit:g}s after the stop request"
+        # At least a second, so a fast save (local disk) still lands when the step ran late.
+        budget = max(bound_at - now, 1.0)
+        typical = saver.typical_duration
         if left is not None and typical is not None and typical > left:
             log.warning(
                 "%.1fs left before the machine goes but saves have taken up to %.1fs; "
@@ -360,16 +388,59 @@ class Checkpointer:
                 left, typical,
             )
         t0 = time.time()
-        self.save()
-        self.wait()
-        if notice is not None:
-            log.warning(
-                "stop after notice: posted %s, detected %s, committed %s (%.1fs after detection)",
-                _fmt_time(notice.notice_time), _fmt_time(notice.detected_at),
-                _fmt_time(time.time()), time.time() - notice.detected_at,
-            )
+        done = threading.Event()
+        failure: list[BaseException] = []
+        # The CUDA device is per thread: NCCL collectives and staging copies on the helper
+        # thread must use this rank's device, not device 0.
+        device = (torch.cuda.current_device()
+                  if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+        def save_and_commit() -> None:
+            try:
+                if device is not None:
+                    torch.cuda.set_device(device)
+                self.save()
+                self.wait()
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=save_and_commit, name="spotrun-stop-save", daemon=True).start()
+        finished = done.wait(budget)
+        if finished and not failure:
+            if notice is not None:
+                log.warning(
+                    "stop after notice: posted %s, detected %s, committed %s (%.1fs after detection)",
+                    _fmt_time(notice.notice_time), _fmt_time(notice.detected_at),
+                    _fmt_time(time.time()), time.time() - notice.detected_at,
+                )
+            else:
+                log.info("stop checkpoint committed in %.1fs", time.time() - t0)
+            return True
+        if failure and not isinstance(failure[0], (SaveError, StorageError)):
+            raise failure[0]  # a bug (a state_dict that raises...), not a storage failure
+        step, previous = self.steps_done, saver.last_saved_step
+        if previous is not None and previous != step:
+            kept = (f"the checkpoint at step {previous} is intact and stays the latest; "
+                    "relaunch and the run resumes from it")
         else:
-            log.info("stop checkpoint committed in %.1fs", time.time() - t0)
+            kept = ("no earlier checkpoint was committed, so a relaunch starts from the "
+                    "beginning")
+        if finished:
+            log.error("stop checkpoint at step %d failed (%s); exiting with code %d: %s",
+                      step, failure[0], EXIT_STOP_UNSAVED, kept)
+        else:
+            log.error(
+                "stop checkpoint at step %d did not commit within %.1fs (%s); giving up on it "
+                "and exiting with code %d: %s. If the store is slow rather than down, raise "
+                "SPOTRUN_STOP_TIMEOUT or lower SPOTRUN_STOP_MARGIN", step, time.time() - t0,
+                bound_why, EXIT_STOP_UNSAVED, kept,
+            )
+            # The abandoned save runs on daemon threads that die with the process; forget
+            # it so the way out (__exit__) does not wait for it.
+            saver.abandon()
+        return False
 
     def finish(self) -> None:
         """Mark the run complete: commit a final checkpoint and write the done marker."""
@@ -582,6 +653,19 @@ class Checkpointer:
             log.warning("%s; using %.3g s", exc, DEFAULT_FLUSH_S)
             bound = DEFAULT_FLUSH_S
         self._ledger_writer.close(bound)
+
+
+def _stop_knob(name: str, default: float) -> float:
+    # A bad value must not cost the stop checkpoint: say so and use the default.
+    try:
+        value = env_float(name, default)
+    except ConfigError as exc:
+        log.error("%s; using %gs", exc, default)
+        return default
+    if value < 0:
+        log.error("%s=%g must be 0 or more; using %gs", name, value, default)
+        return default
+    return value
 
 
 def _fmt_time(t: float | None) -> str:

@@ -97,6 +97,7 @@ class Saver:
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
         self._written: _Written | None = None  # distributed: written here, not yet committed
+        self._abandoned = False  # a stop save given up on: its thread may still write
         #: The newest step this process saw committed (or restored from).
         self.last_saved_step: int | None = None
         self.last_save_time = time.time()
@@ -109,8 +110,8 @@ class Saver:
 
     @property
     def writing(self) -> bool:
-        """True while a background write is still running."""
-        return self._job is not None and not self._job.done.is_set()
+        """True while a background write is still running (or was abandoned running)."""
+        return self._abandoned or (self._job is not None and not self._job.done.is_set())
 
     @property
     def in_flight(self) -> bool:
@@ -245,6 +246,14 @@ class Saver:
             self.group.barrier()  # every rank has written its files
             self.commit_written()
             self.group.barrier()  # the manifest exists before anyone moves on
+
+    def abandon(self) -> None:
+        """Forget the save in flight (its daemon thread dies with the process), so the way
+        out does not wait for a store that stopped answering."""
+        self._abandoned = self.writing
+        self._job = None
+        self._pending_step = None
+        self._written = None
 
     def finish_inflight(self, exc: BaseException | None) -> None:
         """On the way out, let a save in flight reach its commit (unless aborting)."""
