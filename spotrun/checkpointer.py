@@ -37,24 +37,36 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from .commit import commit, list_checkpoints, prune, read_manifest, verify_checkpoint
-from .config import env_str
+from .commit import (
+    DAMAGED_DIR,
+    commit,
+    list_checkpoints,
+    prune,
+    quarantine,
+    read_manifest,
+    verify_checkpoint,
+)
+from .config import env_choice, env_str
 from .distributed import Group
 from .errors import (
+    AllCheckpointsDamagedError,
     CheckpointError,
+    CheckpointUnreadableError,
     ConfigError,
     CorruptCheckpointError,
     SaveError,
     StorageError,
+    StorageNotFoundError,
     UnsupportedFormatError,
 )
 from .instance import InstanceInfo
-from .layout import DONE_MARKER, EXIT_INTERRUPTED
+from .layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from .ledger import Ledger
 from .manifest import Manifest
 from .notices import Notice, Watcher, watchers_from_env
 from .snapshot import (
     StagingBuffers,
+    check_loadable,
     check_plain,
     open_payload,
     payload_name,
@@ -72,6 +84,10 @@ PAYLOAD_FORMAT = 1
 DEFAULT_EVERY_SECONDS = 300.0
 #: Niceness of the background save thread (0-19; higher yields more to training).
 BACKGROUND_NICE = 10
+#: What to do when every checkpoint is damaged (see ``if_all_damaged``), for launchers and
+#: wrappers that cannot change the training code.
+IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
+_IF_ALL_DAMAGED = ("fail", "start_fresh")
 
 
 def _process_start_time() -> float:
@@ -128,6 +144,12 @@ class Checkpointer:
         watchers: interruption-notice sources; default: from the environment (see
             :func:`spotrun.notices.watchers_from_env`); ``[]`` for none.
         storage_options: passed to fsspec (e.g. S3 endpoint, profile).
+        if_all_damaged: what :meth:`restore` does when checkpoints exist but every one of
+            them failed verification: ``"fail"`` (refuse to start, with
+            :class:`~spotrun.errors.AllCheckpointsDamagedError` listing them) or
+            ``"start_fresh"`` (move them aside under ``damaged/`` and start at step 0).
+            Default: ``$SPOTRUN_IF_ALL_DAMAGED``, else ``"fail"``. Damaged folders are never
+            overwritten either way.
     """
 
     def __init__(
@@ -153,6 +175,7 @@ class Checkpointer:
         handle_signals: bool = True,
         watchers: Sequence[Watcher] | None = None,
         storage_options: dict[str, Any] | None = None,
+        if_all_damaged: Literal["fail", "start_fresh"] | None = None,
     ) -> None:
         if every_steps is not None and every_steps < 1:
             raise ConfigError(f"every_steps={every_steps} must be a positive number of steps")
@@ -162,6 +185,12 @@ class Checkpointer:
             raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
+        if if_all_damaged is None:
+            if_all_damaged = env_choice(IF_ALL_DAMAGED_ENV, _IF_ALL_DAMAGED, "fail")  # type: ignore[assignment]
+        elif if_all_damaged not in _IF_ALL_DAMAGED:
+            raise ConfigError(f"if_all_damaged={if_all_damaged!r} must be 'fail' or 'start_fresh'")
+        self.if_all_damaged = if_all_damaged
+        self._state_loaded_from: int | None = None
         self.storage: Storage = open_storage(url, storage_options)
         self.objects: dict[str, Any] = {}
         for group in (
@@ -449,12 +478,18 @@ class Checkpointer:
 
     def _payload(self, group: Group) -> dict[str, Any]:
         payload: dict[str, Any] = {"format": PAYLOAD_FORMAT, "step": self.steps_done}
+        # Every entry is checked against what a weights_only load accepts (a walk, no
+        # serialisation): state that saves but cannot load back would strand the run.
         if group.is_main:
             payload["objects"] = {n: unwrap(o).state_dict() for n, o in self.objects.items()}
+            for n, state in payload["objects"].items():
+                check_loadable(f"{n}.state_dict()", state)
             for k, v in self.values.items():
                 check_plain(k, v)
             payload["values"] = dict(self.values)
         payload["per_rank"] = {n: unwrap(o).state_dict() for n, o in self.per_rank.items()}
+        for n, state in payload["per_rank"].items():
+            check_loadable(f"{n}.state_dict()", state)
         if self.save_rng:
             payload["rng"] = collect_rng_state()
         return payload
@@ -580,14 +615,32 @@ class Checkpointer:
     def restore(self) -> int:
         """Load the latest valid checkpoint into every object; return the step to start at.
 
-        A fresh run returns 0. A damaged newest checkpoint is skipped with a warning and
-        the one before it is used. Idempotent: a second call returns the same step.
+        A fresh run returns 0. A damaged newest checkpoint (sizes, hashes, a manifest or
+        payload that cannot be parsed or names another step, a listed file missing) is
+        skipped with a warning, moved aside under ``damaged/`` (never overwritten by a
+        later save) and the one before it is used. Anything else that stops a checkpoint
+        from being read (access denied, network, throttling after the retries) fails with
+        :class:`~spotrun.errors.CheckpointUnreadableError` and changes nothing. When every
+        checkpoint is damaged, see ``if_all_damaged``. Idempotent: a second call returns
+        the same step.
         """
         group = self._require_active()
         if self._restored:
             return self.steps_done
-        # Rank 0 picks (and loads) the checkpoint; the others load the step it names.
-        step = group.broadcast(self._restore_newest_valid(group) if group.is_main else None)
+        # Rank 0 picks (and loads) the checkpoint; the others load the step it names. A
+        # failure on rank 0 is passed on, so the other ranks fail too instead of waiting.
+        if group.is_main:
+            try:
+                chosen: Any = self._restore_newest_valid(group)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    group.broadcast(_RestoreFailed(str(exc) or type(exc).__name__))
+                raise
+            step = group.broadcast(chosen)
+        else:
+            step = group.broadcast(None)
+            if isinstance(step, _RestoreFailed):
+                raise CheckpointError(f"rank 0 could not restore: {step.message}")
         if step is not None:
             if not group.is_main:
                 self._apply(self._load_other_rank(read_manifest(self.storage, step), group), group)
@@ -608,12 +661,19 @@ class Checkpointer:
 
         Its hash is verified while the state loads (see :class:`~spotrun.snapshot.Verification`);
         when the hash fails, the objects are loaded again from an older checkpoint, so
-        nothing of a damaged one survives.
+        nothing of a damaged one survives. Only proven damage skips a checkpoint; damaged
+        ones are moved aside once a usable one is found (or a fresh start was asked for),
+        so no later save writes into them.
         """
+        damaged: list[tuple[int, str]] = []
+        found: int | None = None
+        self._state_loaded_from = None
         for info in reversed(list_checkpoints(self.storage)):
-            if info.status != "committed" or info.manifest is None:
-                if info.status == "invalid":
-                    log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
+            if info.status == "incomplete":
+                continue  # a save that never committed: not a checkpoint
+            if info.status == "invalid" or info.manifest is None:
+                log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
+                damaged.append((info.step, info.problem or "invalid manifest"))
                 continue
             manifest = info.manifest
             if manifest.world_size != group.world_size:
@@ -623,28 +683,77 @@ class Checkpointer:
                     info.step, manifest.world_size, group.world_size,
                 )
             try:
-                # Every rank's file present with its size: cheap, and catches a partial copy.
-                problems = verify_checkpoint(self.storage, manifest, deep=False)
-                if problems:
-                    raise CorruptCheckpointError("; ".join(problems))
-                payload, verification = open_payload(
-                    self.storage, info.step, payload_name(0), manifest.files[payload_name(0)],
-                    weights_only=self.weights_only,
-                )
-                try:
-                    self._apply((payload, payload), group)
-                except CheckpointError:
-                    verification.check()  # damage explains a misfit better than the misfit
-                    raise
-                verification.check()
-            except UnsupportedFormatError:
-                raise
-            except (CorruptCheckpointError, StorageError, KeyError) as exc:
+                self._load_checkpoint(info.step, manifest, group)
+            except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint at step %d (%s); trying an older one",
                             info.step, exc)
+                damaged.append((info.step, str(exc)))
                 continue
-            return info.step
-        return None
+            except StorageNotFoundError as exc:
+                # The manifest lists it and it is not there: damage, like a wrong size.
+                log.warning("skipping damaged checkpoint at step %d (a listed file is missing: "
+                            "%s); trying an older one", info.step, exc)
+                damaged.append((info.step, f"listed file missing: {exc}"))
+                continue
+            except StorageError as exc:
+                raise CheckpointUnreadableError(
+                    f"cannot read the checkpoint at step {info.step} ({exc}); that is not "
+                    f"damage, so it was not skipped and nothing at {self.storage.display()} was "
+                    "changed: fix access (permissions, credentials, network) and start again"
+                ) from exc
+            found = info.step
+            break
+        if damaged and found is None and self.if_all_damaged != "start_fresh":
+            listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
+            raise AllCheckpointsDamagedError(
+                f"all {len(damaged)} checkpoints at {self.storage.display()} are damaged, "
+                f"refusing to start over them ({listing}); see `spotrun verify "
+                f"{self.storage.display()}`; to start from step 0 anyway (the damaged folders "
+                f"are moved under {DAMAGED_DIR}/, not deleted) pass if_all_damaged='start_fresh' "
+                f"or set {IF_ALL_DAMAGED_ENV}=start_fresh"
+            )
+        for step, problem in damaged:
+            quarantine(self.storage, step, problem)
+        if damaged and found is None:
+            if self._state_loaded_from is not None:
+                # Its hash failed only after its state was loaded (verified while loading):
+                # the objects no longer hold their initial state, so step 0 from here would
+                # not be a fresh start. The folders are out of the way; a new process is.
+                raise AllCheckpointsDamagedError(
+                    f"every checkpoint at {self.storage.display()} was damaged and has been "
+                    f"moved under {DAMAGED_DIR}/, but this process had already loaded state "
+                    f"from the damaged step {self._state_loaded_from}; start it again to "
+                    "begin from step 0 with freshly built objects"
+                )
+            log.warning("every checkpoint at %s was damaged (moved under %s/); starting from "
+                        "step 0 as asked (if_all_damaged='start_fresh')",
+                        self.storage.display(), DAMAGED_DIR)
+        return found
+
+    def _load_checkpoint(self, step: int, manifest: Manifest, group: Group) -> None:
+        """Load rank 0's payload of a committed checkpoint into every object, verified.
+
+        Raises CorruptCheckpointError (or StorageNotFoundError for a listed file that is
+        gone) on damage; StorageError on any other read failure.
+        """
+        # Every rank's file present with its size: cheap, and catches a partial copy.
+        problems = verify_checkpoint(self.storage, manifest, deep=False)
+        if problems:
+            raise CorruptCheckpointError("; ".join(problems))
+        name = payload_name(0)
+        if name not in manifest.files:
+            raise CorruptCheckpointError(
+                f"{self.storage.display(checkpoint_dir(step))}: manifest lists no {name}")
+        payload, verification = open_payload(self.storage, step, name, manifest.files[name],
+                                             weights_only=self.weights_only)
+        # From here the live objects may hold this checkpoint's state, proven good or not.
+        self._state_loaded_from = step
+        try:
+            self._apply((payload, payload), group)
+        except CheckpointError:
+            verification.check()  # damage explains a misfit better than the misfit
+            raise
+        verification.check()
 
     def _load_other_rank(self, manifest: Manifest, group: Group) -> tuple[dict, dict | None]:
         """Rank 0's shared state and this rank's own, both verified before use."""
@@ -693,6 +802,13 @@ class Checkpointer:
             getattr(self._ledger, method)(**fields)
         except Exception as exc:  # noqa: BLE001 - bookkeeping must not kill the run
             log.warning("could not write the run ledger (%s): %s", method, exc)
+
+
+class _RestoreFailed:
+    """Rank 0's restore failure, broadcast so the other ranks fail instead of waiting."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 class _Job:
