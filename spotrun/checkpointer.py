@@ -668,7 +668,15 @@ class Checkpointer:
         damaged: list[tuple[int, str]] = []
         found: int | None = None
         self._state_loaded_from = None
-        for info in reversed(list_checkpoints(self.storage)):
+        try:
+            infos = list_checkpoints(self.storage)
+        except StorageError as exc:
+            raise CheckpointUnreadableError(
+                f"cannot list or read the checkpoints ({exc}); that is not damage, so "
+                f"nothing at {self.storage.display()} was skipped or changed: fix access "
+                "(permissions, credentials, network) and start again"
+            ) from exc
+        for info in reversed(infos):
             if info.status == "incomplete":
                 continue  # a save that never committed: not a checkpoint
             if info.status == "invalid" or info.manifest is None:

@@ -324,8 +324,9 @@ def quarantine(storage: Storage, step: int, problem: str) -> str:
             src_root = fs._strip_protocol(storage.full(folder)).rstrip("/")
             fs.invalidate_cache(src_root)
             for path in sorted(fs._strip_protocol(str(p)) for p in fs.find(src_root)):
-                rel = posixpath.relpath(path, src_root)
-                fs.copy(path, storage.full(f"{dest}/{rel}"))
+                target = storage.full(f"{dest}/{posixpath.relpath(path, src_root)}")
+                fs.makedirs(posixpath.dirname(target), exist_ok=True)  # no-op on object stores
+                fs.copy(path, target)
             storage.remove(f"{folder}/{MANIFEST}")
             storage.remove(folder)
     note = {"step": step, "problem": problem, "moved_at": time.time(), "from": where}
