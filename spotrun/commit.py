@@ -8,6 +8,7 @@ modification time (so step 10 is newer than step 9 on every backend).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -148,12 +149,18 @@ def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True
             problems.append(f"{where}: size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
             continue
         if deep:
-            _, digest = storage.sha256(rel)
+            data: bytes | bytearray | None = None
+            if storage.is_local:
+                _, digest = storage.sha256(rel)  # memory-mapped, no copy
+            else:
+                # Read once, for the hash and for the payload's step below.
+                data = storage.read_bytes(rel)
+                digest = hashlib.sha256(data).hexdigest()
             if digest != entry.sha256:
                 problems.append(f"{where}: sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}... (corrupted)")
                 continue
             if _PAYLOAD_FILE.fullmatch(name):
-                problem = _payload_step_problem(storage, rel, manifest.step)
+                problem = _payload_step_problem(storage, rel, manifest.step, data)
                 if problem:
                     problems.append(f"{where}: {problem}")
     return problems
@@ -188,15 +195,45 @@ class _StepReader(pickle.Unpickler):
         return None
 
 
-def _payload_step_problem(storage: Storage, rel: str, step: int) -> str | None:
+class _BytesView(io.RawIOBase):
+    """A seekable read-only file over bytes already in memory, without copying them."""
+
+    def __init__(self, buffer: bytes | bytearray) -> None:
+        self._view = memoryview(buffer).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _payload_step_problem(storage: Storage, rel: str, step: int,
+                          data: bytes | bytearray | None) -> str | None:
     """Why the payload at ``rel`` does not belong to ``step``, or None when it does.
 
-    Reads only the pickle record of the ``torch.save`` zip (ranged reads on object stores),
-    so it costs a small fraction of the hash that precedes it.
+    Reads only the pickle record of the ``torch.save`` zip (from ``data`` when the file was
+    already read whole), never its tensor bytes, and resolves no class: nothing in the file
+    can run. Costs a small fraction of the hash that precedes it.
     """
     with translate_errors(storage.display(rel), "reading"):
         local = storage.local_path(rel)
-        f = open(local, "rb") if local is not None else storage.open_read(rel)  # noqa: SIM115
+        f: Any = _BytesView(data) if data is not None else open(local or "", "rb")  # noqa: SIM115
         try:
             try:
                 with zipfile.ZipFile(f) as z:
@@ -227,8 +264,10 @@ def find_latest_valid(
 ) -> CheckpointInfo | None:
     """The newest committed checkpoint whose files verify, or None when there is none.
 
-    Damaged or unreadable newer ones are skipped with a warning naming the damage, so one
-    bad save (a disk error, a hand-edited file) never blocks resuming.
+    Damaged newer ones are skipped with a warning naming the damage, so one bad save (a
+    disk error, a hand-edited file) never blocks resuming. A checkpoint that cannot be read
+    (access denied, network) raises StorageError: that is not damage, and skipping it would
+    pick an older checkpoint for no reason.
     """
     for info in reversed(list_checkpoints(storage)):
         if before is not None and info.step >= before:

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from helpers import EXAMPLE, REPO, env_for
 
 import spotrun
-from helpers import EXAMPLE, REPO, env_for
 from spotrun.cli import main as cli_main
 from spotrun.commit import DAMAGED_DIR, list_checkpoints, prune
 from spotrun.errors import (
@@ -146,7 +146,7 @@ def test_checkpoint_copied_over_another_is_damage(tmp_path, how, caplog, capsys)
     out = capsys.readouterr().out
     expect = "payload holds step 10 but its folder is step 15" if how == "manifest_step_edited" \
         else "manifest says step 10 but its folder is step 15"
-    assert f"step 15: DAMAGED: " in out and expect in out, out
+    assert "step 15: DAMAGED: " in out and expect in out, out
 
     with caplog.at_level(logging.WARNING, logger="spotrun"):
         step, model = _restore(url)
@@ -227,10 +227,9 @@ def test_read_error_fails_the_start_and_changes_nothing(tmp_path, faults, fault,
     url = f"faultfile://{root}"
     model = _model(seed=99)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointUnreadableError) as e:
-        with _ck(url, model=model, every_steps=1) as ck:
-            for _ in ck.range(20):  # a fresh start here would overwrite folders 5, 10, 15
-                pass
+    with pytest.raises(CheckpointUnreadableError) as e, _ck(url, model=model, every_steps=1) as ck:
+        for _ in ck.range(20):  # a fresh start here would overwrite folders 5, 10, 15
+            pass
     msg = str(e.value)
     assert "\n" not in msg
     assert root in msg and "fix access" in msg and "not damage" in msg
@@ -296,10 +295,9 @@ def test_all_damaged_refuses_to_start_and_changes_nothing(tmp_path):
     _make_run(url)
     _damage_all(url)
     before = _snapshot(url)
-    with pytest.raises(AllCheckpointsDamagedError) as e:
-        with _ck(url, model=_model(), every_steps=1) as ck:
-            for _ in ck.range(20):
-                pass
+    with pytest.raises(AllCheckpointsDamagedError) as e, _ck(url, model=_model(), every_steps=1) as ck:
+        for _ in ck.range(20):
+            pass
     msg = str(e.value)
     assert "\n" not in msg
     for s in (5, 10, 15):
@@ -430,18 +428,22 @@ def test_example_refuses_all_damaged_then_starts_fresh_with_the_env_var(tmp_path
     """End to end through a real training script: no code change needed to override."""
     url = str(tmp_path / "run")
     args = [sys.executable, EXAMPLE, "--steps", "30", "--every-steps", "10", "--step-sleep", "0"]
-    done = subprocess.run(args, env=env_for(url), capture_output=True, text=True, timeout=180, cwd=REPO)
+
+    def run(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env=env_for(url, **env), capture_output=True, text=True,
+                              timeout=180, cwd=REPO, check=False)
+
+    done = run()
     assert done.returncode == EXIT_FINISHED, done.stdout + done.stderr
     steps = [c.step for c in list_checkpoints(Storage(url))]
     _damage_all(url, steps)
     os.unlink(os.path.join(url, "done.json"))
     before = _snapshot(url)
-    refused = subprocess.run(args, env=env_for(url), capture_output=True, text=True, timeout=180, cwd=REPO)
+    refused = run()
     assert refused.returncode not in (0, 75)
     assert "AllCheckpointsDamagedError" in refused.stderr and "SPOTRUN_IF_ALL_DAMAGED" in refused.stderr
     assert _snapshot(url) == before
-    fresh = subprocess.run(args, env=env_for(url, SPOTRUN_IF_ALL_DAMAGED="start_fresh"),
-                           capture_output=True, text=True, timeout=180, cwd=REPO)
+    fresh = run(SPOTRUN_IF_ALL_DAMAGED="start_fresh")
     assert fresh.returncode == EXIT_FINISHED, fresh.stdout + fresh.stderr
     assert len(_damaged_folders(url)) == len(steps)
 
@@ -581,3 +583,25 @@ def test_check_is_cheap_on_a_few_hundred_tensors():
         best = min(best, time.perf_counter() - t0)
     print(f"check_loadable: {n_tensors} tensors in {best * 1e3:.3f} ms")
     assert best < 0.05  # far below any real save's stall, even on a loaded CPU
+
+
+@pytest.mark.slow
+def test_all_damaged_fails_every_rank_under_torchrun(tmp_path):
+    """Rank 0 refuses; the other rank learns it from rank 0 instead of waiting forever."""
+    from test_distributed import _finish, _launch
+
+    url = str(tmp_path / "run")
+    code, out = _finish(_launch(url))
+    assert code == EXIT_FINISHED, out[-4000:]
+    st = Storage(url)
+    for info in list_checkpoints(st):
+        for name in info.manifest.files:
+            rel = f"{info.name}/{name}"
+            st.write_bytes(rel, bytes(st.read_bytes(rel))[:64])
+    os.unlink(os.path.join(url, "done.json"))
+    before = _snapshot(url)
+    code, out = _finish(_launch(url))  # fails the test on a hang
+    assert code not in (0, 75), out[-4000:]
+    assert "AllCheckpointsDamagedError" in out, out[-4000:]
+    assert "rank 0 could not restore" in out, out[-4000:]
+    assert _snapshot(url) == before
