@@ -8,27 +8,49 @@ modification time (so step 10 is newer than step 9 on every backend).
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
+import os
+import pickle
+import posixpath
+import re
+import time
+import uuid
+import zipfile
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from .errors import CheckpointError, CorruptCheckpointError, StorageError, UnsupportedFormatError
-from .layout import MANIFEST, checkpoint_dir, parse_step
+from .errors import (
+    CorruptCheckpointError,
+    StorageError,
+    StorageNotFoundError,
+)
+from .layout import DAMAGED_DIR, MANIFEST, checkpoint_dir, parse_step
 from .manifest import Manifest
-from .storage import Storage
+from .storage import Storage, translate_errors
 
 __all__ = [
+    "DAMAGED_DIR",
     "CheckpointInfo",
     "commit",
     "find_latest_valid",
     "list_checkpoints",
+    "list_damaged",
     "prune",
+    "quarantine",
     "verify_checkpoint",
 ]
 
 log = logging.getLogger("spotrun")
 
 Status = Literal["committed", "incomplete", "invalid"]
+
+_PAYLOAD_FILE = re.compile(r"rank-\d{5}\.pt")
+# A payload's pickle (its structure without tensor bytes) larger than this is not opened
+# just to read its step in `spotrun verify`.
+_MAX_PICKLE_BYTES = 256 << 20
 
 
 @dataclass
@@ -55,16 +77,30 @@ def commit(storage: Storage, manifest: Manifest) -> None:
 
 
 def read_manifest(storage: Storage, step: int) -> Manifest:
+    """The manifest in ``step``'s folder; CorruptCheckpointError if it names another step.
+
+    A manifest copied from another folder (by hand, or a sync tool) would otherwise make a
+    restore report one step and load another's state.
+    """
     rel = f"{checkpoint_dir(step)}/{MANIFEST}"
-    return Manifest.from_json(storage.read_bytes(rel), where=storage.display(rel))
+    where = storage.display(rel)
+    manifest = Manifest.from_json(storage.read_bytes(rel), where=where)
+    if manifest.step != step:
+        raise CorruptCheckpointError(
+            f"{where}: manifest says step {manifest.step} but its folder is step {step} "
+            "(copied from another checkpoint?)"
+        )
+    return manifest
 
 
 def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
     """Every checkpoint folder under the run URL, oldest step first, with its status.
 
     ``incomplete`` means no manifest (a save that never committed); ``invalid`` means a
-    manifest that cannot be read. Payload files are not checked here (see
-    :func:`verify_checkpoint`).
+    manifest that is damaged (unparseable, or naming another step). Payload files are not
+    checked here (see :func:`verify_checkpoint`). A manifest that cannot be *read* (access
+    denied, network) raises StorageError: that says nothing about the checkpoint, so it is
+    never reported as damage.
     """
     found: list[CheckpointInfo] = []
     for name in storage.list_dir():
@@ -76,9 +112,10 @@ def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
             continue
         try:
             found.append(CheckpointInfo(step, "committed", manifest=read_manifest(storage, step)))
-        except UnsupportedFormatError:
-            raise
-        except (CheckpointError, StorageError) as exc:
+        except StorageNotFoundError:
+            # Listed a moment ago, gone now: retention (manifest first) is deleting it.
+            found.append(CheckpointInfo(step, "incomplete", problem="manifest removed while listing"))
+        except CorruptCheckpointError as exc:
             found.append(CheckpointInfo(step, "invalid", problem=str(exc)))
     return sorted(found, key=lambda c: c.step)
 
@@ -86,7 +123,9 @@ def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
 def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True) -> list[str]:
     """Problems with a committed checkpoint's files; an empty list means intact.
 
-    ``deep`` re-hashes every byte; otherwise only presence and sizes are checked.
+    ``deep`` re-hashes every byte and checks that each payload holds the manifest's step;
+    otherwise only presence and sizes are checked. Only proven damage is a problem; a file
+    that cannot be read (access denied, network) raises StorageError instead.
     """
     problems: list[str] = []
     folder = checkpoint_dir(manifest.step)
@@ -97,15 +136,123 @@ def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True
         if name not in present:
             problems.append(f"{where}: missing")
             continue
-        size = storage.size(rel)
+        try:
+            size = storage.size(rel)
+        except StorageNotFoundError:
+            problems.append(f"{where}: missing")
+            continue
         if size != entry.size:
             problems.append(f"{where}: size {size} bytes, manifest says {entry.size} (truncated or overwritten)")
             continue
         if deep:
-            _, digest = storage.sha256(rel)
+            data: bytes | bytearray | None = None
+            if storage.is_local:
+                _, digest = storage.sha256(rel)  # memory-mapped, no copy
+            else:
+                # Read once, for the hash and for the payload's step below.
+                data = storage.read_bytes(rel)
+                digest = hashlib.sha256(data).hexdigest()
             if digest != entry.sha256:
                 problems.append(f"{where}: sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}... (corrupted)")
+                continue
+            if _PAYLOAD_FILE.fullmatch(name):
+                problem = _payload_step_problem(storage, rel, manifest.step, data)
+                if problem:
+                    problems.append(f"{where}: {problem}")
     return problems
+
+
+class _Opaque:
+    """Stands in for every class and tensor storage while reading a payload's step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StepReader(pickle.Unpickler):
+    # Resolves no global and loads no tensor: nothing in the file can run, and only the
+    # pickle's few bytes are read, not the tensor data.
+    def find_class(self, module: str, name: str) -> Any:
+        return _Opaque
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+class _BytesView(io.RawIOBase):
+    """A seekable read-only file over bytes already in memory, without copying them."""
+
+    def __init__(self, buffer: bytes | bytearray) -> None:
+        self._view = memoryview(buffer).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _payload_step_problem(storage: Storage, rel: str, step: int,
+                          data: bytes | bytearray | None) -> str | None:
+    """Why the payload at ``rel`` does not belong to ``step``, or None when it does.
+
+    Reads only the pickle record of the ``torch.save`` zip (from ``data`` when the file was
+    already read whole), never its tensor bytes, and resolves no class: nothing in the file
+    can run. Costs a small fraction of the hash that precedes it.
+    """
+    with translate_errors(storage.display(rel), "reading"):
+        local = storage.local_path(rel)
+        f: Any = _BytesView(data) if data is not None else open(local or "", "rb")  # noqa: SIM115
+        try:
+            try:
+                with zipfile.ZipFile(f) as z:
+                    pkl = next((i for i in z.infolist() if i.filename.endswith("/data.pkl")), None)
+                    if pkl is None:
+                        return "not a torch.save payload (no data.pkl)"
+                    if pkl.file_size > _MAX_PICKLE_BYTES:
+                        return None
+                    raw = z.read(pkl)
+            except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+                return f"not a readable torch.save payload ({exc})"
+        finally:
+            f.close()
+    try:
+        payload = _StepReader(io.BytesIO(raw)).load()
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is damage
+        return f"payload cannot be parsed ({type(exc).__name__}: {exc})"
+    if not isinstance(payload, dict):
+        return "not a spotrun payload"
+    saved = payload.get("step", step)
+    if type(saved) is not int or saved != step:
+        return f"payload holds step {saved!r} but its folder is step {step} (copied from another checkpoint?)"
+    return None
 
 
 def find_latest_valid(
@@ -113,8 +260,10 @@ def find_latest_valid(
 ) -> CheckpointInfo | None:
     """The newest committed checkpoint whose files verify, or None when there is none.
 
-    Damaged or unreadable newer ones are skipped with a warning naming the damage, so one
-    bad save (a disk error, a hand-edited file) never blocks resuming.
+    Damaged newer ones are skipped with a warning naming the damage, so one bad save (a
+    disk error, a hand-edited file) never blocks resuming. A checkpoint that cannot be read
+    (access denied, network) raises StorageError: that is not damage, and skipping it would
+    pick an older checkpoint for no reason.
     """
     for info in reversed(list_checkpoints(storage)):
         if before is not None and info.step >= before:
@@ -142,12 +291,19 @@ def prune(storage: Storage, *, keep_last: int, newest_committed: int) -> list[in
 
     Keeps the ``keep_last`` newest committed checkpoints. Also removes folders left by
     crashed saves *older* than the newest commit; a folder newer than it may be a save in
-    progress in another process, so it is left alone.
+    progress in another process, so it is left alone. An older folder whose manifest is
+    damaged is evidence, not garbage: it is moved under :data:`DAMAGED_DIR`, not deleted.
+    Retention is best effort: a storage error is logged and retention runs again after the
+    next commit (the commit it follows is already durable).
     """
     if keep_last < 1:
         raise ValueError("keep_last must be at least 1")
     removed: list[int] = []
-    infos = [c for c in list_checkpoints(storage) if c.step <= newest_committed]
+    try:
+        infos = [c for c in list_checkpoints(storage) if c.step <= newest_committed]
+    except StorageError as exc:
+        log.warning("retention skipped this time (%s); it runs again after the next checkpoint", exc)
+        return removed
     committed = [c for c in infos if c.status == "committed"]
     keep = {c.step for c in committed[-keep_last:]}
     if newest_committed not in keep:
@@ -155,15 +311,66 @@ def prune(storage: Storage, *, keep_last: int, newest_committed: int) -> list[in
         raise CorruptCheckpointError(
             f"refusing to prune: checkpoint {newest_committed} is not committed at {storage.display()}"
         )
-    for info in infos:
-        if info.step in keep:
-            continue
-        # Manifest first, so a crash mid-delete leaves an "incomplete" folder, never a
-        # "committed" one with files missing.
-        if info.status == "committed":
-            storage.remove(f"{info.name}/{MANIFEST}")
-        storage.remove(info.name)
-        removed.append(info.step)
+    try:
+        for info in infos:
+            if info.step in keep:
+                continue
+            if info.status == "invalid":
+                quarantine(storage, info.step, info.problem or "damaged manifest")
+                removed.append(info.step)
+                continue
+            # Manifest first, so a crash mid-delete leaves an "incomplete" folder, never a
+            # "committed" one with files missing.
+            if info.status == "committed":
+                storage.remove(f"{info.name}/{MANIFEST}")
+            storage.remove(info.name)
+            removed.append(info.step)
+    except StorageError as exc:
+        log.warning("retention stopped part-way (%s); it runs again after the next checkpoint", exc)
     if removed:
         log.info("retention: removed checkpoints at steps %s", removed)
     return removed
+
+
+def quarantine(storage: Storage, step: int, problem: str) -> str:
+    """Move the damaged checkpoint folder of ``step`` aside; returns where it went.
+
+    The folder leaves the checkpoint namespace, so no later save writes into it and no
+    restore or retention looks at it again, but nothing is lost: it lands under
+    ``damaged/<folder>-<UTC time>-<id>/`` with a ``damaged.json`` saying why. Local disk
+    renames the folder (atomic); object stores copy each file (server-side on S3) and
+    then delete the original, manifest first, so an interrupted move leaves the original
+    either still damaged (found and moved again next time) or uncommitted, never a
+    committed checkpoint with files missing.
+    """
+    folder = checkpoint_dir(step)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = f"{DAMAGED_DIR}/{folder}-{stamp}-{uuid.uuid4().hex[:6]}"
+    where = storage.display(folder)
+    with translate_errors(where, "moving aside"):
+        if storage.is_local:
+            src_path = storage.local_path(folder)
+            dst_path = storage.local_path(dest)
+            assert src_path is not None and dst_path is not None
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.rename(src_path, dst_path)
+        else:
+            fs = storage.fs
+            src_root = fs._strip_protocol(storage.full(folder)).rstrip("/")
+            fs.invalidate_cache(src_root)
+            for path in sorted(fs._strip_protocol(str(p)) for p in fs.find(src_root)):
+                target = storage.full(f"{dest}/{posixpath.relpath(path, src_root)}")
+                fs.makedirs(posixpath.dirname(target), exist_ok=True)  # no-op on object stores
+                fs.copy(path, target)
+            storage.remove(f"{folder}/{MANIFEST}")
+            storage.remove(folder)
+    note = {"step": step, "problem": problem, "moved_at": time.time(), "from": where}
+    storage.write_bytes(f"{dest}/damaged.json", (json.dumps(note, indent=1) + "\n").encode())
+    log.warning("moved damaged checkpoint %s aside to %s (kept as evidence; delete it when done)",
+                where, storage.display(dest))
+    return dest
+
+
+def list_damaged(storage: Storage) -> list[str]:
+    """Folders under :data:`DAMAGED_DIR` (checkpoints moved aside as damaged), oldest first."""
+    return storage.list_dir(DAMAGED_DIR)

@@ -7,16 +7,19 @@ problem and, where there is one, the fix.
 
     SpotrunError
     ├── ConfigError                  a bad argument, option or environment variable
-    │   └── StorageURLError          a run URL that cannot be parsed or has no backend
+    │   ├── StorageURLError          a run URL that cannot be parsed or has no backend
+    │   └── UnloadableStateError     saved state that a weights_only load would refuse
     ├── StorageError                 reading or writing the run URL failed
     │   ├── StorageNotFoundError     the bucket or directory does not exist
     │   ├── CredentialsError         no usable cloud credentials
-    │   └── StorageUnavailableError  still throttled, failing or silent after bounded retries
+    │   ├── StorageUnavailableError  still throttled, failing or silent after bounded retries
+    │   └── CheckpointUnreadableError  a checkpoint could not be read (access, network)
     ├── CheckpointError              a checkpoint cannot be used
     │   ├── NoCheckpointError        no committed checkpoint at the run URL
-    │   ├── CorruptCheckpointError   sizes or hashes do not match its manifest
+    │   ├── CorruptCheckpointError   sizes, hashes or steps do not match its manifest
     │   ├── IncompatibleCheckpointError  its tensors do not fit the model (key, shapes)
-    │   └── UnsupportedFormatError   written by a newer spotrun than this one
+    │   ├── UnsupportedFormatError   written by a newer spotrun than this one
+    │   └── AllCheckpointsDamagedError  every checkpoint failed verification
     ├── SaveError                    a save (often a background one) failed
     ├── NoticeError                  an interruption-notice source misbehaved
     │   └── MetadataBusyError        a metadata service answered with a passing error: retry
@@ -32,8 +35,10 @@ problem and, where there is one, the fix.
 from __future__ import annotations
 
 __all__ = [
+    "AllCheckpointsDamagedError",
     "CapacityError",
     "CheckpointError",
+    "CheckpointUnreadableError",
     "ConfigError",
     "CorruptCheckpointError",
     "CostError",
@@ -53,6 +58,7 @@ __all__ = [
     "StorageNotFoundError",
     "StorageURLError",
     "StorageUnavailableError",
+    "UnloadableStateError",
     "UnsupportedFormatError",
 ]
 
@@ -90,7 +96,9 @@ class NoCheckpointError(CheckpointError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A checkpoint's files do not match the sizes and hashes in its manifest."""
+    """A checkpoint's files do not match the sizes and hashes in its manifest, or its
+    manifest or payload names another step than its folder (it cannot be parsed, or was
+    copied from another checkpoint)."""
 
 
 class IncompatibleCheckpointError(CheckpointError):
@@ -152,3 +160,29 @@ class StorageUnavailableError(StorageError):
     dropped connections) through every bounded retry. Nothing is wrong with the data: try
     again later, or give the retries more room (``SPOTRUN_S3_RETRIES``,
     ``SPOTRUN_S3_RETRY_SECONDS``, ``SPOTRUN_S3_ATTEMPTS``)."""
+
+
+class UnloadableStateError(ConfigError):
+    """State that ``torch.load(weights_only=True)`` would refuse, caught at save time.
+
+    Saving it would succeed and every resume would then fail, leaving the run stuck; the
+    message names the key path and how to store the value instead.
+    """
+
+
+class CheckpointUnreadableError(StorageError):
+    """A checkpoint could not be read for a reason that is not damage.
+
+    Access denied, a network failure or throttling that outlasted the retries says nothing
+    about the checkpoint itself, so it is not skipped: the start is refused and nothing in
+    storage is changed. Fix access and start again.
+    """
+
+
+class AllCheckpointsDamagedError(CheckpointError):
+    """Every checkpoint at the run URL failed verification, so the run refuses to start.
+
+    Starting from step 0 would throw the run away; pass ``if_all_damaged="start_fresh"``
+    (or set ``SPOTRUN_IF_ALL_DAMAGED=start_fresh``) to do it anyway: the damaged folders
+    are moved aside under ``damaged/`` first, never overwritten.
+    """

@@ -8,11 +8,15 @@ change it only together with ``manifest.FORMAT_VERSION``.
 
     RUN_URL/
       000000000100/            one checkpoint per folder, named by its zero-padded step
-        rank-00000.pt          payload files (written first)
+        rank-00000.pt          payload files (written first), one per rank
+        __0_0.distcp ...       sharded runs: each rank's DCP shards, and DCP's index
+        .metadata                (.metadata); payload like the rest
         manifest.json          written last: its existence *is* the commit
       done.json                the run finished (written once, by rank 0)
       ledger/                  one small JSON object per event (segments, checkpoints, ...)
       launch/                  the launcher's own state (instances, attempts)
+      damaged/                 checkpoints that failed verification, moved aside as evidence
+                               (``000000000015-<when>-<id>/`` with a ``damaged.json``)
       lease                    who writes the run now (owner, heartbeat, expiry): on S3 one
                                object replaced by conditional writes; elsewhere a folder of
                                numbered versions, the newest current (see spotrun.lease)
@@ -21,6 +25,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
 from __future__ import annotations
 
 __all__ = [
+    "DAMAGED_DIR",
+    "DCP_METADATA",
     "DONE_MARKER",
     "EXIT_FAILED",
     "EXIT_FINISHED",
@@ -42,6 +48,12 @@ LEDGER_DIR = "ledger"
 LAUNCH_DIR = "launch"
 #: The single-writer lease (:mod:`spotrun.lease`).
 LEASE = "lease"
+#: Where damaged checkpoint folders are moved: out of the names :func:`parse_step` takes,
+#: so no save, restore or retention touches them again; kept until a person deletes them.
+DAMAGED_DIR = "damaged"
+#: torch.distributed.checkpoint's index file; its presence in a manifest marks a sharded
+#: checkpoint.
+DCP_METADATA = ".metadata"
 
 #: The training loop ran to its end; ``done.json`` exists. Do not relaunch.
 EXIT_FINISHED = 0

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import CorruptCheckpointError, UnsupportedFormatError
+from .layout import DCP_METADATA
 
 __all__ = ["FORMAT_VERSION", "FileEntry", "Manifest"]
 
@@ -36,6 +37,11 @@ class Manifest:
     save_seconds: float | None = None
     format_version: int = FORMAT_VERSION
     versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        """Written through torch.distributed.checkpoint (it lists DCP's index file)."""
+        return DCP_METADATA in self.files
 
     @property
     def total_bytes(self) -> int:

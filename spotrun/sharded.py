@@ -93,7 +93,7 @@ from .errors import (
     StorageError,
     StorageNotFoundError,
 )
-from .layout import MANIFEST, checkpoint_dir
+from .layout import DCP_METADATA, MANIFEST, checkpoint_dir
 from .manifest import FileEntry, Manifest
 from .storage import Storage
 
@@ -110,8 +110,6 @@ __all__ = [
 
 log = logging.getLogger("spotrun")
 
-#: DCP's index file; its presence in a manifest marks a sharded checkpoint.
-DCP_METADATA = ".metadata"
 _SUFFIX = ".distcp"
 # WriteResults whose index starts with this carry one written file's (name, size, sha256)
 # from a rank to the coordinator; finish() takes them out before DCP's metadata is written.
@@ -167,7 +165,7 @@ def _fsdp1_sharded(module: torch.nn.Module) -> bool:
 
 def is_sharded_checkpoint(manifest: Manifest) -> bool:
     """True when a committed checkpoint was written through DCP (it lists ``.metadata``)."""
-    return DCP_METADATA in manifest.files
+    return manifest.sharded
 
 
 # -- getting and setting the state -----------------------------------------------------

@@ -20,14 +20,20 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StorageError,
+    UnloadableStateError,
+)
 from .layout import checkpoint_dir
 from .manifest import FileEntry
-from .storage import Storage
+from .storage import Storage, translate_errors
 
 __all__ = [
     "StagingBuffers",
     "Verification",
+    "check_loadable",
     "check_plain",
     "open_payload",
     "payload_name",
@@ -35,11 +41,111 @@ __all__ = [
     "write_payload",
 ]
 
-_PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor)
-
-
 def payload_name(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
+
+
+# What ``torch.load(weights_only=True)`` rebuilds without extra allow-listing. Exact types,
+# not isinstance: a subclass (np.float64 is a float, a namedtuple a tuple, defaultdict a
+# dict) is pickled by reference to its own class, which that load refuses.
+_LEAVES = frozenset({
+    type(None), bool, int, float, complex, str, bytes, bytearray,
+    torch.Tensor, torch.nn.Parameter, torch.dtype, torch.device, torch.layout, torch.qscheme,
+    torch.Size, torch.storage.UntypedStorage, torch.storage.TypedStorage,
+})
+_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.Counter})
+_SEQUENCES = frozenset({list, tuple, set})
+# values= holds plain values only (no dtype/device/storage objects, str or int keys).
+_PLAIN_LEAVES = frozenset({type(None), bool, int, float, str, bytes, torch.Tensor, torch.nn.Parameter})
+
+
+class _Refused(Exception):
+    """Unwinds the state walk from a refused value, collecting its key path on the way."""
+
+    def __init__(self, value: Any, why: str = "") -> None:
+        self.value, self.why = value, why
+        self.path: list[str] = []
+
+
+def _user_allowed(t: type) -> bool:
+    """Whether the user allow-listed ``t`` (``torch.serialization.add_safe_globals``)."""
+    for entry in torch.serialization.get_safe_globals():
+        if (entry[0] if isinstance(entry, tuple) else entry) is t:
+            return True
+    return False
+
+
+def _walk(node: Any, leaves: frozenset[type], plain: bool) -> None:
+    t = type(node)
+    if t in leaves:
+        return
+    if t in _MAPPINGS and (not plain or t is not collections.Counter):
+        for k, v in node.items():
+            try:
+                if plain and type(k) not in (str, int):
+                    raise _Refused(k, f"has a key of type {type(k).__name__}; use str or int keys")
+                _walk(k, leaves, plain)
+                _walk(v, leaves, plain)
+            except _Refused as r:
+                r.path.append(f"[{k!r}]")
+                raise
+        # Module state dicts carry per-submodule versions as the attribute ``_metadata``.
+        extra = getattr(node, "__dict__", None)
+        if extra:
+            _walk(extra, leaves, plain)
+        return
+    if t in _SEQUENCES and (not plain or t is not set):
+        # Long lists of numbers (index permutations, histories): one C-speed pass.
+        if not set(map(type, node)).difference(leaves):
+            return
+        for i, v in enumerate(node):
+            try:
+                _walk(v, leaves, plain)
+            except _Refused as r:
+                r.path.append(f"[{i}]" if t is not set else "{...}")
+                raise
+        return
+    if not plain and _user_allowed(t):
+        return  # the user vouched for it; its contents are theirs to vouch for too
+    raise _Refused(node)
+
+
+def _type_name(value: Any) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _refusal_fix(value: Any) -> str:
+    mod = type(value).__module__.split(".")[0]
+    if mod == "numpy":
+        return ("convert it in state_dict(): torch.from_numpy(a) for an array, float(x)/int(x) "
+                "for a scalar, and for np.random.get_state() save its parts as a tensor and ints")
+    if isinstance(value, torch.Tensor):
+        return ("save a plain tensor (t.as_subclass(torch.Tensor)) or allow the class with "
+                "torch.serialization.add_safe_globals")
+    return ("store tensors, numbers, strings, lists, tuples or dicts instead (e.g. a tensor, "
+            "a list or a dict of its fields), or allow the class with "
+            "torch.serialization.add_safe_globals if you trust it")
+
+
+def check_loadable(name: str, state: Any) -> None:
+    """Refuse, at save time, state that ``torch.load(weights_only=True)`` would refuse.
+
+    A walk over the state tree (no serialisation, tensors are not touched), accepting what
+    that load accepts: tensors and parameters, None/bool/int/float/complex/str/bytes,
+    dict/OrderedDict/Counter/list/tuple/set, ``torch.Size``/``dtype``/``device`` and types
+    allowed with ``torch.serialization.add_safe_globals``. Saving anything else succeeds,
+    and then every resume fails; raises :class:`~spotrun.errors.UnloadableStateError`
+    naming the key path instead.
+    """
+    try:
+        _walk(state, _LEAVES, plain=False)
+    except _Refused as r:
+        where = name + "".join(reversed(r.path))
+        raise UnloadableStateError(
+            f"{where} is a {_type_name(r.value)}, which safe (weights_only) loading refuses, "
+            f"so every resume would fail; {_refusal_fix(r.value)}"
+        ) from None
 
 
 def check_plain(name: str, value: Any) -> None:
@@ -47,22 +153,16 @@ def check_plain(name: str, value: Any) -> None:
 
     Failing now keeps the mistake from surfacing only at resume, when the run is stuck.
     """
-    if isinstance(value, _PLAIN):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_plain(f"{name}[{i}]", v)
-        return
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise ConfigError(f"value {name!r} has a key of type {type(k).__name__}; use str or int keys")
-            check_plain(f"{name}[{k!r}]", v)
-        return
-    raise ConfigError(
-        f"value {name!r} is a {type(value).__name__}, which safe (weights_only) loading "
-        "refuses; store plain numbers, strings, lists, dicts or tensors (e.g. float(x))"
-    )
+    try:
+        _walk(value, _PLAIN_LEAVES, plain=True)
+    except _Refused as r:
+        where = name + "".join(reversed(r.path))
+        if r.why:
+            raise UnloadableStateError(f"value {where!r} {r.why}") from None
+        raise UnloadableStateError(
+            f"value {where!r} is a {_type_name(r.value)}, which safe (weights_only) loading "
+            "refuses; store plain numbers, strings, lists, dicts or tensors (e.g. float(x))"
+        ) from None
 
 
 class StagingBuffers:
@@ -167,6 +267,17 @@ class Verification:
         if self._error is not None:
             raise self._error
 
+    def settle(self) -> None:
+        """Wait for the check to end and raise only proven damage (a mismatch).
+
+        For a load that failed for another reason (a read error): if the bytes are also
+        known to be wrong, that is the better explanation; a read error of the check itself
+        adds nothing to the caller's own.
+        """
+        self._thread.join()
+        if isinstance(self._error, CorruptCheckpointError):
+            raise self._error
+
 
 def open_payload(
     storage: Storage, step: int, name: str, entry: FileEntry, *, weights_only: bool = True
@@ -182,7 +293,8 @@ def open_payload(
     where = storage.display(rel)
     local = storage.local_path(rel)
     if local is not None:
-        size = os.path.getsize(local)
+        with translate_errors(where, "reading"):
+            size = os.path.getsize(local)
         if size != entry.size:  # cheap, and torch.load would choke on a truncated file anyway
             raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
         verification = Verification(lambda: _check_digest(*storage.sha256(rel), entry, where))
@@ -194,7 +306,13 @@ def open_payload(
         verification = Verification(lambda: _check_digest(len(data), hashlib.sha256(data).hexdigest(), entry, where))
         source, use_mmap = _BufferReader(data), False
     try:
-        payload = torch.load(source, map_location="cpu", weights_only=weights_only, mmap=use_mmap)
+        # An OSError here (permission, EIO) is a failed read, not a damaged file: it
+        # becomes a StorageError, which a restore never mistakes for damage.
+        with translate_errors(where, "reading"):
+            payload = torch.load(source, map_location="cpu", weights_only=weights_only, mmap=use_mmap)
+    except StorageError:
+        verification.settle()
+        raise
     except pickle.UnpicklingError as exc:
         verification.check()  # damage explains a refusal better than the refusal does
         first = str(exc).strip().splitlines()[0]
@@ -208,6 +326,13 @@ def open_payload(
     if not isinstance(payload, dict):
         verification.check()
         raise CorruptCheckpointError(f"{where}: holds a {type(payload).__name__}, not a spotrun payload")
+    saved_step = payload.get("step", step)
+    if type(saved_step) is not int or saved_step != step:
+        verification.check()
+        raise CorruptCheckpointError(
+            f"{where}: payload holds step {saved_step!r} but its folder is step {step} "
+            "(copied from another checkpoint?)"
+        )
     return payload, verification
 
 

@@ -36,15 +36,26 @@ from typing import Any, Literal
 
 import torch
 
-from ..commit import list_checkpoints, read_manifest, verify_checkpoint
-from ..config import DEFAULT_STOP_MARGIN_S, DEFAULT_STOP_TIMEOUT_S, env_float, env_str
+from ..commit import DAMAGED_DIR, list_checkpoints, quarantine, verify_checkpoint
+from ..config import (
+    DEFAULT_STOP_MARGIN_S,
+    DEFAULT_STOP_TIMEOUT_S,
+    env_choice,
+    env_float,
+    env_str,
+)
+from ..data import ResumableLoader, rank_seed
 from ..distributed import Group
 from ..errors import (
+    AllCheckpointsDamagedError,
     CheckpointError,
+    CheckpointUnreadableError,
     ConfigError,
     CorruptCheckpointError,
+    IncompatibleCheckpointError,
     SaveError,
     StorageError,
+    StorageNotFoundError,
     UnsupportedFormatError,
 )
 from ..events import (
@@ -54,13 +65,20 @@ from ..events import (
     SegmentStarted,
     TrainingResumed,
 )
-from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
+from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
 from ..lease import acquire_run_lease, release_run_lease
 from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
 from ..manifest import Manifest
 from ..notices import Notice, Watcher
-from ..snapshot import check_plain, open_payload, payload_name, read_payload
-from ..state import check_stateful, collect_rng_state, load_object_state, restore_rng_state, unwrap
+from ..snapshot import check_loadable, check_plain, open_payload, payload_name, read_payload
+from ..state import (
+    check_stateful,
+    collect_rng_state,
+    load_object_state,
+    restore_rng_state,
+    seed_everything,
+    unwrap,
+)
 from ..storage import Storage, open_storage
 from .interrupts import Interrupts
 from .saver import Saver
@@ -71,6 +89,10 @@ log = logging.getLogger("spotrun")
 
 PAYLOAD_FORMAT = 1
 DEFAULT_EVERY_SECONDS = 300.0
+#: What to do when every checkpoint is damaged (see ``if_all_damaged``), for launchers and
+#: wrappers that cannot change the training code.
+IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
+_IF_ALL_DAMAGED = ("fail", "start_fresh")
 
 
 def _process_start_time() -> float:
@@ -133,6 +155,12 @@ class Checkpointer:
             (FSDP2 ``fully_shard``, tensor parallel, FSDP1 with sharded state dicts). Needs
             exactly one model. Everything else (scheduler, ``objects=``, ``values=``,
             ``per_rank=``, RNG) is saved as for replicated runs.
+        if_all_damaged: what :meth:`restore` does when checkpoints exist but every one of
+            them failed verification: ``"fail"`` (refuse to start, with
+            :class:`~spotrun.errors.AllCheckpointsDamagedError` listing them) or
+            ``"start_fresh"`` (move them aside under ``damaged/`` and start at step 0).
+            Default: ``$SPOTRUN_IF_ALL_DAMAGED``, else ``"fail"``. Damaged folders are never
+            overwritten either way.
     """
 
     def __init__(
@@ -159,6 +187,7 @@ class Checkpointer:
         watchers: Sequence[Watcher] | None = None,
         storage_options: dict[str, Any] | None = None,
         sharded: bool | None = None,
+        if_all_damaged: Literal["fail", "start_fresh"] | None = None,
     ) -> None:
         if every_steps is not None and every_steps < 1:
             raise ConfigError(f"every_steps={every_steps} must be a positive number of steps")
@@ -168,6 +197,12 @@ class Checkpointer:
             raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
+        if if_all_damaged is None:
+            if_all_damaged = env_choice(IF_ALL_DAMAGED_ENV, _IF_ALL_DAMAGED, "fail")  # type: ignore[assignment]
+        elif if_all_damaged not in _IF_ALL_DAMAGED:
+            raise ConfigError(f"if_all_damaged={if_all_damaged!r} must be 'fail' or 'start_fresh'")
+        self.if_all_damaged = if_all_damaged
+        self._state_loaded_from: int | None = None
         self.storage: Storage = open_storage(url, storage_options)
         self._model_names = list(_named("model", model))
         self._optimizer_names = list(_named("optimizer", optimizer))
@@ -495,10 +530,16 @@ class Checkpointer:
         if group.is_main:
             payload["objects"] = {n: unwrap(o).state_dict()
                                   for n, o in self._replicated_objects().items()}
+            # Every entry is checked against what a weights_only load accepts (a walk, no
+            # serialisation): state that saves but cannot load back would strand the run.
+            for n, state in payload["objects"].items():
+                check_loadable(f"{n}.state_dict()", state)
             for k, v in self.values.items():
                 check_plain(k, v)
             payload["values"] = dict(self.values)
         payload["per_rank"] = {n: unwrap(o).state_dict() for n, o in self.per_rank.items()}
+        for n, state in payload["per_rank"].items():
+            check_loadable(f"{n}.state_dict()", state)
         if self.save_rng:
             payload["rng"] = collect_rng_state()
         return payload
@@ -532,17 +573,21 @@ class Checkpointer:
     def restore(self) -> int:
         """Load the latest valid checkpoint into every object; return the step to start at.
 
-        A fresh run returns 0. A damaged newest checkpoint is skipped with a warning and
-        the one before it is used. Idempotent: a second call returns the same step.
+        A fresh run returns 0. A damaged newest checkpoint (sizes, hashes, a manifest or
+        payload that cannot be parsed or names another step, a listed file missing) is
+        skipped with a warning, moved aside under ``damaged/`` (never overwritten by a
+        later save) and the one before it is used. Anything else that stops a checkpoint
+        from being read (access denied, network, throttling after the retries) fails with
+        :class:`~spotrun.errors.CheckpointUnreadableError` and changes nothing. When every
+        checkpoint is damaged, see ``if_all_damaged``. Every rank takes each decision
+        together, so a rank that finds damage in its own files moves all of them to the
+        older checkpoint. Idempotent: a second call returns the same step.
         """
         group, saver = self._require_active()
         if self._restored:
             return self.steps_done
-        # Rank 0 picks (and loads) the checkpoint; the others load the step it names.
-        step = group.broadcast(self._restore_newest_valid(group) if group.is_main else None)
+        step = self._restore_newest_valid(group)
         if step is not None:
-            if not group.is_main:
-                self._apply(self._load_other_rank(read_manifest(self.storage, step), group), group)
             self.steps_done = step
             saver.last_saved_step = step
             log.info("resumed from step %d at %s", step, self.storage.display())
@@ -559,67 +604,215 @@ class Checkpointer:
     def _restore_newest_valid(self, group: Group) -> int | None:
         """Load the newest committed checkpoint whose files check out; return its step.
 
-        Its hash is verified while the state loads (see :class:`~spotrun.snapshot.Verification`);
-        when the hash fails, the objects are loaded again from an older checkpoint, so
-        nothing of a damaged one survives.
+        Rank 0 lists the checkpoints; every rank walks the same list, newest first, loads
+        its part of each candidate and agrees with the others on the outcome (see
+        :meth:`_agree`). Hashes are verified while the state loads (see
+        :class:`~spotrun.snapshot.Verification`); when one fails, the objects are loaded
+        again from an older checkpoint, so nothing of a damaged one survives. Only proven
+        damage skips a checkpoint; damaged ones are moved aside once a usable one is found
+        (or a fresh start was asked for), so no later save writes into them.
         """
-        for info in reversed(list_checkpoints(self.storage)):
-            if info.status != "committed" or info.manifest is None:
-                if info.status == "invalid":
-                    log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
+        damaged: list[tuple[int, str]] = []
+        found: int | None = None
+        self._state_loaded_from = None
+        listed: Any = None
+        if group.is_main:
+            try:
+                listed = list_checkpoints(self.storage)
+            except StorageError as exc:
+                listed = _Outcome("unreadable", (
+                    f"cannot list or read the checkpoints ({exc}); that is not damage, so "
+                    f"nothing at {self.storage.display()} was skipped or changed: fix access "
+                    "(permissions, credentials, network) and start again"))
+        listed = group.broadcast(listed)
+        if isinstance(listed, _Outcome):
+            raise CheckpointUnreadableError(listed.message)
+        for info in reversed(listed):
+            if info.status == "incomplete":
+                continue  # a save that never committed: not a checkpoint
+            if info.status == "invalid" or info.manifest is None:
+                log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
+                damaged.append((info.step, info.problem or "invalid manifest"))
                 continue
             manifest = info.manifest
             if manifest.world_size != group.world_size:
                 log.warning(
-                    "checkpoint at step %d was written by %d ranks, this run has %d; "
-                    "per-rank state (RNG, data position) of missing ranks starts fresh",
+                    "checkpoint at step %d was written by %d ranks, this run has %d: "
+                    "resuming on another world size (see the README's exact-resume rules)",
                     info.step, manifest.world_size, group.world_size,
                 )
-            try:
-                # Every rank's file present with its size: cheap, and catches a partial copy.
-                problems = verify_checkpoint(self.storage, manifest, deep=False)
-                if problems:
-                    raise CorruptCheckpointError("; ".join(problems))
-                payload, verification = open_payload(
-                    self.storage, info.step, payload_name(0), manifest.files[payload_name(0)],
-                    weights_only=self.weights_only,
-                )
-                try:
-                    self._apply((payload, payload), group)
-                except CheckpointError:
-                    verification.check()  # damage explains a misfit better than the misfit
-                    raise
-                verification.check()
-            except UnsupportedFormatError:
-                raise
-            except (CorruptCheckpointError, StorageError, KeyError) as exc:
+            problem = self._try_load(info.step, manifest, group)
+            if problem is not None:
                 log.warning("skipping damaged checkpoint at step %d (%s); trying an older one",
-                            info.step, exc)
+                            info.step, problem)
+                damaged.append((info.step, problem))
                 continue
-            return info.step
+            found = info.step
+            break
+        if damaged and found is None and self.if_all_damaged != "start_fresh":
+            listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
+            raise AllCheckpointsDamagedError(
+                f"all {len(damaged)} checkpoints at {self.storage.display()} are damaged, "
+                f"refusing to start over them ({listing}); see `spotrun verify "
+                f"{self.storage.display()}`; to start from step 0 anyway (the damaged folders "
+                f"are moved under {DAMAGED_DIR}/, not deleted) pass if_all_damaged='start_fresh' "
+                f"or set {IF_ALL_DAMAGED_ENV}=start_fresh"
+            )
+        if group.is_main:
+            for step, problem in damaged:
+                quarantine(self.storage, step, problem)
+        group.barrier()  # the damaged folders are out of the way before anyone saves
+        if damaged and found is None:
+            if self._state_loaded_from is not None:
+                # A hash failed only after its state was loaded (verified while loading):
+                # the objects no longer hold their initial state, so step 0 from here would
+                # not be a fresh start. The folders are out of the way; a new process is.
+                raise AllCheckpointsDamagedError(
+                    f"every checkpoint at {self.storage.display()} was damaged and has been "
+                    f"moved under {DAMAGED_DIR}/, but this process had already loaded state "
+                    f"from the damaged step {self._state_loaded_from}; start it again to "
+                    "begin from step 0 with freshly built objects"
+                )
+            log.warning("every checkpoint at %s was damaged (moved under %s/); starting from "
+                        "step 0 as asked (if_all_damaged='start_fresh')",
+                        self.storage.display(), DAMAGED_DIR)
+        return found
+
+    def _try_load(self, step: int, manifest: Manifest, group: Group) -> str | None:
+        """Load one committed checkpoint on every rank; None when it loaded, else its damage.
+
+        Three phases, each ending in an agreement so no rank is left in a collective alone:
+        rank 0 checks that every listed file is there with its size (cheap, and catches a
+        partial copy); a sharded checkpoint's model and optimizer load through DCP (a
+        collective that reshards to this world size); each rank loads rank 0's payload
+        (shared state) and its own, verifying their hashes.
+        """
+        outcome: _Outcome | None = None
+        if group.is_main:
+            outcome = self._attempt(lambda: self._check_present(step, manifest))
+        outcome = self._agree(group, outcome)
+        if outcome is None and manifest.sharded:
+            outcome = self._agree(group, self._attempt(lambda: self._load_sharded(manifest)))
+        if outcome is None:
+            outcome = self._agree(group, self._attempt(lambda: self._load_payloads(manifest, group)))
+        if outcome is None:
+            return None
+        if outcome.kind == "damaged":
+            return outcome.message
+        if outcome.kind == "unreadable":
+            raise CheckpointUnreadableError(
+                f"cannot read the checkpoint at step {step} ({outcome.message}); that is not "
+                f"damage, so it was not skipped and nothing at {self.storage.display()} was "
+                "changed: fix access (permissions, credentials, network) and start again"
+            )
+        if outcome.error is not None:
+            raise outcome.error  # this rank's own failure, with its traceback
+        raise CheckpointError(f"restore failed on another rank: {outcome.message}")
+
+    @staticmethod
+    def _attempt(load: Any) -> _Outcome | None:
+        """Run one load phase; classify its failure (only proven damage may be skipped)."""
+        try:
+            load()
+        except (CorruptCheckpointError, StorageNotFoundError) as exc:
+            # A listed file that is gone is damage, like a wrong size.
+            return _Outcome("damaged", str(exc))
+        except StorageError as exc:
+            return _Outcome("unreadable", str(exc))
+        except Exception as exc:  # noqa: BLE001 - passed on, then raised on this rank
+            return _Outcome("error", f"{type(exc).__name__}: {exc}", exc)
         return None
 
-    def _load_other_rank(self, manifest: Manifest, group: Group) -> tuple[dict, dict | None]:
-        """Rank 0's shared state and this rank's own, both verified before use."""
-        shared = read_payload(self.storage, manifest.step, payload_name(0),
-                              manifest.files[payload_name(0)], weights_only=self.weights_only)
-        mine = payload_name(group.rank)
-        own = (
-            read_payload(self.storage, manifest.step, mine, manifest.files[mine],
-                         weights_only=self.weights_only)
-            if mine in manifest.files else None
-        )
-        return shared, own
+    def _agree(self, group: Group, mine: _Outcome | None) -> _Outcome | None:
+        """The outcome every rank acts on: the worst of all ranks' (error > unreadable > damaged)."""
+        if not group.distributed:
+            return mine
+        everyone = group.gather(None if mine is None else (mine.kind, mine.message))
+        decision = None
+        if group.is_main:
+            assert everyone is not None
+            failed = [(r, o) for r, o in enumerate(everyone) if o is not None]
+            for kind in ("error", "unreadable", "damaged"):
+                hits = [(r, msg) for r, (k, msg) in failed if k == kind]
+                if hits:
+                    decision = (kind, "; ".join(f"rank {r}: {m}" for r, m in hits))
+                    break
+        decision = group.broadcast(decision)
+        if decision is None:
+            return None
+        kind, message = decision
+        if mine is not None and mine.kind == kind:
+            return _Outcome(kind, message, mine.error)
+        return _Outcome(kind, message)
 
-    def _apply(self, payloads: tuple[dict, dict | None], group: Group) -> None:
-        shared, own = payloads
+    def _check_present(self, step: int, manifest: Manifest) -> None:
+        problems = verify_checkpoint(self.storage, manifest, deep=False)
+        if problems:
+            raise CorruptCheckpointError("; ".join(problems))
+        if payload_name(0) not in manifest.files:
+            raise CorruptCheckpointError(
+                f"{self.storage.display(checkpoint_dir(step))}: manifest lists no {payload_name(0)}")
+
+    def _load_sharded(self, manifest: Manifest) -> None:
+        """Model and optimizer from DCP's files, resharded to this run's world size."""
+        if not self.sharded:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {manifest.step} holds a sharded model (FSDP / tensor "
+                "parallel) but this run's model is not sharded; shard it the same way (or "
+                "pass sharded=True)"
+            )
+        from ..sharded import read_sharded, set_state
+
+        state = self._sharded_state()  # this world size's own (empty) shards, filled in place
+        self._state_loaded_from = manifest.step
+        read_sharded(self.storage, manifest, state)
+        set_state(unwrap(self.objects[self._model_names[0]]),
+                  [self.objects[n] for n in self._optimizer_names], state)
+
+    def _load_payloads(self, manifest: Manifest, group: Group) -> None:
+        """Rank 0's payload (shared state) and this rank's own, loaded and verified."""
+        if self.sharded and not manifest.sharded:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {manifest.step} holds a replicated model but this "
+                "run's model is sharded; restore it without sharding (sharded=False), or "
+                "start a new run URL"
+            )
+        step, shared_name = manifest.step, payload_name(0)
+        shared, verification = open_payload(self.storage, step, shared_name,
+                                            manifest.files[shared_name],
+                                            weights_only=self.weights_only)
+        own: dict | None = shared
+        if not group.is_main:
+            verification.check()  # another rank's file: verified before anything is used
+            mine = payload_name(group.rank)
+            own = (read_payload(self.storage, step, mine, manifest.files[mine],
+                                weights_only=self.weights_only)
+                   if mine in manifest.files else None)
+        # From here the live objects may hold this checkpoint's state, proven good or not.
+        self._state_loaded_from = step
+        try:
+            self._apply(shared, own, group, step)
+        except CheckpointError:
+            verification.check()  # damage explains a misfit better than the misfit
+            raise
+        verification.check()
+
+    def _apply(self, shared: dict, own: dict | None, group: Group, step: int) -> None:
+        """Put rank 0's shared state and this rank's own into the live objects.
+
+        A rank with no saved state of its own (the run resumes on more ranks than saved it)
+        takes rank 0's copy of a :class:`~spotrun.ResumableLoader` (its position is global,
+        the same on every rank) and seeds its RNGs from ``(seed, rank, step)``, so resuming
+        the same checkpoint on the same world size always gives the same streams. Other
+        per-rank objects start fresh, with a warning.
+        """
         if shared.get("format", 0) > PAYLOAD_FORMAT:
             raise UnsupportedFormatError(
                 f"checkpoint payload format {shared.get('format')} is newer than this spotrun "
                 "understands; upgrade spotrun"
             )
         saved_objects = shared.get("objects", {})
-        for name, obj in self.objects.items():
+        for name, obj in self._replicated_objects().items():
             if name not in saved_objects:
                 raise CheckpointError(
                     f"checkpoint has no state for {name!r} (it has {sorted(saved_objects)}); "
@@ -628,6 +821,7 @@ class Checkpointer:
             load_object_state(name, obj, saved_objects[name])
         self.values.update(shared.get("values", {}))
         if own is None:
+            self._start_new_rank(shared, group, step)
             return
         for name, obj in self.per_rank.items():
             if name in own.get("per_rank", {}):
@@ -637,6 +831,20 @@ class Checkpointer:
                             name, group.rank)
         if self.save_rng and "rng" in own:
             restore_rng_state(own["rng"])
+
+    def _start_new_rank(self, shared: dict, group: Group, step: int) -> None:
+        """A rank the checkpoint had no files for: global state from rank 0, a fresh seed."""
+        seed = 0
+        for name, obj in self.per_rank.items():
+            inner = unwrap(obj)
+            if isinstance(inner, ResumableLoader) and name in shared.get("per_rank", {}):
+                load_object_state(name, obj, shared["per_rank"][name])
+                seed = inner.seed
+            else:
+                log.warning("checkpoint has no %r state for rank %d (it was saved by fewer "
+                            "ranks); it starts fresh", name, group.rank)
+        if self.save_rng:
+            seed_everything(rank_seed(seed, group.rank, step))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -653,6 +861,17 @@ class Checkpointer:
             log.warning("%s; using %.3g s", exc, DEFAULT_FLUSH_S)
             bound = DEFAULT_FLUSH_S
         self._ledger_writer.close(bound)
+
+
+class _Outcome:
+    """Why one restore phase failed on a rank: ``damaged`` (skip to an older checkpoint),
+    ``unreadable`` (stop, change nothing) or ``error`` (anything else: stop)."""
+
+    def __init__(self, kind: str, message: str, error: BaseException | None = None) -> None:
+        self.kind, self.message, self.error = kind, message, error
+
+    def __reduce__(self) -> tuple:  # broadcast between ranks without the exception
+        return (_Outcome, (self.kind, self.message))
 
 
 def _stop_knob(name: str, default: float) -> float:

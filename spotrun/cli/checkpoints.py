@@ -110,23 +110,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ..commit import list_checkpoints, verify_checkpoint
+    from ..commit import DAMAGED_DIR, list_checkpoints, list_damaged, verify_checkpoint
     from ..storage import Storage
 
     storage = Storage(args.url, _storage_options(args.storage_options))
     storage.ensure_root(create=False)
     results = []
+    # A file that cannot be read (access denied, network) raises: exit 2 naming it, since
+    # nothing is known about that checkpoint either way.
     for info in list_checkpoints(storage):
         if info.status == "committed" and info.manifest is not None:
             problems = verify_checkpoint(storage, info.manifest, deep=True)
         elif info.status == "invalid":
-            problems = [f"{storage.display(info.name)}: {info.problem}"]
+            problems = [info.problem or f"{storage.display(info.name)}: invalid manifest"]
         else:
             problems = []  # an uncommitted folder is not a checkpoint: nothing to verify
         results.append({"step": info.step, "status": info.status, "problems": problems})
     damaged = [r for r in results if r["problems"]]
+    set_aside = list_damaged(storage)
     if args.json:
-        print(json.dumps({"url": storage.display(), "ok": not damaged, "checkpoints": results}, indent=2))
+        print(json.dumps({"url": storage.display(), "ok": not damaged, "checkpoints": results,
+                          "set_aside": set_aside}, indent=2))
     else:
         for r in results:
             if r["status"] == "incomplete":
@@ -136,9 +140,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     print(f"step {r['step']}: DAMAGED: {problem}")
             else:
                 print(f"step {r['step']}: ok")
-        committed = sum(r["status"] == "committed" for r in results)
+        committed = sum(r["status"] != "incomplete" for r in results)
         print(f"{committed - len(damaged)} of {committed} committed checkpoints intact"
               + (f", {len(damaged)} damaged" if damaged else ""))
+        if set_aside:
+            print(f"{len(set_aside)} damaged checkpoint folder(s) kept as evidence under "
+                  f"{storage.display(DAMAGED_DIR)}/ (moved aside by a restore; delete when done)")
     return 1 if damaged else 0
 
 
