@@ -20,6 +20,7 @@ import time
 import uuid
 import zipfile
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from .errors import (
@@ -38,6 +39,7 @@ __all__ = [
     "find_latest_valid",
     "list_checkpoints",
     "list_damaged",
+    "newest_valid",
     "prune",
     "quarantine",
     "verify_checkpoint",
@@ -255,6 +257,48 @@ def _payload_step_problem(storage: Storage, rel: str, step: int,
     return None
 
 
+def newest_valid(
+    infos: Sequence[CheckpointInfo],
+    check: Callable[[CheckpointInfo], str | None] | None = None,
+    *,
+    before: int | None = None,
+    where: str = "",
+    warn: bool = True,
+) -> tuple[CheckpointInfo | None, list[tuple[int, str]]]:
+    """The one "latest valid checkpoint" rule: the newest of ``infos`` that is committed and
+    passes ``check``, and the ``(step, problem)`` of every damaged one met on the way.
+
+    ``infos`` come from :func:`list_checkpoints` (oldest first, as it returns them); the
+    walk goes newest first, by step number. A folder without a manifest is not a checkpoint
+    (skipped quietly); an invalid manifest and a ``check`` that returns a problem are damage
+    (skipped with a warning, reported back). ``check`` raises for anything that is *not*
+    damage (access denied, network): skipping such a checkpoint would pick an older one for
+    no reason. Used by :func:`find_latest_valid`, the Checkpointer's restore (whose
+    ``check`` loads the state) and the launchers (no ``check``: cheap enough to poll;
+    ``warn=False``, since they poll).
+    """
+    note = log.warning if warn else log.debug
+    damaged: list[tuple[int, str]] = []
+    for info in reversed(infos):
+        if before is not None and info.step >= before:
+            continue
+        if info.status == "incomplete":
+            log.debug("skipping %s/%s: %s", where, info.name, info.problem)
+            continue
+        if info.status == "invalid" or info.manifest is None:
+            note("skipping checkpoint at step %d: %s", info.step, info.problem)
+            damaged.append((info.step, info.problem or "invalid manifest"))
+            continue
+        problem = check(info) if check is not None else None
+        if problem:
+            note("skipping damaged checkpoint at step %d (%s); trying an older one",
+                 info.step, problem)
+            damaged.append((info.step, problem))
+            continue
+        return info, damaged
+    return None, damaged
+
+
 def find_latest_valid(
     storage: Storage, *, deep: bool = True, before: int | None = None
 ) -> CheckpointInfo | None:
@@ -265,25 +309,13 @@ def find_latest_valid(
     (access denied, network) raises StorageError: that is not damage, and skipping it would
     pick an older checkpoint for no reason.
     """
-    for info in reversed(list_checkpoints(storage)):
-        if before is not None and info.step >= before:
-            continue
-        if info.status == "incomplete":
-            log.debug("skipping %s: %s", storage.display(info.name), info.problem)
-            continue
-        if info.status == "invalid" or info.manifest is None:
-            log.warning("skipping checkpoint %s: %s", storage.display(info.name), info.problem)
-            continue
-        problems = verify_checkpoint(storage, info.manifest, deep=deep)
-        if problems:
-            log.warning(
-                "skipping damaged checkpoint at step %d (%s); falling back to an older one",
-                info.step,
-                "; ".join(problems),
-            )
-            continue
-        return info
-    return None
+    def verified(info: CheckpointInfo) -> str | None:
+        assert info.manifest is not None
+        return "; ".join(verify_checkpoint(storage, info.manifest, deep=deep)) or None
+
+    found, _ = newest_valid(list_checkpoints(storage), verified, before=before,
+                            where=storage.display())
+    return found
 
 
 def prune(storage: Storage, *, keep_last: int, newest_committed: int) -> list[int]:

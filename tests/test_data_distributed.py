@@ -154,8 +154,6 @@ def test_resume_on_one_rank_reads_the_unread_samples_once(tmp_path, stopped):
         assert epochs[e] == Counter(range(SAMPLES)), f"epoch {e}"
 
 
-@pytest.mark.xfail(strict=True, reason="the checkpointer does not yet give a new rank rank "
-                   "0's copy of the loader state (issue 10); rank 1 starts at epoch 0")
 def test_resume_on_more_ranks_reads_the_unread_samples_once(tmp_path):
     url = str(tmp_path / "run")
     stop, head = _interrupt(url, 1)

@@ -18,8 +18,8 @@ from spotrun.commit import list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.storage import Storage
 
-from .conftest import REPO, free_port
-from .helpers import env_for
+from conftest import free_port
+from helpers import REPO, env_for
 
 pytestmark = pytest.mark.slow
 

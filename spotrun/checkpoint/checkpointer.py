@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..commit import DAMAGED_DIR, list_checkpoints, quarantine, verify_checkpoint
+from ..commit import DAMAGED_DIR, list_checkpoints, newest_valid, quarantine, verify_checkpoint
 from ..config import (
     DEFAULT_STOP_MARGIN_S,
     DEFAULT_STOP_TIMEOUT_S,
@@ -612,8 +612,6 @@ class Checkpointer:
         damage skips a checkpoint; damaged ones are moved aside once a usable one is found
         (or a fresh start was asked for), so no later save writes into them.
         """
-        damaged: list[tuple[int, str]] = []
-        found: int | None = None
         self._state_loaded_from = None
         listed: Any = None
         if group.is_main:
@@ -627,28 +625,17 @@ class Checkpointer:
         listed = group.broadcast(listed)
         if isinstance(listed, _Outcome):
             raise CheckpointUnreadableError(listed.message)
-        for info in reversed(listed):
-            if info.status == "incomplete":
-                continue  # a save that never committed: not a checkpoint
-            if info.status == "invalid" or info.manifest is None:
-                log.warning("skipping checkpoint at step %d: %s", info.step, info.problem)
-                damaged.append((info.step, info.problem or "invalid manifest"))
-                continue
-            manifest = info.manifest
-            if manifest.world_size != group.world_size:
-                log.warning(
-                    "checkpoint at step %d was written by %d ranks, this run has %d: "
-                    "resuming on another world size (see the README's exact-resume rules)",
-                    info.step, manifest.world_size, group.world_size,
-                )
-            problem = self._try_load(info.step, manifest, group)
-            if problem is not None:
-                log.warning("skipping damaged checkpoint at step %d (%s); trying an older one",
-                            info.step, problem)
-                damaged.append((info.step, problem))
-                continue
-            found = info.step
-            break
+        newest = next((i for i in reversed(listed) if i.manifest is not None), None)
+        if newest is not None and newest.manifest.world_size != group.world_size:
+            log.warning(
+                "checkpoint at step %d was written by %d ranks, this run has %d: resuming "
+                "on another world size (see the README's exact-resume rules)",
+                newest.step, newest.manifest.world_size, group.world_size,
+            )
+        chosen, damaged = newest_valid(
+            listed, lambda info: self._try_load(info.step, info.manifest, group),
+            where=self.storage.display())
+        found = None if chosen is None else chosen.step
         if damaged and found is None and self.if_all_damaged != "start_fresh":
             listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
             raise AllCheckpointsDamagedError(

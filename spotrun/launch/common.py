@@ -6,7 +6,7 @@ import logging
 from typing import Any, TextIO
 
 from ..instance import InstanceInfo
-from ..layout import DONE_MARKER, MANIFEST, checkpoint_dir, parse_step
+from ..layout import DONE_MARKER
 from ..storage import Storage
 
 __all__ = ["cost_report_text", "last_checkpoint", "record_segment_end", "record_segment_start"]
@@ -32,15 +32,15 @@ def record_segment_end(storage: Storage, *, segment_id: str, reason: str, ended_
 
 
 def last_checkpoint(storage: Storage) -> int | None:
-    """The highest step with a manifest, by number (never listing order).
+    """The newest committed checkpoint's step, by number (never listing order).
 
-    Only the manifest's presence is checked, not its content: cheap enough to poll.
+    Manifests are read but payloads not verified: cheap enough to poll, and the training
+    process verifies what it loads.
     """
-    steps = sorted((s for s in map(parse_step, storage.list_dir()) if s is not None), reverse=True)
-    for step in steps:
-        if storage.exists(f"{checkpoint_dir(step)}/{MANIFEST}"):
-            return step
-    return None
+    from ..commit import list_checkpoints, newest_valid
+
+    found, _ = newest_valid(list_checkpoints(storage), where=storage.display(), warn=False)
+    return None if found is None else found.step
 
 
 def is_done(storage: Storage) -> bool:
