@@ -151,3 +151,48 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
             out.update(_flatten(v, f"{prefix}/{i}"))
         return out
     return {prefix: tree}
+
+
+def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_path, reference):
+    """A rank killed while the ranks write a sharded checkpoint: that one never commits, the
+    previous one stays the latest and verifies, and a relaunch resumes from it bit-exactly."""
+    digest, _ = reference
+    path = tmp_path / "run"
+    url = f"slowfile://{path}"
+    env = env_for(url)
+    env["SPOTRUN_TEST_WRITE_DELAY"] = "0.3"  # every write call: saves take seconds
+    cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
+           "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
+           "--samples", str(SAMPLES)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=REPO)
+    lines: list[str] = []
+    pids: dict[int, int] = {}
+    while len(pids) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)[-4000:]
+        lines.append(line)
+        m = re.match(r"rank (\d) pid (\d+)$", line.strip())
+        if m:
+            pids[int(m.group(1))] = int(m.group(2))
+    st = Storage(str(path))
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the first checkpoint committed, the second one being written
+        infos = list_checkpoints(st)
+        committed = [i.step for i in infos if i.status == "committed"]
+        writing = [i.step for i in infos if i.status == "incomplete"]
+        if committed and writing and max(writing) > max(committed):
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+        time.sleep(0.02)
+    os.kill(pids[1], signal.SIGKILL)
+    code, out = _finish(proc)
+    assert code not in (EXIT_FINISHED, EXIT_INTERRUPTED), out[-4000:]
+    last = max(committed)
+    assert max(_committed(str(path))) == last
+    assert verify_checkpoint(st, read_manifest(st, last)) == []
+    code, out = _finish(_launch(str(path), 2))
+    assert code == EXIT_FINISHED, out[-4000:]
+    assert f"resumed from step {last}" in out
+    assert _digest(out) == digest

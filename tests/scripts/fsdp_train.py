@@ -24,7 +24,11 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
+
+import slowfs  # noqa: E402
 import torch
 import torch.distributed as dist
 from ddp_train import make_data, say  # run as a script, its own folder is on sys.path
@@ -35,6 +39,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import TensorDataset
 
 import spotrun
+
+slowfs.register()  # slowfile:// run URLs: local disk with slow writes, for kill-mid-save tests
 
 DIMS = [32, 45, 27, 5]
 
@@ -65,6 +71,7 @@ def main() -> int:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    say(f"rank {rank} pid {os.getpid()}")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"%(asctime)s rank{rank} %(name)s %(message)s")
     torch.use_deterministic_algorithms(True)
