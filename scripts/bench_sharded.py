@@ -8,6 +8,8 @@ Launches itself under torchrun (``--nproc`` gloo ranks on CPU). State: an MLP un
 all, sharded over the ranks. Every repeat saves the same state once per path, on the same
 local disk, in turn:
 
+* ``Checkpointer``: what a user's loop pays: ``Checkpointer.save()`` (``get_state_dict``,
+  staging, RNG and rank files, lease check) then ``wait()`` until rank 0 has committed;
 * ``spotrun``: ``ShardedSaver.stage`` (reused host buffers) in the training thread, then
   ``write_async`` (DCP over spotrun's Storage, every file hashed as it is written) and the
   manifest commit by rank 0;
@@ -63,6 +65,7 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    import spotrun
     from spotrun.commit import commit
     from spotrun.manifest import FileEntry, Manifest
     from spotrun.sharded import ShardedSaver, get_state
@@ -92,9 +95,20 @@ def _worker(args: argparse.Namespace) -> None:
     storage = Storage(root)
     saver = ShardedSaver(storage)
     dcp_group = dist.new_group(backend="gloo")  # made once, like the saver's
-    results: dict[str, dict[str, list[float]]] = {
-        m: {"stall": [], "durable": []} for m in ("spotrun", "dcp", "dcp+hash")}
+    modes = ("Checkpointer", "spotrun", "dcp", "dcp+hash")
+    results: dict[str, dict[str, list[float]]] = {m: {"stall": [], "durable": []} for m in modes}
     step = 0
+    ck = spotrun.Checkpointer(os.path.join(args.dir, "ckrun"), model=model, optimizer=optim,
+                              every_steps=10**9, keep_last=1, watchers=[], handle_signals=False)
+    ck.__enter__()
+
+    def run_checkpointer(step: int) -> tuple[float, float]:
+        ck.steps_done = step
+        t0 = time.perf_counter()
+        ck.save()
+        stall = time.perf_counter() - t0
+        ck.wait()
+        return stall, time.perf_counter() - t0
 
     def run_spotrun(step: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -124,10 +138,12 @@ def _worker(args: argparse.Namespace) -> None:
 
     # Round 0 is a warm-up (first-use allocations, thread pools, page cache), not counted.
     for rep in range(args.repeats + 1):
-        for mode in ("spotrun", "dcp", "dcp+hash"):
+        for mode in modes:
             step += 1
             dist.barrier()
-            if mode == "spotrun":
+            if mode == "Checkpointer":
+                stall, durable = run_checkpointer(step)
+            elif mode == "spotrun":
                 stall, durable = run_spotrun(step)
             elif mode == "dcp":
                 stall, durable = run_dcp(step, FileSystemWriter, False)
@@ -144,16 +160,17 @@ def _worker(args: argparse.Namespace) -> None:
                 shutil.rmtree(root, ignore_errors=True)  # same disk state for every save
             dist.barrier()
     saver.close()
+    ck.__exit__(None, None, None)
     if rank == 0:
         med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
         print(f"state: {total.item() / MiB:.1f} MiB sharded over {world} gloo ranks "
               f"({layers_n} x Linear({WIDTH}, {WIDTH}) + AdamW moments), "
               f"medians of {args.repeats}, disk {args.dir}")
         for m, r in med.items():
-            print(f"  {m:9s} stall {r['stall'] * 1e3:8.1f} ms   durable {r['durable'] * 1e3:8.1f} ms")
+            print(f"  {m:12s} stall {r['stall'] * 1e3:8.1f} ms   durable {r['durable'] * 1e3:8.1f} ms")
         base = med["dcp"]
-        for m in ("spotrun", "dcp+hash"):
-            print(f"  {m:9s} / dcp: stall {med[m]['stall'] / base['stall']:.2f}x (target <= 1.0), "
+        for m in ("Checkpointer", "spotrun", "dcp+hash"):
+            print(f"  {m:12s} / dcp: stall {med[m]['stall'] / base['stall']:.2f}x (target <= 1.0), "
                   f"durable {med[m]['durable'] / base['durable']:.2f}x (target <= 1.2)")
     dist.destroy_process_group()
 

@@ -37,6 +37,11 @@ defaults below. Read them through these helpers so a bad value fails with one cl
                                (default 90: EC2 gives 120 s)
 ``SPOTRUN_STOP_MARGIN``        after a notice with a deadline, the stop checkpoint must
                                commit this many seconds before it (default 10)
+``SPOTRUN_IF_ALL_DAMAGED``     ``fail`` (default) or ``start_fresh``: what a restore does when
+                               every checkpoint failed verification (see the Checkpointer)
+``SPOTRUN_LEDGER_FLUSH_S``     longest wait at exit for queued ledger records (default 5)
+``SPOTRUN_EXIT_NOTES``         set by ``python -m spotrun.distributed`` for its workers: where
+                               they note a committed stop (torchrun does not report codes)
 ``SPOTRUN_LEASE_TTL``          seconds a run's writer lease lives without a heartbeat
                                (default 30): how long a relaunch elsewhere may wait for a
                                writer that vanished without releasing it

@@ -13,15 +13,21 @@ Without an initialised process group everything here degrades to a single proces
 committed, relaunch me), torchrun itself exits 1, as for any worker failure, and a launcher
 can no longer tell "interrupted, resumable" from "crashed". :func:`torchrun` (``python -m
 spotrun.distributed ...``, same arguments as ``torchrun``) runs the same launcher and maps
-the outcome back: 75 when any worker exited 75, ``128 + signal`` when torchrun itself was
-signalled (it forwards the signal to the workers, which checkpoint and exit 75), otherwise
-what torchrun would have returned.
+the outcome back: 75 when any worker exited 75, also when torchrun itself was signalled
+(it forwards the signal to the workers, which checkpoint and exit 75, but it does not report
+their exit codes, so each worker leaves a one-line note in a folder the wrapper gives it,
+``SPOTRUN_EXIT_NOTES``), ``128 + signal`` when torchrun was signalled and no worker says it
+committed a stop checkpoint, otherwise what torchrun would have returned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +35,10 @@ import torch
 
 from .layout import EXIT_INTERRUPTED
 
-__all__ = ["Group", "torchrun"]
+__all__ = ["Group", "note_exit", "torchrun"]
+
+#: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
+EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 
 log = logging.getLogger("spotrun")
 
@@ -88,20 +97,45 @@ class Group:
         return out
 
 
+def note_exit(code: int) -> None:
+    """Under :func:`torchrun`, tell the wrapper how this worker is about to exit.
+
+    Called by the Checkpointer once its stop checkpoint is committed; a no-op elsewhere.
+    """
+    folder = os.environ.get(EXIT_NOTES_ENV)
+    if not folder:
+        return
+    with contextlib.suppress(OSError):  # a note is a courtesy: never fail the exit over it
+        with open(os.path.join(folder, str(os.getpid())), "w") as f:
+            f.write(str(code))
+
+
+def _noted_codes(folder: str) -> set[int]:
+    codes: set[int] = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as f:
+                codes.add(int(f.read().strip()))
+    return codes
+
+
 def torchrun(argv: Sequence[str] | None = None) -> int:
     """Run ``torch.distributed.run`` (torchrun) with ``argv``; return spotrun's exit code.
 
     0 when every worker finished; ``EXIT_INTERRUPTED`` (75) when any worker exited 75 (the
     ranks agree before stopping, so one rank's 75 means the stop checkpoint was committed
     by all of them; ranks that torchrun then killed while they were tearing down do not
-    change that); ``128 + signum`` when torchrun was signalled; 1 for any other failure,
-    after printing torchrun's failure summary.
+    change that), whether the signal reached the workers directly or through torchrun;
+    ``128 + signum`` when torchrun was signalled and no worker committed a stop
+    checkpoint; 1 for any other failure, after printing torchrun's failure summary.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    notes = tempfile.mkdtemp(prefix="spotrun-exit-")
+    os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
     try:
         run(args)
     except ChildFailedError as exc:
@@ -113,7 +147,15 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
         print(exc.format_msg(), file=sys.stderr)
         return 1
     except SignalException as exc:
+        # torchrun forwarded the signal and waited for its workers, but reports none of
+        # their exit codes: their notes say whether the stop checkpoint was committed.
+        if EXIT_INTERRUPTED in _noted_codes(notes):
+            log.warning("spotrun: torchrun got signal %d; its workers committed a stop "
+                        "checkpoint, exiting %d", int(exc.sigval), EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
         return 128 + int(exc.sigval)
+    finally:
+        shutil.rmtree(notes, ignore_errors=True)
     return 0
 
 

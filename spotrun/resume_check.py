@@ -97,9 +97,16 @@ def _final_state(storage: Storage) -> tuple[int, dict[str, Any]]:
         raise CheckpointError(f"no committed checkpoint at {storage.display()}")
     state: dict[str, Any] = {}
     for name, entry in sorted(info.manifest.files.items()):
+        if not name.endswith(".pt"):
+            continue  # a sharded checkpoint's DCP files: compared whole, below
         payload = read_payload(storage, info.step, name, entry)
         payload.pop("format", None)
         state[name.removesuffix(".pt")] = payload
+    if info.manifest.sharded:
+        from .sharded import read_full
+
+        # Model and optimizer as the shards join up: comparable whatever the world size.
+        state["sharded"] = read_full(storage, info.manifest)
     return info.step, state
 
 

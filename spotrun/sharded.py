@@ -103,6 +103,7 @@ __all__ = [
     "get_state",
     "is_sharded",
     "is_sharded_checkpoint",
+    "read_full",
     "read_sharded",
     "set_state",
     "write_sharded",
@@ -539,7 +540,7 @@ def _quiet_single_process(use_dist: bool) -> Iterator[None]:
         yield
         return
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
         yield
 
 
@@ -638,6 +639,24 @@ def read_sharded(
             f"{storage.display(checkpoint_dir(manifest.step))}: {exc}; check that the model "
             "and optimizer match the ones that saved it"
         ) from exc
+
+
+def read_full(storage: Storage, manifest: Manifest) -> dict[str, Any]:
+    """A sharded checkpoint's whole state (every rank's shards joined), in this process.
+
+    No process group and no model needed: DCP's index says what every tensor is. For tools
+    that inspect or compare checkpoints (``spotrun check-resume``), not for training, since
+    it holds the full, unsharded state in memory. Files are verified like any read.
+    """
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    reader = SpotrunStorageReader(storage, manifest)
+    with _quiet_single_process(False):
+        try:
+            return _load_state_dict_from_keys(storage_reader=reader)
+        except CheckpointException as exc:
+            _reraise_load(exc)
+            raise  # unreachable: _reraise_load always raises
 
 
 # -- async -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,20 @@ def test_benchmark_reports_seven_figures(tmp_path, child_env):
         assert f"\n{i}  " in res.stdout
     # Nothing is left behind in the benchmark's working directory.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_reports_ratios_against_dcp(tmp_path, child_env):
+    from conftest import free_port
+
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_sharded.py"), "--nproc", "2",
+         "--size-mib", "4", "--repeats", "1", "--dir", str(tmp_path), "--port", str(free_port())],
+        cwd=tmp_path, env=child_env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    for mode in ("Checkpointer", "spotrun", "dcp+hash"):
+        line = next(ln for ln in res.stdout.splitlines()
+                    if ln.strip().startswith(f"{mode} ") and "/ dcp" in ln)
+        stall, durable = (float(x) for x in re.findall(r"([\d.]+)x", line))
+        assert math.isfinite(stall) and stall > 0 and math.isfinite(durable) and durable > 0, line

@@ -90,7 +90,7 @@ def _interrupt(url: str, nproc: int) -> tuple[int, dict]:
     time.sleep(0.15)
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
-    assert code == 128 + signal.SIGTERM, out[-4000:]
+    assert code == EXIT_INTERRUPTED, out[-4000:]
     exits = _exits(out)
     assert set(exits) == set(range(nproc)), out[-4000:]
     stops = {s for c, s in exits.values()}

@@ -187,4 +187,5 @@ def test_sigterm_to_torchrun_itself_reaches_every_rank(tmp_path):
     _wait_for_checkpoint(proc, url)
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
-    _check_stopped_together(url, out, code, 128 + signal.SIGTERM)
+    # torchrun does not report its workers' codes when it is signalled; their exit notes do.
+    _check_stopped_together(url, out, code, EXIT_INTERRUPTED)

@@ -45,7 +45,7 @@ from ..config import (
     env_str,
 )
 from ..data import ResumableLoader, rank_seed
-from ..distributed import Group
+from ..distributed import Group, note_exit
 from ..errors import (
     AllCheckpointsDamagedError,
     CheckpointError,
@@ -300,6 +300,7 @@ class Checkpointer:
                 self._saver.finish_inflight(exc)
         finally:
             if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
+                note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed, if it is ours
                 self._interrupts.hold_until_exit()
             else:
                 self._interrupts.restore_signal_handlers()

@@ -60,7 +60,7 @@ def digest(state: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", default=None, help="run URL (default: $SPOTRUN_URL)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--every-steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
