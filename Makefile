@@ -1,0 +1,39 @@
+# The README's quick start: `make demo` runs the main job, `make test` the whole test suite.
+# Each sets up .venv on first use and reinstalls only when pyproject.toml or constraints.txt
+# is newer than the last install (make's own dependency check; no extra tool to install).
+#
+#   make test ARGS='-m "not slow"'      extra pytest arguments
+#   make demo TORCH='torch --index-url https://download.pytorch.org/whl/cu124'
+#                                       what pip installs when .venv has no torch yet
+#
+# A torch already in .venv is never replaced: on a GPU machine, put your CUDA build there
+# first (python3 -m venv .venv && .venv/bin/pip install torch ...), then run make.
+
+PYTHON ?= python3
+# The CPU wheel on the CI machine's disk; a bare "torch" would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv
+
+demo: $(STAMP)
+	$(VENV)/bin/spotrun launch --local --interruptions 3 -- $(VENV)/bin/python examples/train.py
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+venv: $(STAMP)
+
+# The stamp is touched only after every step succeeded, so a failed install is retried.
+# torch goes in first and only if missing (keeps a user's own build). constraints.txt holds
+# botocore inside aiobotocore's range; without it pip backtracks for many minutes.
+$(STAMP): pyproject.toml constraints.txt
+	@echo "Setting up $(VENV) (first use, or pyproject.toml/constraints.txt changed)"
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -c 'import importlib.metadata as m; print("keeping torch", m.version("torch"))' 2>/dev/null \
+		|| $(VENV)/bin/pip install -q $(TORCH) -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[test]' -c constraints.txt
+	touch $@
