@@ -259,10 +259,10 @@ class Checkpointer:
             raise RuntimeError("Checkpointer is already active; use one 'with' block per run")
         self.storage.ensure_root(create=True)
         self._group = Group()
+        self.sharded = self._decide_sharded()  # before the lease: it may refuse the config
         # One writer per run: rank 0 holds the run's lease from here to __exit__ (raises
         # LeaseHeldError, on every rank, when another trainer has it).
         self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
-        self.sharded = self._decide_sharded()
         if self.sharded:
             from ..sharded import ShardedSaver
 
@@ -364,8 +364,9 @@ class Checkpointer:
 
         ``steps_done`` is the count of completed steps (default: one more than before). Saves
         when a schedule or notice says so; after a stop request, saves, waits for the commit
-        and raises ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch. A
-        background save that failed is raised here as :class:`SaveError`.
+        and raises ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch
+        (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint could not commit in the
+        time left). A background save that failed is raised here as :class:`SaveError`.
         """
         group, saver = self._require_active()
         inbox = self._interrupts
