@@ -52,6 +52,8 @@ log = logging.getLogger("spotrun")
 
 #: Niceness of the background save thread (0-19; higher yields more to training).
 BACKGROUND_NICE = 10
+#: On the way out, how long to wait for retention still deleting old checkpoints.
+RETENTION_EXIT_WAIT_S = 30.0
 
 Entries = list[tuple[str, FileEntry]]
 
@@ -98,6 +100,7 @@ class Saver:
         self._pending_step: int | None = None
         self._written: _Written | None = None  # distributed: written here, not yet committed
         self._abandoned = False  # a stop save given up on: its thread may still write
+        self._pruning: threading.Thread | None = None  # retention of the newest commit
         #: The newest step this process saw committed (or restored from).
         self.last_saved_step: int | None = None
         self.last_save_time = time.time()
@@ -198,7 +201,36 @@ class Saver:
             stall_s=written.stall, save_s=elapsed, nbytes=manifest.total_bytes,
             captured_at=written.captured_at,
         ))
-        prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+        self._prune_in_background(step)
+
+    def _prune_in_background(self, step: int) -> None:
+        """Retention after the commit, off the critical path: deleting an old checkpoint (GBs
+        of S3 objects) must neither stall rank 0's training thread, which commits distributed
+        saves, nor hold up the next save. One prune at a time, in commit order."""
+        previous = self._pruning
+
+        def run() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+            except Exception as exc:  # noqa: BLE001 - the commit it follows is durable
+                log.warning("retention after the checkpoint at step %d failed (%s); it runs "
+                            "again after the next commit", step, exc)
+
+        self._pruning = threading.Thread(target=run, name="spotrun-retention", daemon=True)
+        self._pruning.start()
+
+    def wait_retention(self, timeout: float | None = None) -> bool:
+        """Block until old checkpoints due for deletion are deleted; False on timeout."""
+        pruning = self._pruning
+        if pruning is not None:
+            pruning.join(timeout)
+            if pruning.is_alive():
+                log.warning("retention is still deleting old checkpoints after %.0fs; leaving "
+                            "it (what remains is deleted after the next commit)", timeout or 0)
+                return False
+        return True
 
     # -- completing ----------------------------------------------------------------------------
 
@@ -257,9 +289,12 @@ class Saver:
 
     def finish_inflight(self, exc: BaseException | None) -> None:
         """On the way out, let a save in flight reach its commit (unless aborting)."""
-        job = self._job
-        if job is None or isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt):
             return  # a second Ctrl-C means now; the last commit is intact
+        job = self._job
+        if job is None:
+            self.wait_retention(RETENTION_EXIT_WAIT_S)
+            return
         if self.group.distributed and exc is not None:
             # Other ranks may be gone: no collectives. The write finishes, nothing commits.
             job.done.wait()
@@ -270,6 +305,7 @@ class Saver:
             if exc is None:
                 raise
             log.error("%s", err)
+        self.wait_retention(RETENTION_EXIT_WAIT_S)
 
 
 class _Job:
