@@ -6,7 +6,9 @@ quirks (listing caches, non-atomic local writes, S3's lack of rename) are handle
 
 Layout: :mod:`.base` holds the :class:`Storage` front and what every backend shares; one
 module a backend does the rest: :mod:`.local` (local disk), :mod:`.s3` (S3) and
-:mod:`.fsspec` (every other fsspec filesystem).
+:mod:`.fsspec` (every other fsspec filesystem). Which backend a URL gets is a registry
+``protocol -> Backend class`` (:func:`available_backends`); :func:`register_backend` adds
+one, and a protocol not registered uses the generic fsspec backend.
 
 Atomicity, per backend:
 
@@ -72,11 +74,13 @@ from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every nam
     _requests_made,
     _tagged_name,
     _transient_remote,
+    available_backends,
     backend_class,
     open_storage,
+    register_backend,
     translate_errors,
 )
-from .fsspec import FsspecBackend, ObjectStoreBackend  # noqa: F401
+from .fsspec import FsspecBackend, ObjectStoreBackend
 from .local import LocalBackend, fsync_dir  # noqa: F401
 from .s3 import (  # noqa: F401
     _BACKOFF_BASE_S,
@@ -100,4 +104,25 @@ from .s3 import (  # noqa: F401
 # Backends whose objects appear only once the upload completes.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
-__all__ = ["HashingWriter", "Storage", "open_storage"]
+# The built-in backends; any other protocol fsspec knows gets FsspecBackend.
+for _protocol, _cls in (
+    ("file", LocalBackend),
+    ("s3", S3Backend),
+    ("s3a", S3Backend),
+    *((p, ObjectStoreBackend) for p in ("gs", "gcs", "az", "abfs", "abfss")),
+):
+    register_backend(_protocol, _cls)
+del _protocol, _cls
+
+__all__ = [
+    "Backend",
+    "FsspecBackend",
+    "HashingWriter",
+    "LocalBackend",
+    "ObjectStoreBackend",
+    "S3Backend",
+    "Storage",
+    "available_backends",
+    "open_storage",
+    "register_backend",
+]

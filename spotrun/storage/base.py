@@ -5,7 +5,8 @@ error translation and the hashing pool.
 :class:`Storage` owns the URL, the fsspec filesystem and the settings, and does what every
 fsspec filesystem does the same way (listing, sizes, deleting, plain reads). What differs
 per protocol (atomic writes, create-if-absent, conditional writes, fast reads, checking the
-root) it hands to its backend, chosen by protocol (see :func:`backend_class`).
+root) it hands to its backend, chosen by protocol from a registry (:func:`register_backend`,
+:func:`available_backends`), with the generic fsspec backend for any other protocol.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import logging
 import os
 import posixpath
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import IO, Any
 
 import fsspec
@@ -421,6 +423,11 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
+    @property
+    def backend(self) -> Backend:
+        """The object doing this URL's protocol-specific work (see :func:`backend_class`)."""
+        return self._backend
+
     def __getstate__(self) -> dict[str, Any]:
         # Filesystem instances hold event loops and sockets; rebuild them in the new process.
         return {"url": self.url, "storage_options": self.storage_options,
@@ -574,20 +581,53 @@ class Storage:
         return self._backend.replace_tagged(rel, data, tag)
 
 
-def backend_class(protocol: str) -> type[Backend]:
-    """The backend class for ``protocol``: local disk, S3, the other object stores, and
-    the generic fsspec backend (temporary name, then move) for every other protocol."""
-    # Imported here: the backend modules build on this one.
-    from .fsspec import FsspecBackend, ObjectStoreBackend
-    from .local import LocalBackend
-    from .s3 import S3Backend
+# protocol -> backend class, in the style of fsspec's registry: the package fills it with
+# the built-in backends (spotrun/storage/__init__.py), register_backend extends it, and a
+# protocol missing from it gets the generic FsspecBackend.
+_BACKENDS: dict[str, type[Backend]] = {}
 
-    if protocol == "file":
-        return LocalBackend
-    if protocol in ("s3", "s3a"):
-        return S3Backend
-    if protocol in ("gs", "gcs", "az", "abfs", "abfss"):
-        return ObjectStoreBackend
+
+def register_backend(protocol: str, cls: type[Backend], *, replace: bool = False) -> None:
+    """Make every :class:`Storage` for ``protocol://`` URLs use backend ``cls``.
+
+    ``cls`` subclasses :class:`Backend` (or one of the built-ins, e.g.
+    ``spotrun.storage.FsspecBackend``) and overrides what its store does differently; the
+    fsspec filesystem itself still comes from fsspec's own registry. Registering another
+    class for a protocol that already has one needs ``replace=True``.
+    """
+    if not isinstance(protocol, str) or not protocol or "://" in protocol:
+        raise ConfigError(
+            f"backend protocol {protocol!r} is not a URL scheme; pass e.g. 'gs' (no '://')"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(
+            f"backend for {protocol!r} must be a Backend subclass, not {cls!r}; subclass "
+            "spotrun.storage.Backend (or FsspecBackend)"
+        )
+    current = _BACKENDS.get(protocol)
+    if current is not None and current is not cls and not replace:
+        raise ConfigError(
+            f"protocol {protocol!r} already uses {current.__qualname__}; pass replace=True "
+            "to register_backend to swap it"
+        )
+    _BACKENDS[protocol] = cls
+
+
+def available_backends() -> Mapping[str, type[Backend]]:
+    """The registered protocols and their backend classes (a read-only live view); any
+    other protocol fsspec knows uses ``FsspecBackend``."""
+    return MappingProxyType(_BACKENDS)
+
+
+def backend_class(protocol: str) -> type[Backend]:
+    """The backend class for ``protocol``: the registered one, else the generic fsspec
+    backend (temporary name, then move)."""
+    found = _BACKENDS.get(protocol)
+    if found is not None:
+        return found
+    # Imported here: the backend modules build on this one.
+    from .fsspec import FsspecBackend
+
     return FsspecBackend
 
 
