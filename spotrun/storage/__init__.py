@@ -1,0 +1,128 @@
+"""Access to a run URL through fsspec: local disk, ``s3://``, ``memory://`` or any backend.
+
+Everything above this module speaks in paths *relative to the run URL*
+(``"000000000100/manifest.json"``) and never touches fsspec directly, so a backend's
+quirks (listing caches, non-atomic local writes, S3's lack of rename) are handled once, here.
+
+Layout: :mod:`.base` holds the :class:`Storage` front and what every backend shares; one
+module a backend does the rest: :mod:`.local` (local disk), :mod:`.s3` (S3) and
+:mod:`.fsspec` (every other fsspec filesystem). Which backend a URL gets is a registry
+``protocol -> Backend class`` (:func:`available_backends`); :func:`register_backend` adds
+one, and a protocol not registered uses the generic fsspec backend.
+
+Atomicity, per backend:
+
+* local disk: write to a temporary name in the same directory, ``fsync``, ``os.replace``,
+  then ``fsync`` the directory, so a crash leaves either the old file or the new one;
+* object stores: an object only becomes visible when its PUT (or multipart completion)
+  succeeds, so a plain write is already all-or-nothing (and a rename would be a full copy);
+* ``memory://`` and every other backend: written under a temporary name, then moved, since
+  their files may be visible from the moment they are opened.
+
+Speed (``s3://``): a write smaller than one part is a single PUT; a larger one is a multipart
+upload with up to ``concurrency`` parts in flight while the caller keeps producing bytes,
+completed only when every part is in and aborted on any failure, so an object never appears
+half-written and no multipart upload is left behind. A large read is ``concurrency`` ranged
+GETs into one preallocated buffer. Memory: a write holds at most ``(concurrency + 1) x part_size`` bytes of buffers
+(9 x 16 MiB = 144 MiB by default) whatever the object's size; a read holds the object itself
+and nothing more than small socket reads besides. Knobs: the constructor's ``part_size`` and
+``concurrency``, else ``SPOTRUN_S3_PART_MIB``, ``SPOTRUN_S3_CONCURRENCY``,
+``SPOTRUN_S3_RETRIES`` (see :mod:`spotrun.config`).
+
+Nothing waits forever (``s3://``), and the retry layers do not multiply:
+
+* every request has a connect and a read timeout (``SPOTRUN_S3_CONNECT_TIMEOUT``, 10 s;
+  ``SPOTRUN_S3_READ_TIMEOUT``, 60 s of silence on the socket);
+* botocore retries each request (standard mode: throttling, 5xx, timeouts, dropped
+  connections) up to ``SPOTRUN_S3_ATTEMPTS`` attempts in all (3), with its exponential
+  backoff (at most 1 + 2 s between them);
+* s3fs's own retry loop (5 more rounds of all of the above, which made a throttled read
+  retry for minutes) is turned off;
+* parts and ranges, which a long transfer cannot afford to lose, get ``SPOTRUN_S3_RETRIES``
+  more rounds (3) with exponential backoff, and none starts, and a running one is cut,
+  once ``SPOTRUN_S3_RETRY_SECONDS`` (120 s) have passed since the first try.
+
+So a throttled or failing request gives up after about 15 s (at most
+``SPOTRUN_S3_RETRY_SECONDS`` plus one attempt), and a silent endpoint after at most
+attempts x (connect + read timeout), with :class:`~spotrun.errors.StorageUnavailableError`
+naming the URL, what was retried and for how long. Timeouts and retry settings the caller
+passes in ``storage_options["config_kwargs"]`` win over these defaults.
+"""
+
+from __future__ import annotations
+
+from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every name it had
+    _MAX_PART,
+    _MIN_PART,
+    _OVERLAP_HASH_MIN,
+    _RETRY_CODES,
+    _UNAVAILABLE_FIX,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_PART_MIB,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_SECONDS,
+    URL_ENV,
+    Backend,
+    HashingWriter,
+    MiB,
+    Storage,
+    _describe,
+    _forget_hasher,
+    _hasher,
+    _http_status,
+    _is_credentials_error,
+    _requests_made,
+    _tagged_name,
+    _transient_remote,
+    available_backends,
+    backend_class,
+    open_storage,
+    register_backend,
+    translate_errors,
+)
+from .fsspec import FsspecBackend, ObjectStoreBackend
+from .local import LocalBackend, fsync_dir  # noqa: F401
+from .s3 import (  # noqa: F401
+    _BACKOFF_BASE_S,
+    _BACKOFF_MAX_S,
+    _MAX_PARTS,
+    _PARTS_PER_SIZE,
+    DEFAULT_ATTEMPTS,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_READ_TIMEOUT_S,
+    S3Backend,
+    _retryable,
+    _s3_client_options,
+    _s3_read,
+    _s3_read_async,
+    _S3Upload,
+    _ShortReadError,
+    _total_size,
+    _with_retries,
+)
+
+# Backends whose objects appear only once the upload completes.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+# The built-in backends; any other protocol fsspec knows gets FsspecBackend.
+for _protocol, _cls in (
+    ("file", LocalBackend),
+    ("s3", S3Backend),
+    ("s3a", S3Backend),
+    *((p, ObjectStoreBackend) for p in ("gs", "gcs", "az", "abfs", "abfss")),
+):
+    register_backend(_protocol, _cls)
+del _protocol, _cls
+
+__all__ = [
+    "Backend",
+    "FsspecBackend",
+    "HashingWriter",
+    "LocalBackend",
+    "ObjectStoreBackend",
+    "S3Backend",
+    "Storage",
+    "available_backends",
+    "open_storage",
+    "register_backend",
+]

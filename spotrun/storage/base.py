@@ -1,0 +1,644 @@
+"""The backend-independent part of :mod:`spotrun.storage`: the :class:`Storage` front, the
+:class:`Backend` contract every protocol implements, path handling, :class:`HashingWriter`,
+error translation and the hashing pool.
+
+:class:`Storage` owns the URL, the fsspec filesystem and the settings, and does what every
+fsspec filesystem does the same way (listing, sizes, deleting, plain reads). What differs
+per protocol (atomic writes, create-if-absent, conditional writes, fast reads, checking the
+root) it hands to its backend, chosen by protocol from a registry (:func:`register_backend`,
+:func:`available_backends`), with the generic fsspec backend for any other protocol.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+from ..config import env_float, env_int
+from ..errors import (
+    ConfigError,
+    CredentialsError,
+    StorageError,
+    StorageNotFoundError,
+    StorageUnavailableError,
+    StorageURLError,
+)
+
+log = logging.getLogger("spotrun")
+
+URL_ENV = "SPOTRUN_URL"
+
+MiB = 1 << 20
+DEFAULT_PART_MIB = 16
+DEFAULT_CONCURRENCY = 8
+DEFAULT_RETRIES = 3
+DEFAULT_RETRY_SECONDS = 120.0
+# S3's limits: every part but the last at least 5 MiB, at most 5 GiB.
+_MIN_PART = 5 * MiB
+_MAX_PART = 5 << 30
+# Below this a write hashes inline; above it hashing (which releases the GIL) runs on a
+# helper thread while the bytes are written, so sha256 does not slow the disk down.
+_OVERLAP_HASH_MIN = 4 * MiB
+# Error codes S3 uses for "slow down / try again", whatever the HTTP status.
+_RETRY_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "RequestTimeout", "InternalError", "ServiceUnavailable",
+    "RequestThrottled", "BandwidthLimitExceeded",
+})
+
+_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="spotrun-hash"
+        )
+    return _hash_pool
+
+
+def _forget_hasher() -> None:
+    # A forked child inherits the pool object but not its threads: work sent to it would
+    # never run. Start a new pool there on first use.
+    global _hash_pool
+    _hash_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_hasher)
+
+
+def _is_credentials_error(exc: BaseException) -> bool:
+    # botocore is optional at import time (a local-only user may not have it configured).
+    name = type(exc).__name__
+    return name in {"NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId"} or (
+        "credentials" in str(exc).lower() and "unable to locate" in str(exc).lower()
+    )
+
+
+def _transient_remote(exc: BaseException) -> bool:
+    """Whether ``exc`` is a remote store that stayed busy, failing or silent (not a local
+    disk error, not a refusal): throttling, 5xx, timeouts, dropped connections."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _RETRY_CODES
+        module = type(seen).__module__.split(".")[0]
+        if module in ("botocore", "aiobotocore", "aiohttp") and any(
+            word in type(seen).__name__ for word in ("Timeout", "Connection", "Endpoint")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """``SlowDown (HTTP 503): Please reduce your request rate`` or the exception's first line."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            error = response.get("Error", {})
+            return f"{error.get('Code', '?')} (HTTP {status}): {error.get('Message', '')}".rstrip(": ")
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _requests_made(exc: BaseException) -> int:
+    """How many HTTP requests botocore made for the call that raised ``exc`` (1 if unknown)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return int(response.get("ResponseMetadata", {}).get("RetryAttempts") or 0) + 1
+        seen = seen.__cause__ or seen.__context__
+    return 1
+
+
+def _http_status(exc: BaseException) -> int:
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        seen = seen.__cause__ or seen.__context__
+    return 0
+
+
+_UNAVAILABLE_FIX = ("the store is throttling, failing or not answering: try again later, check "
+                    "the endpoint and network, or raise SPOTRUN_S3_RETRIES / "
+                    "SPOTRUN_S3_RETRY_SECONDS / SPOTRUN_S3_ATTEMPTS")
+
+
+@contextlib.contextmanager
+def translate_errors(url: str, what: str) -> Iterator[None]:
+    """Turn backend exceptions into spotrun's one-line errors, naming the URL."""
+    started = time.monotonic()
+    try:
+        yield
+    except (StorageError, StorageURLError):
+        raise
+    except FileNotFoundError as exc:
+        raise StorageNotFoundError(
+            f"{what}: {url} does not exist ({exc}); check the URL, or create the bucket/directory"
+        ) from exc
+    except PermissionError as exc:
+        raise StorageError(
+            f"{what}: permission denied on {url} ({exc}); check the IAM policy or file permissions"
+        ) from exc
+    except Exception as exc:
+        if _is_credentials_error(exc):
+            raise CredentialsError(
+                f"{what}: no cloud credentials for {url}; configure them (AWS_PROFILE, "
+                "an instance profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            ) from exc
+        if _transient_remote(exc):
+            raise StorageUnavailableError(
+                f"{what}: {url} still failing after {_requests_made(exc)} request(s) over "
+                f"{time.monotonic() - started:.1f}s of retries ({_describe(exc)}); "
+                f"{_UNAVAILABLE_FIX}"
+            ) from exc
+        if isinstance(exc, OSError):
+            raise StorageError(f"{what}: {url}: {exc}") from exc
+        raise
+
+
+class HashingWriter:
+    """A write-only file wrapper that counts bytes and computes sha256 as data passes.
+
+    Hashing on the way out means a commit never re-reads what it just wrote.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        """Pass ``data`` through without copying it; returns its length.
+
+        Large writes hash on a helper thread while the bytes go out, and this returns only
+        when both are done, so the caller may reuse or free ``data`` afterwards.
+        """
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        if n >= _OVERLAP_HASH_MIN:
+            hashed = _hasher().submit(self._hash.update, view)
+            try:
+                self._write_all(view)
+            finally:
+                hashed.result()
+        else:
+            self._hash.update(view)
+            self._write_all(view)
+        self.size += n
+        return n
+
+    def _write_all(self, view: memoryview) -> None:
+        # An unbuffered file may write less than asked (Linux caps one write at ~2 GiB).
+        while view.nbytes:
+            written = self._raw.write(view)
+            if written is None or written >= view.nbytes:
+                return
+            view = view[written:]
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    # torch.save probes these on file-like objects.
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.size
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+
+
+class Backend:
+    """What one protocol does its own way; one instance per :class:`Storage`.
+
+    The defaults here are those of a generic fsspec filesystem; a backend overrides what
+    its store does better or differently (see ``local.py``, ``fsspec.py``, ``s3.py``).
+    Paths passed in are backend paths (``storage.full(rel)``) for the byte-level methods
+    and run-relative for the record-level ones (``write_if_absent`` and the tagged
+    objects), which build on the :class:`Storage` front.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.fs = storage.fs
+
+    @classmethod
+    def client_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The fsspec options to build this protocol's filesystem with (defaults added)."""
+        return options
+
+    @classmethod
+    def select(cls, fs: Any) -> type[Backend]:
+        """The backend class to use with ``fs``: this one, unless ``fs`` lacks what it
+        needs (another fsspec implementation registered for the same protocol)."""
+        return cls
+
+    # -- checks and reads ----------------------------------------------------------------
+
+    def ensure_root(self, *, create: bool) -> None:
+        """Check the run root is usable; create it when ``create`` (see Storage.ensure_root)."""
+        if create:
+            self.fs.makedirs(self.storage.root, exist_ok=True)
+
+    def read_bytes(self, path: str) -> bytes | bytearray:
+        return bytes(self.fs.cat_file(path))
+
+    def sha256(self, rel: str) -> tuple[int, str]:
+        data = self.storage.read_bytes(rel)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    # -- writes --------------------------------------------------------------------------
+
+    def write(self, path: str) -> Iterator[HashingWriter]:
+        """A generator yielding one :class:`HashingWriter`: the file at ``path`` appears
+        only if the generator is resumed normally, never when an exception is thrown in."""
+        raise NotImplementedError
+
+    def write_if_absent(self, rel: str, data: bytes) -> bool:
+        # fsspec has no portable create-if-absent: best effort (check, then write).
+        if self.storage.exists(rel):
+            return False
+        self.storage.write_bytes(rel, data)
+        return True
+
+    # -- tagged objects: numbered versions ``rel/v<generation>.json`` ---------------------
+    # Replacing version g means creating g + 1 with write_if_absent, which only one writer
+    # can do where write_if_absent is atomic (local disk); best effort elsewhere.
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        st = self.storage
+        for _ in range(10):
+            generations = self._tagged_versions(rel)
+            if not generations:
+                return None
+            newest = generations[-1]
+            try:
+                return bytes(st.read_bytes(_tagged_name(rel, newest))), str(newest)
+            except StorageNotFoundError:
+                continue  # replaced and pruned between the listing and the read: look again
+        raise StorageError(f"{st.display(rel)} keeps changing while being read; try again")
+
+    def create_tagged(self, rel: str, data: bytes) -> str | None:
+        if self._tagged_versions(rel):
+            return None
+        return "1" if self.storage.write_if_absent(_tagged_name(rel, 1), data) else None
+
+    def replace_tagged(self, rel: str, data: bytes, tag: str) -> str | None:
+        st = self.storage
+        try:
+            generation = int(tag)
+        except ValueError:
+            return None
+        mine = _tagged_name(rel, generation + 1)
+        if not st.write_if_absent(mine, data):
+            return None
+        generations = self._tagged_versions(rel)
+        if generations[-1] != generation + 1:
+            # ``tag`` was stale and its successor had already been pruned: not ours to make.
+            st.remove(mine)
+            return None
+        for old in generations[:-2]:  # keep the previous version for readers mid-listing
+            st.remove(_tagged_name(rel, old))
+        return str(generation + 1)
+
+    def _tagged_versions(self, rel: str) -> list[int]:
+        found = []
+        for name in self.storage.list_dir(rel):
+            if name.startswith("v") and name.endswith(".json") and name[1:-5].isdigit():
+                found.append(int(name[1:-5]))
+        return sorted(found)
+
+
+def _tagged_name(rel: str, generation: int) -> str:
+    return f"{rel}/v{generation:012d}.json"
+
+
+class Storage:
+    """The files under one run URL.
+
+    Args:
+        url: a local path, ``file://...``, ``s3://bucket/prefix``, ``memory://...`` or any
+            fsspec URL.
+        storage_options: passed to the fsspec filesystem (e.g. ``{"client_kwargs":
+            {"endpoint_url": ...}}`` for S3-compatible stores).
+        part_size: S3 multipart part size and ranged-read size in bytes (at least 5 MiB).
+            Default: ``$SPOTRUN_S3_PART_MIB`` MiB, else 16 MiB.
+        concurrency: S3 parts or ranges in flight at once. Default:
+            ``$SPOTRUN_S3_CONCURRENCY``, else 8.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        part_size: int | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        if not isinstance(url, str) or not url.strip():
+            raise StorageURLError(
+                f"run URL {url!r} is empty; pass a path or URL, or set {URL_ENV}"
+            )
+        protocol, path = split_protocol(url)
+        if protocol in (None, "file", "local"):
+            protocol = "file"
+            path = os.path.abspath(os.path.expanduser(path))
+            url = path
+        elif not path or path.strip("/") == "":
+            raise StorageURLError(
+                f"run URL {url!r} has no bucket or path; use e.g. {protocol}://bucket/run-name"
+            )
+        backend = backend_class(protocol)
+        options = backend.client_options(dict(storage_options or {}))
+        try:
+            self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(protocol, **options)
+        except (ValueError, ImportError) as exc:
+            raise StorageURLError(
+                f"run URL {url!r}: no fsspec backend for {protocol!r} ({exc}); "
+                "check the scheme or install its package (e.g. s3fs for s3://)"
+            ) from exc
+        self.url = url
+        self.protocol = protocol
+        self.storage_options = dict(storage_options or {})
+        self.root = path.rstrip("/") if protocol != "file" else path
+        self.is_local = protocol == "file"
+        self._part_size_arg, self._concurrency_arg = part_size, concurrency
+        self.part_size = part_size if part_size is not None else env_int(
+            "SPOTRUN_S3_PART_MIB", DEFAULT_PART_MIB) * MiB
+        self.concurrency = concurrency if concurrency is not None else env_int(
+            "SPOTRUN_S3_CONCURRENCY", DEFAULT_CONCURRENCY)
+        self.retries = env_int("SPOTRUN_S3_RETRIES", DEFAULT_RETRIES)
+        if not _MIN_PART <= self.part_size <= _MAX_PART:
+            raise ConfigError(
+                f"S3 part size {self.part_size} bytes is outside S3's 5 MiB..5 GiB; "
+                "set SPOTRUN_S3_PART_MIB (or part_size=) between 5 and 5120 MiB"
+            )
+        if self.concurrency < 1:
+            raise ConfigError(
+                f"S3 concurrency {self.concurrency} must be at least 1; "
+                "set SPOTRUN_S3_CONCURRENCY (or concurrency=) to e.g. 8"
+            )
+        if self.retries < 0:
+            raise ConfigError(f"SPOTRUN_S3_RETRIES={self.retries} must be 0 or more")
+        self.retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
+        if self.retry_seconds < 0:
+            raise ConfigError(
+                f"SPOTRUN_S3_RETRY_SECONDS={self.retry_seconds} must be 0 or more, e.g. 120")
+        self._backend: Backend = backend.select(self.fs)(self)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    @property
+    def backend(self) -> Backend:
+        """The object doing this URL's protocol-specific work (see :func:`backend_class`)."""
+        return self._backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Filesystem instances hold event loops and sockets; rebuild them in the new process.
+        return {"url": self.url, "storage_options": self.storage_options,
+                "part_size": self._part_size_arg, "concurrency": self._concurrency_arg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["url"], state["storage_options"],
+            part_size=state.get("part_size"), concurrency=state.get("concurrency"),
+        )
+
+    # -- paths -------------------------------------------------------------------------
+
+    def full(self, rel: str = "") -> str:
+        """The backend path of ``rel`` (relative to the run URL)."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def display(self, rel: str = "") -> str:
+        """``rel`` as a URL a user would recognise in a message."""
+        if self.is_local:
+            return os.path.join(self.url, rel) if rel else self.url
+        return f"{self.protocol}://{self.full(rel)}"
+
+    def local_path(self, rel: str) -> str | None:
+        """The local file path of ``rel``, or None when the run is not on local disk."""
+        return self.full(rel) if self.is_local else None
+
+    # -- checks ------------------------------------------------------------------------
+
+    def ensure_root(self, *, create: bool) -> None:
+        """Check the run URL is usable; create a local directory when ``create``.
+
+        Raises StorageNotFoundError for a missing bucket (never created implicitly: a typo
+        in a bucket name should not make a new bucket) or, when not ``create``, a missing
+        directory.
+        """
+        with translate_errors(self.display(), "opening run URL"):
+            self._backend.ensure_root(create=create)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        with translate_errors(self.display(rel), "checking"):
+            self.fs.invalidate_cache(posixpath.dirname(self.full(rel)))
+            return bool(self.fs.exists(self.full(rel)))
+
+    def list_dir(self, rel: str = "") -> list[str]:
+        """Names (not paths) of the entries directly under ``rel``; [] when it is absent.
+
+        The listing cache is dropped first: another process (a relaunched run, a second
+        rank) may have written since this process last looked.
+        """
+        path = self.full(rel)
+        with translate_errors(self.display(rel), "listing"):
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+        names = []
+        for entry in entries:
+            name = posixpath.basename(str(entry).rstrip("/"))
+            if name and str(entry).rstrip("/") != path.rstrip("/"):
+                names.append(name)
+        return sorted(set(names))
+
+    def size(self, rel: str) -> int:
+        with translate_errors(self.display(rel), "reading size of"):
+            return int(self.fs.size(self.full(rel)))
+
+    def read_bytes(self, rel: str) -> bytes | bytearray:
+        """The whole content of ``rel``.
+
+        On S3 an object larger than one part comes as parallel ranged GETs into one
+        preallocated ``bytearray`` (returned as is: converting it to ``bytes`` would copy
+        it); each range is pinned to the object's ETag, so an object replaced mid-read
+        fails the read instead of mixing two versions.
+        """
+        with translate_errors(self.display(rel), "reading"):
+            return self._backend.read_bytes(self.full(rel))
+
+    def sha256(self, rel: str) -> tuple[int, str]:
+        """(size, sha256) of ``rel``: a memory-mapped pass locally (no Python-level chunk
+        copies), parallel ranged GETs on S3."""
+        return self._backend.sha256(rel)
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        with translate_errors(self.display(rel), "opening"):
+            return self.fs.open(self.full(rel), "rb")  # type: ignore[no-any-return]
+
+    # -- writing -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[HashingWriter]:
+        """Write ``rel`` all-or-nothing; the file appears only if the block succeeds.
+
+        Yields a :class:`HashingWriter`, so the caller learns size and sha256 for free.
+        On S3 the upload runs while the caller writes (see the module docstring for the
+        memory it holds); on local disk the bytes go straight to the file, no copy.
+        """
+        with translate_errors(self.display(rel), "writing"):
+            yield from self._backend.write(self.full(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write ``data`` to ``rel`` atomically; returns its sha256."""
+        with self.open_write(rel) as f:
+            f.write(data)
+        return f.sha256
+
+    def write_if_absent(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` only if nothing is there; True when this call created it.
+
+        Local disk uses O_EXCL-style linking, so concurrent writers never overwrite each
+        other. Object stores have no portable conditional PUT through fsspec, so records
+        written with this should carry unique names (this is a best-effort check there).
+        """
+        return self._backend.write_if_absent(rel, data)
+
+    def remove(self, rel: str) -> None:
+        """Delete ``rel`` (a file or a whole folder); missing is not an error."""
+        path = self.full(rel)
+        with translate_errors(self.display(rel), "deleting"):
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(posixpath.dirname(path))
+
+    # -- conditional writes (the run's single-writer lease, see spotrun.lease) -----------
+    #
+    # A "tagged" object changes only through whoever read its current version (its tag), so
+    # of two writers that read the same version exactly one can replace it. On S3 it is one
+    # object, its tag the ETag: IfNoneMatch="*" creates, IfMatch=<etag> replaces, and S3
+    # answers 412 (or 409 for a concurrent conditional write) to the loser. Elsewhere
+    # ``rel`` is a folder of numbered versions ``v<generation>.json`` and the tag is the
+    # generation: replacing version g means creating g + 1 with an atomic create-if-absent
+    # (``os.link`` on local disk), which only one writer can do. fsspec offers no
+    # conditional write for other backends, so there it is best effort (check, then write).
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        """The current version of tagged object ``rel`` and its tag; None when there is none."""
+        return self._backend.read_tagged(rel)
+
+    def create_tagged(self, rel: str, data: bytes) -> str | None:
+        """Create tagged object ``rel`` if it does not exist; its tag, or None when it does."""
+        return self._backend.create_tagged(rel, data)
+
+    def replace_tagged(self, rel: str, data: bytes, tag: str) -> str | None:
+        """Replace ``rel`` only if its current version is still ``tag``; the new tag, or None
+        when another writer changed it first (or it is gone)."""
+        return self._backend.replace_tagged(rel, data, tag)
+
+
+# protocol -> backend class, in the style of fsspec's registry: the package fills it with
+# the built-in backends (spotrun/storage/__init__.py), register_backend extends it, and a
+# protocol missing from it gets the generic FsspecBackend.
+_BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(protocol: str, cls: type[Backend], *, replace: bool = False) -> None:
+    """Make every :class:`Storage` for ``protocol://`` URLs use backend ``cls``.
+
+    ``cls`` subclasses :class:`Backend` (or one of the built-ins, e.g.
+    ``spotrun.storage.FsspecBackend``) and overrides what its store does differently; the
+    fsspec filesystem itself still comes from fsspec's own registry. Registering another
+    class for a protocol that already has one needs ``replace=True``.
+    """
+    if not isinstance(protocol, str) or not protocol or "://" in protocol:
+        raise ConfigError(
+            f"backend protocol {protocol!r} is not a URL scheme; pass e.g. 'gs' (no '://')"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(
+            f"backend for {protocol!r} must be a Backend subclass, not {cls!r}; subclass "
+            "spotrun.storage.Backend (or FsspecBackend)"
+        )
+    current = _BACKENDS.get(protocol)
+    if current is not None and current is not cls and not replace:
+        raise ConfigError(
+            f"protocol {protocol!r} already uses {current.__qualname__}; pass replace=True "
+            "to register_backend to swap it"
+        )
+    _BACKENDS[protocol] = cls
+
+
+def available_backends() -> Mapping[str, type[Backend]]:
+    """The registered protocols and their backend classes (a read-only live view); any
+    other protocol fsspec knows uses ``FsspecBackend``."""
+    return MappingProxyType(_BACKENDS)
+
+
+def backend_class(protocol: str) -> type[Backend]:
+    """The backend class for ``protocol``: the registered one, else the generic fsspec
+    backend (temporary name, then move)."""
+    found = _BACKENDS.get(protocol)
+    if found is not None:
+        return found
+    # Imported here: the backend modules build on this one.
+    from .fsspec import FsspecBackend
+
+    return FsspecBackend
+
+
+def open_storage(
+    url: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Storage:
+    """A :class:`Storage` for ``url``, or for ``$SPOTRUN_URL`` when ``url`` is None."""
+    if url is None:
+        url = os.environ.get(URL_ENV)
+        if not url:
+            raise StorageURLError(
+                f"no run URL: pass one (a path or s3://bucket/prefix) or set {URL_ENV}"
+            )
+    return Storage(url, storage_options)

@@ -1,0 +1,462 @@
+"""S3 (``s3://``, ``s3a://``) through s3fs's own aiobotocore client, on fsspec's event loop.
+
+Client settings: connect/read timeouts and botocore's standard retry mode are added to the
+caller's options (:func:`_s3_client_options`), and s3fs's own retry loop is turned off.
+Writes are parallel multipart uploads (:class:`_S3Upload`), large reads parallel ranged
+GETs (:func:`_s3_read`), parts and ranges get bounded extra rounds (:func:`_with_retries`),
+and the lease's tagged object is one object changed by conditional PUTs (IfNoneMatch /
+IfMatch). See :mod:`spotrun.storage` for the limits and knobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import posixpath
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+from fsspec.asyn import sync
+
+from ..config import env_float, env_int
+from ..errors import ConfigError, StorageError, StorageUnavailableError
+from .base import (
+    _MAX_PART,
+    _RETRY_CODES,
+    _UNAVAILABLE_FIX,
+    DEFAULT_RETRY_SECONDS,
+    Backend,
+    HashingWriter,
+    _describe,
+    _http_status,
+    _is_credentials_error,
+    translate_errors,
+)
+from .fsspec import ObjectStoreBackend
+
+log = logging.getLogger("spotrun")
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_ATTEMPTS = 3
+# S3 allows at most 10,000 parts per upload.
+_MAX_PARTS = 10_000
+# Part sizes double every this many parts, so a stream of unknown length still fits in
+# 10,000 parts: 2000 x (1+2+4+8+16) x 16 MiB is about 970 GiB per object by default.
+_PARTS_PER_SIZE = 2000
+_BACKOFF_BASE_S = 0.25
+_BACKOFF_MAX_S = 10.0
+
+T = TypeVar("T")
+
+
+class S3Backend(ObjectStoreBackend):
+    """s3fs, driven directly for parallel transfers and conditional writes.
+
+    The parallel paths drive s3fs's own aiobotocore client on fsspec's event loop rather
+    than a separate boto3 client: same credentials, endpoint, region, SSE and
+    requester-pays options as every other call here, one connection pool, and no thread
+    per part (one loop thread overlaps all requests).
+    """
+
+    def __init__(self, storage: Any) -> None:
+        super().__init__(storage)
+        # s3fs repeats every failed call up to 5 times on top of botocore's attempts and
+        # spotrun's rounds; multiplied, a throttled read kept retrying for minutes. One
+        # try here: botocore and _with_retries are the (bounded) retry layers.
+        self.fs.retries = 1
+
+    @classmethod
+    def client_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _s3_client_options(options)
+
+    @classmethod
+    def select(cls, fs: Any) -> type[Backend]:
+        # Another implementation registered with fsspec for s3:// gets the generic path.
+        return cls if hasattr(fs, "_call_s3") else ObjectStoreBackend
+
+    def read_bytes(self, path: str) -> bytes | bytearray:
+        st = self.storage
+        return _s3_read(self.fs, path, st.part_size, st.concurrency, st.retries,
+                        retry_seconds=st.retry_seconds)
+
+    def write(self, path: str) -> Iterator[HashingWriter]:
+        st = self.storage
+        upload = _S3Upload(self.fs, path, part_size=st.part_size,
+                           concurrency=st.concurrency, retries=st.retries,
+                           retry_seconds=st.retry_seconds)
+        try:
+            yield HashingWriter(upload)
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+    # -- tagged objects: one object, its tag the ETag --------------------------------------
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        st, fs = self.storage, self.fs
+        bucket, key, _ = fs.split_path(st.full(rel))
+
+        async def get() -> tuple[bytes, str]:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await response["Body"].read(), str(response["ETag"])
+            finally:
+                response["Body"].close()
+
+        with translate_errors(st.display(rel), "reading"):
+            try:
+                return sync(fs.loop, get)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return None
+
+    def create_tagged(self, rel: str, data: bytes) -> str | None:
+        return self._put_conditional(rel, data, IfNoneMatch="*")
+
+    def replace_tagged(self, rel: str, data: bytes, tag: str) -> str | None:
+        return self._put_conditional(rel, data, IfMatch=tag)
+
+    def _put_conditional(self, rel: str, data: bytes, **condition: str) -> str | None:
+        st, fs = self.storage, self.fs
+        path = st.full(rel)
+        bucket, key, _ = fs.split_path(path)
+        with translate_errors(st.display(rel), "writing"):
+            try:
+                response = sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket,
+                                Key=key, Body=data, **condition)
+            except OSError as exc:
+                # 412: the condition failed; 409: a concurrent conditional write won; 404:
+                # IfMatch on an object that is gone. All mean "another writer got there".
+                if _http_status(exc) in (404, 409, 412):
+                    return None
+                raise
+            finally:
+                fs.invalidate_cache(posixpath.dirname(path))
+        return str(response["ETag"])
+
+
+def _s3_client_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with spotrun's timeouts and botocore retry settings where the caller
+    gave none (s3fs's own defaults would retry a throttled call for minutes)."""
+    config = dict(options.get("config_kwargs") or {})
+    connect = env_float("SPOTRUN_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S)
+    read = env_float("SPOTRUN_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_S)
+    attempts = env_int("SPOTRUN_S3_ATTEMPTS", DEFAULT_ATTEMPTS)
+    for name, value, example in (("SPOTRUN_S3_CONNECT_TIMEOUT", connect, 10),
+                                 ("SPOTRUN_S3_READ_TIMEOUT", read, 60),
+                                 ("SPOTRUN_S3_ATTEMPTS", attempts, 3)):
+        if not value > 0:
+            raise ConfigError(f"{name}={value} must be positive; set it to e.g. {example}")
+    config.setdefault("connect_timeout", connect)
+    config.setdefault("read_timeout", read)
+    # Standard mode: retries throttling, 5xx, timeouts and dropped connections with
+    # exponential backoff, and its retry quota stops a storm of retries on a dead endpoint.
+    config.setdefault("retries", {"mode": "standard", "total_max_attempts": attempts})
+    return {**options, "config_kwargs": config}
+
+
+# -- parallel S3 transfers --------------------------------------------------------------
+
+
+class _ShortReadError(OSError):
+    """A ranged GET returned fewer bytes than asked (a dropped connection): retried."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether a failed S3 request is worth repeating: throttling, 5xx, lost connections."""
+    if isinstance(exc, (FileNotFoundError, PermissionError)) or _is_credentials_error(exc):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _RETRY_CODES
+        seen = seen.__cause__ or seen.__context__
+    # No HTTP answer at all: a reset, a timeout, a truncated body.
+    if isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
+
+
+async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], retries: int,
+                        stop: Callable[[], bool] = lambda: False, *,
+                        retry_seconds: float | None = None) -> T:
+    """Run ``attempt()``; repeat it up to ``retries`` times on a transient failure.
+
+    On top of botocore's own per-request retries: a part lost after a long upload would
+    cost the whole save, so it gets a second, slower layer (exponential backoff, jitter).
+    Bounded in time too: no retry starts, and a retry still running is cut, once
+    ``retry_seconds`` (default ``$SPOTRUN_S3_RETRY_SECONDS``, else 120) have passed since
+    the first try; the first try itself is never cut (a large healthy part may be slow).
+    Gives up with :class:`StorageUnavailableError`.
+    """
+    if retry_seconds is None:
+        retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
+    started = time.monotonic()
+    deadline = started + retry_seconds
+    for n in range(retries + 1):
+        try:
+            if n == 0:
+                return await attempt()
+            return await asyncio.wait_for(attempt(), max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if stop() or not _retryable(exc):
+                raise
+            reason = _describe(exc)
+            elapsed = time.monotonic() - started
+            delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**n) * random.uniform(0.5, 1.0)
+            if n >= retries or time.monotonic() + delay >= deadline:
+                limit = (f"{retries} retries" if n >= retries
+                         else f"the {retry_seconds:g}s retry time limit")
+                raise StorageUnavailableError(
+                    f"S3 {what} still failing after {n + 1} attempts over {elapsed:.1f}s "
+                    f"(last: {reason}; each attempt is up to SPOTRUN_S3_ATTEMPTS requests "
+                    f"with backoff; stopped at {limit}); {_UNAVAILABLE_FIX}"
+                ) from exc
+            log.info("S3 %s failed (%s); retry %d of %d in %.2fs", what, reason, n + 1,
+                     retries, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _total_size(content_range: str | None, received: int) -> int:
+    """The object size from ``bytes 0-N/TOTAL``; without one the answer was the whole."""
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1].strip()
+        if total.isdigit():
+            return int(total)
+    return received
+
+
+class _S3Upload:
+    """The raw sink behind :meth:`Storage.open_write` on S3: parallel multipart upload.
+
+    Call order: ``write()`` any number of times, then exactly one of ``complete()`` (the
+    object appears) or ``abort()`` (nothing appears, no upload is left open). Writes fill
+    a ``part_size`` buffer; a full buffer goes out as an UploadPart on s3fs's event loop
+    as soon as more bytes arrive, and ``write`` blocks only while ``concurrency`` parts are
+    already in flight. So at most ``concurrency + 1`` part buffers exist at once. An object
+    that never fills one part is one PUT at ``complete()``.
+    """
+
+    def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int,
+                 retries: int, retry_seconds: float | None = None) -> None:
+        self._fs = fs
+        self._loop = fs.loop
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._where = f"s3://{self._bucket}/{self._key}"
+        self._part_size = part_size
+        self._concurrency = concurrency
+        self._retries = retries
+        self._retry_seconds = retry_seconds
+        self._upload_id: str | None = None
+        self._next_part = 1
+        self._buf = bytearray(part_size)
+        self._fill = 0
+        self._free: list[bytearray] = []
+        self._inflight: dict[concurrent.futures.Future[dict[str, Any]], bytearray] = {}
+        self._parts: list[dict[str, Any]] = []
+        self._aborting = False
+        self.closed = False
+
+    # -- file-like ---------------------------------------------------------------------
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        pos, n = 0, view.nbytes
+        while pos < n:
+            if self._fill == len(self._buf):
+                self._send(self._buf)
+                self._buf = self._new_buffer()
+                self._fill = 0
+            take = min(len(self._buf) - self._fill, n - pos)
+            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    # -- outcome -----------------------------------------------------------------------
+
+    def complete(self) -> None:
+        """Make the object visible: one PUT, or the last part and CompleteMultipartUpload."""
+        if self._upload_id is None:
+            body = bytes(memoryview(self._buf)[: self._fill])
+            self._buf = bytearray()
+            self._call("put", "put_object", Body=body)
+        else:
+            last = self._buf if self._fill == len(self._buf) else self._buf[: self._fill]
+            self._buf = bytearray()
+            self._send(last)
+            while self._inflight:
+                self._reap(concurrent.futures.FIRST_EXCEPTION)
+            parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+            self._call("complete", "complete_multipart_upload", UploadId=self._upload_id,
+                       MultipartUpload={"Parts": parts})
+            log.debug("uploaded %s in %d parts", self._where, len(parts))
+        self.closed = True
+
+    def abort(self) -> None:
+        """Drop everything: stop retrying, let parts in flight end, abort the upload."""
+        if self.closed:
+            return
+        self.closed = True
+        self._aborting = True
+        self._buf = bytearray()
+        self._free.clear()
+        if self._inflight:
+            # Waiting (briefly) rather than cancelling: a part S3 accepts after the abort
+            # would keep the upload's storage alive.
+            concurrent.futures.wait(list(self._inflight), timeout=60)
+            for fut in self._inflight:
+                fut.cancel()
+            self._inflight.clear()
+        if self._upload_id is not None:
+            try:
+                self._call("abort", "abort_multipart_upload", UploadId=self._upload_id)
+            except Exception as exc:  # noqa: BLE001 - the original failure matters more
+                log.warning(
+                    "could not abort the multipart upload of %s (%s); no object was written, "
+                    "but its parts may be billed until an AbortIncompleteMultipartUpload "
+                    "lifecycle rule removes them", self._where, exc)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        return sync(self._loop, _with_retries, f"{what} {self._where}",
+                    lambda: self._fs._call_s3(method, Bucket=self._bucket, Key=self._key,
+                                              **kwargs),
+                    self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds)
+
+    def _target_size(self) -> int:
+        return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))
+
+    def _new_buffer(self) -> bytearray:
+        size = self._target_size()
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) == size:
+                return buf
+        return bytearray(size)
+
+    def _send(self, body: bytearray) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._call("start", "create_multipart_upload")["UploadId"]
+        if self._next_part > _MAX_PARTS:
+            raise StorageError(
+                f"{self._where}: more than {_MAX_PARTS} parts; raise SPOTRUN_S3_PART_MIB"
+            )
+        while len(self._inflight) >= self._concurrency:
+            self._reap(concurrent.futures.FIRST_COMPLETED)
+        number = self._next_part
+        self._next_part += 1
+        fut = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self._loop)
+        self._inflight[fut] = body
+
+    async def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
+        response = await _with_retries(
+            f"part {number} of {self._where}",
+            lambda: self._fs._call_s3("upload_part", Bucket=self._bucket, Key=self._key,
+                                      UploadId=self._upload_id, PartNumber=number, Body=body),
+            self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds,
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    def _reap(self, when: str) -> None:
+        done, _ = concurrent.futures.wait(list(self._inflight), return_when=when)
+        for fut in done:
+            body = self._inflight.pop(fut)
+            self._parts.append(fut.result())  # raises the part's error: the caller aborts
+            self._free.append(body)
+
+
+def _s3_read(fs: Any, path: str, part_size: int, concurrency: int,
+             retries: int, *, retry_seconds: float | None = None) -> bytes | bytearray:
+    return sync(fs.loop, _s3_read_async, fs, path, part_size, concurrency, retries,
+                retry_seconds=retry_seconds)
+
+
+async def _s3_read_async(fs: Any, path: str, part_size: int, concurrency: int,
+                         retries: int, *, retry_seconds: float | None = None
+                         ) -> bytes | bytearray:
+    bucket, key, version = fs.split_path(path)
+    where = f"s3://{bucket}/{key}"
+    pin: dict[str, str] = {"VersionId": version} if version else {}
+
+    async def get_first() -> tuple[bytes, int, str | None]:
+        # One request answers a small object whole and tells a large one's size: no HEAD,
+        # so small reads (manifests, ledger records) cost what a plain GET costs.
+        try:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                         Range=f"bytes=0-{part_size - 1}", **pin)
+        except OSError as exc:
+            if _http_status(exc) != 416:
+                raise
+            # An empty object has no byte 0 to ask for.
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **pin)
+        try:
+            data: bytes = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        total = _total_size(response.get("ContentRange"), len(data))
+        if len(data) != min(total, part_size) and len(data) != total:
+            raise _ShortReadError(f"{where}: got {len(data)} bytes of the first part")
+        return data, total, response.get("ETag")
+
+    first, size, etag = await _with_retries(f"get {where}", get_first, retries,
+                                            retry_seconds=retry_seconds)
+    if len(first) == size:
+        return first
+    if etag:
+        pin["IfMatch"] = etag
+
+    buf = bytearray(size)
+    view = memoryview(buf)
+    view[: len(first)] = first
+    done = len(first)
+    del first
+    gate = asyncio.Semaphore(concurrency)
+
+    async def get_range(start: int, end: int) -> None:
+        async def attempt() -> None:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                         Range=f"bytes={start}-{end - 1}", **pin)
+            body = response["Body"]
+            try:
+                pos = start
+                # Straight into the final buffer: no per-range copy held in memory.
+                while pos < end:
+                    got = await body.readinto(view[pos:end])
+                    if not got:
+                        raise _ShortReadError(
+                            f"{where}: range {start}-{end - 1} ended at byte {pos}")
+                    pos += got
+            finally:
+                body.close()
+
+        async with gate:
+            await _with_retries(f"range {start}-{end - 1} of {where}", attempt, retries,
+                                retry_seconds=retry_seconds)
+
+    tasks = [asyncio.ensure_future(get_range(lo, min(lo + part_size, size)))
+             for lo in range(done, size, part_size)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return buf
