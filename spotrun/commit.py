@@ -193,34 +193,6 @@ class _StepReader(pickle.Unpickler):
         return None
 
 
-class _BytesView(io.RawIOBase):
-    """A seekable read-only file over bytes already in memory, without copying them."""
-
-    def __init__(self, buffer: bytes | bytearray) -> None:
-        self._view = memoryview(buffer).cast("B")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), len(self._view) - self._pos))
-        b[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
 def _payload_step_problem(storage: Storage, rel: str, step: int,
                           data: bytes | bytearray | None) -> str | None:
     """Why the payload at ``rel`` does not belong to ``step``, or None when it does.
@@ -229,9 +201,11 @@ def _payload_step_problem(storage: Storage, rel: str, step: int,
     already read whole), never its tensor bytes, and resolves no class: nothing in the file
     can run. Costs a small fraction of the hash that precedes it.
     """
+    from .snapshot import BufferReader  # here: snapshot imports torch, ls/verify need not
+
     with translate_errors(storage.display(rel), "reading"):
         local = storage.local_path(rel)
-        f: Any = _BytesView(data) if data is not None else open(local or "", "rb")  # noqa: SIM115
+        f: Any = BufferReader(data) if data is not None else open(local or "", "rb")  # noqa: SIM115
         try:
             try:
                 with zipfile.ZipFile(f) as z:

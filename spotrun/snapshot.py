@@ -31,6 +31,7 @@ from .manifest import FileEntry
 from .storage import Storage, translate_errors
 
 __all__ = [
+    "BufferReader",
     "StagingBuffers",
     "Verification",
     "check_loadable",
@@ -304,7 +305,7 @@ def open_payload(
         data = storage.read_bytes(rel)
         _check_size(len(data), entry, where)
         verification = Verification(lambda: _check_digest(len(data), hashlib.sha256(data).hexdigest(), entry, where))
-        source, use_mmap = _BufferReader(data), False
+        source, use_mmap = BufferReader(data), False
     try:
         # An OSError here (permission, EIO) is a failed read, not a damaged file: it
         # becomes a StorageError, which a restore never mistakes for damage.
@@ -336,7 +337,7 @@ def open_payload(
     return payload, verification
 
 
-class _BufferReader(io.RawIOBase):
+class BufferReader(io.RawIOBase):
     """A seekable read-only file over a buffer, without the copy ``io.BytesIO`` makes."""
 
     def __init__(self, buffer: bytes | bytearray) -> None:
