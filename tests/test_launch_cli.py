@@ -26,6 +26,7 @@ from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import Ec2Api
 from spotrun.launch.state import load_state
 from spotrun.ledger import Ledger
+from spotrun.manifest import Manifest
 from spotrun.storage import Storage
 
 REGION = "us-east-1"
@@ -115,7 +116,8 @@ def test_cli_launch_interrupt_status_finish_on_s3(aws: dict) -> None:
 def test_cli_stop_without_controller_terminates_and_keeps_checkpoints(aws: dict) -> None:
     url = aws["url"]
     storage = Storage(url)
-    storage.write_bytes("000000000010/manifest.json", b"{}")  # stands in for a checkpoint
+    # A committed (empty) checkpoint: the launcher reads manifests, it does not load payloads.
+    storage.write_bytes("000000000010/manifest.json", Manifest(step=10, files={}).to_json())
 
     class Died(BaseException):
         pass

@@ -16,6 +16,7 @@ import torch
 
 from spotrun.commit import list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.storage import Storage
 
 from conftest import free_port
@@ -28,12 +29,12 @@ STEPS, EVERY, SAMPLES = 40, 8, 240
 TIMEOUT = 300
 
 
-def _launch(url: str, nproc: int, *extra: str) -> subprocess.Popen:
+def _launch(url: str, nproc: int, *extra: str, **env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
            "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
            "--samples", str(SAMPLES), *extra]
-    return subprocess.Popen(cmd, env=env_for(url), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, env=env_for(url, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             cwd=REPO)
 
@@ -213,3 +214,30 @@ def test_check_resume_passes_under_the_wrapper(tmp_path):
                          timeout=2 * TIMEOUT, cwd=REPO)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "PASS" in res.stdout
+
+
+def test_notice_to_one_rank_stops_every_rank_and_resumes_bit_exact(tmp_path, reference):
+    """Rank 1 alone sees a spot notice; the agreement stops both at one step, the sharded
+    stop checkpoint commits, and the resumed run ends bit-for-bit as the uninterrupted one."""
+    digest, _ = reference
+    url = str(tmp_path / "run")
+    with FakeMetadataServer("ec2") as imds:
+        proc = _launch(url, 2, "--step-sleep", "0.05", SPOTRUN_TEST_IMDS_RANK1=imds.url,
+                       SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none")
+        deadline = time.monotonic() + TIMEOUT
+        while not _committed(url):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.05)
+        imds.post_interruption("terminate", in_seconds=120)
+        code, out = _finish(proc)
+    assert code == EXIT_INTERRUPTED, out[-4000:]
+    assert "rank1 spotrun ec2 notice 'terminate'" in out and "rank0 spotrun ec2 notice" not in out
+    stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", out, re.MULTILINE))
+    assert len(stops) == 1, out[-4000:]
+    stop = int(stops.pop())
+    assert max(_committed(url)) == stop
+    assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", out), out[-4000:]
+    code, out = _finish(_launch(url, 2))
+    assert code == EXIT_FINISHED, out[-4000:]
+    assert f"resumed from step {stop}" in out
+    assert _digest(out) == digest

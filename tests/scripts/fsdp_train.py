@@ -69,6 +69,12 @@ def main() -> int:
     p.add_argument("--dump", default=None)
     args = p.parse_args()
 
+    # A notice that reaches one rank only: that rank alone watches a (fake) metadata server.
+    endpoint = os.environ.get(f"SPOTRUN_TEST_IMDS_RANK{os.environ.get('LOCAL_RANK', '0')}")
+    if endpoint:
+        os.environ["SPOTRUN_NOTICE_SOURCE"] = "ec2"
+        os.environ["SPOTRUN_IMDS_ENDPOINT"] = endpoint
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     say(f"rank {rank} pid {os.getpid()}")
