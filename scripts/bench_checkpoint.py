@@ -272,27 +272,29 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
         step += 1
         timed_save(ck, step)
         torch_save_fsync(st, os.path.join(work, "torch_save.pt"))
-        other = fresh_like(st)
-        for i in range(repeats):
-            with checkpointer(url, other) as ck2:
-                sync_device(other)
-                t0 = time.perf_counter()
-                got = ck2.restore()
-                sync_device(other)
-                r["restore"].append(time.perf_counter() - t0)
-                assert got == step, (got, step)
-            gc.collect()
-            t0 = time.perf_counter()
-            sd = torch.load(os.path.join(work, "torch_save.pt"), map_location="cpu",
-                            weights_only=True)
-            other.model.load_state_dict(sd["model"])
-            other.opt.load_state_dict(sd["optimizer"])
+    # Restored by a second Checkpointer once the first has exited: a run has one writer
+    # at a time (the lease), and a restore takes the lease like any Checkpointer.
+    other = fresh_like(st)
+    for i in range(repeats):
+        with checkpointer(url, other) as ck2:
             sync_device(other)
-            r["torch_load"].append(time.perf_counter() - t0)
-            del sd
-            gc.collect()
-        for a, b in zip(st.model.state_dict().values(), other.model.state_dict().values()):
-            assert torch.equal(a, b), "restored weights differ from the saved ones"
+            t0 = time.perf_counter()
+            got = ck2.restore()
+            sync_device(other)
+            r["restore"].append(time.perf_counter() - t0)
+            assert got == step, (got, step)
+        gc.collect()
+        t0 = time.perf_counter()
+        sd = torch.load(os.path.join(work, "torch_save.pt"), map_location="cpu",
+                        weights_only=True)
+        other.model.load_state_dict(sd["model"])
+        other.opt.load_state_dict(sd["optimizer"])
+        sync_device(other)
+        r["torch_load"].append(time.perf_counter() - t0)
+        del sd
+        gc.collect()
+    for a, b in zip(st.model.state_dict().values(), other.model.state_dict().values()):
+        assert torch.equal(a, b), "restored weights differ from the saved ones"
     drop(os.path.join(work, "torch_save.pt"))
     drop(url)
     return {"raw": r, "payload_bytes": nbytes, "steps_base": steps_base,

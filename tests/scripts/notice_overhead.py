@@ -48,7 +48,7 @@ def main() -> None:
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                watchers = list(ckpt._watchers)
+                watchers = list(ckpt._interrupts._watchers)
             seconds.setdefault(name, []).append(time.perf_counter() - t0)
             states.setdefault(name, []).extend(getattr(w, "state", "?") for w in watchers)
     sys.stdout.write(json.dumps({"seconds": seconds, "states": states}) + "\n")
