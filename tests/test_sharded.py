@@ -86,11 +86,12 @@ def _check_manifest(url: str, world: int) -> Manifest:
 
 
 @pytest.mark.slow
-def test_save_on_4_load_on_2_3_4(tmp_path: Path, child_env: dict) -> None:
+def test_save_on_4_load_on_2_3(tmp_path: Path, child_env: dict) -> None:
+    # 4 -> 4 is the same-world-size path, covered end to end in test_sharded_checkpointer.
     url, ref = str(tmp_path / "run"), tmp_path / "ref.pt"
     _save(4, url, ref, child_env)
     _check_manifest(url, 4)
-    for nproc in (2, 3, 4):
+    for nproc in (2, 3):
         _load(nproc, url, ref, child_env)
 
 
