@@ -78,15 +78,17 @@ class LocalBackend(Backend):
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
             tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.link(tmp, path)  # fails if path exists: atomic create-if-absent
             except FileExistsError:
                 return False
             finally:
-                os.unlink(tmp)
+                # Also after a failed write (a full disk): no 0-byte temporaries left behind.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             fsync_dir(directory)
             return True
