@@ -1,8 +1,9 @@
 """fsspec backends that make storage slow or broken on demand, for async-save tests.
 
-``slowfile://`` is local disk whose writes sleep (``SPOTRUN_TEST_WRITE_DELAY`` seconds per
-write call, shared by child processes through the environment); ``failmem://`` is memory
-storage whose payload writes raise while ``FailMemFS.failing`` is set.
+``slowfile://`` is local disk whose payload writes sleep (``SPOTRUN_TEST_WRITE_DELAY`` seconds
+per write call, shared by child processes through the environment), ``slowdcp://`` the same for
+DCP shard files only; ``failmem://`` is memory storage whose payload writes raise while
+``FailMemFS.failing`` is set.
 """
 
 from __future__ import annotations
@@ -35,19 +36,30 @@ class _SlowWriter:
 
 class SlowLocalFS(LocalFileSystem):
     protocol = ("slowfile",)
+    #: Which files are slow to write: payload files only, not manifests.
+    slow_marker = ".pt"
 
     @classmethod
     def _strip_protocol(cls, path):
-        if isinstance(path, str) and path.startswith("slowfile://"):
-            path = path[len("slowfile://"):]
+        prefix = f"{cls.protocol[0]}://"
+        if isinstance(path, str) and path.startswith(prefix):
+            path = path[len(prefix):]
         return super()._strip_protocol(path)
 
     def _open(self, path, mode="rb", *args, **kwargs):
         f = super()._open(path, mode, *args, **kwargs)
         delay = float(os.environ.get("SPOTRUN_TEST_WRITE_DELAY", "0"))
-        if "w" in mode and delay and ".pt" in path:  # payload files only, not manifests
+        if "w" in mode and delay and self.slow_marker in path:
             return _SlowWriter(f, delay)
         return f
+
+
+class SlowDcpFS(SlowLocalFS):
+    """``slowdcp://``: only DCP shard files are slow, so a sharded background write stays
+    in flight while everything else (rank files, manifests) is quick."""
+
+    protocol = ("slowdcp",)
+    slow_marker = ".distcp"
 
 
 class FailMemFS(MemoryFileSystem):
@@ -64,4 +76,5 @@ class FailMemFS(MemoryFileSystem):
 
 def register() -> None:
     fsspec.register_implementation("slowfile", SlowLocalFS, clobber=True)
+    fsspec.register_implementation("slowdcp", SlowDcpFS, clobber=True)
     fsspec.register_implementation("failmem", FailMemFS, clobber=True)

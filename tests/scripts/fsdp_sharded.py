@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
-import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
+
+import slowfs  # noqa: E402
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
@@ -94,48 +96,6 @@ def differences(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def _register_slow_fs() -> None:
-    """``slowdcp://``: local disk whose writes of DCP shard files sleep
-    ``SPOTRUN_TEST_WRITE_DELAY`` seconds per call, so a background write stays in flight."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    class SlowWriter:
-        def __init__(self, raw, delay: float) -> None:
-            self._raw, self._delay = raw, delay
-
-        def write(self, data):
-            time.sleep(self._delay)
-            return self._raw.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._raw, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._raw.close()
-
-    class SlowDcpFS(LocalFileSystem):
-        protocol = ("slowdcp",)
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            if isinstance(path, str) and path.startswith("slowdcp://"):
-                path = path[len("slowdcp://"):]
-            return super()._strip_protocol(path)
-
-        def _open(self, path, mode="rb", *args, **kwargs):
-            f = super()._open(path, mode, *args, **kwargs)
-            delay = float(os.environ.get("SPOTRUN_TEST_WRITE_DELAY", "0"))
-            if "w" in mode and delay and ".distcp" in path:
-                return SlowWriter(f, delay)
-            return f
-
-    fsspec.register_implementation("slowdcp", SlowDcpFS, clobber=True)
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["save", "load"])
@@ -147,7 +107,7 @@ def main() -> int:
     args = p.parse_args()
 
     if args.url.startswith("slowdcp://"):
-        _register_slow_fs()
+        slowfs.register()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     storage = Storage(args.url)
