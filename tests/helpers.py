@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = str(REPO / "examples" / "train.py")
@@ -45,6 +48,26 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) ->
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out or ""
+
+
+def finish_session(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for a torchrun-style launcher started with ``start_new_session=True``; on timeout
+    kill its whole session (the launcher and every worker) and fail, showing its output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?)\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+def committed_steps(url: str) -> list[int]:
+    """The steps of the committed checkpoints under ``url``, oldest first."""
+    from spotrun.commit import list_checkpoints
+    from spotrun.storage import Storage
+
+    return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
 
 
 class Inbox:

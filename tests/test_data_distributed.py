@@ -9,7 +9,6 @@ new rank rank 0's copy of the loader state; until it does, that test is an expec
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -20,9 +19,8 @@ from collections import Counter
 
 import pytest
 from conftest import free_port
-from helpers import REPO, env_for
+from helpers import REPO, committed_steps, env_for, finish_session
 
-from spotrun.commit import list_checkpoints
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.resume_check import compare_checkpoints
 from spotrun.storage import Storage
@@ -45,17 +43,7 @@ def _launch(url: str, nproc: int = 2, step_sleep: float = 0.0) -> subprocess.Pop
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and its workers: its own session
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s (deadlock?)\n{out[-4000:]}")
-    return proc.returncode, out
-
-
-def _committed(url: str) -> list[int]:
-    return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
+    return finish_session(proc, TIMEOUT)
 
 
 def _steps(out: str) -> dict[tuple[int, int], tuple[int, list[int]]]:
@@ -82,7 +70,7 @@ def _interrupt(url: str, nproc: int) -> tuple[int, dict]:
     """Run on ``nproc`` ranks, SIGTERM the wrapper a few steps past its first checkpoint."""
     proc = _launch(url, nproc, step_sleep=0.05)
     deadline = time.monotonic() + TIMEOUT
-    while not _committed(url):
+    while not committed_steps(url):
         if proc.poll() is not None:
             pytest.fail(f"exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
         assert time.monotonic() < deadline, "no checkpoint committed"
@@ -96,7 +84,7 @@ def _interrupt(url: str, nproc: int) -> tuple[int, dict]:
     stops = {s for c, s in exits.values()}
     assert {c for c, s in exits.values()} == {EXIT_INTERRUPTED} and len(stops) == 1, exits
     stop = stops.pop()
-    assert 0 < stop < STEPS and max(_committed(url)) == stop
+    assert 0 < stop < STEPS and max(committed_steps(url)) == stop
     steps = _steps(out)
     assert set(steps) == {(r, s) for r in range(nproc) for s in range(1, stop + 1)}
     return stop, steps

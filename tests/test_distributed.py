@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from helpers import REPO, env_for
+from helpers import REPO, committed_steps, env_for, finish_session
 from spotrun.commit import list_checkpoints
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.notices.fake_server import FakeMetadataServer
@@ -48,22 +48,12 @@ def _launch(url: str, pid_dir: Path | None = None, *, wrapper: bool = True,
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers: its own session
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s (deadlock?)\n{out[-4000:]}")
-    return proc.returncode, out
-
-
-def _committed(url: str) -> list[int]:
-    return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
+    return finish_session(proc, TIMEOUT)
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + TIMEOUT
-    while not _committed(url):
+    while not committed_steps(url):
         if proc.poll() is not None:
             pytest.fail(f"torchrun exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
         assert time.monotonic() < deadline, "no checkpoint committed"
@@ -87,7 +77,7 @@ def reference(tmp_path_factory) -> str:
     code, out = _finish(_launch(url))
     assert code == EXIT_FINISHED, out[-4000:]
     assert _exits(out) == {0: (0, STEPS), 1: (0, STEPS)}
-    assert _committed(url)[-1] == STEPS
+    assert committed_steps(url)[-1] == STEPS
     return url
 
 

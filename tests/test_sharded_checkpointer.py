@@ -20,7 +20,7 @@ from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.storage import Storage
 
 from conftest import free_port
-from helpers import REPO, env_for
+from helpers import REPO, committed_steps, env_for, finish_session
 
 pytestmark = pytest.mark.slow
 
@@ -40,17 +40,7 @@ def _launch(url: str, nproc: int, *extra: str, **env: str) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s (deadlock?)\n{out[-4000:]}")
-    return proc.returncode, out
-
-
-def _committed(url: str) -> list[int]:
-    return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
+    return finish_session(proc, TIMEOUT)
 
 
 def _digest(out: str) -> str:
@@ -71,7 +61,7 @@ def _interrupt(url: str, nproc: int, *extra: str) -> tuple[int, str]:
     """Run on ``nproc`` ranks and SIGTERM the wrapper just after its first checkpoint."""
     proc = _launch(url, nproc, "--step-sleep", "0.05", *extra)
     deadline = time.monotonic() + TIMEOUT
-    while not _committed(url):
+    while not committed_steps(url):
         if proc.poll() is not None:
             pytest.fail(f"exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
         assert time.monotonic() < deadline, "no checkpoint committed"
@@ -83,7 +73,7 @@ def _interrupt(url: str, nproc: int, *extra: str) -> tuple[int, str]:
     stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", out, re.MULTILINE))
     assert len(stops) == 1, out[-4000:]
     stop = int(stops.pop())
-    assert 0 < stop < STEPS and max(_committed(url)) == stop
+    assert 0 < stop < STEPS and max(committed_steps(url)) == stop
     return stop, out
 
 
@@ -191,7 +181,7 @@ def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_pat
     code, out = _finish(proc)
     assert code not in (EXIT_FINISHED, EXIT_INTERRUPTED), out[-4000:]
     last = max(committed)
-    assert max(_committed(str(path))) == last
+    assert max(committed_steps(str(path))) == last
     assert verify_checkpoint(st, read_manifest(st, last)) == []
     code, out = _finish(_launch(str(path), 2))
     assert code == EXIT_FINISHED, out[-4000:]
@@ -225,7 +215,7 @@ def test_notice_to_one_rank_stops_every_rank_and_resumes_bit_exact(tmp_path, ref
         proc = _launch(url, 2, "--step-sleep", "0.05", SPOTRUN_TEST_IMDS_RANK1=imds.url,
                        SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none")
         deadline = time.monotonic() + TIMEOUT
-        while not _committed(url):
+        while not committed_steps(url):
             assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
             time.sleep(0.05)
         imds.post_interruption("terminate", in_seconds=120)
@@ -235,7 +225,7 @@ def test_notice_to_one_rank_stops_every_rank_and_resumes_bit_exact(tmp_path, ref
     stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", out, re.MULTILINE))
     assert len(stops) == 1, out[-4000:]
     stop = int(stops.pop())
-    assert max(_committed(url)) == stop
+    assert max(committed_steps(url)) == stop
     assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", out), out[-4000:]
     code, out = _finish(_launch(url, 2))
     assert code == EXIT_FINISHED, out[-4000:]
