@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import types
@@ -89,6 +90,9 @@ log = logging.getLogger("spotrun")
 
 PAYLOAD_FORMAT = 1
 DEFAULT_EVERY_SECONDS = 300.0
+#: A model can hold sharded state only once one of these is imported (by FSDP2, FSDP1, TP).
+_SHARDING_MODULES = ("torch.distributed.tensor", "torch.distributed.fsdp",
+                     "torch.distributed._shard")
 #: What to do when every checkpoint is damaged (see ``if_all_damaged``), for launchers and
 #: wrappers that cannot change the training code.
 IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
@@ -498,6 +502,10 @@ class Checkpointer:
 
     def _decide_sharded(self) -> bool:
         if self._sharded_arg is False:
+            return False
+        if not self._sharded_arg and not any(m in sys.modules for m in _SHARDING_MODULES):
+            # No DTensor / FSDP / ShardedTensor class was ever imported, so no model holds
+            # one: skip importing DCP (about a second, paid again at every restart).
             return False
         from ..sharded import is_sharded
 
