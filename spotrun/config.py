@@ -55,11 +55,13 @@ defaults below. Read them through these helpers so a bad value fails with one cl
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .errors import ConfigError
 
 __all__ = ["DEFAULT_STOP_MARGIN_S", "DEFAULT_STOP_TIMEOUT_S", "env_choice", "env_float",
+           "env_float_or_default",
            "env_int", "env_str"]
 
 #: ``SPOTRUN_STOP_TIMEOUT``: EC2 gives two minutes from notice to shutdown; leave room.
@@ -81,6 +83,16 @@ def env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. {default}") from None
+
+
+def env_float_or_default(name: str, default: float) -> float:
+    """:func:`env_float` for the way out (stop checkpoint, ledger flush), where a bad value
+    must not cost the exit: the default instead, with a warning naming the variable."""
+    try:
+        return env_float(name, default)
+    except ConfigError as exc:
+        logging.getLogger("spotrun").warning("%s; using %g", exc, default)
+        return default
 
 
 def env_int(name: str, default: int) -> int:

@@ -42,7 +42,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .config import env_float
+from .config import env_float_or_default
 from .events import Event, ledger_sink
 from .instance import InstanceInfo
 from .layout import LEDGER_DIR
@@ -396,10 +396,7 @@ def _flush_at_exit() -> None:
     writers = [w for w in list(_live_writers) if w.pending]
     if not writers:
         return
-    try:
-        bound = env_float("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S)
-    except Exception:  # noqa: BLE001 - a bad variable must not break exit
-        bound = DEFAULT_FLUSH_S
+    bound = env_float_or_default("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S)
     deadline = _time.monotonic() + bound
     for w in writers:
         w.close(max(0.0, deadline - _time.monotonic()))

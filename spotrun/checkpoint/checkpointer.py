@@ -42,7 +42,7 @@ from ..config import (
     DEFAULT_STOP_MARGIN_S,
     DEFAULT_STOP_TIMEOUT_S,
     env_choice,
-    env_float,
+    env_float_or_default,
     env_str,
 )
 from ..data import ResumableLoader, rank_seed
@@ -852,12 +852,7 @@ class Checkpointer:
 
     def _flush_ledger(self) -> None:
         """Wait, with a bound, for queued ledger records (segment_ended among them)."""
-        try:
-            bound = env_float("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S)
-        except Exception as exc:  # noqa: BLE001 - a bad variable must not break the exit
-            log.warning("%s; using %.3g s", exc, DEFAULT_FLUSH_S)
-            bound = DEFAULT_FLUSH_S
-        self._ledger_writer.close(bound)
+        self._ledger_writer.close(env_float_or_default("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S))
 
 
 class _Outcome:
@@ -873,11 +868,7 @@ class _Outcome:
 
 def _stop_knob(name: str, default: float) -> float:
     # A bad value must not cost the stop checkpoint: say so and use the default.
-    try:
-        value = env_float(name, default)
-    except ConfigError as exc:
-        log.error("%s; using %gs", exc, default)
-        return default
+    value = env_float_or_default(name, default)
     if value < 0:
         log.error("%s=%g must be 0 or more; using %gs", name, value, default)
         return default
