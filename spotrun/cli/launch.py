@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from ..errors import ConfigError, LaunchError
+from ..errors import ConfigError
 
 __all__ = ["parse_deadline", "register"]
 
@@ -174,12 +174,9 @@ def _launch(args: argparse.Namespace) -> int:
         )
         opts.validate()
         ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts, **kwargs)
-    try:
-        return ctl.run().exit_code
-    except LaunchError as exc:
-        # Not a usage error: the launch ran and could not go on (no capacity, a refused call).
-        print(f"spotrun: error: {exc}", file=sys.stderr)
-        return 1
+    # A LaunchError (no capacity, a refused call) reaches main(), which exits with its
+    # exit_code: 1 for a launch that ran and could not go on.
+    return ctl.run().exit_code
 
 
 def _status(args: argparse.Namespace) -> int:
