@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("spotrun").setLevel(min(level, logging.INFO))
     from .redact import quiet_secrets
 
-    quiet_secrets(args.verbose)
+    quiet_secrets()
     try:
         check_path_args(args)
         return int(args.func(args) or 0)

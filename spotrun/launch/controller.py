@@ -89,6 +89,7 @@ class Ec2Options:
     security_group_ids: list[str] = field(default_factory=list)
     key_name: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)  # NAME -> ssm:/path or secret ARN
     max_interruptions: int | None = None
     max_failures: int = 0
     fallback: str = "on-demand"  # "on-demand" | "none"
@@ -186,7 +187,7 @@ class Ec2Controller:
             )
         # The script is built now so that bad options fail before anything is created.
         build_user_data(run_url=options.run_url, run_id="check", command=options.command,
-                        setup=options.setup, env=options.env)
+                        setup=options.setup, env=options.env, secrets=options.secrets)
         state = LaunchState(
             mode="ec2", run_id=new_run_id(), created_at=time.time(), options=options.to_dict()
         )
@@ -279,7 +280,8 @@ class Ec2Controller:
             return
         o = self.options
         user_data = build_user_data(
-            run_url=o.run_url, run_id=self.state.run_id, command=o.command, setup=o.setup, env=o.env
+            run_url=o.run_url, run_id=self.state.run_id, command=o.command, setup=o.setup, env=o.env,
+            secrets=o.secrets,
         )
         ami = self.api.resolve_ami(o.ami)
         self.state.launch_template_id = self.api.create_launch_template(
