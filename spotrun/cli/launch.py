@@ -67,6 +67,13 @@ def check_run_name(name: str) -> str:
     return name
 
 
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it can be a tag value and a launch template name part, else ConfigError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
+        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '_' and '-' only, up to 64 characters")
+    return run_id
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     cmd = list(args.cmd or [])
     if cmd and cmd[0] == "--":
@@ -114,6 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--secret", action="append", default=[], metavar="NAME=SOURCE",
                      help="exported for CMD, read at boot with the instance profile from ssm:/path "
                      "(SSM SecureString) or a Secrets Manager ARN; user data holds only the source (repeatable)")
+    ec2.add_argument("--run-id", help="the run's spotrun:run-id tag value (default: random); fix it to "
+                     "scope the controller's TerminateInstances to this run (docs/launch.md, IAM)")
     ec2.add_argument("--iam-instance-profile", help="instance profile name or ARN (S3 access to the run URL)")
     ec2.add_argument("--security-group-ids", type=_csv, default=[], help="comma-separated security group ids")
     ec2.add_argument("--key-name", help="EC2 key pair for SSH (optional)")
@@ -184,6 +193,8 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("EC2 mode needs --instance-types, e.g. g5.xlarge,g6.xlarge")
         if not cmd:
             raise ConfigError("no command; usage: spotrun launch --run-url URL --instance-types T -- python train.py")
+        if args.run_id:
+            check_run_id(args.run_id)
         # Secrets first: nothing (not even the run URL's state) is read from AWS before
         # what would go into user data is known to be clean.
         from ..launch.userdata import build_user_data
@@ -205,7 +216,8 @@ def _launch(args: argparse.Namespace) -> int:
             deadline=parse_deadline(args.deadline) if args.deadline else None,
         )
         opts.validate()
-        ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts, **kwargs)
+        ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts,
+                                  run_id=check_run_id(args.run_id) if args.run_id else None, **kwargs)
     # A LaunchError (no capacity, a refused call) reaches main(), which exits with its
     # exit_code: 1 for a launch that ran and could not go on.
     return ctl.run().exit_code

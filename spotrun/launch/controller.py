@@ -176,8 +176,13 @@ class Ec2Controller:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    def start(cls, storage: Storage, api: Ec2Api, options: Ec2Options, **kwargs: Any) -> Ec2Controller:
-        """A controller for a new run at ``storage`` (refuses a URL another launch owns)."""
+    def start(cls, storage: Storage, api: Ec2Api, options: Ec2Options, *, run_id: str | None = None,
+              **kwargs: Any) -> Ec2Controller:
+        """A controller for a new run at ``storage`` (refuses a URL another launch owns).
+
+        ``run_id`` (default: random) is the ``spotrun:run-id`` tag value; naming it lets an
+        IAM policy scope TerminateInstances to this run's instances (docs/launch.md, IAM).
+        """
         options.validate()
         existing = load_state(storage)
         if existing is not None and existing.status == "running":
@@ -189,7 +194,7 @@ class Ec2Controller:
         build_user_data(run_url=options.run_url, run_id="check", command=options.command,
                         setup=options.setup, env=options.env, secrets=options.secrets)
         state = LaunchState(
-            mode="ec2", run_id=new_run_id(), created_at=time.time(), options=options.to_dict()
+            mode="ec2", run_id=run_id or new_run_id(), created_at=time.time(), options=options.to_dict()
         )
         if existing is not None:
             # A finished/stopped/failed run launched again: keep its counters and history.
