@@ -118,7 +118,7 @@ def documented_policies() -> dict[str, dict]:
     out = {}
     for section in re.split(r"\n### ", iam)[1:]:
         title = section.splitlines()[0].strip()
-        m = re.search(r"```json\n(.*?)\n```", section, re.S)
+        m = re.search(r"```json\n(.*?)\n```", section, re.DOTALL)
         if m:
             out[title] = json.loads(m.group(1))
     return out

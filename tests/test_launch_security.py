@@ -43,12 +43,13 @@ def boot(tmp_path: Path, child_env: dict, script: str, imds: str, **extra: str) 
                SHIM_LOG=str(tmp_path), SPOTRUN_LOG=str(tmp_path / "spotrun.log"),
                SPOTRUN_IMDS_ENDPOINT=imds, SPOTRUN_IMDS_BACKOFF="0.02", **extra)
     return subprocess.run(["bash", str(tmp_path / "user-data.sh")], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
 
 
 def probe(out: Path) -> list[str]:
-    return ["python3", "-c", "import json, os; json.dump({k: os.environ.get(k) for k in "
-            f"('SPOTRUN_SEGMENT_ID', 'HF_TOKEN')}}, open({str(out)!r}, 'w'))"]
+    code = ("import json, os; json.dump({k: os.environ.get(k) for k in "
+            f"('SPOTRUN_SEGMENT_ID', 'HF_TOKEN')}}, open({str(out)!r}, 'w'))")
+    return ["python3", "-c", code]
 
 
 # -- item 11: IMDS retries with backoff, fails loudly -------------------------------------
@@ -171,13 +172,13 @@ def test_vv_never_prints_credentials(tmp_path: Path, child_env: dict, s3_bucket:
                AWS_DEFAULT_REGION="us-east-1")
     spotrun = [sys.executable, "-m", "spotrun.cli", "-vv"]
     ls = subprocess.run([*spotrun, "ls", f"s3://{s3_bucket}/run"], env=env, capture_output=True,
-                        text=True, timeout=120)
+                        text=True, timeout=120, check=False)
     launch = subprocess.run([*spotrun, "launch", "--run-url", f"s3://{s3_bucket}/run", "--instance-types",
                              "g5.xlarge", "--ami", "ami-12345678", "--", "python", "t.py"],
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
     # SDK debug let through on purpose: the redacting filter is the second layer.
     sdk = subprocess.run([*spotrun, "ls", f"s3://{s3_bucket}/run"], env=dict(env, SPOTRUN_SDK_DEBUG="1"),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     out = ls.stdout + ls.stderr + launch.stdout + launch.stderr + sdk.stdout + sdk.stderr
     assert ls.returncode == 0 and sdk.returncode == 0, out
     assert "DEBUG" in out  # -vv really is debug logging

@@ -24,11 +24,11 @@ _CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_T
 _PATTERNS = (
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     # Authorization: AWS4-HMAC-SHA256 Credential=KEY/date/..., SignedHeaders=..., Signature=hex
-    re.compile(r"(Credential=)[^,\s'\"]+", re.I),
-    re.compile(r"(Signature=)[0-9a-f]+", re.I),
-    re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+", re.I),
-    re.compile(r"(X-Amz-Credential=)[^&\s'\"]+", re.I),
-    re.compile(r"(x-amz-security-token:)[^\n]+", re.I),
+    re.compile(r"(Credential=)[^,\s'\"]+", re.IGNORECASE),
+    re.compile(r"(Signature=)[0-9a-f]+", re.IGNORECASE),
+    re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+", re.IGNORECASE),
+    re.compile(r"(X-Amz-Credential=)[^&\s'\"]+", re.IGNORECASE),
+    re.compile(r"(x-amz-security-token:)[^\n]+", re.IGNORECASE),
 )
 MASK = "<redacted>"
 

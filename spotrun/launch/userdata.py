@@ -86,7 +86,7 @@ _SECRET_WORDS = {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASSPHRASE
 _SECRET_COMPOUNDS = ("API_KEY", "ACCESS_KEY", "PRIVATE_KEY", "SECRET_KEY", "AUTH_KEY")
 # NAME=value assignments and --token/--password style flags inside shell lines.
 _ASSIGNMENT = re.compile(r"(?<![A-Za-z0-9_])([A-Za-z_][A-Za-z0-9_]*)=(?=\S)")
-_SECRET_FLAG = re.compile(r"--(?:token|password|passwd|api[-_]?key|secret|hf[-_]token)(?:[=\s]|$)", re.I)
+_SECRET_FLAG = re.compile(r"--(?:token|password|passwd|api[-_]?key|secret|hf[-_]token)(?:[=\s]|$)", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
