@@ -83,6 +83,7 @@ def test_boot_without_metadata_fails_loudly_and_never_runs_the_command(tmp_path:
 # -- item 7: secrets read at boot, never in user data -------------------------------------
 
 
+@pytest.mark.slow
 def test_secret_is_read_at_boot_and_never_in_user_data(tmp_path: Path, child_env: dict, moto_server: str) -> None:
     value = "hf_" + "Zq7" * 12
     ssm = boto3.client("ssm", endpoint_url=moto_server, region_name="us-east-1")
