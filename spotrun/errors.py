@@ -26,10 +26,15 @@ problem and, where there is one, the fix.
     ├── CostError                    a cost report or estimate cannot be computed
     │   └── PriceUnavailableError    no price source could answer
     ├── LaunchError                  the launcher could not keep the run going
-    │   └── CapacityError            no spot or on-demand capacity in any pool
+    │   ├── CapacityError            no spot or on-demand capacity in any pool
+    │   └── EndpointUnreachableError  the cloud API could not be reached at all
     └── LeaseError                   the run's one-writer lease (see spotrun.lease)
         ├── LeaseHeldError           another live trainer is writing this run
         └── LeaseLostError           another trainer took this run over: no more commits
+
+Each class carries the ``spotrun`` command's exit code for it (:attr:`SpotrunError.exit_code`):
+2 (bad usage, configuration or environment) unless a subclass says otherwise; the launcher's
+"the run could not go on" errors are 1. The CLI maps exceptions to codes only through it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CostError",
     "CredentialsError",
+    "EndpointUnreachableError",
     "IncompatibleCheckpointError",
     "LaunchError",
     "LeaseError",
@@ -65,6 +71,10 @@ __all__ = [
 
 class SpotrunError(Exception):
     """Base of every error spotrun raises on purpose."""
+
+    #: The ``spotrun`` command's exit code when this error ends it: 2 is "bad usage or
+    #: configuration; the one-line message says what to fix".
+    exit_code: int = 2
 
 
 class ConfigError(SpotrunError, ValueError):
@@ -128,9 +138,20 @@ class PriceUnavailableError(CostError):
 class LaunchError(SpotrunError):
     """The launcher could not keep the run going."""
 
+    #: The launch ran and could not go on (no capacity, a refused call): a failed run.
+    exit_code = 1
+
 
 class CapacityError(LaunchError):
     """No spot or on-demand capacity could be had in any allowed pool."""
+
+
+class EndpointUnreachableError(LaunchError):
+    """The cloud API (EC2, SSM) could not be reached at all: connection refused, DNS, a
+    wrong ``--region`` or ``AWS_ENDPOINT_URL``. Nothing was changed by the failed call; fix
+    the network or endpoint and run again."""
+
+    exit_code = 2
 
 
 class MetadataBusyError(NoticeError):

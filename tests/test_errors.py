@@ -113,3 +113,74 @@ def test_bucket_head_denied_is_not_fatal(s3_bucket, monkeypatch):
     st.ensure_root(create=True)
     st.write_bytes("x", b"1")
     assert st.read_bytes("x") == b"1"
+
+
+# -- issue 13, items 12 and 13: one line, exit 2, codes from the exception classes ----------
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("spotrun: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("spotrun: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_check_resume_of_a_missing_program(tmp_path, capsys):
+    code = cli_main(["check-resume", "--workdir", str(tmp_path / "w"), "--", "/nonexistent"])
+    assert code == 2
+    assert "/nonexistent" in _one_error_line(capsys.readouterr().err)
+
+
+def test_storage_options_a_backend_rejects(s3_bucket, capsys):
+    code = cli_main(["ls", f"s3://{s3_bucket}/run", "--storage-options", '{"nonsense": 1}'])
+    assert code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "nonsense" in line and "--storage-options" in line
+
+
+@pytest.mark.parametrize("cmd", [["ls"], ["verify"], ["status"], ["cost"]])
+def test_http_run_url_refused(cmd, capsys):
+    assert cli_main([*cmd, "http://127.0.0.1:9/run"]) == 2
+    assert "s3://" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [["ls", "/tmp/a\x00b"], ["launch", "--local", "--run-url", "/tmp/r\x00", "--", "true"]])
+def test_nul_byte_in_a_path(argv, capsys):
+    assert cli_main(argv) == 2
+    assert "NUL" in _one_error_line(capsys.readouterr().err)
+
+
+def test_exit_codes_come_from_the_exception_classes(monkeypatch, capsys):
+    from spotrun import errors
+    from spotrun.cli import checkpoints
+
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert isinstance(cls.exit_code, int) and cls.__doc__, name
+
+    class Custom(errors.SpotrunError):
+        """A subclass with its own code."""
+
+        exit_code = 7
+
+    for exc, code in ((errors.ConfigError("bad"), 2), (errors.CapacityError("none"), 1),
+                      (errors.EndpointUnreachableError("down"), 2), (Custom("x"), 7)):
+        def boom(args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(checkpoints, "cmd_ls", boom)
+        assert cli_main(["ls", "/tmp"]) == code
+        _one_error_line(capsys.readouterr().err)
+
+
+def test_unreachable_ec2_endpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    code = cli_main(["launch", "--run-url", str(tmp_path / "run"), "--instance-types", "g5.xlarge",
+                     "--region", "us-east-1", "--ami", "ami-12345678", "--", "python", "t.py"])
+    assert code == 2
+    assert "cannot reach the EC2 API" in _one_error_line(capsys.readouterr().err)

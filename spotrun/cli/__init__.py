@@ -6,6 +6,11 @@ Exit codes of the CLI itself (a training command's own codes are in ``spotrun.la
 * 1  the command ran and found a problem (damage, FAIL, a failed run)
 * 2  bad usage or configuration (a one-line error says which and how to fix it)
 * 130  interrupted by Ctrl-C
+
+Every :class:`~spotrun.errors.SpotrunError` carries its code (``exit_code``); :func:`main`
+maps exceptions to codes through it and nothing else. An error from outside spotrun that a
+user's input caused (a missing file, a NUL byte in a path, options a backend rejects) is one
+line and exit 2 too; its traceback is logged at ``-vv``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import SpotrunError
+from ..errors import ConfigError, SpotrunError
 
 __all__ = ["main"]
 
@@ -43,6 +48,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Run URLs and paths the commands take; checked before any command runs (and so before
+# anything contacts a cloud).
+_PATH_ARGS = ("url", "run_url", "resume", "workdir", "name")
+
+
+def check_path_args(args: argparse.Namespace) -> None:
+    """Refuse NUL bytes in any path and http(s):// run URLs, with a one-line fix."""
+    for attr in _PATH_ARGS:
+        value = getattr(args, attr, None)
+        if not isinstance(value, str):
+            continue
+        flag = attr if attr == "url" else "--" + attr.replace("_", "-")
+        if "\x00" in value:
+            raise ConfigError(f"{flag} {value!r} contains a NUL byte, which no path may hold; remove it")
+        if attr in ("url", "run_url", "resume") and value.lower().startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{flag} {value!r}: http(s):// is read-only and cannot hold a run; use s3://bucket/prefix "
+                "(for an S3-compatible server, set AWS_ENDPOINT_URL or --storage-options "
+                "'{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'), gs://, az:// or a path"
+            )
+
+
+def _foreign_error_line(exc: BaseException) -> str | None:
+    """One line for an exception from outside spotrun that the user's input caused, or None."""
+    if isinstance(exc, FileNotFoundError):
+        name = exc.filename if exc.filename is not None else exc
+        return f"{name}: no such file or directory; check the path (or the command after --)"
+    if isinstance(exc, PermissionError):
+        name = exc.filename if exc.filename is not None else exc
+        return f"{name}: permission denied; check the path and its permissions"
+    if isinstance(exc, ValueError) and "null byte" in str(exc):
+        return "a path contains a NUL byte, which no path may hold; remove it"
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
+        return f"{exc}; pass only options the storage backend accepts (--storage-options)"
+    if isinstance(exc, (OSError, ValueError)):
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,14 +96,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("spotrun").setLevel(min(level, logging.INFO))
+    from .redact import quiet_secrets
+
+    quiet_secrets()
     try:
+        check_path_args(args)
         return int(args.func(args) or 0)
     except SpotrunError as exc:
         print(f"spotrun: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("spotrun: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = _foreign_error_line(exc)
+        if line is None:
+            raise
+        logging.getLogger("spotrun").debug("traceback of the error below", exc_info=True)
+        print(f"spotrun: error: {' '.join(line.split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from ..errors import ConfigError, LaunchError
+from ..errors import ConfigError
 
 __all__ = ["parse_deadline", "register"]
 
@@ -45,6 +45,33 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--env {item!r}: use NAME=VALUE")
         out[name] = value
     return out
+
+
+def _secret_pairs(items: list[str]) -> dict[str, str]:
+    from ..launch.userdata import parse_secret
+
+    return dict(parse_secret(item) for item in items)
+
+
+# A run name is one folder under ./runs: no separators, no "..", nothing a shell would mangle.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a safe folder name under ./runs, else ConfigError."""
+    if not _RUN_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"--name {name!r}: use letters, digits, '.', '_' and '-' only (no '/' or '..'), "
+            "up to 128 characters; to put the run elsewhere pass --run-url"
+        )
+    return name
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it can be a tag value and a launch template name part, else ConfigError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
+        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '_' and '-' only, up to 64 characters")
+    return run_id
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -90,7 +117,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--setup", action="append", default=[], metavar="CMD",
                      help="a shell line run before CMD, e.g. 'pip install mypkg spotrun' (repeatable)")
     ec2.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                     help="exported for CMD (repeatable; never credentials)")
+                     help="exported for CMD (repeatable; never credentials or tokens: use --secret)")
+    ec2.add_argument("--secret", action="append", default=[], metavar="NAME=SOURCE",
+                     help="exported for CMD, read at boot with the instance profile from ssm:/path "
+                     "(SSM SecureString) or a Secrets Manager ARN; user data holds only the source (repeatable)")
+    ec2.add_argument("--run-id", help="the run's spotrun:run-id tag value (default: random); fix it to "
+                     "scope the controller's TerminateInstances to this run (docs/launch.md, IAM)")
     ec2.add_argument("--iam-instance-profile", help="instance profile name or ARN (S3 access to the run URL)")
     ec2.add_argument("--security-group-ids", type=_csv, default=[], help="comma-separated security group ids")
     ec2.add_argument("--key-name", help="EC2 key pair for SSH (optional)")
@@ -133,6 +165,8 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("--resume is for EC2 runs; for --local, run the same command with --run-url again")
         if not cmd:
             raise ConfigError("no command; usage: spotrun launch --local -- python train.py")
+        if args.name is not None:
+            check_run_name(args.name)
         url = args.run_url or default_run_url(cmd, args.name)
         opts = LocalOptions(
             run_url=url, command=cmd, interruptions=args.interruptions,
@@ -159,6 +193,15 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("EC2 mode needs --instance-types, e.g. g5.xlarge,g6.xlarge")
         if not cmd:
             raise ConfigError("no command; usage: spotrun launch --run-url URL --instance-types T -- python train.py")
+        if args.run_id:
+            check_run_id(args.run_id)
+        # Secrets first: nothing (not even the run URL's state) is read from AWS before
+        # what would go into user data is known to be clean.
+        from ..launch.userdata import build_user_data
+
+        env, secrets = _env_pairs(args.env), _secret_pairs(args.secret)
+        build_user_data(run_url=args.run_url, run_id="check", command=cmd, setup=args.setup,
+                        env=env, secrets=secrets)
         storage = Storage(args.run_url)
         if storage.is_local:
             print("spotrun: warning: a local --run-url is not reachable from EC2 instances; use s3://",
@@ -168,18 +211,16 @@ def _launch(args: argparse.Namespace) -> int:
             region=args.region, subnets=args.subnets, ami=args.ami, setup=args.setup,
             iam_instance_profile=args.iam_instance_profile,
             security_group_ids=args.security_group_ids, key_name=args.key_name,
-            env=_env_pairs(args.env), max_interruptions=args.max_interruptions,
+            env=env, secrets=secrets, max_interruptions=args.max_interruptions,
             max_failures=args.max_failures, fallback=args.fallback, max_price=args.max_price,
             deadline=parse_deadline(args.deadline) if args.deadline else None,
         )
         opts.validate()
-        ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts, **kwargs)
-    try:
-        return ctl.run().exit_code
-    except LaunchError as exc:
-        # Not a usage error: the launch ran and could not go on (no capacity, a refused call).
-        print(f"spotrun: error: {exc}", file=sys.stderr)
-        return 1
+        ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts,
+                                  run_id=check_run_id(args.run_id) if args.run_id else None, **kwargs)
+    # A LaunchError (no capacity, a refused call) reaches main(), which exits with its
+    # exit_code: 1 for a launch that ran and could not go on.
+    return ctl.run().exit_code
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from ..errors import CapacityError, ConfigError, LaunchError
 from ..instance import InstanceInfo
-from ..layout import EXIT_INTERRUPTED
+from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
 from .common import cost_report_text, is_done, record_segment_end, record_segment_start
 from .ec2 import PRICE_ERRORS, SPOT_INTERRUPTION, Ec2Api, InstanceStatus, Pool
@@ -89,6 +89,7 @@ class Ec2Options:
     security_group_ids: list[str] = field(default_factory=list)
     key_name: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)  # NAME -> ssm:/path or secret ARN
     max_interruptions: int | None = None
     max_failures: int = 0
     fallback: str = "on-demand"  # "on-demand" | "none"
@@ -175,8 +176,13 @@ class Ec2Controller:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    def start(cls, storage: Storage, api: Ec2Api, options: Ec2Options, **kwargs: Any) -> Ec2Controller:
-        """A controller for a new run at ``storage`` (refuses a URL another launch owns)."""
+    def start(cls, storage: Storage, api: Ec2Api, options: Ec2Options, *, run_id: str | None = None,
+              **kwargs: Any) -> Ec2Controller:
+        """A controller for a new run at ``storage`` (refuses a URL another launch owns).
+
+        ``run_id`` (default: random) is the ``spotrun:run-id`` tag value; naming it lets an
+        IAM policy scope TerminateInstances to this run's instances (docs/launch.md, IAM).
+        """
         options.validate()
         existing = load_state(storage)
         if existing is not None and existing.status == "running":
@@ -186,9 +192,9 @@ class Ec2Controller:
             )
         # The script is built now so that bad options fail before anything is created.
         build_user_data(run_url=options.run_url, run_id="check", command=options.command,
-                        setup=options.setup, env=options.env)
+                        setup=options.setup, env=options.env, secrets=options.secrets)
         state = LaunchState(
-            mode="ec2", run_id=new_run_id(), created_at=time.time(), options=options.to_dict()
+            mode="ec2", run_id=run_id or new_run_id(), created_at=time.time(), options=options.to_dict()
         )
         if existing is not None:
             # A finished/stopped/failed run launched again: keep its counters and history.
@@ -279,7 +285,8 @@ class Ec2Controller:
             return
         o = self.options
         user_data = build_user_data(
-            run_url=o.run_url, run_id=self.state.run_id, command=o.command, setup=o.setup, env=o.env
+            run_url=o.run_url, run_id=self.state.run_id, command=o.command, setup=o.setup, env=o.env,
+            secrets=o.secrets,
         )
         ami = self.api.resolve_ami(o.ami)
         self.state.launch_template_id = self.api.create_launch_template(
@@ -477,7 +484,7 @@ class Ec2Controller:
         code = self._read_exit_record(seg)
         rc = status.reason_code
         if is_done(self.storage):
-            return "finished", code, "done.json written"
+            return "finished", code, _finished_detail(code)
         if rc == SPOT_INTERRUPTION:
             return "interrupted", code, "spot interruption"
         if code == EXIT_INTERRUPTED:
@@ -535,7 +542,8 @@ class Ec2Controller:
             if status.alive:
                 self._say(f"terminating {cur.instance_id}: the run is done but it did not shut down")
                 self.api.terminate([cur.instance_id])
-            self._end_segment(cur, "finished", exit_code=self._read_exit_record(cur), detail="done.json written")
+            code = self._read_exit_record(cur)
+            self._end_segment(cur, "finished", exit_code=code, detail=_finished_detail(code))
         self._cleanup_template()
         self.state.status = "finished"
         self.state.message = "done.json written"
@@ -621,3 +629,13 @@ class Ec2Controller:
                   f"--instance-ids {' '.join(s.instance_id for s in alive)})")
         return LaunchOutcome("detached", 130, "Ctrl-C, instance left running", len(self.state.segments),
                              self.state.interruptions)
+
+
+def _finished_detail(code: int | None) -> str:
+    """done.json decides that the run finished; an exit code after it (gloo's teardown can
+    abort a worker once the run is done) is only worth a warning."""
+    if code in (None, EXIT_FINISHED):
+        return "done.json written"
+    log.warning("done.json written, so the run finished, although the command exited with "
+                "code %d", code)
+    return f"done.json written; warning: the command then exited with code {code}, ignored"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, CredentialsError, LaunchError
+from ..errors import ConfigError, CredentialsError, EndpointUnreachableError, LaunchError
 
 __all__ = [
     "CAPACITY_ERRORS",
@@ -123,6 +123,13 @@ def _err_pool(err: dict[str, Any]) -> Pool | None:
     return Pool(ov["InstanceType"], ov.get("SubnetId"))
 
 
+def _unreachable(what: str, exc: Exception, region: str) -> EndpointUnreachableError:
+    return EndpointUnreachableError(
+        f"{what}: cannot reach the EC2 API in {region} ({type(exc).__name__}: {exc}); check the "
+        "network, --region and AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_EC2"
+    )
+
+
 def _client_error_code(exc: Exception) -> str:
     resp = getattr(exc, "response", None) or {}
     return str((resp.get("Error") or {}).get("Code") or type(exc).__name__)
@@ -159,6 +166,10 @@ class Ec2Api:
 
         try:
             return fn(**kwargs)
+        except (botocore.exceptions.EndpointConnectionError,
+                botocore.exceptions.ConnectTimeoutError) as exc:
+            # botocore has already retried; no request reached EC2, so nothing was created.
+            raise _unreachable(what, exc, self.region) from exc
         except botocore.exceptions.NoCredentialsError as exc:
             raise CredentialsError(
                 f"{what}: no AWS credentials; configure AWS_PROFILE or an instance role"
@@ -171,6 +182,8 @@ class Ec2Api:
                     "policy (see docs/launch.md)"
                 ) from exc
             raise LaunchError(f"{what} failed: {code}: {exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise LaunchError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
     # -- the launch template -----------------------------------------------------------
 
@@ -320,6 +333,9 @@ class Ec2Api:
 
         try:
             resp = self.client.describe_instances(InstanceIds=[instance_id])
+        except (botocore.exceptions.EndpointConnectionError,
+                botocore.exceptions.ConnectTimeoutError) as exc:
+            raise _unreachable(f"describe_instances {instance_id}", exc, self.region) from exc
         except botocore.exceptions.ClientError as exc:
             # Right after create_fleet the id may not be visible yet (eventual consistency);
             # long after termination it disappears. The caller decides which it is.
