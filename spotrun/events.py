@@ -4,14 +4,21 @@ Components (the checkpoint loop, the saver, the interrupts inbox) report through
 callback, :data:`EventSink`, that takes these frozen dataclasses. The ledger is one such
 sink (:func:`ledger_sink`); tests and tools can pass their own. A typo in an event name is
 a type error here, not a silently missing ledger record.
+
+The ledger's vocabularies live here too, as string enums (:class:`EndReason`,
+:class:`Market`, :class:`Cloud`, :class:`Source`): what a writer may record and what a
+reader accepts are one list. Each enum's ``parse`` reads a value from a record, old
+spellings included (``"ec2"`` is :attr:`Cloud.AWS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from enum import Enum
+from typing import TYPE_CHECKING, TypeVar, Union
 
+from .errors import ConfigError
 from .instance import InstanceInfo
 
 if TYPE_CHECKING:
@@ -19,9 +26,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointCommitted",
+    "Cloud",
     "EndReason",
     "Event",
     "EventSink",
+    "Market",
     "NoticeReceived",
     "SegmentEnded",
     "SegmentStarted",
@@ -30,18 +39,84 @@ __all__ = [
     "ledger_sink",
 ]
 
-#: Why a segment of compute ended (``SEGMENT_END_REASONS`` in :mod:`spotrun.ledger`).
-EndReason = Literal["finished", "interrupted", "failed", "stopped"]
-#: Who wrote a record: the training process itself, or a launcher watching it.
-Source = Literal["wrapper", "launcher"]
+_V = TypeVar("_V", bound="_Vocab")
 
+
+class _Vocab(str, Enum):
+    """A ledger vocabulary: a ``str`` (so records stay plain JSON and compare equal to
+    their text) that only takes the listed values."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def _aliases(cls) -> dict[str, str]:
+        return {}
+
+    @classmethod
+    def parse(cls: type[_V], value: object) -> _V:
+        """``value`` (a member, its text or an old spelling) as a member; a
+        :class:`~spotrun.errors.ConfigError` naming the allowed values otherwise."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            text = cls._aliases().get(value, value)
+            for member in cls:
+                if member.value == text:
+                    return member
+        allowed = ", ".join(m.value for m in cls)
+        raise ConfigError(f"{cls.__name__.lower()} {value!r} is not one of: {allowed}")
+
+
+class EndReason(_Vocab):
+    """Why a segment of compute ended, as a ``segment_ended`` record says."""
+
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Market(_Vocab):
+    """How an instance is bought. ``local``: not a cloud machine, or its metadata service
+    could not be reached."""
+
+    SPOT = "spot"
+    ON_DEMAND = "on-demand"
+    LOCAL = "local"
+
+
+class Cloud(_Vocab):
+    """Where a segment ran. ``simulated``: ``spotrun launch --local``; ``local``: no cloud."""
+
+    AWS = "aws"
+    GCP = "gcp"
+    AZURE = "azure"
+    SIMULATED = "simulated"
+    LOCAL = "local"
+
+    @classmethod
+    def _aliases(cls) -> dict[str, str]:
+        # Cloud detection and the notice watchers call AWS "ec2" (its metadata service's
+        # name); a record carrying that spelling means the same cloud.
+        return {"ec2": "aws"}
+
+
+class Source(_Vocab):
+    """Who wrote a record: the training process itself, or a launcher watching it."""
+
+    WRAPPER = "wrapper"
+    LAUNCHER = "launcher"
 
 @dataclass(frozen=True)
 class SegmentStarted:
     segment_id: str
     instance: InstanceInfo
     started_at: float
-    source: Source = "wrapper"
+    source: Source = Source.WRAPPER
 
 
 @dataclass(frozen=True)
@@ -49,7 +124,7 @@ class SegmentEnded:
     segment_id: str
     reason: EndReason
     ended_at: float
-    source: Source = "wrapper"
+    source: Source = Source.WRAPPER
     steps_done: int | None = None
     last_step_at: float | None = None
 

@@ -90,6 +90,8 @@ def _price_book(args: argparse.Namespace) -> Any:
 
 
 def _cost(args: argparse.Namespace) -> int:
+    from ..cost.html import report_html
+    from ..cost.render import report_text
     from ..cost.report import report_for_run
     from ..storage import open_storage
 
@@ -97,14 +99,14 @@ def _cost(args: argparse.Namespace) -> int:
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as f:
-                f.write(report.to_html())
+                f.write(report_html(report))
         except OSError as exc:
             raise ConfigError(f"cannot write the HTML report to {args.html}: {exc.strerror}") from None
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(report.to_text())
+        sys.stdout.write(report_text(report))
         if args.html:
             sys.stdout.write(f"\nHTML report: {args.html}\n")
     return 0

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PriceUnavailableError
+from ..events import Cloud, EndReason, Market
 from ..instance import InstanceInfo
 from ..ledger import Ledger
 from ..storage import Storage
@@ -55,8 +56,10 @@ __all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_
 
 log = logging.getLogger("spotrun")
 
-INTERRUPTED_REASONS = ("interrupted", "unknown")
-NO_API_CLOUDS = ("simulated", "local")
+#: A segment with no end record ends "unknown" (killed, or the machine vanished).
+UNKNOWN = "unknown"
+INTERRUPTED_REASONS = (EndReason.INTERRUPTED.value, UNKNOWN)
+NO_API_CLOUDS = (Cloud.SIMULATED, Cloud.LOCAL)
 
 
 @dataclass
@@ -114,7 +117,7 @@ class Segment:
 
     @property
     def lost_work_s(self) -> float:
-        if self.end_reason == "finished" or self.first_step_at is None:
+        if self.end_reason == EndReason.FINISHED or self.first_step_at is None:
             return 0.0
         ckpt = self.last_checkpoint
         if ckpt is None:
@@ -203,7 +206,7 @@ def build_segments(records: list[dict]) -> list[Segment]:
         if end_rec is not None:
             end, reason = float(end_rec["ended_at"]), str(end_rec["reason"])
         else:
-            end, reason = max(r["time"] for r in recs), "unknown"
+            end, reason = max(r["time"] for r in recs), UNKNOWN
         segments.append(
             Segment(
                 segment_id=sid,
@@ -241,7 +244,7 @@ def price_segments(segments: list[Segment], prices: PriceBook) -> None:
         inst = seg.instance
         use_api = inst.cloud not in NO_API_CLOUDS
         try:
-            if inst.market == "on-demand":
+            if inst.market == Market.ON_DEMAND:
                 seg.price = prices.on_demand(inst.instance_type, inst.region, use_api=use_api)
             else:
                 # Spot, and "local" (a laptop or an unknown machine): priced as spot only
@@ -340,16 +343,6 @@ class CostReport:
             "warnings": self.warnings,
         }
 
-    def to_text(self) -> str:
-        from .render import report_text
-
-        return report_text(self)
-
-    def to_html(self) -> str:
-        from .html import report_html
-
-        return report_html(self)
-
 
 def report_for_run(
     storage: Storage,
@@ -385,7 +378,7 @@ def report_for_run(
                 msg = f"segment {seg.segment_id}: {p.fallback}; used {p.source}"
                 if msg not in report.warnings:
                     report.warnings.append(msg)
-        if seg.end_reason == "unknown":
+        if seg.end_reason == UNKNOWN:
             report.warnings.append(
                 f"segment {seg.segment_id} has no end record (killed?); it ends at its last "
                 "record and counts as an interruption"

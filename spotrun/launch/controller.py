@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import CapacityError, ConfigError, LaunchError
+from ..events import Cloud
 from ..instance import InstanceInfo
 from ..layout import EXIT_INTERRUPTED
 from ..storage import Storage
@@ -338,7 +339,7 @@ class Ec2Controller:
             self.storage,
             segment_id=seg.segment_id,
             instance=InstanceInfo(
-                cloud="aws", instance_id=instance_id, instance_type=pool.instance_type,
+                cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
                 region=self.api.region, availability_zone=seg.availability_zone, market=market,
             ),
             started_at=now,
