@@ -74,7 +74,7 @@ def _timeline(report: CostReport) -> str:
         for c in s.checkpoints:
             cx = x(float(c["committed_at"]))
             parts.append(f'<line class="checkpoint" x1="{cx:.1f}" y1="{y - 2}" x2="{cx:.1f}" y2="{y + 22}" '
-                         f'stroke="#1f4e99" stroke-width="2"><title>checkpoint step {c["step"]}</title></line>')
+                         f'stroke="#1f4e99" stroke-width="2"><title>checkpoint step {escape(str(c["step"]))}</title></line>')
         for n in s.notices:
             nx = x(float(n["detected_at"]))
             parts.append(f'<polygon class="notice" points="{nx - 5:.1f},{y - 6} {nx + 5:.1f},{y - 6} {nx:.1f},{y + 2}" '

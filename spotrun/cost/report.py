@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PriceUnavailableError
-from ..events import Cloud, EndReason, Market
+from ..events import Cloud, EndReason, Market, parse_records
 from ..instance import InstanceInfo
 from ..ledger import Ledger
 from ..storage import Storage
@@ -177,8 +177,15 @@ class Segment:
         }
 
 
-def build_segments(records: list[dict]) -> list[Segment]:
-    """Merge ledger records into segments (see the module docstring), sorted by start."""
+def build_segments(records: list[dict], warnings: list[str] | None = None) -> list[Segment]:
+    """Merge ledger records into segments (see the module docstring), sorted by start.
+
+    Records whose fields do not fit their event (NaN or absurd times, wrong types, unknown
+    reasons) are skipped, each with a line appended to ``warnings``; the rest are priced.
+    """
+    records, bad = parse_records(records)
+    if warnings is not None:
+        warnings.extend(bad)
     groups: dict[str, list[dict]] = {}
     for r in records:
         sid = r.get("segment_id")
@@ -363,9 +370,12 @@ def report_for_run(
         spot_price=spot_price, on_demand_price=on_demand_price, offline=offline
     )
     records = Ledger(storage).records()
-    segments = build_segments(records)
+    skipped: list[str] = []
+    segments = build_segments(records, skipped)
     price_segments(segments, prices)
-    report = CostReport(run_url=storage.display(), segments=segments)
+    report = CostReport(run_url=storage.display(), segments=segments, warnings=skipped)
+    for line in skipped:
+        log.warning("%s", line)
     if not segments:
         report.warnings.append(f"no ledger records under {storage.display('ledger')}: nothing to report")
     for seg in segments:
