@@ -92,10 +92,12 @@ def _price_book(args: argparse.Namespace) -> Any:
 def _cost(args: argparse.Namespace) -> int:
     from ..cost.html import report_html
     from ..cost.render import report_text
-    from ..cost.report import report_for_run
+    from ..cost.report import report_for_run, require_run
     from ..storage import open_storage
 
-    report = report_for_run(open_storage(args.url), price_book=_price_book(args))
+    storage = open_storage(args.url)
+    require_run(storage)
+    report = report_for_run(storage, price_book=_price_book(args))
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as f:

@@ -45,14 +45,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PriceUnavailableError
+from ..errors import PriceUnavailableError, StorageNotFoundError
 from ..events import Cloud, EndReason, Market, parse_records
 from ..instance import InstanceInfo
 from ..ledger import Ledger
 from ..storage import Storage
 from .prices import Price, PriceBook
 
-__all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_for_run"]
+__all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_for_run", "require_run"]
 
 log = logging.getLogger("spotrun")
 
@@ -349,6 +349,17 @@ class CostReport:
             "price_sources": self.price_sources(),
             "warnings": self.warnings,
         }
+
+
+def require_run(storage: Storage) -> None:
+    """Raise :class:`~spotrun.errors.StorageNotFoundError` when nothing at all is stored at
+    the run URL (a typo, a run that never started): a report of nothing would look like a
+    free run."""
+    if not storage.list_dir(""):
+        raise StorageNotFoundError(
+            f"no run at {storage.display()}: nothing is stored there (no ledger, checkpoints or "
+            "launch state); check the run URL"
+        )
 
 
 def report_for_run(

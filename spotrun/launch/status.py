@@ -41,6 +41,9 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
     ``live``: ask EC2 for the current instance's state (EC2 runs only). ``offline``: price
     the cost so far from the shipped snapshot, no AWS pricing calls.
     """
+    from ..cost.report import require_run
+
+    require_run(storage)
     state = load_state(storage)
     segments = _ledger_segments(storage)
     out: dict[str, Any] = {
