@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any
 
 from ..errors import PriceUnavailableError, StorageNotFoundError
@@ -58,6 +59,8 @@ log = logging.getLogger("spotrun")
 
 #: A segment with no end record ends "unknown" (killed, or the machine vanished).
 UNKNOWN = "unknown"
+#: The segment the launcher runs now (no end record yet): priced to now, not an interruption.
+RUNNING = "running"
 INTERRUPTED_REASONS = (EndReason.INTERRUPTED.value, UNKNOWN)
 NO_API_CLOUDS = (Cloud.SIMULATED, Cloud.LOCAL)
 
@@ -117,7 +120,7 @@ class Segment:
 
     @property
     def lost_work_s(self) -> float:
-        if self.end_reason == EndReason.FINISHED or self.first_step_at is None:
+        if self.end_reason in (EndReason.FINISHED, RUNNING) or self.first_step_at is None:
             return 0.0
         ckpt = self.last_checkpoint
         if ckpt is None:
@@ -177,11 +180,19 @@ class Segment:
         }
 
 
-def build_segments(records: list[dict], warnings: list[str] | None = None) -> list[Segment]:
+def build_segments(
+    records: list[dict],
+    warnings: list[str] | None = None,
+    *,
+    running: Collection[str] = (),
+    now: float | None = None,
+) -> list[Segment]:
     """Merge ledger records into segments (see the module docstring), sorted by start.
 
     Records whose fields do not fit their event (NaN or absurd times, wrong types, unknown
     reasons) are skipped, each with a line appended to ``warnings``; the rest are priced.
+    A segment named in ``running`` with no end record is still going: it ends ``now``
+    (default: the current time) with reason ``running``, and is no interruption.
     """
     records, bad = parse_records(records)
     if warnings is not None:
@@ -212,6 +223,8 @@ def build_segments(records: list[dict], warnings: list[str] | None = None) -> li
         end_rec = ends.get("launcher") or ends.get("wrapper") or next(iter(ends.values()), None)
         if end_rec is not None:
             end, reason = float(end_rec["ended_at"]), str(end_rec["reason"])
+        elif sid in running:
+            end, reason = time.time() if now is None else now, RUNNING
         else:
             end, reason = max(r["time"] for r in recs), UNKNOWN
         segments.append(
@@ -339,6 +352,14 @@ class CostReport:
                     labels.append(p.label())
         return labels
 
+    def snapshot_vintage(self) -> str | None:
+        """The shipped snapshot's date when any price came from it, else None."""
+        for seg in self.segments:
+            for p in (seg.price, seg.on_demand_price):
+                if p is not None and p.vintage:
+                    return p.vintage
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_url": self.run_url,
@@ -347,8 +368,23 @@ class CostReport:
             "segments": [s.to_dict() for s in self.segments],
             "interruptions": self.interruptions(),
             "price_sources": self.price_sources(),
+            "snapshot_vintage": self.snapshot_vintage(),
             "warnings": self.warnings,
         }
+
+
+def running_segments(storage: Storage) -> set[str]:
+    """The segment the run's launcher says is running now (its launch state), if any."""
+    from ..launch.state import load_state
+
+    try:
+        state = load_state(storage)
+    except Exception as exc:  # noqa: BLE001 - without a readable state, nothing is known to run
+        log.warning("could not read the launch state (%s); no segment counted as running", exc)
+        return set()
+    if state is None or state.status != "running" or state.current is None:
+        return set()
+    return {state.current.segment_id}
 
 
 def require_run(storage: Storage) -> None:
@@ -369,6 +405,8 @@ def report_for_run(
     on_demand_price: float | None = None,
     offline: bool = False,
     price_book: PriceBook | None = None,
+    running: Collection[str] | None = None,
+    now: float | None = None,
 ) -> CostReport:
     """Read the run's ledger and price it.
 
@@ -382,7 +420,9 @@ def report_for_run(
     )
     records = Ledger(storage).records()
     skipped: list[str] = []
-    segments = build_segments(records, skipped)
+    if running is None:
+        running = running_segments(storage)
+    segments = build_segments(records, skipped, running=running, now=now)
     price_segments(segments, prices)
     report = CostReport(run_url=storage.display(), segments=segments, warnings=skipped)
     for line in skipped:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..storage import Storage
+from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from .common import cost_report, is_done, last_checkpoint
 from .state import STOP_FILE, LaunchState, load_state, save_state
 
@@ -109,7 +110,7 @@ def format_status(st: dict[str, Any]) -> str:
         inst = s.get("instance") or {}
         dur = (s.get("ended_at") or time.time()) - (s.get("started_at") or time.time())
         lines.append(f"  {s['segment_id']:<22} {inst.get('instance_type') or '?':<12} "
-                     f"{inst.get('market') or '?':<9} {dur:8.1f}s  {s.get('reason') or 'running'}")
+                     f"{inst.get('market') or '?':<9} {fmt_duration(dur):>9}  {s.get('reason') or 'running'}")
     cur = st["current"]
     if cur:
         extra = f", EC2 state {cur['state']}" if cur.get("state") else ""
@@ -118,12 +119,38 @@ def format_status(st: dict[str, Any]) -> str:
     if st["message"]:
         lines.append(f"last word  {st['message']}")
     cost = st.get("cost")
-    if cost:
-        totals = cost.get("totals") or {}
-        shown = {k: v for k, v in totals.items() if isinstance(v, (int, float))}
-        if shown:
-            lines.append("cost       " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+    if cost and cost.get("segments"):
+        lines += _cost_lines(cost)
     return "\n".join(lines)
+
+
+def _cost_lines(cost: dict[str, Any]) -> list[str]:
+    """The cost so far, in words: what was paid, against on-demand, and what went where."""
+    t = cost.get("totals") or {}
+    running = [s for s in cost["segments"] if s.get("end_reason") == "running"]
+    paid = fmt_usd(t.get("cost_usd"))
+    if running:
+        paid += " (the running segment priced to now)"
+    lines = [f"cost       {paid} so far over {fmt_duration(t.get('duration_s'))} of compute"]
+    if t.get("savings_usd") is not None:
+        lines.append(f"           on-demand for the same work {fmt_usd(t.get('on_demand_usd'))}: "
+                     f"saved {fmt_usd(t['savings_usd'])} ({fmt_pct(t.get('savings_pct'))})")
+    elif not t.get("complete", True):
+        lines.append("           some segments have no price (see spotrun cost for why)")
+    lines.append(f"           lost work {fmt_usd(t.get('lost_work_usd'))} ({fmt_duration(t.get('lost_work_s'))}), "
+                 f"restarts {fmt_usd(t.get('restart_overhead_usd'))}, "
+                 f"checkpoint stalls {fmt_usd(t.get('stall_usd'))}")
+    short: list[str] = []
+    for s in cost["segments"]:
+        for kind, p in (("market", s.get("price")), ("on-demand", s.get("on_demand_price"))):
+            if not p:
+                continue
+            text = f"{kind} {p['source']}" + (f" {p['vintage']}" if p.get("vintage") else "")
+            text += " (ESTIMATED: not market data)" if p.get("estimate") else ""
+            if text not in short:
+                short.append(text)
+    lines.append(f"           prices: {', '.join(short) or 'none'} (spotrun cost RUN_URL says more)")
+    return lines
 
 
 def stop_run(storage: Storage, *, wait_s: float | None = None, sleep: Any = time.sleep) -> dict[str, Any]:
