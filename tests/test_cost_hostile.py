@@ -72,7 +72,7 @@ HOSTILE = '"><img src=x onerror=alert(1)><script>alert(2)</script>&'
 ALLOWED_TAGS = {
     "html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "span", "table", "thead",
     "tbody", "tr", "th", "td", "ul", "li", "svg", "defs", "pattern", "rect", "line", "text", "g",
-    "polygon", "polyline", "path", "circle", "small", "strong", "em", "abbr", "sup",
+    "polygon", "polyline", "path", "circle", "small", "strong", "em", "abbr", "sup", "div",
 }
 
 

@@ -13,7 +13,12 @@ import pytest
 from botocore.stub import Stubber
 
 from spotrun.cli import main
-from spotrun.cost import PriceBook, report_for_run, report_html, report_text, time_weighted_average
+from spotrun.cost import (
+    PriceBook,
+    report_for_run,
+    report_text,
+    time_weighted_average,
+)
 from spotrun.instance import InstanceInfo
 from spotrun.ledger import Ledger
 from spotrun.storage import Storage

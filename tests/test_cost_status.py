@@ -8,7 +8,13 @@ import time
 import pytest
 
 from spotrun.cli import main
-from spotrun.cost import PriceBook, estimate_job, report_for_run, report_html, report_text
+from spotrun.cost import (
+    PriceBook,
+    estimate_job,
+    report_for_run,
+    report_html,
+    report_text,
+)
 from spotrun.cost.prices import load_snapshot
 from spotrun.instance import InstanceInfo
 from spotrun.launch.state import LaunchState, Segment, save_state
@@ -56,7 +62,7 @@ def test_status_prices_the_running_segment_to_now(tmp_path):
     assert cost["totals"]["cost_usd"] == pytest.approx(spot * seg["duration_s"] / 3600.0)
 
     text = format_status(st)
-    cost_lines = [line for line in text.splitlines() if line.startswith("cost") or line.startswith("    ")]
+    cost_lines = [line for line in text.splitlines() if line.startswith(("cost", "    "))]
     assert "so far" in text and "running segment priced to now" in text
     assert "complete 1" not in text and "useful_s" not in text
     assert "saved $" in text and "market snapshot 2025-07 (ESTIMATED" in text

@@ -352,6 +352,24 @@ class CostReport:
                     labels.append(p.label())
         return labels
 
+    def sagemaker_figure(self) -> dict[str, Any]:
+        """SageMaker managed spot training's own figure, for comparison with ours.
+
+        SageMaker reports ``TrainingTimeInSeconds`` (the job, start to end, waits for
+        capacity included) and ``BillableTimeInSeconds`` (the wall-clock seconds instances
+        ran) and calls ``(1 - billable / training) x 100`` the savings. Here: training =
+        first segment start to last segment end; billable = the segments' durations.
+        """
+        if not self.segments:
+            return {"training_s": 0.0, "billable_s": 0.0, "savings_pct": None}
+        training = max(s.end for s in self.segments) - min(s.start for s in self.segments)
+        billable = sum(s.duration_s for s in self.segments)
+        return {
+            "training_s": training,
+            "billable_s": billable,
+            "savings_pct": None if training <= 0 else 100.0 * (1.0 - billable / training),
+        }
+
     def snapshot_vintage(self) -> str | None:
         """The shipped snapshot's date when any price came from it, else None."""
         for seg in self.segments:
@@ -369,6 +387,7 @@ class CostReport:
             "interruptions": self.interruptions(),
             "price_sources": self.price_sources(),
             "snapshot_vintage": self.snapshot_vintage(),
+            "sagemaker": self.sagemaker_figure(),
             "warnings": self.warnings,
         }
 

@@ -9,9 +9,9 @@ import socket
 import time
 from typing import Any
 
+from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from ..errors import ConfigError
 from ..storage import Storage
-from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from .common import cost_report, is_done, last_checkpoint
 from .state import STOP_FILE, LaunchState, load_state, save_state
 
