@@ -98,3 +98,14 @@ def test_one_dated_snapshot_vintage_in_every_report(tmp_path, capsys):
     # An override is no snapshot: no vintage to state.
     over = report_for_run(storage, spot_price=0.1, on_demand_price=0.5)
     assert over.to_dict()["snapshot_vintage"] is None
+
+
+def test_status_survives_damaged_launcher_records(tmp_path):
+    storage = _running_launch(str(tmp_path / "run"), time.time() - 600)
+    storage.write_bytes("ledger/00000000000000000001-bad.json", json.dumps(
+        {"event": "segment_started", "time": 1.0, "source": "launcher", "started_at": "yesterday",
+         "instance": {}}).encode())
+    st = run_status(storage, live=False)
+    assert [s["segment_id"] for s in st["segments"]] == ["seg-1"]
+    assert any("skipped ledger record" in w for w in st["cost"]["warnings"])
+    assert "so far" in format_status(st)

@@ -22,8 +22,12 @@ def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
     """Segments as the launcher recorded them in the ledger, oldest first."""
     from ..ledger import Ledger
 
+    from ..events import parse_records
+
     segs: dict[str, dict[str, Any]] = {}
-    for r in Ledger(storage).records():
+    # Damaged or hostile records are skipped here as in the cost report (which warns).
+    records, _ = parse_records(Ledger(storage).records())
+    for r in records:
         if r.get("source") != "launcher" or r["event"] not in ("segment_started", "segment_ended"):
             continue
         s = segs.setdefault(r["segment_id"], {"segment_id": r["segment_id"]})
