@@ -249,10 +249,12 @@ def parse_record(record: dict) -> dict:
     for key in optional:
         out[key] = _number(record, key, low=0.0, high=MAX_TIME, optional=True)
     for key in _SECONDS.get(event, ()):
-        out[key] = _number(record, key, low=0.0, high=MAX_TIME)
+        # Optional (a stall nobody measured is no stall), but a number when present.
+        seconds = _number(record, key, low=0.0, high=MAX_TIME, optional=True)
+        out[key] = 0.0 if seconds is None else seconds
     for key in _COUNTS.get(event, ()):
         value = record.get(key)
-        if value is None and key == "steps_done":
+        if value is None and key in ("steps_done", "nbytes"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise LedgerRecordError(f"{key} {_show(value)} is not a count >= 0")

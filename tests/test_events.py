@@ -56,3 +56,16 @@ def test_report_module_does_not_import_its_renderers():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not imported & {"render", "html"}
     assert not hasattr(report_mod.CostReport, "to_text") and not hasattr(report_mod.CostReport, "to_html")
+
+
+def test_parse_record_reads_old_spellings_and_optional_fields():
+    from spotrun.events import parse_record
+
+    started = parse_record({"event": "segment_started", "time": 5.0, "segment_id": 7, "started_at": 5.0,
+                            "source": "launcher", "instance": {"cloud": "ec2", "market": "spot"}})
+    assert started["instance"] == {"cloud": "aws", "market": "spot"} and started["segment_id"] == "7"
+    ckpt = parse_record({"event": "checkpoint_committed", "time": 6.0, "segment_id": "s", "step": 3,
+                         "committed_at": 6.0})
+    assert ckpt["stall_s"] == 0.0 and ckpt["save_s"] == 0.0
+    other = {"event": "from_a_newer_spotrun", "time": 1.0, "anything": [1]}
+    assert parse_record(other) == other
