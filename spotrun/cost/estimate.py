@@ -26,7 +26,6 @@ interrupted, and converts it to a Poisson rate ``lam = -ln(1 - f) / 730`` per ho
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -34,8 +33,6 @@ from typing import Any
 
 from ..errors import ConfigError, CostError
 from .prices import Price, PriceBook
-
-log = logging.getLogger("spotrun")
 
 __all__ = [
     "ADVISOR_BUCKETS",
@@ -80,21 +77,10 @@ _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
 
 
 def check_region(region: str) -> None:
-    """Refuse a name that cannot be an AWS region (``mars-1``); warn about a well-formed one
-    this botocore does not list (it may be newer than botocore)."""
+    """Refuse a name that cannot be an AWS region (``mars-1``). Only the shape is checked:
+    botocore's region list costs ~0.6-2.4 s to load, and may be older than the region."""
     if not isinstance(region, str) or not _REGION.match(region):
         raise ConfigError(f"--region {region!r} is not an AWS region name like us-east-1 or eu-west-2")
-    try:
-        import botocore.session
-
-        session = botocore.session.get_session()
-        known = {r for part in session.get_available_partitions()
-                 for r in session.get_available_regions("ec2", part)}
-    except Exception:  # noqa: BLE001 - botocore absent or its data unreadable: the shape will do
-        return
-    if known and region not in known:
-        log.warning("region %s is not one this botocore knows (%s...); prices may not exist there",
-                    region, ", ".join(sorted(known)[:4]))
 
 
 def parse_duration(text: str | float) -> float:
