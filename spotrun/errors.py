@@ -24,7 +24,8 @@ problem and, where there is one, the fix.
     ├── NoticeError                  an interruption-notice source misbehaved
     │   └── MetadataBusyError        a metadata service answered with a passing error: retry
     ├── CostError                    a cost report or estimate cannot be computed
-    │   └── PriceUnavailableError    no price source could answer
+    │   ├── PriceUnavailableError    no price source could answer
+    │   └── LedgerRecordError        a run-ledger record the cost report cannot use
     ├── LaunchError                  the launcher could not keep the run going
     │   ├── CapacityError            no spot or on-demand capacity in any pool
     │   └── EndpointUnreachableError  the cloud API could not be reached at all
@@ -51,6 +52,7 @@ __all__ = [
     "EndpointUnreachableError",
     "IncompatibleCheckpointError",
     "LaunchError",
+    "LedgerRecordError",
     "LeaseError",
     "LeaseHeldError",
     "LeaseLostError",
@@ -133,6 +135,12 @@ class CostError(SpotrunError):
 
 class PriceUnavailableError(CostError):
     """No price source (API, cache, shipped snapshot, override) could answer."""
+
+
+class LedgerRecordError(CostError, ValueError):
+    """A run-ledger record whose fields do not fit its event (a NaN or out-of-range time,
+    a string where a number belongs, an unknown end reason). The cost report skips it with
+    a warning naming the record and prices the rest."""
 
 
 class LaunchError(SpotrunError):

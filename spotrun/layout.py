@@ -24,6 +24,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 __all__ = [
     "DAMAGED_DIR",
     "DCP_METADATA",
@@ -77,7 +79,7 @@ EXIT_STOP_UNSAVED = 128 + 15
 def checkpoint_dir(step: int) -> str:
     """The folder name of the checkpoint at ``step``: zero-padded so names sort like numbers."""
     if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+        raise ConfigError(f"step must be >= 0, got {step}; checkpoint steps count up from 0")
     return f"{step:0{STEP_DIGITS}d}"
 
 

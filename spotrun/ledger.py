@@ -43,7 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import env_float_or_default
-from .events import Event, ledger_sink
+from .errors import ConfigError, StorageError
+from .events import EndReason, Event, Source, ledger_sink
 from .instance import InstanceInfo
 from .layout import LEDGER_DIR
 from .storage import Storage
@@ -52,7 +53,8 @@ __all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger
 
 log = logging.getLogger("spotrun")
 
-SEGMENT_END_REASONS = ("finished", "interrupted", "failed", "stopped")
+#: The reasons a ``segment_ended`` record may carry (:class:`spotrun.events.EndReason`).
+SEGMENT_END_REASONS = tuple(r.value for r in EndReason)
 _RESERVED = ("event", "pid", "host", "id")
 
 
@@ -76,10 +78,10 @@ class Ledger:
         are filled in here and may not be passed. Values must be JSON-serialisable.
         """
         if not event or not isinstance(event, str):
-            raise ValueError(f"event must be a non-empty string, got {event!r}")
+            raise ConfigError(f"event must be a non-empty string, got {event!r}")
         clash = [k for k in _RESERVED if k in fields]
         if clash:
-            raise ValueError(f"ledger fields {clash} are set by the ledger itself")
+            raise ConfigError(f"ledger fields {clash} are set by the ledger itself; rename them")
         when = fields.pop("time", None)
         when = _time.time() if when is None else float(when)
         for _ in range(5):
@@ -98,7 +100,8 @@ class Ledger:
             if self.storage.write_if_absent(f"{LEDGER_DIR}/{name}", data):
                 return record
         # Five uuid4 collisions in a row do not happen; a storage that always says "exists" does.
-        raise OSError(f"could not create a ledger record under {self.storage.display(LEDGER_DIR)}")
+        raise StorageError(f"could not create a ledger record under {self.storage.display(LEDGER_DIR)}: "
+                           "the store says every new name already exists; check the storage backend")
 
     def records(self) -> list[dict]:
         """Every record, sorted by (time, id). Unreadable records are skipped with a warning."""
@@ -136,25 +139,26 @@ class Ledger:
     # -- conveniences ------------------------------------------------------------------
 
     def segment_started(
-        self, *, segment_id: str, instance: InstanceInfo, started_at: float, source: str
+        self, *, segment_id: str, instance: InstanceInfo, started_at: float, source: Source | str
     ) -> dict:
         """A segment of compute began (``source``: ``"wrapper"`` or ``"launcher"``)."""
+        source = Source.parse(source)
         return self.append(
             "segment_started",
             time=started_at,
             segment_id=str(segment_id),
             instance=instance.to_dict(),
             started_at=float(started_at),
-            source=source,
+            source=source.value,
         )
 
     def segment_ended(
         self,
         *,
         segment_id: str,
-        reason: str,
+        reason: EndReason | str,
         ended_at: float,
-        source: str,
+        source: Source | str,
         steps_done: int | None = None,
         last_step_at: float | None = None,
     ) -> dict:
@@ -163,8 +167,8 @@ class Ledger:
         The wrapper also says how far training got (``steps_done``, and when the last step
         completed), so lost work is measured in training time, not in shutdown time.
         """
-        if reason not in SEGMENT_END_REASONS:
-            raise ValueError(f"reason must be one of {SEGMENT_END_REASONS}, got {reason!r}")
+        reason = EndReason.parse(reason)
+        source = Source.parse(source)
         extra: dict[str, Any] = {}
         if steps_done is not None:
             extra["steps_done"] = int(steps_done)
@@ -174,9 +178,9 @@ class Ledger:
             "segment_ended",
             time=ended_at,
             segment_id=str(segment_id),
-            reason=reason,
+            reason=reason.value,
             ended_at=float(ended_at),
-            source=source,
+            source=source.value,
             **extra,
         )
 

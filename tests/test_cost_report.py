@@ -13,7 +13,12 @@ import pytest
 from botocore.stub import Stubber
 
 from spotrun.cli import main
-from spotrun.cost import PriceBook, report_for_run, time_weighted_average
+from spotrun.cost import (
+    PriceBook,
+    report_for_run,
+    report_text,
+    time_weighted_average,
+)
 from spotrun.instance import InstanceInfo
 from spotrun.ledger import Ledger
 from spotrun.storage import Storage
@@ -167,7 +172,7 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     assert intr["lost_work_s"] == pytest.approx(lost_a) and intr["restart_overhead_s"] == pytest.approx(restart_b)
     assert not d["warnings"]
 
-    text = report.to_text()
+    text = report_text(report)
     assert "interruptions" in text and "aws-api" in text and f"${cost:,.4f}" in text
 
     # A second report reads the disk cache: no client is even built.
@@ -197,7 +202,7 @@ def test_api_failure_falls_back_to_snapshot_and_says_so(tmp_path):
         assert "UnauthorizedOperation" in seg["price"]["fallback"]
         assert seg["on_demand_price"]["source"] == "snapshot"
     assert any("AccessDeniedException" in w for w in d["warnings"])
-    text = report.to_text()
+    text = report_text(report)
     assert "snapshot" in text and "failed" in text and "not a real spot price" in text
 
 
@@ -235,12 +240,12 @@ def test_local_segment_without_type_is_reported_unpriced(tmp_path):
     t = report.totals()
     assert t["cost_usd"] is None and t["savings_usd"] is None and not t["complete"]
     assert any("--spot-price" in w for w in report.warnings)
-    assert "n/a" in report.to_text()
+    assert "n/a" in report_text(report)
 
 
 def test_empty_run_reports_a_warning(tmp_path):
     report = report_for_run(Storage(str(tmp_path)), offline=True)
-    assert report.segments == [] and "nothing to report" in report.to_text()
+    assert report.segments == [] and "nothing to report" in report_text(report)
 
 
 def test_time_weighted_average_cases():

@@ -90,21 +90,25 @@ def _price_book(args: argparse.Namespace) -> Any:
 
 
 def _cost(args: argparse.Namespace) -> int:
-    from ..cost.report import report_for_run
+    from ..cost.html import report_html
+    from ..cost.render import report_text
+    from ..cost.report import report_for_run, require_run
     from ..storage import open_storage
 
-    report = report_for_run(open_storage(args.url), price_book=_price_book(args))
+    storage = open_storage(args.url)
+    require_run(storage)
+    report = report_for_run(storage, price_book=_price_book(args))
     if args.html:
         try:
             with open(args.html, "w", encoding="utf-8") as f:
-                f.write(report.to_html())
+                f.write(report_html(report))
         except OSError as exc:
             raise ConfigError(f"cannot write the HTML report to {args.html}: {exc.strerror}") from None
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(report.to_text())
+        sys.stdout.write(report_text(report))
         if args.html:
             sys.stdout.write(f"\nHTML report: {args.html}\n")
     return 0

@@ -27,6 +27,7 @@ interrupted, and converts it to a Poisson rate ``lam = -ln(1 - f) / 730`` per ho
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,6 +69,18 @@ def rate_per_hour(rate: str | float) -> float:
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+#: The largest --hours or --runs an estimate takes (a century of hours; beyond is a typo).
+MAX_COUNT = 1e6
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d+$")
+
+
+def check_region(region: str) -> None:
+    """Refuse a name that cannot be an AWS region (``mars-1``). Only the shape is checked:
+    botocore's region list costs ~0.6-2.4 s to load, and may be older than the region."""
+    if not isinstance(region, str) or not _REGION.match(region):
+        raise ConfigError(f"--region {region!r} is not an AWS region name like us-east-1 or eu-west-2")
 
 
 def parse_duration(text: str | float) -> float:
@@ -239,8 +252,13 @@ def estimate_job(
     prices: PriceBook | None = None,
 ) -> JobEstimate:
     """Expected monthly cost of a job on spot (with re-work and restarts) and on on-demand."""
-    if hours_per_run < 0 or runs_per_month < 0 or checkpoint_save_s < 0 or restart_s < 0:
-        raise ConfigError("hours, runs, save time and restart time must be >= 0")
+    for name, value in (("--hours", hours_per_run), ("--runs", runs_per_month)):
+        # NaN compares false with everything and inf overflows every figure: refuse both.
+        if not (0 <= value <= MAX_COUNT):
+            raise ConfigError(f"{name} {value!r} must be a number from 0 to {MAX_COUNT:g}")
+    if checkpoint_save_s < 0 or restart_s < 0:
+        raise ConfigError("save time and restart time must be >= 0")
+    check_region(region)
     prices = prices or PriceBook()
     lam_h = rate_per_hour(interruption_rate)
     lam_s = lam_h / 3600.0

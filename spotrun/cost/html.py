@@ -1,15 +1,21 @@
 """A self-contained HTML page for a cost report: inline CSS and SVG, nothing fetched.
 
-The page has a timeline (one bar per segment; checkpoints as ticks, notices as triangles,
-interruptions as red crosses at the segment's end; the grey part of a bar is its startup,
-the hatched part its lost work) and the cost table. No scripts, fonts, images or links to
-anything outside the page.
+The page has a timeline (one bar per segment, labelled with its market; on-demand bars
+outlined; checkpoints as ticks, notices as triangles, interruptions as red crosses at the
+segment's end; the grey part of a bar is its startup, the hatched part its lost work), a
+cumulative-cost chart (what the run paid against what on-demand would have cost for the same
+work), the summary with SageMaker's figure beside ours, and the cost table, where estimated
+prices are flagged. No scripts, fonts, images or links to anything outside the page. Both
+charts use a ``viewBox`` and ``width="100%"``, so they scale to the window.
+
+Every value that comes from the ledger is escaped (:func:`html.escape`, quotes included):
+anyone who can write to the run's bucket can write a ledger record.
 """
 
 from __future__ import annotations
 
 from html import escape
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .render import fmt_duration, fmt_pct, fmt_time, fmt_usd
 
@@ -19,66 +25,89 @@ if TYPE_CHECKING:
 __all__ = ["report_html"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222}
-h1{font-size:1.3em} h2{font-size:1.1em;margin-top:1.6em}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222;max-width:80em}
+h1{font-size:1.3em;overflow-wrap:anywhere} h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.9em} th,td{padding:.3em .6em;border-bottom:1px solid #ddd}
 th{text-align:left;background:#f4f4f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
 .summary td:first-child{color:#555} .warn{color:#a40} .legend span{margin-right:1.2em}
-svg text{font-size:11px;fill:#333}
+.estimate{color:#a40;font-weight:600} .scroll{overflow-x:auto}
+svg{display:block;height:auto} svg text{font-size:13px;fill:#333}
 """
 
 _COLORS = {"finished": "#3a8f3a", "interrupted": "#d08a1c", "unknown": "#c0392b",
-           "failed": "#8e44ad", "stopped": "#607d8b"}
+           "failed": "#8e44ad", "stopped": "#607d8b", "running": "#2e86c1"}
+
+# Chart geometry in viewBox units; the browser scales the whole drawing to the page width.
+_LEFT, _WIDTH, _RIGHT = 230, 740, 30
+
+
+def _a(value: object) -> str:
+    """A value for an attribute or text node, escaped (quotes included)."""
+    return escape(str(value), quote=True)
+
+
+def _span(report: CostReport) -> tuple[float, float]:
+    t0 = min(s.start for s in report.segments)
+    t1 = max(s.end for s in report.segments)
+    return t0, max(t1 - t0, 1e-9)
+
+
+def _axis(t0: float, span: float, top: float, bottom: float) -> list[str]:
+    parts = []
+    for k in range(5):
+        x = _LEFT + _WIDTH * k / 4
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="#eee"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top - 6}" text-anchor="middle">+{_a(fmt_duration(span * k / 4))}</text>')
+    return parts
 
 
 def _timeline(report: CostReport) -> str:
     segs = report.segments
     if not segs:
         return "<p>No segments.</p>"
-    t0 = min(s.start for s in segs)
-    t1 = max(s.end for s in segs)
-    span = max(t1 - t0, 1e-9)
-    left, width, row_h = 150, 760, 28
+    t0, span = _span(report)
+    row_h = 30
     height = 30 + row_h * len(segs) + 20
 
     def x(t: float) -> float:
-        return left + (t - t0) / span * width
+        return _LEFT + (t - t0) / span * _WIDTH
 
     parts = [
-        f'<svg id="timeline" width="{left + width + 30}" '
-        f'height="{height}" role="img" aria-label="run timeline">',
+        f'<svg id="timeline" viewBox="0 0 {_LEFT + _WIDTH + _RIGHT} {height}" width="100%" '
+        'preserveAspectRatio="xMinYMin meet" role="img" aria-label="run timeline">',
         '<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
         'patternTransform="rotate(45)"><rect width="3" height="6" fill="#c0392b" opacity=".45"/>'
         "</pattern></defs>",
+        *_axis(t0, span, 18, height - 12),
     ]
-    for k in range(5):
-        t = t0 + span * k / 4
-        parts.append(f'<line x1="{x(t):.1f}" y1="18" x2="{x(t):.1f}" y2="{height - 12}" stroke="#eee"/>')
-        parts.append(f'<text x="{x(t):.1f}" y="12" text-anchor="middle">+{escape(fmt_duration(t - t0))}</text>')
     for i, s in enumerate(segs):
         y = 24 + i * row_h
         color = _COLORS.get(s.end_reason, "#777")
-        label = f"{s.segment_id[:10]} {s.instance.instance_type or ''}"
-        parts.append(f'<text x="4" y="{y + 15}">{escape(label)}</text>')
+        market = s.instance.market
+        on_demand = market == "on-demand"
+        label = f"{s.segment_id[:10]} {s.instance.instance_type or ''} {market}"
+        parts.append(f'<text class="market market-{_a(market)}" x="4" y="{y + 15}">{_a(label)}</text>')
+        outline = ' stroke="#111" stroke-width="2.5"' if on_demand else ""
         parts.append(
-            f'<rect class="segment" x="{x(s.start):.1f}" y="{y}" width="{max(1.0, x(s.end) - x(s.start)):.1f}" '
-            f'height="20" fill="{color}"><title>{escape(s.segment_id)}: {escape(s.end_reason)}, '
-            f"{escape(fmt_duration(s.duration_s))}</title></rect>"
+            f'<rect class="segment market-{_a(market)}" x="{x(s.start):.1f}" y="{y}" '
+            f'width="{max(1.0, x(s.end) - x(s.start)):.1f}" height="20" fill="{color}"{outline}>'
+            f"<title>{_a(s.segment_id)}: {_a(market)}, {_a(s.end_reason)}, {_a(fmt_duration(s.duration_s))}"
+            "</title></rect>"
         )
         if s.startup_s > 0:
             parts.append(f'<rect x="{x(s.start):.1f}" y="{y}" width="{x(s.start + s.startup_s) - x(s.start):.1f}" '
-                         f'height="20" fill="#999" opacity=".7"><title>startup {escape(fmt_duration(s.startup_s))}</title></rect>')
+                         f'height="20" fill="#999" opacity=".7"><title>startup {_a(fmt_duration(s.startup_s))}</title></rect>')
         if s.lost_work_s > 0:
             parts.append(f'<rect x="{x(s.end - s.lost_work_s):.1f}" y="{y}" width="{x(s.end) - x(s.end - s.lost_work_s):.1f}" '
-                         f'height="20" fill="url(#hatch)"><title>lost work {escape(fmt_duration(s.lost_work_s))}</title></rect>')
+                         f'height="20" fill="url(#hatch)"><title>lost work {_a(fmt_duration(s.lost_work_s))}</title></rect>')
         for c in s.checkpoints:
             cx = x(float(c["committed_at"]))
             parts.append(f'<line class="checkpoint" x1="{cx:.1f}" y1="{y - 2}" x2="{cx:.1f}" y2="{y + 22}" '
-                         f'stroke="#1f4e99" stroke-width="2"><title>checkpoint step {c["step"]}</title></line>')
+                         f'stroke="#1f4e99" stroke-width="2"><title>checkpoint step {_a(c["step"])}</title></line>')
         for n in s.notices:
             nx = x(float(n["detected_at"]))
             parts.append(f'<polygon class="notice" points="{nx - 5:.1f},{y - 6} {nx + 5:.1f},{y - 6} {nx:.1f},{y + 2}" '
-                         f'fill="#e67e22"><title>notice ({escape(str(n["source"]))}: {escape(str(n["action"]))})</title></polygon>')
+                         f'fill="#e67e22"><title>notice ({_a(n["source"])}: {_a(n["action"])})</title></polygon>')
         if s.interrupted:
             ex = x(s.end)
             parts.append(f'<g class="interruption" stroke="#c0392b" stroke-width="3"><title>interrupted</title>'
@@ -88,32 +117,106 @@ def _timeline(report: CostReport) -> str:
     return "".join(parts)
 
 
+def _usd(seconds: float, price: Any) -> float:
+    return 0.0 if price is None else seconds / 3600.0 * price.usd_per_hour
+
+
+def cumulative_points(report: CostReport) -> dict[str, list[tuple[float, float]]]:
+    """(time, dollars so far) corners of the two cumulative lines: what the run paid, and
+    what on-demand would have cost for the same useful work (spread evenly over each
+    segment's wall time; both lines are flat between segments)."""
+    lines: dict[str, list[tuple[float, float]]] = {"spot": [], "on_demand": []}
+    if not report.segments:
+        return lines
+    t0 = min(s.start for s in report.segments)
+    paid = od = 0.0
+    lines["spot"].append((t0, 0.0))
+    lines["on_demand"].append((t0, 0.0))
+    for s in sorted(report.segments, key=lambda s: s.start):
+        lines["spot"].append((s.start, paid))
+        lines["on_demand"].append((s.start, od))
+        paid += _usd(s.duration_s, s.price)
+        od += _usd(s.useful_s, s.on_demand_price)
+        lines["spot"].append((s.end, paid))
+        lines["on_demand"].append((s.end, od))
+    return lines
+
+
+def _cumulative(report: CostReport) -> str:
+    if not report.segments:
+        return ""
+    lines = cumulative_points(report)
+    top = max(v for pts in lines.values() for _, v in pts)
+    if top <= 0:
+        return "<p>No priced segment: no cumulative cost to draw.</p>"
+    t0, span = _span(report)
+    height, plot_top, plot_bottom = 220, 24, 190
+
+    def xy(t: float, v: float) -> str:
+        px = _LEFT + (t - t0) / span * _WIDTH
+        py = plot_bottom - v / top * (plot_bottom - plot_top)
+        return f"{px:.1f},{py:.1f}"
+
+    parts = [
+        f'<svg id="cumulative" viewBox="0 0 {_LEFT + _WIDTH + _RIGHT} {height}" width="100%" '
+        'preserveAspectRatio="xMinYMin meet" role="img" aria-label="cumulative cost">',
+        *_axis(t0, span, plot_top - 6, plot_bottom),
+        f'<text x="{_LEFT - 8}" y="{plot_top + 4}" text-anchor="end">{_a(fmt_usd(top))}</text>',
+        f'<text x="{_LEFT - 8}" y="{plot_bottom}" text-anchor="end">$0</text>',
+    ]
+    styles = {"spot": ("#d08a1c", "", "paid (this run)"),
+              "on_demand": ("#1f4e99", ' stroke-dasharray="6 4"', "on-demand, same work")}
+    for key, (color, dash, name) in styles.items():
+        pts = " ".join(xy(t, v) for t, v in lines[key])
+        last = lines[key][-1][1]
+        parts.append(f'<polyline class="cum-{key.replace("_", "-")}" points="{pts}" fill="none" '
+                     f'stroke="{color}" stroke-width="2.5"{dash}><title>{_a(name)}: {_a(fmt_usd(last))}</title></polyline>')
+    parts.append(f'<text x="4" y="{plot_top + 30}" fill="#d08a1c">paid (this run)</text>')
+    parts.append(f'<text x="4" y="{plot_top + 50}" fill="#1f4e99">on-demand, same work</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def report_html(report: CostReport) -> str:
+    """The report as one self-contained HTML page (see the module docstring)."""
     d = report.to_dict()
     t = d["totals"]
+    sm = d["sagemaker"]
+    vintage = d["snapshot_vintage"]
     rows = []
+    any_estimate = False
     for s in d["segments"]:
         inst = s["instance"]
         price = s["price"]
         cells = [
-            escape(s["segment_id"]),
-            escape(f"{inst.get('instance_type') or '?'} ({inst.get('market')})"),
-            escape(inst.get("availability_zone") or inst.get("region") or inst.get("cloud") or ""),
-            escape(fmt_time(s["start"])),
-            escape(s["end_reason"]),
+            _a(s["segment_id"]),
+            _a(inst.get("instance_type") or "?"),
+            _a(inst.get("market")),
+            _a(inst.get("availability_zone") or inst.get("region") or inst.get("cloud") or ""),
+            _a(fmt_time(s["start"])),
+            _a(s["end_reason"]),
         ]
+        if price is None:
+            rate = "n/a"
+        elif price.get("estimate"):
+            any_estimate = True
+            rate = (f'<span class="estimate" title="an estimate, not market data: {_a(price["detail"])}">'
+                    f'{price["usd_per_hour"]:.4f} (estimate)</span>')
+        else:
+            rate = _a(f"{price['usd_per_hour']:.4f}")
+        source = "" if price is None else price["source"] + (f" {price['vintage']}" if price.get("vintage") else "")
         nums = [
-            fmt_duration(s["duration_s"]),
-            "n/a" if price is None else f"{price['usd_per_hour']:.4f}",
-            fmt_usd(s["cost_usd"]),
-            f"{fmt_duration(s['lost_work_s'])} / {fmt_usd(s['lost_work_usd'])}",
-            f"{fmt_duration(s['restart_overhead_s'])} / {fmt_usd(s['restart_overhead_usd'])}",
-            f"{fmt_duration(s['stall_s'])} / {fmt_usd(s['stall_usd'])}",
-            fmt_usd(s["on_demand_usd"]),
-            escape(price["source"] if price else (s["price_error"] or "")),
+            _a(fmt_duration(s["duration_s"])),
+            rate,
+            _a(fmt_usd(s["cost_usd"])),
+            _a(f"{fmt_duration(s['lost_work_s'])} / {fmt_usd(s['lost_work_usd'])}"),
+            _a(f"{fmt_duration(s['restart_overhead_s'])} / {fmt_usd(s['restart_overhead_usd'])}"),
+            _a(f"{fmt_duration(s['stall_s'])} / {fmt_usd(s['stall_usd'])}"),
+            _a(fmt_usd(s["on_demand_usd"])),
+            _a(source or (s["price_error"] or "")),
         ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells)
-                    + "".join(f'<td class="n">{escape(c)}</td>' for c in nums) + "</tr>")
+                    + "".join(f'<td class="n">{c}</td>' for c in nums) + "</tr>")
     summary = [
         ("Interruptions", str(t["interruptions"])),
         ("Compute time", fmt_duration(t["duration_s"])),
@@ -123,30 +226,51 @@ def report_html(report: CostReport) -> str:
         ("Restarts", f"{fmt_usd(t['restart_overhead_usd'])} ({fmt_duration(t['restart_overhead_s'])})"),
         ("Checkpoint stalls", f"{fmt_usd(t['stall_usd'])} ({fmt_duration(t['stall_s'])})"),
         ("On-demand cost of the useful work", fmt_usd(t["on_demand_usd"])),
-        ("Savings", f"{fmt_usd(t['savings_usd'])} ({fmt_pct(t['savings_pct'])})"),
+        ("Savings (spotrun: on-demand cost of the same work - paid)",
+         f"{fmt_usd(t['savings_usd'])} ({fmt_pct(t['savings_pct'])})"),
+        ("SageMaker's figure (1 - billable / training seconds)",
+         f"{fmt_pct(sm['savings_pct'])}: billable {fmt_duration(sm['billable_s'])}, "
+         f"training {fmt_duration(sm['training_s'])}"),
     ]
-    headers = ["Segment", "Instance", "Zone", "Start (UTC)", "Ended", "Duration", "$/hour", "Cost",
+    headers = ["Segment", "Instance", "Market", "Zone", "Start (UTC)", "Ended", "Duration", "$/hour", "Cost",
                "Lost work", "Restart", "Stalls", "On-demand (useful)", "Price source"]
+    notes = []
+    if any_estimate:
+        notes.append('<p class="estimate">Prices marked (estimate) are not market data: the shipped '
+                     "snapshot's spot price is on-demand x 0.30. Pass --spot-price or let spotrun ask "
+                     "the AWS APIs when the figure matters.</p>")
+    if vintage:
+        notes.append(f"<p>Snapshot prices are AWS list prices of {_a(vintage)}.</p>")
     html = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>spotrun cost: {escape(d['run_url'])}</title>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>spotrun cost: {_a(d['run_url'])}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>spotrun cost: {escape(d['run_url'])}</h1>",
+        f"<h1>spotrun cost: {_a(d['run_url'])}</h1>",
         "<h2>Timeline</h2>",
         _timeline(report),
         '<p class="legend"><span>bar colour: how the segment ended (green finished, orange '
-        "interrupted, red killed/unknown, purple failed, grey-blue stopped)</span><span>grey: startup</span>"
+        "interrupted, red killed/unknown, purple failed, grey-blue stopped, blue running)</span>"
+        "<span>black outline: on-demand (fallback); no outline: spot</span><span>grey: startup</span>"
         "<span>hatched: lost work</span><span>blue tick: checkpoint</span><span>orange triangle: notice</span>"
         "<span>red cross: interruption</span></p>",
+        "<h2>Cumulative cost</h2>",
+        _cumulative(report),
         "<h2>Summary</h2>",
-        '<table class="summary">' + "".join(f'<tr><td>{escape(k)}</td><td class="n">{escape(v)}</td></tr>' for k, v in summary) + "</table>",
+        '<table class="summary">' + "".join(f'<tr><td>{_a(k)}</td><td class="n">{_a(v)}</td></tr>' for k, v in summary)
+        + "</table>",
+        "<p>SageMaker managed spot training reports savings as 1 - BillableTimeInSeconds / "
+        "TrainingTimeInSeconds: the share of the job's wall time no instance was billed (waits "
+        "for capacity). It says nothing about the price per hour; spotrun's savings compare "
+        "dollars for the same useful work.</p>",
         "<h2>Segments</h2>",
-        '<table id="cost-table"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in headers)
-        + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
-        "<h2>Price sources</h2><ul>" + "".join(f"<li>{escape(p)}</li>" for p in d["price_sources"]) + "</ul>",
+        '<div class="scroll"><table id="cost-table"><thead><tr>' + "".join(f"<th>{_a(h)}</th>" for h in headers)
+        + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>",
+        *notes,
+        "<h2>Price sources</h2><ul>" + "".join(f"<li>{_a(p)}</li>" for p in d["price_sources"]) + "</ul>",
     ]
     if d["warnings"]:
-        html.append('<h2>Warnings</h2><ul class="warn">' + "".join(f"<li>{escape(w)}</li>" for w in d["warnings"]) + "</ul>")
+        html.append('<h2>Warnings</h2><ul class="warn">' + "".join(f"<li>{_a(w)}</li>" for w in d["warnings"]) + "</ul>")
     html.append("</body></html>")
     return "\n".join(html) + "\n"

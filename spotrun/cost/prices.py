@@ -20,6 +20,7 @@ why, so a report can always say where each figure came from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "PriceBook",
     "load_snapshot",
     "region_of_zone",
+    "snapshot_vintage",
     "time_weighted_average",
 ]
 
@@ -68,9 +70,18 @@ class Price:
     source: str
     detail: str = ""
     fallback: str | None = None
+    #: True when the figure is not market data (the snapshot's spot = on-demand x 0.30).
+    estimate: bool = False
+    #: The snapshot's vintage (e.g. "2025-07") when the figure comes from it.
+    vintage: str | None = None
 
     def label(self) -> str:
-        text = self.source + (f" ({self.detail})" if self.detail else "")
+        text = self.source
+        if self.vintage:
+            text += f" {self.vintage}"
+        if self.estimate:
+            text += " ESTIMATE"
+        text += f" ({self.detail})" if self.detail else ""
         if self.fallback:
             text += f"; {self.fallback}"
         return text
@@ -128,6 +139,12 @@ def load_snapshot() -> dict[str, Any]:
     """The price snapshot shipped with the package."""
     text = resources.files("spotrun.cost").joinpath("data/price_snapshot.json").read_text()
     return json.loads(text)  # type: ignore[no-any-return]
+
+
+def snapshot_vintage(snapshot: dict[str, Any] | None = None) -> str:
+    """The one date every figure of the shipped snapshot is from (e.g. ``"2025-07"``)."""
+    snap = load_snapshot() if snapshot is None else snapshot
+    return str(snap.get("vintage") or "undated")
 
 
 def default_cache_dir() -> Path:
@@ -241,23 +258,25 @@ class PriceBook:
         entry = snap.get("on_demand", {}).get(instance_type)
         if entry is None:
             return None
-        provenance = snap.get("sources", {}).get(entry.get("source", ""), entry.get("source", ""))
-        detail = f"shipped snapshot, {provenance}"
+        detail = f"shipped snapshot: {snap.get('vintage_text', '')}"
         snap_region = snap.get("region", "us-east-1")
         if region and region != snap_region:
             detail += f"; the snapshot lists {snap_region} only, used for {region}"
-        return Price(float(entry["price"]), "snapshot", detail)
+        value = entry["price"] if isinstance(entry, dict) else entry
+        return Price(float(value), "snapshot", detail, vintage=snapshot_vintage(snap))
 
     def _snapshot_spot(self, instance_type: str, region: str | None) -> Price | None:
         od = self._snapshot_on_demand(instance_type, region)
         if od is None:
             return None
         fraction = float(self.snapshot.get("spot_fraction_of_on_demand", 0.30))
-        provenance = self.snapshot.get("sources", {}).get("spot-estimate", "")
+        provenance = self.snapshot.get("spot_estimate", "")
         return Price(
             od.usd_per_hour * fraction,
             "snapshot",
-            f"shipped snapshot, {provenance}; on-demand from the {od.detail.removeprefix('shipped snapshot, ')}",
+            f"shipped snapshot, {provenance}; on-demand from the {od.detail.removeprefix('shipped snapshot: ')}",
+            estimate=True,
+            vintage=od.vintage,
         )
 
     # -- on-demand ---------------------------------------------------------------------
@@ -304,7 +323,7 @@ class PriceBook:
                 + (f" ({failure})" if failure else "")
                 + "; pass --on-demand-price"
             )
-        price = Price(snap.usd_per_hour, snap.source, snap.detail, failure)
+        price = dataclasses.replace(snap, fallback=failure)
         self._memo[key] = price
         return price
 
@@ -389,7 +408,7 @@ class PriceBook:
                 f"no spot price for {instance_type}" + (f" ({failure})" if failure else "")
                 + "; pass --spot-price"
             )
-        return Price(snap.usd_per_hour, snap.source, snap.detail, failure)
+        return dataclasses.replace(snap, fallback=failure)
 
     def current_spot(self, instance_type: str, region: str, *, use_api: bool = True) -> Price:
         """Today's spot price: the mean over the region's zones of each zone's latest price."""
@@ -425,7 +444,7 @@ class PriceBook:
                 f"no spot price for {instance_type} in {region}"
                 + (f" ({failure})" if failure else "") + "; pass --spot-price"
             )
-        return Price(snap.usd_per_hour, snap.source, snap.detail, failure)
+        return dataclasses.replace(snap, fallback=failure)
 
     def _spot_history_raw(
         self, instance_type: str, zone: str | None, region: str, start: float, end: float

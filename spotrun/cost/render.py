@@ -63,7 +63,7 @@ def report_text(report: CostReport) -> str:
             fmt_time(s["start"]),
             fmt_duration(s["duration_s"]),
             s["end_reason"],
-            "n/a" if price is None else f"{price['usd_per_hour']:.4f}",
+            "n/a" if price is None else f"{price['usd_per_hour']:.4f}" + ("*" if price.get("estimate") else ""),
             fmt_usd(s["cost_usd"]),
             fmt_duration(s["lost_work_s"]),
             fmt_duration(s["restart_overhead_s"]),
@@ -88,6 +88,9 @@ def report_text(report: CostReport) -> str:
         ("  of which checkpoint stalls", f"{fmt_usd(t['stall_usd'])} ({fmt_duration(t['stall_s'])})"),
         ("on-demand cost of the useful work", fmt_usd(t["on_demand_usd"])),
         ("savings", f"{fmt_usd(t['savings_usd'])} ({fmt_pct(t['savings_pct'])})"),
+        ("SageMaker's figure (1 - billable/training)",
+         f"{fmt_pct(d['sagemaker']['savings_pct'])} (billable {fmt_duration(d['sagemaker']['billable_s'])}, "
+         f"training {fmt_duration(d['sagemaker']['training_s'])})"),
     ]
     width = max(len(k) for k, _ in summary)
     out += [f"  {k.ljust(width)}  {v}" for k, v in summary]
@@ -105,7 +108,10 @@ def report_text(report: CostReport) -> str:
                     else "; not relaunched"
                 )
             )
-    out += ["", "Price sources"]
+    if any((s["price"] or {}).get("estimate") for s in d["segments"]):
+        out += ["", "* an estimate, not market data (the shipped snapshot's spot price is on-demand x 0.30)"]
+    out += ["", "Price sources" + (f" (snapshot prices: AWS list prices of {d['snapshot_vintage']})"
+                                   if d["snapshot_vintage"] else "")]
     out += [f"  - {label}" for label in d["price_sources"]] or ["  - none"]
     if d["warnings"]:
         out += ["", "Warnings"]

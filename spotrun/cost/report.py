@@ -43,20 +43,26 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any
 
-from ..errors import PriceUnavailableError
+from ..errors import PriceUnavailableError, StorageNotFoundError
+from ..events import Cloud, EndReason, Market, parse_records
 from ..instance import InstanceInfo
 from ..ledger import Ledger
 from ..storage import Storage
 from .prices import Price, PriceBook
 
-__all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_for_run"]
+__all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_for_run", "require_run"]
 
 log = logging.getLogger("spotrun")
 
-INTERRUPTED_REASONS = ("interrupted", "unknown")
-NO_API_CLOUDS = ("simulated", "local")
+#: A segment with no end record ends "unknown" (killed, or the machine vanished).
+UNKNOWN = "unknown"
+#: The segment the launcher runs now (no end record yet): priced to now, not an interruption.
+RUNNING = "running"
+INTERRUPTED_REASONS = (EndReason.INTERRUPTED.value, UNKNOWN)
+NO_API_CLOUDS = (Cloud.SIMULATED, Cloud.LOCAL)
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Segment:
 
     @property
     def lost_work_s(self) -> float:
-        if self.end_reason == "finished" or self.first_step_at is None:
+        if self.end_reason in (EndReason.FINISHED, RUNNING) or self.first_step_at is None:
             return 0.0
         ckpt = self.last_checkpoint
         if ckpt is None:
@@ -174,8 +180,23 @@ class Segment:
         }
 
 
-def build_segments(records: list[dict]) -> list[Segment]:
-    """Merge ledger records into segments (see the module docstring), sorted by start."""
+def build_segments(
+    records: list[dict],
+    warnings: list[str] | None = None,
+    *,
+    running: Collection[str] = (),
+    now: float | None = None,
+) -> list[Segment]:
+    """Merge ledger records into segments (see the module docstring), sorted by start.
+
+    Records whose fields do not fit their event (NaN or absurd times, wrong types, unknown
+    reasons) are skipped, each with a line appended to ``warnings``; the rest are priced.
+    A segment named in ``running`` with no end record is still going: it ends ``now``
+    (default: the current time) with reason ``running``, and is no interruption.
+    """
+    records, bad = parse_records(records)
+    if warnings is not None:
+        warnings.extend(bad)
     groups: dict[str, list[dict]] = {}
     for r in records:
         sid = r.get("segment_id")
@@ -202,8 +223,10 @@ def build_segments(records: list[dict]) -> list[Segment]:
         end_rec = ends.get("launcher") or ends.get("wrapper") or next(iter(ends.values()), None)
         if end_rec is not None:
             end, reason = float(end_rec["ended_at"]), str(end_rec["reason"])
+        elif sid in running:
+            end, reason = time.time() if now is None else now, RUNNING
         else:
-            end, reason = max(r["time"] for r in recs), "unknown"
+            end, reason = max(r["time"] for r in recs), UNKNOWN
         segments.append(
             Segment(
                 segment_id=sid,
@@ -241,7 +264,7 @@ def price_segments(segments: list[Segment], prices: PriceBook) -> None:
         inst = seg.instance
         use_api = inst.cloud not in NO_API_CLOUDS
         try:
-            if inst.market == "on-demand":
+            if inst.market == Market.ON_DEMAND:
                 seg.price = prices.on_demand(inst.instance_type, inst.region, use_api=use_api)
             else:
                 # Spot, and "local" (a laptop or an unknown machine): priced as spot only
@@ -329,6 +352,32 @@ class CostReport:
                     labels.append(p.label())
         return labels
 
+    def sagemaker_figure(self) -> dict[str, Any]:
+        """SageMaker managed spot training's own figure, for comparison with ours.
+
+        SageMaker reports ``TrainingTimeInSeconds`` (the job, start to end, waits for
+        capacity included) and ``BillableTimeInSeconds`` (the wall-clock seconds instances
+        ran) and calls ``(1 - billable / training) x 100`` the savings. Here: training =
+        first segment start to last segment end; billable = the segments' durations.
+        """
+        if not self.segments:
+            return {"training_s": 0.0, "billable_s": 0.0, "savings_pct": None}
+        training = max(s.end for s in self.segments) - min(s.start for s in self.segments)
+        billable = sum(s.duration_s for s in self.segments)
+        return {
+            "training_s": training,
+            "billable_s": billable,
+            "savings_pct": None if training <= 0 else 100.0 * (1.0 - billable / training),
+        }
+
+    def snapshot_vintage(self) -> str | None:
+        """The shipped snapshot's date when any price came from it, else None."""
+        for seg in self.segments:
+            for p in (seg.price, seg.on_demand_price):
+                if p is not None and p.vintage:
+                    return p.vintage
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_url": self.run_url,
@@ -337,18 +386,35 @@ class CostReport:
             "segments": [s.to_dict() for s in self.segments],
             "interruptions": self.interruptions(),
             "price_sources": self.price_sources(),
+            "snapshot_vintage": self.snapshot_vintage(),
+            "sagemaker": self.sagemaker_figure(),
             "warnings": self.warnings,
         }
 
-    def to_text(self) -> str:
-        from .render import report_text
 
-        return report_text(self)
+def running_segments(storage: Storage) -> set[str]:
+    """The segment the run's launcher says is running now (its launch state), if any."""
+    from ..launch.state import load_state
 
-    def to_html(self) -> str:
-        from .html import report_html
+    try:
+        state = load_state(storage)
+    except Exception as exc:  # noqa: BLE001 - without a readable state, nothing is known to run
+        log.warning("could not read the launch state (%s); no segment counted as running", exc)
+        return set()
+    if state is None or state.status != "running" or state.current is None:
+        return set()
+    return {state.current.segment_id}
 
-        return report_html(self)
+
+def require_run(storage: Storage) -> None:
+    """Raise :class:`~spotrun.errors.StorageNotFoundError` when nothing at all is stored at
+    the run URL (a typo, a run that never started): a report of nothing would look like a
+    free run."""
+    if not storage.list_dir(""):
+        raise StorageNotFoundError(
+            f"no run at {storage.display()}: nothing is stored there (no ledger, checkpoints or "
+            "launch state); check the run URL"
+        )
 
 
 def report_for_run(
@@ -358,6 +424,8 @@ def report_for_run(
     on_demand_price: float | None = None,
     offline: bool = False,
     price_book: PriceBook | None = None,
+    running: Collection[str] | None = None,
+    now: float | None = None,
 ) -> CostReport:
     """Read the run's ledger and price it.
 
@@ -370,9 +438,14 @@ def report_for_run(
         spot_price=spot_price, on_demand_price=on_demand_price, offline=offline
     )
     records = Ledger(storage).records()
-    segments = build_segments(records)
+    skipped: list[str] = []
+    if running is None:
+        running = running_segments(storage)
+    segments = build_segments(records, skipped, running=running, now=now)
     price_segments(segments, prices)
-    report = CostReport(run_url=storage.display(), segments=segments)
+    report = CostReport(run_url=storage.display(), segments=segments, warnings=skipped)
+    for line in skipped:
+        log.warning("%s", line)
     if not segments:
         report.warnings.append(f"no ledger records under {storage.display('ledger')}: nothing to report")
     for seg in segments:
@@ -385,7 +458,7 @@ def report_for_run(
                 msg = f"segment {seg.segment_id}: {p.fallback}; used {p.source}"
                 if msg not in report.warnings:
                     report.warnings.append(msg)
-        if seg.end_reason == "unknown":
+        if seg.end_reason == UNKNOWN:
             report.warnings.append(
                 f"segment {seg.segment_id} has no end record (killed?); it ends at its last "
                 "record and counts as an interruption"

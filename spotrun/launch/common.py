@@ -66,4 +66,6 @@ def cost_report_text(storage: Storage, *, offline: bool, out: TextIO) -> None:
     if report is None:
         print("spotrun: no cost report (see the warning above)", file=out)
         return
-    print(report.to_text(), file=out)
+    from ..cost.render import report_text
+
+    print(report_text(report), file=out)

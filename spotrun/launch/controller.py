@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import CapacityError, ConfigError, LaunchError
+from ..events import Cloud
 from ..instance import InstanceInfo
 from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
@@ -172,6 +174,8 @@ class Ec2Controller:
         self.clock = clock
         self.sleep = sleep
         self.ask = ask
+        # segment id -> the last time a poll saw its instance alive (proof of life).
+        self._seen_alive: dict[str, float] = {}
 
     # -- construction ------------------------------------------------------------------
 
@@ -247,6 +251,8 @@ class Ec2Controller:
                     status.state == "missing"
                     and self.clock() - cur.started_at < self.timing.missing_grace_s
                 ):
+                    if status.alive:
+                        self._seen_alive[cur.segment_id] = self.clock()
                     self.sleep(self.timing.poll_s)
                     continue
                 outcome = self._segment_over(cur, status)
@@ -345,7 +351,7 @@ class Ec2Controller:
             self.storage,
             segment_id=seg.segment_id,
             instance=InstanceInfo(
-                cloud="aws", instance_id=instance_id, instance_type=pool.instance_type,
+                cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
                 region=self.api.region, availability_zone=seg.availability_zone, market=market,
             ),
             started_at=now,
@@ -355,13 +361,47 @@ class Ec2Controller:
         return seg
 
     def _end_segment(self, seg: Segment, reason: str, *, exit_code: int | None = None,
-                     detail: str | None = None) -> None:
-        seg.ended_at = self.clock()
+                     detail: str | None = None, ended_at: float | None = None) -> None:
+        seg.ended_at = self.clock() if ended_at is None else ended_at
         seg.end_reason = reason
         seg.exit_code = exit_code
         seg.detail = detail
         self._save()
         record_segment_end(self.storage, segment_id=seg.segment_id, reason=reason, ended_at=seg.ended_at)
+
+    def _gone_at(self, seg: Segment, status: InstanceStatus) -> float:
+        """When the segment's instance went, at the earliest the evidence supports.
+
+        Noticing is not going: a controller that was down (or slow) for hours would bill
+        hours that never ran. The end is EC2's state-transition time when it gives one, else
+        the interruption notice's deadline (a reclaimed spot instance is gone by then), else
+        the last proof of life; never before the last proof of life (the wrapper's last
+        ledger record, the last poll that saw the instance alive) and never after now.
+        """
+        now = self.clock()
+        alive_until = max(seg.started_at, self._seen_alive.get(seg.segment_id, seg.started_at))
+        deadlines: list[float] = []
+        try:
+            from ..ledger import Ledger
+
+            for r in Ledger(self.storage).records():
+                if r.get("segment_id") != seg.segment_id or r.get("source") == "launcher":
+                    continue
+                t = r.get("time")
+                if isinstance(t, float) and math.isfinite(t) and t <= now:
+                    alive_until = max(alive_until, t)
+                d = r.get("deadline") if r.get("event") == "notice_received" else None
+                if isinstance(d, (int, float)) and math.isfinite(d):
+                    deadlines.append(float(d))
+        except Exception as exc:  # noqa: BLE001 - the bill's precision never stops the run
+            log.warning("could not read the run ledger to time the end of %s: %s", seg.segment_id, exc)
+        if status.transition_at is not None:
+            gone = status.transition_at
+        elif deadlines:
+            gone = min(deadlines)
+        else:
+            gone = alive_until
+        return min(now, max(alive_until, gone))
 
     def _deadline_at_risk(self) -> bool:
         d = self.options.deadline
@@ -507,9 +547,10 @@ class Ec2Controller:
 
     def _segment_over(self, seg: Segment, status: InstanceStatus) -> LaunchOutcome | None:
         reason, code, detail = self.classify(seg, status)
+        ended_at = self._gone_at(seg, status)
         if status.state in ("stopped", "stopping"):
             self.api.terminate([seg.instance_id])
-        self._end_segment(seg, reason, exit_code=code, detail=detail)
+        self._end_segment(seg, reason, exit_code=code, detail=detail, ended_at=ended_at)
         self._say(f"{seg.instance_id} ended: {reason} ({detail})")
         if reason == "finished":
             return self._finish()
@@ -539,11 +580,15 @@ class Ec2Controller:
         cur = self.state.current
         if cur is not None:
             status = self._wait_gone(cur.instance_id, self.timing.finish_grace_s)
+            ended_at = None
             if status.alive:
                 self._say(f"terminating {cur.instance_id}: the run is done but it did not shut down")
                 self.api.terminate([cur.instance_id])
+            else:
+                ended_at = self._gone_at(cur, status)
             code = self._read_exit_record(cur)
-            self._end_segment(cur, "finished", exit_code=code, detail=_finished_detail(code))
+            self._end_segment(cur, "finished", exit_code=code, detail=_finished_detail(code),
+                              ended_at=ended_at)
         self._cleanup_template()
         self.state.status = "finished"
         self.state.message = "done.json written"

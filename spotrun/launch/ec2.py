@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from ..errors import ConfigError, CredentialsError, EndpointUnreachableError, LaunchError
@@ -110,6 +112,9 @@ class InstanceStatus:
     subnet_id: str | None = None
     market: str | None = None
     launch_time: float | None = None
+    #: When EC2 says the instance changed state (from ``StateTransitionReason``, e.g.
+    #: "User initiated (2025-01-02 03:04:05 GMT)"); None when it gives no time.
+    transition_at: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -383,4 +388,17 @@ def _status(inst: dict[str, Any]) -> InstanceStatus:
         subnet_id=inst.get("SubnetId"),
         market="spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand",
         launch_time=launch_ts,
+        transition_at=transition_time(str(inst.get("StateTransitionReason") or "")),
     )
+
+
+def transition_time(reason: str) -> float | None:
+    """The epoch time in an EC2 ``StateTransitionReason`` ("... (YYYY-MM-DD HH:MM:SS GMT)")."""
+    m = re.search(r"\((\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)", reason)
+    if not m:
+        return None
+    try:
+        when = datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return None
+    return when.replace(tzinfo=timezone.utc).timestamp()

@@ -9,6 +9,7 @@ import socket
 import time
 from typing import Any
 
+from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from ..errors import ConfigError
 from ..storage import Storage
 from .common import cost_report, is_done, last_checkpoint
@@ -21,8 +22,12 @@ def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
     """Segments as the launcher recorded them in the ledger, oldest first."""
     from ..ledger import Ledger
 
+    from ..events import parse_records
+
     segs: dict[str, dict[str, Any]] = {}
-    for r in Ledger(storage).records():
+    # Damaged or hostile records are skipped here as in the cost report (which warns).
+    records, _ = parse_records(Ledger(storage).records())
+    for r in records:
         if r.get("source") != "launcher" or r["event"] not in ("segment_started", "segment_ended"):
             continue
         s = segs.setdefault(r["segment_id"], {"segment_id": r["segment_id"]})
@@ -41,6 +46,9 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
     ``live``: ask EC2 for the current instance's state (EC2 runs only). ``offline``: price
     the cost so far from the shipped snapshot, no AWS pricing calls.
     """
+    from ..cost.report import require_run
+
+    require_run(storage)
     state = load_state(storage)
     segments = _ledger_segments(storage)
     out: dict[str, Any] = {
@@ -106,7 +114,7 @@ def format_status(st: dict[str, Any]) -> str:
         inst = s.get("instance") or {}
         dur = (s.get("ended_at") or time.time()) - (s.get("started_at") or time.time())
         lines.append(f"  {s['segment_id']:<22} {inst.get('instance_type') or '?':<12} "
-                     f"{inst.get('market') or '?':<9} {dur:8.1f}s  {s.get('reason') or 'running'}")
+                     f"{inst.get('market') or '?':<9} {fmt_duration(dur):>9}  {s.get('reason') or 'running'}")
     cur = st["current"]
     if cur:
         extra = f", EC2 state {cur['state']}" if cur.get("state") else ""
@@ -115,12 +123,38 @@ def format_status(st: dict[str, Any]) -> str:
     if st["message"]:
         lines.append(f"last word  {st['message']}")
     cost = st.get("cost")
-    if cost:
-        totals = cost.get("totals") or {}
-        shown = {k: v for k, v in totals.items() if isinstance(v, (int, float))}
-        if shown:
-            lines.append("cost       " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+    if cost and cost.get("segments"):
+        lines += _cost_lines(cost)
     return "\n".join(lines)
+
+
+def _cost_lines(cost: dict[str, Any]) -> list[str]:
+    """The cost so far, in words: what was paid, against on-demand, and what went where."""
+    t = cost.get("totals") or {}
+    running = [s for s in cost["segments"] if s.get("end_reason") == "running"]
+    paid = fmt_usd(t.get("cost_usd"))
+    if running:
+        paid += " (the running segment priced to now)"
+    lines = [f"cost       {paid} so far over {fmt_duration(t.get('duration_s'))} of compute"]
+    if t.get("savings_usd") is not None:
+        lines.append(f"           on-demand for the same work {fmt_usd(t.get('on_demand_usd'))}: "
+                     f"saved {fmt_usd(t['savings_usd'])} ({fmt_pct(t.get('savings_pct'))})")
+    elif not t.get("complete", True):
+        lines.append("           some segments have no price (see spotrun cost for why)")
+    lines.append(f"           lost work {fmt_usd(t.get('lost_work_usd'))} ({fmt_duration(t.get('lost_work_s'))}), "
+                 f"restarts {fmt_usd(t.get('restart_overhead_usd'))}, "
+                 f"checkpoint stalls {fmt_usd(t.get('stall_usd'))}")
+    short: list[str] = []
+    for s in cost["segments"]:
+        for kind, p in (("market", s.get("price")), ("on-demand", s.get("on_demand_price"))):
+            if not p:
+                continue
+            text = f"{kind} {p['source']}" + (f" {p['vintage']}" if p.get("vintage") else "")
+            text += " (ESTIMATED: not market data)" if p.get("estimate") else ""
+            if text not in short:
+                short.append(text)
+    lines.append(f"           prices: {', '.join(short) or 'none'} (spotrun cost RUN_URL says more)")
+    return lines
 
 
 def stop_run(storage: Storage, *, wait_s: float | None = None, sleep: Any = time.sleep) -> dict[str, Any]:
