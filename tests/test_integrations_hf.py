@@ -101,8 +101,8 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     assert f"resuming from step {first_stop} " in out
     second_stop = max(committed_steps(url))
     assert first_stop < second_stop < STEPS
-    (notice,) = _events(url, "notice_received")
-    assert (notice["source"], notice["action"]) == ("ec2", "terminate")
+    notices = [(n["source"], n["action"]) for n in _events(url, "notice_received")]
+    assert notices == [("signal", "SIGTERM"), ("ec2", "terminate")]
     assert [r["step"] for r in _events(url, "training_resumed")] == [first_stop]
 
     # 3. The newest checkpoint is damaged (same size, other bytes): the relaunch skips it,

@@ -194,13 +194,31 @@ class RunSession:
         cannot be *read* is not damage: the start fails and nothing changes. When every
         checkpoint is damaged, the start fails unless ``SPOTRUN_IF_ALL_DAMAGED=start_fresh``.
         """
+        def fetch(manifest: Manifest) -> tuple[Any, list[str]]:
+            return self._fetch_verified(manifest, local_root)
+
+        found = self._resume_point(fetch)
+        return None if found is None else found[1]
+
+    def newest_valid_step(self) -> int | None:
+        """The step of the newest valid checkpoint (verified in storage, as
+        :meth:`resume_dir`), or None for a fresh run. Every rank gets the same answer."""
+        def verify(manifest: Manifest) -> tuple[Any, list[str]]:
+            return None, verify_checkpoint(self.storage, manifest, deep=True)
+
+        found = self._resume_point(verify)
+        return None if found is None else found[0]
+
+    def _resume_point(self, check: Any) -> tuple[int, Any] | None:
+        """Rank 0 finds the newest checkpoint that ``check(manifest)`` -> (value, problems)
+        passes; every rank learns (step, value), or None."""
         self.start()
         group = self.group
         outcome: tuple[str, Any] = ("none", None)
         error: BaseException | None = None
         if group.is_main:
             try:
-                outcome = self._find_and_fetch(local_root)
+                outcome = self._find(check)
             except Exception as exc:  # noqa: BLE001 - told to every rank, raised below
                 error, outcome = exc, ("error", str(exc))
         if group.distributed:
@@ -212,28 +230,28 @@ class RunSession:
             raise CheckpointUnreadableError(f"rank 0 could not resume the run: {value}")
         if kind == "none":
             return None
-        step, path = value
+        step = value[0]
         self.last_committed = self.steps_done = step
         log.info("resuming from step %d at %s", step, self.storage.display(checkpoint_dir(step)))
-        return path
+        return value
 
-    def _find_and_fetch(self, local_root: str) -> tuple[str, Any]:
+    def _find(self, check: Any) -> tuple[str, Any]:
         try:
             infos = list_checkpoints(self.storage)
         except StorageError as exc:
             raise CheckpointUnreadableError(
                 f"cannot list or read the checkpoints ({exc}); that is not damage, so nothing at "
                 f"{self.storage.display()} was skipped or changed: fix access and start again") from exc
-        fetched: dict[int, str] = {}
+        values: dict[int, Any] = {}
 
-        def check(info: Any) -> str | None:
-            path, problems = self._fetch_verified(info.manifest, local_root)
+        def checked(info: Any) -> str | None:
+            value, problems = check(info.manifest)
             if problems:
                 return "; ".join(problems)
-            fetched[info.step] = path
+            values[info.step] = value
             return None
 
-        chosen, damaged = newest_valid(infos, check, where=self.storage.display())
+        chosen, damaged = newest_valid(infos, checked, where=self.storage.display())
         if damaged and chosen is None:
             if env_choice(IF_ALL_DAMAGED_ENV, ("fail", "start_fresh"), "fail") != "start_fresh":
                 listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
@@ -246,7 +264,7 @@ class RunSession:
             quarantine(self.storage, step, problem)
         if chosen is None:
             return ("none", None)
-        return ("found", (chosen.step, fetched[chosen.step]))
+        return ("found", (chosen.step, values[chosen.step]))
 
     def _fetch_verified(self, manifest: Manifest, local_root: str) -> tuple[str, list[str]]:
         """A local copy of the checkpoint (the folder itself on local storage) and its damage."""
@@ -301,6 +319,15 @@ class RunSession:
             inbox.save_requested = False
         return stop, save
 
+    def reclaim_signals(self) -> None:
+        """Point SIGTERM/SIGINT at the inbox again, after a trainer installed handlers of its
+        own over it (the handlers saved at :meth:`start` are still the ones restored)."""
+        import signal
+
+        if self._interrupts._prev_handlers:  # installed (main thread, handle_signals=True)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._interrupts._on_signal)
+
     @property
     def stop_requested(self) -> bool:
         return self._interrupts.stop_requested
@@ -339,18 +366,49 @@ class RunSession:
         self.last_committed = step
 
     def _copy_and_commit(self, step: int, folder: str, paused_since: float | None) -> None:
-        t0 = time.time()
         names = _flat_files(folder)
         dest = checkpoint_dir(step)
-        files: dict[str, FileEntry] = {}
-        try:
-            if self._lease is not None:
-                self._lease.check()  # a writer whose lease was taken over writes nothing more
+
+        def write() -> dict[str, FileEntry]:
+            files: dict[str, FileEntry] = {}
             for name in names:
                 with open(os.path.join(folder, name), "rb") as src, \
                         self.storage.open_write(f"{dest}/{name}") as out:
                     shutil.copyfileobj(src, out, _COPY_CHUNK)
                 files[name] = _entry(out)
+            return files
+
+        self._commit(step, write, paused_since)
+
+    def commit_payload(self, step: int, payload: Mapping[str, Any], *,
+                       paused_since: float | None = None, bounded: bool = False) -> bool:
+        """Commit one ``torch.save`` payload (``rank-00000.pt``) as step ``step``.
+
+        Rank 0 only, no collectives (for trainers that save from rank 0 alone). ``bounded``:
+        a stop checkpoint, given the time the machine has left; returns whether it committed.
+        """
+        from ..snapshot import write_payload
+
+        def write() -> dict[str, FileEntry]:
+            return dict([write_payload(self.storage, step, 0, payload)])
+
+        if bounded:
+            ok = self._bounded(step, lambda: self._commit(step, write, paused_since))
+        else:
+            self._commit(step, write, paused_since)
+            ok = True
+        if ok:
+            self.last_committed = step
+        return ok
+
+    def _commit(self, step: int, write: Any, paused_since: float | None) -> None:
+        """Payload files (``write()`` returns their manifest entries), then the manifest."""
+        t0 = time.time()
+        dest = checkpoint_dir(step)
+        try:
+            if self._lease is not None:
+                self._lease.check()  # a writer whose lease was taken over writes nothing more
+            files = write()
             manifest = Manifest(step=step, files=files, world_size=self.group.world_size,
                                 metadata=dict(self.metadata), save_seconds=round(time.time() - t0, 6))
             if self._lease is not None:
@@ -362,7 +420,7 @@ class RunSession:
             raise SaveError(
                 f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact") from exc
         now = time.time()
-        log.info("checkpoint at step %d committed (%.1f MB, copied in %.2fs) at %s", step,
+        log.info("checkpoint at step %d committed (%.1f MB, written in %.2fs) at %s", step,
                  manifest.total_bytes / 1e6, now - t0, self.storage.display(dest))
         self._emit(CheckpointCommitted(
             segment_id=self.segment_id, step=step, committed_at=now,
@@ -400,7 +458,7 @@ class RunSession:
             group.barrier()
             ok: bool | None = True
             if group.is_main:
-                ok = self._bounded_commit(step, folder, paused_since)
+                ok = self._bounded(step, lambda: self._copy_and_commit(step, folder, paused_since))
             committed = bool(group.broadcast(ok)) if group.distributed else bool(ok)
         code = EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED
         if committed:
@@ -409,7 +467,8 @@ class RunSession:
         self.close("interrupted", exit_code=code)
         raise SystemExit(code)
 
-    def _bounded_commit(self, step: int, folder: str, paused_since: float | None) -> bool:
+    def _bounded(self, step: int, commit_fn: Any) -> bool:
+        """Run ``commit_fn`` within the stop bound; True when it committed in time."""
         notice = self._interrupts.stop_notice
         now = time.time()
         if notice is not None and notice.deadline is not None:
@@ -423,7 +482,7 @@ class RunSession:
 
         def run() -> None:
             try:
-                self._copy_and_commit(step, folder, paused_since)
+                commit_fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 failure.append(exc)
             finally:
