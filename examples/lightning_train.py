@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 
 import torch
@@ -65,13 +64,14 @@ def main() -> None:
     model = Net()
 
     spot = SpotrunCallback()  # run URL: $SPOTRUN_URL
+    # ModelCheckpoint keeps the schedule; its dirpath only names checkpoints (spotrun's
+    # CheckpointIO writes them under the run URL) and is saved in its state: keep it fixed.
     callbacks = [spot, ModelCheckpoint(every_n_train_steps=a.save_steps, save_top_k=-1,
-                                       dirpath=tempfile.mkdtemp(prefix="lightning-ckpt-"))]
+                                       dirpath="lightning_checkpoints")]
     if a.step_sleep:
         callbacks.append(_Slow(a.step_sleep))
     trainer = Trainer(max_steps=a.steps, accelerator="cpu", devices=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                      default_root_dir=tempfile.mkdtemp(prefix="lightning-root-"))
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     trainer.fit(model, train_dataloaders=loader, ckpt_path=spot.ckpt_path())
 
 
