@@ -128,6 +128,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
 
 
+@pytest.mark.slow
 def test_reference_run_commits_every_trainer_save_and_finishes(reference):
     """The uninterrupted run: one commit per Trainer save, keep_last=2, done.json, the
     Trainer's own checkpoint-N folders removed once committed."""
@@ -157,6 +158,7 @@ def _tiny_trainer(output_dir: str, steps: int, callback):
     return Trainer(model=model, args=args, train_dataset=example._Tokens(32, 16, 64), callbacks=[callback])
 
 
+@pytest.mark.slow
 def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, s3_bucket):
     """In-process, against moto: each Trainer save lands in S3 with its manifest; the next
     process downloads the newest valid one (verified) and resumes; a train() that was not

@@ -107,6 +107,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
 
 
+@pytest.mark.slow
 def test_reference_run_commits_each_scheduled_save_and_finishes(reference):
     assert committed_steps(reference) == [STEPS - SAVE, STEPS]
     assert [r["step"] for r in _events(reference, "checkpoint_committed")] == list(range(SAVE, STEPS + 1, SAVE))
