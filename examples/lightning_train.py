@@ -29,11 +29,11 @@ class Net(LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
                                        torch.nn.Linear(64, 4))
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         return torch.nn.functional.cross_entropy(self.net(x), y)
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
         warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
@@ -45,7 +45,7 @@ class _Slow(Callback):
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def on_train_batch_end(self, *args) -> None:  # noqa: ANN002
+    def on_train_batch_end(self, *args) -> None:
         time.sleep(self.seconds)
 
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, committed_steps, env_for, spawn
+
 from spotrun.commit import list_damaged
 from spotrun.integrations.compare import compare_runs
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir

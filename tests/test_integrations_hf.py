@@ -8,16 +8,15 @@ nothing here is skipped when transformers is missing: the import fails loudly in
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, committed_steps, env_for, spawn
 from safetensors.torch import load_file
 
-from helpers import REPO, committed_steps, env_for, spawn
 from spotrun.commit import list_checkpoints, list_damaged
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.ledger import Ledger
@@ -144,9 +143,15 @@ def test_reference_run_commits_every_trainer_save_and_finishes(reference):
 
 
 def _tiny_trainer(output_dir: str, steps: int, callback):
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
-
     import importlib.util
+
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
     spec = importlib.util.spec_from_file_location("hf_train_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

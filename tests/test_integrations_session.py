@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.commit import list_checkpoints, list_damaged, read_manifest, verify_checkpoint
+from spotrun.commit import (
+    list_checkpoints,
+    list_damaged,
+    read_manifest,
+    verify_checkpoint,
+)
 from spotrun.errors import ConfigError
 from spotrun.integrations._session import RunSession
 from spotrun.layout import EXIT_INTERRUPTED, MANIFEST, checkpoint_dir

@@ -34,12 +34,39 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..commit import DAMAGED_DIR, commit, list_checkpoints, newest_valid, prune, quarantine, verify_checkpoint
-from ..config import DEFAULT_STOP_MARGIN_S, DEFAULT_STOP_TIMEOUT_S, env_choice, env_float_or_default, env_str
+from ..commit import (
+    DAMAGED_DIR,
+    commit,
+    list_checkpoints,
+    newest_valid,
+    prune,
+    quarantine,
+    verify_checkpoint,
+)
+from ..config import (
+    DEFAULT_STOP_MARGIN_S,
+    DEFAULT_STOP_TIMEOUT_S,
+    env_choice,
+    env_float_or_default,
+    env_str,
+)
 from ..distributed import Group, note_exit
-from ..errors import (AllCheckpointsDamagedError, CheckpointUnreadableError, ConfigError, SaveError, StorageError,
-                      StorageNotFoundError)
-from ..events import CheckpointCommitted, Event, NoticeReceived, SegmentEnded, SegmentStarted, TrainingResumed
+from ..errors import (
+    AllCheckpointsDamagedError,
+    CheckpointUnreadableError,
+    ConfigError,
+    SaveError,
+    StorageError,
+    StorageNotFoundError,
+)
+from ..events import (
+    CheckpointCommitted,
+    Event,
+    NoticeReceived,
+    SegmentEnded,
+    SegmentStarted,
+    TrainingResumed,
+)
 from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
 from ..lease import Lease, acquire_run_lease, release_run_lease
 from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger

@@ -30,9 +30,9 @@ What happens:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import signal
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -61,10 +61,7 @@ PAYLOAD_FORMAT = 1
 def _plain(tree: Any) -> Any:
     """Dict subclasses (Lightning's ``AttributeDict`` hyper-parameters) as plain dicts, so the
     checkpoint loads under ``weights_only=True``; OrderedDicts (state dicts) stay as they are."""
-    if isinstance(tree, Mapping) and type(tree) not in (dict,) and not hasattr(tree, "_metadata") \
-            and type(tree).__name__ != "OrderedDict":
-        return {k: _plain(v) for k, v in tree.items()}
-    if type(tree) is dict:
+    if isinstance(tree, Mapping) and type(tree) is not collections.OrderedDict:
         return {k: _plain(v) for k, v in tree.items()}
     if type(tree) is list:
         return [_plain(v) for v in tree]
@@ -115,29 +112,12 @@ class SpotrunCheckpointIO(CheckpointIO):
         if payload.get("format", 0) > PAYLOAD_FORMAT or "lightning" not in payload:
             raise CheckpointError(f"{storage.display(checkpoint_dir(step))} holds no Lightning checkpoint "
                                   "(written by another spotrun integration?); use a new run URL")
-        state = payload["lightning"]
-        if map_location is not None and not callable(map_location):
-            import torch
-
-            state = _to(state, torch.device(map_location) if isinstance(map_location, str) else map_location)
-        return state
+        # Loaded on the CPU: Lightning moves the state to the module's device itself.
+        return payload["lightning"]
 
     def remove_checkpoint(self, path: Any) -> None:
         # Retention is spotrun's (keep_last, after a newer commit), never a path's removal.
         log.debug("not removing %s: spotrun keeps the newest keep_last checkpoints", path)
-
-
-def _to(tree: Any, device: Any) -> Any:
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return type(tree)((k, _to(v, device)) for k, v in tree.items()) if type(tree) is not dict \
-            else {k: _to(v, device) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_to(v, device) for v in tree]
-    return tree
 
 
 class SpotrunCallback(pl.Callback):
