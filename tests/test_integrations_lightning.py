@@ -114,3 +114,45 @@ def test_reference_run_commits_each_scheduled_save_and_finishes(reference):
     assert Storage(reference).list_dir(checkpoint_dir(STEPS)) == ["manifest.json", "rank-00000.pt"]
     (ended,) = _events(reference, "segment_ended")
     assert ended["reason"] == "finished" and ended["steps_done"] == STEPS
+
+
+@pytest.mark.slow
+def test_s3_run_url_saves_and_resumes_through_spotrun_storage(tmp_path, s3_bucket):
+    """In-process, against moto: SpotrunCheckpointIO writes each checkpoint to S3 with its
+    manifest; ckpt_path() names the newest valid one and the next fit resumes from it; a fit
+    not told to resume is refused."""
+    import importlib.util
+
+    import torch
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import spotrun
+    from spotrun.errors import ConfigError
+    from spotrun.integrations.lightning import SpotrunCallback
+
+    spec = importlib.util.spec_from_file_location("lightning_train_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    url = f"s3://{s3_bucket}/lightning-run"
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
+
+    def fit(steps: int, resume: bool) -> SpotrunCallback:
+        spot = SpotrunCallback(url, handle_signals=False, watchers=[])
+        trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[spot, ModelCheckpoint(every_n_train_steps=2, save_top_k=-1,
+                                                           dirpath=str(tmp_path / "names"))])
+        loader = spotrun.ResumableLoader(data, batch_size=16, seed=0)
+        trainer.fit(example.Net(), train_dataloaders=loader, ckpt_path=spot.ckpt_path() if resume else None)
+        return spot
+
+    fit(4, resume=True)
+    assert committed_steps(url) == [2, 4]
+    assert Storage(url).list_dir(checkpoint_dir(4)) == ["manifest.json", "rank-00000.pt"]
+    with pytest.raises(ConfigError, match="already has a checkpoint at step 4"):
+        fit(6, resume=False)
+    fit(6, resume=True)
+    assert committed_steps(url) == [4, 6]
+    assert [r["step"] for r in _events(url, "training_resumed")] == [4]
+    assert not (tmp_path / "names").exists() or not any((tmp_path / "names").iterdir())
