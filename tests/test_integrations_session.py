@@ -99,3 +99,19 @@ def test_s3_resume_downloads_and_verifies_the_copy(tmp_path, s3_bucket):
     assert path == str(tmp_path / "out" / "spotrun-resume" / checkpoint_dir(2))
     assert (Path(path) / "model.safetensors").read_bytes() == bytes([2]) * 1000
     assert again.last_committed == 2
+
+
+def test_the_same_step_saved_twice_is_committed_once(tmp_path):
+    """The Trainer can save one step twice (the final step, then the epoch's end): the
+    committed folder is not rewritten, so its manifest still matches its files."""
+    url = str(tmp_path / "run")
+    s = _session(url)
+    s.start()
+    folder = _folder(tmp_path / "hf", 6)
+    s.commit_folder(6, folder)
+    (Path(folder) / "trainer_state.json").write_text(json.dumps({"global_step": 6, "epoch": 2}))
+    s.commit_folder(6, folder)
+    s.close("stopped")
+    storage = Storage(url)
+    assert verify_checkpoint(storage, read_manifest(storage, 6)) == []
+    assert [r["step"] for r in Ledger(storage).records() if r["event"] == "checkpoint_committed"] == [6]

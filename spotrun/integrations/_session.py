@@ -377,6 +377,11 @@ class RunSession:
         Rank 0 copies them to ``RUN_URL/<step>/``, then writes the manifest: payload first,
         manifest last. Whatever fails, the previous checkpoint stays the latest, untouched.
         """
+        if self.last_committed == step:
+            # A second save of the same step (the Trainer's epoch-end save after the final
+            # step's): rewriting a committed folder's files would break its manifest.
+            log.debug("step %d is already committed; not committed again", step)
+            return
         group = self.group
         group.barrier()  # every rank's files (e.g. its RNG state) are in the folder
         error = None
