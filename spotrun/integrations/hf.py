@@ -44,7 +44,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(f"spotrun.integrations.hf needs transformers ({exc}); pip install 'spotrun[hf]'") from exc
 
 from ..errors import ConfigError
 from ..notices import Watcher

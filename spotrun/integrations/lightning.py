@@ -41,8 +41,12 @@ try:  # the unified package first; the standalone one otherwise
     import lightning.pytorch as pl
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 except ImportError:  # pragma: no cover - depends on which package is installed
-    import pytorch_lightning as pl  # type: ignore[no-redef]
-    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(f"spotrun.integrations.lightning needs lightning ({exc}); "
+                          "pip install 'spotrun[lightning]'") from exc
 
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ..layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir, parse_step
