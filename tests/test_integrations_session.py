@@ -115,3 +115,32 @@ def test_the_same_step_saved_twice_is_committed_once(tmp_path):
     storage = Storage(url)
     assert verify_checkpoint(storage, read_manifest(storage, 6)) == []
     assert [r["step"] for r in Ledger(storage).records() if r["event"] == "checkpoint_committed"] == [6]
+
+
+def test_compare_runs_names_the_tensor_that_differs(tmp_path):
+    """The all-files comparison used for trainer checkpoints (check-resume reads only .pt)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spotrun.integrations.compare import compare_runs
+
+    def run(name: str, w: torch.Tensor, rng: bytes) -> str:
+        folder = tmp_path / name / "checkpoint-3"
+        folder.mkdir(parents=True)
+        save_file({"w": w, "b": torch.zeros(2)}, str(folder / "model.safetensors"))
+        torch.save({"state": {0: {"exp_avg": w * 2}}}, folder / "optimizer.pt")
+        (folder / "random_states_0.pkl").write_bytes(rng)  # not a safe load: checksum only
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": [name]}))
+        s = _session(str(tmp_path / f"{name}-run"))
+        s.start()
+        s.commit_folder(3, str(folder))
+        s.close("stopped")
+        return str(tmp_path / f"{name}-run")
+
+    a = run("a", torch.ones(3), b"same")
+    assert compare_runs(a, run("b", torch.ones(3), b"same")) == (3, [])
+    step, differences = compare_runs(a, run("c", torch.tensor([1.0, 1.0, 1.5]), b"other"))
+    assert step == 3
+    assert differences == ["model.safetensors.w: values differ (max abs diff 0.5)",
+                           "optimizer.pt.state.0.exp_avg: values differ (max abs diff 1)",
+                           "random_states_0.pkl: bytes differ"]
