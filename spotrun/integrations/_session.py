@@ -119,6 +119,12 @@ def _flat_files(folder: str) -> list[str]:
     return names
 
 
+def _ignore_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class RunSession:
     """One training process's hold on a run whose checkpoints a trainer writes as folders."""
 
@@ -193,7 +199,15 @@ class RunSession:
         self._interrupts.stop_watchers()
         if exit_code == EXIT_INTERRUPTED:
             note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed
+            held = bool(self._interrupts._prev_handlers)
             self._interrupts.hold_until_exit()
+            if held:
+                # A trainer may put its own Python handlers back on its way out (Lightning's
+                # teardown does), and the interpreter resets Python handlers to the default
+                # action while it finalises: a supervisor's second SIGTERM then would end
+                # the process with -15 although the stop checkpoint is committed. SIG_IGN,
+                # set again at exit, is a kernel disposition that holds to the end.
+                atexit.register(_ignore_sigterm)
         else:
             self._interrupts.restore_signal_handlers()
         if self._pruning is not None:
