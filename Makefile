@@ -29,11 +29,12 @@ venv: $(STAMP)
 
 # The stamp is touched only after every step succeeded, so a failed install is retried.
 # torch goes in first and only if missing (keeps a user's own build). constraints.txt holds
-# botocore inside aiobotocore's range; without it pip backtracks for many minutes.
+# botocore inside aiobotocore's range; without it pip backtracks for many minutes. The
+# trainer extras (hf, lightning, accelerate) are installed so their tests run.
 $(STAMP): pyproject.toml constraints.txt
 	@echo "Setting up $(VENV) (first use, or pyproject.toml/constraints.txt changed)"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c 'import importlib.metadata as m; print("keeping torch", m.version("torch"))' 2>/dev/null \
 		|| $(VENV)/bin/pip install -q $(TORCH) -c constraints.txt
-	$(VENV)/bin/pip install -q -e '.[test]' -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[test,hf,lightning,accelerate]' -c constraints.txt
 	touch $@

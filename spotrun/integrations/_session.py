@@ -1,0 +1,570 @@
+"""What the trainer integrations share: one process's hold on a run whose checkpoints are
+folders a trainer writes itself (Hugging Face ``Trainer``, Accelerate ``save_state``).
+
+The trainer writes its checkpoint folder to local disk (its own format, its own loader);
+:class:`RunSession` then commits that folder under spotrun's protocol: every file copied to
+``RUN_URL/<step>/`` through :meth:`Storage.open_write` (atomic, hashed on the way out, S3
+multipart when remote), then the manifest with every size and checksum, written last. On
+resume the newest *valid* checkpoint (verified against its manifest, damaged ones moved
+aside) is handed back as a local folder for the trainer's own loader. Everything else is
+the :class:`~spotrun.Checkpointer`'s own machinery, reused as is: the run lease, the
+signals-and-notices inbox, the all-rank agreement, the ledger records, exit code 75.
+
+Call order (every rank)::
+
+    session.start()                        # lease, signal handlers, notice watchers, ledger
+    folder = session.resume_dir(local)     # newest valid checkpoint as a local folder, or None
+    session.training_started(step)
+    stop, save = session.poll(step)        # at every step boundary (one tiny all-reduce)
+    session.commit_folder(step, folder)    # after the trainer wrote a checkpoint folder
+    session.stop(step, folder)             # on a stop: bounded commit, then SystemExit(75)
+    session.finish(step)                   # done.json; or session.close(...) on the way out
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..commit import (
+    DAMAGED_DIR,
+    commit,
+    list_checkpoints,
+    newest_valid,
+    prune,
+    quarantine,
+    verify_checkpoint,
+)
+from ..config import (
+    DEFAULT_STOP_MARGIN_S,
+    DEFAULT_STOP_TIMEOUT_S,
+    env_choice,
+    env_float_or_default,
+    env_str,
+)
+from ..distributed import Group, note_exit
+from ..errors import (
+    AllCheckpointsDamagedError,
+    CheckpointUnreadableError,
+    ConfigError,
+    SaveError,
+    StorageError,
+    StorageNotFoundError,
+)
+from ..events import (
+    CheckpointCommitted,
+    Event,
+    NoticeReceived,
+    SegmentEnded,
+    SegmentStarted,
+    TrainingResumed,
+)
+from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
+from ..lease import Lease, acquire_run_lease, release_run_lease
+from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
+from ..manifest import FileEntry, Manifest
+from ..notices import Notice, Watcher
+from ..storage import Storage, open_storage
+
+__all__ = ["RunSession", "resolve_url"]
+
+log = logging.getLogger("spotrun")
+
+#: Same knob as the Checkpointer's (``Checkpointer(if_all_damaged=...)``).
+IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
+_COPY_CHUNK = 16 << 20
+
+
+def resolve_url(url: str | None, fallback: str | None) -> str:
+    """The run URL: the argument, else ``$SPOTRUN_URL``, else the trainer's own output folder."""
+    found = url or env_str("SPOTRUN_URL") or fallback
+    if not found:
+        raise ConfigError("no run URL: pass url=... or set SPOTRUN_URL (a path or s3://bucket/prefix)")
+    return found
+
+
+def _entry(writer: Any) -> FileEntry:
+    # The manifest entry of a file just written through Storage.open_write: the same
+    # construction as snapshot.write_payload, so a change of checksum lands in both.
+    return FileEntry(size=writer.size, sha256=writer.sha256)
+
+
+def _flat_files(folder: str) -> list[str]:
+    """The files of a trainer's checkpoint folder (names only); refuses subfolders.
+
+    A manifest lists the files of one folder level (``spotrun verify`` and retention look
+    only there), so a nested layout (FSDP / DeepSpeed shard folders) is refused rather than
+    committed half-verified.
+    """
+    names = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            raise ConfigError(
+                f"{path} is a folder; spotrun's trainer integrations commit flat checkpoint "
+                "folders only (sharded FSDP/DeepSpeed checkpoints are not supported yet): "
+                "save a full state dict, or use spotrun.Checkpointer with sharded=True"
+            )
+        names.append(name)
+    if not names:
+        raise SaveError(f"{folder} is empty: the trainer wrote no checkpoint there")
+    return names
+
+
+def _ignore_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class RunSession:
+    """One training process's hold on a run whose checkpoints a trainer writes as folders."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        keep_last: int = 2,
+        handle_signals: bool = True,
+        watchers: Sequence[Watcher] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if keep_last < 1:
+            raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
+        from ..checkpoint.interrupts import Interrupts
+
+        self.storage: Storage = open_storage(url, storage_options)
+        self.keep_last = keep_last
+        self.metadata = dict(metadata or {})
+        self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
+        self._interrupts = Interrupts(handle_signals=handle_signals, watchers=watchers)
+        self._ledger = BackgroundLedger(Ledger(self.storage))
+        self._group: Group | None = None
+        self._lease: Lease | None = None
+        self._started_at = time.time()
+        self.active = False
+        self.closed = False
+        #: The newest step committed (or resumed from) by this process.
+        self.last_committed: int | None = None
+        self.steps_done = 0
+        self._last_step_at: float | None = None
+        self._pruning: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def group(self) -> Group:
+        if self._group is None:
+            raise RuntimeError("RunSession.start() first")
+        return self._group
+
+    def start(self) -> None:
+        """Take the run (lease), listen for signals and notices, record the segment. Idempotent."""
+        if self.active or self.closed:
+            return
+        from ..checkpoint.checkpointer import _process_start_time
+
+        self.storage.ensure_root(create=True)
+        self._group = Group()
+        self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
+        try:
+            self._interrupts.start()
+        except BaseException:
+            self._interrupts.restore_signal_handlers()
+            release_run_lease(self._lease, writing=False)
+            raise
+        self.active = True
+        self._started_at = _process_start_time()
+        atexit.register(self._at_exit)
+        if self._group.is_main:
+            self._emit(SegmentStarted(segment_id=self.segment_id,
+                                      instance=self._interrupts.instance_info(),
+                                      started_at=self._started_at))
+
+    def close(self, reason: str, *, exit_code: int | None = None) -> None:
+        """Leave the run: watchers off, lease released, the segment's end recorded."""
+        if not self.active:
+            return
+        self.active = False
+        self.closed = True
+        self._interrupts.stop_watchers()
+        if exit_code == EXIT_INTERRUPTED:
+            note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed
+            held = bool(self._interrupts._prev_handlers)
+            self._interrupts.hold_until_exit()
+            if held:
+                # A trainer may put its own Python handlers back on its way out (Lightning's
+                # teardown does), and the interpreter resets Python handlers to the default
+                # action while it finalises: a supervisor's second SIGTERM then would end
+                # the process with -15 although the stop checkpoint is committed. SIG_IGN,
+                # set again at exit, is a kernel disposition that holds to the end.
+                atexit.register(_ignore_sigterm)
+        else:
+            self._interrupts.restore_signal_handlers()
+        if self._pruning is not None:
+            self._pruning.join(30.0)
+        release_run_lease(self._lease, writing=False)
+        if self.group.is_main and reason != "finished":
+            self._emit(SegmentEnded(segment_id=self.segment_id, reason=reason,  # type: ignore[arg-type]
+                                    ended_at=time.time(), steps_done=self.steps_done,
+                                    last_step_at=self._last_step_at))
+        self._ledger.close(env_float_or_default("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S))
+
+    def _at_exit(self) -> None:
+        # The trainer raised (or the script ended without finishing): say so in the ledger.
+        if self.active:
+            self.close("failed")
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def resume_dir(self, local_root: str) -> str | None:
+        """The newest valid checkpoint as a local folder (downloaded under ``local_root`` when
+        the run URL is remote), or None for a fresh run. Every rank gets the same answer.
+
+        Sizes and checksums are verified before the trainer sees a byte; a damaged checkpoint
+        is moved aside under ``damaged/`` and the one before it is used. A checkpoint that
+        cannot be *read* is not damage: the start fails and nothing changes. When every
+        checkpoint is damaged, the start fails unless ``SPOTRUN_IF_ALL_DAMAGED=start_fresh``.
+        """
+        def fetch(manifest: Manifest) -> tuple[Any, list[str]]:
+            return self._fetch_verified(manifest, local_root)
+
+        found = self._resume_point(fetch)
+        return None if found is None else found[1]
+
+    def newest_valid_step(self) -> int | None:
+        """The step of the newest valid checkpoint (verified in storage, as
+        :meth:`resume_dir`), or None for a fresh run. Every rank gets the same answer."""
+        def verify(manifest: Manifest) -> tuple[Any, list[str]]:
+            return None, verify_checkpoint(self.storage, manifest, deep=True)
+
+        found = self._resume_point(verify)
+        return None if found is None else found[0]
+
+    def _resume_point(self, check: Any) -> tuple[int, Any] | None:
+        """Rank 0 finds the newest checkpoint that ``check(manifest)`` -> (value, problems)
+        passes; every rank learns (step, value), or None."""
+        self.start()
+        group = self.group
+        outcome: tuple[str, Any] = ("none", None)
+        error: BaseException | None = None
+        if group.is_main:
+            try:
+                outcome = self._find(check)
+            except Exception as exc:  # noqa: BLE001 - told to every rank, raised below
+                error, outcome = exc, ("error", str(exc))
+        if group.distributed:
+            outcome = group.broadcast(outcome)
+        if error is not None:
+            raise error
+        kind, value = outcome
+        if kind == "error":
+            raise CheckpointUnreadableError(f"rank 0 could not resume the run: {value}")
+        if kind == "none":
+            return None
+        step = value[0]
+        self.last_committed = self.steps_done = step
+        log.info("resuming from step %d at %s", step, self.storage.display(checkpoint_dir(step)))
+        return value
+
+    def _find(self, check: Any) -> tuple[str, Any]:
+        try:
+            infos = list_checkpoints(self.storage)
+        except StorageError as exc:
+            raise CheckpointUnreadableError(
+                f"cannot list or read the checkpoints ({exc}); that is not damage, so nothing at "
+                f"{self.storage.display()} was skipped or changed: fix access and start again") from exc
+        values: dict[int, Any] = {}
+
+        def checked(info: Any) -> str | None:
+            value, problems = check(info.manifest)
+            if problems:
+                return "; ".join(problems)
+            values[info.step] = value
+            return None
+
+        chosen, damaged = newest_valid(infos, checked, where=self.storage.display())
+        if damaged and chosen is None:
+            if env_choice(IF_ALL_DAMAGED_ENV, ("fail", "start_fresh"), "fail") != "start_fresh":
+                listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
+                raise AllCheckpointsDamagedError(
+                    f"all {len(damaged)} checkpoints at {self.storage.display()} are damaged, "
+                    f"refusing to start over them ({listing}); see `spotrun verify "
+                    f"{self.storage.display()}`; to start from step 0 anyway (they are moved under "
+                    f"{DAMAGED_DIR}/, not deleted) set {IF_ALL_DAMAGED_ENV}=start_fresh")
+        for step, problem in damaged:
+            quarantine(self.storage, step, problem)
+        if chosen is None:
+            return ("none", None)
+        return ("found", (chosen.step, values[chosen.step]))
+
+    def _fetch_verified(self, manifest: Manifest, local_root: str) -> tuple[str, list[str]]:
+        """A local copy of the checkpoint (the folder itself on local storage) and its damage."""
+        folder = checkpoint_dir(manifest.step)
+        local = self.storage.local_path(folder)
+        if local is not None:
+            return local, verify_checkpoint(self.storage, manifest, deep=True)
+        # Remote: download, then verify the copy with the same manifest (the same checks,
+        # and the trainer then loads exactly the bytes that were verified).
+        cache = os.path.join(local_root, "spotrun-resume")
+        shutil.rmtree(cache, ignore_errors=True)
+        dest = os.path.join(cache, folder)
+        os.makedirs(dest, exist_ok=True)
+        for name in manifest.files:
+            try:
+                src = self.storage.open_read(f"{folder}/{name}")
+            except StorageNotFoundError:
+                continue  # reported as missing by the verification below
+            with src, open(os.path.join(dest, name), "wb") as out:
+                shutil.copyfileobj(src, out, _COPY_CHUNK)
+        copy = open_storage(cache)
+        return dest, verify_checkpoint(copy, manifest, deep=True)
+
+    def training_started(self, step: int) -> None:
+        """Record where training (re)starts, for the cost report's restart overhead."""
+        self.start()
+        self.steps_done = step
+        if self.group.is_main and step > 0:
+            self._emit(TrainingResumed(segment_id=self.segment_id, step=step,
+                                       process_started_at=self._started_at, first_step_at=time.time()))
+
+    def newest_committed(self) -> int | None:
+        """The newest committed step in storage (rank 0 reads, every rank learns it)."""
+        step = None
+        if self.group.is_main:
+            found, _ = newest_valid(list_checkpoints(self.storage), warn=False)
+            step = None if found is None else found.step
+        return self.group.broadcast(step)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def poll(self, steps_done: int) -> tuple[bool, bool]:
+        """At a step boundary: (stop, save) as every rank agrees (one tiny all-reduce)."""
+        inbox = self._interrupts
+        self.steps_done = steps_done
+        self._last_step_at = time.time()
+        inbox.drain(steps_done, self._on_notice)
+        stop, save = self.group.agree(stop=inbox.stop_requested, save=inbox.save_requested)
+        if stop:
+            inbox.stop_requested = True
+        if save:
+            inbox.save_requested = False
+        return stop, save
+
+    def reclaim_signals(self) -> None:
+        """Point SIGTERM/SIGINT at the inbox again, after a trainer installed handlers of its
+        own over it (the handlers saved at :meth:`start` are still the ones restored)."""
+        import signal
+
+        if self._interrupts._prev_handlers:  # installed (main thread, handle_signals=True)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._interrupts._on_signal)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._interrupts.stop_requested
+
+    def request_stop(self) -> None:
+        """Ask for a stop checkpoint and exit 75 at the next step boundary (thread-safe)."""
+        self._interrupts.request_stop()
+
+    def _on_notice(self, n: Notice) -> None:
+        self._emit(NoticeReceived(segment_id=self.segment_id, source=n.source, action=n.action,
+                                  notice_time=n.notice_time, detected_at=n.detected_at,
+                                  deadline=n.deadline))
+
+    # -- committing ---------------------------------------------------------------------------
+
+    def commit_folder(self, step: int, folder: str, *, paused_since: float | None = None) -> None:
+        """Commit the trainer's checkpoint ``folder`` as step ``step`` (every rank calls it).
+
+        Every rank's files must be in ``folder`` (one machine) when the ranks arrive here.
+        Rank 0 copies them to ``RUN_URL/<step>/``, then writes the manifest: payload first,
+        manifest last. Whatever fails, the previous checkpoint stays the latest, untouched.
+        """
+        if self.last_committed == step:
+            # A second save of the same step (the Trainer's epoch-end save after the final
+            # step's): rewriting a committed folder's files would break its manifest.
+            log.debug("step %d is already committed; not committed again", step)
+            return
+        group = self.group
+        group.barrier()  # every rank's files (e.g. its RNG state) are in the folder
+        error = None
+        if group.is_main:
+            try:
+                self._copy_and_commit(step, folder, paused_since)
+            except Exception as exc:  # noqa: BLE001 - told to every rank, raised below
+                error = exc
+        message = group.broadcast(None if error is None else str(error)) if group.distributed else None
+        if error is not None:
+            raise error
+        if message is not None:
+            raise SaveError(f"rank 0 could not commit the checkpoint at step {step}: {message}")
+        self.last_committed = step
+
+    def _copy_and_commit(self, step: int, folder: str, paused_since: float | None) -> None:
+        names = _flat_files(folder)
+        dest = checkpoint_dir(step)
+
+        def write() -> dict[str, FileEntry]:
+            files: dict[str, FileEntry] = {}
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as src, \
+                        self.storage.open_write(f"{dest}/{name}") as out:
+                    shutil.copyfileobj(src, out, _COPY_CHUNK)
+                files[name] = _entry(out)
+            return files
+
+        self._commit(step, write, paused_since)
+
+    def commit_payload(self, step: int, payload: Mapping[str, Any], *,
+                       paused_since: float | None = None, bounded: bool = False) -> bool:
+        """Commit one ``torch.save`` payload (``rank-00000.pt``) as step ``step``.
+
+        Rank 0 only, no collectives (for trainers that save from rank 0 alone). ``bounded``:
+        a stop checkpoint, given the time the machine has left; returns whether it committed.
+        """
+        from ..snapshot import write_payload
+
+        def write() -> dict[str, FileEntry]:
+            return dict([write_payload(self.storage, step, 0, payload)])
+
+        if bounded:
+            ok = self._bounded(step, lambda: self._commit(step, write, paused_since))
+        else:
+            self._commit(step, write, paused_since)
+            ok = True
+        if ok:
+            self.last_committed = step
+        return ok
+
+    def _commit(self, step: int, write: Any, paused_since: float | None) -> None:
+        """Payload files (``write()`` returns their manifest entries), then the manifest."""
+        t0 = time.time()
+        dest = checkpoint_dir(step)
+        try:
+            if self._lease is not None:
+                self._lease.check()  # a writer whose lease was taken over writes nothing more
+            files = write()
+            manifest = Manifest(step=step, files=files, world_size=self.group.world_size,
+                                metadata=dict(self.metadata), save_seconds=round(time.time() - t0, 6))
+            if self._lease is not None:
+                self._lease.check()  # re-checked just before the manifest: the commit itself
+            commit(self.storage, manifest)
+        except SaveError:
+            raise
+        except (StorageError, OSError) as exc:
+            raise SaveError(
+                f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact") from exc
+        now = time.time()
+        log.info("checkpoint at step %d committed (%.1f MB, written in %.2fs) at %s", step,
+                 manifest.total_bytes / 1e6, now - t0, self.storage.display(dest))
+        self._emit(CheckpointCommitted(
+            segment_id=self.segment_id, step=step, committed_at=now,
+            stall_s=now - (paused_since if paused_since is not None else t0),
+            save_s=now - t0, nbytes=manifest.total_bytes, captured_at=paused_since or t0))
+        self._prune_in_background(step)
+
+    def _prune_in_background(self, step: int) -> None:
+        previous = self._pruning
+
+        def run() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                prune(self.storage, keep_last=self.keep_last, newest_committed=step)
+            except Exception as exc:  # noqa: BLE001 - the commit it follows is durable
+                log.warning("retention after the checkpoint at step %d failed (%s); it runs "
+                            "again after the next commit", step, exc)
+
+        self._pruning = threading.Thread(target=run, name="spotrun-retention", daemon=True)
+        self._pruning.start()
+
+    def stop(self, step: int, folder: str | None, *, paused_since: float | None = None) -> None:
+        """Commit the stop checkpoint within the time the machine has left, then exit.
+
+        Raises ``SystemExit(75)`` once committed (or when ``folder`` is None because this
+        step is already committed), ``SystemExit(143)`` when it could not commit in time
+        (the previous checkpoint stays the latest). The bound is the Checkpointer's: the
+        notice's deadline minus ``SPOTRUN_STOP_MARGIN``, else ``SPOTRUN_STOP_TIMEOUT`` after
+        the signal.
+        """
+        group = self.group
+        committed = True
+        if folder is not None and self.last_committed != step:
+            group.barrier()
+            ok: bool | None = True
+            if group.is_main:
+                ok = self._bounded(step, lambda: self._copy_and_commit(step, folder, paused_since))
+            committed = bool(group.broadcast(ok)) if group.distributed else bool(ok)
+        code = EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED
+        if committed:
+            self.last_committed = step
+            log.info("stop checkpoint at step %d committed; exiting %d", step, code)
+        self.close("interrupted", exit_code=code)
+        raise SystemExit(code)
+
+    def _bounded(self, step: int, commit_fn: Any) -> bool:
+        """Run ``commit_fn`` within the stop bound; True when it committed in time."""
+        notice = self._interrupts.stop_notice
+        now = time.time()
+        if notice is not None and notice.deadline is not None:
+            bound_at = notice.deadline - env_float_or_default("SPOTRUN_STOP_MARGIN", DEFAULT_STOP_MARGIN_S)
+        else:
+            limit = env_float_or_default("SPOTRUN_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT_S)
+            bound_at = (notice.detected_at if notice else now) + limit
+        budget = max(bound_at - now, 1.0)
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                commit_fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="spotrun-stop-save", daemon=True).start()
+        finished = done.wait(budget)
+        if finished and not failure:
+            return True
+        kept = (f"the checkpoint at step {self.last_committed} stays the latest"
+                if self.last_committed is not None else "no earlier checkpoint was committed")
+        if finished and not isinstance(failure[0], (SaveError, StorageError, OSError)):
+            raise failure[0]
+        log.error("stop checkpoint at step %d %s; exiting %d: %s; relaunch and the run resumes "
+                  "from it", step, f"failed ({failure[0]})" if finished else
+                  f"did not commit within {budget:.1f}s (raise SPOTRUN_STOP_TIMEOUT or lower "
+                  "SPOTRUN_STOP_MARGIN if the store is slow rather than down)",
+                  EXIT_STOP_UNSAVED, kept)
+        return False
+
+    def finish(self, step: int) -> None:
+        """The run is complete: write ``done.json`` and record the segment's end."""
+        group = self.group
+        if group.is_main:
+            if self.last_committed != step:
+                log.warning("training ended at step %d but the newest checkpoint is step %s",
+                            step, self.last_committed)
+            marker = {"step": step, "finished_at": time.time(), "segment_id": self.segment_id}
+            self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
+            self._emit(SegmentEnded(segment_id=self.segment_id, reason="finished",
+                                    ended_at=time.time(), steps_done=step,
+                                    last_step_at=self._last_step_at))
+        group.barrier()
+        self.steps_done = step
+        log.info("run finished at step %d", step)
+        self.close("finished")
+
+    def _emit(self, event: Event) -> None:
+        self._ledger.submit(event)

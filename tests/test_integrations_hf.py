@@ -1,0 +1,194 @@
+"""Hugging Face Trainer under spotrun (spotrun.integrations.hf): real processes, real signals,
+a fake metadata service, moto-served S3.
+
+The child is examples/hf_train.py: a 2-layer GPT-2 built from a config (no download), with
+dropout, AdamW, warmup + cosine, on CPU. The extras (``spotrun[hf]``) are installed in CI, so
+nothing here is skipped when transformers is missing: the import fails loudly instead.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, committed_steps, env_for, spawn
+from safetensors.torch import load_file
+
+from spotrun.commit import list_checkpoints, list_damaged
+from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.ledger import Ledger
+from spotrun.notices.fake_server import FakeMetadataServer
+from spotrun.resume_check import compare_checkpoints, diff_state
+from spotrun.storage import Storage
+
+EXAMPLE = str(REPO / "examples" / "hf_train.py")
+STEPS, SAVE = 40, 10
+ARGS = [EXAMPLE, "--steps", str(STEPS), "--save-steps", str(SAVE)]
+SLEEP = ["--step-sleep", "0.15"]
+# One thread per child: bit-exact comparisons between processes, and less contention.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _env(url: str, **extra: str) -> dict[str, str]:
+    return env_for(url, **ONE_THREAD, **extra)
+
+
+def _run(url: str, *extra: str, timeout: float = 300, **env: str) -> str:
+    proc = spawn([*ARGS, *extra], _env(url, **env))
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == EXIT_FINISHED, out[-4000:]
+    return out
+
+
+def _wait(proc, ready, what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"child exited {proc.returncode} before {what}:\n{proc.communicate()[0][-4000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        time.sleep(0.05)
+
+
+def _final(url: str) -> dict:
+    """The final committed checkpoint's model weights and optimizer state."""
+    step = max(committed_steps(url))
+    folder = Path(url) / checkpoint_dir(step)
+    return {"step": step, "model": load_file(str(folder / "model.safetensors")),
+            "optimizer": torch.load(folder / "optimizer.pt", weights_only=True)}
+
+
+def _events(url: str, event: str) -> list[dict]:
+    return [r for r in Ledger(Storage(url)).records() if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("hf") / "reference")
+    _run(url)
+    return url
+
+
+@pytest.mark.slow
+def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, reference):
+    url = str(tmp_path / "run")
+    # 1. SIGTERM mid-run (after the first scheduled commit): the Trainer saves at the
+    #    current step, spotrun commits it, the process exits 75.
+    proc = spawn([*ARGS, *SLEEP], _env(url))
+    _wait(proc, lambda: committed_steps(url), "a first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out[-4000:]
+    first_stop = max(committed_steps(url))
+    assert SAVE <= first_stop < STEPS
+    assert not Storage(url).exists(DONE_MARKER)
+    (ended,) = _events(url, "segment_ended")
+    assert ended["reason"] == "interrupted"
+    assert any(r["step"] == first_stop for r in _events(url, "checkpoint_committed"))
+
+    # 2. The relaunch resumes from that step; a spot notice from the fake metadata
+    #    service stops it again (exit 75, checkpoint committed, notice in the ledger).
+    with FakeMetadataServer("ec2") as imds:
+        proc = spawn([*ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
+                                           SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
+        _wait(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
+        imds.post_interruption("terminate", in_seconds=120)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, out[-4000:]
+    assert f"resuming from step {first_stop} " in out
+    second_stop = max(committed_steps(url))
+    assert first_stop < second_stop < STEPS
+    notices = [(n["source"], n["action"]) for n in _events(url, "notice_received")]
+    assert notices == [("signal", "SIGTERM"), ("ec2", "terminate")]
+    assert [r["step"] for r in _events(url, "training_resumed")] == [first_stop]
+
+    # 3. The newest checkpoint is damaged (same size, other bytes): the relaunch skips it,
+    #    moves it aside, resumes from the one before and still ends where the
+    #    uninterrupted run ended, bit for bit.
+    previous = committed_steps(url)[-2]
+    weights = Path(url) / checkpoint_dir(second_stop) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    out = _run(url)
+    assert f"skipping damaged checkpoint at step {second_stop}" in out
+    assert f"resuming from step {previous} " in out
+    assert len(list_damaged(Storage(url))) == 1
+    assert Storage(url).exists(DONE_MARKER)
+    final, expected = _final(url), _final(reference)
+    assert final["step"] == expected["step"] == STEPS
+    assert diff_state(expected, final) == []
+    # spotrun check-resume's own comparison (the .pt files: optimizer, scheduler) agrees.
+    assert compare_checkpoints(Storage(reference), Storage(url)) == (STEPS, [])
+    # Every checkpoint left is committed; the ledger has the three segments' ends.
+    assert all(c.status == "committed" for c in list_checkpoints(Storage(url)))
+    assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
+
+
+@pytest.mark.slow
+def test_reference_run_commits_every_trainer_save_and_finishes(reference):
+    """The uninterrupted run: one commit per Trainer save, keep_last=2, done.json, the
+    Trainer's own checkpoint-N folders removed once committed."""
+    assert committed_steps(reference) == [STEPS - SAVE, STEPS]
+    commits = [r["step"] for r in _events(reference, "checkpoint_committed")]
+    assert commits == list(range(SAVE, STEPS + 1, SAVE))
+    files = Storage(reference).list_dir(checkpoint_dir(STEPS))
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+            "trainer_state.json", "manifest.json"} <= set(files)
+    assert not list((Path(reference) / "trainer").glob("checkpoint-*"))
+    (ended,) = _events(reference, "segment_ended")
+    assert ended["reason"] == "finished" and ended["steps_done"] == STEPS
+
+
+def _tiny_trainer(output_dir: str, steps: int, callback):
+    import importlib.util
+
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+    spec = importlib.util.spec_from_file_location("hf_train_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    set_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    args = TrainingArguments(output_dir=output_dir, max_steps=steps, save_strategy="steps", save_steps=2,
+                             per_device_train_batch_size=8, seed=0, use_cpu=True, report_to=[],
+                             disable_tqdm=True, logging_strategy="no")
+    return Trainer(model=model, args=args, train_dataset=example._Tokens(32, 16, 64), callbacks=[callback])
+
+
+@pytest.mark.slow
+def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, s3_bucket):
+    """In-process, against moto: each Trainer save lands in S3 with its manifest; the next
+    process downloads the newest valid one (verified) and resumes; a train() that was not
+    told to resume is refused instead of starting over on top of the checkpoints."""
+    from spotrun.errors import ConfigError
+    from spotrun.integrations.hf import SpotrunCallback, train
+
+    url = f"s3://{s3_bucket}/hf-run"
+    first = SpotrunCallback(url, handle_signals=False, watchers=[])
+    train(_tiny_trainer(str(tmp_path / "a"), 4, first))
+    assert committed_steps(url) == [2, 4]
+    assert Storage(url).exists(DONE_MARKER)
+
+    # A second train() on the same URL, not told to resume: refused, nothing written.
+    plain = _tiny_trainer(str(tmp_path / "b"), 6, SpotrunCallback(url, handle_signals=False, watchers=[]))
+    with pytest.raises(ConfigError, match="already has a checkpoint at step 4"):
+        plain.train()
+    assert committed_steps(url) == [2, 4]
+
+    # Resumed properly: the newest checkpoint is downloaded under output_dir, verified, loaded.
+    again = SpotrunCallback(url, handle_signals=False, watchers=[])
+    trainer = _tiny_trainer(str(tmp_path / "c"), 6, again)
+    path = again.resume_path(trainer)
+    assert path == str(tmp_path / "c" / "spotrun-resume" / checkpoint_dir(4))
+    trainer.train(resume_from_checkpoint=path)
+    assert committed_steps(url) == [4, 6]
+    resumed = [r["step"] for r in _events(url, "training_resumed")]
+    assert resumed == [4]
