@@ -3,6 +3,7 @@
 # is newer than the last install (make's own dependency check; no extra tool to install).
 #
 #   make test ARGS='-m "not slow"'      extra pytest arguments
+#   make test JOBS=1                    tests in one process (default: two pytest-xdist workers)
 #   make demo TORCH='torch --index-url https://download.pytorch.org/whl/cu124'
 #                                       what pip installs when .venv has no torch yet
 #
@@ -13,6 +14,10 @@ PYTHON ?= python3
 # The CPU wheel on the CI machine's disk; a bare "torch" would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 ARGS ?=
+# Two workers: most of the suite's time is spent waiting (child processes importing torch,
+# signals, notices, S3 round trips), so two share a 2-core machine well; more would starve
+# the timing-bounded tests. worksteal keeps the long torchrun tests from queueing on one worker.
+JOBS ?= 2
 
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -23,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/spotrun launch --local --interruptions 3 -- $(VENV)/bin/python examples/train.py
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(JOBS) --dist worksteal $(ARGS)
 
 venv: $(STAMP)
 
