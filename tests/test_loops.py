@@ -239,3 +239,22 @@ def test_epoch_loop_start_close_sigterm_resumes_bit_exact(tmp_path, monkeypatch)
     assert _same(best[0], best[1])  # the artifact, put back after the resume, went on as it should
     ends = [r["reason"] for r in Ledger(Storage(url)).records() if r["event"] == "segment_ended"]
     assert ends == ["interrupted", "finished"], ends
+
+
+@pytest.mark.slow
+def test_exit_hook_closes_after_an_uncaught_exception(tmp_path):
+    """start() and no close(): an exception ends the script while step 3's save is in flight;
+    the exit hook commits it, records 'failed', releases the lease, restores SIGTERM."""
+    from spotrun.commit import find_latest_valid
+
+    url = str(tmp_path / "run")
+    script = str(REPO / "tests" / "scripts" / "start_close_train.py")
+    proc = subprocess.run([sys.executable, script, "raise"], env=env_for(url),
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "ValueError: boom" in out, out
+    assert "installed: _on_signal" in out and "at exit: SIGTERM handler default" in out, out
+    assert find_latest_valid(Storage(url)).step == 3, out
+    assert read_lease(Storage(url)).released_at is not None
+    ends = [r["reason"] for r in Ledger(Storage(url)).records() if r["event"] == "segment_ended"]
+    assert ends == ["failed"], ends
