@@ -176,7 +176,7 @@ def test_kill9_during_saves_never_pairs_one_checkpoints_artifacts_with_anothers_
     work.mkdir()
     rng = random.Random(7)
     restored = []
-    for _ in range(5):
+    for _ in range(4):
         proc = spawn([SCRIPT, str(work), "100000"], env_for(url))
         restored.append(_check_restored(wait_for_line(proc, "restored ", timeout=120)))
         # Every step saves 4 MiB of artifacts; kills land in the capture, the write, the
