@@ -9,12 +9,13 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from helpers import REPO, env_for, spawn, wait_for_line
 from spotrun.cli import main as cli_main
 from spotrun.commit import find_latest_valid, list_checkpoints
 from spotrun.errors import ConfigError
@@ -43,7 +44,7 @@ def _tree(root) -> dict[str, str]:
     for folder, _, files in os.walk(root):
         for f in files:
             full = os.path.join(folder, f)
-            out[os.path.relpath(full, root)] = open(full).read()
+            out[os.path.relpath(full, root)] = Path(full).read_text()
     return out
 
 
@@ -82,7 +83,7 @@ def test_saved_in_the_checkpoint_and_put_back_exactly(tmp_path):
     os.remove(os.path.join(tok, "vocab.txt"))
     with _ckpt(url, [best, tok, gone], values={"s": 0}) as ck:
         assert ck.restore() == 4 and ck.values["s"] == 4
-    assert open(best).read() == "best at 4"
+    assert Path(best).read_text() == "best at 4"
     assert _tree(tok) == {"vocab.txt": "vocab 4", os.path.join("sub", "merges.txt"): "merges"}
     assert not os.path.exists(gone)
     assert not [n for n in os.listdir(work) if "spotrun-restore" in n]
@@ -96,7 +97,7 @@ def test_a_fresh_machine_gets_them_back(tmp_path):
     os.rmdir(work)
     with _ckpt(url, [best]) as ck:
         ck.restore()
-    assert open(best).read() == "best 2"
+    assert Path(best).read_text() == "best 2"
 
 
 def test_a_damaged_artifact_falls_back_with_its_state(tmp_path, caplog):
@@ -106,13 +107,13 @@ def test_a_damaged_artifact_falls_back_with_its_state(tmp_path, caplog):
     newest = find_latest_valid(st)
     name = newest.manifest.artifacts[best]["file"]
     path = st.local_path(f"{checkpoint_dir(4)}/{name}")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[-1] ^= 1  # same size, other bytes: only the checksum can tell
-    open(path, "wb").write(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="spotrun"):
-        with _ckpt(url, [best], values={"s": 0}) as ck:
-            assert ck.restore() == 2 and ck.values["s"] == 2
-    assert open(best).read() == "best 2"
+    Path(path).write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="spotrun"), \
+            _ckpt(url, [best], values={"s": 0}) as ck:
+        assert ck.restore() == 2 and ck.values["s"] == 2
+    assert Path(best).read_text() == "best 2"
     assert any("damaged" in r.getMessage() for r in caplog.records)
 
 
@@ -125,10 +126,9 @@ def test_checkpoints_without_artifacts_still_load(tmp_path, caplog):
     assert "artifacts" not in json.loads(raw)  # the format is unchanged without them
     assert Manifest.from_json(raw, where="x").artifacts == {}
     _write(best, "local")
-    with caplog.at_level(logging.WARNING, logger="spotrun"):
-        with _ckpt(url, [best]) as ck:
-            assert ck.restore() == 2
-    assert open(best).read() == "local"  # not in that checkpoint: left alone, with a warning
+    with caplog.at_level(logging.WARNING, logger="spotrun"), _ckpt(url, [best]) as ck:
+        assert ck.restore() == 2
+    assert Path(best).read_text() == "local"  # not in that checkpoint: left alone, with a warning
     assert any("not in the checkpoint" in r.getMessage() for r in caplog.records)
 
 

@@ -14,12 +14,12 @@ import time
 
 import pytest
 import torch
+from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from helpers import REPO, env_for, spawn, wait_for_line
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
-from spotrun.ledger import Ledger
 from spotrun.lease import read_lease
+from spotrun.ledger import Ledger
 from spotrun.storage import Storage
 
 EPOCH_LOOP = str(REPO / "examples" / "epoch_loop.py")
@@ -67,13 +67,13 @@ def _step_local_values() -> dict:
 def test_values_round_trip_tensors_and_tuples_exactly(tmp_path, async_save):
     url = str(tmp_path / "run")
     saved = _step_local_values()
-    with pytest.raises(SystemExit) as stop:
-        with _ckpt(url, model=torch.nn.Linear(2, 2), values={"batch": None, "hidden": None},
-                   async_save=async_save, every_steps=1000) as ck:
-            for step in ck.range(5):
-                ck.values.update(saved)
-                if step == 2:
-                    ck.request_stop()  # the stop checkpoint at step 3 holds the values
+    with pytest.raises(SystemExit) as stop, \
+            _ckpt(url, model=torch.nn.Linear(2, 2), values={"batch": None, "hidden": None},
+                  async_save=async_save, every_steps=1000) as ck:
+        for step in ck.range(5):
+            ck.values.update(saved)
+            if step == 2:
+                ck.request_stop()  # the stop checkpoint at step 3 holds the values
     assert stop.value.code == EXIT_INTERRUPTED
     with _ckpt(url, model=torch.nn.Linear(2, 2), values={"batch": None, "hidden": None}) as ck:
         assert ck.restore() == 3
@@ -183,11 +183,11 @@ def test_break_then_finish_writes_done_and_counts_the_step(tmp_path):
 
 def test_break_without_finish_warns_at_close(tmp_path, caplog):
     url = str(tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="spotrun"):
-        with _ckpt(url, model=torch.nn.Linear(2, 2), every_steps=100) as ck:
-            for step in ck.range(10):
-                if step == 3:
-                    break
+    with caplog.at_level(logging.WARNING, logger="spotrun"), \
+            _ckpt(url, model=torch.nn.Linear(2, 2), every_steps=100) as ck:
+        for step in ck.range(10):
+            if step == 3:
+                break
     assert not Storage(url).exists(DONE_MARKER)
     warned = [r.getMessage() for r in caplog.records if "finish()" in r.getMessage()]
     assert len(warned) == 1 and "left ckpt.range() at step 3" in warned[0], warned
@@ -231,7 +231,7 @@ def test_epoch_loop_start_close_sigterm_resumes_bit_exact(tmp_path, monkeypatch)
     assert 32 <= stopped_at < 64, out
     (tmp_path / "run-best.pt").unlink()  # a fresh machine: the artifact comes from the checkpoint
     resumed = subprocess.run([sys.executable, EPOCH_LOOP, "--url", url, "--epochs", "2"],
-                             env=env_for(url), capture_output=True, text=True, timeout=300)
+                             env=env_for(url), capture_output=True, text=True, timeout=300, check=False)
     assert resumed.returncode == EXIT_FINISHED, resumed.stdout + resumed.stderr
     a, b = _final_state(ref_url), _final_state(url)
     assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
@@ -250,7 +250,7 @@ def test_exit_hook_closes_after_an_uncaught_exception(tmp_path):
     url = str(tmp_path / "run")
     script = str(REPO / "tests" / "scripts" / "start_close_train.py")
     proc = subprocess.run([sys.executable, script, "raise"], env=env_for(url),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "ValueError: boom" in out, out
     assert "installed: _on_signal" in out and "at exit: SIGTERM handler default" in out, out

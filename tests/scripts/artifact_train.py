@@ -30,7 +30,11 @@ def seen() -> dict:
         with open(os.path.join(folder, "metrics.json")) as f:
             out["metrics"] = json.load(f)["step"]
     out["odd"] = os.path.exists(os.path.join(folder, "odd.txt"))
-    out["maybe"] = open(maybe).read() if os.path.exists(maybe) else None
+    if os.path.exists(maybe):
+        with open(maybe) as f:
+            out["maybe"] = f.read()
+    else:
+        out["maybe"] = None
     out["files"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
     return out
 
