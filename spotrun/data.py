@@ -123,6 +123,14 @@ class ResumableLoader:
     more than another. Either way the next epoch reshuffles, so a dropped sample is a
     different one each epoch. With one rank neither rule changes anything.
 
+    **Peeking is harmless.** A batch counts as consumed once your loop comes back to the
+    same iterator for the next one, or calls :meth:`mark_consumed` (the Checkpointer's
+    ``step()`` does). A batch that neither happened to is given back when a new iterator
+    starts: ``next(iter(loader))`` to look at a batch's shape, or a ``for`` loop left with
+    ``break`` before its batch was used, leaves the next loop starting at that same batch,
+    as with a DataLoader. One loader keeps one position: an iterator that a newer
+    ``iter(loader)`` replaced raises if it is used again.
+
     **The state** is ``epoch``, ``position`` (samples of the epoch consumed by all ranks
     together, counted as batches are handed to *your* loop, not as workers prefetch them, so
     a checkpoint never counts a batch the model has not seen), ``batch_in_epoch`` (steps
@@ -160,6 +168,10 @@ class ResumableLoader:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.position = 0
+        # (position, batch_in_epoch) before the last batch handed out, while that batch is
+        # not known to be used: a new iterator gives it back (see "Peeking" above).
+        self._unconfirmed: tuple[int, int] | None = None
+        self._generation = 0  # of the newest iterator; older ones are stale
         if rank is not None or world_size is not None:
             _ = self.rank  # a bad explicit value fails here, not at the first batch
 
@@ -212,6 +224,30 @@ class ResumableLoader:
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
+        if self._unconfirmed is not None:
+            # The last batch handed out was never used (a peek): serve it again.
+            self.position, self.batch_in_epoch = self._unconfirmed
+            self._unconfirmed = None
+        self._generation += 1
+        return self._epoch(self._generation)
+
+    def mark_consumed(self) -> None:
+        """Count every batch handed out so far as consumed (a training step used them).
+
+        The :class:`~spotrun.Checkpointer` calls this at every ``step()``; call it yourself
+        only when you use the loader without one and leave an iterator after using its
+        last batch.
+        """
+        self._unconfirmed = None
+
+    def _stale(self, generation: int) -> None:
+        if generation != self._generation:
+            raise RuntimeError(
+                "this ResumableLoader iterator was replaced by a newer iter(loader): one loader "
+                "keeps one position, so iterate only the newest iterator (or use a second "
+                "ResumableLoader for a second stream)")
+
+    def _epoch(self, generation: int) -> Iterator[Any]:
         sampler = self._sampler(self.position)
         rank = sampler.rank
         # One step moves every rank one batch on: the global position moves by the whole
@@ -234,9 +270,15 @@ class ResumableLoader:
         )
         n = len(self.dataset)
         for batch in loader:
+            self._stale(generation)
+            self._unconfirmed = (self.position, self.batch_in_epoch)
             self.batch_in_epoch += 1
             self.position = min(n, self.position + step)
             yield batch
+            self._stale(generation)
+            self._unconfirmed = None  # the loop came back for more: that batch was used
+        self._stale(generation)
+        self._unconfirmed = None
         self.epoch += 1
         self.batch_in_epoch = 0
         self.position = 0
@@ -258,5 +300,6 @@ class ResumableLoader:
             )
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self._unconfirmed = None  # a batch peeked before the restore is not this position's
         # Saved before positions were global: one process, whole batches of this size.
         self.position = int(state.get("position", self.batch_in_epoch * self.batch_size))

@@ -37,6 +37,11 @@ class Manifest:
     save_seconds: float | None = None
     format_version: int = FORMAT_VERSION
     versions: dict[str, str] = field(default_factory=dict)
+    #: Local files kept with the checkpoint (``Checkpointer(artifacts=...)``): the path as
+    #: the script names it -> ``{"kind": "file", "file": NAME}``, ``{"kind": "dir",
+    #: "files": {RELPATH: NAME}}`` or ``{"kind": "absent"}``; each NAME is also in
+    #: :attr:`files` (size and checksum). Empty, and left out of the JSON, without artifacts.
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def sharded(self) -> bool:
@@ -51,6 +56,8 @@ class Manifest:
         if not self.versions:
             self.versions = _versions()
         data = asdict(self)
+        if not data["artifacts"]:
+            del data["artifacts"]  # manifests without artifacts stay as they were
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at))
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
@@ -81,9 +88,20 @@ class Manifest:
                 save_seconds=data.get("save_seconds"),
                 format_version=version,
                 versions=dict(data.get("versions") or {}),
+                artifacts=_artifacts(data.get("artifacts")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptCheckpointError(f"{where}: manifest is malformed ({exc})") from exc
+
+
+def _artifacts(raw: Any) -> dict[str, dict[str, Any]]:
+    """The artifacts index as read (absent in older manifests); TypeError when malformed."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) and isinstance(v.get("kind"), str)
+                                            for v in raw.values()):
+        raise TypeError("artifacts must map each path to an object with a 'kind'")
+    return {str(path): dict(entry) for path, entry in raw.items()}
 
 
 def _versions() -> dict[str, str]:

@@ -259,3 +259,88 @@ def test_rank_seed_is_deterministic_and_distinct():
     assert rank_seed(7, 3, 120) == rank_seed(7, 3, 120)
     seeds = {rank_seed(7, r, s) for r in range(8) for s in (0, 10, 120)}
     assert len(seeds) == 24 and all(0 <= s < 2**63 for s in seeds)
+
+
+# -- peeking (issue 11 item 7): a batch counts as consumed once it was used --------------
+
+def _epochs(loader, k, peek=False):
+    out = []
+    for _ in range(k):
+        if peek:
+            assert len(next(iter(loader))) == 4  # the README-style peek at a batch's size
+        out.append([b.tolist() for b in loader])
+    return out
+
+
+def test_a_peek_does_not_drop_a_batch():
+    reference = _epochs(ResumableLoader(CountingDataset(40), batch_size=4, seed=2), 3)
+    peeked = _epochs(ResumableLoader(CountingDataset(40), batch_size=4, seed=2), 3, peek=True)
+    assert peeked == reference  # before: every epoch lost its first batch
+    assert all(len(e) == 10 for e in peeked)
+
+
+def test_break_gives_back_an_unused_batch_and_keeps_used_ones():
+    loader = ResumableLoader(CountingDataset(20), batch_size=2, shuffle=False)
+    first = []
+    for b in loader:
+        if len(first) == 3:
+            break  # b was fetched but not used
+        first.append(b.tolist())
+    rest = [b.tolist() for b in loader]
+    assert first + rest == [[i, i + 1] for i in range(0, 20, 2)]
+    # mark_consumed (a Checkpointer step) says the last batch handed out was used
+    loader = ResumableLoader(CountingDataset(20), batch_size=2, shuffle=False)
+    it = iter(loader)
+    assert next(it).tolist() == [0, 1]
+    loader.mark_consumed()
+    assert next(iter(loader)).tolist() == [2, 3]
+
+
+def test_a_replaced_iterator_refuses_to_go_on():
+    loader = ResumableLoader(CountingDataset(20), batch_size=2, shuffle=False)
+    old = iter(loader)
+    next(old)
+    next(old)
+    fresh = iter(loader)
+    with pytest.raises(RuntimeError, match="replaced by a newer iter"):
+        next(old)
+    assert next(fresh).tolist() == [2, 3]  # the first batch was used (the loop came back)
+
+
+def _peeking_run(url, total, stop_at=None):
+    """An epoch loop that peeks at the start of every epoch, as the issue's script did."""
+    import spotrun
+
+    loader = ResumableLoader(CountingDataset(24), batch_size=4, seed=1)
+    seen = []
+    ck = spotrun.Checkpointer(url, data=loader, watchers=[], handle_signals=False,
+                              every_steps=100).start()
+    step = ck.restore()
+    try:
+        while step < total:
+            _ = len(next(iter(loader)))
+            for b in loader:
+                seen.append(b.tolist())
+                step += 1
+                if step == stop_at:
+                    ck.request_stop()
+                ck.step(step)
+                if step == total:
+                    break
+        ck.finish()
+    except SystemExit:
+        ck.close()
+        raise
+    ck.close()
+    return seen
+
+
+def test_peeks_with_a_checkpointer_resume_exactly(tmp_path):
+    plain = _epochs(ResumableLoader(CountingDataset(24), batch_size=4, seed=1), 3)
+    reference = _peeking_run(str(tmp_path / "ref"), 16)
+    assert reference == [b for e in plain for b in e][:16]
+    url = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        _peeking_run(url, 16, stop_at=9)
+    tail = _peeking_run(url, 16)
+    assert len(tail) == 7 and reference[9:] == tail

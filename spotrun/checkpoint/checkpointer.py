@@ -18,12 +18,24 @@ or, for loops that are not a simple range::
             ckpt.step(step)          # may save; on a stop request it saves and exits (75)
         ckpt.finish()
 
+or, without re-indenting a loop into a ``with`` block (the same guarantees: on the way out
+a save in flight commits, the lease is released, signal handlers are put back)::
+
+    ckpt = Checkpointer(...).start()
+    for step in ckpt.range(total_steps):
+        train_one_step(...)
+    ckpt.close()          # optional: an exit hook closes it too, also after an exception
+
+``break`` out of :meth:`Checkpointer.range` skips the final checkpoint and the done marker:
+call :meth:`Checkpointer.finish` after the loop (a clean close without it warns).
+
 Signals and notices only set flags; all I/O happens in the training thread at a step
 boundary, so a signal can never land inside a half-built checkpoint.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -81,6 +93,7 @@ from ..state import (
     unwrap,
 )
 from ..storage import Storage, open_storage
+from .artifacts import artifact_paths, capture_artifacts, restore_artifacts
 from .interrupts import Interrupts
 from .saver import Saver
 
@@ -135,8 +148,13 @@ class Checkpointer:
         data: the data loader(s) (e.g. :class:`~spotrun.ResumableLoader`); saved per rank.
         objects: more stateful objects (``state_dict``/``load_state_dict``), saved once.
         per_rank: stateful objects that differ between ranks, saved by each rank.
-        values: initial plain values (numbers, strings, lists, dicts, tensors). Read and
-            update them through :attr:`values`; they are saved and restored with the rest.
+        values: initial plain values: numbers, strings, None, tensors, and lists, tuples
+            and dicts of them (str or int keys). Read and update them through
+            :attr:`values`; they are saved and restored with the rest, tuples as tuples,
+            tensors with their dtype, shape and exact bits (on the CPU: move them back to
+            your device after :meth:`restore`). This is the place for step-local state
+            that exact resume needs: a batch prefetched for the next step, an RNN hidden
+            state carried across batches.
         metadata: JSON-serialisable facts recorded in each manifest (config, git hash...).
         every_steps: checkpoint when the completed-step count is a multiple of this.
         every_seconds: checkpoint when this long has passed since the last one. When neither
@@ -149,7 +167,15 @@ class Checkpointer:
         save_rng: save and restore every RNG (required for exact resume).
         weights_only: load with ``torch.load(weights_only=True)``; only set False for storage
             you trust, since unpickling can run code.
-        handle_signals: install SIGTERM/SIGINT handlers while inside the ``with`` block.
+        artifacts: local files or folders your script writes and reads back (a best
+            model, a tokenizer, eval outputs). Rank 0 copies them into every checkpoint,
+            as they are at the step being saved (listed with sizes and checksums in the
+            manifest, committed with it), and :meth:`restore` puts back the restored
+            checkpoint's copies (on each machine's local rank 0): a path that did not
+            exist at that step is removed, a folder gets exactly the saved files. Held in
+            memory between the step and the write: meant for files up to a few hundred MB.
+        handle_signals: install SIGTERM/SIGINT handlers while the checkpointer is active
+            (the ``with`` block, or :meth:`start` to :meth:`close`).
         watchers: interruption-notice sources; default: from the environment (see
             :func:`spotrun.notices.watchers_from_env`); ``[]`` for none.
         storage_options: passed to fsspec (e.g. S3 endpoint, profile).
@@ -192,6 +218,7 @@ class Checkpointer:
         storage_options: dict[str, Any] | None = None,
         sharded: bool | None = None,
         if_all_damaged: Literal["fail", "start_fresh"] | None = None,
+        artifacts: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         if every_steps is not None and every_steps < 1:
             raise ConfigError(f"every_steps={every_steps} must be a positive number of steps")
@@ -230,6 +257,7 @@ class Checkpointer:
         for name, obj in {**self.objects, **self.per_rank}.items():
             check_stateful(name, unwrap(obj))
         self.values: dict[str, Any] = dict(values or {})
+        self.artifacts: list[str] = artifact_paths(artifacts)
         self.metadata = dict(metadata or {})
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -255,12 +283,37 @@ class Checkpointer:
         self._entered = False
         self._restored = False
         self._interrupts = Interrupts(handle_signals=handle_signals, watchers=watchers)
+        # The step range() handed out last, until step() counts it (see finish()).
+        self._range_at: int | None = None
+        self._stepped = False  # step() ran in this process
+        self._raised: BaseException | None = None  # the SystemExit step() raised
+        self._last_value_at_start: Any = None
 
     # -- context ---------------------------------------------------------------------------
 
+    def start(self) -> Checkpointer:
+        """Activate without a ``with`` block: ``ckpt = Checkpointer(...).start()``.
+
+        The same as entering the block: the lease is taken, signal handlers and notice
+        watchers start. :meth:`close` leaves it; if the script never gets there (an
+        exception, the ``SystemExit(75)`` of a stop, the end of the script), an exit hook
+        closes it as the block would have, before the interpreter shuts its thread pools.
+        """
+        return self.__enter__()
+
+    def close(self) -> None:
+        """Leave what :meth:`start` began: commit a save in flight, release the lease, put
+        the previous signal handlers back, record how the segment ended. Idempotent.
+
+        Called inside an ``except`` block, the exception being handled counts as the
+        reason the segment ended, as it would for a ``with`` block.
+        """
+        self._close(sys.exc_info()[1])
+
     def __enter__(self) -> Checkpointer:
         if self._entered:
-            raise RuntimeError("Checkpointer is already active; use one 'with' block per run")
+            raise RuntimeError("Checkpointer is already active; use one 'with' block (or one "
+                               "start()/close() pair) per run")
         self.storage.ensure_root(create=True)
         self._group = Group()
         self.sharded = self._decide_sharded()  # before the lease: it may refuse the config
@@ -290,6 +343,10 @@ class Checkpointer:
             self._emit(SegmentStarted(segment_id=self.segment_id,
                                       instance=self._interrupts.instance_info(),
                                       started_at=self._process_started_at))
+        self._last_value_at_start = getattr(sys, "last_value", None)
+        self._raised = None
+        _open_checkpointers.add(self)
+        _register_exit_hook()
         return self
 
     def __exit__(
@@ -298,6 +355,33 @@ class Checkpointer:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> None:
+        self._close(exc)
+
+    def _close_at_exit(self) -> None:
+        """The exit hook's close: the exception that is ending the program, if any."""
+        exc = self._raised
+        if exc is None:
+            last = getattr(sys, "last_value", None)  # set for an uncaught exception
+            if last is not None and last is not self._last_value_at_start:
+                exc = last
+        if (exc is None and self._group is not None and self._group.distributed
+                and not torch.distributed.is_initialized() and self._saver is not None):
+            # The process group is gone (destroy_process_group before the end): no
+            # collectives are possible, so a save in flight ends its write uncommitted.
+            if self._saver.in_flight:
+                log.warning("the process group was destroyed before ckpt.close(); the save "
+                            "still in flight is not committed (call ckpt.close() before "
+                            "destroy_process_group())")
+            self._saver.finish_inflight(RuntimeError("process group destroyed"))
+            self._saver.abandon()
+        self._close(exc)
+
+    def _close(self, exc: BaseException | None) -> None:
+        """Leave the active state (``__exit__``, :meth:`close`, the exit hook)."""
+        _open_checkpointers.discard(self)
+        if not self._entered:
+            return
+        exc_type = type(exc) if exc is not None else None
         self._interrupts.stop_watchers()
         try:
             if self._saver is not None:
@@ -314,6 +398,8 @@ class Checkpointer:
         if self._group is None or not self._group.is_main or self.finished:
             self._flush_ledger()
             return
+        if exc is None:
+            self._warn_unfinished()
         if isinstance(exc, SystemExit) and exc.code in (EXIT_INTERRUPTED, EXIT_STOP_UNSAVED):
             # Both mean the machine was taken; EXIT_STOP_UNSAVED only says the stop
             # checkpoint did not make it (the previous one is the latest).
@@ -326,9 +412,25 @@ class Checkpointer:
                                 steps_done=self.steps_done, last_step_at=self._last_step_at))
         self._flush_ledger()
 
+    def _warn_unfinished(self) -> None:
+        """A clean way out without :meth:`finish`: no done.json, which launchers read as a
+        failed run. Say so, and what to do."""
+        if self._range_at is not None:
+            log.warning(
+                "left ckpt.range() at step %d (a break?) and closed without ckpt.finish(): "
+                "no final checkpoint and no done.json, so `spotrun launch` and check-resume "
+                "read this run as failed; call ckpt.finish() after the loop",
+                self._range_at - 1)
+        elif self._stepped:
+            log.warning(
+                "closed at step %d without ckpt.finish(): no done.json, so `spotrun launch` "
+                "reads an exit 0 as a failed run; call ckpt.finish() when training is done",
+                self.steps_done)
+
     def _require_active(self) -> tuple[Group, Saver]:
         if not self._entered or self._group is None or self._saver is None:
-            raise RuntimeError("use the Checkpointer inside a 'with' block")
+            raise RuntimeError("the Checkpointer is not active: use it inside a 'with' block, "
+                               "or call ckpt.start() first (and ckpt.close() at the end)")
         return self._group, self._saver
 
     # -- signals and notices ---------------------------------------------------------------
@@ -355,12 +457,16 @@ class Checkpointer:
         """Yield step indices from the restored position up to ``total_steps``.
 
         After each step's body it calls :meth:`step`; when the range ends it calls
-        :meth:`finish`. Breaking out of the loop does neither (the run is not done).
+        :meth:`finish`. A ``break`` does neither: call :meth:`finish` after the loop when
+        the run is done (it counts the step you broke out of as completed), else the run
+        has no done.json and launchers read it as failed (a clean close warns).
         """
         start = self.restore()
         for i in range(start, total_steps):
+            self._range_at = i + 1
             yield i
             self.step(i + 1)
+        self._range_at = None
         self.finish()
 
     def step(self, steps_done: int | None = None) -> None:
@@ -375,7 +481,12 @@ class Checkpointer:
         group, saver = self._require_active()
         inbox = self._interrupts
         self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
+        self._range_at = None
+        self._stepped = True
         self._last_step_at = time.time()
+        for obj in self.per_rank.values():
+            if isinstance(obj, ResumableLoader):
+                obj.mark_consumed()  # the step used every batch handed out so far
         inbox.drain(self.steps_done, self._on_notice)
         busy = saver.poll()
         time_due = (
@@ -391,7 +502,9 @@ class Checkpointer:
         if stop:
             inbox.stop_requested = True
             committed = self._save_before_stop()
-            raise SystemExit(EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED)
+            # Kept for the exit hook: without a with block, nothing else sees this exit.
+            self._raised = SystemExit(EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED)
+            raise self._raised
         if requested or time_due or step_due:
             inbox.save_requested = False
             self.save()
@@ -483,9 +596,19 @@ class Checkpointer:
             saver.abandon()
         return False
 
-    def finish(self) -> None:
-        """Mark the run complete: commit a final checkpoint and write the done marker."""
+    def finish(self, steps_done: int | None = None) -> None:
+        """Mark the run complete: commit a final checkpoint and write the done marker.
+
+        After a ``break`` out of :meth:`range`, the step you broke out of counts as
+        completed (its update is in the model); pass ``steps_done`` to say otherwise (e.g.
+        ``finish(step)`` when the break came before that step's work).
+        """
         group, _ = self._require_active()
+        if steps_done is not None:
+            self.steps_done = int(steps_done)
+        elif self._range_at is not None and self._range_at == self.steps_done + 1:
+            self.steps_done = self._range_at
+        self._range_at = None
         self.save()
         self.wait()
         if group.is_main:
@@ -565,8 +688,9 @@ class Checkpointer:
         fails, the previous checkpoint stays the latest, untouched.
         """
         group, saver = self._require_active()
+        capture = (lambda: capture_artifacts(self.artifacts)) if self.artifacts and group.is_main else None
         saver.save(self.steps_done, lambda: self._payload(group),
-                   self._sharded_state if self.sharded else None)
+                   self._sharded_state if self.sharded else None, artifacts=capture)
 
     @property
     def save_in_flight(self) -> bool:
@@ -692,6 +816,9 @@ class Checkpointer:
             outcome = self._agree(group, self._attempt(lambda: self._load_sharded(manifest)))
         if outcome is None:
             outcome = self._agree(group, self._attempt(lambda: self._load_payloads(manifest, group)))
+        if outcome is None and (self.artifacts or manifest.artifacts):
+            # The same checkpoint's files, so state and artifacts never come from two saves.
+            outcome = self._agree(group, self._attempt(lambda: self._put_back_artifacts(manifest)))
         if outcome is None:
             return None
         if outcome.kind == "damaged":
@@ -749,6 +876,14 @@ class Checkpointer:
         if payload_name(0) not in manifest.files:
             raise CorruptCheckpointError(
                 f"{self.storage.display(checkpoint_dir(step))}: manifest lists no {payload_name(0)}")
+
+    def _put_back_artifacts(self, manifest: Manifest) -> None:
+        """This checkpoint's artifacts, verified, back at their local paths (one rank per
+        machine: local rank 0, where torchrun says, else rank 0)."""
+        assert self._group is not None
+        local_rank = int(os.environ.get("LOCAL_RANK", self._group.rank))
+        if local_rank == 0:
+            restore_artifacts(self.storage, manifest, self.artifacts)
 
     def _load_sharded(self, manifest: Manifest) -> None:
         """Model and optimizer from DCP's files, resharded to this run's world size."""
@@ -853,6 +988,42 @@ class Checkpointer:
     def _flush_ledger(self) -> None:
         """Wait, with a bound, for queued ledger records (segment_ended among them)."""
         self._ledger_writer.close(env_float_or_default("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S))
+
+
+#: Checkpointers started and not yet closed, for the exit hook.
+_open_checkpointers: set[Checkpointer] = set()
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Close checkpointers still open when the interpreter exits (start() without close()).
+
+    Registered with threading's exit hooks where Python has them: those run before
+    ``concurrent.futures`` shuts its thread pools (which a save in flight may still use:
+    the storage layer hashes on one) and before non-daemon threads are joined. Imported
+    first, so that pool's hook is registered earlier and therefore runs later.
+    """
+    global _exit_hook_registered
+    if _exit_hook_registered:
+        return
+    import concurrent.futures.thread  # noqa: F401 - registers its own hook before ours
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading exit hooks")
+        register(_close_open_at_exit)
+    except RuntimeError:
+        atexit.register(_close_open_at_exit)
+    _exit_hook_registered = True
+
+
+def _close_open_at_exit() -> None:
+    for ckpt in list(_open_checkpointers):
+        try:
+            ckpt._close_at_exit()
+        except BaseException as exc:  # noqa: BLE001 - the interpreter is exiting; say why
+            log.error("closing the checkpointer at exit failed: %s: %s", type(exc).__name__, exc)
 
 
 class _Outcome:

@@ -14,6 +14,11 @@ process group, so the background write never interleaves with the training threa
 collectives) and its ``rank-NNNNN.pt`` (everything else). Both are written before the commit,
 and the manifest lists every file of every rank.
 
+Artifacts (local files the script asked to keep, see :mod:`.artifacts`) are rank 0's extra
+payload: captured in the training thread with the state, written beside ``rank-00000.pt``,
+listed in the same manifest. A crash before the commit leaves them in an uncommitted
+folder, so no checkpoint ever pairs one save's state with another save's artifacts.
+
 Call order (all ranks together, training thread)::
 
     saver.save(step, payload_fn, sharded_fn)  # stage (the only pause), write in the background
@@ -42,6 +47,7 @@ from ..lease import Lease
 from ..manifest import FileEntry, Manifest
 from ..snapshot import StagingBuffers, write_payload
 from ..storage import Storage
+from .artifacts import Captured, write_artifacts
 
 if TYPE_CHECKING:
     from ..sharded import ShardedSaver
@@ -66,6 +72,7 @@ class _Written:
     entries: Entries
     captured_at: float
     stall: float
+    artifacts: dict[str, Any] | None = None  # the manifest's artifacts index (rank 0)
 
 
 class Saver:
@@ -124,9 +131,11 @@ class Saver:
     # -- saving --------------------------------------------------------------------------------
 
     def save(self, step: int, payload: Callable[[], dict[str, Any]],
-             sharded: Callable[[], dict[str, Any]] | None = None) -> None:
-        """Checkpoint ``step``: ``payload()`` is this rank's ``torch.save`` state and
-        ``sharded()`` (sharded runs) the model and optimizer state for DCP."""
+             sharded: Callable[[], dict[str, Any]] | None = None,
+             *, artifacts: Callable[[], Captured] | None = None) -> None:
+        """Checkpoint ``step``: ``payload()`` is this rank's ``torch.save`` state,
+        ``sharded()`` (sharded runs) the model and optimizer state for DCP, and
+        ``artifacts()`` (rank 0) the local files to keep, read now, at this step."""
         if step in (self.last_saved_step, self._pending_step):
             return
         t0 = time.time()
@@ -140,6 +149,7 @@ class Saver:
         # The previous save must be durable before its staging buffers are reused.
         self.wait()
         state = payload()
+        captured = artifacts() if artifacts is not None else None
         shards = sharded() if sharded is not None and self._sharded is not None else None
         if self.async_save:
             state = self._staging.stage(state)
@@ -149,7 +159,7 @@ class Saver:
         stall = time.time() - t0
         self._pending_step = step
         self.last_save_time = time.time()
-        job = _Job(self._write, step, state, shards, t0, stall)
+        job = _Job(self._write, step, state, shards, captured, t0, stall)
         self._job = job
         if self.async_save:
             job.start()
@@ -158,7 +168,7 @@ class Saver:
             self.wait()
 
     def _write(self, step: int, state: dict[str, Any], shards: dict[str, Any] | None,
-               t0: float, stall: float) -> _Written | None:
+               captured: Captured | None, t0: float, stall: float) -> _Written | None:
         """Write this rank's files (background thread); commit at once when it is the only rank."""
         try:
             if self._lease is not None:
@@ -170,7 +180,10 @@ class Saver:
                 # .metadata are durable when it returns (rank 0 gets every file's entry).
                 entries += self._sharded.write(step, shards)
             entries.append(write_payload(self.storage, step, self.group.rank, state))
-            written = _Written(step, entries, t0, stall)
+            if captured is not None:
+                entries += write_artifacts(self.storage, step, captured)
+            written = _Written(step, entries, t0, stall,
+                               captured.index if captured is not None else None)
             if self.group.distributed:
                 return written  # committed from the training thread once every rank has written
             self._commit(written, [written.entries])
@@ -188,7 +201,8 @@ class Saver:
         files = dict(e for entries in per_rank for e in entries)
         manifest = Manifest(step=step, files=files, world_size=len(per_rank),
                             metadata=dict(self.metadata),
-                            save_seconds=round(time.time() - written.captured_at, 6))
+                            save_seconds=round(time.time() - written.captured_at, 6),
+                            artifacts=dict(written.artifacts or {}))
         if self._lease is not None:
             self._lease.check()  # re-checked just before the manifest: the commit itself
         commit(self.storage, manifest)
