@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from ..errors import CapacityError, ConfigError, LaunchError
 from ..instance import InstanceInfo
-from ..layout import EXIT_INTERRUPTED
+from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
 from .common import cost_report_text, is_done, record_segment_end, record_segment_start
 from .ec2 import PRICE_ERRORS, SPOT_INTERRUPTION, Ec2Api, InstanceStatus, Pool
@@ -477,7 +477,7 @@ class Ec2Controller:
         code = self._read_exit_record(seg)
         rc = status.reason_code
         if is_done(self.storage):
-            return "finished", code, "done.json written"
+            return "finished", code, _finished_detail(code)
         if rc == SPOT_INTERRUPTION:
             return "interrupted", code, "spot interruption"
         if code == EXIT_INTERRUPTED:
@@ -535,7 +535,8 @@ class Ec2Controller:
             if status.alive:
                 self._say(f"terminating {cur.instance_id}: the run is done but it did not shut down")
                 self.api.terminate([cur.instance_id])
-            self._end_segment(cur, "finished", exit_code=self._read_exit_record(cur), detail="done.json written")
+            code = self._read_exit_record(cur)
+            self._end_segment(cur, "finished", exit_code=code, detail=_finished_detail(code))
         self._cleanup_template()
         self.state.status = "finished"
         self.state.message = "done.json written"
@@ -621,3 +622,13 @@ class Ec2Controller:
                   f"--instance-ids {' '.join(s.instance_id for s in alive)})")
         return LaunchOutcome("detached", 130, "Ctrl-C, instance left running", len(self.state.segments),
                              self.state.interruptions)
+
+
+def _finished_detail(code: int | None) -> str:
+    """done.json decides that the run finished; an exit code after it (gloo's teardown can
+    abort a worker once the run is done) is only worth a warning."""
+    if code in (None, EXIT_FINISHED):
+        return "done.json written"
+    log.warning("done.json written, so the run finished, although the command exited with "
+                "code %d", code)
+    return f"done.json written; warning: the command then exited with code {code}, ignored"
