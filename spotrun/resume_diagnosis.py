@@ -161,8 +161,8 @@ def _cause(found: list[str], step: int, last_equal: int | None, near: list[int],
         if not any(r < step for r in resumes):
             if "rng" in kinds:
                 return (f"{_names(found, 'rng')} already differ(s) at step {step}, before any "
-                        "resume: that RNG starts differently in each run and is drawn from; seed "
-                        "it at start-up (e.g. spotrun.seed_everything(0))")
+                        "resume: that RNG starts differently in each run; seed it at start-up "
+                        "(e.g. spotrun.seed_everything(0))")
             return (f"the runs differ at step {step}, before any resume: the script is not "
                     "deterministic from one run to the next (seed every RNG, "
                     "torch.use_deterministic_algorithms(True), no randomness in DataLoader "

@@ -4,7 +4,8 @@ the optimizer step, so the batch a step trains on was fetched during the step be
 Default: the README-only port (the prefetched batch is not saved; a resume trains its first
 step on the wrong batch). ``--fixed``: the prefetched batch goes through ``values=``.
 Seeds torch only and imports NumPy, so the Python and NumPy RNGs start unseeded in every
-process (and are saved); ``--numpy-draw`` also draws from NumPy's at every step.
+process (and are saved) unless ``--seed-all``; ``--numpy-draw`` draws from NumPy's at every
+step.
 ``--startup-sleep`` stands in for slow imports (torch takes seconds on a loaded machine).
 
     SPOTRUN_URL=runs/p python tests/scripts/prefetch_train.py --steps 40 [--fixed]
@@ -27,9 +28,12 @@ p.add_argument("--step-sleep", type=float, default=0.02)
 p.add_argument("--startup-sleep", type=float, default=0.0)
 p.add_argument("--fixed", action="store_true")
 p.add_argument("--numpy-draw", action="store_true")
+p.add_argument("--seed-all", action="store_true", help="seed Python and NumPy too")
 args = p.parse_args()
 time.sleep(args.startup_sleep)
 
+if args.seed_all:
+    spotrun.seed_everything(0)
 torch.manual_seed(0)
 data_x = torch.randn(256, 8)
 data_y = data_x @ torch.randn(8, 1)
