@@ -27,6 +27,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,12 @@ import torch
 from .commit import KEEP_ALL_ENV, find_latest_valid, list_checkpoints
 from .errors import CheckpointError, ConfigError
 from .layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, LEDGER_DIR
-from .resume_diagnosis import Divergence, entry_under, find_divergence, rng_entries_never_drawn
+from .resume_diagnosis import (
+    Divergence,
+    entry_under,
+    find_divergence,
+    rng_entries_never_drawn,
+)
 from .snapshot import read_payload
 from .storage import Storage
 
@@ -237,8 +243,10 @@ def _attempt(cmd: Sequence[str], env: Mapping[str, str], timeout: float, storage
     (after the restore, with the Checkpointer's handlers installed), then signal it
     ``delay`` seconds later, unless it has exited by then."""
     t0 = time.monotonic()
+    # This attempt's own segment id, so an earlier attempt's ledger records never count.
+    segment = f"check-resume-{uuid.uuid4().hex[:8]}"
     watch = _LedgerWatch(storage, time.time()) if delay is not None else None
-    proc = subprocess.Popen(list(cmd), env=dict(env))
+    proc = subprocess.Popen(list(cmd), env={**env, "SPOTRUN_SEGMENT_ID": segment})
     signalled_after: float | None = None
     started = False
 
@@ -251,7 +259,8 @@ def _attempt(cmd: Sequence[str], env: Mapping[str, str], timeout: float, storage
     try:
         if watch is not None:
             while proc.poll() is None and not started:
-                started = any(r.get("event") == "training_resumed" for r in watch.new_records())
+                started = any(r.get("event") == "training_resumed" and r.get("segment_id") == segment
+                              for r in watch.new_records())
                 if not started:
                     time.sleep(min(_POLL_S, left()))
             if started:

@@ -63,7 +63,7 @@ def _path(difference: str) -> str:
 
 def entry_under(difference: str, prefixes: Iterable[str]) -> bool:
     path = _path(difference)
-    return any(path == p or path.startswith(p + ".") or path.startswith(p + "[") for p in prefixes)
+    return any(path == p or path.startswith((p + ".", p + "[")) for p in prefixes)
 
 
 def _kind(difference: str) -> str:
