@@ -106,6 +106,7 @@ def _prefetch_cmd(*extra: str) -> list[str]:
     return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5", *extra]
 
 
+@pytest.mark.slow
 def test_check_resume_is_never_a_pass_with_fewer_interruptions_than_asked(tmp_path):
     """Issue 11 item 1: a run with one step leaves room for one interruption at most; the
     old check counted an attempt that finished before its signal, and passed."""
