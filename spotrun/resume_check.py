@@ -258,19 +258,27 @@ def _attempt(cmd: Sequence[str], env: Mapping[str, str], timeout: float, storage
 
     try:
         if watch is not None:
-            while proc.poll() is None and not started:
-                started = any(r.get("event") == "training_resumed" and r.get("segment_id") == segment
-                              for r in watch.new_records())
-                if not started:
+            began: float | None = None  # wall-clock time training began, from the ledger
+            while began is None:
+                exited = proc.poll() is not None  # then one last look at the ledger
+                for r in watch.new_records():
+                    if r.get("event") == "training_resumed" and r.get("segment_id") == segment:
+                        began = float(r.get("first_step_at", r.get("time", time.time())))
+                if exited:
+                    break
+                if began is None:
                     time.sleep(min(_POLL_S, left()))
-            if started:
-                began = time.monotonic()
+            started = began is not None
+            if began is not None and proc.poll() is None:
+                # Counted from the record's own time: the ledger is written in the background
+                # and may be seen late on a loaded machine.
+                wait = max(0.0, began + delay - time.time())  # type: ignore[operator]
                 try:
-                    proc.wait(timeout=min(delay, left()))  # type: ignore[arg-type]
+                    proc.wait(timeout=min(wait, left()))
                 except subprocess.TimeoutExpired:
                     left()
                     proc.send_signal(sig)
-                    signalled_after = time.monotonic() - began
+                    signalled_after = max(0.0, time.time() - began)
         code = proc.wait(timeout=left())
     except subprocess.TimeoutExpired:
         proc.kill()

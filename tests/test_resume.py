@@ -103,7 +103,9 @@ PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
 
 
 def _prefetch_cmd(*extra: str) -> list[str]:
-    return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5", *extra]
+    # 40 steps of 50 ms: two seconds of training for two signals to land in, on a loaded CI.
+    return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5",
+            "--step-sleep", "0.05", *extra]
 
 
 @pytest.mark.slow
