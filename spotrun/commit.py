@@ -34,6 +34,7 @@ from .storage import Storage, translate_errors
 
 __all__ = [
     "DAMAGED_DIR",
+    "KEEP_ALL_ENV",
     "CheckpointInfo",
     "commit",
     "find_latest_valid",
@@ -292,6 +293,10 @@ def find_latest_valid(
     return found
 
 
+#: Set (to anything) by ``spotrun check-resume`` for the runs it compares: retention is off.
+KEEP_ALL_ENV = "SPOTRUN_KEEP_ALL_CHECKPOINTS"
+
+
 def prune(storage: Storage, *, keep_last: int, newest_committed: int) -> list[int]:
     """Delete old checkpoints after ``newest_committed`` was committed; returns removed steps.
 
@@ -305,6 +310,9 @@ def prune(storage: Storage, *, keep_last: int, newest_committed: int) -> list[in
     if keep_last < 1:
         raise ValueError("keep_last must be at least 1")
     removed: list[int] = []
+    if os.environ.get(KEEP_ALL_ENV):
+        # spotrun check-resume compares the two runs step by step, so it needs them all.
+        return removed
     try:
         infos = [c for c in list_checkpoints(storage) if c.step <= newest_committed]
     except StorageError as exc:

@@ -42,6 +42,8 @@ defaults below. Read them through these helpers so a bad value fails with one cl
 ``SPOTRUN_LEDGER_FLUSH_S``     longest wait at exit for queued ledger records (default 5)
 ``SPOTRUN_EXIT_NOTES``         set by ``python -m spotrun.distributed`` for its workers: where
                                they note a committed stop (torchrun does not report codes)
+``SPOTRUN_KEEP_ALL_CHECKPOINTS``  set by ``spotrun check-resume`` for the runs it compares:
+                               retention (``keep_last``) deletes nothing
 ``SPOTRUN_LEASE_TTL``          seconds a run's writer lease lives without a heartbeat
                                (default 30): how long a relaunch elsewhere may wait for a
                                writer that vanished without releasing it

@@ -17,7 +17,9 @@ the outcome back: 75 when any worker exited 75, also when torchrun itself was si
 (it forwards the signal to the workers, which checkpoint and exit 75, but it does not report
 their exit codes, so each worker leaves a one-line note in a folder the wrapper gives it,
 ``SPOTRUN_EXIT_NOTES``), ``128 + signal`` when torchrun was signalled and no worker says it
-committed a stop checkpoint, otherwise what torchrun would have returned.
+committed a stop checkpoint, otherwise what torchrun would have returned, except that a
+failure after the run finished (``done.json`` at ``$SPOTRUN_URL`` written during this launch;
+gloo's teardown sometimes aborts a worker after it) is 0, with a warning naming the codes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .layout import EXIT_INTERRUPTED
+from .layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
 
 __all__ = ["Group", "note_exit", "torchrun"]
 
@@ -119,6 +121,23 @@ def _noted_codes(folder: str) -> set[int]:
     return codes
 
 
+def _done_marker() -> bytes | None:
+    """The run's done.json (at ``$SPOTRUN_URL``, as launchers set it), or None.
+
+    Compared before and after the workers run, so only a marker this launch wrote counts.
+    """
+    if not os.environ.get("SPOTRUN_URL"):
+        return None
+    try:
+        from .storage import open_storage
+
+        storage = open_storage()
+        return bytes(storage.read_bytes(DONE_MARKER)) if storage.exists(DONE_MARKER) else None
+    except Exception as exc:  # noqa: BLE001 - unreadable: trust the exit codes as before
+        log.warning("spotrun: could not read %s under $SPOTRUN_URL: %s", DONE_MARKER, exc)
+        return None
+
+
 def torchrun(argv: Sequence[str] | None = None) -> int:
     """Run ``torch.distributed.run`` (torchrun) with ``argv``; return spotrun's exit code.
 
@@ -127,7 +146,9 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     by all of them; ranks that torchrun then killed while they were tearing down do not
     change that), whether the signal reached the workers directly or through torchrun;
     ``128 + signum`` when torchrun was signalled and no worker committed a stop
-    checkpoint; 1 for any other failure, after printing torchrun's failure summary.
+    checkpoint; 0 also when workers failed after writing ``done.json`` (at
+    ``$SPOTRUN_URL``) during this launch; 1 for any other failure, after printing torchrun's
+    failure summary.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -136,6 +157,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
     os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
+    done_before = _done_marker()
     try:
         run(args)
     except ChildFailedError as exc:
@@ -144,6 +166,14 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
             log.warning("spotrun: workers stopped on an interruption (exit codes %s); "
                         "checkpoint committed, exiting %d", codes, EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
+        done_now = _done_marker()
+        if done_now is not None and done_now != done_before:
+            # done.json is written after every rank's final checkpoint committed: the run is
+            # finished, whatever a worker did after it (gloo's teardown can abort a worker,
+            # "terminate called without an active exception", about 1 run in 5).
+            log.warning("spotrun: the run finished (done.json written) but workers then exited "
+                        "with codes %s; exiting %d", codes, EXIT_FINISHED)
+            return EXIT_FINISHED
         print(exc.format_msg(), file=sys.stderr)
         return 1
     except SignalException as exc:

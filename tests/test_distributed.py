@@ -179,3 +179,38 @@ def test_sigterm_to_torchrun_itself_reaches_every_rank(tmp_path):
     code, out = _finish(proc)
     # torchrun does not report its workers' codes when it is signalled; their exit notes do.
     _check_stopped_together(url, out, code, EXIT_INTERRUPTED)
+
+
+ABORT = str(REPO / "tests" / "scripts" / "abort_after_done.py")
+
+
+def _wrapper_once(url: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), ABORT, *args]
+    return subprocess.run(cmd, env=env_for(url), capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=REPO)
+
+
+def test_wrapper_trusts_done_json_over_a_worker_that_aborts_after_it(tmp_path):
+    """Issue 11 item 2: a worker aborting after done.json (gloo's teardown) is not a failure;
+    a done.json left by an earlier launch does not cover a worker that dies in this one."""
+    url = str(tmp_path / "run")
+    res = _wrapper_once(url)
+    out = res.stdout + res.stderr
+    assert res.returncode == EXIT_FINISHED, out[-4000:]
+    assert (tmp_path / "run" / "done.json").exists()
+    assert "done.json written" in out and "codes [-6]" in out, out[-4000:]
+
+    res = _wrapper_once(url, "before-done")
+    assert res.returncode == 1, (res.stdout + res.stderr)[-4000:]
+
+
+def test_local_launcher_trusts_done_json_and_warns_of_the_exit_code(tmp_path, child_env):
+    run = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+         "--interruptions", "0", "--", sys.executable, ABORT],
+        env=child_env, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "ended: finished" in out and "exited with code -6" in out, out[-4000:]

@@ -490,3 +490,18 @@ def test_max_interruptions_without_fallback_stops(world: World, storage: Storage
     assert "--fallback none" in outcome.message
     assert [s.end_reason for s in ctl.state.segments] == ["interrupted"]
     assert world.running(ctl.state.run_id) == []
+
+
+def test_done_json_wins_over_a_failed_exit_record(world: World, storage: Storage) -> None:
+    """A worker can abort in gloo's teardown after done.json: finished, with the code named."""
+    def act(ctl: Ec2Controller) -> None:
+        cur = ctl.state.current
+        storage.write_bytes("done.json", b"{}")
+        storage.write_bytes(exit_record_path(cur.segment_id), b'{"exit_code": 134}')
+        world.instance(cur.instance_id).terminate()
+
+    ctl = controller(world, storage, options(world, storage), act)
+    outcome = ctl.run()
+    assert outcome.status == "finished" and outcome.exit_code == 0
+    assert ctl.state.segments[-1].end_reason == "finished"
+    assert "exited with code 134" in (ctl.state.segments[-1].detail or "")

@@ -13,7 +13,7 @@ import pytest
 from helpers import EXAMPLE, REPO, env_for, spawn
 from spotrun.commit import list_checkpoints
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
-from spotrun.resume_check import compare_checkpoints
+from spotrun.resume_check import check_resume, compare_checkpoints
 from spotrun.storage import Storage
 
 ARGS = [EXAMPLE, "--steps", "240", "--every-steps", "20", "--step-sleep", "0.01"]
@@ -92,6 +92,73 @@ def test_check_resume_cli_fails_without_rng_and_names_entries(tmp_path):
     res = _check_resume(tmp_path, "--no-rng")
     assert res.returncode == 1, res.stdout + res.stderr
     assert "FAIL" in res.stdout
+    assert "2 of 2 interruptions delivered" in res.stdout, res.stdout
     # Dropout masks differ after resume, so the weights and the optimizer moments do.
     assert "objects.model.0.weight" in res.stdout
     assert "objects.optimizer.state" in res.stdout
+    assert "likely cause: the checkpoints hold no RNG state" in res.stdout, res.stdout
+
+
+PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
+
+
+def _prefetch_cmd(*extra: str) -> list[str]:
+    # 40 steps of 50 ms: two seconds of training for two signals to land in, on a loaded CI.
+    return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5",
+            "--step-sleep", "0.05", *extra]
+
+
+@pytest.mark.slow
+def test_check_resume_is_never_a_pass_with_fewer_interruptions_than_asked(tmp_path):
+    """Issue 11 item 1: a run with one step leaves room for one interruption at most; the
+    old check counted an attempt that finished before its signal, and passed."""
+    result = check_resume([sys.executable, PREFETCH, "--steps", "1", "--fixed", "--seed-all"],
+                          interruptions=2, seed=1, workdir=str(tmp_path / "cr"),
+                          env=env_for(""), timeout=300)
+    assert not result.passed and result.verdict == "INCOMPLETE", result.to_dict()
+    assert result.interruptions <= 1 and result.requested == 2
+    assert result.not_counted, result.to_dict()
+    for i in result.delivered:  # any that counted really resumed from a newer checkpoint
+        assert i.to_step > i.from_step
+
+
+@pytest.mark.slow
+def test_check_resume_names_the_prefetched_batch(tmp_path):
+    """Issue 11 items 1 and 3: a nanoGPT-style loop ported from the README alone trains the
+    first step after a resume on the wrong batch. Its start-up is slow (as torch's imports
+    are on a loaded machine), so signals sent at a fraction of the whole run's time would
+    land before the first checkpoint and prove nothing; each must land after the restore."""
+    cmd = [sys.executable, "-m", "spotrun", "check-resume", "-k", "2", "--seed", "4",
+           "--workdir", str(tmp_path / "cr"), "--", *_prefetch_cmd("--startup-sleep", "1.5")]
+    res = subprocess.run(cmd, env=env_for(""), capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = res.stdout
+    assert res.returncode == 1, out + res.stderr
+    assert "2 of 2 interruptions delivered" in out and "FAIL" in out, out
+    assert "first difference at step" in out, out
+    cause = next(line for line in out.splitlines() if line.startswith("likely cause:"))
+    assert "RNG state and the data position match" in cause and "prefetched batch" in cause, out
+
+
+@pytest.mark.slow
+def test_check_resume_passes_the_fixed_prefetch_port(tmp_path):
+    """The prefetched batch saved through values= resumes exactly. The script seeds torch
+    only: its Python and NumPy RNGs start differently in every process but are never drawn
+    from, which is no difference (issue 11 item 4)."""
+    result = check_resume(_prefetch_cmd("--fixed"), interruptions=2, seed=2,
+                          workdir=str(tmp_path / "cr"), env=env_for(""), timeout=300)
+    assert result.passed, result.to_dict()
+    assert result.interruptions == 2
+    ignored = " ".join(result.ignored)
+    assert "rank-00000.rng.python" in ignored and "rank-00000.rng.numpy" in ignored, result.ignored
+
+
+@pytest.mark.slow
+def test_check_resume_fails_on_an_unseeded_rng_that_is_drawn_from(tmp_path):
+    result = check_resume(_prefetch_cmd("--fixed", "--numpy-draw"), interruptions=1, seed=2,
+                          workdir=str(tmp_path / "cr"), env=env_for(""), timeout=300)
+    assert not result.passed and result.verdict == "FAIL", result.to_dict()
+    assert any(d.startswith("rank-00000.rng.numpy") for d in result.differences), result.differences
+    assert not any("rng.python" in d for d in result.differences)  # never drawn from
+    assert result.divergence is not None
+    assert result.divergence.entries[0].startswith("rank-00000.rng.numpy")
+    assert "before any resume" in result.divergence.cause, result.divergence.cause

@@ -47,8 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "check-resume", help="prove a training command resumes bit-for-bit",
         description="Run CMD once uninterrupted and once interrupted K times with real "
         "SIGTERMs (resuming after each), then compare the two final checkpoints entry by "
-        "entry. PASS (exit 0) or FAIL naming every differing entry (exit 1). CMD must take "
-        "its run URL from $SPOTRUN_URL.",
+        "entry. An interruption counts when the signalled attempt exited 75 with a new "
+        "checkpoint. PASS (exit 0); FAIL naming every differing entry, the first step where "
+        "the runs diverge and the likely cause (exit 1); INCOMPLETE when fewer than K "
+        "interruptions were delivered (exit 1). Both runs keep every checkpoint. CMD must "
+        "take its run URL from $SPOTRUN_URL.",
     )
     p.add_argument("--interruptions", "-k", type=int, default=3, metavar="K")
     p.add_argument("--seed", type=int, default=None, help="seed for the interruption times")
@@ -159,15 +162,29 @@ def cmd_check_resume(args: argparse.Namespace) -> int:
                           seed=args.seed, timeout=args.timeout)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(f"uninterrupted run: {result.uninterrupted_seconds:.1f}s; interrupted run: "
-              f"{result.interruptions} interruptions, {result.interrupted_seconds:.1f}s in all; "
-              f"final step {result.final_step}")
-        if result.passed:
-            print("PASS: the interrupted run ends bit-for-bit equal to the uninterrupted one")
-        else:
-            print(f"FAIL: {len(result.differences)} state entries differ:")
-            for d in result.differences:
-                print(f"  {d}")
-        print(f"runs kept in {result.run_dirs[0]} and {result.run_dirs[1]}")
+        return 0 if result.passed else 1
+    print(f"uninterrupted run: {result.uninterrupted_seconds:.1f}s; interrupted run: "
+          f"{result.interruptions} of {result.requested} interruptions delivered, "
+          f"{result.interrupted_seconds:.1f}s in all; final step {result.final_step}")
+    for i in result.delivered:
+        print(f"  interruption {i.attempt}: signalled {i.after_seconds:.2f}s into training, "
+              f"resumed from step {i.from_step}, stopped at step {i.to_step}")
+    for line in result.not_counted:
+        print(f"  not counted: {line}")
+    for d in result.ignored:
+        print(f"  ignored (never drawn from in either run): {d}")
+    if result.differences:
+        print(f"FAIL: {len(result.differences)} state entries differ:")
+        for d in result.differences:
+            print(f"  {d}")
+        if result.divergence is not None:
+            for line in result.divergence.lines():
+                print(line)
+    if not result.complete:
+        print(f"{'' if result.differences else 'INCOMPLETE: '}only {result.interruptions} of "
+              f"{result.requested} interruptions were delivered, so the resume is not proven; "
+              "run longer (more steps), with fewer --interruptions, or checkpoint more often")
+    elif result.passed:
+        print("PASS: the interrupted run ends bit-for-bit equal to the uninterrupted one")
+    print(f"runs kept in {result.run_dirs[0]} and {result.run_dirs[1]}")
     return 0 if result.passed else 1

@@ -365,6 +365,9 @@ class LocalLauncher:
 
     def _classify(self, rc: int, *, posted: bool, stopped: bool) -> tuple[str, str]:
         if is_done(self.storage):
+            if rc != EXIT_FINISHED:  # e.g. gloo's teardown aborting a worker after the run
+                return "finished", (f"done.json written; warning: the command then exited "
+                                    f"with code {rc}, ignored")
             return "finished", f"exit code {rc}, done.json written"
         if stopped:
             return "stopped", f"Ctrl-C, the command exited with code {rc}"
