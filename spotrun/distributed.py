@@ -102,7 +102,8 @@ class Group:
 def note_exit(code: int) -> None:
     """Under :func:`torchrun`, tell the wrapper how this worker is about to exit.
 
-    Called by the Checkpointer once its stop checkpoint is committed; a no-op elsewhere.
+    Called by the Checkpointer once its stop checkpoint is committed (75) and once the run
+    finished on every rank (0); a no-op elsewhere.
     """
     folder = os.environ.get(EXIT_NOTES_ENV)
     if not folder:
@@ -148,7 +149,9 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     ``128 + signum`` when torchrun was signalled and no worker committed a stop
     checkpoint; 0 also when workers failed after writing ``done.json`` (at
     ``$SPOTRUN_URL``) during this launch; 1 for any other failure, after printing torchrun's
-    failure summary.
+    failure summary. "Written during this launch" is known from the workers' exit notes
+    (every rank notes 0 once done.json is written), or from ``$SPOTRUN_URL`` when the
+    workers died before noting.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -167,7 +170,8 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
                         "checkpoint committed, exiting %d", codes, EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         done_now = _done_marker()
-        if done_now is not None and done_now != done_before:
+        noted_finished = EXIT_FINISHED in _noted_codes(notes)
+        if noted_finished or (done_now is not None and done_now != done_before):
             # done.json is written after every rank's final checkpoint committed: the run is
             # finished, whatever a worker did after it (gloo's teardown can abort a worker,
             # "terminate called without an active exception", about 1 run in 5).

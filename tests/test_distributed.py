@@ -184,10 +184,10 @@ def test_sigterm_to_torchrun_itself_reaches_every_rank(tmp_path):
 ABORT = str(REPO / "tests" / "scripts" / "abort_after_done.py")
 
 
-def _wrapper_once(url: str, *args: str) -> subprocess.CompletedProcess:
+def _wrapper_once(url: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), ABORT, *args]
-    return subprocess.run(cmd, env=env_for(url), capture_output=True, text=True,
+    return subprocess.run(cmd, env=env or env_for(url), capture_output=True, text=True,
                           timeout=TIMEOUT, cwd=REPO)
 
 
@@ -203,6 +203,16 @@ def test_wrapper_trusts_done_json_over_a_worker_that_aborts_after_it(tmp_path):
 
     res = _wrapper_once(url, "before-done")
     assert res.returncode == 1, (res.stdout + res.stderr)[-4000:]
+
+    # The URL only as the script's argument: the wrapper cannot read done.json, the workers'
+    # exit notes (written once the run finished on every rank) say it instead.
+    env = env_for("")
+    del env["SPOTRUN_URL"]
+    other = tmp_path / "by-argument"
+    res = _wrapper_once("", "--url", str(other), env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == EXIT_FINISHED, out[-4000:]
+    assert (other / "done.json").exists() and "codes [-6]" in out, out[-4000:]
 
 
 def test_local_launcher_trusts_done_json_and_warns_of_the_exit_code(tmp_path, child_env):

@@ -78,7 +78,7 @@ from ..events import (
     SegmentStarted,
     TrainingResumed,
 )
-from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
+from ..layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
 from ..lease import acquire_run_lease, release_run_lease
 from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
 from ..manifest import Manifest
@@ -619,6 +619,9 @@ class Checkpointer:
                                     last_step_at=self._last_step_at))
         group.barrier()
         self.finished = True
+        # After the barrier every rank knows done.json exists: tell the wrapper, which may not
+        # be able to read the run URL (a script that takes it as an argument).
+        note_exit(EXIT_FINISHED)
         log.info("run finished at step %d", self.steps_done)
 
     # -- saving ----------------------------------------------------------------------------
