@@ -20,6 +20,7 @@ import concurrent.futures
 import hashlib
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,27 +35,48 @@ CHUNK = 16 << 20
 # Below this a write is checksummed inline; above it the chunks go to the pool.
 _PARALLEL_MIN = 4 << 20
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _nice() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0
 
 
 def pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The checksum threads (CRC32C releases the GIL, so they use every core)."""
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="spotrun-crc")
-    return _pool
+    """The checksum threads for the calling thread (CRC32C releases the GIL, so they use
+    every core).
+
+    One pool per niceness: Linux applies nice per thread and a new thread inherits its
+    creator's, and a pool's threads are started from the threads that submit to it. So
+    the background writer's checksums (nice 10) yield to training like the writer itself,
+    while a restore's (nice 0, training is waiting) do not.
+    """
+    nice = _nice()
+    found = _pools.get(nice)
+    if found is None:
+        with _pools_lock:
+            found = _pools.get(nice)
+            if found is None:
+                found = _pools[nice] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(2, min(8, os.cpu_count() or 2)),
+                    thread_name_prefix=f"spotrun-crc{nice}")
+    return found
 
 
-def _forget_pool() -> None:
-    # A forked child inherits the pool object but not its threads: work sent to it would
-    # never run. Start a new pool there on first use.
-    global _pool
-    _pool = None
+def _forget_pools() -> None:
+    # A forked child inherits the pool objects but not their threads: work sent to them
+    # would never run. Start new pools there on first use.
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _crc(view: Any, value: int = 0) -> int:

@@ -148,3 +148,24 @@ def test_a_run_resumed_from_format1_writes_format2(tmp_path):
     assert json.loads(Path(url, checkpoint_dir(3), MANIFEST).read_text())["files"][
         "rank-00000.pt"]["crc32c"]
     assert find_latest_valid(st).step == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux's")
+def test_checksum_threads_run_at_the_submitting_threads_priority():
+    """The background writer runs at nice 10 so training wins the CPU; its checksum threads
+    must too (and a restore's, on the training thread, must not be slowed by that)."""
+    import threading
+
+    base = checksum._nice()
+    seen = {}
+
+    def background():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), base + 10)
+        seen["writer"] = checksum.pool().submit(checksum._nice).result()
+
+    checksum.pool().submit(checksum._nice).result()  # a pool exists already, made at `base`
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen["writer"] == base + 10
+    assert checksum.pool().submit(checksum._nice).result() == base
