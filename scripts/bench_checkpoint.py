@@ -19,8 +19,9 @@ process on 127.0.0.1; nothing else is contacted). Medians over ``--repeats``.
 9. restore time / min(torch.load + load_state_dict, DCP load)          (target <= 1.0)
 10. peak extra memory of a save / state size                          (target <= 1.0)
 
-DCP (``torch.distributed.checkpoint``) runs on a 1-rank gloo group, created for its
-measurements only and destroyed before spotrun runs again: ``async_save`` of
+DCP (``torch.distributed.checkpoint``) is measured interleaved with spotrun (each DCP save
+right after a spotrun save, each DCP load right after a spotrun restore), each call on a
+1-rank gloo group created and destroyed around it: ``async_save`` of
 ``get_state_dict(model, optimizer)`` to the same disk, and ``dcp.load`` +
 ``set_state_dict`` into another model/optimizer of the same shapes.
 
@@ -222,7 +223,9 @@ def drop(path: str) -> None:
 def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any]:
     """Figures 1-4 and 6 on local disk."""
     r: dict[str, list[float]] = {k: [] for k in (
-        "stall", "persist", "torch_save", "copy", "raw_write", "restore", "torch_load")}
+        "stall", "persist", "torch_save", "copy", "raw_write", "restore", "torch_load",
+        "dcp_stall", "dcp_durable", "dcp_load")}
+    dcp = DCPBaseline(work)
     steps_base: list[float] = []
     steps_persist: list[float] = []
     nbytes = 0
@@ -253,6 +256,9 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
             stall, persist = timed_save(ck, step)
             r["stall"].append(stall)
             r["persist"].append(persist)
+            dcp_stall, dcp_durable = dcp.save(st)  # right after: the same load, as near as can be
+            r["dcp_stall"].append(dcp_stall)
+            r["dcp_durable"].append(dcp_durable)
             nbytes = payload_bytes(url, step)
             r["copy"].append(copy_all())
             path = os.path.join(work, "torch_save.pt")
@@ -286,6 +292,7 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
         step += 1
         timed_save(ck, step)
         torch_save_fsync(st, os.path.join(work, "torch_save.pt"))
+        dcp.save(st)
     # Restored by a second Checkpointer once the first has exited: a run has one writer
     # at a time (the lease), and a restore takes the lease like any Checkpointer.
     other = fresh_like(st)
@@ -307,69 +314,86 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
         r["torch_load"].append(time.perf_counter() - t0)
         del sd
         gc.collect()
+        r["dcp_load"].append(dcp.load(other))
     for a, b in zip(st.model.state_dict().values(), other.model.state_dict().values()):
         assert torch.equal(a, b), "restored weights differ from the saved ones"
+    dcp.close()
     drop(os.path.join(work, "torch_save.pt"))
     drop(url)
     return {"raw": r, "payload_bytes": nbytes, "steps_base": steps_base,
             "steps_persist": steps_persist, "step_time_s": step_time}
 
 
-def measure_dcp(st: State, work: str, repeats: int, log: Any) -> dict[str, list[float]]:
+class DCPBaseline:
     """DCP's ``async_save`` (stall, durable) and ``dcp.load`` of the same state, same disk.
 
-    A 1-rank gloo group exists only while this runs (DCP needs one for its collectives;
-    spotrun is measured without it, as a single-process user runs it).
+    Each call runs inside a 1-rank gloo group of its own (DCP needs one for its
+    collectives), created and destroyed around it, so DCP is measured interleaved with
+    spotrun, under the same load, while spotrun itself runs without a process group, as a
+    single-process user runs it.
     """
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                            world_size=1)
-    r: dict[str, list[float]] = {"stall": [], "durable": [], "load": []}
-    try:
-        def save(path: str) -> tuple[float, float]:
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.path: str | None = None
+        self.n = 0
+
+    def _group(self) -> Any:
+        import contextlib
+
+        import torch.distributed as dist
+
+        @contextlib.contextmanager
+        def group() -> Any:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                    world_size=1)
+            try:
+                yield
+            finally:
+                dist.destroy_process_group()
+
+        return group()
+
+    def save(self, st: State) -> tuple[float, float]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if self.path is not None:
+            drop(self.path)
+        self.n += 1
+        self.path = os.path.join(self.work, f"dcp-{self.n}")
+        with self._group():
             sync_device(st)
             t0 = time.perf_counter()
             msd, osd = get_state_dict(st.model, st.opt)
-            fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=path)
+            fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=self.path)
             t1 = time.perf_counter()
             (fut.upload_completion if hasattr(fut, "upload_completion") else fut).result()
             return t1 - t0, time.perf_counter() - t0
 
-        path = os.path.join(work, "dcp-0")
-        save(path)  # warm-up
-        for i in range(repeats):
-            log(f"  dcp save repeat {i + 1}/{repeats}")
-            drop(path)
-            path = os.path.join(work, f"dcp-{i + 1}")
-            stall, durable = save(path)
-            r["stall"].append(stall)
-            r["durable"].append(durable)
-            _timed_step(st)  # the state changes between saves, as in training
-        # Load what the last save wrote (st has stepped since: compare with that file).
-        other = fresh_like(st)
-        for i in range(repeats):
-            log(f"  dcp load repeat {i + 1}/{repeats}")
+    def load(self, other: State) -> float:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        assert self.path is not None
+        with self._group():
             gc.collect()
             sync_device(other)
             t0 = time.perf_counter()
             msd, osd = get_state_dict(other.model, other.opt)
             state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=self.path)
             set_state_dict(other.model, other.opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             sync_device(other)
-            r["load"].append(time.perf_counter() - t0)
-            del state, msd, osd
-        drop(path)
-    finally:
-        dist.destroy_process_group()
-    return r
+            return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.path is not None:
+            drop(self.path)
 
 
 def _timed_step(st: State) -> float:
@@ -589,8 +613,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         state_bytes = st.nbytes()
         log("local disk: save, torch.save, copy, raw write, steps, restore")
         loc = measure_local(st, work, args.repeats, log)
-        log("DCP (1-rank gloo group): async_save, load")
-        dcp = measure_dcp(st, work, args.repeats, log)
         s3 = None
         if args.s3:
             log("S3 (moto server in a separate process)")
@@ -611,6 +633,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stall_vs_memory_copy", stall / med(r["copy"]),
         f"{stall:.4f} s", f"{med(r['copy']):.4f} s")
     durable = med([a + b for a, b in zip(r["stall"], r["persist"])])
+    dcp = {"stall": r["dcp_stall"], "durable": r["dcp_durable"], "load": r["dcp_load"]}
     figs["stall_vs_dcp"] = figure(
         "stall_vs_dcp", stall / med(dcp["stall"]),
         f"{stall:.4f} s", f"{med(dcp['stall']):.4f} s")
@@ -669,7 +692,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "async_save": ASYNC},
         "figures": figs,
         "raw": {"local": {k: [round(x, 5) for x in v] for k, v in r.items()},
-                "dcp": {k: [round(x, 5) for x in v] for k, v in dcp.items()},
                 "s3": None if s3 is None else {k: v for k, v in s3.items()},
                 "memory": {"spotrun": mem, "torch_save": mem_torch}},
     }
