@@ -8,13 +8,22 @@ in all. Every figure is a ratio against a baseline measured in the same run, on 
 disk (``--dir``) and, with ``--s3``, the same moto server (started here as a separate
 process on 127.0.0.1; nothing else is contacted). Medians over ``--repeats``.
 
-1. training stall per checkpoint / synchronous torch.save + fsync     (target <= 0.10)
+1. training stall per checkpoint / synchronous torch.save + fsync      (target <= 0.10)
 2. training stall per checkpoint / plain copy into preallocated memory (target <= 1.5)
-3. p50, p99 step time while a save persists / without saving          (target p99 <= 1.5)
-4. local persist throughput / raw sequential write + fsync            (target >= 0.8)
-5. S3 persist throughput / boto3 upload_fileobj to the same server    (target >= 1.0)
-6. restore time / torch.load + load_state_dict                        (target <= 1.0)
-7. peak extra memory of a save / state size                           (near 1: one copy)
+3. training stall / DCP async_save stall                               (target <= 0.5)
+4. save() -> durable / DCP async_save -> durable                       (target <= 1.0)
+5. p50, p99 step time while a save persists / without saving          (target p99 <= 1.5)
+6. local persist throughput / raw sequential write + fsync            (target >= 0.8)
+7. S3 persist throughput / boto3 upload_fileobj to the same server    (target >= 1.0)
+8. S3 restore throughput / boto3 download_fileobj from the same server (target >= 1.0)
+9. restore time / min(torch.load + load_state_dict, DCP load)          (target <= 1.0)
+10. peak extra memory of a save / state size                          (target <= 1.0)
+
+DCP (``torch.distributed.checkpoint``) is measured interleaved with spotrun (each DCP save
+right after a spotrun save, each DCP load right after a spotrun restore), each call on a
+1-rank gloo group created and destroyed around it: ``async_save`` of
+``get_state_dict(model, optimizer)`` to the same disk, and ``dcp.load`` +
+``set_state_dict`` into another model/optimizer of the same shapes.
 
 "Stall" is what ``Checkpointer.save()`` costs the training thread: with ``async_save`` (the
 default, when this spotrun has it) the staging copy; without, the whole save. Figure 7 runs
@@ -60,19 +69,25 @@ ASYNC = "async_save" in inspect.signature(spotrun.Checkpointer.__init__).paramet
 TARGETS = {
     "stall_vs_torch_save": ("<=", 0.10),
     "stall_vs_memory_copy": ("<=", 1.5),
+    "stall_vs_dcp": ("<=", 0.5),
+    "durable_vs_dcp": ("<=", 1.0),
     "step_time_while_persisting": ("<=", 1.5),  # on p99
     "local_persist_vs_raw_write": (">=", 0.8),
     "s3_persist_vs_boto3": (">=", 1.0),
-    "restore_vs_torch_load": ("<=", 1.0),
-    "save_peak_memory_vs_state": ("<=", 1.25),
+    "s3_restore_vs_boto3": (">=", 1.0),
+    "restore_vs_best": ("<=", 1.0),
+    "save_peak_memory_vs_state": ("<=", 1.0),
 }
 TITLES = {
     "stall_vs_torch_save": "training stall / torch.save+fsync",
     "stall_vs_memory_copy": "training stall / copy into preallocated memory",
+    "stall_vs_dcp": "training stall / DCP async_save stall",
+    "durable_vs_dcp": "save() -> durable / DCP async_save -> durable",
     "step_time_while_persisting": "step time while persisting / without (p50, p99)",
     "local_persist_vs_raw_write": "local persist throughput / raw write+fsync",
     "s3_persist_vs_boto3": "S3 persist throughput / boto3 upload_fileobj",
-    "restore_vs_torch_load": "restore / torch.load+load_state_dict",
+    "s3_restore_vs_boto3": "S3 restore throughput / boto3 download_fileobj",
+    "restore_vs_best": "restore / min(torch.load+load_state_dict, DCP load)",
     "save_peak_memory_vs_state": "peak extra memory of a save / state size",
 }
 
@@ -208,7 +223,9 @@ def drop(path: str) -> None:
 def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any]:
     """Figures 1-4 and 6 on local disk."""
     r: dict[str, list[float]] = {k: [] for k in (
-        "stall", "persist", "torch_save", "copy", "raw_write", "restore", "torch_load")}
+        "stall", "persist", "torch_save", "copy", "raw_write", "restore", "torch_load",
+        "dcp_stall", "dcp_durable", "dcp_load")}
+    dcp = DCPBaseline(work)
     steps_base: list[float] = []
     steps_persist: list[float] = []
     nbytes = 0
@@ -239,6 +256,9 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
             stall, persist = timed_save(ck, step)
             r["stall"].append(stall)
             r["persist"].append(persist)
+            dcp_stall, dcp_durable = dcp.save(st)  # right after: the same load, as near as can be
+            r["dcp_stall"].append(dcp_stall)
+            r["dcp_durable"].append(dcp_durable)
             nbytes = payload_bytes(url, step)
             r["copy"].append(copy_all())
             path = os.path.join(work, "torch_save.pt")
@@ -272,6 +292,7 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
         step += 1
         timed_save(ck, step)
         torch_save_fsync(st, os.path.join(work, "torch_save.pt"))
+        dcp.save(st)
     # Restored by a second Checkpointer once the first has exited: a run has one writer
     # at a time (the lease), and a restore takes the lease like any Checkpointer.
     other = fresh_like(st)
@@ -293,12 +314,86 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
         r["torch_load"].append(time.perf_counter() - t0)
         del sd
         gc.collect()
+        r["dcp_load"].append(dcp.load(other))
     for a, b in zip(st.model.state_dict().values(), other.model.state_dict().values()):
         assert torch.equal(a, b), "restored weights differ from the saved ones"
+    dcp.close()
     drop(os.path.join(work, "torch_save.pt"))
     drop(url)
     return {"raw": r, "payload_bytes": nbytes, "steps_base": steps_base,
             "steps_persist": steps_persist, "step_time_s": step_time}
+
+
+class DCPBaseline:
+    """DCP's ``async_save`` (stall, durable) and ``dcp.load`` of the same state, same disk.
+
+    Each call runs inside a 1-rank gloo group of its own (DCP needs one for its
+    collectives), created and destroyed around it, so DCP is measured interleaved with
+    spotrun, under the same load, while spotrun itself runs without a process group, as a
+    single-process user runs it.
+    """
+
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.path: str | None = None
+        self.n = 0
+
+    def _group(self) -> Any:
+        import contextlib
+
+        import torch.distributed as dist
+
+        @contextlib.contextmanager
+        def group() -> Any:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                    world_size=1)
+            try:
+                yield
+            finally:
+                dist.destroy_process_group()
+
+        return group()
+
+    def save(self, st: State) -> tuple[float, float]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if self.path is not None:
+            drop(self.path)
+        self.n += 1
+        self.path = os.path.join(self.work, f"dcp-{self.n}")
+        with self._group():
+            sync_device(st)
+            t0 = time.perf_counter()
+            msd, osd = get_state_dict(st.model, st.opt)
+            fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=self.path)
+            t1 = time.perf_counter()
+            (fut.upload_completion if hasattr(fut, "upload_completion") else fut).result()
+            return t1 - t0, time.perf_counter() - t0
+
+    def load(self, other: State) -> float:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        assert self.path is not None
+        with self._group():
+            gc.collect()
+            sync_device(other)
+            t0 = time.perf_counter()
+            msd, osd = get_state_dict(other.model, other.opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=self.path)
+            set_state_dict(other.model, other.opt, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            sync_device(other)
+            return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.path is not None:
+            drop(self.path)
 
 
 def _timed_step(st: State) -> float:
@@ -350,6 +445,7 @@ def measure_s3(st: State, repeats: int, log: Any) -> dict[str, Any]:
         persist: list[float] = []
         upload: list[float] = []
         s3_restore: list[float] = []
+        download: list[float] = []
         nbytes = 0
         with checkpointer(url, st, storage_options={"skip_instance_cache": True}) as ck:
             ck.restore()
@@ -371,14 +467,25 @@ def measure_s3(st: State, repeats: int, log: Any) -> dict[str, Any]:
                 s3.delete_object(Bucket=bucket, Key="baseline.bin")
                 assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == nbytes
         other = fresh_like(st)
-        for _ in range(max(1, repeats // 2)):
+        last = f"run/{1 + repeats:012d}/rank-00000.pt"
+        for i in range(repeats):
+            log(f"  s3 restore repeat {i + 1}/{repeats}")
             with checkpointer(url, other, storage_options={"skip_instance_cache": True}) as ck2:
                 t0 = time.perf_counter()
                 ck2.restore()
                 s3_restore.append(time.perf_counter() - t0)
             gc.collect()
+            # Baseline: the same object's bytes into memory, nothing verified or loaded.
+            sink = io.BytesIO()
+            t0 = time.perf_counter()
+            s3.download_fileobj(bucket, last, sink)
+            download.append(time.perf_counter() - t0)
+            assert sink.getbuffer().nbytes == nbytes
+            del sink
+            gc.collect()
         return {"persist": persist, "upload_fileobj": upload, "restore": s3_restore,
-                "payload_bytes": nbytes, "endpoint": "moto server, separate process"}
+                "download_fileobj": download, "payload_bytes": nbytes,
+                "endpoint": "moto server, separate process"}
     finally:
         proc.terminate()
         try:
@@ -525,6 +632,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figs["stall_vs_memory_copy"] = figure(
         "stall_vs_memory_copy", stall / med(r["copy"]),
         f"{stall:.4f} s", f"{med(r['copy']):.4f} s")
+    durable = med([a + b for a, b in zip(r["stall"], r["persist"])])
+    dcp = {"stall": r["dcp_stall"], "durable": r["dcp_durable"], "load": r["dcp_load"]}
+    figs["stall_vs_dcp"] = figure(
+        "stall_vs_dcp", stall / med(dcp["stall"]),
+        f"{stall:.4f} s", f"{med(dcp['stall']):.4f} s")
+    figs["durable_vs_dcp"] = figure(
+        "durable_vs_dcp", durable / med(dcp["durable"]),
+        f"{durable:.4f} s", f"{med(dcp['durable']):.4f} s")
     sb, sp = loc["steps_base"], loc["steps_persist"]
     p50 = pct(sp, 0.5) / pct(sb, 0.5)
     p99 = pct(sp, 0.99) / pct(sb, 0.99)
@@ -544,12 +659,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figs["s3_persist_vs_boto3"] = figure(
             "s3_persist_vs_boto3", s3_tp / boto_tp,
             f"{s3_tp / MiB:.0f} MiB/s", f"{boto_tp / MiB:.0f} MiB/s",
-            s3_restore_s=round(med(s3["restore"]), 4))
+        )
+        figs["s3_restore_vs_boto3"] = figure(
+            "s3_restore_vs_boto3", med(s3["download_fileobj"]) / med(s3["restore"]),
+            f"{s3['payload_bytes'] / med(s3['restore']) / MiB:.0f} MiB/s "
+            f"({med(s3['restore']):.3f} s, verified and loaded)",
+            f"{s3['payload_bytes'] / med(s3['download_fileobj']) / MiB:.0f} MiB/s "
+            f"({med(s3['download_fileobj']):.3f} s, bytes only)")
     else:
         figs["s3_persist_vs_boto3"] = figure("s3_persist_vs_boto3", None, "skipped (no --s3)", "-")
-    figs["restore_vs_torch_load"] = figure(
-        "restore_vs_torch_load", med(r["restore"]) / med(r["torch_load"]),
-        f"{med(r['restore']):.4f} s", f"{med(r['torch_load']):.4f} s")
+        figs["s3_restore_vs_boto3"] = figure("s3_restore_vs_boto3", None, "skipped (no --s3)", "-")
+    best = min(med(r["torch_load"]), med(dcp["load"]))
+    figs["restore_vs_best"] = figure(
+        "restore_vs_best", med(r["restore"]) / best,
+        f"{med(r['restore']):.4f} s",
+        f"{best:.4f} s (torch.load {med(r['torch_load']):.4f} s, DCP load "
+        f"{med(dcp['load']):.4f} s)")
     extra = max(mem["first_save_extra"], mem.get("next_save_extra", 0))
     figs["save_peak_memory_vs_state"] = figure(
         "save_peak_memory_vs_state", extra / mem["state_bytes"],

@@ -8,7 +8,6 @@ modification time (so step 10 is newer than step 9 on every backend).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from . import checksum
 from .errors import (
     CorruptCheckpointError,
     StorageError,
@@ -126,7 +126,7 @@ def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
 def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True) -> list[str]:
     """Problems with a committed checkpoint's files; an empty list means intact.
 
-    ``deep`` re-hashes every byte and checks that each payload holds the manifest's step;
+    ``deep`` re-checksums every byte and checks that each payload holds the manifest's step;
     otherwise only presence and sizes are checked. Only proven damage is a problem; a file
     that cannot be read (access denied, network) raises StorageError instead.
     """
@@ -150,13 +150,13 @@ def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True
         if deep:
             data: bytes | bytearray | None = None
             if storage.is_local:
-                _, digest = storage.sha256(rel)  # memory-mapped, no copy
+                found = storage.verify(rel, entry)  # memory-mapped, no copy
             else:
-                # Read once, for the hash and for the payload's step below.
+                # Read once, for the checksum and for the payload's step below.
                 data = storage.read_bytes(rel)
-                digest = hashlib.sha256(data).hexdigest()
-            if digest != entry.sha256:
-                problems.append(f"{where}: sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}... (corrupted)")
+                found = checksum.problem(data, entry)
+            if found:
+                problems.append(f"{where}: {found}")
                 continue
             if _PAYLOAD_FILE.fullmatch(name):
                 problem = _payload_step_problem(storage, rel, manifest.step, data)
@@ -200,7 +200,7 @@ def _payload_step_problem(storage: Storage, rel: str, step: int,
 
     Reads only the pickle record of the ``torch.save`` zip (from ``data`` when the file was
     already read whole), never its tensor bytes, and resolves no class: nothing in the file
-    can run. Costs a small fraction of the hash that precedes it.
+    can run. Costs a small fraction of the checksum that precedes it.
     """
     from .snapshot import BufferReader  # here: snapshot imports torch, ls/verify need not
 

@@ -1,7 +1,9 @@
 """The checkpoint manifest: the one small file whose existence commits a checkpoint.
 
-It names every payload file with its size and sha256, so a reader can tell a complete
+It names every payload file with its size and checksum, so a reader can tell a complete
 checkpoint from a half-written or damaged one without trusting listing order or mtimes.
+Format 2 lists a CRC32C per 16 MiB chunk (see :mod:`spotrun.checksum`); format 1 listed one
+sha256 per file, and is still read and verified.
 """
 
 from __future__ import annotations
@@ -18,13 +20,40 @@ from .layout import DCP_METADATA
 __all__ = ["FORMAT_VERSION", "FileEntry", "Manifest"]
 
 #: Bump when a reader of the previous version could misread the new layout.
-FORMAT_VERSION = 1
+#: 2: per-chunk CRC32C (``crc32c`` and ``chunk`` in each file entry) instead of sha256.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One file of a checkpoint: its size and its checksum, either a CRC32C per ``chunk``
+    bytes (format 2, hex strings) or one sha256 (format 1)."""
+
     size: int
-    sha256: str
+    sha256: str = ""
+    crc32c: tuple[str, ...] = ()
+    chunk: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.size}
+        if self.chunk:
+            out["crc32c"] = list(self.crc32c)
+            out["chunk"] = self.chunk
+        if self.sha256:
+            out["sha256"] = self.sha256
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileEntry:
+        if "crc32c" in data:
+            values = tuple(str(v) for v in data["crc32c"])
+            chunk = int(data["chunk"])
+            if chunk <= 0 or len(values) != -(-int(data["size"]) // chunk):
+                raise ValueError(f"{len(values)} chunk checksums for {data['size']} bytes "
+                                 f"in chunks of {chunk}")
+            return cls(size=int(data["size"]), sha256=str(data.get("sha256", "")),
+                       crc32c=values, chunk=chunk)
+        return cls(size=int(data["size"]), sha256=str(data["sha256"]))
 
 
 @dataclass
@@ -58,6 +87,7 @@ class Manifest:
         data = asdict(self)
         if not data["artifacts"]:
             del data["artifacts"]  # manifests without artifacts stay as they were
+        data["files"] = {name: f.to_dict() for name, f in self.files.items()}
         data["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at))
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
@@ -78,10 +108,7 @@ class Manifest:
         try:
             return cls(
                 step=int(data["step"]),
-                files={
-                    name: FileEntry(size=int(f["size"]), sha256=str(f["sha256"]))
-                    for name, f in data["files"].items()
-                },
+                files={name: FileEntry.from_dict(f) for name, f in data["files"].items()},
                 created_at=float(data["created_at"]),
                 world_size=int(data.get("world_size", 1)),
                 metadata=dict(data.get("metadata") or {}),

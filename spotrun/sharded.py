@@ -34,7 +34,7 @@ Asynchronous save (at most one in flight per :class:`ShardedSaver`)::
 Restore on any number of ranks (DCP reshards)::
 
     state = get_state(model, optimizer)      # the NEW topology's (empty) sharded state
-    read_sharded(storage, manifest, state)   # collective; loads in place, verifies sha256
+    read_sharded(storage, manifest, state)   # collective; loads in place, verifies checksums
     set_state(model, optimizer, state)
 """
 
@@ -86,6 +86,7 @@ from torch.distributed.checkpoint.storage import (
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
+from . import checksum
 from .errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -112,7 +113,7 @@ __all__ = [
 log = logging.getLogger("spotrun")
 
 _SUFFIX = ".distcp"
-# WriteResults whose index starts with this carry one written file's (name, size, sha256)
+# WriteResults whose index starts with this carry one written file's (name, manifest entry)
 # from a rank to the coordinator; finish() takes them out before DCP's metadata is written.
 _FILE_RECORD_FQN = "__spotrun_file__/"
 
@@ -226,8 +227,7 @@ def set_state(
 @dataclasses.dataclass(frozen=True)
 class _FileRecord:
     name: str
-    size: int
-    sha256: str
+    entry: FileEntry
 
 
 class SpotrunStorageWriter(StorageWriter):
@@ -304,8 +304,8 @@ class SpotrunStorageWriter(StorageWriter):
                 length = out.size - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))
-        record = _FileRecord(name, out.size, out.sha256)
-        self.files = [(name, FileEntry(out.size, out.sha256))]
+        record = _FileRecord(name, out.entry)
+        self.files = [(name, out.entry)]
         results.append(WriteResult(index=MetadataIndex(_FILE_RECORD_FQN + name),
                                    size_in_bytes=out.size, storage_data=record))
         fut: Future[list[WriteResult]] = Future()
@@ -319,14 +319,14 @@ class SpotrunStorageWriter(StorageWriter):
             for wr in rank_results:
                 if isinstance(wr.storage_data, _FileRecord):
                     rec = wr.storage_data
-                    files.append((rec.name, FileEntry(rec.size, rec.sha256)))
+                    files.append((rec.name, rec.entry))
                 else:
                     storage_md[wr.index] = wr.storage_data
         metadata.storage_data = storage_md
         metadata.storage_meta = self.storage_meta()
         with self.storage.open_write(f"{self.folder}/{DCP_METADATA}") as out:
             pickle.dump(metadata, out)
-        files.append((DCP_METADATA, FileEntry(out.size, out.sha256)))
+        files.append((DCP_METADATA, out.entry))
         self.files = sorted(files)
 
     def storage_meta(self) -> StorageMeta | None:
@@ -375,7 +375,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class SpotrunStorageReader(StorageReader):
     """A DCP ``StorageReader`` over spotrun's Storage that checks every file it reads
-    against the manifest (size and sha256) before a byte of it is used.
+    against the manifest (size and chunk checksums) before a byte of it is used.
 
     DCP calls it in this order (``dcp.load``; every rank unless noted):
 
@@ -419,19 +419,9 @@ class SpotrunStorageReader(StorageReader):
                     "lists it; restore from an older checkpoint"
                 ) from None
             raise
-        if len(data) != entry.size:
-            raise CorruptCheckpointError(
-                f"{where}: {len(data)} bytes, manifest says {entry.size} (truncated or "
-                "overwritten); restore from an older checkpoint"
-            )
-        import hashlib
-
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry.sha256:
-            raise CorruptCheckpointError(
-                f"{where}: sha256 {digest[:12]}..., manifest says {entry.sha256[:12]}... "
-                "(corrupted); restore from an older checkpoint"
-            )
+        found = checksum.problem(data, entry)
+        if found:
+            raise CorruptCheckpointError(f"{where}: {found}; restore from an older checkpoint")
         return data
 
     def _load_metadata(self) -> Metadata:
@@ -668,7 +658,7 @@ class ShardedSaver:
     Why a dedicated process group: ``dcp.save`` runs collectives before writing (gather
     and scatter of plans) and after (gathering every rank's results so rank 0 can write
     ``.metadata``, then a broadcast). Planning in the training thread would still leave the
-    second one, and with it every file's size and sha256, for the background. Collectives
+    second one, and with it every file's size and checksums, for the background. Collectives
     on the default group from the background thread would interleave with the training
     thread's own (gloo matches messages by order, so that hangs or mixes up tensors), so
     every DCP collective here runs on one extra gloo group made once, in the constructor,

@@ -1,16 +1,17 @@
 """Training state <-> payload files.
 
 A payload is one ``torch.save`` file per rank (``rank-00000.pt``), holding nested dicts of
-tensors and plain values. Written through :meth:`Storage.open_write`, so its size and sha256
-are known when the write ends and the commit never re-reads it. Read back with
-``weights_only=True`` by default (a bucket is not a trusted code source), memory-mapped when
-the file is on local disk, and verified against the manifest before anything is loaded.
+tensors and plain values. Written through :meth:`Storage.open_write`, so its size and chunk
+checksums are known when the write ends and the commit never re-reads it. Read back with
+``weights_only=True`` by default (a bucket is not a trusted code source), verified against
+the manifest on every core *before* anything is loaded, then memory-mapped when the file is
+on local disk, so ``load_state_dict`` copies straight from the file's pages into the live
+tensors (no intermediate copy of the state).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -20,10 +21,10 @@ from typing import Any
 
 import torch
 
+from . import checksum
 from .errors import (
     CheckpointError,
     CorruptCheckpointError,
-    StorageError,
     UnloadableStateError,
 )
 from .layout import checkpoint_dir
@@ -229,7 +230,7 @@ def write_payload(storage: Storage, step: int, rank: int, payload: Mapping[str, 
     name = payload_name(rank)
     with storage.open_write(f"{checkpoint_dir(step)}/{name}") as f:
         torch.save(dict(payload), f)
-    return name, FileEntry(size=f.size, sha256=f.sha256)
+    return name, f.entry
 
 
 def read_payload(
@@ -240,101 +241,75 @@ def read_payload(
     Raises CorruptCheckpointError when the bytes do not match, so the caller can fall back
     to an older checkpoint.
     """
-    payload, verification = open_payload(storage, step, name, entry, weights_only=weights_only)
-    verification.check()
+    payload, _ = open_payload(storage, step, name, entry, weights_only=weights_only)
     return payload
 
 
 class Verification:
-    """A sha256/size check running beside the load; :meth:`check` waits and raises on damage.
+    """The outcome of checking a payload against its manifest entry.
 
-    hashlib releases the GIL on large buffers, so the hash really runs in parallel with
-    ``torch.load`` and ``load_state_dict``: restore costs about max(hash, load), not the sum.
+    :func:`open_payload` verifies every byte before it loads anything (CRC32C chunks on
+    every core, memory speed), so this is always settled: :meth:`check` and :meth:`settle`
+    return at once. Kept so callers need not know whether verification ran first or
+    alongside the load.
     """
 
-    def __init__(self, fn: Any) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="spotrun-verify", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Any) -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            self._error = exc
-
     def check(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        """Raise if the payload was damaged (it never is once returned: see above)."""
 
     def settle(self) -> None:
-        """Wait for the check to end and raise only proven damage (a mismatch).
-
-        For a load that failed for another reason (a read error): if the bytes are also
-        known to be wrong, that is the better explanation; a read error of the check itself
-        adds nothing to the caller's own.
-        """
-        self._thread.join()
-        if isinstance(self._error, CorruptCheckpointError):
-            raise self._error
+        """Like :meth:`check`; for callers whose load failed for another reason."""
 
 
 def open_payload(
     storage: Storage, step: int, name: str, entry: FileEntry, *, weights_only: bool = True
 ) -> tuple[dict[str, Any], Verification]:
-    """Start loading one payload while its bytes are verified; returns both.
+    """Verify one payload against its manifest entry, then load it; returns both.
 
-    The payload must not be trusted (or kept) until ``Verification.check()`` returned.
-    Local files are memory-mapped (pages come in as ``load_state_dict`` copies them, no
-    second copy in RAM); remote ones are read whole (parallel ranged GETs on S3) and loaded
-    from that buffer without another copy.
+    Nothing is loaded from a file that fails verification (CorruptCheckpointError), so a
+    damaged checkpoint never reaches the live objects. Local files are checked through one
+    memory map and then loaded memory-mapped (the tensors are views of the file's pages,
+    which ``load_state_dict`` copies straight into the live tensors: no second copy in
+    RAM); remote ones are read whole (parallel ranged GETs on S3), checked, and loaded
+    from that buffer.
     """
     rel = f"{checkpoint_dir(step)}/{name}"
     where = storage.display(rel)
     local = storage.local_path(rel)
     if local is not None:
         with translate_errors(where, "reading"):
-            size = os.path.getsize(local)
-        if size != entry.size:  # cheap, and torch.load would choke on a truncated file anyway
-            raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
-        verification = Verification(lambda: _check_digest(*storage.sha256(rel), entry, where))
+            found = checksum.problem_in_file(local, entry)
         source: Any = local
         use_mmap = True
     else:
         data = storage.read_bytes(rel)
-        _check_size(len(data), entry, where)
-        verification = Verification(lambda: _check_digest(len(data), hashlib.sha256(data).hexdigest(), entry, where))
+        found = checksum.problem(data, entry)
         source, use_mmap = BufferReader(data), False
+    if found:
+        raise CorruptCheckpointError(f"{where}: {found}")
     try:
         # An OSError here (permission, EIO) is a failed read, not a damaged file: it
         # becomes a StorageError, which a restore never mistakes for damage.
         with translate_errors(where, "reading"):
             payload = torch.load(source, map_location="cpu", weights_only=weights_only, mmap=use_mmap)
-    except StorageError:
-        verification.settle()
-        raise
     except pickle.UnpicklingError as exc:
-        verification.check()  # damage explains a refusal better than the refusal does
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(
             f"{where}: safe loading (weights_only=True) refused it: {first}; if you trust "
             "this storage, pass weights_only=False"
         ) from exc
     except (RuntimeError, EOFError, ValueError) as exc:
-        verification.check()
+        # Verified bytes that do not load: written by a broken writer, still damage.
         raise CorruptCheckpointError(f"{where}: cannot be read ({exc})") from exc
     if not isinstance(payload, dict):
-        verification.check()
         raise CorruptCheckpointError(f"{where}: holds a {type(payload).__name__}, not a spotrun payload")
     saved_step = payload.get("step", step)
     if type(saved_step) is not int or saved_step != step:
-        verification.check()
         raise CorruptCheckpointError(
             f"{where}: payload holds step {saved_step!r} but its folder is step {step} "
             "(copied from another checkpoint?)"
         )
-    return payload, verification
+    return payload, Verification()
 
 
 class BufferReader(io.RawIOBase):
@@ -363,14 +338,3 @@ class BufferReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
-
-
-def _check_size(size: int, entry: FileEntry, where: str) -> None:
-    if size != entry.size:
-        raise CorruptCheckpointError(f"{where}: {size} bytes, manifest says {entry.size} (truncated)")
-
-
-def _check_digest(size: int, digest: str, entry: FileEntry, where: str) -> None:
-    _check_size(size, entry, where)
-    if digest != entry.sha256:
-        raise CorruptCheckpointError(f"{where}: sha256 does not match the manifest (corrupted)")

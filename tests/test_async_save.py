@@ -40,7 +40,7 @@ def _train(ck, model, opt, sched, steps):
 
 
 def _digests(url):
-    return {c.step: {n: e.sha256 for n, e in c.manifest.files.items()}
+    return {c.step: dict(c.manifest.files)
             for c in list_checkpoints(Storage(url)) if c.manifest}
 
 

@@ -104,7 +104,7 @@ def _snapshot(root: str) -> dict[str, str]:
 
 def _flip_byte(st: Storage, step: int, state: dict) -> None:
     """Damage a payload so that it keeps its size and still unpickles (a bit flip in tensor
-    data): only the hash, checked while the state loads, can tell."""
+    data): only the checksum, checked before the state loads, can tell."""
     rel = f"{checkpoint_dir(step)}/rank-00000.pt"
     data = bytearray(st.read_bytes(rel))
     i = data.find(state["weight"].numpy().tobytes())  # torch.save stores tensors uncompressed
@@ -348,18 +348,45 @@ def test_only_uncommitted_folders_is_still_a_fresh_start(tmp_path):
     assert _restore(url)[0] == 0
 
 
-def test_bit_flips_in_every_checkpoint_start_fresh_needs_a_new_process(tmp_path):
-    """Damage seen only by the hash is seen after the state loaded (they overlap): the
-    objects are no longer fresh, so start_fresh moves the folders and asks for a restart."""
+def test_bit_flips_in_every_checkpoint_start_fresh_keeps_the_fresh_objects(tmp_path):
+    """Damage seen only by the checksum is seen before anything loads (verify first): the
+    objects are still the freshly built ones, so start_fresh starts at step 0 in the same
+    process, with the model exactly as it was built."""
     url = str(tmp_path / "run")
     states = _make_run(url)
     st = Storage(url)
     for s in (5, 10, 15):
         _flip_byte(st, s, states[s])
-    with pytest.raises(AllCheckpointsDamagedError, match="start it again"):
-        _restore(url, if_all_damaged="start_fresh")
+    fresh = {k: v.clone() for k, v in _model(seed=99).state_dict().items()}
+    step, model = _restore(url, if_all_damaged="start_fresh")
+    assert step == 0 and _same(model, fresh)
     assert list_checkpoints(st) == [] and len(_damaged_folders(url)) == 3
-    assert _restore(url)[0] == 0  # the restart: nothing left to load, a plain fresh start
+
+
+class _Recording(torch.nn.Linear):
+    """A model that records every state loaded into it."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(99)
+        super().__init__(4, 3)
+        self.loaded: list[torch.Tensor] = []
+
+    def load_state_dict(self, state, *args, **kwargs):  # type: ignore[override]
+        self.loaded.append(state["weight"].clone())
+        return super().load_state_dict(state, *args, **kwargs)
+
+
+def test_damaged_newest_never_touches_the_model(tmp_path):
+    """A bit flip in the newest checkpoint: the fallback to the previous one loads only that
+    one into the model (the damaged state is never loaded, not even for a moment)."""
+    url = str(tmp_path / "run")
+    states = _make_run(url)
+    _flip_byte(Storage(url), 15, states[15])
+    model = _Recording()
+    with _ck(url, model=model) as ck:
+        assert ck.restore() == 10
+    assert len(model.loaded) == 1 and torch.equal(model.loaded[0], states[10]["weight"])
+    assert _same(model, states[10])
 
 
 def test_damaged_newest_is_moved_aside_not_overwritten(tmp_path):

@@ -27,9 +27,9 @@ def run_url(request, tmp_path):
 def test_atomic_write_read_list_remove(run_url):
     st = Storage(run_url)
     st.ensure_root(create=True)
-    digest = st.write_bytes("a/one.bin", b"hello")
+    entry = st.write_bytes("a/one.bin", b"hello")
     assert st.read_bytes("a/one.bin") == b"hello"
-    assert len(digest) == 64
+    assert entry.size == 5 and len(entry.crc32c) == 1 and st.verify("a/one.bin", entry) is None
     assert st.list_dir() == ["a"] and st.list_dir("a") == ["one.bin"]
     assert st.list_dir("missing") == []
     # A write that fails part-way leaves nothing behind.

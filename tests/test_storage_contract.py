@@ -1,7 +1,7 @@
 """The contract every storage backend honours, run against each of them.
 
 Local disk, ``memory://`` (the generic fsspec backend) and ``s3://`` on the moto server
-must all: round-trip bytes with the right size and sha256, never show a partial file after
+must all: round-trip bytes with the right size and checksum, never show a partial file after
 a failed write, list / check / size / remove the same way, create a file only once with
 ``write_if_absent``, give exactly one winner to racing tagged writes (the lease), and raise
 StorageNotFoundError for missing files. A new backend added with ``register_backend`` is
@@ -10,7 +10,6 @@ expected to pass this file when its URL is added to ``BACKENDS``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import threading
@@ -19,6 +18,7 @@ from types import MappingProxyType
 
 import pytest
 
+from spotrun.checksum import entry_for
 from spotrun.errors import ConfigError, StorageNotFoundError, StorageURLError
 from spotrun.storage import (
     Backend,
@@ -89,19 +89,19 @@ def test_backend_is_chosen_by_protocol(store: Storage) -> None:
 
 
 @pytest.mark.parametrize("size", [0, 1000, 2 * PART + 12345])
-def test_round_trip_size_and_sha256(store: Storage, size: int) -> None:
+def test_round_trip_size_and_checksum(store: Storage, size: int) -> None:
     data = os.urandom(size)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = entry_for(data)
     with store.open_write("a/blob.bin") as f:
         for lo in range(0, size, 3 * MiB):  # several writes, crossing part boundaries
             f.write(data[lo : lo + 3 * MiB])
-    assert (f.size, f.sha256) == (size, digest)
+    assert (f.size, f.entry) == (size, digest)
     assert store.size("a/blob.bin") == size
-    assert store.sha256("a/blob.bin") == (size, digest)
+    assert store.verify("a/blob.bin", digest) is None
     assert bytes(store.read_bytes("a/blob.bin")) == data
     with store.open_read("a/blob.bin") as r:
         assert r.read() == data
-    assert store.write_bytes("a/small.bin", b"hello") == hashlib.sha256(b"hello").hexdigest()
+    assert store.write_bytes("a/small.bin", b"hello") == entry_for(b"hello")
     assert store.read_bytes("a/small.bin") == b"hello"
 
 
@@ -134,7 +134,8 @@ def test_list_exists_size_remove(store: Storage) -> None:
 
 
 def test_missing_files_raise_not_found(store: Storage) -> None:
-    for call in (store.read_bytes, store.size, store.sha256, store.open_read):
+    for call in (store.read_bytes, store.size, store.open_read,
+                 lambda rel: store.verify(rel, entry_for(b""))):
         with pytest.raises(StorageNotFoundError, match="does not exist"):
             call("nope/missing.bin")
 

@@ -7,7 +7,6 @@ with an error, so retries and aborts are tested against real HTTP failures.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import os
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 import spotrun
+from spotrun.checksum import entry_for
 from spotrun.errors import ConfigError, StorageError
 from spotrun.storage import HashingWriter, Storage
 
@@ -179,7 +179,7 @@ def test_large_write_is_a_parallel_multipart_upload(s3_bucket, moto_server, prox
     data = os.urandom(3 * PART + 12345)
     f = _write_in_pieces(st, "000000000001/rank-00000.pt", data, piece=3 * MiB + 7)
     assert f.size == len(data)
-    assert f.sha256 == hashlib.sha256(data).hexdigest()
+    assert f.entry == entry_for(data)
     assert proxy.count(_is_upload_part) == 4  # 3 full parts and a short last one
     key = "run/000000000001/rank-00000.pt"
     s3 = _client(moto_server)
@@ -192,8 +192,7 @@ def test_large_write_is_a_parallel_multipart_upload(s3_bucket, moto_server, prox
 def test_write_of_at_most_one_part_is_one_put(s3_bucket, moto_server, proxy, size):
     st = Storage(f"s3://{s3_bucket}/run", _options(proxy.url), part_size=PART)
     data = os.urandom(size)
-    digest = st.write_bytes("one.bin", data)
-    assert digest == hashlib.sha256(data).hexdigest()
+    assert st.write_bytes("one.bin", data) == entry_for(data)
     assert proxy.count(_is_upload_part) == 0
     assert proxy.count(lambda m, q, h: m == "POST" and "uploads" in q) == 0
     assert _client(moto_server).get_object(Bucket=s3_bucket, Key="run/one.bin")["Body"].read() == data
@@ -249,7 +248,7 @@ def test_upload_part_5xx_is_retried(s3_bucket, moto_server, proxy, monkeypatch, 
     f = _write_in_pieces(st, "retried.bin", data, piece=MiB)
     assert proxy.count(_is_upload_part, status=status) == 2
     assert proxy.count(_is_upload_part, status=200) == 3
-    assert f.sha256 == hashlib.sha256(data).hexdigest()
+    assert f.entry == entry_for(data)
     got = _client(moto_server).get_object(Bucket=s3_bucket, Key="run/retried.bin")["Body"].read()
     assert got == data
     assert _no_uploads_left(moto_server, s3_bucket)
@@ -347,7 +346,7 @@ def test_hashing_writer_finishes_short_writes(size):
     data = os.urandom(size)
     assert w.write(data) == size
     assert bytes(raw.out) == data
-    assert w.size == size and w.sha256 == hashlib.sha256(data).hexdigest()
+    assert w.size == size and w.entry == entry_for(data)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -358,7 +357,7 @@ def test_hashing_works_in_a_forked_child(tmp_path):
     if pid == 0:  # pragma: no cover - child
         try:
             st = Storage(str(tmp_path))
-            ok = st.write_bytes("child.bin", data) == hashlib.sha256(data).hexdigest()
+            ok = st.write_bytes("child.bin", data) == entry_for(data)
         finally:
             os._exit(0 if ok else 1)
     deadline = time.monotonic() + 30

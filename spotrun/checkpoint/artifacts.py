@@ -128,7 +128,7 @@ def write_artifacts(storage: Storage, step: int, captured: Captured) -> list[tup
     for name, data in captured.files:
         with storage.open_write(f"{checkpoint_dir(step)}/{name}") as f:
             f.write(data)
-        entries.append((name, FileEntry(size=f.size, sha256=f.sha256)))
+        entries.append((name, f.entry))
     return entries
 
 

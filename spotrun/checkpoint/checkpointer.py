@@ -743,9 +743,9 @@ class Checkpointer:
 
         Rank 0 lists the checkpoints; every rank walks the same list, newest first, loads
         its part of each candidate and agrees with the others on the outcome (see
-        :meth:`_agree`). Hashes are verified while the state loads (see
-        :class:`~spotrun.snapshot.Verification`); when one fails, the objects are loaded
-        again from an older checkpoint, so nothing of a damaged one survives. Only proven
+        :meth:`_agree`). Every payload's checksums are verified before any of it is loaded
+        (see :func:`~spotrun.snapshot.open_payload`), so a damaged checkpoint leaves the
+        objects untouched and the older one is loaded into them. Only proven
         damage skips a checkpoint; damaged ones are moved aside once a usable one is found
         (or a fresh start was asked for), so no later save writes into them.
         """

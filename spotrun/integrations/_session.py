@@ -92,9 +92,9 @@ def resolve_url(url: str | None, fallback: str | None) -> str:
 
 
 def _entry(writer: Any) -> FileEntry:
-    # The manifest entry of a file just written through Storage.open_write: the same
-    # construction as snapshot.write_payload, so a change of checksum lands in both.
-    return FileEntry(size=writer.size, sha256=writer.sha256)
+    # The manifest entry of a file just written through Storage.open_write: the writer
+    # computed its checksums on the way out, as for snapshot.write_payload.
+    return writer.entry
 
 
 def _flat_files(folder: str) -> list[str]:

@@ -71,7 +71,7 @@ def compare_runs(reference: str, candidate: str) -> tuple[int, list[str]]:
         if name not in files_a or name not in files_b:
             out.append(f"{name}: only in the {'candidate' if name in files_b else 'reference'} run")
             continue
-        if files_a[name].sha256 == files_b[name].sha256:
+        if files_a[name] == files_b[name]:  # same size and checksums: same bytes
             continue
         left, right = _open(a, step_a, name), _open(b, step_b, name)
         if left is None or right is None:

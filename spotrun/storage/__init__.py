@@ -54,7 +54,6 @@ from __future__ import annotations
 from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every name it had
     _MAX_PART,
     _MIN_PART,
-    _OVERLAP_HASH_MIN,
     _RETRY_CODES,
     _UNAVAILABLE_FIX,
     DEFAULT_CONCURRENCY,
@@ -67,8 +66,6 @@ from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every nam
     MiB,
     Storage,
     _describe,
-    _forget_hasher,
-    _hasher,
     _http_status,
     _is_credentials_error,
     _requests_made,

@@ -1,6 +1,6 @@
 """The backend-independent part of :mod:`spotrun.storage`: the :class:`Storage` front, the
 :class:`Backend` contract every protocol implements, path handling, :class:`HashingWriter`,
-error translation and the hashing pool.
+and error translation.
 
 :class:`Storage` owns the URL, the fsspec filesystem and the settings, and does what every
 fsspec filesystem does the same way (listing, sizes, deleting, plain reads). What differs
@@ -11,9 +11,7 @@ root) it hands to its backend, chosen by protocol from a registry (:func:`regist
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import os
 import posixpath
@@ -25,6 +23,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import split_protocol
 
+from .. import checksum
+from ..checksum import ChunkedCRC
 from ..config import env_float, env_int
 from ..errors import (
     ConfigError,
@@ -34,6 +34,7 @@ from ..errors import (
     StorageUnavailableError,
     StorageURLError,
 )
+from ..manifest import FileEntry
 
 log = logging.getLogger("spotrun")
 
@@ -47,38 +48,12 @@ DEFAULT_RETRY_SECONDS = 120.0
 # S3's limits: every part but the last at least 5 MiB, at most 5 GiB.
 _MIN_PART = 5 * MiB
 _MAX_PART = 5 << 30
-# Below this a write hashes inline; above it hashing (which releases the GIL) runs on a
-# helper thread while the bytes are written, so sha256 does not slow the disk down.
-_OVERLAP_HASH_MIN = 4 * MiB
 # Error codes S3 uses for "slow down / try again", whatever the HTTP status.
 _RETRY_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
     "TooManyRequests", "RequestTimeout", "InternalError", "ServiceUnavailable",
     "RequestThrottled", "BandwidthLimitExceeded",
 })
-
-_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _hasher() -> concurrent.futures.ThreadPoolExecutor:
-    global _hash_pool
-    if _hash_pool is None:
-        _hash_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="spotrun-hash"
-        )
-    return _hash_pool
-
-
-def _forget_hasher() -> None:
-    # A forked child inherits the pool object but not its threads: work sent to it would
-    # never run. Start a new pool there on first use.
-    global _hash_pool
-    _hash_pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_hasher)
-
 
 def _is_credentials_error(exc: BaseException) -> bool:
     # botocore is optional at import time (a local-only user may not have it configured).
@@ -181,33 +156,31 @@ def translate_errors(url: str, what: str) -> Iterator[None]:
 
 
 class HashingWriter:
-    """A write-only file wrapper that counts bytes and computes sha256 as data passes.
+    """A write-only file wrapper that counts bytes and checksums them as they pass
+    (CRC32C per chunk, see :mod:`spotrun.checksum`).
 
-    Hashing on the way out means a commit never re-reads what it just wrote.
+    Checksumming on the way out means a commit never re-reads what it just wrote.
     """
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self._hash = hashlib.sha256()
+        self._crc = ChunkedCRC()
         self.size = 0
 
     def write(self, data: Any) -> int:
         """Pass ``data`` through without copying it; returns its length.
 
-        Large writes hash on a helper thread while the bytes go out, and this returns only
-        when both are done, so the caller may reuse or free ``data`` afterwards.
+        A large write is checksummed in chunks on the checksum threads while the bytes go
+        out, and this returns only when both are done, so the caller may reuse or free
+        ``data`` afterwards.
         """
         view = memoryview(data).cast("B")
         n = view.nbytes
-        if n >= _OVERLAP_HASH_MIN:
-            hashed = _hasher().submit(self._hash.update, view)
-            try:
-                self._write_all(view)
-            finally:
-                hashed.result()
-        else:
-            self._hash.update(view)
+        pending = self._crc.start(view)
+        try:
             self._write_all(view)
+        finally:
+            self._crc.finish(pending)
         self.size += n
         return n
 
@@ -236,8 +209,9 @@ class HashingWriter:
         return self.size
 
     @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
+    def entry(self) -> FileEntry:
+        """The manifest entry of what was written: size and chunk checksums."""
+        return self._crc.entry()
 
 
 
@@ -277,9 +251,8 @@ class Backend:
     def read_bytes(self, path: str) -> bytes | bytearray:
         return bytes(self.fs.cat_file(path))
 
-    def sha256(self, rel: str) -> tuple[int, str]:
-        data = self.storage.read_bytes(rel)
-        return len(data), hashlib.sha256(data).hexdigest()
+    def verify(self, rel: str, entry: FileEntry) -> str | None:
+        return checksum.problem(self.storage.read_bytes(rel), entry)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -509,10 +482,14 @@ class Storage:
         with translate_errors(self.display(rel), "reading"):
             return self._backend.read_bytes(self.full(rel))
 
-    def sha256(self, rel: str) -> tuple[int, str]:
-        """(size, sha256) of ``rel``: a memory-mapped pass locally (no Python-level chunk
-        copies), parallel ranged GETs on S3."""
-        return self._backend.sha256(rel)
+    def verify(self, rel: str, entry: FileEntry) -> str | None:
+        """Why ``rel`` does not match its manifest ``entry`` (size or checksum), or None.
+
+        A memory-mapped pass locally (no copy), parallel ranged GETs on S3; the chunks are
+        checked on several cores.
+        """
+        with translate_errors(self.display(rel), "verifying"):
+            return self._backend.verify(rel, entry)
 
     def open_read(self, rel: str) -> IO[bytes]:
         with translate_errors(self.display(rel), "opening"):
@@ -524,18 +501,18 @@ class Storage:
     def open_write(self, rel: str) -> Iterator[HashingWriter]:
         """Write ``rel`` all-or-nothing; the file appears only if the block succeeds.
 
-        Yields a :class:`HashingWriter`, so the caller learns size and sha256 for free.
+        Yields a :class:`HashingWriter`, so the caller learns size and checksum for free.
         On S3 the upload runs while the caller writes (see the module docstring for the
         memory it holds); on local disk the bytes go straight to the file, no copy.
         """
         with translate_errors(self.display(rel), "writing"):
             yield from self._backend.write(self.full(rel))
 
-    def write_bytes(self, rel: str, data: bytes) -> str:
-        """Write ``data`` to ``rel`` atomically; returns its sha256."""
+    def write_bytes(self, rel: str, data: bytes) -> FileEntry:
+        """Write ``data`` to ``rel`` atomically; returns its manifest entry."""
         with self.open_write(rel) as f:
             f.write(data)
-        return f.sha256
+        return f.entry
 
     def write_if_absent(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` only if nothing is there; True when this call created it.
