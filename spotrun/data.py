@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from .errors import ConfigError
+from .errors import ConfigError, LoaderUsageError
 
 __all__ = ["EpochSampler", "ResumableLoader", "rank_seed"]
 
@@ -155,9 +155,9 @@ class ResumableLoader:
     ) -> None:
         for bad in ("sampler", "batch_sampler", "generator"):
             if bad in loader_kwargs:
-                raise TypeError(f"ResumableLoader chooses its own {bad}; do not pass {bad}=")
+                raise LoaderUsageError(f"ResumableLoader chooses its own {bad}; do not pass {bad}=")
         if not isinstance(dataset, Sized):
-            raise TypeError("ResumableLoader needs a map-style dataset with __len__")
+            raise LoaderUsageError("ResumableLoader needs a map-style dataset with __len__")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -242,7 +242,7 @@ class ResumableLoader:
 
     def _stale(self, generation: int) -> None:
         if generation != self._generation:
-            raise RuntimeError(
+            raise LoaderUsageError(
                 "this ResumableLoader iterator was replaced by a newer iter(loader): one loader "
                 "keeps one position, so iterate only the newest iterator (or use a second "
                 "ResumableLoader for a second stream)")
@@ -294,7 +294,7 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint's data order was made with seed {state['seed']}, this loader has "
                 f"seed {self.seed}; use the same seed to resume the same run"
             )

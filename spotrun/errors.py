@@ -56,6 +56,7 @@ __all__ = [
     "LeaseError",
     "LeaseHeldError",
     "LeaseLostError",
+    "LoaderUsageError",
     "MetadataBusyError",
     "NoCheckpointError",
     "NoticeError",
@@ -81,6 +82,12 @@ class SpotrunError(Exception):
 
 class ConfigError(SpotrunError, ValueError):
     """A bad argument, option or environment variable."""
+
+
+class LoaderUsageError(ConfigError, TypeError, RuntimeError):
+    """A :class:`~spotrun.ResumableLoader` given arguments or used in a way that would lose
+    its position or its order (its own sampler replaced, a stale iterator used again).
+    Also a TypeError/RuntimeError, what these cases raised before."""
 
 
 class StorageURLError(ConfigError):
