@@ -151,12 +151,28 @@ def diff_state(a: Any, b: Any, path: str = "") -> list[str]:
     return []
 
 
+def _artifact_names(manifest: Any) -> set[str]:
+    """The files of a checkpoint that are copies of the script's local files (artifacts=)."""
+    names: set[str] = set()
+    for entry in (getattr(manifest, "artifacts", None) or {}).values():
+        if entry.get("kind") == "file":
+            names.add(entry["file"])
+        elif entry.get("kind") == "dir":
+            names.update(entry.get("files", {}).values())
+    return names
+
+
+def _is_payload(name: str, artifacts: set[str]) -> bool:
+    return name.endswith(".pt") and name not in artifacts
+
+
 def state_at(storage: Storage, step: int, manifest: Any) -> dict[str, Any]:
     """Every payload of one committed checkpoint, by file name (``rank-00000``, ...)."""
     state: dict[str, Any] = {}
+    artifacts = _artifact_names(manifest)
     for name, entry in sorted(manifest.files.items()):
-        if not name.endswith(".pt"):
-            continue  # a sharded checkpoint's DCP files: compared whole, below
+        if not _is_payload(name, artifacts):
+            continue  # DCP's files: compared whole, below; other files: file by file
         payload = read_payload(storage, step, name, entry)
         payload.pop("format", None)
         state[name.removesuffix(".pt")] = payload
@@ -168,20 +184,38 @@ def state_at(storage: Storage, step: int, manifest: Any) -> dict[str, Any]:
     return state
 
 
-def _final_state(storage: Storage) -> tuple[int, dict[str, Any]]:
+def _final(storage: Storage) -> tuple[int, Any]:
     info = find_latest_valid(storage)
     if info is None or info.manifest is None:
         raise CheckpointError(f"no committed checkpoint at {storage.display()}")
-    return info.step, state_at(storage, info.step, info.manifest)
+    return info.step, info.manifest
 
 
 def compare_checkpoints(reference: Storage, candidate: Storage) -> tuple[int, list[str]]:
-    """Compare the newest valid checkpoints of two runs; returns (step, differences)."""
-    step_a, a = _final_state(reference)
-    step_b, b = _final_state(candidate)
+    """Compare the newest valid checkpoints of two runs; returns (step, differences).
+
+    spotrun's payloads (and a sharded checkpoint's state, joined up) entry by entry; every
+    other file (a trainer's own: ``model.safetensors``, Accelerate's ``.bin``/``.pkl``,
+    artifacts) file by file: equal checksums, else its contents where they load safely.
+    """
+    step_a, man_a = _final(reference)
+    step_b, man_b = _final(candidate)
     if step_a != step_b:
         return step_a, [f"final step: {step_a} (uninterrupted) vs {step_b} (interrupted)"]
-    return step_a, diff_state(a, b)
+    differences = diff_state(state_at(reference, step_a, man_a),
+                             state_at(candidate, step_b, man_b))
+    from .integrations.compare import file_differences  # imports this module's diff_state
+    from .layout import DCP_METADATA
+
+    artifacts = _artifact_names(man_a) | _artifact_names(man_b)
+
+    def compared_above(name: str) -> bool:
+        return (_is_payload(name, artifacts) or name.endswith(".distcp")
+                or name == DCP_METADATA)
+
+    differences += file_differences(reference, dict(man_a.files), candidate, dict(man_b.files),
+                                    step_a, skip=compared_above)
+    return step_a, differences
 
 
 def _newest_committed(storage: Storage) -> int:

@@ -162,3 +162,32 @@ def test_check_resume_fails_on_an_unseeded_rng_that_is_drawn_from(tmp_path):
     assert result.divergence is not None
     assert result.divergence.entries[0].startswith("rank-00000.rng.numpy")
     assert "before any resume" in result.divergence.cause, result.divergence.cause
+
+
+def _finished_run(url: str, artifact: str, text: str) -> None:
+    """A two-step in-process run whose checkpoints carry ``artifact`` (a local .pt name, as
+    a "best model" file is)."""
+    import torch
+
+    import spotrun
+
+    with open(artifact, "w") as f:
+        f.write(text)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    with spotrun.Checkpointer(url, model=model, every_steps=1, artifacts=[artifact]) as ckpt:
+        for _ in ckpt.range(2):
+            pass
+
+
+def test_compare_checkpoints_compares_artifacts_file_by_file(tmp_path):
+    """An artifact named *.pt is not a spotrun payload (check-resume once read it as one);
+    its bytes are compared, so a differing "best model" file is named."""
+    art = str(tmp_path / "best.pt")
+    _finished_run(str(tmp_path / "a"), art, "same")
+    _finished_run(str(tmp_path / "b"), art, "same")
+    step, diffs = compare_checkpoints(Storage(str(tmp_path / "a")), Storage(str(tmp_path / "b")))
+    assert step == 2 and diffs == [], diffs
+    _finished_run(str(tmp_path / "c"), art, "other")
+    step, diffs = compare_checkpoints(Storage(str(tmp_path / "a")), Storage(str(tmp_path / "c")))
+    assert len(diffs) == 1 and diffs[0].startswith("artifact-") and "best.pt" in diffs[0], diffs

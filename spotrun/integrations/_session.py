@@ -330,10 +330,11 @@ class RunSession:
         return dest, verify_checkpoint(copy, manifest, deep=True)
 
     def training_started(self, step: int) -> None:
-        """Record where training (re)starts, for the cost report's restart overhead."""
+        """Record where training (re)starts, step 0 included as the Checkpointer does: the
+        cost report's restart overhead, and ``check-resume`` signals only after it."""
         self.start()
         self.steps_done = step
-        if self.group.is_main and step > 0:
+        if self.group.is_main:
             self._emit(TrainingResumed(segment_id=self.segment_id, step=step,
                                        process_started_at=self._started_at, first_step_at=time.time()))
 

@@ -23,7 +23,7 @@ from ..layout import checkpoint_dir
 from ..resume_check import diff_state
 from ..storage import Storage, open_storage
 
-__all__ = ["compare_runs"]
+__all__ = ["compare_runs", "file_differences"]
 
 #: Files that record the process (paths, timings), not the training state.
 SKIPPED_FILES = frozenset({"training_args.bin"})
@@ -64,9 +64,18 @@ def compare_runs(reference: str, candidate: str) -> tuple[int, list[str]]:
     step_b, files_b = _final(b)
     if step_a != step_b:
         return step_a, [f"final step: {step_a} (reference) vs {step_b} (candidate)"]
+    return step_a, file_differences(a, files_a, b, files_b, step_a)
+
+
+def file_differences(a: Storage, files_a: dict[str, Any], b: Storage, files_b: dict[str, Any],
+                     step: int, skip: Any = None) -> list[str]:
+    """What differs between two checkpoints at ``step`` (their manifests' file entries),
+    file by file; ``skip(name)`` leaves a file out (check-resume compares its own payloads
+    entry by entry already)."""
+    step_a = step_b = step
     out: list[str] = []
     for name in sorted(set(files_a) | set(files_b)):
-        if name in SKIPPED_FILES:
+        if name in SKIPPED_FILES or (skip is not None and skip(name)):
             continue
         if name not in files_a or name not in files_b:
             out.append(f"{name}: only in the {'candidate' if name in files_b else 'reference'} run")
@@ -79,7 +88,7 @@ def compare_runs(reference: str, candidate: str) -> tuple[int, list[str]]:
             continue
         # Equal contents in other bytes (torch.save's layout, skipped JSON keys) are equal.
         out.extend(diff_state(left, right, name))
-    return step_a, out
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
