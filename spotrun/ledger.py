@@ -58,6 +58,10 @@ SEGMENT_END_REASONS = tuple(r.value for r in EndReason)
 _RESERVED = ("event", "pid", "host", "id")
 
 
+#: Order of records with the same time (see Ledger.records).
+_TIE_ORDER = {"segment_started": 0, "segment_ended": 2}
+
+
 class Ledger:
     """Append-only event records under a run URL.
 
@@ -133,7 +137,10 @@ class Ledger:
             with ThreadPoolExecutor(max_workers=16) as pool:
                 loaded = list(pool.map(load, names))
         out = [r for r in loaded if r is not None]
-        out.sort(key=lambda r: (r["time"], str(r["id"])))
+        # At equal times a segment's start comes first and its end last: a segment can end at
+        # its start time (the end is clamped to the earliest time evidence supports, and EC2's
+        # state-transition time has whole seconds), and random ids must not reorder them.
+        out.sort(key=lambda r: (r["time"], _TIE_ORDER.get(r.get("event"), 1), str(r["id"])))
         return out
 
     # -- conveniences ------------------------------------------------------------------

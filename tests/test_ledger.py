@@ -148,3 +148,20 @@ def test_unreadable_record_is_skipped_with_warning(tmp_path, caplog):
 
 def test_empty_ledger(tmp_path):
     assert Ledger(Storage(str(tmp_path / "nothing"))).records() == []
+
+
+def test_a_segment_that_ends_at_its_start_time_lists_start_first(tmp_path) -> None:
+    """The launcher may end a segment at its start time (EC2's whole-second transition time,
+    clamped); random record ids must not put the end before the start."""
+    from spotrun.instance import InstanceInfo
+    from spotrun.ledger import Ledger
+    from spotrun.storage import Storage
+
+    ledger = Ledger(Storage(str(tmp_path)))
+    for i in range(20):  # each pair gets fresh random ids: a coin flip each without the rule
+        t = 1_000_000.0 + i
+        ledger.segment_ended(segment_id=f"s{i}", reason="interrupted", ended_at=t, source="launcher")
+        ledger.segment_started(segment_id=f"s{i}", instance=InstanceInfo(), started_at=t,
+                               source="launcher")
+    events = [(r["segment_id"], r["event"]) for r in ledger.records()]
+    assert events == [(f"s{i}", e) for i in range(20) for e in ("segment_started", "segment_ended")]
