@@ -15,11 +15,12 @@ import os
 import pickle
 import posixpath
 import re
+import threading
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import checksum
@@ -202,7 +203,9 @@ def _payload_step_problem(storage: Storage, rel: str, step: int,
     already read whole), never its tensor bytes, and resolves no class: nothing in the file
     can run. Costs a small fraction of the checksum that precedes it.
     """
-    from .snapshot import BufferReader  # here: snapshot imports torch, ls/verify need not
+    from .snapshot import (
+        BufferReader,  # here: snapshot imports torch, ls/verify need not
+    )
 
     with translate_errors(storage.display(rel), "reading"):
         local = storage.local_path(rel)
@@ -345,6 +348,39 @@ def prune(storage: Storage, *, keep_last: int, newest_committed: int) -> list[in
         log.info("retention: removed checkpoints at steps %s", removed)
     return removed
 
+
+
+class BackgroundRetention:
+    """Retention after each commit, off the critical path: deleting an old checkpoint (GBs
+    of S3 objects) must neither stall the training thread that commits nor hold up the next
+    save. One prune at a time, in commit order."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._thread: threading.Thread | None = None
+
+    def after_commit(self, step: int, keep_last: int) -> None:
+        previous = self._thread
+
+        def run() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                prune(self.storage, keep_last=keep_last, newest_committed=step)
+            except Exception as exc:  # noqa: BLE001 - the commit it follows is durable
+                log.warning("retention after the checkpoint at step %d failed (%s); it runs "
+                            "again after the next commit", step, exc)
+
+        self._thread = threading.Thread(target=run, name="spotrun-retention", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the pending deletions are done; False when still running at timeout."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
 def quarantine(storage: Storage, step: int, problem: str) -> str:
     """Move the damaged checkpoint folder of ``step`` aside; returns where it went.

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..commit import commit, prune
+from ..commit import BackgroundRetention, commit
 from ..distributed import Group
 from ..errors import SaveError, StorageError
 from ..events import CheckpointCommitted, EventSink
@@ -107,7 +107,7 @@ class Saver:
         self._pending_step: int | None = None
         self._written: _Written | None = None  # distributed: written here, not yet committed
         self._abandoned = False  # a stop save given up on: its thread may still write
-        self._pruning: threading.Thread | None = None  # retention of the newest commit
+        self._retention = BackgroundRetention(storage)  # retention of the newest commit
         #: The newest step this process saw committed (or restored from).
         self.last_saved_step: int | None = None
         self.last_save_time = time.time()
@@ -215,35 +215,14 @@ class Saver:
             stall_s=written.stall, save_s=elapsed, nbytes=manifest.total_bytes,
             captured_at=written.captured_at,
         ))
-        self._prune_in_background(step)
-
-    def _prune_in_background(self, step: int) -> None:
-        """Retention after the commit, off the critical path: deleting an old checkpoint (GBs
-        of S3 objects) must neither stall rank 0's training thread, which commits distributed
-        saves, nor hold up the next save. One prune at a time, in commit order."""
-        previous = self._pruning
-
-        def run() -> None:
-            if previous is not None:
-                previous.join()
-            try:
-                prune(self.storage, keep_last=self.keep_last, newest_committed=step)
-            except Exception as exc:  # noqa: BLE001 - the commit it follows is durable
-                log.warning("retention after the checkpoint at step %d failed (%s); it runs "
-                            "again after the next commit", step, exc)
-
-        self._pruning = threading.Thread(target=run, name="spotrun-retention", daemon=True)
-        self._pruning.start()
+        self._retention.after_commit(step, self.keep_last)
 
     def wait_retention(self, timeout: float | None = None) -> bool:
         """Block until old checkpoints due for deletion are deleted; False on timeout."""
-        pruning = self._pruning
-        if pruning is not None:
-            pruning.join(timeout)
-            if pruning.is_alive():
-                log.warning("retention is still deleting old checkpoints after %.0fs; leaving "
-                            "it (what remains is deleted after the next commit)", timeout or 0)
-                return False
+        if not self._retention.wait(timeout):
+            log.warning("retention is still deleting old checkpoints after %.0fs; leaving "
+                        "it (what remains is deleted after the next commit)", timeout or 0)
+            return False
         return True
 
     # -- completing ----------------------------------------------------------------------------

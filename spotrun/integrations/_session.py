@@ -36,10 +36,10 @@ from typing import Any
 
 from ..commit import (
     DAMAGED_DIR,
+    BackgroundRetention,
     commit,
     list_checkpoints,
     newest_valid,
-    prune,
     quarantine,
     verify_checkpoint,
 )
@@ -157,7 +157,7 @@ class RunSession:
         self.last_committed: int | None = None
         self.steps_done = 0
         self._last_step_at: float | None = None
-        self._pruning: threading.Thread | None = None
+        self._retention = BackgroundRetention(self.storage)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -210,8 +210,7 @@ class RunSession:
                 atexit.register(_ignore_sigterm)
         else:
             self._interrupts.restore_signal_handlers()
-        if self._pruning is not None:
-            self._pruning.join(30.0)
+        self._retention.wait(30.0)
         release_run_lease(self._lease, writing=False)
         if self.group.is_main and reason != "finished":
             self._emit(SegmentEnded(segment_id=self.segment_id, reason=reason,  # type: ignore[arg-type]
@@ -473,22 +472,7 @@ class RunSession:
             segment_id=self.segment_id, step=step, committed_at=now,
             stall_s=now - (paused_since if paused_since is not None else t0),
             save_s=now - t0, nbytes=manifest.total_bytes, captured_at=paused_since or t0))
-        self._prune_in_background(step)
-
-    def _prune_in_background(self, step: int) -> None:
-        previous = self._pruning
-
-        def run() -> None:
-            if previous is not None:
-                previous.join()
-            try:
-                prune(self.storage, keep_last=self.keep_last, newest_committed=step)
-            except Exception as exc:  # noqa: BLE001 - the commit it follows is durable
-                log.warning("retention after the checkpoint at step %d failed (%s); it runs "
-                            "again after the next commit", step, exc)
-
-        self._pruning = threading.Thread(target=run, name="spotrun-retention", daemon=True)
-        self._pruning.start()
+        self._retention.after_commit(step, self.keep_last)
 
     def stop(self, step: int, folder: str | None, *, paused_since: float | None = None) -> None:
         """Commit the stop checkpoint within the time the machine has left, then exit.
