@@ -127,7 +127,7 @@ def test_cli_stop_without_controller_terminates_and_keeps_checkpoints(aws: dict)
 
     opts = Ec2Options(run_url=url, command=["python", "t.py"], instance_types=["g5.xlarge"],
                       region=REGION, subnets=[aws["subnet"]], ami=aws["ami"])
-    ctl = Ec2Controller.start(storage, Ec2Api(aws["ec2"]), opts, timing=Timing(poll_s=0), out=io.StringIO())
+    ctl = Ec2Controller.start(storage, Ec2Api(aws["ec2"]), opts, timing=Timing(poll_s=0))
     ctl.sleep = die
     with pytest.raises(Died):
         ctl.run()

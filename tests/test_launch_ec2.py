@@ -8,7 +8,6 @@ scenario is deterministic and takes well under a second.
 from __future__ import annotations
 
 import base64
-import io
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models.instances import StateReason
 
 from spotrun.errors import CapacityError, ConfigError
+from spotrun.launch.base import LaunchEvent
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
 from spotrun.launch.state import STOP_FILE, exit_record_path, load_state
@@ -100,9 +100,22 @@ def options(world: World, storage: Storage, **kw: Any) -> Ec2Options:
 def controller(world: World, storage: Storage, opts: Ec2Options, on_sleep: Callable[[Ec2Controller], None],
                **kw: Any) -> Ec2Controller:
     ctl = Ec2Controller.start(storage, Ec2Api(world.client), opts, timing=kw.pop("timing", FAST),
-                              offline_prices=True, out=io.StringIO(), **kw)
+                              **kw)
     ctl.sleep = lambda _s: on_sleep(ctl)
     return ctl
+
+
+class Lines:
+    """An event sink that keeps the launcher's messages, as the CLI would print them."""
+
+    def __init__(self) -> None:
+        self.events: list[LaunchEvent] = []
+
+    def __call__(self, event: LaunchEvent) -> None:
+        self.events.append(event)
+
+    def getvalue(self) -> str:
+        return "\n".join(e.message for e in self.events)
 
 
 def segment_events(storage: Storage) -> list[tuple[str, str, str | None]]:
@@ -395,7 +408,7 @@ def test_resume_after_controller_died_starts_no_duplicate(world: World, storage:
         seen.append(world.running(run_id))
         storage.write_bytes("done.json", b"{}")
 
-    ctl2 = Ec2Controller.resume(storage, Ec2Api(world.client), timing=FAST, offline_prices=True, out=io.StringIO())
+    ctl2 = Ec2Controller.resume(storage, Ec2Api(world.client), timing=FAST)
     ctl2.sleep = lambda _s: watch(ctl2)
     assert ctl2.run().status == "finished"
     assert launches == []  # no new capacity was requested
@@ -420,7 +433,7 @@ def test_resume_adopts_instance_launched_before_state_was_written(world: World, 
 
     launches: list[dict] = []
     world.client.meta.events.register("provide-client-params.ec2.CreateFleet", lambda params, **_: launches.append(params))
-    ctl2 = Ec2Controller.resume(storage, Ec2Api(world.client), timing=FAST, offline_prices=True, out=io.StringIO())
+    ctl2 = Ec2Controller.resume(storage, Ec2Api(world.client), timing=FAST)
     ctl2.sleep = lambda _s: storage.write_bytes("done.json", b"{}")
     assert ctl2.run().status == "finished"
     assert launches == []
@@ -432,9 +445,9 @@ def test_ctrl_c_terminates_and_says_so(world: World, storage: Storage) -> None:
     def ctrl_c(ctl: Ec2Controller) -> None:
         raise KeyboardInterrupt
 
-    out = io.StringIO()
+    out = Lines()
     ctl = Ec2Controller.start(storage, Ec2Api(world.client), options(world, storage), timing=FAST,
-                              offline_prices=True, out=out, on_ctrl_c="terminate")
+                              on_event=out, on_ctrl_c="terminate")
     ctl.sleep = lambda _s: ctrl_c(ctl)
     outcome = ctl.run()
     assert outcome.exit_code == 130 and outcome.status == "stopped"
@@ -447,9 +460,9 @@ def test_ctrl_c_terminates_and_says_so(world: World, storage: Storage) -> None:
 
 
 def test_ctrl_c_leave_prints_what_runs_and_how_to_stop(world: World, storage: Storage) -> None:
-    out = io.StringIO()
+    out = Lines()
     ctl = Ec2Controller.start(storage, Ec2Api(world.client), options(world, storage), timing=FAST,
-                              offline_prices=True, out=out, on_ctrl_c="leave")
+                              on_event=out, on_ctrl_c="leave")
 
     def ctrl_c(_s: float) -> None:
         raise KeyboardInterrupt
@@ -505,3 +518,28 @@ def test_done_json_wins_over_a_failed_exit_record(world: World, storage: Storage
     assert outcome.status == "finished" and outcome.exit_code == 0
     assert ctl.state.segments[-1].end_reason == "finished"
     assert "exited with code 134" in (ctl.state.segments[-1].detail or "")
+
+
+def test_ctrl_c_choice_comes_from_the_caller_and_nothing_is_printed(
+        world: World, storage: Storage, capsys: pytest.CaptureFixture[str]) -> None:
+    """The library never prompts or prints: the CLI's question arrives as a callable."""
+    asked: list[str] = []
+
+    def decide(description: str) -> str:
+        asked.append(description)
+        return "leave"
+
+    out = Lines()
+    ctl = Ec2Controller.start(storage, Ec2Api(world.client), options(world, storage), timing=FAST,
+                              on_event=out, on_ctrl_c=decide)
+
+    def ctrl_c(_s: float) -> None:
+        raise KeyboardInterrupt
+
+    ctl.sleep = ctrl_c
+    assert ctl.run().status == "detached"
+    iid = ctl.state.segments[0].instance_id
+    assert len(asked) == 1 and iid in asked[0]
+    assert world.running(ctl.state.run_id) == [iid]
+    assert capsys.readouterr().out == ""
+    assert any(e.kind.value == "segment_started" and e.segment_id == iid for e in out.events)

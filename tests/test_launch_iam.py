@@ -15,7 +15,6 @@ resource ARNs and conditions; docs/launch.md says what was checked by hand.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import uuid
@@ -32,6 +31,7 @@ from moto.ec2.models.instances import StateReason
 
 import spotrun
 from spotrun.errors import ConfigError, SaveError
+from spotrun.cli.launch import print_cost_report
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
 from spotrun.launch.status import run_status, stop_run
@@ -180,17 +180,16 @@ def _controller_cycle(world: dict, bucket: str, tmp_path: Path) -> str:
         else:
             storage.write_bytes("done.json", b"{}")
 
-    ctl = Ec2Controller.start(storage, api, opts(storage.url), run_id=run_id, timing=FAST,
-                              offline_prices=False, out=io.StringIO())
+    ctl = Ec2Controller.start(storage, api, opts(storage.url), run_id=run_id, timing=FAST)
     ctl.sleep = lambda _s: act(ctl)
     assert ctl.run().status == "finished"
+    print_cost_report(storage, offline=False)  # what `spotrun launch` prints at the end
     tags = ec2.describe_instances(InstanceIds=[seen[0]])["Reservations"][0]["Instances"][0]["Tags"]
     assert {"Key": RUN_ID_TAG, "Value": run_id} in tags  # what the per-run Terminate condition pins
 
     # 2. a second run: Ctrl-C leaves it running; status and stop from "another terminal".
     storage2 = Storage(f"s3://{bucket}/runs/two")
-    ctl2 = Ec2Controller.start(storage2, api, opts(storage2.url), timing=FAST, offline_prices=True,
-                               out=io.StringIO(), on_ctrl_c="leave")
+    ctl2 = Ec2Controller.start(storage2, api, opts(storage2.url), timing=FAST, on_ctrl_c="leave")
 
     def interrupt(_s: float) -> None:
         raise KeyboardInterrupt

@@ -13,9 +13,15 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from ..errors import ConfigError
+from typing import TYPE_CHECKING
 
-__all__ = ["parse_deadline", "register"]
+from ..errors import ConfigError
+from ..storage import Storage
+
+if TYPE_CHECKING:
+    from ..launch.base import LaunchEvent, Launcher
+
+__all__ = ["ask_ctrl_c", "parse_deadline", "print_event", "register"]
 
 
 def _csv(value: str) -> list[str]:
@@ -72,6 +78,39 @@ def check_run_id(run_id: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '_' and '-' only, up to 64 characters")
     return run_id
+
+
+def print_event(event: LaunchEvent) -> None:
+    """The CLI's sink for a launcher's events: one ``spotrun: ...`` line each, on stdout."""
+    print(f"spotrun: {event.message}", flush=True)
+
+
+def ask_ctrl_c(description: str) -> str:
+    """Ask whether to terminate what still runs after Ctrl-C; "terminate" unless told no."""
+    try:
+        answer = input(f"\nspotrun: still running: {description}. Terminate it? [Y/n] ").strip().lower()
+    except (EOFError, KeyboardInterrupt):
+        answer = "y"
+    return "leave" if answer in ("n", "no") else "terminate"
+
+
+def print_cost_report(storage: Storage, *, offline: bool) -> None:
+    """The run's cost report on stdout, or one line saying why there is none."""
+    from ..cost.render import report_text
+    from ..launch.common import cost_report
+
+    report = cost_report(storage, offline=offline)
+    if report is None:
+        print("spotrun: no cost report (see the warning above)")
+        return
+    print(report_text(report))
+
+
+def _run_launcher(launcher: Launcher, storage: Storage, *, offline: bool) -> int:
+    outcome = launcher.run()
+    if outcome.status != "detached":  # after Ctrl-C that left compute running: no bill yet
+        print_cost_report(storage, offline=offline)
+    return outcome.exit_code
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -155,8 +194,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from ..storage import Storage
-
     cmd = _command(args)
     if args.local:
         from ..launch.local import LocalLauncher, LocalOptions, default_run_url
@@ -173,14 +210,18 @@ def _launch(args: argparse.Namespace) -> int:
             instance_type=args.instance_type, grace_s=args.grace, seed=args.seed,
             mean_interval=args.mean_interval, max_failures=args.max_failures,
         )
-        outcome = LocalLauncher(Storage(url), opts).run()
-        return outcome.exit_code
+        storage = Storage(url)
+        return _run_launcher(LocalLauncher(storage, opts, on_event=print_event), storage, offline=True)
 
     from ..launch.controller import Ec2Controller, Ec2Options, Timing
     from ..launch.ec2 import Ec2Api
 
     timing = Timing(poll_s=args.poll, spot_wait_s=args.spot_wait)
-    kwargs = dict(timing=timing, on_ctrl_c=args.on_ctrl_c, offline_prices=args.offline_prices)
+    on_ctrl_c = args.on_ctrl_c
+    if on_ctrl_c == "ask":
+        # Only a person at a terminal can answer; anywhere else never leave compute running.
+        on_ctrl_c = ask_ctrl_c if sys.stdin is not None and sys.stdin.isatty() else "terminate"
+    kwargs = dict(timing=timing, on_ctrl_c=on_ctrl_c, on_event=print_event)
     if args.resume:
         if cmd:
             raise ConfigError("--resume takes no command: the run's own is used")
@@ -220,12 +261,11 @@ def _launch(args: argparse.Namespace) -> int:
                                   run_id=check_run_id(args.run_id) if args.run_id else None, **kwargs)
     # A LaunchError (no capacity, a refused call) reaches main(), which exits with its
     # exit_code: 1 for a launch that ran and could not go on.
-    return ctl.run().exit_code
+    return _run_launcher(ctl, storage, offline=args.offline_prices)
 
 
 def _status(args: argparse.Namespace) -> int:
     from ..launch.status import format_status, run_status
-    from ..storage import Storage
 
     st = run_status(Storage(args.run_url), live=not args.no_aws)
     print(json.dumps(st, indent=1, sort_keys=True, default=str) if args.json else format_status(st))
@@ -234,7 +274,6 @@ def _status(args: argparse.Namespace) -> int:
 
 def _stop(args: argparse.Namespace) -> int:
     from ..launch.status import stop_run
-    from ..storage import Storage
 
     result = stop_run(Storage(args.run_url), wait_s=args.wait)
     if args.json:

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, TextIO
+from typing import Any
 
-from ..instance import InstanceInfo
 from ..layout import DONE_MARKER
 from ..storage import Storage
 
-__all__ = ["cost_report_text", "last_checkpoint", "record_segment_end", "record_segment_start"]
+__all__ = ["cost_report", "is_done", "last_checkpoint"]
 
 log = logging.getLogger("spotrun")
-
-SOURCE = "launcher"
-
-
-def record_segment_start(storage: Storage, *, segment_id: str, instance: InstanceInfo, started_at: float) -> None:
-    """Note in the run ledger that a segment began (the cost report prices it from here)."""
-    from ..ledger import Ledger
-
-    Ledger(storage).segment_started(
-        segment_id=segment_id, instance=instance, started_at=started_at, source=SOURCE
-    )
-
-
-def record_segment_end(storage: Storage, *, segment_id: str, reason: str, ended_at: float) -> None:
-    from ..ledger import Ledger
-
-    Ledger(storage).segment_ended(segment_id=segment_id, reason=reason, ended_at=ended_at, source=SOURCE)
 
 
 def last_checkpoint(storage: Storage) -> int | None:
@@ -58,14 +40,3 @@ def cost_report(storage: Storage, *, offline: bool) -> Any | None:
     except Exception as exc:  # noqa: BLE001 - a report must never hide the run's outcome
         log.warning("could not compute the cost report: %s", exc)
         return None
-
-
-def cost_report_text(storage: Storage, *, offline: bool, out: TextIO) -> None:
-    """Print the cost report to ``out`` (or one line saying why there is none)."""
-    report = cost_report(storage, offline=offline)
-    if report is None:
-        print("spotrun: no cost report (see the warning above)", file=out)
-        return
-    from ..cost.render import report_text
-
-    print(report_text(report), file=out)

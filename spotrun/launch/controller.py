@@ -28,18 +28,21 @@ import contextlib
 import json
 import logging
 import math
-import sys
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, ClassVar
 
 from ..errors import CapacityError, ConfigError, LaunchError
 from ..events import Cloud
 from ..instance import InstanceInfo
 from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
-from .common import cost_report_text, is_done, record_segment_end, record_segment_start
+from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
+from .book import RunBook, close_books
+from .common import is_done
 from .ec2 import PRICE_ERRORS, SPOT_INTERRUPTION, Ec2Api, InstanceStatus, Pool
 from .state import (
     STOP_FILE,
@@ -48,11 +51,10 @@ from .state import (
     exit_record_path,
     load_state,
     new_run_id,
-    save_state,
 )
 from .userdata import build_user_data
 
-__all__ = ["Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
+__all__ = ["EC2_BACKEND", "Ec2Backend", "Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
 
 log = logging.getLogger("spotrun")
 
@@ -125,17 +127,6 @@ class Ec2Options:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-@dataclass
-class LaunchOutcome:
-    """How a launcher ended. ``exit_code`` is what the CLI returns."""
-
-    status: str  # finished | failed | stopped | detached
-    exit_code: int
-    message: str
-    segments: int = 0
-    interruptions: int = 0
-
-
 class Ec2Controller:
     """Keeps the run going on EC2; see the module docstring.
 
@@ -144,10 +135,13 @@ class Ec2Controller:
         api: the EC2 calls (one region).
         state: the run's launch state (new or loaded for ``--resume``).
         timing: the waits.
-        on_ctrl_c: ``"ask"`` (terminate unless the user says keep; falls back to
-            ``"terminate"`` when stdin is not a terminal), ``"terminate"`` or ``"leave"``.
-        offline_prices: price the final report from the shipped snapshot, no AWS calls.
+        on_ctrl_c: what Ctrl-C does to instances still running: ``"terminate"``,
+            ``"leave"``, or a function given their description that returns one of those
+            (the CLI asks the user through it).
+        on_event: receives every :class:`LaunchEvent` (default: the ``spotrun`` logger).
     """
+
+    mode: ClassVar[str] = "ec2"
 
     def __init__(
         self,
@@ -156,12 +150,10 @@ class Ec2Controller:
         state: LaunchState,
         *,
         timing: Timing | None = None,
-        on_ctrl_c: str = "ask",
-        offline_prices: bool = False,
-        out: TextIO | None = None,
+        on_ctrl_c: str | Callable[[str], str] = "terminate",
+        on_event: EventSink = log_events,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        ask: Callable[[str], str] = input,
     ) -> None:
         self.storage = storage
         self.api = api
@@ -169,11 +161,10 @@ class Ec2Controller:
         self.options = Ec2Options.from_dict(state.options)
         self.timing = timing or Timing()
         self.on_ctrl_c = on_ctrl_c
-        self.offline_prices = offline_prices
-        self.out = out or sys.stdout
+        self.on_event = on_event
         self.clock = clock
         self.sleep = sleep
-        self.ask = ask
+        self.book = RunBook(storage, state, heartbeat_s=self.timing.poll_s)
         # segment id -> the last time a poll saw its instance alive (proof of life).
         self._seen_alive: dict[str, float] = {}
 
@@ -274,17 +265,16 @@ class Ec2Controller:
         if cur is not None:
             self._say(f"controller error ({exc}); instance {cur.instance_id} ({cur.instance_type}, "
                       f"{cur.market}) in {self.api.region} may still be running. Watch it again: "
-                      f"spotrun launch --resume {url}; stop it: spotrun stop {url}")
+                      f"spotrun launch --resume {url}; stop it: spotrun stop {url}", LaunchEventKind.WARNING)
 
     # -- steps -------------------------------------------------------------------------
 
     def _save(self) -> None:
-        self.state.touch(self.timing.poll_s)
-        save_state(self.storage, self.state)
+        self.book.save()
 
-    def _say(self, msg: str) -> None:
-        print(f"spotrun: {msg}", file=self.out, flush=True)
-        log.info(msg)
+    def _say(self, msg: str, kind: LaunchEventKind = LaunchEventKind.INFO,
+             segment_id: str | None = None) -> None:
+        self.on_event(LaunchEvent(kind, msg, segment_id))
 
     def _ensure_template(self) -> None:
         if self.state.launch_template_id:
@@ -343,31 +333,18 @@ class Ec2Controller:
             seg.availability_zone = status.availability_zone
         except LaunchError:
             pass
-        self.state.segments.append(seg)
-        # State first: if we die between the two writes, --resume finds the segment and the
-        # ledger merely lacks its start (the cost report still sees the wrapper's records).
-        self._save()
-        record_segment_start(
-            self.storage,
-            segment_id=seg.segment_id,
-            instance=InstanceInfo(
-                cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
-                region=self.api.region, availability_zone=seg.availability_zone, market=market,
-            ),
-            started_at=now,
-        )
+        self.book.begin(seg, InstanceInfo(
+            cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
+            region=self.api.region, availability_zone=seg.availability_zone, market=market,
+        ))
         self._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}); "
-                  f"segment {len(self.state.segments)}")
+                  f"segment {len(self.state.segments)}", LaunchEventKind.SEGMENT_STARTED, seg.segment_id)
         return seg
 
     def _end_segment(self, seg: Segment, reason: str, *, exit_code: int | None = None,
                      detail: str | None = None, ended_at: float | None = None) -> None:
-        seg.ended_at = self.clock() if ended_at is None else ended_at
-        seg.end_reason = reason
-        seg.exit_code = exit_code
-        seg.detail = detail
-        self._save()
-        record_segment_end(self.storage, segment_id=seg.segment_id, reason=reason, ended_at=seg.ended_at)
+        self.book.end(seg, reason, ended_at=self.clock() if ended_at is None else ended_at,
+                      exit_code=exit_code, detail=detail)
 
     def _gone_at(self, seg: Segment, status: InstanceStatus) -> float:
         """When the segment's instance went, at the earliest the evidence supports.
@@ -435,7 +412,7 @@ class Ec2Controller:
         if market is None:
             return self._give_up("failed", why, exit_code=1)
         if market == "on-demand" and why != "default":
-            self._say(f"using on-demand: {why}")
+            self._say(f"using on-demand: {why}", LaunchEventKind.CAPACITY)
         all_pools = self.options.pools
         avoid = self._avoid_pool() if market == "spot" else None
         round_pools = [p for p in all_pools if p != avoid] or all_pools
@@ -478,7 +455,7 @@ class Ec2Controller:
                     price_blocked.update(pools)
                 msg = f"{market} {e.pool or 'all pools'}: {e.code}"
                 last_errors.append(msg)
-                self._say(f"no capacity: {msg}")
+                self._say(f"no capacity: {msg}", LaunchEventKind.CAPACITY)
             remaining = [p for p in all_pools if p not in failed]
             if remaining:
                 round_pools = remaining  # the next pool(s), in the same round
@@ -493,7 +470,7 @@ class Ec2Controller:
                 elif self._deadline_at_risk():
                     reason = "the deadline is near"
                 if reason is not None:
-                    self._say(f"falling back to on-demand: {reason}")
+                    self._say(f"falling back to on-demand: {reason}", LaunchEventKind.CAPACITY)
                     market = "on-demand"
                     failed.clear()
                     price_blocked.clear()
@@ -551,7 +528,7 @@ class Ec2Controller:
         if status.state in ("stopped", "stopping"):
             self.api.terminate([seg.instance_id])
         self._end_segment(seg, reason, exit_code=code, detail=detail, ended_at=ended_at)
-        self._say(f"{seg.instance_id} ended: {reason} ({detail})")
+        self._say(f"{seg.instance_id} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, seg.segment_id)
         if reason == "finished":
             return self._finish()
         if reason == "interrupted":
@@ -594,8 +571,7 @@ class Ec2Controller:
         self.state.message = "done.json written"
         self._save()
         self._say(f"run finished after {len(self.state.segments)} segment(s), "
-                  f"{self.state.interruptions} interruption(s)")
-        cost_report_text(self.storage, offline=self.offline_prices, out=self.out)
+                  f"{self.state.interruptions} interruption(s)", LaunchEventKind.OUTCOME)
         return LaunchOutcome("finished", 0, "finished", len(self.state.segments), self.state.interruptions)
 
     def _cleanup_template(self) -> None:
@@ -612,8 +588,7 @@ class Ec2Controller:
         self.state.status = status
         self.state.message = why
         self._save()
-        self._say(f"run {status}: {why}")
-        cost_report_text(self.storage, offline=self.offline_prices, out=self.out)
+        self._say(f"run {status}: {why}", LaunchEventKind.OUTCOME)
         return LaunchOutcome(status, exit_code, why, len(self.state.segments), self.state.interruptions)
 
     def _stopped_by_request(self) -> LaunchOutcome:
@@ -643,16 +618,9 @@ class Ec2Controller:
             self._save()
             return LaunchOutcome("detached", 130, "interrupted", len(self.state.segments), self.state.interruptions)
         desc = ", ".join(f"{s.instance_id} ({s.instance_type} {s.market} in {s.availability_zone})" for s in alive)
-        choice = self.on_ctrl_c
-        if choice == "ask":
-            if sys.stdin is not None and sys.stdin.isatty():
-                try:
-                    answer = self.ask(f"\nspotrun: still running: {desc}. Terminate it? [Y/n] ").strip().lower()
-                except (EOFError, KeyboardInterrupt):
-                    answer = "y"
-                choice = "leave" if answer in ("n", "no") else "terminate"
-            else:
-                choice = "terminate"
+        choice = self.on_ctrl_c(desc) if callable(self.on_ctrl_c) else self.on_ctrl_c
+        if choice not in ("terminate", "leave"):
+            choice = "terminate"  # never leave compute running unless told to
         if choice == "terminate":
             ids = [s.instance_id for s in alive]
             self.api.terminate(ids)
@@ -684,3 +652,52 @@ def _finished_detail(code: int | None) -> str:
     log.warning("done.json written, so the run finished, although the command exited with "
                 "code %d", code)
     return f"done.json written; warning: the command then exited with code {code}, ignored"
+
+
+class Ec2Backend:
+    """EC2's part in ``spotrun status`` and ``spotrun stop`` (see :class:`~.base.Backend`)."""
+
+    mode = "ec2"
+
+    def current_details(self, state: LaunchState, segment: Segment, *, live: bool) -> dict[str, Any]:
+        if not live:
+            return {}
+        try:
+            return {"state": Ec2Api.for_region(state.options.get("region")).describe(segment.instance_id).state}
+        except Exception as exc:  # noqa: BLE001 - status must work without AWS access
+            return {"state_error": str(exc)}
+
+    def stop(self, storage: Storage, state: LaunchState, *, wait_s: float | None,
+             sleep: Callable[[float], None]) -> dict[str, Any]:
+        """Ask a live controller to stop (``launch/stop.json``) and terminate every instance
+        tagged with the run id here, so it works with or without a controller."""
+        result: dict[str, Any] = {"terminated": []}
+        api = Ec2Api.for_region(state.options.get("region"))
+        alive_controller = state.controller_alive()
+        if alive_controller and state.controller_host == socket.gethostname() and state.controller_pid:
+            try:
+                os.kill(state.controller_pid, 0)
+            except ProcessLookupError:
+                alive_controller = False
+            except PermissionError:
+                pass
+        storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
+        ids = [s.instance_id for s in api.find_run_instances(state.run_id)
+               if s.state not in ("terminated", "shutting-down")]
+        api.terminate(ids)
+        result["terminated"] = ids
+        if alive_controller:
+            # The controller writes the ledger and the state; give it a few polls to notice.
+            deadline = time.time() + (wait_s if wait_s is not None else max(30.0, 3 * (state.poll_s or 0)))
+            while time.time() < deadline:
+                fresh = load_state(storage)
+                if fresh is not None and fresh.status != "running":
+                    result["controller"] = "acknowledged"
+                    return result
+                sleep(0.5)
+            result["controller"] = "no answer"
+        close_books(storage, state)
+        return result
+
+
+EC2_BACKEND = Ec2Backend()

@@ -27,27 +27,28 @@ the cost report, priced offline as instance type T, is printed at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, ClassVar
 
 from ..errors import ConfigError, LaunchError
 from ..instance import InstanceInfo
 from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
-from .common import cost_report_text, is_done, last_checkpoint, record_segment_end, record_segment_start
-from .controller import LaunchOutcome
-from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id, save_state
+from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
+from .book import RunBook
+from .common import is_done, last_checkpoint
+from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id
 
-__all__ = ["LocalLauncher", "LocalOptions", "default_run_url"]
+__all__ = ["LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 
 REGION = "us-east-1"
 ZONE = "us-east-1a"
@@ -112,23 +113,25 @@ class LocalLauncher:
     Args:
         storage: the run URL (any backend; local disk is the usual one).
         options: see :class:`LocalOptions`.
-        out: where progress lines and the cost report go.
+        on_event: receives every :class:`LaunchEvent` (default: the ``spotrun`` logger).
         clock, sleep: injectable for tests.
     """
+
+    mode: ClassVar[str] = "local"
 
     def __init__(
         self,
         storage: Storage,
         options: LocalOptions,
         *,
-        out: TextIO | None = None,
+        on_event: EventSink = log_events,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         options.validate()
         self.storage = storage
         self.options = options
-        self.out = out or sys.stdout
+        self.on_event = on_event
         self.clock = clock
         self.sleep = sleep
         self.rng = random.Random(options.seed)
@@ -143,6 +146,9 @@ class LocalLauncher:
         if options.check_s is None:
             options.check_s = 0.1 if storage.is_local else 1.0
         self.state = self._load_or_new_state()
+        self.book = RunBook(storage, self.state, heartbeat_s=options.check_s)
+        # The previous launcher died with a child running: close the books.
+        self.book.close_open("stopped", "launcher died")
 
     def _load_or_new_state(self) -> LaunchState:
         state = load_state(self.storage)
@@ -161,11 +167,6 @@ class LocalLauncher:
                 f"another spotrun launch (pid {state.controller_pid}) is running {self.storage.display()}; "
                 "stop it first (spotrun stop URL) or pick another --run-url"
             )
-        for seg in state.segments:
-            if seg.open:  # the previous launcher died with a child running: close the books
-                seg.ended_at, seg.end_reason, seg.detail = time.time(), "stopped", "launcher died"
-                record_segment_end(self.storage, segment_id=seg.segment_id, reason="stopped",
-                                   ended_at=seg.ended_at)
         state.status = "running"
         state.failures = 0
         state.options = asdict(self.options)
@@ -173,12 +174,12 @@ class LocalLauncher:
 
     # -- output and state --------------------------------------------------------------
 
-    def _say(self, msg: str) -> None:
-        print(f"spotrun: {msg}", file=self.out, flush=True)
+    def _say(self, msg: str, kind: LaunchEventKind = LaunchEventKind.INFO,
+             segment_id: str | None = None) -> None:
+        self.on_event(LaunchEvent(kind, msg, segment_id))
 
     def _save(self) -> None:
-        self.state.touch(self.options.check_s)
-        save_state(self.storage, self.state)
+        self.book.save()
 
     # -- signals -----------------------------------------------------------------------
 
@@ -197,10 +198,9 @@ class LocalLauncher:
         """Run segments until done, failure or Ctrl-C; returns how it ended."""
         self.storage.ensure_root(create=True)
         if is_done(self.storage):
-            self._say(f"{self.storage.display()} is already finished (done.json exists)")
+            self._say(f"{self.storage.display()} is already finished (done.json exists)", LaunchEventKind.OUTCOME)
             self.state.status = "finished"
             self._save()
-            cost_report_text(self.storage, offline=True, out=self.out)
             return LaunchOutcome("finished", 0, "already finished", len(self.state.segments),
                                  self.state.interruptions)
         self._save()
@@ -244,8 +244,7 @@ class LocalLauncher:
         self.state.status = status
         self.state.message = message
         self._save()
-        self._say(f"run {status}: {message}")
-        cost_report_text(self.storage, offline=True, out=self.out)
+        self._say(f"run {status}: {message}", LaunchEventKind.OUTCOME)
         return LaunchOutcome(status, code, message, len(self.state.segments), self.state.interruptions)
 
     def _notice_delay(self) -> float:
@@ -279,20 +278,17 @@ class LocalLauncher:
         started = self.clock()
         seg = Segment(segment_id=seg_id, instance_id=seg_id, instance_type=o.instance_type,
                       market="spot", started_at=started, availability_zone=ZONE)
-        self.state.segments.append(seg)
-        self._save()
-        record_segment_start(self.storage, segment_id=seg_id, instance=info, started_at=started)
+        self.book.begin(seg, info)
         self._say(f"segment {n} ({seg_id}, simulated {o.instance_type} spot): "
-                  f"{' '.join(o.command)}" + (f" (resuming after step {start_step})" if start_step is not None else ""))
+                  f"{' '.join(o.command)}" + (f" (resuming after step {start_step})" if start_step is not None else ""),
+                  LaunchEventKind.SEGMENT_STARTED, seg_id)
         try:
             # Its own process group: a terminal's Ctrl-C reaches only us, and we forward one
             # SIGINT (a second would make the wrapper abort without its checkpoint).
             proc = subprocess.Popen(o.command, env=env, start_new_session=True)
         except OSError as exc:
             server.stop()
-            seg.ended_at, seg.end_reason, seg.detail = self.clock(), "failed", str(exc)
-            self._save()
-            record_segment_end(self.storage, segment_id=seg_id, reason="failed", ended_at=seg.ended_at)
+            self.book.end(seg, "failed", ended_at=self.clock(), detail=str(exc))
             raise LaunchError(f"cannot start {o.command[0]!r}: {exc}") from exc
         notice_at: float | None = None
         if interrupt and o.mean_interval is not None:
@@ -331,13 +327,13 @@ class LocalLauncher:
                 if notice_at is not None and posted is None and forwarded == 0 and now >= notice_at:
                     server.post_interruption("terminate", in_seconds=o.grace_s)
                     posted = now
-                    self._say(f"spot interruption notice for {seg_id}: SIGTERM in {o.grace_s:g}s")
+                    self._say(f"spot interruption notice for {seg_id}: SIGTERM in {o.grace_s:g}s", LaunchEventKind.NOTICE, seg_id)
                 if posted is not None and term_at is None and now >= posted + o.grace_s:
-                    self._say(f"{seg_id}: grace period over, SIGTERM")
+                    self._say(f"{seg_id}: grace period over, SIGTERM", LaunchEventKind.NOTICE, seg_id)
                     _killpg(proc, signal.SIGTERM)
                     term_at = now
                 if term_at is not None and kill_at is None and now >= term_at + kill_after:
-                    self._say(f"{seg_id}: the machine is gone, SIGKILL")
+                    self._say(f"{seg_id}: the machine is gone, SIGKILL", LaunchEventKind.NOTICE, seg_id)
                     _killpg(proc, signal.SIGKILL)
                     kill_at = now
                 self.sleep(o.poll_s)
@@ -357,10 +353,8 @@ class LocalLauncher:
             self._gone_segments.append(seg_id)
         self._posted_last = posted is not None
         reason, detail = self._classify(rc, posted=posted is not None, stopped=forwarded > 0)
-        seg.ended_at, seg.end_reason, seg.exit_code, seg.detail = self.clock(), reason, rc, detail
-        self._save()
-        record_segment_end(self.storage, segment_id=seg_id, reason=reason, ended_at=seg.ended_at)
-        self._say(f"{seg_id} ended: {reason} ({detail})")
+        self.book.end(seg, reason, ended_at=self.clock(), exit_code=rc, detail=detail)
+        self._say(f"{seg_id} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, seg_id)
         return reason, rc, detail
 
     def _classify(self, rc: int, *, posted: bool, stopped: bool) -> tuple[str, str]:
@@ -398,3 +392,29 @@ def _killpg(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+class LocalBackend:
+    """The local simulator's part in ``spotrun status`` and ``spotrun stop``."""
+
+    mode = "local"
+
+    def current_details(self, state: LaunchState, segment: Segment, *, live: bool) -> dict[str, Any]:
+        return {}
+
+    def stop(self, storage: Storage, state: LaunchState, *, wait_s: float | None,
+             sleep: Callable[[float], None]) -> dict[str, Any]:
+        """SIGINT to the launcher when it runs on this host (it forwards it to the command and
+        waits for its checkpoint); else a stop request in the run URL, which it polls."""
+        pid = state.controller_pid
+        if state.status == "running" and pid and state.controller_host == socket.gethostname():
+            try:
+                os.kill(pid, signal.SIGINT)
+                return {"signalled": pid}
+            except ProcessLookupError:
+                pass
+        storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
+        return {"signalled": None}
+
+
+LOCAL_BACKEND = LocalBackend()

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from ..errors import ConfigError
 from ..storage import Storage
+from .base import backend_for
 from .common import cost_report, is_done, last_checkpoint
-from .state import STOP_FILE, LaunchState, load_state, save_state
+from .state import load_state
 
 __all__ = ["format_status", "run_status", "stop_run"]
 
@@ -83,13 +81,8 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
             "availability_zone": cur.availability_zone,
             "running_for_s": round(time.time() - cur.started_at, 1),
         }
-        if live and state is not None and state.mode == "ec2":
-            try:
-                from .ec2 import Ec2Api
-
-                current["state"] = Ec2Api.for_region(state.options.get("region")).describe(cur.instance_id).state
-            except Exception as exc:  # noqa: BLE001 - status must work without AWS access
-                current["state_error"] = str(exc)
+        if state is not None:
+            current.update(backend_for(state.mode).current_details(state, cur, live=live))
         out["current"] = current
     report = cost_report(storage, offline=offline)
     out["cost"] = report.to_dict() if report is not None else None
@@ -157,71 +150,18 @@ def _cost_lines(cost: dict[str, Any]) -> list[str]:
     return lines
 
 
-def stop_run(storage: Storage, *, wait_s: float | None = None, sleep: Any = time.sleep) -> dict[str, Any]:
+def stop_run(storage: Storage, *, wait_s: float | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Stop the run's compute, keep its checkpoints; returns what was done.
 
-    EC2: asks a live controller to stop (``launch/stop.json``) and terminates every instance
-    tagged with the run id itself, so it works with or without a controller. Local: sends
-    SIGINT to the local launcher (which forwards it to the command and waits for its
-    checkpoint) when it runs on this host.
+    The backend that launched the run does it (:func:`~.base.backend_for`): EC2 terminates
+    every instance tagged with the run id, with or without a live controller; local signals
+    the launcher on this host, or leaves it a stop request in the run URL.
     """
     state = load_state(storage)
     if state is None:
         raise ConfigError(f"no launch recorded at {storage.display()}; nothing to stop")
     result: dict[str, Any] = {"run_url": storage.display(), "mode": state.mode, "terminated": [],
                               "signalled": None}
-    if state.mode == "local":
-        pid = state.controller_pid
-        if (state.status == "running" and pid and state.controller_host == socket.gethostname()):
-            try:
-                os.kill(pid, signal.SIGINT)
-                result["signalled"] = pid
-            except ProcessLookupError:
-                pass
-        if result["signalled"] is None:
-            # Another host, or no launcher: it polls this file.
-            storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
-        return result
-
-    from .ec2 import Ec2Api
-
-    api = Ec2Api.for_region(state.options.get("region"))
-    alive_controller = state.controller_alive()
-    if alive_controller and state.controller_host == socket.gethostname() and state.controller_pid:
-        try:
-            os.kill(state.controller_pid, 0)
-        except ProcessLookupError:
-            alive_controller = False
-        except PermissionError:
-            pass
-    storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
-    ids = [s.instance_id for s in api.find_run_instances(state.run_id)
-           if s.state not in ("terminated", "shutting-down")]
-    api.terminate(ids)
-    result["terminated"] = ids
-    if alive_controller:
-        # The controller writes the ledger and the state; give it a few polls to notice.
-        deadline = time.time() + (wait_s if wait_s is not None else max(30.0, 3 * (state.poll_s or 0)))
-        while time.time() < deadline:
-            fresh = load_state(storage)
-            if fresh is not None and fresh.status != "running":
-                result["controller"] = "acknowledged"
-                return result
-            sleep(0.5)
-        result["controller"] = "no answer"
-    _close_books(storage, state)
+    result.update(backend_for(state.mode).stop(storage, state, wait_s=wait_s, sleep=sleep))
     return result
-
-
-def _close_books(storage: Storage, state: LaunchState) -> None:
-    """No controller to do it: end the open segment in the ledger and mark the run stopped."""
-    from .common import record_segment_end
-
-    cur = state.current
-    if cur is not None:
-        cur.ended_at, cur.end_reason, cur.detail = time.time(), "stopped", "spotrun stop"
-        record_segment_end(storage, segment_id=cur.segment_id, reason="stopped", ended_at=cur.ended_at)
-    state.status = "stopped"
-    state.message = "stopped by spotrun stop; checkpoints kept"
-    save_state(storage, state)
-    storage.remove(STOP_FILE)

@@ -1,0 +1,91 @@
+"""The one place a run's segments begin and end.
+
+A segment is written twice: in the launch state (``launch/state.json``, what a controller
+needs to pick the run up again) and in the run ledger (source ``"launcher"``, what the cost
+report and ``status`` read). :class:`RunBook` keeps both, in that order, so every backend,
+``spotrun stop`` and a launcher cleaning up after a dead predecessor record segments the same
+way.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..instance import InstanceInfo
+from ..storage import Storage
+from .state import STOP_FILE, LaunchState, Segment, save_state
+
+__all__ = ["SOURCE", "RunBook", "close_books"]
+
+#: The ledger's ``source`` for records a launcher writes.
+SOURCE = "launcher"
+
+
+class RunBook:
+    """A run's launch state and the launcher's ledger records.
+
+    Args:
+        storage: the run URL.
+        state: the state to keep (this object is updated in place).
+        heartbeat_s: the owner's poll interval; each save then stamps the state as written
+            by a live launcher (``status`` shows it, a second launcher refuses to start).
+            None for writers that are not a launcher (``spotrun stop``).
+    """
+
+    def __init__(self, storage: Storage, state: LaunchState, *, heartbeat_s: float | None = None) -> None:
+        self.storage = storage
+        self.state = state
+        self.heartbeat_s = heartbeat_s
+
+    def save(self) -> None:
+        if self.heartbeat_s is not None:
+            self.state.touch(self.heartbeat_s)
+        save_state(self.storage, self.state)
+
+    def begin(self, segment: Segment, instance: InstanceInfo) -> Segment:
+        """Record that ``segment`` started on ``instance``.
+
+        State first: if the launcher dies between the two writes, ``--resume`` finds the
+        segment and the ledger merely lacks its start (the cost report still sees the
+        wrapper's records).
+        """
+        from ..ledger import Ledger
+
+        self.state.segments.append(segment)
+        self.save()
+        Ledger(self.storage).segment_started(
+            segment_id=segment.segment_id, instance=instance, started_at=segment.started_at, source=SOURCE
+        )
+        return segment
+
+    def end(self, segment: Segment, reason: str, *, ended_at: float, exit_code: int | None = None,
+            detail: str | None = None) -> None:
+        """Record that ``segment`` ended (finished, interrupted, failed, stopped) at ``ended_at``."""
+        from ..ledger import Ledger
+
+        segment.ended_at = ended_at
+        segment.end_reason = reason
+        segment.exit_code = exit_code
+        segment.detail = detail
+        self.save()
+        Ledger(self.storage).segment_ended(
+            segment_id=segment.segment_id, reason=reason, ended_at=ended_at, source=SOURCE
+        )
+
+    def close_open(self, reason: str, detail: str, *, ended_at: float | None = None) -> list[Segment]:
+        """End every segment still open (its launcher died, or ``stop`` ran without one)."""
+        closed = [s for s in self.state.segments if s.open]
+        for seg in closed:
+            self.end(seg, reason, ended_at=time.time() if ended_at is None else ended_at, detail=detail)
+        return closed
+
+
+def close_books(storage: Storage, state: LaunchState) -> None:
+    """No launcher left to do it (``spotrun stop``): end the open segments and mark the run
+    stopped, keeping its checkpoints."""
+    book = RunBook(storage, state)
+    book.close_open("stopped", "spotrun stop")
+    state.status = "stopped"
+    state.message = "stopped by spotrun stop; checkpoints kept"
+    book.save()
+    storage.remove(STOP_FILE)
