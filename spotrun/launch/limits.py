@@ -307,7 +307,7 @@ def limits_status(state_options: Mapping[str, Any] | None, storage: Storage, *, 
 
         {"max_cost_usd": 25.0 | None, "max_wait_s": 21600.0 | None,
          "spent_usd": 3.21 | None, "cost_fraction": 0.128 | None,
-         "waiting_s": 0.0, "text": ["max cost  $3.21 of $25.00 (13%)", ...]}
+         "waiting_s": 0.0, "text": ["max cost   $3.21 spent of $25.00 (13%)", ...]}
 
     ``spent_usd``: the spend when the caller already priced the run (status has its cost
     report), else it is priced here (only when a --max-cost is set). ``waiting_since``: when
@@ -319,7 +319,7 @@ def limits_status(state_options: Mapping[str, Any] | None, storage: Storage, *, 
         limits = Limits.from_options(state_options)
     except ConfigError as exc:
         return {"max_cost_usd": None, "max_wait_s": None, "spent_usd": None, "cost_fraction": None,
-                "waiting_s": 0.0, "text": [f"limits    unreadable ({exc})"]}
+                "waiting_s": 0.0, "text": [f"limits     unreadable ({exc})"]}
     if waiting_since is None:
         waiting_since = WaitClock.from_dict(None, state_options or {}).since
     clock = WaitClock(limits.max_wait_s, since=waiting_since)
@@ -329,13 +329,13 @@ def limits_status(state_options: Mapping[str, Any] | None, storage: Storage, *, 
         spent = spent_usd if spent_usd is not None else spend_so_far(storage, offline=offline, now=now)
         out["spent_usd"] = spent
         if spent is None:
-            out["text"].append(f"max cost  ${limits.max_cost_usd:,.2f}; spent so far unknown (no price)")
+            out["text"].append(f"max cost   ${limits.max_cost_usd:,.2f}; spent so far unknown (no price)")
         else:
             out["cost_fraction"] = spent / limits.max_cost_usd
-            out["text"].append(f"max cost  ${spent:,.2f} of ${limits.max_cost_usd:,.2f} "
+            out["text"].append(f"max cost   ${spent:,.2f} spent of ${limits.max_cost_usd:,.2f} "
                                f"({100.0 * out['cost_fraction']:.0f}%)")
     if limits.max_wait_s is not None:
         wait = (f"waiting for capacity {fmt_wait(clock.waited(now))}" if clock.since is not None
                 else "not waiting for capacity")
-        out["text"].append(f"max wait  {fmt_wait(limits.max_wait_s)}; {wait}")
+        out["text"].append(f"max wait   {fmt_wait(limits.max_wait_s)}; {wait}")
     return out
