@@ -115,10 +115,13 @@ def report_text(report: CostReport) -> str:
         out += ["", "Interruptions"]
         for i in d["interruptions"]:
             ck = i["last_checkpoint_step"]
-            group = (f" of attempt {str(i['group'])[:10]} ({i['nodes']} nodes, lost work counts all)"
-                     if i.get("group") is not None else "")
+            if i.get("group") is not None:
+                what = (f"attempt {str(i['group'])[:10]} ({i['nodes']} nodes; segment "
+                        f"{i['segment_id'][:12]} {i['reason']}): every node lost")
+            else:
+                what = f"segment {i['segment_id'][:12]} ({i['reason']}): lost"
             out.append(
-                f"  {fmt_time(i['at'])}  segment {i['segment_id'][:12]}{group} ({i['reason']}): lost "
+                f"  {fmt_time(i['at'])}  {what} "
                 f"{fmt_duration(i['lost_work_s'])} = {fmt_usd(i['lost_work_usd'])} since "
                 + ("its first step" if ck is None else f"checkpoint step {ck}")
                 + (

@@ -497,12 +497,23 @@ class CostReport:
         SageMaker reports ``TrainingTimeInSeconds`` (the job, start to end, waits for
         capacity included) and ``BillableTimeInSeconds`` (the wall-clock seconds instances
         ran) and calls ``(1 - billable / training) x 100`` the savings. Here: training =
-        first segment start to last segment end; billable = the segments' durations.
+        first segment start to last segment end; billable = the segments' durations. Like
+        SageMaker's (wall-clock, not multiplied by the instance count), an attempt of N nodes
+        counts its wall time once: first node up to last node down.
         """
         if not self.segments:
             return {"training_s": 0.0, "billable_s": 0.0, "savings_pct": None}
         training = max(s.end for s in self.segments) - min(s.start for s in self.segments)
-        billable = sum(s.duration_s for s in self.segments)
+        billable = 0.0
+        for s in self.segments:
+            if s.group is None:
+                billable += s.duration_s
+        spans: dict[str, tuple[float, float]] = {}
+        for s in self.segments:
+            if s.group is not None:
+                lo, hi = spans.get(s.group, (s.start, s.end))
+                spans[s.group] = (min(lo, s.start), max(hi, s.end))
+        billable += sum(hi - lo for lo, hi in spans.values())
         return {
             "training_s": training,
             "billable_s": billable,
