@@ -46,6 +46,8 @@ def write_two_node_run(url: str) -> None:
                       steps_done=80, last_step_at=T0 + 990)
     # Node 1 vanished (interrupted); the launcher ended both.
     led.segment_ended(segment_id="i-1", reason="interrupted", ended_at=T0 + 1040, source="launcher")
+    # A wrapper start on node 1 alone (no resume, no checkpoint) is no training record.
+    led.segment_started(segment_id="i-1", instance=InstanceInfo(), started_at=T0 + 62, source="wrapper")
     led.segment_ended(segment_id="i-0", reason="interrupted", ended_at=T0 + 1050, source="launcher")
     led.segment_started(segment_id="i-2", instance=_inst("i-2"), started_at=T0 + 1200, source="launcher",
                         group="g2", node=0)

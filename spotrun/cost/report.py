@@ -205,36 +205,33 @@ class Segment:
         }
 
 
-def _has_training_records(recs: list[dict]) -> bool:
-    return any(r.get("source") == "wrapper" or r["event"] in _TRAINING_EVENTS for r in recs)
-
-
-_TRAINING_EVENTS = ("training_resumed", "checkpoint_committed", "notice_received")
-
-
-def _share_group_records(segments: list[Segment], own: set[str]) -> None:
-    """Nodes of a group with no training records of their own take the group's (see the
-    module docstring): from node 0 when it has them, else the lowest node that has."""
+def _share_group_records(segments: list[Segment]) -> None:
+    """Nodes of a group that lack training records take the group's (see the module
+    docstring): the head is node 0 when it has them, else the lowest node that has. Only
+    what a node lacks is filled in (a node whose own process wrote records keeps them)."""
     groups: dict[str, list[Segment]] = {}
     for seg in segments:
         if seg.group is not None:
             groups.setdefault(seg.group, []).append(seg)
     for members in groups.values():
-        heads = sorted((s for s in members if s.segment_id in own),
-                       key=lambda s: (s.node is None, s.node or 0, s.start, s.segment_id))
+        heads = sorted((s for s in members if s.first_step_at is not None or s.checkpoints),
+                       key=lambda s: (s.first_step_at is None, s.node is None, s.node or 0, s.start,
+                                      s.segment_id))
         if not heads:
             continue
         head = heads[0]
         for seg in members:
-            if seg.segment_id in own:
+            if seg is head or seg.first_step_at is not None:
                 continue
             seg.training_from = head.segment_id
             seg.first_step_at = head.first_step_at
             seg.resumed_step = head.resumed_step
             seg.process_started_at = head.process_started_at
-            seg.training_ended_at = head.training_ended_at
-            seg.last_step_at = head.last_step_at
-            seg.group_checkpoints = head.checkpoints
+            if seg.training_ended_at is None:
+                seg.training_ended_at = head.training_ended_at
+                seg.last_step_at = head.last_step_at
+            if not seg.checkpoints:
+                seg.group_checkpoints = head.checkpoints
 
 
 def build_segments(
@@ -260,7 +257,6 @@ def build_segments(
         if sid is not None:
             groups.setdefault(str(sid), []).append(r)
     segments = []
-    own_training: set[str] = set()
     for sid, recs in groups.items():
         recs.sort(key=lambda r: (r["time"], str(r.get("id"))))
         starts = {r.get("source"): r for r in recs if r["event"] == "segment_started"}
@@ -284,8 +280,6 @@ def build_segments(
                    if r is not None and r.get("group") is not None]
         group = None if not grouped else str(grouped[0]["group"])
         node = None if not grouped else grouped[0].get("node")
-        if _has_training_records(recs):
-            own_training.add(sid)
         if end_rec is not None:
             end, reason = float(end_rec["ended_at"]), str(end_rec["reason"])
         elif sid in running:
@@ -319,7 +313,7 @@ def build_segments(
                 node=node,
             )
         )
-    _share_group_records(segments, own_training)
+    _share_group_records(segments)
     segments.sort(key=lambda s: (s.start, s.segment_id))
     if segments:
         segments[0].is_first = True
