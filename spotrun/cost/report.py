@@ -406,9 +406,10 @@ class CostReport:
         regions = self.regions()
         if len(regions) < 2:
             return []
-        return [f"this run used {len(regions)} regions ({', '.join(regions)}): cross-region data "
+        note = (f"this run used {len(regions)} regions ({', '.join(regions)}): cross-region data "
                 "transfer (checkpoints read from another region's bucket) is a cost this report "
-                "does not include"]
+                "does not include")
+        return [note]
 
     def _members(self, seg: Segment) -> list[Segment]:
         if seg.group is None:

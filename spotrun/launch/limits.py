@@ -81,7 +81,7 @@ def parse_duration(text: str, *, flag: str = "--max-wait") -> float:
 
 def fmt_wait(seconds: float) -> str:
     """A duration in its two largest units: ``45s``, ``1m 30s``, ``1h``, ``1h 02m``, ``2d 03h``."""
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
     for i, (unit, size) in enumerate(units):
         if s >= size or size == 1:
