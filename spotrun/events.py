@@ -120,6 +120,10 @@ class SegmentStarted:
     instance: InstanceInfo
     started_at: float
     source: Source = Source.WRAPPER
+    # A multi-node job: the launcher's id for the attempt all its nodes belong to, and this
+    # node's rank. None for a single-node segment (and in records older than them).
+    group: str | None = None
+    node: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,8 @@ def ledger_sink(ledger: Ledger) -> EventSink:
     def write(event: Event) -> None:
         if isinstance(event, SegmentStarted):
             ledger.segment_started(segment_id=event.segment_id, instance=event.instance,
-                                   started_at=event.started_at, source=event.source)
+                                   started_at=event.started_at, source=event.source,
+                                   group=event.group, node=event.node)
         elif isinstance(event, SegmentEnded):
             ledger.segment_ended(segment_id=event.segment_id, reason=event.reason,
                                  ended_at=event.ended_at, source=event.source,
@@ -229,6 +234,17 @@ def _number(record: dict, key: str, *, low: float, high: float, optional: bool =
     return float(value)
 
 
+def _group_fields(record: dict, out: dict) -> None:
+    # Optional (single-node segments and older records have neither); checked when present.
+    group, node = record.get("group"), record.get("node")
+    if group is not None and (not isinstance(group, str) or not group or len(group) > 200):
+        raise LedgerRecordError(f"group {_show(group)} is not a non-empty string")
+    if node is not None and (isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < 2**31):
+        raise LedgerRecordError(f"node {_show(node)} is not a node rank >= 0")
+    if node is not None and group is None:
+        raise LedgerRecordError(f"node {node} has no group: a node rank needs the attempt's group id")
+
+
 def parse_record(record: dict) -> dict:
     """A ledger record checked against its event, with its vocabularies normalised
     (``cloud: "ec2"`` reads as ``"aws"``); a :class:`~spotrun.errors.LedgerRecordError`
@@ -264,6 +280,7 @@ def parse_record(record: dict) -> dict:
         if event == "segment_ended":
             out["reason"] = EndReason.parse(record.get("reason")).value
         if event == "segment_started":
+            _group_fields(record, out)
             inst = record.get("instance")
             if not isinstance(inst, dict):
                 raise LedgerRecordError(f"instance {_show(inst)} is not an object")

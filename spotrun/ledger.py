@@ -12,7 +12,8 @@ unique ``id``, plus the event's own fields. The events the cost report understan
 
 =====================  =======================================================================
 ``segment_started``    ``segment_id``, ``instance`` (an :class:`InstanceInfo` dict),
-                       ``started_at``, ``source`` (``"wrapper"`` or ``"launcher"``)
+                       ``started_at``, ``source`` (``"wrapper"`` or ``"launcher"``);
+                       a node of a multi-node job also ``group`` and ``node`` (its rank)
 ``segment_ended``      ``segment_id``, ``reason`` (finished, interrupted, failed, stopped),
                        ``ended_at``, ``source``
 ``checkpoint_committed``  ``segment_id``, ``step``, ``committed_at``, ``stall_s``, ``save_s``,
@@ -146,10 +147,33 @@ class Ledger:
     # -- conveniences ------------------------------------------------------------------
 
     def segment_started(
-        self, *, segment_id: str, instance: InstanceInfo, started_at: float, source: Source | str
+        self,
+        *,
+        segment_id: str,
+        instance: InstanceInfo,
+        started_at: float,
+        source: Source | str,
+        group: str | None = None,
+        node: int | None = None,
     ) -> dict:
-        """A segment of compute began (``source``: ``"wrapper"`` or ``"launcher"``)."""
+        """A segment of compute began (``source``: ``"wrapper"`` or ``"launcher"``).
+
+        A node of a multi-node job also names its ``group`` (the launcher's id for the
+        attempt all N nodes belong to) and ``node`` (its rank); the cost report gives the
+        nodes that wrote no records of their own the group's training figures.
+        """
         source = Source.parse(source)
+        extra: dict[str, Any] = {}
+        if group is not None:
+            if not isinstance(group, str) or not group:
+                raise ConfigError(f"group {group!r} must be a non-empty string (the attempt's id)")
+            extra["group"] = group
+        if node is not None:
+            if group is None:
+                raise ConfigError(f"node {node!r} needs a group: pass the attempt's group id too")
+            if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+                raise ConfigError(f"node {node!r} must be a node rank >= 0")
+            extra["node"] = node
         return self.append(
             "segment_started",
             time=started_at,
@@ -157,6 +181,7 @@ class Ledger:
             instance=instance.to_dict(),
             started_at=float(started_at),
             source=source.value,
+            **extra,
         )
 
     def segment_ended(

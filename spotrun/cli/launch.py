@@ -30,10 +30,12 @@ def _csv(value: str) -> list[str]:
 
 def parse_deadline(value: str, now: float | None = None) -> float:
     """``2025-06-01T12:00Z`` (ISO 8601, UTC when no zone) or a duration from now: 90m, 6h, 2d."""
+    from ..launch.limits import duration_seconds
+
     now = time.time() if now is None else now
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
-    if m:
-        return now + float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = duration_seconds(value)
+    if seconds is not None:
+        return now + seconds
     try:
         dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:

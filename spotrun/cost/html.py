@@ -17,7 +17,7 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from .render import fmt_duration, fmt_pct, fmt_time, fmt_usd
+from .render import attempt_label, fmt_duration, fmt_pct, fmt_time, fmt_usd
 
 if TYPE_CHECKING:
     from .report import CostReport
@@ -86,6 +86,8 @@ def _timeline(report: CostReport) -> str:
         market = s.instance.market
         on_demand = market == "on-demand"
         label = f"{s.segment_id[:10]} {s.instance.instance_type or ''} {market}"
+        if s.node is not None:
+            label += f" n{s.node}"
         parts.append(f'<text class="market market-{_a(market)}" x="4" y="{y + 15}">{_a(label)}</text>')
         outline = ' stroke="#111" stroke-width="2.5"' if on_demand else ""
         parts.append(
@@ -185,13 +187,18 @@ def report_html(report: CostReport) -> str:
     vintage = d["snapshot_vintage"]
     rows = []
     any_estimate = False
+    # Columns only multi-node and multi-region runs need.
+    nodes = any(s.get("group") is not None for s in d["segments"])
+    regions = len(d.get("regions") or []) > 1
     for s in d["segments"]:
         inst = s["instance"]
         price = s["price"]
         cells = [
             _a(s["segment_id"]),
+            *([_a(attempt_label(s))] if nodes else []),
             _a(inst.get("instance_type") or "?"),
             _a(inst.get("market")),
+            *([_a(inst.get("region") or "")] if regions else []),
             _a(inst.get("availability_zone") or inst.get("region") or inst.get("cloud") or ""),
             _a(fmt_time(s["start"])),
             _a(s["end_reason"]),
@@ -232,9 +239,14 @@ def report_html(report: CostReport) -> str:
          f"{fmt_pct(sm['savings_pct'])}: billable {fmt_duration(sm['billable_s'])}, "
          f"training {fmt_duration(sm['training_s'])}"),
     ]
-    headers = ["Segment", "Instance", "Market", "Zone", "Start (UTC)", "Ended", "Duration", "$/hour", "Cost",
+    headers = ["Segment", *(["Attempt/node"] if nodes else []), "Instance", "Market",
+               *(["Region"] if regions else []), "Zone", "Start (UTC)", "Ended", "Duration", "$/hour", "Cost",
                "Lost work", "Restart", "Stalls", "On-demand (useful)", "Price source"]
     notes = []
+    if nodes:
+        notes.append(f"<p>Each node of a multi-node attempt is a segment ({t['attempts']} attempts, "
+                     f"{t['segments']} segments); lost work and restarts count every node.</p>")
+    notes += [f'<p class="note">Note: {_a(n)}.</p>' for n in d.get("notes") or []]
     if any_estimate:
         notes.append('<p class="estimate">Prices marked (estimate) are not market data: the shipped '
                      "snapshot's spot price is on-demand x 0.30. Pass --spot-price or let spotrun ask "

@@ -48,17 +48,31 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] | None = No
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def attempt_label(segment: dict[str, Any]) -> str:
+    """``a1b2c3d4e5/1``: a node's attempt (its group id, shortened) and rank; "" without one."""
+    if segment.get("group") is None:
+        return ""
+    node = segment.get("node")
+    return f"{str(segment['group'])[:10]}/{'?' if node is None else node}"
+
+
 def report_text(report: CostReport) -> str:
     d: dict[str, Any] = report.to_dict()
     t = d["totals"]
     out = [f"spotrun cost: {d['run_url']}", ""]
+    # Columns that only multi-node and multi-region runs need (single-node, one-region
+    # reports stay as they were).
+    nodes = any(s.get("group") is not None for s in d["segments"])
+    regions = len(d.get("regions") or []) > 1
     rows = []
     for s in d["segments"]:
         inst = s["instance"]
         price = s["price"]
         rows.append([
             s["segment_id"][:12],
+            *([attempt_label(s)] if nodes else []),
             f"{inst.get('instance_type') or '?'} {inst.get('market')}",
+            *([inst.get("region") or ""] if regions else []),
             inst.get("availability_zone") or inst.get("region") or inst.get("cloud") or "",
             fmt_time(s["start"]),
             fmt_duration(s["duration_s"]),
@@ -69,15 +83,18 @@ def report_text(report: CostReport) -> str:
             fmt_duration(s["restart_overhead_s"]),
             fmt_duration(s["stall_s"]),
         ])
-    out += table(
-        ["segment", "instance", "zone", "start (UTC)", "duration", "ended", "$/h", "cost",
-         "lost", "restart", "stall"],
-        rows,
-        right={4, 6, 7, 8, 9, 10},
-    )
+    headers = ["segment", *(["attempt/node"] if nodes else []), "instance", *(["region"] if regions else []),
+               "zone", "start (UTC)", "duration", "ended", "$/h", "cost", "lost", "restart", "stall"]
+    right = {headers.index(h) for h in ("duration", "$/h", "cost", "lost", "restart", "stall")}
+    out += table(headers, rows, right=right)
+    if nodes:
+        out.append("  (each node of an attempt is a segment; lost work and restarts count every node)")
     out += ["", "Totals"]
+    segments_text = str(t["segments"])
+    if nodes:
+        segments_text += f" ({t['attempts']} attempt{'s' if t['attempts'] != 1 else ''})"
     summary = [
-        ("segments", str(t["segments"])),
+        ("segments", segments_text),
         ("interruptions", str(t["interruptions"])),
         ("checkpoints", str(t["checkpoints"])),
         ("compute time", fmt_duration(t["duration_s"])),
@@ -98,8 +115,13 @@ def report_text(report: CostReport) -> str:
         out += ["", "Interruptions"]
         for i in d["interruptions"]:
             ck = i["last_checkpoint_step"]
+            if i.get("group") is not None:
+                what = (f"attempt {str(i['group'])[:10]} ({i['nodes']} nodes; segment "
+                        f"{i['segment_id'][:12]} {i['reason']}): every node lost")
+            else:
+                what = f"segment {i['segment_id'][:12]} ({i['reason']}): lost"
             out.append(
-                f"  {fmt_time(i['at'])}  segment {i['segment_id'][:12]} ({i['reason']}): lost "
+                f"  {fmt_time(i['at'])}  {what} "
                 f"{fmt_duration(i['lost_work_s'])} = {fmt_usd(i['lost_work_usd'])} since "
                 + ("its first step" if ck is None else f"checkpoint step {ck}")
                 + (
@@ -108,6 +130,9 @@ def report_text(report: CostReport) -> str:
                     else "; not relaunched"
                 )
             )
+    if d.get("notes"):
+        out += ["", "Notes"]
+        out += [f"  - {n}" for n in d["notes"]]
     if any((s["price"] or {}).get("estimate") for s in d["segments"]):
         out += ["", "* an estimate, not market data (the shipped snapshot's spot price is on-demand x 0.30)"]
     out += ["", "Price sources" + (f" (snapshot prices: AWS list prices of {d['snapshot_vintage']})"

@@ -36,6 +36,15 @@ Figures, per segment (all times in seconds):
   uninterrupted on on-demand.
 
 Savings = total on-demand cost - total cost; percent of the on-demand cost.
+
+Multi-node jobs: each node is its own segment (its instance), and the launcher's
+``segment_started`` names the attempt all N nodes belong to (``group``) and the node's rank
+(``node``). The training process writes its records (resumes, checkpoints, notices, its end)
+from rank 0 only, so a node of a group with no such records of its own takes them from the
+group's node that has them (node 0 first): the whole job starts, pauses for checkpoints and
+stops together, so a node lost to an interruption loses the same training time as the head,
+and lost work counts all N nodes. Every node of the first attempt is a first segment (its
+startup is useful time); one interruption of a group is one interruption.
 """
 
 from __future__ import annotations
@@ -82,6 +91,13 @@ class Segment:
     last_step_at: float | None = None
     checkpoints: list[dict] = field(default_factory=list)
     notices: list[dict] = field(default_factory=list)
+    # A node of a multi-node attempt: the attempt's id and the node's rank (else None).
+    group: str | None = None
+    node: int | None = None
+    # Set when this node wrote no training records and took its group's (see the docstring):
+    # the segment they came from, and its checkpoints (for lost work and stalls only).
+    training_from: str | None = None
+    group_checkpoints: list[dict] = field(default_factory=list)
     # Filled in by price_segments.
     is_first: bool = False
     price: Price | None = None
@@ -114,8 +130,12 @@ class Segment:
         return (0.0 if self.is_first else self.startup_s) + self.shutdown_s
 
     @property
+    def _training_checkpoints(self) -> list[dict]:
+        return self.checkpoints or self.group_checkpoints
+
+    @property
     def last_checkpoint(self) -> dict | None:
-        done = [c for c in self.checkpoints if c["committed_at"] <= self.end]
+        done = [c for c in self._training_checkpoints if c["committed_at"] <= self.end]
         return max(done, key=lambda c: c["committed_at"]) if done else None
 
     @property
@@ -137,7 +157,8 @@ class Segment:
 
     @property
     def stall_s(self) -> float:
-        return float(sum(c.get("stall_s", 0.0) for c in self.checkpoints))
+        # A node that took its group's records paused for the same checkpoints.
+        return float(sum(c.get("stall_s", 0.0) for c in self._training_checkpoints))
 
     @property
     def useful_s(self) -> float:
@@ -149,8 +170,12 @@ class Segment:
     def to_dict(self) -> dict[str, Any]:
         p = self.price
         ckpt = self.last_checkpoint
+        multi: dict[str, Any] = {}
+        if self.group is not None:
+            multi = {"group": self.group, "node": self.node, "training_from": self.training_from}
         return {
             "segment_id": self.segment_id,
+            **multi,
             "instance": self.instance.to_dict(),
             "start": self.start,
             "end": self.end,
@@ -178,6 +203,35 @@ class Segment:
             "stall_usd": self._usd(self.stall_s, p),
             "on_demand_usd": self._usd(self.useful_s, self.on_demand_price),
         }
+
+
+def _share_group_records(segments: list[Segment]) -> None:
+    """Nodes of a group that lack training records take the group's (see the module
+    docstring): the head is node 0 when it has them, else the lowest node that has. Only
+    what a node lacks is filled in (a node whose own process wrote records keeps them)."""
+    groups: dict[str, list[Segment]] = {}
+    for seg in segments:
+        if seg.group is not None:
+            groups.setdefault(seg.group, []).append(seg)
+    for members in groups.values():
+        heads = sorted((s for s in members if s.first_step_at is not None or s.checkpoints),
+                       key=lambda s: (s.first_step_at is None, s.node is None, s.node or 0, s.start,
+                                      s.segment_id))
+        if not heads:
+            continue
+        head = heads[0]
+        for seg in members:
+            if seg is head or seg.first_step_at is not None:
+                continue
+            seg.training_from = head.segment_id
+            seg.first_step_at = head.first_step_at
+            seg.resumed_step = head.resumed_step
+            seg.process_started_at = head.process_started_at
+            if seg.training_ended_at is None:
+                seg.training_ended_at = head.training_ended_at
+                seg.last_step_at = head.last_step_at
+            if not seg.checkpoints:
+                seg.group_checkpoints = head.checkpoints
 
 
 def build_segments(
@@ -221,6 +275,11 @@ def build_segments(
         else:
             start = recs[0]["time"]
         end_rec = ends.get("launcher") or ends.get("wrapper") or next(iter(ends.values()), None)
+        # The attempt and rank: the launcher's word first (it starts the nodes).
+        grouped = [r for r in (starts.get("launcher"), starts.get("wrapper"), *starts.values())
+                   if r is not None and r.get("group") is not None]
+        group = None if not grouped else str(grouped[0]["group"])
+        node = None if not grouped else grouped[0].get("node")
         if end_rec is not None:
             end, reason = float(end_rec["ended_at"]), str(end_rec["reason"])
         elif sid in running:
@@ -250,11 +309,19 @@ def build_segments(
                     for r in recs
                     if r["event"] == "notice_received"
                 ],
+                group=group,
+                node=node,
             )
         )
+    _share_group_records(segments)
     segments.sort(key=lambda s: (s.start, s.segment_id))
     if segments:
         segments[0].is_first = True
+        # Every node of the first attempt starts up once, as it would on on-demand.
+        if segments[0].group is not None:
+            for seg in segments:
+                if seg.group == segments[0].group:
+                    seg.is_first = True
     return segments
 
 
@@ -303,7 +370,8 @@ class CostReport:
         savings = None if (cost is None or od is None or not complete) else od - cost
         return {
             "segments": len(segs),
-            "interruptions": sum(1 for s in self.segments if s.interrupted),
+            "attempts": self.attempts(),
+            "interruptions": len(self.interruptions()),
             "duration_s": sum(s.duration_s for s in self.segments),
             "useful_s": sum(s.useful_s for s in self.segments),
             "lost_work_s": sum(s.lost_work_s for s in self.segments),
@@ -320,10 +388,70 @@ class CostReport:
             "complete": complete,
         }
 
+    def attempts(self) -> int:
+        """Attempts at the job: a group of nodes is one, a segment without a group one."""
+        return len({s.group if s.group is not None else ("", s.segment_id) for s in self.segments})
+
+    def regions(self) -> list[str]:
+        """The regions the segments ran in, in order of first use."""
+        out: list[str] = []
+        for s in self.segments:
+            r = s.instance.region
+            if r and r not in out:
+                out.append(r)
+        return out
+
+    def notes(self) -> list[str]:
+        """What the reader must know about what the figures leave out."""
+        regions = self.regions()
+        if len(regions) < 2:
+            return []
+        note = (f"this run used {len(regions)} regions ({', '.join(regions)}): cross-region data "
+                "transfer (checkpoints read from another region's bucket) is a cost this report "
+                "does not include")
+        return [note]
+
+    def _members(self, seg: Segment) -> list[Segment]:
+        if seg.group is None:
+            return [seg]
+        return [s for s in self.segments if s.group == seg.group]
+
+    def _group_interruption(self, seg: Segment) -> dict[str, Any]:
+        """One interruption of a multi-node attempt: every node's lost work and shutdown, and
+        the next attempt's startups."""
+        members = self._members(seg)
+        names = {s.segment_id for s in members}
+        later = [s for s in self.segments if s.segment_id not in names and s.start >= seg.start]
+        nxt = min(later, key=lambda s: (s.start, s.segment_id)) if later else None
+        following = [] if nxt is None else self._members(nxt)
+        d = seg.to_dict()
+        return {
+            "segment_id": seg.segment_id,
+            "group": seg.group,
+            "nodes": len(members),
+            "interrupted_nodes": sorted(s.node for s in members if s.interrupted and s.node is not None),
+            "at": seg.end,
+            "reason": seg.end_reason,
+            "last_checkpoint_step": d["last_checkpoint_step"],
+            "lost_work_s": sum(s.lost_work_s for s in members),
+            "lost_work_usd": _sum([s._usd(s.lost_work_s, s.price) for s in members]),
+            "next_segment_id": None if nxt is None else nxt.segment_id,
+            "restart_overhead_s": sum(s.shutdown_s for s in members) + sum(s.startup_s for s in following),
+            "restart_overhead_usd": _sum([s._usd(s.shutdown_s, s.price) for s in members]
+                                         + [s._usd(s.startup_s, s.price) for s in following]),
+        }
+
     def interruptions(self) -> list[dict[str, Any]]:
         out = []
+        groups_done: set[str] = set()
         for i, seg in enumerate(self.segments):
             if not seg.interrupted:
+                continue
+            if seg.group is not None:
+                # One entry per interrupted attempt, at its first interrupted node.
+                if seg.group not in groups_done:
+                    groups_done.add(seg.group)
+                    out.append(self._group_interruption(seg))
                 continue
             nxt = self.segments[i + 1] if i + 1 < len(self.segments) else None
             d = seg.to_dict()
@@ -342,6 +470,12 @@ class CostReport:
                     None if nxt is None else nxt._usd(nxt.startup_s, nxt.price),
                 ]),
             })
+            if nxt is not None and nxt.group is not None:
+                # The next attempt is N nodes: each of them starts up.
+                following = self._members(nxt)
+                out[-1]["restart_overhead_s"] = seg.shutdown_s + sum(s.startup_s for s in following)
+                out[-1]["restart_overhead_usd"] = _sum([seg._usd(seg.shutdown_s, seg.price)]
+                                                       + [s._usd(s.startup_s, s.price) for s in following])
         return out
 
     def price_sources(self) -> list[str]:
@@ -358,12 +492,23 @@ class CostReport:
         SageMaker reports ``TrainingTimeInSeconds`` (the job, start to end, waits for
         capacity included) and ``BillableTimeInSeconds`` (the wall-clock seconds instances
         ran) and calls ``(1 - billable / training) x 100`` the savings. Here: training =
-        first segment start to last segment end; billable = the segments' durations.
+        first segment start to last segment end; billable = the segments' durations. Like
+        SageMaker's (wall-clock, not multiplied by the instance count), an attempt of N nodes
+        counts its wall time once: first node up to last node down.
         """
         if not self.segments:
             return {"training_s": 0.0, "billable_s": 0.0, "savings_pct": None}
         training = max(s.end for s in self.segments) - min(s.start for s in self.segments)
-        billable = sum(s.duration_s for s in self.segments)
+        billable = 0.0
+        for s in self.segments:
+            if s.group is None:
+                billable += s.duration_s
+        spans: dict[str, tuple[float, float]] = {}
+        for s in self.segments:
+            if s.group is not None:
+                lo, hi = spans.get(s.group, (s.start, s.end))
+                spans[s.group] = (min(lo, s.start), max(hi, s.end))
+        billable += sum(hi - lo for lo, hi in spans.values())
         return {
             "training_s": training,
             "billable_s": billable,
@@ -388,12 +533,15 @@ class CostReport:
             "price_sources": self.price_sources(),
             "snapshot_vintage": self.snapshot_vintage(),
             "sagemaker": self.sagemaker_figure(),
+            "regions": self.regions(),
+            "notes": self.notes(),
             "warnings": self.warnings,
         }
 
 
 def running_segments(storage: Storage) -> set[str]:
-    """The segment the run's launcher says is running now (its launch state), if any."""
+    """The segments the run's launcher says are running now (its launch state's open
+    segments: one per node of a multi-node attempt), if any."""
     from ..launch.state import load_state
 
     try:
@@ -401,9 +549,9 @@ def running_segments(storage: Storage) -> set[str]:
     except Exception as exc:  # noqa: BLE001 - without a readable state, nothing is known to run
         log.warning("could not read the launch state (%s); no segment counted as running", exc)
         return set()
-    if state is None or state.status != "running" or state.current is None:
+    if state is None or state.status != "running":
         return set()
-    return {state.current.segment_id}
+    return {seg.segment_id for seg in state.segments if seg.open}
 
 
 def require_run(storage: Storage) -> None:
