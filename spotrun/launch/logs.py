@@ -77,6 +77,8 @@ _READ_SIZE = 64 * 1024
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _NODE_RE = re.compile(r"^node-(\d+)$")
 _CHUNK_RE = re.compile(r"^(\d+)\.log$")
+#: How long ``follow_logs`` keeps polling after the run ended, for the last chunks (at least).
+FOLLOW_GRACE_S = 5.0
 # At most one "shipping failed" warning this often per shipper (the first always shows).
 _WARN_EVERY_S = 60.0
 
@@ -539,13 +541,13 @@ def follow_logs(
     The run is over when ``done.json`` exists or the launch state's status is no longer
     ``running``; the last chunks are shipped just after that (the shipper flushes when the
     command's output ends), so polling goes on until a poll finds nothing new and ``grace``
-    seconds (default: ``max(2 x interval, 5)``) have passed since the end was seen. Within
+    seconds (default: ``max(2 x interval, FOLLOW_GRACE_S)``, 5 s) have passed since the end was seen. Within
     one node, chunks come in number order and never past a missing one (until the end).
     ``stop`` (an event) ends it early; so does Ctrl-C (KeyboardInterrupt, from the wait).
     """
     if segment is not None:
         _check_segment(segment)
-    grace = max(2 * interval, 5.0) if grace is None else grace
+    grace = max(2 * interval, FOLLOW_GRACE_S) if grace is None else grace
     stop = stop or threading.Event()
     next_seq: dict[tuple[str, int], int] = {}
     over_at: float | None = None
