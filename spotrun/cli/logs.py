@@ -12,7 +12,7 @@ import sys
 
 
 def _node(text: str) -> int:
-    value = text[5:] if text.startswith("node-") else text
+    value = text.removeprefix("node-")
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a node rank (0, 1, ... or node-0)")
     return int(value)
@@ -39,7 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from ..launch.logs import check_log_selection, follow_logs, read_logs, require_run, with_headers
+    from ..launch.logs import (
+        check_log_selection,
+        follow_logs,
+        read_logs,
+        require_run,
+        with_headers,
+    )
     from ..storage import open_storage
 
     storage = open_storage(args.url)

@@ -38,13 +38,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ConfigError, SpotrunError, StorageNotFoundError
 from ..layout import DONE_MARKER, LOGS_DIR
 from ..storage import MiB, Storage
+
+if TYPE_CHECKING:
+    from .state import LaunchState
 
 __all__ = [
     "DEFAULT_FLUSH_S",
@@ -410,24 +413,29 @@ def _natural_key(name: str) -> list[int | str]:
     return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name))]
 
 
-def _segment_order(storage: Storage, names: Iterable[str]) -> list[str]:
-    """``names`` in the order the launcher started them (its state), others after, by name."""
+def _load_state_quietly(storage: Storage) -> LaunchState | None:
     from .state import load_state
 
-    known: dict[str, int] = {}
     try:
-        state = load_state(storage)
+        return load_state(storage)
     except SpotrunError as exc:
         log.debug("launch state unreadable (%s); ordering log segments by name", exc)
-        state = None
+        return None
+
+
+def _segment_order(names: Iterable[str], state: LaunchState | None) -> list[str]:
+    """``names`` in the order the launcher started them (its state), others after, by name
+    with numbers compared as numbers (``sim-10`` after ``sim-9``)."""
+    known: dict[str, int] = {}
     if state is not None:
         for i, seg in enumerate(state.segments):
             known.setdefault(seg.segment_id, i)
     return sorted(names, key=lambda n: (0, known[n], []) if n in known else (1, 0, _natural_key(n)))
 
 
-def _segments(storage: Storage) -> list[str]:
-    return _segment_order(storage, [n for n in storage.list_dir(LOGS_DIR) if _SEGMENT_RE.match(n)])
+def _segments(storage: Storage, state: LaunchState | None = None) -> list[str]:
+    names = [n for n in storage.list_dir(LOGS_DIR) if _SEGMENT_RE.match(n)]
+    return _segment_order(names, state if state is not None else _load_state_quietly(storage))
 
 
 def _nodes(storage: Storage, segment: str) -> list[int]:
@@ -485,16 +493,18 @@ def check_log_selection(
 
 
 def list_log_chunks(
-    storage: Storage, segment: str | None = None, node: int | None = None
+    storage: Storage, segment: str | None = None, node: int | None = None, *,
+    state: LaunchState | None = None,
 ) -> list[LogChunk]:
     """The stored chunks, in order: segment (launch order), node, chunk number.
 
-    ``segment``/``node`` narrow the listing; an unknown one gives an empty list.
+    ``segment``/``node`` narrow the listing; an unknown one gives an empty list. ``state``:
+    the launch state, when the caller has just read it (else it is read here, for the order).
     """
     if segment is not None:
         _check_segment(segment)
     chunks: list[LogChunk] = []
-    for seg in _segments(storage):
+    for seg in _segments(storage, state):
         if segment is not None and seg != segment:
             continue
         for n in _nodes(storage, seg):
@@ -512,17 +522,11 @@ def read_logs(
         yield chunk.segment, chunk.node, bytes(storage.read_bytes(chunk.path))
 
 
-def _run_over(storage: Storage) -> bool:
-    """Whether the run has ended: ``done.json`` exists or the launcher stopped running it."""
-    from .state import load_state
-
-    if storage.exists(DONE_MARKER):
+def _run_over(storage: Storage, state: LaunchState | None) -> bool:
+    """Whether the run has ended: the launcher stopped running it, or ``done.json`` exists."""
+    if state is not None and state.status != "running":
         return True
-    try:
-        state = load_state(storage)
-    except SpotrunError:
-        return False
-    return state is not None and state.status != "running"
+    return storage.exists(DONE_MARKER)
 
 
 def follow_logs(
@@ -533,7 +537,6 @@ def follow_logs(
     interval: float = 2.0,
     grace: float | None = None,
     stop: threading.Event | None = None,
-    is_over: Callable[[Storage], bool] = _run_over,
 ) -> Iterator[tuple[str, int, bytes]]:
     """Like :func:`read_logs`, then keep polling every ``interval`` seconds for new chunks
     and new segments until the run is over.
@@ -553,10 +556,11 @@ def follow_logs(
     over_at: float | None = None
     while not stop.is_set():
         # Decide "over" before listing: whatever was shipped before the end is then listed.
-        if over_at is None and is_over(storage):
+        state = _load_state_quietly(storage)
+        if over_at is None and _run_over(storage, state):
             over_at = time.monotonic()
         found = False
-        for chunk in list_log_chunks(storage, segment, node):
+        for chunk in list_log_chunks(storage, segment, node, state=state):
             key = (chunk.segment, chunk.node)
             want = next_seq.get(key, 0)
             if chunk.seq < want:
