@@ -15,6 +15,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
       done.json                the run finished (written once, by rank 0)
       ledger/                  one small JSON object per event (segments, checkpoints, ...)
       launch/                  the launcher's own state (instances, attempts)
+      logs/                    the command's output, shipped in whole chunks:
+        <segment>/node-<N>/<seq>.log   (see spotrun.launch.logs)
       damaged/                 checkpoints that failed verification, moved aside as evidence
                                (``000000000015-<when>-<id>/`` with a ``damaged.json``)
       lease                    who writes the run now (owner, heartbeat, expiry): on S3 one
@@ -37,6 +39,7 @@ __all__ = [
     "LAUNCH_DIR",
     "LEASE",
     "LEDGER_DIR",
+    "LOGS_DIR",
     "MANIFEST",
     "STEP_DIGITS",
     "checkpoint_dir",
@@ -48,6 +51,8 @@ MANIFEST = "manifest.json"
 DONE_MARKER = "done.json"
 LEDGER_DIR = "ledger"
 LAUNCH_DIR = "launch"
+#: The command's output, one folder per segment and node (:mod:`spotrun.launch.logs`).
+LOGS_DIR = "logs"
 #: The single-writer lease (:mod:`spotrun.lease`).
 LEASE = "lease"
 #: Where damaged checkpoint folders are moved: out of the names :func:`parse_step` takes,

@@ -28,7 +28,7 @@ __all__ = ["main"]
 # Each module defines ``register(subparsers)``, adding its commands with
 # ``set_defaults(func=handler)``; a handler takes the parsed args and returns an exit code.
 # Modules keep heavy imports (torch, boto3) inside handlers so ``--help`` stays fast.
-_COMMAND_MODULES = ("checkpoints", "launch", "cost")
+_COMMAND_MODULES = ("checkpoints", "launch", "cost", "logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
