@@ -14,7 +14,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 import botocore.session
@@ -228,14 +228,14 @@ class FakePlacementGroups:
     def _answer(status: int, body: dict) -> tuple[Any, dict]:
         class Http:
             status_code = status
-            headers: dict = {}
+            headers: ClassVar[dict] = {}
         return Http(), body
 
     def _error(self, code: str) -> tuple[Any, dict]:
         return self._answer(400, {"Error": {"Code": code, "Message": f"{code} (fake)"}})
 
     def _CreatePlacementGroup(self, model: Any, params: dict, **_: Any) -> tuple[Any, dict]:
-        op, req = self.requests[-1]
+        _, req = self.requests[-1]
         if self.deny:
             return self._error("UnauthorizedOperation")
         if req["GroupName"] in self.groups:

@@ -121,9 +121,9 @@ def test_user_data_size_limit() -> None:
 
 def test_single_node_script_is_unchanged() -> None:
     """Multi-node support left the one-instance boot script byte for byte as it was."""
-    kw = dict(run_url="s3://bucket/runs/r1", run_id="r1", command=["python", "train.py", "--epochs", "3"],
-              setup=["pip install spotrun mypkg"], env={"WANDB_MODE": "offline"},
-              secrets={"HF_TOKEN": "ssm:/hf/token"})
+    kw: dict = {"run_url": "s3://bucket/runs/r1", "run_id": "r1",
+                "command": ["python", "train.py", "--epochs", "3"], "setup": ["pip install spotrun mypkg"],
+                "env": {"WANDB_MODE": "offline"}, "secrets": {"HF_TOKEN": "ssm:/hf/token"}}
     script = build_user_data(**kw)
     # sha256 of the script before multi-node existed (commit c0b3cea); update it only for a
     # deliberate change of the boot script.
