@@ -272,7 +272,7 @@ def test_placement_group_idempotent_create_and_delete(net: Net, caplog: pytest.L
     fake.in_use = 2
     naps: list[float] = []
     assert net.api.delete_placement_group(name, wait_s=60, sleep=naps.append) is True
-    assert fake.groups == {} and len(naps) == 2
+    assert fake.groups == {} and naps == [5.0, 10.0]
     assert net.api.delete_placement_group(name) is True  # gone already: fine
     for op, req in fake.requests:
         valid(op, req)
@@ -284,6 +284,9 @@ def test_placement_group_idempotent_create_and_delete(net: Net, caplog: pytest.L
         assert net.api.delete_placement_group("spotrun-run-43", wait_s=0, sleep=naps.append) is False
     assert "aws ec2 delete-placement-group --region us-east-1 --group-name spotrun-run-43" in caplog.text
     assert "spotrun-run-43" in fake.groups and len(naps) == 2
+    # A bounded wait: EC2 still says InUse after it, and the group stays (and is named).
+    assert net.api.delete_placement_group("spotrun-run-43", wait_s=12, sleep=naps.append) is False
+    assert naps[2:] == [5.0, 7.0] and fake.in_use == 1
 
     fake.deny = True
     with pytest.raises(LaunchError, match="IAM policy"):

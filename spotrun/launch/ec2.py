@@ -453,8 +453,8 @@ class Ec2Api:
         retried for up to ``wait_s`` seconds. Cleanup only: any failure is logged with the
         command that finishes the job, never raised (an empty group costs nothing).
         """
-        deadline = time.monotonic() + wait_s
-        delay = 5.0
+        # Counted in slept seconds, not the clock, so an injected sleep keeps it bounded.
+        waited, delay = 0.0, 5.0
         while True:
             try:
                 self.client.delete_placement_group(GroupName=name)
@@ -463,9 +463,10 @@ class Ec2Api:
                 code = _client_error_code(exc)
                 if code == "InvalidPlacementGroup.Unknown":
                     return True
-                left = deadline - time.monotonic()
-                if code == "InvalidPlacementGroup.InUse" and left > 0:
-                    sleep(min(delay, left))
+                if code == "InvalidPlacementGroup.InUse" and waited < wait_s:
+                    nap = min(delay, wait_s - waited)
+                    sleep(nap)
+                    waited += nap
                     delay = min(delay * 2, 30.0)
                     continue
                 log.warning(
