@@ -6,6 +6,7 @@ script makes (and records them, so the test checks a token is fetched first).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -31,7 +32,8 @@ echo "$*" >> "$SHIM_LOG/shutdown.log"
 """
 
 
-def run_script(tmp_path: Path, child_env: dict, script: str) -> tuple[Path, subprocess.CompletedProcess]:
+def run_script(tmp_path: Path, child_env: dict, script: str,
+               extra_env: dict | None = None) -> tuple[Path, subprocess.CompletedProcess]:
     shims = tmp_path / "shims"
     shims.mkdir()
     for name, body in (("curl", CURL), ("shutdown", SHUTDOWN)):
@@ -43,7 +45,7 @@ def run_script(tmp_path: Path, child_env: dict, script: str) -> tuple[Path, subp
     # The instance's python3 is the one the setup installed spotrun into: here, this venv's.
     venv_bin = os.path.dirname(sys.executable)
     env.update(PATH=os.pathsep.join([str(shims), venv_bin, env["PATH"]]), SHIM_LOG=str(tmp_path),
-               SPOTRUN_LOG=str(tmp_path / "spotrun.log"))
+               SPOTRUN_LOG=str(tmp_path / "spotrun.log"), **(extra_env or {}))
     proc = subprocess.run(["bash", str(tmp_path / "user-data.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
     return tmp_path, proc
@@ -115,3 +117,57 @@ def test_secret_detection_allows_ordinary_values() -> None:
 def test_user_data_size_limit() -> None:
     with pytest.raises(ConfigError, match="16384"):
         build_user_data(run_url="s3://b/r", run_id="r", command=["true"], setup=["echo " + "x" * MAX_USER_DATA_BYTES])
+
+
+def test_single_node_script_is_unchanged() -> None:
+    """Multi-node support left the one-instance boot script byte for byte as it was."""
+    kw: dict = {"run_url": "s3://bucket/runs/r1", "run_id": "r1",
+                "command": ["python", "train.py", "--epochs", "3"], "setup": ["pip install spotrun mypkg"],
+                "env": {"WANDB_MODE": "offline"}, "secrets": {"HF_TOKEN": "ssm:/hf/token"}}
+    script = build_user_data(**kw)
+    # sha256 of the script before multi-node existed (commit c0b3cea); update it only for a
+    # deliberate change of the boot script.
+    assert hashlib.sha256(script.encode()).hexdigest() == (
+        "2c4dd92af3425d6948193d5f378152b3a188e47b4f7e9575ac01f77cdc3d57de")
+    assert build_user_data(**kw, nodes=1, nproc_per_node=None) == script
+    assert "spotrun.launch.node" not in script and "SPOTRUN_INSTANCE_ID" not in script
+
+
+# The instance's Python, faked: `-m spotrun.launch.node` records its argv and environment
+# and exits with $NODE_RC; anything else (the exit record) runs in the real interpreter.
+FAKE_PYTHON = """#!/bin/bash
+if [ "$1" = -m ] && [ "$2" = spotrun.launch.node ]; then
+  printf '%s\\n' "$@" > "$SHIM_LOG/node-argv.txt"
+  printf '%s\\n' "$SPOTRUN_INSTANCE_ID" "$SPOTRUN_SEGMENT_ID" "$SPOTRUN_URL" > "$SHIM_LOG/node-env.txt"
+  exit "$NODE_RC"
+fi
+exec {real} "$@"
+"""
+
+
+@pytest.mark.parametrize(("nodes", "nproc"), [(2, None), (1, 4)])
+def test_node_of_a_multi_node_job_runs_the_node_launcher(tmp_path: Path, child_env: dict, nodes: int,
+                                                         nproc: int | None) -> None:
+    run = tmp_path / "run"
+    command = ["python", "train.py", "--name", "a b'c", "--lr=3e-4"]
+    script = build_user_data(run_url=str(run), run_id="r9", command=command, nodes=nodes, nproc_per_node=nproc)
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON.format(real=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    d, proc = run_script(tmp_path, child_env, script, {"SPOTRUN_PYTHON": str(fake), "NODE_RC": "75"})
+    assert proc.returncode == 0, (d / "spotrun.log").read_text()
+    argv = (d / "node-argv.txt").read_text().splitlines()
+    assert argv == ["-m", "spotrun.launch.node", "--", *command]
+    assert (d / "node-env.txt").read_text().splitlines() == ["i-0123456789abcdef0", "i-0123456789abcdef0", str(run)]
+    # The launcher's exit code is the segment's: recorded, then the instance shuts down.
+    record = json.loads((run / "launch" / "exit-i-0123456789abcdef0.json").read_text())
+    assert record["exit_code"] == 75 and record["stage"] == "command"
+    assert (d / "shutdown.log").read_text().split() == ["-h", "now"]
+    assert "command exited with code 75" in (d / "spotrun.log").read_text()
+
+
+def test_node_counts_are_checked() -> None:
+    with pytest.raises(ConfigError, match="--nodes 0"):
+        build_user_data(run_url="s3://b/r", run_id="r", command=["true"], nodes=0)
+    with pytest.raises(ConfigError, match="--nproc-per-node 0"):
+        build_user_data(run_url="s3://b/r", run_id="r", command=["true"], nproc_per_node=0)

@@ -7,6 +7,11 @@ Capacity comes from ``create_fleet(Type="instant")``: one synchronous call that 
 pool (instance type x subnet) it is given and answers with the instances it got *and* one
 error per pool it could not fill, so a scarce pool costs no extra round trip and never
 fails the request as a whole.
+
+An N-node segment is one such request for N instances of ONE pool (one instance type in one
+subnet, so every node is in one zone and reaches the others), optionally in a cluster
+placement group. EC2 may fill it only in part: :meth:`Ec2Api.release_if_short` terminates
+a partial set the job cannot use.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import base64
 import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -23,6 +29,7 @@ from ..errors import ConfigError, CredentialsError, EndpointUnreachableError, La
 
 __all__ = [
     "CAPACITY_ERRORS",
+    "PARTIAL_CAPACITY",
     "PRICE_ERRORS",
     "RUN_ID_TAG",
     "MARKET_TAG",
@@ -32,6 +39,7 @@ __all__ = [
     "InstanceStatus",
     "Pool",
     "PoolError",
+    "placement_group_name",
 ]
 
 log = logging.getLogger("spotrun")
@@ -39,6 +47,9 @@ log = logging.getLogger("spotrun")
 RUN_ID_TAG = "spotrun:run-id"
 MARKET_TAG = "spotrun:market"
 SPOT_INTERRUPTION = "Server.SpotInstanceTermination"
+#: Not an EC2 code: :meth:`Ec2Api.release_if_short` reports with it that a pool gave fewer
+#: instances than the job needs (and that they were terminated).
+PARTIAL_CAPACITY = "spotrun.PartialCapacity"
 #: Per-pool errors that mean "no capacity here now": try another pool.
 CAPACITY_ERRORS = frozenset(
     {
@@ -48,6 +59,7 @@ CAPACITY_ERRORS = frozenset(
         "UnfulfillableCapacity",
         "InsufficientCapacity",
         "InsufficientHostCapacity",
+        PARTIAL_CAPACITY,
     }
 )
 #: The spot price is above ``--max-price`` in that pool.
@@ -100,6 +112,14 @@ class FleetResult:
     instances: list[LaunchedInstance] = field(default_factory=list)
     errors: list[PoolError] = field(default_factory=list)
 
+    @property
+    def instance_ids(self) -> list[str]:
+        return [i.instance_id for i in self.instances]
+
+    def short_of(self, min_count: int) -> bool:
+        """Whether the fleet gave fewer than ``min_count`` instances (a partial fill)."""
+        return len(self.instances) < min_count
+
 
 @dataclass(frozen=True)
 class InstanceStatus:
@@ -115,6 +135,8 @@ class InstanceStatus:
     #: When EC2 says the instance changed state (from ``StateTransitionReason``, e.g.
     #: "User initiated (2025-01-02 03:04:05 GMT)"); None when it gives no time.
     transition_at: float | None = None
+    #: The address the other nodes of the run reach this one at (None until EC2 assigns it).
+    private_ip: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -270,15 +292,37 @@ class Ec2Api:
         market: str,
         max_price: float | None = None,
         client_token: str | None = None,
+        count: int = 1,
+        min_count: int | None = None,
+        placement_group: str | None = None,
     ) -> FleetResult:
-        """One instant fleet for one instance, spot or on-demand, across ``pools``."""
+        """One instant fleet for ``count`` instances, spot or on-demand.
+
+        One instance may come from any of ``pools``. ``count > 1`` (the nodes of one job) takes
+        exactly one pool: nodes of mixed types or zones make a slow or broken torchrun job.
+        Then EC2 is also told to launch nothing unless it can launch ``min_count`` (default
+        ``count``) at once (``MinTargetCapacity``); should it still return fewer, every
+        instance it gave comes back with the errors, and :meth:`release_if_short` decides.
+        ``max_price`` is per instance-hour. ``placement_group`` (a cluster group from
+        :meth:`ensure_placement_group`) goes into every pool's ``Placement``.
+        """
         if not pools:
             raise LaunchError("no capacity pools to try")
+        if count < 1:
+            raise ConfigError(f"asked for {count} instances; a segment needs at least 1 node")
+        need = count if min_count is None else min_count
+        if not 1 <= need <= count:
+            raise ConfigError(f"--min-nodes {need} must be between 1 and --nodes {count}")
+        if count > 1 and len(pools) != 1:
+            raise ConfigError(
+                f"the {count} nodes of a segment come from one pool (one instance type in one "
+                f"subnet), got {len(pools)}: {', '.join(map(str, pools))}; request one pool at a time"
+            )
         tags = [{"Key": RUN_ID_TAG, "Value": run_id}]
         kwargs: dict[str, Any] = {
             "Type": "instant",
             "TargetCapacitySpecification": {
-                "TotalTargetCapacity": 1,
+                "TotalTargetCapacity": count,
                 "DefaultTargetCapacityType": market,
             },
             "LaunchTemplateConfigs": [
@@ -295,17 +339,27 @@ class Ec2Api:
                 {"ResourceType": "instance", "Tags": [*tags, {"Key": MARKET_TAG, "Value": market}]},
             ],
         }
+        overrides = kwargs["LaunchTemplateConfigs"][0]["Overrides"]
+        if placement_group:
+            for ov in overrides:
+                ov["Placement"] = {"GroupName": placement_group}
         if market == "spot":
-            spot: dict[str, Any] = {"AllocationStrategy": "price-capacity-optimized"}
+            options: dict[str, Any] = {"AllocationStrategy": "price-capacity-optimized"}
             if max_price is not None:
-                spot["MaxTotalPrice"] = f"{max_price:.4f}"
-            kwargs["SpotOptions"] = spot
+                # MaxTotalPrice caps the whole fleet's hourly price.
+                options["MaxTotalPrice"] = f"{max_price * count:.4f}"
+            kwargs["SpotOptions"] = options
             # Per pool too, so a pool over the price is reported as SpotMaxPriceTooLow.
             if max_price is not None:
-                for ov in kwargs["LaunchTemplateConfigs"][0]["Overrides"]:
+                for ov in overrides:
                     ov["MaxPrice"] = f"{max_price:.4f}"
         else:
-            kwargs["OnDemandOptions"] = {"AllocationStrategy": "lowest-price"}
+            options = {"AllocationStrategy": "lowest-price"}
+            kwargs["OnDemandOptions"] = options
+        if count > 1:
+            # All or nothing at EC2's end (MinTargetCapacity requires a Single* flag; with one
+            # pool both hold anyway): a partial set of nodes is billed and useless.
+            options.update(SingleInstanceType=True, SingleAvailabilityZone=True, MinTargetCapacity=need)
         if client_token:
             kwargs["ClientToken"] = client_token
         resp = self._call("create_fleet", self.client.create_fleet, **kwargs)
@@ -330,6 +384,98 @@ class Ec2Api:
             )
         return result
 
+    def release_if_short(self, result: FleetResult, min_count: int) -> FleetResult:
+        """``result`` when it holds at least ``min_count`` instances; else none of them.
+
+        A job of N nodes cannot start on fewer than its minimum, and instances it cannot use
+        still bill: they are terminated here, and the result comes back with no instances and
+        one more error (:data:`PARTIAL_CAPACITY`, a capacity error) naming the pool, so the
+        caller moves on to the next pool as for any shortage. EC2's own errors are kept.
+        """
+        if not result.short_of(min_count):
+            return result
+        got = result.instance_ids
+        if got:
+            log.info("fleet %s gave %d of the %d instances needed; terminating %s",
+                     result.fleet_id, len(got), min_count, ", ".join(got))
+            self.terminate(got)
+        # The pool the request named: the instances' own, else the one EC2's errors name.
+        first = result.instances[0] if result.instances else None
+        pool = first.pool if first else next((e.pool for e in result.errors if e.pool), None)
+        market = first.market if first else (result.errors[0].market if result.errors else "spot")
+        msg = f"got {len(got)} of the {min_count} instances needed"
+        if got:
+            msg += f" (terminated {', '.join(got)})"
+        return FleetResult(
+            fleet_id=result.fleet_id,
+            instances=[],
+            errors=[*result.errors, PoolError(pool, PARTIAL_CAPACITY, msg, market)],
+        )
+
+    # -- placement groups -------------------------------------------------------------
+
+    def ensure_placement_group(self, run_id: str) -> str:
+        """Create the run's cluster placement group (or keep it, if it exists); its name.
+
+        A cluster group packs the nodes onto one low-latency network segment of one zone.
+        Idempotent, so a resumed controller can call it again: the name comes from the run
+        id, and EC2's "already exists" is success. Tagged with the run id.
+        """
+        import botocore.exceptions
+
+        name = placement_group_name(run_id)
+
+        def create(**kwargs: Any) -> Any:
+            try:
+                return self.client.create_placement_group(**kwargs)
+            except botocore.exceptions.ClientError as exc:
+                if _client_error_code(exc) == "InvalidPlacementGroup.Duplicate":
+                    log.info("placement group %s exists already; using it", name)
+                    return None
+                raise
+
+        tags = [{"Key": RUN_ID_TAG, "Value": run_id}, {"Key": "Name", "Value": name}]
+        self._call(
+            f"creating the placement group {name}",
+            create,
+            GroupName=name,
+            Strategy="cluster",
+            TagSpecifications=[{"ResourceType": "placement-group", "Tags": tags}],
+        )
+        return name
+
+    def delete_placement_group(
+        self, name: str, *, wait_s: float = 0.0, sleep: Callable[[float], None] = time.sleep
+    ) -> bool:
+        """Delete a placement group; True when it is gone (a group that does not exist is).
+
+        EC2 refuses while instances in it are still shutting down (``InUse``): that is
+        retried for up to ``wait_s`` seconds. Cleanup only: any failure is logged with the
+        command that finishes the job, never raised (an empty group costs nothing).
+        """
+        # Counted in slept seconds, not the clock, so an injected sleep keeps it bounded.
+        waited, delay = 0.0, 5.0
+        while True:
+            try:
+                self.client.delete_placement_group(GroupName=name)
+                return True
+            except Exception as exc:  # noqa: BLE001 - cleanup only
+                code = _client_error_code(exc)
+                if code == "InvalidPlacementGroup.Unknown":
+                    return True
+                if code == "InvalidPlacementGroup.InUse" and waited < wait_s:
+                    nap = min(delay, wait_s - waited)
+                    sleep(nap)
+                    waited += nap
+                    delay = min(delay * 2, 30.0)
+                    continue
+                log.warning(
+                    "could not delete placement group %s (%s); delete it once its instances are "
+                    "gone: aws ec2 delete-placement-group --region %s --group-name %s",
+                    name, code, self.region, name,
+                )
+                return False
+
     # -- watching ----------------------------------------------------------------------
 
     def describe(self, instance_id: str) -> InstanceStatus:
@@ -353,6 +499,34 @@ class Ec2Api:
                     return _status(inst)
         return InstanceStatus(instance_id, "missing", "", "")
 
+    def describe_many(self, instance_ids: Sequence[str]) -> dict[str, InstanceStatus]:
+        """:meth:`describe` for many instances in one call: id -> status, every id present.
+
+        An id EC2 does not (yet, or any more) know is ``"missing"``, as in :meth:`describe`.
+        The ids go in as a filter, not ``InstanceIds``: one unknown id there fails the whole
+        call with ``InvalidInstanceID.NotFound``, while a filter just leaves it out.
+        """
+        ids = list(dict.fromkeys(instance_ids))
+        out: dict[str, InstanceStatus] = {}
+        # EC2 caps the values of one filter at 200; N nodes stay far below that, one call.
+        for start in range(0, len(ids), 200):
+            chunk = ids[start:start + 200]
+            token: str | None = None
+            while True:
+                kwargs: dict[str, Any] = {"Filters": [{"Name": "instance-id", "Values": chunk}]}
+                if token:
+                    kwargs["NextToken"] = token
+                resp = self._call(f"describe_instances {', '.join(chunk)}",
+                                  self.client.describe_instances, **kwargs)
+                for res in resp.get("Reservations") or []:
+                    for inst in res.get("Instances") or []:
+                        if inst.get("InstanceId") in chunk:
+                            out[inst["InstanceId"]] = _status(inst)
+                token = resp.get("NextToken")
+                if not token:
+                    break
+        return {iid: out.get(iid) or InstanceStatus(iid, "missing", "", "") for iid in ids}
+
     def find_run_instances(self, run_id: str, states: Sequence[str] = ALIVE_STATES) -> list[InstanceStatus]:
         """Every instance tagged with ``run_id`` in one of ``states``, oldest first."""
         resp = self._call(
@@ -374,6 +548,11 @@ class Ec2Api:
             )
 
 
+def placement_group_name(run_id: str) -> str:
+    """The name of the run's cluster placement group (what the controller records)."""
+    return f"spotrun-{run_id}"
+
+
 def _status(inst: dict[str, Any]) -> InstanceStatus:
     reason = inst.get("StateReason") or {}
     launch = inst.get("LaunchTime")
@@ -388,6 +567,7 @@ def _status(inst: dict[str, Any]) -> InstanceStatus:
         subnet_id=inst.get("SubnetId"),
         market="spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand",
         launch_time=launch_ts,
+        private_ip=inst.get("PrivateIpAddress") or None,
         transition_at=transition_time(str(inst.get("StateTransitionReason") or "")),
     )
 

@@ -21,7 +21,10 @@ What the script does, in order:
    and the ``--secret`` values it reads (a secret that cannot be read fails the segment);
 3. runs the setup lines in the same shell (so an activated environment carries over to the
    command); the first failing line (a failed ``pip install``) fails the segment;
-4. runs the command and records its exit code under ``RUN_URL/launch/exit-<segment>.json``
+4. runs the command (for a node of an N-node job, through ``python -m spotrun.launch.node --
+   CMD`` with ``SPOTRUN_INSTANCE_ID`` set: it finds the node's rank and the head's address in
+   the run's cluster file and starts torchrun) and records its exit code under
+   ``RUN_URL/launch/exit-<segment>.json``
    (through spotrun itself, which the setup installed, so no AWS CLI is needed; the Python
    is ``$SPOTRUN_PYTHON`` when set, else ``python3`` on PATH);
 5. shuts the instance down, which terminates it (the launch template sets
@@ -276,6 +279,17 @@ shutdown -h now
 """
 
 
+def _command_line(command: Sequence[str], *, distributed: bool) -> str:
+    line = shlex.join(list(command))
+    if not distributed:
+        return line
+    # The node launcher keys its entry in the cluster file by the instance id; it runs
+    # spotrun.distributed (torchrun) with the rendezvous options and returns the job's code.
+    return ('export SPOTRUN_INSTANCE_ID="$INSTANCE_ID"\n'
+            '"${SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}" -m spotrun.launch.node -- '
+            + line)
+
+
 def build_user_data(
     *,
     run_url: str,
@@ -284,14 +298,23 @@ def build_user_data(
     setup: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     secrets: Mapping[str, str] | None = None,
+    nodes: int = 1,
+    nproc_per_node: int | None = None,
 ) -> str:
     """The bash boot script for one instance of the run (see the module docstring).
 
     ``command`` is an argv list (quoted here); each ``setup`` entry is a shell line, run as
     written. ``secrets`` maps a variable name to an ``ssm:/path`` or Secrets Manager ARN read
-    at boot (only the name is in the script). Raises ConfigError on secrets, bad variable
-    names or a script over 16 KiB.
+    at boot (only the name is in the script). With ``nodes > 1`` or ``nproc_per_node`` set,
+    the instance is one node of a torchrun job: the command runs through
+    ``python -m spotrun.launch.node --`` (which reads the node count, rank and head address
+    from the run's cluster file, so the script is the same for every node). Raises
+    ConfigError on secrets, bad variable names or a script over 16 KiB.
     """
+    if nodes < 1:
+        raise ConfigError(f"--nodes {nodes}: a job needs at least 1 node")
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node {nproc_per_node}: a node runs at least 1 process")
     env = dict(env or {})
     secrets = dict(secrets or {})
     both = sorted(set(env) & set(secrets))
@@ -316,7 +339,7 @@ def build_user_data(
         env_lines=env_lines,
         setup_lines=setup_lines,
         secret_lines=secret_lines,
-        command=shlex.join(list(command)),
+        command=_command_line(command, distributed=nodes > 1 or nproc_per_node is not None),
     )
     size = len(script.encode())
     if size > MAX_USER_DATA_BYTES:
