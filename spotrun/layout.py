@@ -15,6 +15,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
       done.json                the run finished (written once, by rank 0)
       ledger/                  one small JSON object per event (segments, checkpoints, ...)
       launch/                  the launcher's own state (instances, attempts)
+        nodes/<instance>.json  a multi-node segment's cluster file, one per node (same
+                               content): rendezvous head, port and id (spotrun.launch.node)
       damaged/                 checkpoints that failed verification, moved aside as evidence
                                (``000000000015-<when>-<id>/`` with a ``damaged.json``)
       lease                    who writes the run now (owner, heartbeat, expiry): on S3 one
@@ -38,6 +40,7 @@ __all__ = [
     "LEASE",
     "LEDGER_DIR",
     "MANIFEST",
+    "NODES_DIR",
     "STEP_DIGITS",
     "checkpoint_dir",
     "parse_step",
@@ -48,6 +51,8 @@ MANIFEST = "manifest.json"
 DONE_MARKER = "done.json"
 LEDGER_DIR = "ledger"
 LAUNCH_DIR = "launch"
+#: Multi-node cluster files, ``NODES_DIR/<instance id>.json`` (:mod:`spotrun.launch.node`).
+NODES_DIR = f"{LAUNCH_DIR}/nodes"
 #: The single-writer lease (:mod:`spotrun.lease`).
 LEASE = "lease"
 #: Where damaged checkpoint folders are moved: out of the names :func:`parse_step` takes,
