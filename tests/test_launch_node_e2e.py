@@ -222,7 +222,7 @@ def test_notice_then_vanished_nodes_relaunch_and_finish_bit_exact(tmp_path, refe
         times.append(f"{segment}: {victim} killed {time.monotonic() - t0 - took:.1f}s after "
                      f"start; survivor {survivor} exited {code} {took:.1f}s after the kill")
         # What the survivor said (shown with pytest -s; the launchers classify on it).
-        times.extend(f"  {survivor}: {line[:200]}" for line in out.splitlines()
+        times.extend([f"  {survivor}: {line[:200]}" for line in out.splitlines()
                      if re.search(r"Error|error|exitcode|exited", line)][:8])
         assert code not in (EXIT_FINISHED, EXIT_INTERRUPTED), out[-4000:]
         assert f"resumed from step {last} " in out, out[-4000:]
