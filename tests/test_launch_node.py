@@ -27,10 +27,10 @@ from spotrun.storage import Storage
 
 
 def _spec(**kw) -> ClusterSpec:
-    base = dict(segment="seg1", nproc_per_node=2, rdzv_id="run1-seg1", port=29555,
-                nodes=[{"instance_id": "i-0aaa", "address": "10.0.0.5"},
+    base = {"segment": "seg1", "nproc_per_node": 2, "rdzv_id": "run1-seg1", "port": 29555,
+                "nodes": [{"instance_id": "i-0aaa", "address": "10.0.0.5"},
                        {"instance_id": "i-0bbb", "address": "10.0.0.6"},
-                       {"instance_id": "i-0ccc", "address": "10.0.0.7"}])
+                       {"instance_id": "i-0ccc", "address": "10.0.0.7"}]}
     base.update(kw)
     return ClusterSpec(**base)
 
@@ -114,15 +114,15 @@ def test_commands_it_cannot_run(command, message):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(nodes=[]), "at least one node"),
-    (dict(nodes=[{"instance_id": "a"}]), "needs an instance_id and an address"),
-    (dict(nodes=[{"instance_id": "../x", "address": "h"}]), "cannot name a cluster file"),
-    (dict(nodes=[{"instance_id": "a", "address": "h"}] * 2), "repeat an instance id"),
-    (dict(port=0), "not a TCP port"),
-    (dict(nproc_per_node=0), "positive integer"),
-    (dict(rdzv_id="a b"), "rendezvous id"),
-    (dict(min_nodes=4), "between 1 and the 3 nodes"),
-    (dict(version=99), "newer than this spotrun"),
+    ({"nodes": []}, "at least one node"),
+    ({"nodes": [{"instance_id": "a"}]}, "needs an instance_id and an address"),
+    ({"nodes": [{"instance_id": "../x", "address": "h"}]}, "cannot name a cluster file"),
+    ({"nodes": [{"instance_id": "a", "address": "h"}] * 2}, "repeat an instance id"),
+    ({"port": 0}, "not a TCP port"),
+    ({"nproc_per_node": 0}, "positive integer"),
+    ({"rdzv_id": "a b"}, "rendezvous id"),
+    ({"min_nodes": 4}, "between 1 and the 3 nodes"),
+    ({"version": 99}, "newer than this spotrun"),
 ])
 def test_bad_specs_are_refused(kw, message):
     with pytest.raises(ConfigError, match=message):

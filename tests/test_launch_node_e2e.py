@@ -75,7 +75,7 @@ def _finish_all(procs: dict[str, subprocess.Popen]) -> dict[str, tuple[int, str]
 
 def _exit_line(out: str) -> tuple[int, int]:
     """(exit code, steps done) from the worker's last words (one worker per node)."""
-    found = re.findall(r"^rank \d exit (\d+) at step (\d+)$", out, re.M)
+    found = re.findall(r"^rank \d exit (\d+) at step (\d+)$", out, re.MULTILINE)
     assert len(found) == 1, out[-4000:]
     return int(found[0][0]), int(found[0][1])
 
@@ -115,7 +115,7 @@ def reference(tmp_path_factory) -> str:
     t0 = time.monotonic()
     results = _finish_all(_job(url, "s1"))
     print(f"uninterrupted 2-node run: {time.monotonic() - t0:.1f}s")
-    for n, (code, out) in results.items():
+    for (code, out) in results.values():
         assert code == EXIT_FINISHED, _show(results)
         assert _exit_line(out) == (EXIT_FINISHED, STEPS), _show(results)
     assert "node 0 of 2" in results["node-a"][1] and "host" in results["node-a"][1]
@@ -236,7 +236,7 @@ def test_notice_then_vanished_nodes_relaunch_and_finish_bit_exact(tmp_path, refe
     results = _finish_all(_job(url, "s4"))
     times.append(f"s4 finish: {time.monotonic() - t0:.1f}s")
     print("\n".join(times))
-    for n, (code, out) in results.items():
+    for (code, out) in results.values():
         assert code == EXIT_FINISHED, _show(results)
         assert _exit_line(out) == (EXIT_FINISHED, STEPS), _show(results)
         assert "test-s4" in out  # joined the new rendezvous, not an old one
