@@ -16,6 +16,15 @@ so the group signal does not reach the workers a second time). The exit code is 
 wrapper's: 0 finished, 75 interrupted with a committed checkpoint, 1 failed (also when a
 peer node vanished and this node's collectives failed), ``128 + signal`` otherwise.
 
+A vanished peer is noticed quickly only when its connections are reset (its processes
+died, its kernel answers): gloo then fails the next collective at once (2-9 s from the kill
+to the survivor's exit 1 in tests/test_launch_node_e2e.py). A machine that drops off the
+network without resetting them is noticed only at the process group's timeout, so a
+launcher that sees a node gone should stop the survivors itself. To play a vanished node
+locally, kill the agent *and* its workers: the workers are in sessions of their own, and
+with only the agent killed they train on (the survivor's agent then waits out torchrun's
+300 s exit barrier).
+
 Group ranks are torchrun's to assign (c10d sorts the nodes that joined); the index in the
 cluster file decides only which node hosts the store.
 """
