@@ -11,7 +11,9 @@ tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic). Issue 14 items 1, 2 
   a joining node's machine vanishes, then the head's (SIGKILL of its agent and workers, no
   notice: the survivor's collectives fail and its wrapper exits non-zero); the last segment
   resumes from the last committed checkpoint and the final state is bit-exact. Chained in
-  one test because each 2-node start costs ~10-30 s of a loaded 2-core box.
+  one test because each 2-node start costs ~10-30 s of a loaded 2-core box;
+- a SIGTERM to a node's process group reaches each worker once (a 1-node job with a
+  worker that counts signals and imports no torch).
 """
 
 from __future__ import annotations
@@ -130,6 +132,31 @@ def reference(tmp_path_factory) -> str:
 def test_two_nodes_finish(reference):
     """The fixture's assertions are the test: a 2-node job through cluster files finishes."""
     assert Path(reference, "done.json").exists()
+
+
+def test_sigterm_to_a_nodes_process_group_reaches_each_worker_once(tmp_path):
+    """What a launcher stopping a node does: one SIGTERM per worker (torchrun forwards it;
+    the group signal itself does not reach the workers), and the node exits 75."""
+    url, folder = str(tmp_path / "run"), tmp_path / "signals"
+    folder.mkdir()
+    write_cluster(Storage(url), ClusterSpec(
+        segment="s1", nproc_per_node=2, rdzv_id="signals-s1", port=free_port(),
+        nodes=[{"instance_id": "node-a", "address": "127.0.0.1"}]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spotrun.launch.node", "--", "python",
+         str(REPO / "tests" / "scripts" / "count_signals.py"), str(folder)],
+        env=env_for(url, SPOTRUN_INSTANCE_ID="node-a"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
+    deadline = time.monotonic() + TIMEOUT
+    while len(list(folder.glob("ready-*"))) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"the node exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = finish_session(proc, TIMEOUT)
+    assert code == EXIT_INTERRUPTED, out[-4000:]
+    assert {p.name: p.read_text() for p in folder.glob("count-*")} == {"count-0": "1", "count-1": "1"}
 
 
 def _session(pid: int) -> int:
