@@ -1,0 +1,212 @@
+"""``spotrun launch --local --nodes 2``: a 2-node job on this machine, through the real CLI.
+
+Each attempt ``sim-K`` is two node process groups (``python -m spotrun.launch.node``), each
+with its own fake metadata service, joined through a real torchrun c10d rendezvous on
+127.0.0.1; the workers are tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic).
+Issue 14 item 8 (with items 2 and 5 for the local backend):
+
+- an uninterrupted 2-node launch (the reference, shared): 2 ledger segments of one group,
+  both nodes' output readable with ``spotrun logs``;
+- one launch with ``--interruptions 2 --node-losses 1``: a notice to one node (both stop at
+  one step) and a node vanishing without notice (SIGKILL of its agent and workers, the
+  survivor fails), each relaunching the whole job; the final state is bit-exact against the
+  reference; the ledger has N segments per attempt and the cost report an attempt/node column;
+- the single-node SIGKILL after the grace period reaches a process in a session of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from spotrun.launch.state import load_state
+from spotrun.ledger import Ledger
+from spotrun.resume_check import compare_checkpoints
+from spotrun.storage import Storage
+
+SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
+STEPS, EVERY = 80, 10
+TIMEOUT = 420  # three 2-node attempts on a loaded 2-core box; a hang would be forever
+
+
+def _launch(child_env: dict, run: Path, *args: str, step_sleep: float = 0.0) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+         "--nodes", "2", "--nproc-per-node", "1", *args, "--",
+         sys.executable, SCRIPT, "--url", str(run), "--steps", str(STEPS),
+         "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)],
+        env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=TIMEOUT, cwd=REPO)
+    return proc.returncode, proc.stdout, time.monotonic() - t0
+
+
+def _cli(child_env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spotrun.cli", *args], env=child_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _launcher_records(run: Path, event: str) -> list[dict]:
+    return [r for r in Ledger(Storage(str(run))).records()
+            if r["event"] == event and r["source"] == "launcher"]
+
+
+def _attempts(run: Path) -> dict[str, list[tuple[str, int, str | None]]]:
+    """group -> [(segment id, node, end reason)] from the launcher's ledger records."""
+    ended = {r["segment_id"]: r["reason"] for r in _launcher_records(run, "segment_ended")}
+    out: dict[str, list] = {}
+    for r in _launcher_records(run, "segment_started"):
+        out.setdefault(r["group"], []).append((r["segment_id"], r["node"], ended.get(r["segment_id"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, child_env_module) -> Path:
+    """One uninterrupted 2-node launch, the yardstick for the interrupted one."""
+    run = tmp_path_factory.mktemp("localnodes") / "reference"
+    code, out, took = _launch(child_env_module, run, "--interruptions", "0")
+    print(f"uninterrupted 2-node launch: {took:.1f}s")
+    assert code == 0, out[-6000:]
+    assert (run / "done.json").exists()
+    return run
+
+
+@pytest.fixture(scope="module")
+def child_env_module() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_two_nodes_finish_with_ledger_and_logs(reference: Path, child_env_module: dict) -> None:
+    assert _attempts(reference) == {"sim-1": [("sim-1-n0", 0, "finished"), ("sim-1-n1", 1, "finished")]}
+    # The cluster file the launcher wrote: both nodes on loopback, node 0 hosts the store.
+    spec = json.loads((reference / "launch" / "nodes" / "sim-1-n1.json").read_text())
+    assert [n["instance_id"] for n in spec["nodes"]] == ["sim-1-n0", "sim-1-n1"]
+    assert spec["segment"] == "sim-1" and spec["rdzv_id"].endswith("-sim-1")
+    for node in (0, 1):
+        logs = _cli(child_env_module, "logs", str(reference), "--segment", "sim-1", "--node", str(node))
+        assert logs.returncode == 0, logs.stderr
+        assert f"spotrun node sim-1-n{node}: node {node} of 2 in segment sim-1" in logs.stdout
+        assert re.search(rf"^rank \d exit 0 at step {STEPS}$", logs.stdout, re.MULTILINE), logs.stdout[-3000:]
+    both = _cli(child_env_module, "logs", str(reference))
+    assert "==> sim-1 node-0 <==" in both.stdout and "==> sim-1 node-1 <==" in both.stdout
+
+
+@pytest.mark.slow
+def test_notice_and_node_loss_relaunch_and_finish_bit_exact(
+        tmp_path: Path, reference: Path, child_env_module: dict) -> None:
+    run = tmp_path / "run"
+    code, out, took = _launch(child_env_module, run, "--interruptions", "2", "--node-losses", "1",
+                              "--grace", "1", "--seed", "5", step_sleep=0.05)
+    print(f"2-node launch with a notice and a node loss: {took:.1f}s")
+    assert code == 0, out[-8000:]
+    attempts = _attempts(run)
+    assert list(attempts) == ["sim-1", "sim-2", "sim-3"], attempts
+    for group, nodes in attempts.items():
+        reason = "finished" if group == "sim-3" else "interrupted"
+        assert nodes == [(f"{group}-n0", 0, reason), (f"{group}-n1", 1, reason)], attempts
+    # One attempt ended on a notice to one node, the other on a node vanishing.
+    notices = re.findall(r"spot interruption notice for (sim-\d)-n(\d) \(node \d\)", out)
+    losses = re.findall(r"(sim-\d)-n(\d) \(node \d\) vanished without notice", out)
+    assert len(notices) == 1 and len(losses) == 1, out[-8000:]
+    assert {notices[0][0], losses[0][0]} == {"sim-1", "sim-2"}
+    assert re.search(rf"{losses[0][0]} ended: interrupted \(simulated node loss", out)
+    assert re.search(rf"{notices[0][0]} ended: interrupted \(simulated spot interruption", out)
+    # Each relaunch resumed from the last committed checkpoint.
+    resumed = [int(s) for s in re.findall(r"segment \d \(2 simulated .*resuming after step (\d+)\)", out)]
+    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < STEPS, out[-8000:]
+    state = load_state(Storage(str(run)))
+    assert state.status == "finished" and state.interruptions == 2
+    assert [(s.segment_id, s.group, s.node) for s in state.segments][:2] == [
+        ("sim-1-n0", "sim-1", 0), ("sim-1-n1", "sim-1", 1)]
+
+    step, differences = compare_checkpoints(Storage(str(reference)), Storage(str(run)))
+    assert step == STEPS and differences == []
+
+    # The cost report prices six node segments in three attempts, one interruption each.
+    cost = _cli(child_env_module, "cost", str(run), "--json")
+    assert cost.returncode == 0, cost.stderr
+    totals = json.loads(cost.stdout)["totals"]
+    assert totals["segments"] == 6 and totals["attempts"] == 3 and totals["interruptions"] == 2
+    text = _cli(child_env_module, "cost", str(run)).stdout
+    assert "attempt/node" in text and "sim-1/0" in text and "sim-3/1" in text, text
+    status = json.loads(_cli(child_env_module, "status", str(run), "--json").stdout)
+    assert status["interruptions"] == 2 and len(status["segments"]) == 6
+
+    # The vanished node's output is there up to its end; the survivor's says it failed.
+    lost_group, lost_node = losses[0]
+    logs = _cli(child_env_module, "logs", str(run), "--segment", lost_group, "--node", lost_node)
+    assert logs.returncode == 0 and f"node {lost_node} of 2" in logs.stdout, logs.stderr
+
+
+# A command that ignores SIGTERM and leaves a helper in a session of its own (as torchrun's
+# workers are): the SIGKILL after the grace period must reach the helper too.
+STUBBORN = textwrap.dedent(
+    """
+    import json, os, signal, subprocess, sys, time
+    url = os.environ["SPOTRUN_URL"]
+    if os.environ["SPOTRUN_SEGMENT_ID"] != "sim-1":
+        open(os.path.join(url, "done.json"), "w").write("{}")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    helper = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+        start_new_session=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(url, "helper.pid"), "w") as f:
+        f.write(str(helper.pid))
+    print("helper started", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to check the helper")
+def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Path, child_env: dict) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    helper = None
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+             "--interruptions", "1", "--mean-interval", "1.5", "--grace", "0.5", "--seed", "1",
+             "--", sys.executable, str(script)],
+            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        helper = int((run / "helper.pid").read_text())
+        assert proc.returncode == 0, proc.stdout
+        assert "sim-1: the machine is gone, SIGKILL" in proc.stdout
+        deadline = time.monotonic() + 10
+        while _running(helper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(helper), "the helper in its own session outlived the simulated machine"
+        ended = {r["segment_id"]: r["reason"] for r in _launcher_records(run, "segment_ended")}
+        assert ended == {"sim-1": "interrupted", "sim-2": "finished"}
+        # Its output went through the launcher to the run's logs (and to the terminal).
+        assert "helper started" in proc.stdout
+        logs = subprocess.run([sys.executable, "-m", "spotrun.cli", "logs", str(run), "--segment", "sim-1"],
+                              env=child_env, capture_output=True, text=True, timeout=60)
+        assert logs.stdout == "helper started\n", logs.stdout + logs.stderr
+    finally:
+        if helper is not None and _running(helper):
+            os.kill(helper, 9)
