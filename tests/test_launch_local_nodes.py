@@ -7,10 +7,11 @@ Issue 14 item 8 (with items 2 and 5 for the local backend):
 
 - an uninterrupted 2-node launch (the reference, shared): 2 ledger segments of one group,
   both nodes' output readable with ``spotrun logs``;
-- one launch with ``--interruptions 2 --node-losses 1``: a notice to one node (both stop at
-  one step) and a node vanishing without notice (SIGKILL of its agent and workers, the
-  survivor fails), each relaunching the whole job; the final state is bit-exact against the
-  reference; the ledger has N segments per attempt and the cost report an attempt/node column;
+- one run over two launches: a node vanishing without notice (SIGKILL of its agent and
+  workers, the survivor fails), ``spotrun stop`` (SIGINT to every node, one checkpoint), the
+  same command again, a notice to one node (both stop at one step); each relaunching the
+  whole job from the last committed checkpoint; the final state is bit-exact against the
+  reference; the ledger has N segments per attempt, the cost report an attempt/node column;
 - the single-node SIGKILL after the grace period reaches a process in a session of its own.
 """
 
@@ -26,33 +27,37 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
+
+from spotrun.launch.common import last_checkpoint
 from spotrun.launch.state import load_state
 from spotrun.ledger import Ledger
 from spotrun.resume_check import compare_checkpoints
 from spotrun.storage import Storage
 
 SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
-STEPS, EVERY = 80, 10
+STEPS, EVERY = 120, 10
 TIMEOUT = 420  # three 2-node attempts on a loaded 2-core box; a hang would be forever
+
+
+def _argv(run: Path, *args: str, step_sleep: float) -> list[str]:
+    return [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+            "--nodes", "2", "--nproc-per-node", "1", *args, "--",
+            sys.executable, SCRIPT, "--url", str(run), "--steps", str(STEPS),
+            "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)]
 
 
 def _launch(child_env: dict, run: Path, *args: str, step_sleep: float = 0.0) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
-         "--nodes", "2", "--nproc-per-node", "1", *args, "--",
-         sys.executable, SCRIPT, "--url", str(run), "--steps", str(STEPS),
-         "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)],
-        env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=TIMEOUT, cwd=REPO)
+    proc = subprocess.run(_argv(run, *args, step_sleep=step_sleep), env=child_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=TIMEOUT, cwd=REPO, check=False)
     return proc.returncode, proc.stdout, time.monotonic() - t0
 
 
 def _cli(child_env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spotrun.cli", *args], env=child_env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def _launcher_records(run: Path, event: str) -> list[dict]:
@@ -105,50 +110,77 @@ def test_two_nodes_finish_with_ledger_and_logs(reference: Path, child_env_module
 
 
 @pytest.mark.slow
-def test_notice_and_node_loss_relaunch_and_finish_bit_exact(
+def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
         tmp_path: Path, reference: Path, child_env_module: dict) -> None:
-    run = tmp_path / "run"
-    code, out, took = _launch(child_env_module, run, "--interruptions", "2", "--node-losses", "1",
-                              "--grace", "1", "--seed", "5", step_sleep=0.05)
-    print(f"2-node launch with a notice and a node loss: {took:.1f}s")
-    assert code == 0, out[-8000:]
-    attempts = _attempts(run)
-    assert list(attempts) == ["sim-1", "sim-2", "sim-3"], attempts
-    for group, nodes in attempts.items():
-        reason = "finished" if group == "sim-3" else "interrupted"
-        assert nodes == [(f"{group}-n0", 0, reason), (f"{group}-n1", 1, reason)], attempts
-    # One attempt ended on a notice to one node, the other on a node vanishing.
-    notices = re.findall(r"spot interruption notice for (sim-\d)-n(\d) \(node \d\)", out)
-    losses = re.findall(r"(sim-\d)-n(\d) \(node \d\) vanished without notice", out)
-    assert len(notices) == 1 and len(losses) == 1, out[-8000:]
-    assert {notices[0][0], losses[0][0]} == {"sim-1", "sim-2"}
-    assert re.search(rf"{losses[0][0]} ended: interrupted \(simulated node loss", out)
-    assert re.search(rf"{notices[0][0]} ended: interrupted \(simulated spot interruption", out)
-    # Each relaunch resumed from the last committed checkpoint.
-    resumed = [int(s) for s in re.findall(r"segment \d \(2 simulated .*resuming after step (\d+)\)", out)]
-    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < STEPS, out[-8000:]
-    state = load_state(Storage(str(run)))
-    assert state.status == "finished" and state.interruptions == 2
+    """Launch 1: a node vanishes (sim-1), the relaunch (sim-2) is stopped with spotrun stop.
+    Launch 2 (the same command): a notice to one node (sim-3), then the finish (sim-4)."""
+    run, log1 = tmp_path / "run", tmp_path / "launch1.out"
+    storage = Storage(str(run))
+    t0 = time.monotonic()
+    with open(log1, "w") as out1:
+        proc = subprocess.Popen(_argv(run, "--interruptions", "1", "--node-losses", "1", "--grace", "1",
+                                      "--seed", "5", step_sleep=0.05),
+                                env=child_env_module, stdout=out1, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            # Stop once sim-2 has committed a checkpoint past the one it resumed from.
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                text = log1.read_text()
+                found = re.search(r"segment 2 \(2 simulated .*resuming after step (\d+)\)", text)
+                if found and (last_checkpoint(storage) or 0) > int(found.group(1)):
+                    break
+                assert proc.poll() is None, text[-8000:]
+                assert time.monotonic() < deadline, text[-8000:]
+                time.sleep(0.1)
+            stop = _cli(child_env_module, "stop", str(run))
+            assert stop.returncode == 0 and f"pid {proc.pid}" in stop.stdout, stop.stdout + stop.stderr
+            code = proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first = log1.read_text()
+    took1 = time.monotonic() - t0
+    assert code == 130, first[-8000:]
+    assert "forwarding SIGINT to every node (2); waiting for its checkpoint" in first
+    stopped_at = last_checkpoint(storage)
+    assert stopped_at is not None and stopped_at < STEPS and not (run / "done.json").exists()
+    (lost,) = re.findall(r"(sim-1-n\d) \(node \d\) vanished without notice", first)
+
+    code, second, took2 = _launch(child_env_module, run, "--interruptions", "1", "--grace", "1",
+                                  "--seed", "5", step_sleep=0.05)
+    print(f"2-node launches: node loss + stop {took1:.1f}s, notice + finish {took2:.1f}s")
+    assert code == 0, second[-8000:]
+    assert f"resuming after step {stopped_at})" in second
+    assert re.search(r"spot interruption notice for sim-3-n\d \(node \d\)", second), second[-8000:]
+    assert re.search(r"sim-3 ended: interrupted \(simulated spot interruption", second)
+    assert re.search(r"sim-1 ended: interrupted \(simulated node loss", first)
+    assert re.search(r"sim-2 ended: stopped", first)
+
+    reasons = {"sim-1": "interrupted", "sim-2": "stopped", "sim-3": "interrupted", "sim-4": "finished"}
+    assert _attempts(run) == {g: [(f"{g}-n0", 0, r), (f"{g}-n1", 1, r)] for g, r in reasons.items()}
+    state = load_state(storage)
+    assert state.status == "finished"
     assert [(s.segment_id, s.group, s.node) for s in state.segments][:2] == [
         ("sim-1-n0", "sim-1", 0), ("sim-1-n1", "sim-1", 1)]
 
-    step, differences = compare_checkpoints(Storage(str(reference)), Storage(str(run)))
+    # Resumed from the last committed checkpoint every time, and ended where an
+    # uninterrupted run does, bit for bit.
+    step, differences = compare_checkpoints(Storage(str(reference)), storage)
     assert step == STEPS and differences == []
 
-    # The cost report prices six node segments in three attempts, one interruption each.
+    # The cost report prices eight node segments in four attempts, two interrupted.
     cost = _cli(child_env_module, "cost", str(run), "--json")
     assert cost.returncode == 0, cost.stderr
     totals = json.loads(cost.stdout)["totals"]
-    assert totals["segments"] == 6 and totals["attempts"] == 3 and totals["interruptions"] == 2
+    assert totals["segments"] == 8 and totals["attempts"] == 4 and totals["interruptions"] == 2
     text = _cli(child_env_module, "cost", str(run)).stdout
-    assert "attempt/node" in text and "sim-1/0" in text and "sim-3/1" in text, text
+    assert "attempt/node" in text and "sim-1/0" in text and "sim-4/1" in text, text
     status = json.loads(_cli(child_env_module, "status", str(run), "--json").stdout)
-    assert status["interruptions"] == 2 and len(status["segments"]) == 6
+    assert status["interruptions"] == 2 and len(status["segments"]) == 8
 
-    # The vanished node's output is there up to its end; the survivor's says it failed.
-    lost_group, lost_node = losses[0]
-    logs = _cli(child_env_module, "logs", str(run), "--segment", lost_group, "--node", lost_node)
-    assert logs.returncode == 0 and f"node {lost_node} of 2" in logs.stdout, logs.stderr
+    # The vanished node's output is in the run's logs up to its end.
+    logs = _cli(child_env_module, "logs", str(run), "--segment", "sim-1", "--node", lost[-1])
+    assert logs.returncode == 0 and f"spotrun node {lost}: node {lost[-1]} of 2" in logs.stdout, logs.stderr
 
 
 # A command that ignores SIGTERM and leaves a helper in a session of its own (as torchrun's
@@ -192,7 +224,7 @@ def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Pa
             [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
              "--interruptions", "1", "--mean-interval", "1.5", "--grace", "0.5", "--seed", "1",
              "--", sys.executable, str(script)],
-            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, check=False)
         helper = int((run / "helper.pid").read_text())
         assert proc.returncode == 0, proc.stdout
         assert "sim-1: the machine is gone, SIGKILL" in proc.stdout
@@ -205,7 +237,7 @@ def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Pa
         # Its output went through the launcher to the run's logs (and to the terminal).
         assert "helper started" in proc.stdout
         logs = subprocess.run([sys.executable, "-m", "spotrun.cli", "logs", str(run), "--segment", "sim-1"],
-                              env=child_env, capture_output=True, text=True, timeout=60)
+                              env=child_env, capture_output=True, text=True, timeout=60, check=False)
         assert logs.stdout == "helper started\n", logs.stdout + logs.stderr
     finally:
         if helper is not None and _running(helper):
