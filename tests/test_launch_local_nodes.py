@@ -212,6 +212,7 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # ~4 s: a launcher, two segments, a grace period
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to check the helper")
 def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Path, child_env: dict) -> None:
     run = tmp_path / "run"
@@ -242,3 +243,95 @@ def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Pa
     finally:
         if helper is not None and _running(helper):
             os.kill(helper, 9)
+
+
+# -- quick, in-process -------------------------------------------------------------------
+
+
+def _node(index: int, rc: int):
+    from spotrun.launch.local import _Node
+    from spotrun.launch.state import Segment
+
+    seg = Segment(segment_id=f"sim-1-n{index}", instance_id=f"sim-1-n{index}", instance_type="g5.xlarge",
+                  market="spot", started_at=0.0, group="sim-1", node=index)
+    return _Node(index, seg, server=None, rc=rc)
+
+
+@pytest.mark.parametrize(("rcs", "kw", "reason", "words"), [
+    # A notice to node 1: both exit 75 at one step, or node 1 killed at the deadline.
+    ((75, 75), {"posted": True}, "interrupted", "simulated spot interruption of sim-1-n1"),
+    ((75, -9), {"posted": True}, "interrupted", "sim-1-n1 -9"),
+    # A vanished node: the survivor fails, which is no failure of the command.
+    ((1, -9), {"lost": True}, "interrupted", "simulated node loss: sim-1-n1 vanished"),
+    # Notices the launcher did not send (a real one, a wrapper's own stop).
+    ((75, 75), {}, "interrupted", "stopped itself on a notice"),
+    ((75, 75), {"stopped": True}, "stopped", "Ctrl-C"),
+    # The command's own failure, named on the node that failed first.
+    ((3, 1), {}, "failed", "failed on sim-1-n0 with exit code 3"),
+    ((1, 1), {"posted": True}, "failed", "failed on sim-1-n0 with exit code 1"),
+    ((0, 0), {}, "failed", "without writing done.json"),
+])
+def test_an_attempt_of_several_nodes_ends_as_one(tmp_path: Path, rcs, kw, reason, words) -> None:
+    from spotrun.launch.local import LocalLauncher, LocalOptions
+
+    launcher = LocalLauncher(Storage(str(tmp_path / "run")),
+                             LocalOptions(run_url=str(tmp_path / "run"), command=["x"], nodes=2))
+    nodes = [_node(i, rc) for i, rc in enumerate(rcs)]
+    args = {"posted": False, "lost": False, "stopped": False, **kw}
+    got, detail = launcher._classify_nodes(nodes, nodes[1], first=nodes[0], **args)
+    assert (got, words in detail) == (reason, True), detail
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "done.json").write_text("{}")
+    assert launcher._classify_nodes(nodes, nodes[1], first=nodes[0], **args)[0] == "finished"
+
+
+@pytest.mark.parametrize(("kw", "words"), [
+    ({"nodes": 0}, "--nodes 0"),
+    ({"nproc_per_node": 0}, "--nproc-per-node 0"),
+    ({"interruptions": 1, "node_losses": 2}, "--node-losses 2"),
+])
+def test_bad_node_options_are_refused(kw, words) -> None:
+    from spotrun.errors import ConfigError
+    from spotrun.launch.local import LocalOptions
+
+    with pytest.raises(ConfigError, match=words):
+        LocalOptions(run_url="r", command=["x"], **kw).validate()
+
+
+def test_old_launch_states_load_without_group_or_node() -> None:
+    from spotrun.launch.state import LaunchState
+
+    old = {"mode": "local", "run_id": "r", "created_at": 1.0, "segments": [
+        {"segment_id": "sim-1", "instance_id": "sim-1", "instance_type": "g5.xlarge", "market": "spot",
+         "started_at": 1.0}]}
+    (seg,) = LaunchState.from_dict(old).segments
+    assert (seg.group, seg.node) == (None, None)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to check the processes")
+def test_kill_tree_reaches_a_grandchild_in_its_own_session(tmp_path: Path) -> None:
+    from spotrun.launch.proctree import descendants, kill_tree
+
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)'], start_new_session=True); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    grandchild = None
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.02)
+        grandchild = int(pidfile.read_text())
+        assert descendants(child.pid) == [grandchild]
+        assert kill_tree(child.pid) == [grandchild]
+        assert child.wait(timeout=10) == -9
+        deadline = time.monotonic() + 10
+        while _running(grandchild):
+            assert time.monotonic() < deadline, "the grandchild outlived kill_tree"
+            time.sleep(0.02)
+    finally:
+        for pid in (child.pid, grandchild):
+            if pid is not None and _running(pid):
+                os.kill(pid, 9)
