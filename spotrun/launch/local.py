@@ -10,18 +10,37 @@ The command runs as a child process, as it would on an instance, with:
 
 Then it plays spot, ``--interruptions K`` times: it posts an interruption notice on the fake
 metadata service, sends SIGTERM to the child's process group ``--grace`` seconds later if it
-is still alive (AWS gives two minutes; the default is a few seconds), then SIGKILL after as
-long again (the machine is gone), and starts the command again: a fresh "instance".
+is still alive (AWS gives two minutes; the default is a few seconds), then SIGKILL of the
+child and every process below it after as long again (the machine is gone), and starts the
+command again: a fresh "instance".
 
 When the notices come: by default after the child has committed its first new checkpoint in
 the segment, plus a random delay (``--seed``); so every segment makes progress and, as long
 as the job checkpoints more than K times, all K interruptions land before it finishes. With
 ``--mean-interval S`` the notice comes at a random time around S seconds into each segment.
 
+**Several nodes** (``--nodes N``, ``--nproc-per-node G``): each attempt ``sim-K`` is N node
+process groups ``sim-K-n0``..., each with its own fake metadata service and
+``SPOTRUN_INSTANCE_ID``/``SPOTRUN_SEGMENT_ID`` set to its node id, each running ``python -m
+spotrun.launch.node -- CMD`` (torchrun, in-process); before starting them the launcher writes
+their cluster file (all on 127.0.0.1, a free port, rendezvous id = run id + attempt). A notice
+goes to one node (drawn by ``--seed``): the all-rank agreement stops every rank at one step.
+``--node-losses M`` plays M of the interruptions as a node vanishing without notice: SIGKILL
+of its agent *and* its workers (torchrun puts each worker in a session of its own, so a
+group kill would not reach them); the survivors' collectives fail and they exit 1, which
+counts as an interruption, not a failure. Once one node has exited the others get
+``peer_exit_s`` (30 s) to follow, then SIGTERM, then SIGKILL of their trees. Every attempt is
+relaunched whole, from the last committed checkpoint; every node is its own ledger segment
+with ``group`` = the attempt and ``node`` = its index, so the cost report prices N nodes.
+
+**Logs.** The command's output (stdout and stderr) goes through this process to
+``RUN_URL/logs/<segment>/node-<R>/`` (:mod:`spotrun.launch.logs`; segment ``sim-K``, node 0,
+or each node's index in a multi-node attempt) and is echoed to this process's stdout.
+
 It stops when ``done.json`` appears (the child exits 0). Any other exit (not 75, not killed
-by the simulator) is a failure: reported, exit code 1. Ctrl-C forwards one SIGINT to the
-child, waits for it to commit its checkpoint and exit, and exits 130; run the same command
-again to continue. Every segment is recorded in the run ledger (source ``"launcher"``), and
+by the simulator) is a failure: reported, exit code 1. Ctrl-C (or ``spotrun stop``) forwards
+one SIGINT to the child (to every node), waits for it to commit its checkpoint and exit, and
+exits 130; run the same command again to continue. Every segment is recorded in the run ledger (source ``"launcher"``), and
 the cost report, priced offline as instance type T, is printed at the end.
 """
 
@@ -360,8 +379,11 @@ class LocalLauncher:
                                              stderr=subprocess.STDOUT, bufsize=0)
                 node.shipper = LogShipper(self.storage, group, node=index, echo=echo)
                 node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
-        except OSError as exc:
+        except BaseException as exc:
+            # Nothing started may outlive a failed start (a node is in its own session).
             self._abandon(nodes)
+            if not isinstance(exc, OSError):
+                raise
             for node in nodes:
                 self.book.end(node.seg, "failed", ended_at=self.clock(), detail=str(exc))
             raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
