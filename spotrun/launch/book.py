@@ -43,7 +43,8 @@ class RunBook:
         save_state(self.storage, self.state)
 
     def begin(self, segment: Segment, instance: InstanceInfo) -> Segment:
-        """Record that ``segment`` started on ``instance``.
+        """Record that ``segment`` started on ``instance`` (a node of a multi-node attempt:
+        with the segment's ``group`` and ``node``, so the cost report counts the attempt's N).
 
         State first: if the launcher dies between the two writes, ``--resume`` finds the
         segment and the ledger merely lacks its start (the cost report still sees the
@@ -54,7 +55,8 @@ class RunBook:
         self.state.segments.append(segment)
         self.save()
         Ledger(self.storage).segment_started(
-            segment_id=segment.segment_id, instance=instance, started_at=segment.started_at, source=SOURCE
+            segment_id=segment.segment_id, instance=instance, started_at=segment.started_at, source=SOURCE,
+            group=segment.group, node=segment.node,
         )
         return segment
 

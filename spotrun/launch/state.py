@@ -64,6 +64,10 @@ class Segment:
     end_reason: str | None = None  # finished | interrupted | failed | stopped
     exit_code: int | None = None
     detail: str | None = None
+    #: A node of a multi-node attempt: the attempt's id (shared by its N nodes) and the
+    #: node's index in its cluster file. None for a single-instance segment.
+    group: str | None = None
+    node: int | None = None
 
     @property
     def open(self) -> bool:
