@@ -335,3 +335,24 @@ def test_kill_tree_reaches_a_grandchild_in_its_own_session(tmp_path: Path) -> No
         for pid in (child.pid, grandchild):
             if pid is not None and _running(pid):
                 os.kill(pid, 9)
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_on_one_node_survives_an_interruption(tmp_path: Path, child_env: dict) -> None:
+    """``--nodes 1 --nproc-per-node 2`` with the user-facing example: torchrun through the node
+    launcher, a notice, a relaunch, done; both ranks' state in the final checkpoint."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run), "--nodes", "1",
+         "--nproc-per-node", "2", "--interruptions", "1", "--seed", "3", "--",
+         sys.executable, str(REPO / "examples" / "ddp_train.py"), "--steps", "80", "--every-steps", "10",
+         "--step-sleep", "0.02"],
+        env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT,
+        cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert (run / "done.json").exists()
+    assert [[reason for _, _, reason in nodes] for nodes in _attempts(run).values()] == [
+        ["interrupted"], ["finished"]]
+    final = max(int(p.name) for p in run.iterdir() if p.name.isdigit())
+    names = {p.name for p in (run / f"{final:012d}").iterdir()}
+    assert {"rank-00000.pt", "rank-00001.pt"} <= names, names

@@ -116,7 +116,7 @@ def report_text(report: CostReport) -> str:
         for i in d["interruptions"]:
             ck = i["last_checkpoint_step"]
             if i.get("group") is not None:
-                what = (f"attempt {str(i['group'])[:10]} ({i['nodes']} nodes; segment "
+                what = (f"attempt {str(i['group'])[:10]} ({i['nodes']} node{'s' if i['nodes'] != 1 else ''}; segment "
                         f"{i['segment_id'][:12]} {i['reason']}): every node lost")
             else:
                 what = f"segment {i['segment_id'][:12]} ({i['reason']}): lost"
