@@ -1,11 +1,14 @@
-"""S3 (``s3://``, ``s3a://``) through s3fs's own aiobotocore client, on fsspec's event loop.
+"""S3 (``s3://``, ``s3a://``) through s3fs, plus a thread pool for multipart uploads.
 
 Client settings: connect/read timeouts and botocore's standard retry mode are added to the
 caller's options (:func:`_s3_client_options`), and s3fs's own retry loop is turned off.
-Writes are parallel multipart uploads (:class:`_S3Upload`), large reads parallel ranged
-GETs (:func:`_s3_read`), parts and ranges get bounded extra rounds (:func:`_with_retries`),
-and the lease's tagged object is one object changed by conditional PUTs (IfNoneMatch /
-IfMatch). See :mod:`spotrun.storage` for the limits and knobs.
+Writes of more than one part are multipart uploads sent from threads (:class:`_S3Upload`,
+through a botocore client that mirrors s3fs's, :mod:`.s3client`), each part with its
+CRC32C; large reads are parallel ranged GETs on s3fs's event loop (:func:`_s3_read`);
+parts and ranges get bounded extra rounds (:func:`_with_retries`,
+:func:`_with_retries_sync`), and the lease's tagged object is one object changed by
+conditional PUTs (IfNoneMatch / IfMatch). See :mod:`spotrun.storage` for the limits and
+knobs.
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ T = TypeVar("T")
 class S3Backend(ObjectStoreBackend):
     """s3fs, driven directly for parallel transfers and conditional writes.
 
-    The parallel paths drive s3fs's own aiobotocore client on fsspec's event loop rather
-    than a separate boto3 client: same credentials, endpoint, region, SSE and
-    requester-pays options as every other call here, one connection pool, and no thread
-    per part (one loop thread overlaps all requests).
+    Reads, small writes and conditional writes use s3fs's own aiobotocore client on
+    fsspec's event loop. Multipart uploads send their parts from threads through a
+    botocore client built from that client (same credentials, endpoint, region, timeouts,
+    retries, SSE and requester-pays options): one loop thread signing and sending every
+    part was the limit of an upload on a few cores (see :mod:`.s3client`). Reads stay on
+    the loop: there the bytes go straight into one buffer and the loop was not the limit.
     """
 
     def __init__(self, storage: Any) -> None:
@@ -308,8 +313,11 @@ class _S3Upload:
     the way and stores the object's composite checksum. An object that never fills one
     part is one PUT at ``complete()``, through s3fs.
 
-    The pool is per upload, started by the thread that writes: its threads inherit that
-    thread's niceness (the background writer's nice 10), as the checksum pools do.
+    Each part gets a daemon thread of its own, started by the thread that writes: it
+    inherits that thread's niceness (the background writer's nice 10, as the checksum
+    pools do), and a part hung on a silent endpoint never holds up the process's exit (a
+    ``ThreadPoolExecutor`` joins its threads at exit; fsspec's loop thread, which sent the
+    parts before, is a daemon too). At most ``concurrency`` exist at once.
     """
 
     def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int,
@@ -326,7 +334,6 @@ class _S3Upload:
         self._client_factory = client or self._own_client
         self._client: Any = None
         self._extra: dict[str, dict[str, Any]] = {}
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._upload_id: str | None = None
         self._next_part = 1
         self._buf = bytearray(part_size)
@@ -376,7 +383,6 @@ class _S3Upload:
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
             self._call("complete", "complete_multipart_upload", UploadId=self._upload_id,
                        MultipartUpload={"Parts": parts})
-            self._stop_pool()
             log.debug("uploaded %s in %d parts", self._where, len(parts))
         self.closed = True
 
@@ -393,7 +399,6 @@ class _S3Upload:
             # abort would keep the upload's storage alive.
             concurrent.futures.wait(list(self._inflight), timeout=60)
             self._inflight.clear()
-        self._stop_pool()
         if self._upload_id is not None:
             try:
                 self._call("abort", "abort_multipart_upload", UploadId=self._upload_id)
@@ -438,13 +443,6 @@ class _S3Upload:
             self._extra[method] = {k: v for k, v in extra.items() if k not in ("Bucket", "Key")}
         self._upload_id = self._call("start", "create_multipart_upload",
                                      ChecksumAlgorithm="CRC32C")["UploadId"]
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self._concurrency, thread_name_prefix="spotrun-s3-part")
-
-    def _stop_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
     def _target_size(self) -> int:
         return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))
@@ -468,8 +466,17 @@ class _S3Upload:
             self._reap(concurrent.futures.FIRST_COMPLETED)
         number = self._next_part
         self._next_part += 1
-        assert self._pool is not None
-        self._inflight[self._pool.submit(self._upload_part, number, body)] = body
+        fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self._upload_part(number, body))
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer by _reap
+                fut.set_exception(exc)
+
+        fut.set_running_or_notify_cancel()
+        threading.Thread(target=run, daemon=True, name=f"spotrun-s3-part-{number}").start()
+        self._inflight[fut] = body
 
     def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
         # S3 checks the part against this and keeps it for the object's composite checksum.
