@@ -122,3 +122,35 @@ def test_a_failing_part_leaves_nothing_and_the_previous_checkpoint_restores(
         assert ck2.restore() == 1
     for name, tensor in saved.items():
         assert torch.equal(model2.state_dict()[name], tensor)
+
+
+@pytest.mark.parametrize("scheme, signed", [("https", False), ("http", True)])
+def test_parts_skip_the_payload_hash_only_over_tls(scheme, signed):
+    """With a checksum header on the part, botocore's own rule (TLS + checksum: no SHA-256
+    of the payload) applies to spotrun's CRC32C too; plain HTTP keeps the signed payload.
+    In process, nothing is sent: the request is answered before it leaves."""
+    from botocore.awsrequest import AWSResponse
+
+    from spotrun.storage.s3client import threaded_client
+
+    st = Storage("s3://some-bucket/run",
+                 {"client_kwargs": {"endpoint_url": f"{scheme}://127.0.0.1:9"},
+                  "key": "AKEY", "secret": "asecret", "skip_instance_cache": True})
+    client = threaded_client(st.fs, "some-bucket", 2)
+    seen = {}
+
+    def answer(request, **_):
+        seen.update({k.lower(): v for k, v in request.headers.items()})
+        response = AWSResponse(request.url, 200, {"ETag": '"e"'}, None)
+        response._content = b""
+        return response
+
+    client.meta.events.register("before-send.s3.UploadPart", answer)
+    body = bytearray(os.urandom(1000))
+    client.upload_part(Bucket="some-bucket", Key="k", UploadId="u", PartNumber=1, Body=body,
+                       ChecksumCRC32C=_b64crc(bytes(body)))
+    sha = seen["x-amz-content-sha256"]
+    sha = sha.decode() if isinstance(sha, bytes) else sha
+    assert (sha != "UNSIGNED-PAYLOAD") is signed
+    assert "Credential=AKEY/" in str(seen["authorization"])
+    assert "x-amz-checksum-crc32" not in seen and "x-amz-checksum-crc32c" in seen
