@@ -17,8 +17,8 @@ import asyncio
 import base64
 import concurrent.futures
 import logging
-import posixpath
 import os
+import posixpath
 import random
 import threading
 import time

@@ -33,8 +33,10 @@ from typing import Any
 import botocore.session
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.credentials import Credentials, CredentialProvider
+from botocore.credentials import CredentialProvider, Credentials
+from botocore.exceptions import NoCredentialsError
 from fsspec.asyn import sync
+
 
 class _LoopCredentials(Credentials):
     """botocore credentials that defer to an aiobotocore credentials object.
@@ -79,12 +81,17 @@ def threaded_client(fs: Any, bucket: str, max_connections: int) -> Any:
     options = {k: v for k, v in (fs.config_kwargs or {}).items() if k in Config.OPTION_DEFAULTS}
     options.setdefault("connect_timeout", fs.connect_timeout)
     options.setdefault("read_timeout", fs.read_timeout)
-    source = getattr(getattr(aio, "_request_signer", None), "_credentials", None)
-    if fs.anon or (source is None and sync(fs.loop, fs.session.get_credentials) is None):
+    if fs.anon:
         options["signature_version"] = UNSIGNED
     else:
-        if source is None:  # an aiobotocore without the attribute: the session's own
+        # The credentials aiobotocore signs s3fs's requests with (private attribute of a
+        # botocore RequestSigner, stable for years); else the session's chain.
+        source = getattr(getattr(aio, "_request_signer", None), "_credentials", None)
+        if source is None:
             source = sync(fs.loop, fs.session.get_credentials)
+        if source is None:
+            # As s3fs's own calls would fail: spotrun reports it as CredentialsError.
+            raise NoCredentialsError()
         resolver = session.get_component("credential_provider")
         resolver.providers.insert(0, _FixedProvider(_LoopCredentials(source, fs.loop)))
     options["max_pool_connections"] = max(max_connections,
