@@ -20,7 +20,8 @@ Atomicity, per backend:
   their files may be visible from the moment they are opened.
 
 Speed (``s3://``): a write smaller than one part is a single PUT; a larger one is a multipart
-upload with up to ``concurrency`` parts in flight while the caller keeps producing bytes,
+upload with up to ``concurrency`` parts in flight (each from a thread of its own, with its
+CRC32C as S3's ``ChecksumCRC32C``) while the caller keeps producing bytes,
 completed only when every part is in and aborted on any failure, so an object never appears
 half-written and no multipart upload is left behind. A large read is ``concurrency`` ranged
 GETs into one preallocated buffer. Memory: a write holds at most ``(concurrency + 1) x part_size`` bytes of buffers
@@ -39,8 +40,9 @@ Nothing waits forever (``s3://``), and the retry layers do not multiply:
 * s3fs's own retry loop (5 more rounds of all of the above, which made a throttled read
   retry for minutes) is turned off;
 * parts and ranges, which a long transfer cannot afford to lose, get ``SPOTRUN_S3_RETRIES``
-  more rounds (3) with exponential backoff, and none starts, and a running one is cut,
-  once ``SPOTRUN_S3_RETRY_SECONDS`` (120 s) have passed since the first try.
+  more rounds (3) with exponential backoff, and none starts, and a running read is cut,
+  once ``SPOTRUN_S3_RETRY_SECONDS`` (120 s) have passed since the first try (a part sent
+  from an upload thread cannot be cut; the timeouts above bound it).
 
 So a throttled or failing request gives up after about 15 s (at most
 ``SPOTRUN_S3_RETRY_SECONDS`` plus one attempt), and a silent endpoint after at most
@@ -96,6 +98,7 @@ from .s3 import (  # noqa: F401
     _ShortReadError,
     _total_size,
     _with_retries,
+    _with_retries_sync,
 )
 
 # Backends whose objects appear only once the upload completes.

@@ -1,24 +1,31 @@
-"""S3 (``s3://``, ``s3a://``) through s3fs's own aiobotocore client, on fsspec's event loop.
+"""S3 (``s3://``, ``s3a://``) through s3fs, plus a thread pool for multipart uploads.
 
 Client settings: connect/read timeouts and botocore's standard retry mode are added to the
 caller's options (:func:`_s3_client_options`), and s3fs's own retry loop is turned off.
-Writes are parallel multipart uploads (:class:`_S3Upload`), large reads parallel ranged
-GETs (:func:`_s3_read`), parts and ranges get bounded extra rounds (:func:`_with_retries`),
-and the lease's tagged object is one object changed by conditional PUTs (IfNoneMatch /
-IfMatch). See :mod:`spotrun.storage` for the limits and knobs.
+Writes of more than one part are multipart uploads sent from threads (:class:`_S3Upload`,
+through a botocore client that mirrors s3fs's, :mod:`.s3client`), each part with its
+CRC32C; large reads are parallel ranged GETs on s3fs's event loop (:func:`_s3_read`);
+parts and ranges get bounded extra rounds (:func:`_with_retries`,
+:func:`_with_retries_sync`), and the lease's tagged object is one object changed by
+conditional PUTs (IfNoneMatch / IfMatch). See :mod:`spotrun.storage` for the limits and
+knobs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import logging
+import os
 import posixpath
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import crc32c as _crc32c
 from fsspec.asyn import sync
 
 from ..config import env_float, env_int
@@ -56,10 +63,12 @@ T = TypeVar("T")
 class S3Backend(ObjectStoreBackend):
     """s3fs, driven directly for parallel transfers and conditional writes.
 
-    The parallel paths drive s3fs's own aiobotocore client on fsspec's event loop rather
-    than a separate boto3 client: same credentials, endpoint, region, SSE and
-    requester-pays options as every other call here, one connection pool, and no thread
-    per part (one loop thread overlaps all requests).
+    Reads, small writes and conditional writes use s3fs's own aiobotocore client on
+    fsspec's event loop. Multipart uploads send their parts from threads through a
+    botocore client built from that client (same credentials, endpoint, region, timeouts,
+    retries, SSE and requester-pays options): one loop thread signing and sending every
+    part was the limit of an upload on a few cores (see :mod:`.s3client`). Reads stay on
+    the loop: there the bytes go straight into one buffer and the loop was not the limit.
     """
 
     def __init__(self, storage: Any) -> None:
@@ -68,6 +77,8 @@ class S3Backend(ObjectStoreBackend):
         # spotrun's rounds; multiplied, a throttled read kept retrying for minutes. One
         # try here: botocore and _with_retries are the (bounded) retry layers.
         self.fs.retries = 1
+        self._clients: dict[tuple[str, int], Any] = {}
+        self._clients_lock = threading.Lock()
 
     @classmethod
     def client_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +98,7 @@ class S3Backend(ObjectStoreBackend):
         st = self.storage
         upload = _S3Upload(self.fs, path, part_size=st.part_size,
                            concurrency=st.concurrency, retries=st.retries,
-                           retry_seconds=st.retry_seconds)
+                           retry_seconds=st.retry_seconds, client=self._threaded_client)
         try:
             yield HashingWriter(upload)
             upload.complete()
@@ -96,6 +107,19 @@ class S3Backend(ObjectStoreBackend):
             raise
         finally:
             self.fs.invalidate_cache(path)
+
+    def _threaded_client(self, bucket: str) -> Any:
+        """The botocore client the upload threads share for ``bucket``: built once per
+        process (a forked child must not reuse its parent's connections)."""
+        from .s3client import threaded_client
+
+        key = (bucket, os.getpid())
+        with self._clients_lock:
+            found = self._clients.get(key)
+            if found is None:
+                found = self._clients[key] = threaded_client(self.fs, bucket,
+                                                             self.storage.concurrency)
+            return found
 
     # -- tagged objects: one object, its tag the ETag --------------------------------------
 
@@ -186,6 +210,28 @@ def _retryable(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")
 
 
+def _retry_delay(what: str, exc: Exception, n: int, retries: int, started: float,
+                 deadline: float, retry_seconds: float, stop: Callable[[], bool]) -> float | None:
+    """The backoff before retrying attempt ``n`` that failed with ``exc``; None when the
+    failure is not worth repeating (the caller re-raises it). Raises
+    :class:`StorageUnavailableError` once the retries or the time limit are spent."""
+    if stop() or not _retryable(exc):
+        return None
+    reason = _describe(exc)
+    elapsed = time.monotonic() - started
+    delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**n) * random.uniform(0.5, 1.0)
+    if n >= retries or time.monotonic() + delay >= deadline:
+        limit = (f"{retries} retries" if n >= retries
+                 else f"the {retry_seconds:g}s retry time limit")
+        raise StorageUnavailableError(
+            f"S3 {what} still failing after {n + 1} attempts over {elapsed:.1f}s "
+            f"(last: {reason}; each attempt is up to SPOTRUN_S3_ATTEMPTS requests "
+            f"with backoff; stopped at {limit}); {_UNAVAILABLE_FIX}"
+        ) from exc
+    log.info("S3 %s failed (%s); retry %d of %d in %.2fs", what, reason, n + 1, retries, delay)
+    return delay
+
+
 async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], retries: int,
                         stop: Callable[[], bool] = lambda: False, *,
                         retry_seconds: float | None = None) -> T:
@@ -210,22 +256,37 @@ async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], retries:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if stop() or not _retryable(exc):
+            delay = _retry_delay(what, exc, n, retries, started, deadline, retry_seconds, stop)
+            if delay is None:
                 raise
-            reason = _describe(exc)
-            elapsed = time.monotonic() - started
-            delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**n) * random.uniform(0.5, 1.0)
-            if n >= retries or time.monotonic() + delay >= deadline:
-                limit = (f"{retries} retries" if n >= retries
-                         else f"the {retry_seconds:g}s retry time limit")
-                raise StorageUnavailableError(
-                    f"S3 {what} still failing after {n + 1} attempts over {elapsed:.1f}s "
-                    f"(last: {reason}; each attempt is up to SPOTRUN_S3_ATTEMPTS requests "
-                    f"with backoff; stopped at {limit}); {_UNAVAILABLE_FIX}"
-                ) from exc
-            log.info("S3 %s failed (%s); retry %d of %d in %.2fs", what, reason, n + 1,
-                     retries, delay)
             await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _with_retries_sync(what: str, attempt: Callable[[], T], retries: int,
+                       stop: Callable[[], bool] = lambda: False, *,
+                       retry_seconds: float | None = None) -> T:
+    """:func:`_with_retries` for a blocking ``attempt`` (the upload threads). The same
+    rounds, backoff, limits and messages, except that a retry already running is not cut
+    at the time limit: a blocking request cannot be interrupted, and botocore's connect and
+    read timeouts bound it instead."""
+    if retry_seconds is None:
+        retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
+    started = time.monotonic()
+    deadline = started + retry_seconds
+    for n in range(retries + 1):
+        try:
+            return attempt()
+        except Exception as exc:
+            delay = _retry_delay(what, exc, n, retries, started, deadline, retry_seconds, stop)
+            if delay is None:
+                raise
+            # Sleep in slices so an abort does not wait out a long backoff.
+            until = time.monotonic() + delay
+            while not stop() and time.monotonic() < until:
+                time.sleep(min(0.1, until - time.monotonic()))
+            if stop():
+                raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -243,14 +304,25 @@ class _S3Upload:
 
     Call order: ``write()`` any number of times, then exactly one of ``complete()`` (the
     object appears) or ``abort()`` (nothing appears, no upload is left open). Writes fill
-    a ``part_size`` buffer; a full buffer goes out as an UploadPart on s3fs's event loop
-    as soon as more bytes arrive, and ``write`` blocks only while ``concurrency`` parts are
-    already in flight. So at most ``concurrency + 1`` part buffers exist at once. An object
-    that never fills one part is one PUT at ``complete()``.
+    a ``part_size`` buffer; a full buffer goes out as an UploadPart from a pool of
+    ``concurrency`` threads (a botocore client mirroring s3fs's, see
+    :mod:`spotrun.storage.s3client`) as soon as more bytes arrive, and ``write`` blocks
+    only while ``concurrency`` parts are already in flight. So at most ``concurrency + 1``
+    part buffers exist at once. Every part carries its CRC32C (``ChecksumCRC32C``; the
+    upload is created with ``ChecksumAlgorithm="CRC32C"``), so S3 rejects a part damaged on
+    the way and stores the object's composite checksum. An object that never fills one
+    part is one PUT at ``complete()``, through s3fs.
+
+    Each part gets a daemon thread of its own, started by the thread that writes: it
+    inherits that thread's niceness (the background writer's nice 10, as the checksum
+    pools do), and a part hung on a silent endpoint never holds up the process's exit (a
+    ``ThreadPoolExecutor`` joins its threads at exit; fsspec's loop thread, which sent the
+    parts before, is a daemon too). At most ``concurrency`` exist at once.
     """
 
     def __init__(self, fs: Any, path: str, *, part_size: int, concurrency: int,
-                 retries: int, retry_seconds: float | None = None) -> None:
+                 retries: int, retry_seconds: float | None = None,
+                 client: Callable[[str], Any] | None = None) -> None:
         self._fs = fs
         self._loop = fs.loop
         self._bucket, self._key, _ = fs.split_path(path)
@@ -259,6 +331,9 @@ class _S3Upload:
         self._concurrency = concurrency
         self._retries = retries
         self._retry_seconds = retry_seconds
+        self._client_factory = client or self._own_client
+        self._client: Any = None
+        self._extra: dict[str, dict[str, Any]] = {}
         self._upload_id: str | None = None
         self._next_part = 1
         self._buf = bytearray(part_size)
@@ -295,7 +370,10 @@ class _S3Upload:
         if self._upload_id is None:
             body = bytes(memoryview(self._buf)[: self._fill])
             self._buf = bytearray()
-            self._call("put", "put_object", Body=body)
+            sync(self._loop, _with_retries, f"put {self._where}",
+                 lambda: self._fs._call_s3("put_object", Bucket=self._bucket, Key=self._key,
+                                           Body=body),
+                 self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds)
         else:
             last = self._buf if self._fill == len(self._buf) else self._buf[: self._fill]
             self._buf = bytearray()
@@ -317,11 +395,9 @@ class _S3Upload:
         self._buf = bytearray()
         self._free.clear()
         if self._inflight:
-            # Waiting (briefly) rather than cancelling: a part S3 accepts after the abort
-            # would keep the upload's storage alive.
+            # Waiting (briefly) rather than abandoning them: a part S3 accepts after the
+            # abort would keep the upload's storage alive.
             concurrent.futures.wait(list(self._inflight), timeout=60)
-            for fut in self._inflight:
-                fut.cancel()
             self._inflight.clear()
         if self._upload_id is not None:
             try:
@@ -334,11 +410,39 @@ class _S3Upload:
 
     # -- internals ---------------------------------------------------------------------
 
+    def _own_client(self, bucket: str) -> Any:
+        from .s3client import threaded_client
+
+        return threaded_client(self._fs, bucket, self._concurrency)
+
+    def _request(self, method: str, **kwargs: Any) -> Any:
+        """One botocore call with s3fs's per-call options (SSE, requester pays), its
+        ClientErrors turned into the OSErrors s3fs raises (so 403 is PermissionError)."""
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        try:
+            return getattr(self._client, method)(Bucket=self._bucket, Key=self._key,
+                                                 **self._extra.get(method, {}), **kwargs)
+        except ClientError as exc:
+            raise translate_boto_error(exc) from exc
+
     def _call(self, what: str, method: str, **kwargs: Any) -> Any:
-        return sync(self._loop, _with_retries, f"{what} {self._where}",
-                    lambda: self._fs._call_s3(method, Bucket=self._bucket, Key=self._key,
-                                              **kwargs),
-                    self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds)
+        return _with_retries_sync(f"{what} {self._where}",
+                                  lambda: self._request(method, **kwargs), self._retries,
+                                  lambda: self._aborting, retry_seconds=self._retry_seconds)
+
+    def _start(self) -> None:
+        self._client = self._client_factory(self._bucket)
+        aio = sync(self._loop, self._fs.get_s3, self._bucket)
+        for method in ("create_multipart_upload", "upload_part",
+                       "complete_multipart_upload", "abort_multipart_upload"):
+            # s3fs's own filter: its s3_additional_kwargs / requester-pays options that
+            # this operation takes, as every s3fs call gets them.
+            extra = self._fs._get_s3_method_kwargs(getattr(aio, method))
+            self._extra[method] = {k: v for k, v in extra.items() if k not in ("Bucket", "Key")}
+        self._upload_id = self._call("start", "create_multipart_upload",
+                                     ChecksumAlgorithm="CRC32C")["UploadId"]
 
     def _target_size(self) -> int:
         return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))
@@ -353,7 +457,7 @@ class _S3Upload:
 
     def _send(self, body: bytearray) -> None:
         if self._upload_id is None:
-            self._upload_id = self._call("start", "create_multipart_upload")["UploadId"]
+            self._start()
         if self._next_part > _MAX_PARTS:
             raise StorageError(
                 f"{self._where}: more than {_MAX_PARTS} parts; raise SPOTRUN_S3_PART_MIB"
@@ -362,17 +466,28 @@ class _S3Upload:
             self._reap(concurrent.futures.FIRST_COMPLETED)
         number = self._next_part
         self._next_part += 1
-        fut = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self._loop)
+        fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(self._upload_part(number, body))
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer by _reap
+                fut.set_exception(exc)
+
+        fut.set_running_or_notify_cancel()
+        threading.Thread(target=run, daemon=True, name=f"spotrun-s3-part-{number}").start()
         self._inflight[fut] = body
 
-    async def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
-        response = await _with_retries(
+    def _upload_part(self, number: int, body: bytearray) -> dict[str, Any]:
+        # S3 checks the part against this and keeps it for the object's composite checksum.
+        crc = base64.b64encode(_crc32c.crc32c(body).to_bytes(4, "big")).decode()
+        response = _with_retries_sync(
             f"part {number} of {self._where}",
-            lambda: self._fs._call_s3("upload_part", Bucket=self._bucket, Key=self._key,
-                                      UploadId=self._upload_id, PartNumber=number, Body=body),
+            lambda: self._request("upload_part", UploadId=self._upload_id, PartNumber=number,
+                                  Body=body, ChecksumCRC32C=crc),
             self._retries, lambda: self._aborting, retry_seconds=self._retry_seconds,
         )
-        return {"PartNumber": number, "ETag": response["ETag"]}
+        return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": crc}
 
     def _reap(self, when: str) -> None:
         done, _ = concurrent.futures.wait(list(self._inflight), return_when=when)
