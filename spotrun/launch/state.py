@@ -64,6 +64,13 @@ class Segment:
     end_reason: str | None = None  # finished | interrupted | failed | stopped
     exit_code: int | None = None
     detail: str | None = None
+    #: The attempt a node of a multi-node job belongs to (every node of one attempt shares
+    #: it, a relaunch gets a new one) and the node's rank; None for a single-node run.
+    group: str | None = None
+    node: int | None = None
+    #: The EC2 region the instance ran in (None in states written before region failover:
+    #: the run's ``--region``).
+    region: str | None = None
 
     @property
     def open(self) -> bool:
@@ -89,15 +96,29 @@ class LaunchState:
     heartbeat_at: float | None = None
     poll_s: float | None = None
     message: str | None = None
+    #: region -> the run's launch template there (``launch_template_id`` is the home
+    #: region's, kept for states and tools that know only one).
+    launch_templates: dict[str, str] = field(default_factory=dict)
+    #: region -> the run's cluster placement group there (``--placement-group``).
+    placement_groups: dict[str, str] = field(default_factory=dict)
+    #: When a full round of every pool (every region, every market allowed) last found no
+    #: capacity, None once capacity came (``--max-wait`` counts from it across ``--resume``).
+    waiting_since: float | None = None
     version: int = STATE_VERSION
 
     @property
     def current(self) -> Segment | None:
-        """The segment still running (at most one), or None."""
-        for seg in reversed(self.segments):
-            if seg.open:
-                return seg
-        return None
+        """The segment still running (at most one per run; for an N-node run, node 0 of
+        the running attempt), or None."""
+        running = self.running
+        return running[0] if running else None
+
+    @property
+    def running(self) -> list[Segment]:
+        """The open segments: the running attempt's nodes in rank order (one for a
+        single-node run), or [] when nothing runs."""
+        found = [s for s in self.segments if s.open]
+        return sorted(found, key=lambda s: s.node or 0)
 
     def touch(self, poll_s: float | None = None) -> None:
         self.controller_pid = os.getpid()
