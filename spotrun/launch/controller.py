@@ -970,12 +970,12 @@ class Ec2Controller:
 
     def _cleanup_template(self) -> None:
         """Delete the run's launch templates and placement groups in every region."""
-        for region, tid in list(self.state.launch_templates.items()):
+        templates = dict(self.state.launch_templates)
+        if self.state.launch_template_id and not templates:
+            templates[self.home] = self.state.launch_template_id  # recorded only the old way
+        for region, tid in templates.items():
             self._api(region).delete_launch_template(tid)
-            del self.state.launch_templates[region]
-        if self.state.launch_template_id and not self.state.launch_templates:
-            # (A state that never recorded it per region.)
-            self.api.delete_launch_template(self.state.launch_template_id)
+        self.state.launch_templates.clear()
         self.state.launch_template_id = None
         for region, name in list(self.state.placement_groups.items()):
             # Nodes just terminated keep the group "in use" while they shut down.
