@@ -56,11 +56,9 @@ class Cloud:
 
     def instance(self, iid: str) -> Any:
         for region in self.clients:
-            backend = get_backend("ec2")[DEFAULT_ACCOUNT_ID][region]
-            try:
-                return backend.get_instance(iid)
-            except Exception:  # noqa: BLE001 - not in this region
-                continue
+            for inst in get_backend("ec2")[DEFAULT_ACCOUNT_ID][region].all_instances():
+                if inst.id == iid:
+                    return inst
         raise KeyError(iid)
 
     def spot_interrupt(self, iid: str) -> None:
@@ -97,8 +95,9 @@ def storage(tmp_path: Any) -> Storage:
 
 
 def options(cloud: Cloud, storage: Storage, **kw: Any) -> Ec2Options:
-    base: dict[str, Any] = dict(run_url=storage.url, command=["python", "train.py"], instance_types=["g5.xlarge"],
-                                region=HOME, subnets=[cloud.subnet], ami=AMI, nodes=2, nproc_per_node=4)
+    base: dict[str, Any] = {"run_url": storage.url, "command": ["python", "train.py"],
+                            "instance_types": ["g5.xlarge"], "region": HOME, "subnets": [cloud.subnet],
+                            "ami": AMI, "nodes": 2, "nproc_per_node": 4}
     base.update(kw)
     return Ec2Options(**base)
 

@@ -20,15 +20,20 @@ import boto3
 import botocore.session
 import botocore.validate
 import pytest
+from helpers import FakePlacementGroups
 from moto import mock_aws
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 
 import spotrun.launch.ec2 as ec2mod
 from spotrun.errors import ConfigError, LaunchError
-from spotrun.launch.ec2 import PARTIAL_CAPACITY, RUN_ID_TAG, Ec2Api, Pool, placement_group_name
-
-from helpers import FakePlacementGroups
+from spotrun.launch.ec2 import (
+    PARTIAL_CAPACITY,
+    RUN_ID_TAG,
+    Ec2Api,
+    Pool,
+    placement_group_name,
+)
 
 REGION = "us-east-1"
 _MODEL = botocore.session.get_session().get_service_model("ec2")

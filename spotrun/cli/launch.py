@@ -11,9 +11,8 @@ import json
 import re
 import sys
 import time
-from datetime import datetime, timezone
-
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError

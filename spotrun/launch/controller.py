@@ -73,7 +73,15 @@ from ..storage import Storage
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook, close_books
 from .common import is_done
-from .ec2 import PRICE_ERRORS, SPOT_INTERRUPTION, Ec2Api, FleetResult, InstanceStatus, LaunchedInstance, Pool
+from .ec2 import (
+    PRICE_ERRORS,
+    SPOT_INTERRUPTION,
+    Ec2Api,
+    FleetResult,
+    InstanceStatus,
+    LaunchedInstance,
+    Pool,
+)
 from .limits import CostGuard, Limits, WaitClock, fmt_wait
 from .state import (
     STOP_FILE,
