@@ -27,7 +27,7 @@ from spotrun.instance import InstanceInfo
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
 from spotrun.launch.state import load_state
-from spotrun.launch.status import format_status, run_status
+from spotrun.launch.status import format_status, run_status, stop_run
 from spotrun.ledger import Ledger
 from spotrun.storage import Storage
 
@@ -486,3 +486,57 @@ def test_cli_refuses_nonsense_in_one_line(argv: list[str], needle: str, capsys: 
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
     assert len(err.strip().splitlines()) <= 2
+
+
+def test_stop_terminates_every_node_in_the_region_used(cloud: Cloud, storage: Storage) -> None:
+    """A 2-node attempt that failed over to the second region, its controller gone:
+    ``status`` lists both nodes there, ``stop`` terminates both and closes both segments."""
+    ScarceCapacity(cloud.clients[HOME], {("spot", "g5.xlarge"): "InsufficientInstanceCapacity"})
+    opts = options(cloud, storage, regions=[HOME, OTHER], ami=None, amis={HOME: AMI, OTHER: AMI})
+    ctl = controller(cloud, storage, opts, _die)
+    with pytest.raises(ControllerDied):
+        ctl.run()
+    nodes = cloud.running(ctl.state.run_id, OTHER)
+    assert len(nodes) == 2 and cloud.running(ctl.state.run_id, HOME) == []
+
+    st = run_status(storage, live=False)
+    assert [n["instance_id"] for n in st["attempt"]["nodes"]] == nodes
+    assert {n["region"] for n in st["attempt"]["nodes"]} == {OTHER}
+    assert {s["region"] for s in st["segments"]} == {OTHER} and {s["node"] for s in st["segments"]} == {0, 1}
+
+    result = stop_run(storage, wait_s=0, sleep=lambda _s: None)
+    assert sorted(result["terminated"]) == nodes
+    assert cloud.running(ctl.state.run_id, OTHER) == []
+    state = load_state(storage)
+    assert state.status == "stopped" and state.running == []
+    ends = sorted(r["segment_id"] for r in launcher_records(storage)
+                  if r["event"] == "segment_ended" and r["reason"] == "stopped")
+    assert ends == nodes
+
+
+def test_a_state_written_before_clusters_still_loads(cloud: Cloud, storage: Storage) -> None:
+    """No group/node/region on segments, one launch_template_id: a resumed controller reads it
+    as the home region's and relaunches single-node as before."""
+    ctl = controller(cloud, storage, options(cloud, storage, nodes=1, nproc_per_node=None), _die)
+    with pytest.raises(ControllerDied):
+        ctl.run()
+    raw = json.loads(storage.read_bytes("launch/state.json"))
+    for key in ("launch_templates", "placement_groups", "waiting_since"):
+        raw.pop(key)
+    for seg in raw["segments"]:
+        for key in ("group", "node", "region"):
+            seg.pop(key)
+    for key in ("nodes", "nproc_per_node", "min_nodes", "placement_group", "regions", "amis",
+                "max_cost_usd", "max_wait_s"):
+        raw["options"].pop(key)
+    storage.write_bytes("launch/state.json", json.dumps(raw).encode())
+    (iid,) = cloud.running(ctl.state.run_id)
+    cloud.spot_interrupt(iid)
+
+    ctl2 = Ec2Controller.resume(storage, cloud.apis[HOME], timing=FAST)
+    assert ctl2.state.launch_templates == {HOME: raw["launch_template_id"]}
+    ctl2.sleep = lambda _s: storage.write_bytes("done.json", b"{}")
+    assert ctl2.run().status == "finished"
+    assert [s.end_reason for s in ctl2.state.segments] == ["interrupted", "finished"]
+    assert [s.region for s in ctl2.state.segments] == [None, HOME]
+    assert cloud.templates(HOME) == []
