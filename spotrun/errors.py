@@ -28,6 +28,7 @@ problem and, where there is one, the fix.
     │   └── LedgerRecordError        a run-ledger record the cost report cannot use
     ├── LaunchError                  the launcher could not keep the run going
     │   ├── CapacityError            no spot or on-demand capacity in any pool
+    │   ├── ClusterWaitError         a node's cluster file never came (multi-node)
     │   └── EndpointUnreachableError  the cloud API could not be reached at all
     └── LeaseError                   the run's one-writer lease (see spotrun.lease)
         ├── LeaseHeldError           another live trainer is writing this run
@@ -45,6 +46,7 @@ __all__ = [
     "CapacityError",
     "CheckpointError",
     "CheckpointUnreadableError",
+    "ClusterWaitError",
     "ConfigError",
     "CorruptCheckpointError",
     "CostError",
@@ -155,6 +157,11 @@ class LaunchError(SpotrunError):
 
     #: The launch ran and could not go on (no capacity, a refused call): a failed run.
     exit_code = 1
+
+
+class ClusterWaitError(LaunchError):
+    """A node of a multi-node job waited for its cluster file (``launch/nodes/<id>.json``)
+    and none came, or the one that came does not name it."""
 
 
 class CapacityError(LaunchError):

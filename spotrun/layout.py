@@ -15,6 +15,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
       done.json                the run finished (written once, by rank 0)
       ledger/                  one small JSON object per event (segments, checkpoints, ...)
       launch/                  the launcher's own state (instances, attempts)
+        nodes/<instance>.json  a multi-node segment's cluster file, one per node (same
+                               content): rendezvous head, port and id (spotrun.launch.node)
       logs/                    the command's output, shipped in whole chunks:
         <segment>/node-<N>/<seq>.log   (see spotrun.launch.logs)
       damaged/                 checkpoints that failed verification, moved aside as evidence
@@ -41,6 +43,7 @@ __all__ = [
     "LEDGER_DIR",
     "LOGS_DIR",
     "MANIFEST",
+    "NODES_DIR",
     "STEP_DIGITS",
     "checkpoint_dir",
     "parse_step",
@@ -53,6 +56,8 @@ LEDGER_DIR = "ledger"
 LAUNCH_DIR = "launch"
 #: The command's output, one folder per segment and node (:mod:`spotrun.launch.logs`).
 LOGS_DIR = "logs"
+#: Multi-node cluster files, ``NODES_DIR/<instance id>.json`` (:mod:`spotrun.launch.node`).
+NODES_DIR = f"{LAUNCH_DIR}/nodes"
 #: The single-writer lease (:mod:`spotrun.lease`).
 LEASE = "lease"
 #: Where damaged checkpoint folders are moved: out of the names :func:`parse_step` takes,

@@ -70,6 +70,25 @@ def committed_steps(url: str) -> list[int]:
     return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
 
 
+def wait_child(proc: subprocess.Popen, ready: Callable[[], Any], what: str, timeout: float = 240.0) -> None:
+    """Poll ``ready`` until it is true; fail (with the child's output) if the child exits or
+    ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"child exited {proc.returncode} before {what}:\n{proc.communicate()[0][-4000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        time.sleep(0.05)
+
+
+def ledger_events(url: str, event: str) -> list[dict]:
+    """The run ledger's records of one kind, in ledger order."""
+    from spotrun.ledger import Ledger
+    from spotrun.storage import Storage
+
+    return [r for r in Ledger(Storage(url)).records() if r["event"] == event]
+
+
 class Inbox:
     """An ``on_notice`` callback that collects notices from a watcher's thread."""
 

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, committed_steps, env_for, spawn
+from helpers import REPO, committed_steps, env_for, ledger_events, spawn
 
 from spotrun.commit import list_damaged
 from spotrun.integrations.compare import compare_runs
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
-from spotrun.ledger import Ledger
 from spotrun.storage import Storage
 
 EXAMPLE = str(REPO / "examples" / "accelerate_train.py")
@@ -35,10 +34,6 @@ def _run(url: str) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_FINISHED, out[-4000:]
     return out
-
-
-def _events(url: str, event: str) -> list[dict]:
-    return [r for r in Ledger(Storage(url)).records() if r["event"] == event]
 
 
 @pytest.mark.slow
@@ -62,7 +57,7 @@ def test_sigterm_then_damaged_newest_resume_to_the_uninterrupted_result(tmp_path
     steps = committed_steps(url)
     stop = steps[-1]
     assert SAVE <= stop < STEPS and len(steps) == 2
-    assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted"]
+    assert [r["reason"] for r in ledger_events(url, "segment_ended")] == ["interrupted"]
 
     # The stop checkpoint is damaged: the relaunch moves it aside, resumes from the one
     # before and ends where the uninterrupted run ended, every file equal.
@@ -75,4 +70,4 @@ def test_sigterm_then_damaged_newest_resume_to_the_uninterrupted_result(tmp_path
     assert f"resuming from step {steps[0]} " in out
     assert len(list_damaged(Storage(url))) == 1 and Storage(url).exists(DONE_MARKER)
     assert compare_runs(reference, url) == (STEPS, [])
-    assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted", "finished"]
+    assert [r["reason"] for r in ledger_events(url, "segment_ended")] == ["interrupted", "finished"]

@@ -9,17 +9,15 @@ nothing here is skipped when transformers is missing: the import fails loudly in
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, committed_steps, env_for, spawn
+from helpers import REPO, committed_steps, env_for, ledger_events, spawn, wait_child
 from safetensors.torch import load_file
 
 from spotrun.commit import list_checkpoints, list_damaged
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
-from spotrun.ledger import Ledger
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.resume_check import compare_checkpoints, diff_state
 from spotrun.storage import Storage
@@ -43,25 +41,12 @@ def _run(url: str, *extra: str, timeout: float = 300, **env: str) -> str:
     return out
 
 
-def _wait(proc, ready, what: str, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"child exited {proc.returncode} before {what}:\n{proc.communicate()[0][-4000:]}")
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
-        time.sleep(0.05)
-
-
 def _final(url: str) -> dict:
     """The final committed checkpoint's model weights and optimizer state."""
     step = max(committed_steps(url))
     folder = Path(url) / checkpoint_dir(step)
     return {"step": step, "model": load_file(str(folder / "model.safetensors")),
             "optimizer": torch.load(folder / "optimizer.pt", weights_only=True)}
-
-
-def _events(url: str, event: str) -> list[dict]:
-    return [r for r in Ledger(Storage(url)).records() if r["event"] == event]
 
 
 @pytest.fixture(scope="module")
@@ -77,32 +62,32 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     # 1. SIGTERM mid-run (after the first scheduled commit): the Trainer saves at the
     #    current step, spotrun commits it, the process exits 75.
     proc = spawn([*ARGS, *SLEEP], _env(url))
-    _wait(proc, lambda: committed_steps(url), "a first checkpoint")
+    wait_child(proc, lambda: committed_steps(url), "a first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, out[-4000:]
     first_stop = max(committed_steps(url))
     assert SAVE <= first_stop < STEPS
     assert not Storage(url).exists(DONE_MARKER)
-    (ended,) = _events(url, "segment_ended")
+    (ended,) = ledger_events(url, "segment_ended")
     assert ended["reason"] == "interrupted"
-    assert any(r["step"] == first_stop for r in _events(url, "checkpoint_committed"))
+    assert any(r["step"] == first_stop for r in ledger_events(url, "checkpoint_committed"))
 
     # 2. The relaunch resumes from that step; a spot notice from the fake metadata
     #    service stops it again (exit 75, checkpoint committed, notice in the ledger).
     with FakeMetadataServer("ec2") as imds:
         proc = spawn([*ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
                                            SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
-        _wait(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
+        wait_child(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
         imds.post_interruption("terminate", in_seconds=120)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, out[-4000:]
     assert f"resuming from step {first_stop} " in out
     second_stop = max(committed_steps(url))
     assert first_stop < second_stop < STEPS
-    notices = [(n["source"], n["action"]) for n in _events(url, "notice_received")]
+    notices = [(n["source"], n["action"]) for n in ledger_events(url, "notice_received")]
     assert notices == [("signal", "SIGTERM"), ("ec2", "terminate")]
-    assert [r["step"] for r in _events(url, "training_resumed")] == [0, first_stop]
+    assert [r["step"] for r in ledger_events(url, "training_resumed")] == [0, first_stop]
 
     # 3. The newest checkpoint is damaged (same size, other bytes): the relaunch skips it,
     #    moves it aside, resumes from the one before and still ends where the
@@ -124,7 +109,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     assert compare_checkpoints(Storage(reference), Storage(url)) == (STEPS, [])
     # Every checkpoint left is committed; the ledger has the three segments' ends.
     assert all(c.status == "committed" for c in list_checkpoints(Storage(url)))
-    assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
+    assert [r["reason"] for r in ledger_events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
 
 
 @pytest.mark.slow
@@ -132,13 +117,13 @@ def test_reference_run_commits_every_trainer_save_and_finishes(reference):
     """The uninterrupted run: one commit per Trainer save, keep_last=2, done.json, the
     Trainer's own checkpoint-N folders removed once committed."""
     assert committed_steps(reference) == [STEPS - SAVE, STEPS]
-    commits = [r["step"] for r in _events(reference, "checkpoint_committed")]
+    commits = [r["step"] for r in ledger_events(reference, "checkpoint_committed")]
     assert commits == list(range(SAVE, STEPS + 1, SAVE))
     files = Storage(reference).list_dir(checkpoint_dir(STEPS))
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
             "trainer_state.json", "manifest.json"} <= set(files)
     assert not list((Path(reference) / "trainer").glob("checkpoint-*"))
-    (ended,) = _events(reference, "segment_ended")
+    (ended,) = ledger_events(reference, "segment_ended")
     assert ended["reason"] == "finished" and ended["steps_done"] == STEPS
 
 
@@ -190,5 +175,5 @@ def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, 
     assert path == str(tmp_path / "c" / "spotrun-resume" / checkpoint_dir(4))
     trainer.train(resume_from_checkpoint=path)
     assert committed_steps(url) == [4, 6]
-    resumed = [r["step"] for r in _events(url, "training_resumed")]
+    resumed = [r["step"] for r in ledger_events(url, "training_resumed")]
     assert resumed == [0, 4]

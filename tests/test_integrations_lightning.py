@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, committed_steps, env_for, spawn
+from helpers import REPO, committed_steps, env_for, ledger_events, spawn, wait_child
 
 from spotrun.commit import list_checkpoints, list_damaged
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
-from spotrun.ledger import Ledger
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.resume_check import compare_checkpoints
 from spotrun.storage import Storage
@@ -39,15 +38,6 @@ def _run(url: str, *extra: str, timeout: float = 300) -> str:
     return out
 
 
-def _wait(proc, ready, what: str, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"child exited {proc.returncode} before {what}:\n{proc.communicate()[0][-4000:]}")
-        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
-        time.sleep(0.05)
-
-
 def _read_until(proc, needle: str, timeout: float = 120.0) -> str:
     """The child's output up to and including the first line containing ``needle``."""
     lines: list[str] = []
@@ -62,10 +52,6 @@ def _read_until(proc, needle: str, timeout: float = 120.0) -> str:
     pytest.fail(f"no {needle!r} within {timeout}s")
 
 
-def _events(url: str, event: str) -> list[dict]:
-    return [r for r in Ledger(Storage(url)).records() if r["event"] == event]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("lightning") / "reference")
@@ -78,20 +64,20 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     url = str(tmp_path / "run")
     # 1. SIGTERM mid-run: checkpoint at the end of the current batch, exit 75.
     proc = spawn([*ARGS, *SLEEP], _env(url))
-    _wait(proc, lambda: committed_steps(url), "a first checkpoint")
+    wait_child(proc, lambda: committed_steps(url), "a first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, out[-4000:]
     first_stop = max(committed_steps(url))
     assert SAVE <= first_stop < STEPS
     assert not Storage(url).exists(DONE_MARKER)
-    assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted"]
+    assert [r["reason"] for r in ledger_events(url, "segment_ended")] == ["interrupted"]
 
     # 2. Resumed from there; a spot notice from the fake metadata service stops it again.
     with FakeMetadataServer("ec2") as imds:
         proc = spawn([*ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
                                            SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
-        _wait(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
+        wait_child(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
         imds.post_interruption("terminate", in_seconds=120)
         seen = _read_until(proc, "exiting 75")
         # A supervisor's SIGTERMs while the process tears down (Lightning restores its
@@ -104,7 +90,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     assert f"resuming from step {first_stop} " in out
     second_stop = max(committed_steps(url))
     assert first_stop < second_stop < STEPS
-    notices = [(n["source"], n["action"]) for n in _events(url, "notice_received")]
+    notices = [(n["source"], n["action"]) for n in ledger_events(url, "notice_received")]
     assert notices == [("signal", "SIGTERM"), ("ec2", "terminate")]
 
     # 3. The newest checkpoint is damaged: the relaunch moves it aside, resumes from the
@@ -124,15 +110,15 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     assert step == STEPS
     assert differences == []
     assert all(c.status == "committed" for c in list_checkpoints(Storage(url)))
-    assert [r["reason"] for r in _events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
+    assert [r["reason"] for r in ledger_events(url, "segment_ended")] == ["interrupted", "interrupted", "finished"]
 
 
 @pytest.mark.slow
 def test_reference_run_commits_each_scheduled_save_and_finishes(reference):
     assert committed_steps(reference) == [STEPS - SAVE, STEPS]
-    assert [r["step"] for r in _events(reference, "checkpoint_committed")] == list(range(SAVE, STEPS + 1, SAVE))
+    assert [r["step"] for r in ledger_events(reference, "checkpoint_committed")] == list(range(SAVE, STEPS + 1, SAVE))
     assert Storage(reference).list_dir(checkpoint_dir(STEPS)) == ["manifest.json", "rank-00000.pt"]
-    (ended,) = _events(reference, "segment_ended")
+    (ended,) = ledger_events(reference, "segment_ended")
     assert ended["reason"] == "finished" and ended["steps_done"] == STEPS
 
 
@@ -174,5 +160,5 @@ def test_s3_run_url_saves_and_resumes_through_spotrun_storage(tmp_path, s3_bucke
         fit(6, resume=False)
     fit(6, resume=True)
     assert committed_steps(url) == [4, 6]
-    assert [r["step"] for r in _events(url, "training_resumed")] == [0, 4]
+    assert [r["step"] for r in ledger_events(url, "training_resumed")] == [0, 4]
     assert not (tmp_path / "names").exists() or not any((tmp_path / "names").iterdir())

@@ -116,6 +116,26 @@ def test_chunks_by_time_and_close_flushes(tmp_path: Path) -> None:
     assert sh.close() is True  # idempotent
 
 
+def test_destination_resolved_late_or_falls_back_at_close(tmp_path: Path) -> None:
+    """A node's output waits until its cluster file says where it goes; unresolved, it goes
+    to the fallback at close rather than being lost."""
+    st = Storage(str(tmp_path / "run"))
+    answer: list[tuple[str, int]] = []
+    sh = LogShipper(st, "i-0abc", 0, flush_s=0.1, resolve=lambda: answer[0] if answer else None)
+    sh.write(b"early\n")
+    time.sleep(0.4)
+    assert list_log_chunks(st) == []  # nowhere to go yet, nothing written
+    answer.append(("a7", 1))
+    sh.write(b"late\n")
+    assert sh.close()
+    assert b"".join(shipped(st, segment="a7", node=1)) == b"early\nlate\n"
+
+    never = LogShipper(st, "i-0def", 0, flush_s=0.1, resolve=lambda: None)
+    never.write(b"orphan\n")
+    assert never.close()
+    assert shipped(st, segment="i-0def", node=0) == [b"orphan\n"]
+
+
 def test_failed_writes_are_retried_nothing_lost_and_warnings_rate_limited(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from spotrun.errors import ConfigError
+from spotrun.launch.node import ClusterSpec, write_cluster
+from spotrun.storage import Storage
 from spotrun.launch.userdata import MAX_USER_DATA_BYTES, build_user_data, check_no_secrets
 
 CURL = """#!/bin/bash
@@ -55,7 +57,7 @@ def probe_command(out: Path, code: int) -> list[str]:
     return ["python3", "-c",
             "import json, os, sys; json.dump({k: os.environ.get(k) for k in "
             "('SPOTRUN_URL', 'SPOTRUN_SEGMENT_ID', 'SPOTRUN_RUN_ID', 'MY_FLAG')}, "
-            f"open({str(out)!r}, 'w')); sys.exit({code})"]
+            f"open({str(out)!r}, 'w')); print('probe-output', flush=True); sys.exit({code})"]
 
 
 @pytest.mark.parametrize("code", [0, 75, 3])
@@ -72,6 +74,9 @@ def test_script_runs_command_records_exit_and_shuts_down(tmp_path: Path, child_e
     record = json.loads((run / "launch" / "exit-i-0123456789abcdef0.json").read_text())
     assert record["exit_code"] == code and record["stage"] == "command"
     assert (d / "shutdown.log").read_text().split() == ["-h", "now"]
+    # The output is shipped to the run URL (spotrun logs) and kept in the instance's log.
+    assert (run / "logs" / "i-0123456789abcdef0" / "node-0" / "000000.log").read_bytes() == b"probe-output\n"
+    assert "probe-output" in (d / "spotrun.log").read_text()
     calls = (d / "curl.log").read_text().splitlines()
     assert "-X PUT" in calls[0] and "api/token" in calls[0]  # IMDSv2: token first
     assert "X-aws-ec2-metadata-token: TOKEN123" in calls[1]
@@ -125,10 +130,11 @@ def test_single_node_script_is_unchanged() -> None:
                 "command": ["python", "train.py", "--epochs", "3"], "setup": ["pip install spotrun mypkg"],
                 "env": {"WANDB_MODE": "offline"}, "secrets": {"HF_TOKEN": "ssm:/hf/token"}}
     script = build_user_data(**kw)
-    # sha256 of the script before multi-node existed (commit c0b3cea); update it only for a
-    # deliberate change of the boot script.
+    # sha256 of the script as multi-node left it (log shipping, issue 14, was the last
+    # deliberate change); update it only for a deliberate change of the boot script.
     assert hashlib.sha256(script.encode()).hexdigest() == (
-        "2c4dd92af3425d6948193d5f378152b3a188e47b4f7e9575ac01f77cdc3d57de")
+        "b73ce9db9dcdbca636033039a91c593f7f2cc18fe0964a7965222d02e264ea71")
+    assert "--cluster-instance" not in script
     assert build_user_data(**kw, nodes=1, nproc_per_node=None) == script
     assert "spotrun.launch.node" not in script and "SPOTRUN_INSTANCE_ID" not in script
 
@@ -139,6 +145,7 @@ FAKE_PYTHON = """#!/bin/bash
 if [ "$1" = -m ] && [ "$2" = spotrun.launch.node ]; then
   printf '%s\\n' "$@" > "$SHIM_LOG/node-argv.txt"
   printf '%s\\n' "$SPOTRUN_INSTANCE_ID" "$SPOTRUN_SEGMENT_ID" "$SPOTRUN_URL" > "$SHIM_LOG/node-env.txt"
+  echo "node-says-hi"
   exit "$NODE_RC"
 fi
 exec {real} "$@"
@@ -154,6 +161,11 @@ def test_node_of_a_multi_node_job_runs_the_node_launcher(tmp_path: Path, child_e
     fake = tmp_path / "fake-python"
     fake.write_text(FAKE_PYTHON.format(real=sys.executable))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    # This node is node 1 of attempt a3: its output is shipped there once the file is read.
+    write_cluster(Storage(str(run)), ClusterSpec(
+        segment="a3", nodes=[{"instance_id": "i-0aaa", "address": "10.0.0.5"},
+                             {"instance_id": "i-0123456789abcdef0", "address": "10.0.0.6"}],
+        nproc_per_node=nproc or 1, rdzv_id="r9-a3"))
     d, proc = run_script(tmp_path, child_env, script, {"SPOTRUN_PYTHON": str(fake), "NODE_RC": "75"})
     assert proc.returncode == 0, (d / "spotrun.log").read_text()
     argv = (d / "node-argv.txt").read_text().splitlines()
@@ -164,6 +176,7 @@ def test_node_of_a_multi_node_job_runs_the_node_launcher(tmp_path: Path, child_e
     assert record["exit_code"] == 75 and record["stage"] == "command"
     assert (d / "shutdown.log").read_text().split() == ["-h", "now"]
     assert "command exited with code 75" in (d / "spotrun.log").read_text()
+    assert (run / "logs" / "a3" / "node-1" / "000000.log").read_bytes() == b"node-says-hi\n"
 
 
 def test_node_counts_are_checked() -> None:

@@ -112,7 +112,7 @@ IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
 _IF_ALL_DAMAGED = ("fail", "start_fresh")
 
 
-def _process_start_time() -> float:
+def process_start_time() -> float:
     """When this process started (epoch seconds), for the restart-overhead figure.
 
     Includes interpreter start and imports (torch alone can take seconds), which a resumed
@@ -331,7 +331,7 @@ class Checkpointer:
             emit=self._emit, sharded=self._sharded_saver, lease=self._lease,
         )
         self._entered = True
-        self._process_started_at = _process_start_time()
+        self._process_started_at = process_start_time()
         try:
             self._interrupts.start()
         except BaseException:  # e.g. a bad SPOTRUN_NOTICE_SOURCE: leave nothing held

@@ -89,6 +89,20 @@ class Interrupts:
                 signal.signal(sig, _exit_interrupted_now)
         self._prev_handlers.clear()
 
+    @property
+    def handlers_installed(self) -> bool:
+        """Whether :meth:`start` put this object's SIGTERM/SIGINT handlers in place (main
+        thread, ``handle_signals=True``) and they have not been given back yet."""
+        return bool(self._prev_handlers)
+
+    def reclaim_signal_handlers(self) -> None:
+        """Point SIGTERM/SIGINT at this object again, after other code installed handlers
+        over it (a trainer's own); the handlers saved at :meth:`start` stay the ones that
+        :meth:`restore_signal_handlers` puts back."""
+        if self._prev_handlers:
+            for sig in self._prev_handlers:
+                signal.signal(sig, self._on_signal)
+
     def instance_info(self) -> InstanceInfo:
         """The machine this runs on, from the first watcher whose metadata service answers."""
         for w in self._watchers:

@@ -171,7 +171,7 @@ class RunSession:
         """Take the run (lease), listen for signals and notices, record the segment. Idempotent."""
         if self.active or self.closed:
             return
-        from ..checkpoint.checkpointer import _process_start_time
+        from ..checkpoint.checkpointer import process_start_time
 
         self.storage.ensure_root(create=True)
         self._group = Group()
@@ -183,7 +183,7 @@ class RunSession:
             release_run_lease(self._lease, writing=False)
             raise
         self.active = True
-        self._started_at = _process_start_time()
+        self._started_at = process_start_time()
         atexit.register(self._at_exit)
         if self._group.is_main:
             self._emit(SegmentStarted(segment_id=self.segment_id,
@@ -199,7 +199,7 @@ class RunSession:
         self._interrupts.stop_watchers()
         if exit_code == EXIT_INTERRUPTED:
             note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed
-            held = bool(self._interrupts._prev_handlers)
+            held = self._interrupts.handlers_installed
             self._interrupts.hold_until_exit()
             if held:
                 # A trainer may put its own Python handlers back on its way out (Lightning's
@@ -363,11 +363,7 @@ class RunSession:
     def reclaim_signals(self) -> None:
         """Point SIGTERM/SIGINT at the inbox again, after a trainer installed handlers of its
         own over it (the handlers saved at :meth:`start` are still the ones restored)."""
-        import signal
-
-        if self._interrupts._prev_handlers:  # installed (main thread, handle_signals=True)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._interrupts._on_signal)
+        self._interrupts.reclaim_signal_handlers()
 
     @property
     def stop_requested(self) -> bool:

@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -138,6 +138,11 @@ class LogShipper:
         echo: a stream that also gets every byte, at once (the terminal, a local log file);
             when writing to it fails it is dropped, with one warning.
         start_seq: the first chunk number (0 for a new segment).
+        resolve: when the destination is not known yet (a node of a multi-node job learns its
+            attempt and rank from its cluster file, after its output has begun): called
+            before each chunk until it returns ``(segment, node)``; output waits in memory
+            meanwhile (bounded as above). ``segment``/``node`` are the fallback used when it
+            still has no answer at :meth:`close`.
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class LogShipper:
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         echo: BinaryIO | None = None,
         start_seq: int = 0,
+        resolve: Callable[[], tuple[str, int] | None] | None = None,
     ) -> None:
         if flush_s <= 0:
             raise ConfigError(f"flush_s={flush_s} must be > 0 seconds, e.g. 5")
@@ -167,6 +173,7 @@ class LogShipper:
         self.max_chunk_bytes = int(max_chunk_bytes)
         self.max_buffer_bytes = int(max_buffer_bytes)
         self._echo = echo
+        self._resolve = resolve
         self._cond = threading.Condition()
         self._buf = bytearray()
         # Monotonic time of the oldest byte in _buf (None when empty).
@@ -317,6 +324,10 @@ class LogShipper:
                 if self._pending is None:
                     self._take()
                 seq, data = self._pending  # type: ignore[misc]
+            if self._resolve is not None and not self._resolved():
+                with self._cond:  # not known yet: the output waits (no warning, no backoff)
+                    self._retry_at = time.monotonic() + min(self.flush_s, 1.0)
+                continue
             try:
                 self.storage.write_bytes(log_chunk_path(self.segment, self.node, seq), data)
             except Exception as exc:  # noqa: BLE001 - nothing may stop the shipping thread
@@ -332,6 +343,20 @@ class LogShipper:
                 self.bytes_shipped += len(data)
                 self.chunks_shipped += 1
                 self._cond.notify_all()
+
+    def _resolved(self) -> bool:
+        """Whether the destination is known (asks ``resolve``; at close, takes the fallback)."""
+        try:
+            found = self._resolve() if self._resolve is not None else None
+        except Exception as exc:  # noqa: BLE001 - a failing lookup is a "not yet"
+            log.debug("spotrun: log destination not known yet: %s", exc)
+            found = None
+        if found is None and not self._closing:
+            return False
+        if found is not None:
+            self.segment, self.node = _check_segment(found[0]), _check_node(found[1])
+        self._resolve = None
+        return True
 
     def _warn(self, seq: int, exc: BaseException) -> None:
         now = time.monotonic()
@@ -603,7 +628,9 @@ def _ship_main(args: argparse.Namespace) -> int:
         from ..storage import open_storage
 
         storage = open_storage(args.run_url)
-        shipper = LogShipper(storage, args.segment, args.node, flush_s=args.flush_s, echo=out)
+        resolve = _cluster_resolver(storage, args.cluster_instance) if args.cluster_instance else None
+        shipper = LogShipper(storage, args.segment, args.node, flush_s=args.flush_s, echo=out,
+                             resolve=resolve)
     except Exception as exc:  # noqa: BLE001 - the command's output must flow whatever happens
         log.warning("spotrun: not shipping logs (%s: %s); echoing only", type(exc).__name__, exc)
     src = sys.stdin.buffer
@@ -618,6 +645,20 @@ def _ship_main(args: argparse.Namespace) -> int:
         if shipper is not None:
             shipper.close(timeout=args.close_timeout)
     return 0
+
+
+def _cluster_resolver(storage: Storage, instance_id: str) -> Callable[[], tuple[str, int] | None]:
+    """``(attempt, node index)`` from the node's cluster file, once the launcher wrote it."""
+    from .node import read_cluster
+
+    def resolve() -> tuple[str, int] | None:
+        spec = read_cluster(storage, instance_id)
+        if spec is None:
+            return None
+        ids = [n["instance_id"] for n in spec.nodes]
+        return spec.segment, ids.index(instance_id)
+
+    return resolve
 
 
 def _echo_only(src: BinaryIO, out: BinaryIO) -> None:
@@ -651,6 +692,10 @@ def main(argv: list[str] | None = None) -> int:
                        "ship --segment S --node R, under set -o pipefail.")
     p.add_argument("--segment", required=True, help="the launcher's segment id")
     p.add_argument("--node", type=int, default=0, help="the node rank (default 0)")
+    p.add_argument("--cluster-instance", metavar="INSTANCE_ID", default=None,
+                   help="a node of a multi-node job: ship under the attempt and node index its "
+                   "cluster file (launch/nodes/INSTANCE_ID.json) names, once it exists; "
+                   "--segment/--node are the fallback")
     p.add_argument("--run-url", default=None, help="the run URL (default: $SPOTRUN_URL)")
     p.add_argument("--flush-s", type=float, default=DEFAULT_FLUSH_S,
                    help=f"seconds a byte may wait before it is shipped (default {DEFAULT_FLUSH_S:g})")

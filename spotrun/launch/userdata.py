@@ -23,8 +23,9 @@ What the script does, in order:
    command); the first failing line (a failed ``pip install``) fails the segment;
 4. runs the command (for a node of an N-node job, through ``python -m spotrun.launch.node --
    CMD`` with ``SPOTRUN_INSTANCE_ID`` set: it finds the node's rank and the head's address in
-   the run's cluster file and starts torchrun) and records its exit code under
-   ``RUN_URL/launch/exit-<segment>.json``
+   the run's cluster file and starts torchrun), its output piped through
+   ``python -m spotrun.launch.logs ship`` to ``RUN_URL/logs/`` (``spotrun logs``) and the
+   instance's log, and records its exit code under ``RUN_URL/launch/exit-<segment>.json``
    (through spotrun itself, which the setup installed, so no AWS CLI is needed; the Python
    is ``$SPOTRUN_PYTHON`` when set, else ``python3`` on PATH);
 5. shuts the instance down, which terminates it (the launch template sets
@@ -271,7 +272,18 @@ spotrun_setup_failed() {{
 # Setup runs in this shell (so 'source venv/bin/activate' carries over to the command);
 # the first failing line fails the segment.
 {setup_lines}
+spotrun_command() {{
 {command}
+}}
+# The output goes to RUN_URL/logs/ too (spotrun logs RUN_URL), through a shipper that reads
+# to the end whatever signals come; pipefail keeps the command's exit code. Without an
+# importable spotrun (the setup did not install it) the command runs unshipped.
+SPOTRUN_PY="${{SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}}"
+if "$SPOTRUN_PY" -c 'import spotrun.launch.logs' 2>/dev/null; then
+  spotrun_command 2>&1 | "$SPOTRUN_PY" -m spotrun.launch.logs ship --segment "$SPOTRUN_SEGMENT_ID"{ship_args}
+else
+  spotrun_command
+fi
 rc=$?
 echo "spotrun: command exited with code $rc"
 spotrun_report "$rc" command
@@ -333,13 +345,16 @@ def build_user_data(
         # SSM parameters are read in the instance's own region.
         secret_lines = ('SPOTRUN_REGION=$(spotrun_imds placement/region) || '
                         'spotrun_boot_failed "could not read the region"\n' + _secret_lines(secrets))
+    distributed = nodes > 1 or nproc_per_node is not None
     script = _TEMPLATE.format(
         run_id=shlex.quote(run_id),
         run_url=shlex.quote(run_url),
         env_lines=env_lines,
         setup_lines=setup_lines,
         secret_lines=secret_lines,
-        command=_command_line(command, distributed=nodes > 1 or nproc_per_node is not None),
+        command=_command_line(command, distributed=distributed),
+        # A node learns its attempt and index from its cluster file: its logs go there.
+        ship_args=' --cluster-instance "$INSTANCE_ID"' if distributed else "",
     )
     size = len(script.encode())
     if size > MAX_USER_DATA_BYTES:

@@ -1,0 +1,304 @@
+"""One node of a multi-node job: find the cluster, then run torchrun on it.
+
+A multi-node segment is N machines, each running ``python -m spotrun.launch.node -- CMD``.
+They meet through torchrun's own c10d rendezvous; spotrun only tells each node where it is.
+Once the launcher (local simulator or EC2 controller) knows every node of a segment, it
+writes a **cluster file** under the run URL, ``launch/nodes/<instance id>.json``, one per
+node with the same content (:class:`ClusterSpec`): the nodes in order (node 0 hosts the
+rendezvous store), the port, and a rendezvous id unique to the attempt, so a relaunched job
+never joins the rendezvous of the one before. Keyed by instance id because that is all an
+EC2 node knows about itself at boot (from IMDS). No secrets, no fixed addresses.
+
+The node then runs :func:`spotrun.distributed.torchrun` **in this process**, so this process
+*is* torchrun's agent: a signal to the node's process group reaches the agent once, and the
+agent forwards it once to each worker (torchrun starts each worker in a session of its own,
+so the group signal does not reach the workers a second time). The exit code is the
+wrapper's: 0 finished, 75 interrupted with a committed checkpoint, 1 failed (also when a
+peer node vanished and this node's collectives failed), ``128 + signal`` otherwise.
+
+A vanished peer is noticed quickly only when its connections are reset (its processes
+died, its kernel answers): gloo then fails the next collective at once (2-9 s from the kill
+to the survivor's exit 1 in tests/test_launch_node_e2e.py). A machine that drops off the
+network without resetting them is noticed only at the process group's timeout, so a
+launcher that sees a node gone should stop the survivors itself. To play a vanished node
+locally, kill the agent *and* its workers: the workers are in sessions of their own, and
+with only the agent killed they train on (the survivor's agent then waits out torchrun's
+300 s exit barrier).
+
+Group ranks are torchrun's to assign (c10d sorts the nodes that joined); the index in the
+cluster file decides only which node hosts the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import ClusterWaitError, ConfigError, SpotrunError
+from ..layout import NODES_DIR
+from ..storage import Storage
+
+__all__ = [
+    "CLUSTER_VERSION",
+    "DEFAULT_PORT",
+    "ClusterSpec",
+    "cluster_file",
+    "main",
+    "node_argv",
+    "read_cluster",
+    "torchrun_command",
+    "wait_for_cluster",
+    "write_cluster",
+]
+
+log = logging.getLogger("spotrun")
+
+CLUSTER_VERSION = 1
+#: torchrun's own default rendezvous port.
+DEFAULT_PORT = 29400
+# A file name under the run URL, on every storage backend: no separators, no dot files.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Interpreters the command may name; torchrun starts its own (this one) in their place.
+_PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
+
+
+def cluster_file(instance_id: str) -> str:
+    """Where the cluster file of the node ``instance_id`` lives, relative to the run URL."""
+    if not _SAFE_ID.fullmatch(instance_id or ""):
+        raise ConfigError(f"instance id {instance_id!r} cannot name a cluster file; use letters, "
+                          "digits, '.', '_' and '-' only (as EC2 instance ids do)")
+    return f"{NODES_DIR}/{instance_id}.json"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Everything a node needs to join one attempt of a multi-node job."""
+
+    #: The launcher's segment id for this attempt.
+    segment: str
+    #: ``{"instance_id", "address"}`` per node; node 0 hosts the rendezvous store.
+    nodes: list[dict[str, str]]
+    nproc_per_node: int
+    #: torchrun's ``--rdzv-id``: new for every attempt (run id + segment).
+    rdzv_id: str
+    port: int = DEFAULT_PORT
+    #: Elastic lower bound (``--nnodes MIN:MAX``); None means every node (``len(nodes)``).
+    min_nodes: int | None = None
+    version: int = field(default=CLUSTER_VERSION)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ConfigError("a cluster needs at least one node; list the segment's nodes")
+        ids = []
+        for node in self.nodes:
+            if not isinstance(node, dict) or not node.get("instance_id") or not node.get("address"):
+                raise ConfigError(f"cluster node {node!r} needs an instance_id and an address")
+            cluster_file(node["instance_id"])  # validates the id
+            ids.append(node["instance_id"])
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"cluster nodes {ids} repeat an instance id; list each node once")
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"rendezvous port {self.port!r} is not a TCP port; use 1-65535")
+        if not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1:
+            raise ConfigError(f"nproc_per_node {self.nproc_per_node!r} must be a positive integer")
+        if not _SAFE_ID.fullmatch(self.rdzv_id or ""):
+            raise ConfigError(f"rendezvous id {self.rdzv_id!r}: use letters, digits, '.', '_', '-'")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= len(self.nodes):
+            raise ConfigError(f"min_nodes {self.min_nodes} must be between 1 and the "
+                              f"{len(self.nodes)} nodes listed")
+        if self.version > CLUSTER_VERSION:
+            raise ConfigError(f"cluster file version {self.version} is newer than this spotrun "
+                              f"understands ({CLUSTER_VERSION}); upgrade spotrun on the node")
+
+    @property
+    def head(self) -> str:
+        """The rendezvous endpoint, ``HOST:PORT`` (IPv6 hosts in brackets)."""
+        host = self.nodes[0]["address"]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def index(self, instance_id: str) -> int:
+        for i, node in enumerate(self.nodes):
+            if node["instance_id"] == instance_id:
+                return i
+        raise ClusterWaitError(f"the cluster file of segment {self.segment} does not list node "
+                               f"{instance_id!r}; the launcher must list every node it started")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ClusterSpec:
+        if not isinstance(data, dict):
+            raise ConfigError("a cluster file must hold a JSON object; rewrite it with write_cluster")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a missing field
+            raise ConfigError(f"cluster file is incomplete ({exc}); rewrite it with write_cluster") from None
+
+
+def write_cluster(storage: Storage, spec: ClusterSpec) -> list[str]:
+    """Write ``spec`` as every node's cluster file; returns the paths written.
+
+    Each write replaces one whole file atomically, so a node reads the old file or this one.
+    """
+    data = json.dumps(spec.to_json(), indent=1, sort_keys=True).encode()
+    paths = [cluster_file(node["instance_id"]) for node in spec.nodes]
+    for path in paths:
+        storage.write_bytes(path, data)
+    return paths
+
+
+def read_cluster(storage: Storage, instance_id: str) -> ClusterSpec | None:
+    """The node's cluster file, or None when there is none yet."""
+    path = cluster_file(instance_id)
+    if not storage.exists(path):
+        return None
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except ValueError as exc:
+        raise ConfigError(f"{storage.display(path)} is not JSON ({exc}); rewrite it") from None
+    return ClusterSpec.from_json(data)
+
+
+def wait_for_cluster(storage: Storage, instance_id: str, timeout_s: float = 600.0,
+                     poll_s: float = 2.0, *, segment: str | None = None) -> ClusterSpec:
+    """Poll until this node's cluster file exists (for ``segment``, when given); return it.
+
+    A file of another segment (left by an earlier attempt that reused the id) is waited
+    past, not joined. Raises :class:`ClusterWaitError` after ``timeout_s``.
+    """
+    path = cluster_file(instance_id)
+    deadline = time.monotonic() + timeout_s
+    seen_other = None
+    while True:
+        spec = read_cluster(storage, instance_id)
+        if spec is not None and (segment is None or spec.segment == segment):
+            spec.index(instance_id)  # a file that does not list this node is a launcher bug
+            return spec
+        if spec is not None:
+            seen_other = spec.segment
+        if time.monotonic() >= deadline:
+            other = f" (found one of segment {seen_other}, not {segment})" if seen_other else ""
+            raise ClusterWaitError(
+                f"no cluster file at {storage.display(path)} after {timeout_s:g}s{other}; the "
+                "launcher writes it once every node of the segment is up: check the launcher, "
+                "or wait longer (--timeout)")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def torchrun_command(command: Sequence[str]) -> list[str]:
+    """The user's command as torchrun's trailing arguments (script and its args).
+
+    ``python[3[.x]] [-u] train.py ...`` and ``train.py ...`` -> ``train.py ...``;
+    ``python -m pkg ...`` -> ``--module pkg ...``; any other program (or an interpreter by a
+    path that is not the one running spotrun) -> ``--no-python PROGRAM ...``, run as is.
+    """
+    cmd = list(command)
+    if not cmd or not cmd[0]:
+        raise ConfigError("no command to run; give it after '--', e.g. -- python train.py")
+    first = cmd[0]
+    name = os.path.basename(first)
+    ours = "/" not in first or os.path.realpath(first) == os.path.realpath(sys.executable)
+    if _PYTHON.fullmatch(name) and ours:
+        rest = cmd[1:]
+        while rest and rest[0] == "-u":  # torchrun runs python -u already
+            rest = rest[1:]
+        if not rest:
+            raise ConfigError(f"{' '.join(cmd)!r} names no script; give one, e.g. python train.py")
+        if rest[0] == "-m":
+            if len(rest) < 2:
+                raise ConfigError("'python -m' names no module; give one, e.g. python -m pkg.train")
+            return ["--module", rest[1], *rest[2:]]
+        if rest[0].startswith("-"):
+            raise ConfigError(f"torchrun cannot pass the interpreter option {rest[0]!r}; "
+                              "set it through the environment (PYTHONWARNINGS, ...) instead")
+        return rest
+    if first.startswith("-"):
+        raise ConfigError(f"command {first!r} starts with an option; name the program first")
+    if name.endswith(".py"):
+        return cmd
+    return ["--no-python", *cmd]
+
+
+def node_argv(spec: ClusterSpec, instance_id: str, command: Sequence[str]) -> list[str]:
+    """The arguments of ``python -m spotrun.distributed`` (torchrun's) for this node."""
+    index = spec.index(instance_id)
+    n = len(spec.nodes)
+    low = n if spec.min_nodes is None else spec.min_nodes
+    return [
+        "--nnodes", str(n) if low == n else f"{low}:{n}",
+        "--nproc-per-node", str(spec.nproc_per_node),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", spec.head,
+        "--rdzv-id", spec.rdzv_id,
+        # Explicit, never guessed from the hostname: two "nodes" on one machine would both
+        # think they are the host (and on EC2 a private DNS name may not match).
+        "--rdzv-conf", f"is_host={1 if index == 0 else 0}",
+        "--local-addr", spec.nodes[index]["address"],
+        # torchrun restarting its workers in place would not replace a lost node; spotrun's
+        # launcher relaunches the whole job from the last committed checkpoint instead.
+        "--max-restarts", "0",
+        *torchrun_command(command),
+    ]
+
+
+def _instance_id() -> str:
+    for name in ("SPOTRUN_INSTANCE_ID", "SPOTRUN_SEGMENT_ID"):
+        if os.environ.get(name):
+            return os.environ[name]
+    raise ConfigError("this node does not know its id; set SPOTRUN_INSTANCE_ID "
+                      "(the launcher sets it on every node)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m spotrun.launch.node [--timeout S] -- CMD...``; exits with torchrun's code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m spotrun.launch.node",
+        description="Wait for this node's cluster file under $SPOTRUN_URL, then run CMD under "
+                    "torchrun (spotrun.distributed) with the c10d rendezvous it names.")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for the cluster file (default 600)")
+    parser.add_argument("--poll", type=float, default=2.0,
+                        help="seconds between looks for the cluster file (default 2)")
+    parser.add_argument("--segment", default=None,
+                        help="join only a cluster file of this segment (wait past older ones)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        from ..storage import open_storage
+
+        url = os.environ.get("SPOTRUN_URL")
+        if not url:
+            raise ConfigError("SPOTRUN_URL is not set; the launcher sets it to the run URL")
+        torchrun_command(command)  # a command it cannot run fails before any waiting
+        instance_id = _instance_id()
+        storage = open_storage(url)
+        spec = wait_for_cluster(storage, instance_id, args.timeout, args.poll, segment=args.segment)
+        argv_ = node_argv(spec, instance_id, command)
+    except SpotrunError as exc:
+        print(f"spotrun: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    index = spec.index(instance_id)
+    log.info("spotrun node %s: node %d of %d in segment %s, rendezvous %s (id %s, %s), "
+             "%d process(es) per node", instance_id, index, len(spec.nodes), spec.segment,
+             spec.head, spec.rdzv_id, "host" if index == 0 else "joining", spec.nproc_per_node)
+    from ..distributed import torchrun
+
+    return torchrun(argv_)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
