@@ -26,6 +26,7 @@ from spotrun.errors import CapacityError
 from spotrun.instance import InstanceInfo
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
+from spotrun.launch.node import node_argv, read_cluster
 from spotrun.launch.state import load_state
 from spotrun.launch.status import format_status, run_status, stop_run
 from spotrun.ledger import Ledger
@@ -187,6 +188,11 @@ def test_two_nodes_one_lost_all_relaunched_ledger_and_cost(cloud: Cloud, storage
         assert addrs == [cloud.instance(i).private_ip for i in sorted(ids)]
         assert spec["nproc_per_node"] == 4 and spec["port"] == 29400 and spec["min_nodes"] is None
     assert clusters[0]["segment"] != clusters[1]["segment"]
+    # What a node makes of its file: torchrun on 2 nodes, rendezvous at node 0's address.
+    head = clusters[1]["nodes"][0]["address"]
+    argv = node_argv(read_cluster(storage, second[1]), second[1], ["python", "train.py"])
+    assert argv[argv.index("--rdzv-endpoint") + 1] == f"{head}:29400"
+    assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--nproc-per-node") + 1] == "4"
     assert clusters[0]["rdzv_id"] != clusters[1]["rdzv_id"]
 
     # Ledger: every node its own segment, started and ended, with the attempt's group and rank.

@@ -68,7 +68,7 @@ from typing import Any, ClassVar
 from ..errors import CapacityError, ConfigError, LaunchError
 from ..events import Cloud
 from ..instance import InstanceInfo
-from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED, LAUNCH_DIR
+from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook, close_books
@@ -1091,23 +1091,14 @@ def _finished_detail(code: int | None) -> str:
 
 
 def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, str]], nproc_per_node: int,
-                        min_nodes: int | None, port: int = 29400) -> list[str]:
-    """Write every node's cluster file, ``launch/nodes/<instance id>.json`` (the format
-    :class:`spotrun.launch.node.ClusterSpec` reads: ``segment`` is the attempt's group id,
-    node 0 hosts the rendezvous). Uses spotrun.launch.node when this spotrun has it."""
-    rdzv_id = group
-    try:
-        from .node import ClusterSpec, write_cluster
-    except ImportError:
-        data = {"segment": group, "nodes": nodes, "nproc_per_node": nproc_per_node, "rdzv_id": rdzv_id,
-                "port": port, "min_nodes": min_nodes, "version": 1}
-        raw = json.dumps(data, indent=1, sort_keys=True).encode()
-        paths = [f"{LAUNCH_DIR}/nodes/{n['instance_id']}.json" for n in nodes]
-        for path in paths:
-            storage.write_bytes(path, raw)
-        return paths
-    spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=rdzv_id,
-                       port=port, min_nodes=min_nodes)
+                        min_nodes: int | None) -> list[str]:
+    """Write every node's cluster file, ``launch/nodes/<instance id>.json``
+    (:class:`spotrun.launch.node.ClusterSpec`: ``segment`` and ``rdzv_id`` are the attempt's
+    group id, new for every attempt; node 0 hosts the rendezvous)."""
+    from .node import ClusterSpec, write_cluster
+
+    spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
+                       min_nodes=min_nodes)
     return write_cluster(storage, spec)
 
 
