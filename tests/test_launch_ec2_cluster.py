@@ -546,3 +546,34 @@ def test_a_state_written_before_clusters_still_loads(cloud: Cloud, storage: Stor
     assert [s.end_reason for s in ctl2.state.segments] == ["interrupted", "finished"]
     assert [s.region for s in ctl2.state.segments] == [None, HOME]
     assert cloud.templates(HOME) == []
+
+
+def test_a_failed_node_fails_the_attempt_once_then_ctrl_c_terminates_every_node(
+        cloud: Cloud, storage: Storage) -> None:
+    """Node 1's command exits 1 (its exit record) while node 0 runs: one failure for the
+    attempt, both segments failed, node 0 terminated, a new attempt. Ctrl-C then ends both."""
+    seen: list[list[str]] = []
+
+    def act(ctl: Ec2Controller) -> None:
+        ids = [s.instance_id for s in ctl.state.running]
+        if seen and seen[-1] == ids:
+            return
+        seen.append(ids)
+        if len(seen) == 1:
+            storage.write_bytes(f"launch/exit-{ids[1]}.json", json.dumps({"exit_code": 1}).encode())
+            cloud.shut_down(ids[1])
+        else:
+            raise KeyboardInterrupt
+
+    out = Lines()
+    ctl = controller(cloud, storage, options(cloud, storage, max_failures=1), act, on_event=out,
+                     on_ctrl_c="terminate")
+    outcome = ctl.run()
+    assert outcome.status == "stopped" and outcome.exit_code == 130
+    first, second = seen
+    assert ctl.state.failures == 1 and ctl.state.interruptions == 0
+    assert [(s.instance_id, s.end_reason) for s in ctl.state.segments] == [
+        (first[0], "failed"), (first[1], "failed"), (second[0], "stopped"), (second[1], "stopped")]
+    assert ctl.state.segments[1].exit_code == 1 and "exited with code 1" in (ctl.state.segments[1].detail or "")
+    assert cloud.running(ctl.state.run_id) == []
+    assert f"terminated {', '.join(sorted(second))}" in out.getvalue()
