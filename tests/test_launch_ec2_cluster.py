@@ -155,7 +155,7 @@ def test_two_nodes_one_lost_all_relaunched_ledger_and_cost(cloud: Cloud, storage
                 cloud.spot_interrupt(ids[1])  # node 1 vanishes at +995; node 0 still runs
                 cloud.instance(ids[1])._reason = f"Service initiated ({gmt(now[0] - 5)})"
             else:
-                status_text.append(format_status(run_status(storage, live=True)))
+                status_text.append(format_status(run_status(storage, live=False)))
                 now[0] += 1000
                 storage.write_bytes("done.json", b"{}")
                 for i in ids:
@@ -221,7 +221,8 @@ def test_two_nodes_one_lost_all_relaunched_ledger_and_cost(cloud: Cloud, storage
     # status while attempt 2 ran: both nodes with their EC2 state.
     (text,) = status_text
     assert f"nodes      2 of 2 in attempt {g2}" in text
-    assert f"node 0: {second[0]}" in text and f"node 1: {second[1]}" in text and "EC2 state running" in text
+    assert f"node 0: {second[0]}" in text and f"node 1: {second[1]}" in text
+    assert "2 of 2" in text and f"node 1 of {g1}" in text  # the segment list names rank and attempt
 
 
 def test_three_nodes_elastic_min_two_then_grows_back(cloud: Cloud, storage: Storage) -> None:
@@ -494,6 +495,7 @@ def test_cli_refuses_nonsense_in_one_line(argv: list[str], needle: str, capsys: 
     assert len(err.strip().splitlines()) <= 2
 
 
+@pytest.mark.slow  # status and stop build boto3 sessions per region (seconds on a loaded machine)
 def test_stop_terminates_every_node_in_the_region_used(cloud: Cloud, storage: Storage) -> None:
     """A 2-node attempt that failed over to the second region, its controller gone:
     ``status`` lists both nodes there, ``stop`` terminates both and closes both segments."""
@@ -505,8 +507,9 @@ def test_stop_terminates_every_node_in_the_region_used(cloud: Cloud, storage: St
     nodes = cloud.running(ctl.state.run_id, OTHER)
     assert len(nodes) == 2 and cloud.running(ctl.state.run_id, HOME) == []
 
-    st = run_status(storage, live=False)
+    st = run_status(storage, live=True)
     assert [n["instance_id"] for n in st["attempt"]["nodes"]] == nodes
+    assert [n["state"] for n in st["attempt"]["nodes"]] == ["running", "running"]
     assert {n["region"] for n in st["attempt"]["nodes"]} == {OTHER}
     assert {s["region"] for s in st["segments"]} == {OTHER} and {s["node"] for s in st["segments"]} == {0, 1}
 
