@@ -107,7 +107,8 @@ class Timing:
     capacity_retry_s: float = 30.0
     #: How long to keep asking for spot before ``--fallback on-demand`` takes over.
     spot_wait_s: float = 600.0
-    #: Give up (CapacityError) after asking this long for any capacity at all.
+    #: Without ``--max-wait``: give up (CapacityError) after this long with no capacity in
+    #: any pool, region or market allowed (the same wait clock ``--max-wait`` sets).
     capacity_timeout_s: float = 3600.0
     #: After done.json appears: how long the instance may take to shut itself down.
     finish_grace_s: float = 300.0
@@ -216,6 +217,7 @@ class Ec2Options:
 
     @property
     def pools(self) -> list[Pool]:
+        """The home region's pools (every type x every ``--subnets`` entry)."""
         subnets: list[str | None] = list(self.subnets) or [None]
         return [Pool(t, s) for t in self.instance_types for s in subnets]
 
