@@ -44,10 +44,11 @@ def test_run_book_writes_state_then_ledger_and_closes_open_segments(tmp_path: Pa
     info = InstanceInfo(cloud="simulated", instance_id="sim-1", instance_type="g5.xlarge",
                         region="us-east-1", availability_zone="us-east-1a", market="spot")
     now = time.time()
-    for sid in ("sim-1", "sim-2"):
+    # Distinct times: the ledger orders records by time (ties by a random id).
+    for i, sid in enumerate(("sim-1", "sim-2")):
         book.begin(Segment(segment_id=sid, instance_id=sid, instance_type="g5.xlarge", market="spot",
-                           started_at=now), info)
-    book.end(state.segments[0], "interrupted", ended_at=now, exit_code=75, detail="notice")
+                           started_at=now + i), info)
+    book.end(state.segments[0], "interrupted", ended_at=now + 2, exit_code=75, detail="notice")
     saved = load_state(storage)
     assert [s.segment_id for s in saved.segments] == ["sim-1", "sim-2"]
     assert saved.segments[0].end_reason == "interrupted" and saved.segments[0].exit_code == 75
@@ -55,7 +56,7 @@ def test_run_book_writes_state_then_ledger_and_closes_open_segments(tmp_path: Pa
 
     # A later writer that is not a launcher (spotrun stop) closes what is still open.
     later = RunBook(storage, load_state(storage))
-    closed = later.close_open("stopped", "spotrun stop")
+    closed = later.close_open("stopped", "spotrun stop", ended_at=now + 3)
     assert [s.segment_id for s in closed] == ["sim-2"]
     assert load_state(storage).current is None
     assert _launcher_records(storage) == [

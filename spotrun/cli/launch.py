@@ -184,12 +184,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_URL", help="pick up an EC2 launch whose controller stopped")
     p.add_argument("--max-failures", type=int, default=0,
                    help="relaunch after this many command failures before giving up (default 0)")
-    # Shared by EC2 and --local: one flag, one meaning.
-    p.add_argument("--nodes", type=_positive_int("--nodes"), default=None,
-                   help="machines per attempt of a torchrun job (default 1)")
-    p.add_argument("--nproc-per-node", type=_positive_int("--nproc-per-node"), default=None,
-                   help="processes per node, usually one per GPU (default: 1 with --nodes; unset: "
-                   "the command runs as is, without torchrun)")
+    # Both modes: one segment (attempt) is N nodes meeting through torchrun's c10d rendezvous.
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="nodes per attempt, each running CMD under torchrun (python -m "
+                   "spotrun.launch.node); with --local, N process groups on this machine (default 1)")
+    p.add_argument("--nproc-per-node", type=int, metavar="G",
+                   help="torchrun processes per node (default 1 with --nodes > 1; with one node and "
+                   "no --nproc-per-node, CMD runs as is, without torchrun)")
 
     loc = p.add_argument_group("local mode")
     loc.add_argument("--local", action="store_true", help="run CMD here, playing spot")
@@ -202,6 +203,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     loc.add_argument("--seed", type=int, help="seed for the interruption times")
     loc.add_argument("--mean-interval", type=float,
                      help="interrupt about this many seconds into each segment (default: after its first new checkpoint)")
+    loc.add_argument("--node-losses", type=int, default=0, metavar="M",
+                     help="of the --interruptions, M are a node vanishing without notice (SIGKILL of "
+                     "all its processes) instead of a notice; which ones and which node: --seed (default 0)")
 
     ec2 = p.add_argument_group("EC2 mode")
     ec2.add_argument("--instance-types", type=_csv, help="comma-separated, e.g. g5.xlarge,g6.xlarge,g4dn.xlarge")
@@ -278,6 +282,7 @@ def _launch(args: argparse.Namespace) -> int:
             run_url=url, command=cmd, interruptions=args.interruptions,
             instance_type=args.instance_type, grace_s=args.grace, seed=args.seed,
             mean_interval=args.mean_interval, max_failures=args.max_failures,
+            nodes=args.nodes, nproc_per_node=args.nproc_per_node, node_losses=args.node_losses,
         )
         storage = Storage(url)
         return _run_launcher(LocalLauncher(storage, opts, on_event=print_event), storage, offline=True)

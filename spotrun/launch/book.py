@@ -43,7 +43,8 @@ class RunBook:
         save_state(self.storage, self.state)
 
     def begin(self, segment: Segment, instance: InstanceInfo) -> Segment:
-        """Record that ``segment`` started on ``instance``.
+        """Record that ``segment`` started on ``instance`` (a node of a multi-node attempt:
+        with the segment's ``group`` and ``node``, so the cost report counts the attempt's N).
 
         State first: if the launcher dies between the two writes, ``--resume`` finds the
         segment and the ledger merely lacks its start (the cost report still sees the

@@ -10,18 +10,37 @@ The command runs as a child process, as it would on an instance, with:
 
 Then it plays spot, ``--interruptions K`` times: it posts an interruption notice on the fake
 metadata service, sends SIGTERM to the child's process group ``--grace`` seconds later if it
-is still alive (AWS gives two minutes; the default is a few seconds), then SIGKILL after as
-long again (the machine is gone), and starts the command again: a fresh "instance".
+is still alive (AWS gives two minutes; the default is a few seconds), then SIGKILL of the
+child and every process below it after as long again (the machine is gone), and starts the
+command again: a fresh "instance".
 
 When the notices come: by default after the child has committed its first new checkpoint in
 the segment, plus a random delay (``--seed``); so every segment makes progress and, as long
 as the job checkpoints more than K times, all K interruptions land before it finishes. With
 ``--mean-interval S`` the notice comes at a random time around S seconds into each segment.
 
+**Several nodes** (``--nodes N``, ``--nproc-per-node G``): each attempt ``sim-K`` is N node
+process groups ``sim-K-n0``..., each with its own fake metadata service and
+``SPOTRUN_INSTANCE_ID``/``SPOTRUN_SEGMENT_ID`` set to its node id, each running ``python -m
+spotrun.launch.node -- CMD`` (torchrun, in-process); before starting them the launcher writes
+their cluster file (all on 127.0.0.1, a free port, rendezvous id = run id + attempt). A notice
+goes to one node (drawn by ``--seed``): the all-rank agreement stops every rank at one step.
+``--node-losses M`` plays M of the interruptions as a node vanishing without notice: SIGKILL
+of its agent *and* its workers (torchrun puts each worker in a session of its own, so a
+group kill would not reach them); the survivors' collectives fail and they exit 1, which
+counts as an interruption, not a failure. Once one node has exited the others get
+``peer_exit_s`` (30 s) to follow, then SIGTERM, then SIGKILL of their trees. Every attempt is
+relaunched whole, from the last committed checkpoint; every node is its own ledger segment
+with ``group`` = the attempt and ``node`` = its index, so the cost report prices N nodes.
+
+**Logs.** The command's output (stdout and stderr) goes through this process to
+``RUN_URL/logs/<segment>/node-<R>/`` (:mod:`spotrun.launch.logs`; segment ``sim-K``, node 0,
+or each node's index in a multi-node attempt) and is echoed to this process's stdout.
+
 It stops when ``done.json`` appears (the child exits 0). Any other exit (not 75, not killed
-by the simulator) is a failure: reported, exit code 1. Ctrl-C forwards one SIGINT to the
-child, waits for it to commit its checkpoint and exit, and exits 130; run the same command
-again to continue. Every segment is recorded in the run ledger (source ``"launcher"``), and
+by the simulator) is a failure: reported, exit code 1. Ctrl-C (or ``spotrun stop``) forwards
+one SIGINT to the child (to every node), waits for it to commit its checkpoint and exit, and
+exits 130; run the same command again to continue. Every segment is recorded in the run ledger (source ``"launcher"``), and
 the cost report, priced offline as instance type T, is printed at the end.
 """
 
@@ -33,11 +52,12 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from ..errors import ConfigError, LaunchError
 from ..instance import InstanceInfo
@@ -46,12 +66,17 @@ from ..storage import Storage
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
 from .common import is_done, last_checkpoint
+from .proctree import kill_tree
 from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id
 
-__all__ = ["LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
+__all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 
 REGION = "us-east-1"
 ZONE = "us-east-1a"
+#: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
+ECHO_STDOUT = "stdout"
+# Exit codes of a process the simulator killed (Popen's -signal, or a shell's 128 + signal).
+_KILLED = (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL)
 
 
 @dataclass
@@ -76,12 +101,37 @@ class LocalOptions:
     notice_poll_s: float = 0.2
     max_failures: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    #: Nodes per attempt; each is its own process group running ``python -m
+    #: spotrun.launch.node -- CMD`` (torchrun, c10d rendezvous on 127.0.0.1).
+    nodes: int = 1
+    #: torchrun processes per node; None with one node: the command runs as is, no torchrun.
+    nproc_per_node: int | None = None
+    #: Of the ``interruptions``, how many are a node vanishing without notice (SIGKILL of
+    #: its processes) instead of a notice; which ones is drawn by ``seed``.
+    node_losses: int = 0
+    #: Once one node has exited, how long the others get to exit on their own before they
+    #: are stopped (SIGTERM, then SIGKILL of their processes ``kill_after_s`` later).
+    peer_exit_s: float = 30.0
+
+    @property
+    def cluster(self) -> bool:
+        """Whether each attempt runs through torchrun node agents (not the bare command)."""
+        return self.nodes > 1 or self.nproc_per_node is not None
 
     def validate(self) -> None:
         if not self.command:
             raise ConfigError("no command to run; put it after --, e.g. spotrun launch --local -- python train.py")
         if self.interruptions < 0:
             raise ConfigError("--interruptions must be >= 0")
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes {self.nodes}: use 1 or more")
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node {self.nproc_per_node}: use 1 or more")
+        if not 0 <= self.node_losses <= self.interruptions:
+            raise ConfigError(f"--node-losses {self.node_losses}: use 0 to --interruptions "
+                              f"({self.interruptions}); they are counted among the interruptions")
+        if self.peer_exit_s < 0:
+            raise ConfigError("peer_exit_s must be >= 0 seconds")
         if self.grace_s < 0:
             raise ConfigError("--grace must be >= 0 seconds")
         if self.mean_interval is not None and self.mean_interval <= 0:
@@ -114,6 +164,8 @@ class LocalLauncher:
         storage: the run URL (any backend; local disk is the usual one).
         options: see :class:`LocalOptions`.
         on_event: receives every :class:`LaunchEvent` (default: the ``spotrun`` logger).
+        echo: where the command's output is echoed as it is shipped to ``RUN_URL/logs/``
+            (a binary stream; default this process's stdout; None: ship only).
         clock, sleep: injectable for tests.
     """
 
@@ -125,6 +177,7 @@ class LocalLauncher:
         options: LocalOptions,
         *,
         on_event: EventSink = log_events,
+        echo: BinaryIO | str | None = ECHO_STDOUT,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -132,12 +185,13 @@ class LocalLauncher:
         self.storage = storage
         self.options = options
         self.on_event = on_event
+        self.echo = echo
         self.clock = clock
         self.sleep = sleep
         self.rng = random.Random(options.seed)
         self._stop_signal: int | None = None
         self._stop_count = 0
-        self._posted_last = False
+        self._interrupted_last = False
         #: Segments whose whole process group this launcher saw end: their run lease may be
         #: taken over at once by the next segment (SPOTRUN_LEASE_TAKEOVER).
         self._gone_segments: list[str] = []
@@ -206,10 +260,14 @@ class LocalLauncher:
         self._save()
         previous = self._install()
         planned = self.options.interruptions
+        kinds = ["notice"] * planned
+        if self.options.node_losses:  # drawn only then: other runs keep their random sequence
+            for i in self.rng.sample(range(planned), self.options.node_losses):
+                kinds[i] = "loss"
         done_interruptions = 0
         try:
             while True:
-                interrupt = done_interruptions < planned
+                interrupt = kinds[done_interruptions] if done_interruptions < planned else None
                 reason, rc, detail = self._segment(interrupt=interrupt)
                 if reason == "finished":
                     if done_interruptions < planned:
@@ -219,7 +277,7 @@ class LocalLauncher:
                     return self._end("finished", 0, "done.json written")
                 if reason == "interrupted":
                     self.state.interruptions += 1
-                    if self._posted_last:
+                    if self._interrupted_last:
                         done_interruptions += 1
                     self._save()
                     continue
@@ -257,61 +315,160 @@ class LocalLauncher:
         gap = self._ckpt_gap if self._ckpt_gap is not None else 0.5
         return self.rng.uniform(0.0, min(2.0, 0.5 * gap))
 
-    def _segment(self, *, interrupt: bool) -> tuple[str, int | None, str]:
+    def _attempt_number(self) -> int:
+        """The next attempt's number: segments without a group count once each, the N nodes
+        of a multi-node attempt once together (so ``sim-K`` never repeats across modes)."""
+        return len({s.group if s.group is not None else s.segment_id for s in self.state.segments}) + 1
+
+    def _echo_stream(self) -> BinaryIO | None:
+        if self.echo is not ECHO_STDOUT:
+            return self.echo  # type: ignore[return-value]
+        return getattr(sys.stdout, "buffer", None)
+
+    def _start_nodes(self, k: int, start_step: int | None) -> tuple[str, list[_Node]]:
+        """Record and start the attempt's node(s); returns (log segment id, nodes)."""
         from ..notices.fake_server import FakeMetadataServer
+        from .logs import LogShipper, pump_in_thread
 
         o = self.options
-        n = len(self.state.segments) + 1
-        seg_id = f"sim-{n}"
-        info = InstanceInfo(cloud="simulated", instance_id=seg_id, instance_type=o.instance_type,
-                            region=REGION, availability_zone=ZONE, market="spot")
-        server = FakeMetadataServer("ec2", instance=info).start()
-        env = {**os.environ, **o.env,
-               "SPOTRUN_URL": self.storage.url,
-               "SPOTRUN_SEGMENT_ID": seg_id,
-               "SPOTRUN_NOTICE_SOURCE": "ec2",
-               "SPOTRUN_IMDS_ENDPOINT": server.url,
-               "SPOTRUN_POLL_INTERVAL": str(o.notice_poll_s)}
-        if self._gone_segments:
-            env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(self._gone_segments)
+        group = f"sim-{k}"
+        count = o.nodes if o.cluster else 1
+        ids = [f"{group}-n{i}" for i in range(count)] if o.cluster else [group]
+        if o.cluster:
+            from .node import ClusterSpec, write_cluster
+
+            # Before the nodes start: each finds its file at once (ids are new per attempt,
+            # so no node can join an older attempt's rendezvous).
+            write_cluster(self.storage, ClusterSpec(
+                segment=group, nproc_per_node=o.nproc_per_node or 1,
+                rdzv_id=f"{self.state.run_id}-{group}", port=_free_port(),
+                nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids]))
+            command = [sys.executable, "-m", "spotrun.launch.node", "--timeout", "120", "--poll", "0.2",
+                       "--segment", group, "--", *o.command]
+        else:
+            command = list(o.command)
+        nodes: list[_Node] = []
+        echo = self._echo_stream()
+        try:
+            for index, node_id in enumerate(ids):
+                info = InstanceInfo(cloud="simulated", instance_id=node_id, instance_type=o.instance_type,
+                                    region=REGION, availability_zone=ZONE, market="spot")
+                server = FakeMetadataServer("ec2", instance=info).start()
+                seg = Segment(segment_id=node_id, instance_id=node_id, instance_type=o.instance_type,
+                              market="spot", started_at=self.clock(), availability_zone=ZONE,
+                              group=group if o.cluster else None, node=index if o.cluster else None)
+                node = _Node(index, seg, server)
+                nodes.append(node)
+                self.book.begin(seg, info)
+                env = {**os.environ, **o.env,
+                       "SPOTRUN_URL": self.storage.url,
+                       "SPOTRUN_SEGMENT_ID": node_id,
+                       "SPOTRUN_NOTICE_SOURCE": "ec2",
+                       "SPOTRUN_IMDS_ENDPOINT": server.url,
+                       "SPOTRUN_POLL_INTERVAL": str(o.notice_poll_s),
+                       "PYTHONUNBUFFERED": "1"}
+                if o.cluster:
+                    env["SPOTRUN_INSTANCE_ID"] = node_id
+                if self._gone_segments:
+                    env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(self._gone_segments)
+                # Its own session: a terminal's Ctrl-C reaches only us, and we forward one
+                # SIGINT (a second would make the wrapper abort without its checkpoint).
+                # Its output goes through us to RUN_URL/logs/<segment>/node-<R>/.
+                node.proc = subprocess.Popen(command, env=env, start_new_session=True,
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, bufsize=0)
+                node.shipper = LogShipper(self.storage, group, node=index, echo=echo)
+                node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
+        except BaseException as exc:
+            # Nothing started may outlive a failed start (a node is in its own session).
+            self._abandon(nodes)
+            if not isinstance(exc, OSError):
+                raise
+            for node in nodes:
+                self.book.end(node.seg, "failed", ended_at=self.clock(), detail=str(exc))
+            raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
+        where = (f"{count} simulated {o.instance_type} spot nodes x {o.nproc_per_node or 1} process(es), "
+                 f"{', '.join(ids)}" if o.cluster else f"{group}, simulated {o.instance_type} spot")
+        self._say(f"segment {k} ({where}): {' '.join(o.command)}"
+                  + (f" (resuming after step {start_step})" if start_step is not None else ""),
+                  LaunchEventKind.SEGMENT_STARTED, group)
+        return group, nodes
+
+    def _abandon(self, nodes: list[_Node]) -> None:
+        """Never leave a node behind (each is in its own session, so nobody else would)."""
+        alive = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+        for node in alive:
+            _killpg(node.proc, signal.SIGINT)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 30
+        for node in alive:
+            try:
+                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                kill_tree(node.proc.pid)  # type: ignore[union-attr]
+                node.proc.wait()  # type: ignore[union-attr]
+        self._close_nodes(nodes)
+
+    def _close_nodes(self, nodes: list[_Node]) -> None:
+        """Stop the fake metadata services and ship the last of each node's output."""
+        for node in nodes:
+            node.server.stop()
+        for node in nodes:
+            # Before the state leaves "running": `spotrun logs --follow` stops soon after.
+            if node.pump is not None:
+                node.pump.join(10)
+            if node.shipper is not None:
+                node.shipper.close(timeout=10)
+            if node.proc is not None and node.proc.stdout is not None:
+                node.proc.stdout.close()
+            node.pump = node.shipper = None
+
+    def _segment(self, *, interrupt: str | None) -> tuple[str, int | None, str]:
+        """One attempt: start its node(s), play ``interrupt`` ("notice" or "loss") on one of
+        them, wait until all have exited; returns (reason, an exit code, detail)."""
+        o = self.options
+        k = self._attempt_number()
         start_step = last_checkpoint(self.storage)
         started = self.clock()
-        seg = Segment(segment_id=seg_id, instance_id=seg_id, instance_type=o.instance_type,
-                      market="spot", started_at=started, availability_zone=ZONE)
-        self.book.begin(seg, info)
-        self._say(f"segment {n} ({seg_id}, simulated {o.instance_type} spot): "
-                  f"{' '.join(o.command)}" + (f" (resuming after step {start_step})" if start_step is not None else ""),
-                  LaunchEventKind.SEGMENT_STARTED, seg_id)
-        try:
-            # Its own process group: a terminal's Ctrl-C reaches only us, and we forward one
-            # SIGINT (a second would make the wrapper abort without its checkpoint).
-            proc = subprocess.Popen(o.command, env=env, start_new_session=True)
-        except OSError as exc:
-            server.stop()
-            self.book.end(seg, "failed", ended_at=self.clock(), detail=str(exc))
-            raise LaunchError(f"cannot start {o.command[0]!r}: {exc}") from exc
+        group, nodes = self._start_nodes(k, start_step)
+        multi = len(nodes) > 1
+        # Which node the interruption hits (drawn only with several: one node's runs keep
+        # the random sequence they always had).
+        victim = nodes[self.rng.randrange(len(nodes)) if multi and interrupt else 0]
         notice_at: float | None = None
         if interrupt and o.mean_interval is not None:
             notice_at = started + self._notice_delay()
-        posted = term_at = kill_at = None
+        posted = lost = term_at = kill_at = None
+        first_exit: _Node | None = None
+        peers_term_at = peers_kill_at = None
         forwarded = 0
         next_check = started
         seen_step, seen_at = start_step, None
         kill_after = o.grace_s if o.kill_after_s is None else o.kill_after_s
         try:
             while True:
-                rc = proc.poll()
-                if rc is not None:
-                    break
                 now = self.clock()
+                for node in nodes:
+                    if node.rc is None and node.proc.poll() is not None:  # type: ignore[union-attr]
+                        node.rc = node.proc.returncode  # type: ignore[union-attr]
+                        first_exit = first_exit or node
+                        if multi:
+                            self._say(f"{node.seg.segment_id} exited with code {node.rc}",
+                                      LaunchEventKind.INFO, group)
+                alive = [n for n in nodes if n.rc is None]
+                if not alive:
+                    break
+                if first_exit is not None and first_exit.exited_at is None:
+                    first_exit.exited_at = now
                 if self._stop_count > forwarded:
                     sig = signal.SIGINT if self._stop_signal == signal.SIGINT else signal.SIGTERM
-                    self._say(f"forwarding {sig.name} to the command; waiting for its checkpoint"
+                    what = "the command" if not multi else f"every node ({len(alive)})"
+                    self._say(f"forwarding {sig.name} to {what}; waiting for its checkpoint"
                               if forwarded == 0 else f"forwarding another {sig.name}")
-                    _killpg(proc, sig)
+                    for node in alive:
+                        _killpg(node.proc, sig)  # type: ignore[arg-type]
                     forwarded = self._stop_count
                 if now >= next_check:
-                    next_check = now + o.check_s
+                    next_check = now + o.check_s  # type: ignore[operator]
                     if forwarded == 0 and self.storage.exists(STOP_FILE):
                         self.storage.remove(STOP_FILE)
                         self._stop_signal, self._stop_count = signal.SIGINT, 1
@@ -324,38 +481,97 @@ class LocalLauncher:
                     if (interrupt and notice_at is None and forwarded == 0 and step is not None
                             and (start_step is None or step > start_step)):
                         notice_at = now + self._notice_delay()
-                if notice_at is not None and posted is None and forwarded == 0 and now >= notice_at:
-                    server.post_interruption("terminate", in_seconds=o.grace_s)
-                    posted = now
-                    self._say(f"spot interruption notice for {seg_id}: SIGTERM in {o.grace_s:g}s", LaunchEventKind.NOTICE, seg_id)
+                vid = victim.seg.segment_id
+                if (notice_at is not None and posted is None and lost is None and forwarded == 0
+                        and now >= notice_at and victim.rc is None):
+                    if interrupt == "loss":
+                        lost = now
+                        self._say(f"{vid}{_of(victim, multi)} vanished without notice: SIGKILL of its "
+                                  "processes", LaunchEventKind.NOTICE, group)
+                        kill_tree(victim.proc.pid)  # type: ignore[union-attr]
+                    else:
+                        victim.server.post_interruption("terminate", in_seconds=o.grace_s)
+                        posted = now
+                        self._say(f"spot interruption notice for {vid}{_of(victim, multi)}: SIGTERM in "
+                                  f"{o.grace_s:g}s", LaunchEventKind.NOTICE, group)
                 if posted is not None and term_at is None and now >= posted + o.grace_s:
-                    self._say(f"{seg_id}: grace period over, SIGTERM", LaunchEventKind.NOTICE, seg_id)
-                    _killpg(proc, signal.SIGTERM)
                     term_at = now
+                    if victim.rc is None:
+                        self._say(f"{vid}: grace period over, SIGTERM", LaunchEventKind.NOTICE, group)
+                        _killpg(victim.proc, signal.SIGTERM)  # type: ignore[arg-type]
                 if term_at is not None and kill_at is None and now >= term_at + kill_after:
-                    self._say(f"{seg_id}: the machine is gone, SIGKILL", LaunchEventKind.NOTICE, seg_id)
-                    _killpg(proc, signal.SIGKILL)
                     kill_at = now
+                    if victim.rc is None:
+                        self._say(f"{vid}: the machine is gone, SIGKILL", LaunchEventKind.NOTICE, group)
+                        # The whole tree: a process in a session of its own (torchrun's
+                        # workers, a detached helper) would outlive a group kill.
+                        kill_tree(victim.proc.pid)  # type: ignore[union-attr]
+                if (multi and first_exit is not None and peers_term_at is None
+                        and now >= first_exit.exited_at + o.peer_exit_s):  # type: ignore[operator]
+                    peers_term_at = now
+                    self._say(f"{', '.join(n.seg.segment_id for n in alive)} still running "
+                              f"{o.peer_exit_s:g}s after {first_exit.seg.segment_id} exited: SIGTERM",
+                              LaunchEventKind.WARNING, group)
+                    for node in alive:
+                        _killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
+                if peers_term_at is not None and peers_kill_at is None and now >= peers_term_at + kill_after:
+                    peers_kill_at = now
+                    self._say(f"{', '.join(n.seg.segment_id for n in alive)}: SIGKILL",
+                              LaunchEventKind.WARNING, group)
+                    for node in alive:
+                        kill_tree(node.proc.pid)  # type: ignore[union-attr]
                 self.sleep(o.poll_s)
         except BaseException:
-            # Never leave the child behind (it is in its own session, so nobody else would).
-            if proc.poll() is None:
-                _killpg(proc, signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    _killpg(proc, signal.SIGKILL)
-                    proc.wait()
+            self._abandon(nodes)
             raise
-        finally:
-            server.stop()
-        if _group_gone(proc.pid):
-            self._gone_segments.append(seg_id)
-        self._posted_last = posted is not None
-        reason, detail = self._classify(rc, posted=posted is not None, stopped=forwarded > 0)
-        self.book.end(seg, reason, ended_at=self.clock(), exit_code=rc, detail=detail)
-        self._say(f"{seg_id} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, seg_id)
+        self._close_nodes(nodes)
+        for node in nodes:
+            if _group_gone(node.proc.pid):  # type: ignore[union-attr]
+                self._gone_segments.append(node.seg.segment_id)
+        self._interrupted_last = posted is not None or lost is not None
+        if multi:
+            reason, detail = self._classify_nodes(nodes, victim, posted=posted is not None,
+                                                  lost=lost is not None, stopped=forwarded > 0,
+                                                  first=first_exit)
+        else:
+            rc = nodes[0].rc
+            reason, detail = self._classify(rc, posted=posted is not None, stopped=forwarded > 0)  # type: ignore[arg-type]
+            if lost is not None and reason == "failed":
+                reason, detail = "interrupted", f"simulated machine loss without notice (exit {rc})"
+        ended = self.clock()
+        for node in nodes:
+            self.book.end(node.seg, reason, ended_at=ended, exit_code=node.rc,
+                          detail=detail if not multi else f"{detail}; this node exited {node.rc}")
+        self._say(f"{group} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, group)
+        rc = first_exit.rc if first_exit is not None else None
         return reason, rc, detail
+
+    def _classify_nodes(self, nodes: list[_Node], victim: _Node, *, posted: bool, lost: bool,
+                        stopped: bool, first: _Node | None) -> tuple[str, str]:
+        """An attempt of several nodes ends as one: every node's segment gets its reason."""
+        codes = ", ".join(f"{n.seg.segment_id} {n.rc}" for n in nodes)
+        rcs = [n.rc for n in nodes]
+        if is_done(self.storage):
+            if any(rc != EXIT_FINISHED for rc in rcs):
+                return "finished", f"done.json written; warning: exit codes {codes}, ignored"
+            return "finished", "every node exited 0, done.json written"
+        if stopped:
+            return "stopped", f"Ctrl-C, exit codes {codes}"
+        if lost:
+            # The survivors' collectives failed (exit 1): the launcher's own doing, no failure.
+            return "interrupted", (f"simulated node loss: {victim.seg.segment_id} vanished without "
+                                   f"notice; exit codes {codes}")
+        if posted and (victim.rc in _KILLED or EXIT_INTERRUPTED in rcs):
+            return "interrupted", f"simulated spot interruption of {victim.seg.segment_id}; exit codes {codes}"
+        if EXIT_INTERRUPTED in rcs:
+            return "interrupted", f"the command stopped itself on a notice (exit 75); exit codes {codes}"
+        if all(rc == EXIT_FINISHED for rc in rcs):
+            return "failed", ("every node exited 0 without writing done.json; does the command run "
+                              "its loop through spotrun.Checkpointer (range() or finish())?")
+        culprit = first if first is not None and first.rc != EXIT_FINISHED else next(
+            n for n in nodes if n.rc != EXIT_FINISHED)
+        return "failed", (f"the command failed on {culprit.seg.segment_id} with exit code "
+                          f"{culprit.rc}; exit codes {codes}")
 
     def _classify(self, rc: int, *, posted: bool, stopped: bool) -> tuple[str, str]:
         if is_done(self.storage):
@@ -392,6 +608,31 @@ def _killpg(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _of(node: _Node, multi: bool) -> str:
+    return f" (node {node.index})" if multi else ""
+
+
+@dataclass(eq=False)
+class _Node:
+    """One simulated machine of an attempt: its segment, metadata service, process, logs."""
+
+    index: int
+    seg: Segment
+    server: Any  # FakeMetadataServer
+    proc: subprocess.Popen | None = None
+    shipper: Any = None  # LogShipper
+    pump: threading.Thread | None = None
+    rc: int | None = None
+    exited_at: float | None = None
 
 
 class LocalBackend:

@@ -455,6 +455,8 @@ def _segment_order(names: Iterable[str], state: LaunchState | None) -> list[str]
     if state is not None:
         for i, seg in enumerate(state.segments):
             known.setdefault(seg.segment_id, i)
+            if seg.group is not None:  # a multi-node attempt ships its logs under its group
+                known.setdefault(seg.group, i)
     return sorted(names, key=lambda n: (0, known[n], []) if n in known else (1, 0, _natural_key(n)))
 
 

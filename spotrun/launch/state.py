@@ -64,8 +64,8 @@ class Segment:
     end_reason: str | None = None  # finished | interrupted | failed | stopped
     exit_code: int | None = None
     detail: str | None = None
-    #: The attempt a node of a multi-node job belongs to (every node of one attempt shares
-    #: it, a relaunch gets a new one) and the node's rank; None for a single-node run.
+    #: A node of a multi-node attempt: the attempt's id (shared by its N nodes) and the
+    #: node's index in its cluster file. None for a single-instance segment.
     group: str | None = None
     node: int | None = None
     #: The EC2 region the instance ran in (None in states written before region failover:

@@ -33,12 +33,16 @@ def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
             s["instance"] = r.get("instance")
             s["started_at"] = r.get("started_at")
             s["region"] = (r.get("instance") or {}).get("region")
-            if r.get("group") is not None:
-                s["group"], s["node"] = r.get("group"), r.get("node")
+            if r.get("group") is not None:  # a node of a multi-node attempt
+                s["group"], s["node"] = r["group"], r.get("node")
         else:
             s["ended_at"] = r.get("ended_at")
             s["reason"] = r.get("reason")
     return sorted(segs.values(), key=lambda s: s.get("started_at") or 0.0)
+
+
+def _attempts_ended(segments: list[dict[str, Any]], reason: str) -> int:
+    return len({s.get("group") or s["segment_id"] for s in segments if s.get("reason") == reason})
 
 
 def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> dict[str, Any]:
@@ -59,8 +63,9 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
         "status": ("finished" if is_done(storage) else state.status if state else "unknown"),
         "controller_alive": state.controller_alive() if state else False,
         "segments": segments,
-        "interruptions": sum(1 for s in segments if s.get("reason") == "interrupted"),
-        "failures": sum(1 for s in segments if s.get("reason") == "failed"),
+        # An attempt of N nodes is one interruption (or failure), not N.
+        "interruptions": _attempts_ended(segments, "interrupted"),
+        "failures": _attempts_ended(segments, "failed"),
         "last_checkpoint": last_checkpoint(storage),
         "done": is_done(storage),
         "current": None,
@@ -152,10 +157,12 @@ def format_status(st: dict[str, Any]) -> str:
     att = st.get("attempt")
     if att:
         lines.append(f"nodes      {len(att['nodes'])} of {att['requested_nodes']} in attempt {att['group']}")
+        label = "EC2 state" if st["mode"] == "ec2" else "state"
         for n in att["nodes"]:
             state = n.get("state") or n.get("state_error") or "?"
+            where = ", ".join(w for w in (n["availability_zone"], n["region"]) if w) or "?"
             lines.append(f"  node {n['node']}: {n['instance_id']} ({n['instance_type']} {n['market']} in "
-                         f"{n['availability_zone'] or '?'}, {n['region'] or '?'}), EC2 state {state}")
+                         f"{where}), {label} {state}")
     lim = st.get("limits")
     if lim and lim.get("text"):
         lines += lim["text"]

@@ -1,0 +1,93 @@
+"""Killing a process and everything below it, as a reclaimed machine would go.
+
+A process group is not enough: torchrun starts each worker in a session of its own, so
+``killpg`` of the agent's group leaves the workers training on (and a user's command may
+detach helpers the same way). :func:`kill_tree` finds every descendant first (by parent
+pid, from ``/proc``, or ``ps`` where there is no ``/proc``), then signals the group, each
+descendant and each descendant's own group. It never signals the caller's own group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+__all__ = ["descendants", "kill_tree"]
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process visible to us."""
+    out: dict[int, int] = {}
+    if os.path.isdir("/proc"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read().decode(errors="replace")
+            except OSError:
+                continue  # it ended while we looked
+            # The command name may contain spaces and parentheses: split after the last ')'.
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) > 1:
+                out[int(entry)] = int(fields[1])
+        return out
+    try:  # macOS and other systems without /proc
+        text = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True,
+                              timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return out
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            out[int(parts[0])] = int(parts[1])
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (children, their children, ...), not ``pid`` itself."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        if p in found or p == pid:
+            continue
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to ``pid``'s process group, ``pid``, every descendant and their groups.
+
+    The descendants are listed before anything is signalled (once a parent dies its children
+    are re-parented and could no longer be found). Returns the descendants signalled.
+    """
+    below = descendants(pid)
+    own = os.getpgrp()
+    groups: set[int] = set()
+    for p in [pid, *below]:
+        try:
+            groups.add(os.getpgid(p))
+        except (ProcessLookupError, PermissionError):
+            pass
+    # The group of a child started with start_new_session is its pid; signal it even when
+    # the leader has already gone (its group can outlive it).
+    groups.add(pid)
+    for target in [pid, *below]:
+        _signal(os.kill, target, sig)
+    for group in groups - {own, 0, 1}:
+        _signal(os.killpg, group, sig)
+    return below
+
+
+def _signal(send: Callable[[int, int], None], target: int, sig: int) -> None:
+    try:
+        send(target, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # gone already, or not ours

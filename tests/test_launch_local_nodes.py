@@ -1,0 +1,337 @@
+"""``spotrun launch --local --nodes 2``: a 2-node job on this machine, through the real CLI.
+
+Each attempt ``sim-K`` is two node process groups (``python -m spotrun.launch.node``), each
+with its own fake metadata service, joined through a real torchrun c10d rendezvous on
+127.0.0.1; the workers are tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic).
+Issue 14 item 8 (with items 2 and 5 for the local backend):
+
+- an uninterrupted 2-node launch (the reference, shared): 2 ledger segments of one group,
+  both nodes' output readable with ``spotrun logs``;
+- one run over two launches: a node vanishing without notice (SIGKILL of its agent and
+  workers, the survivor fails), ``spotrun stop`` (SIGINT to every node, one checkpoint), the
+  same command again, a notice to one node (both stop at one step); each relaunching the
+  whole job from the last committed checkpoint; the final state is bit-exact against the
+  reference; the ledger has N segments per attempt, the cost report an attempt/node column;
+- the single-node SIGKILL after the grace period reaches a process in a session of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from spotrun.launch.common import last_checkpoint
+from spotrun.launch.state import load_state
+from spotrun.ledger import Ledger
+from spotrun.resume_check import compare_checkpoints
+from spotrun.storage import Storage
+
+SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
+STEPS, EVERY = 120, 10
+TIMEOUT = 420  # three 2-node attempts on a loaded 2-core box; a hang would be forever
+
+
+def _argv(run: Path, *args: str, step_sleep: float) -> list[str]:
+    return [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+            "--nodes", "2", "--nproc-per-node", "1", *args, "--",
+            sys.executable, SCRIPT, "--url", str(run), "--steps", str(STEPS),
+            "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)]
+
+
+def _launch(child_env: dict, run: Path, *args: str, step_sleep: float = 0.0) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run(_argv(run, *args, step_sleep=step_sleep), env=child_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=TIMEOUT, cwd=REPO, check=False)
+    return proc.returncode, proc.stdout, time.monotonic() - t0
+
+
+def _cli(child_env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spotrun.cli", *args], env=child_env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _launcher_records(run: Path, event: str) -> list[dict]:
+    return [r for r in Ledger(Storage(str(run))).records()
+            if r["event"] == event and r["source"] == "launcher"]
+
+
+def _attempts(run: Path) -> dict[str, list[tuple[str, int, str | None]]]:
+    """group -> [(segment id, node, end reason)] from the launcher's ledger records."""
+    ended = {r["segment_id"]: r["reason"] for r in _launcher_records(run, "segment_ended")}
+    out: dict[str, list] = {}
+    for r in _launcher_records(run, "segment_started"):
+        out.setdefault(r["group"], []).append((r["segment_id"], r["node"], ended.get(r["segment_id"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, child_env_module) -> Path:
+    """One uninterrupted 2-node launch, the yardstick for the interrupted one."""
+    run = tmp_path_factory.mktemp("localnodes") / "reference"
+    code, out, took = _launch(child_env_module, run, "--interruptions", "0")
+    print(f"uninterrupted 2-node launch: {took:.1f}s")
+    assert code == 0, out[-6000:]
+    assert (run / "done.json").exists()
+    return run
+
+
+@pytest.fixture(scope="module")
+def child_env_module() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_two_nodes_finish_with_ledger_and_logs(reference: Path, child_env_module: dict) -> None:
+    assert _attempts(reference) == {"sim-1": [("sim-1-n0", 0, "finished"), ("sim-1-n1", 1, "finished")]}
+    # The cluster file the launcher wrote: both nodes on loopback, node 0 hosts the store.
+    spec = json.loads((reference / "launch" / "nodes" / "sim-1-n1.json").read_text())
+    assert [n["instance_id"] for n in spec["nodes"]] == ["sim-1-n0", "sim-1-n1"]
+    assert spec["segment"] == "sim-1" and spec["rdzv_id"].endswith("-sim-1")
+    for node in (0, 1):
+        logs = _cli(child_env_module, "logs", str(reference), "--segment", "sim-1", "--node", str(node))
+        assert logs.returncode == 0, logs.stderr
+        assert f"spotrun node sim-1-n{node}: node {node} of 2 in segment sim-1" in logs.stdout
+        assert re.search(rf"^rank \d exit 0 at step {STEPS}$", logs.stdout, re.MULTILINE), logs.stdout[-3000:]
+    both = _cli(child_env_module, "logs", str(reference))
+    assert "==> sim-1 node-0 <==" in both.stdout and "==> sim-1 node-1 <==" in both.stdout
+
+
+@pytest.mark.slow
+def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
+        tmp_path: Path, reference: Path, child_env_module: dict) -> None:
+    """Launch 1: a node vanishes (sim-1), the relaunch (sim-2) is stopped with spotrun stop.
+    Launch 2 (the same command): a notice to one node (sim-3), then the finish (sim-4)."""
+    run, log1 = tmp_path / "run", tmp_path / "launch1.out"
+    storage = Storage(str(run))
+    t0 = time.monotonic()
+    with open(log1, "w") as out1:
+        proc = subprocess.Popen(_argv(run, "--interruptions", "1", "--node-losses", "1", "--grace", "1",
+                                      "--seed", "5", step_sleep=0.05),
+                                env=child_env_module, stdout=out1, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            # Stop once sim-2 has committed a checkpoint past the one it resumed from.
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                text = log1.read_text()
+                found = re.search(r"segment 2 \(2 simulated .*resuming after step (\d+)\)", text)
+                if found and (last_checkpoint(storage) or 0) > int(found.group(1)):
+                    break
+                assert proc.poll() is None, text[-8000:]
+                assert time.monotonic() < deadline, text[-8000:]
+                time.sleep(0.1)
+            stop = _cli(child_env_module, "stop", str(run))
+            assert stop.returncode == 0 and f"pid {proc.pid}" in stop.stdout, stop.stdout + stop.stderr
+            code = proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first = log1.read_text()
+    took1 = time.monotonic() - t0
+    assert code == 130, first[-8000:]
+    assert "forwarding SIGINT to every node (2); waiting for its checkpoint" in first
+    stopped_at = last_checkpoint(storage)
+    assert stopped_at is not None and stopped_at < STEPS and not (run / "done.json").exists()
+    (lost,) = re.findall(r"(sim-1-n\d) \(node \d\) vanished without notice", first)
+
+    code, second, took2 = _launch(child_env_module, run, "--interruptions", "1", "--grace", "1",
+                                  "--seed", "5", step_sleep=0.05)
+    print(f"2-node launches: node loss + stop {took1:.1f}s, notice + finish {took2:.1f}s")
+    assert code == 0, second[-8000:]
+    assert f"resuming after step {stopped_at})" in second
+    assert re.search(r"spot interruption notice for sim-3-n\d \(node \d\)", second), second[-8000:]
+    assert re.search(r"sim-3 ended: interrupted \(simulated spot interruption", second)
+    assert re.search(r"sim-1 ended: interrupted \(simulated node loss", first)
+    assert re.search(r"sim-2 ended: stopped", first)
+
+    reasons = {"sim-1": "interrupted", "sim-2": "stopped", "sim-3": "interrupted", "sim-4": "finished"}
+    assert _attempts(run) == {g: [(f"{g}-n0", 0, r), (f"{g}-n1", 1, r)] for g, r in reasons.items()}
+    state = load_state(storage)
+    assert state.status == "finished"
+    assert [(s.segment_id, s.group, s.node) for s in state.segments][:2] == [
+        ("sim-1-n0", "sim-1", 0), ("sim-1-n1", "sim-1", 1)]
+
+    # Resumed from the last committed checkpoint every time, and ended where an
+    # uninterrupted run does, bit for bit.
+    step, differences = compare_checkpoints(Storage(str(reference)), storage)
+    assert step == STEPS and differences == []
+
+    # The cost report prices eight node segments in four attempts, two interrupted.
+    cost = _cli(child_env_module, "cost", str(run), "--json")
+    assert cost.returncode == 0, cost.stderr
+    totals = json.loads(cost.stdout)["totals"]
+    assert totals["segments"] == 8 and totals["attempts"] == 4 and totals["interruptions"] == 2
+    text = _cli(child_env_module, "cost", str(run)).stdout
+    assert "attempt/node" in text and "sim-1/0" in text and "sim-4/1" in text, text
+    status = json.loads(_cli(child_env_module, "status", str(run), "--json").stdout)
+    assert status["interruptions"] == 2 and len(status["segments"]) == 8
+
+    # The vanished node's output is in the run's logs up to its end.
+    logs = _cli(child_env_module, "logs", str(run), "--segment", "sim-1", "--node", lost[-1])
+    assert logs.returncode == 0 and f"spotrun node {lost}: node {lost[-1]} of 2" in logs.stdout, logs.stderr
+
+
+# A command that ignores SIGTERM and leaves a helper in a session of its own (as torchrun's
+# workers are): the SIGKILL after the grace period must reach the helper too.
+STUBBORN = textwrap.dedent(
+    """
+    import json, os, signal, subprocess, sys, time
+    url = os.environ["SPOTRUN_URL"]
+    if os.environ["SPOTRUN_SEGMENT_ID"] != "sim-1":
+        open(os.path.join(url, "done.json"), "w").write("{}")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    helper = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+        start_new_session=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(url, "helper.pid"), "w") as f:
+        f.write(str(helper.pid))
+    print("helper started", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow  # ~4 s: a launcher, two segments, a grace period
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to check the helper")
+def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Path, child_env: dict) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    helper = None
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "spotrun.cli", "launch", "--local", "--run-url", str(run),
+             "--interruptions", "1", "--mean-interval", "1.5", "--grace", "0.5", "--seed", "1",
+             "--", sys.executable, str(script)],
+            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, check=False)
+        helper = int((run / "helper.pid").read_text())
+        assert proc.returncode == 0, proc.stdout
+        assert "sim-1: the machine is gone, SIGKILL" in proc.stdout
+        deadline = time.monotonic() + 10
+        while _running(helper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(helper), "the helper in its own session outlived the simulated machine"
+        ended = {r["segment_id"]: r["reason"] for r in _launcher_records(run, "segment_ended")}
+        assert ended == {"sim-1": "interrupted", "sim-2": "finished"}
+        # Its output went through the launcher to the run's logs (and to the terminal).
+        assert "helper started" in proc.stdout
+        logs = subprocess.run([sys.executable, "-m", "spotrun.cli", "logs", str(run), "--segment", "sim-1"],
+                              env=child_env, capture_output=True, text=True, timeout=60, check=False)
+        assert logs.stdout == "helper started\n", logs.stdout + logs.stderr
+    finally:
+        if helper is not None and _running(helper):
+            os.kill(helper, 9)
+
+
+# -- quick, in-process -------------------------------------------------------------------
+
+
+def _node(index: int, rc: int):
+    from spotrun.launch.local import _Node
+    from spotrun.launch.state import Segment
+
+    seg = Segment(segment_id=f"sim-1-n{index}", instance_id=f"sim-1-n{index}", instance_type="g5.xlarge",
+                  market="spot", started_at=0.0, group="sim-1", node=index)
+    return _Node(index, seg, server=None, rc=rc)
+
+
+@pytest.mark.parametrize(("rcs", "kw", "reason", "words"), [
+    # A notice to node 1: both exit 75 at one step, or node 1 killed at the deadline.
+    ((75, 75), {"posted": True}, "interrupted", "simulated spot interruption of sim-1-n1"),
+    ((75, -9), {"posted": True}, "interrupted", "sim-1-n1 -9"),
+    # A vanished node: the survivor fails, which is no failure of the command.
+    ((1, -9), {"lost": True}, "interrupted", "simulated node loss: sim-1-n1 vanished"),
+    # Notices the launcher did not send (a real one, a wrapper's own stop).
+    ((75, 75), {}, "interrupted", "stopped itself on a notice"),
+    ((75, 75), {"stopped": True}, "stopped", "Ctrl-C"),
+    # The command's own failure, named on the node that failed first.
+    ((3, 1), {}, "failed", "failed on sim-1-n0 with exit code 3"),
+    ((1, 1), {"posted": True}, "failed", "failed on sim-1-n0 with exit code 1"),
+    ((0, 0), {}, "failed", "without writing done.json"),
+])
+def test_an_attempt_of_several_nodes_ends_as_one(tmp_path: Path, rcs, kw, reason, words) -> None:
+    from spotrun.launch.local import LocalLauncher, LocalOptions
+
+    launcher = LocalLauncher(Storage(str(tmp_path / "run")),
+                             LocalOptions(run_url=str(tmp_path / "run"), command=["x"], nodes=2))
+    nodes = [_node(i, rc) for i, rc in enumerate(rcs)]
+    args = {"posted": False, "lost": False, "stopped": False, **kw}
+    got, detail = launcher._classify_nodes(nodes, nodes[1], first=nodes[0], **args)
+    assert (got, words in detail) == (reason, True), detail
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "done.json").write_text("{}")
+    assert launcher._classify_nodes(nodes, nodes[1], first=nodes[0], **args)[0] == "finished"
+
+
+@pytest.mark.parametrize(("kw", "words"), [
+    ({"nodes": 0}, "--nodes 0"),
+    ({"nproc_per_node": 0}, "--nproc-per-node 0"),
+    ({"interruptions": 1, "node_losses": 2}, "--node-losses 2"),
+])
+def test_bad_node_options_are_refused(kw, words) -> None:
+    from spotrun.errors import ConfigError
+    from spotrun.launch.local import LocalOptions
+
+    with pytest.raises(ConfigError, match=words):
+        LocalOptions(run_url="r", command=["x"], **kw).validate()
+
+
+def test_old_launch_states_load_without_group_or_node() -> None:
+    from spotrun.launch.state import LaunchState
+
+    old = {"mode": "local", "run_id": "r", "created_at": 1.0, "segments": [
+        {"segment_id": "sim-1", "instance_id": "sim-1", "instance_type": "g5.xlarge", "market": "spot",
+         "started_at": 1.0}]}
+    (seg,) = LaunchState.from_dict(old).segments
+    assert (seg.group, seg.node) == (None, None)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to check the processes")
+def test_kill_tree_reaches_a_grandchild_in_its_own_session(tmp_path: Path) -> None:
+    from spotrun.launch.proctree import descendants, kill_tree
+
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)'], start_new_session=True); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    grandchild = None
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.02)
+        grandchild = int(pidfile.read_text())
+        assert descendants(child.pid) == [grandchild]
+        assert kill_tree(child.pid) == [grandchild]
+        assert child.wait(timeout=10) == -9
+        deadline = time.monotonic() + 10
+        while _running(grandchild):
+            assert time.monotonic() < deadline, "the grandchild outlived kill_tree"
+            time.sleep(0.02)
+    finally:
+        for pid in (child.pid, grandchild):
+            if pid is not None and _running(pid):
+                os.kill(pid, 9)
