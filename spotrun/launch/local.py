@@ -67,6 +67,7 @@ from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_ev
 from .book import RunBook
 from .common import is_done, last_checkpoint
 from .proctree import kill_tree
+from .limits import CostGuard, Limits
 from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
@@ -112,6 +113,9 @@ class LocalOptions:
     #: Once one node has exited, how long the others get to exit on their own before they
     #: are stopped (SIGTERM, then SIGKILL of their processes ``kill_after_s`` later).
     peer_exit_s: float = 30.0
+    #: ``--max-cost``: stop (keeping the checkpoint) once the ledger says the run spent
+    #: this much, priced as ``spotrun status`` prices it (offline, as instance_type).
+    max_cost_usd: float | None = None
 
     @property
     def cluster(self) -> bool:
@@ -136,6 +140,7 @@ class LocalOptions:
             raise ConfigError("--grace must be >= 0 seconds")
         if self.mean_interval is not None and self.mean_interval <= 0:
             raise ConfigError("--mean-interval must be a positive number of seconds")
+        Limits(max_cost_usd=self.max_cost_usd).validate()
 
 
 def default_run_url(command: list[str], name: str | None = None) -> str:
@@ -199,6 +204,10 @@ class LocalLauncher:
         self._ckpt_gap: float | None = None
         if options.check_s is None:
             options.check_s = 0.1 if storage.is_local else 1.0
+        #: Prices the run every couple of seconds while a --max-cost is set.
+        self.cost_guard = (CostGuard(Limits(max_cost_usd=options.max_cost_usd), storage, min_interval_s=2.0)
+                           if options.max_cost_usd is not None else None)
+        self._limit_reason: str | None = None
         self.state = self._load_or_new_state()
         self.book = RunBook(storage, self.state, heartbeat_s=options.check_s)
         # The previous launcher died with a child running: close the books.
@@ -267,6 +276,10 @@ class LocalLauncher:
         done_interruptions = 0
         try:
             while True:
+                if self.cost_guard is not None and self._limit_reason is None:
+                    self._limit_reason = self.cost_guard.check(self.clock())
+                if self._limit_reason is not None:
+                    return self._limit_stop()
                 interrupt = kinds[done_interruptions] if done_interruptions < planned else None
                 reason, rc, detail = self._segment(interrupt=interrupt)
                 if reason == "finished":
@@ -281,6 +294,8 @@ class LocalLauncher:
                         done_interruptions += 1
                     self._save()
                     continue
+                if reason == "stopped" and self._limit_reason is not None:
+                    return self._limit_stop()
                 if reason == "stopped":
                     step = last_checkpoint(self.storage)
                     where = f"checkpoint at step {step}" if step is not None else "no checkpoint yet"
@@ -297,6 +312,13 @@ class LocalLauncher:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _limit_stop(self) -> LaunchOutcome:
+        step = last_checkpoint(self.storage)
+        where = f"checkpoint at step {step}" if step is not None else "no checkpoint yet"
+        return self._end("stopped", 1,
+                         f"{self._limit_reason}; {where} kept in {self.storage.display()}. To go on, "
+                         f"run the same command with a higher --max-cost")
 
     def _end(self, status: str, code: int, message: str) -> LaunchOutcome:
         self.state.status = status
@@ -473,6 +495,13 @@ class LocalLauncher:
                         self.storage.remove(STOP_FILE)
                         self._stop_signal, self._stop_count = signal.SIGINT, 1
                         continue
+                    if forwarded == 0 and self.cost_guard is not None:
+                        self._limit_reason = self.cost_guard.check(now)
+                        if self._limit_reason is not None:
+                            # Stopped like Ctrl-C: one SIGINT, the command commits, exits.
+                            self._say(f"{self._limit_reason}: stopping", LaunchEventKind.OUTCOME)
+                            self._stop_signal, self._stop_count = signal.SIGINT, 1
+                            continue
                     step = last_checkpoint(self.storage) if notice_at is None or self._ckpt_gap is None else None
                     if step is not None and step != seen_step:
                         if seen_at is not None and seen_step != start_step:
