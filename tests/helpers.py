@@ -1,4 +1,4 @@
-"""Process helpers shared by the tests that start real training processes."""
+"""Helpers shared by several test files: processes (real training runs), EC2 fakes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -111,3 +111,47 @@ def wait_until(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
             return True
         time.sleep(0.01)
     return pred()
+
+
+class FakePlacementGroups:
+    """CreatePlacementGroup / DeletePlacementGroup as EC2 answers them (moto has neither)."""
+
+    def __init__(self, client: Any) -> None:
+        self.groups: dict[str, dict] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.in_use = 0  # how many more deletes answer InvalidPlacementGroup.InUse
+        self.deny = False
+        for op in ("CreatePlacementGroup", "DeletePlacementGroup"):
+            client.meta.events.register(f"provide-client-params.ec2.{op}",
+                                        lambda params, _op=op, **_: self.requests.append((_op, dict(params))))
+            client.meta.events.register(f"before-call.ec2.{op}", getattr(self, f"_{op}"))
+
+    @staticmethod
+    def _answer(status: int, body: dict) -> tuple[Any, dict]:
+        class Http:
+            status_code = status
+            headers: ClassVar[dict] = {}
+        return Http(), body
+
+    def _error(self, code: str) -> tuple[Any, dict]:
+        return self._answer(400, {"Error": {"Code": code, "Message": f"{code} (fake)"}})
+
+    def _CreatePlacementGroup(self, model: Any, params: dict, **_: Any) -> tuple[Any, dict]:
+        _, req = self.requests[-1]
+        if self.deny:
+            return self._error("UnauthorizedOperation")
+        if req["GroupName"] in self.groups:
+            return self._error("InvalidPlacementGroup.Duplicate")
+        self.groups[req["GroupName"]] = req
+        return self._answer(200, {"PlacementGroup": {"GroupName": req["GroupName"], "Strategy": req["Strategy"],
+                                                     "State": "available"}})
+
+    def _DeletePlacementGroup(self, model: Any, params: dict, **_: Any) -> tuple[Any, dict]:
+        _, req = self.requests[-1]
+        if req["GroupName"] not in self.groups:
+            return self._error("InvalidPlacementGroup.Unknown")
+        if self.in_use:
+            self.in_use -= 1
+            return self._error("InvalidPlacementGroup.InUse")
+        del self.groups[req["GroupName"]]
+        return self._answer(200, {})

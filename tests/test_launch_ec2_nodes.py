@@ -14,19 +14,26 @@ import ipaddress
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import boto3
 import botocore.session
 import botocore.validate
 import pytest
+from helpers import FakePlacementGroups
 from moto import mock_aws
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 
 import spotrun.launch.ec2 as ec2mod
 from spotrun.errors import ConfigError, LaunchError
-from spotrun.launch.ec2 import PARTIAL_CAPACITY, RUN_ID_TAG, Ec2Api, Pool, placement_group_name
+from spotrun.launch.ec2 import (
+    PARTIAL_CAPACITY,
+    RUN_ID_TAG,
+    Ec2Api,
+    Pool,
+    placement_group_name,
+)
 
 REGION = "us-east-1"
 _MODEL = botocore.session.get_session().get_service_model("ec2")
@@ -209,50 +216,6 @@ def test_describe_many_reports_missing_and_terminated(net: Net) -> None:
     # The single-instance call agrees, private address included.
     assert net.api.describe(a) == seen[a]
     assert net.api.describe_many([]) == {}
-
-
-class FakePlacementGroups:
-    """CreatePlacementGroup / DeletePlacementGroup as EC2 answers them (moto has neither)."""
-
-    def __init__(self, client: Any) -> None:
-        self.groups: dict[str, dict] = {}
-        self.requests: list[tuple[str, dict]] = []
-        self.in_use = 0  # how many more deletes answer InvalidPlacementGroup.InUse
-        self.deny = False
-        for op in ("CreatePlacementGroup", "DeletePlacementGroup"):
-            client.meta.events.register(f"provide-client-params.ec2.{op}",
-                                        lambda params, _op=op, **_: self.requests.append((_op, dict(params))))
-            client.meta.events.register(f"before-call.ec2.{op}", getattr(self, f"_{op}"))
-
-    @staticmethod
-    def _answer(status: int, body: dict) -> tuple[Any, dict]:
-        class Http:
-            status_code = status
-            headers: ClassVar[dict] = {}
-        return Http(), body
-
-    def _error(self, code: str) -> tuple[Any, dict]:
-        return self._answer(400, {"Error": {"Code": code, "Message": f"{code} (fake)"}})
-
-    def _CreatePlacementGroup(self, model: Any, params: dict, **_: Any) -> tuple[Any, dict]:
-        _, req = self.requests[-1]
-        if self.deny:
-            return self._error("UnauthorizedOperation")
-        if req["GroupName"] in self.groups:
-            return self._error("InvalidPlacementGroup.Duplicate")
-        self.groups[req["GroupName"]] = req
-        return self._answer(200, {"PlacementGroup": {"GroupName": req["GroupName"], "Strategy": req["Strategy"],
-                                                     "State": "available"}})
-
-    def _DeletePlacementGroup(self, model: Any, params: dict, **_: Any) -> tuple[Any, dict]:
-        _, req = self.requests[-1]
-        if req["GroupName"] not in self.groups:
-            return self._error("InvalidPlacementGroup.Unknown")
-        if self.in_use:
-            self.in_use -= 1
-            return self._error("InvalidPlacementGroup.InUse")
-        del self.groups[req["GroupName"]]
-        return self._answer(200, {})
 
 
 def test_placement_group_idempotent_create_and_delete(net: Net, caplog: pytest.LogCaptureFixture) -> None:

@@ -11,8 +11,8 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -43,6 +43,53 @@ def parse_deadline(value: str, now: float | None = None) -> float:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1 (e.g. {flag} 2)")
+        return n
+    return parse
+
+
+def _usd(value: str) -> float:
+    try:
+        usd = float(value.lstrip("$"))
+    except ValueError:
+        usd = -1.0
+    if not usd > 0 or usd == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of USD (e.g. --max-cost 25)")
+    return usd
+
+
+def _wait(value: str) -> float:
+    from ..launch.limits import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_amis(value: str | None, regions: list[str]) -> tuple[str | None, dict[str, str]]:
+    """``--ami``: one id (``ami-..``) or one per region (``us-east-1=ami-..,us-west-2=ami-..``)."""
+    if not value:
+        return None, {}
+    if "=" not in value:
+        return value, {}
+    amis: dict[str, str] = {}
+    for item in _csv(value):
+        region, sep, ami = item.partition("=")
+        if not sep or not region.strip() or not ami.strip():
+            raise ConfigError(f"--ami {value!r}: use ami-... or REGION=ami-...,REGION=ami-...")
+        amis[region.strip()] = ami.strip()
+    del regions  # checked against the run's regions by Ec2Options.validate
+    return None, amis
 
 
 def _env_pairs(items: list[str]) -> dict[str, str]:
@@ -188,6 +235,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--on-ctrl-c", choices=("ask", "terminate", "leave"), default="ask",
                      help="what Ctrl-C does to a running instance (default: ask; terminate when not interactive)")
     ec2.add_argument("--offline-prices", action="store_true", help="price the report from the shipped snapshot")
+    ec2.add_argument("--min-nodes", type=_positive_int("--min-nodes"), default=None,
+                     help="start an attempt with as few as M of --nodes (checkpoints resume on the new "
+                     "world size); the next relaunch asks for --nodes again (default: --nodes)")
+    ec2.add_argument("--placement-group", action="store_true",
+                     help="put each attempt's nodes in a cluster placement group (low-latency network)")
+    ec2.add_argument("--regions", type=_csv, default=None, metavar="R1,R2",
+                     help="regions in order of preference, home first: when no pool of one has spot "
+                     "capacity, try the next before on-demand (--subnets apply to the home region)")
+    ec2.add_argument("--max-cost", type=_usd, default=None, metavar="USD",
+                     help="stop (keeping the checkpoint) once the run spent this much; with --resume: "
+                     "the new limit")
+    ec2.add_argument("--max-wait", type=_wait, default=None, metavar="DURATION",
+                     help="give up after this long without capacity anywhere (90m, 6h, 2d); with "
+                     "--resume: the new limit")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the training command, after --")
     p.set_defaults(func=_launch)
 
@@ -239,7 +300,7 @@ def _launch(args: argparse.Namespace) -> int:
         if cmd:
             raise ConfigError("--resume takes no command: the run's own is used")
         storage = Storage(args.resume)
-        ctl = Ec2Controller.resume(storage, **kwargs)
+        ctl = Ec2Controller.resume(storage, max_cost_usd=args.max_cost, max_wait_s=args.max_wait, **kwargs)
     else:
         if not args.run_url:
             raise ConfigError("EC2 mode needs --run-url s3://bucket/prefix (or use --local)")
@@ -249,32 +310,55 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("no command; usage: spotrun launch --run-url URL --instance-types T -- python train.py")
         if args.run_id:
             check_run_id(args.run_id)
+        regions = _regions(args)
+        ami, amis = parse_amis(args.ami, regions)
+        nodes = args.nodes or 1
+        if args.min_nodes is not None and args.min_nodes > nodes:
+            raise ConfigError(f"--min-nodes {args.min_nodes} is more than --nodes {nodes}; "
+                              f"give --min-nodes between 1 and {nodes}")
         # Secrets first: nothing (not even the run URL's state) is read from AWS before
         # what would go into user data is known to be clean.
         from ..launch.userdata import build_user_data
 
         env, secrets = _env_pairs(args.env), _secret_pairs(args.secret)
         build_user_data(run_url=args.run_url, run_id="check", command=cmd, setup=args.setup,
-                        env=env, secrets=secrets)
+                        env=env, secrets=secrets, nodes=nodes, nproc_per_node=args.nproc_per_node)
         storage = Storage(args.run_url)
         if storage.is_local:
             print("spotrun: warning: a local --run-url is not reachable from EC2 instances; use s3://",
                   file=sys.stderr)
         opts = Ec2Options(
             run_url=storage.display(), command=cmd, instance_types=args.instance_types,
-            region=args.region, subnets=args.subnets, ami=args.ami, setup=args.setup,
+            region=regions[0] if regions else None, subnets=args.subnets, ami=ami, amis=amis,
+            regions=regions if args.regions is not None else [], setup=args.setup,
             iam_instance_profile=args.iam_instance_profile,
             security_group_ids=args.security_group_ids, key_name=args.key_name,
             env=env, secrets=secrets, max_interruptions=args.max_interruptions,
             max_failures=args.max_failures, fallback=args.fallback, max_price=args.max_price,
             deadline=parse_deadline(args.deadline) if args.deadline else None,
+            nodes=nodes, nproc_per_node=args.nproc_per_node, min_nodes=args.min_nodes,
+            placement_group=args.placement_group, max_cost_usd=args.max_cost, max_wait_s=args.max_wait,
         )
         opts.validate()
-        ctl = Ec2Controller.start(storage, Ec2Api.for_region(args.region), opts,
+        ctl = Ec2Controller.start(storage, Ec2Api.for_region(opts.region), opts,
                                   run_id=check_run_id(args.run_id) if args.run_id else None, **kwargs)
     # A LaunchError (no capacity, a refused call) reaches main(), which exits with its
     # exit_code: 1 for a launch that ran and could not go on.
     return _run_launcher(ctl, storage, offline=args.offline_prices)
+
+
+def _regions(args: argparse.Namespace) -> list[str]:
+    """The run's regions, home first: ``--regions``, else ``--region`` alone ([] if neither)."""
+    if args.regions is None:
+        return [args.region] if args.region else []
+    if not args.regions:
+        raise ConfigError("--regions is empty; give regions like --regions us-east-1,us-west-2")
+    if args.region and args.region != args.regions[0]:
+        raise ConfigError(f"--region {args.region} and --regions {','.join(args.regions)} disagree: the "
+                          "first of --regions is the home region; drop --region or put it first")
+    if len(set(args.regions)) != len(args.regions):
+        raise ConfigError(f"--regions {','.join(args.regions)} names a region twice; list each once")
+    return list(args.regions)
 
 
 def _status(args: argparse.Namespace) -> int:

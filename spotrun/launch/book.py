@@ -48,17 +48,26 @@ class RunBook:
 
         State first: if the launcher dies between the two writes, ``--resume`` finds the
         segment and the ledger merely lacks its start (the cost report still sees the
-        wrapper's records).
+        wrapper's records). A node of a multi-node attempt carries its ``group`` and
+        ``node`` (rank) into the ledger.
         """
+        return self.begin_many([(segment, instance)])[0]
+
+    def begin_many(self, started: list[tuple[Segment, InstanceInfo]]) -> list[Segment]:
+        """:meth:`begin` for every node of one attempt: one state write for all of them
+        (a resumed launcher sees the whole attempt or none of it), then their ledger starts."""
         from ..ledger import Ledger
 
-        self.state.segments.append(segment)
+        for segment, _ in started:
+            self.state.segments.append(segment)
         self.save()
-        Ledger(self.storage).segment_started(
-            segment_id=segment.segment_id, instance=instance, started_at=segment.started_at, source=SOURCE,
-            group=segment.group, node=segment.node,
-        )
-        return segment
+        ledger = Ledger(self.storage)
+        for segment, instance in started:
+            ledger.segment_started(
+                segment_id=segment.segment_id, instance=instance, started_at=segment.started_at, source=SOURCE,
+                group=segment.group, node=segment.node if segment.group is not None else None,
+            )
+        return [segment for segment, _ in started]
 
     def end(self, segment: Segment, reason: str, *, ended_at: float, exit_code: int | None = None,
             detail: str | None = None) -> None:

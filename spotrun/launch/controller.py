@@ -1,4 +1,5 @@
-"""The EC2 controller: keep one instance running the command until the run is done.
+"""The EC2 controller: keep the run's instance (or its N nodes) running the command until
+the run is done.
 
 The loop, every ``poll_s``::
 
@@ -20,6 +21,35 @@ Fallback to on-demand (``--fallback on-demand``), when any rule says so:
 * no spot pool had capacity for ``spot_wait_s``.
 
 All time constants live in :class:`Timing` so tests run the whole loop in seconds.
+
+**N nodes** (``--nodes N``): a segment is an *attempt* of N instances from ONE
+``create_fleet`` (one pool: one instance type in one subnet/zone, all or nothing through
+``MinTargetCapacity``, optionally in the run's cluster placement group). When a pool cannot
+give them, the next pool is asked, as for one instance. Once every node has a private
+address the controller writes each node's cluster file (``launch/nodes/<instance id>.json``,
+read by :mod:`spotrun.launch.node`): the nodes in rank order, **sorted by instance id**
+(node 0, the smallest id, hosts torchrun's c10d rendezvous), so a resumed controller
+derives the same order. Every node is its own segment (segment id = instance id) in the
+state and the ledger, all with the attempt's ``group`` and their rank as ``node``. When any
+node goes, the attempt is over: the controller terminates the survivors (their shutdown
+SIGTERMs the command, which may commit), ends every node's segment with the attempt's
+reason, counts ONE interruption (or failure) and relaunches a full new attempt.
+``--min-nodes M`` accepts an attempt of M..N nodes; a smaller attempt is not grown while it
+runs, the next relaunch asks for N again.
+
+**Regions** (``--regions r1,r2``, r1 = home): when no pool of a region has capacity (after
+the pool fallback within it) the next region is tried, before the on-demand fallback, which
+comes only once every region failed for spot. ``--subnets``, ``--security-group-ids`` and
+``--key-name`` belong to the home region; other regions use their default VPC (its default
+subnets and security group). Each region gets its own launch template (and placement
+group), all deleted at the end.
+
+**Limits**: ``--max-cost`` is checked every poll (:class:`~.limits.CostGuard`, the ledger
+priced from the offline snapshot); reached, the run is stopped as ``spotrun stop`` does
+(exit 1). ``--max-wait`` is a :class:`~.limits.WaitClock` started by the first full round of
+every region and market allowed that found no capacity, reset when capacity comes, kept in
+the state across ``--resume``; expired, the run fails (exit 1). Without ``--max-wait`` the
+same clock runs with :attr:`Timing.capacity_timeout_s` and ends in a :class:`CapacityError`.
 """
 
 from __future__ import annotations
@@ -43,7 +73,16 @@ from ..storage import Storage
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook, close_books
 from .common import is_done
-from .ec2 import PRICE_ERRORS, SPOT_INTERRUPTION, Ec2Api, InstanceStatus, Pool
+from .ec2 import (
+    PRICE_ERRORS,
+    SPOT_INTERRUPTION,
+    Ec2Api,
+    FleetResult,
+    InstanceStatus,
+    LaunchedInstance,
+    Pool,
+)
+from .limits import CostGuard, Limits, WaitClock, fmt_wait
 from .state import (
     STOP_FILE,
     LaunchState,
@@ -68,7 +107,8 @@ class Timing:
     capacity_retry_s: float = 30.0
     #: How long to keep asking for spot before ``--fallback on-demand`` takes over.
     spot_wait_s: float = 600.0
-    #: Give up (CapacityError) after asking this long for any capacity at all.
+    #: Without ``--max-wait``: give up (CapacityError) after this long with no capacity in
+    #: any pool, region or market allowed (the same wait clock ``--max-wait`` sets).
     capacity_timeout_s: float = 3600.0
     #: After done.json appears: how long the instance may take to shut itself down.
     finish_grace_s: float = 300.0
@@ -76,6 +116,8 @@ class Timing:
     missing_grace_s: float = 120.0
     #: Fall back to on-demand once the deadline is this close.
     deadline_margin_s: float = 3600.0
+    #: At the end: how long a placement group may stay "in use" by nodes shutting down.
+    cleanup_wait_s: float = 180.0
 
 
 @dataclass
@@ -99,6 +141,18 @@ class Ec2Options:
     fallback: str = "on-demand"  # "on-demand" | "none"
     max_price: float | None = None
     deadline: float | None = None  # epoch seconds
+    #: Nodes per attempt (``--nodes``), processes per node (``--nproc-per-node``, None: 1
+    #: node runs the command as is; set, it runs under torchrun), ``--min-nodes`` (None: N).
+    nodes: int = 1
+    nproc_per_node: int | None = None
+    min_nodes: int | None = None
+    placement_group: bool = False
+    #: ``--regions``, home first ([]: just ``region``); ``amis``: region -> AMI id when
+    #: ``--ami`` names one per region.
+    regions: list[str] = field(default_factory=list)
+    amis: dict[str, str] = field(default_factory=dict)
+    max_cost_usd: float | None = None
+    max_wait_s: float | None = None
 
     def validate(self) -> None:
         if not self.command:
@@ -113,9 +167,57 @@ class Ec2Options:
             raise ConfigError("--max-failures must be >= 0")
         if self.max_price is not None and self.max_price <= 0:
             raise ConfigError("--max-price must be a positive USD-per-hour price")
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
+            raise ConfigError(f"--nodes {self.nodes!r}: a job needs at least 1 node, e.g. --nodes 2")
+        if self.nproc_per_node is not None and (not isinstance(self.nproc_per_node, int)
+                                                or self.nproc_per_node < 1):
+            raise ConfigError(f"--nproc-per-node {self.nproc_per_node!r}: a node runs at least 1 process "
+                              "(usually one per GPU)")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ConfigError(f"--min-nodes {self.min_nodes} must be between 1 and --nodes {self.nodes}")
+        if self.regions:
+            if any(not r or not isinstance(r, str) for r in self.regions):
+                raise ConfigError("--regions holds an empty name; give regions like us-east-1,us-west-2")
+            if len(set(self.regions)) != len(self.regions):
+                raise ConfigError(f"--regions {','.join(self.regions)} names a region twice; list each once")
+            if self.region is not None and self.region != self.regions[0]:
+                raise ConfigError(f"--region {self.region} is not the first of --regions "
+                                  f"{','.join(self.regions)} (the home region); drop --region or put it first")
+        regions = self.regions or ([self.region] if self.region else [])
+        if self.ami and self.amis:
+            raise ConfigError("--ami gives one AMI for every region or one per region (r1=ami-..,r2=ami-..), not both")
+        if self.ami and len(regions) > 1:
+            raise ConfigError(f"--ami {self.ami}: an AMI id belongs to one region, and the run may use "
+                              f"{len(regions)}; give one per region (--ami {regions[0]}=ami-..,{regions[1]}=ami-..) "
+                              "or leave --ami out (the default GPU AMI is looked up in each region)")
+        if self.amis:
+            missing = [r for r in regions if r not in self.amis]
+            unknown = [r for r in self.amis if r not in regions]
+            if missing or unknown or not regions:
+                raise ConfigError(f"--ami names {','.join(self.amis)} but the run's regions are "
+                                  f"{','.join(regions) or 'not given'}; give one AMI for each region of --regions")
+        Limits(self.max_cost_usd, self.max_wait_s).validate()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the command runs under torchrun through cluster files (``--nodes`` > 1 or
+        ``--nproc-per-node`` given)."""
+        return self.nodes > 1 or self.nproc_per_node is not None
+
+    @property
+    def need(self) -> int:
+        """The fewest nodes an attempt may start with (``--min-nodes``, default ``--nodes``)."""
+        return self.min_nodes if self.min_nodes is not None else self.nodes
+
+    def pools_in(self, region: str, home: str) -> list[Pool]:
+        """The pools of ``region``: ``--subnets`` are the home region's; elsewhere EC2 picks
+        a subnet of the default VPC."""
+        subnets: list[str | None] = list(self.subnets) if region == home and self.subnets else [None]
+        return [Pool(t, s) for t in self.instance_types for s in subnets]
 
     @property
     def pools(self) -> list[Pool]:
+        """The home region's pools (every type x every ``--subnets`` entry)."""
         subnets: list[str | None] = list(self.subnets) or [None]
         return [Pool(t, s) for t in self.instance_types for s in subnets]
 
@@ -132,13 +234,15 @@ class Ec2Controller:
 
     Args:
         storage: the run URL.
-        api: the EC2 calls (one region).
+        api: the EC2 calls in the run's home region.
         state: the run's launch state (new or loaded for ``--resume``).
         timing: the waits.
         on_ctrl_c: what Ctrl-C does to instances still running: ``"terminate"``,
             ``"leave"``, or a function given their description that returns one of those
             (the CLI asks the user through it).
         on_event: receives every :class:`LaunchEvent` (default: the ``spotrun`` logger).
+        api_for: region -> its :class:`Ec2Api`, for the other regions of ``--regions``
+            (default :meth:`Ec2Api.for_region`; tests pass moto clients).
     """
 
     mode: ClassVar[str] = "ec2"
@@ -154,6 +258,7 @@ class Ec2Controller:
         on_event: EventSink = log_events,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        api_for: Callable[[str], Ec2Api] | None = None,
     ) -> None:
         self.storage = storage
         self.api = api
@@ -167,6 +272,21 @@ class Ec2Controller:
         self.book = RunBook(storage, state, heartbeat_s=self.timing.poll_s)
         # segment id -> the last time a poll saw its instance alive (proof of life).
         self._seen_alive: dict[str, float] = {}
+        self.home: str = api.region
+        self._apis: dict[str, Ec2Api] = {self.home: api}
+        self._api_for = api_for or Ec2Api.for_region
+        self.regions: list[str] = list(self.options.regions) or [self.home]
+        if self.regions[0] != self.home:
+            raise ConfigError(f"the controller's EC2 client is in {self.home} but the run's home region is "
+                              f"{self.regions[0]}; build it for {self.regions[0]}")
+        if state.launch_template_id and not state.launch_templates:
+            # A state written before region failover: its one template is the home region's.
+            state.launch_templates[self.home] = state.launch_template_id
+        limits = Limits(self.options.max_cost_usd, self.options.max_wait_s).validate()
+        self.cost_guard = CostGuard(limits, storage, min_interval_s=max(30.0, self.timing.poll_s))
+        # One clock for "no capacity anywhere": --max-wait, or the default patience.
+        wait_s = limits.max_wait_s if limits.max_wait_s is not None else self.timing.capacity_timeout_s
+        self.wait = WaitClock(wait_s, since=state.waiting_since)
 
     # -- construction ------------------------------------------------------------------
 
@@ -187,7 +307,8 @@ class Ec2Controller:
             )
         # The script is built now so that bad options fail before anything is created.
         build_user_data(run_url=options.run_url, run_id="check", command=options.command,
-                        setup=options.setup, env=options.env, secrets=options.secrets)
+                        setup=options.setup, env=options.env, secrets=options.secrets,
+                        nodes=options.nodes, nproc_per_node=options.nproc_per_node)
         state = LaunchState(
             mode="ec2", run_id=run_id or new_run_id(), created_at=time.time(), options=options.to_dict()
         )
@@ -198,8 +319,13 @@ class Ec2Controller:
         return cls(storage, api, state, **kwargs)
 
     @classmethod
-    def resume(cls, storage: Storage, api: Ec2Api | None = None, **kwargs: Any) -> Ec2Controller:
-        """A controller that continues the launch recorded at ``storage``."""
+    def resume(cls, storage: Storage, api: Ec2Api | None = None, *, max_cost_usd: float | None = None,
+               max_wait_s: float | None = None, **kwargs: Any) -> Ec2Controller:
+        """A controller that continues the launch recorded at ``storage``.
+
+        ``max_cost_usd``/``max_wait_s`` replace the run's limits (how a run stopped by one
+        continues: raise it and resume).
+        """
         state = load_state(storage)
         if state is None:
             raise ConfigError(
@@ -208,13 +334,64 @@ class Ec2Controller:
             )
         if state.mode != "ec2":
             raise ConfigError(f"{storage.display()} was launched in {state.mode} mode, not EC2")
+        if max_cost_usd is not None or max_wait_s is not None:
+            Limits(max_cost_usd, max_wait_s).validate()
+            if max_cost_usd is not None:
+                state.options["max_cost_usd"] = max_cost_usd
+            if max_wait_s is not None:
+                state.options["max_wait_s"] = max_wait_s
+                state.waiting_since = None  # a new patience counts from now
         if api is None:
-            api = Ec2Api.for_region(state.options.get("region"))
+            regions = state.options.get("regions") or []
+            api = Ec2Api.for_region(regions[0] if regions else state.options.get("region"))
         if state.status in ("stopped", "failed"):
             # Resuming a run that was stopped means: carry on.
             state.status = "running"
             state.failures = 0
         return cls(storage, api, state, **kwargs)
+
+    # -- regions -----------------------------------------------------------------------
+
+    def _api(self, region: str | None) -> Ec2Api:
+        region = region or self.home
+        if region not in self._apis:
+            self._apis[region] = self._api_for(region)
+        return self._apis[region]
+
+    def _regions_used(self) -> list[str]:
+        """Every region the run may have instances or resources in, home first."""
+        out = list(self.regions)
+        for r in [*(s.region for s in self.state.segments), *self.state.launch_templates,
+                  *self.state.placement_groups]:
+            if r and r not in out:
+                out.append(r)
+        return out
+
+    def _by_region(self, segs: list[Segment]) -> dict[str, list[Segment]]:
+        out: dict[str, list[Segment]] = {}
+        for seg in segs:
+            out.setdefault(seg.region or self.home, []).append(seg)
+        return out
+
+    def _describe(self, segs: list[Segment]) -> dict[str, InstanceStatus]:
+        """Instance id -> status for ``segs``: one call per region (``describe`` for one)."""
+        out: dict[str, InstanceStatus] = {}
+        for region, group in self._by_region(segs).items():
+            api = self._api(region)
+            if len(group) == 1:
+                out[group[0].instance_id] = api.describe(group[0].instance_id)
+            else:
+                out.update(api.describe_many([s.instance_id for s in group]))
+        return out
+
+    def _terminate(self, segs: list[Segment]) -> None:
+        for region, group in self._by_region(segs).items():
+            self._api(region).terminate([s.instance_id for s in group])
+
+    def _alive_everywhere(self, states: tuple[str, ...] = ("pending", "running")) -> list[tuple[str, InstanceStatus]]:
+        """(region, instance) for every instance tagged with the run id, in every region used."""
+        return [(region, s) for region in self._regions_used()
+                for s in self._api(region).find_run_instances(self.state.run_id) if s.state in states]
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -223,7 +400,7 @@ class Ec2Controller:
         try:
             if self.state.status == "finished" or is_done(self.storage):
                 return self._finish()
-            self._ensure_template()
+            self._ensure_template(self.home)
             self._reconcile()
             while True:
                 self._save()
@@ -231,22 +408,30 @@ class Ec2Controller:
                     return self._stopped_by_request()
                 if is_done(self.storage):
                     return self._finish()
-                cur = self.state.current
-                if cur is None:
+                attempt = self.state.running
+                if not attempt:
+                    why = self._over_budget()
+                    if why is not None:
+                        return self._budget_stop(why)
                     outcome = self._launch()
                     if outcome is not None:
                         return outcome
                     continue
-                status = self.api.describe(cur.instance_id)
-                if status.alive or (
-                    status.state == "missing"
-                    and self.clock() - cur.started_at < self.timing.missing_grace_s
-                ):
-                    if status.alive:
-                        self._seen_alive[cur.segment_id] = self.clock()
+                statuses = self._describe(attempt)
+                gone = [s for s in attempt if not self._still_there(s, statuses[s.instance_id])]
+                if not gone:
+                    for seg in attempt:
+                        if statuses[seg.instance_id].alive:
+                            self._seen_alive[seg.segment_id] = self.clock()
+                    why = self._over_budget()
+                    if why is not None:
+                        return self._budget_stop(why)
                     self.sleep(self.timing.poll_s)
                     continue
-                outcome = self._segment_over(cur, status)
+                if len(attempt) == 1:
+                    outcome = self._segment_over(attempt[0], statuses[attempt[0].instance_id])
+                else:
+                    outcome = self._attempt_over(attempt, statuses, gone)
                 if outcome is not None:
                     return outcome
         except KeyboardInterrupt:
@@ -255,91 +440,218 @@ class Ec2Controller:
             self._left_running(exc)
             raise
 
+    def _still_there(self, seg: Segment, status: InstanceStatus) -> bool:
+        return status.alive or (status.state == "missing"
+                                and self.clock() - seg.started_at < self.timing.missing_grace_s)
+
     def _left_running(self, exc: BaseException) -> None:
         """The controller is dying of an error: say what may still run and how to stop it."""
-        cur = self.state.current
+        running = self.state.running
         url = self.storage.display()
         with contextlib.suppress(Exception):
             self.state.message = f"controller stopped: {exc}"
             self._save()
-        if cur is not None:
-            self._say(f"controller error ({exc}); instance {cur.instance_id} ({cur.instance_type}, "
-                      f"{cur.market}) in {self.api.region} may still be running. Watch it again: "
-                      f"spotrun launch --resume {url}; stop it: spotrun stop {url}", LaunchEventKind.WARNING)
+        if running:
+            cur = running[0]
+            what = (f"instance {cur.instance_id} ({cur.instance_type}, {cur.market})" if len(running) == 1 else
+                    f"instances {', '.join(s.instance_id for s in running)} ({cur.instance_type}, {cur.market})")
+            self._say(f"controller error ({exc}); {what} in {cur.region or self.home} may still be running. "
+                      f"Watch it again: spotrun launch --resume {url}; stop it: spotrun stop {url}",
+                      LaunchEventKind.WARNING)
 
     # -- steps -------------------------------------------------------------------------
 
     def _save(self) -> None:
+        self.state.waiting_since = self.wait.since
         self.book.save()
 
     def _say(self, msg: str, kind: LaunchEventKind = LaunchEventKind.INFO,
-             segment_id: str | None = None) -> None:
-        self.on_event(LaunchEvent(kind, msg, segment_id))
+             segment_id: str | None = None, **data: Any) -> None:
+        self.on_event(LaunchEvent(kind, msg, segment_id, data))
 
-    def _ensure_template(self) -> None:
-        if self.state.launch_template_id:
-            return
+    def _ensure_template(self, region: str) -> str:
+        """The run's launch template in ``region`` (created on first use there)."""
+        tid = self.state.launch_templates.get(region)
+        if tid:
+            return tid
         o = self.options
+        api = self._api(region)
         user_data = build_user_data(
             run_url=o.run_url, run_id=self.state.run_id, command=o.command, setup=o.setup, env=o.env,
-            secrets=o.secrets,
+            secrets=o.secrets, nodes=o.nodes, nproc_per_node=o.nproc_per_node,
         )
-        ami = self.api.resolve_ami(o.ami)
-        self.state.launch_template_id = self.api.create_launch_template(
+        home = region == self.home
+        ami = api.resolve_ami(o.amis.get(region) or o.ami)
+        tid = api.create_launch_template(
             run_id=self.state.run_id,
             ami=ami,
             user_data=user_data,
             iam_instance_profile=o.iam_instance_profile,
-            security_group_ids=o.security_group_ids,
-            key_name=o.key_name,
+            # Security groups and key pairs exist per region: the home region's only;
+            # elsewhere the default VPC's default group (which lets its members talk).
+            security_group_ids=o.security_group_ids if home else [],
+            key_name=o.key_name if home else None,
         )
+        self.state.launch_templates[region] = tid
+        if home:
+            self.state.launch_template_id = tid
         self._save()
+        return tid
+
+    def _placement(self, region: str) -> str | None:
+        if not self.options.placement_group:
+            return None
+        name = self.state.placement_groups.get(region)
+        if name is None:
+            name = self._api(region).ensure_placement_group(self.state.run_id)
+            self.state.placement_groups[region] = name
+            self._save()
+        return name
 
     def _reconcile(self) -> None:
         """Make the state agree with what EC2 runs under this run id (after a crash).
 
-        One instance running, unknown to the state: the controller died between launching it
-        and writing the state; adopt it. More than one: keep the one the state knows (or the
-        newest), terminate the rest, since two processes training one run would overwrite
-        each other's checkpoints.
+        Instances running, unknown to the state: the controller died between launching them
+        and writing the state; adopt them (one instance: the newest; N nodes: the set, when it
+        is one attempt of M..N nodes of one pool, else none). Anything else alive under the
+        run id is terminated, since two processes training one run would overwrite each
+        other's checkpoints. A running attempt whose nodes are all alive is kept (its cluster
+        files rewritten, in case the controller died before writing them).
         """
-        alive = [s for s in self.api.find_run_instances(self.state.run_id) if s.state in ("pending", "running")]
-        cur = self.state.current
-        keep: InstanceStatus | None = None
-        if cur is not None:
-            keep = next((s for s in alive if s.instance_id == cur.instance_id), None)
-        if keep is None and cur is None and alive:
-            keep = alive[-1]
-            self._say(f"adopting {keep.instance_id} ({keep.instance_type}, {keep.market}): "
+        alive = self._alive_everywhere()
+        attempt = self.state.running
+        keep: set[str] = set()
+        if attempt:
+            ids = {s.instance_id for s in attempt}
+            keep = {s.instance_id for _, s in alive if s.instance_id in ids}
+            if self.options.distributed and keep == ids:
+                self._write_cluster(attempt)
+        elif alive and not self.options.distributed:
+            region, newest = max(alive, key=lambda rs: (rs[1].launch_time or 0.0, rs[1].instance_id))
+            keep = {newest.instance_id}
+            self._say(f"adopting {newest.instance_id} ({newest.instance_type}, {newest.market}): "
                       "it was launched for this run before the controller stopped")
-            self._begin_segment(keep.instance_id, Pool(keep.instance_type or "?", keep.subnet_id),
-                                keep.market or "spot", fleet_id=None, started_at=keep.launch_time)
+            self._begin_segment(newest.instance_id, Pool(newest.instance_type or "?", newest.subnet_id),
+                                newest.market or "spot", fleet_id=None, started_at=newest.launch_time,
+                                region=region)
+        elif alive:
+            regions = {r for r, _ in alive}
+            kinds = {(s.instance_type, s.availability_zone, s.market) for _, s in alive}
+            if len(regions) == 1 and len(kinds) == 1 and self.options.need <= len(alive) <= self.options.nodes:
+                (region,) = regions
+                found = [s for _, s in alive]
+                self._say(f"adopting {', '.join(s.instance_id for s in found)}: the nodes of an attempt "
+                          "launched for this run before the controller stopped")
+                launched = [LaunchedInstance(s.instance_id, Pool(s.instance_type or "?", s.subnet_id),
+                                             s.market or "spot") for s in found]
+                started = min((s.launch_time for s in found if s.launch_time), default=None)
+                if self._begin_attempt(region, launched, fleet_id=None, started_at=started):
+                    keep = {s.instance_id for s in found}
         # Anything else alive under this run id is a stray (if the state's own instance is
         # gone, the loop records its end; it must not be joined by a second one).
-        extras = [s.instance_id for s in alive if keep is None or s.instance_id != keep.instance_id]
+        extras: dict[str, list[str]] = {}
+        for region, s in alive:
+            if s.instance_id not in keep:
+                extras.setdefault(region, []).append(s.instance_id)
         if extras:
-            self._say(f"terminating {', '.join(extras)}: more than one instance for this run")
-            self.api.terminate(extras)
+            ids = [i for group in extras.values() for i in group]
+            what = "more than one instance for this run" if not self.options.distributed else \
+                "not nodes of this run's attempt"
+            self._say(f"terminating {', '.join(ids)}: {what}")
+            for region, group in extras.items():
+                self._api(region).terminate(group)
 
     def _begin_segment(self, instance_id: str, pool: Pool, market: str, *, fleet_id: str | None,
-                       started_at: float | None = None) -> Segment:
+                       started_at: float | None = None, region: str | None = None) -> Segment:
+        region = region or self.home
+        api = self._api(region)
         now = started_at or self.clock()
         seg = Segment(
             segment_id=instance_id, instance_id=instance_id, instance_type=pool.instance_type,
-            market=market, started_at=now, subnet_id=pool.subnet_id, fleet_id=fleet_id,
+            market=market, started_at=now, subnet_id=pool.subnet_id, fleet_id=fleet_id, region=region,
         )
         try:
-            status = self.api.describe(instance_id)
+            status = api.describe(instance_id)
             seg.availability_zone = status.availability_zone
         except LaunchError:
             pass
         self.book.begin(seg, InstanceInfo(
             cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
-            region=self.api.region, availability_zone=seg.availability_zone, market=market,
+            region=region, availability_zone=seg.availability_zone, market=market,
         ))
-        self._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}); "
+        where = f", {region}" if len(self.regions) > 1 else ""
+        self._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}{where}); "
                   f"segment {len(self.state.segments)}", LaunchEventKind.SEGMENT_STARTED, seg.segment_id)
         return seg
+
+    def _addresses(self, region: str, ids: list[str]) -> dict[str, InstanceStatus] | None:
+        """Every node's status once each has a private address; None if one never gets one
+        (within ``missing_grace_s``) or dies first."""
+        api = self._api(region)
+        end = self.clock() + self.timing.missing_grace_s
+        while True:
+            statuses = api.describe_many(ids)
+            if all(s.private_ip for s in statuses.values()):
+                return statuses
+            if any(s.state not in ("pending", "running", "missing") for s in statuses.values()):
+                return None
+            if self.clock() >= end:
+                return None
+            self.sleep(min(self.timing.poll_s, 2.0))
+
+    def _begin_attempt(self, region: str, launched: list[LaunchedInstance], *, fleet_id: str | None,
+                       started_at: float | None = None) -> list[Segment] | None:
+        """Record the nodes of one attempt and write their cluster files; None (nothing
+        recorded) when they never all got an address."""
+        ids = sorted(i.instance_id for i in launched)  # rank order: see the module docstring
+        by_id = {i.instance_id: i for i in launched}
+        statuses = self._addresses(region, ids)
+        if statuses is None:
+            return None
+        now = started_at or self.clock()
+        k = len({s.group for s in self.state.segments if s.group}) + 1
+        group = f"{self.state.run_id}-a{k}"
+        started: list[tuple[Segment, InstanceInfo]] = []
+        for rank, iid in enumerate(ids):
+            got, st = by_id[iid], statuses[iid]
+            seg = Segment(
+                segment_id=iid, instance_id=iid, instance_type=got.pool.instance_type, market=got.market,
+                started_at=now, availability_zone=st.availability_zone,
+                subnet_id=st.subnet_id or got.pool.subnet_id, fleet_id=fleet_id, group=group, node=rank,
+                region=region,
+            )
+            started.append((seg, InstanceInfo(
+                cloud=Cloud.AWS.value, instance_id=iid, instance_type=seg.instance_type, region=region,
+                availability_zone=seg.availability_zone, market=got.market)))
+        segs = self.book.begin_many(started)
+        self._write_cluster(segs, statuses)
+        head = segs[0]
+        short = f" ({len(segs)} of --nodes {self.options.nodes}: --min-nodes {self.options.need})" \
+            if len(segs) < self.options.nodes else ""
+        self._say(f"running on {len(segs)} node(s){short}: {', '.join(s.instance_id for s in segs)} "
+                  f"({head.instance_type}, {head.market}, {head.availability_zone or '?'}, {region}); "
+                  f"head {statuses[head.instance_id].private_ip}; attempt {group}",
+                  LaunchEventKind.SEGMENT_STARTED, head.segment_id, group=group,
+                  nodes=[s.instance_id for s in segs])
+        return segs
+
+    def _write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None) -> None:
+        """Every node's cluster file (:mod:`spotrun.launch.node`'s format)."""
+        segs = sorted(segs, key=lambda s: s.node or 0)
+        if statuses is None:
+            statuses = self._describe(segs)
+        addresses = {s.instance_id: statuses[s.instance_id].private_ip for s in segs}
+        if not all(addresses.values()):
+            log.warning("no private address for every node of %s yet; cluster files not written", segs[0].group)
+            return
+        write_cluster_files(
+            self.storage, group=segs[0].group or segs[0].segment_id,
+            nodes=[{"instance_id": s.instance_id, "address": str(addresses[s.instance_id])} for s in segs],
+            nproc_per_node=self.options.nproc_per_node or 1,
+            # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
+            # without a straggler when fewer were asked to wait for.
+            min_nodes=self.options.need if self.options.need < len(segs) else None,
+        )
 
     def _end_segment(self, seg: Segment, reason: str, *, exit_code: int | None = None,
                      detail: str | None = None, ended_at: float | None = None) -> None:
@@ -398,94 +710,153 @@ class Ec2Controller:
             log.warning("the deadline is near but --fallback none: staying on spot")
         return "spot", "default"
 
-    def _avoid_pool(self) -> Pool | None:
-        """The pool of the last interrupted spot segment: try the others first."""
+    def _avoid_pool(self) -> tuple[str, Pool] | None:
+        """(region, pool) of the last interrupted spot segment: try the others first."""
         for seg in reversed(self.state.segments):
             if seg.end_reason == "interrupted" and seg.market == "spot" and seg.instance_type:
-                return Pool(seg.instance_type, seg.subnet_id)
+                return seg.region or self.home, Pool(seg.instance_type, seg.subnet_id)
             if seg.end_reason is not None:
                 return None
         return None
 
     def _launch(self) -> LaunchOutcome | None:
+        """Start an attempt: spot (or on-demand) in every pool of every region, in order;
+        None once it runs, or the run's outcome when it must end."""
         market, why = self._choose_market()
         if market is None:
             return self._give_up("failed", why, exit_code=1)
         if market == "on-demand" and why != "default":
             self._say(f"using on-demand: {why}", LaunchEventKind.CAPACITY)
-        all_pools = self.options.pools
         avoid = self._avoid_pool() if market == "spot" else None
-        round_pools = [p for p in all_pools if p != avoid] or all_pools
         started = self.clock()
-        failed: set[Pool] = set()
-        price_blocked: set[Pool] = set()
-        last_errors: list[str] = []
         assert self.state.launch_template_id
         while True:
-            if self.storage.exists(STOP_FILE):
-                return self._stopped_by_request()
-            self.state.attempts += 1
+            errors: list[str] = []
+            price_blocked = True
+            for i, region in enumerate(self.regions):
+                got = self._try_region(region, market, avoid[1] if avoid and avoid[0] == region else None, errors)
+                if isinstance(got, LaunchOutcome):
+                    return got
+                if got is True:
+                    self.wait.got_capacity()
+                    self._save()
+                    return None
+                price_blocked = price_blocked and got == "price"
+                if i + 1 < len(self.regions):
+                    self._say(f"no {market} capacity in any pool of {region}; trying {self.regions[i + 1]}",
+                              LaunchEventKind.CAPACITY)
+            now = self.clock()
+            waited = now - started
+            self.wait.no_capacity(now)
             self._save()
-            result = self.api.create_fleet(
-                run_id=self.state.run_id,
-                template_id=self.state.launch_template_id,
-                pools=round_pools,
-                market=market,
-                max_price=self.options.max_price if market == "spot" else None,
-                client_token=f"spotrun-{self.state.run_id}-{self.state.attempts}",
-            )
-            if result.instances:
-                got, extra = result.instances[0], result.instances[1:]
-                if extra:
-                    self.api.terminate([i.instance_id for i in extra])
-                self._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id)
-                return None
-            hard = [e for e in result.errors if not e.is_capacity]
-            if hard and not any(e.is_capacity for e in result.errors):
-                e = hard[0]
-                raise LaunchError(f"create_fleet ({market}) failed in {e.pool or 'every pool'}: "
-                                  f"{e.code}: {e.message}")
-            if not result.errors:
-                failed.update(round_pools)
-                last_errors = [f"{market}: no instance and no error for {', '.join(map(str, round_pools))}"]
-            for e in result.errors:
-                pools = [e.pool] if e.pool else round_pools
-                failed.update(pools)
-                if e.code in PRICE_ERRORS:
-                    price_blocked.update(pools)
-                msg = f"{market} {e.pool or 'all pools'}: {e.code}"
-                last_errors.append(msg)
-                self._say(f"no capacity: {msg}", LaunchEventKind.CAPACITY)
-            remaining = [p for p in all_pools if p not in failed]
-            if remaining:
-                round_pools = remaining  # the next pool(s), in the same round
-                continue
-            waited = self.clock() - started
             if market == "spot" and self.options.fallback == "on-demand":
                 reason = None
-                if price_blocked >= set(all_pools):
+                if price_blocked:
                     reason = f"spot is above --max-price {self.options.max_price} in every pool"
                 elif waited >= self.timing.spot_wait_s:
                     reason = f"no spot capacity for {waited:.0f}s"
                 elif self._deadline_at_risk():
                     reason = "the deadline is near"
+                elif self.wait.expired(now):
+                    reason = f"no spot capacity for {fmt_wait(self.wait.waited(now))}"
                 if reason is not None:
                     self._say(f"falling back to on-demand: {reason}", LaunchEventKind.CAPACITY)
                     market = "on-demand"
-                    failed.clear()
-                    price_blocked.clear()
-                    round_pools = all_pools
+                    avoid = None
                     continue
-            if waited >= self.timing.capacity_timeout_s:
+            expired = self.wait.expired(now)
+            if expired is not None:
+                if self.options.max_wait_s is not None:
+                    url = self.storage.display()
+                    return self._give_up("failed", f"{expired}; checkpoints kept. To keep waiting: "
+                                         f"spotrun launch --resume {url} --max-wait DURATION", exit_code=1)
+                pools = [f"{p}" + (f" in {r}" if len(self.regions) > 1 else "")
+                         for r in self.regions for p in self.options.pools_in(r, self.home)]
                 raise CapacityError(
-                    f"no {market} capacity in {', '.join(map(str, all_pools))} for {waited:.0f}s "
-                    f"({'; '.join(last_errors[-len(all_pools):])}); add instance types or subnets, "
+                    f"no {market} capacity in {', '.join(pools)} for {self.wait.waited(now):.0f}s "
+                    f"({'; '.join(errors[-len(pools):])}); add instance types, subnets or --regions, "
                     "or allow --fallback on-demand"
                 )
             self.sleep(self.timing.capacity_retry_s)
-            failed.clear()
-            price_blocked.clear()
-            round_pools = all_pools
+
+    def _try_region(self, region: str, market: str, avoid: Pool | None, errors: list[str]) -> Any:
+        """One region's pools, each until one gives the attempt: True when it runs, the run's
+        outcome when a stop came, else ``"price"`` (every pool above --max-price) or False."""
+        api = self._api(region)
+        template = self._ensure_template(region)
+        group_name = self._placement(region)
+        all_pools = self.options.pools_in(region, self.home)
+        ordered = [p for p in all_pools if p != avoid] + [p for p in all_pools if p == avoid]
+        round_pools = [p for p in ordered if p != avoid] or ordered
+        n, need = self.options.nodes, self.options.need
+        failed: set[Pool] = set()
+        price_blocked: set[Pool] = set()
+        where = f" in {region}" if len(self.regions) > 1 else ""
+        while True:
+            if self.storage.exists(STOP_FILE):
+                return self._stopped_by_request()
+            # N nodes come from one pool per request (one type, one zone); one instance
+            # from whichever of the pools EC2 finds best.
+            request = round_pools[:1] if n > 1 else round_pools
+            self.state.attempts += 1
+            self._save()
+            result = api.create_fleet(
+                run_id=self.state.run_id,
+                template_id=template,
+                pools=request,
+                market=market,
+                max_price=self.options.max_price if market == "spot" else None,
+                client_token=f"spotrun-{self.state.run_id}-{self.state.attempts}",
+                count=n,
+                min_count=need if n > 1 else None,
+                placement_group=group_name,
+            )
+            if n > 1:
+                result = api.release_if_short(result, need)
+            if result.instances and self._start(region, result):
+                return True
+            hard = [e for e in result.errors if not e.is_capacity]
+            if hard and not any(e.is_capacity for e in result.errors):
+                e = hard[0]
+                raise LaunchError(f"create_fleet ({market}) failed in {e.pool or 'every pool'}{where}: "
+                                  f"{e.code}: {e.message}")
+            if not result.errors:
+                failed.update(request)
+                errors.append(f"{market}: no instance and no error for {', '.join(map(str, request))}{where}")
+            for e in result.errors:
+                pools = [e.pool] if e.pool else request
+                failed.update(pools)
+                if e.code in PRICE_ERRORS:
+                    price_blocked.update(pools)
+                msg = f"{market} {e.pool or 'all pools'}{where}: {e.code}"
+                errors.append(msg)
+                self._say(f"no capacity: {msg}", LaunchEventKind.CAPACITY)
+            remaining = [p for p in ordered if p not in failed]
+            if remaining:
+                round_pools = remaining  # the next pool(s), in the same round
+                continue
+            return "price" if price_blocked >= set(all_pools) else False
+
+    def _start(self, region: str, result: FleetResult) -> bool:
+        """Record what a fleet gave as the running attempt; False (instances terminated) when
+        the nodes could not be wired up."""
+        api = self._api(region)
+        if not self.options.distributed:
+            got, extra = result.instances[0], result.instances[1:]
+            if extra:
+                api.terminate([i.instance_id for i in extra])
+            self._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
+            return True
+        launched, extra = result.instances[: self.options.nodes], result.instances[self.options.nodes:]
+        if extra:
+            api.terminate([i.instance_id for i in extra])
+        if self._begin_attempt(region, launched, fleet_id=result.fleet_id) is None:
+            ids = [i.instance_id for i in launched]
+            self._say(f"terminating {', '.join(ids)}: not every node got a private address",
+                      LaunchEventKind.WARNING)
+            api.terminate(ids)
+            return False
+        return True
 
     def _read_exit_record(self, seg: Segment) -> int | None:
         rel = exit_record_path(seg.segment_id)
@@ -526,9 +897,41 @@ class Ec2Controller:
         reason, code, detail = self.classify(seg, status)
         ended_at = self._gone_at(seg, status)
         if status.state in ("stopped", "stopping"):
-            self.api.terminate([seg.instance_id])
+            self._terminate([seg])
         self._end_segment(seg, reason, exit_code=code, detail=detail, ended_at=ended_at)
         self._say(f"{seg.instance_id} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, seg.segment_id)
+        return self._after_attempt(reason, detail)
+
+    def _attempt_over(self, attempt: list[Segment], statuses: dict[str, InstanceStatus],
+                      gone: list[Segment]) -> LaunchOutcome | None:
+        """A node of an N-node attempt is gone: the attempt is over, for every node."""
+        verdicts = {s.segment_id: self.classify(s, statuses[s.instance_id]) for s in gone}
+        reasons = {v[0] for v in verdicts.values()}
+        if "finished" in reasons:
+            return self._finish()
+        # A vanished node makes the others' collectives fail: the first cause wins.
+        reason = next(r for r in ("interrupted", "stopped", "failed") if r in reasons)
+        first = next(s for s in gone if verdicts[s.segment_id][0] == reason)
+        why = f"node {first.node} ({first.instance_id}) {verdicts[first.segment_id][2]}"
+        still = [s for s in attempt if statuses[s.instance_id].state not in ("terminated", "shutting-down", "missing")]
+        if still:
+            self._say(f"terminating {', '.join(s.instance_id for s in still)}: {why}; the attempt cannot go on "
+                      "without it (their shutdown sends SIGTERM, so the command may commit)")
+            self._terminate(still)
+        now = self.clock()
+        for seg in attempt:
+            if seg in gone:
+                _, code, detail = verdicts[seg.segment_id]
+                ended_at = self._gone_at(seg, statuses[seg.instance_id])
+            else:
+                code, detail, ended_at = None, f"terminated by spotrun: {why}", now
+            self._end_segment(seg, reason, exit_code=code, detail=detail, ended_at=ended_at)
+        self._say(f"attempt {attempt[0].group} ended: {reason} ({why}); {len(attempt)} node(s)",
+                  LaunchEventKind.SEGMENT_ENDED, first.segment_id, group=attempt[0].group)
+        return self._after_attempt(reason, why)
+
+    def _after_attempt(self, reason: str, detail: str) -> LaunchOutcome | None:
+        """Count an ended attempt (one per attempt, however many nodes) and say what next."""
         if reason == "finished":
             return self._finish()
         if reason == "interrupted":
@@ -545,27 +948,28 @@ class Ec2Controller:
                                  f"--max-failures {self.options.max_failures})", exit_code=1)
         return None
 
-    def _wait_gone(self, instance_id: str, timeout: float) -> InstanceStatus:
+    def _wait_gone(self, segs: list[Segment], timeout: float) -> dict[str, InstanceStatus]:
         end = self.clock() + timeout
-        status = self.api.describe(instance_id)
-        while status.alive and self.clock() < end:
+        statuses = self._describe(segs)
+        while any(s.alive for s in statuses.values()) and self.clock() < end:
             self.sleep(min(self.timing.poll_s, max(0.0, end - self.clock())))
-            status = self.api.describe(instance_id)
-        return status
+            statuses = self._describe(segs)
+        return statuses
 
     def _finish(self) -> LaunchOutcome:
-        cur = self.state.current
-        if cur is not None:
-            status = self._wait_gone(cur.instance_id, self.timing.finish_grace_s)
-            ended_at = None
-            if status.alive:
-                self._say(f"terminating {cur.instance_id}: the run is done but it did not shut down")
-                self.api.terminate([cur.instance_id])
-            else:
-                ended_at = self._gone_at(cur, status)
-            code = self._read_exit_record(cur)
-            self._end_segment(cur, "finished", exit_code=code, detail=_finished_detail(code),
-                              ended_at=ended_at)
+        attempt = self.state.running
+        if attempt:
+            statuses = self._wait_gone(attempt, self.timing.finish_grace_s)
+            alive = [s for s in attempt if statuses[s.instance_id].alive]
+            if alive:
+                self._say(f"terminating {', '.join(s.instance_id for s in alive)}: the run is done but "
+                          f"{'it' if len(alive) == 1 else 'they'} did not shut down")
+                self._terminate(alive)
+            for seg in attempt:
+                ended_at = None if seg in alive else self._gone_at(seg, statuses[seg.instance_id])
+                code = self._read_exit_record(seg)
+                self._end_segment(seg, "finished", exit_code=code, detail=_finished_detail(code),
+                                  ended_at=ended_at)
         self._cleanup_template()
         self.state.status = "finished"
         self.state.message = "done.json written"
@@ -575,15 +979,26 @@ class Ec2Controller:
         return LaunchOutcome("finished", 0, "finished", len(self.state.segments), self.state.interruptions)
 
     def _cleanup_template(self) -> None:
-        if self.state.launch_template_id:
-            self.api.delete_launch_template(self.state.launch_template_id)
-            self.state.launch_template_id = None
+        """Delete the run's launch templates and placement groups in every region."""
+        templates = dict(self.state.launch_templates)
+        if self.state.launch_template_id and not templates:
+            templates[self.home] = self.state.launch_template_id  # recorded only the old way
+        for region, tid in templates.items():
+            self._api(region).delete_launch_template(tid)
+        self.state.launch_templates.clear()
+        self.state.launch_template_id = None
+        for region, name in list(self.state.placement_groups.items()):
+            # Nodes just terminated keep the group "in use" while they shut down.
+            if self._api(region).delete_placement_group(name, wait_s=self.timing.cleanup_wait_s,
+                                                        sleep=self.sleep):
+                del self.state.placement_groups[region]
 
     def _give_up(self, status: str, why: str, *, exit_code: int) -> LaunchOutcome:
-        cur = self.state.current
-        if cur is not None:
-            self.api.terminate([cur.instance_id])
-            self._end_segment(cur, "stopped" if status == "stopped" else "failed", detail=why)
+        attempt = self.state.running
+        if attempt:
+            self._terminate(attempt)
+            for seg in attempt:
+                self._end_segment(seg, "stopped" if status == "stopped" else "failed", detail=why)
         self._cleanup_template()
         self.state.status = status
         self.state.message = why
@@ -591,13 +1006,32 @@ class Ec2Controller:
         self._say(f"run {status}: {why}", LaunchEventKind.OUTCOME)
         return LaunchOutcome(status, exit_code, why, len(self.state.segments), self.state.interruptions)
 
+    def _terminate_all(self) -> list[str]:
+        """Terminate every instance of the run, in every region used (what ``stop`` does)."""
+        found: dict[str, list[str]] = {}
+        for region, s in self._alive_everywhere(("pending", "running", "stopping", "stopped")):
+            found.setdefault(region, []).append(s.instance_id)
+        for region, ids in found.items():
+            self._api(region).terminate(ids)
+        return [i for ids in found.values() for i in ids]
+
     def _stopped_by_request(self) -> LaunchOutcome:
         self.storage.remove(STOP_FILE)
-        alive = [s.instance_id for s in self.api.find_run_instances(self.state.run_id)
-                 if s.state not in ("terminated", "shutting-down")]
-        if alive:
-            self.api.terminate(alive)
+        self._terminate_all()
         return self._give_up("stopped", "stopped by spotrun stop; checkpoints kept", exit_code=0)
+
+    def _over_budget(self) -> str | None:
+        """The ``--max-cost`` reason to stop, once the run's spend reached it."""
+        if self.options.max_cost_usd is None:
+            return None
+        return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running])
+
+    def _budget_stop(self, why: str) -> LaunchOutcome:
+        """Stop as ``spotrun stop`` does (the shutdown SIGTERMs the command, which commits)."""
+        url = self.storage.display()
+        self._terminate_all()
+        return self._give_up("stopped", f"{why}; checkpoints kept. To continue, raise the limit: "
+                             f"spotrun launch --resume {url} --max-cost USD", exit_code=1)
 
     # -- Ctrl-C ------------------------------------------------------------------------
 
@@ -605,41 +1039,45 @@ class Ec2Controller:
         """Never leave an instance running without saying so (see ``on_ctrl_c``)."""
         url = self.storage.display()
         try:
-            alive = [s for s in self.api.find_run_instances(self.state.run_id)
-                     if s.state in ("pending", "running")]
+            alive = self._alive_everywhere()
         except Exception as exc:  # noqa: BLE001 - we must still say something useful
-            cur = self.state.current
+            running = self.state.running
+            ids = ", ".join(s.instance_id for s in running)
             self._say(f"interrupted; could not list the run's instances ({exc}). "
-                      f"{'Instance ' + cur.instance_id + ' may still be running. ' if cur else ''}"
+                      f"{'Instance ' + ids + ' may still be running. ' if running else ''}"
                       f"Stop everything with: spotrun stop {url}")
             return LaunchOutcome("detached", 130, "interrupted", len(self.state.segments), self.state.interruptions)
         if not alive:
             self._say(f"interrupted; no instance is running for this run. Resume with: spotrun launch --resume {url}")
             self._save()
             return LaunchOutcome("detached", 130, "interrupted", len(self.state.segments), self.state.interruptions)
-        desc = ", ".join(f"{s.instance_id} ({s.instance_type} {s.market} in {s.availability_zone})" for s in alive)
+        desc = ", ".join(f"{s.instance_id} ({s.instance_type} {s.market} in {s.availability_zone})" for _, s in alive)
         choice = self.on_ctrl_c(desc) if callable(self.on_ctrl_c) else self.on_ctrl_c
         if choice not in ("terminate", "leave"):
             choice = "terminate"  # never leave compute running unless told to
+        by_region: dict[str, list[str]] = {}
+        for region, s in alive:
+            by_region.setdefault(region, []).append(s.instance_id)
         if choice == "terminate":
-            ids = [s.instance_id for s in alive]
-            self.api.terminate(ids)
-            cur = self.state.current
-            if cur is not None:
-                self._end_segment(cur, "stopped", detail="Ctrl-C on the controller")
+            for region, ids in by_region.items():
+                self._api(region).terminate(ids)
+            for seg in self.state.running:
+                self._end_segment(seg, "stopped", detail="Ctrl-C on the controller")
             self.state.status = "stopped"
             self.state.message = "Ctrl-C on the controller"
             self._save()
-            self._say(f"terminated {', '.join(ids)} (its shutdown sends SIGTERM, so the command "
+            all_ids = [s.instance_id for _, s in alive]
+            self._say(f"terminated {', '.join(all_ids)} (its shutdown sends SIGTERM, so the command "
                       f"commits a checkpoint). Checkpoints are kept at {url}. "
                       f"Resume with: spotrun launch --resume {url}")
             return LaunchOutcome("stopped", 130, "Ctrl-C", len(self.state.segments), self.state.interruptions)
         self._save()
-        region = self.api.region
-        self._say(f"left running: {desc} in {region}; it keeps training into {url} but nothing "
+        regions = ", ".join(by_region)
+        commands = "; ".join(f"aws ec2 terminate-instances --region {region} --instance-ids {' '.join(ids)}"
+                             for region, ids in by_region.items())
+        self._say(f"left running: {desc} in {regions}; it keeps training into {url} but nothing "
                   f"relaunches it now. Watch it again: spotrun launch --resume {url}; stop it: "
-                  f"spotrun stop {url} (or aws ec2 terminate-instances --region {region} "
-                  f"--instance-ids {' '.join(s.instance_id for s in alive)})")
+                  f"spotrun stop {url} (or {commands})")
         return LaunchOutcome("detached", 130, "Ctrl-C, instance left running", len(self.state.segments),
                              self.state.interruptions)
 
@@ -654,25 +1092,67 @@ def _finished_detail(code: int | None) -> str:
     return f"done.json written; warning: the command then exited with code {code}, ignored"
 
 
+def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, str]], nproc_per_node: int,
+                        min_nodes: int | None) -> list[str]:
+    """Write every node's cluster file, ``launch/nodes/<instance id>.json``
+    (:class:`spotrun.launch.node.ClusterSpec`: ``segment`` and ``rdzv_id`` are the attempt's
+    group id, new for every attempt; node 0 hosts the rendezvous)."""
+    from .node import ClusterSpec, write_cluster
+
+    spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
+                       min_nodes=min_nodes)
+    return write_cluster(storage, spec)
+
+
 class Ec2Backend:
     """EC2's part in ``spotrun status`` and ``spotrun stop`` (see :class:`~.base.Backend`)."""
 
     mode = "ec2"
 
+    @staticmethod
+    def _regions(state: LaunchState) -> list[str | None]:
+        """Every region the run used (home first; None: the SDK's default region)."""
+        opts = state.options
+        out: list[str | None] = list(opts.get("regions") or []) or [opts.get("region")]
+        for seg in state.segments:
+            if seg.region and seg.region not in out:
+                out.append(seg.region)
+        return out
+
     def current_details(self, state: LaunchState, segment: Segment, *, live: bool) -> dict[str, Any]:
         if not live:
             return {}
         try:
-            return {"state": Ec2Api.for_region(state.options.get("region")).describe(segment.instance_id).state}
+            region = segment.region or self._regions(state)[0]
+            return {"state": Ec2Api.for_region(region).describe(segment.instance_id).state}
         except Exception as exc:  # noqa: BLE001 - status must work without AWS access
             return {"state_error": str(exc)}
+
+    def nodes_details(self, state: LaunchState, segments: list[Segment], *, live: bool) -> dict[str, dict[str, Any]]:
+        """:meth:`current_details` for every node of the running attempt: one call per region."""
+        out: dict[str, dict[str, Any]] = {s.instance_id: {} for s in segments}
+        if not live:
+            return out
+        home = self._regions(state)[0]
+        by_region: dict[str | None, list[str]] = {}
+        for seg in segments:
+            by_region.setdefault(seg.region or home, []).append(seg.instance_id)
+        for region, ids in by_region.items():
+            try:
+                for iid, st in Ec2Api.for_region(region).describe_many(ids).items():
+                    out[iid] = {"state": st.state}
+            except Exception as exc:  # noqa: BLE001 - status must work without AWS access
+                for iid in ids:
+                    out[iid] = {"state_error": str(exc)}
+        return out
 
     def stop(self, storage: Storage, state: LaunchState, *, wait_s: float | None,
              sleep: Callable[[float], None]) -> dict[str, Any]:
         """Ask a live controller to stop (``launch/stop.json``) and terminate every instance
-        tagged with the run id here, so it works with or without a controller."""
+        tagged with the run id in every region the run used, so it works with or without a
+        controller."""
         result: dict[str, Any] = {"terminated": []}
-        api = Ec2Api.for_region(state.options.get("region"))
+        apis = [Ec2Api.for_region(r) for r in self._regions(state)]
         alive_controller = state.controller_alive()
         if alive_controller and state.controller_host == socket.gethostname() and state.controller_pid:
             try:
@@ -682,10 +1162,11 @@ class Ec2Backend:
             except PermissionError:
                 pass
         storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
-        ids = [s.instance_id for s in api.find_run_instances(state.run_id)
-               if s.state not in ("terminated", "shutting-down")]
-        api.terminate(ids)
-        result["terminated"] = ids
+        for api in apis:
+            ids = [s.instance_id for s in api.find_run_instances(state.run_id)
+                   if s.state not in ("terminated", "shutting-down")]
+            api.terminate(ids)
+            result["terminated"] += ids
         if alive_controller:
             # The controller writes the ledger and the state; give it a few polls to notice.
             deadline = time.time() + (wait_s if wait_s is not None else max(30.0, 3 * (state.poll_s or 0)))

@@ -68,6 +68,9 @@ class Segment:
     #: node's index in its cluster file. None for a single-instance segment.
     group: str | None = None
     node: int | None = None
+    #: The EC2 region the instance ran in (None in states written before region failover:
+    #: the run's ``--region``).
+    region: str | None = None
 
     @property
     def open(self) -> bool:
@@ -93,15 +96,29 @@ class LaunchState:
     heartbeat_at: float | None = None
     poll_s: float | None = None
     message: str | None = None
+    #: region -> the run's launch template there (``launch_template_id`` is the home
+    #: region's, kept for states and tools that know only one).
+    launch_templates: dict[str, str] = field(default_factory=dict)
+    #: region -> the run's cluster placement group there (``--placement-group``).
+    placement_groups: dict[str, str] = field(default_factory=dict)
+    #: When a full round of every pool (every region, every market allowed) last found no
+    #: capacity, None once capacity came (``--max-wait`` counts from it across ``--resume``).
+    waiting_since: float | None = None
     version: int = STATE_VERSION
 
     @property
     def current(self) -> Segment | None:
-        """The segment still running (at most one), or None."""
-        for seg in reversed(self.segments):
-            if seg.open:
-                return seg
-        return None
+        """The segment still running (at most one per run; for an N-node run, node 0 of
+        the running attempt), or None."""
+        running = self.running
+        return running[0] if running else None
+
+    @property
+    def running(self) -> list[Segment]:
+        """The open segments: the running attempt's nodes in rank order (one for a
+        single-node run), or [] when nothing runs."""
+        found = [s for s in self.segments if s.open]
+        return sorted(found, key=lambda s: s.node or 0)
 
     def touch(self, poll_s: float | None = None) -> None:
         self.controller_pid = os.getpid()

@@ -32,6 +32,7 @@ def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
         if r["event"] == "segment_started":
             s["instance"] = r.get("instance")
             s["started_at"] = r.get("started_at")
+            s["region"] = (r.get("instance") or {}).get("region")
             if r.get("group") is not None:  # a node of a multi-node attempt
                 s["group"], s["node"] = r["group"], r.get("node")
         else:
@@ -91,9 +92,38 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
         if state is not None:
             current.update(backend_for(state.mode).current_details(state, cur, live=live))
         out["current"] = current
+    running = state.running if state else []
+    if state is not None and (len(running) > 1 or (running and running[0].group)):
+        out["attempt"] = _attempt(state, running, live=live)
+    else:
+        out["attempt"] = None
     report = cost_report(storage, offline=offline)
     out["cost"] = report.to_dict() if report is not None else None
+    if state is not None:
+        from .limits import limits_status
+
+        spent = out["cost"]["totals"].get("cost_usd") if out["cost"] else None
+        out["limits"] = limits_status(state.options, storage, waiting_since=state.waiting_since,
+                                      spent_usd=spent)
+    else:
+        out["limits"] = None
     return out
+
+
+def _attempt(state: Any, running: list[Any], *, live: bool) -> dict[str, Any]:
+    """The running attempt of a multi-node run: its nodes, in rank order, with their state."""
+    backend = backend_for(state.mode)
+    many = getattr(backend, "nodes_details", None)
+    if many is not None:
+        details = many(state, running, live=live)
+    else:
+        details = {s.instance_id: backend.current_details(state, s, live=live) for s in running}
+    nodes = [{"node": s.node, "segment_id": s.segment_id, "instance_id": s.instance_id,
+              "instance_type": s.instance_type, "market": s.market, "region": s.region,
+              "availability_zone": s.availability_zone, **details.get(s.instance_id, {})}
+             for s in running]
+    return {"group": running[0].group, "nodes": nodes,
+            "requested_nodes": int(state.options.get("nodes") or len(running))}
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -110,16 +140,32 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"writer     {writer['text'] if writer else 'none (no lease)'}")
     lines.append(f"segments   {len(st['segments'])}, interruptions {st['interruptions']}, "
                  f"failures {st['failures']}")
+    regions = {s.get("region") for s in st["segments"] if s.get("region")}
     for s in st["segments"]:
         inst = s.get("instance") or {}
         dur = (s.get("ended_at") or time.time()) - (s.get("started_at") or time.time())
+        where = f" {s.get('region') or '?':<14}" if len(regions) > 1 else ""
+        node = f"  node {s['node']} of {s['group']}" if s.get("group") is not None else ""
         lines.append(f"  {s['segment_id']:<22} {inst.get('instance_type') or '?':<12} "
-                     f"{inst.get('market') or '?':<9} {fmt_duration(dur):>9}  {s.get('reason') or 'running'}")
+                     f"{inst.get('market') or '?':<9}{where} {fmt_duration(dur):>9}  "
+                     f"{s.get('reason') or 'running'}{node}")
     cur = st["current"]
     if cur:
         extra = f", EC2 state {cur['state']}" if cur.get("state") else ""
         lines.append(f"current    {cur['instance_id']} ({cur['instance_type']} {cur['market']} "
                      f"in {cur['availability_zone'] or '?'}), up {cur['running_for_s']:.0f}s{extra}")
+    att = st.get("attempt")
+    if att:
+        lines.append(f"nodes      {len(att['nodes'])} of {att['requested_nodes']} in attempt {att['group']}")
+        label = "EC2 state" if st["mode"] == "ec2" else "state"
+        for n in att["nodes"]:
+            state = n.get("state") or n.get("state_error") or "?"
+            where = ", ".join(w for w in (n["availability_zone"], n["region"]) if w) or "?"
+            lines.append(f"  node {n['node']}: {n['instance_id']} ({n['instance_type']} {n['market']} in "
+                         f"{where}), {label} {state}")
+    lim = st.get("limits")
+    if lim and lim.get("text"):
+        lines += lim["text"]
     if st["message"]:
         lines.append(f"last word  {st['message']}")
     cost = st.get("cost")
