@@ -253,3 +253,21 @@ def test_spotrun_stop_then_same_command_continues(tmp_path: Path, script: Path, 
     assert f"resuming after step {stopped_at}" in out
     assert json.loads((run / "final.json").read_text()) == {"w": expected_weight(steps)}
     assert launcher_segments(run) == [("sim-1", "stopped"), ("sim-2", "finished")]
+
+
+def test_max_cost_stops_the_run_keeping_its_checkpoint(tmp_path: Path, script: Path, child_env: dict) -> None:
+    """--max-cost: the simulator prices the run as it goes and stops it like Ctrl-C (one SIGINT,
+    the command commits) once the ledger's spend reaches the limit; exit 1 names the limit."""
+    run = tmp_path / "run"
+    # g5.xlarge spot in the shipped snapshot is about $0.30/h: $0.0002 is 2-3 s of compute.
+    proc = launcher(child_env, run, "--interruptions", "0", "--max-cost", "0.0002",
+                    cmd=[sys.executable, str(script), "100000", "20", "0.01"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "of --max-cost" in out and "higher --max-cost" in out, out
+    state = load_state(Storage(str(run)))
+    assert state.status == "stopped" and state.segments[-1].end_reason == "stopped"
+    step = last_checkpoint(Storage(str(run)))
+    assert step is not None and step < 100000  # the stop checkpoint, not a finished run
+    assert not (run / "done.json").exists()
+    assert f"checkpoint at step {step} kept" in out  # the message says where to go on from

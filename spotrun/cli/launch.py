@@ -243,9 +243,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--regions", type=_csv, default=None, metavar="R1,R2",
                      help="regions in order of preference, home first: when no pool of one has spot "
                      "capacity, try the next before on-demand (--subnets apply to the home region)")
-    ec2.add_argument("--max-cost", type=_usd, default=None, metavar="USD",
-                     help="stop (keeping the checkpoint) once the run spent this much; with --resume: "
-                     "the new limit")
+    p.add_argument("--max-cost", type=_usd, default=None, metavar="USD",
+                   help="stop (keeping the checkpoint, exit 1) once the run's ledger says it spent this "
+                   "much (--local: priced as --instance-type); with --resume: the new limit")
     ec2.add_argument("--max-wait", type=_wait, default=None, metavar="DURATION",
                      help="give up after this long without capacity anywhere (90m, 6h, 2d); with "
                      "--resume: the new limit")
@@ -277,12 +277,15 @@ def _launch(args: argparse.Namespace) -> int:
             raise ConfigError("no command; usage: spotrun launch --local -- python train.py")
         if args.name is not None:
             check_run_name(args.name)
+        if args.max_wait is not None:
+            raise ConfigError("--max-wait is for EC2 runs (local mode never waits for capacity); drop it")
         url = args.run_url or default_run_url(cmd, args.name)
         opts = LocalOptions(
             run_url=url, command=cmd, interruptions=args.interruptions,
             instance_type=args.instance_type, grace_s=args.grace, seed=args.seed,
             mean_interval=args.mean_interval, max_failures=args.max_failures,
             nodes=args.nodes, nproc_per_node=args.nproc_per_node, node_losses=args.node_losses,
+            max_cost_usd=args.max_cost,
         )
         storage = Storage(url)
         return _run_launcher(LocalLauncher(storage, opts, on_event=print_event), storage, offline=True)
