@@ -31,6 +31,8 @@ from moto.ec2.models.instances import StateReason
 
 import spotrun
 from spotrun.errors import ConfigError, SaveError
+from helpers import FakePlacementGroups
+
 from spotrun.cli.launch import print_cost_report
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
@@ -61,6 +63,7 @@ _S3 = {
 _IMPLIED = {
     "ec2:CreateFleet": ["ec2:RunInstances", "ec2:CreateTags", "iam:PassRole", "iam:CreateServiceLinkedRole"],
     "ec2:CreateLaunchTemplate": ["ec2:CreateTags"],
+    "ec2:CreatePlacementGroup": ["ec2:CreateTags"],  # tagged with the run id on create
 }
 
 
@@ -201,6 +204,20 @@ def _controller_cycle(world: dict, bucket: str, tmp_path: Path) -> str:
     return run_id
 
 
+def _multi_node_cycle(world: dict, bucket: str) -> None:
+    """A 2-node launch in a placement group, to its finish (moto has no placement groups: the
+    fake answers them after botocore validated the request, so the calls are recorded)."""
+    FakePlacementGroups(world["ec2"])
+    storage = Storage(f"s3://{bucket}/runs/nodes")
+    opts = Ec2Options(run_url=storage.url, command=["python", "train.py"], instance_types=["g5.12xlarge"],
+                      region=REGION, subnets=world["subnets"][:1], ami=world["ami"],
+                      iam_instance_profile=world["profile"], nodes=2, nproc_per_node=4, placement_group=True)
+    ctl = Ec2Controller.start(storage, Ec2Api(world["ec2"]), opts, timing=FAST)
+    ctl.sleep = lambda _s: storage.write_bytes("done.json", b"{}")
+    assert ctl.run().status == "finished"
+    assert len(ctl.state.segments) == 2
+
+
 def _instance_cycle(bucket: str, fault_proxy: Any, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPOTRUN_S3_PART_MIB", "5")
     monkeypatch.setenv("SPOTRUN_S3_RETRIES", "0")
@@ -235,6 +252,8 @@ def test_documented_iam_is_exactly_what_the_code_calls(ec2_world: dict, s3_bucke
     rec = Recorder(monkeypatch)
     run_id = _controller_cycle(ec2_world, s3_bucket, tmp_path)
     controller = actions_for(rec.take())
+    _multi_node_cycle(ec2_world, s3_bucket)
+    placement = actions_for(rec.take()) - controller
     _instance_cycle(s3_bucket, fault_proxy, moto_server, monkeypatch)
     instance = actions_for(rec.take())
     # (Checked after recording: these are the test's calls, not the code's.)
@@ -244,6 +263,10 @@ def test_documented_iam_is_exactly_what_the_code_calls(ec2_world: dict, s3_bucke
 
     docs = documented_policies()
     ctl_policy, node_policy = docs["The controller"], docs["The instance profile"]
+    pg_policy = docs["Multi-node with `--placement-group` (the controller, in addition)"]
+    assert granted(pg_policy) - granted(ctl_policy) == placement, (
+        f"placement groups: missing from the doc: {sorted(placement - granted(pg_policy))}; "
+        f"granted but never called: {sorted(granted(pg_policy) - granted(ctl_policy) - placement)}")
     assert granted(ctl_policy) == controller, (
         f"missing from the doc: {sorted(controller - granted(ctl_policy))}; "
         f"granted but never called: {sorted(granted(ctl_policy) - controller)}")
