@@ -25,15 +25,14 @@ from typing import Any
 import boto3
 import pytest
 import torch
+from helpers import FakePlacementGroups
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models.instances import StateReason
 
 import spotrun
-from spotrun.errors import ConfigError, SaveError
-from helpers import FakePlacementGroups
-
 from spotrun.cli.launch import print_cost_report
+from spotrun.errors import ConfigError, SaveError
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
 from spotrun.launch.status import run_status, stop_run
