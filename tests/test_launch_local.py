@@ -255,12 +255,15 @@ def test_spotrun_stop_then_same_command_continues(tmp_path: Path, script: Path, 
     assert launcher_segments(run) == [("sim-1", "stopped"), ("sim-2", "finished")]
 
 
+@pytest.mark.slow
 def test_max_cost_stops_the_run_keeping_its_checkpoint(tmp_path: Path, script: Path, child_env: dict) -> None:
     """--max-cost: the simulator prices the run as it goes and stops it like Ctrl-C (one SIGINT,
     the command commits) once the ledger's spend reaches the limit; exit 1 names the limit."""
     run = tmp_path / "run"
-    # g5.xlarge spot in the shipped snapshot is about $0.30/h: $0.0002 is 2-3 s of compute.
-    proc = launcher(child_env, run, "--interruptions", "0", "--max-cost", "0.0002",
+    # p4d.24xlarge spot in the shipped snapshot is about $6.6/h: $0.03 is about 16 s of
+    # compute, time enough for the child to start (slowly, on a loaded box) and commit.
+    proc = launcher(child_env, run, "--interruptions", "0", "--instance-type", "p4d.24xlarge",
+                    "--max-cost", "0.03",
                     cmd=[sys.executable, str(script), "100000", "20", "0.01"])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
