@@ -13,15 +13,15 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import ConfigError
 from ..storage import Storage
 
 if TYPE_CHECKING:
-    from ..launch.base import LaunchEvent, Launcher
+    from ..launch.base import Launcher, LaunchEvent
 
-__all__ = ["ask_ctrl_c", "parse_deadline", "print_event", "register"]
+__all__ = ["ask_ctrl_c", "event_printer", "parse_deadline", "register"]
 
 
 def _csv(value: str) -> list[str]:
@@ -129,9 +129,16 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def print_event(event: LaunchEvent) -> None:
-    """The CLI's sink for a launcher's events: one ``spotrun: ...`` line each, on stdout."""
-    print(f"spotrun: {event.message}", flush=True)
+def event_printer(stream: TextIO | None = None) -> Callable[[LaunchEvent], None]:
+    """The CLI's sink for a launcher's events: one ``spotrun: ...`` line each, on ``stream``
+    (default: stdout as it is now; bound once, so a launcher running in a thread keeps
+    writing where it started even if another part of the program swaps sys.stdout)."""
+    out = stream if stream is not None else sys.stdout
+
+    def print_event(event: LaunchEvent) -> None:
+        print(f"spotrun: {event.message}", file=out, flush=True)
+
+    return print_event
 
 
 def ask_ctrl_c(description: str) -> str:
@@ -288,7 +295,7 @@ def _launch(args: argparse.Namespace) -> int:
             max_cost_usd=args.max_cost,
         )
         storage = Storage(url)
-        return _run_launcher(LocalLauncher(storage, opts, on_event=print_event), storage, offline=True)
+        return _run_launcher(LocalLauncher(storage, opts, on_event=event_printer()), storage, offline=True)
 
     from ..launch.controller import Ec2Controller, Ec2Options, Timing
     from ..launch.ec2 import Ec2Api
@@ -298,7 +305,7 @@ def _launch(args: argparse.Namespace) -> int:
     if on_ctrl_c == "ask":
         # Only a person at a terminal can answer; anywhere else never leave compute running.
         on_ctrl_c = ask_ctrl_c if sys.stdin is not None and sys.stdin.isatty() else "terminate"
-    kwargs = dict(timing=timing, on_ctrl_c=on_ctrl_c, on_event=print_event)
+    kwargs = dict(timing=timing, on_ctrl_c=on_ctrl_c, on_event=event_printer())
     if args.resume:
         if cmd:
             raise ConfigError("--resume takes no command: the run's own is used")

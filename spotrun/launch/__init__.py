@@ -17,7 +17,14 @@ Both are backends of one shape (:mod:`.base`): a :class:`Launcher` whose ``run()
 
 from __future__ import annotations
 
-from .base import Backend, LaunchEvent, LaunchEventKind, LaunchOutcome, Launcher, backend_for
+from .base import (
+    Backend,
+    Launcher,
+    LaunchEvent,
+    LaunchEventKind,
+    LaunchOutcome,
+    backend_for,
+)
 from .book import RunBook
 from .controller import Ec2Controller, Ec2Options, Timing
 from .ec2 import Ec2Api, Pool
@@ -34,8 +41,8 @@ __all__ = [
     "LaunchEvent",
     "LaunchEventKind",
     "LaunchOutcome",
-    "Launcher",
     "LaunchState",
+    "Launcher",
     "LocalLauncher",
     "LocalOptions",
     "Pool",

@@ -104,6 +104,11 @@ class Backend(Protocol):
         """Extra fields about the running segment for ``status`` (may ask the cloud when live)."""
         ...
 
+    def nodes_details(self, state: LaunchState, segments: list[Segment], *,
+                      live: bool) -> dict[str, dict[str, Any]]:
+        """:meth:`current_details` for every node of the running attempt, by instance id."""
+        ...
+
     def stop(self, storage: Storage, state: LaunchState, *, wait_s: float | None,
              sleep: Callable[[float], None]) -> dict[str, Any]:
         """End the run's compute, keep its checkpoints; returns what was done."""
@@ -114,7 +119,7 @@ class Backend(Protocol):
 #: ``status`` on a local run must not import boto3).
 BACKENDS: dict[str, str] = {
     "local": "spotrun.launch.local:LOCAL_BACKEND",
-    "ec2": "spotrun.launch.controller:EC2_BACKEND",
+    "ec2": "spotrun.launch.ec2_backend:EC2_BACKEND",
 }
 
 

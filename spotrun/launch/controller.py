@@ -58,11 +58,8 @@ import contextlib
 import json
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import CapacityError, ConfigError, LaunchError
@@ -71,7 +68,7 @@ from ..instance import InstanceInfo
 from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
-from .book import RunBook, close_books
+from .book import RunBook
 from .common import is_done
 from .ec2 import (
     PRICE_ERRORS,
@@ -82,6 +79,7 @@ from .ec2 import (
     LaunchedInstance,
     Pool,
 )
+from .ec2_options import Ec2Options, Timing
 from .limits import CostGuard, Limits, WaitClock, fmt_wait
 from .state import (
     STOP_FILE,
@@ -93,140 +91,9 @@ from .state import (
 )
 from .userdata import build_user_data
 
-__all__ = ["EC2_BACKEND", "Ec2Backend", "Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
+__all__ = ["Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
 
 log = logging.getLogger("spotrun")
-
-
-@dataclass
-class Timing:
-    """Every wait of the controller, in seconds (tests shrink them all)."""
-
-    poll_s: float = 15.0
-    #: Between rounds of create_fleet when no pool has capacity.
-    capacity_retry_s: float = 30.0
-    #: How long to keep asking for spot before ``--fallback on-demand`` takes over.
-    spot_wait_s: float = 600.0
-    #: Without ``--max-wait``: give up (CapacityError) after this long with no capacity in
-    #: any pool, region or market allowed (the same wait clock ``--max-wait`` sets).
-    capacity_timeout_s: float = 3600.0
-    #: After done.json appears: how long the instance may take to shut itself down.
-    finish_grace_s: float = 300.0
-    #: A new instance id may be invisible to DescribeInstances for a little while.
-    missing_grace_s: float = 120.0
-    #: Fall back to on-demand once the deadline is this close.
-    deadline_margin_s: float = 3600.0
-    #: At the end: how long a placement group may stay "in use" by nodes shutting down.
-    cleanup_wait_s: float = 180.0
-
-
-@dataclass
-class Ec2Options:
-    """What ``spotrun launch`` (EC2 mode) was asked to do; persisted for ``--resume``."""
-
-    run_url: str
-    command: list[str]
-    instance_types: list[str]
-    region: str | None = None
-    subnets: list[str] = field(default_factory=list)
-    ami: str | None = None
-    setup: list[str] = field(default_factory=list)
-    iam_instance_profile: str | None = None
-    security_group_ids: list[str] = field(default_factory=list)
-    key_name: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    secrets: dict[str, str] = field(default_factory=dict)  # NAME -> ssm:/path or secret ARN
-    max_interruptions: int | None = None
-    max_failures: int = 0
-    fallback: str = "on-demand"  # "on-demand" | "none"
-    max_price: float | None = None
-    deadline: float | None = None  # epoch seconds
-    #: Nodes per attempt (``--nodes``), processes per node (``--nproc-per-node``, None: 1
-    #: node runs the command as is; set, it runs under torchrun), ``--min-nodes`` (None: N).
-    nodes: int = 1
-    nproc_per_node: int | None = None
-    min_nodes: int | None = None
-    placement_group: bool = False
-    #: ``--regions``, home first ([]: just ``region``); ``amis``: region -> AMI id when
-    #: ``--ami`` names one per region.
-    regions: list[str] = field(default_factory=list)
-    amis: dict[str, str] = field(default_factory=dict)
-    max_cost_usd: float | None = None
-    max_wait_s: float | None = None
-
-    def validate(self) -> None:
-        if not self.command:
-            raise ConfigError("no command to run; put it after --, e.g. spotrun launch ... -- python train.py")
-        if not self.instance_types:
-            raise ConfigError("no instance types; pass --instance-types g5.xlarge,g6.xlarge")
-        if self.fallback not in ("on-demand", "none"):
-            raise ConfigError(f"--fallback {self.fallback!r} is not on-demand or none")
-        if self.max_interruptions is not None and self.max_interruptions < 0:
-            raise ConfigError("--max-interruptions must be >= 0")
-        if self.max_failures < 0:
-            raise ConfigError("--max-failures must be >= 0")
-        if self.max_price is not None and self.max_price <= 0:
-            raise ConfigError("--max-price must be a positive USD-per-hour price")
-        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
-            raise ConfigError(f"--nodes {self.nodes!r}: a job needs at least 1 node, e.g. --nodes 2")
-        if self.nproc_per_node is not None and (not isinstance(self.nproc_per_node, int)
-                                                or self.nproc_per_node < 1):
-            raise ConfigError(f"--nproc-per-node {self.nproc_per_node!r}: a node runs at least 1 process "
-                              "(usually one per GPU)")
-        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
-            raise ConfigError(f"--min-nodes {self.min_nodes} must be between 1 and --nodes {self.nodes}")
-        if self.regions:
-            if any(not r or not isinstance(r, str) for r in self.regions):
-                raise ConfigError("--regions holds an empty name; give regions like us-east-1,us-west-2")
-            if len(set(self.regions)) != len(self.regions):
-                raise ConfigError(f"--regions {','.join(self.regions)} names a region twice; list each once")
-            if self.region is not None and self.region != self.regions[0]:
-                raise ConfigError(f"--region {self.region} is not the first of --regions "
-                                  f"{','.join(self.regions)} (the home region); drop --region or put it first")
-        regions = self.regions or ([self.region] if self.region else [])
-        if self.ami and self.amis:
-            raise ConfigError("--ami gives one AMI for every region or one per region (r1=ami-..,r2=ami-..), not both")
-        if self.ami and len(regions) > 1:
-            raise ConfigError(f"--ami {self.ami}: an AMI id belongs to one region, and the run may use "
-                              f"{len(regions)}; give one per region (--ami {regions[0]}=ami-..,{regions[1]}=ami-..) "
-                              "or leave --ami out (the default GPU AMI is looked up in each region)")
-        if self.amis:
-            missing = [r for r in regions if r not in self.amis]
-            unknown = [r for r in self.amis if r not in regions]
-            if missing or unknown or not regions:
-                raise ConfigError(f"--ami names {','.join(self.amis)} but the run's regions are "
-                                  f"{','.join(regions) or 'not given'}; give one AMI for each region of --regions")
-        Limits(self.max_cost_usd, self.max_wait_s).validate()
-
-    @property
-    def distributed(self) -> bool:
-        """Whether the command runs under torchrun through cluster files (``--nodes`` > 1 or
-        ``--nproc-per-node`` given)."""
-        return self.nodes > 1 or self.nproc_per_node is not None
-
-    @property
-    def need(self) -> int:
-        """The fewest nodes an attempt may start with (``--min-nodes``, default ``--nodes``)."""
-        return self.min_nodes if self.min_nodes is not None else self.nodes
-
-    def pools_in(self, region: str, home: str) -> list[Pool]:
-        """The pools of ``region``: ``--subnets`` are the home region's; elsewhere EC2 picks
-        a subnet of the default VPC."""
-        subnets: list[str | None] = list(self.subnets) if region == home and self.subnets else [None]
-        return [Pool(t, s) for t in self.instance_types for s in subnets]
-
-    @property
-    def pools(self) -> list[Pool]:
-        """The home region's pools (every type x every ``--subnets`` entry)."""
-        subnets: list[str | None] = list(self.subnets) or [None]
-        return [Pool(t, s) for t in self.instance_types for s in subnets]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Ec2Options:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class Ec2Controller:
@@ -1102,83 +969,3 @@ def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, s
     spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
                        min_nodes=min_nodes)
     return write_cluster(storage, spec)
-
-
-class Ec2Backend:
-    """EC2's part in ``spotrun status`` and ``spotrun stop`` (see :class:`~.base.Backend`)."""
-
-    mode = "ec2"
-
-    @staticmethod
-    def _regions(state: LaunchState) -> list[str | None]:
-        """Every region the run used (home first; None: the SDK's default region)."""
-        opts = state.options
-        out: list[str | None] = list(opts.get("regions") or []) or [opts.get("region")]
-        for seg in state.segments:
-            if seg.region and seg.region not in out:
-                out.append(seg.region)
-        return out
-
-    def current_details(self, state: LaunchState, segment: Segment, *, live: bool) -> dict[str, Any]:
-        if not live:
-            return {}
-        try:
-            region = segment.region or self._regions(state)[0]
-            return {"state": Ec2Api.for_region(region).describe(segment.instance_id).state}
-        except Exception as exc:  # noqa: BLE001 - status must work without AWS access
-            return {"state_error": str(exc)}
-
-    def nodes_details(self, state: LaunchState, segments: list[Segment], *, live: bool) -> dict[str, dict[str, Any]]:
-        """:meth:`current_details` for every node of the running attempt: one call per region."""
-        out: dict[str, dict[str, Any]] = {s.instance_id: {} for s in segments}
-        if not live:
-            return out
-        home = self._regions(state)[0]
-        by_region: dict[str | None, list[str]] = {}
-        for seg in segments:
-            by_region.setdefault(seg.region or home, []).append(seg.instance_id)
-        for region, ids in by_region.items():
-            try:
-                for iid, st in Ec2Api.for_region(region).describe_many(ids).items():
-                    out[iid] = {"state": st.state}
-            except Exception as exc:  # noqa: BLE001 - status must work without AWS access
-                for iid in ids:
-                    out[iid] = {"state_error": str(exc)}
-        return out
-
-    def stop(self, storage: Storage, state: LaunchState, *, wait_s: float | None,
-             sleep: Callable[[float], None]) -> dict[str, Any]:
-        """Ask a live controller to stop (``launch/stop.json``) and terminate every instance
-        tagged with the run id in every region the run used, so it works with or without a
-        controller."""
-        result: dict[str, Any] = {"terminated": []}
-        apis = [Ec2Api.for_region(r) for r in self._regions(state)]
-        alive_controller = state.controller_alive()
-        if alive_controller and state.controller_host == socket.gethostname() and state.controller_pid:
-            try:
-                os.kill(state.controller_pid, 0)
-            except ProcessLookupError:
-                alive_controller = False
-            except PermissionError:
-                pass
-        storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
-        for api in apis:
-            ids = [s.instance_id for s in api.find_run_instances(state.run_id)
-                   if s.state not in ("terminated", "shutting-down")]
-            api.terminate(ids)
-            result["terminated"] += ids
-        if alive_controller:
-            # The controller writes the ledger and the state; give it a few polls to notice.
-            deadline = time.time() + (wait_s if wait_s is not None else max(30.0, 3 * (state.poll_s or 0)))
-            while time.time() < deadline:
-                fresh = load_state(storage)
-                if fresh is not None and fresh.status != "running":
-                    result["controller"] = "acknowledged"
-                    return result
-                sleep(0.5)
-            result["controller"] = "no answer"
-        close_books(storage, state)
-        return result
-
-
-EC2_BACKEND = Ec2Backend()

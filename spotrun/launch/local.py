@@ -672,6 +672,10 @@ class LocalBackend:
     def current_details(self, state: LaunchState, segment: Segment, *, live: bool) -> dict[str, Any]:
         return {}
 
+    def nodes_details(self, state: LaunchState, segments: list[Segment], *,
+                      live: bool) -> dict[str, dict[str, Any]]:
+        return {s.instance_id: {} for s in segments}
+
     def stop(self, storage: Storage, state: LaunchState, *, wait_s: float | None,
              sleep: Callable[[float], None]) -> dict[str, Any]:
         """SIGINT to the launcher when it runs on this host (it forwards it to the command and

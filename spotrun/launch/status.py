@@ -112,12 +112,7 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
 
 def _attempt(state: Any, running: list[Any], *, live: bool) -> dict[str, Any]:
     """The running attempt of a multi-node run: its nodes, in rank order, with their state."""
-    backend = backend_for(state.mode)
-    many = getattr(backend, "nodes_details", None)
-    if many is not None:
-        details = many(state, running, live=live)
-    else:
-        details = {s.instance_id: backend.current_details(state, s, live=live) for s in running}
+    details = backend_for(state.mode).nodes_details(state, running, live=live)
     nodes = [{"node": s.node, "segment_id": s.segment_id, "instance_id": s.instance_id,
               "instance_type": s.instance_type, "market": s.market, "region": s.region,
               "availability_zone": s.availability_zone, **details.get(s.instance_id, {})}
