@@ -227,12 +227,7 @@ class Ec2Controller:
 
     def _regions_used(self) -> list[str]:
         """Every region the run may have instances or resources in, home first."""
-        out = list(self.regions)
-        for r in [*(s.region for s in self.state.segments), *self.state.launch_templates,
-                  *self.state.placement_groups]:
-            if r and r not in out:
-                out.append(r)
-        return out
+        return [r or self.home for r in self.state.regions_used(self.home)]
 
     def _by_region(self, segs: list[Segment]) -> dict[str, list[Segment]]:
         out: dict[str, list[Segment]] = {}

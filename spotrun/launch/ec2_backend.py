@@ -25,13 +25,9 @@ class Ec2Backend:
 
     @staticmethod
     def _regions(state: LaunchState) -> list[str | None]:
-        """Every region the run used (home first; None: the SDK's default region)."""
-        opts = state.options
-        out: list[str | None] = list(opts.get("regions") or []) or [opts.get("region")]
-        for seg in state.segments:
-            if seg.region and seg.region not in out:
-                out.append(seg.region)
-        return out
+        """Every region the run may have instances in (home first; None: the SDK's default
+        region): the same list the controller searches, so ``stop`` finds what it started."""
+        return state.regions_used(state.options.get("region"))
 
     def current_details(self, state: LaunchState, segment: Segment, *, live: bool) -> dict[str, Any]:
         if not live:

@@ -120,6 +120,16 @@ class LaunchState:
         found = [s for s in self.segments if s.open]
         return sorted(found, key=lambda s: s.node or 0)
 
+    def regions_used(self, home: str | None) -> list[str | None]:
+        """Every region the run may have instances or resources in, home first: the
+        ``--regions`` asked for (else ``home``), then any a segment, launch template or
+        placement group was recorded in. ``home`` None: the SDK's default region."""
+        out: list[str | None] = list(self.options.get("regions") or []) or [home]
+        for r in [*(s.region for s in self.segments), *self.launch_templates, *self.placement_groups]:
+            if r and r not in out:
+                out.append(r)
+        return out
+
     def touch(self, poll_s: float | None = None) -> None:
         self.controller_pid = os.getpid()
         self.controller_host = socket.gethostname()
