@@ -403,8 +403,10 @@ class Checkpointer:
         ``steps_done`` is the count of completed steps (default: one more than before). Saves
         when a schedule or notice says so; after a stop request, saves, waits for the commit
         and raises ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch
-        (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint could not commit in the
-        time left). A background save that failed is raised here as :class:`SaveError`.
+        (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint failed; when it cannot
+        commit in the time left the process leaves with that code at once, through
+        ``os._exit``, since the abandoned writer thread is still running: ``finally`` blocks
+        and exit hooks do not run, the ledger and logs are flushed first). A background save that failed is raised here as :class:`SaveError`.
         """
         group, saver = self._require_active()
         inbox = self._interrupts
@@ -443,8 +445,10 @@ class Checkpointer:
         known, else ``SPOTRUN_STOP_TIMEOUT`` counted from the signal or request. The save
         runs on a daemon thread (a hanging store cannot hold the process past the bound).
         True when it committed; False (logged as an error naming the checkpoint that stays
-        the latest) when it failed or did not commit in time: the caller then exits with
-        ``EXIT_STOP_UNSAVED``, and a relaunch resumes from the previous checkpoint.
+        the latest) when it failed: the caller then exits with ``EXIT_STOP_UNSAVED``, and a
+        relaunch resumes from the previous checkpoint. When it does not commit in time the
+        process leaves with ``EXIT_STOP_UNSAVED`` from here (see
+        :meth:`RunSegment.leave_abandoned`).
         """
         _, saver = self._require_active()
 
@@ -452,8 +456,6 @@ class Checkpointer:
             self.save()
             self.wait()
 
-        # The abandoned save runs on daemon threads; forgetting it means the way out
-        # (__exit__) does not wait for it.
         return self._seg.save_before_stop(self.steps_done, save_and_commit,
                                           previous=saver.last_saved_step,
                                           typical_s=saver.typical_duration,

@@ -266,7 +266,10 @@ class RunSegment:
         )
         if abandon is not None:
             abandon()
-        return False
+        if tell_others is not None:
+            tell_others()
+        self.leave_abandoned()
+        return False  # not reached: leave_abandoned() does not return
 
     def leave_abandoned(self) -> None:
         """Exit with :data:`EXIT_STOP_UNSAVED` now, a stop save still running on a thread.

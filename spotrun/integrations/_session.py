@@ -393,8 +393,9 @@ class RunSession:
         """Commit the stop checkpoint within the time the machine has left, then exit.
 
         Raises ``SystemExit(75)`` once committed (or when ``folder`` is None because this
-        step is already committed), ``SystemExit(143)`` when it could not commit in time
-        (the previous checkpoint stays the latest). The bound is the Checkpointer's: the
+        step is already committed), ``SystemExit(143)`` when the save failed (the previous
+        checkpoint stays the latest); when it does not commit in time the process leaves
+        with 143 at once, without unwinding (an abandoned writer is still running). The bound is the Checkpointer's: the
         notice's deadline minus ``SPOTRUN_STOP_MARGIN``, else ``SPOTRUN_STOP_TIMEOUT`` after
         the signal.
         """
@@ -404,7 +405,11 @@ class RunSession:
             group.barrier()
             ok: bool | None = True
             if group.is_main:
-                ok = self._bounded(step, lambda: self._copy_and_commit(step, folder, paused_since))
+                # A missed deadline ends this process at once (see RunSegment.leave_abandoned):
+                # the other ranks, waiting for the answer below, get it first.
+                tell = (lambda: group.broadcast(False)) if group.distributed else None
+                ok = self._bounded(step, lambda: self._copy_and_commit(step, folder, paused_since),
+                                   tell_others=tell)
             committed = bool(group.broadcast(ok)) if group.distributed else bool(ok)
         code = EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED
         if committed:
@@ -413,10 +418,12 @@ class RunSession:
         self.close("interrupted", exit_code=code)
         raise SystemExit(code)
 
-    def _bounded(self, step: int, commit_fn: Any) -> bool:
-        """Run ``commit_fn`` within the stop bound (the one the Checkpointer's stop has);
-        True when it committed in time."""
-        return self._seg.save_before_stop(step, commit_fn, previous=self.last_committed)
+    def _bounded(self, step: int, commit_fn: Any, *, tell_others: Any = None) -> bool:
+        """Run ``commit_fn`` within the stop bound (the one the Checkpointer's stop has):
+        True when it committed, False when it failed; when the bound passes first the
+        process leaves with 143 at once (:meth:`RunSegment.save_before_stop`)."""
+        return self._seg.save_before_stop(step, commit_fn, previous=self.last_committed,
+                                          tell_others=tell_others)
 
     def finish(self, step: int) -> None:
         """The run is complete: write ``done.json`` and record the segment's end."""
