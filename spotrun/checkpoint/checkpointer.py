@@ -58,8 +58,9 @@ from ..notices import Watcher
 from ..snapshot import check_loadable, check_plain
 from ..state import check_stateful, collect_rng_state, unwrap
 from ..storage import Storage, open_storage
+from ..units import format_bytes
 from .artifacts import artifact_paths, capture_artifacts
-from .restore import PAYLOAD_FORMAT, Restorer
+from .restore import PAYLOAD_FORMAT, RestoreProgress, Restorer
 from .saver import Saver
 from .segment import RunSegment, process_start_time  # noqa: F401 - importable from here
 
@@ -578,19 +579,23 @@ class Checkpointer:
         group, saver = self._require_active()
         if self._restored:
             return self.steps_done
-        restorer = Restorer(
-            self.storage, group, replicated=self._replicated_objects(), per_rank=self.per_rank,
-            values=self.values, artifacts=self.artifacts, weights_only=self.weights_only,
-            save_rng=self.save_rng, policy=self.if_all_damaged,
-            sharded=((unwrap(self.objects[self._model_names[0]]),
-                      [self.objects[n] for n in self._optimizer_names], self._sharded_state)
-                     if self.sharded else None),
-        )
-        step = restorer.newest_valid()
+        with RestoreProgress(self.storage.display()) as progress:
+            restorer = Restorer(
+                self.storage, group, replicated=self._replicated_objects(),
+                per_rank=self.per_rank, values=self.values, artifacts=self.artifacts,
+                weights_only=self.weights_only, save_rng=self.save_rng,
+                policy=self.if_all_damaged, progress=progress,
+                sharded=((unwrap(self.objects[self._model_names[0]]),
+                          [self.objects[n] for n in self._optimizer_names], self._sharded_state)
+                         if self.sharded else None),
+            )
+            step = restorer.newest_valid()
         if step is not None:
             self.steps_done = step
             saver.last_saved_step = step
-            log.info("resumed from step %d at %s", step, self.storage.display())
+            log.info("resumed from step %d at %s (%s, restored in %.2fs)", step,
+                     self.storage.display(), format_bytes(restorer.restored_bytes),
+                     progress.elapsed)
             if group.is_main and self.storage.exists(DONE_MARKER):
                 log.info("this run already finished (done marker present)")
         self._restored = True

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import config
 from ..commit import DAMAGED_DIR, CheckpointInfo, list_checkpoints, newest_valid, quarantine, verify_checkpoint
 from ..config import IF_ALL_DAMAGED_ENV
 from ..data import ResumableLoader, rank_seed
@@ -34,9 +37,10 @@ from ..manifest import Manifest
 from ..snapshot import open_payload, payload_name, read_payload
 from ..state import load_object_state, restore_rng_state, seed_everything, unwrap
 from ..storage import Storage
+from ..units import format_bytes
 from .artifacts import restore_artifacts
 
-__all__ = ["PAYLOAD_FORMAT", "Restorer", "all_damaged_error", "list_readable"]
+__all__ = ["PAYLOAD_FORMAT", "RestoreProgress", "Restorer", "all_damaged_error", "list_readable"]
 
 log = logging.getLogger("spotrun")
 
@@ -70,6 +74,60 @@ def all_damaged_error(storage: Storage, damaged: Sequence[tuple[int, str]], *,
     )
 
 
+class RestoreProgress:
+    """What a restore is doing and how much it has read: a progress line every
+    ``interval_s`` (``SPOTRUN_RESTORE_PROGRESS_S``, default 10 s; 0 for none) while it runs,
+    so a multi-GB restore from S3 is not silent, and the figures for the "resumed" line.
+
+    Bytes count as read when a file (or a chunk of a streamed download) has arrived.
+    """
+
+    def __init__(self, where: str, interval_s: float | None = None) -> None:
+        self.where = where
+        self.interval_s = config.restore_progress_s() if interval_s is None else interval_s
+        self.doing = "listing checkpoints"
+        self.total: int | None = None  # the size of the checkpoint being read
+        self.done = 0
+        self._t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RestoreProgress:
+        self._t0 = time.monotonic()
+        if self.interval_s > 0:
+            self._thread = threading.Thread(target=self._report, name="spotrun-restore-progress",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def phase(self, doing: str, total: int | None = None) -> None:
+        """Now doing ``doing`` (e.g. "reading step 50: rank-00000.pt") on a checkpoint of
+        ``total`` bytes."""
+        self.doing = doing
+        if total is not None:
+            self.total = total
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+
+    def line(self) -> str:
+        elapsed = max(self.elapsed, 1e-9)
+        of = f" of {format_bytes(self.total)}" if self.total else ""
+        return (f"restoring from {self.where}: {self.doing}; {format_bytes(self.done)}{of} "
+                f"read in {elapsed:.0f}s ({format_bytes(int(self.done / elapsed))}/s)")
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            log.info("%s", self.line())
+
+
 class Restorer:
     """Loads the newest valid checkpoint into a Checkpointer's live objects.
 
@@ -96,6 +154,7 @@ class Restorer:
         save_rng: bool,
         policy: str,
         sharded: tuple[Any, Sequence[Any], Callable[[], dict[str, Any]]] | None = None,
+        progress: RestoreProgress | None = None,
     ) -> None:
         self.storage, self.group = storage, group
         self.replicated, self.per_rank, self.values = replicated, per_rank, values
@@ -105,6 +164,9 @@ class Restorer:
         self.model, self.optimizers, self.sharded_state = sharded or (None, (), None)
         #: The step whose state reached the live objects (even if later found damaged).
         self.state_loaded_from: int | None = None
+        self.progress = progress or RestoreProgress(storage.display(), 0)
+        #: The size of the checkpoint restored (all ranks' files), once one is.
+        self.restored_bytes = 0
 
 
     def newest_valid(self) -> int | None:
@@ -140,6 +202,8 @@ class Restorer:
             listed, lambda info: self._try_load(info.step, info.manifest, group),
             where=self.storage.display())
         found = None if chosen is None else chosen.step
+        if chosen is not None and chosen.manifest is not None:
+            self.restored_bytes = chosen.manifest.total_bytes
         if damaged and found is None and self.policy != "start_fresh":
             raise all_damaged_error(self.storage, damaged, argument=True)
         if group.is_main:
@@ -172,6 +236,7 @@ class Restorer:
         (shared state) and its own, verifying their hashes.
         """
         outcome: _Outcome | None = None
+        self.progress.phase(f"checking step {step}'s files", manifest.total_bytes)
         if group.is_main:
             outcome = self._attempt(lambda: self._check_present(step, manifest))
         outcome = self._agree(group, outcome)
@@ -260,7 +325,9 @@ class Restorer:
         assert self.sharded_state is not None
         state = self.sharded_state()  # this world size's own (empty) shards, filled in place
         self.state_loaded_from = manifest.step
+        self.progress.phase(f"reading step {manifest.step}: sharded model and optimizer")
         read_sharded(self.storage, manifest, state)
+        self.progress.add(sum(e.size for n, e in manifest.files.items() if not n.endswith(".pt")))
         set_state(unwrap(self.model), list(self.optimizers), state)
 
     def _load_payloads(self, manifest: Manifest, group: Group) -> None:
@@ -272,16 +339,21 @@ class Restorer:
                 "start a new run URL"
             )
         step, shared_name = manifest.step, payload_name(0)
-        shared, verification = open_payload(self.storage, step, shared_name,
-                                            manifest.files[shared_name],
+        shared_entry = manifest.files[shared_name]
+        self.progress.phase(f"reading step {step}: {shared_name} ({format_bytes(shared_entry.size)})")
+        shared, verification = open_payload(self.storage, step, shared_name, shared_entry,
                                             weights_only=self.weights_only)
+        self.progress.add(shared_entry.size)
         own: dict | None = shared
         if not group.is_main:
             verification.check()  # another rank's file: verified before anything is used
             mine = payload_name(group.rank)
-            own = (read_payload(self.storage, step, mine, manifest.files[mine],
-                                weights_only=self.weights_only)
-                   if mine in manifest.files else None)
+            own = None
+            if mine in manifest.files:
+                entry = manifest.files[mine]
+                self.progress.phase(f"reading step {step}: {mine} ({format_bytes(entry.size)})")
+                own = read_payload(self.storage, step, mine, entry, weights_only=self.weights_only)
+                self.progress.add(entry.size)
         # From here the live objects may hold this checkpoint's state, proven good or not.
         self.state_loaded_from = step
         try:

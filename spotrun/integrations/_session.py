@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import config
-from ..checkpoint.restore import all_damaged_error, list_readable
+from ..checkpoint.restore import RestoreProgress, all_damaged_error, list_readable
 from ..checkpoint.segment import RunSegment
 from ..commit import BackgroundRetention, commit, list_checkpoints, newest_valid, quarantine, verify_checkpoint
 from ..config import IF_ALL_DAMAGED_ENV, env_str  # noqa: F401 - importable here, as before
@@ -44,6 +44,7 @@ from ..lease import Lease
 from ..manifest import FileEntry, Manifest
 from ..notices import Watcher
 from ..storage import Storage, open_storage
+from ..units import format_bytes
 
 __all__ = ["RunSession", "resolve_url"]
 
@@ -64,6 +65,16 @@ def _entry(writer: Any) -> FileEntry:
     # The manifest entry of a file just written through Storage.open_write: the writer
     # computed its checksums on the way out, as for snapshot.write_payload.
     return writer.entry
+
+
+def _copy_counted(src: Any, out: Any, progress: RestoreProgress) -> None:
+    """``shutil.copyfileobj``, counting each chunk into the restore's progress."""
+    while True:
+        chunk = src.read(_COPY_CHUNK)
+        if not chunk:
+            return
+        out.write(chunk)
+        progress.add(len(chunk))
 
 
 def _flat_files(folder: str) -> list[str]:
@@ -116,6 +127,7 @@ class RunSession:
         #: The newest step committed (or resumed from) by this process.
         self.last_committed: int | None = None
         self._retention = BackgroundRetention(self.storage)
+        self._progress = RestoreProgress(self.storage.display(), 0)  # the restore's, on rank 0
 
     @property
     def segment_id(self) -> str:
@@ -184,6 +196,7 @@ class RunSession:
         """The step of the newest valid checkpoint (verified in storage, as
         :meth:`resume_dir`), or None for a fresh run. Every rank gets the same answer."""
         def verify(manifest: Manifest) -> tuple[Any, list[str]]:
+            self._progress.phase(f"verifying step {manifest.step}", manifest.total_bytes)
             return None, verify_checkpoint(self.storage, manifest, deep=True)
 
         found = self._resume_point(verify)
@@ -198,7 +211,10 @@ class RunSession:
         error: BaseException | None = None
         if group.is_main:
             try:
-                outcome = self._find(check)
+                with RestoreProgress(self.storage.display()) as self._progress:
+                    outcome = self._find(check)
+                if outcome[0] == "found":  # with its size and time, for the line below
+                    outcome = ("found", (*outcome[1], self._progress.elapsed))
             except Exception as exc:  # noqa: BLE001 - told to every rank, raised below
                 error, outcome = exc, ("error", str(exc))
         if group.distributed:
@@ -210,10 +226,11 @@ class RunSession:
             raise CheckpointUnreadableError(f"rank 0 could not resume the run: {value}")
         if kind == "none":
             return None
-        step = value[0]
+        step, found, nbytes, seconds = value
         self.last_committed = self.steps_done = step
-        log.info("resuming from step %d at %s", step, self.storage.display(checkpoint_dir(step)))
-        return value
+        log.info("resuming from step %d at %s (%s, read and verified in %.2fs)", step,
+                 self.storage.display(checkpoint_dir(step)), format_bytes(nbytes), seconds)
+        return step, found
 
     def _find(self, check: Any) -> tuple[str, Any]:
         infos = list_readable(self.storage)
@@ -233,13 +250,15 @@ class RunSession:
             quarantine(self.storage, step, problem)
         if chosen is None:
             return ("none", None)
-        return ("found", (chosen.step, values[chosen.step]))
+        return ("found", (chosen.step, values[chosen.step], chosen.manifest.total_bytes))
 
     def _fetch_verified(self, manifest: Manifest, local_root: str) -> tuple[str, list[str]]:
         """A local copy of the checkpoint (the folder itself on local storage) and its damage."""
         folder = checkpoint_dir(manifest.step)
         local = self.storage.local_path(folder)
+        progress = self._progress
         if local is not None:
+            progress.phase(f"verifying step {manifest.step}", manifest.total_bytes)
             return local, verify_checkpoint(self.storage, manifest, deep=True)
         # Remote: download, then verify the copy with the same manifest (the same checks,
         # and the trainer then loads exactly the bytes that were verified).
@@ -252,8 +271,10 @@ class RunSession:
                 src = self.storage.open_read(f"{folder}/{name}")
             except StorageNotFoundError:
                 continue  # reported as missing by the verification below
+            progress.phase(f"downloading step {manifest.step}: {name}", manifest.total_bytes)
             with src, open(os.path.join(dest, name), "wb") as out:
-                shutil.copyfileobj(src, out, _COPY_CHUNK)
+                _copy_counted(src, out, progress)
+        progress.phase(f"verifying the download of step {manifest.step}")
         copy = open_storage(cache)
         return dest, verify_checkpoint(copy, manifest, deep=True)
 
@@ -381,8 +402,8 @@ class RunSession:
             raise SaveError(
                 f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact") from exc
         now = time.time()
-        log.info("checkpoint at step %d committed (%.1f MB, written in %.2fs) at %s", step,
-                 manifest.total_bytes / 1e6, now - t0, self.storage.display(dest))
+        log.info("checkpoint at step %d committed (%s, written in %.2fs) at %s", step,
+                 format_bytes(manifest.total_bytes), now - t0, self.storage.display(dest))
         self._seg.emit(CheckpointCommitted(
             segment_id=self.segment_id, step=step, committed_at=now,
             stall_s=now - (paused_since if paused_since is not None else t0),
