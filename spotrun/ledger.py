@@ -45,12 +45,20 @@ from typing import Any
 
 from .config import env_float_or_default
 from .errors import ConfigError, StorageError
-from .events import EndReason, Event, Source, ledger_sink
-from .instance import InstanceInfo
+from .events import (
+    CheckpointCommitted,
+    EndReason,
+    Event,
+    EventSink,
+    NoticeReceived,
+    SegmentEnded,
+    SegmentStarted,
+    TrainingResumed,
+)
 from .layout import LEDGER_DIR
 from .storage import Storage
 
-__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger"]
+__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger", "ledger_sink"]
 
 log = logging.getLogger("spotrun")
 
@@ -144,137 +152,40 @@ class Ledger:
         out.sort(key=lambda r: (r["time"], _TIE_ORDER.get(r.get("event"), 1), str(r["id"])))
         return out
 
-    # -- conveniences ------------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------
 
-    def segment_started(
-        self,
-        *,
-        segment_id: str,
-        instance: InstanceInfo,
-        started_at: float,
-        source: Source | str,
-        group: str | None = None,
-        node: int | None = None,
-    ) -> dict:
-        """A segment of compute began (``source``: ``"wrapper"`` or ``"launcher"``).
+    def record(self, event: Event) -> dict:
+        """Write one typed event (:mod:`spotrun.events`) as a record: the one door every
+        spotrun event goes through. Its ``time`` is the event's own time field."""
+        if not isinstance(event, _EVENT_TYPES):
+            raise TypeError(f"not a spotrun event: {event!r}")
+        fields = event.fields()
+        return self.append(event.kind, time=fields[event.time_field], **fields)
 
-        A node of a multi-node job also names its ``group`` (the launcher's id for the
-        attempt all N nodes belong to) and ``node`` (its rank); the cost report gives the
-        nodes that wrote no records of their own the group's training figures.
-        """
-        source = Source.parse(source)
-        extra: dict[str, Any] = {}
-        if group is not None:
-            if not isinstance(group, str) or not group:
-                raise ConfigError(f"group {group!r} must be a non-empty string (the attempt's id)")
-            extra["group"] = group
-        if node is not None:
-            if group is None:
-                raise ConfigError(f"node {node!r} needs a group: pass the attempt's group id too")
-            if isinstance(node, bool) or not isinstance(node, int) or node < 0:
-                raise ConfigError(f"node {node!r} must be a node rank >= 0")
-            extra["node"] = node
-        return self.append(
-            "segment_started",
-            time=started_at,
-            segment_id=str(segment_id),
-            instance=instance.to_dict(),
-            started_at=float(started_at),
-            source=source.value,
-            **extra,
-        )
+    # Keyword shorthands for scripts and tests: each builds its event, so the field list is
+    # the dataclass's and nothing here repeats it.
+    def segment_started(self, **fields: Any) -> dict:
+        return self.record(SegmentStarted(**fields))
 
-    def segment_ended(
-        self,
-        *,
-        segment_id: str,
-        reason: EndReason | str,
-        ended_at: float,
-        source: Source | str,
-        steps_done: int | None = None,
-        last_step_at: float | None = None,
-    ) -> dict:
-        """A segment ended (``reason``: finished, interrupted, failed or stopped).
+    def segment_ended(self, **fields: Any) -> dict:
+        return self.record(SegmentEnded(**fields))
 
-        The wrapper also says how far training got (``steps_done``, and when the last step
-        completed), so lost work is measured in training time, not in shutdown time.
-        """
-        reason = EndReason.parse(reason)
-        source = Source.parse(source)
-        extra: dict[str, Any] = {}
-        if steps_done is not None:
-            extra["steps_done"] = int(steps_done)
-        if last_step_at is not None:
-            extra["last_step_at"] = float(last_step_at)
-        return self.append(
-            "segment_ended",
-            time=ended_at,
-            segment_id=str(segment_id),
-            reason=reason.value,
-            ended_at=float(ended_at),
-            source=source.value,
-            **extra,
-        )
+    def checkpoint_committed(self, **fields: Any) -> dict:
+        return self.record(CheckpointCommitted(**fields))
 
-    def checkpoint_committed(
-        self,
-        *,
-        segment_id: str,
-        step: int,
-        committed_at: float,
-        stall_s: float,
-        save_s: float,
-        nbytes: int,
-        captured_at: float | None = None,
-    ) -> dict:
-        """A checkpoint was committed; ``stall_s`` is how long training paused for it and
-        ``captured_at`` when its state was taken (an async save commits later)."""
-        return self.append(
-            "checkpoint_committed",
-            time=committed_at,
-            segment_id=str(segment_id),
-            step=int(step),
-            committed_at=float(committed_at),
-            stall_s=float(stall_s),
-            save_s=float(save_s),
-            nbytes=int(nbytes),
-            **({} if captured_at is None else {"captured_at": float(captured_at)}),
-        )
+    def training_resumed(self, **fields: Any) -> dict:
+        return self.record(TrainingResumed(**fields))
 
-    def training_resumed(
-        self, *, segment_id: str, step: int, process_started_at: float, first_step_at: float
-    ) -> dict:
-        """The first training step after restore ran (step 0 in a fresh run)."""
-        return self.append(
-            "training_resumed",
-            time=first_step_at,
-            segment_id=str(segment_id),
-            step=int(step),
-            process_started_at=float(process_started_at),
-            first_step_at=float(first_step_at),
-        )
+    def notice_received(self, **fields: Any) -> dict:
+        return self.record(NoticeReceived(**fields))
 
-    def notice_received(
-        self,
-        *,
-        segment_id: str,
-        source: str,
-        action: str,
-        notice_time: float | None,
-        detected_at: float,
-        deadline: float | None,
-    ) -> dict:
-        """An interruption notice (or rebalance recommendation) reached the process."""
-        return self.append(
-            "notice_received",
-            time=detected_at,
-            segment_id=str(segment_id),
-            source=source,
-            action=action,
-            notice_time=None if notice_time is None else float(notice_time),
-            detected_at=float(detected_at),
-            deadline=None if deadline is None else float(deadline),
-        )
+
+_EVENT_TYPES = (SegmentStarted, SegmentEnded, CheckpointCommitted, TrainingResumed, NoticeReceived)
+
+
+def ledger_sink(ledger: Ledger) -> EventSink:
+    """A sink that writes each event as one ledger record (raises what the ledger raises)."""
+    return ledger.record
 
 
 #: How long the training process waits at exit for its ledger records (``SPOTRUN_LEDGER_FLUSH_S``).
@@ -309,7 +220,7 @@ class BackgroundLedger:
         slow_after: float = DEFAULT_SLOW_AFTER_S,
     ) -> None:
         self.ledger = ledger
-        self._write = ledger_sink(ledger)
+        self._write = ledger.record
         self.slow_after = float(slow_after)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(max_pending)))
         self._thread: threading.Thread | None = None
