@@ -30,6 +30,7 @@ from fsspec.asyn import sync
 
 from ..config import env_float, env_int
 from ..errors import ConfigError, StorageError, StorageUnavailableError
+from . import inflight
 from .base import (
     _MAX_PART,
     _RETRY_CODES,
@@ -342,6 +343,9 @@ class _S3Upload:
         self._inflight: dict[concurrent.futures.Future[dict[str, Any]], bytearray] = {}
         self._parts: list[dict[str, Any]] = []
         self._aborting = False
+        # The token of this upload's entry in spotrun.storage.inflight while it is open.
+        self._inflight_token: int | None = None
+        self._aborted_remotely = False
         self.closed = False
 
     # -- file-like ---------------------------------------------------------------------
@@ -383,6 +387,7 @@ class _S3Upload:
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
             self._call("complete", "complete_multipart_upload", UploadId=self._upload_id,
                        MultipartUpload={"Parts": parts})
+            self._forget()
             log.debug("uploaded %s in %d parts", self._where, len(parts))
         self.closed = True
 
@@ -399,7 +404,7 @@ class _S3Upload:
             # abort would keep the upload's storage alive.
             concurrent.futures.wait(list(self._inflight), timeout=60)
             self._inflight.clear()
-        if self._upload_id is not None:
+        if self._upload_id is not None and not self._aborted_remotely:
             try:
                 self._call("abort", "abort_multipart_upload", UploadId=self._upload_id)
             except Exception as exc:  # noqa: BLE001 - the original failure matters more
@@ -407,6 +412,27 @@ class _S3Upload:
                     "could not abort the multipart upload of %s (%s); no object was written, "
                     "but its parts may be billed until an AbortIncompleteMultipartUpload "
                     "lifecycle rule removes them", self._where, exc)
+        self._forget()
+
+    def abort_now(self) -> None:
+        """Abort the upload from another thread, without waiting for the writer or its
+        parts: what :func:`spotrun.storage.inflight.abort_all` calls when a stop save is
+        abandoned (the process is about to exit, a part may hang forever). Parts still in
+        flight then fail (S3 answers NoSuchUpload) instead of being retried."""
+        self._aborting = True
+        upload_id = self._upload_id
+        if upload_id is None or self._aborted_remotely:
+            return
+        # One request (botocore's own attempts and timeouts bound it; abort_all bounds the
+        # wait for it): no spotrun retry rounds on the way out.
+        self._request("abort_multipart_upload", UploadId=upload_id)
+        self._aborted_remotely = True
+        log.info("aborted the abandoned multipart upload of %s", self._where)
+
+    def _forget(self) -> None:
+        token, self._inflight_token = self._inflight_token, None
+        if token is not None:
+            inflight.unregister(token)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -443,6 +469,10 @@ class _S3Upload:
             self._extra[method] = {k: v for k, v in extra.items() if k not in ("Bucket", "Key")}
         self._upload_id = self._call("start", "create_multipart_upload",
                                      ChecksumAlgorithm="CRC32C")["UploadId"]
+        # Open until completed or aborted: its parts are billed while it is. A process that
+        # abandons this save (a stop deadline missed) aborts it through this entry.
+        self._inflight_token = inflight.register(f"the multipart upload of {self._where}",
+                                                 self.abort_now)
 
     def _target_size(self) -> int:
         return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))

