@@ -94,3 +94,47 @@ def test_finished_uploads_leave_nothing_to_abort(s3_bucket, moto_server):
     assert inflight.abort_all(1.0) == 0
     assert _open_uploads(moto_server, s3_bucket) == []
     assert bytes(st.read_bytes("000000000001/rank-00000.pt")) == data
+
+
+# -- a lost CompleteMultipartUpload answer (issue 20) -----------------------------------------
+
+
+def test_a_lost_complete_answer_fails_the_save_and_leaves_no_object(
+        s3_bucket, moto_server, fault_proxy, monkeypatch):
+    monkeypatch.setenv("SPOTRUN_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("SPOTRUN_S3_RETRIES", "0")
+    monkeypatch.setenv("SPOTRUN_S3_ATTEMPTS", "2")
+    st = Storage(f"s3://{s3_bucket}/run", _opts(fault_proxy.url), part_size=PART, concurrency=2)
+    previous = os.urandom(1000)
+    st.write_bytes("000000000003/rank-00000.pt", previous)
+    # S3 completes the upload, but no answer arrives (half of it, then silence), each time.
+    fault_proxy.add("stall", method="POST", path=r"[?&]uploadId=")
+    t0 = time.monotonic()
+    with pytest.raises(SpotrunError):
+        st.write_bytes("000000000006/rank-00000.pt", os.urandom(2 * PART + 5))
+    assert time.monotonic() - t0 < 30
+    fault_proxy.clear()
+    keys = [o["Key"] for o in
+            _client(moto_server).list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert keys == ["run/000000000003/rank-00000.pt"]
+    assert _open_uploads(moto_server, s3_bucket) == []
+    assert inflight.abort_all(1.0) == 0
+
+
+def test_an_object_that_is_not_the_uploads_is_never_removed(s3_bucket, moto_server,
+                                                            fault_proxy, monkeypatch):
+    # The complete fails before S3 acts on it: the object already at that key (another
+    # writer's) is not this upload's and stays.
+    monkeypatch.setenv("SPOTRUN_S3_RETRIES", "0")
+    st = Storage(f"s3://{s3_bucket}/run",
+                 _opts(fault_proxy.url,
+                       config_kwargs={"retries": {"mode": "standard", "total_max_attempts": 1}}),
+                 part_size=PART, concurrency=2)
+    theirs = os.urandom(2 * PART + 9)
+    st.write_bytes("000000000006/rank-00000.pt", theirs)
+    fault_proxy.add("error", status=500, method="POST", path=r"[?&]uploadId=")
+    with pytest.raises(SpotrunError):
+        st.write_bytes("000000000006/rank-00000.pt", os.urandom(2 * PART + 5))
+    fault_proxy.clear()
+    assert bytes(st.read_bytes("000000000006/rank-00000.pt")) == theirs
+    assert _open_uploads(moto_server, s3_bucket) == []

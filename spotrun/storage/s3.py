@@ -346,6 +346,7 @@ class _S3Upload:
         # The token of this upload's entry in spotrun.storage.inflight while it is open.
         self._inflight_token: int | None = None
         self._aborted_remotely = False
+        self._completing: list[dict[str, Any]] | None = None
         self.closed = False
 
     # -- file-like ---------------------------------------------------------------------
@@ -385,6 +386,9 @@ class _S3Upload:
             while self._inflight:
                 self._reap(concurrent.futures.FIRST_EXCEPTION)
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+            # From here a failure may come after S3 made the object (its answer lost):
+            # abort() then removes the object if it is this upload's.
+            self._completing = parts
             self._call("complete", "complete_multipart_upload", UploadId=self._upload_id,
                        MultipartUpload={"Parts": parts})
             self._forget()
@@ -404,6 +408,9 @@ class _S3Upload:
             # abort would keep the upload's storage alive.
             concurrent.futures.wait(list(self._inflight), timeout=60)
             self._inflight.clear()
+        if self._completing is not None and self._remove_if_mine(self._completing):
+            self._forget()
+            return
         if self._upload_id is not None and not self._aborted_remotely:
             try:
                 self._call("abort", "abort_multipart_upload", UploadId=self._upload_id)
@@ -428,6 +435,38 @@ class _S3Upload:
         self._request("abort_multipart_upload", UploadId=upload_id)
         self._aborted_remotely = True
         log.info("aborted the abandoned multipart upload of %s", self._where)
+
+    def _remove_if_mine(self, parts: list[dict[str, Any]]) -> bool:
+        """After a CompleteMultipartUpload whose answer was lost: delete the object if S3
+        made it from this upload's parts; True when it did (nothing is left to abort).
+
+        Only an object whose composite CRC32C is that of these parts is this upload's; one
+        another writer put at the same key (or none at all) is left alone. One HEAD and one
+        DELETE, bounded by botocore's timeouts and attempts; best effort (logged).
+        """
+        crcs = b"".join(base64.b64decode(p["ChecksumCRC32C"]) for p in parts)
+        mine = base64.b64encode(_crc32c.crc32c(crcs).to_bytes(4, "big")).decode()
+        try:
+            head = self._request("head_object", ChecksumMode="ENABLED")
+        except FileNotFoundError:
+            return False  # never made: the upload is still open, abort it
+        except Exception as exc:  # noqa: BLE001 - the save's own failure matters more
+            log.warning("could not check whether %s was written by the failed save (%s); "
+                        "it has no manifest, and the next save replaces it", self._where, exc)
+            return False
+        found = str(head.get("ChecksumCRC32C") or "").split("-")[0]
+        if found != mine:
+            return False
+        try:
+            self._request("delete_object")
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("could not remove %s, written by a save whose completion was not "
+                        "confirmed (%s); it has no manifest, and the next save replaces it",
+                        self._where, exc)
+        else:
+            log.info("removed %s: its upload completed, but the answer was lost and the "
+                     "save failed", self._where)
+        return True
 
     def _forget(self) -> None:
         token, self._inflight_token = self._inflight_token, None
@@ -461,8 +500,8 @@ class _S3Upload:
     def _start(self) -> None:
         self._client = self._client_factory(self._bucket)
         aio = sync(self._loop, self._fs.get_s3, self._bucket)
-        for method in ("create_multipart_upload", "upload_part",
-                       "complete_multipart_upload", "abort_multipart_upload"):
+        for method in ("create_multipart_upload", "upload_part", "complete_multipart_upload",
+                       "abort_multipart_upload", "head_object", "delete_object"):
             # s3fs's own filter: its s3_additional_kwargs / requester-pays options that
             # this operation takes, as every s3fs call gets them.
             extra = self._fs._get_s3_method_kwargs(getattr(aio, method))
