@@ -138,3 +138,43 @@ def test_an_object_that_is_not_the_uploads_is_never_removed(s3_bucket, moto_serv
     fault_proxy.clear()
     assert bytes(st.read_bytes("000000000006/rank-00000.pt")) == theirs
     assert _open_uploads(moto_server, s3_bucket) == []
+
+
+# -- run URLs no store can hold (issue 20) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("url, says", [
+    ("http://x/y", r"'http://x/y': http:// is read-only"),
+    ("https://example.invalid/run", r"https:// is read-only"),
+    ("/tmp/run\x00x", r"'/tmp/run\\x00x' contains a NUL byte"),
+    ("file:///tmp/run\x00x", r"contains a NUL byte"),
+    ("s3://bucket/r\x00n", r"contains a NUL byte"),
+])
+def test_run_urls_no_store_can_hold_are_refused_with_one_line(url, says):
+    import spotrun
+    from spotrun.errors import StorageURLError
+
+    for make in (Storage, lambda u: spotrun.Checkpointer(u, handle_signals=False, watchers=[])):
+        with pytest.raises(StorageURLError, match=says) as info:
+            make(url)
+        assert "\n" not in str(info.value)
+        assert isinstance(info.value, spotrun.ConfigError) and info.value.exit_code == 2
+
+
+def test_the_cli_refuses_them_with_exit_2_and_one_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "spotrun", "ls", "http://x/y"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "http://x/y" in done.stderr
+    # A NUL byte cannot pass through exec's argv: the CLI's entry point in-process.
+    from spotrun.cli import main
+
+    assert main(["ls", str(tmp_path / "run\x00x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NUL byte" in err[0]

@@ -55,6 +55,11 @@ _RETRY_CODES = frozenset({
     "RequestThrottled", "BandwidthLimitExceeded",
 })
 
+# Protocols fsspec reads but that cannot hold a run (no listing, no writes): refused up
+# front rather than failing later with the HTTP client's own exceptions.
+_NOT_A_RUN_STORE = frozenset({"http", "https"})
+
+
 def _is_credentials_error(exc: BaseException) -> bool:
     # botocore is optional at import time (a local-only user may not have it configured).
     name = type(exc).__name__
@@ -346,7 +351,19 @@ class Storage:
             raise StorageURLError(
                 f"run URL {url!r} is empty; pass a path or URL, or set {URL_ENV}"
             )
+        if "\0" in url:
+            # No filesystem accepts it (the OS raises "embedded null byte").
+            raise StorageURLError(
+                f"run URL {url!r} contains a NUL byte; pass the path or URL without it"
+            )
         protocol, path = split_protocol(url)
+        if protocol in _NOT_A_RUN_STORE:
+            raise StorageURLError(
+                f"run URL {url!r}: {protocol}:// is read-only and cannot hold a run; use "
+                "s3://bucket/prefix (for an S3-compatible server at an http:// address, set "
+                "AWS_ENDPOINT_URL or storage_options={'client_kwargs': {'endpoint_url': ...}}), "
+                "gs://, az:// or a path"
+            )
         if protocol in (None, "file", "local"):
             protocol = "file"
             path = os.path.abspath(os.path.expanduser(path))
