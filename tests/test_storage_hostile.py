@@ -178,3 +178,45 @@ def test_the_cli_refuses_them_with_exit_2_and_one_line(tmp_path, capsys):
     assert main(["ls", str(tmp_path / "run\x00x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "NUL byte" in err[0]
+
+
+# -- a killed writer's ledger temporary (issue 20) ---------------------------------------------
+
+
+def _ledger_tmp(run, name: str, content: bytes) -> str:
+    path = os.path.join(run, "ledger", f".{name}.json.tmp-{uuid.uuid4().hex}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def test_a_killed_writers_ledger_temporary_goes_at_the_next_start(tmp_path):
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from spotrun.instance import InstanceInfo
+    from spotrun.ledger import Ledger
+
+    run = str(tmp_path / "run")
+    # A real writer, kill -9ed while its record sat in a temporary (fresh, a second old).
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    record = {"event": "checkpoint_committed", "pid": victim.pid,
+              "host": socket.gethostname(), "id": uuid.uuid4().hex, "time": time.time()}
+    dead = _ledger_tmp(run, "0001-dead", json.dumps(record).encode())
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # Kept: a live writer's (this process), another host's, and an empty one (full disk).
+    live = _ledger_tmp(run, "0002-live", json.dumps({**record, "pid": os.getpid()}).encode())
+    other = _ledger_tmp(run, "0003-other", json.dumps({**record, "host": "elsewhere"}).encode())
+    empty = _ledger_tmp(run, "0004-empty", b"")
+
+    ledger = Ledger(Storage(run))
+    ledger.segment_started(segment_id="seg-b", instance=InstanceInfo(),
+                           started_at=time.time(), source="wrapper")
+    assert not os.path.exists(dead)
+    assert all(os.path.exists(p) for p in (live, other, empty))
+    assert [r["event"] for r in ledger.records()] == ["segment_started"]
