@@ -88,13 +88,31 @@ def read_manifest(storage: Storage, step: int) -> Manifest:
     """
     rel = f"{checkpoint_dir(step)}/{MANIFEST}"
     where = storage.display(rel)
-    manifest = Manifest.from_json(storage.read_bytes(rel), where=where)
+    try:
+        data = storage.read_bytes(rel)
+    except StorageError as exc:
+        if _is_a_folder(storage, rel, exc):
+            # Structural damage (a stray folder, a sync tool's artefact), not a failed read:
+            # this checkpoint is damaged, and the ones before it still count.
+            raise CorruptCheckpointError(
+                f"{where} is a folder, not a manifest file") from exc
+        raise
+    manifest = Manifest.from_json(data, where=where)
     if manifest.step != step:
         raise CorruptCheckpointError(
             f"{where}: manifest says step {manifest.step} but its folder is step {step} "
             "(copied from another checkpoint?)"
         )
     return manifest
+
+
+def _is_a_folder(storage: Storage, rel: str, exc: StorageError) -> bool:
+    """Whether the read of ``rel`` failed because ``rel`` is a folder: the OS says so
+    (local disk), or the store found no object but lists entries under it (object stores
+    and ``memory://``, where a folder is a prefix)."""
+    if isinstance(exc.__cause__, IsADirectoryError):
+        return True
+    return isinstance(exc, StorageNotFoundError) and bool(storage.list_dir(rel))
 
 
 def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:

@@ -220,3 +220,46 @@ def test_a_killed_writers_ledger_temporary_goes_at_the_next_start(tmp_path):
     assert not os.path.exists(dead)
     assert all(os.path.exists(p) for p in (live, other, empty))
     assert [r["event"] for r in ledger.records()] == ["segment_started"]
+
+
+# -- a manifest.json that is a folder (issue 20) -----------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_a_manifest_that_is_a_folder_is_damage_and_the_previous_checkpoint_restores(
+        tmp_path, scheme):
+    import torch
+
+    import spotrun
+    from spotrun.commit import list_checkpoints, list_damaged
+
+    url = str(tmp_path / "run") if scheme == "local" else f"memory://{uuid.uuid4().hex}/run"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    with spotrun.Checkpointer(url, model=model, handle_signals=False, watchers=[],
+                              async_save=False, keep_last=5) as ck:
+        ck.restore()
+        for step in (3, 6):
+            if step == 6:
+                saved = {k: v.clone() for k, v in model.state_dict().items()}
+            with torch.no_grad():
+                model.weight.add_(1.0)
+            ck.steps_done = step
+            ck.save()
+    st = Storage(url)
+    st.remove("000000000006/manifest.json")
+    if scheme == "local":
+        os.mkdir(os.path.join(url, "000000000006", "manifest.json"))  # an empty folder
+    else:
+        st.write_bytes("000000000006/manifest.json/stray", b"x")
+    info = {c.step: c for c in list_checkpoints(st)}
+    assert info[6].status == "invalid" and "is a folder" in info[6].problem
+    assert info[3].status == "committed"
+
+    model2 = torch.nn.Linear(4, 4)
+    with spotrun.Checkpointer(url, model=model2, handle_signals=False, watchers=[]) as ck2:
+        assert ck2.restore() == 3
+    for name, tensor in saved.items():
+        assert torch.equal(model2.state_dict()[name], tensor)
+    assert "000000000006" not in st.list_dir()
+    assert [d.split("-")[0] for d in list_damaged(st)] == ["000000000006"]
