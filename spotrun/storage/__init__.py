@@ -54,14 +54,8 @@ passes in ``storage_options["config_kwargs"]`` win over these defaults.
 from __future__ import annotations
 
 from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every name it had
-    _MAX_PART,
-    _MIN_PART,
     _RETRY_CODES,
     _UNAVAILABLE_FIX,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_PART_MIB,
-    DEFAULT_RETRIES,
-    DEFAULT_RETRY_SECONDS,
     URL_ENV,
     Backend,
     HashingWriter,
@@ -82,6 +76,12 @@ from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every nam
 from .fsspec import FsspecBackend, ObjectStoreBackend
 from .local import LocalBackend, fsync_dir  # noqa: F401
 from .s3 import (  # noqa: F401
+    _MAX_PART,
+    _MIN_PART,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_PART_MIB,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_SECONDS,
     _BACKOFF_BASE_S,
     _BACKOFF_MAX_S,
     _MAX_PARTS,

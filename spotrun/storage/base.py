@@ -25,7 +25,6 @@ from fsspec.core import split_protocol
 
 from .. import checksum
 from ..checksum import ChunkedCRC
-from ..config import env_float, env_int
 from ..errors import (
     ConfigError,
     CredentialsError,
@@ -41,13 +40,6 @@ log = logging.getLogger("spotrun")
 URL_ENV = "SPOTRUN_URL"
 
 MiB = 1 << 20
-DEFAULT_PART_MIB = 16
-DEFAULT_CONCURRENCY = 8
-DEFAULT_RETRIES = 3
-DEFAULT_RETRY_SECONDS = 120.0
-# S3's limits: every part but the last at least 5 MiB, at most 5 GiB.
-_MIN_PART = 5 * MiB
-_MAX_PART = 5 << 30
 # Error codes S3 uses for "slow down / try again", whatever the HTTP status.
 _RETRY_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
@@ -334,7 +326,8 @@ class Storage:
         storage_options: passed to the fsspec filesystem (e.g. ``{"client_kwargs":
             {"endpoint_url": ...}}`` for S3-compatible stores).
         part_size: S3 multipart part size and ranged-read size in bytes (at least 5 MiB).
-            Default: ``$SPOTRUN_S3_PART_MIB`` MiB, else 16 MiB.
+            Default: ``$SPOTRUN_S3_PART_MIB`` MiB, else 16 MiB. Checked, like every S3
+            knob, by the S3 backend only: other backends ignore it.
         concurrency: S3 parts or ranges in flight at once. Default:
             ``$SPOTRUN_S3_CONCURRENCY``, else 8.
     """
@@ -386,28 +379,9 @@ class Storage:
         self.storage_options = dict(storage_options or {})
         self.root = path.rstrip("/") if protocol != "file" else path
         self.is_local = protocol == "file"
+        # Transfer knobs of the backends that have them (S3's part size and concurrency),
+        # read and checked by those backends; kept here so a pickled Storage rebuilds alike.
         self._part_size_arg, self._concurrency_arg = part_size, concurrency
-        self.part_size = part_size if part_size is not None else env_int(
-            "SPOTRUN_S3_PART_MIB", DEFAULT_PART_MIB) * MiB
-        self.concurrency = concurrency if concurrency is not None else env_int(
-            "SPOTRUN_S3_CONCURRENCY", DEFAULT_CONCURRENCY)
-        self.retries = env_int("SPOTRUN_S3_RETRIES", DEFAULT_RETRIES)
-        if not _MIN_PART <= self.part_size <= _MAX_PART:
-            raise ConfigError(
-                f"S3 part size {self.part_size} bytes is outside S3's 5 MiB..5 GiB; "
-                "set SPOTRUN_S3_PART_MIB (or part_size=) between 5 and 5120 MiB"
-            )
-        if self.concurrency < 1:
-            raise ConfigError(
-                f"S3 concurrency {self.concurrency} must be at least 1; "
-                "set SPOTRUN_S3_CONCURRENCY (or concurrency=) to e.g. 8"
-            )
-        if self.retries < 0:
-            raise ConfigError(f"SPOTRUN_S3_RETRIES={self.retries} must be 0 or more")
-        self.retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
-        if self.retry_seconds < 0:
-            raise ConfigError(
-                f"SPOTRUN_S3_RETRY_SECONDS={self.retry_seconds} must be 0 or more, e.g. 120")
         self._backend: Backend = backend.select(self.fs)(self)
 
     def __repr__(self) -> str:

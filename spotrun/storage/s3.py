@@ -28,15 +28,15 @@ from typing import Any, TypeVar
 import crc32c as _crc32c
 from fsspec.asyn import sync
 
-from ..config import env_float, env_int
-from ..errors import ConfigError, StorageError, StorageUnavailableError
+from ..config import env_float
+from ..errors import StorageError, StorageUnavailableError
+from ..validate import count, number
 from . import inflight
 from .base import (
-    _MAX_PART,
     _RETRY_CODES,
     _UNAVAILABLE_FIX,
-    DEFAULT_RETRY_SECONDS,
     Backend,
+    MiB,
     HashingWriter,
     _describe,
     _http_status,
@@ -47,6 +47,13 @@ from .fsspec import ObjectStoreBackend
 
 log = logging.getLogger("spotrun")
 
+DEFAULT_PART_MIB = 16
+DEFAULT_CONCURRENCY = 8
+DEFAULT_RETRIES = 3
+DEFAULT_RETRY_SECONDS = 120.0
+# S3's limits: every part but the last at least 5 MiB, at most 5 GiB.
+_MIN_PART = 5 * MiB
+_MAX_PART = 5 << 30
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_ATTEMPTS = 3
@@ -78,6 +85,8 @@ class S3Backend(ObjectStoreBackend):
         # spotrun's rounds; multiplied, a throttled read kept retrying for minutes. One
         # try here: botocore and _with_retries are the (bounded) retry layers.
         self.fs.retries = 1
+        self.part_size, self.concurrency, self.retries, self.retry_seconds = _transfer_knobs(
+            storage._part_size_arg, storage._concurrency_arg)
         self._clients: dict[tuple[str, int], Any] = {}
         self._clients_lock = threading.Lock()
 
@@ -91,15 +100,13 @@ class S3Backend(ObjectStoreBackend):
         return cls if hasattr(fs, "_call_s3") else ObjectStoreBackend
 
     def read_bytes(self, path: str) -> bytes | bytearray:
-        st = self.storage
-        return _s3_read(self.fs, path, st.part_size, st.concurrency, st.retries,
-                        retry_seconds=st.retry_seconds)
+        return _s3_read(self.fs, path, self.part_size, self.concurrency, self.retries,
+                        retry_seconds=self.retry_seconds)
 
     def write(self, path: str) -> Iterator[HashingWriter]:
-        st = self.storage
-        upload = _S3Upload(self.fs, path, part_size=st.part_size,
-                           concurrency=st.concurrency, retries=st.retries,
-                           retry_seconds=st.retry_seconds, client=self._threaded_client)
+        upload = _S3Upload(self.fs, path, part_size=self.part_size,
+                           concurrency=self.concurrency, retries=self.retries,
+                           retry_seconds=self.retry_seconds, client=self._threaded_client)
         try:
             yield HashingWriter(upload)
             upload.complete()
@@ -119,7 +126,7 @@ class S3Backend(ObjectStoreBackend):
             found = self._clients.get(key)
             if found is None:
                 found = self._clients[key] = threaded_client(self.fs, bucket,
-                                                             self.storage.concurrency)
+                                                             self.concurrency)
             return found
 
     # -- tagged objects: one object, its tag the ETag --------------------------------------
@@ -166,18 +173,45 @@ class S3Backend(ObjectStoreBackend):
         return str(response["ETag"])
 
 
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _transfer_knobs(part_size: int | None,
+                    concurrency: int | None) -> tuple[int, int, int, float]:
+    """Part size (bytes), concurrency, retry rounds and retry time limit (seconds): the
+    arguments, else ``SPOTRUN_S3_*``, else the defaults; ConfigError naming the bad one."""
+    example = f"{DEFAULT_PART_MIB * MiB} ({DEFAULT_PART_MIB} MiB; S3 allows 5 MiB..5 GiB)"
+    if part_size is not None:
+        part = count(part_size, "part_size", minimum=_MIN_PART, maximum=_MAX_PART,
+                     example=example)
+    else:
+        part = count(_env("SPOTRUN_S3_PART_MIB") or DEFAULT_PART_MIB, "SPOTRUN_S3_PART_MIB",
+                     minimum=_MIN_PART // MiB, maximum=_MAX_PART // MiB,
+                     example=f"{DEFAULT_PART_MIB} (S3 allows 5..5120 MiB)") * MiB
+    conc = count(concurrency if concurrency is not None
+                 else _env("SPOTRUN_S3_CONCURRENCY") or DEFAULT_CONCURRENCY,
+                 "concurrency" if concurrency is not None else "SPOTRUN_S3_CONCURRENCY",
+                 minimum=1, example=str(DEFAULT_CONCURRENCY))
+    retries = count(_env("SPOTRUN_S3_RETRIES") or DEFAULT_RETRIES, "SPOTRUN_S3_RETRIES",
+                    minimum=0, example=str(DEFAULT_RETRIES))
+    seconds = number(_env("SPOTRUN_S3_RETRY_SECONDS") or DEFAULT_RETRY_SECONDS,
+                     "SPOTRUN_S3_RETRY_SECONDS", minimum=0,
+                     example=f"{DEFAULT_RETRY_SECONDS:g}")
+    return part, conc, retries, seconds
+
+
 def _s3_client_options(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with spotrun's timeouts and botocore retry settings where the caller
     gave none (s3fs's own defaults would retry a throttled call for minutes)."""
     config = dict(options.get("config_kwargs") or {})
-    connect = env_float("SPOTRUN_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S)
-    read = env_float("SPOTRUN_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_S)
-    attempts = env_int("SPOTRUN_S3_ATTEMPTS", DEFAULT_ATTEMPTS)
-    for name, value, example in (("SPOTRUN_S3_CONNECT_TIMEOUT", connect, 10),
-                                 ("SPOTRUN_S3_READ_TIMEOUT", read, 60),
-                                 ("SPOTRUN_S3_ATTEMPTS", attempts, 3)):
-        if not value > 0:
-            raise ConfigError(f"{name}={value} must be positive; set it to e.g. {example}")
+    connect = number(_env("SPOTRUN_S3_CONNECT_TIMEOUT") or DEFAULT_CONNECT_TIMEOUT_S,
+                     "SPOTRUN_S3_CONNECT_TIMEOUT", minimum=0, allow_minimum=False,
+                     example="10")
+    read = number(_env("SPOTRUN_S3_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT_S,
+                  "SPOTRUN_S3_READ_TIMEOUT", minimum=0, allow_minimum=False, example="60")
+    attempts = count(_env("SPOTRUN_S3_ATTEMPTS") or DEFAULT_ATTEMPTS, "SPOTRUN_S3_ATTEMPTS",
+                     minimum=1, example="3")
     config.setdefault("connect_timeout", connect)
     config.setdefault("read_timeout", read)
     # Standard mode: retries throttling, 5xx, timeouts and dropped connections with
