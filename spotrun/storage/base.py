@@ -12,6 +12,7 @@ root) it hands to its backend, chosen by protocol from a registry (:func:`regist
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import posixpath
@@ -549,17 +550,42 @@ class Storage:
         return self._backend.replace_tagged(rel, data, tag)
 
 
-# protocol -> backend class, in the style of fsspec's registry: the package fills it with
-# the built-in backends (spotrun/storage/__init__.py), register_backend extends it, and a
-# protocol missing from it gets the generic FsspecBackend.
-_BACKENDS: dict[str, type[Backend]] = {}
+# protocol -> backend, in the style of fsspec's ``known_implementations``: the built-in
+# backends are named by "module:Class" strings and imported on first use (a run on local disk
+# never imports the S3 code); register_backend adds classes or such strings, and a protocol
+# missing from it gets the generic FsspecBackend.
+_BACKENDS: dict[str, type[Backend] | str] = {
+    "file": "spotrun.storage.local:LocalBackend",
+    "s3": "spotrun.storage.s3:S3Backend",
+    "s3a": "spotrun.storage.s3:S3Backend",
+    **{p: "spotrun.storage.fsspec:ObjectStoreBackend" for p in ("gs", "gcs", "az", "abfs", "abfss")},
+}
 
 
-def register_backend(protocol: str, cls: type[Backend], *, replace: bool = False) -> None:
+def _load(protocol: str, target: str) -> type[Backend]:
+    """The class ``"package.module:Class"`` names, imported now."""
+    module_name, _, attr = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"backend {target!r} registered for {protocol}:// cannot be imported ({exc}); "
+            "check the name (package.module:Class) or install its package"
+        ) from exc
+    if not (isinstance(found, type) and issubclass(found, Backend)):
+        raise ConfigError(
+            f"backend {target!r} registered for {protocol}:// is not a Backend subclass; "
+            "subclass spotrun.storage.Backend (or FsspecBackend)"
+        )
+    return found
+
+
+def register_backend(protocol: str, cls: type[Backend] | str, *, replace: bool = False) -> None:
     """Make every :class:`Storage` for ``protocol://`` URLs use backend ``cls``.
 
     ``cls`` subclasses :class:`Backend` (or one of the built-ins, e.g.
-    ``spotrun.storage.FsspecBackend``) and overrides what its store does differently; the
+    ``spotrun.storage.FsspecBackend``) and overrides what its store does differently; it may
+    also be given as ``"package.module:Class"``, imported when a URL first needs it. The
     fsspec filesystem itself still comes from fsspec's own registry. Registering another
     class for a protocol that already has one needs ``replace=True``.
     """
@@ -567,30 +593,44 @@ def register_backend(protocol: str, cls: type[Backend], *, replace: bool = False
         raise ConfigError(
             f"backend protocol {protocol!r} is not a URL scheme; pass e.g. 'gs' (no '://')"
         )
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+    if isinstance(cls, str):
+        if ":" not in cls:
+            raise ConfigError(
+                f"backend {cls!r} for {protocol!r} must name its class as package.module:Class"
+            )
+    elif not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ConfigError(
             f"backend for {protocol!r} must be a Backend subclass, not {cls!r}; subclass "
             "spotrun.storage.Backend (or FsspecBackend)"
         )
     current = _BACKENDS.get(protocol)
-    if current is not None and current is not cls and not replace:
+    if isinstance(current, str) and not isinstance(cls, str):
+        current_is_cls = current == f"{cls.__module__}:{cls.__qualname__}"
+    else:
+        current_is_cls = current == cls
+    if current is not None and not current_is_cls and not replace:
+        name = current if isinstance(current, str) else current.__qualname__
         raise ConfigError(
-            f"protocol {protocol!r} already uses {current.__qualname__}; pass replace=True "
+            f"protocol {protocol!r} already uses {name}; pass replace=True "
             "to register_backend to swap it"
         )
     _BACKENDS[protocol] = cls
 
 
 def available_backends() -> Mapping[str, type[Backend]]:
-    """The registered protocols and their backend classes (a read-only live view); any
-    other protocol fsspec knows uses ``FsspecBackend``."""
-    return MappingProxyType(_BACKENDS)
+    """The registered protocols and their backend classes (a read-only live view; every
+    entry is imported first); any other protocol fsspec knows uses ``FsspecBackend``."""
+    for protocol in list(_BACKENDS):
+        backend_class(protocol)
+    return MappingProxyType(_BACKENDS)  # type: ignore[arg-type]
 
 
 def backend_class(protocol: str) -> type[Backend]:
-    """The backend class for ``protocol``: the registered one, else the generic fsspec
-    backend (temporary name, then move)."""
+    """The backend class for ``protocol``: the registered one (imported on first use), else
+    the generic fsspec backend (temporary name, then move)."""
     found = _BACKENDS.get(protocol)
+    if isinstance(found, str):
+        found = _BACKENDS[protocol] = _load(protocol, found)
     if found is not None:
         return found
     # Imported here: the backend modules build on this one.
