@@ -236,3 +236,16 @@ def test_backends_are_imported_on_first_use(tmp_path, monkeypatch) -> None:
         Storage("nope://bucket/run")
     with pytest.raises(ConfigError, match="package.module:Class"):
         register_backend("other", "no_colon")
+
+
+def test_move_folder_moves_every_file_and_leaves_no_source(store: Storage) -> None:
+    files = {"manifest.json": b"{}", "rank-00000.pt": os.urandom(1000), "sub/x.bin": b"x"}
+    for name, data in files.items():
+        store.write_bytes(f"000000000007/{name}", data)
+    store.write_bytes("000000000008/manifest.json", b"{}")
+    store.move_folder("000000000007", "damaged/000000000007-moved", remove_first=["manifest.json"])
+    assert "000000000007" not in store.list_dir()
+    assert store.list_dir("damaged") == ["000000000007-moved"]
+    for name, data in files.items():
+        assert bytes(store.read_bytes(f"damaged/000000000007-moved/{name}")) == data
+    assert store.list_dir("000000000008") == ["manifest.json"]  # a neighbour is untouched

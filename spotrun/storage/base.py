@@ -17,7 +17,7 @@ import logging
 import os
 import posixpath
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import IO, Any
 
@@ -265,6 +265,24 @@ class Backend:
             return False
         self.storage.write_bytes(rel, data)
         return True
+
+    def move_folder(self, src: str, dst: str, remove_first: Sequence[str]) -> None:
+        """Move the folder ``src`` (run-relative) to ``dst``: here a copy of each file
+        (server-side where the store can), then the originals deleted, the names in
+        ``remove_first`` before the rest (see :meth:`Storage.move_folder`)."""
+        st = self.storage
+        src_root = st.full(src).rstrip("/")
+        self.fs.invalidate_cache(src_root)
+        # Some filesystems list with a leading "/" (memory://) that full() leaves out:
+        # names relative to the folder are computed without it.
+        base = src_root.lstrip("/")
+        for path in sorted(str(p) for p in self.fs.find(src_root)):
+            target = st.full(f"{dst}/{posixpath.relpath(path.lstrip('/'), base)}")
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)  # no-op on object stores
+            self.fs.copy(path, target)
+        for name in remove_first:
+            st.remove(f"{src}/{name}")
+        st.remove(src)
 
     # -- tagged objects: numbered versions ``rel/v<generation>.json`` ---------------------
     # Replacing version g means creating g + 1 with write_if_absent, which only one writer
@@ -514,6 +532,17 @@ class Storage:
         written with this should carry unique names (this is a best-effort check there).
         """
         return self._backend.write_if_absent(rel, data)
+
+    def move_folder(self, src: str, dst: str, *, remove_first: Sequence[str] = ()) -> None:
+        """Move the folder ``src`` to ``dst`` (both relative to the run URL).
+
+        Local disk renames it (atomic). Elsewhere each file is copied (server-side on S3)
+        and the originals are then deleted, the names in ``remove_first`` before the rest,
+        so an interrupted move leaves ``src`` without them (e.g. without its manifest: never
+        a committed checkpoint with files missing).
+        """
+        with translate_errors(self.display(src), "moving"):
+            self._backend.move_folder(src, dst, tuple(remove_first))
 
     def remove(self, rel: str) -> None:
         """Delete ``rel`` (a file or a whole folder); missing is not an error."""
