@@ -62,20 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_check_resume)
 
 
-def _fmt_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     from ..commit import list_checkpoints
     from ..layout import DONE_MARKER
     from ..lease import read_lease
     from ..storage import Storage
+    from ..units import format_bytes
 
     storage = Storage(args.url, _storage_options(args.storage_options))
     storage.ensure_root(create=False)
@@ -103,7 +95,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'STEP':>12}  {'TIME (UTC)':20}  {'SIZE':>10}  STATUS")
     for r in rows:
-        size = _fmt_size(r["bytes"]) if r["bytes"] is not None else "-"
+        size = format_bytes(r["bytes"]) if r["bytes"] is not None else "-"
         status = r["status"] + (f" ({r['problem']})" if r["problem"] else "")
         print(f"{r['step']:>12}  {r['time'] or '-':20}  {size:>10}  {status}")
     if done:

@@ -1,0 +1,33 @@
+"""Hostile and careless input at the CLI surface (issue 20, issue 23): each case is one line
+and the right exit code, and nothing the CLI prints can harm the user's terminal."""
+
+from __future__ import annotations
+
+import pytest
+
+from spotrun.units import format_bytes
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(0, "0 B"), (512, "512 B"), (1536, "1.50 KiB"), (10 * 1024, "10.0 KiB"),
+     (1024**2 - 1, "1.00 MiB"), (123 * 1024**2, "123 MiB"), (5 * 1024**3, "5.00 GiB")],
+)
+def test_format_bytes_picks_the_unit_that_fits(n: int, text: str) -> None:
+    assert format_bytes(n) == text
+
+
+def test_ls_prints_a_small_checkpoint_in_bytes_not_zero_mb(tmp_path, capsys) -> None:
+    from spotrun.checkpoint import Checkpointer
+    from spotrun.cli import main
+
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    with Checkpointer(str(tmp_path / "run"), model=model, every_steps=1, async_save=False,
+                      handle_signals=False, watchers=[]) as ck:
+        ck.step()
+    assert main(["ls", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert " B  committed" in out or "KiB  committed" in out, out
+    assert "0.0" not in out
