@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spotrun {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+        "-v", "--verbose", action="count", default=0,
+        help="-v: also other libraries' INFO lines (botocore, s3fs...); -vv: spotrun's debug "
+        "lines and the traceback behind a one-line error (default: spotrun's progress, warnings "
+        "and errors)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
@@ -98,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("spotrun").setLevel(min(level, logging.INFO))
     from .redact import quiet_secrets
 
-    quiet_secrets()
+    quiet_secrets(level)
     try:
         check_path_args(args)
         return int(args.func(args) or 0)

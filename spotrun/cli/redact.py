@@ -4,8 +4,11 @@ botocore's DEBUG logging prints each request's canonical request, string to sign
 the access key id (in ``Credential=``), the session token (``X-Amz-Security-Token``) and the
 signature. ``spotrun -vv`` wants spotrun's own debug lines, not those, so two layers:
 
-1. the SDK loggers (botocore, aiobotocore, s3fs, urllib3, ...) stay at INFO even at ``-vv``
-   (``SPOTRUN_SDK_DEBUG=1`` lets them through, still redacted, for debugging the SDK);
+1. the SDK loggers (botocore, aiobotocore, s3fs, urllib3, ...) are never louder than the
+   command's level and never below INFO, even at ``-vv`` (``SPOTRUN_SDK_DEBUG=1`` lets their
+   debug lines through, still redacted, for debugging the SDK). At the default level they are
+   at WARNING: "Found credentials in environment variables" is not news before a one-line
+   error;
 2. a filter on every root handler rewrites any record that still carries a credential: the
    values of this process's ``AWS_*`` credential variables, access key id shapes,
    ``Credential=...``, ``Signature=...`` and security-token headers.
@@ -65,13 +68,12 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def quiet_secrets() -> None:
-    """Keep SDK loggers at INFO and put a :class:`RedactingFilter` on every root handler."""
-    if os.environ.get("SPOTRUN_SDK_DEBUG") != "1":
-        for name in SDK_LOGGERS:
-            logger = logging.getLogger(name)
-            if logger.level == logging.NOTSET or logger.level < logging.INFO:
-                logger.setLevel(logging.INFO)
+def quiet_secrets(level: int = logging.WARNING) -> None:
+    """Put the SDK loggers at ``level`` but never below INFO (so never louder than the
+    command's own level), and a :class:`RedactingFilter` on every root handler."""
+    sdk_level = level if os.environ.get("SPOTRUN_SDK_DEBUG") == "1" else max(level, logging.INFO)
+    for name in SDK_LOGGERS:
+        logging.getLogger(name).setLevel(sdk_level)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
