@@ -58,3 +58,52 @@ def test_v_lets_sdk_info_through_and_default_does_not(child_env: dict, moto_serv
     r = _spotrun(env, "-v", "ls", "s3://no-such-bucket/run")
     assert r.returncode == 2
     assert "botocore" in r.stderr and " INFO " in r.stderr, r.stderr  # -v: as its help says
+
+
+# -- issue 20: secret shapes that passed the --env check; the log filter masks the same -----
+
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkphbmUifQ."
+       "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+NEW_SHAPES = {
+    "a JWT": JWT,
+    "a Stripe live key": "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
+    "a Stripe restricted key": "rk_test_" + "51H8abcdefghijklmnopqrst",
+    "a Google API key": "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
+    "a Slack webhook URL": "https://hooks.slack.com/services/" + "T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+    "a bearer token": "Bearer " + "abcDEF0123456789ghiJKL",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_SHAPES))
+def test_env_refuses_the_new_secret_shapes(kind: str, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    from conftest import free_port
+
+    from spotrun.cli import main
+
+    # Nothing may be asked of AWS before the check: an endpoint where nothing listens.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    code = main(["launch", "--run-url", "s3://bucket/run", "--instance-types", "g5.xlarge",
+                 "--region", "us-east-1", "--ami", "ami-12345678", "--env", f"VALUE={NEW_SHAPES[kind]}",
+                 "--", "python", "t.py"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "--env VALUE" in err and "--secret" in err, err
+
+
+@pytest.mark.parametrize("kind", sorted(NEW_SHAPES))
+def test_log_redaction_masks_the_same_shapes(kind: str) -> None:
+    from spotrun.cli.redact import redact
+
+    line = f"calling the service with {NEW_SHAPES[kind]} now"
+    clean = redact(line)
+    assert "<redacted>" in clean
+    # What identifies the secret is gone (a bearer's word may stay, its token may not).
+    assert NEW_SHAPES[kind].split()[-1][-12:] not in clean
+
+
+@pytest.mark.parametrize("value", ["Bearer $API_TOKEN", "eyJ-not-a-jwt", "https://hooks.slack.com/",
+                                   "AIza-too-short", "sk_live_short", "gpt2-medium", "bearer of news"])
+def test_ordinary_values_still_pass_the_env_check(value: str) -> None:
+    from spotrun.launch.userdata import check_no_secrets
+
+    check_no_secrets(setup=[], env={"VALUE": value}, command=["python", "t.py"])

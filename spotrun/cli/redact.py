@@ -11,7 +11,8 @@ signature. ``spotrun -vv`` wants spotrun's own debug lines, not those, so two la
    error;
 2. a filter on every root handler rewrites any record that still carries a credential: the
    values of this process's ``AWS_*`` credential variables, access key id shapes,
-   ``Credential=...``, ``Signature=...`` and security-token headers.
+   ``Credential=...``, ``Signature=...``, security-token headers and every token shape of
+   :mod:`spotrun.secret_shapes` (the ones ``launch --env`` refuses).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+
+from ..secret_shapes import TOKEN_SHAPES
 
 __all__ = ["RedactingFilter", "quiet_secrets", "redact"]
 
@@ -32,6 +35,8 @@ _PATTERNS = (
     re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+", re.IGNORECASE),
     re.compile(r"(X-Amz-Credential=)[^&\s'\"]+", re.IGNORECASE),
     re.compile(r"(x-amz-security-token:)[^\n]+", re.IGNORECASE),
+    # The shapes `spotrun launch --env` refuses (JWTs, sk_live_ keys, Slack webhooks...).
+    TOKEN_SHAPES,
 )
 MASK = "<redacted>"
 
