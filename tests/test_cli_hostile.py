@@ -107,3 +107,72 @@ def test_ordinary_values_still_pass_the_env_check(value: str) -> None:
     from spotrun.launch.userdata import check_no_secrets
 
     check_no_secrets(setup=[], env={"VALUE": value}, command=["python", "t.py"])
+
+
+# -- issue 20: spotrun logs never hands control sequences to the terminal -------------------
+
+HOSTILE_OUTPUT = (
+    b"step 1\n"
+    b"\x1b]0;window title\x07"            # OSC 0: window title
+    b"\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x1b\\"  # OSC 52: clipboard write, ST-terminated
+    b"\x1b[6n"                            # cursor-position query: the terminal types an answer
+    b"\x1b[2J\x1b[H"                      # clear screen, cursor home
+    b"\x1b[?1049h"                        # alternate screen
+    b"\x9b31m\xc2\x9b2J"                  # 8-bit CSI, raw and as UTF-8 C1
+    b"\xe2\x80\xaeevil\xe2\x80\xac"       # bidi override
+    b"\x1b[1;32mgreen\x1b[0m\tok\r\n"     # colour and tab: kept
+    b"progress 50%\rprogress 100%\x1b[3"  # carriage returns; colour cut off at the chunk's end
+)
+SECOND_CHUNK = b"1mred\n"
+
+
+def _hostile_run(tmp_path) -> str:
+    from spotrun.launch.logs import log_chunk_path
+    from spotrun.storage import Storage
+
+    url = str(tmp_path / "run")
+    st = Storage(url)
+    st.write_bytes(log_chunk_path("sim-1", 0, 0), HOSTILE_OUTPUT)
+    st.write_bytes(log_chunk_path("sim-1", 0, 1), SECOND_CHUNK)
+    return url
+
+
+def _controls(out: bytes) -> list[str]:
+    """Every control character in ``out`` that is not newline, tab or part of an SGR."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;:]*m", "", out.decode("utf-8"))
+    return [c for c in text if (ord(c) < 0x20 and c not in "\n\t") or 0x7f <= ord(c) <= 0x9f
+            or 0x202a <= ord(c) <= 0x202e or 0x2066 <= ord(c) <= 0x2069]
+
+
+def test_logs_escapes_control_sequences_and_keeps_colour(tmp_path, capsysbinary) -> None:
+    from spotrun.cli import main
+
+    url = _hostile_run(tmp_path)
+    assert main(["logs", url]) == 0
+    out = capsysbinary.readouterr().out
+    assert _controls(out) == [], out
+    text = out.decode()
+    # What was there stays readable, escaped.
+    assert "\\x1b]52;c;Y3VybCBldmlsIHwgc2g=" in text and "\\x1b[6n" in text and "\\u202e" in text
+    # Colour, tab and lines are kept; the colour split across chunks is whole; a reset ends it.
+    assert "\x1b[1;32mgreen\x1b[0m\tok\n" in text
+    assert "progress 50%\nprogress 100%\x1b[31mred\n" in text
+    assert text.endswith("\x1b[0m")
+
+
+def test_logs_raw_writes_the_shipped_bytes(tmp_path, capsysbinary) -> None:
+    from spotrun.cli import main
+
+    url = _hostile_run(tmp_path)
+    assert main(["logs", url, "--raw"]) == 0
+    assert capsysbinary.readouterr().out == HOSTILE_OUTPUT + SECOND_CHUNK
+
+
+def test_sanitizer_holds_a_character_split_across_chunks() -> None:
+    from spotrun.cli.terminal import TerminalSanitizer
+
+    s = TerminalSanitizer()
+    out = b"".join([s.feed(b"caf\xc3"), s.feed(b"\xa9 \xe2\x80"), s.feed(b"\xae!\r"), s.feed(b"\nend"), s.close()])
+    assert out.decode() == "café \\u202e!\nend"
