@@ -176,3 +176,88 @@ def test_sanitizer_holds_a_character_split_across_chunks() -> None:
     s = TerminalSanitizer()
     out = b"".join([s.feed(b"caf\xc3"), s.feed(b"\xa9 \xe2\x80"), s.feed(b"\xae!\r"), s.feed(b"\nend"), s.close()])
     assert out.decode() == "café \\u202e!\nend"
+
+
+# -- issue 20 / issue 23 item 2: reports of nothing are refused in one line, exit 2 ----------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spotrun: error: "), err
+    return err[0]
+
+
+def _main_code(argv: list[str]) -> int:
+    from spotrun.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's refusal of a flag's value
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("command", [["cost", "--offline"], ["status", "--no-aws"]])
+def test_cost_and_status_refuse_a_folder_that_holds_no_run(tmp_path, capsys, command) -> None:
+    (tmp_path / "notes.txt").write_text("not a run")
+    (tmp_path / "data").mkdir()
+    assert _main_code([command[0], str(tmp_path), *command[1:]]) == 2
+    line = _one_error_line(capsys)
+    assert f"no run at {tmp_path}" in line and "data, notes.txt" in line, line
+
+
+def test_status_and_cost_still_report_a_checkpoint_only_run(tmp_path, capsys) -> None:
+    import torch
+
+    from spotrun.checkpoint import Checkpointer
+
+    with Checkpointer(str(tmp_path / "run"), model=torch.nn.Linear(2, 1), every_steps=1,
+                      async_save=False, handle_signals=False, watchers=[]) as ck:
+        ck.step()
+    assert _main_code(["status", str(tmp_path / "run"), "--no-aws"]) == 0
+    assert "checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["cost", "RUN", "--spot-price", "inf"], "--spot-price=inf is not a finite number"),
+    (["cost", "RUN", "--on-demand-price", "nan"], "--on-demand-price=nan is not a finite number"),
+    (["cost", "RUN", "--spot-price", "0"], "--spot-price=0 must be > 0"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "0"], "--hours=0 must be > 0"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "5", "--runs", "0"], "--runs=0 must be > 0"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "5", "--on-demand-price", "0"], "--on-demand-price=0"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "5", "--spot-price", "-1"], "--spot-price=-1"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "5", "--checkpoint-save", "soon"],
+     "--checkpoint-save='soon' is not a duration"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "5", "--checkpoint-interval", "0"],
+     "--checkpoint-interval=0 must be > 0"),
+    (["estimate", "g5.xlarge", "--offline", "--hours", "5", "--interruption-rate", "7%"], "0% or one of"),
+])
+def test_reports_of_nothing_and_infinite_prices_are_one_line_exit_2(tmp_path, capsys, args, words) -> None:
+    argv = [str(tmp_path) if a == "RUN" else a for a in args]
+    assert _main_code(argv) == 2
+    assert words in _one_error_line(capsys)
+
+
+def test_config_file_prices_go_through_the_same_check(tmp_path, capsys) -> None:
+    cfg = tmp_path / "prices.toml"
+    cfg.write_text("[prices]\nspot = inf\n")
+    assert _main_code(["estimate", "g5.xlarge", "--offline", "--hours", "5", "--config", str(cfg)]) == 2
+    assert "[prices] spot=inf is not a finite number" in _one_error_line(capsys)
+
+
+def test_estimate_accepts_zero_percent_as_never_interrupted(capsys) -> None:
+    import json
+
+    from spotrun.cli import main
+
+    assert main(["estimate", "g5.xlarge", "--offline", "--hours", "10", "--interruption-rate", "0%",
+                 "--checkpoint-save", "60", "--restart", "5m", "--spot-price", "0.3",
+                 "--on-demand-price", "1.0", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["rate_per_hour"] == 0 and e["mtbi_hours"] is None
+    at = e["at_interval"]
+    assert at["interruptions"] == 0 and at["rework_s"] == 0 and at["restart_s"] == 0
+    # Nothing interrupts it: one checkpoint per run, so the only overhead is one save.
+    assert e["checkpoint_interval_s"] == 36000 and at["wall_s"] == pytest.approx(36000 + 60)
+    assert e["spot_cost_per_run"] == pytest.approx((36060 / 3600) * 0.3)
+    assert main(["estimate", "g5.xlarge", "--offline", "--hours", "10", "--interruption-rate", "0%"]) == 0
+    assert "never interrupted: no re-work, no restarts" in capsys.readouterr().out

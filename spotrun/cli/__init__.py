@@ -20,6 +20,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..errors import ConfigError, SpotrunError
 
@@ -31,10 +32,19 @@ __all__ = ["main"]
 _COMMAND_MODULES = ("checkpoints", "launch", "cost", "logs")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with spotrun's error form: one line and exit 2, pointing at ``--help``,
+    rather than a usage block several lines long above the line that matters. Subcommand
+    parsers are of the same class (``add_subparsers`` uses the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"spotrun: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spotrun",
         description="Keep PyTorch training alive on spot capacity and report what spot saved.",
     )
