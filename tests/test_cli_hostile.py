@@ -261,3 +261,15 @@ def test_estimate_accepts_zero_percent_as_never_interrupted(capsys) -> None:
     assert e["spot_cost_per_run"] == pytest.approx((36060 / 3600) * 0.3)
     assert main(["estimate", "g5.xlarge", "--offline", "--hours", "10", "--interruption-rate", "0%"]) == 0
     assert "never interrupted: no re-work, no restarts" in capsys.readouterr().out
+
+
+# -- issue 23 item 4: the snapshot's spot estimate is explained in the project's own words ---
+
+
+def test_price_sources_say_what_the_70_percent_is(capsys) -> None:
+    from spotrun.cli import main
+
+    assert main(["estimate", "g5.xlarge", "--hours", "1", "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "an assumed 70% spot discount used when no market price is known" in out
+    assert "course" not in out
