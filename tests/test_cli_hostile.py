@@ -273,3 +273,27 @@ def test_price_sources_say_what_the_70_percent_is(capsys) -> None:
     out = capsys.readouterr().out
     assert "an assumed 70% spot discount used when no market price is known" in out
     assert "course" not in out
+
+
+# -- issue 23 item 6: --help texts read as sentences -------------------------------------------
+
+
+def test_offline_help_says_where_prices_come_from(capsys) -> None:
+    from spotrun.cli import main
+
+    for command in ("cost", "estimate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "the disk cache's nothing" not in help_text
+        assert "never call an AWS API or read its disk cache" in help_text, help_text
+
+
+def test_check_resume_help_documents_every_option(capsys) -> None:
+    from spotrun.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["check-resume", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--interruptions K, -k K how many times" in help_text
+    assert "--keep keep the temporary folder" in help_text and "removed on PASS" in help_text

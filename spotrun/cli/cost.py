@@ -20,7 +20,8 @@ def _add_price_options(p: argparse.ArgumentParser) -> None:
                    metavar="USD",
                    help="on-demand price per hour (overrides every source)")
     p.add_argument("--offline", action="store_true",
-                   help="never call an AWS API: overrides, the disk cache's nothing, the shipped snapshot")
+                   help="never call an AWS API or read its disk cache: prices come from --spot-price, "
+                   "--on-demand-price and --config, else from the snapshot shipped with spotrun")
     p.add_argument("--config", metavar="FILE",
                    help="a TOML file whose [prices] table sets spot = USD and/or on_demand = USD")
     p.add_argument("--json", action="store_true", help="machine-readable output")
