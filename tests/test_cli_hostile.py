@@ -297,3 +297,29 @@ def test_check_resume_help_documents_every_option(capsys) -> None:
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--interruptions K, -k K how many times" in help_text
     assert "--keep keep the temporary folder" in help_text and "removed on PASS" in help_text
+
+
+# -- one check per kind of value: portfolio tables and the remaining flags -----------------
+
+
+@pytest.mark.parametrize("toml, words", [
+    ("[[training]]\nname='a'\ninstance_type='g5.xlarge'\nhours_per_run=nan\nruns_per_month=1\n",
+     "hours_per_run=nan is not a finite number"),
+    ("[[training]]\nname='a'\ninstance_type='g5.xlarge'\nhours_per_run=0\nruns_per_month=1\n",
+     "hours_per_run=0 must be > 0"),
+    ("[[training]]\nname='a'\ninstance_type='g5.xlarge'\nhours_per_run=1\nruns_per_month=inf\n",
+     "runs_per_month=inf is not a finite number"),
+    ("[prices]\n'g5.xlarge'='cheap'\n[[training]]\nname='a'\ninstance_type='g5.xlarge'\nhours_per_run=1\n"
+     "runs_per_month=1\nmarket='on-demand'\n", "[prices] g5.xlarge='cheap' is not a price"),
+])
+def test_portfolio_numbers_go_through_the_shared_checks(tmp_path, capsys, toml, words) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text(toml)
+    assert _main_code(["estimate", "--portfolio", str(f), "--offline"]) == 2
+    assert words in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1", "inf"])
+def test_logs_interval_is_a_duration(tmp_path, capsys, value) -> None:
+    assert _main_code(["logs", str(tmp_path), "--follow", "--interval", value]) == 2
+    assert "--interval" in _one_error_line(capsys)
