@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true",
                    help="write the shipped bytes unchanged, control sequences included (for a file or "
                    "a program, not a terminal)")
-    p.add_argument("--interval", type=validate.argparse_type(validate.duration, "--interval", minimum=0.1),
+    p.add_argument("--interval", type=validate.argparse_type(validate.duration, "--interval", allow_minimum=False),
                    default=2.0, metavar="SECONDS",
                    help="with --follow: seconds between polls (default 2)")
     p.set_defaults(func=_logs)
