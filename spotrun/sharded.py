@@ -116,6 +116,8 @@ _SUFFIX = ".distcp"
 # WriteResults whose index starts with this carry one written file's (name, manifest entry)
 # from a rank to the coordinator; finish() takes them out before DCP's metadata is written.
 _FILE_RECORD_FQN = "__spotrun_file__/"
+# Files one rank reads at once on restore (a resharded rank reads a few ranks' files).
+_READ_THREADS = 8
 
 
 # -- what is sharded -------------------------------------------------------------------
@@ -464,37 +466,61 @@ class SpotrunStorageReader(StorageReader):
         for item in plan.items:
             info: _StorageInfo = self.storage_data[item.storage_index]
             per_file.setdefault(info.relative_path, []).append(item)
-        for name, items in sorted(per_file.items()):
-            data = memoryview(self.read_verified(name))
-            for item in items:
-                info = self.storage_data[item.storage_index]
-                if info.transform_descriptors:
-                    raise IncompatibleCheckpointError(
-                        f"{self.storage.display(self.folder)}: DCP storage transforms "
-                        f"{info.transform_descriptors} are not supported by spotrun's reader"
-                    )
-                chunk = io.BytesIO(data[info.offset:info.offset + info.length])
-                if item.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(item, chunk)
-                    continue
-                tensor = torch.load(chunk, map_location="cpu", weights_only=True)
-                tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
-                target = planner.resolve_tensor(item).detach()
-                if target.size() != tensor.size():
-                    raise IncompatibleCheckpointError(
-                        f"{self.storage.display(self.folder)}: {item.storage_index.fqn} has "
-                        f"shape {tuple(tensor.size())} in the checkpoint, "
-                        f"{tuple(target.size())} here; load into the same model"
-                    )
-                target.copy_(tensor)
-                planner.commit_tensor(item, target)
+        # Every file this rank needs is read and verified at once, in parallel (reads and
+        # checksums release the GIL; on S3 each large read is itself ranged parallel GETs).
+        # All of them are verified before a byte is copied into the state, so a damaged
+        # file leaves the live model and optimizer untouched for the fallback to an older
+        # checkpoint.
+        names = sorted(per_file)
+        data = _read_all(self.read_verified, names)
+        for name in names:
+            self._load_items(memoryview(data.pop(name)), per_file[name], planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
+    def _load_items(self, data: memoryview, items: list[Any],
+                    planner: LoadPlanner) -> None:
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            if info.transform_descriptors:
+                raise IncompatibleCheckpointError(
+                    f"{self.storage.display(self.folder)}: DCP storage transforms "
+                    f"{info.transform_descriptors} are not supported by spotrun's reader"
+                )
+            chunk = io.BytesIO(data[info.offset:info.offset + info.length])
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, chunk)
+                continue
+            tensor = torch.load(chunk, map_location="cpu", weights_only=True)
+            tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != tensor.size():
+                raise IncompatibleCheckpointError(
+                    f"{self.storage.display(self.folder)}: {item.storage_index.fqn} has "
+                    f"shape {tuple(tensor.size())} in the checkpoint, "
+                    f"{tuple(target.size())} here; load into the same model"
+                )
+            target.copy_(tensor)
+            planner.commit_tensor(item, target)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
+
+
+def _read_all(read: Any, names: list[str]) -> dict[str, Any]:
+    """``{name: read(name)}``, the reads in parallel; the first error (in name order)."""
+    if len(names) <= 1:
+        return {name: read(name) for name in names}
+    with concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(len(names), _READ_THREADS), thread_name_prefix="spotrun-dcp-read") as pool:
+        futures = [(name, pool.submit(read, name)) for name in names]
+        try:
+            return {name: f.result() for name, f in futures}
+        finally:
+            for _, f in futures:
+                f.cancel()
 
 
 # -- errors out of DCP -----------------------------------------------------------------
@@ -688,6 +714,8 @@ class ShardedSaver:
         if process_group is None and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
         self._buffers: dict[str, Any] | None = None
+        self._live: _LiveState | None = None
+        self._plan: _CopyPlan | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="spotrun-dcp")
         self._in_flight: concurrent.futures.Future[list[tuple[str, FileEntry]]] | None = None
@@ -703,6 +731,33 @@ class ShardedSaver:
         fut, self._in_flight = self._in_flight, None
         return None if fut is None else fut.result()
 
+    def state(
+        self,
+        model: torch.nn.Module,
+        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        options: StateDictOptions | None = None,
+    ) -> dict[str, Any]:
+        """:func:`get_state`, built once and reused while it still describes the objects.
+
+        ``get_state_dict`` walks the modules, maps parameters to their names and rebuilds the
+        optimizer's state dict on every call: after the first save that is most of what a
+        sharded save would cost the training thread beyond the copy. Its tensors are views
+        of the live parameters and optimizer states, so the same dict stays right while
+        none of them is replaced, added or reshaped (checked on every call against each
+        tensor's storage address, shape, stride and dtype; any change rebuilds it); the
+        non-tensor values (learning rates, betas, a float step) are refreshed from the
+        optimizer each call. Pass the result to :meth:`stage` (which then copies along a
+        plan made once) or to :func:`read_sharded` (which then loads straight into the
+        live tensors). Collective when it rebuilds: call it on every rank.
+        """
+        opts = _optimizer_list(optimizers)
+        live = self._live
+        if live is None or live.model is not model or live.optimizers != opts \
+                or live.options is not options:
+            live = self._live = _LiveState(model, opts, options)
+        return live.get()
+
     @torch.no_grad()
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Copy ``state_dict``'s tensors (this rank's local shards) into reused host buffers.
@@ -710,12 +765,29 @@ class ShardedSaver:
         Call in the training thread, on every rank. Waits for the previous write first (its
         error, if any, is raised here). Returns the staged state dict: same structure, same
         DTensor placements, host tensors, and current values of non-tensor leaves.
+
+        A state from :meth:`state`, checked by that call, is copied along a plan made on
+        the first save (pairs of source shard and buffer, no walk, no comparison): the
+        training thread pays for the copy alone. Any other state is walked and compared
+        with the buffers' structure each time.
         """
         self.wait()
-        if self._buffers is None or not _same_structure(state_dict, self._buffers):
-            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
-        staged = _copy_state_dict(state_dict, self._buffers, non_blocking=self.pin_memory,
-                                  type_check=False)
+        live = self._live
+        fast = live is not None and live.state is state_dict and live.take_checked()
+        plan = self._plan
+        if fast and plan is not None and plan.source is state_dict:
+            staged = plan.run(self.pin_memory)
+        else:
+            if self._buffers is None or not _same_structure(state_dict, self._buffers):
+                self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
+            staged = _copy_state_dict(state_dict, self._buffers, non_blocking=self.pin_memory,
+                                      type_check=False)
+            self._plan = None
+            if fast:
+                try:
+                    self._plan = _CopyPlan(state_dict, staged)
+                except ValueError:  # not expected: the walk is the fallback, always right
+                    log.debug("sharded staging: no copy plan for this state", exc_info=True)
         if self.pin_memory and torch.cuda.is_available():
             torch.cuda.synchronize()
         return staged
@@ -748,3 +820,166 @@ def _same_structure(state: Any, buffers: Any) -> bool:
         return bool(_check_state_dict_similarity(state, buffers))
     except Exception:  # noqa: BLE001 - any mismatch in walking means "rebuild"
         return False
+
+
+# -- the cached state and copy plan (what keeps the stall at the copy) ----------------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this rank's bytes (a DTensor's local shard; else the tensor)."""
+    if isinstance(t, DTensor):
+        return t._local_tensor  # to_local() without the autograd bookkeeping
+    return t
+
+
+def _sig(t: torch.Tensor) -> tuple[Any, ...]:
+    loc = _local(t)
+    return (loc.data_ptr(), loc.dtype, tuple(loc.shape), loc.stride(), tuple(t.shape))
+
+
+def _leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, Any, Any]]:
+    """(container, key, value) for every leaf of a nested state dict."""
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj)
+    for k, v in items:
+        if isinstance(v, (Mapping, list)) and not isinstance(v, torch.Tensor):
+            yield from _leaves(v, (*path, k))
+        else:
+            yield obj, k, v
+
+
+class _LiveState:
+    """:func:`get_state` of one model and its optimizers, rebuilt only when it may be stale.
+
+    ``key()`` is cheap (a walk over parameters, buffers and optimizer states, no state dict)
+    and names every tensor by its storage address, dtype, shape and stride: equal keys mean
+    the cached dict's tensors are still the live ones (the cache holds their storage, so an
+    address cannot be reused by another tensor while it does). The non-tensor leaves of
+    the optimizer's part (param_groups' values, non-tensor per-parameter state) are copied
+    from the optimizer on every :meth:`get`. A state that does not alias the live tensors
+    (another state_dict implementation copies), holds ShardedTensors (FSDP1) or other
+    non-tensor leaves is never cached: :meth:`get` then calls get_state each time.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                 options: StateDictOptions | None) -> None:
+        self.model = model
+        self.optimizers = optimizers
+        self.options = options
+        self.state: dict[str, Any] | None = None
+        self.builds = 0
+        self._key: tuple[Any, ...] | None = None
+        self._refresh: list[tuple[Any, Any, Any, Any]] = []
+        self._checked = False
+
+    def key(self) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for name, t in self.model.named_parameters():
+            parts.append((name, _sig(t)))
+        for name, t in self.model.named_buffers():
+            parts.append((name, _sig(t)))
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                parts.append(tuple(sorted(k for k in group if k != "params")))
+                for p in group["params"]:
+                    st = opt.state.get(p)
+                    parts.append((id(p), None if st is None else tuple(
+                        (k, _sig(v) if isinstance(v, torch.Tensor) else type(v).__name__)
+                        for k, v in st.items())))
+        return tuple(parts)
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        yield from self.model.parameters()
+        yield from self.model.buffers()
+        for opt in self.optimizers:
+            for st in opt.state.values():
+                yield from (v for v in st.values() if isinstance(v, torch.Tensor))
+
+    def get(self) -> dict[str, Any]:
+        if self.state is not None and self.key() == self._key:
+            for dst, k, src, sk in self._refresh:
+                dst[k] = src[sk]
+            self._checked = True
+            return self.state
+        state = get_state(self.model, self.optimizers, options=self.options)
+        self.builds += 1
+        # After get_state: it may have created the optimizer's state (a fresh optimizer).
+        self._key = self.key()
+        refresh = self._plan_refresh(state)
+        self.state, self._refresh = (state, refresh) if refresh is not None else (None, [])
+        self._checked = self.state is not None
+        return state
+
+    def take_checked(self) -> bool:
+        """True once after each :meth:`get` that returned the cached (checked) state."""
+        checked, self._checked = self._checked, False
+        return checked
+
+    def _plan_refresh(self, state: dict[str, Any]) -> list[tuple[Any, Any, Any, Any]] | None:
+        """Where each non-tensor leaf of ``state`` comes from in the optimizer, or None
+        when ``state`` cannot be cached (see the class docstring)."""
+        live = {_sig(t)[:4] for t in self._tensors()}
+        for _, _, v in _leaves(state.get("model", {})):
+            if not isinstance(v, torch.Tensor) or isinstance(v, ShardedTensor) \
+                    or _sig(v)[:4] not in live:
+                return None
+        osd = state.get("optim")
+        if osd is None:
+            return []
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        saved_groups = osd.get("param_groups", [])
+        if len(groups) != len(saved_groups):
+            return None
+        refresh: list[tuple[Any, Any, Any, Any]] = []
+        names: list[str] = []
+        params: list[Any] = []
+        for group, saved in zip(groups, saved_groups):
+            if set(group) != set(saved):
+                return None
+            refresh += [(saved, k, group, k) for k in group if k != "params"]
+            names += list(saved["params"])
+            params += list(group["params"])
+        if len(names) != len(params):
+            return None  # tied or renamed parameters: no one-to-one map to follow
+        by_name = dict(zip(names, params))
+        states = {p: st for opt in self.optimizers for p, st in opt.state.items()}
+        for name, saved_state in osd.get("state", {}).items():
+            live_state = states.get(by_name.get(name))
+            if live_state is None or set(live_state) != set(saved_state):
+                return None
+            for k, v in saved_state.items():
+                if isinstance(v, torch.Tensor):
+                    if isinstance(v, ShardedTensor) or _sig(v)[:4] not in live:
+                        return None
+                elif isinstance(v, (Mapping, list)):
+                    return None
+                else:
+                    refresh.append((saved_state, k, live_state, k))
+        return refresh
+
+
+class _CopyPlan:
+    """The pairs (source shard, host buffer) and non-tensor leaves of one staged state,
+    made on the first save of a cached state; :meth:`run` is then the copy alone."""
+
+    def __init__(self, source: dict[str, Any], staged: dict[str, Any]) -> None:
+        self.source = source
+        self.staged = staged
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.values: list[tuple[Any, Any, Any]] = []
+        src_leaves, dst_leaves = list(_leaves(source)), list(_leaves(staged))
+        if len(src_leaves) != len(dst_leaves):
+            raise ValueError("staged state has another structure")
+        for (src_c, k, v), (dst_c, dk, d) in zip(src_leaves, dst_leaves):
+            if k != dk or isinstance(v, torch.Tensor) != isinstance(d, torch.Tensor):
+                raise ValueError("staged state has another structure")
+            if isinstance(v, torch.Tensor):
+                self.pairs.append((_local(v), _local(d)))
+            else:
+                self.values.append((dst_c, k, src_c))
+
+    def run(self, non_blocking: bool) -> dict[str, Any]:
+        for src, dst in self.pairs:
+            dst.copy_(src, non_blocking=non_blocking)
+        for dst_c, k, src_c in self.values:
+            dst_c[k] = src_c[k]
+        return self.staged
