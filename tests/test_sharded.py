@@ -32,6 +32,7 @@ from spotrun.sharded import (
     ShardedSaver,
     is_sharded,
     is_sharded_checkpoint,
+    read_full,
     read_sharded,
     write_sharded,
 )
@@ -121,6 +122,11 @@ def test_damaged_shard_raises_corrupt_on_every_rank(tmp_path: Path, child_env: d
     errors = re.findall(r"rank \d+ error [^\n]*", out)
     assert len(errors) == 2 and all("CorruptCheckpointError" in e and "__1_0.distcp" in e
                                     for e in errors), out[-4000:]
+    # One process reading both ranks' files (read and verified in parallel) names the same
+    # file, whichever read finishes first.
+    storage = Storage(url)
+    with pytest.raises(CorruptCheckpointError, match="__1_0.distcp"):
+        read_full(storage, read_manifest(storage, 3))
 
 
 @pytest.mark.slow
