@@ -69,8 +69,9 @@ def _start_moto(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     code = ("import time; from moto.server import ThreadedMotoServer; "
             f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); "
             "s.start(); print('ready', flush=True); time.sleep(10**6)")
+    # Its access log (on stderr) is dropped; stdout says "ready" and nothing more.
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                            text=True)
+                            stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         raise SystemExit("the moto server did not start")
@@ -273,8 +274,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     def checkpointer(url: str, model: Any, optim: Any) -> Any:
         return spotrun.Checkpointer(url, model=model, optimizer=optim, every_steps=10**9,
-                                    keep_last=1, watchers=[], handle_signals=False,
-                                    save_rng=False)
+                                    keep_last=1, watchers=[], handle_signals=False)
 
     out: dict[str, Any] = {"world": world, "sizes": {}}
     for size_s in args.sizes.split(","):

@@ -46,6 +46,7 @@ import dataclasses
 import io
 import logging
 import pickle
+import sys
 import threading
 import uuid
 import warnings
@@ -488,11 +489,13 @@ class SpotrunStorageReader(StorageReader):
                     f"{self.storage.display(self.folder)}: DCP storage transforms "
                     f"{info.transform_descriptors} are not supported by spotrun's reader"
                 )
-            chunk = io.BytesIO(data[info.offset:info.offset + info.length])
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, chunk)
+                planner.load_bytes(item, io.BytesIO(data[info.offset:info.offset + info.length]))
                 continue
-            tensor = torch.load(chunk, map_location="cpu", weights_only=True)
+            view = data[info.offset:info.offset + info.length]
+            tensor = _tensor_in(view)
+            if tensor is None:  # not the layout torch.save writes today: the general path
+                tensor = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
             tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
             target = planner.resolve_tensor(item).detach()
             if target.size() != tensor.size():
@@ -507,6 +510,91 @@ class SpotrunStorageReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
+
+
+class _ViewFile(io.RawIOBase):
+    """A read-only, seekable file over a memoryview that copies only what is read
+    (``io.BytesIO(view)`` would copy the whole view first)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), len(self._view) - self._pos))
+        buf[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _tensor_in(view: memoryview) -> torch.Tensor | None:
+    """The tensor ``torch.save`` wrote into ``view``, over ``view``'s own bytes (no copy),
+    or None when the bytes are not laid out as expected (then ``torch.load`` reads them).
+
+    A torch.save file is a zip: ``<name>/data.pkl`` (a small pickle that rebuilds the
+    tensor from its storages' ids, offset, shape and stride) and ``<name>/data/<key>``,
+    each storage's bytes, stored uncompressed. The pickle goes through torch's
+    weights-only unpickler, as ``torch.load(weights_only=True)`` would; only the storages
+    are taken straight from the verified buffer instead of being copied out of it. The
+    caller copies the result into the live tensor, which is then the only copy made.
+    """
+    import zipfile
+
+    from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
+
+    try:
+        zf = zipfile.ZipFile(io.BufferedReader(_ViewFile(view)))
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl")), None)
+        if pkl is None or sys.byteorder != "little":
+            return None
+        prefix = pkl[: -len("data.pkl")]
+        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder") != b"little":
+            return None
+
+        def storage(pid: Any) -> Any:
+            typename, storage_type, key, _location, numel = pid
+            if typename != "storage":
+                raise ValueError(typename)
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            nbytes = numel * torch._utils._element_size(dtype)
+            info = zf.getinfo(f"{prefix}data/{key}")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
+                raise ValueError(key)
+            head = view[info.header_offset:info.header_offset + 30]
+            if bytes(head[:4]) != b"PK\x03\x04":
+                raise ValueError(key)
+            start = (info.header_offset + 30 + int.from_bytes(head[26:28], "little")
+                     + int.from_bytes(head[28:30], "little"))
+            raw = view[start:start + nbytes]
+            with warnings.catch_warnings():  # read-only bytes: only ever read, then copied
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else \
+                    torch.empty(0, dtype=torch.uint8)
+            return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(),
+                                              dtype=dtype, _internal=True)
+
+        unpickler = WeightsOnlyUnpickler(io.BytesIO(zf.read(pkl)), encoding="utf-8")
+        unpickler.persistent_load = storage  # type: ignore[method-assign]
+        tensor = unpickler.load()
+    except Exception:  # noqa: BLE001 - any surprise: torch.load decides (and raises)
+        return None
+    return tensor if isinstance(tensor, torch.Tensor) else None
 
 
 def _read_all(read: Any, names: list[str]) -> dict[str, Any]:
