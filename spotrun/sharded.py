@@ -26,7 +26,8 @@ Call order for a synchronous save (every rank, the same calls in the same order)
 Asynchronous save (at most one in flight per :class:`ShardedSaver`)::
 
     saver = ShardedSaver(storage)            # training thread, all ranks: makes a gloo group
-    staged = saver.stage(state)              # training thread: copy into reused host buffers
+    state = saver.state(model, optimizer)    # get_state, built on the first save only
+    staged = saver.stage(state)              # training thread: the copy into reused buffers
     future = saver.write_async(step, staged) # background thread; no default-group collective
     ...                                      # training goes on, its all_reduces included
     files = future.result()                  # next step: rank 0 commits the manifest
@@ -782,6 +783,7 @@ class ShardedSaver:
     Call order (every rank, in the same order)::
 
         saver = ShardedSaver(storage)          # training thread; collective (new_group)
+        state = saver.state(model, optimizer)  # cached get_state (see state())
         staged = saver.stage(state)            # training thread; waits for the previous write
         fut = saver.write_async(step, staged)  # returns at once
         files = fut.result()                   # or saver.write(step, staged) in your own thread
