@@ -11,6 +11,7 @@ Layout of one sharded checkpoint (DCP's own names, so ``dcp.load`` with a plain
 
     000000000100/
       __0_0.distcp      rank 0's shards (one file per rank)
+      __0_1.distcp      the non-tensor values DCP gave rank 0 to write (small; not every rank)
       __1_0.distcp      rank 1's shards
       ...
       .metadata         DCP's index (written by rank 0 after every rank has written)
@@ -281,40 +282,53 @@ class SpotrunStorageWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix if plan.storage_data is not None else f"__{self.rank}_"
-        name = f"{prefix}0{_SUFFIX}"
+        # Tensors in __<rank>_0.distcp (always written), the non-tensor items DCP gave this
+        # rank (learning rates, optimizer settings: DCP spreads the replicated ones over the
+        # ranks) in a small __<rank>_1.distcp: on restore every rank needs some of those
+        # values, and a separate file lets it read and verify a few KiB of another rank's
+        # instead of that rank's whole shard file. DCP's own readers find each item by the
+        # file named in .metadata, so they read the layout as well.
+        byte_items = [wi for wi in plan.items if wi.type == WriteItemType.BYTE_IO]
+        tensor_items = [wi for wi in plan.items if wi.type != WriteItemType.BYTE_IO]
         results: list[WriteResult] = []
-        # Bytes first, then tensors: the order DCP's own FileSystemWriter uses.
-        items = sorted(plan.items, key=lambda wi: wi.type != WriteItemType.BYTE_IO)
-        with self.storage.open_write(f"{self.folder}/{name}") as out:
-            for item in items:
-                offset = out.size
-                data = planner.resolve_data(item)
-                if item.type == WriteItemType.BYTE_IO:
-                    out.write(data.getbuffer())
-                else:
-                    tensor = data.detach()
-                    if tensor.device.type != "cpu":
-                        tensor = tensor.cpu()
-                    # torch.save writes a view's whole storage: save only the view's bytes.
-                    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-                        tensor = tensor.clone()
-                    # Serialised in memory first, then one write: torch.save alone makes
-                    # dozens of small writes per tensor, each hashed inline; one large
-                    # write hashes on a helper thread while the bytes go to storage.
-                    buf = io.BytesIO()
-                    torch.save(tensor, buf)
-                    out.write(buf.getbuffer())
-                    del buf
-                length = out.size - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(name, offset, length)))
-        record = _FileRecord(name, out.entry)
-        self.files = [(name, out.entry)]
-        results.append(WriteResult(index=MetadataIndex(_FILE_RECORD_FQN + name),
-                                   size_in_bytes=out.size, storage_data=record))
+        self.files = []
+        for name, items in ((f"{prefix}0{_SUFFIX}", tensor_items),
+                            (f"{prefix}1{_SUFFIX}", byte_items)):
+            if not items and name.endswith(f"1{_SUFFIX}"):
+                continue
+            with self.storage.open_write(f"{self.folder}/{name}") as out:
+                for item in items:
+                    offset = out.size
+                    self._write_item(out, planner.resolve_data(item), item)
+                    length = out.size - offset
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(name, offset, length)))
+            self.files.append((name, out.entry))
+            results.append(WriteResult(index=MetadataIndex(_FILE_RECORD_FQN + name),
+                                       size_in_bytes=out.size,
+                                       storage_data=_FileRecord(name, out.entry)))
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    @staticmethod
+    def _write_item(out: Any, data: Any, item: Any) -> None:
+        if item.type == WriteItemType.BYTE_IO:
+            out.write(data.getbuffer())
+            return
+        tensor = data.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        # torch.save writes a view's whole storage: save only the view's bytes.
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        # Serialised in memory first, then one write: torch.save alone makes dozens of
+        # small writes per tensor, each hashed inline; one large write hashes on a helper
+        # thread while the bytes go to storage.
+        buf = io.BytesIO()
+        torch.save(tensor, buf)
+        out.write(buf.getbuffer())
+        del buf
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         storage_md: dict[MetadataIndex, Any] = {}
@@ -602,14 +616,29 @@ def _read_all(read: Any, names: list[str]) -> dict[str, Any]:
     """``{name: read(name)}``, the reads in parallel; the first error (in name order)."""
     if len(names) <= 1:
         return {name: read(name) for name in names}
-    with concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(len(names), _READ_THREADS), thread_name_prefix="spotrun-dcp-read") as pool:
-        futures = [(name, pool.submit(read, name)) for name in names]
-        try:
-            return {name: f.result() for name, f in futures}
-        finally:
-            for _, f in futures:
-                f.cancel()
+    pool = _read_pool()
+    futures = [(name, pool.submit(read, name)) for name in names]
+    try:
+        return {name: f.result() for name, f in futures}
+    finally:
+        for _, f in futures:
+            f.cancel()
+
+
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _read_pool() -> concurrent.futures.ThreadPoolExecutor:
+    # One pool for the process, its threads kept: starting threads on every restore costs
+    # milliseconds each on a busy machine. Only whole-file reads run on it (they may use
+    # the checksum pool inside, never this one), so it cannot deadlock on itself.
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=_READ_THREADS, thread_name_prefix="spotrun-dcp-read")
+        return _pool
 
 
 # -- errors out of DCP -----------------------------------------------------------------
