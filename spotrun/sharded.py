@@ -997,11 +997,14 @@ class _LiveState:
         for name, t in self.model.named_buffers():
             parts.append((name, _sig(t)))
         for opt in self.optimizers:
+            # The dicts themselves too: the non-tensor values are refreshed from these very
+            # objects, and optimizer.load_state_dict (a restore) replaces them with new ones.
+            parts.append((id(opt.param_groups), id(opt.state)))
             for group in opt.param_groups:
-                parts.append(tuple(sorted(k for k in group if k != "params")))
+                parts.append((id(group), tuple(sorted(k for k in group if k != "params"))))
                 for p in group["params"]:
                     st = opt.state.get(p)
-                    parts.append((id(p), None if st is None else tuple(
+                    parts.append((id(p), id(st), None if st is None else tuple(
                         (k, _sig(v) if isinstance(v, torch.Tensor) else type(v).__name__)
                         for k, v in st.items())))
         return tuple(parts)

@@ -103,3 +103,36 @@ def test_stage_of_a_state_not_from_the_cache_walks_it_each_time(tmp_path):
         assert saver._plan is None
     finally:
         saver.close()
+
+
+def test_save_after_restore_carries_the_lr_the_scheduler_sets(tmp_path):
+    # restore() loads into the cached state, then optimizer.load_state_dict replaces the
+    # optimizer's param_groups with new dicts: the next save must read the lr from those
+    # (found by check-resume: a resumed run saved the lr of the restore, not the current one).
+    url = str(tmp_path / "run")
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1)
+
+    model, opt, sched = build()
+    with spotrun.Checkpointer(url, model=model, optimizer=opt, scheduler=sched, sharded=True,
+                              keep_last=10, watchers=[], handle_signals=False) as ck:
+        _train_step(model, opt, sched)
+        ck.steps_done = 1
+        ck.save()
+    model, opt, sched = build()
+    with spotrun.Checkpointer(url, model=model, optimizer=opt, scheduler=sched, sharded=True,
+                              keep_last=10, watchers=[], handle_signals=False) as ck:
+        assert ck.restore() == 1
+        _train_step(model, opt, sched)
+        ck.steps_done = 2
+        ck.save()
+        ck.wait()
+        lr = opt.param_groups[0]["lr"]
+    storage = Storage(url)
+    saved = read_full(storage, read_manifest(storage, 2))
+    assert [g["lr"] for g in saved["optim"]["param_groups"]] == [lr]
+    assert abs(lr - 1e-4) < 1e-12
