@@ -514,8 +514,11 @@ class Checkpointer:
         """Model and optimizer state as DCP wants it: each rank's own shards, no gather."""
         from ..sharded import get_state
 
-        return get_state(unwrap(self.objects[self._model_names[0]]),
-                         [self.objects[n] for n in self._optimizer_names])
+        model = unwrap(self.objects[self._model_names[0]])
+        optimizers = [self.objects[n] for n in self._optimizer_names]
+        if self._sharded_saver is not None:  # built once, reused while it fits (issue 24)
+            return self._sharded_saver.state(model, optimizers)
+        return get_state(model, optimizers)
 
     def _payload(self, group: Group) -> dict[str, Any]:
         payload: dict[str, Any] = {"format": PAYLOAD_FORMAT, "step": self.steps_done}
