@@ -41,7 +41,8 @@ def test_sigterm_checkpoint_is_at_the_interrupted_step(tmp_path):
 def _check_resume(tmp_path, *extra, interruptions: int = 2):
     cmd = [sys.executable, "-m", "spotrun", "check-resume", "-k", str(interruptions), "--seed", "3",
            "--workdir", str(tmp_path / "cr"), "--", sys.executable, *ARGS, *extra]
-    return subprocess.run(cmd, env=env_for(""), capture_output=True, text=True, timeout=300, cwd=REPO)
+    # Up to five starts of the example (torch imports), on a loaded 2-core box.
+    return subprocess.run(cmd, env=env_for(""), capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 @pytest.mark.slow
