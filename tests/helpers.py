@@ -58,6 +58,17 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) ->
     raise AssertionError(f"no {needle!r} within {timeout}s")
 
 
+def run_to_end(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    """Run a training script (``python ARGS``) to its end; its output. The test fails, showing
+    the output's tail, unless it exits 0 (finished, done.json written)."""
+    from spotrun.layout import EXIT_FINISHED
+
+    proc = spawn(args, env)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == EXIT_FINISHED, out[-4000:]
+    return out
+
+
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out or ""
