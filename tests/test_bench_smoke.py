@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 FIGURES = [
@@ -51,7 +50,7 @@ def test_benchmark_reports_every_figure(tmp_path, child_env):
     assert result["config"]["payload_bytes"] > result["config"]["state_bytes"] * 0.9
     assert result["machine"]["nproc"] >= 1
     # The printed table names every figure, in order.
-    for i, key in enumerate(FIGURES, 1):
+    for i, _key in enumerate(FIGURES, 1):
         assert f"\n{i}  " in res.stdout
     # Nothing is left behind in the benchmark's working directory.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

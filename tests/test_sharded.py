@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
-from helpers import REPO
+from helpers import REPO, finish_session, torchrun
 
 from spotrun.commit import commit, list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.errors import (
@@ -43,17 +39,8 @@ TIMEOUT = 420  # 4 CPU ranks on a loaded 2-core machine are slow; a hang must st
 
 
 def _torchrun(nproc: int, *args: str, env: dict) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT, *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=REPO)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s (deadlock?)\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-6000:]
+    code, out = finish_session(torchrun(SCRIPT, nproc, *args, env=env, wrapper=False), TIMEOUT)
+    assert code == 0, out[-6000:]
     return out
 
 

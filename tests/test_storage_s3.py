@@ -17,6 +17,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import boto3
 import pytest
@@ -46,7 +47,7 @@ class FaultProxy:
     ``seen`` records (method, path, query, status sent) for every request.
     """
 
-    _CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
+    _CODES: ClassVar[dict[int, str]] = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urllib.parse.urlsplit(upstream)
