@@ -140,3 +140,50 @@ def test_manifest_naming_a_file_outside_its_folder_is_damage_never_followed(tmp_
     session.close("stopped")
     assert not (tmp_path / "local" / "escaped").exists()
     assert not list((tmp_path / "local").rglob("escaped"))
+
+
+FSDP_SCRIPT = str(Path(__file__).parent / "scripts" / "fsdp_folder_train.py")
+
+
+def _torchrun(url: str, staging: Path, *extra: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from helpers import env_for
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", FSDP_SCRIPT,
+           "--url", url, "--staging", str(staging), "--steps", "12", "--save-steps", "4", *extra]
+    proc = subprocess.run(cmd, env=env_for(url, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=400)
+    return proc.returncode, proc.stdout
+
+
+def _digest(out: str) -> str:
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("full-state ")]
+    return line.split()[1]
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_folder_on_two_gloo_ranks_stops_and_resumes_exactly(tmp_path):
+    """FSDP2 on 2 CPU ranks writes the FSDP trainer layout (DCP shard folders), spotrun
+    commits it; stopped at step 6 and resumed, the final gathered model and optimizer are
+    bit-identical to the uninterrupted run's."""
+    ref_url, url = str(tmp_path / "ref"), str(tmp_path / "run")
+    code, out = _torchrun(ref_url, tmp_path / "s0")
+    assert code == 0, out[-3000:]
+    reference = _digest(out)
+
+    code, out = _torchrun(url, tmp_path / "s1", "--stop-at", "6")
+    assert code != 0 and "rank 0 exit 75" in out and "rank 1 exit 75" in out, out[-3000:]
+    assert committed_steps(url) == [4, 6]
+    files = read_manifest(Storage(url), 6).files
+    for name in ("pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__0_0.distcp",
+                 "pytorch_model_fsdp_0/__1_0.distcp", "optimizer_0/__1_0.distcp",
+                 "rng_state_1.pth", "trainer_state.json"):
+        assert name in files
+
+    code, out = _torchrun(url, tmp_path / "s2")
+    assert code == 0, out[-3000:]
+    assert "rank 0 start 6" in out and "rank 1 start 6" in out
+    assert _digest(out) == reference
+    assert committed_steps(url) == [4, 6, 8, 12]
