@@ -110,7 +110,7 @@ class Segment:
     on_demand_error: str | None = None
     # Set by attribute_restarts: the restart this segment's end caused, as (segment, seconds)
     # parts, each priced at the segment the seconds were spent in.
-    restart_parts: list[tuple[Segment, float]] = field(default_factory=list, repr=False)
+    restart_parts: list[tuple[Segment, float]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def interrupted(self) -> bool:
