@@ -49,7 +49,8 @@ def _final(url: str) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("hf") / "reference")
-    _run(url)
+    out = _run(url)
+    Path(url + ".out").write_text(out)  # for the noise check below
     return url
 
 
@@ -174,3 +175,13 @@ def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, 
     assert committed_steps(url) == [4, 6]
     resumed = [r["step"] for r in ledger_events(url, "training_resumed")]
     assert resumed == [0, 4]
+
+
+@pytest.mark.slow
+def test_example_prints_none_of_its_own_noise(reference):
+    """Issue 23 item 9: no warning about the example's own config (bos/eos ids outside its
+    vocabulary) and no progress bar per save (spotrun logs each commit instead)."""
+    out = Path(reference + ".out").read_text()
+    assert "committed" in out
+    assert "bos_token_id" not in out and "eos_token_id" not in out
+    assert "Writing model shards" not in out

@@ -63,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds from a new instance's start to the first training step")
     e.add_argument("--checkpoint-interval", metavar="DURATION",
                    help="the interval you set (default: the recommended one)")
+    e.add_argument("--html", metavar="FILE",
+                   help="also write a page charting expected cost and time against the interval to FILE")
     _add_price_options(e)
     e.set_defaults(func=_estimate)
 
@@ -134,9 +136,21 @@ def _estimate(args: argparse.Namespace) -> int:
                                    else parse_duration(args.checkpoint_interval, "--checkpoint-interval")),
             prices=book,
         )
+    if args.html:
+        if args.portfolio:
+            raise ConfigError("--html charts one job's estimate; drop it with --portfolio")
+        from ..cost.estimate_html import estimate_html
+
+        try:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(estimate_html(result))
+        except OSError as exc:
+            raise ConfigError(f"cannot write the HTML page to {args.html}: {exc.strerror}") from None
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(result.to_text())
+        if args.html:
+            sys.stdout.write(f"\nHTML page: {args.html}\n")
     return 0

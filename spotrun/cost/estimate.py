@@ -41,6 +41,7 @@ __all__ = [
     "JobEstimate",
     "expected_wall_time",
     "estimate_job",
+    "interval_curve",
     "parse_duration",
     "rate_per_hour",
     "young_interval",
@@ -304,3 +305,27 @@ def estimate_job(
         spot_cost_per_run=at["wall_s"] / 3600.0 * spot.usd_per_hour,
         on_demand_cost_per_run=hours_per_run * od.usd_per_hour,
     )
+
+
+def interval_curve(est: JobEstimate, points: int = 64) -> list[dict[str, float]]:
+    """The estimate across checkpoint intervals (log-spaced, the chosen and recommended ones
+    included): ``interval_s``, ``wall_s`` and ``spot_cost`` per run at each. Intervals at
+    which the job is expected never to finish are left out."""
+    work = est.hours_per_run * 3600.0
+    marks = [v for v in (est.checkpoint_interval_s, est.recommended_interval_s) if v]
+    hi = max([work, *marks]) if work > 0 else max(marks) * 20
+    lo = max(1.0, min([hi / 200.0, *[m / 20.0 for m in marks]]))
+    if lo >= hi:
+        lo = hi / 100.0
+    ratio = (hi / lo) ** (1.0 / (points - 1))
+    intervals = sorted({lo * ratio**k for k in range(points)} | set(marks))
+    lam_s = est.rate_per_hour / 3600.0
+    out = []
+    for tau in intervals:
+        try:
+            at = expected_wall_time(work, tau, est.checkpoint_save_s, est.restart_s, lam_s)
+        except CostError:
+            continue
+        out.append({"interval_s": tau, "wall_s": at["wall_s"],
+                    "spot_cost": at["wall_s"] / 3600.0 * est.spot_price.usd_per_hour})
+    return out
