@@ -249,6 +249,7 @@ class Checkpointer:
 
                 # Collective (it makes the saver's own process group): every rank is here.
                 self._sharded_saver = ShardedSaver(self.storage)
+                self._state.sharded_saver = self._sharded_saver
         except BaseException:
             seg.release(interrupted=False)
             raise

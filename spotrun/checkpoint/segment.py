@@ -240,7 +240,12 @@ class RunSegment:
         finished = done.wait(budget)
         if finished and not failure:
             now = time.time()
-            if notice is not None:
+            if notice is not None and notice.source in ("signal", "user"):
+                # A signal or request has no provider posting time: say what it was.
+                why = notice.action if notice.source == "signal" else "a stop request"
+                log.warning("stop after %s: received %s, committed %s (%.1fs after it)", why,
+                            _fmt_time(notice.detected_at), _fmt_time(now), now - notice.detected_at)
+            elif notice is not None:
                 log.warning(
                     "stop after notice: posted %s, detected %s, committed %s (%.1fs after detection)",
                     _fmt_time(notice.notice_time), _fmt_time(notice.detected_at),

@@ -58,6 +58,9 @@ class TrainingState:
         self._sharded_arg = sharded
         #: True when model and optimizer state go through DCP (see :meth:`decide_sharded`).
         self.sharded = False
+        #: The run's :class:`~spotrun.sharded.ShardedSaver` once built (sharded runs): it
+        #: keeps the DCP state built once and reuses it while it fits.
+        self.sharded_saver: Any = None
         self.objects: dict[str, Any] = {}
         for group in (
             _named("model", model),
@@ -113,8 +116,11 @@ class TrainingState:
         """Model and optimizer state as DCP wants it: each rank's own shards, no gather."""
         from ..sharded import get_state
 
-        return get_state(unwrap(self.objects[self.model_names[0]]),
-                         [self.objects[n] for n in self.optimizer_names])
+        model = unwrap(self.objects[self.model_names[0]])
+        optimizers = [self.objects[n] for n in self.optimizer_names]
+        if self.sharded_saver is not None:  # built once, reused while it fits (issue 24)
+            return self.sharded_saver.state(model, optimizers)
+        return get_state(model, optimizers)
 
     def sharded_target(self) -> tuple[Any, Sequence[Any], Callable[[], dict[str, Any]]] | None:
         """(model, optimizers, :meth:`sharded_state`) for a restore, when sharded."""

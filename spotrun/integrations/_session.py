@@ -45,6 +45,7 @@ from ..manifest import FileEntry, Manifest
 from ..notices import Watcher
 from ..storage import Storage, open_storage
 from ..units import format_bytes
+from .folders import folder_files, unsafe_names
 
 __all__ = ["RunSession", "resolve_url"]
 
@@ -75,28 +76,6 @@ def _copy_counted(src: Any, out: Any, progress: RestoreProgress) -> None:
             return
         out.write(chunk)
         progress.add(len(chunk))
-
-
-def _flat_files(folder: str) -> list[str]:
-    """The files of a trainer's checkpoint folder (names only); refuses subfolders.
-
-    A manifest lists the files of one folder level (``spotrun verify`` and retention look
-    only there), so a nested layout (FSDP / DeepSpeed shard folders) is refused rather than
-    committed half-verified.
-    """
-    names = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            raise ConfigError(
-                f"{path} is a folder; spotrun's trainer integrations commit flat checkpoint "
-                "folders only (sharded FSDP/DeepSpeed checkpoints are not supported yet): "
-                "save a full state dict, or use spotrun.Checkpointer with sharded=True"
-            )
-        names.append(name)
-    if not names:
-        raise SaveError(f"{folder} is empty: the trainer wrote no checkpoint there")
-    return names
 
 
 class RunSession:
@@ -177,7 +156,7 @@ class RunSession:
 
     # -- resume -------------------------------------------------------------------------------
 
-    def resume_dir(self, local_root: str) -> str | None:
+    def resume_dir(self, local_root: str, check: Any = None) -> str | None:
         """The newest valid checkpoint as a local folder (downloaded under ``local_root`` when
         the run URL is remote), or None for a fresh run. Every rank gets the same answer.
 
@@ -185,9 +164,14 @@ class RunSession:
         is moved aside under ``damaged/`` and the one before it is used. A checkpoint that
         cannot be *read* is not damage: the start fails and nothing changes. When every
         checkpoint is damaged, the start fails unless ``SPOTRUN_IF_ALL_DAMAGED=start_fresh``.
+        ``check(folder, step)``: the trainer's own problems with a verified local copy (its
+        recorded step not the folder's), counted as damage too.
         """
         def fetch(manifest: Manifest) -> tuple[Any, list[str]]:
-            return self._fetch_verified(manifest, local_root)
+            path, problems = self._fetch_verified(manifest, local_root)
+            if not problems and check is not None:
+                problems = list(check(path, manifest.step))
+            return path, problems
 
         found = self._resume_point(fetch)
         return None if found is None else found[1]
@@ -255,6 +239,9 @@ class RunSession:
     def _fetch_verified(self, manifest: Manifest, local_root: str) -> tuple[str, list[str]]:
         """A local copy of the checkpoint (the folder itself on local storage) and its damage."""
         folder = checkpoint_dir(manifest.step)
+        outside = unsafe_names(manifest.files)
+        if outside:
+            return "", outside
         local = self.storage.local_path(folder)
         progress = self._progress
         if local is not None:
@@ -272,7 +259,9 @@ class RunSession:
             except StorageNotFoundError:
                 continue  # reported as missing by the verification below
             progress.phase(f"downloading step {manifest.step}: {name}", manifest.total_bytes)
-            with src, open(os.path.join(dest, name), "wb") as out:
+            target = os.path.join(dest, *name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with src, open(target, "wb") as out:
                 _copy_counted(src, out, progress)
         progress.phase(f"verifying the download of step {manifest.step}")
         copy = open_storage(cache)
@@ -348,7 +337,7 @@ class RunSession:
         self.last_committed = step
 
     def _copy_and_commit(self, step: int, folder: str, paused_since: float | None) -> None:
-        names = _flat_files(folder)
+        names = folder_files(folder)  # subfolders too (FSDP/DeepSpeed shard folders)
         dest = checkpoint_dir(step)
 
         def write() -> dict[str, FileEntry]:
