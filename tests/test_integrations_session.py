@@ -15,7 +15,6 @@ from spotrun.commit import (
     read_manifest,
     verify_checkpoint,
 )
-from spotrun.errors import ConfigError
 from spotrun.integrations._session import RunSession
 from spotrun.layout import EXIT_INTERRUPTED, MANIFEST, checkpoint_dir
 from spotrun.ledger import Ledger
@@ -59,16 +58,19 @@ def test_folder_commit_lists_every_file_and_the_newest_valid_is_resumed(tmp_path
     assert len(list_damaged(storage)) == 1
 
 
-def test_a_folder_with_subfolders_is_refused_and_nothing_is_committed(tmp_path):
+def test_a_folder_with_subfolders_is_committed_whole(tmp_path):
+    # Nested trainer folders (FSDP/DeepSpeed shard folders) are committed under the protocol
+    # since issue 23 item 11; this test used to check they were refused.
     url = str(tmp_path / "run")
     folder = _folder(tmp_path / "hf", 3)
     (Path(folder) / "global_step3").mkdir()
+    (Path(folder) / "global_step3" / "shard.bin").write_bytes(b"shard")
     s = _session(url)
     s.start()
-    with pytest.raises(ConfigError, match="flat checkpoint folders only"):
-        s.commit_folder(3, folder)
+    s.commit_folder(3, folder)
     s.close("stopped")
-    assert list_checkpoints(Storage(url)) == []
+    [info] = list_checkpoints(Storage(url))
+    assert info.step == 3 and "global_step3/shard.bin" in info.manifest.files
 
 
 def test_stop_commits_then_exits_75_and_the_ledger_says_interrupted(tmp_path):
