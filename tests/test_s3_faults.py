@@ -148,6 +148,11 @@ def test_notice_deadline_bounds_the_stop_checkpoint(s3_bucket, moto_server, faul
                                                     monkeypatch):
     monkeypatch.setenv("SPOTRUN_STOP_MARGIN", "4")
     monkeypatch.setenv("SPOTRUN_STOP_TIMEOUT", "600")  # not used: the notice has a deadline
+
+    def exit_now(code: int) -> None:  # in a real process: os._exit (this is pytest's process)
+        raise SystemExit(code)
+
+    monkeypatch.setattr("spotrun.checkpoint.segment._exit_now", exit_now)
     url = f"s3://{s3_bucket}/run"
     watcher = _Manual()
     model = torch.nn.Linear(8, 8)

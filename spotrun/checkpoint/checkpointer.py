@@ -55,32 +55,19 @@ from ..errors import ConfigError
 from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 from ..lease import Lease
 from ..notices import Watcher
-from ..snapshot import check_loadable, check_plain
-from ..state import check_stateful, collect_rng_state, unwrap
 from ..storage import Storage, open_storage
 from ..units import format_bytes
 from .artifacts import artifact_paths, capture_artifacts
 from .restore import PAYLOAD_FORMAT, RestoreProgress, Restorer
 from .saver import Saver
 from .segment import RunSegment, process_start_time  # noqa: F401 - importable from here
+from .training_state import TrainingState
 
 __all__ = ["Checkpointer"]
 
 log = logging.getLogger("spotrun")
 
 DEFAULT_EVERY_SECONDS = 300.0
-#: A model can hold sharded state only once one of these is imported (by FSDP2, FSDP1, TP).
-_SHARDING_MODULES = ("torch.distributed.tensor", "torch.distributed.fsdp",
-                     "torch.distributed._shard")
-
-
-def _named(kind: str, obj: Any) -> dict[str, Any]:
-    """``model=m`` -> {"model": m}; ``model=[a, b]`` -> {"model.0": a, "model.1": b}."""
-    if obj is None:
-        return {}
-    if isinstance(obj, (list, tuple)):
-        return {f"{kind}.{i}": o for i, o in enumerate(obj)}
-    return {kind: obj}
 
 
 class Checkpointer:
@@ -176,28 +163,15 @@ class Checkpointer:
             raise ConfigError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
         self.if_all_damaged = config.if_all_damaged(if_all_damaged)
         self.storage: Storage = open_storage(url, storage_options)
-        self._model_names = list(_named("model", model))
-        self._optimizer_names = list(_named("optimizer", optimizer))
-        self._sharded_arg = sharded
-        #: True when model and optimizer state go through DCP (decided on ``__enter__``).
-        self.sharded = False
+        #: What is saved: named objects, per-rank objects, values (see TrainingState).
+        self._state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, data=data, objects=objects,
+                                    per_rank=per_rank, values=values, sharded=sharded)
+        self.objects = self._state.objects
+        self.per_rank = self._state.per_rank
+        #: The plain values saved with the state (read and update them in place).
+        self.values = self._state.values
         self._sharded_saver: Any = None
-        self.objects: dict[str, Any] = {}
-        for group in (
-            _named("model", model),
-            _named("optimizer", optimizer),
-            _named("scheduler", scheduler),
-            _named("scaler", scaler),
-            dict(objects or {}),
-        ):
-            self.objects.update(group)
-        self.per_rank: dict[str, Any] = {**_named("data", data), **dict(per_rank or {})}
-        clash = set(self.objects) & set(self.per_rank)
-        if clash:
-            raise ConfigError(f"names used twice: {sorted(clash)}; give each object one name")
-        for name, obj in {**self.objects, **self.per_rank}.items():
-            check_stateful(name, unwrap(obj))
-        self.values: dict[str, Any] = dict(values or {})
         self.artifacts: list[str] = artifact_paths(artifacts)
         self.metadata = dict(metadata or {})
         self.every_steps = every_steps
@@ -267,14 +241,14 @@ class Checkpointer:
                                "start()/close() pair) per run")
         seg = self._seg
         self._group = seg.join()
-        self.sharded = self._decide_sharded()  # before the lease: it may refuse the config
+        self._state.decide_sharded()  # before the lease: it may refuse the config
         self._lease = seg.begin()  # the lease (rank 0), signal handlers, notice watchers
         try:
             if self.sharded:
                 from ..sharded import ShardedSaver
 
                 # Collective (it makes the saver's own process group): every rank is here.
-                self._sharded_saver = ShardedSaver(self.storage)
+                self._sharded_saver = self._state.sharded_saver = ShardedSaver(self.storage)
         except BaseException:
             seg.release(interrupted=False)
             raise
@@ -482,62 +456,10 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------
 
-    def _decide_sharded(self) -> bool:
-        if self._sharded_arg is False:
-            return False
-        if not self._sharded_arg and not any(m in sys.modules for m in _SHARDING_MODULES):
-            # No DTensor / FSDP / ShardedTensor class was ever imported, so no model holds
-            # one: skip importing DCP (about a second, paid again at every restart).
-            return False
-        from ..sharded import is_sharded
-
-        detected = any(is_sharded(unwrap(self.objects[n])) for n in self._model_names)
-        if not (detected or self._sharded_arg):
-            return False
-        if len(self._model_names) != 1:
-            raise ConfigError(
-                f"sharded checkpoints take exactly one model, got {len(self._model_names)}; "
-                "wrap the models in one nn.Module (or pass sharded=False)"
-            )
-        log.info("sharded model: model and optimizer state go through "
-                 "torch.distributed.checkpoint, every rank writing its own shards")
-        return True
-
-    def _replicated_objects(self) -> dict[str, Any]:
-        """The objects saved in rank 0's payload (all but model and optimizer when sharded)."""
-        if not self.sharded:
-            return self.objects
-        dcp_names = {*self._model_names, *self._optimizer_names}
-        return {n: o for n, o in self.objects.items() if n not in dcp_names}
-
-    def _sharded_state(self) -> dict[str, Any]:
-        """Model and optimizer state as DCP wants it: each rank's own shards, no gather."""
-        from ..sharded import get_state
-
-        model = unwrap(self.objects[self._model_names[0]])
-        optimizers = [self.objects[n] for n in self._optimizer_names]
-        if self._sharded_saver is not None:  # built once, reused while it fits (issue 24)
-            return self._sharded_saver.state(model, optimizers)
-        return get_state(model, optimizers)
-
-    def _payload(self, group: Group) -> dict[str, Any]:
-        payload: dict[str, Any] = {"format": PAYLOAD_FORMAT, "step": self.steps_done}
-        if group.is_main:
-            payload["objects"] = {n: unwrap(o).state_dict()
-                                  for n, o in self._replicated_objects().items()}
-            # Every entry is checked against what a weights_only load accepts (a walk, no
-            # serialisation): state that saves but cannot load back would strand the run.
-            for n, state in payload["objects"].items():
-                check_loadable(f"{n}.state_dict()", state)
-            for k, v in self.values.items():
-                check_plain(k, v)
-            payload["values"] = dict(self.values)
-        payload["per_rank"] = {n: unwrap(o).state_dict() for n, o in self.per_rank.items()}
-        for n, state in payload["per_rank"].items():
-            check_loadable(f"{n}.state_dict()", state)
-        if self.save_rng:
-            payload["rng"] = collect_rng_state()
-        return payload
+    @property
+    def sharded(self) -> bool:
+        """True when model and optimizer state go through DCP (decided on ``__enter__``)."""
+        return self._state.sharded
 
     def save(self) -> None:
         """Checkpoint the current step (all ranks must call it together).
@@ -551,8 +473,11 @@ class Checkpointer:
         """
         group, saver = self._require_active()
         capture = (lambda: capture_artifacts(self.artifacts)) if self.artifacts and group.is_main else None
-        saver.save(self.steps_done, lambda: self._payload(group),
-                   self._sharded_state if self.sharded else None, artifacts=capture)
+        state = self._state
+        saver.save(self.steps_done,
+                   lambda: state.payload(group, self.steps_done, save_rng=self.save_rng,
+                                         fmt=PAYLOAD_FORMAT),
+                   state.sharded_state if state.sharded else None, artifacts=capture)
 
     @property
     def save_in_flight(self) -> bool:
@@ -584,13 +509,11 @@ class Checkpointer:
             return self.steps_done
         with RestoreProgress(self.storage.display()) as progress:
             restorer = Restorer(
-                self.storage, group, replicated=self._replicated_objects(),
+                self.storage, group, replicated=self._state.replicated(),
                 per_rank=self.per_rank, values=self.values, artifacts=self.artifacts,
                 weights_only=self.weights_only, save_rng=self.save_rng,
                 policy=self.if_all_damaged, progress=progress,
-                sharded=((unwrap(self.objects[self._model_names[0]]),
-                          [self.objects[n] for n in self._optimizer_names], self._sharded_state)
-                         if self.sharded else None),
+                sharded=self._state.sharded_target(),
             )
             step = restorer.newest_valid()
         if step is not None:

@@ -168,7 +168,6 @@ class Restorer:
         #: The size of the checkpoint restored (all ranks' files), once one is.
         self.restored_bytes = 0
 
-
     def newest_valid(self) -> int | None:
         """Load the newest committed checkpoint whose files check out; return its step.
 

@@ -105,6 +105,7 @@ class RunSegment:
         self.active = False
         #: ``done.json`` is written: the segment's end is recorded, nothing more to say.
         self.finished = False
+        self._ended = False  # record_end() ran
         #: Completed training steps and when the last one ended (for ``segment_ended``).
         self.steps_done = 0
         self.last_step_at: float | None = None
@@ -132,6 +133,7 @@ class RunSegment:
             release_run_lease(self.lease, writing=False)
             raise
         self.active = True
+        self._ended = False
         self.started_at = process_start_time()
         if group.is_main:
             self.emit(SegmentStarted(segment_id=self.segment_id,
@@ -292,12 +294,13 @@ class RunSegment:
         with contextlib.suppress(Exception):
             inflight.abort_all(budget)
         self.interrupts.stop_watchers()
+        self.active = False  # nothing more to give back: release() does nothing after this
         with contextlib.suppress(Exception):
             release_run_lease(self.lease, writing=True)
         with contextlib.suppress(Exception):
             self.record_end("interrupted")
         _flush_logs()
-        os._exit(EXIT_STOP_UNSAVED)
+        _exit_now(EXIT_STOP_UNSAVED)
 
     # -- end -------------------------------------------------------------------------------
 
@@ -352,6 +355,9 @@ class RunSegment:
     def record_end(self, reason: str | None) -> None:
         """``segment_ended`` with ``reason`` (rank 0, unless :meth:`finish` recorded it or
         ``reason`` is None), then wait, bounded, for the queued ledger records."""
+        if self._ended:
+            return
+        self._ended = True
         if (reason is not None and not self.finished and self.group is not None
                 and self.group.is_main):
             self.emit(SegmentEnded(segment_id=self.segment_id, reason=reason,  # type: ignore[arg-type]
@@ -371,8 +377,17 @@ def _current_cuda_device() -> int | None:
 
 def _flush_logs() -> None:
     """Everything logged so far reaches its file or terminal (``os._exit`` skips this)."""
-    with contextlib.suppress(Exception):
-        logging.shutdown()
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        logger = logger.parent if logger.propagate else None
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's shutdown (a seam: in-process tests replace it)."""
+    os._exit(code)
