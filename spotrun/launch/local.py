@@ -65,7 +65,7 @@ from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from ..storage import Storage
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
-from .common import is_done, last_checkpoint
+from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
 from .proctree import kill_tree
 from .limits import CostGuard, Limits
 from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id
@@ -125,21 +125,25 @@ class LocalOptions:
     def validate(self) -> None:
         if not self.command:
             raise ConfigError("no command to run; put it after --, e.g. spotrun launch --local -- python train.py")
-        if self.interruptions < 0:
-            raise ConfigError("--interruptions must be >= 0")
-        if self.nodes < 1:
-            raise ConfigError(f"--nodes {self.nodes}: use 1 or more")
-        if self.nproc_per_node is not None and self.nproc_per_node < 1:
-            raise ConfigError(f"--nproc-per-node {self.nproc_per_node}: use 1 or more")
+        check_count(self.interruptions, 0, None, f"--interruptions {self.interruptions!r} must be a whole number >= 0")
+        check_count(self.nodes, 1, MAX_NODES, f"--nodes {self.nodes!r}: use 1 to {MAX_NODES}")
+        if self.nproc_per_node is not None:
+            check_count(self.nproc_per_node, 1, MAX_NPROC_PER_NODE,
+                        f"--nproc-per-node {self.nproc_per_node!r}: use 1 to {MAX_NPROC_PER_NODE}")
+        check_count(self.max_failures, 0, None, f"--max-failures {self.max_failures!r} must be a whole number >= 0")
         if not 0 <= self.node_losses <= self.interruptions:
             raise ConfigError(f"--node-losses {self.node_losses}: use 0 to --interruptions "
                               f"({self.interruptions}); they are counted among the interruptions")
-        if self.peer_exit_s < 0:
-            raise ConfigError("peer_exit_s must be >= 0 seconds")
-        if self.grace_s < 0:
-            raise ConfigError("--grace must be >= 0 seconds")
-        if self.mean_interval is not None and self.mean_interval <= 0:
-            raise ConfigError("--mean-interval must be a positive number of seconds")
+        check_number(self.peer_exit_s, 0.0, f"peer_exit_s {self.peer_exit_s!r} must be a number of seconds >= 0")
+        # nan would pass every comparison below and break the segment later: refused here.
+        check_number(self.grace_s, 0.0, f"--grace {self.grace_s!r} must be a number of seconds >= 0")
+        if self.kill_after_s is not None:
+            check_number(self.kill_after_s, 0.0, f"kill_after_s {self.kill_after_s!r} must be a number of seconds >= 0")
+        if self.mean_interval is not None:
+            check_number(self.mean_interval, 0.0, f"--mean-interval {self.mean_interval!r} must be a positive "
+                         "number of seconds", allow_low=False)
+        check_number(self.poll_s, 0.0, f"poll_s {self.poll_s!r} must be a positive number of seconds",
+                     allow_low=False)
         Limits(max_cost_usd=self.max_cost_usd).validate()
 
 
