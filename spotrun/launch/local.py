@@ -61,14 +61,15 @@ from typing import Any, BinaryIO, ClassVar
 
 from ..errors import ConfigError, LaunchError
 from ..instance import InstanceInfo
-from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from ..events import EndReason
 from ..storage import Storage
+from .attempt import Action, AttemptEnd, NodeEnd, Verdict, classify_local, next_step
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
 from .proctree import kill_tree
 from .limits import CostGuard, Limits
-from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id
+from .state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 
@@ -76,8 +77,6 @@ REGION = "us-east-1"
 ZONE = "us-east-1a"
 #: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
 ECHO_STDOUT = "stdout"
-# Exit codes of a process the simulator killed (Popen's -signal, or a shell's 128 + signal).
-_KILLED = (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL)
 
 
 @dataclass
@@ -215,7 +214,7 @@ class LocalLauncher:
         self.state = self._load_or_new_state()
         self.book = RunBook(storage, self.state, heartbeat_s=options.check_s)
         # The previous launcher died with a child running: close the books.
-        self.book.close_open("stopped", "launcher died")
+        self.book.close_open(EndReason.STOPPED, "launcher died")
 
     def _load_or_new_state(self) -> LaunchState:
         state = load_state(self.storage)
@@ -227,14 +226,14 @@ class LocalLauncher:
                 f"{self.storage.display()} is an EC2 launch (run id {state.run_id}); "
                 f"use spotrun launch --resume {self.storage.display()}"
             )
-        if (state.status == "running" and state.controller_host == socket.gethostname()
+        if (state.status == RunStatus.RUNNING and state.controller_host == socket.gethostname()
                 and state.controller_pid and state.controller_pid != os.getpid()
                 and _pid_alive(state.controller_pid) and state.controller_alive()):
             raise ConfigError(
                 f"another spotrun launch (pid {state.controller_pid}) is running {self.storage.display()}; "
                 "stop it first (spotrun stop URL) or pick another --run-url"
             )
-        state.status = "running"
+        state.status = RunStatus.RUNNING
         state.failures = 0
         state.options = asdict(self.options)
         return state
@@ -266,9 +265,9 @@ class LocalLauncher:
         self.storage.ensure_root(create=True)
         if is_done(self.storage):
             self._say(f"{self.storage.display()} is already finished (done.json exists)", LaunchEventKind.OUTCOME)
-            self.state.status = "finished"
+            self.state.status = RunStatus.FINISHED
             self._save()
-            return LaunchOutcome("finished", 0, "already finished", len(self.state.segments),
+            return LaunchOutcome(RunStatus.FINISHED, 0, "already finished", len(self.state.segments),
                                  self.state.interruptions)
         self._save()
         previous = self._install()
@@ -285,33 +284,34 @@ class LocalLauncher:
                 if self._limit_reason is not None:
                     return self._limit_stop()
                 interrupt = kinds[done_interruptions] if done_interruptions < planned else None
-                reason, rc, detail = self._segment(interrupt=interrupt)
-                if reason == "finished":
+                verdict = self._segment(interrupt=interrupt)
+                decision = next_step(verdict, failures=self.state.failures,
+                                     max_failures=self.options.max_failures)
+                self.state.interruptions += decision.interruptions
+                self.state.failures += decision.failures
+                if decision.action is Action.FINISH:
                     if done_interruptions < planned:
                         self._say(f"the run finished after {done_interruptions} of {planned} "
                                   "interruptions (it checkpoints too rarely to interrupt more; "
                                   "try --mean-interval)")
-                    return self._end("finished", 0, "done.json written")
-                if reason == "interrupted":
-                    self.state.interruptions += 1
-                    if self._interrupted_last:
-                        done_interruptions += 1
-                    self._save()
-                    continue
-                if reason == "stopped" and self._limit_reason is not None:
-                    return self._limit_stop()
-                if reason == "stopped":
+                    return self._end(RunStatus.FINISHED, 0, "done.json written")
+                if decision.action is Action.STOP:
+                    if self._limit_reason is not None:
+                        return self._limit_stop()
                     step = last_checkpoint(self.storage)
                     where = f"checkpoint at step {step}" if step is not None else "no checkpoint yet"
-                    return self._end("stopped", 130,
-                                     f"stopped ({detail}); {where} kept in {self.storage.display()}. "
+                    return self._end(RunStatus.STOPPED, 130,
+                                     f"stopped ({decision.why}); {where} kept in {self.storage.display()}. "
                                      f"Continue with: spotrun launch --local --run-url "
                                      f"{self.storage.display()} -- {' '.join(self.options.command)}")
-                self.state.failures += 1
                 self._save()
-                if self.state.failures > self.options.max_failures:
-                    return self._end("failed", 1, detail)
-                self._say(f"{detail}; restarting ({self.state.failures} of "
+                if decision.action is Action.FAIL:
+                    return self._end(RunStatus.FAILED, 1, decision.why)
+                if decision.interruptions:
+                    if self._interrupted_last:
+                        done_interruptions += 1
+                    continue
+                self._say(f"{decision.why}; restarting ({self.state.failures} of "
                           f"{self.options.max_failures} failure(s) allowed)")
         finally:
             for sig, handler in previous.items():
@@ -320,7 +320,7 @@ class LocalLauncher:
     def _limit_stop(self) -> LaunchOutcome:
         step = last_checkpoint(self.storage)
         where = f"checkpoint at step {step}" if step is not None else "no checkpoint yet"
-        return self._end("stopped", 1,
+        return self._end(RunStatus.STOPPED, 1,
                          f"{self._limit_reason}; {where} kept in {self.storage.display()}. To go on, "
                          f"run the same command with a higher --max-cost")
 
@@ -411,7 +411,7 @@ class LocalLauncher:
             if not isinstance(exc, OSError):
                 raise
             for node in nodes:
-                self.book.end(node.seg, "failed", ended_at=self.clock(), detail=str(exc))
+                self.book.end(node.seg, EndReason.FAILED, ended_at=self.clock(), detail=str(exc))
             raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
         where = (f"{count} simulated {o.instance_type} spot nodes x {o.nproc_per_node or 1} process(es), "
                  f"{', '.join(ids)}" if o.cluster else f"{group}, simulated {o.instance_type} spot")
@@ -448,9 +448,9 @@ class LocalLauncher:
                 node.proc.stdout.close()
             node.pump = node.shipper = None
 
-    def _segment(self, *, interrupt: str | None) -> tuple[str, int | None, str]:
+    def _segment(self, *, interrupt: str | None) -> Verdict:
         """One attempt: start its node(s), play ``interrupt`` ("notice" or "loss") on one of
-        them, wait until all have exited; returns (reason, an exit code, detail)."""
+        them, wait until all have exited; returns how it ended."""
         o = self.options
         k = self._attempt_number()
         start_step = last_checkpoint(self.storage)
@@ -562,67 +562,31 @@ class LocalLauncher:
             if _group_gone(node.proc.pid):  # type: ignore[union-attr]
                 self._gone_segments.append(node.seg.segment_id)
         self._interrupted_last = posted is not None or lost is not None
-        if multi:
-            reason, detail = self._classify_nodes(nodes, victim, posted=posted is not None,
-                                                  lost=lost is not None, stopped=forwarded > 0,
-                                                  first=first_exit)
-        else:
-            rc = nodes[0].rc
-            reason, detail = self._classify(rc, posted=posted is not None, stopped=forwarded > 0)  # type: ignore[arg-type]
-            if lost is not None and reason == "failed":
-                reason, detail = "interrupted", f"simulated machine loss without notice (exit {rc})"
+        verdict = classify_local(self._attempt_end(nodes, victim, posted=posted is not None,
+                                                   lost=lost is not None, stopped=forwarded > 0,
+                                                   first=first_exit, done=is_done(self.storage)))
         ended = self.clock()
         for node in nodes:
-            self.book.end(node.seg, reason, ended_at=ended, exit_code=node.rc,
-                          detail=detail if not multi else f"{detail}; this node exited {node.rc}")
-        self._say(f"{group} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, group)
-        rc = first_exit.rc if first_exit is not None else None
-        return reason, rc, detail
+            self.book.end(node.seg, verdict.reason, ended_at=ended, exit_code=node.rc,
+                          detail=verdict.detail if not multi else f"{verdict.detail}; this node exited {node.rc}")
+        self._say(f"{group} ended: {verdict.reason} ({verdict.detail})", LaunchEventKind.SEGMENT_ENDED, group)
+        return verdict
+
+    @staticmethod
+    def _attempt_end(nodes: list[_Node], victim: _Node, *, posted: bool, lost: bool, stopped: bool,
+                     first: _Node | None, done: bool) -> AttemptEnd:
+        """What the launcher saw of an attempt, as the policy's plain values."""
+        return AttemptEnd(
+            nodes=tuple(NodeEnd(n.seg.segment_id, n.rc, rank=n.index) for n in nodes), done=done,
+            stop_requested=stopped, notice_posted=posted, node_lost=lost, hit=victim.seg.segment_id,
+            first=first.seg.segment_id if first is not None else None)
 
     def _classify_nodes(self, nodes: list[_Node], victim: _Node, *, posted: bool, lost: bool,
-                        stopped: bool, first: _Node | None) -> tuple[str, str]:
-        """An attempt of several nodes ends as one: every node's segment gets its reason."""
-        codes = ", ".join(f"{n.seg.segment_id} {n.rc}" for n in nodes)
-        rcs = [n.rc for n in nodes]
-        if is_done(self.storage):
-            if any(rc != EXIT_FINISHED for rc in rcs):
-                return "finished", f"done.json written; warning: exit codes {codes}, ignored"
-            return "finished", "every node exited 0, done.json written"
-        if stopped:
-            return "stopped", f"Ctrl-C, exit codes {codes}"
-        if lost:
-            # The survivors' collectives failed (exit 1): the launcher's own doing, no failure.
-            return "interrupted", (f"simulated node loss: {victim.seg.segment_id} vanished without "
-                                   f"notice; exit codes {codes}")
-        if posted and (victim.rc in _KILLED or EXIT_INTERRUPTED in rcs):
-            return "interrupted", f"simulated spot interruption of {victim.seg.segment_id}; exit codes {codes}"
-        if EXIT_INTERRUPTED in rcs:
-            return "interrupted", f"the command stopped itself on a notice (exit 75); exit codes {codes}"
-        if all(rc == EXIT_FINISHED for rc in rcs):
-            return "failed", ("every node exited 0 without writing done.json; does the command run "
-                              "its loop through spotrun.Checkpointer (range() or finish())?")
-        culprit = first if first is not None and first.rc != EXIT_FINISHED else next(
-            n for n in nodes if n.rc != EXIT_FINISHED)
-        return "failed", (f"the command failed on {culprit.seg.segment_id} with exit code "
-                          f"{culprit.rc}; exit codes {codes}")
-
-    def _classify(self, rc: int, *, posted: bool, stopped: bool) -> tuple[str, str]:
-        if is_done(self.storage):
-            if rc != EXIT_FINISHED:  # e.g. gloo's teardown aborting a worker after the run
-                return "finished", (f"done.json written; warning: the command then exited "
-                                    f"with code {rc}, ignored")
-            return "finished", f"exit code {rc}, done.json written"
-        if stopped:
-            return "stopped", f"Ctrl-C, the command exited with code {rc}"
-        if posted and (rc == EXIT_INTERRUPTED or rc < 0 or rc in (128 + 15, 128 + 9)):
-            how = "committed and exited 75" if rc == EXIT_INTERRUPTED else f"killed (exit {rc})"
-            return "interrupted", f"simulated spot interruption; the command {how}"
-        if rc == EXIT_INTERRUPTED:
-            return "interrupted", "the command stopped itself on a notice (exit 75)"
-        if rc == EXIT_FINISHED:
-            return "failed", ("the command exited 0 without writing done.json; does it run its "
-                              "loop through spotrun.Checkpointer (range() or finish())?")
-        return "failed", f"the command failed with exit code {rc}"
+                        stopped: bool, first: _Node | None) -> tuple[EndReason, str]:
+        """An attempt of several nodes ends as one (:func:`.attempt.classify_local`)."""
+        verdict = classify_local(self._attempt_end(nodes, victim, posted=posted, lost=lost, stopped=stopped,
+                                                   first=first, done=is_done(self.storage)))
+        return verdict.reason, verdict.detail
 
 
 def _group_gone(pgid: int) -> bool:
@@ -685,7 +649,7 @@ class LocalBackend:
         """SIGINT to the launcher when it runs on this host (it forwards it to the command and
         waits for its checkpoint); else a stop request in the run URL, which it polls."""
         pid = state.controller_pid
-        if state.status == "running" and pid and state.controller_host == socket.gethostname():
+        if state.status == RunStatus.RUNNING and pid and state.controller_host == socket.gethostname():
             try:
                 os.kill(pid, signal.SIGINT)
                 return {"signalled": pid}
