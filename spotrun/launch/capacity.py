@@ -41,7 +41,7 @@ class CapacitySearch:
     """Finds the instances of the next attempt for ``ctl`` (see the module docstring).
 
     It reads the controller's options, timing, state and wait clock, asks EC2 through its
-    per-region clients, and hands what a fleet gave to ``ctl._start`` (which records it).
+    per-region clients, and hands what a fleet gave to ``ctl.attempts.start`` (which records it).
     """
 
     def __init__(self, ctl: Ec2Controller) -> None:
@@ -140,7 +140,7 @@ class CapacitySearch:
         ctl = self.ctl
         market, why = self.choose_market()
         if market is None:
-            return ctl._give_up(RunStatus.FAILED, why, exit_code=1)
+            return ctl.ending.give_up(RunStatus.FAILED, why, exit_code=1)
         if market is Market.ON_DEMAND and why != "default":
             ctl._say(f"using on-demand: {why}", LaunchEventKind.CAPACITY)
         avoid = self.avoid_pool() if market is Market.SPOT else None
@@ -181,7 +181,7 @@ class CapacitySearch:
             if expired is not None:
                 if ctl.options.max_wait_s is not None:
                     url = ctl.storage.display()
-                    return ctl._give_up(RunStatus.FAILED, f"{expired}; checkpoints kept. To keep waiting: "
+                    return ctl.ending.give_up(RunStatus.FAILED, f"{expired}; checkpoints kept. To keep waiting: "
                                         f"spotrun launch --resume {url} --max-wait DURATION", exit_code=1)
                 pools = [f"{p}" + (f" in {r}" if len(regions) > 1 else "")
                          for r in regions for p in ctl.options.pools_in(r, ctl.home)]
@@ -208,7 +208,7 @@ class CapacitySearch:
         where = f" in {region}" if len(ctl.regions) > 1 else ""
         while True:
             if ctl.storage.exists(STOP_FILE):
-                return ctl._stopped_by_request()
+                return ctl.ending.stopped_by_request()
             # N nodes come from one pool per request (one type, one zone); one instance
             # from whichever of the pools EC2 finds best.
             request = round_pools[:1] if n > 1 else round_pools
@@ -227,7 +227,7 @@ class CapacitySearch:
             )
             if n > 1:
                 result = api.release_if_short(result, need)
-            if result.instances and ctl._start(region, result):
+            if result.instances and ctl.attempts.start(region, result):
                 return True
             hard = [e for e in result.errors if not e.is_capacity]
             if hard and not any(e.is_capacity for e in result.errors):

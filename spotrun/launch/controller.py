@@ -22,6 +22,11 @@ Fallback to on-demand (``--fallback on-demand``), when any rule says so:
 
 All time constants live in :class:`Timing` so tests run the whole loop in seconds.
 
+Where each part lives: how an attempt ended and what next, :mod:`.attempt` (shared with the
+local simulator); the search for capacity and the per-region resources, :mod:`.capacity`;
+recording and wiring an attempt's instances, :mod:`.ec2_attempts`; the ways a run ends
+(finished, given up, stopped, Ctrl-C), :mod:`.ec2_ending`. This module is the loop.
+
 **N nodes** (``--nodes N``): a segment is an *attempt* of N instances from ONE
 ``create_fleet`` (one pool: one instance type in one subnet/zone, all or nothing through
 ``MinTargetCapacity``, optionally in the run's cluster placement group). When a pool cannot
@@ -54,7 +59,6 @@ same clock runs with :attr:`Timing.capacity_timeout_s` and ends in a :class:`Cap
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -62,9 +66,8 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..errors import ConfigError, LaunchError
-from ..events import Cloud, EndReason, Market
-from ..instance import InstanceInfo
+from ..errors import ConfigError
+from ..events import EndReason
 from ..layout import EXIT_FINISHED
 from ..storage import Storage
 from .attempt import (
@@ -74,20 +77,15 @@ from .attempt import (
     Verdict,
     classify_ec2,
     classify_instance,
-    finished_detail,
     next_step,
 )
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
 from .capacity import CapacitySearch
 from .common import is_done
-from .ec2 import (
-    Ec2Api,
-    FleetResult,
-    InstanceStatus,
-    LaunchedInstance,
-    Pool,
-)
+from .ec2 import Ec2Api, InstanceStatus, Pool
+from .ec2_attempts import Ec2Attempts
+from .ec2_ending import Ec2Ending
 from .ec2_options import Ec2Options, Timing
 from .limits import CostGuard, Limits, WaitClock
 from .state import (
@@ -165,6 +163,8 @@ class Ec2Controller:
         wait_s = limits.max_wait_s if limits.max_wait_s is not None else self.timing.capacity_timeout_s
         self.wait = WaitClock(wait_s, since=state.waiting_since)
         self.capacity = CapacitySearch(self)
+        self.attempts = Ec2Attempts(self)
+        self.ending = Ec2Ending(self)
 
     # -- construction ------------------------------------------------------------------
 
@@ -272,20 +272,20 @@ class Ec2Controller:
         """Run until the run is done, fails or is stopped. Ctrl-C: see ``on_ctrl_c``."""
         try:
             if self.state.status == RunStatus.FINISHED or is_done(self.storage):
-                return self._finish()
+                return self.ending.finish()
             self.capacity.ensure_template(self.home)
-            self._reconcile()
+            self.attempts.reconcile()
             while True:
                 self._save()
                 if self.storage.exists(STOP_FILE):
-                    return self._stopped_by_request()
+                    return self.ending.stopped_by_request()
                 if is_done(self.storage):
-                    return self._finish()
+                    return self.ending.finish()
                 attempt = self.state.running
                 if not attempt:
                     why = self._over_budget()
                     if why is not None:
-                        return self._budget_stop(why)
+                        return self.ending.budget_stop(why)
                     outcome = self.capacity.launch()
                     if outcome is not None:
                         return outcome
@@ -298,36 +298,21 @@ class Ec2Controller:
                             self._seen_alive[seg.segment_id] = self.clock()
                     why = self._over_budget()
                     if why is not None:
-                        return self._budget_stop(why)
+                        return self.ending.budget_stop(why)
                     self.sleep(self.timing.poll_s)
                     continue
                 outcome = self._attempt_over(attempt, statuses, gone)
                 if outcome is not None:
                     return outcome
         except KeyboardInterrupt:
-            return self._ctrl_c()
+            return self.ending.ctrl_c()
         except Exception as exc:
-            self._left_running(exc)
+            self.ending.left_running(exc)
             raise
 
     def _still_there(self, seg: Segment, status: InstanceStatus) -> bool:
         return status.alive or (status.state == "missing"
                                 and self.clock() - seg.started_at < self.timing.missing_grace_s)
-
-    def _left_running(self, exc: BaseException) -> None:
-        """The controller is dying of an error: say what may still run and how to stop it."""
-        running = self.state.running
-        url = self.storage.display()
-        with contextlib.suppress(Exception):
-            self.state.message = f"controller stopped: {exc}"
-            self._save()
-        if running:
-            cur = running[0]
-            what = (f"instance {cur.instance_id} ({cur.instance_type}, {cur.market})" if len(running) == 1 else
-                    f"instances {', '.join(s.instance_id for s in running)} ({cur.instance_type}, {cur.market})")
-            self._say(f"controller error ({exc}); {what} in {cur.region or self.home} may still be running. "
-                      f"Watch it again: spotrun launch --resume {url}; stop it: spotrun stop {url}",
-                      LaunchEventKind.WARNING)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -339,150 +324,12 @@ class Ec2Controller:
              segment_id: str | None = None, **data: Any) -> None:
         self.on_event(LaunchEvent(kind, msg, segment_id, data))
 
-    def _reconcile(self) -> None:
-        """Make the state agree with what EC2 runs under this run id (after a crash).
-
-        Instances running, unknown to the state: the controller died between launching them
-        and writing the state; adopt them (one instance: the newest; N nodes: the set, when it
-        is one attempt of M..N nodes of one pool, else none). Anything else alive under the
-        run id is terminated, since two processes training one run would overwrite each
-        other's checkpoints. A running attempt whose nodes are all alive is kept (its cluster
-        files rewritten, in case the controller died before writing them).
-        """
-        alive = self._alive_everywhere()
-        attempt = self.state.running
-        keep: set[str] = set()
-        if attempt:
-            ids = {s.instance_id for s in attempt}
-            keep = {s.instance_id for _, s in alive if s.instance_id in ids}
-            if self.options.distributed and keep == ids:
-                self._write_cluster(attempt)
-        elif alive and not self.options.distributed:
-            region, newest = max(alive, key=lambda rs: (rs[1].launch_time or 0.0, rs[1].instance_id))
-            keep = {newest.instance_id}
-            self._say(f"adopting {newest.instance_id} ({newest.instance_type}, {newest.market}): "
-                      "it was launched for this run before the controller stopped")
-            self._begin_segment(newest.instance_id, Pool(newest.instance_type or "?", newest.subnet_id),
-                                newest.market or Market.SPOT.value, fleet_id=None, started_at=newest.launch_time,
-                                region=region)
-        elif alive:
-            regions = {r for r, _ in alive}
-            kinds = {(s.instance_type, s.availability_zone, s.market) for _, s in alive}
-            if len(regions) == 1 and len(kinds) == 1 and self.options.need <= len(alive) <= self.options.nodes:
-                (region,) = regions
-                found = [s for _, s in alive]
-                self._say(f"adopting {', '.join(s.instance_id for s in found)}: the nodes of an attempt "
-                          "launched for this run before the controller stopped")
-                launched = [LaunchedInstance(s.instance_id, Pool(s.instance_type or "?", s.subnet_id),
-                                             s.market or Market.SPOT.value) for s in found]
-                started = min((s.launch_time for s in found if s.launch_time), default=None)
-                if self._begin_attempt(region, launched, fleet_id=None, started_at=started):
-                    keep = {s.instance_id for s in found}
-        # Anything else alive under this run id is a stray (if the state's own instance is
-        # gone, the loop records its end; it must not be joined by a second one).
-        extras: dict[str, list[str]] = {}
-        for region, s in alive:
-            if s.instance_id not in keep:
-                extras.setdefault(region, []).append(s.instance_id)
-        if extras:
-            ids = [i for group in extras.values() for i in group]
-            what = "more than one instance for this run" if not self.options.distributed else \
-                "not nodes of this run's attempt"
-            self._say(f"terminating {', '.join(ids)}: {what}")
-            for region, group in extras.items():
-                self._api(region).terminate(group)
-
     def _begin_segment(self, instance_id: str, pool: Pool, market: str, *, fleet_id: str | None,
                        started_at: float | None = None, region: str | None = None) -> Segment:
-        region = region or self.home
-        api = self._api(region)
-        now = started_at or self.clock()
-        seg = Segment(
-            segment_id=instance_id, instance_id=instance_id, instance_type=pool.instance_type,
-            market=market, started_at=now, subnet_id=pool.subnet_id, fleet_id=fleet_id, region=region,
-        )
-        try:
-            status = api.describe(instance_id)
-            seg.availability_zone = status.availability_zone
-        except LaunchError:
-            pass
-        self.book.begin(seg, InstanceInfo(
-            cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
-            region=region, availability_zone=seg.availability_zone, market=market,
-        ))
-        where = f", {region}" if len(self.regions) > 1 else ""
-        self._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}{where}); "
-                  f"segment {len(self.state.segments)}", LaunchEventKind.SEGMENT_STARTED, seg.segment_id)
-        return seg
-
-    def _addresses(self, region: str, ids: list[str]) -> dict[str, InstanceStatus] | None:
-        """Every node's status once each has a private address; None if one never gets one
-        (within ``missing_grace_s``) or dies first."""
-        api = self._api(region)
-        end = self.clock() + self.timing.missing_grace_s
-        while True:
-            statuses = api.describe_many(ids)
-            if all(s.private_ip for s in statuses.values()):
-                return statuses
-            if any(s.state not in ("pending", "running", "missing") for s in statuses.values()):
-                return None
-            if self.clock() >= end:
-                return None
-            self.sleep(min(self.timing.poll_s, 2.0))
-
-    def _begin_attempt(self, region: str, launched: list[LaunchedInstance], *, fleet_id: str | None,
-                       started_at: float | None = None) -> list[Segment] | None:
-        """Record the nodes of one attempt and write their cluster files; None (nothing
-        recorded) when they never all got an address."""
-        ids = sorted(i.instance_id for i in launched)  # rank order: see the module docstring
-        by_id = {i.instance_id: i for i in launched}
-        statuses = self._addresses(region, ids)
-        if statuses is None:
-            return None
-        now = started_at or self.clock()
-        k = len({s.group for s in self.state.segments if s.group}) + 1
-        group = f"{self.state.run_id}-a{k}"
-        started: list[tuple[Segment, InstanceInfo]] = []
-        for rank, iid in enumerate(ids):
-            got, st = by_id[iid], statuses[iid]
-            seg = Segment(
-                segment_id=iid, instance_id=iid, instance_type=got.pool.instance_type, market=got.market,
-                started_at=now, availability_zone=st.availability_zone,
-                subnet_id=st.subnet_id or got.pool.subnet_id, fleet_id=fleet_id, group=group, node=rank,
-                region=region,
-            )
-            started.append((seg, InstanceInfo(
-                cloud=Cloud.AWS.value, instance_id=iid, instance_type=seg.instance_type, region=region,
-                availability_zone=seg.availability_zone, market=got.market)))
-        segs = self.book.begin_many(started)
-        self._write_cluster(segs, statuses)
-        head = segs[0]
-        short = f" ({len(segs)} of --nodes {self.options.nodes}: --min-nodes {self.options.need})" \
-            if len(segs) < self.options.nodes else ""
-        self._say(f"running on {len(segs)} node(s){short}: {', '.join(s.instance_id for s in segs)} "
-                  f"({head.instance_type}, {head.market}, {head.availability_zone or '?'}, {region}); "
-                  f"head {statuses[head.instance_id].private_ip}; attempt {group}",
-                  LaunchEventKind.SEGMENT_STARTED, head.segment_id, group=group,
-                  nodes=[s.instance_id for s in segs])
-        return segs
-
-    def _write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None) -> None:
-        """Every node's cluster file (:mod:`spotrun.launch.node`'s format)."""
-        segs = sorted(segs, key=lambda s: s.node or 0)
-        if statuses is None:
-            statuses = self._describe(segs)
-        addresses = {s.instance_id: statuses[s.instance_id].private_ip for s in segs}
-        if not all(addresses.values()):
-            log.warning("no private address for every node of %s yet; cluster files not written", segs[0].group)
-            return
-        write_cluster_files(
-            self.storage, group=segs[0].group or segs[0].segment_id,
-            nodes=[{"instance_id": s.instance_id, "address": str(addresses[s.instance_id])} for s in segs],
-            nproc_per_node=self.options.nproc_per_node or 1,
-            # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
-            # without a straggler when fewer were asked to wait for.
-            min_nodes=self.options.need if self.options.need < len(segs) else None,
-        )
+        """One instance's segment begins (:meth:`.ec2_attempts.Ec2Attempts.begin_segment`;
+        called through here so that a test can make the controller die at this point)."""
+        return self.attempts.begin_segment(instance_id, pool, market, fleet_id=fleet_id,
+                                           started_at=started_at, region=region)
 
     def _end_segment(self, seg: Segment, reason: str, *, exit_code: int | None = None,
                      detail: str | None = None, ended_at: float | None = None) -> None:
@@ -523,27 +370,6 @@ class Ec2Controller:
             gone = alive_until
         return min(now, max(alive_until, gone))
 
-    def _start(self, region: str, result: FleetResult) -> bool:
-        """Record what a fleet gave as the running attempt; False (instances terminated) when
-        the nodes could not be wired up."""
-        api = self._api(region)
-        if not self.options.distributed:
-            got, extra = result.instances[0], result.instances[1:]
-            if extra:
-                api.terminate([i.instance_id for i in extra])
-            self._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
-            return True
-        launched, extra = result.instances[: self.options.nodes], result.instances[self.options.nodes:]
-        if extra:
-            api.terminate([i.instance_id for i in extra])
-        if self._begin_attempt(region, launched, fleet_id=result.fleet_id) is None:
-            ids = [i.instance_id for i in launched]
-            self._say(f"terminating {', '.join(ids)}: not every node got a private address",
-                      LaunchEventKind.WARNING)
-            api.terminate(ids)
-            return False
-        return True
-
     def _read_exit_record(self, seg: Segment) -> int | None:
         rel = exit_record_path(seg.segment_id)
         if not self.storage.exists(rel):
@@ -578,7 +404,7 @@ class Ec2Controller:
         verdict = classify_ec2(AttemptEnd(nodes=tuple(ends[s.segment_id] for s in gone), done=done))
         if verdict.reason is EndReason.FINISHED:
             if len(attempt) > 1:
-                return self._finish()
+                return self.ending.finish()
             self._warn_finished(verdict, ends[gone[0].segment_id].exit_code)
         single = len(attempt) == 1
         if single:
@@ -618,72 +444,15 @@ class Ec2Controller:
         self.state.interruptions += decision.interruptions
         self.state.failures += decision.failures
         if decision.action is Action.FINISH:
-            return self._finish()
+            return self.ending.finish()
         if decision.action is Action.STOP:
-            return self._give_up(RunStatus.STOPPED, f"{decision.why}; resume with: spotrun launch --resume "
+            return self.ending.give_up(RunStatus.STOPPED, f"{decision.why}; resume with: spotrun launch --resume "
                                  f"{self.storage.display()}", exit_code=1)
         self._save()
         if decision.action is Action.FAIL:
-            return self._give_up(RunStatus.FAILED, f"{decision.why} ({self.state.failures} failure(s), "
+            return self.ending.give_up(RunStatus.FAILED, f"{decision.why} ({self.state.failures} failure(s), "
                                  f"--max-failures {self.options.max_failures})", exit_code=1)
         return None
-
-    def _wait_gone(self, segs: list[Segment], timeout: float) -> dict[str, InstanceStatus]:
-        end = self.clock() + timeout
-        statuses = self._describe(segs)
-        while any(s.alive for s in statuses.values()) and self.clock() < end:
-            self.sleep(min(self.timing.poll_s, max(0.0, end - self.clock())))
-            statuses = self._describe(segs)
-        return statuses
-
-    def _finish(self) -> LaunchOutcome:
-        attempt = self.state.running
-        if attempt:
-            statuses = self._wait_gone(attempt, self.timing.finish_grace_s)
-            alive = [s for s in attempt if statuses[s.instance_id].alive]
-            if alive:
-                self._say(f"terminating {', '.join(s.instance_id for s in alive)}: the run is done but "
-                          f"{'it' if len(alive) == 1 else 'they'} did not shut down")
-                self._terminate(alive)
-            for seg in attempt:
-                ended_at = None if seg in alive else self._gone_at(seg, statuses[seg.instance_id])
-                code = self._read_exit_record(seg)
-                detail = self._warn_finished(Verdict(EndReason.FINISHED, finished_detail(code)), code)
-                self._end_segment(seg, EndReason.FINISHED, exit_code=code, detail=detail, ended_at=ended_at)
-        self.capacity.cleanup()
-        self.state.status = RunStatus.FINISHED
-        self.state.message = "done.json written"
-        self._save()
-        self._say(f"run finished after {len(self.state.segments)} segment(s), "
-                  f"{self.state.interruptions} interruption(s)", LaunchEventKind.OUTCOME)
-        return LaunchOutcome(RunStatus.FINISHED, 0, "finished", len(self.state.segments), self.state.interruptions)
-
-    def _give_up(self, status: str, why: str, *, exit_code: int) -> LaunchOutcome:
-        attempt = self.state.running
-        if attempt:
-            self._terminate(attempt)
-            for seg in attempt:
-                self._end_segment(seg, EndReason.STOPPED if status == RunStatus.STOPPED else EndReason.FAILED, detail=why)
-        self.capacity.cleanup()
-        self.state.status = status
-        self.state.message = why
-        self._save()
-        self._say(f"run {status}: {why}", LaunchEventKind.OUTCOME)
-        return LaunchOutcome(status, exit_code, why, len(self.state.segments), self.state.interruptions)
-
-    def _terminate_all(self) -> list[str]:
-        """Terminate every instance of the run, in every region used (what ``stop`` does)."""
-        found: dict[str, list[str]] = {}
-        for region, s in self._alive_everywhere(("pending", "running", "stopping", "stopped")):
-            found.setdefault(region, []).append(s.instance_id)
-        for region, ids in found.items():
-            self._api(region).terminate(ids)
-        return [i for ids in found.values() for i in ids]
-
-    def _stopped_by_request(self) -> LaunchOutcome:
-        self.storage.remove(STOP_FILE)
-        self._terminate_all()
-        return self._give_up(RunStatus.STOPPED, "stopped by spotrun stop; checkpoints kept", exit_code=0)
 
     def _over_budget(self) -> str | None:
         """The ``--max-cost`` reason to stop, once the run's spend reached it."""
@@ -691,69 +460,4 @@ class Ec2Controller:
             return None
         return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running])
 
-    def _budget_stop(self, why: str) -> LaunchOutcome:
-        """Stop as ``spotrun stop`` does (the shutdown SIGTERMs the command, which commits)."""
-        url = self.storage.display()
-        self._terminate_all()
-        return self._give_up(RunStatus.STOPPED, f"{why}; checkpoints kept. To continue, raise the limit: "
-                             f"spotrun launch --resume {url} --max-cost USD", exit_code=1)
-
     # -- Ctrl-C ------------------------------------------------------------------------
-
-    def _ctrl_c(self) -> LaunchOutcome:
-        """Never leave an instance running without saying so (see ``on_ctrl_c``)."""
-        url = self.storage.display()
-        try:
-            alive = self._alive_everywhere()
-        except Exception as exc:  # noqa: BLE001 - we must still say something useful
-            running = self.state.running
-            ids = ", ".join(s.instance_id for s in running)
-            self._say(f"interrupted; could not list the run's instances ({exc}). "
-                      f"{'Instance ' + ids + ' may still be running. ' if running else ''}"
-                      f"Stop everything with: spotrun stop {url}")
-            return LaunchOutcome(RunStatus.DETACHED, 130, "interrupted", len(self.state.segments), self.state.interruptions)
-        if not alive:
-            self._say(f"interrupted; no instance is running for this run. Resume with: spotrun launch --resume {url}")
-            self._save()
-            return LaunchOutcome(RunStatus.DETACHED, 130, "interrupted", len(self.state.segments), self.state.interruptions)
-        desc = ", ".join(f"{s.instance_id} ({s.instance_type} {s.market} in {s.availability_zone})" for _, s in alive)
-        choice = self.on_ctrl_c(desc) if callable(self.on_ctrl_c) else self.on_ctrl_c
-        if choice not in ("terminate", "leave"):
-            choice = "terminate"  # never leave compute running unless told to
-        by_region: dict[str, list[str]] = {}
-        for region, s in alive:
-            by_region.setdefault(region, []).append(s.instance_id)
-        if choice == "terminate":
-            for region, ids in by_region.items():
-                self._api(region).terminate(ids)
-            for seg in self.state.running:
-                self._end_segment(seg, EndReason.STOPPED, detail="Ctrl-C on the controller")
-            self.state.status = RunStatus.STOPPED
-            self.state.message = "Ctrl-C on the controller"
-            self._save()
-            all_ids = [s.instance_id for _, s in alive]
-            self._say(f"terminated {', '.join(all_ids)} (its shutdown sends SIGTERM, so the command "
-                      f"commits a checkpoint). Checkpoints are kept at {url}. "
-                      f"Resume with: spotrun launch --resume {url}")
-            return LaunchOutcome(RunStatus.STOPPED, 130, "Ctrl-C", len(self.state.segments), self.state.interruptions)
-        self._save()
-        regions = ", ".join(by_region)
-        commands = "; ".join(f"aws ec2 terminate-instances --region {region} --instance-ids {' '.join(ids)}"
-                             for region, ids in by_region.items())
-        self._say(f"left running: {desc} in {regions}; it keeps training into {url} but nothing "
-                  f"relaunches it now. Watch it again: spotrun launch --resume {url}; stop it: "
-                  f"spotrun stop {url} (or {commands})")
-        return LaunchOutcome(RunStatus.DETACHED, 130, "Ctrl-C, instance left running", len(self.state.segments),
-                             self.state.interruptions)
-
-
-def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, str]], nproc_per_node: int,
-                        min_nodes: int | None) -> list[str]:
-    """Write every node's cluster file, ``launch/nodes/<instance id>.json``
-    (:class:`spotrun.launch.node.ClusterSpec`: ``segment`` and ``rdzv_id`` are the attempt's
-    group id, new for every attempt; node 0 hosts the rendezvous)."""
-    from .node import ClusterSpec, write_cluster
-
-    spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
-                       min_nodes=min_nodes)
-    return write_cluster(storage, spec)
