@@ -18,7 +18,6 @@ from spotrun.launch.attempt import (
     classify_instance,
     classify_local,
     fallback_reason,
-    lost_nodes,
     next_step,
 )
 
@@ -194,7 +193,3 @@ _ROUND = {"market": Market.SPOT, "on_demand_fallback": True, "price_blocked": Fa
 ])
 def test_fallback_reason(kw: dict, words: str | None) -> None:
     assert fallback_reason(**{**_ROUND, **kw}) == words
-
-
-def test_lost_nodes_in_order_once() -> None:
-    assert lost_nodes([Verdict(I, "", lost=("b", "a")), Verdict(F, "", lost=("a", "c"))]) == ("b", "a", "c")

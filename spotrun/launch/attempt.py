@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..events import EndReason, Market
@@ -42,7 +41,6 @@ __all__ = [
     "classify_local",
     "fallback_reason",
     "finished_detail",
-    "lost_nodes",
     "next_step",
 ]
 
@@ -286,11 +284,3 @@ def fallback_reason(*, market: Market, on_demand_fallback: bool, price_blocked: 
     if deadline_near:
         return "the deadline is near"
     return waited_too_long
-
-
-def lost_nodes(verdicts: Sequence[Verdict]) -> tuple[str, ...]:
-    """Every node named lost by any of ``verdicts``, once, in order."""
-    seen: dict[str, None] = {}
-    for v in verdicts:
-        seen.update(dict.fromkeys(v.lost))
-    return tuple(seen)

@@ -47,29 +47,30 @@ class Ec2Attempts:
         other's checkpoints. A running attempt whose nodes are all alive is kept (its cluster
         files rewritten, in case the controller died before writing them).
         """
-        alive = self.ctl._alive_everywhere()
-        attempt = self.ctl.state.running
+        ctrl = self.ctl
+        alive = ctrl._alive_everywhere()
+        attempt = ctrl.state.running
         keep: set[str] = set()
         if attempt:
             ids = {s.instance_id for s in attempt}
             keep = {s.instance_id for _, s in alive if s.instance_id in ids}
-            if self.ctl.options.distributed and keep == ids:
+            if ctrl.options.distributed and keep == ids:
                 self.write_cluster(attempt)
-        elif alive and not self.ctl.options.distributed:
+        elif alive and not ctrl.options.distributed:
             region, newest = max(alive, key=lambda rs: (rs[1].launch_time or 0.0, rs[1].instance_id))
             keep = {newest.instance_id}
-            self.ctl._say(f"adopting {newest.instance_id} ({newest.instance_type}, {newest.market}): "
+            ctrl._say(f"adopting {newest.instance_id} ({newest.instance_type}, {newest.market}): "
                       "it was launched for this run before the controller stopped")
-            self.ctl._begin_segment(newest.instance_id, Pool(newest.instance_type or "?", newest.subnet_id),
+            ctrl._begin_segment(newest.instance_id, Pool(newest.instance_type or "?", newest.subnet_id),
                                 newest.market or Market.SPOT.value, fleet_id=None, started_at=newest.launch_time,
                                 region=region)
         elif alive:
             regions = {r for r, _ in alive}
             kinds = {(s.instance_type, s.availability_zone, s.market) for _, s in alive}
-            if len(regions) == 1 and len(kinds) == 1 and self.ctl.options.need <= len(alive) <= self.ctl.options.nodes:
+            if len(regions) == 1 and len(kinds) == 1 and ctrl.options.need <= len(alive) <= ctrl.options.nodes:
                 (region,) = regions
                 found = [s for _, s in alive]
-                self.ctl._say(f"adopting {', '.join(s.instance_id for s in found)}: the nodes of an attempt "
+                ctrl._say(f"adopting {', '.join(s.instance_id for s in found)}: the nodes of an attempt "
                           "launched for this run before the controller stopped")
                 launched = [LaunchedInstance(s.instance_id, Pool(s.instance_type or "?", s.subnet_id),
                                              s.market or Market.SPOT.value) for s in found]
@@ -84,17 +85,18 @@ class Ec2Attempts:
                 extras.setdefault(region, []).append(s.instance_id)
         if extras:
             ids = [i for group in extras.values() for i in group]
-            what = "more than one instance for this run" if not self.ctl.options.distributed else \
+            what = "more than one instance for this run" if not ctrl.options.distributed else \
                 "not nodes of this run's attempt"
-            self.ctl._say(f"terminating {', '.join(ids)}: {what}")
+            ctrl._say(f"terminating {', '.join(ids)}: {what}")
             for region, group in extras.items():
-                self.ctl._api(region).terminate(group)
+                ctrl._api(region).terminate(group)
 
     def begin_segment(self, instance_id: str, pool: Pool, market: str, *, fleet_id: str | None,
                        started_at: float | None = None, region: str | None = None) -> Segment:
-        region = region or self.ctl.home
-        api = self.ctl._api(region)
-        now = started_at or self.ctl.clock()
+        ctrl = self.ctl
+        region = region or ctrl.home
+        api = ctrl._api(region)
+        now = started_at or ctrl.clock()
         seg = Segment(
             segment_id=instance_id, instance_id=instance_id, instance_type=pool.instance_type,
             market=market, started_at=now, subnet_id=pool.subnet_id, fleet_id=fleet_id, region=region,
@@ -104,42 +106,44 @@ class Ec2Attempts:
             seg.availability_zone = status.availability_zone
         except LaunchError:
             pass
-        self.ctl.book.begin(seg, InstanceInfo(
+        ctrl.book.begin(seg, InstanceInfo(
             cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
             region=region, availability_zone=seg.availability_zone, market=market,
         ))
-        where = f", {region}" if len(self.ctl.regions) > 1 else ""
-        self.ctl._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}{where}); "
-                  f"segment {len(self.ctl.state.segments)}", LaunchEventKind.SEGMENT_STARTED, seg.segment_id)
+        where = f", {region}" if len(ctrl.regions) > 1 else ""
+        ctrl._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}{where}); "
+                  f"segment {len(ctrl.state.segments)}", LaunchEventKind.SEGMENT_STARTED, seg.segment_id)
         return seg
 
     def addresses(self, region: str, ids: list[str]) -> dict[str, InstanceStatus] | None:
         """Every node's status once each has a private address; None if one never gets one
         (within ``missing_grace_s``) or dies first."""
-        api = self.ctl._api(region)
-        end = self.ctl.clock() + self.ctl.timing.missing_grace_s
+        ctrl = self.ctl
+        api = ctrl._api(region)
+        end = ctrl.clock() + ctrl.timing.missing_grace_s
         while True:
             statuses = api.describe_many(ids)
             if all(s.private_ip for s in statuses.values()):
                 return statuses
             if any(s.state not in ("pending", "running", "missing") for s in statuses.values()):
                 return None
-            if self.ctl.clock() >= end:
+            if ctrl.clock() >= end:
                 return None
-            self.ctl.sleep(min(self.ctl.timing.poll_s, 2.0))
+            ctrl.sleep(min(ctrl.timing.poll_s, 2.0))
 
     def begin_attempt(self, region: str, launched: list[LaunchedInstance], *, fleet_id: str | None,
                        started_at: float | None = None) -> list[Segment] | None:
         """Record the nodes of one attempt and write their cluster files; None (nothing
         recorded) when they never all got an address."""
+        ctrl = self.ctl
         ids = sorted(i.instance_id for i in launched)  # rank order: see the module docstring
         by_id = {i.instance_id: i for i in launched}
         statuses = self.addresses(region, ids)
         if statuses is None:
             return None
-        now = started_at or self.ctl.clock()
-        k = len({s.group for s in self.ctl.state.segments if s.group}) + 1
-        group = f"{self.ctl.state.run_id}-a{k}"
+        now = started_at or ctrl.clock()
+        k = len({s.group for s in ctrl.state.segments if s.group}) + 1
+        group = f"{ctrl.state.run_id}-a{k}"
         started: list[tuple[Segment, InstanceInfo]] = []
         for rank, iid in enumerate(ids):
             got, st = by_id[iid], statuses[iid]
@@ -152,12 +156,12 @@ class Ec2Attempts:
             started.append((seg, InstanceInfo(
                 cloud=Cloud.AWS.value, instance_id=iid, instance_type=seg.instance_type, region=region,
                 availability_zone=seg.availability_zone, market=got.market)))
-        segs = self.ctl.book.begin_many(started)
+        segs = ctrl.book.begin_many(started)
         self.write_cluster(segs, statuses)
         head = segs[0]
-        short = f" ({len(segs)} of --nodes {self.ctl.options.nodes}: --min-nodes {self.ctl.options.need})" \
-            if len(segs) < self.ctl.options.nodes else ""
-        self.ctl._say(f"running on {len(segs)} node(s){short}: {', '.join(s.instance_id for s in segs)} "
+        short = f" ({len(segs)} of --nodes {ctrl.options.nodes}: --min-nodes {ctrl.options.need})" \
+            if len(segs) < ctrl.options.nodes else ""
+        ctrl._say(f"running on {len(segs)} node(s){short}: {', '.join(s.instance_id for s in segs)} "
                   f"({head.instance_type}, {head.market}, {head.availability_zone or '?'}, {region}); "
                   f"head {statuses[head.instance_id].private_ip}; attempt {group}",
                   LaunchEventKind.SEGMENT_STARTED, head.segment_id, group=group,
@@ -166,38 +170,40 @@ class Ec2Attempts:
 
     def write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None) -> None:
         """Every node's cluster file (:mod:`spotrun.launch.node`'s format)."""
+        ctrl = self.ctl
         segs = sorted(segs, key=lambda s: s.node or 0)
         if statuses is None:
-            statuses = self.ctl._describe(segs)
+            statuses = ctrl._describe(segs)
         addresses = {s.instance_id: statuses[s.instance_id].private_ip for s in segs}
         if not all(addresses.values()):
             log.warning("no private address for every node of %s yet; cluster files not written", segs[0].group)
             return
         write_cluster_files(
-            self.ctl.storage, group=segs[0].group or segs[0].segment_id,
+            ctrl.storage, group=segs[0].group or segs[0].segment_id,
             nodes=[{"instance_id": s.instance_id, "address": str(addresses[s.instance_id])} for s in segs],
-            nproc_per_node=self.ctl.options.nproc_per_node or 1,
+            nproc_per_node=ctrl.options.nproc_per_node or 1,
             # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
             # without a straggler when fewer were asked to wait for.
-            min_nodes=self.ctl.options.need if self.ctl.options.need < len(segs) else None,
+            min_nodes=ctrl.options.need if ctrl.options.need < len(segs) else None,
         )
 
     def start(self, region: str, result: FleetResult) -> bool:
         """Record what a fleet gave as the running attempt; False (instances terminated) when
         the nodes could not be wired up."""
-        api = self.ctl._api(region)
-        if not self.ctl.options.distributed:
+        ctrl = self.ctl
+        api = ctrl._api(region)
+        if not ctrl.options.distributed:
             got, extra = result.instances[0], result.instances[1:]
             if extra:
                 api.terminate([i.instance_id for i in extra])
-            self.ctl._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
+            ctrl._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
             return True
-        launched, extra = result.instances[: self.ctl.options.nodes], result.instances[self.ctl.options.nodes:]
+        launched, extra = result.instances[: ctrl.options.nodes], result.instances[ctrl.options.nodes:]
         if extra:
             api.terminate([i.instance_id for i in extra])
         if self.begin_attempt(region, launched, fleet_id=result.fleet_id) is None:
             ids = [i.instance_id for i in launched]
-            self.ctl._say(f"terminating {', '.join(ids)}: not every node got a private address",
+            ctrl._say(f"terminating {', '.join(ids)}: not every node got a private address",
                       LaunchEventKind.WARNING)
             api.terminate(ids)
             return False

@@ -51,7 +51,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -59,22 +58,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
-from ..errors import ConfigError, LaunchError
-from ..instance import InstanceInfo
+from ..errors import ConfigError
 from ..events import EndReason
 from ..storage import Storage
 from .attempt import Action, AttemptEnd, NodeEnd, Verdict, classify_local, next_step
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
+from .local_nodes import LocalNodes, _Node, killpg
 from .proctree import kill_tree
 from .limits import CostGuard, Limits
 from .state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 
-REGION = "us-east-1"
-ZONE = "us-east-1a"
 #: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
 ECHO_STDOUT = "stdout"
 
@@ -212,6 +209,7 @@ class LocalLauncher:
                            if options.max_cost_usd is not None else None)
         self._limit_reason: str | None = None
         self.state = self._load_or_new_state()
+        self.nodes = LocalNodes(self)
         self.book = RunBook(storage, self.state, heartbeat_s=options.check_s)
         # The previous launcher died with a child running: close the books.
         self.book.close_open(EndReason.STOPPED, "launcher died")
@@ -351,103 +349,6 @@ class LocalLauncher:
             return self.echo  # type: ignore[return-value]
         return getattr(sys.stdout, "buffer", None)
 
-    def _start_nodes(self, k: int, start_step: int | None) -> tuple[str, list[_Node]]:
-        """Record and start the attempt's node(s); returns (log segment id, nodes)."""
-        from ..notices.fake_server import FakeMetadataServer
-        from .logs import LogShipper, pump_in_thread
-
-        o = self.options
-        group = f"sim-{k}"
-        count = o.nodes if o.cluster else 1
-        ids = [f"{group}-n{i}" for i in range(count)] if o.cluster else [group]
-        if o.cluster:
-            from .node import ClusterSpec, write_cluster
-
-            # Before the nodes start: each finds its file at once (ids are new per attempt,
-            # so no node can join an older attempt's rendezvous).
-            write_cluster(self.storage, ClusterSpec(
-                segment=group, nproc_per_node=o.nproc_per_node or 1,
-                rdzv_id=f"{self.state.run_id}-{group}", port=_free_port(),
-                nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids]))
-            command = [sys.executable, "-m", "spotrun.launch.node", "--timeout", "120", "--poll", "0.2",
-                       "--segment", group, "--", *o.command]
-        else:
-            command = list(o.command)
-        nodes: list[_Node] = []
-        echo = self._echo_stream()
-        try:
-            for index, node_id in enumerate(ids):
-                info = InstanceInfo(cloud="simulated", instance_id=node_id, instance_type=o.instance_type,
-                                    region=REGION, availability_zone=ZONE, market="spot")
-                server = FakeMetadataServer("ec2", instance=info).start()
-                seg = Segment(segment_id=node_id, instance_id=node_id, instance_type=o.instance_type,
-                              market="spot", started_at=self.clock(), availability_zone=ZONE,
-                              group=group if o.cluster else None, node=index if o.cluster else None)
-                node = _Node(index, seg, server)
-                nodes.append(node)
-                self.book.begin(seg, info)
-                env = {**os.environ, **o.env,
-                       "SPOTRUN_URL": self.storage.url,
-                       "SPOTRUN_SEGMENT_ID": node_id,
-                       "SPOTRUN_NOTICE_SOURCE": "ec2",
-                       "SPOTRUN_IMDS_ENDPOINT": server.url,
-                       "SPOTRUN_POLL_INTERVAL": str(o.notice_poll_s),
-                       "PYTHONUNBUFFERED": "1"}
-                if o.cluster:
-                    env["SPOTRUN_INSTANCE_ID"] = node_id
-                if self._gone_segments:
-                    env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(self._gone_segments)
-                # Its own session: a terminal's Ctrl-C reaches only us, and we forward one
-                # SIGINT (a second would make the wrapper abort without its checkpoint).
-                # Its output goes through us to RUN_URL/logs/<segment>/node-<R>/.
-                node.proc = subprocess.Popen(command, env=env, start_new_session=True,
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, bufsize=0)
-                node.shipper = LogShipper(self.storage, group, node=index, echo=echo)
-                node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
-        except BaseException as exc:
-            # Nothing started may outlive a failed start (a node is in its own session).
-            self._abandon(nodes)
-            if not isinstance(exc, OSError):
-                raise
-            for node in nodes:
-                self.book.end(node.seg, EndReason.FAILED, ended_at=self.clock(), detail=str(exc))
-            raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
-        where = (f"{count} simulated {o.instance_type} spot nodes x {o.nproc_per_node or 1} process(es), "
-                 f"{', '.join(ids)}" if o.cluster else f"{group}, simulated {o.instance_type} spot")
-        self._say(f"segment {k} ({where}): {' '.join(o.command)}"
-                  + (f" (resuming after step {start_step})" if start_step is not None else ""),
-                  LaunchEventKind.SEGMENT_STARTED, group)
-        return group, nodes
-
-    def _abandon(self, nodes: list[_Node]) -> None:
-        """Never leave a node behind (each is in its own session, so nobody else would)."""
-        alive = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
-        for node in alive:
-            _killpg(node.proc, signal.SIGINT)  # type: ignore[arg-type]
-        deadline = time.monotonic() + 30
-        for node in alive:
-            try:
-                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
-            except subprocess.TimeoutExpired:
-                kill_tree(node.proc.pid)  # type: ignore[union-attr]
-                node.proc.wait()  # type: ignore[union-attr]
-        self._close_nodes(nodes)
-
-    def _close_nodes(self, nodes: list[_Node]) -> None:
-        """Stop the fake metadata services and ship the last of each node's output."""
-        for node in nodes:
-            node.server.stop()
-        for node in nodes:
-            # Before the state leaves "running": `spotrun logs --follow` stops soon after.
-            if node.pump is not None:
-                node.pump.join(10)
-            if node.shipper is not None:
-                node.shipper.close(timeout=10)
-            if node.proc is not None and node.proc.stdout is not None:
-                node.proc.stdout.close()
-            node.pump = node.shipper = None
-
     def _segment(self, *, interrupt: str | None) -> Verdict:
         """One attempt: start its node(s), play ``interrupt`` ("notice" or "loss") on one of
         them, wait until all have exited; returns how it ended."""
@@ -455,7 +356,7 @@ class LocalLauncher:
         k = self._attempt_number()
         start_step = last_checkpoint(self.storage)
         started = self.clock()
-        group, nodes = self._start_nodes(k, start_step)
+        group, nodes = self.nodes.start(k, start_step)
         multi = len(nodes) > 1
         # Which node the interruption hits (drawn only with several: one node's runs keep
         # the random sequence they always had).
@@ -491,7 +392,7 @@ class LocalLauncher:
                     self._say(f"forwarding {sig.name} to {what}; waiting for its checkpoint"
                               if forwarded == 0 else f"forwarding another {sig.name}")
                     for node in alive:
-                        _killpg(node.proc, sig)  # type: ignore[arg-type]
+                        killpg(node.proc, sig)  # type: ignore[arg-type]
                     forwarded = self._stop_count
                 if now >= next_check:
                     next_check = now + o.check_s  # type: ignore[operator]
@@ -531,7 +432,7 @@ class LocalLauncher:
                     term_at = now
                     if victim.rc is None:
                         self._say(f"{vid}: grace period over, SIGTERM", LaunchEventKind.NOTICE, group)
-                        _killpg(victim.proc, signal.SIGTERM)  # type: ignore[arg-type]
+                        killpg(victim.proc, signal.SIGTERM)  # type: ignore[arg-type]
                 if term_at is not None and kill_at is None and now >= term_at + kill_after:
                     kill_at = now
                     if victim.rc is None:
@@ -546,7 +447,7 @@ class LocalLauncher:
                               f"{o.peer_exit_s:g}s after {first_exit.seg.segment_id} exited: SIGTERM",
                               LaunchEventKind.WARNING, group)
                     for node in alive:
-                        _killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
+                        killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
                 if peers_term_at is not None and peers_kill_at is None and now >= peers_term_at + kill_after:
                     peers_kill_at = now
                     self._say(f"{', '.join(n.seg.segment_id for n in alive)}: SIGKILL",
@@ -555,9 +456,9 @@ class LocalLauncher:
                         kill_tree(node.proc.pid)  # type: ignore[union-attr]
                 self.sleep(o.poll_s)
         except BaseException:
-            self._abandon(nodes)
+            self.nodes.abandon(nodes)
             raise
-        self._close_nodes(nodes)
+        self.nodes.close(nodes)
         for node in nodes:
             if _group_gone(node.proc.pid):  # type: ignore[union-attr]
                 self._gone_segments.append(node.seg.segment_id)
@@ -600,36 +501,8 @@ def _group_gone(pgid: int) -> bool:
     return False
 
 
-def _killpg(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _of(node: _Node, multi: bool) -> str:
     return f" (node {node.index})" if multi else ""
-
-
-@dataclass(eq=False)
-class _Node:
-    """One simulated machine of an attempt: its segment, metadata service, process, logs."""
-
-    index: int
-    seg: Segment
-    server: Any  # FakeMetadataServer
-    proc: subprocess.Popen | None = None
-    shipper: Any = None  # LogShipper
-    pump: threading.Thread | None = None
-    rc: int | None = None
-    exited_at: float | None = None
 
 
 class LocalBackend:
