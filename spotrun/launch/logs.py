@@ -613,7 +613,9 @@ def read_logs(
 
 def _run_over(storage: Storage, state: LaunchState | None) -> bool:
     """Whether the run has ended: the launcher stopped running it, or ``done.json`` exists."""
-    if state is not None and state.status != "running":
+    from .state import RunStatus
+
+    if state is not None and state.status != RunStatus.RUNNING:
         return True
     return storage.exists(DONE_MARKER)
 
