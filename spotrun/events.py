@@ -2,8 +2,9 @@
 
 Components (the checkpoint loop, the saver, the interrupts inbox) report through one
 callback, :data:`EventSink`, that takes these frozen dataclasses. The ledger is one such
-sink (:func:`ledger_sink`); tests and tools can pass their own. A typo in an event name is
-a type error here, not a silently missing ledger record.
+sink (``Ledger.record``, the one door every record goes through); tests and tools can pass
+their own. Each event's fields are listed once, in its dataclass: the ledger writes what the
+dataclass holds. A typo in an event name is a type error here, not a silently missing record.
 
 The ledger's vocabularies live here too, as string enums (:class:`EndReason`,
 :class:`Market`, :class:`Cloud`, :class:`Source`): what a writer may record and what a
@@ -13,16 +14,14 @@ spellings included (``"ec2"`` is :attr:`Cloud.AWS`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, TypeVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 from .errors import ConfigError, LedgerRecordError
 from .instance import InstanceInfo
-
-if TYPE_CHECKING:
-    from .ledger import Ledger
 
 __all__ = [
     "CheckpointCommitted",
@@ -36,7 +35,6 @@ __all__ = [
     "SegmentStarted",
     "Source",
     "TrainingResumed",
-    "ledger_sink",
     "parse_record",
     "parse_records",
 ]
@@ -114,8 +112,50 @@ class Source(_Vocab):
     WRAPPER = "wrapper"
     LAUNCHER = "launcher"
 
+class _Event:
+    """What every event shares: its ledger name (``kind``), the field that is its record's
+    ``time``, and one way to become a record. The dataclass fields below are the one list of
+    each event's fields: the ledger writes them, tests and tools read them."""
+
+    kind: ClassVar[str]
+    time_field: ClassVar[str]
+
+    def fields(self) -> dict[str, Any]:
+        """The record's fields (JSON values): enums as their text, the instance as a dict,
+        and optional fields left out while they are None (so readers see no empty keys)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            if isinstance(value, InstanceInfo):
+                value = value.to_dict()
+            elif isinstance(value, Enum):
+                value = value.value
+            out[f.name] = value
+        return out
+
+    def _coerce(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 @dataclass(frozen=True)
-class SegmentStarted:
+class SegmentStarted(_Event):
+    """A segment of compute began (``source``: the wrapper, or a launcher watching it).
+
+    A node of a multi-node job also names its ``group`` (the launcher's id for the attempt
+    all N nodes belong to) and ``node`` (its rank); the cost report gives the nodes that
+    wrote no records of their own the group's training figures.
+    """
+
+    kind: ClassVar[str] = "segment_started"
+    time_field: ClassVar[str] = "started_at"
+
     segment_id: str
     instance: InstanceInfo
     started_at: float
@@ -125,9 +165,26 @@ class SegmentStarted:
     group: str | None = None
     node: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.group is not None and (not isinstance(self.group, str) or not self.group):
+            raise ConfigError(f"group {self.group!r} must be a non-empty string (the attempt's id)")
+        if self.node is not None:
+            if self.group is None:
+                raise ConfigError(f"node {self.node!r} needs a group: pass the attempt's group id too")
+            if isinstance(self.node, bool) or not isinstance(self.node, int) or self.node < 0:
+                raise ConfigError(f"node {self.node!r} must be a node rank >= 0")
+        self._coerce(segment_id=str(self.segment_id), started_at=float(self.started_at),
+                     source=Source.parse(self.source))
+
 
 @dataclass(frozen=True)
-class SegmentEnded:
+class SegmentEnded(_Event):
+    """A segment ended. The wrapper also says how far training got (``steps_done``, and when
+    the last step completed), so lost work is measured in training time, not shutdown time."""
+
+    kind: ClassVar[str] = "segment_ended"
+    time_field: ClassVar[str] = "ended_at"
+
     segment_id: str
     reason: EndReason
     ended_at: float
@@ -135,9 +192,21 @@ class SegmentEnded:
     steps_done: int | None = None
     last_step_at: float | None = None
 
+    def __post_init__(self) -> None:
+        self._coerce(segment_id=str(self.segment_id), reason=EndReason.parse(self.reason),
+                     ended_at=float(self.ended_at), source=Source.parse(self.source),
+                     steps_done=None if self.steps_done is None else int(self.steps_done),
+                     last_step_at=_optional_float(self.last_step_at))
+
 
 @dataclass(frozen=True)
-class CheckpointCommitted:
+class CheckpointCommitted(_Event):
+    """A checkpoint was committed; ``stall_s`` is how long training paused for it and
+    ``captured_at`` when its state was taken (an async save commits later)."""
+
+    kind: ClassVar[str] = "checkpoint_committed"
+    time_field: ClassVar[str] = "committed_at"
+
     segment_id: str
     step: int
     committed_at: float
@@ -146,17 +215,38 @@ class CheckpointCommitted:
     nbytes: int
     captured_at: float | None = None
 
+    def __post_init__(self) -> None:
+        self._coerce(segment_id=str(self.segment_id), step=int(self.step),
+                     committed_at=float(self.committed_at), stall_s=float(self.stall_s),
+                     save_s=float(self.save_s), nbytes=int(self.nbytes),
+                     captured_at=_optional_float(self.captured_at))
+
 
 @dataclass(frozen=True)
-class TrainingResumed:
+class TrainingResumed(_Event):
+    """The first training step after restore ran (step 0 in a fresh run)."""
+
+    kind: ClassVar[str] = "training_resumed"
+    time_field: ClassVar[str] = "first_step_at"
+
     segment_id: str
     step: int
     process_started_at: float
     first_step_at: float
 
+    def __post_init__(self) -> None:
+        self._coerce(segment_id=str(self.segment_id), step=int(self.step),
+                     process_started_at=float(self.process_started_at),
+                     first_step_at=float(self.first_step_at))
+
 
 @dataclass(frozen=True)
-class NoticeReceived:
+class NoticeReceived(_Event):
+    """An interruption notice (or rebalance recommendation) reached the process."""
+
+    kind: ClassVar[str] = "notice_received"
+    time_field: ClassVar[str] = "detected_at"
+
     segment_id: str
     source: str
     action: str
@@ -164,41 +254,17 @@ class NoticeReceived:
     detected_at: float
     deadline: float | None
 
+    def __post_init__(self) -> None:
+        self._coerce(segment_id=str(self.segment_id), notice_time=_optional_float(self.notice_time),
+                     detected_at=float(self.detected_at), deadline=_optional_float(self.deadline))
+
+    def fields(self) -> dict[str, Any]:
+        # Unknown times are written as null (records have always carried both keys).
+        return {**super().fields(), "notice_time": self.notice_time, "deadline": self.deadline}
+
 
 Event = Union[SegmentStarted, SegmentEnded, CheckpointCommitted, TrainingResumed, NoticeReceived]
 EventSink = Callable[[Event], None]
-
-
-def ledger_sink(ledger: Ledger) -> EventSink:
-    """A sink that writes each event as one ledger record (raises what the ledger raises)."""
-
-    def write(event: Event) -> None:
-        if isinstance(event, SegmentStarted):
-            ledger.segment_started(segment_id=event.segment_id, instance=event.instance,
-                                   started_at=event.started_at, source=event.source,
-                                   group=event.group, node=event.node)
-        elif isinstance(event, SegmentEnded):
-            ledger.segment_ended(segment_id=event.segment_id, reason=event.reason,
-                                 ended_at=event.ended_at, source=event.source,
-                                 steps_done=event.steps_done, last_step_at=event.last_step_at)
-        elif isinstance(event, CheckpointCommitted):
-            ledger.checkpoint_committed(
-                segment_id=event.segment_id, step=event.step, committed_at=event.committed_at,
-                stall_s=event.stall_s, save_s=event.save_s, nbytes=event.nbytes,
-                captured_at=event.captured_at,
-            )
-        elif isinstance(event, TrainingResumed):
-            ledger.training_resumed(segment_id=event.segment_id, step=event.step,
-                                    process_started_at=event.process_started_at,
-                                    first_step_at=event.first_step_at)
-        elif isinstance(event, NoticeReceived):
-            ledger.notice_received(segment_id=event.segment_id, source=event.source,
-                                   action=event.action, notice_time=event.notice_time,
-                                   detected_at=event.detected_at, deadline=event.deadline)
-        else:  # pragma: no cover - the Event union is closed
-            raise TypeError(f"not a spotrun event: {event!r}")
-
-    return write
 
 
 # -- reading records back -------------------------------------------------------------------

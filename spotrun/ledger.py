@@ -45,12 +45,21 @@ from typing import Any
 
 from .config import env_float_or_default
 from .errors import ConfigError, StorageError
-from .events import EndReason, Event, Source, ledger_sink
-from .instance import InstanceInfo
-from .layout import LEDGER_DIR
+from .events import (
+    CheckpointCommitted,
+    EndReason,
+    Event,
+    EventSink,
+    NoticeReceived,
+    SegmentEnded,
+    SegmentStarted,
+    TrainingResumed,
+)
+from .layout import LEDGER_DIR, is_temporary
 from .storage import Storage
 
-__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger"]
+__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger",
+           "clean_dead_writers_temporaries", "ledger_sink"]
 
 log = logging.getLogger("spotrun")
 
@@ -144,137 +153,44 @@ class Ledger:
         out.sort(key=lambda r: (r["time"], _TIE_ORDER.get(r.get("event"), 1), str(r["id"])))
         return out
 
-    # -- conveniences ------------------------------------------------------------------
+    # -- events ------------------------------------------------------------------------
 
-    def segment_started(
-        self,
-        *,
-        segment_id: str,
-        instance: InstanceInfo,
-        started_at: float,
-        source: Source | str,
-        group: str | None = None,
-        node: int | None = None,
-    ) -> dict:
-        """A segment of compute began (``source``: ``"wrapper"`` or ``"launcher"``).
+    def record(self, event: Event) -> dict:
+        """Write one typed event (:mod:`spotrun.events`) as a record: the one door every
+        spotrun event goes through. Its ``time`` is the event's own time field."""
+        if not isinstance(event, _EVENT_TYPES):
+            raise TypeError(f"not a spotrun event: {event!r}")
+        if isinstance(event, SegmentStarted):
+            # A writer starts: what killed writers left in the ledger goes now (as the lease
+            # holder's start removes the checkpoint temporaries of a writer proven gone).
+            clean_dead_writers_temporaries(self.storage)
+        fields = event.fields()
+        return self.append(event.kind, time=fields[event.time_field], **fields)
 
-        A node of a multi-node job also names its ``group`` (the launcher's id for the
-        attempt all N nodes belong to) and ``node`` (its rank); the cost report gives the
-        nodes that wrote no records of their own the group's training figures.
-        """
-        source = Source.parse(source)
-        extra: dict[str, Any] = {}
-        if group is not None:
-            if not isinstance(group, str) or not group:
-                raise ConfigError(f"group {group!r} must be a non-empty string (the attempt's id)")
-            extra["group"] = group
-        if node is not None:
-            if group is None:
-                raise ConfigError(f"node {node!r} needs a group: pass the attempt's group id too")
-            if isinstance(node, bool) or not isinstance(node, int) or node < 0:
-                raise ConfigError(f"node {node!r} must be a node rank >= 0")
-            extra["node"] = node
-        return self.append(
-            "segment_started",
-            time=started_at,
-            segment_id=str(segment_id),
-            instance=instance.to_dict(),
-            started_at=float(started_at),
-            source=source.value,
-            **extra,
-        )
+    # Keyword shorthands for scripts and tests: each builds its event, so the field list is
+    # the dataclass's and nothing here repeats it.
+    def segment_started(self, **fields: Any) -> dict:
+        return self.record(SegmentStarted(**fields))
 
-    def segment_ended(
-        self,
-        *,
-        segment_id: str,
-        reason: EndReason | str,
-        ended_at: float,
-        source: Source | str,
-        steps_done: int | None = None,
-        last_step_at: float | None = None,
-    ) -> dict:
-        """A segment ended (``reason``: finished, interrupted, failed or stopped).
+    def segment_ended(self, **fields: Any) -> dict:
+        return self.record(SegmentEnded(**fields))
 
-        The wrapper also says how far training got (``steps_done``, and when the last step
-        completed), so lost work is measured in training time, not in shutdown time.
-        """
-        reason = EndReason.parse(reason)
-        source = Source.parse(source)
-        extra: dict[str, Any] = {}
-        if steps_done is not None:
-            extra["steps_done"] = int(steps_done)
-        if last_step_at is not None:
-            extra["last_step_at"] = float(last_step_at)
-        return self.append(
-            "segment_ended",
-            time=ended_at,
-            segment_id=str(segment_id),
-            reason=reason.value,
-            ended_at=float(ended_at),
-            source=source.value,
-            **extra,
-        )
+    def checkpoint_committed(self, **fields: Any) -> dict:
+        return self.record(CheckpointCommitted(**fields))
 
-    def checkpoint_committed(
-        self,
-        *,
-        segment_id: str,
-        step: int,
-        committed_at: float,
-        stall_s: float,
-        save_s: float,
-        nbytes: int,
-        captured_at: float | None = None,
-    ) -> dict:
-        """A checkpoint was committed; ``stall_s`` is how long training paused for it and
-        ``captured_at`` when its state was taken (an async save commits later)."""
-        return self.append(
-            "checkpoint_committed",
-            time=committed_at,
-            segment_id=str(segment_id),
-            step=int(step),
-            committed_at=float(committed_at),
-            stall_s=float(stall_s),
-            save_s=float(save_s),
-            nbytes=int(nbytes),
-            **({} if captured_at is None else {"captured_at": float(captured_at)}),
-        )
+    def training_resumed(self, **fields: Any) -> dict:
+        return self.record(TrainingResumed(**fields))
 
-    def training_resumed(
-        self, *, segment_id: str, step: int, process_started_at: float, first_step_at: float
-    ) -> dict:
-        """The first training step after restore ran (step 0 in a fresh run)."""
-        return self.append(
-            "training_resumed",
-            time=first_step_at,
-            segment_id=str(segment_id),
-            step=int(step),
-            process_started_at=float(process_started_at),
-            first_step_at=float(first_step_at),
-        )
+    def notice_received(self, **fields: Any) -> dict:
+        return self.record(NoticeReceived(**fields))
 
-    def notice_received(
-        self,
-        *,
-        segment_id: str,
-        source: str,
-        action: str,
-        notice_time: float | None,
-        detected_at: float,
-        deadline: float | None,
-    ) -> dict:
-        """An interruption notice (or rebalance recommendation) reached the process."""
-        return self.append(
-            "notice_received",
-            time=detected_at,
-            segment_id=str(segment_id),
-            source=source,
-            action=action,
-            notice_time=None if notice_time is None else float(notice_time),
-            detected_at=float(detected_at),
-            deadline=None if deadline is None else float(deadline),
-        )
+
+_EVENT_TYPES = (SegmentStarted, SegmentEnded, CheckpointCommitted, TrainingResumed, NoticeReceived)
+
+
+def ledger_sink(ledger: Ledger) -> EventSink:
+    """A sink that writes each event as one ledger record (raises what the ledger raises)."""
+    return ledger.record
 
 
 #: How long the training process waits at exit for its ledger records (``SPOTRUN_LEDGER_FLUSH_S``).
@@ -286,6 +202,65 @@ DEFAULT_SLOW_AFTER_S = 30.0
 # Drop warnings are repeated at most this often, with a running count.
 _DROP_LOG_EVERY = 60.0
 _STOP = object()
+
+
+def _writer_gone(path: str) -> bool:
+    """Whether the ledger temporary at ``path`` was written by a process of this host that
+    is gone: its record (whole, since a record is one small write) names its pid and host."""
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read(1 << 16))
+        pid, host = record["pid"], record["host"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False  # empty or torn (a full disk): only the age rule may remove it
+    if host != socket.gethostname() or type(pid) is not int or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not reaped
+    except (OSError, IndexError):
+        return False
+
+
+def clean_dead_writers_temporaries(storage: Storage) -> int:
+    """Remove the ledger temporaries (``ledger/.<record>.tmp-<id>``) whose writer is provably
+    gone; returns how many. Best effort, local disk only (an object store has none).
+
+    The checkpoint temporaries' rule: a temporary goes at once when its writer is proven
+    dead, here a process of this host that no longer runs (the record inside names its pid
+    and host); any other (another host's, a live process's, an empty one a full disk left)
+    only once it is old, which the lease holder's sweep does
+    (:func:`spotrun.lease.clean_stale_temporaries`). A live writer's temporary is never
+    touched: its pid still runs.
+    """
+    folder = storage.local_path(LEDGER_DIR)
+    if folder is None:
+        return 0
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not (is_temporary(entry.name) and entry.is_file(follow_symlinks=False)
+                    and _writer_gone(entry.path)):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: best effort
+        removed += 1
+        log.debug("removed ledger temporary %s of a writer that is gone", entry.path)
+    if removed:
+        log.info("removed %d ledger temporary file(s) left by killed writers under %s",
+                 removed, storage.display(LEDGER_DIR))
+    return removed
 
 
 class BackgroundLedger:
@@ -309,7 +284,7 @@ class BackgroundLedger:
         slow_after: float = DEFAULT_SLOW_AFTER_S,
     ) -> None:
         self.ledger = ledger
-        self._write = ledger_sink(ledger)
+        self._write = ledger.record
         self.slow_after = float(slow_after)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, int(max_pending)))
         self._thread: threading.Thread | None = None

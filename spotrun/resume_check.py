@@ -32,18 +32,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from .commit import KEEP_ALL_ENV, find_latest_valid, list_checkpoints
 from .errors import CheckpointError, ConfigError
-from .layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, LEDGER_DIR
+from .layout import DCP_METADATA, DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, LEDGER_DIR
 from .resume_diagnosis import (
     Divergence,
     entry_under,
     find_divergence,
     rng_entries_never_drawn,
 )
-from .snapshot import read_payload
+from .proof.diff import artifact_names, diff_state, file_differences, is_payload, state_at
 from .storage import Storage
 
 __all__ = ["Interruption", "ResumeCheck", "check_resume", "compare_checkpoints", "diff_state"]
@@ -87,6 +86,8 @@ class ResumeCheck:
     #: RNG entries that differ but never change within either run (nothing draws from them).
     ignored: list[str] = field(default_factory=list)
     divergence: Divergence | None = None
+    #: Whether ``run_dirs`` still exist: a temporary working folder is removed on PASS.
+    kept: bool = True
 
     @property
     def complete(self) -> bool:
@@ -114,74 +115,8 @@ class ResumeCheck:
             "interrupted_seconds": round(self.interrupted_seconds, 3),
             "final_step": self.final_step,
             "run_dirs": list(self.run_dirs),
+            "kept": self.kept,
         }
-
-
-def diff_state(a: Any, b: Any, path: str = "") -> list[str]:
-    """Every entry where ``a`` and ``b`` differ, as dotted paths with a short reason."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return [f"{path}: tensor vs {type(b if isinstance(a, torch.Tensor) else a).__name__}"]
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return [f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
-        if torch.equal(a, b):
-            return []
-        if a.is_floating_point():
-            return [f"{path}: values differ (max abs diff {float((a.double() - b.double()).abs().max()):.3g})"]
-        return [f"{path}: values differ"]
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in a or key not in b:
-                out.append(f"{sub}: only in the {'interrupted' if key in b else 'uninterrupted'} run")
-            else:
-                out.extend(diff_state(a[key], b[key], sub))
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{path}: length {len(a)} vs {len(b)}"]
-        out = []
-        for i, (x, y) in enumerate(zip(a, b)):
-            out.extend(diff_state(x, y, f"{path}[{i}]"))
-        # An RNG state is a long tuple: name it once, not per element.
-        return [f"{path}: values differ"] if len(out) > 3 else out
-    if a != b and not (isinstance(a, float) and isinstance(b, float) and a != a and b != b):
-        return [f"{path}: {a!r} vs {b!r}"]
-    return []
-
-
-def _artifact_names(manifest: Any) -> set[str]:
-    """The files of a checkpoint that are copies of the script's local files (artifacts=)."""
-    names: set[str] = set()
-    for entry in (getattr(manifest, "artifacts", None) or {}).values():
-        if entry.get("kind") == "file":
-            names.add(entry["file"])
-        elif entry.get("kind") == "dir":
-            names.update(entry.get("files", {}).values())
-    return names
-
-
-def _is_payload(name: str, artifacts: set[str]) -> bool:
-    return name.endswith(".pt") and name not in artifacts
-
-
-def state_at(storage: Storage, step: int, manifest: Any) -> dict[str, Any]:
-    """Every payload of one committed checkpoint, by file name (``rank-00000``, ...)."""
-    state: dict[str, Any] = {}
-    artifacts = _artifact_names(manifest)
-    for name, entry in sorted(manifest.files.items()):
-        if not _is_payload(name, artifacts):
-            continue  # DCP's files: compared whole, below; other files: file by file
-        payload = read_payload(storage, step, name, entry)
-        payload.pop("format", None)
-        state[name.removesuffix(".pt")] = payload
-    if manifest.sharded:
-        from .sharded import read_full
-
-        # Model and optimizer as the shards join up: comparable whatever the world size.
-        state["sharded"] = read_full(storage, manifest)
-    return state
 
 
 def _final(storage: Storage) -> tuple[int, Any]:
@@ -204,13 +139,11 @@ def compare_checkpoints(reference: Storage, candidate: Storage) -> tuple[int, li
         return step_a, [f"final step: {step_a} (uninterrupted) vs {step_b} (interrupted)"]
     differences = diff_state(state_at(reference, step_a, man_a),
                              state_at(candidate, step_b, man_b))
-    from .integrations.compare import file_differences  # imports this module's diff_state
-    from .layout import DCP_METADATA
 
-    artifacts = _artifact_names(man_a) | _artifact_names(man_b)
+    artifacts = artifact_names(man_a) | artifact_names(man_b)
 
     def compared_above(name: str) -> bool:
-        return (_is_payload(name, artifacts) or name.endswith(".distcp")
+        return (is_payload(name, artifacts) or name.endswith(".distcp")
                 or name == DCP_METADATA)
 
     differences += file_differences(reference, dict(man_a.files), candidate, dict(man_b.files),
@@ -335,18 +268,48 @@ def check_resume(
     seed: int | None = None,
     timeout: float = 3600.0,
     env: Mapping[str, str] | None = None,
+    keep: bool = False,
 ) -> ResumeCheck:
     """Run ``cmd`` uninterrupted and interrupted ``interruptions`` times; compare the results.
 
     ``cmd`` must read its run URL from ``$SPOTRUN_URL`` (the Checkpointer does by default).
     The result passes only when the states are equal AND every interruption was delivered.
+
+    Both runs keep every checkpoint (a FAIL is traced step by step), so they can be large.
+    Without ``workdir`` they go to a new temporary folder, removed on PASS unless ``keep``;
+    on FAIL, INCOMPLETE or an error it stays (``run_dirs``; an error's message names it). A
+    ``workdir`` is the caller's and is never removed.
     """
     if not cmd:
         raise ConfigError("no command given; usage: spotrun check-resume -- python train.py ...")
     if interruptions < 1:
         raise ConfigError(f"--interruptions {interruptions}: need at least 1")
+    if workdir is not None:
+        return _check_resume(cmd, interruptions, workdir, seed, timeout, env)
+    root = tempfile.mkdtemp(prefix="spotrun-check-resume-")
+    try:
+        result = _check_resume(cmd, interruptions, root, seed, timeout, env)
+    except Exception as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{exc.args[0]} (both runs are kept in {root})", *exc.args[1:])
+        raise
+    if result.passed and not keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        result.kept = os.path.exists(root)
+    return result
+
+
+def _check_resume(
+    cmd: Sequence[str],
+    interruptions: int,
+    root: str,
+    seed: int | None,
+    timeout: float,
+    env: Mapping[str, str] | None,
+) -> ResumeCheck:
     rng = random.Random(seed)
-    root = workdir or tempfile.mkdtemp(prefix="spotrun-check-resume-")
     ref_dir, int_dir = os.path.join(root, "uninterrupted"), os.path.join(root, "interrupted")
     for d in (ref_dir, int_dir):
         if os.path.exists(d) and os.listdir(d):

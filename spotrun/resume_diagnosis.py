@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .commit import list_checkpoints
+from .proof.diff import diff_state, state_at
 from .storage import Storage
 
 __all__ = ["Divergence", "entry_under", "find_divergence", "rng_entries_never_drawn"]
@@ -104,8 +105,6 @@ def rng_entries_never_drawn(reference: Storage, candidate: Storage) -> list[str]
     script never uses), not a resume that went wrong. The interrupted run must have at
     least two checkpoints for this to say anything.
     """
-    from .resume_check import state_at
-
     runs: list[dict[str, set]] = []
     for storage in (reference, candidate):
         seen: dict[str, set] = {}
@@ -129,8 +128,6 @@ def find_divergence(reference: Storage, candidate: Storage, resumes: Sequence[in
     ``resumes``: the steps the interrupted run resumed from. ``ignore``: entry paths to
     leave out (RNGs nothing draws from). None when every shared checkpoint is equal.
     """
-    from .resume_check import diff_state, state_at
-
     ref, cand = _committed(reference), _committed(candidate)
     last_equal: int | None = None
     for step in sorted(set(ref) & set(cand)):

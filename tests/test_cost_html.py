@@ -3,6 +3,7 @@ window, draws the cumulative cost against on-demand, and gives SageMaker's figur
 
 from __future__ import annotations
 
+import itertools
 from html.parser import HTMLParser
 
 import pytest
@@ -93,7 +94,7 @@ def test_html_market_estimates_scale_cumulative_and_sagemaker(tmp_path):
     lines = cumulative_points(report)
     assert lines["spot"][-1][1] == pytest.approx(totals["cost_usd"])
     assert lines["on_demand"][-1][1] == pytest.approx(totals["on_demand_usd"])
-    assert all(b[1] >= a[1] for a, b in zip(lines["spot"], lines["spot"][1:]))
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(lines["spot"]))
     assert {a.get("class") for t, a in tags if t == "polyline"} == {"cum-spot", "cum-on-demand"}
 
     # SageMaker's figure: billable 1800 + 1800 s of a 4200 s job.

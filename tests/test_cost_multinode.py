@@ -9,7 +9,8 @@ import pytest
 
 from spotrun.cost import build_segments, report_for_run, report_html, report_text
 from spotrun.errors import ConfigError
-from spotrun.events import SegmentStarted, Source, ledger_sink, parse_records
+from spotrun.events import SegmentStarted, Source, parse_records
+from spotrun.ledger import ledger_sink
 from spotrun.instance import InstanceInfo
 from spotrun.ledger import Ledger
 from spotrun.storage import Storage

@@ -153,7 +153,8 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     assert t["useful_s"] == pytest.approx(useful)
     assert t["cost_usd"] == pytest.approx(cost)
     assert t["lost_work_usd"] == pytest.approx(lost_a / 3600 * price_a)
-    assert t["restart_overhead_usd"] == pytest.approx(shutdown_a / 3600 * price_a + (restart_b - shutdown_a) / 3600 * price_b)
+    assert t["restart_overhead_usd"] == pytest.approx(
+        shutdown_a / 3600 * price_a + (restart_b - shutdown_a) / 3600 * price_b)
     assert t["stall_usd"] == pytest.approx(stall_a / 3600 * price_a + stall_b / 3600 * price_b)
     assert t["on_demand_usd"] == pytest.approx(od_cost)
     assert t["savings_usd"] == pytest.approx(od_cost - cost)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, committed_steps, env_for, ledger_events, spawn, wait_child
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
 from safetensors.torch import load_file
 
 from spotrun.commit import list_checkpoints, list_damaged
-from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.resume_check import compare_checkpoints, diff_state
 from spotrun.storage import Storage
@@ -35,10 +35,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
 
 
 def _run(url: str, *extra: str, timeout: float = 300, **env: str) -> str:
-    proc = spawn([*ARGS, *extra], _env(url, **env))
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == EXIT_FINISHED, out[-4000:]
-    return out
+    return run_to_end([*ARGS, *extra], _env(url, **env), timeout)
 
 
 def _final(url: str) -> dict:

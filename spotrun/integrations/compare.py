@@ -12,49 +12,21 @@ training state (HF's pickled ``training_args.bin``, the log history), are left o
 
 from __future__ import annotations
 
-import io
-import json
 import sys
 from typing import Any
 
 from ..commit import find_latest_valid
 from ..errors import CheckpointError
-from ..layout import checkpoint_dir
-from ..resume_check import diff_state
+from ..proof.diff import file_differences
 from ..storage import Storage, open_storage
 
 __all__ = ["compare_runs", "file_differences"]
-
-#: Files that record the process (paths, timings), not the training state.
-SKIPPED_FILES = frozenset({"training_args.bin"})
-#: Keys of JSON files that record timings and paths, not the training state.
-SKIPPED_JSON_KEYS = frozenset({"log_history", "best_model_checkpoint"})
-
 
 def _final(storage: Storage) -> tuple[int, dict[str, Any]]:
     info = find_latest_valid(storage)
     if info is None or info.manifest is None:
         raise CheckpointError(f"no committed checkpoint at {storage.display()}")
     return info.step, dict(info.manifest.files)
-
-
-def _open(storage: Storage, step: int, name: str) -> Any:
-    """The file's contents as Python objects, or None when they cannot be opened safely
-    (then only its checksum is compared)."""
-    data = bytes(storage.read_bytes(f"{checkpoint_dir(step)}/{name}"))
-    try:
-        if name.endswith(".safetensors"):
-            from safetensors.torch import load
-
-            return load(data)
-        if name.endswith(".json"):
-            doc = json.loads(data)
-            return {k: v for k, v in doc.items() if k not in SKIPPED_JSON_KEYS} if isinstance(doc, dict) else doc
-        import torch
-
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not loadable safely: compared by checksum only
-        return None
 
 
 def compare_runs(reference: str, candidate: str) -> tuple[int, list[str]]:
@@ -65,30 +37,6 @@ def compare_runs(reference: str, candidate: str) -> tuple[int, list[str]]:
     if step_a != step_b:
         return step_a, [f"final step: {step_a} (reference) vs {step_b} (candidate)"]
     return step_a, file_differences(a, files_a, b, files_b, step_a)
-
-
-def file_differences(a: Storage, files_a: dict[str, Any], b: Storage, files_b: dict[str, Any],
-                     step: int, skip: Any = None) -> list[str]:
-    """What differs between two checkpoints at ``step`` (their manifests' file entries),
-    file by file; ``skip(name)`` leaves a file out (check-resume compares its own payloads
-    entry by entry already)."""
-    step_a = step_b = step
-    out: list[str] = []
-    for name in sorted(set(files_a) | set(files_b)):
-        if name in SKIPPED_FILES or (skip is not None and skip(name)):
-            continue
-        if name not in files_a or name not in files_b:
-            out.append(f"{name}: only in the {'candidate' if name in files_b else 'reference'} run")
-            continue
-        if files_a[name] == files_b[name]:  # same size and checksums: same bytes
-            continue
-        left, right = _open(a, step_a, name), _open(b, step_b, name)
-        if left is None or right is None:
-            out.append(f"{name}: bytes differ")
-            continue
-        # Equal contents in other bytes (torch.save's layout, skipped JSON keys) are equal.
-        out.extend(diff_state(left, right, name))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

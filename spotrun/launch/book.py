@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import time
 
+from ..events import SegmentEnded, SegmentStarted, Source
 from ..instance import InstanceInfo
+from ..ledger import Ledger
 from ..storage import Storage
 from .state import STOP_FILE, LaunchState, Segment, save_state
 
 __all__ = ["SOURCE", "RunBook", "close_books"]
 
 #: The ledger's ``source`` for records a launcher writes.
-SOURCE = "launcher"
+SOURCE = Source.LAUNCHER
 
 
 class RunBook:
@@ -56,32 +58,28 @@ class RunBook:
     def begin_many(self, started: list[tuple[Segment, InstanceInfo]]) -> list[Segment]:
         """:meth:`begin` for every node of one attempt: one state write for all of them
         (a resumed launcher sees the whole attempt or none of it), then their ledger starts."""
-        from ..ledger import Ledger
-
         for segment, _ in started:
             self.state.segments.append(segment)
         self.save()
         ledger = Ledger(self.storage)
         for segment, instance in started:
-            ledger.segment_started(
+            ledger.record(SegmentStarted(
                 segment_id=segment.segment_id, instance=instance, started_at=segment.started_at, source=SOURCE,
                 group=segment.group, node=segment.node if segment.group is not None else None,
-            )
+            ))
         return [segment for segment, _ in started]
 
     def end(self, segment: Segment, reason: str, *, ended_at: float, exit_code: int | None = None,
             detail: str | None = None) -> None:
         """Record that ``segment`` ended (finished, interrupted, failed, stopped) at ``ended_at``."""
-        from ..ledger import Ledger
-
         segment.ended_at = ended_at
         segment.end_reason = reason
         segment.exit_code = exit_code
         segment.detail = detail
         self.save()
-        Ledger(self.storage).segment_ended(
+        Ledger(self.storage).record(SegmentEnded(
             segment_id=segment.segment_id, reason=reason, ended_at=ended_at, source=SOURCE
-        )
+        ))
 
     def close_open(self, reason: str, detail: str, *, ended_at: float | None = None) -> list[Segment]:
         """End every segment still open (its launcher died, or ``stop`` ran without one)."""

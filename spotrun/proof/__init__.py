@@ -1,0 +1,1 @@
+"""Proof that a run resumes exactly: comparing checkpoints and diagnosing divergence."""
