@@ -145,6 +145,8 @@ class Segment:
 
     @property
     def restart_overhead_usd(self) -> float | None:
+        if not self.restart_parts:
+            return self._usd(0.0, self.price)  # $0 when priced, like the other figures
         return _sum([seg._usd(sec, seg.price) for seg, sec in self.restart_parts])
 
     @property
