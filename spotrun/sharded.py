@@ -869,7 +869,8 @@ class ShardedSaver:
         optimizer each call. Pass the result to :meth:`stage` (which then copies along a
         plan made once) or to :func:`read_sharded` (which then loads straight into the
         live tensors). Call it on every rank. Whether to rebuild is decided per rank; that
-        is safe because building the state of DTensors (FSDP2, tensor parallel) runs no
+        is safe because building the state of DTensors (FSDP2, tensor parallel) with the
+        default options (no full_state_dict gather) runs no
         collective, and FSDP1's ShardedTensor state, whose building does, is never cached
         (rebuilt on every call on every rank).
         """
