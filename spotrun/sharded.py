@@ -870,9 +870,9 @@ class ShardedSaver:
         plan made once) or to :func:`read_sharded` (which then loads straight into the
         live tensors). Call it on every rank. Whether to rebuild is decided per rank; that
         is safe because building the state of DTensors (FSDP2, tensor parallel) with the
-        default options (no full_state_dict gather) runs no
-        collective, and FSDP1's ShardedTensor state, whose building does, is never cached
-        (rebuilt on every call on every rank).
+        default options (no full_state_dict gather) runs no collective, and FSDP1's
+        ShardedTensor state, whose building does, is never cached (rebuilt on every call
+        on every rank).
         """
         opts = _optimizer_list(optimizers)
         live = self._live
