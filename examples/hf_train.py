@@ -8,6 +8,15 @@ on random tokens, on CPU.
 The one spotrun line is ``spot_hf.train(trainer)`` (instead of ``trainer.train()``): it
 resumes from the newest valid checkpoint, commits every checkpoint the Trainer saves, and on
 SIGTERM / a spot notice saves at the current step, commits and exits 75.
+
+One line transformers prints on every resume is expected: "There were missing keys in the
+checkpoint model loaded: ['lm_head.weight']". GPT-2's output layer shares its weights with the
+token embedding, so ``model.safetensors`` stores them once and the Trainer's loader reports
+the other name as missing; the shared tensor is loaded, and the resumed run matches an
+uninterrupted one bit for bit (tests/test_integrations_hf.py). So is "`loss_type=None` was
+set in the config but it is unrecognized. Using the default loss: `ForCausalLMLoss`", once per
+process: transformers' own notice for models built from a config; naming the loss on the
+model changes how the Trainer scales and reports it, so the example leaves it alone.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.utils import logging as hf_logging
 
 import spotrun.integrations.hf as spot_hf
 
@@ -62,13 +72,18 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.WARNING)
+    # transformers draws a "Writing model shards" bar on every save (disable_tqdm covers
+    # only the Trainer's own bars); spotrun logs each commit with its size and time instead.
+    hf_logging.disable_progress_bar()
 
     url = os.environ.get("SPOTRUN_URL", "runs/hf")
     local = "://" not in url or url.startswith("file://")
     output_dir = a.output_dir or (os.path.join(url.removeprefix("file://"), "trainer") if local else "hf_output")
 
     set_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    # GPT-2's default bos/eos token ids (50256) lie outside this tiny vocabulary: name one inside.
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)  # dropout on (0.1): exact resume needs the RNG restored
     args = TrainingArguments(
         output_dir=output_dir, max_steps=a.steps, save_strategy="steps", save_steps=a.save_steps,

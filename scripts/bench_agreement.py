@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spotrun.distributed import Group  # noqa: E402
+from spotrun.distributed import Group
 
 
 def _timed(fn, n: int) -> list[float]:

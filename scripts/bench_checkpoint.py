@@ -237,7 +237,7 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
     def copy_all() -> float:
         sync_device(st)
         t0 = time.perf_counter()
-        for d, s in zip(dst, src):
+        for d, s in zip(dst, src, strict=True):
             d.copy_(s, non_blocking=st.device == "cuda")
         sync_device(st)
         return time.perf_counter() - t0
@@ -296,7 +296,7 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
     # Restored by a second Checkpointer once the first has exited: a run has one writer
     # at a time (the lease), and a restore takes the lease like any Checkpointer.
     other = fresh_like(st)
-    for i in range(repeats):
+    for _ in range(repeats):
         with checkpointer(url, other) as ck2:
             sync_device(other)
             t0 = time.perf_counter()
@@ -315,7 +315,7 @@ def measure_local(st: State, work: str, repeats: int, log: Any) -> dict[str, Any
         del sd
         gc.collect()
         r["dcp_load"].append(dcp.load(other))
-    for a, b in zip(st.model.state_dict().values(), other.model.state_dict().values()):
+    for a, b in zip(st.model.state_dict().values(), other.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), "restored weights differ from the saved ones"
     dcp.close()
     drop(os.path.join(work, "torch_save.pt"))
@@ -418,7 +418,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
             return proc, url
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit("moto server did not start; is moto[server] installed?")
+                raise SystemExit("moto server did not start; is moto[server] installed?") from None
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("moto server did not answer within 60 s")
@@ -452,7 +452,7 @@ def measure_s3(st: State, repeats: int, log: Any) -> dict[str, Any]:
             timed_save(ck, 1)  # warm-up
             for i in range(repeats):
                 log(f"  s3 repeat {i + 1}/{repeats}")
-                stall, p = timed_save(ck, 2 + i)
+                _stall, p = timed_save(ck, 2 + i)
                 persist.append(p)
                 nbytes = payload_bytes(url, 2 + i)
                 key = f"run/{2 + i:012d}/rank-00000.pt"
@@ -632,7 +632,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figs["stall_vs_memory_copy"] = figure(
         "stall_vs_memory_copy", stall / med(r["copy"]),
         f"{stall:.4f} s", f"{med(r['copy']):.4f} s")
-    durable = med([a + b for a, b in zip(r["stall"], r["persist"])])
+    durable = med([a + b for a, b in zip(r["stall"], r["persist"], strict=False)])
     dcp = {"stall": r["dcp_stall"], "durable": r["dcp_durable"], "load": r["dcp_load"]}
     figs["stall_vs_dcp"] = figure(
         "stall_vs_dcp", stall / med(dcp["stall"]),
@@ -706,7 +706,7 @@ def table(result: dict[str, Any]) -> str:
         ok = {True: "yes", False: "NO", None: "-"}[f["meets_target"]]
         rows.append((str(i), f["title"], f["measured"], f["baseline"], ratio, f["target"], ok))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -1,41 +1,50 @@
 #!/usr/bin/env python
-"""Sharded-save benchmark: spotrun.sharded against torch.distributed.checkpoint.async_save.
+"""Sharded checkpoints on N ranks against PyTorch DCP, both called the way users call them.
 
-    python scripts/bench_sharded.py [--nproc 4] [--size-mib 128] [--repeats 3] [--dir DIR]
+    python scripts/bench_sharded.py [--nproc 4] [--sizes 120,384] [--repeats 5] [--s3]
+                                    [--quick] [--dir DIR]
 
-Launches itself under torchrun (``--nproc`` gloo ranks on CPU). State: an MLP under FSDP2
-(``fully_shard`` per layer, then the root) plus AdamW's two moments, about ``--size-mib`` in
-all, sharded over the ranks. Every repeat saves the same state once per path, on the same
-local disk, in turn:
+Launches itself under torchrun twice: ``--nproc`` gloo ranks on CPU (save, restore on the
+same world size), then ``--nproc // 2`` ranks (restore N -> N/2). State: an MLP under FSDP2
+(``fully_shard`` per layer, then the root) plus AdamW's two moments, sharded over the ranks,
+one model per ``--sizes`` entry (MiB of state in all, every rank's shards together).
 
-* ``Checkpointer``: what a user's loop pays: ``Checkpointer.save()`` (``get_state_dict``,
-  staging, RNG and rank files, lease check) then ``wait()`` until rank 0 has committed;
-* ``spotrun``: ``ShardedSaver.stage`` (reused host buffers) in the training thread, then
-  ``write_async`` (DCP over spotrun's Storage, every file hashed as it is written) and the
-  manifest commit by rank 0;
-* ``dcp``: ``dcp.async_save`` with DCP's ``FileSystemWriter`` (its stager copies the state
-  each time) on its own gloo group (the default group would collide with training's
-  collectives);
-* ``dcp+hash``: the same with DCP's ``FsspecWriter``, then rank 0 hashes every file and
-  commits a manifest: the "use DCP's fsspec writer and hash afterwards" alternative.
+What each figure times (every figure: the slowest rank, median over interleaved repeats):
 
-Stall: how long the training thread is blocked by the save call. Durable: from the save
-call until the checkpoint is complete and committed (every rank's files and ``.metadata``;
-for spotrun and dcp+hash the manifest too), as seen on rank 0. Medians over repeats,
-printed as ratios against ``dcp`` (issue 10's targets: stall <= 1.0x, durable <= 1.2x).
+* copy floor: a plain ``copy_`` of this rank's local shards into buffers allocated once;
+* spotrun stall: ``Checkpointer.save()`` returning (what the training loop is blocked for);
+  the first save is reported on its own line (warm-up: buffers and the plan are built);
+* spotrun durable: ``save()`` + ``wait()`` returning (every rank's files, DCP's index and
+  spotrun's manifest committed);
+* DCP stall: ``get_state_dict(model, optim)`` + ``dcp.async_save(...)`` returning;
+* DCP durable: the same + ``future.result()`` + an fsync of ``.metadata`` and the folder
+  (DCP's writer already fsyncs each rank's file);
+* spotrun restore: ``Checkpointer.restore()`` (verifies every file it reads against the
+  manifest, loads into the model and optimizer);
+* DCP restore: ``get_state_dict`` + ``dcp.load`` + ``set_state_dict``;
+* restore N -> N/2: the same on half the ranks, from the checkpoints the N-rank run left.
+
+DCP uses the default (gloo) group: the training loop here runs no collective while a save
+is in flight, so that is safe, and it is what ``dcp.async_save(sd, checkpoint_id=...)`` does.
+With ``--s3``, a moto server runs in its own process; spotrun writes ``s3://`` through its
+own backend, DCP through ``FsspecWriter``/``FsspecReader`` (s3fs) to the same server.
+Ratios are spotrun / DCP, both measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -43,38 +52,115 @@ if REPO not in sys.path:
 
 MiB = 1 << 20
 WIDTH = 1024
+BUCKET = "bench-sharded"
 
 
-def _launch(args: argparse.Namespace) -> int:
+# -- the launcher ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_moto(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    code = ("import time; from moto.server import ThreadedMotoServer; "
+            f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); "
+            "s.start(); print('ready', flush=True); time.sleep(10**6)")
+    # Its access log (on stderr) is dropped; stdout says "ready" and nothing more.
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit("the moto server did not start")
+    url = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    return proc, url
+
+
+def _torchrun(args: argparse.Namespace, nproc: int, phase: str, env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           os.path.abspath(__file__), "--worker", phase, "--sizes", args.sizes,
+           "--repeats", str(args.repeats), "--dir", args.dir]
+    if args.s3:
+        cmd.append("--s3")
+    rc = subprocess.call(cmd, env=env)
+    if rc:
+        raise SystemExit(f"the {phase} phase on {nproc} ranks failed (exit {rc})")
+
+
+def _launch(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(args.port),
-           os.path.abspath(__file__), "--worker", "--size-mib", str(args.size_mib),
-           "--repeats", str(args.repeats), "--dir", args.dir]
-    return subprocess.call(cmd, env=env)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    moto = None
+    if args.s3:
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"
+                     }.items():
+            env[k] = v
+            os.environ[k] = v
+        moto, env["AWS_ENDPOINT_URL"] = _start_moto(env)
+    try:
+        _torchrun(args, args.nproc, "save", env)
+        _torchrun(args, max(1, args.nproc // 2), "reshard", env)
+    finally:
+        if moto is not None:
+            moto.send_signal(signal.SIGTERM)
+            moto.wait(timeout=30)
+    with open(os.path.join(args.dir, "save.json")) as f:
+        save = json.load(f)
+    with open(os.path.join(args.dir, "reshard.json")) as f:
+        reshard = json.load(f)
+    _report(args, save, reshard)
 
 
-def _worker(args: argparse.Namespace) -> None:
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _report(args: argparse.Namespace, save: dict, reshard: dict) -> None:
+    where = "s3 (moto server, own process)" if args.s3 else f"local disk {args.dir}"
+    print(f"{save['world']} gloo ranks (restore N->M on {reshard['world']}), {where}, "
+          f"medians of {args.repeats} interleaved repeats, slowest rank")
+    for size, r in save["sizes"].items():
+        rr = reshard["sizes"][size]
+        m = {k: _med(v) for k, v in {**r, **rr}.items() if isinstance(v, list)}
+        print(f"\nstate {r['total_mib']:.0f} MiB in all ({r['local_mib']:.1f} MiB of shards on "
+              f"the largest rank, {r['layers']} x Linear({WIDTH}, {WIDTH}) + AdamW)")
+        print(f"  copy floor (per rank)      {m['floor'] * 1e3:8.1f} ms")
+        print(f"  first save stall           spotrun {r['first_stall_spotrun'] * 1e3:8.1f} ms"
+              f"   dcp {r['first_stall_dcp'] * 1e3:8.1f} ms")
+        rows = [("stall", "stall_spotrun", "stall_dcp", "<= 0.5"),
+                ("durable", "durable_spotrun", "durable_dcp", "<= 0.8"),
+                ("restore same size", "restore_spotrun", "restore_dcp", "<= 0.5"),
+                (f"restore {save['world']} -> {reshard['world']}", "reshard_spotrun",
+                 "reshard_dcp", "<= 1.0")]
+        for label, a, b, target in rows:
+            print(f"  {label:26s} spotrun {m[a] * 1e3:8.1f} ms   dcp {m[b] * 1e3:8.1f} ms   "
+                  f"spotrun / dcp {m[a] / m[b]:.2f}x (target {target})")
+        print(f"  steady stall / copy floor  {m['stall_spotrun'] / m['floor']:.2f}x (target <= 1.5)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"save": save, "reshard": reshard, "s3": args.s3}, f, indent=1)
+
+
+# -- the workers -----------------------------------------------------------------------
+
+
+def _build(size_mib: float, world: int) -> tuple[Any, Any, int]:
     import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import spotrun
-    from spotrun.commit import commit
-    from spotrun.manifest import FileEntry, Manifest
-    from spotrun.sharded import ShardedSaver, get_state
-    from spotrun.storage import Storage
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     # weights + exp_avg + exp_avg_sq = 3 copies of the parameters, 4 bytes each.
-    layers_n = max(1, round(args.size_mib * MiB / 3 / 4 / (WIDTH * WIDTH + WIDTH)))
+    layers_n = max(1, round(size_mib * MiB / 3 / 4 / (WIDTH * WIDTH + WIDTH)))
     torch.manual_seed(0)
     layers = [torch.nn.Linear(WIDTH, WIDTH) for _ in range(layers_n)]
     model = torch.nn.Sequential(*layers)
@@ -85,133 +171,263 @@ def _worker(args: argparse.Namespace) -> None:
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, WIDTH)).sum().backward()
     optim.step()
-    state = get_state(model, optim)
-    local = sum(t.to_local().numel() * t.element_size()
-                for t in _tensors(state) if hasattr(t, "to_local"))
-    total = torch.tensor([local])
-    dist.all_reduce(total)
+    optim.zero_grad()
+    return model, optim, layers_n
 
-    root = os.path.join(args.dir, "bench")
-    storage = Storage(root)
-    saver = ShardedSaver(storage)
-    dcp_group = dist.new_group(backend="gloo")  # made once, like the saver's
-    modes = ("Checkpointer", "spotrun", "dcp", "dcp+hash")
-    results: dict[str, dict[str, list[float]]] = {m: {"stall": [], "durable": []} for m in modes}
-    step = 0
-    ck = spotrun.Checkpointer(os.path.join(args.dir, "ckrun"), model=model, optimizer=optim,
-                              every_steps=10**9, keep_last=1, watchers=[], handle_signals=False)
-    ck.__enter__()
 
-    def run_checkpointer(step: int) -> tuple[float, float]:
-        ck.steps_done = step
-        t0 = time.perf_counter()
-        ck.save()
-        stall = time.perf_counter() - t0
-        ck.wait()
-        return stall, time.perf_counter() - t0
+def _local_tensors(model: Any, optim: Any) -> list[Any]:
+    from torch.distributed.tensor import DTensor
 
-    def run_spotrun(step: int) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        staged = saver.stage(state)
-        fut = saver.write_async(step, staged)
-        stall = time.perf_counter() - t0
-        files = fut.result()
-        if rank == 0:
-            commit(storage, Manifest(step=step, files=dict(files), world_size=world))
-        return stall, time.perf_counter() - t0
+    out = []
+    for t in [*model.parameters(), *(v for s in optim.state.values() for v in s.values())]:
+        if hasattr(t, "numel"):
+            out.append(t.to_local() if isinstance(t, DTensor) else t)
+    return out
 
-    def run_dcp(step: int, writer_cls: type, hash_after: bool) -> tuple[float, float]:
-        folder = os.path.join(root, f"dcp-{step:06d}")
-        writer = writer_cls(folder)
-        t0 = time.perf_counter()
-        fut = dcp.async_save(state, storage_writer=writer, process_group=dcp_group)
-        stall = time.perf_counter() - t0
-        fut.result()
-        if hash_after and rank == 0:
-            files = {}
-            for name in sorted(os.listdir(folder)):
-                size, digest = _sha256(os.path.join(folder, name))
-                files[name] = FileEntry(size, digest)
-            Storage(folder).write_bytes("manifest.json", Manifest(step=step, files=files,
-                                                                   world_size=world).to_json())
-        return stall, time.perf_counter() - t0
 
-    # Round 0 is a warm-up (first-use allocations, thread pools, page cache), not counted.
-    for rep in range(args.repeats + 1):
-        for mode in modes:
-            step += 1
-            dist.barrier()
-            if mode == "Checkpointer":
-                stall, durable = run_checkpointer(step)
-            elif mode == "spotrun":
-                stall, durable = run_spotrun(step)
-            elif mode == "dcp":
-                stall, durable = run_dcp(step, FileSystemWriter, False)
-            else:
-                stall, durable = run_dcp(step, FsspecWriter, True)
-            # Rank 0's durable is the one that counts (it commits); stall: the slowest rank.
-            pair = torch.tensor([stall, durable], dtype=torch.float64)
-            dist.all_reduce(pair, op=dist.ReduceOp.MAX)
-            if rep > 0:
-                results[mode]["stall"].append(float(pair[0]))
-                results[mode]["durable"].append(durable if rank == 0 else float(pair[1]))
-            dist.barrier()
+class _Places:
+    """Where each path writes: local folders or s3:// prefixes (DCP through fsspec)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.s3 = args.s3
+        self.dir = args.dir
+
+    def spotrun(self, size: str) -> str:
+        if self.s3:
+            return f"s3://{BUCKET}/spotrun-{size}"
+        return os.path.join(self.dir, f"spotrun-{size}")
+
+    def dcp(self, size: str, step: int) -> str:
+        if self.s3:
+            return f"s3://{BUCKET}/dcp-{size}/{step:06d}"
+        return os.path.join(self.dir, f"dcp-{size}", f"{step:06d}")
+
+    def dcp_writer(self, path: str) -> Any:
+        if self.s3:
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+            return FsspecWriter(path, **_fsspec_options())
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        return FileSystemWriter(path)
+
+    def dcp_reader(self, path: str) -> Any:
+        if self.s3:
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            return FsspecReader(path, **_fsspec_options())
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(path)
+
+    def remove_dcp(self, path: str) -> None:
+        if self.s3:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(**_fsspec_options())
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def fsync_dcp(self, path: str) -> None:
+        if self.s3:
+            return  # an S3 PUT is durable when it returns
+        fd = os.open(os.path.join(path, ".metadata"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsspec_options() -> dict[str, Any]:
+    return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]},
+            "skip_instance_cache": True}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import logging
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    import spotrun
+
+    logging.getLogger("spotrun").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    places = _Places(args)
+    phase = args.worker
+
+    def slowest(x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+
+    def checkpointer(url: str, model: Any, optim: Any) -> Any:
+        return spotrun.Checkpointer(url, model=model, optimizer=optim, every_steps=10**9,
+                                    keep_last=1, watchers=[], handle_signals=False)
+
+    out: dict[str, Any] = {"world": world, "sizes": {}}
+    for size_s in args.sizes.split(","):
+        size = float(size_s)
+        model, optim, layers_n = _build(size, world)
+        local = _local_tensors(model, optim)
+        local_bytes = sum(t.numel() * t.element_size() for t in local)
+        largest = slowest(local_bytes)
+        total = torch.tensor([local_bytes], dtype=torch.float64)
+        dist.all_reduce(total)
+        r: dict[str, Any] = {"layers": layers_n, "total_mib": float(total[0]) / MiB,
+                             "local_mib": largest / MiB}
+        out["sizes"][size_s] = r
+        url = places.spotrun(size_s)
+
+        def dcp_save(step: int) -> tuple[float, float]:
+            path = places.dcp(size_s, step)
+            t0 = time.perf_counter()
+            msd, osd = get_state_dict(model, optim)
+            fut = dcp.async_save({"model": msd, "optim": osd},
+                                 storage_writer=places.dcp_writer(path))
+            stall = time.perf_counter() - t0
+            fut.result()
             if rank == 0:
-                shutil.rmtree(root, ignore_errors=True)  # same disk state for every save
+                places.fsync_dcp(path)
+            return stall, time.perf_counter() - t0
+
+        def dcp_restore(path: str) -> float:
+            t0 = time.perf_counter()
+            msd, osd = get_state_dict(model, optim)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, storage_reader=places.dcp_reader(path))
+            set_state_dict(model, optim, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            return time.perf_counter() - t0
+
+        def spot_restore() -> float:
+            # restore() is once per Checkpointer (idempotent): a fresh one per repeat, as a
+            # restarted run has; entering it (lease, saver group) is outside the timing.
+            ck = checkpointer(url, model, optim)
+            ck.__enter__()
+            try:
+                dist.barrier()
+                t0 = time.perf_counter()
+                ck.restore()
+                return time.perf_counter() - t0
+            finally:
+                ck.__exit__(None, None, None)
+
+        if phase == "save":
+            # The copy floor: this rank's shards into buffers allocated once.
+            bufs = [torch.empty_like(t) for t in local]
+            floor = []
+            for _ in range(args.repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                for b, t in zip(bufs, local):
+                    b.copy_(t)
+                floor.append(slowest(time.perf_counter() - t0))
+            r["floor"] = floor[1:]
+            del bufs
+            for k in ("stall_spotrun", "durable_spotrun", "stall_dcp", "durable_dcp",
+                      "restore_spotrun", "restore_dcp"):
+                r[k] = []
+            if rank == 0 and not args.s3:
+                shutil.rmtree(url, ignore_errors=True)
             dist.barrier()
-    saver.close()
-    ck.__exit__(None, None, None)
+            ck = checkpointer(url, model, optim)
+            ck.__enter__()
+            step = 0
+            last_dcp = ""
+
+            def spot_save() -> tuple[float, float]:
+                t0 = time.perf_counter()
+                ck.save()
+                stall = time.perf_counter() - t0
+                ck.wait()
+                return stall, time.perf_counter() - t0
+
+            for rep in range(args.repeats + 1):
+                order = ("spotrun", "dcp") if rep % 2 == 0 else ("dcp", "spotrun")
+                for mode in order:
+                    step += 1
+                    dist.barrier()
+                    if mode == "spotrun":
+                        ck.steps_done = step
+                        stall, durable = spot_save()
+                    else:
+                        stall, durable = dcp_save(step)
+                    stall, durable = slowest(stall), slowest(durable)
+                    if rep == 0:
+                        r[f"first_stall_{mode}"] = stall
+                        r[f"first_durable_{mode}"] = durable
+                    else:
+                        r[f"stall_{mode}"].append(stall)
+                        r[f"durable_{mode}"].append(durable)
+                    dist.barrier()
+                    if mode == "dcp":
+                        if rank == 0 and last_dcp:
+                            places.remove_dcp(last_dcp)  # keep one DCP checkpoint, as keep_last=1
+                        last_dcp = places.dcp(size_s, step)
+            ck.__exit__(None, None, None)
+            # Restore on the same world size, from the last checkpoint of each.
+            for rep in range(args.repeats + 1):
+                order = ("spotrun", "dcp") if rep % 2 == 0 else ("dcp", "spotrun")
+                for mode in order:
+                    dist.barrier()
+                    t = spot_restore() if mode == "spotrun" else dcp_restore(last_dcp)
+                    t = slowest(t)
+                    if rep > 0:
+                        r[f"restore_{mode}"].append(t)
+            r["last_dcp"] = last_dcp
+        else:
+            with open(os.path.join(args.dir, "save.json")) as f:
+                last_dcp = json.load(f)["sizes"][size_s]["last_dcp"]
+            r["reshard_spotrun"], r["reshard_dcp"] = [], []
+            for rep in range(args.repeats + 1):
+                order = ("spotrun", "dcp") if rep % 2 == 0 else ("dcp", "spotrun")
+                for mode in order:
+                    dist.barrier()
+                    t = spot_restore() if mode == "spotrun" else dcp_restore(last_dcp)
+                    t = slowest(t)
+                    if rep > 0:
+                        r[f"reshard_{mode}"].append(t)
+        del model, optim, local
     if rank == 0:
-        med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
-        print(f"state: {total.item() / MiB:.1f} MiB sharded over {world} gloo ranks "
-              f"({layers_n} x Linear({WIDTH}, {WIDTH}) + AdamW moments), "
-              f"medians of {args.repeats}, disk {args.dir}")
-        for m, r in med.items():
-            print(f"  {m:12s} stall {r['stall'] * 1e3:8.1f} ms   durable {r['durable'] * 1e3:8.1f} ms")
-        base = med["dcp"]
-        for m in ("Checkpointer", "spotrun", "dcp+hash"):
-            print(f"  {m:12s} / dcp: stall {med[m]['stall'] / base['stall']:.2f}x (target <= 1.0), "
-                  f"durable {med[m]['durable'] / base['durable']:.2f}x (target <= 1.2)")
+        with open(os.path.join(args.dir, f"{phase}.json"), "w") as f:
+            json.dump(out, f)
+    dist.barrier()
     dist.destroy_process_group()
-
-
-def _tensors(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-    elif hasattr(obj, "element_size"):
-        yield obj
-
-
-def _sha256(path: str) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--size-mib", type=float, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", default="120,384", help="MiB of state in all, comma-separated")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--s3", action="store_true", help="write to a moto S3 server")
+    p.add_argument("--quick", action="store_true",
+                   help="2 ranks, 4 MiB, 1 repeat: checks the benchmark runs (for the tests)")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
-    p.add_argument("--port", type=int, default=29731)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write every measurement here")
+    p.add_argument("--worker", choices=("save", "reshard"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         _worker(args)
         return
+    if args.quick:
+        args.nproc, args.sizes, args.repeats = 2, "4", 1
     own = args.dir is None
     args.dir = args.dir or tempfile.mkdtemp(prefix="spotrun-bench-sharded-")
     try:
-        sys.exit(_launch(args))
+        _launch(args)
     finally:
         if own:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import posixpath
 import re
 import threading
 import time
@@ -88,13 +87,31 @@ def read_manifest(storage: Storage, step: int) -> Manifest:
     """
     rel = f"{checkpoint_dir(step)}/{MANIFEST}"
     where = storage.display(rel)
-    manifest = Manifest.from_json(storage.read_bytes(rel), where=where)
+    try:
+        data = storage.read_bytes(rel)
+    except StorageError as exc:
+        if _is_a_folder(storage, rel, exc):
+            # Structural damage (a stray folder, a sync tool's artefact), not a failed read:
+            # this checkpoint is damaged, and the ones before it still count.
+            raise CorruptCheckpointError(
+                f"{where} is a folder, not a manifest file") from exc
+        raise
+    manifest = Manifest.from_json(data, where=where)
     if manifest.step != step:
         raise CorruptCheckpointError(
             f"{where}: manifest says step {manifest.step} but its folder is step {step} "
             "(copied from another checkpoint?)"
         )
     return manifest
+
+
+def _is_a_folder(storage: Storage, rel: str, exc: StorageError) -> bool:
+    """Whether the read of ``rel`` failed because ``rel`` is a folder: the OS says so
+    (local disk), or the store found no object but lists entries under it (object stores
+    and ``memory://``, where a folder is a prefix)."""
+    if isinstance(exc.__cause__, IsADirectoryError):
+        return True
+    return isinstance(exc, StorageNotFoundError) and bool(storage.list_dir(rel))
 
 
 def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
@@ -137,7 +154,7 @@ def verify_checkpoint(storage: Storage, manifest: Manifest, *, deep: bool = True
     for name, entry in sorted(manifest.files.items()):
         rel = f"{folder}/{name}"
         where = storage.display(rel)
-        if name not in present:
+        if "/" not in name and name not in present:  # nested names: size() below says
             problems.append(f"{where}: missing")
             continue
         try:
@@ -397,23 +414,7 @@ def quarantine(storage: Storage, step: int, problem: str) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest = f"{DAMAGED_DIR}/{folder}-{stamp}-{uuid.uuid4().hex[:6]}"
     where = storage.display(folder)
-    with translate_errors(where, "moving aside"):
-        if storage.is_local:
-            src_path = storage.local_path(folder)
-            dst_path = storage.local_path(dest)
-            assert src_path is not None and dst_path is not None
-            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-            os.rename(src_path, dst_path)
-        else:
-            fs = storage.fs
-            src_root = fs._strip_protocol(storage.full(folder)).rstrip("/")
-            fs.invalidate_cache(src_root)
-            for path in sorted(fs._strip_protocol(str(p)) for p in fs.find(src_root)):
-                target = storage.full(f"{dest}/{posixpath.relpath(path, src_root)}")
-                fs.makedirs(posixpath.dirname(target), exist_ok=True)  # no-op on object stores
-                fs.copy(path, target)
-            storage.remove(f"{folder}/{MANIFEST}")
-            storage.remove(folder)
+    storage.move_folder(folder, dest, remove_first=(MANIFEST,))
     note = {"step": step, "problem": problem, "moved_at": time.time(), "from": where}
     storage.write_bytes(f"{dest}/damaged.json", (json.dumps(note, indent=1) + "\n").encode())
     log.warning("moved damaged checkpoint %s aside to %s (kept as evidence; delete it when done)",

@@ -40,6 +40,8 @@ defaults below. Read them through these helpers so a bad value fails with one cl
 ``SPOTRUN_IF_ALL_DAMAGED``     ``fail`` (default) or ``start_fresh``: what a restore does when
                                every checkpoint failed verification (see the Checkpointer)
 ``SPOTRUN_LEDGER_FLUSH_S``     longest wait at exit for queued ledger records (default 5)
+``SPOTRUN_RESTORE_PROGRESS_S`` seconds between progress lines while a restore reads its
+                               checkpoint (default 10; 0 for none)
 ``SPOTRUN_EXIT_NOTES``         set by ``python -m spotrun.distributed`` for its workers: where
                                they note a committed stop (torchrun does not report codes)
 ``SPOTRUN_KEEP_ALL_CHECKPOINTS``  set by ``spotrun check-resume`` for the runs it compares:
@@ -59,17 +61,25 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
+from . import validate
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_STOP_MARGIN_S", "DEFAULT_STOP_TIMEOUT_S", "env_choice", "env_float",
-           "env_float_or_default",
-           "env_int", "env_str"]
+__all__ = ["DEFAULT_STOP_MARGIN_S", "DEFAULT_STOP_TIMEOUT_S", "IF_ALL_DAMAGED_ENV", "StopKnobs",
+           "env_choice", "env_float", "env_float_or_default", "env_int", "env_str",
+           "if_all_damaged", "restore_progress_s", "stop_knobs"]
 
 #: ``SPOTRUN_STOP_TIMEOUT``: EC2 gives two minutes from notice to shutdown; leave room.
 DEFAULT_STOP_TIMEOUT_S = 90.0
 #: ``SPOTRUN_STOP_MARGIN``: time to log, write the ledger and exit before the deadline.
 DEFAULT_STOP_MARGIN_S = 10.0
+#: ``SPOTRUN_RESTORE_PROGRESS_S``: a progress line this often while a restore reads.
+DEFAULT_RESTORE_PROGRESS_S = 10.0
+#: What a restore does when every checkpoint is damaged, for launchers and wrappers that
+#: cannot change the training code (``Checkpointer(if_all_damaged=...)`` wins over it).
+IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
+IF_ALL_DAMAGED_CHOICES = ("fail", "start_fresh")
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -115,3 +125,48 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
     return value
+
+
+@dataclass(frozen=True)
+class StopKnobs:
+    """The stop checkpoint's bounds, read once when a run segment starts."""
+
+    #: ``SPOTRUN_STOP_TIMEOUT``: seconds from a signal (or a stop with no known deadline).
+    timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    #: ``SPOTRUN_STOP_MARGIN``: seconds before a notice's deadline the commit must land.
+    margin_s: float = DEFAULT_STOP_MARGIN_S
+    #: ``SPOTRUN_LEDGER_FLUSH_S``: longest wait on the way out for queued ledger records.
+    ledger_flush_s: float = 5.0
+
+
+def _env_number(name: str, default: float, example: str) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    return validate.number(raw, name, minimum=0, example=example)
+
+
+def stop_knobs() -> StopKnobs:
+    """The stop bounds from the environment, checked: a value that is not a finite number
+    of seconds >= 0 is refused with one line (ConfigError) when the segment starts, rather
+    than discovered at the stop, where the only choice left would be to guess."""
+    return StopKnobs(
+        timeout_s=_env_number("SPOTRUN_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT_S, "90"),
+        margin_s=_env_number("SPOTRUN_STOP_MARGIN", DEFAULT_STOP_MARGIN_S, "10"),
+        ledger_flush_s=_env_number("SPOTRUN_LEDGER_FLUSH_S", 5.0, "5"),
+    )
+
+
+def restore_progress_s() -> float:
+    """``SPOTRUN_RESTORE_PROGRESS_S``, checked (0 turns the progress lines off)."""
+    return _env_number("SPOTRUN_RESTORE_PROGRESS_S", DEFAULT_RESTORE_PROGRESS_S, "10")
+
+
+def if_all_damaged(argument: str | None = None) -> str:
+    """The all-damaged policy: ``argument`` when given, else ``$SPOTRUN_IF_ALL_DAMAGED``,
+    else ``"fail"``; anything but ``fail``/``start_fresh`` is refused."""
+    if argument is None:
+        return env_choice(IF_ALL_DAMAGED_ENV, IF_ALL_DAMAGED_CHOICES, "fail")
+    if argument not in IF_ALL_DAMAGED_CHOICES:
+        raise ConfigError(f"if_all_damaged={argument!r} must be 'fail' or 'start_fresh'")
+    return argument

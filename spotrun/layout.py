@@ -28,6 +28,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
 
 from __future__ import annotations
 
+import re
+
 from .errors import ConfigError
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "NODES_DIR",
     "STEP_DIGITS",
     "checkpoint_dir",
+    "is_temporary",
     "parse_step",
 ]
 
@@ -99,3 +102,13 @@ def parse_step(name: str) -> int | None:
     if len(name) == STEP_DIGITS and name.isdigit():
         return int(name)
     return None
+
+
+# Temporaries of Storage's local atomic writes: ".<name>.tmp-<12 or 32 hex digits>".
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{12}(?:[0-9a-f]{20})?$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary of a local write (renamed or linked away once whole;
+    one that stays was left by a writer that died)."""
+    return bool(_TEMPORARY.match(name))

@@ -55,10 +55,11 @@ from .events import (
     SegmentStarted,
     TrainingResumed,
 )
-from .layout import LEDGER_DIR
+from .layout import LEDGER_DIR, is_temporary
 from .storage import Storage
 
-__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger", "ledger_sink"]
+__all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger",
+           "clean_dead_writers_temporaries", "ledger_sink"]
 
 log = logging.getLogger("spotrun")
 
@@ -159,6 +160,10 @@ class Ledger:
         spotrun event goes through. Its ``time`` is the event's own time field."""
         if not isinstance(event, _EVENT_TYPES):
             raise TypeError(f"not a spotrun event: {event!r}")
+        if isinstance(event, SegmentStarted):
+            # A writer starts: what killed writers left in the ledger goes now (as the lease
+            # holder's start removes the checkpoint temporaries of a writer proven gone).
+            clean_dead_writers_temporaries(self.storage)
         fields = event.fields()
         return self.append(event.kind, time=fields[event.time_field], **fields)
 
@@ -197,6 +202,65 @@ DEFAULT_SLOW_AFTER_S = 30.0
 # Drop warnings are repeated at most this often, with a running count.
 _DROP_LOG_EVERY = 60.0
 _STOP = object()
+
+
+def _writer_gone(path: str) -> bool:
+    """Whether the ledger temporary at ``path`` was written by a process of this host that
+    is gone: its record (whole, since a record is one small write) names its pid and host."""
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read(1 << 16))
+        pid, host = record["pid"], record["host"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False  # empty or torn (a full disk): only the age rule may remove it
+    if host != socket.gethostname() or type(pid) is not int or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not reaped
+    except (OSError, IndexError):
+        return False
+
+
+def clean_dead_writers_temporaries(storage: Storage) -> int:
+    """Remove the ledger temporaries (``ledger/.<record>.tmp-<id>``) whose writer is provably
+    gone; returns how many. Best effort, local disk only (an object store has none).
+
+    The checkpoint temporaries' rule: a temporary goes at once when its writer is proven
+    dead, here a process of this host that no longer runs (the record inside names its pid
+    and host); any other (another host's, a live process's, an empty one a full disk left)
+    only once it is old, which the lease holder's sweep does
+    (:func:`spotrun.lease.clean_stale_temporaries`). A live writer's temporary is never
+    touched: its pid still runs.
+    """
+    folder = storage.local_path(LEDGER_DIR)
+    if folder is None:
+        return 0
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not (is_temporary(entry.name) and entry.is_file(follow_symlinks=False)
+                    and _writer_gone(entry.path)):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: best effort
+        removed += 1
+        log.debug("removed ledger temporary %s of a writer that is gone", entry.path)
+    if removed:
+        log.info("removed %d ledger temporary file(s) left by killed writers under %s",
+                 removed, storage.display(LEDGER_DIR))
+    return removed
 
 
 class BackgroundLedger:

@@ -86,6 +86,8 @@ class ResumeCheck:
     #: RNG entries that differ but never change within either run (nothing draws from them).
     ignored: list[str] = field(default_factory=list)
     divergence: Divergence | None = None
+    #: Whether ``run_dirs`` still exist: a temporary working folder is removed on PASS.
+    kept: bool = True
 
     @property
     def complete(self) -> bool:
@@ -113,6 +115,7 @@ class ResumeCheck:
             "interrupted_seconds": round(self.interrupted_seconds, 3),
             "final_step": self.final_step,
             "run_dirs": list(self.run_dirs),
+            "kept": self.kept,
         }
 
 
@@ -265,18 +268,48 @@ def check_resume(
     seed: int | None = None,
     timeout: float = 3600.0,
     env: Mapping[str, str] | None = None,
+    keep: bool = False,
 ) -> ResumeCheck:
     """Run ``cmd`` uninterrupted and interrupted ``interruptions`` times; compare the results.
 
     ``cmd`` must read its run URL from ``$SPOTRUN_URL`` (the Checkpointer does by default).
     The result passes only when the states are equal AND every interruption was delivered.
+
+    Both runs keep every checkpoint (a FAIL is traced step by step), so they can be large.
+    Without ``workdir`` they go to a new temporary folder, removed on PASS unless ``keep``;
+    on FAIL, INCOMPLETE or an error it stays (``run_dirs``; an error's message names it). A
+    ``workdir`` is the caller's and is never removed.
     """
     if not cmd:
         raise ConfigError("no command given; usage: spotrun check-resume -- python train.py ...")
     if interruptions < 1:
         raise ConfigError(f"--interruptions {interruptions}: need at least 1")
+    if workdir is not None:
+        return _check_resume(cmd, interruptions, workdir, seed, timeout, env)
+    root = tempfile.mkdtemp(prefix="spotrun-check-resume-")
+    try:
+        result = _check_resume(cmd, interruptions, root, seed, timeout, env)
+    except Exception as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{exc.args[0]} (both runs are kept in {root})", *exc.args[1:])
+        raise
+    if result.passed and not keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        result.kept = os.path.exists(root)
+    return result
+
+
+def _check_resume(
+    cmd: Sequence[str],
+    interruptions: int,
+    root: str,
+    seed: int | None,
+    timeout: float,
+    env: Mapping[str, str] | None,
+) -> ResumeCheck:
     rng = random.Random(seed)
-    root = workdir or tempfile.mkdtemp(prefix="spotrun-check-resume-")
     ref_dir, int_dir = os.path.join(root, "uninterrupted"), os.path.join(root, "interrupted")
     for d in (ref_dir, int_dir):
         if os.path.exists(d) and os.listdir(d):

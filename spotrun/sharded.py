@@ -11,6 +11,7 @@ Layout of one sharded checkpoint (DCP's own names, so ``dcp.load`` with a plain
 
     000000000100/
       __0_0.distcp      rank 0's shards (one file per rank)
+      __0_1.distcp      the non-tensor values DCP gave rank 0 to write (small; not every rank)
       __1_0.distcp      rank 1's shards
       ...
       .metadata         DCP's index (written by rank 0 after every rank has written)
@@ -26,7 +27,8 @@ Call order for a synchronous save (every rank, the same calls in the same order)
 Asynchronous save (at most one in flight per :class:`ShardedSaver`)::
 
     saver = ShardedSaver(storage)            # training thread, all ranks: makes a gloo group
-    staged = saver.stage(state)              # training thread: copy into reused host buffers
+    state = saver.state(model, optimizer)    # get_state, built on the first save only
+    staged = saver.stage(state)              # training thread: the copy into reused buffers
     future = saver.write_async(step, staged) # background thread; no default-group collective
     ...                                      # training goes on, its all_reduces included
     files = future.result()                  # next step: rank 0 commits the manifest
@@ -46,6 +48,7 @@ import dataclasses
 import io
 import logging
 import pickle
+import sys
 import threading
 import uuid
 import warnings
@@ -116,6 +119,8 @@ _SUFFIX = ".distcp"
 # WriteResults whose index starts with this carry one written file's (name, manifest entry)
 # from a rank to the coordinator; finish() takes them out before DCP's metadata is written.
 _FILE_RECORD_FQN = "__spotrun_file__/"
+# Files one rank reads at once on restore (a resharded rank reads a few ranks' files).
+_READ_THREADS = 8
 
 
 # -- what is sharded -------------------------------------------------------------------
@@ -277,40 +282,53 @@ class SpotrunStorageWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix if plan.storage_data is not None else f"__{self.rank}_"
-        name = f"{prefix}0{_SUFFIX}"
+        # Tensors in __<rank>_0.distcp (always written), the non-tensor items DCP gave this
+        # rank (learning rates, optimizer settings: DCP spreads the replicated ones over the
+        # ranks) in a small __<rank>_1.distcp: on restore every rank needs some of those
+        # values, and a separate file lets it read and verify a few KiB of another rank's
+        # instead of that rank's whole shard file. DCP's own readers find each item by the
+        # file named in .metadata, so they read the layout as well.
+        byte_items = [wi for wi in plan.items if wi.type == WriteItemType.BYTE_IO]
+        tensor_items = [wi for wi in plan.items if wi.type != WriteItemType.BYTE_IO]
         results: list[WriteResult] = []
-        # Bytes first, then tensors: the order DCP's own FileSystemWriter uses.
-        items = sorted(plan.items, key=lambda wi: wi.type != WriteItemType.BYTE_IO)
-        with self.storage.open_write(f"{self.folder}/{name}") as out:
-            for item in items:
-                offset = out.size
-                data = planner.resolve_data(item)
-                if item.type == WriteItemType.BYTE_IO:
-                    out.write(data.getbuffer())
-                else:
-                    tensor = data.detach()
-                    if tensor.device.type != "cpu":
-                        tensor = tensor.cpu()
-                    # torch.save writes a view's whole storage: save only the view's bytes.
-                    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-                        tensor = tensor.clone()
-                    # Serialised in memory first, then one write: torch.save alone makes
-                    # dozens of small writes per tensor, each hashed inline; one large
-                    # write hashes on a helper thread while the bytes go to storage.
-                    buf = io.BytesIO()
-                    torch.save(tensor, buf)
-                    out.write(buf.getbuffer())
-                    del buf
-                length = out.size - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(name, offset, length)))
-        record = _FileRecord(name, out.entry)
-        self.files = [(name, out.entry)]
-        results.append(WriteResult(index=MetadataIndex(_FILE_RECORD_FQN + name),
-                                   size_in_bytes=out.size, storage_data=record))
+        self.files = []
+        for name, items in ((f"{prefix}0{_SUFFIX}", tensor_items),
+                            (f"{prefix}1{_SUFFIX}", byte_items)):
+            if not items and name.endswith(f"1{_SUFFIX}"):
+                continue
+            with self.storage.open_write(f"{self.folder}/{name}") as out:
+                for item in items:
+                    offset = out.size
+                    self._write_item(out, planner.resolve_data(item), item)
+                    length = out.size - offset
+                    results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                               storage_data=_StorageInfo(name, offset, length)))
+            self.files.append((name, out.entry))
+            results.append(WriteResult(index=MetadataIndex(_FILE_RECORD_FQN + name),
+                                       size_in_bytes=out.size,
+                                       storage_data=_FileRecord(name, out.entry)))
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    @staticmethod
+    def _write_item(out: Any, data: Any, item: Any) -> None:
+        if item.type == WriteItemType.BYTE_IO:
+            out.write(data.getbuffer())
+            return
+        tensor = data.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        # torch.save writes a view's whole storage: save only the view's bytes.
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        # Serialised in memory first, then one write: torch.save alone makes dozens of
+        # small writes per tensor, each hashed inline; one large write hashes on a helper
+        # thread while the bytes go to storage.
+        buf = io.BytesIO()
+        torch.save(tensor, buf)
+        out.write(buf.getbuffer())
+        del buf
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         storage_md: dict[MetadataIndex, Any] = {}
@@ -464,37 +482,163 @@ class SpotrunStorageReader(StorageReader):
         for item in plan.items:
             info: _StorageInfo = self.storage_data[item.storage_index]
             per_file.setdefault(info.relative_path, []).append(item)
-        for name, items in sorted(per_file.items()):
-            data = memoryview(self.read_verified(name))
-            for item in items:
-                info = self.storage_data[item.storage_index]
-                if info.transform_descriptors:
-                    raise IncompatibleCheckpointError(
-                        f"{self.storage.display(self.folder)}: DCP storage transforms "
-                        f"{info.transform_descriptors} are not supported by spotrun's reader"
-                    )
-                chunk = io.BytesIO(data[info.offset:info.offset + info.length])
-                if item.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(item, chunk)
-                    continue
-                tensor = torch.load(chunk, map_location="cpu", weights_only=True)
-                tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
-                target = planner.resolve_tensor(item).detach()
-                if target.size() != tensor.size():
-                    raise IncompatibleCheckpointError(
-                        f"{self.storage.display(self.folder)}: {item.storage_index.fqn} has "
-                        f"shape {tuple(tensor.size())} in the checkpoint, "
-                        f"{tuple(target.size())} here; load into the same model"
-                    )
-                target.copy_(tensor)
-                planner.commit_tensor(item, target)
+        # Every file this rank needs is read and verified at once, in parallel (reads and
+        # checksums release the GIL; on S3 each large read is itself ranged parallel GETs).
+        # All of them are verified before a byte is copied into the state, so a damaged
+        # file leaves the live model and optimizer untouched for the fallback to an older
+        # checkpoint.
+        names = sorted(per_file)
+        data = _read_all(self.read_verified, names)
+        for name in names:
+            self._load_items(memoryview(data.pop(name)), per_file[name], planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
+    def _load_items(self, data: memoryview, items: list[Any],
+                    planner: LoadPlanner) -> None:
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            if info.transform_descriptors:
+                raise IncompatibleCheckpointError(
+                    f"{self.storage.display(self.folder)}: DCP storage transforms "
+                    f"{info.transform_descriptors} are not supported by spotrun's reader"
+                )
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(data[info.offset:info.offset + info.length]))
+                continue
+            view = data[info.offset:info.offset + info.length]
+            tensor = _tensor_in(view)
+            if tensor is None:  # not the layout torch.save writes today: the general path
+                tensor = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
+            tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != tensor.size():
+                raise IncompatibleCheckpointError(
+                    f"{self.storage.display(self.folder)}: {item.storage_index.fqn} has "
+                    f"shape {tuple(tensor.size())} in the checkpoint, "
+                    f"{tuple(target.size())} here; load into the same model"
+                )
+            target.copy_(tensor)
+            planner.commit_tensor(item, target)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
+
+
+class _ViewFile(io.RawIOBase):
+    """A read-only, seekable file over a memoryview that copies only what is read
+    (``io.BytesIO(view)`` would copy the whole view first)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), len(self._view) - self._pos))
+        buf[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _tensor_in(view: memoryview) -> torch.Tensor | None:
+    """The tensor ``torch.save`` wrote into ``view``, over ``view``'s own bytes (no copy),
+    or None when the bytes are not laid out as expected (then ``torch.load`` reads them).
+
+    A torch.save file is a zip: ``<name>/data.pkl`` (a small pickle that rebuilds the
+    tensor from its storages' ids, offset, shape and stride) and ``<name>/data/<key>``,
+    each storage's bytes, stored uncompressed. The pickle goes through torch's
+    weights-only unpickler, as ``torch.load(weights_only=True)`` would; only the storages
+    are taken straight from the verified buffer instead of being copied out of it. The
+    caller copies the result into the live tensor, which is then the only copy made.
+    """
+    import zipfile
+
+    from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
+
+    try:
+        zf = zipfile.ZipFile(io.BufferedReader(_ViewFile(view)))
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl")), None)
+        if pkl is None or sys.byteorder != "little":
+            return None
+        prefix = pkl[: -len("data.pkl")]
+        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder") != b"little":
+            return None
+
+        def storage(pid: Any) -> Any:
+            typename, storage_type, key, _location, numel = pid
+            if typename != "storage":
+                raise ValueError(typename)
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            nbytes = numel * torch._utils._element_size(dtype)
+            info = zf.getinfo(f"{prefix}data/{key}")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
+                raise ValueError(key)
+            head = view[info.header_offset:info.header_offset + 30]
+            if bytes(head[:4]) != b"PK\x03\x04":
+                raise ValueError(key)
+            start = (info.header_offset + 30 + int.from_bytes(head[26:28], "little")
+                     + int.from_bytes(head[28:30], "little"))
+            raw = view[start:start + nbytes]
+            with warnings.catch_warnings():  # read-only bytes: only ever read, then copied
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else \
+                    torch.empty(0, dtype=torch.uint8)
+            return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(),
+                                              dtype=dtype, _internal=True)
+
+        unpickler = WeightsOnlyUnpickler(io.BytesIO(zf.read(pkl)), encoding="utf-8")
+        unpickler.persistent_load = storage  # type: ignore[method-assign]
+        tensor = unpickler.load()
+    except Exception:  # noqa: BLE001 - any surprise: torch.load decides (and raises)
+        return None
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def _read_all(read: Any, names: list[str]) -> dict[str, Any]:
+    """``{name: read(name)}``, the reads in parallel; the first error (in name order)."""
+    if len(names) <= 1:
+        return {name: read(name) for name in names}
+    pool = _read_pool()
+    futures = [(name, pool.submit(read, name)) for name in names]
+    try:
+        return {name: f.result() for name, f in futures}
+    finally:
+        for _, f in futures:
+            f.cancel()
+
+
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _read_pool() -> concurrent.futures.ThreadPoolExecutor:
+    # One pool for the process, its threads kept: starting threads on every restore costs
+    # milliseconds each on a busy machine. Only whole-file reads run on it (they may use
+    # the checksum pool inside, never this one), so it cannot deadlock on itself.
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=_READ_THREADS, thread_name_prefix="spotrun-dcp-read")
+        return _pool
 
 
 # -- errors out of DCP -----------------------------------------------------------------
@@ -668,6 +812,7 @@ class ShardedSaver:
     Call order (every rank, in the same order)::
 
         saver = ShardedSaver(storage)          # training thread; collective (new_group)
+        state = saver.state(model, optimizer)  # cached get_state (see state())
         staged = saver.stage(state)            # training thread; waits for the previous write
         fut = saver.write_async(step, staged)  # returns at once
         files = fut.result()                   # or saver.write(step, staged) in your own thread
@@ -688,6 +833,8 @@ class ShardedSaver:
         if process_group is None and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
         self._buffers: dict[str, Any] | None = None
+        self._live: _LiveState | None = None
+        self._plan: _CopyPlan | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="spotrun-dcp")
         self._in_flight: concurrent.futures.Future[list[tuple[str, FileEntry]]] | None = None
@@ -703,6 +850,33 @@ class ShardedSaver:
         fut, self._in_flight = self._in_flight, None
         return None if fut is None else fut.result()
 
+    def state(
+        self,
+        model: torch.nn.Module,
+        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        options: StateDictOptions | None = None,
+    ) -> dict[str, Any]:
+        """:func:`get_state`, built once and reused while it still describes the objects.
+
+        ``get_state_dict`` walks the modules, maps parameters to their names and rebuilds the
+        optimizer's state dict on every call: after the first save that is most of what a
+        sharded save would cost the training thread beyond the copy. Its tensors are views
+        of the live parameters and optimizer states, so the same dict stays right while
+        none of them is replaced, added or reshaped (checked on every call against each
+        tensor's storage address, shape, stride and dtype; any change rebuilds it); the
+        non-tensor values (learning rates, betas, a float step) are refreshed from the
+        optimizer each call. Pass the result to :meth:`stage` (which then copies along a
+        plan made once) or to :func:`read_sharded` (which then loads straight into the
+        live tensors). Collective when it rebuilds: call it on every rank.
+        """
+        opts = _optimizer_list(optimizers)
+        live = self._live
+        if live is None or live.model is not model or live.optimizers != opts \
+                or live.options is not options:
+            live = self._live = _LiveState(model, opts, options)
+        return live.get()
+
     @torch.no_grad()
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Copy ``state_dict``'s tensors (this rank's local shards) into reused host buffers.
@@ -710,12 +884,29 @@ class ShardedSaver:
         Call in the training thread, on every rank. Waits for the previous write first (its
         error, if any, is raised here). Returns the staged state dict: same structure, same
         DTensor placements, host tensors, and current values of non-tensor leaves.
+
+        A state from :meth:`state`, checked by that call, is copied along a plan made on
+        the first save (pairs of source shard and buffer, no walk, no comparison): the
+        training thread pays for the copy alone. Any other state is walked and compared
+        with the buffers' structure each time.
         """
         self.wait()
-        if self._buffers is None or not _same_structure(state_dict, self._buffers):
-            self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
-        staged = _copy_state_dict(state_dict, self._buffers, non_blocking=self.pin_memory,
-                                  type_check=False)
+        live = self._live
+        fast = live is not None and live.state is state_dict and live.take_checked()
+        plan = self._plan
+        if fast and plan is not None and plan.source is state_dict:
+            staged = plan.run(self.pin_memory)
+        else:
+            if self._buffers is None or not _same_structure(state_dict, self._buffers):
+                self._buffers = _create_cpu_state_dict(state_dict, pin_memory=self.pin_memory)
+            staged = _copy_state_dict(state_dict, self._buffers, non_blocking=self.pin_memory,
+                                      type_check=False)
+            self._plan = None
+            if fast:
+                try:
+                    self._plan = _CopyPlan(state_dict, staged)
+                except ValueError:  # not expected: the walk is the fallback, always right
+                    log.debug("sharded staging: no copy plan for this state", exc_info=True)
         if self.pin_memory and torch.cuda.is_available():
             torch.cuda.synchronize()
         return staged
@@ -748,3 +939,169 @@ def _same_structure(state: Any, buffers: Any) -> bool:
         return bool(_check_state_dict_similarity(state, buffers))
     except Exception:  # noqa: BLE001 - any mismatch in walking means "rebuild"
         return False
+
+
+# -- the cached state and copy plan (what keeps the stall at the copy) ----------------------
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this rank's bytes (a DTensor's local shard; else the tensor)."""
+    if isinstance(t, DTensor):
+        return t._local_tensor  # to_local() without the autograd bookkeeping
+    return t
+
+
+def _sig(t: torch.Tensor) -> tuple[Any, ...]:
+    loc = _local(t)
+    return (loc.data_ptr(), loc.dtype, tuple(loc.shape), loc.stride(), tuple(t.shape))
+
+
+def _leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, Any, Any]]:
+    """(container, key, value) for every leaf of a nested state dict."""
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj)
+    for k, v in items:
+        if isinstance(v, (Mapping, list)) and not isinstance(v, torch.Tensor):
+            yield from _leaves(v, (*path, k))
+        else:
+            yield obj, k, v
+
+
+class _LiveState:
+    """:func:`get_state` of one model and its optimizers, rebuilt only when it may be stale.
+
+    ``key()`` is cheap (a walk over parameters, buffers and optimizer states, no state dict)
+    and names every tensor by its storage address, dtype, shape and stride: equal keys mean
+    the cached dict's tensors are still the live ones (the cache holds their storage, so an
+    address cannot be reused by another tensor while it does). The non-tensor leaves of
+    the optimizer's part (param_groups' values, non-tensor per-parameter state) are copied
+    from the optimizer on every :meth:`get`. A state that does not alias the live tensors
+    (another state_dict implementation copies), holds ShardedTensors (FSDP1) or other
+    non-tensor leaves is never cached: :meth:`get` then calls get_state each time.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+                 options: StateDictOptions | None) -> None:
+        self.model = model
+        self.optimizers = optimizers
+        self.options = options
+        self.state: dict[str, Any] | None = None
+        self.builds = 0
+        self._key: tuple[Any, ...] | None = None
+        self._refresh: list[tuple[Any, Any, Any, Any]] = []
+        self._checked = False
+
+    def key(self) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for name, t in self.model.named_parameters():
+            parts.append((name, _sig(t)))
+        for name, t in self.model.named_buffers():
+            parts.append((name, _sig(t)))
+        for opt in self.optimizers:
+            # The dicts themselves too: the non-tensor values are refreshed from these very
+            # objects, and optimizer.load_state_dict (a restore) replaces them with new ones.
+            parts.append((id(opt.param_groups), id(opt.state)))
+            for group in opt.param_groups:
+                parts.append((id(group), tuple(sorted(k for k in group if k != "params"))))
+                for p in group["params"]:
+                    st = opt.state.get(p)
+                    parts.append((id(p), id(st), None if st is None else tuple(
+                        (k, _sig(v) if isinstance(v, torch.Tensor) else type(v).__name__)
+                        for k, v in st.items())))
+        return tuple(parts)
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        yield from self.model.parameters()
+        yield from self.model.buffers()
+        for opt in self.optimizers:
+            for st in opt.state.values():
+                yield from (v for v in st.values() if isinstance(v, torch.Tensor))
+
+    def get(self) -> dict[str, Any]:
+        if self.state is not None and self.key() == self._key:
+            for dst, k, src, sk in self._refresh:
+                dst[k] = src[sk]
+            self._checked = True
+            return self.state
+        state = get_state(self.model, self.optimizers, options=self.options)
+        self.builds += 1
+        # After get_state: it may have created the optimizer's state (a fresh optimizer).
+        self._key = self.key()
+        refresh = self._plan_refresh(state)
+        self.state, self._refresh = (state, refresh) if refresh is not None else (None, [])
+        self._checked = self.state is not None
+        return state
+
+    def take_checked(self) -> bool:
+        """True once after each :meth:`get` that returned the cached (checked) state."""
+        checked, self._checked = self._checked, False
+        return checked
+
+    def _plan_refresh(self, state: dict[str, Any]) -> list[tuple[Any, Any, Any, Any]] | None:
+        """Where each non-tensor leaf of ``state`` comes from in the optimizer, or None
+        when ``state`` cannot be cached (see the class docstring)."""
+        live = {_sig(t)[:4] for t in self._tensors()}
+        for _, _, v in _leaves(state.get("model", {})):
+            if not isinstance(v, torch.Tensor) or isinstance(v, ShardedTensor) \
+                    or _sig(v)[:4] not in live:
+                return None
+        osd = state.get("optim")
+        if osd is None:
+            return []
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        saved_groups = osd.get("param_groups", [])
+        if len(groups) != len(saved_groups):
+            return None
+        refresh: list[tuple[Any, Any, Any, Any]] = []
+        names: list[str] = []
+        params: list[Any] = []
+        for group, saved in zip(groups, saved_groups):
+            if set(group) != set(saved):
+                return None
+            refresh += [(saved, k, group, k) for k in group if k != "params"]
+            names += list(saved["params"])
+            params += list(group["params"])
+        if len(names) != len(params):
+            return None  # tied or renamed parameters: no one-to-one map to follow
+        by_name = dict(zip(names, params))
+        states = {p: st for opt in self.optimizers for p, st in opt.state.items()}
+        for name, saved_state in osd.get("state", {}).items():
+            live_state = states.get(by_name.get(name))
+            if live_state is None or set(live_state) != set(saved_state):
+                return None
+            for k, v in saved_state.items():
+                if isinstance(v, torch.Tensor):
+                    if isinstance(v, ShardedTensor) or _sig(v)[:4] not in live:
+                        return None
+                elif isinstance(v, (Mapping, list)):
+                    return None
+                else:
+                    refresh.append((saved_state, k, live_state, k))
+        return refresh
+
+
+class _CopyPlan:
+    """The pairs (source shard, host buffer) and non-tensor leaves of one staged state,
+    made on the first save of a cached state; :meth:`run` is then the copy alone."""
+
+    def __init__(self, source: dict[str, Any], staged: dict[str, Any]) -> None:
+        self.source = source
+        self.staged = staged
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.values: list[tuple[Any, Any, Any]] = []
+        src_leaves, dst_leaves = list(_leaves(source)), list(_leaves(staged))
+        if len(src_leaves) != len(dst_leaves):
+            raise ValueError("staged state has another structure")
+        for (src_c, k, v), (dst_c, dk, d) in zip(src_leaves, dst_leaves):
+            if k != dk or isinstance(v, torch.Tensor) != isinstance(d, torch.Tensor):
+                raise ValueError("staged state has another structure")
+            if isinstance(v, torch.Tensor):
+                self.pairs.append((_local(v), _local(d)))
+            else:
+                self.values.append((dst_c, k, src_c))
+
+    def run(self, non_blocking: bool) -> dict[str, Any]:
+        for src, dst in self.pairs:
+            dst.copy_(src, non_blocking=non_blocking)
+        for dst_c, k, src_c in self.values:
+            dst_c[k] = src_c[k]
+        return self.staged

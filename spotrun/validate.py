@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Any, Callable, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["argparse_type", "count", "number"]
+__all__ = ["argparse_type", "count", "duration", "number", "price"]
 
 T = TypeVar("T")
 
@@ -69,6 +70,54 @@ def count(
         bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
         raise ConfigError(f"{name}={value} is out of range ({bound}); use e.g. {example}")
     return value
+
+
+def price(value: Any, name: str, *, allow_zero: bool = False, example: str = "0.35") -> float:
+    """A price in USD (per hour, or a total): finite, ``$`` allowed in front, above 0 (a price
+    of 0 makes every cost and saving 0, a report of nothing) unless ``allow_zero``."""
+    if isinstance(value, str) and value.strip().startswith("$"):
+        value = value.strip()[1:]
+    try:
+        return number(value, name, minimum=0, allow_minimum=allow_zero, example=example)
+    except ConfigError as exc:
+        if "is not a number" in str(exc):  # not a number at all: say what kind of number
+            raise ConfigError(f"{name}={_shown(value)} is not a price in USD; use e.g. {example}") from None
+        raise
+
+
+# 90, 90s, 1.5m, 15min, 2h, 1d, 1h30m: a number with an optional unit, or unit-tagged parts.
+_DURATION_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(min|sec|[smhd])")
+_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:min|sec|[smhd]))+")
+
+
+def duration(
+    value: Any,
+    name: str,
+    *,
+    minimum: float = 0.0,
+    allow_minimum: bool = True,
+    example: str = "90s",
+) -> float:
+    """Seconds from plain seconds (``90``) or a duration with units (``90s``, ``15m``,
+    ``15min``, ``2h``, ``1d``, ``1h30m``): finite, and ``>= minimum`` (``> minimum`` with
+    ``allow_minimum=False``)."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if _DURATION.fullmatch(text):
+            value = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(f"{name}={_shown(value)} is not a duration; use e.g. {example} "
+                                  "(plain seconds, or with s, m, h or d)") from None
+    return number(value, name, minimum=minimum, allow_minimum=allow_minimum, example=example)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def argparse_type(check: Callable[..., T], name: str, **bounds: Any) -> Callable[[str], T]:

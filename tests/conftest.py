@@ -4,7 +4,6 @@ traffic to fake servers on loopback, and the real metadata address is switched o
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -35,10 +34,17 @@ for _k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "SPOTRUN_UR
     os.environ.pop(_k, None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from helpers import (  # noqa: E402 (the environment above comes first)
+    DDP_EVERY,
+    DDP_SCRIPT,
+    DDP_STEPS,
+    committed_steps,
+    env_for,
+    finish_session,
+    free_port,  # re-exported: tests import it from here
+    shared_run,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +114,33 @@ def fault_proxy(moto_server: str) -> Iterator:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One uninterrupted 2-rank run of tests/scripts/ddp_train.py (``DDP_STEPS`` steps, a
+    checkpoint every ``DDP_EVERY``), built once per session for every worker: the yardstick of
+    the torchrun tests (test_distributed) and the 2-node tests (test_launch_node_e2e,
+    test_launch_local_nodes). Two ranks on one machine or two nodes of one rank each train
+    the same: ranks, shards, seeds and the gloo all-reduce of two are the same."""
+    import re
+
+    from spotrun.commit import list_checkpoints
+    from spotrun.layout import EXIT_FINISHED
+    from spotrun.storage import Storage
+
+    def build(folder: Path) -> None:
+        url = str(folder)
+        proc = torchrun(DDP_SCRIPT, 2, "--url", url, "--steps", str(DDP_STEPS), "--every-steps",
+                        str(DDP_EVERY), env=env_for(url))
+        code, out = finish_session(proc, 300)
+        assert code == EXIT_FINISHED, out[-4000:]
+        exits = sorted(re.findall(r"^rank (\d) exit (\d+) at step (\d+)$", out, re.MULTILINE))
+        assert exits == [("0", "0", str(DDP_STEPS)), ("1", "0", str(DDP_STEPS))], out[-4000:]
+        assert (folder / "done.json").exists()
+        assert committed_steps(url) == list(range(DDP_EVERY, DDP_STEPS + 1, DDP_EVERY))
+        manifest = {c.step: c for c in list_checkpoints(Storage(url))}[DDP_STEPS].manifest
+        assert manifest is not None and manifest.world_size == 2
+        assert sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
+
+    return str(shared_run(tmp_path_factory, "ddp-reference", build))

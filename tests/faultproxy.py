@@ -30,6 +30,7 @@ on what reached S3. Thread-based (``ThreadingHTTPServer``), standard library onl
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import socket
@@ -292,11 +293,7 @@ def _read_body(h, headers: dict[str, str]) -> bytes:
 
 def _reset(sock: socket.socket) -> None:
     """Close with RST rather than FIN: the peer sees 'connection reset', as on a real drop."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +19,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = str(REPO / "examples" / "train.py")
+DDP_SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
+# The 2-rank DDP run every multi-rank and multi-node test of ddp_train.py resumes and compares
+# against (see ``ddp_reference`` in conftest.py): one length for all, so one reference serves.
+DDP_STEPS, DDP_EVERY = 120, 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def env_for(url: str, **extra: str) -> dict[str, str]:
@@ -45,6 +58,17 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) ->
     raise AssertionError(f"no {needle!r} within {timeout}s")
 
 
+def run_to_end(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    """Run a training script (``python ARGS``) to its end; its output. The test fails, showing
+    the output's tail, unless it exits 0 (finished, done.json written)."""
+    from spotrun.layout import EXIT_FINISHED
+
+    proc = spawn(args, env)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == EXIT_FINISHED, out[-4000:]
+    return out
+
+
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out or ""
@@ -60,6 +84,46 @@ def finish_session(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
         out, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?)\n{out[-4000:]}")
     return proc.returncode, out
+
+
+def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: bool = True) -> subprocess.Popen:
+    """``python -m spotrun.distributed`` (or, with ``wrapper=False``, plain torchrun) running
+    ``script`` on ``nproc`` CPU workers, its store on a free 127.0.0.1 port. The launcher gets a
+    session of its own, so :func:`finish_session` can kill it and every worker on a hang."""
+    runner = "spotrun.distributed" if wrapper else "torch.distributed.run"
+    cmd = [sys.executable, "-m", runner, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), script, *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=REPO)
+
+
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A run folder built once per test session and shared by every pytest-xdist worker.
+
+    Uninterrupted reference runs cost a process start (torch's import, seconds on a loaded
+    machine) each; several modules compare against the same one. Session fixtures are per
+    worker, so the workers meet in the session's common temporary folder (the parent of each
+    worker's own) and take turns on a file lock: the first builds ``name``, the others wait
+    and reuse it. A failed build is remembered, so the other workers fail at once, not after
+    building it again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs"
+    root.mkdir(exist_ok=True)
+    folder, ok, failed = root / name, root / f"{name}.ok", root / f"{name}.failed"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if failed.exists():
+            pytest.fail(f"the shared run {name!r} failed to build in another worker:\n{failed.read_text()}")
+        if not ok.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                build(folder)
+            except BaseException as exc:
+                failed.write_text(f"{type(exc).__name__}: {str(exc)[-4000:]}")
+                raise
+            ok.touch()
+    return folder
 
 
 def committed_steps(url: str) -> list[int]:

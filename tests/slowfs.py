@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import ClassVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -65,8 +66,8 @@ class SlowDcpFS(SlowLocalFS):
 class FailMemFS(MemoryFileSystem):
     protocol = ("failmem",)
     failing = False
-    store: dict = {}
-    pseudo_dirs = [""]
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list] = [""]
 
     def _open(self, path, mode="rb", *args, **kwargs):
         if "w" in mode and FailMemFS.failing and ".pt" in path:

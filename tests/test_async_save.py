@@ -8,11 +8,11 @@ import time
 import uuid
 
 import pytest
-import torch
-
 import slowfs
-import spotrun
+import torch
 from helpers import REPO, env_for, spawn, wait_for_line
+
+import spotrun
 from spotrun.cli import main as cli_main
 from spotrun.commit import find_latest_valid, list_checkpoints
 from spotrun.layout import EXIT_INTERRUPTED
@@ -31,7 +31,7 @@ def _setup(seed=0):
 
 
 def _train(ck, model, opt, sched, steps):
-    for step in ck.range(steps):
+    for _step in ck.range(steps):
         loss = model(torch.randn(8, 16)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -61,7 +61,7 @@ def test_async_and_sync_write_identical_checkpoints(tmp_path):
 def test_training_continues_while_a_slow_save_persists(tmp_path, monkeypatch):
     monkeypatch.setenv("SPOTRUN_TEST_WRITE_DELAY", "0.02")  # per write call: a slow disk
     url = f"slowfile://{tmp_path}/run"
-    model, opt, sched = _setup()
+    model, opt, _sched = _setup()
     step_times = []
     with spotrun.Checkpointer(url, model=model, optimizer=opt, every_steps=10, keep_last=10,
                               handle_signals=False, watchers=[]) as ck:
@@ -76,7 +76,7 @@ def test_training_continues_while_a_slow_save_persists(tmp_path, monkeypatch):
     assert [r["step"] for r in commits] == [10, 20, 30, 40]
     c10 = next(r for r in commits if r["step"] == 10)
     # Steps after 10 completed before step 10's checkpoint was durable...
-    during = [s for t, s in step_times if 10 < s and t < c10["committed_at"]]
+    during = [s for t, s in step_times if s > 10 and t < c10["committed_at"]]
     assert len(during) >= 3, during
     # ...and the pause training saw is a small part of the whole save.
     assert c10["stall_s"] < c10["save_s"] / 2
@@ -84,7 +84,7 @@ def test_training_continues_while_a_slow_save_persists(tmp_path, monkeypatch):
 
 def test_background_failure_surfaces_at_next_step_and_keeps_last_checkpoint():
     url = f"failmem://{uuid.uuid4().hex}"
-    model, opt, sched = _setup()
+    model, opt, _sched = _setup()
     with spotrun.Checkpointer(url, model=model, optimizer=opt, every_steps=2,
                               handle_signals=False, watchers=[]) as ck:
         ck.restore()

@@ -14,10 +14,10 @@ def _one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--hours", "nan"], "--hours nan"),
-    (["--hours", "inf"], "--hours inf"),
+    (["--hours", "nan"], "--hours=nan"),
+    (["--hours", "inf"], "--hours=inf"),
     (["--hours", "1e308"], "--hours"),
-    (["--hours", "10", "--runs", "nan"], "--runs nan"),
+    (["--hours", "10", "--runs", "nan"], "--runs=nan"),
     (["--hours", "10", "--region", "mars-1"], "'mars-1' is not an AWS region"),
 ])
 def test_estimate_refuses_non_numbers_and_unknown_regions(args, words, capsys):

@@ -3,6 +3,7 @@ window, draws the cumulative cost against on-demand, and gives SageMaker's figur
 
 from __future__ import annotations
 
+import itertools
 from html.parser import HTMLParser
 
 import pytest
@@ -93,7 +94,7 @@ def test_html_market_estimates_scale_cumulative_and_sagemaker(tmp_path):
     lines = cumulative_points(report)
     assert lines["spot"][-1][1] == pytest.approx(totals["cost_usd"])
     assert lines["on_demand"][-1][1] == pytest.approx(totals["on_demand_usd"])
-    assert all(b[1] >= a[1] for a, b in zip(lines["spot"], lines["spot"][1:]))
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(lines["spot"]))
     assert {a.get("class") for t, a in tags if t == "polyline"} == {"cum-spot", "cum-on-demand"}
 
     # SageMaker's figure: billable 1800 + 1800 s of a 4200 s job.
@@ -106,3 +107,65 @@ def test_html_market_estimates_scale_cumulative_and_sagemaker(tmp_path):
     text = report_text(report)
     assert "SageMaker's figure" in text and "14.3%" in text
     assert "* an estimate, not market data" in text
+
+
+def _css_number(css: str, pattern: str) -> float:
+    import re
+
+    m = re.search(pattern, css)
+    assert m, pattern
+    return float(m.group(1))
+
+
+def test_legend_colours_y_ticks_swatches_and_text_size_at_400_and_1280_px(tmp_path):
+    """Issue 23 item 1, checked on the page's own SVG and CSS: the cumulative chart's key
+    labels are drawn in their lines' colours (an inline style, which a stylesheet rule cannot
+    override; a ``fill`` attribute under ``svg text{fill:...}`` renders grey), the y axis has
+    ticks between $0 and the top, chart text stays readable at 400 px and 1280 px, and the
+    timeline legend has a colour swatch for every way a segment can end."""
+    import re
+
+    from spotrun.cost.html import _COLORS, y_ticks
+
+    report = report_for_run(_spot_then_on_demand(str(tmp_path / "run")), offline=True)
+    page = report_html(report)
+    parser = _Page()
+    parser.feed(page)
+    css = page[page.index("<style>") + 7:page.index("</style>")]
+    assert "!important" not in css
+
+    # No chart text relies on a fill attribute (the stylesheet's svg text rule wins over it).
+    texts = [a for tag, a in parser.tags if tag == "text"]
+    assert texts and not [a for a in texts if "fill" in a]
+    keys = [a for a in texts if "key" in (a.get("class") or "").split()]
+    lines = {a["class"].split()[0].removeprefix("cum-"): a["stroke"]
+             for tag, a in parser.tags if tag == "polyline"}
+    assert len(keys) == 2
+    for a in keys:
+        which = a["class"].split()[1].removeprefix("key-")
+        assert re.fullmatch(r"fill:(#[0-9a-f]{6})", a["style"]).group(1) == lines[which]
+    assert lines["spot"] != lines["on-demand"]
+
+    # Y axis: $0, at least two ticks between, each a round step.
+    ticks = re.findall(r'<text class="y-tick"[^>]*>([^<]*)</text>', page)
+    assert ticks[0] == "$0" and len(ticks) >= 4, ticks
+    assert y_ticks(0.73) == [0, 0.2, 0.4, 0.6] and y_ticks(1234) == [0, 250, 500, 750, 1000]
+
+    # Text size in CSS px: a chart is its container's width, never below the minimum (it
+    # scrolls inside .chart instead); text scales with it.
+    font = _css_number(css, r"svg text\{font-size:(\d+)px")
+    min_w = _css_number(css, r"\.chart svg\{min-width:(\d+)px")
+    assert ".chart{" in css.replace(".scroll,.chart{", ".chart{") and "overflow-x:auto" in css
+    for svg in re.findall(r'<div class="chart"><svg [^>]*viewBox="0 0 (\d+) \d+"', page):
+        view_w = float(svg)
+        at_400 = font * max(min_w, 400 - 2 * 0.8 * 16) / view_w  # body margin .8em below 600 px
+        at_1280 = font * max(min_w, min(1280 - 2 * 2 * 16, 80 * 16)) / view_w
+        assert 11 <= at_400 <= 16 and 11 <= at_1280 <= 20, (at_400, at_1280)
+    assert page.count('<div class="chart"><svg') == 2
+
+    # Timeline legend: a swatch per end reason, in the bars' colours.
+    legend = page[page.index('<p class="legend">'):]
+    legend = legend[:legend.index("</p>")]
+    for color in _COLORS.values():
+        assert f'class="sw" style="background:{color}' in legend
+    assert legend.count('class="sw"') >= len(_COLORS) + 4

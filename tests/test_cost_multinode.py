@@ -80,8 +80,12 @@ def test_two_node_attempt_lost_work_counts_both_nodes(tmp_path):
     assert n1.shutdown_s == pytest.approx(40.0) and n0.shutdown_s == pytest.approx(50.0)
     # Both nodes of the first attempt start up once (useful time); the next attempt's do not.
     assert n0.is_first and n1.is_first and not m0.is_first
-    assert n0.restart_overhead_s == pytest.approx(50.0) and n1.restart_overhead_s == pytest.approx(40.0)
-    assert m0.restart_overhead_s == m1.restart_overhead_s == pytest.approx(100.0)
+    assert n0.restart_time_in_segment_s == pytest.approx(50.0) and n1.restart_time_in_segment_s == pytest.approx(40.0)
+    assert m0.restart_time_in_segment_s == m1.restart_time_in_segment_s == pytest.approx(100.0)
+    # The attempt's restart (both shutdowns, both next startups) is carried by one row: the
+    # first interrupted node's, which its interruption line repeats.
+    assert n0.restart_overhead_s == pytest.approx(50 + 40 + 100 + 100)
+    assert n1.restart_overhead_s == m0.restart_overhead_s == m1.restart_overhead_s == 0
 
     t = report.totals()
     assert t["segments"] == 4 and t["attempts"] == 2

@@ -69,7 +69,7 @@ def test_controller_outage_bills_no_phantom_hours(world: World, storage: Storage
 
     ends = {r["segment_id"]: r["ended_at"] for r in Ledger(storage).records()
             if r["event"] == "segment_ended" and r["source"] == "launcher"}
-    for iid, evidence in zip(seen, kinds):
+    for iid, evidence in zip(seen, kinds, strict=False):
         t0 = begun[iid]
         expected = {"transition": int(t0 + 3600), "deadline": t0 + 128, "wrapper": t0 + 30}[evidence]
         assert ends[iid] == pytest.approx(expected, abs=0.01), evidence

@@ -153,7 +153,8 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     assert t["useful_s"] == pytest.approx(useful)
     assert t["cost_usd"] == pytest.approx(cost)
     assert t["lost_work_usd"] == pytest.approx(lost_a / 3600 * price_a)
-    assert t["restart_overhead_usd"] == pytest.approx(shutdown_a / 3600 * price_a + (restart_b - shutdown_a) / 3600 * price_b)
+    assert t["restart_overhead_usd"] == pytest.approx(
+        shutdown_a / 3600 * price_a + (restart_b - shutdown_a) / 3600 * price_b)
     assert t["stall_usd"] == pytest.approx(stall_a / 3600 * price_a + stall_b / 3600 * price_b)
     assert t["on_demand_usd"] == pytest.approx(od_cost)
     assert t["savings_usd"] == pytest.approx(od_cost - cost)
@@ -162,7 +163,10 @@ def test_two_segments_one_interruption_hand_checked(tmp_path):
     seg_a, seg_b = d["segments"]
     assert seg_a["instance"]["instance_id"] == "i-a" and seg_a["instance"]["availability_zone"] == "us-east-1a"
     assert seg_a["end_reason"] == "interrupted" and seg_a["end"] == T0 + 1700  # launcher's end wins
-    assert seg_a["startup_s"] == pytest.approx(90) and seg_a["restart_overhead_s"] == pytest.approx(shutdown_a)
+    # One definition of a restart: A's end cost its shutdown plus B's startup, shown on A's
+    # row and A's interruption line alike; B finished, so its row has none.
+    assert seg_a["startup_s"] == pytest.approx(90) and seg_a["restart_overhead_s"] == pytest.approx(restart_b)
+    assert seg_b["restart_overhead_s"] == 0 and seg_a["shutdown_s"] == pytest.approx(shutdown_a)
     assert seg_a["last_checkpoint_step"] == 100 and len(seg_a["notices"]) == 1
     assert seg_b["resumed_step"] == 100 and seg_b["lost_work_s"] == 0
     assert seg_a["price"]["source"] == "aws-api" and seg_a["price"]["usd_per_hour"] == pytest.approx(price_a)
@@ -346,3 +350,53 @@ def test_checkpoint_on_notice_loses_no_work(tmp_path):
     (seg,) = report_for_run(Storage(str(tmp_path / "run")), offline=True).to_dict()["segments"]
     assert seg["lost_work_s"] == 0
     assert seg["restart_overhead_s"] == pytest.approx(52.5 - 51)
+
+
+def test_one_restart_figure_in_the_table_the_interruptions_the_totals_html_and_json(tmp_path):
+    """Issue 23 item 5: the first segment (interrupted, 1.5 s teardown) and a second one whose
+    own startup is 4.8 s and which is interrupted in turn (1.2 s teardown), then a third that
+    starts up in 3.0 s and finishes. Each restart reads the same in its row, its interruption line, the HTML and the
+    JSON, and the totals are their sum; the first segment's startup is never a restart."""
+    from spotrun.cost import report_html
+
+    url = str(tmp_path / "run")
+    ledger = Ledger(Storage(url))
+    inst = InstanceInfo(cloud="simulated", instance_type="g5.xlarge", region="us-east-1",
+                        availability_zone="us-east-1a", market="spot")
+    starts = {"A": T0, "B": T0 + 200, "C": T0 + 400}
+    for sid, t in starts.items():
+        ledger.segment_started(segment_id=sid, instance=inst, started_at=t, source="launcher")
+    ledger.training_resumed(segment_id="A", step=0, process_started_at=T0 + 1, first_step_at=T0 + 9)
+    ledger.training_resumed(segment_id="B", step=10, process_started_at=T0 + 201, first_step_at=T0 + 204.8)
+    ledger.training_resumed(segment_id="C", step=20, process_started_at=T0 + 401, first_step_at=T0 + 403)
+    for sid, step in (("A", 10), ("B", 20)):
+        t = starts[sid]
+        ledger.checkpoint_committed(segment_id=sid, step=step, committed_at=t + 100, stall_s=0.0,
+                                    save_s=0.1, nbytes=10, captured_at=t + 100)
+        ledger.segment_ended(segment_id=sid, reason="interrupted", ended_at=t + 100, source="wrapper",
+                             steps_done=step, last_step_at=t + 100)
+    ledger.segment_ended(segment_id="A", reason="interrupted", ended_at=T0 + 101.5, source="launcher")
+    ledger.segment_ended(segment_id="B", reason="interrupted", ended_at=T0 + 301.2, source="launcher")
+    ledger.segment_ended(segment_id="C", reason="finished", ended_at=T0 + 500, source="launcher")
+    report = report_for_run(Storage(url), spot_price=1.0, on_demand_price=3.0)
+    d = json.loads(json.dumps(report.to_dict()))
+    a, b, c = d["segments"]
+    assert a["restart_overhead_s"] == pytest.approx(1.5 + 4.8)  # A's teardown + B's startup
+    assert b["restart_overhead_s"] == pytest.approx(1.2 + 3.0)  # B's teardown + C's startup
+    assert c["restart_overhead_s"] == 0
+    first, second = d["interruptions"]
+    assert first["restart_overhead_s"] == a["restart_overhead_s"]
+    assert second["restart_overhead_s"] == b["restart_overhead_s"]
+    assert d["totals"]["restart_overhead_s"] == pytest.approx(1.5 + 4.8 + 1.2 + 3.0)
+    assert d["totals"]["restart_overhead_usd"] == pytest.approx((1.5 + 4.8 + 1.2 + 3.0) / 3600)
+    # Useful time leaves out A's first startup from the restarts (on-demand pays it too).
+    assert d["totals"]["useful_s"] == pytest.approx(
+        (101.5 - 1.5) + (101.2 - 4.8 - 1.2) + (100 - 3.0))
+
+    text = report_text(report)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()[:1] in (["A"], ["B"], ["C"])}
+    assert " 6.3s " in rows["A"] and " 4.2s " in rows["B"] and " 0.0s " in rows["C"]
+    assert "restart took 6.3s" in text and "restart took 4.2s" in text
+    assert "(10.5s)" in text  # the total
+    html = report_html(report)
+    assert "6.3s / " in html and "4.2s / " in html and "(10.5s)" in html

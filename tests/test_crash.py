@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 import torch
+from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from helpers import REPO, env_for, spawn, wait_for_line
 from spotrun.cli import main as cli_main
 from spotrun.commit import find_latest_valid, list_checkpoints
 from spotrun.storage import Storage

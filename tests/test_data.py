@@ -52,7 +52,7 @@ def test_epochs_differ_and_do_not_touch_global_rng():
     loader = ResumableLoader(CountingDataset(20), batch_size=5, seed=1)
     e0 = [b.tolist() for b in loader]
     e1 = [b.tolist() for b in loader]
-    assert e0 != e1 and sorted(sum(e0, [])) == list(range(20))
+    assert e0 != e1 and sorted(i for batch in e0 for i in batch) == list(range(20))
     assert torch.equal(before, torch.get_rng_state())
 
 

@@ -13,13 +13,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
 import pytest
-from conftest import free_port
-from helpers import REPO, committed_steps, env_for, finish_session
+from helpers import REPO, committed_steps, env_for, finish_session, torchrun
 
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.resume_check import compare_checkpoints
@@ -33,13 +31,8 @@ TIMEOUT = 240  # a loaded 2-core machine runs one of these in about a minute
 
 
 def _launch(url: str, nproc: int = 2, step_sleep: float = 0.0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
-           "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
-           "--samples", str(SAMPLES), "--step-sleep", str(step_sleep)]
-    return subprocess.Popen(cmd, env=env_for(url), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            cwd=REPO)
+    return torchrun(SCRIPT, nproc, "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
+                    "--samples", str(SAMPLES), "--step-sleep", str(step_sleep), env=env_for(url))
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:

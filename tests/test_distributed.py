@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import (
+    DDP_EVERY,
+    DDP_SCRIPT,
+    DDP_STEPS,
+    REPO,
+    committed_steps,
+    env_for,
+    finish_session,
+    free_port,
+    torchrun,
+)
 
-from conftest import free_port
-from helpers import REPO, committed_steps, env_for, finish_session
 from spotrun.commit import list_checkpoints
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.notices.fake_server import FakeMetadataServer
@@ -28,35 +37,29 @@ from spotrun.storage import Storage
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
-STEPS, EVERY = 60, 10
+STEPS, EVERY = DDP_STEPS, DDP_EVERY  # the shared ``ddp_reference`` run's (conftest.py)
 TIMEOUT = 120  # a deadlocked pair of ranks would sit in a collective forever
 
 
 def _launch(url: str, pid_dir: Path | None = None, *, wrapper: bool = True,
             step_sleep: float = 0.0, **env: str) -> subprocess.Popen:
     """torchrun (or spotrun's torchrun wrapper) with two CPU workers running ddp_train.py."""
-    runner = ["-m", "spotrun.distributed"] if wrapper else ["-m", "torch.distributed.run"]
-    cmd = [sys.executable, *runner, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), SCRIPT, "--url", url, "--steps", str(STEPS),
-           "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)]
+    args = ["--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)]
     if pid_dir is not None:
-        cmd += ["--pid-dir", str(pid_dir)]
-    return subprocess.Popen(cmd, env=env_for(url, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            cwd=REPO)
+        args += ["--pid-dir", str(pid_dir)]
+    return torchrun(DDP_SCRIPT, 2, *args, env=env_for(url, **env), wrapper=wrapper)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return finish_session(proc, TIMEOUT)
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, url: str) -> None:
+def _wait_for_checkpoint(proc: subprocess.Popen, url: str, after: int = 0) -> None:
     deadline = time.monotonic() + TIMEOUT
-    while not committed_steps(url):
+    while max(committed_steps(url), default=0) <= after:
         if proc.poll() is not None:
             pytest.fail(f"torchrun exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
-        assert time.monotonic() < deadline, "no checkpoint committed"
+        assert time.monotonic() < deadline, f"no checkpoint after step {after} committed"
         time.sleep(0.05)
 
 
@@ -70,26 +73,19 @@ def _last_step(out: str, rank: int) -> int:
     return max(int(s) for s in re.findall(rf"^rank {rank} step (\d+)$", out, re.M))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """One uninterrupted torchrun run, the yardstick for every resumed one."""
-    url = str(tmp_path_factory.mktemp("ddp") / "reference")
-    code, out = _finish(_launch(url))
-    assert code == EXIT_FINISHED, out[-4000:]
-    assert _exits(out) == {0: (0, STEPS), 1: (0, STEPS)}
-    assert committed_steps(url)[-1] == STEPS
-    return url
-
-
-def _check_stopped_together(url: str, out: str, code: int, expect_code: int) -> int:
+def _check_stopped_together(url: str, out: str, code: int, expect_code: int, after: int) -> int:
+    """Both ranks exited 75 at one step past ``after`` (the step this launch resumed from),
+    and that step's checkpoint, both ranks' halves of it, is the newest and committed."""
     assert code == expect_code, out[-4000:]
+    if after:
+        assert f"resumed from step {after} " in out, out[-4000:]
     exits = _exits(out)
     assert set(exits) == {0, 1}, out[-4000:]
     (code0, step0), (code1, step1) = exits[0], exits[1]
     assert code0 == code1 == EXIT_INTERRUPTED, exits
     assert step0 == step1, f"ranks stopped at different steps: {exits}"
     stop = step0
-    assert 0 < stop < STEPS, f"stopped at {stop}; the interruption must land mid-run"
+    assert after < stop < STEPS, f"stopped at {stop} (resumed from {after}); the interruption must land mid-run"
     # No rank trained a step past the stop (and neither stopped early).
     assert _last_step(out, 0) == _last_step(out, 1) == stop
     infos = {c.step: c for c in list_checkpoints(Storage(url))}
@@ -99,16 +95,6 @@ def _check_stopped_together(url: str, out: str, code: int, expect_code: int) -> 
     assert manifest is not None and manifest.world_size == 2
     assert sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
     return stop
-
-
-def _resume_and_compare(url: str, reference: str, stop: int) -> None:
-    code, out = _finish(_launch(url))
-    assert code == EXIT_FINISHED, out[-4000:]
-    assert f"resumed from step {stop} " in out
-    assert _exits(out) == {0: (0, STEPS), 1: (0, STEPS)}
-    step, differences = compare_checkpoints(Storage(reference), Storage(url))
-    assert step == STEPS
-    assert differences == []
 
 
 def _wait_pids(pid_dir: Path) -> dict[int, int]:
@@ -121,64 +107,67 @@ def _wait_pids(pid_dir: Path) -> dict[int, int]:
     raise AssertionError("workers never wrote their pids")
 
 
-@pytest.mark.parametrize("rank", [1, 0])
-def test_sigterm_to_one_rank_stops_both_at_one_step(tmp_path, reference, rank):
-    """SIGTERM to rank 1 (not the committer) or rank 0 only: one checkpoint, both stop, 75."""
-    url, pids = str(tmp_path / "run"), tmp_path / "pids"
-    pids.mkdir()
-    proc = _launch(url, pids, step_sleep=0.05)
-    pid = _wait_pids(pids)[rank]
-    _wait_for_checkpoint(proc, url)
+def _sigterm_one_rank(url: str, pid_dir: Path, rank: int, after: int, *, wrapper: bool = True) -> tuple[int, str]:
+    pid_dir.mkdir()
+    proc = _launch(url, pid_dir, wrapper=wrapper, step_sleep=0.05)
+    pid = _wait_pids(pid_dir)[rank]
+    _wait_for_checkpoint(proc, url, after)
     time.sleep(0.12)  # a couple of steps past the scheduled checkpoint
     os.kill(pid, signal.SIGTERM)
-    code, out = _finish(proc)
-    stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED)
-    # Only the signalled rank saw the signal; the other stopped through the agreement.
-    assert f"rank{rank} spotrun signal notice 'SIGTERM'" in out
-    assert f"rank{1 - rank} spotrun signal notice" not in out
-    _resume_and_compare(url, reference, stop)
+    return _finish(proc)
 
 
-def test_plain_torchrun_exits_1_when_workers_exit_75(tmp_path):
-    """What torchrun itself does (why spotrun.distributed exists): exit 1, not 75."""
-    url, pids = str(tmp_path / "run"), tmp_path / "pids"
-    pids.mkdir()
-    proc = _launch(url, pids, wrapper=False, step_sleep=0.05)
-    pid = _wait_pids(pids)[1]
-    _wait_for_checkpoint(proc, url)
-    os.kill(pid, signal.SIGTERM)
-    code, out = _finish(proc)
-    _check_stopped_together(url, out, code, 1)
-    assert "exitcode  : 75" in out
+def test_every_kind_of_stop_stops_both_ranks_at_one_step_and_resumes_bit_exact(tmp_path, ddp_reference):
+    """One run through six launches, each resuming from the checkpoint the one before
+    stopped at (one chain: every torchrun start costs seconds of a loaded 2-core box):
 
-
-def test_notice_to_one_rank_only_stops_both_at_one_step(tmp_path, reference):
-    """Rank 1 alone watches a metadata server; rank 0 never sees the notice, yet stops."""
+    1. SIGTERM to rank 1 only (not the committer), 2. SIGTERM to rank 0 only: one checkpoint,
+       both stop, exit 75; only the signalled rank saw the signal, the other stopped through
+       the per-step agreement;
+    3. a notice that only rank 1 sees (it alone watches a metadata server);
+    4. plain torchrun (why spotrun.distributed exists): its workers exit 75, it exits 1;
+    5. SIGTERM to torchrun itself (a machine shutting down): forwarded, all commit one step;
+    6. the finish, bit-exact against the uninterrupted run.
+    """
     url = str(tmp_path / "run")
+    stop = 0
+    for launch, rank in ((1, 1), (2, 0)):
+        code, out = _sigterm_one_rank(url, tmp_path / f"pids{launch}", rank, stop)
+        stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED, stop)
+        assert f"rank{rank} spotrun signal notice 'SIGTERM'" in out
+        assert f"rank{1 - rank} spotrun signal notice" not in out
+
     with FakeMetadataServer("ec2") as imds:
         proc = _launch(url, step_sleep=0.05, SPOTRUN_TEST_IMDS_RANK1=imds.url,
                        SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none")
-        _wait_for_checkpoint(proc, url)
+        _wait_for_checkpoint(proc, url, stop)
         imds.post_interruption("terminate", in_seconds=120)
         code, out = _finish(proc)
         # Only rank 1 ever asked the metadata service anything.
         assert any("instance-action" in path for _, path, _ in imds.requests)
-    stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED)
+    stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED, stop)
     assert "rank1 spotrun ec2 notice 'terminate'" in out
     assert "rank0 spotrun ec2 notice" not in out
     assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", out), out[-4000:]
-    _resume_and_compare(url, reference, stop)
 
+    code, out = _sigterm_one_rank(url, tmp_path / "pids4", 1, stop, wrapper=False)
+    stop = _check_stopped_together(url, out, code, 1, stop)
+    assert "exitcode  : 75" in out
 
-def test_sigterm_to_torchrun_itself_reaches_every_rank(tmp_path):
-    """What a machine shutting down does: torchrun forwards SIGTERM; all commit one step."""
-    url = str(tmp_path / "run")
     proc = _launch(url, step_sleep=0.05)
-    _wait_for_checkpoint(proc, url)
+    _wait_for_checkpoint(proc, url, stop)
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
     # torchrun does not report its workers' codes when it is signalled; their exit notes do.
-    _check_stopped_together(url, out, code, EXIT_INTERRUPTED)
+    stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED, stop)
+
+    code, out = _finish(_launch(url))
+    assert code == EXIT_FINISHED, out[-4000:]
+    assert f"resumed from step {stop} " in out
+    assert _exits(out) == {0: (0, STEPS), 1: (0, STEPS)}
+    step, differences = compare_checkpoints(Storage(ddp_reference), Storage(url))
+    assert step == STEPS
+    assert differences == []
 
 
 ABORT = str(REPO / "tests" / "scripts" / "abort_after_done.py")
@@ -188,7 +177,7 @@ def _wrapper_once(url: str, *args: str, env: dict | None = None) -> subprocess.C
     cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), ABORT, *args]
     return subprocess.run(cmd, env=env or env_for(url), capture_output=True, text=True,
-                          timeout=TIMEOUT, cwd=REPO)
+                          timeout=TIMEOUT, cwd=REPO, check=False)
 
 
 def test_wrapper_trusts_done_json_over_a_worker_that_aborts_after_it(tmp_path):

@@ -144,7 +144,8 @@ def test_http_run_url_refused(cmd, capsys):
     assert "s3://" in _one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("argv", [["ls", "/tmp/a\x00b"], ["launch", "--local", "--run-url", "/tmp/r\x00", "--", "true"]])
+@pytest.mark.parametrize("argv", [["ls", "/tmp/a\x00b"],
+                                  ["launch", "--local", "--run-url", "/tmp/r\x00", "--", "true"]])
 def test_nul_byte_in_a_path(argv, capsys):
     assert cli_main(argv) == 2
     assert "NUL" in _one_error_line(capsys.readouterr().err)

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, committed_steps, env_for, ledger_events, spawn
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn
 
 from spotrun.commit import list_damaged
 from spotrun.integrations.compare import compare_runs
-from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.storage import Storage
 
 EXAMPLE = str(REPO / "examples" / "accelerate_train.py")
@@ -30,10 +30,7 @@ def _env(url: str) -> dict[str, str]:
 
 
 def _run(url: str) -> str:
-    proc = spawn(ARGS, _env(url))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == EXIT_FINISHED, out[-4000:]
-    return out
+    return run_to_end(ARGS, _env(url))
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, committed_steps, env_for, ledger_events, spawn, wait_child
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
 from safetensors.torch import load_file
 
 from spotrun.commit import list_checkpoints, list_damaged
-from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.resume_check import compare_checkpoints, diff_state
 from spotrun.storage import Storage
@@ -35,10 +35,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
 
 
 def _run(url: str, *extra: str, timeout: float = 300, **env: str) -> str:
-    proc = spawn([*ARGS, *extra], _env(url, **env))
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == EXIT_FINISHED, out[-4000:]
-    return out
+    return run_to_end([*ARGS, *extra], _env(url, **env), timeout)
 
 
 def _final(url: str) -> dict:
@@ -52,7 +49,8 @@ def _final(url: str) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("hf") / "reference")
-    _run(url)
+    out = _run(url)
+    Path(url + ".out").write_text(out)  # for the noise check below
     return url
 
 
@@ -177,3 +175,13 @@ def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, 
     assert committed_steps(url) == [4, 6]
     resumed = [r["step"] for r in ledger_events(url, "training_resumed")]
     assert resumed == [0, 4]
+
+
+@pytest.mark.slow
+def test_example_prints_none_of_its_own_noise(reference):
+    """Issue 23 item 9: no warning about the example's own config (bos/eos ids outside its
+    vocabulary) and no progress bar per save (spotrun logs each commit instead)."""
+    out = Path(reference + ".out").read_text()
+    assert "committed" in out
+    assert "bos_token_id" not in out and "eos_token_id" not in out
+    assert "Writing model shards" not in out

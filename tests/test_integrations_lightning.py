@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, committed_steps, env_for, ledger_events, spawn, wait_child
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
 
 from spotrun.commit import list_checkpoints, list_damaged
-from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.resume_check import compare_checkpoints
 from spotrun.storage import Storage
@@ -32,10 +32,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
 
 
 def _run(url: str, *extra: str, timeout: float = 300) -> str:
-    proc = spawn([*ARGS, *extra], _env(url))
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == EXIT_FINISHED, out[-4000:]
-    return out
+    return run_to_end([*ARGS, *extra], _env(url), timeout)
 
 
 def _read_until(proc, needle: str, timeout: float = 120.0) -> str:

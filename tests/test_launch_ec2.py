@@ -401,7 +401,8 @@ def test_resume_after_controller_died_starts_no_duplicate(world: World, storage:
     (first,) = world.running(run_id)
 
     launches: list[dict] = []
-    world.client.meta.events.register("provide-client-params.ec2.CreateFleet", lambda params, **_: launches.append(params))
+    world.client.meta.events.register("provide-client-params.ec2.CreateFleet",
+                                      lambda params, **_: launches.append(params))
     seen: list[list[str]] = []
 
     def watch(ctl2: Ec2Controller) -> None:
@@ -432,7 +433,8 @@ def test_resume_adopts_instance_launched_before_state_was_written(world: World, 
     assert load_state(storage).current is None
 
     launches: list[dict] = []
-    world.client.meta.events.register("provide-client-params.ec2.CreateFleet", lambda params, **_: launches.append(params))
+    world.client.meta.events.register("provide-client-params.ec2.CreateFleet",
+                                      lambda params, **_: launches.append(params))
     ctl2 = Ec2Controller.resume(storage, Ec2Api(world.client), timing=FAST)
     ctl2.sleep = lambda _s: storage.write_bytes("done.json", b"{}")
     assert ctl2.run().status == "finished"

@@ -181,7 +181,7 @@ def test_two_nodes_one_lost_all_relaunched_ledger_and_cost(cloud: Cloud, storage
     assert cloud.templates(HOME) == [] and ctl.state.placement_groups == {}
 
     # Cluster files: nodes sorted by instance id (node 0 = head), private addresses, per attempt.
-    for ids, spec in zip(seen, clusters):
+    for ids, spec in zip(seen, clusters, strict=False):
         assert [n["instance_id"] for n in spec["nodes"]] == sorted(ids)
         addrs = [n["address"] for n in spec["nodes"]]
         assert all(a.startswith("10.0.1.") for a in addrs) and len(set(addrs)) == 2
@@ -301,7 +301,8 @@ def test_region_failover_before_on_demand_and_back_home(cloud: Cloud, storage: S
     assert [m for m, _ in scarce.requests] == ["spot", "spot"]  # home twice, never on-demand
     (west,) = cloud.fleets[OTHER]
     # Outside home: no --subnets (the default VPC), both types in one request.
-    assert sorted(o["InstanceType"] for o in west["LaunchTemplateConfigs"][0]["Overrides"]) == ["g5.xlarge", "g6.xlarge"]
+    assert sorted(o["InstanceType"] for o in west["LaunchTemplateConfigs"][0]["Overrides"]) == [
+        "g5.xlarge", "g6.xlarge"]
     assert all("SubnetId" not in o for o in west["LaunchTemplateConfigs"][0]["Overrides"])
     assert f"no spot capacity in any pool of {HOME}; trying {OTHER}" in out.getvalue()
     starts = [r["instance"]["region"] for r in launcher_records(storage) if r["event"] == "segment_started"]
@@ -365,7 +366,8 @@ def test_max_wait_gives_up_and_resume_keeps_counting(cloud: Cloud, storage: Stor
         raise Died
 
     timing = Timing(poll_s=0, capacity_retry_s=1200, spot_wait_s=0, finish_grace_s=0, missing_grace_s=0)
-    opts = options(cloud, storage, nodes=1, nproc_per_node=None, regions=[HOME, OTHER], ami=None, amis={HOME: AMI, OTHER: AMI}, max_wait_s=3600.0)
+    opts = options(cloud, storage, nodes=1, nproc_per_node=None, regions=[HOME, OTHER], ami=None,
+                   amis={HOME: AMI, OTHER: AMI}, max_wait_s=3600.0)
     ctl = controller(cloud, storage, opts, die, clock=now, timing=timing)
     with pytest.raises(Died):
         ctl.run()

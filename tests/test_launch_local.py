@@ -205,7 +205,7 @@ def _assert_same(a: object, b: object, path: str = "") -> None:
             _assert_same(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, path

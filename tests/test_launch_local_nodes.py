@@ -5,13 +5,15 @@ with its own fake metadata service, joined through a real torchrun c10d rendezvo
 127.0.0.1; the workers are tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic).
 Issue 14 item 8 (with items 2 and 5 for the local backend):
 
-- an uninterrupted 2-node launch (the reference, shared): 2 ledger segments of one group,
-  both nodes' output readable with ``spotrun logs``;
-- one run over two launches: a node vanishing without notice (SIGKILL of its agent and
-  workers, the survivor fails), ``spotrun stop`` (SIGINT to every node, one checkpoint), the
-  same command again, a notice to one node (both stop at one step); each relaunching the
-  whole job from the last committed checkpoint; the final state is bit-exact against the
-  reference; the ledger has N segments per attempt, the cost report an attempt/node column;
+- one run over two launches: the joining node vanishing without notice (SIGKILL of its
+  agent and workers, the survivor fails), ``spotrun stop`` (SIGINT to every node, one
+  checkpoint), the same command again, a notice to one node (both stop at one step, only
+  that node heard it); each relaunching the whole job from the last committed checkpoint;
+  the last attempt's 2 ledger segments of one group finish, its cluster file names both
+  nodes on loopback, both nodes' output is readable with ``spotrun logs``; the final state
+  is bit-exact against the shared uninterrupted 2-rank run (``ddp_reference``,
+  conftest.py: two nodes of one rank train as two ranks on one machine do); the ledger has
+  N segments per attempt, the cost report an attempt/node column;
 - the single-node SIGKILL after the grace period reaches a process in a session of its own.
 """
 
@@ -27,16 +29,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import DDP_EVERY, DDP_SCRIPT, DDP_STEPS, REPO
 
+from spotrun.commit import list_checkpoints
 from spotrun.launch.common import last_checkpoint
 from spotrun.launch.state import load_state
 from spotrun.ledger import Ledger
 from spotrun.resume_check import compare_checkpoints
 from spotrun.storage import Storage
 
-SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
-STEPS, EVERY = 120, 10
+SCRIPT = DDP_SCRIPT
+STEPS, EVERY = DDP_STEPS, DDP_EVERY  # the shared ``ddp_reference`` run's (conftest.py)
 TIMEOUT = 420  # three 2-node attempts on a loaded 2-core box; a hang would be forever
 
 
@@ -75,17 +78,6 @@ def _attempts(run: Path) -> dict[str, list[tuple[str, int, str | None]]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, child_env_module) -> Path:
-    """One uninterrupted 2-node launch, the yardstick for the interrupted one."""
-    run = tmp_path_factory.mktemp("localnodes") / "reference"
-    code, out, took = _launch(child_env_module, run, "--interruptions", "0")
-    print(f"uninterrupted 2-node launch: {took:.1f}s")
-    assert code == 0, out[-6000:]
-    assert (run / "done.json").exists()
-    return run
-
-
-@pytest.fixture(scope="module")
 def child_env_module() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -93,25 +85,15 @@ def child_env_module() -> dict:
     return env
 
 
-@pytest.mark.slow
-def test_two_nodes_finish_with_ledger_and_logs(reference: Path, child_env_module: dict) -> None:
-    assert _attempts(reference) == {"sim-1": [("sim-1-n0", 0, "finished"), ("sim-1-n1", 1, "finished")]}
-    # The cluster file the launcher wrote: both nodes on loopback, node 0 hosts the store.
-    spec = json.loads((reference / "launch" / "nodes" / "sim-1-n1.json").read_text())
-    assert [n["instance_id"] for n in spec["nodes"]] == ["sim-1-n0", "sim-1-n1"]
-    assert spec["segment"] == "sim-1" and spec["rdzv_id"].endswith("-sim-1")
-    for node in (0, 1):
-        logs = _cli(child_env_module, "logs", str(reference), "--segment", "sim-1", "--node", str(node))
-        assert logs.returncode == 0, logs.stderr
-        assert f"spotrun node sim-1-n{node}: node {node} of 2 in segment sim-1" in logs.stdout
-        assert re.search(rf"^rank \d exit 0 at step {STEPS}$", logs.stdout, re.MULTILINE), logs.stdout[-3000:]
-    both = _cli(child_env_module, "logs", str(reference))
-    assert "==> sim-1 node-0 <==" in both.stdout and "==> sim-1 node-1 <==" in both.stdout
+def _node_log(child_env: dict, run: Path, segment: str, node: int) -> str:
+    logs = _cli(child_env, "logs", str(run), "--segment", segment, "--node", str(node))
+    assert logs.returncode == 0, logs.stderr
+    return logs.stdout
 
 
 @pytest.mark.slow
 def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
-        tmp_path: Path, reference: Path, child_env_module: dict) -> None:
+        tmp_path: Path, ddp_reference: str, child_env_module: dict) -> None:
     """Launch 1: a node vanishes (sim-1), the relaunch (sim-2) is stopped with spotrun stop.
     Launch 2 (the same command): a notice to one node (sim-3), then the finish (sim-4)."""
     run, log1 = tmp_path / "run", tmp_path / "launch1.out"
@@ -145,13 +127,16 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     stopped_at = last_checkpoint(storage)
     assert stopped_at is not None and stopped_at < STEPS and not (run / "done.json").exists()
     (lost,) = re.findall(r"(sim-1-n\d) \(node \d\) vanished without notice", first)
+    # The joining node (--seed 5 draws it); the head's loss is test_launch_node_e2e's.
+    assert lost == "sim-1-n1", first[-8000:]
 
     code, second, took2 = _launch(child_env_module, run, "--interruptions", "1", "--grace", "1",
                                   "--seed", "5", step_sleep=0.05)
     print(f"2-node launches: node loss + stop {took1:.1f}s, notice + finish {took2:.1f}s")
     assert code == 0, second[-8000:]
     assert f"resuming after step {stopped_at})" in second
-    assert re.search(r"spot interruption notice for sim-3-n\d \(node \d\)", second), second[-8000:]
+    (noticed,) = re.findall(r"spot interruption notice for sim-3-n(\d) \(node \d\)", second) or [None]
+    assert noticed is not None, second[-8000:]
     assert re.search(r"sim-3 ended: interrupted \(simulated spot interruption", second)
     assert re.search(r"sim-1 ended: interrupted \(simulated node loss", first)
     assert re.search(r"sim-2 ended: stopped", first)
@@ -163,9 +148,34 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     assert [(s.segment_id, s.group, s.node) for s in state.segments][:2] == [
         ("sim-1-n0", "sim-1", 0), ("sim-1-n1", "sim-1", 1)]
 
+    # The notice reached one node only, yet both stopped at one step and wrote their halves
+    # of one committed checkpoint.
+    notice_logs = {node: _node_log(child_env_module, run, "sim-3", node) for node in (0, 1)}
+    assert "ec2 notice 'terminate'" in notice_logs[int(noticed)], notice_logs[int(noticed)][-3000:]
+    assert "ec2 notice" not in notice_logs[1 - int(noticed)]
+    stops = {re.findall(r"^rank \d exit (\d+) at step (\d+)$", text, re.MULTILINE)[-1]
+             for text in notice_logs.values()}
+    assert len(stops) == 1 and next(iter(stops))[0] == "75", stops
+    notice_stop = int(next(iter(stops))[1])
+    manifest = {c.step: c for c in list_checkpoints(storage)}[notice_stop].manifest
+    assert manifest is not None and sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
+
+    # The finishing attempt: the cluster file the launcher wrote names both nodes on
+    # loopback, node 0 hosts the store; both nodes' output is in the run's logs.
+    spec = json.loads((run / "launch" / "nodes" / "sim-4-n1.json").read_text())
+    assert [n["instance_id"] for n in spec["nodes"]] == ["sim-4-n0", "sim-4-n1"]
+    assert spec["segment"] == "sim-4" and spec["rdzv_id"].endswith("-sim-4")
+    for node in (0, 1):
+        text = _node_log(child_env_module, run, "sim-4", node)
+        assert f"spotrun node sim-4-n{node}: node {node} of 2 in segment sim-4" in text, text[-3000:]
+        assert re.search(rf"^rank \d exit 0 at step {STEPS}$", text, re.MULTILINE), text[-3000:]
+    both = _cli(child_env_module, "logs", str(run))
+    assert "==> sim-4 node-0 <==" in both.stdout and "==> sim-4 node-1 <==" in both.stdout
+
     # Resumed from the last committed checkpoint every time, and ended where an
     # uninterrupted run does, bit for bit.
-    step, differences = compare_checkpoints(Storage(str(reference)), storage)
+    assert (run / "done.json").exists()
+    step, differences = compare_checkpoints(Storage(ddp_reference), storage)
     assert step == STEPS and differences == []
 
     # The cost report prices eight node segments in four attempts, two interrupted.

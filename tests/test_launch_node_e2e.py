@@ -5,19 +5,22 @@ and the run URL, finds the head through its cluster file and joins a real torchr
 rendezvous on 127.0.0.1 (node-a hosts the store, node-b joins). The workers are
 tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic). Issue 14 items 1, 2 and 8:
 
-- uninterrupted: both nodes finish, done.json (the reference);
-- one job through four segments, each relaunch a new segment (new rendezvous id and port):
+- one job through three segments, each relaunch a new segment (new rendezvous id and port):
   a notice to one node only (both wrappers exit 75 at the same step, one checkpoint); then
-  a joining node's machine vanishes, then the head's (SIGKILL of its agent and workers, no
-  notice: the survivor's collectives fail and its wrapper exits non-zero); the last segment
-  resumes from the last committed checkpoint and the final state is bit-exact. Chained in
-  one test because each 2-node start costs ~10-30 s of a loaded 2-core box;
+  the head's machine vanishes (SIGKILL of its agent and workers, no notice: the survivor's
+  collectives fail and its wrapper exits non-zero); the last segment resumes from the last
+  committed checkpoint, both nodes finish (done.json) and the final state is bit-exact
+  against the shared uninterrupted 2-rank run (``ddp_reference``, conftest.py). Chained in
+  one test because each 2-node start costs ~10-30 s of a loaded 2-core box. A joining
+  node's machine vanishing is test_launch_local_nodes' first attempt (the same node
+  launcher, through the CLI);
 - a SIGTERM to a node's process group reaches each worker once (a 1-node job with a
   worker that counts signals and imports no torch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -27,9 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DDP_EVERY, DDP_SCRIPT, DDP_STEPS, REPO, committed_steps, env_for, finish_session, free_port
 
-from conftest import free_port
-from helpers import REPO, committed_steps, env_for, finish_session
 from spotrun.commit import list_checkpoints
 from spotrun.launch.node import ClusterSpec, write_cluster
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
@@ -39,8 +41,8 @@ from spotrun.storage import Storage
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
-STEPS, EVERY = 80, 10
+SCRIPT = DDP_SCRIPT
+STEPS, EVERY = DDP_STEPS, DDP_EVERY  # the shared ``ddp_reference`` run's (conftest.py)
 NODES = ("node-a", "node-b")  # node-a hosts the rendezvous store
 TIMEOUT = 180  # two nodes, four torch imports on a loaded 2-core box; a deadlock would be forever
 
@@ -86,16 +88,6 @@ def _show(results: dict[str, tuple[int, str]]) -> str:
     return "\n".join(f"--- {n} exited {c}:\n{o[-3000:]}" for n, (c, o) in results.items())
 
 
-def _wait_for_checkpoint(procs: dict[str, subprocess.Popen], url: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not committed_steps(url):
-        for n, p in procs.items():
-            if p.poll() is not None:
-                pytest.fail(f"{n} exited {p.returncode} early:\n{p.communicate()[0][-4000:]}")
-        assert time.monotonic() < deadline, "no checkpoint committed"
-        time.sleep(0.05)
-
-
 def _wait_for_checkpoint_after(procs: dict[str, subprocess.Popen], url: str, after: int) -> None:
     deadline = time.monotonic() + TIMEOUT
     while max(committed_steps(url), default=0) <= after:
@@ -108,30 +100,6 @@ def _wait_for_checkpoint_after(procs: dict[str, subprocess.Popen], url: str, aft
 
 def _resumed_from(results: dict[str, tuple[int, str]], step: int) -> None:
     assert any(f"resumed from step {step} " in out for _, out in results.values()), _show(results)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """One uninterrupted 2-node run, the yardstick for every resumed one."""
-    url = str(tmp_path_factory.mktemp("nodes") / "reference")
-    t0 = time.monotonic()
-    results = _finish_all(_job(url, "s1"))
-    print(f"uninterrupted 2-node run: {time.monotonic() - t0:.1f}s")
-    for (code, out) in results.values():
-        assert code == EXIT_FINISHED, _show(results)
-        assert _exit_line(out) == (EXIT_FINISHED, STEPS), _show(results)
-    assert "node 0 of 2" in results["node-a"][1] and "host" in results["node-a"][1]
-    assert "node 1 of 2" in results["node-b"][1]
-    assert (Path(url) / "done.json").exists()
-    assert committed_steps(url) == list(range(EVERY, STEPS + 1, EVERY))
-    manifest = {c.step: c for c in list_checkpoints(Storage(url))}[STEPS].manifest
-    assert manifest is not None and manifest.world_size == 2
-    return url
-
-
-def test_two_nodes_finish(reference):
-    """The fixture's assertions are the test: a 2-node job through cluster files finishes."""
-    assert Path(reference, "done.json").exists()
 
 
 def test_sigterm_to_a_nodes_process_group_reaches_each_worker_once(tmp_path):
@@ -197,10 +165,8 @@ def _vanish(procs: dict[str, subprocess.Popen], victim: str) -> tuple[str, int, 
     t_kill = time.monotonic()
     os.killpg(procs[victim].pid, signal.SIGKILL)
     for pid in doomed:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     survivor = next(n for n in NODES if n != victim)
     code, out = finish_session(procs[survivor], TIMEOUT)
     took = time.monotonic() - t_kill
@@ -208,7 +174,7 @@ def _vanish(procs: dict[str, subprocess.Popen], victim: str) -> tuple[str, int, 
     return survivor, code, took, out
 
 
-def test_notice_then_vanished_nodes_relaunch_and_finish_bit_exact(tmp_path, reference):
+def test_notice_then_vanished_head_relaunch_and_finish_bit_exact(tmp_path, ddp_reference):
     url = str(tmp_path / "run")
     times: list[str] = []
 
@@ -238,36 +204,42 @@ def test_notice_then_vanished_nodes_relaunch_and_finish_bit_exact(tmp_path, refe
     assert max(infos) == stop and all(c.status == "committed" for c in infos.values()), infos
     assert sorted(infos[stop].manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
 
-    # Segments 2 and 3: a joining node vanishes, then the head (the store's host) does.
+    # Segment 2: the head (the store's host) vanishes.
     last = stop
-    for segment, victim in (("s2", "node-b"), ("s3", "node-a")):
-        t0 = time.monotonic()
-        procs = _job(url, segment, step_sleep=0.05)
-        _wait_for_checkpoint_after(procs, url, last)
-        time.sleep(0.3)  # a few steps past it
-        survivor, code, took, out = _vanish(procs, victim)
-        times.append(f"{segment}: {victim} killed {time.monotonic() - t0 - took:.1f}s after "
-                     f"start; survivor {survivor} exited {code} {took:.1f}s after the kill")
-        # What the survivor said (shown with pytest -s; the launchers classify on it).
-        times.extend([f"  {survivor}: {line[:200]}" for line in out.splitlines()
-                     if re.search(r"Error|error|exitcode|exited", line)][:8])
-        assert code not in (EXIT_FINISHED, EXIT_INTERRUPTED), out[-4000:]
-        assert f"resumed from step {last} " in out, out[-4000:]
-        assert not Path(url, "done.json").exists()
-        assert max(committed_steps(url)) > last
-        last = max(committed_steps(url))
-    assert last < STEPS, "the run finished before the last kill; give it more steps"
-
-    # Segment 4: resumes from the last committed checkpoint, finishes bit-exact.
     t0 = time.monotonic()
-    results = _finish_all(_job(url, "s4"))
-    times.append(f"s4 finish: {time.monotonic() - t0:.1f}s")
+    procs = _job(url, "s2", step_sleep=0.05)
+    _wait_for_checkpoint_after(procs, url, last)
+    time.sleep(0.3)  # a few steps past it
+    survivor, code, took, out = _vanish(procs, "node-a")
+    times.append(f"s2: node-a killed {time.monotonic() - t0 - took:.1f}s after "
+                 f"start; survivor {survivor} exited {code} {took:.1f}s after the kill")
+    # What the survivor said (shown with pytest -s; the launchers classify on it).
+    times.extend([f"  {survivor}: {line[:200]}" for line in out.splitlines()
+                 if re.search(r"Error|error|exitcode|exited", line)][:8])
+    assert code not in (EXIT_FINISHED, EXIT_INTERRUPTED), out[-4000:]
+    assert f"resumed from step {last} " in out, out[-4000:]
+    assert not Path(url, "done.json").exists()
+    assert max(committed_steps(url)) > last
+    last = max(committed_steps(url))
+    assert last < STEPS, "the run finished before the kill; give it more steps"
+
+    # Segment 3: resumes from the last committed checkpoint, both nodes finish, bit-exact.
+    t0 = time.monotonic()
+    results = _finish_all(_job(url, "s3"))
+    times.append(f"s3 finish: {time.monotonic() - t0:.1f}s")
     print("\n".join(times))
     for (code, out) in results.values():
         assert code == EXIT_FINISHED, _show(results)
         assert _exit_line(out) == (EXIT_FINISHED, STEPS), _show(results)
-        assert "test-s4" in out  # joined the new rendezvous, not an old one
+        assert "test-s3" in out  # joined the new rendezvous, not an old one
+    assert "node 0 of 2" in results["node-a"][1] and "host" in results["node-a"][1]
+    assert "node 1 of 2" in results["node-b"][1]
     _resumed_from(results, last)
-    step, differences = compare_checkpoints(Storage(reference), Storage(url))
+    assert Path(url, "done.json").exists()
+    # Every scheduled checkpoint after the resume, the last one written by both nodes' ranks.
+    assert set(range(last - last % EVERY + EVERY, STEPS + 1, EVERY)) <= set(committed_steps(url))
+    manifest = {c.step: c for c in list_checkpoints(Storage(url))}[STEPS].manifest
+    assert manifest is not None and manifest.world_size == 2
+    step, differences = compare_checkpoints(Storage(ddp_reference), Storage(url))
     assert step == STEPS
     assert differences == []

@@ -18,8 +18,8 @@ import pytest
 
 from spotrun.errors import ConfigError
 from spotrun.launch.node import ClusterSpec, write_cluster
-from spotrun.storage import Storage
 from spotrun.launch.userdata import MAX_USER_DATA_BYTES, build_user_data, check_no_secrets
+from spotrun.storage import Storage
 
 CURL = """#!/bin/bash
 echo "$*" >> "$SHIM_LOG/curl.log"
@@ -95,7 +95,7 @@ def test_failed_setup_is_recorded_and_skips_the_command(tmp_path: Path, child_en
     run = tmp_path / "run"
     script = build_user_data(run_url=str(run), run_id="r1", command=probe_command(tmp_path / "env.json", 0),
                              setup=["true", "false", "echo never > /dev/null"])
-    d, proc = run_script(tmp_path, child_env, script)
+    d, _proc = run_script(tmp_path, child_env, script)
     assert not (tmp_path / "env.json").exists()
     record = json.loads((run / "launch" / "exit-i-0123456789abcdef0.json").read_text())
     assert record["exit_code"] == 1 and record["stage"] == "setup"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import ClassVar
 
 import fsspec
 import pytest
@@ -19,8 +20,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 import spotrun
 from spotrun.commit import find_latest_valid
-from spotrun.layout import LEDGER_DIR
 from spotrun.events import TrainingResumed
+from spotrun.layout import LEDGER_DIR
 from spotrun.ledger import BackgroundLedger, Ledger
 from spotrun.storage import Storage
 
@@ -29,8 +30,8 @@ class HangMemFS(MemoryFileSystem):
     """Memory storage whose ledger writes block while ``HangMemFS.hang`` is clear."""
 
     protocol = ("hangmem",)
-    store: dict = {}
-    pseudo_dirs = [""]
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list] = [""]
     release = threading.Event()
     entered = threading.Event()  # set once a ledger write is stuck
 

@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from statistics import median
 
 import pytest
-
 from conftest import free_port
 from helpers import EXAMPLE, REPO, env_for, spawn
+
 from spotrun.commit import list_checkpoints
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.ledger import Ledger

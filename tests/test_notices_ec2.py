@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from helpers import Inbox, wait_until
+
 from spotrun.errors import ConfigError
 from spotrun.instance import InstanceInfo
 from spotrun.notices import Ec2Watcher, Notice, watchers_from_env
@@ -344,7 +344,7 @@ def test_detection_latency_is_within_one_poll_interval(capsys):
             w = Ec2Watcher(imds.url, poll_interval=interval)
             w.start(inbox)
             try:
-                assert wait_until(lambda: w.state == "polling")
+                assert wait_until(lambda w=w: w.state == "polling")
                 # Post at a random phase of the poll cycle.
                 time.sleep(interval * (0.1 + 0.8 * (len(latencies) / 5)))
                 posted = time.monotonic()

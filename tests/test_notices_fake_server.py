@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -218,7 +219,7 @@ def test_runs_as_a_process_and_is_driven_by_control(tmp_path, child_env, http):
         control(printed, "expire-tokens")
         r = http.get(printed + "/latest/meta-data/instance-type", headers=h, timeout=2)
         assert r.status_code == 401
-        with pytest.raises(Exception):
+        with pytest.raises(urllib.error.HTTPError):
             control(printed, "no-such-op")
     finally:
         proc.terminate()

@@ -6,8 +6,8 @@ import socket
 import time
 
 import pytest
-
 from helpers import Inbox, wait_until
+
 from spotrun.instance import InstanceInfo
 from spotrun.notices import AzureWatcher, GcpWatcher
 from spotrun.notices.fake_server import AZURE_VM_NAME, FakeMetadataServer

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
-from helpers import REPO
+from helpers import REPO, finish_session, torchrun
 
 from spotrun.commit import commit, list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.errors import (
@@ -32,6 +28,7 @@ from spotrun.sharded import (
     ShardedSaver,
     is_sharded,
     is_sharded_checkpoint,
+    read_full,
     read_sharded,
     write_sharded,
 )
@@ -42,17 +39,8 @@ TIMEOUT = 420  # 4 CPU ranks on a loaded 2-core machine are slow; a hang must st
 
 
 def _torchrun(nproc: int, *args: str, env: dict) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT, *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=REPO)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s (deadlock?)\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-6000:]
+    code, out = finish_session(torchrun(SCRIPT, nproc, *args, env=env, wrapper=False), TIMEOUT)
+    assert code == 0, out[-6000:]
     return out
 
 
@@ -76,8 +64,10 @@ def _check_manifest(url: str, world: int) -> Manifest:
     manifest = read_manifest(storage, 3)
     assert manifest.world_size == world
     assert is_sharded_checkpoint(manifest)
-    assert sorted(manifest.files) == sorted(
-        [DCP_METADATA] + [f"__{r}_0.distcp" for r in range(world)])
+    # One shard file per rank; small files of non-tensor values where DCP put some.
+    shards = {f"__{r}_0.distcp" for r in range(world)}
+    values = {f"__{r}_1.distcp" for r in range(world)}
+    assert {DCP_METADATA} | shards <= set(manifest.files) <= {DCP_METADATA} | shards | values
     assert verify_checkpoint(storage, manifest) == []
     return manifest
 
@@ -121,6 +111,11 @@ def test_damaged_shard_raises_corrupt_on_every_rank(tmp_path: Path, child_env: d
     errors = re.findall(r"rank \d+ error [^\n]*", out)
     assert len(errors) == 2 and all("CorruptCheckpointError" in e and "__1_0.distcp" in e
                                     for e in errors), out[-4000:]
+    # One process reading both ranks' files (read and verified in parallel) names the same
+    # file, whichever read finishes first.
+    storage = Storage(url)
+    with pytest.raises(CorruptCheckpointError, match="__1_0.distcp"):
+        read_full(storage, read_manifest(storage, 3))
 
 
 @pytest.mark.slow
@@ -158,7 +153,8 @@ def test_roundtrip_single_process(tmp_path: Path, scheme: str) -> None:
     url = str(tmp_path / "run") if scheme == "local" else f"memory://sharded-{os.getpid()}-rt"
     state = _state()
     storage, manifest = _write_and_commit(url, state)
-    assert sorted(manifest.files) == [DCP_METADATA, "__0_0.distcp"]
+    # Tensors in __0_0, the non-tensor values (the optimizer's lr) in the small __0_1.
+    assert sorted(manifest.files) == [DCP_METADATA, "__0_0.distcp", "__0_1.distcp"]
     assert verify_checkpoint(storage, read_manifest(storage, 7)) == []
     target = _zero_like(state)
     read_sharded(storage, manifest, target)
@@ -265,7 +261,7 @@ def test_saver_stage_reuses_buffers_and_sees_new_values(tmp_path: Path) -> None:
         assert torch.equal(second["model"]["w"], state["model"]["w"])
         assert second["optim"]["lr"] == 0.25
         files = saver.write_async(9, second).result()
-        assert {n for n, _ in files} == {DCP_METADATA, "__0_0.distcp"}
+        assert {n for n, _ in files} == {DCP_METADATA, "__0_0.distcp", "__0_1.distcp"}
         # A changed structure makes new buffers.
         state["model"]["w"] = torch.zeros(3)
         assert saver.stage(state)["model"]["w"].shape == (3,)

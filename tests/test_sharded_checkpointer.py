@@ -13,14 +13,12 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import REPO, committed_steps, env_for, finish_session, free_port, torchrun
 
 from spotrun.commit import list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.storage import Storage
-
-from conftest import free_port
-from helpers import REPO, committed_steps, env_for, finish_session
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +27,9 @@ STEPS, EVERY, SAMPLES = 40, 8, 240
 TIMEOUT = 300
 
 
-def _launch(url: str, nproc: int, *extra: str, **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
-           "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
-           "--samples", str(SAMPLES), *extra]
-    return subprocess.Popen(cmd, env=env_for(url, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            cwd=REPO)
+def _launch(url: str, nproc: int, *extra: str, env: dict[str, str] | None = None, **more: str) -> subprocess.Popen:
+    return torchrun(SCRIPT, nproc, "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
+                    "--samples", str(SAMPLES), *extra, env=env or env_for(url, **more))
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -57,11 +50,12 @@ def _per_epoch(out: str) -> dict[int, Counter]:
     return epochs
 
 
-def _interrupt(url: str, nproc: int, *extra: str) -> tuple[int, str]:
-    """Run on ``nproc`` ranks and SIGTERM the wrapper just after its first checkpoint."""
+def _interrupt(url: str, nproc: int, *extra: str, after: int = 0) -> tuple[int, str]:
+    """Run on ``nproc`` ranks and SIGTERM the wrapper just after its first checkpoint past
+    step ``after`` (the one it resumed from)."""
     proc = _launch(url, nproc, "--step-sleep", "0.05", *extra)
     deadline = time.monotonic() + TIMEOUT
-    while not committed_steps(url):
+    while max(committed_steps(url), default=0) <= after:
         if proc.poll() is not None:
             pytest.fail(f"exited {proc.returncode} early:\n{proc.communicate()[0][-4000:]}")
         assert time.monotonic() < deadline, "no checkpoint committed"
@@ -73,7 +67,9 @@ def _interrupt(url: str, nproc: int, *extra: str) -> tuple[int, str]:
     stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", out, re.MULTILINE))
     assert len(stops) == 1, out[-4000:]
     stop = int(stops.pop())
-    assert 0 < stop < STEPS and max(committed_steps(url)) == stop
+    assert after < stop < STEPS and max(committed_steps(url)) == stop
+    if after:
+        assert f"resumed from step {after}" in out, out[-4000:]
     return stop, out
 
 
@@ -83,23 +79,6 @@ def reference(tmp_path_factory) -> tuple[str, str]:
     code, out = _finish(_launch(url, 2))
     assert code == EXIT_FINISHED, out[-4000:]
     return _digest(out), out
-
-
-def test_sigterm_then_resume_is_bit_exact(tmp_path, reference):
-    digest, ref_out = reference
-    url = str(tmp_path / "run")
-    stop, first = _interrupt(url, 2)
-    # Every rank's shards, DCP's index and the rank files, all listed and verified.
-    st = Storage(url)
-    manifest = read_manifest(st, stop)
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt",
-            "rank-00001.pt"} <= set(manifest.files)
-    assert manifest.world_size == 2 and verify_checkpoint(st, manifest) == []
-    code, out = _finish(_launch(url, 2))
-    assert code == EXIT_FINISHED, out[-4000:]
-    assert f"resumed from step {stop}" in out
-    assert _digest(out) == digest
-    assert _per_epoch(first + out) == _per_epoch(ref_out)
 
 
 @pytest.mark.parametrize("before,after", [(2, 3), (3, 2)])
@@ -152,12 +131,7 @@ def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_pat
     url = f"slowfile://{path}"
     env = env_for(url)
     env["SPOTRUN_TEST_WRITE_DELAY"] = "0.3"  # every write call: saves take seconds
-    cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
-           "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
-           "--samples", str(SAMPLES)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=REPO)
+    proc = _launch(url, 2, env=env)
     lines: list[str] = []
     pids: dict[int, int] = {}
     while len(pids) < 2:
@@ -206,10 +180,16 @@ def test_check_resume_passes_under_the_wrapper(tmp_path):
     assert "1 of 1 interruptions delivered" in res.stdout, res.stdout
 
 
-def test_notice_to_one_rank_stops_every_rank_and_resumes_bit_exact(tmp_path, reference):
-    """Rank 1 alone sees a spot notice; the agreement stops both at one step, the sharded
-    stop checkpoint commits, and the resumed run ends bit-for-bit as the uninterrupted one."""
-    digest, _ = reference
+def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, reference):
+    """One run, three launches (each FSDP start costs seconds of a loaded box):
+
+    1. rank 1 alone sees a spot notice; the agreement stops both at one step and the sharded
+       stop checkpoint commits;
+    2. resumed from it, SIGTERM to the wrapper: both stop at one step again; every rank's
+       shards, DCP's index and the rank files are listed in the manifest and verify;
+    3. the finish ends bit-for-bit as the uninterrupted run, and across the three launches
+       every epoch read the samples the uninterrupted run read."""
+    digest, ref_out = reference
     url = str(tmp_path / "run")
     with FakeMetadataServer("ec2") as imds:
         proc = _launch(url, 2, "--step-sleep", "0.05", SPOTRUN_TEST_IMDS_RANK1=imds.url,
@@ -219,15 +199,24 @@ def test_notice_to_one_rank_stops_every_rank_and_resumes_bit_exact(tmp_path, ref
             assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
             time.sleep(0.05)
         imds.post_interruption("terminate", in_seconds=120)
-        code, out = _finish(proc)
-    assert code == EXIT_INTERRUPTED, out[-4000:]
-    assert "rank1 spotrun ec2 notice 'terminate'" in out and "rank0 spotrun ec2 notice" not in out
-    stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", out, re.MULTILINE))
-    assert len(stops) == 1, out[-4000:]
+        code, first = _finish(proc)
+    assert code == EXIT_INTERRUPTED, first[-4000:]
+    assert "rank1 spotrun ec2 notice 'terminate'" in first and "rank0 spotrun ec2 notice" not in first
+    stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", first, re.MULTILINE))
+    assert len(stops) == 1, first[-4000:]
     stop = int(stops.pop())
     assert max(committed_steps(url)) == stop
-    assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", out), out[-4000:]
+    assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", first), first[-4000:]
+
+    stop, second = _interrupt(url, 2, after=stop)
+    st = Storage(url)
+    manifest = read_manifest(st, stop)
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt",
+            "rank-00001.pt"} <= set(manifest.files)
+    assert manifest.world_size == 2 and verify_checkpoint(st, manifest) == []
+
     code, out = _finish(_launch(url, 2))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop}" in out
     assert _digest(out) == digest
+    assert _per_epoch(first + second + out) == _per_epoch(ref_out)

@@ -39,7 +39,7 @@ def test_sharded_true_writes_dcp_files_and_restores(tmp_path):
     with spotrun.Checkpointer(url, model=model, optimizer=opt, sharded=True,
                               watchers=[], handle_signals=False) as ck:
         assert ck.restore() == 4
-    for a, b in zip(trained.parameters(), model.parameters()):
+    for a, b in zip(trained.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert opt.state_dict()["state"][0]["step"] == 4
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from helpers import REPO, env_for, spawn, wait_for_line
 from spotrun.commit import find_latest_valid
 from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.storage import Storage
@@ -72,6 +72,6 @@ def test_failure_exits_nonzero_and_is_recorded(tmp_path):
         with spotrun.Checkpointer(url, model=torch.nn.Linear(2, 2), watchers=[],
                                   handle_signals=False) as ck:
             for _ in ck.range(3):
-                1 / 0
+                _ = 1 / 0
     ends = [r for r in Ledger(Storage(url)).records() if r["event"] == "segment_ended"]
     assert [r["reason"] for r in ends] == ["failed"]

@@ -78,7 +78,7 @@ def test_save_restore_roundtrip_and_retention(run_url):
                               handle_signals=False, watchers=[]) as ck2:
         assert ck2.restore() == 7
         assert ck2.values["epoch"] == 4
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
 

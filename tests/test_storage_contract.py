@@ -211,3 +211,41 @@ def test_register_backend(monkeypatch: pytest.MonkeyPatch) -> None:
         register_backend("other", object)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="protocol"):
         register_backend("", Backend)
+
+
+def test_backends_are_imported_on_first_use(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter: a run on local disk loads no other backend's module.
+    code = ("import sys; from spotrun.storage import Storage; Storage(sys.argv[1]).ensure_root("
+            "create=True); print(sorted(m for m in sys.modules if m.startswith('spotrun.storage.')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env=env,
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == "['spotrun.storage.base', 'spotrun.storage.local']"
+    # A "module:Class" entry is imported when a URL first needs it, and checked then.
+    monkeypatch.setattr(storage_base, "_BACKENDS", dict(storage_base._BACKENDS))
+    register_backend("memory", "spotrun.storage.fsspec:ObjectStoreBackend")
+    assert isinstance(storage_base._BACKENDS["memory"], str)
+    assert type(Storage("memory://lazy/x").backend) is ObjectStoreBackend
+    assert storage_base._BACKENDS["memory"] is ObjectStoreBackend
+    register_backend("s3", S3Backend)  # the class its string names: the same entry
+    register_backend("nope", "spotrun.storage.fsspec:NoSuchBackend")
+    with pytest.raises(ConfigError, match="'spotrun.storage.fsspec:NoSuchBackend'.*cannot be imported"):
+        Storage("nope://bucket/run")
+    with pytest.raises(ConfigError, match="package.module:Class"):
+        register_backend("other", "no_colon")
+
+
+def test_move_folder_moves_every_file_and_leaves_no_source(store: Storage) -> None:
+    files = {"manifest.json": b"{}", "rank-00000.pt": os.urandom(1000), "sub/x.bin": b"x"}
+    for name, data in files.items():
+        store.write_bytes(f"000000000007/{name}", data)
+    store.write_bytes("000000000008/manifest.json", b"{}")
+    store.move_folder("000000000007", "damaged/000000000007-moved", remove_first=["manifest.json"])
+    assert "000000000007" not in store.list_dir()
+    assert store.list_dir("damaged") == ["000000000007-moved"]
+    for name, data in files.items():
+        assert bytes(store.read_bytes(f"damaged/000000000007-moved/{name}")) == data
+    assert store.list_dir("000000000008") == ["manifest.json"]  # a neighbour is untouched

@@ -17,6 +17,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import boto3
 import pytest
@@ -46,7 +47,7 @@ class FaultProxy:
     ``seen`` records (method, path, query, status sent) for every request.
     """
 
-    _CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
+    _CODES: ClassVar[dict[int, str]] = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
 
     def __init__(self, upstream: str) -> None:
         self.upstream = urllib.parse.urlsplit(upstream)
@@ -315,13 +316,21 @@ def test_checkpoint_roundtrip_through_multipart(s3_bucket, monkeypatch):
 
 
 def test_knobs_are_validated(monkeypatch):
-    with pytest.raises(ConfigError, match="5 MiB"):
-        Storage("memory://x/y", part_size=MiB)
-    with pytest.raises(ConfigError, match="concurrency"):
-        Storage("memory://x/y", concurrency=0)
-    monkeypatch.setenv("SPOTRUN_S3_PART_MIB", "lots")
-    with pytest.raises(ConfigError, match="SPOTRUN_S3_PART_MIB"):
-        Storage("memory://x/y")
+    opts = {"skip_instance_cache": True}
+    with pytest.raises(ConfigError, match="part_size=1048576 is out of range.*5 MiB"):
+        Storage("s3://x/y", opts, part_size=MiB)
+    with pytest.raises(ConfigError, match="concurrency=0"):
+        Storage("s3://x/y", opts, concurrency=0)
+    for name, bad in (("SPOTRUN_S3_PART_MIB", "lots"), ("SPOTRUN_S3_PART_MIB", "4"),
+                      ("SPOTRUN_S3_CONCURRENCY", "0"), ("SPOTRUN_S3_RETRIES", "-1"),
+                      ("SPOTRUN_S3_RETRY_SECONDS", "nan"), ("SPOTRUN_S3_READ_TIMEOUT", "0")):
+        with monkeypatch.context() as env:
+            env.setenv(name, bad)
+            with pytest.raises(ConfigError, match=f"^{name}="):
+                Storage("s3://x/y", opts)
+            # S3's knobs are the S3 backend's: no other backend reads or refuses them.
+            for url in ("memory://x/y", "file:///tmp/spotrun-knobs"):
+                Storage(url, part_size=MiB, concurrency=0)
 
 
 class _Trickle(io.RawIOBase):

@@ -36,96 +36,42 @@ boundary, so a signal can never land inside a half-built checkpoint.
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import sys
 import threading
 import time
 import types
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
-from ..commit import DAMAGED_DIR, list_checkpoints, newest_valid, quarantine, verify_checkpoint
-from ..config import (
-    DEFAULT_STOP_MARGIN_S,
-    DEFAULT_STOP_TIMEOUT_S,
-    env_choice,
-    env_float_or_default,
-    env_str,
-)
-from ..data import ResumableLoader, rank_seed
-from ..distributed import Group, note_exit
-from ..errors import (
-    AllCheckpointsDamagedError,
-    CheckpointError,
-    CheckpointUnreadableError,
-    ConfigError,
-    CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    SaveError,
-    StorageError,
-    StorageNotFoundError,
-    UnsupportedFormatError,
-)
-from ..events import (
-    Event,
-    NoticeReceived,
-    SegmentEnded,
-    SegmentStarted,
-    TrainingResumed,
-)
-from ..layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
-from ..lease import acquire_run_lease, release_run_lease
-from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
-from ..manifest import Manifest
-from ..notices import Notice, Watcher
-from ..snapshot import check_loadable, check_plain, open_payload, payload_name, read_payload
-from ..state import (
-    check_stateful,
-    collect_rng_state,
-    load_object_state,
-    restore_rng_state,
-    seed_everything,
-    unwrap,
-)
+from .. import config
+from ..config import IF_ALL_DAMAGED_ENV  # noqa: F401 - importable from here, as before
+from ..data import ResumableLoader
+from ..distributed import Group
+from ..errors import ConfigError
+from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
+from ..lease import Lease
+from ..notices import Watcher
+from ..snapshot import check_loadable, check_plain
+from ..state import check_stateful, collect_rng_state, unwrap
 from ..storage import Storage, open_storage
-from .artifacts import artifact_paths, capture_artifacts, restore_artifacts
-from .interrupts import Interrupts
+from ..units import format_bytes
+from .artifacts import artifact_paths, capture_artifacts
+from .restore import PAYLOAD_FORMAT, RestoreProgress, Restorer
 from .saver import Saver
+from .segment import RunSegment, process_start_time  # noqa: F401 - importable from here
 
 __all__ = ["Checkpointer"]
 
 log = logging.getLogger("spotrun")
 
-PAYLOAD_FORMAT = 1
 DEFAULT_EVERY_SECONDS = 300.0
 #: A model can hold sharded state only once one of these is imported (by FSDP2, FSDP1, TP).
 _SHARDING_MODULES = ("torch.distributed.tensor", "torch.distributed.fsdp",
                      "torch.distributed._shard")
-#: What to do when every checkpoint is damaged (see ``if_all_damaged``), for launchers and
-#: wrappers that cannot change the training code.
-IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
-_IF_ALL_DAMAGED = ("fail", "start_fresh")
-
-
-def process_start_time() -> float:
-    """When this process started (epoch seconds), for the restart-overhead figure.
-
-    Includes interpreter start and imports (torch alone can take seconds), which a resumed
-    run really pays. Falls back to "now" where /proc is not available.
-    """
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
 
 
 def _named(kind: str, obj: Any) -> dict[str, Any]:
@@ -228,12 +174,7 @@ class Checkpointer:
             raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
         if when_busy not in ("wait", "skip"):
             raise ConfigError(f"when_busy={when_busy!r} must be 'wait' or 'skip'")
-        if if_all_damaged is None:
-            if_all_damaged = env_choice(IF_ALL_DAMAGED_ENV, _IF_ALL_DAMAGED, "fail")  # type: ignore[assignment]
-        elif if_all_damaged not in _IF_ALL_DAMAGED:
-            raise ConfigError(f"if_all_damaged={if_all_damaged!r} must be 'fail' or 'start_fresh'")
-        self.if_all_damaged = if_all_damaged
-        self._state_loaded_from: int | None = None
+        self.if_all_damaged = config.if_all_damaged(if_all_damaged)
         self.storage: Storage = open_storage(url, storage_options)
         self._model_names = list(_named("model", model))
         self._optimizer_names = list(_named("optimizer", optimizer))
@@ -270,24 +211,34 @@ class Checkpointer:
         self.weights_only = weights_only
         self.handle_signals = handle_signals
 
-        #: Completed training steps (restored on resume).
-        self.steps_done = 0
-        self._last_step_at: float | None = None
         self.finished = False
-        self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
+        #: Everything around the checkpoints: lease, signals and notices, ledger, the stop bound.
+        self._seg = RunSegment(self.storage, handle_signals=handle_signals, watchers=watchers)
+        self._interrupts = self._seg.interrupts
         self._group: Group | None = None
+        self._lease: Lease | None = None
         self._saver: Saver | None = None
-        # Ledger writes go through one background thread: a hanging storage must not
-        # block __enter__ or a step (it once blocked __enter__ for 9 minutes).
-        self._ledger_writer = BackgroundLedger(Ledger(self.storage))
         self._entered = False
         self._restored = False
-        self._interrupts = Interrupts(handle_signals=handle_signals, watchers=watchers)
         # The step range() handed out last, until step() counts it (see finish()).
         self._range_at: int | None = None
         self._stepped = False  # step() ran in this process
         self._raised: BaseException | None = None  # the SystemExit step() raised
         self._last_value_at_start: Any = None
+
+    @property
+    def steps_done(self) -> int:
+        """Completed training steps (restored on resume)."""
+        return self._seg.steps_done
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self._seg.steps_done = value
+
+    @property
+    def segment_id(self) -> str:
+        """This process's segment of the run (``$SPOTRUN_SEGMENT_ID`` under a launcher)."""
+        return self._seg.segment_id
 
     # -- context ---------------------------------------------------------------------------
 
@@ -314,35 +265,25 @@ class Checkpointer:
         if self._entered:
             raise RuntimeError("Checkpointer is already active; use one 'with' block (or one "
                                "start()/close() pair) per run")
-        self.storage.ensure_root(create=True)
-        self._group = Group()
+        seg = self._seg
+        self._group = seg.join()
         self.sharded = self._decide_sharded()  # before the lease: it may refuse the config
-        # One writer per run: rank 0 holds the run's lease from here to __exit__ (raises
-        # LeaseHeldError, on every rank, when another trainer has it).
-        self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
-        if self.sharded:
-            from ..sharded import ShardedSaver
+        self._lease = seg.begin()  # the lease (rank 0), signal handlers, notice watchers
+        try:
+            if self.sharded:
+                from ..sharded import ShardedSaver
 
-            # Collective (it makes the saver's own process group): every rank is here.
-            self._sharded_saver = ShardedSaver(self.storage)
+                # Collective (it makes the saver's own process group): every rank is here.
+                self._sharded_saver = ShardedSaver(self.storage)
+        except BaseException:
+            seg.release(interrupted=False)
+            raise
         self._saver = Saver(
             self.storage, self._group, keep_last=self.keep_last, async_save=self.async_save,
             when_busy=self.when_busy, metadata=self.metadata, segment_id=self.segment_id,
-            emit=self._emit, sharded=self._sharded_saver, lease=self._lease,
+            emit=seg.emit, sharded=self._sharded_saver, lease=self._lease,
         )
         self._entered = True
-        self._process_started_at = process_start_time()
-        try:
-            self._interrupts.start()
-        except BaseException:  # e.g. a bad SPOTRUN_NOTICE_SOURCE: leave nothing held
-            self._interrupts.restore_signal_handlers()
-            release_run_lease(self._lease, writing=False)
-            self._entered = False
-            raise
-        if self._group.is_main:
-            self._emit(SegmentStarted(segment_id=self.segment_id,
-                                      instance=self._interrupts.instance_info(),
-                                      started_at=self._process_started_at))
         self._last_value_at_start = getattr(sys, "last_value", None)
         self._raised = None
         _open_checkpointers.add(self)
@@ -382,21 +323,18 @@ class Checkpointer:
         if not self._entered:
             return
         exc_type = type(exc) if exc is not None else None
-        self._interrupts.stop_watchers()
+        seg = self._seg
+        seg.stop_listening()
         try:
             if self._saver is not None:
                 self._saver.finish_inflight(exc)
         finally:
-            if isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED:
-                note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed, if it is ours
-                self._interrupts.hold_until_exit()
-            else:
-                self._interrupts.restore_signal_handlers()
             self._entered = False
             # A save still writing (a second Ctrl-C) keeps the lease until this process ends.
-            release_run_lease(self._lease, writing=self._saver is not None and self._saver.writing)
+            seg.release(interrupted=isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED,
+                        lease_writing=self._saver is not None and self._saver.writing)
         if self._group is None or not self._group.is_main or self.finished:
-            self._flush_ledger()
+            seg.record_end(None)
             return
         if exc is None:
             self._warn_unfinished()
@@ -408,9 +346,7 @@ class Checkpointer:
             reason = "stopped"
         else:
             reason = "failed"
-        self._emit(SegmentEnded(segment_id=self.segment_id, reason=reason, ended_at=time.time(),
-                                steps_done=self.steps_done, last_step_at=self._last_step_at))
-        self._flush_ledger()
+        seg.record_end(reason)
 
     def _warn_unfinished(self) -> None:
         """A clean way out without :meth:`finish`: no done.json, which launchers read as a
@@ -444,13 +380,6 @@ class Checkpointer:
         """True once a signal or notice asked this process to stop."""
         return self._interrupts.stop_requested
 
-    def _on_notice(self, n: Notice) -> None:
-        # Every rank records what it saw (often only one rank sees a notice); the
-        # ledger takes concurrent writers without losing records.
-        self._emit(NoticeReceived(segment_id=self.segment_id, source=n.source, action=n.action,
-                                  notice_time=n.notice_time, detected_at=n.detected_at,
-                                  deadline=n.deadline))
-
     # -- the loop --------------------------------------------------------------------------
 
     def range(self, total_steps: int) -> Iterator[int]:
@@ -475,19 +404,20 @@ class Checkpointer:
         ``steps_done`` is the count of completed steps (default: one more than before). Saves
         when a schedule or notice says so; after a stop request, saves, waits for the commit
         and raises ``SystemExit(EXIT_INTERRUPTED)`` so a supervisor knows to relaunch
-        (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint could not commit in the
-        time left). A background save that failed is raised here as :class:`SaveError`.
+        (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint failed; when it cannot
+        commit in the time left the process leaves with that code at once, through
+        ``os._exit``, since the abandoned writer thread is still running: ``finally`` blocks
+        and exit hooks do not run, the ledger and logs are flushed first). A background save that failed is raised here as :class:`SaveError`.
         """
         group, saver = self._require_active()
         inbox = self._interrupts
         self.steps_done = self.steps_done + 1 if steps_done is None else int(steps_done)
         self._range_at = None
         self._stepped = True
-        self._last_step_at = time.time()
         for obj in self.per_rank.values():
             if isinstance(obj, ResumableLoader):
                 obj.mark_consumed()  # the step used every batch handed out so far
-        inbox.drain(self.steps_done, self._on_notice)
+        self._seg.drain(self.steps_done)
         busy = saver.poll()
         time_due = (
             self.every_seconds is not None
@@ -516,85 +446,21 @@ class Checkpointer:
         known, else ``SPOTRUN_STOP_TIMEOUT`` counted from the signal or request. The save
         runs on a daemon thread (a hanging store cannot hold the process past the bound).
         True when it committed; False (logged as an error naming the checkpoint that stays
-        the latest) when it failed or did not commit in time: the caller then exits with
-        ``EXIT_STOP_UNSAVED``, and a relaunch resumes from the previous checkpoint.
+        the latest) when it failed: the caller then exits with ``EXIT_STOP_UNSAVED``, and a
+        relaunch resumes from the previous checkpoint. When it does not commit in time the
+        process leaves with ``EXIT_STOP_UNSAVED`` from here (see
+        :meth:`RunSegment.leave_abandoned`).
         """
         _, saver = self._require_active()
-        notice = self._interrupts.stop_notice
-        now = time.time()
-        left = notice.seconds_left(now) if notice else None
-        if notice is not None and notice.deadline is not None:
-            margin = _stop_knob("SPOTRUN_STOP_MARGIN", DEFAULT_STOP_MARGIN_S)
-            bound_at = notice.deadline - margin
-            bound_why = f"the notice's deadline minus SPOTRUN_STOP_MARGIN={margin:g}s"
-        else:
-            limit = _stop_knob("SPOTRUN_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT_S)
-            # Counted from the signal: the machine's clock started then, not at this step's end.
-            bound_at = (notice.detected_at if notice else now) + limit
-            bound_why = f"SPOTRUN_STOP_TIMEOUT={limit:g}s after the stop request"
-        # At least a second, so a fast save (local disk) still lands when the step ran late.
-        budget = max(bound_at - now, 1.0)
-        typical = saver.typical_duration
-        if left is not None and typical is not None and typical > left:
-            log.warning(
-                "%.1fs left before the machine goes but saves have taken up to %.1fs; "
-                "trying anyway (the previous checkpoint stays the latest if this one cannot finish)",
-                left, typical,
-            )
-        t0 = time.time()
-        done = threading.Event()
-        failure: list[BaseException] = []
-        # The CUDA device is per thread: NCCL collectives and staging copies on the helper
-        # thread must use this rank's device, not device 0.
-        device = (torch.cuda.current_device()
-                  if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
 
         def save_and_commit() -> None:
-            try:
-                if device is not None:
-                    torch.cuda.set_device(device)
-                self.save()
-                self.wait()
-            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-                failure.append(exc)
-            finally:
-                done.set()
+            self.save()
+            self.wait()
 
-        threading.Thread(target=save_and_commit, name="spotrun-stop-save", daemon=True).start()
-        finished = done.wait(budget)
-        if finished and not failure:
-            if notice is not None:
-                log.warning(
-                    "stop after notice: posted %s, detected %s, committed %s (%.1fs after detection)",
-                    _fmt_time(notice.notice_time), _fmt_time(notice.detected_at),
-                    _fmt_time(time.time()), time.time() - notice.detected_at,
-                )
-            else:
-                log.info("stop checkpoint committed in %.1fs", time.time() - t0)
-            return True
-        if failure and not isinstance(failure[0], (SaveError, StorageError)):
-            raise failure[0]  # a bug (a state_dict that raises...), not a storage failure
-        step, previous = self.steps_done, saver.last_saved_step
-        if previous is not None and previous != step:
-            kept = (f"the checkpoint at step {previous} is intact and stays the latest; "
-                    "relaunch and the run resumes from it")
-        else:
-            kept = ("no earlier checkpoint was committed, so a relaunch starts from the "
-                    "beginning")
-        if finished:
-            log.error("stop checkpoint at step %d failed (%s); exiting with code %d: %s",
-                      step, failure[0], EXIT_STOP_UNSAVED, kept)
-        else:
-            log.error(
-                "stop checkpoint at step %d did not commit within %.1fs (%s); giving up on it "
-                "and exiting with code %d: %s. If the store is slow rather than down, raise "
-                "SPOTRUN_STOP_TIMEOUT or lower SPOTRUN_STOP_MARGIN", step, time.time() - t0,
-                bound_why, EXIT_STOP_UNSAVED, kept,
-            )
-            # The abandoned save runs on daemon threads that die with the process; forget
-            # it so the way out (__exit__) does not wait for it.
-            saver.abandon()
-        return False
+        return self._seg.save_before_stop(self.steps_done, save_and_commit,
+                                          previous=saver.last_saved_step,
+                                          typical_s=saver.typical_duration,
+                                          abandon=saver.abandon)
 
     def finish(self, steps_done: int | None = None) -> None:
         """Mark the run complete: commit a final checkpoint and write the done marker.
@@ -611,18 +477,8 @@ class Checkpointer:
         self._range_at = None
         self.save()
         self.wait()
-        if group.is_main:
-            marker = {"step": self.steps_done, "finished_at": time.time(), "segment_id": self.segment_id}
-            self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
-            self._emit(SegmentEnded(segment_id=self.segment_id, reason="finished",
-                                    ended_at=time.time(), steps_done=self.steps_done,
-                                    last_step_at=self._last_step_at))
-        group.barrier()
+        self._seg.finish(self.steps_done)
         self.finished = True
-        # After the barrier every rank knows done.json exists: tell the wrapper, which may not
-        # be able to read the run URL (a script that takes it as an argument).
-        note_exit(EXIT_FINISHED)
-        log.info("run finished at step %d", self.steps_done)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -658,8 +514,11 @@ class Checkpointer:
         """Model and optimizer state as DCP wants it: each rank's own shards, no gather."""
         from ..sharded import get_state
 
-        return get_state(unwrap(self.objects[self._model_names[0]]),
-                         [self.objects[n] for n in self._optimizer_names])
+        model = unwrap(self.objects[self._model_names[0]])
+        optimizers = [self.objects[n] for n in self._optimizer_names]
+        if self._sharded_saver is not None:  # built once, reused while it fits (issue 24)
+            return self._sharded_saver.state(model, optimizers)
+        return get_state(model, optimizers)
 
     def _payload(self, group: Group) -> dict[str, Any]:
         payload: dict[str, Any] = {"format": PAYLOAD_FORMAT, "step": self.steps_done}
@@ -723,274 +582,29 @@ class Checkpointer:
         group, saver = self._require_active()
         if self._restored:
             return self.steps_done
-        step = self._restore_newest_valid(group)
+        with RestoreProgress(self.storage.display()) as progress:
+            restorer = Restorer(
+                self.storage, group, replicated=self._replicated_objects(),
+                per_rank=self.per_rank, values=self.values, artifacts=self.artifacts,
+                weights_only=self.weights_only, save_rng=self.save_rng,
+                policy=self.if_all_damaged, progress=progress,
+                sharded=((unwrap(self.objects[self._model_names[0]]),
+                          [self.objects[n] for n in self._optimizer_names], self._sharded_state)
+                         if self.sharded else None),
+            )
+            step = restorer.newest_valid()
         if step is not None:
             self.steps_done = step
             saver.last_saved_step = step
-            log.info("resumed from step %d at %s", step, self.storage.display())
+            log.info("resumed from step %d at %s (%s, restored in %.2fs)", step,
+                     self.storage.display(), format_bytes(restorer.restored_bytes),
+                     progress.elapsed)
             if group.is_main and self.storage.exists(DONE_MARKER):
                 log.info("this run already finished (done marker present)")
         self._restored = True
         saver.last_save_time = time.time()
-        if group.is_main:
-            self._emit(TrainingResumed(segment_id=self.segment_id, step=self.steps_done,
-                                       process_started_at=self._process_started_at,
-                                       first_step_at=time.time()))
+        self._seg.training_started(self.steps_done)
         return self.steps_done
-
-    def _restore_newest_valid(self, group: Group) -> int | None:
-        """Load the newest committed checkpoint whose files check out; return its step.
-
-        Rank 0 lists the checkpoints; every rank walks the same list, newest first, loads
-        its part of each candidate and agrees with the others on the outcome (see
-        :meth:`_agree`). Every payload's checksums are verified before any of it is loaded
-        (see :func:`~spotrun.snapshot.open_payload`), so a damaged checkpoint leaves the
-        objects untouched and the older one is loaded into them. Only proven
-        damage skips a checkpoint; damaged ones are moved aside once a usable one is found
-        (or a fresh start was asked for), so no later save writes into them.
-        """
-        self._state_loaded_from = None
-        listed: Any = None
-        if group.is_main:
-            try:
-                listed = list_checkpoints(self.storage)
-            except StorageError as exc:
-                listed = _Outcome("unreadable", (
-                    f"cannot list or read the checkpoints ({exc}); that is not damage, so "
-                    f"nothing at {self.storage.display()} was skipped or changed: fix access "
-                    "(permissions, credentials, network) and start again"))
-        listed = group.broadcast(listed)
-        if isinstance(listed, _Outcome):
-            raise CheckpointUnreadableError(listed.message)
-        newest = next((i for i in reversed(listed) if i.manifest is not None), None)
-        if newest is not None and newest.manifest.world_size != group.world_size:
-            log.warning(
-                "checkpoint at step %d was written by %d ranks, this run has %d: resuming "
-                "on another world size (see the README's exact-resume rules)",
-                newest.step, newest.manifest.world_size, group.world_size,
-            )
-        chosen, damaged = newest_valid(
-            listed, lambda info: self._try_load(info.step, info.manifest, group),
-            where=self.storage.display())
-        found = None if chosen is None else chosen.step
-        if damaged and found is None and self.if_all_damaged != "start_fresh":
-            listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
-            raise AllCheckpointsDamagedError(
-                f"all {len(damaged)} checkpoints at {self.storage.display()} are damaged, "
-                f"refusing to start over them ({listing}); see `spotrun verify "
-                f"{self.storage.display()}`; to start from step 0 anyway (the damaged folders "
-                f"are moved under {DAMAGED_DIR}/, not deleted) pass if_all_damaged='start_fresh' "
-                f"or set {IF_ALL_DAMAGED_ENV}=start_fresh"
-            )
-        if group.is_main:
-            for step, problem in damaged:
-                quarantine(self.storage, step, problem)
-        group.barrier()  # the damaged folders are out of the way before anyone saves
-        if damaged and found is None:
-            if self._state_loaded_from is not None:
-                # A hash failed only after its state was loaded (verified while loading):
-                # the objects no longer hold their initial state, so step 0 from here would
-                # not be a fresh start. The folders are out of the way; a new process is.
-                raise AllCheckpointsDamagedError(
-                    f"every checkpoint at {self.storage.display()} was damaged and has been "
-                    f"moved under {DAMAGED_DIR}/, but this process had already loaded state "
-                    f"from the damaged step {self._state_loaded_from}; start it again to "
-                    "begin from step 0 with freshly built objects"
-                )
-            log.warning("every checkpoint at %s was damaged (moved under %s/); starting from "
-                        "step 0 as asked (if_all_damaged='start_fresh')",
-                        self.storage.display(), DAMAGED_DIR)
-        return found
-
-    def _try_load(self, step: int, manifest: Manifest, group: Group) -> str | None:
-        """Load one committed checkpoint on every rank; None when it loaded, else its damage.
-
-        Three phases, each ending in an agreement so no rank is left in a collective alone:
-        rank 0 checks that every listed file is there with its size (cheap, and catches a
-        partial copy); a sharded checkpoint's model and optimizer load through DCP (a
-        collective that reshards to this world size); each rank loads rank 0's payload
-        (shared state) and its own, verifying their hashes.
-        """
-        outcome: _Outcome | None = None
-        if group.is_main:
-            outcome = self._attempt(lambda: self._check_present(step, manifest))
-        outcome = self._agree(group, outcome)
-        if outcome is None and manifest.sharded:
-            outcome = self._agree(group, self._attempt(lambda: self._load_sharded(manifest)))
-        if outcome is None:
-            outcome = self._agree(group, self._attempt(lambda: self._load_payloads(manifest, group)))
-        if outcome is None and (self.artifacts or manifest.artifacts):
-            # The same checkpoint's files, so state and artifacts never come from two saves.
-            outcome = self._agree(group, self._attempt(lambda: self._put_back_artifacts(manifest)))
-        if outcome is None:
-            return None
-        if outcome.kind == "damaged":
-            return outcome.message
-        if outcome.kind == "unreadable":
-            raise CheckpointUnreadableError(
-                f"cannot read the checkpoint at step {step} ({outcome.message}); that is not "
-                f"damage, so it was not skipped and nothing at {self.storage.display()} was "
-                "changed: fix access (permissions, credentials, network) and start again"
-            )
-        if outcome.error is not None:
-            raise outcome.error  # this rank's own failure, with its traceback
-        raise CheckpointError(f"restore failed on another rank: {outcome.message}")
-
-    @staticmethod
-    def _attempt(load: Any) -> _Outcome | None:
-        """Run one load phase; classify its failure (only proven damage may be skipped)."""
-        try:
-            load()
-        except (CorruptCheckpointError, StorageNotFoundError) as exc:
-            # A listed file that is gone is damage, like a wrong size.
-            return _Outcome("damaged", str(exc))
-        except StorageError as exc:
-            return _Outcome("unreadable", str(exc))
-        except Exception as exc:  # noqa: BLE001 - passed on, then raised on this rank
-            return _Outcome("error", f"{type(exc).__name__}: {exc}", exc)
-        return None
-
-    def _agree(self, group: Group, mine: _Outcome | None) -> _Outcome | None:
-        """The outcome every rank acts on: the worst of all ranks' (error > unreadable > damaged)."""
-        if not group.distributed:
-            return mine
-        everyone = group.gather(None if mine is None else (mine.kind, mine.message))
-        decision = None
-        if group.is_main:
-            assert everyone is not None
-            failed = [(r, o) for r, o in enumerate(everyone) if o is not None]
-            for kind in ("error", "unreadable", "damaged"):
-                hits = [(r, msg) for r, (k, msg) in failed if k == kind]
-                if hits:
-                    decision = (kind, "; ".join(f"rank {r}: {m}" for r, m in hits))
-                    break
-        decision = group.broadcast(decision)
-        if decision is None:
-            return None
-        kind, message = decision
-        if mine is not None and mine.kind == kind:
-            return _Outcome(kind, message, mine.error)
-        return _Outcome(kind, message)
-
-    def _check_present(self, step: int, manifest: Manifest) -> None:
-        problems = verify_checkpoint(self.storage, manifest, deep=False)
-        if problems:
-            raise CorruptCheckpointError("; ".join(problems))
-        if payload_name(0) not in manifest.files:
-            raise CorruptCheckpointError(
-                f"{self.storage.display(checkpoint_dir(step))}: manifest lists no {payload_name(0)}")
-
-    def _put_back_artifacts(self, manifest: Manifest) -> None:
-        """This checkpoint's artifacts, verified, back at their local paths (one rank per
-        machine: local rank 0, where torchrun says, else rank 0)."""
-        assert self._group is not None
-        local_rank = int(os.environ.get("LOCAL_RANK", self._group.rank))
-        if local_rank == 0:
-            restore_artifacts(self.storage, manifest, self.artifacts)
-
-    def _load_sharded(self, manifest: Manifest) -> None:
-        """Model and optimizer from DCP's files, resharded to this run's world size."""
-        if not self.sharded:
-            raise IncompatibleCheckpointError(
-                f"the checkpoint at step {manifest.step} holds a sharded model (FSDP / tensor "
-                "parallel) but this run's model is not sharded; shard it the same way (or "
-                "pass sharded=True)"
-            )
-        from ..sharded import read_sharded, set_state
-
-        state = self._sharded_state()  # this world size's own (empty) shards, filled in place
-        self._state_loaded_from = manifest.step
-        read_sharded(self.storage, manifest, state)
-        set_state(unwrap(self.objects[self._model_names[0]]),
-                  [self.objects[n] for n in self._optimizer_names], state)
-
-    def _load_payloads(self, manifest: Manifest, group: Group) -> None:
-        """Rank 0's payload (shared state) and this rank's own, loaded and verified."""
-        if self.sharded and not manifest.sharded:
-            raise IncompatibleCheckpointError(
-                f"the checkpoint at step {manifest.step} holds a replicated model but this "
-                "run's model is sharded; restore it without sharding (sharded=False), or "
-                "start a new run URL"
-            )
-        step, shared_name = manifest.step, payload_name(0)
-        shared, verification = open_payload(self.storage, step, shared_name,
-                                            manifest.files[shared_name],
-                                            weights_only=self.weights_only)
-        own: dict | None = shared
-        if not group.is_main:
-            verification.check()  # another rank's file: verified before anything is used
-            mine = payload_name(group.rank)
-            own = (read_payload(self.storage, step, mine, manifest.files[mine],
-                                weights_only=self.weights_only)
-                   if mine in manifest.files else None)
-        # From here the live objects may hold this checkpoint's state, proven good or not.
-        self._state_loaded_from = step
-        try:
-            self._apply(shared, own, group, step)
-        except CheckpointError:
-            verification.check()  # damage explains a misfit better than the misfit
-            raise
-        verification.check()
-
-    def _apply(self, shared: dict, own: dict | None, group: Group, step: int) -> None:
-        """Put rank 0's shared state and this rank's own into the live objects.
-
-        A rank with no saved state of its own (the run resumes on more ranks than saved it)
-        takes rank 0's copy of a :class:`~spotrun.ResumableLoader` (its position is global,
-        the same on every rank) and seeds its RNGs from ``(seed, rank, step)``, so resuming
-        the same checkpoint on the same world size always gives the same streams. Other
-        per-rank objects start fresh, with a warning.
-        """
-        if shared.get("format", 0) > PAYLOAD_FORMAT:
-            raise UnsupportedFormatError(
-                f"checkpoint payload format {shared.get('format')} is newer than this spotrun "
-                "understands; upgrade spotrun"
-            )
-        saved_objects = shared.get("objects", {})
-        for name, obj in self._replicated_objects().items():
-            if name not in saved_objects:
-                raise CheckpointError(
-                    f"checkpoint has no state for {name!r} (it has {sorted(saved_objects)}); "
-                    "pass the same objects under the same names as the run that saved it"
-                )
-            load_object_state(name, obj, saved_objects[name])
-        self.values.update(shared.get("values", {}))
-        if own is None:
-            self._start_new_rank(shared, group, step)
-            return
-        for name, obj in self.per_rank.items():
-            if name in own.get("per_rank", {}):
-                load_object_state(name, obj, own["per_rank"][name])
-            else:
-                log.warning("checkpoint has no %r state for rank %d; it starts fresh",
-                            name, group.rank)
-        if self.save_rng and "rng" in own:
-            restore_rng_state(own["rng"])
-
-    def _start_new_rank(self, shared: dict, group: Group, step: int) -> None:
-        """A rank the checkpoint had no files for: global state from rank 0, a fresh seed."""
-        seed = 0
-        for name, obj in self.per_rank.items():
-            inner = unwrap(obj)
-            if isinstance(inner, ResumableLoader) and name in shared.get("per_rank", {}):
-                load_object_state(name, obj, shared["per_rank"][name])
-                seed = inner.seed
-            else:
-                log.warning("checkpoint has no %r state for rank %d (it was saved by fewer "
-                            "ranks); it starts fresh", name, group.rank)
-        if self.save_rng:
-            seed_everything(rank_seed(seed, group.rank, step))
-
-    # -- events ----------------------------------------------------------------------------
-
-    def _emit(self, event: Event) -> None:
-        """Queue a ledger record for the background writer; returns at once. A failing or
-        hanging ledger never stops or stalls training."""
-        self._ledger_writer.submit(event)
-
-    def _flush_ledger(self) -> None:
-        """Wait, with a bound, for queued ledger records (segment_ended among them)."""
-        self._ledger_writer.close(env_float_or_default("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S))
 
 
 #: Checkpointers started and not yet closed, for the exit hook.
@@ -1027,30 +641,3 @@ def _close_open_at_exit() -> None:
             ckpt._close_at_exit()
         except BaseException as exc:  # noqa: BLE001 - the interpreter is exiting; say why
             log.error("closing the checkpointer at exit failed: %s: %s", type(exc).__name__, exc)
-
-
-class _Outcome:
-    """Why one restore phase failed on a rank: ``damaged`` (skip to an older checkpoint),
-    ``unreadable`` (stop, change nothing) or ``error`` (anything else: stop)."""
-
-    def __init__(self, kind: str, message: str, error: BaseException | None = None) -> None:
-        self.kind, self.message, self.error = kind, message, error
-
-    def __reduce__(self) -> tuple:  # broadcast between ranks without the exception
-        return (_Outcome, (self.kind, self.message))
-
-
-def _stop_knob(name: str, default: float) -> float:
-    # A bad value must not cost the stop checkpoint: say so and use the default.
-    value = env_float_or_default(name, default)
-    if value < 0:
-        log.error("%s=%g must be 0 or more; using %gs", name, value, default)
-        return default
-    return value
-
-
-def _fmt_time(t: float | None) -> str:
-    if t is None:
-        return "?"
-    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
-

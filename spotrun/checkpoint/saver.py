@@ -47,6 +47,7 @@ from ..lease import Lease
 from ..manifest import FileEntry, Manifest
 from ..snapshot import StagingBuffers, write_payload
 from ..storage import Storage
+from ..units import format_bytes
 from .artifacts import Captured, write_artifacts
 
 if TYPE_CHECKING:
@@ -208,8 +209,8 @@ class Saver:
         commit(self.storage, manifest)
         elapsed = time.time() - written.captured_at
         self._durations.append(elapsed)
-        log.info("checkpoint at step %d committed (%.1f MB, training paused %.3fs, written in %.2fs)",
-                 step, manifest.total_bytes / 1e6, written.stall, elapsed)
+        log.info("checkpoint at step %d committed (%s, training paused %.3fs, written in %.2fs)",
+                 step, format_bytes(manifest.total_bytes), written.stall, elapsed)
         self._emit(CheckpointCommitted(
             segment_id=self.segment_id, step=step, committed_at=time.time(),
             stall_s=written.stall, save_s=elapsed, nbytes=manifest.total_bytes,

@@ -20,6 +20,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..errors import ConfigError, SpotrunError
 
@@ -31,16 +32,28 @@ __all__ = ["main"]
 _COMMAND_MODULES = ("checkpoints", "launch", "cost", "logs")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with spotrun's error form: one line and exit 2, pointing at ``--help``,
+    rather than a usage block several lines long above the line that matters. Subcommand
+    parsers are of the same class (``add_subparsers`` uses the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"spotrun: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spotrun",
         description="Keep PyTorch training alive on spot capacity and report what spot saved.",
     )
     parser.add_argument("--version", action="version", version=f"spotrun {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+        "-v", "--verbose", action="count", default=0,
+        help="-v: also other libraries' INFO lines (botocore, s3fs...); -vv: spotrun's debug "
+        "lines and the traceback behind a one-line error (default: spotrun's progress, warnings "
+        "and errors)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
@@ -98,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("spotrun").setLevel(min(level, logging.INFO))
     from .redact import quiet_secrets
 
-    quiet_secrets()
+    quiet_secrets(level)
     try:
         check_path_args(args)
         return int(args.func(args) or 0)

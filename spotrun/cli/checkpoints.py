@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
+
+from .. import validate
 
 
 def _storage_options(raw: str | None) -> dict[str, Any] | None:
@@ -50,25 +53,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "entry. An interruption counts when the signalled attempt exited 75 with a new "
         "checkpoint. PASS (exit 0); FAIL naming every differing entry, the first step where "
         "the runs diverge and the likely cause (exit 1); INCOMPLETE when fewer than K "
-        "interruptions were delivered (exit 1). Both runs keep every checkpoint. CMD must "
-        "take its run URL from $SPOTRUN_URL.",
+        "interruptions were delivered (exit 1). Both runs keep every checkpoint; in a "
+        "temporary folder (the default) they are removed on PASS and kept, with their path "
+        "printed, otherwise. CMD must take its run URL from $SPOTRUN_URL.",
     )
-    p.add_argument("--interruptions", "-k", type=int, default=3, metavar="K")
+    p.add_argument("--interruptions", "-k", type=validate.argparse_type(validate.count, "--interruptions"),
+                   default=3, metavar="K", help="how many times to interrupt the second run (default 3)")
     p.add_argument("--seed", type=int, default=None, help="seed for the interruption times")
-    p.add_argument("--workdir", default=None, help="where both runs go (default: a temp dir)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per attempt")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="where both runs go, kept afterwards (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder after a PASS too")
+    p.add_argument("--timeout", type=validate.argparse_type(validate.duration, "--timeout", allow_minimum=False),
+                   default=3600.0, metavar="DURATION", help="the most one attempt may take (default 1h)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the training command")
     p.set_defaults(func=cmd_check_resume)
-
-
-def _fmt_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -76,6 +75,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from ..layout import DONE_MARKER
     from ..lease import read_lease
     from ..storage import Storage
+    from ..units import format_bytes
 
     storage = Storage(args.url, _storage_options(args.storage_options))
     storage.ensure_root(create=False)
@@ -103,7 +103,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'STEP':>12}  {'TIME (UTC)':20}  {'SIZE':>10}  STATUS")
     for r in rows:
-        size = _fmt_size(r["bytes"]) if r["bytes"] is not None else "-"
+        size = format_bytes(r["bytes"]) if r["bytes"] is not None else "-"
         status = r["status"] + (f" ({r['problem']})" if r["problem"] else "")
         print(f"{r['step']:>12}  {r['time'] or '-':20}  {size:>10}  {status}")
     if done:
@@ -159,7 +159,7 @@ def cmd_check_resume(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     result = check_resume(cmd, interruptions=args.interruptions, workdir=args.workdir,
-                          seed=args.seed, timeout=args.timeout)
+                          seed=args.seed, timeout=args.timeout, keep=args.keep)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0 if result.passed else 1
@@ -186,5 +186,9 @@ def cmd_check_resume(args: argparse.Namespace) -> int:
               "run longer (more steps), with fewer --interruptions, or checkpoint more often")
     elif result.passed:
         print("PASS: the interrupted run ends bit-for-bit equal to the uninterrupted one")
-    print(f"runs kept in {result.run_dirs[0]} and {result.run_dirs[1]}")
+    if result.kept:
+        print(f"runs kept in {result.run_dirs[0]} and {result.run_dirs[1]}")
+    else:
+        print(f"removed the working folder {os.path.dirname(result.run_dirs[0])} "
+              "(--keep or --workdir DIR keeps it)")
     return 0 if result.passed else 1

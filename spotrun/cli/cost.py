@@ -10,25 +10,18 @@ import json
 import sys
 from typing import Any
 
+from .. import validate
 from ..errors import ConfigError
 
 
-def _price(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a price in USD per hour") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
 def _add_price_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spot-price", type=_price, metavar="USD", help="spot price per hour (overrides every source)")
-    p.add_argument("--on-demand-price", type=_price, metavar="USD",
+    p.add_argument("--spot-price", type=validate.argparse_type(validate.price, "--spot-price"), metavar="USD", help="spot price per hour (overrides every source)")
+    p.add_argument("--on-demand-price", type=validate.argparse_type(validate.price, "--on-demand-price"),
+                   metavar="USD",
                    help="on-demand price per hour (overrides every source)")
     p.add_argument("--offline", action="store_true",
-                   help="never call an AWS API: overrides, the disk cache's nothing, the shipped snapshot")
+                   help="never call an AWS API or read its disk cache: prices come from --spot-price, "
+                   "--on-demand-price and --config, else from the snapshot shipped with spotrun")
     p.add_argument("--config", metavar="FILE",
                    help="a TOML file whose [prices] table sets spot = USD and/or on_demand = USD")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -70,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds from a new instance's start to the first training step")
     e.add_argument("--checkpoint-interval", metavar="DURATION",
                    help="the interval you set (default: the recommended one)")
+    e.add_argument("--html", metavar="FILE",
+                   help="also write a page charting expected cost and time against the interval to FILE")
     _add_price_options(e)
     e.set_defaults(func=_estimate)
 
@@ -84,16 +79,19 @@ def _price_book(args: argparse.Namespace) -> Any:
         unknown = set(table) - {"spot", "on_demand"}
         if unknown:
             raise ConfigError(f"{args.config}: [prices] knows spot and on_demand, not {', '.join(sorted(unknown))}")
-        spot = spot if spot is not None else table.get("spot")
-        od = od if od is not None else table.get("on_demand")
+        if spot is None and "spot" in table:
+            spot = validate.price(table["spot"], f"{args.config} [prices] spot")
+        if od is None and "on_demand" in table:
+            od = validate.price(table["on_demand"], f"{args.config} [prices] on_demand")
     return PriceBook(spot_price=spot, on_demand_price=od, offline=args.offline)
 
 
 def _cost(args: argparse.Namespace) -> int:
     from ..cost.html import report_html
     from ..cost.render import report_text
-    from ..cost.report import report_for_run, require_run
+    from ..cost.report import report_for_run
     from ..storage import open_storage
+    from .runs import require_run
 
     storage = open_storage(args.url)
     require_run(storage)
@@ -132,14 +130,27 @@ def _estimate(args: argparse.Namespace) -> int:
             runs_per_month=args.runs,
             region=args.region,
             interruption_rate=args.interruption_rate,
-            checkpoint_save_s=parse_duration(args.checkpoint_save),
-            restart_s=parse_duration(args.restart),
-            checkpoint_interval_s=None if args.checkpoint_interval is None else parse_duration(args.checkpoint_interval),
+            checkpoint_save_s=parse_duration(args.checkpoint_save, "--checkpoint-save"),
+            restart_s=parse_duration(args.restart, "--restart"),
+            checkpoint_interval_s=(None if args.checkpoint_interval is None
+                                   else parse_duration(args.checkpoint_interval, "--checkpoint-interval")),
             prices=book,
         )
+    if args.html:
+        if args.portfolio:
+            raise ConfigError("--html charts one job's estimate; drop it with --portfolio")
+        from ..cost.estimate_html import estimate_html
+
+        try:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(estimate_html(result))
+        except OSError as exc:
+            raise ConfigError(f"cannot write the HTML page to {args.html}: {exc.strerror}") from None
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(result.to_text())
+        if args.html:
+            sys.stdout.write(f"\nHTML page: {args.html}\n")
     return 0

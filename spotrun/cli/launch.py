@@ -373,8 +373,11 @@ def _regions(args: argparse.Namespace) -> list[str]:
 
 def _status(args: argparse.Namespace) -> int:
     from ..launch.status import format_status, run_status
+    from .runs import require_run
 
-    st = run_status(Storage(args.run_url), live=not args.no_aws)
+    storage = Storage(args.run_url)
+    require_run(storage)
+    st = run_status(storage, live=not args.no_aws)
     print(json.dumps(st, indent=1, sort_keys=True, default=str) if args.json else format_status(st))
     return 0
 

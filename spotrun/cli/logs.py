@@ -1,5 +1,8 @@
 """`spotrun logs RUN_URL`: print a run's shipped output (see :mod:`spotrun.launch.logs`).
 
+The output is untrusted bytes: terminal control sequences in it are shown escaped, not
+obeyed (:mod:`spotrun.cli.terminal`); ``--raw`` writes the bytes exactly as shipped.
+
 Exit codes: 0 printed; 2 no run or no logs at the URL, or an unknown --segment/--node (one
 line on stderr lists the known ones); 130 Ctrl-C during --follow.
 """
@@ -9,6 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from .. import validate
+from .terminal import TerminalSanitizer
 
 
 def _node(text: str) -> int:
@@ -26,14 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "RUN_URL/logs/<segment>/node-<N>/ (locally or from each instance): segments in the "
         "order they ran, then nodes. With more than one segment or node, a '==> SEGMENT "
         "node-N <==' line starts each one's output. Output arrives in chunks (every few "
-        "seconds), so the newest lines of a live run may lag a little.",
+        "seconds), so the newest lines of a live run may lag a little. Control characters in "
+        "the output (escape sequences that set the window title, write the clipboard, clear "
+        "the screen...) are printed as visible escapes like \\x1b, colours are kept and a "
+        "carriage return ends a line; --raw writes the bytes exactly as shipped.",
     )
     p.add_argument("url", metavar="RUN_URL", help="the run URL (a path or s3://bucket/prefix)")
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep printing new output until the run is over (Ctrl-C to stop)")
     p.add_argument("--segment", metavar="S", help="only this segment (e.g. sim-2 or an instance id)")
     p.add_argument("--node", type=_node, metavar="R", help="only this node rank (0, 1, ...)")
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--raw", action="store_true",
+                   help="write the shipped bytes unchanged, control sequences included (for a file or "
+                   "a program, not a terminal)")
+    p.add_argument("--interval", type=validate.argparse_type(validate.duration, "--interval", allow_minimum=False),
+                   default=2.0, metavar="SECONDS",
                    help="with --follow: seconds between polls (default 2)")
     p.set_defaults(func=_logs)
 
@@ -50,6 +63,7 @@ def _logs(args: argparse.Namespace) -> int:
 
     storage = open_storage(args.url)
     out = sys.stdout.buffer
+    clean = None if args.raw else TerminalSanitizer()
     try:
         if args.follow:
             require_run(storage)
@@ -60,9 +74,14 @@ def _logs(args: argparse.Namespace) -> int:
             headers = len(check_log_selection(storage, args.segment, args.node)) > 1
             chunks = read_logs(storage, segment=args.segment, node=args.node)
         for data in with_headers(chunks, headers=headers):
-            out.write(data)
+            out.write(data if clean is None else clean.feed(data))
+            out.flush()
+        if clean is not None:
+            out.write(clean.close())
             out.flush()
     except KeyboardInterrupt:
+        if clean is not None:
+            _write_quietly(out, clean.close())  # never leave the terminal coloured
         _flush_quietly(out)
         return 130
     except BrokenPipeError:
@@ -73,6 +92,13 @@ def _logs(args: argparse.Namespace) -> int:
         # Checked once the run is over: while it runs, a segment may not have started yet.
         check_log_selection(storage, args.segment, args.node)
     return 0
+
+
+def _write_quietly(out: object, data: bytes) -> None:
+    try:
+        out.write(data)  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        pass
 
 
 def _flush_quietly(out: object) -> None:

@@ -4,11 +4,15 @@ botocore's DEBUG logging prints each request's canonical request, string to sign
 the access key id (in ``Credential=``), the session token (``X-Amz-Security-Token``) and the
 signature. ``spotrun -vv`` wants spotrun's own debug lines, not those, so two layers:
 
-1. the SDK loggers (botocore, aiobotocore, s3fs, urllib3, ...) stay at INFO even at ``-vv``
-   (``SPOTRUN_SDK_DEBUG=1`` lets them through, still redacted, for debugging the SDK);
+1. the SDK loggers (botocore, aiobotocore, s3fs, urllib3, ...) are never louder than the
+   command's level and never below INFO, even at ``-vv`` (``SPOTRUN_SDK_DEBUG=1`` lets their
+   debug lines through, still redacted, for debugging the SDK). At the default level they are
+   at WARNING: "Found credentials in environment variables" is not news before a one-line
+   error;
 2. a filter on every root handler rewrites any record that still carries a credential: the
    values of this process's ``AWS_*`` credential variables, access key id shapes,
-   ``Credential=...``, ``Signature=...`` and security-token headers.
+   ``Credential=...``, ``Signature=...``, security-token headers and every token shape of
+   :mod:`spotrun.secret_shapes` (the ones ``launch --env`` refuses).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+
+from ..secret_shapes import TOKEN_SHAPES
 
 __all__ = ["RedactingFilter", "quiet_secrets", "redact"]
 
@@ -29,6 +35,8 @@ _PATTERNS = (
     re.compile(r"(X-Amz-Security-Token['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+", re.IGNORECASE),
     re.compile(r"(X-Amz-Credential=)[^&\s'\"]+", re.IGNORECASE),
     re.compile(r"(x-amz-security-token:)[^\n]+", re.IGNORECASE),
+    # The shapes `spotrun launch --env` refuses (JWTs, sk_live_ keys, Slack webhooks...).
+    TOKEN_SHAPES,
 )
 MASK = "<redacted>"
 
@@ -65,13 +73,12 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def quiet_secrets() -> None:
-    """Keep SDK loggers at INFO and put a :class:`RedactingFilter` on every root handler."""
-    if os.environ.get("SPOTRUN_SDK_DEBUG") != "1":
-        for name in SDK_LOGGERS:
-            logger = logging.getLogger(name)
-            if logger.level == logging.NOTSET or logger.level < logging.INFO:
-                logger.setLevel(logging.INFO)
+def quiet_secrets(level: int = logging.WARNING) -> None:
+    """Put the SDK loggers at ``level`` but never below INFO (so never louder than the
+    command's own level), and a :class:`RedactingFilter` on every root handler."""
+    sdk_level = level if os.environ.get("SPOTRUN_SDK_DEBUG") == "1" else max(level, logging.INFO)
+    for name in SDK_LOGGERS:
+        logging.getLogger(name).setLevel(sdk_level)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ConfigError, CostError
+from ..validate import duration, number
 from .prices import Price, PriceBook
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "JobEstimate",
     "expected_wall_time",
     "estimate_job",
+    "interval_curve",
     "parse_duration",
     "rate_per_hour",
     "young_interval",
@@ -51,24 +53,29 @@ ADVISOR_BUCKETS = {"<5%": 0.025, "5-10%": 0.075, "10-15%": 0.125, "15-20%": 0.17
 
 
 def rate_per_hour(rate: str | float) -> float:
-    """Interruptions per hour from a number (already per hour) or an Advisor bucket."""
+    """Interruptions per hour from a number (already per hour) or an Advisor bucket.
+
+    ``0%`` (and ``0``) is accepted: a type that is never interrupted, with no re-work and no
+    restarts, is a legitimate band to compare against."""
     if isinstance(rate, str):
         text = rate.strip().replace(" ", "")
         if text in ADVISOR_BUCKETS:
             return -math.log(1.0 - ADVISOR_BUCKETS[text]) / HOURS_PER_MONTH
+        if re.fullmatch(r"0+(?:\.0*)?%", text):
+            return 0.0
+        if text.endswith("%"):
+            raise ConfigError(
+                f"--interruption-rate {rate!r}: a percentage must be 0% or one of the Spot Instance "
+                f"Advisor bands {', '.join(ADVISOR_BUCKETS)}; or give interruptions per hour, e.g. 0.001"
+            )
         try:
             rate = float(text)
         except ValueError:
             raise ConfigError(
-                f"interruption rate {rate!r} is neither a number per hour nor one of "
+                f"--interruption-rate {rate!r} is neither a number per hour nor one of 0%, "
                 f"{', '.join(ADVISOR_BUCKETS)}"
             ) from None
-    if not (rate >= 0) or math.isinf(rate):
-        raise ConfigError(f"interruption rate {rate!r} must be a finite number >= 0 per hour")
-    return float(rate)
-
-
-_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+    return number(rate, "--interruption-rate", minimum=0, example="0.001 (per hour) or '<5%'")
 
 
 #: The largest --hours or --runs an estimate takes (a century of hours; beyond is a typo).
@@ -83,24 +90,10 @@ def check_region(region: str) -> None:
         raise ConfigError(f"--region {region!r} is not an AWS region name like us-east-1 or eu-west-2")
 
 
-def parse_duration(text: str | float) -> float:
-    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"2h"`` or ``"1d"``."""
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        t = text.strip().lower()
-        unit = 1.0
-        for suffix in sorted(_UNITS, key=len, reverse=True):
-            if t.endswith(suffix):
-                unit, t = _UNITS[suffix], t[: -len(suffix)]
-                break
-        try:
-            value = float(t) * unit
-        except ValueError:
-            raise ConfigError(f"duration {text!r} is not like 90, 90s, 15m or 2h") from None
-    if not (value >= 0) or math.isinf(value):
-        raise ConfigError(f"duration {text!r} must be >= 0")
-    return value
+def parse_duration(text: str | float, name: str = "duration") -> float:
+    """Seconds >= 0 from ``90``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` or ``"1h30m"``
+    (:func:`spotrun.validate.duration`, which every duration flag shares)."""
+    return duration(text, name, minimum=0, example="90s")
 
 
 def young_interval(save_s: float, mtbi_s: float) -> float:
@@ -210,12 +203,14 @@ class JobEstimate:
             f"{self.runs_per_month:g} runs/month",
             "",
             f"  interruption rate           {self.rate_per_hour:.4g}/hour"
-            + (f" (mean {self.mtbi_hours:,.0f} h between interruptions)" if self.mtbi_hours else ""),
+            + (f" (mean {self.mtbi_hours:,.0f} h between interruptions)" if self.mtbi_hours
+               else " (never interrupted: no re-work, no restarts)"),
             f"  spot price                  ${self.spot_price.usd_per_hour:.4f}/h  [{self.spot_price.label()}]",
             f"  on-demand price             ${self.on_demand_price.usd_per_hour:.4f}/h  [{self.on_demand_price.label()}]",
             "",
             f"  checkpoint interval         {fmt_duration(self.checkpoint_interval_s)}"
-            + ("" if self.interval_was_set else " (not set: the recommended one)"),
+            + ("" if self.interval_was_set else " (not set: the recommended one)" if self.rate_per_hour
+               else " (not set: one per run, since nothing interrupts it)"),
             f"  expected time per run       {fmt_duration(a['wall_s'])} (+{self.overhead_pct:.2f}% over "
             f"{fmt_duration(self.hours_per_run * 3600)})",
             f"    checkpoint stalls         {fmt_duration(a['checkpoint_s'])}",
@@ -252,12 +247,16 @@ def estimate_job(
     prices: PriceBook | None = None,
 ) -> JobEstimate:
     """Expected monthly cost of a job on spot (with re-work and restarts) and on on-demand."""
-    for name, value in (("--hours", hours_per_run), ("--runs", runs_per_month)):
-        # NaN compares false with everything and inf overflows every figure: refuse both.
-        if not (0 <= value <= MAX_COUNT):
-            raise ConfigError(f"{name} {value!r} must be a number from 0 to {MAX_COUNT:g}")
-    if checkpoint_save_s < 0 or restart_s < 0:
-        raise ConfigError("save time and restart time must be >= 0")
+    # 0 hours or 0 runs is a report of nothing; NaN and inf overflow every figure.
+    hours_per_run = number(hours_per_run, "--hours", minimum=0, allow_minimum=False,
+                           maximum=MAX_COUNT, example="12")
+    runs_per_month = number(runs_per_month, "--runs", minimum=0, allow_minimum=False,
+                            maximum=MAX_COUNT, example="4")
+    checkpoint_save_s = duration(checkpoint_save_s, "--checkpoint-save")
+    restart_s = duration(restart_s, "--restart")
+    if checkpoint_interval_s is not None:
+        checkpoint_interval_s = duration(checkpoint_interval_s, "--checkpoint-interval",
+                                         allow_minimum=False, example="30m")
     check_region(region)
     prices = prices or PriceBook()
     lam_h = rate_per_hour(interruption_rate)
@@ -268,8 +267,15 @@ def estimate_job(
         recommended = young_interval(checkpoint_save_s, mtbi_s)
     interval_set = checkpoint_interval_s is not None
     if checkpoint_interval_s is None:
-        # Without a save cost, checkpoint "often": an hour-free default keeps the model finite.
-        checkpoint_interval_s = recommended if recommended else 600.0
+        work_s = hours_per_run * 3600.0
+        if recommended:
+            checkpoint_interval_s = recommended
+        elif lam_s == 0:
+            # Never interrupted: one checkpoint per run (at its end) loses nothing.
+            checkpoint_interval_s = work_s
+        else:
+            # Without a save cost, checkpoint "often": a finite default keeps the model finite.
+            checkpoint_interval_s = 600.0
     work_s = hours_per_run * 3600.0
     at = expected_wall_time(work_s, checkpoint_interval_s, checkpoint_save_s, restart_s, lam_s)
     at_rec = None
@@ -299,3 +305,27 @@ def estimate_job(
         spot_cost_per_run=at["wall_s"] / 3600.0 * spot.usd_per_hour,
         on_demand_cost_per_run=hours_per_run * od.usd_per_hour,
     )
+
+
+def interval_curve(est: JobEstimate, points: int = 64) -> list[dict[str, float]]:
+    """The estimate across checkpoint intervals (log-spaced, the chosen and recommended ones
+    included): ``interval_s``, ``wall_s`` and ``spot_cost`` per run at each. Intervals at
+    which the job is expected never to finish are left out."""
+    work = est.hours_per_run * 3600.0
+    marks = [v for v in (est.checkpoint_interval_s, est.recommended_interval_s) if v]
+    hi = max([work, *marks]) if work > 0 else max(marks) * 20
+    lo = max(1.0, min([hi / 200.0, *[m / 20.0 for m in marks]]))
+    if lo >= hi:
+        lo = hi / 100.0
+    ratio = (hi / lo) ** (1.0 / (points - 1))
+    intervals = sorted({lo * ratio**k for k in range(points)} | set(marks))
+    lam_s = est.rate_per_hour / 3600.0
+    out = []
+    for tau in intervals:
+        try:
+            at = expected_wall_time(work, tau, est.checkpoint_save_s, est.restart_s, lam_s)
+        except CostError:
+            continue
+        out.append({"interval_s": tau, "wall_s": at["wall_s"],
+                    "spot_cost": at["wall_s"] / 3600.0 * est.spot_price.usd_per_hour})
+    return out

@@ -24,14 +24,24 @@ if TYPE_CHECKING:
 
 __all__ = ["report_html"]
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222;max-width:80em}
-h1{font-size:1.3em;overflow-wrap:anywhere} h2{font-size:1.1em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.9em} th,td{padding:.3em .6em;border-bottom:1px solid #ddd}
-th{text-align:left;background:#f4f4f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
-.summary td:first-child{color:#555} .warn{color:#a40} .legend span{margin-right:1.2em}
-.estimate{color:#a40;font-weight:600} .scroll{overflow-x:auto}
-svg{display:block;height:auto} svg text{font-size:13px;fill:#333}
+#: Chart text size in viewBox units, and the narrowest a chart is drawn (CSS px): a chart
+#: scales with the page, so on a phone-width window (400 px) it would shrink its text to a
+#: few pixels; below the minimum width it scrolls sideways instead, its text at least
+#: ``_FONT * _MIN_CHART_PX / _VIEW_W`` px (11.2).
+_FONT = 14
+_MIN_CHART_PX = 800
+
+_CSS = f"""
+body{{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222;max-width:80em}}
+h1{{font-size:1.3em;overflow-wrap:anywhere}} h2{{font-size:1.1em;margin-top:1.6em}}
+table{{border-collapse:collapse;font-size:.9em}} th,td{{padding:.3em .6em;border-bottom:1px solid #ddd}}
+th{{text-align:left;background:#f4f4f4}} td.n{{text-align:right;font-variant-numeric:tabular-nums}}
+.summary td:first-child{{color:#555}} .warn{{color:#a40}} .legend span{{margin-right:1.2em;white-space:nowrap}}
+.estimate{{color:#a40;font-weight:600}} .scroll,.chart{{overflow-x:auto}}
+svg{{display:block;height:auto}} svg text{{font-size:{_FONT}px;fill:#333}}
+.chart svg{{min-width:{_MIN_CHART_PX}px}}
+.legend .sw{{display:inline-block;width:1.1em;height:.8em;margin-right:.35em;vertical-align:-.05em}}
+@media (max-width:600px){{body{{margin:.8em}}}}
 """
 
 _COLORS = {"finished": "#3a8f3a", "interrupted": "#d08a1c", "unknown": "#c0392b",
@@ -39,6 +49,7 @@ _COLORS = {"finished": "#3a8f3a", "interrupted": "#d08a1c", "unknown": "#c0392b"
 
 # Chart geometry in viewBox units; the browser scales the whole drawing to the page width.
 _LEFT, _WIDTH, _RIGHT = 230, 740, 30
+_VIEW_W = _LEFT + _WIDTH + _RIGHT
 
 
 def _a(value: object) -> str:
@@ -73,7 +84,7 @@ def _timeline(report: CostReport) -> str:
         return _LEFT + (t - t0) / span * _WIDTH
 
     parts = [
-        f'<svg id="timeline" viewBox="0 0 {_LEFT + _WIDTH + _RIGHT} {height}" width="100%" '
+        f'<svg id="timeline" viewBox="0 0 {_VIEW_W} {height}" width="100%" '
         'preserveAspectRatio="xMinYMin meet" role="img" aria-label="run timeline">',
         '<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
         'patternTransform="rotate(45)"><rect width="3" height="6" fill="#c0392b" opacity=".45"/>'
@@ -116,7 +127,29 @@ def _timeline(report: CostReport) -> str:
                          f'<line x1="{ex - 6:.1f}" y1="{y + 4}" x2="{ex + 6:.1f}" y2="{y + 16}"/>'
                          f'<line x1="{ex - 6:.1f}" y1="{y + 16}" x2="{ex + 6:.1f}" y2="{y + 4}"/></g>')
     parts.append("</svg>")
-    return "".join(parts)
+    return '<div class="chart">' + "".join(parts) + "</div>"
+
+
+def _sw(color: str, extra: str = "") -> str:
+    """A colour swatch for the legend."""
+    return f'<span class="sw" style="background:{color}{extra}"></span>'
+
+
+def _timeline_legend() -> str:
+    ended = [("finished", "finished"), ("interrupted", "interrupted"), ("unknown", "killed/unknown"),
+             ("failed", "failed"), ("stopped", "stopped"), ("running", "running")]
+    items = [f"<span>{_sw(_COLORS[k])}{_a(label)}</span>" for k, label in ended]
+    items += [
+        f'<span>{_sw("#fff", ";outline:2.5px solid #111;outline-offset:-2.5px")}black outline: on-demand</span>',
+        f'<span>{_sw("#999")}startup</span>',
+        f'<span>{_sw("#e8b0a8", ";background-image:repeating-linear-gradient(45deg,#c0392b 0 2px,transparent 2px 5px)")}'
+        "lost work</span>",
+        f'<span>{_sw("#1f4e99", ";width:.25em")}checkpoint</span>',
+        f'<span>{_sw("#e67e22", ";clip-path:polygon(0 0,100% 0,50% 100%)")}notice</span>',
+        '<span><span class="x" style="color:#c0392b;font-weight:700">&#x2715;</span> interruption</span>',
+    ]
+    return ('<p class="legend"><span>Bar colour: how the segment ended.</span> '
+            + " ".join(items) + "</p>")
 
 
 def _usd(seconds: float, price: Any) -> float:
@@ -160,12 +193,14 @@ def _cumulative(report: CostReport) -> str:
         return f"{px:.1f},{py:.1f}"
 
     parts = [
-        f'<svg id="cumulative" viewBox="0 0 {_LEFT + _WIDTH + _RIGHT} {height}" width="100%" '
+        f'<svg id="cumulative" viewBox="0 0 {_VIEW_W} {height}" width="100%" '
         'preserveAspectRatio="xMinYMin meet" role="img" aria-label="cumulative cost">',
         *_axis(t0, span, plot_top - 6, plot_bottom),
-        f'<text x="{_LEFT - 8}" y="{plot_top + 4}" text-anchor="end">{_a(fmt_usd(top))}</text>',
-        f'<text x="{_LEFT - 8}" y="{plot_bottom}" text-anchor="end">$0</text>',
     ]
+    for tick in y_ticks(top):
+        py = plot_bottom - tick / top * (plot_bottom - plot_top)
+        parts.append(f'<line class="y-grid" x1="{_LEFT}" y1="{py:.1f}" x2="{_LEFT + _WIDTH}" y2="{py:.1f}" stroke="#eee"/>')
+        parts.append(f'<text class="y-tick" x="{_LEFT - 8}" y="{py + 5:.1f}" text-anchor="end">{_a(_tick_usd(tick))}</text>')
     styles = {"spot": ("#d08a1c", "", "paid (this run)"),
               "on_demand": ("#1f4e99", ' stroke-dasharray="6 4"', "on-demand, same work")}
     for key, (color, dash, name) in styles.items():
@@ -173,10 +208,37 @@ def _cumulative(report: CostReport) -> str:
         last = lines[key][-1][1]
         parts.append(f'<polyline class="cum-{key.replace("_", "-")}" points="{pts}" fill="none" '
                      f'stroke="{color}" stroke-width="2.5"{dash}><title>{_a(name)}: {_a(fmt_usd(last))}</title></polyline>')
-    parts.append(f'<text x="4" y="{plot_top + 30}" fill="#d08a1c">paid (this run)</text>')
-    parts.append(f'<text x="4" y="{plot_top + 50}" fill="#1f4e99">on-demand, same work</text>')
+    # The key: a line sample and the label in the line's colour. Inline ``style``, not the
+    # ``fill`` attribute: a stylesheet rule (``svg text{fill:...}``) overrides an attribute,
+    # never an inline style.
+    for i, (key, (color, dash, name)) in enumerate(styles.items()):
+        ky = plot_top + 30 + 22 * i
+        parts.append(f'<line class="key-{key.replace("_", "-")}" x1="4" y1="{ky - 5}" x2="34" y2="{ky - 5}" '
+                     f'stroke="{color}" stroke-width="2.5"{dash}/>')
+        parts.append(f'<text class="key key-{key.replace("_", "-")}" x="40" y="{ky}" '
+                     f'style="fill:{color}">{_a(name)}</text>')
     parts.append("</svg>")
-    return "".join(parts)
+    return '<div class="chart">' + "".join(parts) + "</div>"
+
+
+def y_ticks(top: float, most: int = 5) -> list[float]:
+    """Dollar ticks from 0 to ``top``: steps of 1, 2, 2.5 or 5 x 10^k, at most ``most`` + 1 marks,
+    the highest at or below ``top``."""
+    import math
+
+    if top <= 0:
+        return [0.0]
+    raw = top / most
+    base = 10 ** math.floor(math.log10(raw))
+    step = next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= raw)
+    n = int(top / step + 1e-9)
+    return [round(k * step, 12) for k in range(n + 1)]
+
+
+def _tick_usd(v: float) -> str:
+    if v == 0:
+        return "$0"
+    return f"${v:,.0f}" if v >= 100 else (f"${v:.2f}" if v >= 0.1 else f"${v:.4g}")
 
 
 def report_html(report: CostReport) -> str:
@@ -262,11 +324,7 @@ def report_html(report: CostReport) -> str:
         f"<h1>spotrun cost: {_a(d['run_url'])}</h1>",
         "<h2>Timeline</h2>",
         _timeline(report),
-        '<p class="legend"><span>bar colour: how the segment ended (green finished, orange '
-        "interrupted, red killed/unknown, purple failed, grey-blue stopped, blue running)</span>"
-        "<span>black outline: on-demand (fallback); no outline: spot</span><span>grey: startup</span>"
-        "<span>hatched: lost work</span><span>blue tick: checkpoint</span><span>orange triangle: notice</span>"
-        "<span>red cross: interruption</span></p>",
+        _timeline_legend(),
         "<h2>Cumulative cost</h2>",
         _cumulative(report),
         "<h2>Summary</h2>",

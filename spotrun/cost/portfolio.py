@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, CostError
+from ..validate import number
+from ..validate import price as check_price
 from .estimate import estimate_job, rate_per_hour
 from .prices import PriceBook
 
@@ -162,13 +164,16 @@ class PortfolioResult:
         return "\n".join(out) + "\n"
 
 
-def _num(entry: dict[str, Any], key: str, default: float | None = None, *, where: str) -> float:
+def _num(entry: dict[str, Any], key: str, default: float | None = None, *, where: str,
+         positive: bool = False) -> float:
+    """A finite number >= 0 (> 0 with ``positive``) from a portfolio table
+    (:func:`spotrun.validate.number`, the check every command shares)."""
     value = entry.get(key, default)
     if value is None:
         raise ConfigError(f"{where}: missing {key!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{where}: {key} = {value!r} must be a number >= 0")
-    return float(value)
+    if isinstance(value, str):  # TOML strings are not numbers, even "12"
+        raise ConfigError(f"{where}: {key}={value!r} is not a number; write it without quotes")
+    return number(value, f"{where}: {key}", minimum=0, allow_minimum=not positive)
 
 
 class _Prices:
@@ -179,7 +184,7 @@ class _Prices:
 
     def od(self, instance_type: str) -> tuple[float, str]:
         if instance_type in self.table:
-            return float(self.table[instance_type]), "portfolio [prices] table"
+            return check_price(self.table[instance_type], f"[prices] {instance_type}"), "portfolio [prices] table"
         p = self.book.on_demand(instance_type, self.region)
         return p.usd_per_hour, p.label()
 
@@ -201,8 +206,8 @@ def evaluate_portfolio(data: dict[str, Any], *, prices: PriceBook | None = None)
         where = f"[[training]] #{i + 1}"
         name = str(job.get("name", f"training-{i + 1}"))
         itype = job.get("instance_type") or _missing(where, "instance_type")
-        hours = _num(job, "hours_per_run", where=where)
-        runs = _num(job, "runs_per_month", where=where)
+        hours = _num(job, "hours_per_run", where=where, positive=True)
+        runs = _num(job, "runs_per_month", where=where, positive=True)
         market = job.get("market", "on-demand")
         if market not in ("on-demand", "spot"):
             raise ConfigError(f"{where}: market must be 'on-demand' or 'spot', not {market!r}")
@@ -219,7 +224,8 @@ def evaluate_portfolio(data: dict[str, Any], *, prices: PriceBook | None = None)
             if on_spot:
                 job_book = book
                 if t in px.spot_table:
-                    job_book = PriceBook(spot_price=float(px.spot_table[t]), on_demand_price=px.od(t)[0],
+                    job_book = PriceBook(spot_price=check_price(px.spot_table[t], f"[spot_prices] {t}"),
+                                         on_demand_price=px.od(t)[0],
                                          offline=True, cache_dir=book.cache.path.parent)
                 e = estimate_job(instance_type=t, **{**est_kwargs, "prices": job_book})  # type: ignore[arg-type]
                 sources.append("portfolio [spot_prices] table" if t in px.spot_table else e.spot_price.label())

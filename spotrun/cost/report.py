@@ -17,8 +17,11 @@ Figures, per segment (all times in seconds):
 * ``duration`` = end - start; ``cost`` = duration x the hourly price of its market (spot:
   time-weighted spot price; on-demand: on-demand price);
 * ``startup`` = first training step - start (the whole segment if it never reached a step);
-* ``restart_overhead`` = the startup of every segment after the first (the first one's
-  startup would happen on on-demand too, so it is useful time), plus its shutdown;
+* ``restart_overhead`` = what getting training going again cost after this segment ended
+  (:func:`attribute_restarts`, the one definition every view uses): its shutdown plus the
+  startup of the attempt that followed it (every node of it). It is shown on the segment
+  whose end caused it, so a segment's row and its interruption's line read the same figure;
+  the first segment's startup is never a restart (on-demand would pay it too);
 * ``lost_work`` = for a segment that did not finish, the training time after the state its
   last committed checkpoint captured: from that capture to the last completed step when the
   wrapper recorded its end (so a checkpoint taken on the notice loses nothing), else (the
@@ -26,12 +29,13 @@ Figures, per segment (all times in seconds):
   none. Work that must be redone;
 * ``shutdown`` = for an interrupted segment, from the wrapper's end (checkpoint committed,
   training over) to the segment's end as the launcher saw it: process and machine teardown.
-  It counts with the restart overhead: both are what an interruption costs besides lost work;
+  It is part of the restart overhead: both are what an interruption costs besides lost work;
 * ``stall`` = the seconds training paused for checkpoints. Stalls are *not* useful work: an
   uninterrupted on-demand run would not need them to survive, so they are part of the price
   of running on spot (the same rule as ``spotrun estimate``). Stalls happen before the last
   commit and after the first step, so they never overlap lost work or restarts;
-* ``useful`` = duration - lost_work - restart_overhead - stall; ``on_demand_cost`` = useful x
+* ``useful`` = duration - lost_work - stall - the restart time spent *in* this segment (its own
+  startup unless it is the first, and its shutdown); ``on_demand_cost`` = useful x
   the on-demand price of the segment's instance type: what the same work would have cost
   uninterrupted on on-demand.
 
@@ -104,6 +108,9 @@ class Segment:
     on_demand_price: Price | None = None
     price_error: str | None = None
     on_demand_error: str | None = None
+    # Set by attribute_restarts: the restart this segment's end caused, as (segment, seconds)
+    # parts, each priced at the segment the seconds were spent in.
+    restart_parts: list[tuple[Segment, float]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def interrupted(self) -> bool:
@@ -126,8 +133,19 @@ class Segment:
         return max(0.0, min(self.end - self.training_ended_at, self.duration_s - self.startup_s))
 
     @property
-    def restart_overhead_s(self) -> float:
+    def restart_time_in_segment_s(self) -> float:
+        """Restart time spent in this segment (whichever end caused it): its startup unless
+        it is the first, and its shutdown. Not useful work."""
         return (0.0 if self.is_first else self.startup_s) + self.shutdown_s
+
+    @property
+    def restart_overhead_s(self) -> float:
+        """The restart this segment's end caused (see :func:`attribute_restarts`)."""
+        return float(sum(sec for _, sec in self.restart_parts))
+
+    @property
+    def restart_overhead_usd(self) -> float | None:
+        return _sum([seg._usd(sec, seg.price) for seg, sec in self.restart_parts])
 
     @property
     def _training_checkpoints(self) -> list[dict]:
@@ -162,7 +180,7 @@ class Segment:
 
     @property
     def useful_s(self) -> float:
-        return max(0.0, self.duration_s - self.lost_work_s - self.restart_overhead_s - self.stall_s)
+        return max(0.0, self.duration_s - self.lost_work_s - self.restart_time_in_segment_s - self.stall_s)
 
     def _usd(self, seconds: float, price: Price | None) -> float | None:
         return None if price is None else seconds / 3600.0 * price.usd_per_hour
@@ -186,7 +204,9 @@ class Segment:
             "first_step_at": self.first_step_at,
             "resumed_step": self.resumed_step,
             "startup_s": self.startup_s,
+            "shutdown_s": self.shutdown_s,
             "restart_overhead_s": self.restart_overhead_s,
+            "restart_parts": [{"segment_id": seg.segment_id, "s": sec} for seg, sec in self.restart_parts],
             "lost_work_s": self.lost_work_s,
             "last_checkpoint_step": None if ckpt is None else ckpt["step"],
             "stall_s": self.stall_s,
@@ -199,7 +219,7 @@ class Segment:
             "on_demand_error": self.on_demand_error,
             "cost_usd": self._usd(self.duration_s, p),
             "lost_work_usd": self._usd(self.lost_work_s, p),
-            "restart_overhead_usd": self._usd(self.restart_overhead_s, p),
+            "restart_overhead_usd": self.restart_overhead_usd,
             "stall_usd": self._usd(self.stall_s, p),
             "on_demand_usd": self._usd(self.useful_s, self.on_demand_price),
         }
@@ -322,7 +342,46 @@ def build_segments(
             for seg in segments:
                 if seg.group == segments[0].group:
                     seg.is_first = True
+    attribute_restarts(segments)
     return segments
+
+
+def _attempts(segments: list[Segment]) -> list[list[Segment]]:
+    """The segments grouped by attempt (a multi-node group is one), in start order."""
+    out: list[list[Segment]] = []
+    by_group: dict[str, list[Segment]] = {}
+    for seg in segments:
+        if seg.group is None:
+            out.append([seg])
+        elif seg.group in by_group:
+            by_group[seg.group].append(seg)
+        else:
+            by_group[seg.group] = [seg]
+            out.append(by_group[seg.group])
+    return out
+
+
+def restart_row(attempt: list[Segment]) -> Segment:
+    """The segment of an attempt that carries its restart (and its interruption line): the
+    first interrupted node, else its first segment."""
+    return next((s for s in attempt if s.interrupted), attempt[0])
+
+
+def attribute_restarts(segments: list[Segment]) -> None:
+    """THE definition of restart overhead, used by the table, the interruptions, the totals,
+    the HTML and the JSON: an attempt's end costs the shutdown of its segments (wrapper's
+    end, checkpoint committed, to the segment's end) plus the startup (start to first
+    training step) of every segment of the attempt that follows it. The whole amount is
+    carried by one segment of the ending attempt (:func:`restart_row`); every other segment
+    carries none. The first attempt's startup is useful time, never a restart."""
+    attempts = _attempts(segments)
+    for seg in segments:
+        seg.restart_parts = []
+    for i, attempt in enumerate(attempts):
+        nxt = attempts[i + 1] if i + 1 < len(attempts) else []
+        parts = [(s, s.shutdown_s) for s in attempt if s.shutdown_s > 0]
+        parts += [(s, s.startup_s) for s in nxt if not s.is_first]
+        restart_row(attempt).restart_parts = parts
 
 
 def price_segments(segments: list[Segment], prices: PriceBook) -> None:
@@ -423,7 +482,7 @@ class CostReport:
         names = {s.segment_id for s in members}
         later = [s for s in self.segments if s.segment_id not in names and s.start >= seg.start]
         nxt = min(later, key=lambda s: (s.start, s.segment_id)) if later else None
-        following = [] if nxt is None else self._members(nxt)
+        row = restart_row(members)
         d = seg.to_dict()
         return {
             "segment_id": seg.segment_id,
@@ -436,9 +495,8 @@ class CostReport:
             "lost_work_s": sum(s.lost_work_s for s in members),
             "lost_work_usd": _sum([s._usd(s.lost_work_s, s.price) for s in members]),
             "next_segment_id": None if nxt is None else nxt.segment_id,
-            "restart_overhead_s": sum(s.shutdown_s for s in members) + sum(s.startup_s for s in following),
-            "restart_overhead_usd": _sum([s._usd(s.shutdown_s, s.price) for s in members]
-                                         + [s._usd(s.startup_s, s.price) for s in following]),
+            "restart_overhead_s": row.restart_overhead_s,
+            "restart_overhead_usd": row.restart_overhead_usd,
         }
 
     def interruptions(self) -> list[dict[str, Any]]:
@@ -463,19 +521,10 @@ class CostReport:
                 "lost_work_s": seg.lost_work_s,
                 "lost_work_usd": d["lost_work_usd"],
                 "next_segment_id": None if nxt is None else nxt.segment_id,
-                # This segment's shutdown plus the next one's startup.
-                "restart_overhead_s": seg.shutdown_s + (0.0 if nxt is None else nxt.startup_s),
-                "restart_overhead_usd": _sum([
-                    seg._usd(seg.shutdown_s, seg.price),
-                    None if nxt is None else nxt._usd(nxt.startup_s, nxt.price),
-                ]),
+                # The same figure as the segment's row (attribute_restarts).
+                "restart_overhead_s": seg.restart_overhead_s,
+                "restart_overhead_usd": seg.restart_overhead_usd,
             })
-            if nxt is not None and nxt.group is not None:
-                # The next attempt is N nodes: each of them starts up.
-                following = self._members(nxt)
-                out[-1]["restart_overhead_s"] = seg.shutdown_s + sum(s.startup_s for s in following)
-                out[-1]["restart_overhead_usd"] = _sum([seg._usd(seg.shutdown_s, seg.price)]
-                                                       + [s._usd(s.startup_s, s.price) for s in following])
         return out
 
     def price_sources(self) -> list[str]:

@@ -24,62 +24,33 @@ Call order (every rank)::
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
-import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..commit import (
-    DAMAGED_DIR,
-    BackgroundRetention,
-    commit,
-    list_checkpoints,
-    newest_valid,
-    quarantine,
-    verify_checkpoint,
-)
-from ..config import (
-    DEFAULT_STOP_MARGIN_S,
-    DEFAULT_STOP_TIMEOUT_S,
-    env_choice,
-    env_float_or_default,
-    env_str,
-)
-from ..distributed import Group, note_exit
-from ..errors import (
-    AllCheckpointsDamagedError,
-    CheckpointUnreadableError,
-    ConfigError,
-    SaveError,
-    StorageError,
-    StorageNotFoundError,
-)
-from ..events import (
-    CheckpointCommitted,
-    Event,
-    NoticeReceived,
-    SegmentEnded,
-    SegmentStarted,
-    TrainingResumed,
-)
-from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
-from ..lease import Lease, acquire_run_lease, release_run_lease
-from ..ledger import DEFAULT_FLUSH_S, BackgroundLedger, Ledger
+from .. import config
+from ..checkpoint.restore import RestoreProgress, all_damaged_error, list_readable
+from ..checkpoint.segment import RunSegment
+from ..commit import BackgroundRetention, commit, list_checkpoints, newest_valid, quarantine, verify_checkpoint
+from ..config import IF_ALL_DAMAGED_ENV, env_str  # noqa: F401 - importable here, as before
+from ..distributed import Group
+from ..errors import CheckpointUnreadableError, ConfigError, SaveError, StorageError, StorageNotFoundError
+from ..events import CheckpointCommitted
+from ..layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
+from ..lease import Lease
 from ..manifest import FileEntry, Manifest
-from ..notices import Notice, Watcher
+from ..notices import Watcher
 from ..storage import Storage, open_storage
+from ..units import format_bytes
+from .folders import folder_files, unsafe_names
 
 __all__ = ["RunSession", "resolve_url"]
 
 log = logging.getLogger("spotrun")
 
-#: Same knob as the Checkpointer's (``Checkpointer(if_all_damaged=...)``).
-IF_ALL_DAMAGED_ENV = "SPOTRUN_IF_ALL_DAMAGED"
 _COPY_CHUNK = 16 << 20
 
 
@@ -97,32 +68,14 @@ def _entry(writer: Any) -> FileEntry:
     return writer.entry
 
 
-def _flat_files(folder: str) -> list[str]:
-    """The files of a trainer's checkpoint folder (names only); refuses subfolders.
-
-    A manifest lists the files of one folder level (``spotrun verify`` and retention look
-    only there), so a nested layout (FSDP / DeepSpeed shard folders) is refused rather than
-    committed half-verified.
-    """
-    names = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            raise ConfigError(
-                f"{path} is a folder; spotrun's trainer integrations commit flat checkpoint "
-                "folders only (sharded FSDP/DeepSpeed checkpoints are not supported yet): "
-                "save a full state dict, or use spotrun.Checkpointer with sharded=True"
-            )
-        names.append(name)
-    if not names:
-        raise SaveError(f"{folder} is empty: the trainer wrote no checkpoint there")
-    return names
-
-
-def _ignore_sigterm() -> None:
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _copy_counted(src: Any, out: Any, progress: RestoreProgress) -> None:
+    """``shutil.copyfileobj``, counting each chunk into the restore's progress."""
+    while True:
+        chunk = src.read(_COPY_CHUNK)
+        if not chunk:
+            return
+        out.write(chunk)
+        progress.add(len(chunk))
 
 
 class RunSession:
@@ -140,55 +93,49 @@ class RunSession:
     ) -> None:
         if keep_last < 1:
             raise ConfigError(f"keep_last={keep_last} must be at least 1 (the newest checkpoint)")
-        from ..checkpoint.interrupts import Interrupts
-
         self.storage: Storage = open_storage(url, storage_options)
         self.keep_last = keep_last
         self.metadata = dict(metadata or {})
-        self.segment_id = env_str("SPOTRUN_SEGMENT_ID") or uuid.uuid4().hex[:12]
-        self._interrupts = Interrupts(handle_signals=handle_signals, watchers=watchers)
-        self._ledger = BackgroundLedger(Ledger(self.storage))
-        self._group: Group | None = None
+        self.if_all_damaged = config.if_all_damaged()
+        #: Everything around the checkpoints: lease, signals and notices, ledger, the stop bound.
+        self._seg = RunSegment(self.storage, handle_signals=handle_signals, watchers=watchers)
+        self._interrupts = self._seg.interrupts
         self._lease: Lease | None = None
-        self._started_at = time.time()
         self.active = False
         self.closed = False
         #: The newest step committed (or resumed from) by this process.
         self.last_committed: int | None = None
-        self.steps_done = 0
-        self._last_step_at: float | None = None
         self._retention = BackgroundRetention(self.storage)
+        self._progress = RestoreProgress(self.storage.display(), 0)  # the restore's, on rank 0
+
+    @property
+    def segment_id(self) -> str:
+        return self._seg.segment_id
+
+    @property
+    def steps_done(self) -> int:
+        return self._seg.steps_done
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self._seg.steps_done = value
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @property
     def group(self) -> Group:
-        if self._group is None:
+        if self._seg.group is None:
             raise RuntimeError("RunSession.start() first")
-        return self._group
+        return self._seg.group
 
     def start(self) -> None:
         """Take the run (lease), listen for signals and notices, record the segment. Idempotent."""
         if self.active or self.closed:
             return
-        from ..checkpoint.checkpointer import process_start_time
-
-        self.storage.ensure_root(create=True)
-        self._group = Group()
-        self._lease = acquire_run_lease(self.storage, self._group, self.segment_id)
-        try:
-            self._interrupts.start()
-        except BaseException:
-            self._interrupts.restore_signal_handlers()
-            release_run_lease(self._lease, writing=False)
-            raise
+        self._seg.join()
+        self._lease = self._seg.begin()
         self.active = True
-        self._started_at = process_start_time()
         atexit.register(self._at_exit)
-        if self._group.is_main:
-            self._emit(SegmentStarted(segment_id=self.segment_id,
-                                      instance=self._interrupts.instance_info(),
-                                      started_at=self._started_at))
 
     def close(self, reason: str, *, exit_code: int | None = None) -> None:
         """Leave the run: watchers off, lease released, the segment's end recorded."""
@@ -196,27 +143,11 @@ class RunSession:
             return
         self.active = False
         self.closed = True
-        self._interrupts.stop_watchers()
-        if exit_code == EXIT_INTERRUPTED:
-            note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed
-            held = self._interrupts.handlers_installed
-            self._interrupts.hold_until_exit()
-            if held:
-                # A trainer may put its own Python handlers back on its way out (Lightning's
-                # teardown does), and the interpreter resets Python handlers to the default
-                # action while it finalises: a supervisor's second SIGTERM then would end
-                # the process with -15 although the stop checkpoint is committed. SIG_IGN,
-                # set again at exit, is a kernel disposition that holds to the end.
-                atexit.register(_ignore_sigterm)
-        else:
-            self._interrupts.restore_signal_handlers()
+        seg = self._seg
+        seg.stop_listening()
         self._retention.wait(30.0)
-        release_run_lease(self._lease, writing=False)
-        if self.group.is_main and reason != "finished":
-            self._emit(SegmentEnded(segment_id=self.segment_id, reason=reason,  # type: ignore[arg-type]
-                                    ended_at=time.time(), steps_done=self.steps_done,
-                                    last_step_at=self._last_step_at))
-        self._ledger.close(env_float_or_default("SPOTRUN_LEDGER_FLUSH_S", DEFAULT_FLUSH_S))
+        seg.release(interrupted=exit_code == EXIT_INTERRUPTED)
+        seg.record_end(None if reason == "finished" else reason)
 
     def _at_exit(self) -> None:
         # The trainer raised (or the script ended without finishing): say so in the ledger.
@@ -225,7 +156,7 @@ class RunSession:
 
     # -- resume -------------------------------------------------------------------------------
 
-    def resume_dir(self, local_root: str) -> str | None:
+    def resume_dir(self, local_root: str, check: Any = None) -> str | None:
         """The newest valid checkpoint as a local folder (downloaded under ``local_root`` when
         the run URL is remote), or None for a fresh run. Every rank gets the same answer.
 
@@ -233,9 +164,14 @@ class RunSession:
         is moved aside under ``damaged/`` and the one before it is used. A checkpoint that
         cannot be *read* is not damage: the start fails and nothing changes. When every
         checkpoint is damaged, the start fails unless ``SPOTRUN_IF_ALL_DAMAGED=start_fresh``.
+        ``check(folder, step)``: the trainer's own problems with a verified local copy (its
+        recorded step not the folder's), counted as damage too.
         """
         def fetch(manifest: Manifest) -> tuple[Any, list[str]]:
-            return self._fetch_verified(manifest, local_root)
+            path, problems = self._fetch_verified(manifest, local_root)
+            if not problems and check is not None:
+                problems = list(check(path, manifest.step))
+            return path, problems
 
         found = self._resume_point(fetch)
         return None if found is None else found[1]
@@ -244,6 +180,7 @@ class RunSession:
         """The step of the newest valid checkpoint (verified in storage, as
         :meth:`resume_dir`), or None for a fresh run. Every rank gets the same answer."""
         def verify(manifest: Manifest) -> tuple[Any, list[str]]:
+            self._progress.phase(f"verifying step {manifest.step}", manifest.total_bytes)
             return None, verify_checkpoint(self.storage, manifest, deep=True)
 
         found = self._resume_point(verify)
@@ -258,7 +195,10 @@ class RunSession:
         error: BaseException | None = None
         if group.is_main:
             try:
-                outcome = self._find(check)
+                with RestoreProgress(self.storage.display()) as self._progress:
+                    outcome = self._find(check)
+                if outcome[0] == "found":  # with its size and time, for the line below
+                    outcome = ("found", (*outcome[1], self._progress.elapsed))
             except Exception as exc:  # noqa: BLE001 - told to every rank, raised below
                 error, outcome = exc, ("error", str(exc))
         if group.distributed:
@@ -270,18 +210,14 @@ class RunSession:
             raise CheckpointUnreadableError(f"rank 0 could not resume the run: {value}")
         if kind == "none":
             return None
-        step = value[0]
+        step, found, nbytes, seconds = value
         self.last_committed = self.steps_done = step
-        log.info("resuming from step %d at %s", step, self.storage.display(checkpoint_dir(step)))
-        return value
+        log.info("resuming from step %d at %s (%s, read and verified in %.2fs)", step,
+                 self.storage.display(checkpoint_dir(step)), format_bytes(nbytes), seconds)
+        return step, found
 
     def _find(self, check: Any) -> tuple[str, Any]:
-        try:
-            infos = list_checkpoints(self.storage)
-        except StorageError as exc:
-            raise CheckpointUnreadableError(
-                f"cannot list or read the checkpoints ({exc}); that is not damage, so nothing at "
-                f"{self.storage.display()} was skipped or changed: fix access and start again") from exc
+        infos = list_readable(self.storage)
         values: dict[int, Any] = {}
 
         def checked(info: Any) -> str | None:
@@ -292,25 +228,24 @@ class RunSession:
             return None
 
         chosen, damaged = newest_valid(infos, checked, where=self.storage.display())
-        if damaged and chosen is None:
-            if env_choice(IF_ALL_DAMAGED_ENV, ("fail", "start_fresh"), "fail") != "start_fresh":
-                listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
-                raise AllCheckpointsDamagedError(
-                    f"all {len(damaged)} checkpoints at {self.storage.display()} are damaged, "
-                    f"refusing to start over them ({listing}); see `spotrun verify "
-                    f"{self.storage.display()}`; to start from step 0 anyway (they are moved under "
-                    f"{DAMAGED_DIR}/, not deleted) set {IF_ALL_DAMAGED_ENV}=start_fresh")
+        if damaged and chosen is None and self.if_all_damaged != "start_fresh":
+            raise all_damaged_error(self.storage, damaged, argument=False)
         for step, problem in damaged:
             quarantine(self.storage, step, problem)
         if chosen is None:
             return ("none", None)
-        return ("found", (chosen.step, values[chosen.step]))
+        return ("found", (chosen.step, values[chosen.step], chosen.manifest.total_bytes))
 
     def _fetch_verified(self, manifest: Manifest, local_root: str) -> tuple[str, list[str]]:
         """A local copy of the checkpoint (the folder itself on local storage) and its damage."""
         folder = checkpoint_dir(manifest.step)
+        outside = unsafe_names(manifest.files)
+        if outside:
+            return "", outside
         local = self.storage.local_path(folder)
+        progress = self._progress
         if local is not None:
+            progress.phase(f"verifying step {manifest.step}", manifest.total_bytes)
             return local, verify_checkpoint(self.storage, manifest, deep=True)
         # Remote: download, then verify the copy with the same manifest (the same checks,
         # and the trainer then loads exactly the bytes that were verified).
@@ -323,8 +258,12 @@ class RunSession:
                 src = self.storage.open_read(f"{folder}/{name}")
             except StorageNotFoundError:
                 continue  # reported as missing by the verification below
-            with src, open(os.path.join(dest, name), "wb") as out:
-                shutil.copyfileobj(src, out, _COPY_CHUNK)
+            progress.phase(f"downloading step {manifest.step}: {name}", manifest.total_bytes)
+            target = os.path.join(dest, *name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with src, open(target, "wb") as out:
+                _copy_counted(src, out, progress)
+        progress.phase(f"verifying the download of step {manifest.step}")
         copy = open_storage(cache)
         return dest, verify_checkpoint(copy, manifest, deep=True)
 
@@ -332,10 +271,7 @@ class RunSession:
         """Record where training (re)starts, step 0 included as the Checkpointer does: the
         cost report's restart overhead, and ``check-resume`` signals only after it."""
         self.start()
-        self.steps_done = step
-        if self.group.is_main:
-            self._emit(TrainingResumed(segment_id=self.segment_id, step=step,
-                                       process_started_at=self._started_at, first_step_at=time.time()))
+        self._seg.training_started(step)
 
     def newest_committed(self) -> int | None:
         """The newest committed step in storage (rank 0 reads, every rank learns it)."""
@@ -350,9 +286,7 @@ class RunSession:
     def poll(self, steps_done: int) -> tuple[bool, bool]:
         """At a step boundary: (stop, save) as every rank agrees (one tiny all-reduce)."""
         inbox = self._interrupts
-        self.steps_done = steps_done
-        self._last_step_at = time.time()
-        inbox.drain(steps_done, self._on_notice)
+        self._seg.drain(steps_done)
         stop, save = self.group.agree(stop=inbox.stop_requested, save=inbox.save_requested)
         if stop:
             inbox.stop_requested = True
@@ -372,11 +306,6 @@ class RunSession:
     def request_stop(self) -> None:
         """Ask for a stop checkpoint and exit 75 at the next step boundary (thread-safe)."""
         self._interrupts.request_stop()
-
-    def _on_notice(self, n: Notice) -> None:
-        self._emit(NoticeReceived(segment_id=self.segment_id, source=n.source, action=n.action,
-                                  notice_time=n.notice_time, detected_at=n.detected_at,
-                                  deadline=n.deadline))
 
     # -- committing ---------------------------------------------------------------------------
 
@@ -408,7 +337,7 @@ class RunSession:
         self.last_committed = step
 
     def _copy_and_commit(self, step: int, folder: str, paused_since: float | None) -> None:
-        names = _flat_files(folder)
+        names = folder_files(folder)  # subfolders too (FSDP/DeepSpeed shard folders)
         dest = checkpoint_dir(step)
 
         def write() -> dict[str, FileEntry]:
@@ -462,9 +391,9 @@ class RunSession:
             raise SaveError(
                 f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact") from exc
         now = time.time()
-        log.info("checkpoint at step %d committed (%.1f MB, written in %.2fs) at %s", step,
-                 manifest.total_bytes / 1e6, now - t0, self.storage.display(dest))
-        self._emit(CheckpointCommitted(
+        log.info("checkpoint at step %d committed (%s, written in %.2fs) at %s", step,
+                 format_bytes(manifest.total_bytes), now - t0, self.storage.display(dest))
+        self._seg.emit(CheckpointCommitted(
             segment_id=self.segment_id, step=step, committed_at=now,
             stall_s=now - (paused_since if paused_since is not None else t0),
             save_s=now - t0, nbytes=manifest.total_bytes, captured_at=paused_since or t0))
@@ -474,8 +403,9 @@ class RunSession:
         """Commit the stop checkpoint within the time the machine has left, then exit.
 
         Raises ``SystemExit(75)`` once committed (or when ``folder`` is None because this
-        step is already committed), ``SystemExit(143)`` when it could not commit in time
-        (the previous checkpoint stays the latest). The bound is the Checkpointer's: the
+        step is already committed), ``SystemExit(143)`` when the save failed (the previous
+        checkpoint stays the latest); when it does not commit in time the process leaves
+        with 143 at once, without unwinding (an abandoned writer is still running). The bound is the Checkpointer's: the
         notice's deadline minus ``SPOTRUN_STOP_MARGIN``, else ``SPOTRUN_STOP_TIMEOUT`` after
         the signal.
         """
@@ -485,7 +415,11 @@ class RunSession:
             group.barrier()
             ok: bool | None = True
             if group.is_main:
-                ok = self._bounded(step, lambda: self._copy_and_commit(step, folder, paused_since))
+                # A missed deadline ends this process at once (see RunSegment.leave_abandoned):
+                # the other ranks, waiting for the answer below, get it first.
+                tell = (lambda: group.broadcast(False)) if group.distributed else None
+                ok = self._bounded(step, lambda: self._copy_and_commit(step, folder, paused_since),
+                                   tell_others=tell)
             committed = bool(group.broadcast(ok)) if group.distributed else bool(ok)
         code = EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED
         if committed:
@@ -494,58 +428,17 @@ class RunSession:
         self.close("interrupted", exit_code=code)
         raise SystemExit(code)
 
-    def _bounded(self, step: int, commit_fn: Any) -> bool:
-        """Run ``commit_fn`` within the stop bound; True when it committed in time."""
-        notice = self._interrupts.stop_notice
-        now = time.time()
-        if notice is not None and notice.deadline is not None:
-            bound_at = notice.deadline - env_float_or_default("SPOTRUN_STOP_MARGIN", DEFAULT_STOP_MARGIN_S)
-        else:
-            limit = env_float_or_default("SPOTRUN_STOP_TIMEOUT", DEFAULT_STOP_TIMEOUT_S)
-            bound_at = (notice.detected_at if notice else now) + limit
-        budget = max(bound_at - now, 1.0)
-        failure: list[BaseException] = []
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                commit_fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-                failure.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name="spotrun-stop-save", daemon=True).start()
-        finished = done.wait(budget)
-        if finished and not failure:
-            return True
-        kept = (f"the checkpoint at step {self.last_committed} stays the latest"
-                if self.last_committed is not None else "no earlier checkpoint was committed")
-        if finished and not isinstance(failure[0], (SaveError, StorageError, OSError)):
-            raise failure[0]
-        log.error("stop checkpoint at step %d %s; exiting %d: %s; relaunch and the run resumes "
-                  "from it", step, f"failed ({failure[0]})" if finished else
-                  f"did not commit within {budget:.1f}s (raise SPOTRUN_STOP_TIMEOUT or lower "
-                  "SPOTRUN_STOP_MARGIN if the store is slow rather than down)",
-                  EXIT_STOP_UNSAVED, kept)
-        return False
+    def _bounded(self, step: int, commit_fn: Any, *, tell_others: Any = None) -> bool:
+        """Run ``commit_fn`` within the stop bound (the one the Checkpointer's stop has):
+        True when it committed, False when it failed; when the bound passes first the
+        process leaves with 143 at once (:meth:`RunSegment.save_before_stop`)."""
+        return self._seg.save_before_stop(step, commit_fn, previous=self.last_committed,
+                                          tell_others=tell_others)
 
     def finish(self, step: int) -> None:
         """The run is complete: write ``done.json`` and record the segment's end."""
-        group = self.group
-        if group.is_main:
-            if self.last_committed != step:
-                log.warning("training ended at step %d but the newest checkpoint is step %s",
-                            step, self.last_committed)
-            marker = {"step": step, "finished_at": time.time(), "segment_id": self.segment_id}
-            self.storage.write_bytes(DONE_MARKER, json.dumps(marker).encode())
-            self._emit(SegmentEnded(segment_id=self.segment_id, reason="finished",
-                                    ended_at=time.time(), steps_done=step,
-                                    last_step_at=self._last_step_at))
-        group.barrier()
-        self.steps_done = step
-        log.info("run finished at step %d", step)
+        if self.group.is_main and self.last_committed != step:
+            log.warning("training ended at step %d but the newest checkpoint is step %s",
+                        step, self.last_committed)
+        self._seg.finish(step)
         self.close("finished")
-
-    def _emit(self, event: Event) -> None:
-        self._ledger.submit(event)

@@ -27,6 +27,7 @@ them, so point the run URL at storage only you write.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -38,10 +39,22 @@ from typing import Any
 from ..errors import ConfigError
 from ..notices import Watcher
 from ._session import RunSession, resolve_url
+from .folders import trainer_json_step_problem
 
 __all__ = ["SpotrunAccelerate"]
 
 log = logging.getLogger("spotrun")
+
+
+#: The training step a checkpoint folder was saved at, written beside Accelerate's files.
+STEP_FILE = "spotrun_step.json"
+
+
+def _step_problems(folder: str, step: int) -> list[str]:
+    """A folder whose files were copied from another checkpoint (manifest re-hashed) passes
+    every checksum; the step saved in it tells them apart (damage: the one before is used)."""
+    problem = trainer_json_step_problem(os.path.join(folder, STEP_FILE), step)
+    return [problem] if problem else []
 
 
 class SpotrunAccelerate:
@@ -106,7 +119,7 @@ class SpotrunAccelerate:
         if self._restored:
             return self.steps_done
         self.session.start()
-        path = self.session.resume_dir(self.staging_dir)
+        path = self.session.resume_dir(self.staging_dir, check=_step_problems)
         if path is not None:
             self.accelerator.load_state(path)
             self.steps_done = self.session.last_committed or 0
@@ -157,6 +170,11 @@ class SpotrunAccelerate:
             shutil.rmtree(folder, ignore_errors=True)  # a leftover of a save that never committed
         self.session.group.barrier()
         self.accelerator.save_state(folder)
+        if self.session.group.is_main:
+            # Accelerate records no training step of its own (its ``step`` counts gradient
+            # accumulation): this file is the loop's, checked against the folder on resume.
+            with open(os.path.join(folder, STEP_FILE), "w") as f:
+                json.dump({"global_step": self.steps_done}, f)
         return folder
 
     def finish(self) -> None:

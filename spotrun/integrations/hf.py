@@ -15,7 +15,8 @@ or, keeping your own ``trainer.train`` call::
 
 What happens:
 
-- On start, the newest *valid* checkpoint (sizes and checksums verified against its manifest;
+- On start, the newest *valid* checkpoint (sizes and checksums verified against its manifest,
+  and the Trainer's own ``global_step`` in ``trainer_state.json`` against the folder's step;
   a damaged one moved aside and the one before it used) is what ``resume_from_checkpoint``
   gets, downloaded first when the run URL is remote. A run URL that has checkpoints but a
   ``train()`` that was not told to resume is refused (it would silently start over).
@@ -52,12 +53,14 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from ..errors import ConfigError
 from ..notices import Watcher
 from ._session import RunSession, resolve_url
+from .folders import trainer_json_step_problem
 
 __all__ = ["SpotrunCallback", "train"]
 
 log = logging.getLogger("spotrun")
 
 _PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+_STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 
 
 class SpotrunCallback(TrainerCallback):
@@ -107,7 +110,7 @@ class SpotrunCallback(TrainerCallback):
         run URL is remote), or None for a fresh run. Call it on every rank."""
         args = getattr(trainer, "args", trainer)
         session = self._session_for(args)
-        path = session.resume_dir(args.output_dir)
+        path = session.resume_dir(args.output_dir, check=_step_problems)
         self._resume_asked = True
         return path
 
@@ -160,6 +163,13 @@ class SpotrunCallback(TrainerCallback):
             self.session.stop(state.global_step, folder if os.path.isdir(folder) else None,
                               paused_since=self._step_end_at)
         self.session.finish(state.global_step)
+
+
+def _step_problems(folder: str, step: int) -> list[str]:
+    """The Trainer's own step (``trainer_state.json``) must be the folder's: files copied
+    from another checkpoint pass every checksum of a re-hashed manifest, not this."""
+    problem = trainer_json_step_problem(os.path.join(folder, _STATE_FILE), step)
+    return [problem] if problem else []
 
 
 def train(trainer: Any, *, url: str | None = None, **callback_kwargs: Any) -> Any:

@@ -202,6 +202,8 @@ class SpotrunCallback(pl.Callback):
             # epoch's end with exit code 0. The inbox's handler alone decides, as in plain loops.
             self.session.reclaim_signals()
 
+    # Every save here is a full checkpoint (model, optimizers, loops); ``weights_only=False``
+    # says so, else Lightning logs "`weights_only` was not set" at each of them.
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         stop, save = self.session.poll(step)
@@ -209,13 +211,13 @@ class SpotrunCallback(pl.Callback):
         if stop:
             self._stop(trainer, step)
         elif save and self.session.last_committed != step:
-            trainer.save_checkpoint(self._path(step))
+            trainer.save_checkpoint(self._path(step), weights_only=False)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
         if self.session.last_committed != step:
             self.io.paused_since = time.time()
-            trainer.save_checkpoint(self._path(step))
+            trainer.save_checkpoint(self._path(step), weights_only=False)
         self.session.finish(step)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -227,7 +229,7 @@ class SpotrunCallback(pl.Callback):
         committed = True
         try:
             if self.session.last_committed != step:
-                trainer.save_checkpoint(self._path(step))
+                trainer.save_checkpoint(self._path(step), weights_only=False)
                 committed = self.io.stop_committed
             committed = bool(self.session.group.broadcast(committed)) if self.session.group.distributed \
                 else committed

@@ -41,6 +41,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError
+from ..secret_shapes import TOKEN_SHAPES
 
 __all__ = ["MAX_USER_DATA_BYTES", "build_user_data", "check_no_secrets", "is_secret_name", "parse_secret"]
 
@@ -71,18 +72,8 @@ def _looks_like_secret_key(token: str) -> bool:
     return False
 
 
-# Tokens with a recognisable prefix (Hugging Face, GitHub, OpenAI/Anthropic, Slack, GitLab),
-# private keys, and passwords inside URLs (https://user:pass@host, pip index URLs).
-_TOKEN_SHAPES = re.compile(
-    r"\bhf_[A-Za-z0-9]{30,}"
-    r"|\bgh[pousr]_[A-Za-z0-9]{30,}"
-    r"|\bgithub_pat_[A-Za-z0-9_]{22,}"
-    r"|\bglpat-[A-Za-z0-9_-]{20,}"
-    r"|\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"
-    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
-    r"|[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@"
-)
+# Token shapes live in one module shared with the CLI's log redaction.
+_TOKEN_SHAPES = TOKEN_SHAPES
 # Variable names that hold secrets: a whole _-separated word (so TOKENIZERS_PARALLELISM and
 # MAX_TOKENS pass) or one of the compound names.
 _SECRET_WORDS = {"TOKEN", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS",

@@ -10,7 +10,10 @@ from email.utils import parsedate_to_datetime
 
 import requests
 
+from ..errors import NoticeError
+
 __all__ = [
+    "MAX_BODY_BYTES",
     "Response",
     "http_request",
     "new_session",
@@ -57,6 +60,14 @@ def remaining(deadline: float | None, cap: float) -> float:
     return min(cap, left)
 
 
+#: The most of a metadata answer read. Real ones are under a few KiB (a token is 56 bytes,
+#: an instance-action document ~50, Azure's scheduled events a few hundred per event); a
+#: larger body is not the metadata service (or is hostile), and reading all of it would slow
+#: every poll of the notice loop (a 10 MB token took 2 s more before its use was refused).
+MAX_BODY_BYTES = 64 * 1024
+_READ_CHUNK = 16 * 1024
+
+
 def http_request(
     session: requests.Session,
     method: str,
@@ -64,13 +75,38 @@ def http_request(
     *,
     headers: dict[str, str] | None = None,
     timeout: float,
+    max_bytes: int = MAX_BODY_BYTES,
 ) -> Response:
-    """One request; connection and timeout errors propagate as ``requests`` exceptions."""
+    """One request, its body read only up to ``max_bytes`` and within ``timeout`` in all.
+
+    Connection and timeout errors propagate as ``requests`` exceptions (a body that drips in
+    past ``timeout`` as :class:`requests.exceptions.ReadTimeout`); a larger body (by its
+    Content-Length or as it is read) raises :class:`~spotrun.errors.NoticeError` without
+    reading the rest.
+    """
+    started = time.monotonic()
     resp = session.request(
-        method, url, headers=headers, timeout=timeout, allow_redirects=False, stream=False
+        method, url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
     )
     try:
-        return Response(resp.status_code, resp.text, dict(resp.headers))
+        what = f"{method} {url.split('?')[0]}"
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise NoticeError(f"{what} answered {int(declared):,} bytes (more than "
+                              f"{max_bytes // 1024} KiB): not a metadata service's answer")
+        body = bytearray()
+        for chunk in resp.iter_content(_READ_CHUNK):
+            body += chunk
+            if len(body) > max_bytes:
+                raise NoticeError(f"{what} answered more than {max_bytes // 1024} KiB: not a "
+                                  "metadata service's answer")
+            if time.monotonic() - started > timeout:
+                raise requests.exceptions.ReadTimeout(f"{what}: the answer took over {timeout:.3g}s")
+        try:  # the charset the answer names (requests' rule), else UTF-8
+            text = body.decode(resp.encoding or "utf-8", errors="replace")
+        except LookupError:  # a charset no codec knows
+            text = body.decode("utf-8", errors="replace")
+        return Response(resp.status_code, text, dict(resp.headers))
     finally:
         resp.close()
 

@@ -42,8 +42,11 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 # EC2 posts instance-action this long before its ``time``. The document carries no posting
-# time of its own, so the notice time is estimated from the deadline (and never later than
-# the moment we saw it), which makes "posted -> detected" in the logs a real latency figure.
+# time of its own, so the notice time is estimated from the deadline, within what this
+# watcher saw: never later than the poll that found it, never earlier than the last poll
+# that found none (a simulator's or another provider's shorter lead, e.g. a 5 s grace, would
+# otherwise read as "posted" two minutes before it was). That keeps "posted -> detected" in
+# the logs a real latency figure.
 NOTICE_LEAD_S = 120.0
 
 log = logging.getLogger("spotrun")
@@ -95,6 +98,7 @@ class Ec2Watcher(PollingWatcher):
         self._token: str | None = None
         self._token_renew_at = 0.0  # time.monotonic()
         self._token_lock = threading.Lock()
+        self._clear_at = 0.0  # time.time() of the last poll that found no instance-action
 
     def _unavailable_hint(self) -> str:
         return (
@@ -156,8 +160,11 @@ class Ec2Watcher(PollingWatcher):
 
     def _poll(self) -> list[tuple[Any, Notice]]:
         found: list[tuple[Any, Notice]] = []
+        asked = time.time()
         resp = self._get(self._session, ACTION_PATH)
         now = time.time()
+        if resp.status == 404:
+            self._clear_at = asked  # no notice was posted before this moment
         if resp.status == 200:
             doc = _json_or_raw(resp.text)
             action = str(doc.get("action") or "terminate").lower()
@@ -165,7 +172,7 @@ class Ec2Watcher(PollingWatcher):
             # The key must be hashable whatever the document holds (a list, a dict...).
             key = ("action", action, json.dumps(raw_time, sort_keys=True, default=str))
             deadline = parse_time(raw_time)
-            posted = None if deadline is None else min(deadline - NOTICE_LEAD_S, now)
+            posted = None if deadline is None else min(max(deadline - NOTICE_LEAD_S, self._clear_at), now)
             if deadline is None:
                 # An unreadable time must not drop the notice: the machine still goes, so
                 # stop with EC2's usual two minutes. Said once per notice, not every poll.

@@ -7,8 +7,10 @@ quirks (listing caches, non-atomic local writes, S3's lack of rename) are handle
 Layout: :mod:`.base` holds the :class:`Storage` front and what every backend shares; one
 module a backend does the rest: :mod:`.local` (local disk), :mod:`.s3` (S3) and
 :mod:`.fsspec` (every other fsspec filesystem). Which backend a URL gets is a registry
-``protocol -> Backend class`` (:func:`available_backends`); :func:`register_backend` adds
-one, and a protocol not registered uses the generic fsspec backend.
+``protocol -> Backend class`` (:func:`available_backends`) whose built-in entries are
+``"module:Class"`` strings imported on first use; :func:`register_backend` adds one, and a
+protocol not registered uses the generic fsspec backend. Each backend checks its own options
+(S3's part size, concurrency and retries are the S3 backend's).
 
 Atomicity, per backend:
 
@@ -53,76 +55,66 @@ passes in ``storage_options["config_kwargs"]`` win over these defaults.
 
 from __future__ import annotations
 
-from .base import (  # noqa: F401 - re-exported: spotrun.storage keeps every name it had
-    _MAX_PART,
-    _MIN_PART,
-    _RETRY_CODES,
-    _UNAVAILABLE_FIX,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_PART_MIB,
-    DEFAULT_RETRIES,
-    DEFAULT_RETRY_SECONDS,
+import importlib
+from typing import Any
+
+from .base import (
     URL_ENV,
     Backend,
     HashingWriter,
     MiB,
     Storage,
-    _describe,
-    _http_status,
-    _is_credentials_error,
-    _requests_made,
-    _tagged_name,
-    _transient_remote,
     available_backends,
     backend_class,
     open_storage,
     register_backend,
     translate_errors,
 )
-from .fsspec import FsspecBackend, ObjectStoreBackend
-from .local import LocalBackend, fsync_dir  # noqa: F401
-from .s3 import (  # noqa: F401
-    _BACKOFF_BASE_S,
-    _BACKOFF_MAX_S,
-    _MAX_PARTS,
-    _PARTS_PER_SIZE,
-    DEFAULT_ATTEMPTS,
-    DEFAULT_CONNECT_TIMEOUT_S,
-    DEFAULT_READ_TIMEOUT_S,
-    S3Backend,
-    _retryable,
-    _s3_client_options,
-    _s3_read,
-    _s3_read_async,
-    _S3Upload,
-    _ShortReadError,
-    _total_size,
-    _with_retries,
-    _with_retries_sync,
-)
 
-# Backends whose objects appear only once the upload completes.
-_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+# The backends' own public names, imported from their module on first use, so that
+# ``import spotrun.storage`` (a run on local disk) loads no backend it does not use.
+_LAZY = {
+    "LocalBackend": ".local",
+    "fsync_dir": ".local",
+    "FsspecBackend": ".fsspec",
+    "ObjectStoreBackend": ".fsspec",
+    "S3Backend": ".s3",
+    "DEFAULT_ATTEMPTS": ".s3",
+    "DEFAULT_CONCURRENCY": ".s3",
+    "DEFAULT_CONNECT_TIMEOUT_S": ".s3",
+    "DEFAULT_PART_MIB": ".s3",
+    "DEFAULT_READ_TIMEOUT_S": ".s3",
+    "DEFAULT_RETRIES": ".s3",
+    "DEFAULT_RETRY_SECONDS": ".s3",
+}
 
-# The built-in backends; any other protocol fsspec knows gets FsspecBackend.
-for _protocol, _cls in (
-    ("file", LocalBackend),
-    ("s3", S3Backend),
-    ("s3a", S3Backend),
-    *((p, ObjectStoreBackend) for p in ("gs", "gcs", "az", "abfs", "abfss")),
-):
-    register_backend(_protocol, _cls)
-del _protocol, _cls
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
+    "URL_ENV",
     "Backend",
     "FsspecBackend",
     "HashingWriter",
     "LocalBackend",
+    "MiB",
     "ObjectStoreBackend",
     "S3Backend",
     "Storage",
     "available_backends",
+    "backend_class",
     "open_storage",
     "register_backend",
+    "translate_errors",
 ]

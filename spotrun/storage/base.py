@@ -12,11 +12,12 @@ root) it hands to its backend, chosen by protocol from a registry (:func:`regist
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import posixpath
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import IO, Any
 
@@ -25,7 +26,6 @@ from fsspec.core import split_protocol
 
 from .. import checksum
 from ..checksum import ChunkedCRC
-from ..config import env_float, env_int
 from ..errors import (
     ConfigError,
     CredentialsError,
@@ -41,19 +41,17 @@ log = logging.getLogger("spotrun")
 URL_ENV = "SPOTRUN_URL"
 
 MiB = 1 << 20
-DEFAULT_PART_MIB = 16
-DEFAULT_CONCURRENCY = 8
-DEFAULT_RETRIES = 3
-DEFAULT_RETRY_SECONDS = 120.0
-# S3's limits: every part but the last at least 5 MiB, at most 5 GiB.
-_MIN_PART = 5 * MiB
-_MAX_PART = 5 << 30
 # Error codes S3 uses for "slow down / try again", whatever the HTTP status.
 _RETRY_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
     "TooManyRequests", "RequestTimeout", "InternalError", "ServiceUnavailable",
     "RequestThrottled", "BandwidthLimitExceeded",
 })
+
+# Protocols fsspec reads but that cannot hold a run (no listing, no writes): refused up
+# front rather than failing later with the HTTP client's own exceptions.
+_NOT_A_RUN_STORE = frozenset({"http", "https"})
+
 
 def _is_credentials_error(exc: BaseException) -> bool:
     # botocore is optional at import time (a local-only user may not have it configured).
@@ -268,6 +266,24 @@ class Backend:
         self.storage.write_bytes(rel, data)
         return True
 
+    def move_folder(self, src: str, dst: str, remove_first: Sequence[str]) -> None:
+        """Move the folder ``src`` (run-relative) to ``dst``: here a copy of each file
+        (server-side where the store can), then the originals deleted, the names in
+        ``remove_first`` before the rest (see :meth:`Storage.move_folder`)."""
+        st = self.storage
+        src_root = st.full(src).rstrip("/")
+        self.fs.invalidate_cache(src_root)
+        # Some filesystems list with a leading "/" (memory://) that full() leaves out:
+        # names relative to the folder are computed without it.
+        base = src_root.lstrip("/")
+        for path in sorted(str(p) for p in self.fs.find(src_root)):
+            target = st.full(f"{dst}/{posixpath.relpath(path.lstrip('/'), base)}")
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)  # no-op on object stores
+            self.fs.copy(path, target)
+        for name in remove_first:
+            st.remove(f"{src}/{name}")
+        st.remove(src)
+
     # -- tagged objects: numbered versions ``rel/v<generation>.json`` ---------------------
     # Replacing version g means creating g + 1 with write_if_absent, which only one writer
     # can do where write_if_absent is atomic (local disk); best effort elsewhere.
@@ -329,7 +345,8 @@ class Storage:
         storage_options: passed to the fsspec filesystem (e.g. ``{"client_kwargs":
             {"endpoint_url": ...}}`` for S3-compatible stores).
         part_size: S3 multipart part size and ranged-read size in bytes (at least 5 MiB).
-            Default: ``$SPOTRUN_S3_PART_MIB`` MiB, else 16 MiB.
+            Default: ``$SPOTRUN_S3_PART_MIB`` MiB, else 16 MiB. Checked, like every S3
+            knob, by the S3 backend only: other backends ignore it.
         concurrency: S3 parts or ranges in flight at once. Default:
             ``$SPOTRUN_S3_CONCURRENCY``, else 8.
     """
@@ -346,7 +363,19 @@ class Storage:
             raise StorageURLError(
                 f"run URL {url!r} is empty; pass a path or URL, or set {URL_ENV}"
             )
+        if "\0" in url:
+            # No filesystem accepts it (the OS raises "embedded null byte").
+            raise StorageURLError(
+                f"run URL {url!r} contains a NUL byte; pass the path or URL without it"
+            )
         protocol, path = split_protocol(url)
+        if protocol in _NOT_A_RUN_STORE:
+            raise StorageURLError(
+                f"run URL {url!r}: {protocol}:// is read-only and cannot hold a run; use "
+                "s3://bucket/prefix (for an S3-compatible server at an http:// address, set "
+                "AWS_ENDPOINT_URL or storage_options={'client_kwargs': {'endpoint_url': ...}}), "
+                "gs://, az:// or a path"
+            )
         if protocol in (None, "file", "local"):
             protocol = "file"
             path = os.path.abspath(os.path.expanduser(path))
@@ -369,28 +398,9 @@ class Storage:
         self.storage_options = dict(storage_options or {})
         self.root = path.rstrip("/") if protocol != "file" else path
         self.is_local = protocol == "file"
+        # Transfer knobs of the backends that have them (S3's part size and concurrency),
+        # read and checked by those backends; kept here so a pickled Storage rebuilds alike.
         self._part_size_arg, self._concurrency_arg = part_size, concurrency
-        self.part_size = part_size if part_size is not None else env_int(
-            "SPOTRUN_S3_PART_MIB", DEFAULT_PART_MIB) * MiB
-        self.concurrency = concurrency if concurrency is not None else env_int(
-            "SPOTRUN_S3_CONCURRENCY", DEFAULT_CONCURRENCY)
-        self.retries = env_int("SPOTRUN_S3_RETRIES", DEFAULT_RETRIES)
-        if not _MIN_PART <= self.part_size <= _MAX_PART:
-            raise ConfigError(
-                f"S3 part size {self.part_size} bytes is outside S3's 5 MiB..5 GiB; "
-                "set SPOTRUN_S3_PART_MIB (or part_size=) between 5 and 5120 MiB"
-            )
-        if self.concurrency < 1:
-            raise ConfigError(
-                f"S3 concurrency {self.concurrency} must be at least 1; "
-                "set SPOTRUN_S3_CONCURRENCY (or concurrency=) to e.g. 8"
-            )
-        if self.retries < 0:
-            raise ConfigError(f"SPOTRUN_S3_RETRIES={self.retries} must be 0 or more")
-        self.retry_seconds = env_float("SPOTRUN_S3_RETRY_SECONDS", DEFAULT_RETRY_SECONDS)
-        if self.retry_seconds < 0:
-            raise ConfigError(
-                f"SPOTRUN_S3_RETRY_SECONDS={self.retry_seconds} must be 0 or more, e.g. 120")
         self._backend: Backend = backend.select(self.fs)(self)
 
     def __repr__(self) -> str:
@@ -523,6 +533,17 @@ class Storage:
         """
         return self._backend.write_if_absent(rel, data)
 
+    def move_folder(self, src: str, dst: str, *, remove_first: Sequence[str] = ()) -> None:
+        """Move the folder ``src`` to ``dst`` (both relative to the run URL).
+
+        Local disk renames it (atomic). Elsewhere each file is copied (server-side on S3)
+        and the originals are then deleted, the names in ``remove_first`` before the rest,
+        so an interrupted move leaves ``src`` without them (e.g. without its manifest: never
+        a committed checkpoint with files missing).
+        """
+        with translate_errors(self.display(src), "moving"):
+            self._backend.move_folder(src, dst, tuple(remove_first))
+
     def remove(self, rel: str) -> None:
         """Delete ``rel`` (a file or a whole folder); missing is not an error."""
         path = self.full(rel)
@@ -558,17 +579,42 @@ class Storage:
         return self._backend.replace_tagged(rel, data, tag)
 
 
-# protocol -> backend class, in the style of fsspec's registry: the package fills it with
-# the built-in backends (spotrun/storage/__init__.py), register_backend extends it, and a
-# protocol missing from it gets the generic FsspecBackend.
-_BACKENDS: dict[str, type[Backend]] = {}
+# protocol -> backend, in the style of fsspec's ``known_implementations``: the built-in
+# backends are named by "module:Class" strings and imported on first use (a run on local disk
+# never imports the S3 code); register_backend adds classes or such strings, and a protocol
+# missing from it gets the generic FsspecBackend.
+_BACKENDS: dict[str, type[Backend] | str] = {
+    "file": "spotrun.storage.local:LocalBackend",
+    "s3": "spotrun.storage.s3:S3Backend",
+    "s3a": "spotrun.storage.s3:S3Backend",
+    **{p: "spotrun.storage.fsspec:ObjectStoreBackend" for p in ("gs", "gcs", "az", "abfs", "abfss")},
+}
 
 
-def register_backend(protocol: str, cls: type[Backend], *, replace: bool = False) -> None:
+def _load(protocol: str, target: str) -> type[Backend]:
+    """The class ``"package.module:Class"`` names, imported now."""
+    module_name, _, attr = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"backend {target!r} registered for {protocol}:// cannot be imported ({exc}); "
+            "check the name (package.module:Class) or install its package"
+        ) from exc
+    if not (isinstance(found, type) and issubclass(found, Backend)):
+        raise ConfigError(
+            f"backend {target!r} registered for {protocol}:// is not a Backend subclass; "
+            "subclass spotrun.storage.Backend (or FsspecBackend)"
+        )
+    return found
+
+
+def register_backend(protocol: str, cls: type[Backend] | str, *, replace: bool = False) -> None:
     """Make every :class:`Storage` for ``protocol://`` URLs use backend ``cls``.
 
     ``cls`` subclasses :class:`Backend` (or one of the built-ins, e.g.
-    ``spotrun.storage.FsspecBackend``) and overrides what its store does differently; the
+    ``spotrun.storage.FsspecBackend``) and overrides what its store does differently; it may
+    also be given as ``"package.module:Class"``, imported when a URL first needs it. The
     fsspec filesystem itself still comes from fsspec's own registry. Registering another
     class for a protocol that already has one needs ``replace=True``.
     """
@@ -576,30 +622,44 @@ def register_backend(protocol: str, cls: type[Backend], *, replace: bool = False
         raise ConfigError(
             f"backend protocol {protocol!r} is not a URL scheme; pass e.g. 'gs' (no '://')"
         )
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+    if isinstance(cls, str):
+        if ":" not in cls:
+            raise ConfigError(
+                f"backend {cls!r} for {protocol!r} must name its class as package.module:Class"
+            )
+    elif not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ConfigError(
             f"backend for {protocol!r} must be a Backend subclass, not {cls!r}; subclass "
             "spotrun.storage.Backend (or FsspecBackend)"
         )
     current = _BACKENDS.get(protocol)
-    if current is not None and current is not cls and not replace:
+    if isinstance(current, str) and not isinstance(cls, str):
+        current_is_cls = current == f"{cls.__module__}:{cls.__qualname__}"
+    else:
+        current_is_cls = current == cls
+    if current is not None and not current_is_cls and not replace:
+        name = current if isinstance(current, str) else current.__qualname__
         raise ConfigError(
-            f"protocol {protocol!r} already uses {current.__qualname__}; pass replace=True "
+            f"protocol {protocol!r} already uses {name}; pass replace=True "
             "to register_backend to swap it"
         )
     _BACKENDS[protocol] = cls
 
 
 def available_backends() -> Mapping[str, type[Backend]]:
-    """The registered protocols and their backend classes (a read-only live view); any
-    other protocol fsspec knows uses ``FsspecBackend``."""
-    return MappingProxyType(_BACKENDS)
+    """The registered protocols and their backend classes (a read-only live view; every
+    entry is imported first); any other protocol fsspec knows uses ``FsspecBackend``."""
+    for protocol in list(_BACKENDS):
+        backend_class(protocol)
+    return MappingProxyType(_BACKENDS)  # type: ignore[arg-type]
 
 
 def backend_class(protocol: str) -> type[Backend]:
-    """The backend class for ``protocol``: the registered one, else the generic fsspec
-    backend (temporary name, then move)."""
+    """The backend class for ``protocol``: the registered one (imported on first use), else
+    the generic fsspec backend (temporary name, then move)."""
     found = _BACKENDS.get(protocol)
+    if isinstance(found, str):
+        found = _BACKENDS[protocol] = _load(protocol, found)
     if found is not None:
         return found
     # Imported here: the backend modules build on this one.

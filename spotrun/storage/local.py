@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from .. import checksum
 from ..errors import StorageNotFoundError
@@ -64,6 +64,12 @@ class LocalBackend(Backend):
                 os.unlink(tmp)
             raise
         fsync_dir(directory)
+
+    def move_folder(self, src: str, dst: str, remove_first: Sequence[str]) -> None:
+        # One rename: atomic, so ``remove_first`` needs no order of its own.
+        target = self.storage.full(dst)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(self.storage.full(src), target)
 
     def write_if_absent(self, rel: str, data: bytes) -> bool:
         st = self.storage

@@ -28,14 +28,15 @@ from typing import Any, TypeVar
 import crc32c as _crc32c
 from fsspec.asyn import sync
 
-from ..config import env_float, env_int
-from ..errors import ConfigError, StorageError, StorageUnavailableError
+from ..config import env_float
+from ..errors import StorageError, StorageUnavailableError
+from ..validate import count, number
+from . import inflight
 from .base import (
-    _MAX_PART,
     _RETRY_CODES,
     _UNAVAILABLE_FIX,
-    DEFAULT_RETRY_SECONDS,
     Backend,
+    MiB,
     HashingWriter,
     _describe,
     _http_status,
@@ -46,6 +47,13 @@ from .fsspec import ObjectStoreBackend
 
 log = logging.getLogger("spotrun")
 
+DEFAULT_PART_MIB = 16
+DEFAULT_CONCURRENCY = 8
+DEFAULT_RETRIES = 3
+DEFAULT_RETRY_SECONDS = 120.0
+# S3's limits: every part but the last at least 5 MiB, at most 5 GiB.
+_MIN_PART = 5 * MiB
+_MAX_PART = 5 << 30
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 DEFAULT_ATTEMPTS = 3
@@ -77,6 +85,8 @@ class S3Backend(ObjectStoreBackend):
         # spotrun's rounds; multiplied, a throttled read kept retrying for minutes. One
         # try here: botocore and _with_retries are the (bounded) retry layers.
         self.fs.retries = 1
+        self.part_size, self.concurrency, self.retries, self.retry_seconds = _transfer_knobs(
+            storage._part_size_arg, storage._concurrency_arg)
         self._clients: dict[tuple[str, int], Any] = {}
         self._clients_lock = threading.Lock()
 
@@ -90,15 +100,13 @@ class S3Backend(ObjectStoreBackend):
         return cls if hasattr(fs, "_call_s3") else ObjectStoreBackend
 
     def read_bytes(self, path: str) -> bytes | bytearray:
-        st = self.storage
-        return _s3_read(self.fs, path, st.part_size, st.concurrency, st.retries,
-                        retry_seconds=st.retry_seconds)
+        return _s3_read(self.fs, path, self.part_size, self.concurrency, self.retries,
+                        retry_seconds=self.retry_seconds)
 
     def write(self, path: str) -> Iterator[HashingWriter]:
-        st = self.storage
-        upload = _S3Upload(self.fs, path, part_size=st.part_size,
-                           concurrency=st.concurrency, retries=st.retries,
-                           retry_seconds=st.retry_seconds, client=self._threaded_client)
+        upload = _S3Upload(self.fs, path, part_size=self.part_size,
+                           concurrency=self.concurrency, retries=self.retries,
+                           retry_seconds=self.retry_seconds, client=self._threaded_client)
         try:
             yield HashingWriter(upload)
             upload.complete()
@@ -118,7 +126,7 @@ class S3Backend(ObjectStoreBackend):
             found = self._clients.get(key)
             if found is None:
                 found = self._clients[key] = threaded_client(self.fs, bucket,
-                                                             self.storage.concurrency)
+                                                             self.concurrency)
             return found
 
     # -- tagged objects: one object, its tag the ETag --------------------------------------
@@ -165,18 +173,45 @@ class S3Backend(ObjectStoreBackend):
         return str(response["ETag"])
 
 
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _transfer_knobs(part_size: int | None,
+                    concurrency: int | None) -> tuple[int, int, int, float]:
+    """Part size (bytes), concurrency, retry rounds and retry time limit (seconds): the
+    arguments, else ``SPOTRUN_S3_*``, else the defaults; ConfigError naming the bad one."""
+    example = f"{DEFAULT_PART_MIB * MiB} ({DEFAULT_PART_MIB} MiB; S3 allows 5 MiB..5 GiB)"
+    if part_size is not None:
+        part = count(part_size, "part_size", minimum=_MIN_PART, maximum=_MAX_PART,
+                     example=example)
+    else:
+        part = count(_env("SPOTRUN_S3_PART_MIB") or DEFAULT_PART_MIB, "SPOTRUN_S3_PART_MIB",
+                     minimum=_MIN_PART // MiB, maximum=_MAX_PART // MiB,
+                     example=f"{DEFAULT_PART_MIB} (S3 allows 5..5120 MiB)") * MiB
+    conc = count(concurrency if concurrency is not None
+                 else _env("SPOTRUN_S3_CONCURRENCY") or DEFAULT_CONCURRENCY,
+                 "concurrency" if concurrency is not None else "SPOTRUN_S3_CONCURRENCY",
+                 minimum=1, example=str(DEFAULT_CONCURRENCY))
+    retries = count(_env("SPOTRUN_S3_RETRIES") or DEFAULT_RETRIES, "SPOTRUN_S3_RETRIES",
+                    minimum=0, example=str(DEFAULT_RETRIES))
+    seconds = number(_env("SPOTRUN_S3_RETRY_SECONDS") or DEFAULT_RETRY_SECONDS,
+                     "SPOTRUN_S3_RETRY_SECONDS", minimum=0,
+                     example=f"{DEFAULT_RETRY_SECONDS:g}")
+    return part, conc, retries, seconds
+
+
 def _s3_client_options(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with spotrun's timeouts and botocore retry settings where the caller
     gave none (s3fs's own defaults would retry a throttled call for minutes)."""
     config = dict(options.get("config_kwargs") or {})
-    connect = env_float("SPOTRUN_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S)
-    read = env_float("SPOTRUN_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_S)
-    attempts = env_int("SPOTRUN_S3_ATTEMPTS", DEFAULT_ATTEMPTS)
-    for name, value, example in (("SPOTRUN_S3_CONNECT_TIMEOUT", connect, 10),
-                                 ("SPOTRUN_S3_READ_TIMEOUT", read, 60),
-                                 ("SPOTRUN_S3_ATTEMPTS", attempts, 3)):
-        if not value > 0:
-            raise ConfigError(f"{name}={value} must be positive; set it to e.g. {example}")
+    connect = number(_env("SPOTRUN_S3_CONNECT_TIMEOUT") or DEFAULT_CONNECT_TIMEOUT_S,
+                     "SPOTRUN_S3_CONNECT_TIMEOUT", minimum=0, allow_minimum=False,
+                     example="10")
+    read = number(_env("SPOTRUN_S3_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT_S,
+                  "SPOTRUN_S3_READ_TIMEOUT", minimum=0, allow_minimum=False, example="60")
+    attempts = count(_env("SPOTRUN_S3_ATTEMPTS") or DEFAULT_ATTEMPTS, "SPOTRUN_S3_ATTEMPTS",
+                     minimum=1, example="3")
     config.setdefault("connect_timeout", connect)
     config.setdefault("read_timeout", read)
     # Standard mode: retries throttling, 5xx, timeouts and dropped connections with
@@ -342,6 +377,10 @@ class _S3Upload:
         self._inflight: dict[concurrent.futures.Future[dict[str, Any]], bytearray] = {}
         self._parts: list[dict[str, Any]] = []
         self._aborting = False
+        # The token of this upload's entry in spotrun.storage.inflight while it is open.
+        self._inflight_token: int | None = None
+        self._aborted_remotely = False
+        self._completing: list[dict[str, Any]] | None = None
         self.closed = False
 
     # -- file-like ---------------------------------------------------------------------
@@ -381,8 +420,12 @@ class _S3Upload:
             while self._inflight:
                 self._reap(concurrent.futures.FIRST_EXCEPTION)
             parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+            # From here a failure may come after S3 made the object (its answer lost):
+            # abort() then removes the object if it is this upload's.
+            self._completing = parts
             self._call("complete", "complete_multipart_upload", UploadId=self._upload_id,
                        MultipartUpload={"Parts": parts})
+            self._forget()
             log.debug("uploaded %s in %d parts", self._where, len(parts))
         self.closed = True
 
@@ -399,7 +442,10 @@ class _S3Upload:
             # abort would keep the upload's storage alive.
             concurrent.futures.wait(list(self._inflight), timeout=60)
             self._inflight.clear()
-        if self._upload_id is not None:
+        if self._completing is not None and self._remove_if_mine(self._completing):
+            self._forget()
+            return
+        if self._upload_id is not None and not self._aborted_remotely:
             try:
                 self._call("abort", "abort_multipart_upload", UploadId=self._upload_id)
             except Exception as exc:  # noqa: BLE001 - the original failure matters more
@@ -407,6 +453,59 @@ class _S3Upload:
                     "could not abort the multipart upload of %s (%s); no object was written, "
                     "but its parts may be billed until an AbortIncompleteMultipartUpload "
                     "lifecycle rule removes them", self._where, exc)
+        self._forget()
+
+    def abort_now(self) -> None:
+        """Abort the upload from another thread, without waiting for the writer or its
+        parts: what :func:`spotrun.storage.inflight.abort_all` calls when a stop save is
+        abandoned (the process is about to exit, a part may hang forever). Parts still in
+        flight then fail (S3 answers NoSuchUpload) instead of being retried."""
+        self._aborting = True
+        upload_id = self._upload_id
+        if upload_id is None or self._aborted_remotely:
+            return
+        # One request (botocore's own attempts and timeouts bound it; abort_all bounds the
+        # wait for it): no spotrun retry rounds on the way out.
+        self._request("abort_multipart_upload", UploadId=upload_id)
+        self._aborted_remotely = True
+        log.info("aborted the abandoned multipart upload of %s", self._where)
+
+    def _remove_if_mine(self, parts: list[dict[str, Any]]) -> bool:
+        """After a CompleteMultipartUpload whose answer was lost: delete the object if S3
+        made it from this upload's parts; True when it did (nothing is left to abort).
+
+        Only an object whose composite CRC32C is that of these parts is this upload's; one
+        another writer put at the same key (or none at all) is left alone. One HEAD and one
+        DELETE, bounded by botocore's timeouts and attempts; best effort (logged).
+        """
+        crcs = b"".join(base64.b64decode(p["ChecksumCRC32C"]) for p in parts)
+        mine = base64.b64encode(_crc32c.crc32c(crcs).to_bytes(4, "big")).decode()
+        try:
+            head = self._request("head_object", ChecksumMode="ENABLED")
+        except FileNotFoundError:
+            return False  # never made: the upload is still open, abort it
+        except Exception as exc:  # noqa: BLE001 - the save's own failure matters more
+            log.warning("could not check whether %s was written by the failed save (%s); "
+                        "it has no manifest, and the next save replaces it", self._where, exc)
+            return False
+        found = str(head.get("ChecksumCRC32C") or "").split("-")[0]
+        if found != mine:
+            return False
+        try:
+            self._request("delete_object")
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("could not remove %s, written by a save whose completion was not "
+                        "confirmed (%s); it has no manifest, and the next save replaces it",
+                        self._where, exc)
+        else:
+            log.info("removed %s: its upload completed, but the answer was lost and the "
+                     "save failed", self._where)
+        return True
+
+    def _forget(self) -> None:
+        token, self._inflight_token = self._inflight_token, None
+        if token is not None:
+            inflight.unregister(token)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -435,14 +534,18 @@ class _S3Upload:
     def _start(self) -> None:
         self._client = self._client_factory(self._bucket)
         aio = sync(self._loop, self._fs.get_s3, self._bucket)
-        for method in ("create_multipart_upload", "upload_part",
-                       "complete_multipart_upload", "abort_multipart_upload"):
+        for method in ("create_multipart_upload", "upload_part", "complete_multipart_upload",
+                       "abort_multipart_upload", "head_object", "delete_object"):
             # s3fs's own filter: its s3_additional_kwargs / requester-pays options that
             # this operation takes, as every s3fs call gets them.
             extra = self._fs._get_s3_method_kwargs(getattr(aio, method))
             self._extra[method] = {k: v for k, v in extra.items() if k not in ("Bucket", "Key")}
         self._upload_id = self._call("start", "create_multipart_upload",
                                      ChecksumAlgorithm="CRC32C")["UploadId"]
+        # Open until completed or aborted: its parts are billed while it is. A process that
+        # abandons this save (a stop deadline missed) aborts it through this entry.
+        self._inflight_token = inflight.register(f"the multipart upload of {self._where}",
+                                                 self.abort_now)
 
     def _target_size(self) -> int:
         return min(_MAX_PART, self._part_size * 2 ** ((self._next_part - 1) // _PARTS_PER_SIZE))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
 
-import slowfs  # noqa: E402
+import slowfs
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
@@ -93,7 +93,7 @@ def differences(a, b, path="") -> list[str]:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return [f"{path}: lengths {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}/{i}")]
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
 
-import slowfs  # noqa: E402
+import slowfs
 import torch
 import torch.distributed as dist
 from ddp_train import make_data, say  # run as a script, its own folder is on sys.path
@@ -84,7 +85,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     spotrun.seed_everything(0)  # the same initial full weights on every rank and world size
-    layers = [nn.Linear(a, b) for a, b in zip(DIMS, DIMS[1:])]
+    layers = [nn.Linear(a, b) for a, b in itertools.pairwise(DIMS)]
     model = nn.Sequential(layers[0], nn.GELU(), nn.Dropout(0.2), layers[1], nn.GELU(), layers[2])
     mesh = init_device_mesh("cpu", (world,))
     for layer in layers:

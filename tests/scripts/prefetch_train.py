@@ -62,7 +62,7 @@ with spotrun.Checkpointer(model=model, optimizer=optimizer, values=values,
             ckpt.values["batch"] = get_batch()
     else:
         x, y = get_batch()  # nanoGPT: fetch the very first batch before the loop
-    for step in ckpt.range(args.steps):
+    for _step in ckpt.range(args.steps):
         if args.fixed:
             x, y = ckpt.values["batch"]
         loss = train_step(x, y)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
 
-import torch  # noqa: E402
+import slowfs
+import torch
 
-import spotrun  # noqa: E402
-import slowfs  # noqa: E402
+import spotrun
 
 slowfs.register()
 spotrun.seed_everything(0)

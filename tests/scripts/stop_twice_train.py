@@ -34,7 +34,7 @@ if linger:
 
 model = torch.nn.Linear(4, 4)
 with spotrun.Checkpointer(model=model, every_steps=1000) as ckpt:
-    for i, step in enumerate(ckpt.range(10_000)):
+    for i, _step in enumerate(ckpt.range(10_000)):
         if i == 0:
             print("ready", flush=True)
         time.sleep(0.05)

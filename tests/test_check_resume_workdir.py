@@ -1,0 +1,69 @@
+"""Issue 23 item 8: check-resume's temporary working folder (every checkpoint of two runs) is
+removed on PASS unless --keep, kept and named on FAIL or an error; a --workdir is never
+removed. Real runs of the prefetch example (as in tests/test_resume.py)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import pytest
+from helpers import REPO, env_for
+
+from spotrun.cli import main
+from spotrun.resume_check import check_resume
+
+PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
+
+
+def _cmd(*extra: str) -> list[str]:
+    return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5", "--step-sleep", "0.05", *extra]
+
+
+@pytest.fixture()
+def tmp_root(tmp_path, monkeypatch):
+    """Where mkdtemp puts the working folder, so the test sees what is left there."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    for k, v in env_for("").items():
+        monkeypatch.setenv(k, v)
+    return root
+
+
+@pytest.mark.slow
+def test_pass_removes_the_temporary_folder_and_says_so(tmp_root, capsys) -> None:
+    assert main(["check-resume", "-k", "1", "--seed", "2", "--", *_cmd("--fixed")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "removed the working folder" in out, out
+    assert list(tmp_root.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_keep_and_fail_keep_the_folder_and_name_it(tmp_root) -> None:
+    kept = check_resume(_cmd("--fixed"), interruptions=1, seed=2, env=env_for(""), timeout=300, keep=True)
+    assert kept.passed and kept.kept
+    failed = check_resume(_cmd("--fixed", "--numpy-draw"), interruptions=1, seed=2, env=env_for(""),
+                          timeout=300)
+    assert failed.verdict == "FAIL" and failed.kept
+    left = sorted(p.name for p in tmp_root.iterdir())
+    assert len(left) == 2 and all(n.startswith("spotrun-check-resume-") for n in left)
+    for r in (kept, failed):
+        for d in r.run_dirs:
+            assert (tmp_root / d).exists()
+
+
+def test_an_error_keeps_the_folder_and_the_message_names_it(tmp_root, capsys) -> None:
+    code = main(["check-resume", "-k", "1", "--", sys.executable, "-c", "raise SystemExit(1)"])
+    err = capsys.readouterr().err
+    (left,) = list(tmp_root.iterdir())
+    assert code != 0 and f"both runs are kept in {left}" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_workdir_is_never_removed(tmp_path, tmp_root, capsys) -> None:
+    work = tmp_path / "mine"
+    script = "import os; os.makedirs(os.environ['SPOTRUN_URL']); raise SystemExit(1)"
+    main(["check-resume", "-k", "1", "--workdir", str(work), "--", sys.executable, "-c", script])
+    assert str(work) not in capsys.readouterr().err  # the caller's folder: no "kept in" note
+    assert (work / "uninterrupted").exists() and list(tmp_root.iterdir()) == []

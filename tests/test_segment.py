@@ -1,0 +1,59 @@
+"""The wrapper core shared by the Checkpointer and the trainer integrations (issue 21):
+the same knobs are refused the same way by both, before anything is held."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+import spotrun
+from spotrun.errors import ConfigError
+from spotrun.integrations._session import RunSession
+
+
+def _checkpointer(url: str) -> None:
+    with spotrun.Checkpointer(url, model=torch.nn.Linear(2, 2), watchers=[]):
+        pass
+
+
+def _session(url: str) -> None:
+    session = RunSession(url, watchers=[])
+    session.start()
+    session.close("stopped")
+
+
+@pytest.mark.parametrize("wrapper", [_checkpointer, _session], ids=["checkpointer", "session"])
+@pytest.mark.parametrize(("name", "value"), [
+    ("SPOTRUN_STOP_TIMEOUT", "-1"),
+    ("SPOTRUN_STOP_MARGIN", "-0.5"),
+    ("SPOTRUN_STOP_TIMEOUT", "soon"),
+    ("SPOTRUN_LEDGER_FLUSH_S", "nan"),
+])
+def test_bad_stop_knobs_are_refused_at_the_start_by_every_wrapper(tmp_path, monkeypatch, wrapper,
+                                                                  name, value):
+    monkeypatch.setenv(name, value)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ConfigError, match=name) as info:
+        wrapper(str(tmp_path / "run"))
+    assert "\n" not in str(info.value)
+    # Refused before anything was taken: no handler left behind, no lease held.
+    assert signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.delenv(name)
+    wrapper(str(tmp_path / "run"))  # the run starts once the value is fixed
+
+
+@pytest.mark.parametrize("wrapper", [_checkpointer, _session], ids=["checkpointer", "session"])
+def test_zero_stop_knobs_are_accepted(tmp_path, monkeypatch, wrapper):
+    monkeypatch.setenv("SPOTRUN_STOP_TIMEOUT", "0")
+    monkeypatch.setenv("SPOTRUN_STOP_MARGIN", "0")
+    wrapper(str(tmp_path / "run"))
+
+
+def test_all_damaged_policy_is_checked_by_both_wrappers(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPOTRUN_IF_ALL_DAMAGED", "sure")
+    with pytest.raises(ConfigError, match="SPOTRUN_IF_ALL_DAMAGED"):
+        spotrun.Checkpointer(str(tmp_path / "a"), model=torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="SPOTRUN_IF_ALL_DAMAGED"):
+        RunSession(str(tmp_path / "b"))
