@@ -14,11 +14,15 @@ matter who wrote it: equal checksums are equal bytes.
 The copy never costs a save: no room (a full tmpfs, a copy larger than the free space) or a
 failed local write drops the copy for that step, with one warning, and the save goes on.
 
-Layout under the local directory::
+Layout under the local directory (the ranks of one machine share it)::
 
     <dir>/<run key>/run.json               the run URL (for people; the key is its hash)
-    <dir>/<run key>/000000000100/...       the newest sealed copy: its files + manifest.json
-    <dir>/<run key>/.partial-<step>-<id>/  a copy being written (removed on failure)
+    <dir>/<run key>/000000000100/...       the newest sealed copy: this machine's files of it
+    <dir>/<run key>/.partial-<step>-<id>/  a rank's copy being written (gone once sealed)
+
+A restore reads each file from the nearest place that holds it byte for byte
+(:class:`NearestReader`): this machine's copy, else the run URL; a file missing here (another
+machine's rank wrote it) simply comes from the run URL.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from typing import Any
 
 from ..checksum import problem_in_file
 from ..config import env_str
-from ..layout import MANIFEST, checkpoint_dir
+from ..layout import checkpoint_dir
 from ..manifest import Manifest
+from ..units import format_bytes
 
-__all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "TeeStorage", "TeeWriter"]
+__all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "NearestReader", "TeeStorage", "TeeWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ LOCAL_DIR_ENV = "SPOTRUN_LOCAL_DIR"
 DEFAULT_LOCAL_DIR = "/dev/shm/spotrun"
 #: Free space to keep beyond the copy itself, so the copy never fills a tmpfs to the brim.
 _HEADROOM = 1.10
+#: The share of the device a copy never takes (other users of /dev/shm: NCCL, dataloaders).
+_KEEP_FREE = 0.25
 _PARTIAL = ".partial-"
 
 
@@ -58,9 +65,9 @@ def _run_key(run_url: str) -> str:
 class LocalCopy:
     """The local copies of one run on this machine.
 
-    Writers call :meth:`begin` before a save writes its files, pass each file through
-    :meth:`tee`, then :meth:`seal` once the run URL committed the step (or :meth:`drop` when
-    the save failed). Readers call :meth:`find` with the committed manifest.
+    Writers call :meth:`begin` before a save writes its files, write them through
+    :meth:`storage`, then :meth:`seal` once the run URL committed the step (or :meth:`drop`
+    when the save failed). A restore reads through :meth:`reader` with the committed manifest.
     """
 
     def __init__(self, directory: str | os.PathLike[str], run_url: str) -> None:
@@ -86,22 +93,24 @@ class LocalCopy:
     # -- writing -----------------------------------------------------------------------------
 
     def begin(self, step: int, expected_bytes: int | None = None) -> bool:
-        """Start the copy of ``step``; False (and no copy) when there is no room for
-        ``expected_bytes`` (the previous checkpoint's size, when known)."""
+        """Start the copy of ``step``; False (and no copy) when ``expected_bytes`` (about
+        what this process will write) would leave less than a quarter of the device free."""
         self.drop()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             meta = self.root / "run.json"
             if not meta.exists():
                 meta.write_text(json.dumps({"run_url": self.run_url}) + "\n")
-            if expected_bytes:
-                free = shutil.disk_usage(self.root).free
-                # The copy being replaced is freed only after the new one is sealed.
-                if free < expected_bytes * _HEADROOM:
-                    log.warning("no local copy of step %d: %s has %d MiB free, the copy needs "
-                                "about %d MiB (the run URL still gets every byte)", step,
-                                self.directory, free >> 20, int(expected_bytes * _HEADROOM) >> 20)
-                    return False
+            usage = shutil.disk_usage(self.root)
+            # The copy being replaced is freed only after the new one is sealed; and a quarter
+            # of the device stays free for others (NCCL's shared memory lives in /dev/shm).
+            need = int((expected_bytes or 0) * _HEADROOM)
+            if usage.free - need < usage.total * _KEEP_FREE:
+                log.warning("no local copy of step %d: %s has %s free of %s, the copy needs "
+                            "about %s and a quarter stays free (the run URL still gets every "
+                            "byte)", step, self.directory, format_bytes(usage.free),
+                            format_bytes(usage.total), format_bytes(need))
+                return False
             partial = self.root / f"{_PARTIAL}{step}-{uuid.uuid4().hex[:8]}"
             partial.mkdir()
         except OSError as exc:
@@ -139,27 +148,30 @@ class LocalCopy:
             with contextlib.suppress(OSError):
                 local.close()
 
-    def seal(self, manifest: Manifest) -> bool:
-        """The run URL committed ``manifest``'s step: keep this copy as the newest, remove the
-        older ones. False when the copy was dropped or failed."""
-        partial, step = self._partial, self._step
+    def seal(self, step: int) -> bool:
+        """The run URL committed ``step``: keep this copy as the newest, remove older ones.
+        Ranks of one machine share the folder: each moves its own files in. False when the
+        copy was dropped or failed."""
+        partial, copying = self._partial, self._step
         self._partial = self._step = None
-        if partial is None or step != manifest.step:
+        if partial is None or copying != step:
             return False
         if self._failed is not None:
             shutil.rmtree(partial, ignore_errors=True)
             return False
+        final = self.root / checkpoint_dir(step)
         try:
-            (partial / MANIFEST).write_bytes(manifest.to_json())
-            final = self.root / checkpoint_dir(step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            for path in sorted(partial.rglob("*")):
+                if path.is_file():
+                    target = final / path.relative_to(partial)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
         except OSError as exc:
             self._fail(exc)
-            shutil.rmtree(partial, ignore_errors=True)
             return False
-        self._remove_all_but(final.name)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        self._remove_older_than(step)
         return True
 
     def drop(self) -> None:
@@ -174,39 +186,96 @@ class LocalCopy:
             log.warning("local copy of step %s dropped: %s (the run URL still gets every byte)",
                         self._step, exc)
 
-    def _remove_all_but(self, keep: str) -> None:
+    def _remove_older_than(self, step: int) -> None:
+        # Partials of this step or newer belong to other ranks of this machine, still writing.
         for child in self.root.iterdir():
-            if child.is_dir() and child.name != keep and (child.name.isdigit() or
-                                                          child.name.startswith(_PARTIAL)):
+            if child.name.isdigit():
+                older = int(child.name) < step
+            elif child.name.startswith(_PARTIAL):
+                older = int(child.name[len(_PARTIAL):].split("-")[0]) < step
+            else:
+                continue
+            if older:
                 shutil.rmtree(child, ignore_errors=True)
 
     # -- reading -----------------------------------------------------------------------------
 
-    def find(self, manifest: Manifest) -> Path | None:
-        """The local folder holding every file of the committed ``manifest``, byte for byte;
-        None (with a log line saying why) when there is none that matches."""
+    def reader(self, storage: Any, manifest: Manifest) -> NearestReader:
+        """``storage`` (the run URL) for restoring ``manifest``'s step, with each file read
+        from this machine's copy instead when that copy matches the manifest byte for byte."""
         folder = self.root / checkpoint_dir(manifest.step)
         if not folder.is_dir():
-            newer = sorted(c.name for c in self.root.iterdir() if c.name.isdigit()) if self.root.is_dir() else []
-            why = f"it holds step {int(newer[-1])}" if newer else "there is none"
+            held = sorted(c.name for c in self.root.iterdir() if c.name.isdigit()) if self.root.is_dir() else []
+            why = f"it holds step {int(held[-1])}" if held else "there is none"
             log.info("no local copy of step %d in %s (%s); reading the run URL", manifest.step,
                      self.directory, why)
-            return None
-        for name, entry in sorted(manifest.files.items()):
-            path = folder / name
+            folder = None
+        return NearestReader(storage, manifest, folder)
+
+
+class NearestReader:
+    """A run URL :class:`~spotrun.storage.Storage` for one restore whose reads of the
+    checkpoint's files come from the local copy where it matches the committed manifest
+    (size and checksums, checked once per file before its first use), else from the run URL.
+    Counts the bytes each source served (:attr:`local_bytes`, :attr:`url_bytes`)."""
+
+    def __init__(self, storage: Any, manifest: Manifest, folder: Path | None) -> None:
+        self._storage = storage
+        self._manifest = manifest
+        self._folder = folder
+        self._prefix = checkpoint_dir(manifest.step) + "/"
+        self._checked: dict[str, str | None] = {}  # rel -> local path, or None: use the URL
+        self.local_bytes = 0
+        self.url_bytes = 0
+
+    def _local(self, rel: str) -> str | None:
+        if rel in self._checked:
+            return self._checked[rel]
+        found = None
+        name = rel[len(self._prefix):] if rel.startswith(self._prefix) else None
+        entry = None if name is None else self._manifest.files.get(name)
+        if self._folder is not None and entry is not None:
+            path = self._folder / name
             try:
                 problem = problem_in_file(str(path), entry)
             except FileNotFoundError:
-                problem = "missing"
+                problem = "not in the local copy"
             except OSError as exc:
                 problem = str(exc)
-            if problem is not None:
-                log.warning("local copy of step %d not used: %s: %s; reading the run URL",
-                            manifest.step, name, problem)
-                return None
-        log.info("restoring step %d from the local copy in %s (every file matches the "
-                 "committed manifest)", manifest.step, folder)
-        return folder
+            if problem is None:
+                found = str(path)
+                self.local_bytes += entry.size
+            else:
+                log.warning("local copy of %s not used (%s); reading the run URL", rel, problem)
+        if found is None and entry is not None:
+            self.url_bytes += entry.size
+        self._checked[rel] = found
+        return found
+
+    def local_path(self, rel: str) -> str | None:
+        return self._local(rel) or self._storage.local_path(rel)
+
+    def read_bytes(self, rel: str) -> bytes | bytearray:
+        path = self._local(rel)
+        if path is None:
+            return self._storage.read_bytes(rel)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def open_read(self, rel: str) -> Any:
+        path = self._local(rel)
+        return self._storage.open_read(rel) if path is None else open(path, "rb")  # noqa: SIM115
+
+    def display(self, rel: str = "") -> str:
+        path = self._checked.get(rel) if rel else None
+        return path if path is not None else self._storage.display(rel)
+
+    def summary(self) -> str:
+        return (f"{format_bytes(self.local_bytes)} from this machine's copy, "
+                f"{format_bytes(self.url_bytes)} from the run URL")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
 
 
 class TeeStorage:
