@@ -54,6 +54,10 @@ defaults below. Read them through these helpers so a bad value fails with one cl
                                gone to expire (default: TTL + heartbeat); 0 refuses at once
 ``SPOTRUN_LEASE_TAKEOVER``     set by a launcher: comma-separated segment ids whose
                                processes it saw end; their lease is taken over at once
+``SPOTRUN_LOCAL_DIR``          where each save also leaves this machine's copy of the newest
+                               checkpoint, read back on a restart when it matches the manifest
+                               (default ``/dev/shm/spotrun``; ``off`` for none; see
+                               :mod:`spotrun.recovery.local`)
 =============================  ==========================================================
 """
 

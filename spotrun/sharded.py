@@ -868,7 +868,11 @@ class ShardedSaver:
         non-tensor values (learning rates, betas, a float step) are refreshed from the
         optimizer each call. Pass the result to :meth:`stage` (which then copies along a
         plan made once) or to :func:`read_sharded` (which then loads straight into the
-        live tensors). Collective when it rebuilds: call it on every rank.
+        live tensors). Call it on every rank. Whether to rebuild is decided per rank; that
+        is safe because building the state of DTensors (FSDP2, tensor parallel) with the
+        default options (no full_state_dict gather) runs no collective, and FSDP1's
+        ShardedTensor state, whose building does, is never cached (rebuilt on every call
+        on every rank).
         """
         opts = _optimizer_list(optimizers)
         live = self._live

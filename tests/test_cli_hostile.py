@@ -196,7 +196,7 @@ def _main_code(argv: list[str]) -> int:
         return int(exc.code)
 
 
-@pytest.mark.parametrize("command", [["cost", "--offline"], ["status", "--no-aws"]])
+@pytest.mark.parametrize("command", [["cost", "--offline"], ["status", "--no-aws"], ["verify"]])
 def test_cost_and_status_refuse_a_folder_that_holds_no_run(tmp_path, capsys, command) -> None:
     (tmp_path / "notes.txt").write_text("not a run")
     (tmp_path / "data").mkdir()
@@ -215,6 +215,8 @@ def test_status_and_cost_still_report_a_checkpoint_only_run(tmp_path, capsys) ->
         ck.step()
     assert _main_code(["status", str(tmp_path / "run"), "--no-aws"]) == 0
     assert "checkpoint" in capsys.readouterr().out
+    assert _main_code(["verify", str(tmp_path / "run")]) == 0
+    assert "1 of 1 committed checkpoints intact" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, words", [

@@ -383,7 +383,7 @@ def test_one_restart_figure_in_the_table_the_interruptions_the_totals_html_and_j
     a, b, c = d["segments"]
     assert a["restart_overhead_s"] == pytest.approx(1.5 + 4.8)  # A's teardown + B's startup
     assert b["restart_overhead_s"] == pytest.approx(1.2 + 3.0)  # B's teardown + C's startup
-    assert c["restart_overhead_s"] == 0
+    assert c["restart_overhead_s"] == 0 and c["restart_overhead_usd"] == 0.0
     first, second = d["interruptions"]
     assert first["restart_overhead_s"] == a["restart_overhead_s"]
     assert second["restart_overhead_s"] == b["restart_overhead_s"]

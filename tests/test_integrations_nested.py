@@ -87,7 +87,8 @@ def test_nested_folder_commits_every_file_and_restores_as_written(tmp_path, layo
     # A nested file damaged: found by the deep verification, step 20 moved aside, 10 used.
     shard = next(n for n in written[20] if "/" in n)
     target = Path(url) / checkpoint_dir(20) / shard
-    target.write_bytes(b"\0" + target.read_bytes()[1:])
+    data = target.read_bytes()
+    target.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # one byte changed, size kept
     again = _session(url)
     path = again.resume_dir(str(tmp_path / "local"))
     assert path == str(Path(url) / checkpoint_dir(10))

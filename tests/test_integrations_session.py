@@ -15,6 +15,7 @@ from spotrun.commit import (
     read_manifest,
     verify_checkpoint,
 )
+from spotrun.errors import SaveError
 from spotrun.integrations._session import RunSession
 from spotrun.layout import EXIT_INTERRUPTED, MANIFEST, checkpoint_dir
 from spotrun.ledger import Ledger
@@ -58,19 +59,18 @@ def test_folder_commit_lists_every_file_and_the_newest_valid_is_resumed(tmp_path
     assert len(list_damaged(storage)) == 1
 
 
-def test_a_folder_with_subfolders_is_committed_whole(tmp_path):
-    # Nested trainer folders (FSDP/DeepSpeed shard folders) are committed under the protocol
-    # since issue 23 item 11; this test used to check they were refused.
+def test_a_folder_with_no_files_is_refused_and_nothing_is_committed(tmp_path):
+    # Subfolders are committed since issue 23 item 11 (tests/test_integrations_nested.py);
+    # a folder holding no file at any depth is still refused.
     url = str(tmp_path / "run")
-    folder = _folder(tmp_path / "hf", 3)
-    (Path(folder) / "global_step3").mkdir()
-    (Path(folder) / "global_step3" / "shard.bin").write_bytes(b"shard")
+    folder = tmp_path / "hf" / "checkpoint-3"
+    (folder / "global_step3").mkdir(parents=True)
     s = _session(url)
     s.start()
-    s.commit_folder(3, folder)
+    with pytest.raises(SaveError, match="wrote no checkpoint"):
+        s.commit_folder(3, str(folder))
     s.close("stopped")
-    [info] = list_checkpoints(Storage(url))
-    assert info.step == 3 and "global_step3/shard.bin" in info.manifest.files
+    assert list_checkpoints(Storage(url)) == []
 
 
 def test_stop_commits_then_exits_75_and_the_ledger_says_interrupted(tmp_path):

@@ -304,3 +304,33 @@ def test_forbidden_checkpoint_reads_fail_the_start_and_change_nothing(s3_bucket,
     # No fresh start, no new or moved folders (the lease and ledger records are not checkpoints).
     assert _checkpoint_objects(moto_server, s3_bucket, prefix) == before
     assert fault_proxy.count(method="PUT|POST", path=r"/\d{12}/") == 0
+
+
+# -- issue 20: a stop save that misses its deadline leaves no open multipart upload -------
+
+
+@pytest.mark.slow
+def test_missed_stop_deadline_with_a_hung_part_leaves_no_open_upload(s3_bucket, moto_server,
+                                                                      fault_proxy):
+    bound = 6.0
+    url = f"s3://{s3_bucket}/run"
+    env = env_for(url, AWS_ENDPOINT_URL=fault_proxy.url, SPOTRUN_STOP_TIMEOUT=str(bound),
+                  SPOTRUN_S3_PART_MIB="5", S3_STOP_WIDTH="1300")  # a two-part payload
+    proc = spawn([SCRIPT], env)
+    try:
+        wait_for_line(proc, "committed 3", timeout=120)
+        # From now on every part 2 is accepted and never answered: the stop save's
+        # multipart upload is open (created, part 1 in) when the deadline passes.
+        fault_proxy.add("hang", method="PUT", path=r"[?&]partNumber=2(&|$)")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=bound + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_STOP_UNSAVED, out
+    assert fault_proxy.count(action="hang", method="PUT", path=r"partNumber=2") == 1, out
+    assert fault_proxy.count(method="DELETE", path=r"uploadId=") >= 1, out  # the abort
+    fault_proxy.clear()
+    assert not _moto(moto_server).list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), out
+    assert [c.step for c in list_checkpoints(Storage(url, _opts(moto_server)))] == [3]

@@ -55,6 +55,7 @@ from ..errors import ConfigError
 from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 from ..lease import Lease
 from ..notices import Watcher
+from ..recovery.local import LocalCopy
 from ..storage import Storage, open_storage
 from ..units import format_bytes
 from .artifacts import artifact_paths, capture_artifacts
@@ -248,15 +249,15 @@ class Checkpointer:
                 from ..sharded import ShardedSaver
 
                 # Collective (it makes the saver's own process group): every rank is here.
-                self._sharded_saver = ShardedSaver(self.storage)
-                self._state.sharded_saver = self._sharded_saver
+                self._sharded_saver = self._state.sharded_saver = ShardedSaver(self.storage)
         except BaseException:
             seg.release(interrupted=False)
             raise
+        self._local = LocalCopy.from_env(self.storage.display())
         self._saver = Saver(
             self.storage, self._group, keep_last=self.keep_last, async_save=self.async_save,
             when_busy=self.when_busy, metadata=self.metadata, segment_id=self.segment_id,
-            emit=seg.emit, sharded=self._sharded_saver, lease=self._lease,
+            emit=seg.emit, sharded=self._sharded_saver, lease=self._lease, local=self._local,
         )
         self._entered = True
         self._last_value_at_start = getattr(sys, "last_value", None)
@@ -382,8 +383,7 @@ class Checkpointer:
         (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint failed; when it cannot
         commit in the time left the process leaves with that code at once, through
         ``os._exit``, since the abandoned writer thread is still running: ``finally`` blocks
-        and exit hooks do not run, the ledger and logs are flushed first). A background save
-        that failed is raised here as :class:`SaveError`.
+        and exit hooks do not run, the ledger and logs are flushed first). A background save that failed is raised here as :class:`SaveError`.
         """
         group, saver = self._require_active()
         inbox = self._interrupts
@@ -514,16 +514,16 @@ class Checkpointer:
                 self.storage, group, replicated=self._state.replicated(),
                 per_rank=self.per_rank, values=self.values, artifacts=self.artifacts,
                 weights_only=self.weights_only, save_rng=self.save_rng,
-                policy=self.if_all_damaged, progress=progress,
+                policy=self.if_all_damaged, progress=progress, local=self._local,
                 sharded=self._state.sharded_target(),
             )
             step = restorer.newest_valid()
         if step is not None:
             self.steps_done = step
             saver.last_saved_step = step
-            log.info("resumed from step %d at %s (%s, restored in %.2fs)", step,
+            log.info("resumed from step %d at %s (%s, restored in %.2fs; %s)", step,
                      self.storage.display(), format_bytes(restorer.restored_bytes),
-                     progress.elapsed)
+                     progress.elapsed, restorer.sources)
             if group.is_main and self.storage.exists(DONE_MARKER):
                 log.info("this run already finished (done marker present)")
         self._restored = True

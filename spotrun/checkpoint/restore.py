@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import config
 from ..commit import DAMAGED_DIR, CheckpointInfo, list_checkpoints, newest_valid, quarantine, verify_checkpoint
@@ -39,6 +39,9 @@ from ..state import load_object_state, restore_rng_state, seed_everything, unwra
 from ..storage import Storage
 from ..units import format_bytes
 from .artifacts import restore_artifacts
+
+if TYPE_CHECKING:
+    from ..recovery.local import LocalCopy
 
 __all__ = ["PAYLOAD_FORMAT", "RestoreProgress", "Restorer", "all_damaged_error", "list_readable"]
 
@@ -155,8 +158,15 @@ class Restorer:
         policy: str,
         sharded: tuple[Any, Sequence[Any], Callable[[], dict[str, Any]]] | None = None,
         progress: RestoreProgress | None = None,
+        local: LocalCopy | None = None,
     ) -> None:
         self.storage, self.group = storage, group
+        # Where this restore's reads go: the run URL, or per file this machine's copy of the
+        # step being loaded where that copy matches its manifest (set by _try_load).
+        self._local = local
+        self._reader: Any = storage
+        #: Where the restored bytes came from, for the "resumed" line.
+        self.sources = "all from the run URL"
         self.replicated, self.per_rank, self.values = replicated, per_rank, values
         self.artifacts = list(artifacts)
         self.weights_only, self.save_rng, self.policy = weights_only, save_rng, policy
@@ -235,6 +245,7 @@ class Restorer:
         (shared state) and its own, verifying their hashes.
         """
         outcome: _Outcome | None = None
+        self._reader = self.storage if self._local is None else self._local.reader(self.storage, manifest)
         self.progress.phase(f"checking step {step}'s files", manifest.total_bytes)
         if group.is_main:
             outcome = self._attempt(lambda: self._check_present(step, manifest))
@@ -247,6 +258,8 @@ class Restorer:
             # The same checkpoint's files, so state and artifacts never come from two saves.
             outcome = self._agree(group, self._attempt(lambda: self._put_back_artifacts(manifest)))
         if outcome is None:
+            if self._reader is not self.storage:
+                self.sources = self._reader.summary()
             return None
         if outcome.kind == "damaged":
             return outcome.message
@@ -309,7 +322,7 @@ class Restorer:
         machine: local rank 0, where torchrun says, else rank 0)."""
         local_rank = int(os.environ.get("LOCAL_RANK", self.group.rank))
         if local_rank == 0:
-            restore_artifacts(self.storage, manifest, self.artifacts)
+            restore_artifacts(self._reader, manifest, self.artifacts)
 
     def _load_sharded(self, manifest: Manifest) -> None:
         """Model and optimizer from DCP's files, resharded to this run's world size."""
@@ -325,7 +338,7 @@ class Restorer:
         state = self.sharded_state()  # this world size's own (empty) shards, filled in place
         self.state_loaded_from = manifest.step
         self.progress.phase(f"reading step {manifest.step}: sharded model and optimizer")
-        read_sharded(self.storage, manifest, state)
+        read_sharded(self._reader, manifest, state)
         self.progress.add(sum(e.size for n, e in manifest.files.items() if not n.endswith(".pt")))
         set_state(unwrap(self.model), list(self.optimizers), state)
 
@@ -340,7 +353,7 @@ class Restorer:
         step, shared_name = manifest.step, payload_name(0)
         shared_entry = manifest.files[shared_name]
         self.progress.phase(f"reading step {step}: {shared_name} ({format_bytes(shared_entry.size)})")
-        shared, verification = open_payload(self.storage, step, shared_name, shared_entry,
+        shared, verification = open_payload(self._reader, step, shared_name, shared_entry,
                                             weights_only=self.weights_only)
         self.progress.add(shared_entry.size)
         own: dict | None = shared
@@ -351,7 +364,7 @@ class Restorer:
             if mine in manifest.files:
                 entry = manifest.files[mine]
                 self.progress.phase(f"reading step {step}: {mine} ({format_bytes(entry.size)})")
-                own = read_payload(self.storage, step, mine, entry, weights_only=self.weights_only)
+                own = read_payload(self._reader, step, mine, entry, weights_only=self.weights_only)
                 self.progress.add(entry.size)
         # From here the live objects may hold this checkpoint's state, proven good or not.
         self.state_loaded_from = step

@@ -39,6 +39,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+
 from ..commit import BackgroundRetention, commit
 from ..distributed import Group
 from ..errors import SaveError, StorageError
@@ -51,6 +53,7 @@ from ..units import format_bytes
 from .artifacts import Captured, write_artifacts
 
 if TYPE_CHECKING:
+    from ..recovery.local import LocalCopy
     from ..sharded import ShardedSaver
 
 __all__ = ["Saver"]
@@ -92,6 +95,7 @@ class Saver:
         emit: EventSink,
         lease: Lease | None = None,
         sharded: ShardedSaver | None = None,
+        local: LocalCopy | None = None,
     ) -> None:
         self.storage = storage
         self.group = group
@@ -103,6 +107,7 @@ class Saver:
         self._emit = emit
         self._lease = lease
         self._sharded = sharded
+        self._local = local  # this machine's copy of the newest checkpoint (recovery/local.py)
         self._staging = StagingBuffers()
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
@@ -180,9 +185,14 @@ class Saver:
                 # Collective on the sharded saver's own group: every rank's shards and DCP's
                 # .metadata are durable when it returns (rank 0 gets every file's entry).
                 entries += self._sharded.write(step, shards)
-            entries.append(write_payload(self.storage, step, self.group.rank, state))
+            # This rank's files also go to the machine's local copy as they pass (never a
+            # cost to the save: no room or a local failure just drops the copy).
+            store: Any = self.storage
+            if self._local is not None and self._local.begin(step, _tensor_bytes(state)):
+                store = self._local.storage(self.storage)
+            entries.append(write_payload(store, step, self.group.rank, state))
             if captured is not None:
-                entries += write_artifacts(self.storage, step, captured)
+                entries += write_artifacts(store, step, captured)
             written = _Written(step, entries, t0, stall,
                                captured.index if captured is not None else None)
             if self.group.distributed:
@@ -190,8 +200,10 @@ class Saver:
             self._commit(written, [written.entries])
             return None
         except SaveError:
+            self._drop_local()
             raise
         except (StorageError, OSError, RuntimeError) as exc:
+            self._drop_local()
             raise SaveError(
                 f"checkpoint at step {step} failed ({exc}); the previous checkpoint is intact"
             ) from exc
@@ -217,6 +229,16 @@ class Saver:
             captured_at=written.captured_at,
         ))
         self._retention.after_commit(step, self.keep_last)
+        self._committed(step)
+
+    def _committed(self, step: int) -> None:
+        """``step`` is committed at the run URL: this machine's copy of it becomes the one kept."""
+        if self._local is not None:
+            self._local.seal(step)
+
+    def _drop_local(self) -> None:
+        if self._local is not None:
+            self._local.drop()
 
     def wait_retention(self, timeout: float | None = None) -> bool:
         """Block until old checkpoints due for deletion are deleted; False on timeout."""
@@ -260,6 +282,8 @@ class Saver:
         if self.group.is_main:
             assert per_rank is not None
             self._commit(written, per_rank)
+        else:
+            self._committed(written.step)
         self.last_saved_step = written.step
 
     def wait(self) -> None:
@@ -300,6 +324,17 @@ class Saver:
                 raise
             log.error("%s", err)
         self.wait_retention(RETENTION_EXIT_WAIT_S)
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """About what ``torch.save`` of ``tree`` writes: its tensors' bytes (the rest is small)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, Mapping):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 class _Job:

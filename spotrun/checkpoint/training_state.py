@@ -58,8 +58,7 @@ class TrainingState:
         self._sharded_arg = sharded
         #: True when model and optimizer state go through DCP (see :meth:`decide_sharded`).
         self.sharded = False
-        #: The run's :class:`~spotrun.sharded.ShardedSaver` once built (sharded runs): it
-        #: keeps the DCP state built once and reuses it while it fits.
+        #: The ShardedSaver of a sharded run, once started: it keeps the state dict it built.
         self.sharded_saver: Any = None
         self.objects: dict[str, Any] = {}
         for group in (

@@ -115,9 +115,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..commit import DAMAGED_DIR, list_checkpoints, list_damaged, verify_checkpoint
     from ..storage import Storage
+    from .runs import require_run
 
     storage = Storage(args.url, _storage_options(args.storage_options))
     storage.ensure_root(create=False)
+    # "0 of 0 intact", exit 0, on a folder that is not a run would read as a clean bill.
+    require_run(storage)
     results = []
     # A file that cannot be read (access denied, network) raises: exit 2 naming it, since
     # nothing is known about that checkpoint either way.

@@ -45,16 +45,32 @@ def parse_deadline(value: str, now: float | None = None) -> float:
     return dt.timestamp()
 
 
-def _positive_int(flag: str) -> Callable[[str], int]:
+def _count(flag: str, *, minimum: int = 1, maximum: int | None = None, example: str = "2") -> Callable[[str], int]:
+    """A whole-number flag, checked by :func:`spotrun.validate.count` (exit 2 when bad)."""
+    from ..validate import argparse_type, count
+
+    return argparse_type(count, flag, minimum=minimum, maximum=maximum, example=example)
+
+
+def _cluster_count(flag: str, bound: str, example: str) -> Callable[[str], int]:
+    """:func:`_count` up to ``spotrun.launch.common.<bound>``, imported only when the flag is
+    given (building the parser must not import the launch package)."""
+
     def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1 (e.g. {flag} 2)")
-        return n
+        from ..launch import common
+
+        return _count(flag, maximum=getattr(common, bound), example=example)(value)
+
+    parse.__name__ = flag
     return parse
+
+
+def _number(flag: str, *, example: str, allow_zero: bool = False) -> Callable[[str], float]:
+    """A finite number > 0 (>= 0 with ``allow_zero``), checked by :func:`spotrun.validate.number`:
+    ``nan``, ``inf`` and negatives are refused at parse, in one line (exit 2)."""
+    from ..validate import argparse_type, number
+
+    return argparse_type(number, flag, minimum=0.0, allow_minimum=allow_zero, example=example)
 
 
 def _usd(value: str) -> float:
@@ -189,28 +205,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run-url", help="where the run lives (EC2: s3://bucket/prefix; --local default: ./runs/NAME)")
     p.add_argument("--resume", metavar="RUN_URL", help="pick up an EC2 launch whose controller stopped")
-    p.add_argument("--max-failures", type=int, default=0,
+    p.add_argument("--max-failures", type=_count("--max-failures", minimum=0, example="3"), default=0,
                    help="relaunch after this many command failures before giving up (default 0)")
     # Both modes: one segment (attempt) is N nodes meeting through torchrun's c10d rendezvous.
-    p.add_argument("--nodes", type=int, default=1, metavar="N",
+    p.add_argument("--nodes", type=_cluster_count("--nodes", "MAX_NODES", "2"), default=1, metavar="N",
                    help="nodes per attempt, each running CMD under torchrun (python -m "
                    "spotrun.launch.node); with --local, N process groups on this machine (default 1)")
-    p.add_argument("--nproc-per-node", type=int, metavar="G",
+    p.add_argument("--nproc-per-node", type=_cluster_count("--nproc-per-node", "MAX_NPROC_PER_NODE", "8"),
+                   metavar="G",
                    help="torchrun processes per node (default 1 with --nodes > 1; with one node and "
                    "no --nproc-per-node, CMD runs as is, without torchrun)")
 
     loc = p.add_argument_group("local mode")
     loc.add_argument("--local", action="store_true", help="run CMD here, playing spot")
     loc.add_argument("--name", help="run folder name under ./runs (default: script name and time)")
-    loc.add_argument("--interruptions", type=int, default=2, help="spot interruptions to play (default 2)")
+    loc.add_argument("--interruptions", type=_count("--interruptions", minimum=0), default=2,
+                     help="spot interruptions to play (default 2)")
     loc.add_argument("--instance-type", default="g5.xlarge",
                      help="instance type the fake metadata serves and the cost report prices (default g5.xlarge)")
-    loc.add_argument("--grace", type=float, default=5.0,
+    loc.add_argument("--grace", type=_number("--grace", example="5"), default=5.0,
                      help="seconds from notice to SIGTERM (AWS gives 120; default 5)")
     loc.add_argument("--seed", type=int, help="seed for the interruption times")
-    loc.add_argument("--mean-interval", type=float,
+    loc.add_argument("--mean-interval", type=_number("--mean-interval", example="30"),
                      help="interrupt about this many seconds into each segment (default: after its first new checkpoint)")
-    loc.add_argument("--node-losses", type=int, default=0, metavar="M",
+    loc.add_argument("--node-losses", type=_count("--node-losses", minimum=0, example="1"), default=0,
+                     metavar="M",
                      help="of the --interruptions, M are a node vanishing without notice (SIGKILL of "
                      "all its processes) instead of a notice; which ones and which node: --seed (default 0)")
 
@@ -231,18 +250,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--iam-instance-profile", help="instance profile name or ARN (S3 access to the run URL)")
     ec2.add_argument("--security-group-ids", type=_csv, default=[], help="comma-separated security group ids")
     ec2.add_argument("--key-name", help="EC2 key pair for SSH (optional)")
-    ec2.add_argument("--max-interruptions", type=int, help="after K spot interruptions, use on-demand (or stop with --fallback none)")
+    ec2.add_argument("--max-interruptions", type=_count("--max-interruptions", minimum=0, example="3"),
+                     help="after K spot interruptions, use on-demand (or stop with --fallback none)")
     ec2.add_argument("--fallback", choices=("on-demand", "none"), default="on-demand",
                      help="what to do when spot will not do (default on-demand)")
-    ec2.add_argument("--max-price", type=float, help="highest spot price, USD per instance-hour")
+    ec2.add_argument("--max-price", type=_number("--max-price", example="0.5"),
+                     help="highest spot price, USD per instance-hour")
     ec2.add_argument("--deadline", help="finish by: ISO time (UTC) or a duration (6h); on-demand when it is near")
-    ec2.add_argument("--poll", type=float, default=15.0, help="seconds between checks on the instance (default 15)")
-    ec2.add_argument("--spot-wait", type=float, default=600.0,
+    ec2.add_argument("--poll", type=_number("--poll", example="15"), default=15.0,
+                     help="seconds between checks on the instance (default 15)")
+    ec2.add_argument("--spot-wait", type=_number("--spot-wait", example="600", allow_zero=True),
+                     default=600.0,
                      help="seconds to wait for spot capacity before falling back (default 600)")
     ec2.add_argument("--on-ctrl-c", choices=("ask", "terminate", "leave"), default="ask",
                      help="what Ctrl-C does to a running instance (default: ask; terminate when not interactive)")
     ec2.add_argument("--offline-prices", action="store_true", help="price the report from the shipped snapshot")
-    ec2.add_argument("--min-nodes", type=_positive_int("--min-nodes"), default=None,
+    ec2.add_argument("--min-nodes", type=_cluster_count("--min-nodes", "MAX_NODES", "2"), default=None,
                      help="start an attempt with as few as M of --nodes (checkpoints resume on the new "
                      "world size); the next relaunch asks for --nodes again (default: --nodes)")
     ec2.add_argument("--placement-group", action="store_true",

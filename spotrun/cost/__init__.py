@@ -19,7 +19,7 @@ from .html import report_html
 from .portfolio import PortfolioResult, evaluate_portfolio, load_toml
 from .prices import Price, PriceBook, time_weighted_average
 from .render import report_text
-from .report import CostReport, Segment, build_segments, report_for_run
+from .report import CostReport, SegmentCost, build_segments, report_for_run
 
 __all__ = [
     "CostReport",
@@ -27,7 +27,7 @@ __all__ = [
     "PortfolioResult",
     "Price",
     "PriceBook",
-    "Segment",
+    "SegmentCost",
     "build_segments",
     "estimate_job",
     "evaluate_portfolio",

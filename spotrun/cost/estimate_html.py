@@ -33,7 +33,7 @@ def _x_ticks(lo: float, hi: float) -> list[float]:
 def _chart(chart_id: str, title: str, curve: list[dict[str, float]], value: Callable[[dict], float],
            flat: float, flat_label: str, flat_color: str, label: Callable[[float], str],
            est: JobEstimate, *, from_zero: bool = True) -> str:
-    height, top, bottom = 300, 40, 240
+    height, top, bottom = 316, 56, 256  # the marks' labels in the band above the plot
     lo, hi = curve[0]["interval_s"], curve[-1]["interval_s"]
     ys = [value(p) for p in curve] + [flat]
     y_lo = 0.0
@@ -82,7 +82,7 @@ def _chart(chart_id: str, title: str, curve: list[dict[str, float]], value: Call
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{color}"/>')
         anchor = "start" if x < _L + _W * 0.6 else "end"
         dx = 8 if anchor == "start" else -8
-        parts.append(f'<text class="mark-label" x="{x + dx:.1f}" y="{top - 10 + 18 * i}" text-anchor="{anchor}" '
+        parts.append(f'<text class="mark-label" x="{x + dx:.1f}" y="{18 + 18 * i}" text-anchor="{anchor}" '
                      f'style="fill:{color}">{_a(name)} {_a(fmt_duration(tau))}: {_a(label(value(point)))}</text>')
     parts.append("</svg>")
     key = (f'<p class="legend"><span><span class="sw" style="background:{_SPOT}"></span>spot, expected '

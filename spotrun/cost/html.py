@@ -6,7 +6,8 @@ segment's end; the grey part of a bar is its startup, the hatched part its lost 
 cumulative-cost chart (what the run paid against what on-demand would have cost for the same
 work), the summary with SageMaker's figure beside ours, and the cost table, where estimated
 prices are flagged. No scripts, fonts, images or links to anything outside the page. Both
-charts use a ``viewBox`` and ``width="100%"``, so they scale to the window.
+charts use a ``viewBox`` and ``width="100%"``, so they scale to the window, down to a minimum
+width below which they scroll sideways (their text stays readable on a 400 px screen).
 
 Every value that comes from the ledger is escaped (:func:`html.escape`, quotes included):
 anyone who can write to the run's bucket can write a ledger record.
@@ -185,7 +186,7 @@ def _cumulative(report: CostReport) -> str:
     if top <= 0:
         return "<p>No priced segment: no cumulative cost to draw.</p>"
     t0, span = _span(report)
-    height, plot_top, plot_bottom = 220, 24, 190
+    height, plot_top, plot_bottom = 230, 24, 190
 
     def xy(t: float, v: float) -> str:
         px = _LEFT + (t - t0) / span * _WIDTH
@@ -211,11 +212,12 @@ def _cumulative(report: CostReport) -> str:
     # The key: a line sample and the label in the line's colour. Inline ``style``, not the
     # ``fill`` attribute: a stylesheet rule (``svg text{fill:...}``) overrides an attribute,
     # never an inline style.
+    # One row under the plot, clear of the y-axis labels on the left.
     for i, (key, (color, dash, name)) in enumerate(styles.items()):
-        ky = plot_top + 30 + 22 * i
-        parts.append(f'<line class="key-{key.replace("_", "-")}" x1="4" y1="{ky - 5}" x2="34" y2="{ky - 5}" '
-                     f'stroke="{color}" stroke-width="2.5"{dash}/>')
-        parts.append(f'<text class="key key-{key.replace("_", "-")}" x="40" y="{ky}" '
+        kx, ky = _LEFT + 300 * i, height - 8
+        parts.append(f'<line class="key-{key.replace("_", "-")}" x1="{kx}" y1="{ky - 5}" x2="{kx + 30}" '
+                     f'y2="{ky - 5}" stroke="{color}" stroke-width="2.5"{dash}/>')
+        parts.append(f'<text class="key key-{key.replace("_", "-")}" x="{kx + 36}" y="{ky}" '
                      f'style="fill:{color}">{_a(name)}</text>')
     parts.append("</svg>")
     return '<div class="chart">' + "".join(parts) + "</div>"

@@ -66,7 +66,8 @@ from ..ledger import Ledger
 from ..storage import Storage
 from .prices import Price, PriceBook
 
-__all__ = ["CostReport", "Segment", "build_segments", "price_segments", "report_for_run", "require_run"]
+__all__ = ["CostReport", "SegmentCost", "build_segments", "price_segments", "report_for_run",
+           "require_run"]
 
 log = logging.getLogger("spotrun")
 
@@ -79,8 +80,10 @@ NO_API_CLOUDS = (Cloud.SIMULATED, Cloud.LOCAL)
 
 
 @dataclass
-class Segment:
-    """One stretch of compute (one process, or one instance), merged from its records."""
+class SegmentCost:
+    """What one segment (one stretch of compute: a process, or an instance) cost and did,
+    merged from its ledger records. The segment itself, as a launcher records it, is
+    :class:`spotrun.launch.state.Segment`."""
 
     segment_id: str
     instance: InstanceInfo
@@ -110,7 +113,7 @@ class Segment:
     on_demand_error: str | None = None
     # Set by attribute_restarts: the restart this segment's end caused, as (segment, seconds)
     # parts, each priced at the segment the seconds were spent in.
-    restart_parts: list[tuple[Segment, float]] = field(default_factory=list, repr=False, compare=False)
+    restart_parts: list[tuple[SegmentCost, float]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def interrupted(self) -> bool:
@@ -145,6 +148,8 @@ class Segment:
 
     @property
     def restart_overhead_usd(self) -> float | None:
+        if not self.restart_parts:
+            return self._usd(0.0, self.price)  # $0 when priced, like the other figures
         return _sum([seg._usd(sec, seg.price) for seg, sec in self.restart_parts])
 
     @property
@@ -225,11 +230,11 @@ class Segment:
         }
 
 
-def _share_group_records(segments: list[Segment]) -> None:
+def _share_group_records(segments: list[SegmentCost]) -> None:
     """Nodes of a group that lack training records take the group's (see the module
     docstring): the head is node 0 when it has them, else the lowest node that has. Only
     what a node lacks is filled in (a node whose own process wrote records keeps them)."""
-    groups: dict[str, list[Segment]] = {}
+    groups: dict[str, list[SegmentCost]] = {}
     for seg in segments:
         if seg.group is not None:
             groups.setdefault(seg.group, []).append(seg)
@@ -260,7 +265,7 @@ def build_segments(
     *,
     running: Collection[str] = (),
     now: float | None = None,
-) -> list[Segment]:
+) -> list[SegmentCost]:
     """Merge ledger records into segments (see the module docstring), sorted by start.
 
     Records whose fields do not fit their event (NaN or absurd times, wrong types, unknown
@@ -307,7 +312,7 @@ def build_segments(
         else:
             end, reason = max(r["time"] for r in recs), UNKNOWN
         segments.append(
-            Segment(
+            SegmentCost(
                 segment_id=sid,
                 instance=InstanceInfo.from_dict(inst),
                 start=start,
@@ -346,10 +351,10 @@ def build_segments(
     return segments
 
 
-def _attempts(segments: list[Segment]) -> list[list[Segment]]:
+def _attempts(segments: list[SegmentCost]) -> list[list[SegmentCost]]:
     """The segments grouped by attempt (a multi-node group is one), in start order."""
-    out: list[list[Segment]] = []
-    by_group: dict[str, list[Segment]] = {}
+    out: list[list[SegmentCost]] = []
+    by_group: dict[str, list[SegmentCost]] = {}
     for seg in segments:
         if seg.group is None:
             out.append([seg])
@@ -361,13 +366,13 @@ def _attempts(segments: list[Segment]) -> list[list[Segment]]:
     return out
 
 
-def restart_row(attempt: list[Segment]) -> Segment:
+def restart_row(attempt: list[SegmentCost]) -> SegmentCost:
     """The segment of an attempt that carries its restart (and its interruption line): the
     first interrupted node, else its first segment."""
     return next((s for s in attempt if s.interrupted), attempt[0])
 
 
-def attribute_restarts(segments: list[Segment]) -> None:
+def attribute_restarts(segments: list[SegmentCost]) -> None:
     """THE definition of restart overhead, used by the table, the interruptions, the totals,
     the HTML and the JSON: an attempt's end costs the shutdown of its segments (wrapper's
     end, checkpoint committed, to the segment's end) plus the startup (start to first
@@ -384,7 +389,7 @@ def attribute_restarts(segments: list[Segment]) -> None:
         restart_row(attempt).restart_parts = parts
 
 
-def price_segments(segments: list[Segment], prices: PriceBook) -> None:
+def price_segments(segments: list[SegmentCost], prices: PriceBook) -> None:
     """Attach a market price and an on-demand price to each segment (errors are recorded)."""
     for seg in segments:
         inst = seg.instance
@@ -417,7 +422,7 @@ class CostReport:
     """The priced run: segments, totals, per-interruption detail, and warnings."""
 
     run_url: str
-    segments: list[Segment]
+    segments: list[SegmentCost]
     generated_at: float = field(default_factory=time.time)
     warnings: list[str] = field(default_factory=list)
 
@@ -470,12 +475,12 @@ class CostReport:
                 "does not include")
         return [note]
 
-    def _members(self, seg: Segment) -> list[Segment]:
+    def _members(self, seg: SegmentCost) -> list[SegmentCost]:
         if seg.group is None:
             return [seg]
         return [s for s in self.segments if s.group == seg.group]
 
-    def _group_interruption(self, seg: Segment) -> dict[str, Any]:
+    def _group_interruption(self, seg: SegmentCost) -> dict[str, Any]:
         """One interruption of a multi-node attempt: every node's lost work and shutdown, and
         the next attempt's startups."""
         members = self._members(seg)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 
-from ..events import SegmentEnded, SegmentStarted, Source
+from ..events import EndReason, SegmentEnded, SegmentStarted, Source
 from ..instance import InstanceInfo
 from ..ledger import Ledger
 from ..storage import Storage
-from .state import STOP_FILE, LaunchState, Segment, save_state
+from .state import STOP_FILE, LaunchState, RunStatus, Segment, save_state
 
 __all__ = ["SOURCE", "RunBook", "close_books"]
 
@@ -93,8 +93,8 @@ def close_books(storage: Storage, state: LaunchState) -> None:
     """No launcher left to do it (``spotrun stop``): end the open segments and mark the run
     stopped, keeping its checkpoints."""
     book = RunBook(storage, state)
-    book.close_open("stopped", "spotrun stop")
-    state.status = "stopped"
+    book.close_open(EndReason.STOPPED, "spotrun stop")
+    state.status = RunStatus.STOPPED
     state.message = "stopped by spotrun stop; checkpoints kept"
     book.save()
     storage.remove(STOP_FILE)

@@ -5,10 +5,40 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..errors import ConfigError
 from ..layout import DONE_MARKER
 from ..storage import Storage
+from ..validate import count, number
 
-__all__ = ["cost_report", "is_done", "last_checkpoint"]
+__all__ = ["MAX_NODES", "MAX_NPROC_PER_NODE", "check_count", "check_number", "cost_report", "is_done",
+           "last_checkpoint"]
+
+#: The most nodes of one job, and processes per node, spotrun accepts: far above any real
+#: cluster or machine, a bound so that a typo like 10**6 is refused instead of tried.
+MAX_NODES = 1024
+MAX_NPROC_PER_NODE = 256
+
+
+def check_count(value: Any, low: int, high: int | None, message: str) -> int:
+    """:func:`spotrun.validate.count` (a bool or a float is no count), refused in the
+    caller's own words (options, cluster files and flags keep the messages they had)."""
+    if isinstance(value, str):  # a field of a file or an option, not a flag's text: "8" is no 8
+        raise ConfigError(message)
+    try:
+        return count(value, "value", minimum=low, maximum=high)
+    except ConfigError:
+        raise ConfigError(message) from None
+
+
+def check_number(value: Any, low: float, message: str, *, allow_low: bool = True) -> float:
+    """:func:`spotrun.validate.number` (finite, >= ``low``, or > it without ``allow_low``),
+    refused in the caller's own words."""
+    if isinstance(value, str):  # as in check_count
+        raise ConfigError(message)
+    try:
+        return number(value, "value", minimum=low, allow_minimum=allow_low)
+    except ConfigError:
+        raise ConfigError(message) from None
 
 log = logging.getLogger("spotrun")
 

@@ -22,6 +22,11 @@ Fallback to on-demand (``--fallback on-demand``), when any rule says so:
 
 All time constants live in :class:`Timing` so tests run the whole loop in seconds.
 
+Where each part lives: how an attempt ended and what next, :mod:`.attempt` (shared with the
+local simulator); the search for capacity and the per-region resources, :mod:`.capacity`;
+recording and wiring an attempt's instances, :mod:`.ec2_attempts`; the ways a run ends
+(finished, given up, stopped, Ctrl-C), :mod:`.ec2_ending`. This module is the loop.
+
 **N nodes** (``--nodes N``): a segment is an *attempt* of N instances from ONE
 ``create_fleet`` (one pool: one instance type in one subnet/zone, all or nothing through
 ``MinTargetCapacity``, optionally in the run's cluster placement group). When a pool cannot
@@ -54,7 +59,6 @@ same clock runs with :attr:`Timing.capacity_timeout_s` and ends in a :class:`Cap
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -62,28 +66,32 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..errors import CapacityError, ConfigError, LaunchError
-from ..events import Cloud
-from ..instance import InstanceInfo
-from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from ..errors import ConfigError
+from ..events import EndReason
+from ..layout import EXIT_FINISHED
 from ..storage import Storage
+from .attempt import (
+    Action,
+    AttemptEnd,
+    NodeEnd,
+    Verdict,
+    classify_ec2,
+    classify_instance,
+    next_step,
+)
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
+from .capacity import CapacitySearch
 from .common import is_done
-from .ec2 import (
-    PRICE_ERRORS,
-    SPOT_INTERRUPTION,
-    Ec2Api,
-    FleetResult,
-    InstanceStatus,
-    LaunchedInstance,
-    Pool,
-)
+from .ec2 import Ec2Api, InstanceStatus, Pool
+from .ec2_attempts import Ec2Attempts
+from .ec2_ending import Ec2Ending
 from .ec2_options import Ec2Options, Timing
-from .limits import CostGuard, Limits, WaitClock, fmt_wait
+from .limits import CostGuard, Limits, WaitClock
 from .state import (
     STOP_FILE,
     LaunchState,
+    RunStatus,
     Segment,
     exit_record_path,
     load_state,
@@ -154,6 +162,9 @@ class Ec2Controller:
         # One clock for "no capacity anywhere": --max-wait, or the default patience.
         wait_s = limits.max_wait_s if limits.max_wait_s is not None else self.timing.capacity_timeout_s
         self.wait = WaitClock(wait_s, since=state.waiting_since)
+        self.capacity = CapacitySearch(self)
+        self.attempts = Ec2Attempts(self)
+        self.ending = Ec2Ending(self)
 
     # -- construction ------------------------------------------------------------------
 
@@ -167,7 +178,7 @@ class Ec2Controller:
         """
         options.validate()
         existing = load_state(storage)
-        if existing is not None and existing.status == "running":
+        if existing is not None and existing.status == RunStatus.RUNNING:
             raise ConfigError(
                 f"{storage.display()} already has a launch (run id {existing.run_id}, "
                 f"status running); pick it up with: spotrun launch --resume {storage.display()}"
@@ -211,9 +222,9 @@ class Ec2Controller:
         if api is None:
             regions = state.options.get("regions") or []
             api = Ec2Api.for_region(regions[0] if regions else state.options.get("region"))
-        if state.status in ("stopped", "failed"):
+        if state.status in (RunStatus.STOPPED, RunStatus.FAILED):
             # Resuming a run that was stopped means: carry on.
-            state.status = "running"
+            state.status = RunStatus.RUNNING
             state.failures = 0
         return cls(storage, api, state, **kwargs)
 
@@ -260,22 +271,22 @@ class Ec2Controller:
     def run(self) -> LaunchOutcome:
         """Run until the run is done, fails or is stopped. Ctrl-C: see ``on_ctrl_c``."""
         try:
-            if self.state.status == "finished" or is_done(self.storage):
-                return self._finish()
-            self._ensure_template(self.home)
-            self._reconcile()
+            if self.state.status == RunStatus.FINISHED or is_done(self.storage):
+                return self.ending.finish()
+            self.capacity.ensure_template(self.home)
+            self.attempts.reconcile()
             while True:
                 self._save()
                 if self.storage.exists(STOP_FILE):
-                    return self._stopped_by_request()
+                    return self.ending.stopped_by_request()
                 if is_done(self.storage):
-                    return self._finish()
+                    return self.ending.finish()
                 attempt = self.state.running
                 if not attempt:
                     why = self._over_budget()
                     if why is not None:
-                        return self._budget_stop(why)
-                    outcome = self._launch()
+                        return self.ending.budget_stop(why)
+                    outcome = self.capacity.launch()
                     if outcome is not None:
                         return outcome
                     continue
@@ -287,39 +298,21 @@ class Ec2Controller:
                             self._seen_alive[seg.segment_id] = self.clock()
                     why = self._over_budget()
                     if why is not None:
-                        return self._budget_stop(why)
+                        return self.ending.budget_stop(why)
                     self.sleep(self.timing.poll_s)
                     continue
-                if len(attempt) == 1:
-                    outcome = self._segment_over(attempt[0], statuses[attempt[0].instance_id])
-                else:
-                    outcome = self._attempt_over(attempt, statuses, gone)
+                outcome = self._attempt_over(attempt, statuses, gone)
                 if outcome is not None:
                     return outcome
         except KeyboardInterrupt:
-            return self._ctrl_c()
+            return self.ending.ctrl_c()
         except Exception as exc:
-            self._left_running(exc)
+            self.ending.left_running(exc)
             raise
 
     def _still_there(self, seg: Segment, status: InstanceStatus) -> bool:
         return status.alive or (status.state == "missing"
                                 and self.clock() - seg.started_at < self.timing.missing_grace_s)
-
-    def _left_running(self, exc: BaseException) -> None:
-        """The controller is dying of an error: say what may still run and how to stop it."""
-        running = self.state.running
-        url = self.storage.display()
-        with contextlib.suppress(Exception):
-            self.state.message = f"controller stopped: {exc}"
-            self._save()
-        if running:
-            cur = running[0]
-            what = (f"instance {cur.instance_id} ({cur.instance_type}, {cur.market})" if len(running) == 1 else
-                    f"instances {', '.join(s.instance_id for s in running)} ({cur.instance_type}, {cur.market})")
-            self._say(f"controller error ({exc}); {what} in {cur.region or self.home} may still be running. "
-                      f"Watch it again: spotrun launch --resume {url}; stop it: spotrun stop {url}",
-                      LaunchEventKind.WARNING)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -331,189 +324,12 @@ class Ec2Controller:
              segment_id: str | None = None, **data: Any) -> None:
         self.on_event(LaunchEvent(kind, msg, segment_id, data))
 
-    def _ensure_template(self, region: str) -> str:
-        """The run's launch template in ``region`` (created on first use there)."""
-        tid = self.state.launch_templates.get(region)
-        if tid:
-            return tid
-        o = self.options
-        api = self._api(region)
-        user_data = build_user_data(
-            run_url=o.run_url, run_id=self.state.run_id, command=o.command, setup=o.setup, env=o.env,
-            secrets=o.secrets, nodes=o.nodes, nproc_per_node=o.nproc_per_node,
-        )
-        home = region == self.home
-        ami = api.resolve_ami(o.amis.get(region) or o.ami)
-        tid = api.create_launch_template(
-            run_id=self.state.run_id,
-            ami=ami,
-            user_data=user_data,
-            iam_instance_profile=o.iam_instance_profile,
-            # Security groups and key pairs exist per region: the home region's only;
-            # elsewhere the default VPC's default group (which lets its members talk).
-            security_group_ids=o.security_group_ids if home else [],
-            key_name=o.key_name if home else None,
-        )
-        self.state.launch_templates[region] = tid
-        if home:
-            self.state.launch_template_id = tid
-        self._save()
-        return tid
-
-    def _placement(self, region: str) -> str | None:
-        if not self.options.placement_group:
-            return None
-        name = self.state.placement_groups.get(region)
-        if name is None:
-            name = self._api(region).ensure_placement_group(self.state.run_id)
-            self.state.placement_groups[region] = name
-            self._save()
-        return name
-
-    def _reconcile(self) -> None:
-        """Make the state agree with what EC2 runs under this run id (after a crash).
-
-        Instances running, unknown to the state: the controller died between launching them
-        and writing the state; adopt them (one instance: the newest; N nodes: the set, when it
-        is one attempt of M..N nodes of one pool, else none). Anything else alive under the
-        run id is terminated, since two processes training one run would overwrite each
-        other's checkpoints. A running attempt whose nodes are all alive is kept (its cluster
-        files rewritten, in case the controller died before writing them).
-        """
-        alive = self._alive_everywhere()
-        attempt = self.state.running
-        keep: set[str] = set()
-        if attempt:
-            ids = {s.instance_id for s in attempt}
-            keep = {s.instance_id for _, s in alive if s.instance_id in ids}
-            if self.options.distributed and keep == ids:
-                self._write_cluster(attempt)
-        elif alive and not self.options.distributed:
-            region, newest = max(alive, key=lambda rs: (rs[1].launch_time or 0.0, rs[1].instance_id))
-            keep = {newest.instance_id}
-            self._say(f"adopting {newest.instance_id} ({newest.instance_type}, {newest.market}): "
-                      "it was launched for this run before the controller stopped")
-            self._begin_segment(newest.instance_id, Pool(newest.instance_type or "?", newest.subnet_id),
-                                newest.market or "spot", fleet_id=None, started_at=newest.launch_time,
-                                region=region)
-        elif alive:
-            regions = {r for r, _ in alive}
-            kinds = {(s.instance_type, s.availability_zone, s.market) for _, s in alive}
-            if len(regions) == 1 and len(kinds) == 1 and self.options.need <= len(alive) <= self.options.nodes:
-                (region,) = regions
-                found = [s for _, s in alive]
-                self._say(f"adopting {', '.join(s.instance_id for s in found)}: the nodes of an attempt "
-                          "launched for this run before the controller stopped")
-                launched = [LaunchedInstance(s.instance_id, Pool(s.instance_type or "?", s.subnet_id),
-                                             s.market or "spot") for s in found]
-                started = min((s.launch_time for s in found if s.launch_time), default=None)
-                if self._begin_attempt(region, launched, fleet_id=None, started_at=started):
-                    keep = {s.instance_id for s in found}
-        # Anything else alive under this run id is a stray (if the state's own instance is
-        # gone, the loop records its end; it must not be joined by a second one).
-        extras: dict[str, list[str]] = {}
-        for region, s in alive:
-            if s.instance_id not in keep:
-                extras.setdefault(region, []).append(s.instance_id)
-        if extras:
-            ids = [i for group in extras.values() for i in group]
-            what = "more than one instance for this run" if not self.options.distributed else \
-                "not nodes of this run's attempt"
-            self._say(f"terminating {', '.join(ids)}: {what}")
-            for region, group in extras.items():
-                self._api(region).terminate(group)
-
     def _begin_segment(self, instance_id: str, pool: Pool, market: str, *, fleet_id: str | None,
                        started_at: float | None = None, region: str | None = None) -> Segment:
-        region = region or self.home
-        api = self._api(region)
-        now = started_at or self.clock()
-        seg = Segment(
-            segment_id=instance_id, instance_id=instance_id, instance_type=pool.instance_type,
-            market=market, started_at=now, subnet_id=pool.subnet_id, fleet_id=fleet_id, region=region,
-        )
-        try:
-            status = api.describe(instance_id)
-            seg.availability_zone = status.availability_zone
-        except LaunchError:
-            pass
-        self.book.begin(seg, InstanceInfo(
-            cloud=Cloud.AWS.value, instance_id=instance_id, instance_type=pool.instance_type,
-            region=region, availability_zone=seg.availability_zone, market=market,
-        ))
-        where = f", {region}" if len(self.regions) > 1 else ""
-        self._say(f"running on {instance_id} ({pool}, {market}, {seg.availability_zone or '?'}{where}); "
-                  f"segment {len(self.state.segments)}", LaunchEventKind.SEGMENT_STARTED, seg.segment_id)
-        return seg
-
-    def _addresses(self, region: str, ids: list[str]) -> dict[str, InstanceStatus] | None:
-        """Every node's status once each has a private address; None if one never gets one
-        (within ``missing_grace_s``) or dies first."""
-        api = self._api(region)
-        end = self.clock() + self.timing.missing_grace_s
-        while True:
-            statuses = api.describe_many(ids)
-            if all(s.private_ip for s in statuses.values()):
-                return statuses
-            if any(s.state not in ("pending", "running", "missing") for s in statuses.values()):
-                return None
-            if self.clock() >= end:
-                return None
-            self.sleep(min(self.timing.poll_s, 2.0))
-
-    def _begin_attempt(self, region: str, launched: list[LaunchedInstance], *, fleet_id: str | None,
-                       started_at: float | None = None) -> list[Segment] | None:
-        """Record the nodes of one attempt and write their cluster files; None (nothing
-        recorded) when they never all got an address."""
-        ids = sorted(i.instance_id for i in launched)  # rank order: see the module docstring
-        by_id = {i.instance_id: i for i in launched}
-        statuses = self._addresses(region, ids)
-        if statuses is None:
-            return None
-        now = started_at or self.clock()
-        k = len({s.group for s in self.state.segments if s.group}) + 1
-        group = f"{self.state.run_id}-a{k}"
-        started: list[tuple[Segment, InstanceInfo]] = []
-        for rank, iid in enumerate(ids):
-            got, st = by_id[iid], statuses[iid]
-            seg = Segment(
-                segment_id=iid, instance_id=iid, instance_type=got.pool.instance_type, market=got.market,
-                started_at=now, availability_zone=st.availability_zone,
-                subnet_id=st.subnet_id or got.pool.subnet_id, fleet_id=fleet_id, group=group, node=rank,
-                region=region,
-            )
-            started.append((seg, InstanceInfo(
-                cloud=Cloud.AWS.value, instance_id=iid, instance_type=seg.instance_type, region=region,
-                availability_zone=seg.availability_zone, market=got.market)))
-        segs = self.book.begin_many(started)
-        self._write_cluster(segs, statuses)
-        head = segs[0]
-        short = f" ({len(segs)} of --nodes {self.options.nodes}: --min-nodes {self.options.need})" \
-            if len(segs) < self.options.nodes else ""
-        self._say(f"running on {len(segs)} node(s){short}: {', '.join(s.instance_id for s in segs)} "
-                  f"({head.instance_type}, {head.market}, {head.availability_zone or '?'}, {region}); "
-                  f"head {statuses[head.instance_id].private_ip}; attempt {group}",
-                  LaunchEventKind.SEGMENT_STARTED, head.segment_id, group=group,
-                  nodes=[s.instance_id for s in segs])
-        return segs
-
-    def _write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None) -> None:
-        """Every node's cluster file (:mod:`spotrun.launch.node`'s format)."""
-        segs = sorted(segs, key=lambda s: s.node or 0)
-        if statuses is None:
-            statuses = self._describe(segs)
-        addresses = {s.instance_id: statuses[s.instance_id].private_ip for s in segs}
-        if not all(addresses.values()):
-            log.warning("no private address for every node of %s yet; cluster files not written", segs[0].group)
-            return
-        write_cluster_files(
-            self.storage, group=segs[0].group or segs[0].segment_id,
-            nodes=[{"instance_id": s.instance_id, "address": str(addresses[s.instance_id])} for s in segs],
-            nproc_per_node=self.options.nproc_per_node or 1,
-            # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
-            # without a straggler when fewer were asked to wait for.
-            min_nodes=self.options.need if self.options.need < len(segs) else None,
-        )
+        """One instance's segment begins (:meth:`.ec2_attempts.Ec2Attempts.begin_segment`;
+        called through here so that a test can make the controller die at this point)."""
+        return self.attempts.begin_segment(instance_id, pool, market, fleet_id=fleet_id,
+                                           started_at=started_at, region=region)
 
     def _end_segment(self, seg: Segment, reason: str, *, exit_code: int | None = None,
                      detail: str | None = None, ended_at: float | None = None) -> None:
@@ -554,172 +370,6 @@ class Ec2Controller:
             gone = alive_until
         return min(now, max(alive_until, gone))
 
-    def _deadline_at_risk(self) -> bool:
-        d = self.options.deadline
-        return d is not None and d - self.clock() < self.timing.deadline_margin_s
-
-    def _choose_market(self) -> tuple[str | None, str]:
-        """("spot" | "on-demand", why), or (None, why) when the rules say stop."""
-        o = self.options
-        if o.max_interruptions is not None and self.state.interruptions >= o.max_interruptions:
-            if o.fallback == "on-demand":
-                return "on-demand", f"{self.state.interruptions} spot interruptions (--max-interruptions {o.max_interruptions})"
-            return None, (f"stopping after {self.state.interruptions} spot interruptions "
-                          f"(--max-interruptions {o.max_interruptions}, --fallback none)")
-        if self._deadline_at_risk():
-            if o.fallback == "on-demand":
-                return "on-demand", "the deadline is near"
-            log.warning("the deadline is near but --fallback none: staying on spot")
-        return "spot", "default"
-
-    def _avoid_pool(self) -> tuple[str, Pool] | None:
-        """(region, pool) of the last interrupted spot segment: try the others first."""
-        for seg in reversed(self.state.segments):
-            if seg.end_reason == "interrupted" and seg.market == "spot" and seg.instance_type:
-                return seg.region or self.home, Pool(seg.instance_type, seg.subnet_id)
-            if seg.end_reason is not None:
-                return None
-        return None
-
-    def _launch(self) -> LaunchOutcome | None:
-        """Start an attempt: spot (or on-demand) in every pool of every region, in order;
-        None once it runs, or the run's outcome when it must end."""
-        market, why = self._choose_market()
-        if market is None:
-            return self._give_up("failed", why, exit_code=1)
-        if market == "on-demand" and why != "default":
-            self._say(f"using on-demand: {why}", LaunchEventKind.CAPACITY)
-        avoid = self._avoid_pool() if market == "spot" else None
-        started = self.clock()
-        assert self.state.launch_template_id
-        while True:
-            errors: list[str] = []
-            price_blocked = True
-            for i, region in enumerate(self.regions):
-                got = self._try_region(region, market, avoid[1] if avoid and avoid[0] == region else None, errors)
-                if isinstance(got, LaunchOutcome):
-                    return got
-                if got is True:
-                    self.wait.got_capacity()
-                    self._save()
-                    return None
-                price_blocked = price_blocked and got == "price"
-                if i + 1 < len(self.regions):
-                    self._say(f"no {market} capacity in any pool of {region}; trying {self.regions[i + 1]}",
-                              LaunchEventKind.CAPACITY)
-            now = self.clock()
-            waited = now - started
-            self.wait.no_capacity(now)
-            self._save()
-            if market == "spot" and self.options.fallback == "on-demand":
-                reason = None
-                if price_blocked:
-                    reason = f"spot is above --max-price {self.options.max_price} in every pool"
-                elif waited >= self.timing.spot_wait_s:
-                    reason = f"no spot capacity for {waited:.0f}s"
-                elif self._deadline_at_risk():
-                    reason = "the deadline is near"
-                elif self.wait.expired(now):
-                    reason = f"no spot capacity for {fmt_wait(self.wait.waited(now))}"
-                if reason is not None:
-                    self._say(f"falling back to on-demand: {reason}", LaunchEventKind.CAPACITY)
-                    market = "on-demand"
-                    avoid = None
-                    continue
-            expired = self.wait.expired(now)
-            if expired is not None:
-                if self.options.max_wait_s is not None:
-                    url = self.storage.display()
-                    return self._give_up("failed", f"{expired}; checkpoints kept. To keep waiting: "
-                                         f"spotrun launch --resume {url} --max-wait DURATION", exit_code=1)
-                pools = [f"{p}" + (f" in {r}" if len(self.regions) > 1 else "")
-                         for r in self.regions for p in self.options.pools_in(r, self.home)]
-                raise CapacityError(
-                    f"no {market} capacity in {', '.join(pools)} for {self.wait.waited(now):.0f}s "
-                    f"({'; '.join(errors[-len(pools):])}); add instance types, subnets or --regions, "
-                    "or allow --fallback on-demand"
-                )
-            self.sleep(self.timing.capacity_retry_s)
-
-    def _try_region(self, region: str, market: str, avoid: Pool | None, errors: list[str]) -> Any:
-        """One region's pools, each until one gives the attempt: True when it runs, the run's
-        outcome when a stop came, else ``"price"`` (every pool above --max-price) or False."""
-        api = self._api(region)
-        template = self._ensure_template(region)
-        group_name = self._placement(region)
-        all_pools = self.options.pools_in(region, self.home)
-        ordered = [p for p in all_pools if p != avoid] + [p for p in all_pools if p == avoid]
-        round_pools = [p for p in ordered if p != avoid] or ordered
-        n, need = self.options.nodes, self.options.need
-        failed: set[Pool] = set()
-        price_blocked: set[Pool] = set()
-        where = f" in {region}" if len(self.regions) > 1 else ""
-        while True:
-            if self.storage.exists(STOP_FILE):
-                return self._stopped_by_request()
-            # N nodes come from one pool per request (one type, one zone); one instance
-            # from whichever of the pools EC2 finds best.
-            request = round_pools[:1] if n > 1 else round_pools
-            self.state.attempts += 1
-            self._save()
-            result = api.create_fleet(
-                run_id=self.state.run_id,
-                template_id=template,
-                pools=request,
-                market=market,
-                max_price=self.options.max_price if market == "spot" else None,
-                client_token=f"spotrun-{self.state.run_id}-{self.state.attempts}",
-                count=n,
-                min_count=need if n > 1 else None,
-                placement_group=group_name,
-            )
-            if n > 1:
-                result = api.release_if_short(result, need)
-            if result.instances and self._start(region, result):
-                return True
-            hard = [e for e in result.errors if not e.is_capacity]
-            if hard and not any(e.is_capacity for e in result.errors):
-                e = hard[0]
-                raise LaunchError(f"create_fleet ({market}) failed in {e.pool or 'every pool'}{where}: "
-                                  f"{e.code}: {e.message}")
-            if not result.errors:
-                failed.update(request)
-                errors.append(f"{market}: no instance and no error for {', '.join(map(str, request))}{where}")
-            for e in result.errors:
-                pools = [e.pool] if e.pool else request
-                failed.update(pools)
-                if e.code in PRICE_ERRORS:
-                    price_blocked.update(pools)
-                msg = f"{market} {e.pool or 'all pools'}{where}: {e.code}"
-                errors.append(msg)
-                self._say(f"no capacity: {msg}", LaunchEventKind.CAPACITY)
-            remaining = [p for p in ordered if p not in failed]
-            if remaining:
-                round_pools = remaining  # the next pool(s), in the same round
-                continue
-            return "price" if price_blocked >= set(all_pools) else False
-
-    def _start(self, region: str, result: FleetResult) -> bool:
-        """Record what a fleet gave as the running attempt; False (instances terminated) when
-        the nodes could not be wired up."""
-        api = self._api(region)
-        if not self.options.distributed:
-            got, extra = result.instances[0], result.instances[1:]
-            if extra:
-                api.terminate([i.instance_id for i in extra])
-            self._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
-            return True
-        launched, extra = result.instances[: self.options.nodes], result.instances[self.options.nodes:]
-        if extra:
-            api.terminate([i.instance_id for i in extra])
-        if self._begin_attempt(region, launched, fleet_id=result.fleet_id) is None:
-            ids = [i.instance_id for i in launched]
-            self._say(f"terminating {', '.join(ids)}: not every node got a private address",
-                      LaunchEventKind.WARNING)
-            api.terminate(ids)
-            return False
-        return True
-
     def _read_exit_record(self, seg: Segment) -> int | None:
         rel = exit_record_path(seg.segment_id)
         if not self.storage.exists(rel):
@@ -729,158 +379,80 @@ class Ec2Controller:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def classify(self, seg: Segment, status: InstanceStatus) -> tuple[str, int | None, str]:
-        """Why the segment's instance is gone: (reason, exit code, detail)."""
-        code = self._read_exit_record(seg)
-        rc = status.reason_code
-        if is_done(self.storage):
-            return "finished", code, _finished_detail(code)
-        if rc == SPOT_INTERRUPTION:
-            return "interrupted", code, "spot interruption"
-        if code == EXIT_INTERRUPTED:
-            return "interrupted", code, "the command stopped on an interruption notice (exit 75)"
-        if code is not None:
-            what = "exited 0 without writing done.json" if code == 0 else f"exited with code {code}"
-            return "failed", code, f"the command {what}; see /var/log/spotrun.log on the instance"
-        if rc.startswith("Server."):
-            return "interrupted", None, f"EC2 ended the instance ({rc})"
-        if rc == "Client.UserInitiatedShutdown":
-            return "stopped", None, "the instance was terminated from outside spotrun"
-        if rc == "Client.InstanceInitiatedShutdown":
-            return "failed", None, ("the instance shut down without an exit record (setup failed "
-                                    "before spotrun was installed?); see its console output")
-        if status.state in ("stopped", "stopping"):
-            return "interrupted", None, f"the instance is {status.state}"
-        if status.state == "missing":
-            return "interrupted", None, "the instance disappeared"
-        return "failed", None, f"instance {status.state} ({rc or 'no reason given'})"
+    def _node_end(self, seg: Segment, status: InstanceStatus) -> NodeEnd:
+        """What the controller knows about how ``seg``'s instance ended, as plain values."""
+        return NodeEnd(seg.instance_id, self._read_exit_record(seg), status.state, status.reason_code, seg.node)
 
-    def _segment_over(self, seg: Segment, status: InstanceStatus) -> LaunchOutcome | None:
-        reason, code, detail = self.classify(seg, status)
-        ended_at = self._gone_at(seg, status)
-        if status.state in ("stopped", "stopping"):
-            self._terminate([seg])
-        self._end_segment(seg, reason, exit_code=code, detail=detail, ended_at=ended_at)
-        self._say(f"{seg.instance_id} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, seg.segment_id)
-        return self._after_attempt(reason, detail)
+    def classify(self, seg: Segment, status: InstanceStatus) -> tuple[EndReason, int | None, str]:
+        """Why the segment's instance is gone: (reason, exit code, detail)."""
+        node = self._node_end(seg, status)
+        verdict = classify_instance(node, done=is_done(self.storage))
+        return verdict.reason, node.exit_code, self._warn_finished(verdict, node.exit_code)
+
+    def _warn_finished(self, verdict: Verdict, code: int | None) -> str:
+        if verdict.reason is EndReason.FINISHED and code not in (None, EXIT_FINISHED):
+            log.warning("done.json written, so the run finished, although the command exited with "
+                        "code %d", code)
+        return verdict.detail
 
     def _attempt_over(self, attempt: list[Segment], statuses: dict[str, InstanceStatus],
                       gone: list[Segment]) -> LaunchOutcome | None:
-        """A node of an N-node attempt is gone: the attempt is over, for every node."""
-        verdicts = {s.segment_id: self.classify(s, statuses[s.instance_id]) for s in gone}
-        reasons = {v[0] for v in verdicts.values()}
-        if "finished" in reasons:
-            return self._finish()
-        # A vanished node makes the others' collectives fail: the first cause wins.
-        reason = next(r for r in ("interrupted", "stopped", "failed") if r in reasons)
-        first = next(s for s in gone if verdicts[s.segment_id][0] == reason)
-        why = f"node {first.node} ({first.instance_id}) {verdicts[first.segment_id][2]}"
-        still = [s for s in attempt if statuses[s.instance_id].state not in ("terminated", "shutting-down", "missing")]
-        if still:
-            self._say(f"terminating {', '.join(s.instance_id for s in still)}: {why}; the attempt cannot go on "
-                      "without it (their shutdown sends SIGTERM, so the command may commit)")
-            self._terminate(still)
-        now = self.clock()
-        for seg in attempt:
-            if seg in gone:
-                _, code, detail = verdicts[seg.segment_id]
-                ended_at = self._gone_at(seg, statuses[seg.instance_id])
-            else:
-                code, detail, ended_at = None, f"terminated by spotrun: {why}", now
-            self._end_segment(seg, reason, exit_code=code, detail=detail, ended_at=ended_at)
-        self._say(f"attempt {attempt[0].group} ended: {reason} ({why}); {len(attempt)} node(s)",
-                  LaunchEventKind.SEGMENT_ENDED, first.segment_id, group=attempt[0].group)
-        return self._after_attempt(reason, why)
+        """A node (or the one instance) of the attempt is gone: the attempt is over, for
+        every node; the policy (:mod:`.attempt`) says why and what next."""
+        ends = {s.segment_id: self._node_end(s, statuses[s.instance_id]) for s in gone}
+        done = is_done(self.storage)
+        verdict = classify_ec2(AttemptEnd(nodes=tuple(ends[s.segment_id] for s in gone), done=done))
+        if verdict.reason is EndReason.FINISHED:
+            if len(attempt) > 1:
+                return self.ending.finish()
+            self._warn_finished(verdict, ends[gone[0].segment_id].exit_code)
+        single = len(attempt) == 1
+        if single:
+            seg, status = attempt[0], statuses[attempt[0].instance_id]
+            ended_at = self._gone_at(seg, status)
+            if status.state in ("stopped", "stopping"):
+                self._terminate([seg])
+            self._end_segment(seg, verdict.reason, exit_code=ends[seg.segment_id].exit_code,
+                              detail=verdict.detail, ended_at=ended_at)
+            self._say(f"{seg.instance_id} ended: {verdict.reason} ({verdict.detail})",
+                      LaunchEventKind.SEGMENT_ENDED, seg.segment_id)
+        else:
+            why = verdict.detail
+            still = [s for s in attempt
+                     if statuses[s.instance_id].state not in ("terminated", "shutting-down", "missing")]
+            if still:
+                self._say(f"terminating {', '.join(s.instance_id for s in still)}: {why}; the attempt cannot "
+                          "go on without it (their shutdown sends SIGTERM, so the command may commit)")
+                self._terminate(still)
+            now = self.clock()
+            for seg in attempt:
+                if seg in gone:
+                    node = ends[seg.segment_id]
+                    code, detail = node.exit_code, classify_instance(node, done=done).detail
+                    ended_at = self._gone_at(seg, statuses[seg.instance_id])
+                else:
+                    code, detail, ended_at = None, f"terminated by spotrun: {why}", now
+                self._end_segment(seg, verdict.reason, exit_code=code, detail=detail, ended_at=ended_at)
+            self._say(f"attempt {attempt[0].group} ended: {verdict.reason} ({why}); {len(attempt)} node(s)",
+                      LaunchEventKind.SEGMENT_ENDED, verdict.cause, group=attempt[0].group)
+        return self._after_attempt(verdict)
 
-    def _after_attempt(self, reason: str, detail: str) -> LaunchOutcome | None:
-        """Count an ended attempt (one per attempt, however many nodes) and say what next."""
-        if reason == "finished":
-            return self._finish()
-        if reason == "interrupted":
-            self.state.interruptions += 1
-            self._save()
-            return None
-        if reason == "stopped":
-            return self._give_up("stopped", f"{detail}; resume with: spotrun launch --resume "
+    def _after_attempt(self, verdict: Verdict) -> LaunchOutcome | None:
+        """Count an ended attempt (one per attempt, however many nodes) and act on the
+        policy's next step."""
+        decision = next_step(verdict, failures=self.state.failures, max_failures=self.options.max_failures)
+        self.state.interruptions += decision.interruptions
+        self.state.failures += decision.failures
+        if decision.action is Action.FINISH:
+            return self.ending.finish()
+        if decision.action is Action.STOP:
+            return self.ending.give_up(RunStatus.STOPPED, f"{decision.why}; resume with: spotrun launch --resume "
                                  f"{self.storage.display()}", exit_code=1)
-        self.state.failures += 1
         self._save()
-        if self.state.failures > self.options.max_failures:
-            return self._give_up("failed", f"{detail} ({self.state.failures} failure(s), "
+        if decision.action is Action.FAIL:
+            return self.ending.give_up(RunStatus.FAILED, f"{decision.why} ({self.state.failures} failure(s), "
                                  f"--max-failures {self.options.max_failures})", exit_code=1)
         return None
-
-    def _wait_gone(self, segs: list[Segment], timeout: float) -> dict[str, InstanceStatus]:
-        end = self.clock() + timeout
-        statuses = self._describe(segs)
-        while any(s.alive for s in statuses.values()) and self.clock() < end:
-            self.sleep(min(self.timing.poll_s, max(0.0, end - self.clock())))
-            statuses = self._describe(segs)
-        return statuses
-
-    def _finish(self) -> LaunchOutcome:
-        attempt = self.state.running
-        if attempt:
-            statuses = self._wait_gone(attempt, self.timing.finish_grace_s)
-            alive = [s for s in attempt if statuses[s.instance_id].alive]
-            if alive:
-                self._say(f"terminating {', '.join(s.instance_id for s in alive)}: the run is done but "
-                          f"{'it' if len(alive) == 1 else 'they'} did not shut down")
-                self._terminate(alive)
-            for seg in attempt:
-                ended_at = None if seg in alive else self._gone_at(seg, statuses[seg.instance_id])
-                code = self._read_exit_record(seg)
-                self._end_segment(seg, "finished", exit_code=code, detail=_finished_detail(code),
-                                  ended_at=ended_at)
-        self._cleanup_template()
-        self.state.status = "finished"
-        self.state.message = "done.json written"
-        self._save()
-        self._say(f"run finished after {len(self.state.segments)} segment(s), "
-                  f"{self.state.interruptions} interruption(s)", LaunchEventKind.OUTCOME)
-        return LaunchOutcome("finished", 0, "finished", len(self.state.segments), self.state.interruptions)
-
-    def _cleanup_template(self) -> None:
-        """Delete the run's launch templates and placement groups in every region."""
-        templates = dict(self.state.launch_templates)
-        if self.state.launch_template_id and not templates:
-            templates[self.home] = self.state.launch_template_id  # recorded only the old way
-        for region, tid in templates.items():
-            self._api(region).delete_launch_template(tid)
-        self.state.launch_templates.clear()
-        self.state.launch_template_id = None
-        for region, name in list(self.state.placement_groups.items()):
-            # Nodes just terminated keep the group "in use" while they shut down.
-            if self._api(region).delete_placement_group(name, wait_s=self.timing.cleanup_wait_s,
-                                                        sleep=self.sleep):
-                del self.state.placement_groups[region]
-
-    def _give_up(self, status: str, why: str, *, exit_code: int) -> LaunchOutcome:
-        attempt = self.state.running
-        if attempt:
-            self._terminate(attempt)
-            for seg in attempt:
-                self._end_segment(seg, "stopped" if status == "stopped" else "failed", detail=why)
-        self._cleanup_template()
-        self.state.status = status
-        self.state.message = why
-        self._save()
-        self._say(f"run {status}: {why}", LaunchEventKind.OUTCOME)
-        return LaunchOutcome(status, exit_code, why, len(self.state.segments), self.state.interruptions)
-
-    def _terminate_all(self) -> list[str]:
-        """Terminate every instance of the run, in every region used (what ``stop`` does)."""
-        found: dict[str, list[str]] = {}
-        for region, s in self._alive_everywhere(("pending", "running", "stopping", "stopped")):
-            found.setdefault(region, []).append(s.instance_id)
-        for region, ids in found.items():
-            self._api(region).terminate(ids)
-        return [i for ids in found.values() for i in ids]
-
-    def _stopped_by_request(self) -> LaunchOutcome:
-        self.storage.remove(STOP_FILE)
-        self._terminate_all()
-        return self._give_up("stopped", "stopped by spotrun stop; checkpoints kept", exit_code=0)
 
     def _over_budget(self) -> str | None:
         """The ``--max-cost`` reason to stop, once the run's spend reached it."""
@@ -888,79 +460,4 @@ class Ec2Controller:
             return None
         return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running])
 
-    def _budget_stop(self, why: str) -> LaunchOutcome:
-        """Stop as ``spotrun stop`` does (the shutdown SIGTERMs the command, which commits)."""
-        url = self.storage.display()
-        self._terminate_all()
-        return self._give_up("stopped", f"{why}; checkpoints kept. To continue, raise the limit: "
-                             f"spotrun launch --resume {url} --max-cost USD", exit_code=1)
-
     # -- Ctrl-C ------------------------------------------------------------------------
-
-    def _ctrl_c(self) -> LaunchOutcome:
-        """Never leave an instance running without saying so (see ``on_ctrl_c``)."""
-        url = self.storage.display()
-        try:
-            alive = self._alive_everywhere()
-        except Exception as exc:  # noqa: BLE001 - we must still say something useful
-            running = self.state.running
-            ids = ", ".join(s.instance_id for s in running)
-            self._say(f"interrupted; could not list the run's instances ({exc}). "
-                      f"{'Instance ' + ids + ' may still be running. ' if running else ''}"
-                      f"Stop everything with: spotrun stop {url}")
-            return LaunchOutcome("detached", 130, "interrupted", len(self.state.segments), self.state.interruptions)
-        if not alive:
-            self._say(f"interrupted; no instance is running for this run. Resume with: spotrun launch --resume {url}")
-            self._save()
-            return LaunchOutcome("detached", 130, "interrupted", len(self.state.segments), self.state.interruptions)
-        desc = ", ".join(f"{s.instance_id} ({s.instance_type} {s.market} in {s.availability_zone})" for _, s in alive)
-        choice = self.on_ctrl_c(desc) if callable(self.on_ctrl_c) else self.on_ctrl_c
-        if choice not in ("terminate", "leave"):
-            choice = "terminate"  # never leave compute running unless told to
-        by_region: dict[str, list[str]] = {}
-        for region, s in alive:
-            by_region.setdefault(region, []).append(s.instance_id)
-        if choice == "terminate":
-            for region, ids in by_region.items():
-                self._api(region).terminate(ids)
-            for seg in self.state.running:
-                self._end_segment(seg, "stopped", detail="Ctrl-C on the controller")
-            self.state.status = "stopped"
-            self.state.message = "Ctrl-C on the controller"
-            self._save()
-            all_ids = [s.instance_id for _, s in alive]
-            self._say(f"terminated {', '.join(all_ids)} (its shutdown sends SIGTERM, so the command "
-                      f"commits a checkpoint). Checkpoints are kept at {url}. "
-                      f"Resume with: spotrun launch --resume {url}")
-            return LaunchOutcome("stopped", 130, "Ctrl-C", len(self.state.segments), self.state.interruptions)
-        self._save()
-        regions = ", ".join(by_region)
-        commands = "; ".join(f"aws ec2 terminate-instances --region {region} --instance-ids {' '.join(ids)}"
-                             for region, ids in by_region.items())
-        self._say(f"left running: {desc} in {regions}; it keeps training into {url} but nothing "
-                  f"relaunches it now. Watch it again: spotrun launch --resume {url}; stop it: "
-                  f"spotrun stop {url} (or {commands})")
-        return LaunchOutcome("detached", 130, "Ctrl-C, instance left running", len(self.state.segments),
-                             self.state.interruptions)
-
-
-def _finished_detail(code: int | None) -> str:
-    """done.json decides that the run finished; an exit code after it (gloo's teardown can
-    abort a worker once the run is done) is only worth a warning."""
-    if code in (None, EXIT_FINISHED):
-        return "done.json written"
-    log.warning("done.json written, so the run finished, although the command exited with "
-                "code %d", code)
-    return f"done.json written; warning: the command then exited with code {code}, ignored"
-
-
-def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, str]], nproc_per_node: int,
-                        min_nodes: int | None) -> list[str]:
-    """Write every node's cluster file, ``launch/nodes/<instance id>.json``
-    (:class:`spotrun.launch.node.ClusterSpec`: ``segment`` and ``rdzv_id`` are the attempt's
-    group id, new for every attempt; node 0 hosts the rendezvous)."""
-    from .node import ClusterSpec, write_cluster
-
-    spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
-                       min_nodes=min_nodes)
-    return write_cluster(storage, spec)

@@ -13,7 +13,7 @@ from typing import Any
 from ..storage import Storage
 from .book import close_books
 from .ec2 import Ec2Api
-from .state import STOP_FILE, LaunchState, Segment, load_state
+from .state import STOP_FILE, LaunchState, RunStatus, Segment, load_state
 
 __all__ = ["EC2_BACKEND", "Ec2Backend"]
 
@@ -82,7 +82,7 @@ class Ec2Backend:
             deadline = time.time() + (wait_s if wait_s is not None else max(30.0, 3 * (state.poll_s or 0)))
             while time.time() < deadline:
                 fresh = load_state(storage)
-                if fresh is not None and fresh.status != "running":
+                if fresh is not None and fresh.status != RunStatus.RUNNING:
                     result["controller"] = "acknowledged"
                     return result
                 sleep(0.5)

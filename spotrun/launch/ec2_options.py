@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 from .ec2 import Pool
 from .limits import Limits
 
@@ -81,12 +82,11 @@ class Ec2Options:
             raise ConfigError("--max-failures must be >= 0")
         if self.max_price is not None and self.max_price <= 0:
             raise ConfigError("--max-price must be a positive USD-per-hour price")
-        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
-            raise ConfigError(f"--nodes {self.nodes!r}: a job needs at least 1 node, e.g. --nodes 2")
-        if self.nproc_per_node is not None and (not isinstance(self.nproc_per_node, int)
-                                                or self.nproc_per_node < 1):
-            raise ConfigError(f"--nproc-per-node {self.nproc_per_node!r}: a node runs at least 1 process "
-                              "(usually one per GPU)")
+        check_count(self.nodes, 1, MAX_NODES, f"--nodes {self.nodes!r}: a job needs 1 to {MAX_NODES} nodes, "
+                    "e.g. --nodes 2")
+        if self.nproc_per_node is not None:
+            check_count(self.nproc_per_node, 1, MAX_NPROC_PER_NODE, f"--nproc-per-node {self.nproc_per_node!r}: "
+                        f"a node runs 1 to {MAX_NPROC_PER_NODE} processes (usually one per GPU)")
         if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
             raise ConfigError(f"--min-nodes {self.min_nodes} must be between 1 and --nodes {self.nodes}")
         if self.regions:

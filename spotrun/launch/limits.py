@@ -165,7 +165,7 @@ class _Spend:
 
 def _priced(storage: Storage, *, offline: bool, now: float | None, running: Collection[str] | None,
             seen: set[str] | None) -> _Spend:
-    from ..cost.report import report_for_run
+    from ..cost.report import RUNNING, report_for_run
 
     when = time.time() if now is None else now
     where = storage.display()
@@ -188,7 +188,7 @@ def _priced(storage: Storage, *, offline: bool, now: float | None, running: Coll
         _warn_once(f"segment(s) {', '.join(unpriced[:3])} of {where} have no price; --max-cost "
                    "counts only the priced ones", seen)
     usd = float(sum(s.duration_s / 3600.0 * s.price.usd_per_hour for s in priced if s.price is not None))
-    rate = float(sum(s.price.usd_per_hour for s in priced if s.end_reason == "running" and s.price is not None))
+    rate = float(sum(s.price.usd_per_hour for s in priced if s.end_reason == RUNNING and s.price is not None))
     return _Spend(usd, rate, when)
 
 

@@ -51,7 +51,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -59,25 +58,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
-from ..errors import ConfigError, LaunchError
-from ..instance import InstanceInfo
-from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from ..errors import ConfigError
+from ..events import EndReason
 from ..storage import Storage
+from .attempt import Action, AttemptEnd, NodeEnd, Verdict, classify_local, next_step
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
-from .common import is_done, last_checkpoint
+from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
+from .local_nodes import LocalNodes, _Node, killpg
 from .proctree import kill_tree
 from .limits import CostGuard, Limits
-from .state import STOP_FILE, LaunchState, Segment, load_state, new_run_id
+from .state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 
-REGION = "us-east-1"
-ZONE = "us-east-1a"
 #: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
 ECHO_STDOUT = "stdout"
-# Exit codes of a process the simulator killed (Popen's -signal, or a shell's 128 + signal).
-_KILLED = (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL)
 
 
 @dataclass
@@ -125,21 +121,25 @@ class LocalOptions:
     def validate(self) -> None:
         if not self.command:
             raise ConfigError("no command to run; put it after --, e.g. spotrun launch --local -- python train.py")
-        if self.interruptions < 0:
-            raise ConfigError("--interruptions must be >= 0")
-        if self.nodes < 1:
-            raise ConfigError(f"--nodes {self.nodes}: use 1 or more")
-        if self.nproc_per_node is not None and self.nproc_per_node < 1:
-            raise ConfigError(f"--nproc-per-node {self.nproc_per_node}: use 1 or more")
+        check_count(self.interruptions, 0, None, f"--interruptions {self.interruptions!r} must be a whole number >= 0")
+        check_count(self.nodes, 1, MAX_NODES, f"--nodes {self.nodes!r}: use 1 to {MAX_NODES}")
+        if self.nproc_per_node is not None:
+            check_count(self.nproc_per_node, 1, MAX_NPROC_PER_NODE,
+                        f"--nproc-per-node {self.nproc_per_node!r}: use 1 to {MAX_NPROC_PER_NODE}")
+        check_count(self.max_failures, 0, None, f"--max-failures {self.max_failures!r} must be a whole number >= 0")
         if not 0 <= self.node_losses <= self.interruptions:
             raise ConfigError(f"--node-losses {self.node_losses}: use 0 to --interruptions "
                               f"({self.interruptions}); they are counted among the interruptions")
-        if self.peer_exit_s < 0:
-            raise ConfigError("peer_exit_s must be >= 0 seconds")
-        if self.grace_s < 0:
-            raise ConfigError("--grace must be >= 0 seconds")
-        if self.mean_interval is not None and self.mean_interval <= 0:
-            raise ConfigError("--mean-interval must be a positive number of seconds")
+        check_number(self.peer_exit_s, 0.0, f"peer_exit_s {self.peer_exit_s!r} must be a number of seconds >= 0")
+        # nan would pass every comparison below and break the segment later: refused here.
+        check_number(self.grace_s, 0.0, f"--grace {self.grace_s!r} must be a number of seconds >= 0")
+        if self.kill_after_s is not None:
+            check_number(self.kill_after_s, 0.0, f"kill_after_s {self.kill_after_s!r} must be a number of seconds >= 0")
+        if self.mean_interval is not None:
+            check_number(self.mean_interval, 0.0, f"--mean-interval {self.mean_interval!r} must be a positive "
+                         "number of seconds", allow_low=False)
+        check_number(self.poll_s, 0.0, f"poll_s {self.poll_s!r} must be a positive number of seconds",
+                     allow_low=False)
         Limits(max_cost_usd=self.max_cost_usd).validate()
 
 
@@ -209,9 +209,10 @@ class LocalLauncher:
                            if options.max_cost_usd is not None else None)
         self._limit_reason: str | None = None
         self.state = self._load_or_new_state()
+        self.nodes = LocalNodes(self)
         self.book = RunBook(storage, self.state, heartbeat_s=options.check_s)
         # The previous launcher died with a child running: close the books.
-        self.book.close_open("stopped", "launcher died")
+        self.book.close_open(EndReason.STOPPED, "launcher died")
 
     def _load_or_new_state(self) -> LaunchState:
         state = load_state(self.storage)
@@ -223,14 +224,14 @@ class LocalLauncher:
                 f"{self.storage.display()} is an EC2 launch (run id {state.run_id}); "
                 f"use spotrun launch --resume {self.storage.display()}"
             )
-        if (state.status == "running" and state.controller_host == socket.gethostname()
+        if (state.status == RunStatus.RUNNING and state.controller_host == socket.gethostname()
                 and state.controller_pid and state.controller_pid != os.getpid()
                 and _pid_alive(state.controller_pid) and state.controller_alive()):
             raise ConfigError(
                 f"another spotrun launch (pid {state.controller_pid}) is running {self.storage.display()}; "
                 "stop it first (spotrun stop URL) or pick another --run-url"
             )
-        state.status = "running"
+        state.status = RunStatus.RUNNING
         state.failures = 0
         state.options = asdict(self.options)
         return state
@@ -262,9 +263,9 @@ class LocalLauncher:
         self.storage.ensure_root(create=True)
         if is_done(self.storage):
             self._say(f"{self.storage.display()} is already finished (done.json exists)", LaunchEventKind.OUTCOME)
-            self.state.status = "finished"
+            self.state.status = RunStatus.FINISHED
             self._save()
-            return LaunchOutcome("finished", 0, "already finished", len(self.state.segments),
+            return LaunchOutcome(RunStatus.FINISHED, 0, "already finished", len(self.state.segments),
                                  self.state.interruptions)
         self._save()
         previous = self._install()
@@ -281,33 +282,34 @@ class LocalLauncher:
                 if self._limit_reason is not None:
                     return self._limit_stop()
                 interrupt = kinds[done_interruptions] if done_interruptions < planned else None
-                reason, rc, detail = self._segment(interrupt=interrupt)
-                if reason == "finished":
+                verdict = self._segment(interrupt=interrupt)
+                decision = next_step(verdict, failures=self.state.failures,
+                                     max_failures=self.options.max_failures)
+                self.state.interruptions += decision.interruptions
+                self.state.failures += decision.failures
+                if decision.action is Action.FINISH:
                     if done_interruptions < planned:
                         self._say(f"the run finished after {done_interruptions} of {planned} "
                                   "interruptions (it checkpoints too rarely to interrupt more; "
                                   "try --mean-interval)")
-                    return self._end("finished", 0, "done.json written")
-                if reason == "interrupted":
-                    self.state.interruptions += 1
-                    if self._interrupted_last:
-                        done_interruptions += 1
-                    self._save()
-                    continue
-                if reason == "stopped" and self._limit_reason is not None:
-                    return self._limit_stop()
-                if reason == "stopped":
+                    return self._end(RunStatus.FINISHED, 0, "done.json written")
+                if decision.action is Action.STOP:
+                    if self._limit_reason is not None:
+                        return self._limit_stop()
                     step = last_checkpoint(self.storage)
                     where = f"checkpoint at step {step}" if step is not None else "no checkpoint yet"
-                    return self._end("stopped", 130,
-                                     f"stopped ({detail}); {where} kept in {self.storage.display()}. "
+                    return self._end(RunStatus.STOPPED, 130,
+                                     f"stopped ({decision.why}); {where} kept in {self.storage.display()}. "
                                      f"Continue with: spotrun launch --local --run-url "
                                      f"{self.storage.display()} -- {' '.join(self.options.command)}")
-                self.state.failures += 1
                 self._save()
-                if self.state.failures > self.options.max_failures:
-                    return self._end("failed", 1, detail)
-                self._say(f"{detail}; restarting ({self.state.failures} of "
+                if decision.action is Action.FAIL:
+                    return self._end(RunStatus.FAILED, 1, decision.why)
+                if decision.interruptions:
+                    if self._interrupted_last:
+                        done_interruptions += 1
+                    continue
+                self._say(f"{decision.why}; restarting ({self.state.failures} of "
                           f"{self.options.max_failures} failure(s) allowed)")
         finally:
             for sig, handler in previous.items():
@@ -316,7 +318,7 @@ class LocalLauncher:
     def _limit_stop(self) -> LaunchOutcome:
         step = last_checkpoint(self.storage)
         where = f"checkpoint at step {step}" if step is not None else "no checkpoint yet"
-        return self._end("stopped", 1,
+        return self._end(RunStatus.STOPPED, 1,
                          f"{self._limit_reason}; {where} kept in {self.storage.display()}. To go on, "
                          f"run the same command with a higher --max-cost")
 
@@ -347,111 +349,14 @@ class LocalLauncher:
             return self.echo  # type: ignore[return-value]
         return getattr(sys.stdout, "buffer", None)
 
-    def _start_nodes(self, k: int, start_step: int | None) -> tuple[str, list[_Node]]:
-        """Record and start the attempt's node(s); returns (log segment id, nodes)."""
-        from ..notices.fake_server import FakeMetadataServer
-        from .logs import LogShipper, pump_in_thread
-
-        o = self.options
-        group = f"sim-{k}"
-        count = o.nodes if o.cluster else 1
-        ids = [f"{group}-n{i}" for i in range(count)] if o.cluster else [group]
-        if o.cluster:
-            from .node import ClusterSpec, write_cluster
-
-            # Before the nodes start: each finds its file at once (ids are new per attempt,
-            # so no node can join an older attempt's rendezvous).
-            write_cluster(self.storage, ClusterSpec(
-                segment=group, nproc_per_node=o.nproc_per_node or 1,
-                rdzv_id=f"{self.state.run_id}-{group}", port=_free_port(),
-                nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids]))
-            command = [sys.executable, "-m", "spotrun.launch.node", "--timeout", "120", "--poll", "0.2",
-                       "--segment", group, "--", *o.command]
-        else:
-            command = list(o.command)
-        nodes: list[_Node] = []
-        echo = self._echo_stream()
-        try:
-            for index, node_id in enumerate(ids):
-                info = InstanceInfo(cloud="simulated", instance_id=node_id, instance_type=o.instance_type,
-                                    region=REGION, availability_zone=ZONE, market="spot")
-                server = FakeMetadataServer("ec2", instance=info).start()
-                seg = Segment(segment_id=node_id, instance_id=node_id, instance_type=o.instance_type,
-                              market="spot", started_at=self.clock(), availability_zone=ZONE,
-                              group=group if o.cluster else None, node=index if o.cluster else None)
-                node = _Node(index, seg, server)
-                nodes.append(node)
-                self.book.begin(seg, info)
-                env = {**os.environ, **o.env,
-                       "SPOTRUN_URL": self.storage.url,
-                       "SPOTRUN_SEGMENT_ID": node_id,
-                       "SPOTRUN_NOTICE_SOURCE": "ec2",
-                       "SPOTRUN_IMDS_ENDPOINT": server.url,
-                       "SPOTRUN_POLL_INTERVAL": str(o.notice_poll_s),
-                       "PYTHONUNBUFFERED": "1"}
-                if o.cluster:
-                    env["SPOTRUN_INSTANCE_ID"] = node_id
-                if self._gone_segments:
-                    env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(self._gone_segments)
-                # Its own session: a terminal's Ctrl-C reaches only us, and we forward one
-                # SIGINT (a second would make the wrapper abort without its checkpoint).
-                # Its output goes through us to RUN_URL/logs/<segment>/node-<R>/.
-                node.proc = subprocess.Popen(command, env=env, start_new_session=True,
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, bufsize=0)
-                node.shipper = LogShipper(self.storage, group, node=index, echo=echo)
-                node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
-        except BaseException as exc:
-            # Nothing started may outlive a failed start (a node is in its own session).
-            self._abandon(nodes)
-            if not isinstance(exc, OSError):
-                raise
-            for node in nodes:
-                self.book.end(node.seg, "failed", ended_at=self.clock(), detail=str(exc))
-            raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
-        where = (f"{count} simulated {o.instance_type} spot nodes x {o.nproc_per_node or 1} process(es), "
-                 f"{', '.join(ids)}" if o.cluster else f"{group}, simulated {o.instance_type} spot")
-        self._say(f"segment {k} ({where}): {' '.join(o.command)}"
-                  + (f" (resuming after step {start_step})" if start_step is not None else ""),
-                  LaunchEventKind.SEGMENT_STARTED, group)
-        return group, nodes
-
-    def _abandon(self, nodes: list[_Node]) -> None:
-        """Never leave a node behind (each is in its own session, so nobody else would)."""
-        alive = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
-        for node in alive:
-            _killpg(node.proc, signal.SIGINT)  # type: ignore[arg-type]
-        deadline = time.monotonic() + 30
-        for node in alive:
-            try:
-                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
-            except subprocess.TimeoutExpired:
-                kill_tree(node.proc.pid)  # type: ignore[union-attr]
-                node.proc.wait()  # type: ignore[union-attr]
-        self._close_nodes(nodes)
-
-    def _close_nodes(self, nodes: list[_Node]) -> None:
-        """Stop the fake metadata services and ship the last of each node's output."""
-        for node in nodes:
-            node.server.stop()
-        for node in nodes:
-            # Before the state leaves "running": `spotrun logs --follow` stops soon after.
-            if node.pump is not None:
-                node.pump.join(10)
-            if node.shipper is not None:
-                node.shipper.close(timeout=10)
-            if node.proc is not None and node.proc.stdout is not None:
-                node.proc.stdout.close()
-            node.pump = node.shipper = None
-
-    def _segment(self, *, interrupt: str | None) -> tuple[str, int | None, str]:
+    def _segment(self, *, interrupt: str | None) -> Verdict:
         """One attempt: start its node(s), play ``interrupt`` ("notice" or "loss") on one of
-        them, wait until all have exited; returns (reason, an exit code, detail)."""
+        them, wait until all have exited; returns how it ended."""
         o = self.options
         k = self._attempt_number()
         start_step = last_checkpoint(self.storage)
         started = self.clock()
-        group, nodes = self._start_nodes(k, start_step)
+        group, nodes = self.nodes.start(k, start_step)
         multi = len(nodes) > 1
         # Which node the interruption hits (drawn only with several: one node's runs keep
         # the random sequence they always had).
@@ -487,7 +392,7 @@ class LocalLauncher:
                     self._say(f"forwarding {sig.name} to {what}; waiting for its checkpoint"
                               if forwarded == 0 else f"forwarding another {sig.name}")
                     for node in alive:
-                        _killpg(node.proc, sig)  # type: ignore[arg-type]
+                        killpg(node.proc, sig)  # type: ignore[arg-type]
                     forwarded = self._stop_count
                 if now >= next_check:
                     next_check = now + o.check_s  # type: ignore[operator]
@@ -527,7 +432,7 @@ class LocalLauncher:
                     term_at = now
                     if victim.rc is None:
                         self._say(f"{vid}: grace period over, SIGTERM", LaunchEventKind.NOTICE, group)
-                        _killpg(victim.proc, signal.SIGTERM)  # type: ignore[arg-type]
+                        killpg(victim.proc, signal.SIGTERM)  # type: ignore[arg-type]
                 if term_at is not None and kill_at is None and now >= term_at + kill_after:
                     kill_at = now
                     if victim.rc is None:
@@ -542,7 +447,7 @@ class LocalLauncher:
                               f"{o.peer_exit_s:g}s after {first_exit.seg.segment_id} exited: SIGTERM",
                               LaunchEventKind.WARNING, group)
                     for node in alive:
-                        _killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
+                        killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
                 if peers_term_at is not None and peers_kill_at is None and now >= peers_term_at + kill_after:
                     peers_kill_at = now
                     self._say(f"{', '.join(n.seg.segment_id for n in alive)}: SIGKILL",
@@ -551,74 +456,38 @@ class LocalLauncher:
                         kill_tree(node.proc.pid)  # type: ignore[union-attr]
                 self.sleep(o.poll_s)
         except BaseException:
-            self._abandon(nodes)
+            self.nodes.abandon(nodes)
             raise
-        self._close_nodes(nodes)
+        self.nodes.close(nodes)
         for node in nodes:
             if _group_gone(node.proc.pid):  # type: ignore[union-attr]
                 self._gone_segments.append(node.seg.segment_id)
         self._interrupted_last = posted is not None or lost is not None
-        if multi:
-            reason, detail = self._classify_nodes(nodes, victim, posted=posted is not None,
-                                                  lost=lost is not None, stopped=forwarded > 0,
-                                                  first=first_exit)
-        else:
-            rc = nodes[0].rc
-            reason, detail = self._classify(rc, posted=posted is not None, stopped=forwarded > 0)  # type: ignore[arg-type]
-            if lost is not None and reason == "failed":
-                reason, detail = "interrupted", f"simulated machine loss without notice (exit {rc})"
+        verdict = classify_local(self._attempt_end(nodes, victim, posted=posted is not None,
+                                                   lost=lost is not None, stopped=forwarded > 0,
+                                                   first=first_exit, done=is_done(self.storage)))
         ended = self.clock()
         for node in nodes:
-            self.book.end(node.seg, reason, ended_at=ended, exit_code=node.rc,
-                          detail=detail if not multi else f"{detail}; this node exited {node.rc}")
-        self._say(f"{group} ended: {reason} ({detail})", LaunchEventKind.SEGMENT_ENDED, group)
-        rc = first_exit.rc if first_exit is not None else None
-        return reason, rc, detail
+            self.book.end(node.seg, verdict.reason, ended_at=ended, exit_code=node.rc,
+                          detail=verdict.detail if not multi else f"{verdict.detail}; this node exited {node.rc}")
+        self._say(f"{group} ended: {verdict.reason} ({verdict.detail})", LaunchEventKind.SEGMENT_ENDED, group)
+        return verdict
+
+    @staticmethod
+    def _attempt_end(nodes: list[_Node], victim: _Node, *, posted: bool, lost: bool, stopped: bool,
+                     first: _Node | None, done: bool) -> AttemptEnd:
+        """What the launcher saw of an attempt, as the policy's plain values."""
+        return AttemptEnd(
+            nodes=tuple(NodeEnd(n.seg.segment_id, n.rc, rank=n.index) for n in nodes), done=done,
+            stop_requested=stopped, notice_posted=posted, node_lost=lost, hit=victim.seg.segment_id,
+            first=first.seg.segment_id if first is not None else None)
 
     def _classify_nodes(self, nodes: list[_Node], victim: _Node, *, posted: bool, lost: bool,
-                        stopped: bool, first: _Node | None) -> tuple[str, str]:
-        """An attempt of several nodes ends as one: every node's segment gets its reason."""
-        codes = ", ".join(f"{n.seg.segment_id} {n.rc}" for n in nodes)
-        rcs = [n.rc for n in nodes]
-        if is_done(self.storage):
-            if any(rc != EXIT_FINISHED for rc in rcs):
-                return "finished", f"done.json written; warning: exit codes {codes}, ignored"
-            return "finished", "every node exited 0, done.json written"
-        if stopped:
-            return "stopped", f"Ctrl-C, exit codes {codes}"
-        if lost:
-            # The survivors' collectives failed (exit 1): the launcher's own doing, no failure.
-            return "interrupted", (f"simulated node loss: {victim.seg.segment_id} vanished without "
-                                   f"notice; exit codes {codes}")
-        if posted and (victim.rc in _KILLED or EXIT_INTERRUPTED in rcs):
-            return "interrupted", f"simulated spot interruption of {victim.seg.segment_id}; exit codes {codes}"
-        if EXIT_INTERRUPTED in rcs:
-            return "interrupted", f"the command stopped itself on a notice (exit 75); exit codes {codes}"
-        if all(rc == EXIT_FINISHED for rc in rcs):
-            return "failed", ("every node exited 0 without writing done.json; does the command run "
-                              "its loop through spotrun.Checkpointer (range() or finish())?")
-        culprit = first if first is not None and first.rc != EXIT_FINISHED else next(
-            n for n in nodes if n.rc != EXIT_FINISHED)
-        return "failed", (f"the command failed on {culprit.seg.segment_id} with exit code "
-                          f"{culprit.rc}; exit codes {codes}")
-
-    def _classify(self, rc: int, *, posted: bool, stopped: bool) -> tuple[str, str]:
-        if is_done(self.storage):
-            if rc != EXIT_FINISHED:  # e.g. gloo's teardown aborting a worker after the run
-                return "finished", (f"done.json written; warning: the command then exited "
-                                    f"with code {rc}, ignored")
-            return "finished", f"exit code {rc}, done.json written"
-        if stopped:
-            return "stopped", f"Ctrl-C, the command exited with code {rc}"
-        if posted and (rc == EXIT_INTERRUPTED or rc < 0 or rc in (128 + 15, 128 + 9)):
-            how = "committed and exited 75" if rc == EXIT_INTERRUPTED else f"killed (exit {rc})"
-            return "interrupted", f"simulated spot interruption; the command {how}"
-        if rc == EXIT_INTERRUPTED:
-            return "interrupted", "the command stopped itself on a notice (exit 75)"
-        if rc == EXIT_FINISHED:
-            return "failed", ("the command exited 0 without writing done.json; does it run its "
-                              "loop through spotrun.Checkpointer (range() or finish())?")
-        return "failed", f"the command failed with exit code {rc}"
+                        stopped: bool, first: _Node | None) -> tuple[EndReason, str]:
+        """An attempt of several nodes ends as one (:func:`.attempt.classify_local`)."""
+        verdict = classify_local(self._attempt_end(nodes, victim, posted=posted, lost=lost, stopped=stopped,
+                                                   first=first, done=is_done(self.storage)))
+        return verdict.reason, verdict.detail
 
 
 def _group_gone(pgid: int) -> bool:
@@ -632,36 +501,8 @@ def _group_gone(pgid: int) -> bool:
     return False
 
 
-def _killpg(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _of(node: _Node, multi: bool) -> str:
     return f" (node {node.index})" if multi else ""
-
-
-@dataclass(eq=False)
-class _Node:
-    """One simulated machine of an attempt: its segment, metadata service, process, logs."""
-
-    index: int
-    seg: Segment
-    server: Any  # FakeMetadataServer
-    proc: subprocess.Popen | None = None
-    shipper: Any = None  # LogShipper
-    pump: threading.Thread | None = None
-    rc: int | None = None
-    exited_at: float | None = None
 
 
 class LocalBackend:
@@ -681,7 +522,7 @@ class LocalBackend:
         """SIGINT to the launcher when it runs on this host (it forwards it to the command and
         waits for its checkpoint); else a stop request in the run URL, which it polls."""
         pid = state.controller_pid
-        if state.status == "running" and pid and state.controller_host == socket.gethostname():
+        if state.status == RunStatus.RUNNING and pid and state.controller_host == socket.gethostname():
             try:
                 os.kill(pid, signal.SIGINT)
                 return {"signalled": pid}

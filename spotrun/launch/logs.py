@@ -38,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -117,6 +118,52 @@ def _node_dir(segment: str, node: int) -> str:
 # -- writing ---------------------------------------------------------------------------
 
 
+class _ByteQueue:
+    """Unshipped output as a queue of the pieces written, with their total.
+
+    Not one ``bytearray``: dropping its oldest bytes only moves its start, and the next
+    append past the end of its allocation copies the whole buffer into a new one while the
+    old is still held, so a full 64 MiB buffer cost about twice that at its peaks. Here a
+    dropped piece is freed at once and nothing is ever copied whole.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: deque[bytes] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(bytes(data))
+            self._size += len(data)
+
+    def drop(self, n: int) -> None:
+        """Forget the oldest ``n`` bytes (all of them when there are fewer)."""
+        while n > 0 and self._pieces:
+            piece = self._pieces.popleft()
+            if len(piece) > n:
+                self._pieces.appendleft(piece[n:])
+                self._size -= n
+                return
+            self._size -= len(piece)
+            n -= len(piece)
+
+    def take(self, n: int) -> bytes:
+        """Remove and return the oldest ``n`` bytes (fewer when there are fewer)."""
+        parts: list[bytes] = []
+        while n > 0 and self._pieces:
+            piece = self._pieces.popleft()
+            if len(piece) > n:
+                self._pieces.appendleft(piece[n:])
+                piece = piece[:n]
+            parts.append(piece)
+            n -= len(piece)
+            self._size -= len(piece)
+        return b"".join(parts)
+
+
 class LogShipper:
     """Ship a byte stream to ``RUN_URL/logs/<segment>/node-<node>/`` in whole chunks.
 
@@ -175,7 +222,9 @@ class LogShipper:
         self._echo = echo
         self._resolve = resolve
         self._cond = threading.Condition()
-        self._buf = bytearray()
+        # Unshipped output, never more than max_buffer_bytes of it (the chunk in flight,
+        # _pending, is no longer in it).
+        self._buf = _ByteQueue()
         # Monotonic time of the oldest byte in _buf (None when empty).
         self._first_at: float | None = None
         # The chunk being written or waiting for a retry: (seq, bytes). It leaves the buffer
@@ -218,12 +267,17 @@ class LogShipper:
             wake = not self._buf  # the thread sleeps untimed while there is nothing to ship
             if wake:
                 self._first_at = time.monotonic()
-            self._buf += data
-            over = len(self._buf) - self.max_buffer_bytes
+            if n > self.max_buffer_bytes:  # only its newest bytes can be kept
+                data = data[n - self.max_buffer_bytes:]
+                self._dropped += n - len(data)
+                self.bytes_dropped += n - len(data)
+            # Make room first: the queue never holds more than the bound, not even briefly.
+            over = len(self._buf) + len(data) - self.max_buffer_bytes
             if over > 0:
-                del self._buf[:over]
+                self._buf.drop(over)
                 self._dropped += over
                 self.bytes_dropped += over
+            self._buf.append(data)
             if wake or len(self._buf) >= self.max_chunk_bytes:
                 self._cond.notify_all()
         return n
@@ -299,8 +353,7 @@ class LogShipper:
         if self._dropped:
             marker = f"[spotrun: {self._dropped} bytes of output dropped]\n".encode()
             self._dropped = 0
-        body = bytes(self._buf[: self.max_chunk_bytes])
-        del self._buf[: len(body)]
+        body = self._buf.take(self.max_chunk_bytes)
         # The rest (if any) is older than flush_s too: keep its clock, so it goes out next.
         self._first_at = self._first_at if self._buf else None
         self._pending = (self._seq, marker + body)
@@ -348,13 +401,22 @@ class LogShipper:
         """Whether the destination is known (asks ``resolve``; at close, takes the fallback)."""
         try:
             found = self._resolve() if self._resolve is not None else None
+            if found is not None:
+                found = _check_segment(found[0]), _check_node(found[1])
+        except ConfigError as exc:
+            # A cluster file that names no usable destination (e.g. a segment that would
+            # climb out of logs/) will not get better: ship under our own name instead.
+            log.warning("spotrun: %s; shipping the logs to %s instead", exc,
+                        self.storage.display(_node_dir(self.segment, self.node)))
+            self._resolve = None
+            return True
         except Exception as exc:  # noqa: BLE001 - a failing lookup is a "not yet"
             log.debug("spotrun: log destination not known yet: %s", exc)
             found = None
         if found is None and not self._closing:
             return False
         if found is not None:
-            self.segment, self.node = _check_segment(found[0]), _check_node(found[1])
+            self.segment, self.node = found
         self._resolve = None
         return True
 
@@ -551,7 +613,9 @@ def read_logs(
 
 def _run_over(storage: Storage, state: LaunchState | None) -> bool:
     """Whether the run has ended: the launcher stopped running it, or ``done.json`` exists."""
-    if state is not None and state.status != "running":
+    from .state import RunStatus
+
+    if state is not None and state.status != RunStatus.RUNNING:
         return True
     return storage.exists(DONE_MARKER)
 

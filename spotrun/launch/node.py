@@ -45,6 +45,7 @@ from typing import Any
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
 from ..layout import NODES_DIR
 from ..storage import Storage
+from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 
 __all__ = [
     "CLUSTER_VERSION",
@@ -98,22 +99,31 @@ class ClusterSpec:
         if not self.nodes:
             raise ConfigError("a cluster needs at least one node; list the segment's nodes")
         ids = []
+        if not isinstance(self.nodes, list) or len(self.nodes) > MAX_NODES:
+            raise ConfigError(f"cluster nodes must be a list of at most {MAX_NODES} nodes")
         for node in self.nodes:
-            if not isinstance(node, dict) or not node.get("instance_id") or not node.get("address"):
-                raise ConfigError(f"cluster node {node!r} needs an instance_id and an address")
+            if (not isinstance(node, dict) or not isinstance(node.get("instance_id"), str)
+                    or not node.get("address") or not isinstance(node.get("address"), str)):
+                raise ConfigError(f"cluster node {node!r} needs an instance_id and an address (text)")
             cluster_file(node["instance_id"])  # validates the id
             ids.append(node["instance_id"])
         if len(set(ids)) != len(ids):
             raise ConfigError(f"cluster nodes {ids} repeat an instance id; list each node once")
-        if not isinstance(self.port, int) or not 0 < self.port < 65536:
-            raise ConfigError(f"rendezvous port {self.port!r} is not a TCP port; use 1-65535")
-        if not isinstance(self.nproc_per_node, int) or self.nproc_per_node < 1:
-            raise ConfigError(f"nproc_per_node {self.nproc_per_node!r} must be a positive integer")
-        if not _SAFE_ID.fullmatch(self.rdzv_id or ""):
+        # Each count through the one checker of whole numbers: a JSON ``true`` is no port
+        # or count (it would become ``127.0.0.1:True``), nor is 10**6 processes per node.
+        check_count(self.port, 1, 65535, f"rendezvous port {self.port!r} is not a TCP port; use 1-65535")
+        check_count(self.nproc_per_node, 1, MAX_NPROC_PER_NODE, f"nproc_per_node {self.nproc_per_node!r} must "
+               f"be a positive integer, at most {MAX_NPROC_PER_NODE}")
+        if self.min_nodes is not None:
+            check_count(self.min_nodes, 1, len(self.nodes), f"min_nodes {self.min_nodes!r} must be between 1 "
+                   f"and the {len(self.nodes)} nodes listed")
+        check_count(self.version, 1, None, f"cluster file version {self.version!r} is not a version number; "
+               "rewrite it with write_cluster")
+        if not isinstance(self.segment, str) or not _SAFE_ID.fullmatch(self.segment):
+            # It names the attempt's folder under logs/ (and nothing may climb out of it).
+            raise ConfigError(f"cluster file segment {self.segment!r}: use letters, digits, '.', '_', '-'")
+        if not isinstance(self.rdzv_id, str) or not _SAFE_ID.fullmatch(self.rdzv_id):
             raise ConfigError(f"rendezvous id {self.rdzv_id!r}: use letters, digits, '.', '_', '-'")
-        if self.min_nodes is not None and not 1 <= self.min_nodes <= len(self.nodes):
-            raise ConfigError(f"min_nodes {self.min_nodes} must be between 1 and the "
-                              f"{len(self.nodes)} nodes listed")
         if self.version > CLUSTER_VERSION:
             raise ConfigError(f"cluster file version {self.version} is newer than this spotrun "
                               f"understands ({CLUSTER_VERSION}); upgrade spotrun on the node")

@@ -9,6 +9,7 @@ controller is alive); each write replaces the whole file atomically
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from ..layout import LAUNCH_DIR
 from ..storage import Storage
 
 __all__ = [
+    "RunStatus",
     "STATE_FILE",
     "STATE_VERSION",
     "STOP_FILE",
@@ -37,6 +39,24 @@ STATE_VERSION = 1
 STATE_FILE = f"{LAUNCH_DIR}/state.json"
 #: Written by ``spotrun stop``; a live controller sees it on its next poll and stops.
 STOP_FILE = f"{LAUNCH_DIR}/stop.json"
+
+
+class RunStatus(str, enum.Enum):
+    """A run's status in its launch state (``detached``: only ever a launcher's outcome,
+    when Ctrl-C left compute running or there was nothing to account). A ``str``, so a
+    state read back from JSON compares equal to it."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    DETACHED = "detached"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 def exit_record_path(segment_id: str) -> str:
@@ -84,7 +104,7 @@ class LaunchState:
     mode: str  # "ec2" | "local"
     run_id: str
     created_at: float
-    status: str = "running"  # running | finished | failed | stopped
+    status: str = RunStatus.RUNNING  # a RunStatus (its text, once read back from JSON)
     options: dict[str, Any] = field(default_factory=dict)
     segments: list[Segment] = field(default_factory=list)
     interruptions: int = 0
@@ -139,7 +159,7 @@ class LaunchState:
 
     def controller_alive(self, now: float | None = None) -> bool:
         """Whether a controller wrote a heartbeat recently (three polls, at least 30 s)."""
-        if self.heartbeat_at is None or self.status != "running":
+        if self.heartbeat_at is None or self.status != RunStatus.RUNNING:
             return False
         now = time.time() if now is None else now
         return now - self.heartbeat_at < max(30.0, 3 * (self.poll_s or 0.0))

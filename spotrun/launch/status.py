@@ -8,10 +8,11 @@ from typing import Any
 
 from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from ..errors import ConfigError
+from ..events import EndReason
 from ..storage import Storage
 from .base import backend_for
 from .common import cost_report, is_done, last_checkpoint
-from .state import load_state
+from .state import RunStatus, load_state
 
 __all__ = ["format_status", "run_status", "stop_run"]
 
@@ -20,13 +21,13 @@ def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
     """Segments as the launcher recorded them in the ledger, oldest first."""
     from ..ledger import Ledger
 
-    from ..events import parse_records
+    from ..events import Source, parse_records
 
     segs: dict[str, dict[str, Any]] = {}
     # Damaged or hostile records are skipped here as in the cost report (which warns).
     records, _ = parse_records(Ledger(storage).records())
     for r in records:
-        if r.get("source") != "launcher" or r["event"] not in ("segment_started", "segment_ended"):
+        if r.get("source") != Source.LAUNCHER or r["event"] not in ("segment_started", "segment_ended"):
             continue
         s = segs.setdefault(r["segment_id"], {"segment_id": r["segment_id"]})
         if r["event"] == "segment_started":
@@ -41,7 +42,7 @@ def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
     return sorted(segs.values(), key=lambda s: s.get("started_at") or 0.0)
 
 
-def _attempts_ended(segments: list[dict[str, Any]], reason: str) -> int:
+def _attempts_ended(segments: list[dict[str, Any]], reason: EndReason) -> int:
     return len({s.get("group") or s["segment_id"] for s in segments if s.get("reason") == reason})
 
 
@@ -60,12 +61,12 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
         "run_url": storage.display(),
         "mode": state.mode if state else None,
         "run_id": state.run_id if state else None,
-        "status": ("finished" if is_done(storage) else state.status if state else "unknown"),
+        "status": (RunStatus.FINISHED.value if is_done(storage) else str(state.status) if state else "unknown"),
         "controller_alive": state.controller_alive() if state else False,
         "segments": segments,
         # An attempt of N nodes is one interruption (or failure), not N.
-        "interruptions": _attempts_ended(segments, "interrupted"),
-        "failures": _attempts_ended(segments, "failed"),
+        "interruptions": _attempts_ended(segments, EndReason.INTERRUPTED),
+        "failures": _attempts_ended(segments, EndReason.FAILED),
         "last_checkpoint": last_checkpoint(storage),
         "done": is_done(storage),
         "current": None,
@@ -171,8 +172,10 @@ def format_status(st: dict[str, Any]) -> str:
 
 def _cost_lines(cost: dict[str, Any]) -> list[str]:
     """The cost so far, in words: what was paid, against on-demand, and what went where."""
+    from ..cost.report import RUNNING  # cost reads launch state: imported here, not at the top
+
     t = cost.get("totals") or {}
-    running = [s for s in cost["segments"] if s.get("end_reason") == "running"]
+    running = [s for s in cost["segments"] if s.get("end_reason") == RUNNING]
     paid = fmt_usd(t.get("cost_usd"))
     if running:
         paid += " (the running segment priced to now)"

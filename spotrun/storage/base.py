@@ -591,6 +591,10 @@ _BACKENDS: dict[str, type[Backend] | str] = {
 }
 
 
+#: What a protocol missing from the registry gets (temporary name, then move).
+_GENERIC_BACKEND = "spotrun.storage.fsspec:FsspecBackend"
+
+
 def _load(protocol: str, target: str) -> type[Backend]:
     """The class ``"package.module:Class"`` names, imported now."""
     module_name, _, attr = target.partition(":")
@@ -662,10 +666,8 @@ def backend_class(protocol: str) -> type[Backend]:
         found = _BACKENDS[protocol] = _load(protocol, found)
     if found is not None:
         return found
-    # Imported here: the backend modules build on this one.
-    from .fsspec import FsspecBackend
-
-    return FsspecBackend
+    # Named, not imported: the backend modules build on this one.
+    return _load(protocol, _GENERIC_BACKEND)
 
 
 def open_storage(

@@ -1,9 +1,13 @@
 """A slow loop that commits one checkpoint at step 3, prints 'committed 3', then trains on
-with no scheduled saves until a stop request (for the S3 stop-checkpoint tests)."""
+with no scheduled saves until a stop request (for the S3 stop-checkpoint tests).
+
+``S3_STOP_WIDTH`` (default 8) sets the model's width: 1300 makes a payload of about 6.5 MiB,
+two parts at ``SPOTRUN_S3_PART_MIB=5`` (a multipart upload)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -12,7 +16,8 @@ import spotrun
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 torch.manual_seed(0)
-model = torch.nn.Linear(8, 8)
+width = int(os.environ.get("S3_STOP_WIDTH", "8"))
+model = torch.nn.Linear(width, width)
 with spotrun.Checkpointer(model=model, every_seconds=10_000) as ckpt:
     for step in ckpt.range(1_000_000):
         with torch.no_grad():

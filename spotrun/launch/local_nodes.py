@@ -1,0 +1,167 @@
+"""The local simulator's machines: each node of an attempt is a process group of its own
+(its own session, so a terminal's Ctrl-C reaches only the launcher), with its own fake EC2
+metadata service, its ledger segment, and its output shipped to ``RUN_URL/logs/``.
+
+:class:`LocalNodes` starts an attempt's nodes (writing their cluster file first, for a
+multi-node attempt), and stops and closes them; :mod:`.local` plays spot on them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import LaunchError
+from ..events import Cloud, EndReason, Market
+from ..instance import InstanceInfo
+from .base import LaunchEventKind
+from .proctree import kill_tree
+from .state import Segment
+
+if TYPE_CHECKING:
+    from .local import LocalLauncher
+
+__all__ = ["LocalNodes", "free_port", "killpg"]
+
+REGION = "us-east-1"
+ZONE = "us-east-1a"
+
+
+class LocalNodes:
+    """Starts and stops the node process groups of ``launcher``'s attempts."""
+
+    def __init__(self, launcher: LocalLauncher) -> None:
+        self.launcher = launcher
+
+    def start(self, k: int, start_step: int | None) -> tuple[str, list[_Node]]:
+        """Record and start the attempt's node(s); returns (log segment id, nodes)."""
+        ctrl = self.launcher  # the launcher whose nodes these are
+        from ..notices.fake_server import FakeMetadataServer
+        from .logs import LogShipper, pump_in_thread
+
+        o = ctrl.options
+        group = f"sim-{k}"
+        count = o.nodes if o.cluster else 1
+        ids = [f"{group}-n{i}" for i in range(count)] if o.cluster else [group]
+        if o.cluster:
+            from .node import ClusterSpec, write_cluster
+
+            # Before the nodes start: each finds its file at once (ids are new per attempt,
+            # so no node can join an older attempt's rendezvous).
+            write_cluster(ctrl.storage, ClusterSpec(
+                segment=group, nproc_per_node=o.nproc_per_node or 1,
+                rdzv_id=f"{ctrl.state.run_id}-{group}", port=free_port(),
+                nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids]))
+            command = [sys.executable, "-m", "spotrun.launch.node", "--timeout", "120", "--poll", "0.2",
+                       "--segment", group, "--", *o.command]
+        else:
+            command = list(o.command)
+        nodes: list[_Node] = []
+        echo = ctrl._echo_stream()
+        try:
+            for index, node_id in enumerate(ids):
+                info = InstanceInfo(cloud=Cloud.SIMULATED.value, instance_id=node_id, instance_type=o.instance_type,
+                                    region=REGION, availability_zone=ZONE, market=Market.SPOT.value)
+                server = FakeMetadataServer("ec2", instance=info).start()
+                seg = Segment(segment_id=node_id, instance_id=node_id, instance_type=o.instance_type,
+                              market=Market.SPOT.value, started_at=ctrl.clock(), availability_zone=ZONE,
+                              group=group if o.cluster else None, node=index if o.cluster else None)
+                node = _Node(index, seg, server)
+                nodes.append(node)
+                ctrl.book.begin(seg, info)
+                env = {**os.environ, **o.env,
+                       "SPOTRUN_URL": ctrl.storage.url,
+                       "SPOTRUN_SEGMENT_ID": node_id,
+                       "SPOTRUN_NOTICE_SOURCE": "ec2",
+                       "SPOTRUN_IMDS_ENDPOINT": server.url,
+                       "SPOTRUN_POLL_INTERVAL": str(o.notice_poll_s),
+                       "PYTHONUNBUFFERED": "1"}
+                if o.cluster:
+                    env["SPOTRUN_INSTANCE_ID"] = node_id
+                if ctrl._gone_segments:
+                    env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(ctrl._gone_segments)
+                # Its own session: a terminal's Ctrl-C reaches only us, and we forward one
+                # SIGINT (a second would make the wrapper abort without its checkpoint).
+                # Its output goes through us to RUN_URL/logs/<segment>/node-<R>/.
+                node.proc = subprocess.Popen(command, env=env, start_new_session=True,
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, bufsize=0)
+                node.shipper = LogShipper(ctrl.storage, group, node=index, echo=echo)
+                node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
+        except BaseException as exc:
+            # Nothing started may outlive a failed start (a node is in its own session).
+            self.abandon(nodes)
+            if not isinstance(exc, OSError):
+                raise
+            for node in nodes:
+                ctrl.book.end(node.seg, EndReason.FAILED, ended_at=ctrl.clock(), detail=str(exc))
+            raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
+        where = (f"{count} simulated {o.instance_type} spot nodes x {o.nproc_per_node or 1} process(es), "
+                 f"{', '.join(ids)}" if o.cluster else f"{group}, simulated {o.instance_type} spot")
+        ctrl._say(f"segment {k} ({where}): {' '.join(o.command)}"
+                  + (f" (resuming after step {start_step})" if start_step is not None else ""),
+                  LaunchEventKind.SEGMENT_STARTED, group)
+        return group, nodes
+
+    def abandon(self, nodes: list[_Node]) -> None:
+        """Never leave a node behind (each is in its own session, so nobody else would)."""
+        alive = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+        for node in alive:
+            killpg(node.proc, signal.SIGINT)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 30
+        for node in alive:
+            try:
+                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                kill_tree(node.proc.pid)  # type: ignore[union-attr]
+                node.proc.wait()  # type: ignore[union-attr]
+        self.close(nodes)
+
+    def close(self, nodes: list[_Node]) -> None:
+        """Stop the fake metadata services and ship the last of each node's output."""
+        for node in nodes:
+            node.server.stop()
+        for node in nodes:
+            # Before the state leaves "running": `spotrun logs --follow` stops soon after.
+            if node.pump is not None:
+                node.pump.join(10)
+            if node.shipper is not None:
+                node.shipper.close(timeout=10)
+            if node.proc is not None and node.proc.stdout is not None:
+                node.proc.stdout.close()
+            node.pump = node.shipper = None
+
+
+def killpg(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(eq=False)
+class _Node:
+    """One simulated machine of an attempt: its segment, metadata service, process, logs."""
+
+    index: int
+    seg: Segment
+    server: Any  # FakeMetadataServer
+    proc: subprocess.Popen | None = None
+    shipper: Any = None  # LogShipper
+    pump: threading.Thread | None = None
+    rc: int | None = None
+    exited_at: float | None = None

@@ -1,0 +1,1 @@
+"""Recovery: where a restore finds the bytes of a committed checkpoint nearest to it."""

@@ -1,0 +1,328 @@
+"""A node-local copy of the newest committed checkpoint, so a restart on the same machine
+reads nothing from the run URL but the manifest.
+
+The run URL stays the only commit point and the truth. While a save writes its files to the
+run URL, each byte also goes to a local folder (``SPOTRUN_LOCAL_DIR``: memory such as
+``/dev/shm/spotrun``, or local NVMe); once the run URL's manifest is committed, the local
+folder is sealed under the step's name and older local copies are removed. A restore uses a
+local copy only when every file the committed manifest lists is there with the manifest's
+size and checksums; anything else (a flipped byte, a truncated file, an older step, another
+run's folder, a copy some other writer left) is ignored with a log line, and the run URL is
+read. Because the copy is checked byte for byte against what was committed, it does not
+matter who wrote it: equal checksums are equal bytes.
+
+The copy never costs a save: no room (a full tmpfs, a copy larger than the free space) or a
+failed local write drops the copy for that step, with one warning, and the save goes on.
+
+Layout under the local directory (the ranks of one machine share it)::
+
+    <dir>/<run key>/run.json               the run URL (for people; the key is its hash)
+    <dir>/<run key>/000000000100/...       the newest sealed copy: this machine's files of it
+    <dir>/<run key>/.partial-<step>-<id>/  a rank's copy being written (gone once sealed)
+
+A restore reads each file from the nearest place that holds it byte for byte
+(:class:`NearestReader`): this machine's copy, else the run URL; a file missing here (another
+machine's rank wrote it) simply comes from the run URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..checksum import problem_in_file
+from ..config import env_str
+from ..layout import checkpoint_dir
+from ..manifest import Manifest
+from ..units import format_bytes
+
+__all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "NearestReader", "TeeStorage", "TeeWriter"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR_ENV = "SPOTRUN_LOCAL_DIR"
+#: In memory where the machine has one; off (``SPOTRUN_LOCAL_DIR=off``) where memory is short.
+DEFAULT_LOCAL_DIR = "/dev/shm/spotrun"
+#: Free space to keep beyond the copy itself, so the copy never fills a tmpfs to the brim.
+_HEADROOM = 1.10
+#: The share of the device a copy never takes (other users of /dev/shm: NCCL, dataloaders).
+_KEEP_FREE = 0.25
+_PARTIAL = ".partial-"
+
+
+def _run_key(run_url: str) -> str:
+    return hashlib.sha256(run_url.encode()).hexdigest()[:16]
+
+
+class LocalCopy:
+    """The local copies of one run on this machine.
+
+    Writers call :meth:`begin` before a save writes its files, write them through
+    :meth:`storage`, then :meth:`seal` once the run URL committed the step (or :meth:`drop`
+    when the save failed). A restore reads through :meth:`reader` with the committed manifest.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], run_url: str) -> None:
+        self.directory = Path(directory)
+        self.run_url = run_url
+        self.root = self.directory / _run_key(run_url)
+        self._partial: Path | None = None
+        self._step: int | None = None
+        self._failed: str | None = None
+
+    @classmethod
+    def from_env(cls, run_url: str) -> LocalCopy | None:
+        """The local copy ``SPOTRUN_LOCAL_DIR`` asks for: unset means the default (memory,
+        where ``/dev/shm`` exists), ``off`` (or ``0``, ``none``) means none."""
+        raw = env_str(LOCAL_DIR_ENV)
+        if raw is not None and raw.strip().lower() in ("off", "0", "none", "false"):
+            return None
+        directory = raw or DEFAULT_LOCAL_DIR
+        if raw is None and not Path(directory).parent.is_dir():
+            return None  # no /dev/shm (macOS): no default copy
+        return cls(directory, run_url)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def begin(self, step: int, expected_bytes: int | None = None) -> bool:
+        """Start the copy of ``step``; False (and no copy) when ``expected_bytes`` (about
+        what this process will write) would leave less than a quarter of the device free."""
+        self.drop()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            meta = self.root / "run.json"
+            if not meta.exists():
+                meta.write_text(json.dumps({"run_url": self.run_url}) + "\n")
+            usage = shutil.disk_usage(self.root)
+            # The copy being replaced is freed only after the new one is sealed; and a quarter
+            # of the device stays free for others (NCCL's shared memory lives in /dev/shm).
+            need = int((expected_bytes or 0) * _HEADROOM)
+            if usage.free - need < usage.total * _KEEP_FREE:
+                log.warning("no local copy of step %d: %s has %s free of %s, the copy needs "
+                            "about %s and a quarter stays free (the run URL still gets every "
+                            "byte)", step, self.directory, format_bytes(usage.free),
+                            format_bytes(usage.total), format_bytes(need))
+                return False
+            partial = self.root / f"{_PARTIAL}{step}-{uuid.uuid4().hex[:8]}"
+            partial.mkdir()
+        except OSError as exc:
+            log.warning("no local copy of step %d: %s (the run URL still gets every byte)", step, exc)
+            return False
+        self._partial, self._step, self._failed = partial, step, None
+        return True
+
+    def storage(self, storage: Any) -> TeeStorage:
+        """``storage`` (the run URL) with every file of the step being copied also written
+        here: what a save writes through instead of the run URL itself."""
+        return TeeStorage(storage, self)
+
+    @contextlib.contextmanager
+    def tee(self, rel: str, primary: Any) -> Iterator[Any]:
+        """``primary`` (the run URL's writer of ``rel``, a path relative to the run URL) with
+        every byte also written to the local copy. A file outside the step being copied, or
+        no copy under way: ``primary`` itself."""
+        prefix = None if self._step is None else checkpoint_dir(self._step) + "/"
+        if self._partial is None or self._failed is not None or not rel.startswith(prefix or "\0"):
+            yield primary
+            return
+        path = self._partial / rel[len(prefix):]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            local = open(path, "wb", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as exc:
+            self._fail(exc)
+            yield primary
+            return
+        writer = TeeWriter(primary, local, self._fail)
+        try:
+            yield writer
+        finally:
+            with contextlib.suppress(OSError):
+                local.close()
+
+    def seal(self, step: int) -> bool:
+        """The run URL committed ``step``: keep this copy as the newest, remove older ones.
+        Ranks of one machine share the folder: each moves its own files in. False when the
+        copy was dropped or failed."""
+        partial, copying = self._partial, self._step
+        self._partial = self._step = None
+        if partial is None or copying != step:
+            return False
+        if self._failed is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+            return False
+        final = self.root / checkpoint_dir(step)
+        try:
+            for path in sorted(partial.rglob("*")):
+                if path.is_file():
+                    target = final / path.relative_to(partial)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        self._remove_older_than(step)
+        return True
+
+    def drop(self) -> None:
+        """Abandon the copy under way (the save failed, or another begins)."""
+        partial, self._partial, self._step = self._partial, None, None
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = str(exc)
+            log.warning("local copy of step %s dropped: %s (the run URL still gets every byte)",
+                        self._step, exc)
+
+    def _remove_older_than(self, step: int) -> None:
+        # Partials of this step or newer belong to other ranks of this machine, still writing.
+        for child in self.root.iterdir():
+            if child.name.isdigit():
+                older = int(child.name) < step
+            elif child.name.startswith(_PARTIAL):
+                older = int(child.name[len(_PARTIAL):].split("-")[0]) < step
+            else:
+                continue
+            if older:
+                shutil.rmtree(child, ignore_errors=True)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def reader(self, storage: Any, manifest: Manifest) -> NearestReader:
+        """``storage`` (the run URL) for restoring ``manifest``'s step, with each file read
+        from this machine's copy instead when that copy matches the manifest byte for byte."""
+        folder = self.root / checkpoint_dir(manifest.step)
+        if not folder.is_dir():
+            held = sorted(c.name for c in self.root.iterdir() if c.name.isdigit()) if self.root.is_dir() else []
+            why = f"it holds step {int(held[-1])}" if held else "there is none"
+            log.info("no local copy of step %d in %s (%s); reading the run URL", manifest.step,
+                     self.directory, why)
+            folder = None
+        return NearestReader(storage, manifest, folder)
+
+
+class NearestReader:
+    """A run URL :class:`~spotrun.storage.Storage` for one restore whose reads of the
+    checkpoint's files come from the local copy where it matches the committed manifest
+    (size and checksums, checked once per file before its first use), else from the run URL.
+    Counts the bytes each source served (:attr:`local_bytes`, :attr:`url_bytes`)."""
+
+    def __init__(self, storage: Any, manifest: Manifest, folder: Path | None) -> None:
+        self._storage = storage
+        self._manifest = manifest
+        self._folder = folder
+        self._prefix = checkpoint_dir(manifest.step) + "/"
+        self._checked: dict[str, str | None] = {}  # rel -> local path, or None: use the URL
+        self.local_bytes = 0
+        self.url_bytes = 0
+
+    def _local(self, rel: str) -> str | None:
+        if rel in self._checked:
+            return self._checked[rel]
+        found = None
+        name = rel[len(self._prefix):] if rel.startswith(self._prefix) else None
+        entry = None if name is None else self._manifest.files.get(name)
+        if self._folder is not None and entry is not None:
+            path = self._folder / name
+            try:
+                problem = problem_in_file(str(path), entry)
+            except FileNotFoundError:
+                problem = "not in the local copy"
+            except OSError as exc:
+                problem = str(exc)
+            if problem is None:
+                found = str(path)
+                self.local_bytes += entry.size
+            else:
+                log.warning("local copy of %s not used (%s); reading the run URL", rel, problem)
+        if found is None and entry is not None:
+            self.url_bytes += entry.size
+        self._checked[rel] = found
+        return found
+
+    def local_path(self, rel: str) -> str | None:
+        return self._local(rel) or self._storage.local_path(rel)
+
+    def read_bytes(self, rel: str) -> bytes | bytearray:
+        path = self._local(rel)
+        if path is None:
+            return self._storage.read_bytes(rel)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def open_read(self, rel: str) -> Any:
+        path = self._local(rel)
+        return self._storage.open_read(rel) if path is None else open(path, "rb")  # noqa: SIM115
+
+    def display(self, rel: str = "") -> str:
+        path = self._checked.get(rel) if rel else None
+        return path if path is not None else self._storage.display(rel)
+
+    def summary(self) -> str:
+        return (f"{format_bytes(self.local_bytes)} from this machine's copy, "
+                f"{format_bytes(self.url_bytes)} from the run URL")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+class TeeStorage:
+    """A run URL :class:`~spotrun.storage.Storage` whose :meth:`open_write` also feeds the
+    local copy; everything else is the run URL's."""
+
+    def __init__(self, storage: Any, copy: LocalCopy) -> None:
+        self._storage = storage
+        self._copy = copy
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[Any]:
+        with self._storage.open_write(rel) as primary, self._copy.tee(rel, primary) as writer:
+            yield writer
+
+    def write_bytes(self, rel: str, data: bytes) -> Any:
+        with self.open_write(rel) as f:
+            f.write(data)
+        return f.entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+class TeeWriter:
+    """Writes to the run URL's writer and to a local file; a local failure drops the local
+    side (through ``on_error``) and never reaches the save."""
+
+    def __init__(self, primary: Any, local: Any, on_error: Any) -> None:
+        self._primary = primary
+        self._local: Any = local
+        self._on_error = on_error
+
+    def write(self, data: Any) -> int:
+        if self._local is not None:
+            try:
+                view = memoryview(data).cast("B")
+                while view.nbytes:
+                    n = self._local.write(view)
+                    if n is None or n >= view.nbytes:
+                        break
+                    view = view[n:]
+            except OSError as exc:
+                self._local = None
+                self._on_error(exc)
+        return self._primary.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        # flush, tell, entry, writable, ...: the run URL's writer answers.
+        return getattr(self._primary, name)

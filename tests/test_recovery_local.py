@@ -1,0 +1,232 @@
+"""The node-local copy of the newest checkpoint: used only when it matches the committed
+manifest byte for byte; never costs a save."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotrun.commit import commit, read_manifest
+from spotrun.layout import checkpoint_dir
+from spotrun.manifest import Manifest
+from spotrun.recovery.local import LocalCopy
+from spotrun.snapshot import read_payload, write_payload
+from spotrun.storage import Storage
+
+from helpers import committed_steps, env_for, spawn
+
+
+def _save(copy: LocalCopy, run: Storage, step: int, payload: dict, *, expected: int | None = None) -> Manifest:
+    """What a save does: begin the copy, write through the tee, commit at the run URL, seal."""
+    copy.begin(step, expected)
+    name, entry = write_payload(copy.storage(run), step, 0, payload)
+    manifest = Manifest(step=step, files={name: entry})
+    commit(run, manifest)
+    copy.seal(step)
+    return manifest
+
+
+def _from_local(copy: LocalCopy, run: Storage, manifest: Manifest) -> bool:
+    """Whether a restore of ``manifest`` reads every byte from the local copy (none from the URL)."""
+    reader = copy.reader(run, manifest)
+    for name in manifest.files:
+        reader.read_bytes(f"{checkpoint_dir(manifest.step)}/{name}")
+    return reader.url_bytes == 0 and reader.local_bytes == manifest.total_bytes
+
+
+@pytest.fixture
+def run(tmp_path):
+    return Storage(str(tmp_path / "run"))
+
+
+@pytest.fixture
+def copy(tmp_path, run):
+    return LocalCopy(tmp_path / "local", run.display())
+
+
+def test_a_sealed_copy_restores_the_committed_bytes_and_only_the_newest_is_kept(copy, run):
+    first = _save(copy, run, 10, {"w": torch.arange(1000.0)})
+    assert _from_local(copy, run, first)
+    second = _save(copy, run, 20, {"w": torch.arange(1000.0) * 2})
+    reader = copy.reader(run, read_manifest(run, 20))
+    (name, entry), = second.files.items()
+    assert torch.equal(read_payload(reader, 20, name, entry)["w"], torch.arange(1000.0) * 2)
+    assert (reader.local_bytes, reader.url_bytes) == (entry.size, 0)
+    # Bounded to the newest: step 10's copy went once 20 was sealed; 10 is read from the URL.
+    assert sorted(p.name for p in copy.root.iterdir() if p.is_dir()) == [checkpoint_dir(20)]
+    assert not _from_local(copy, run, first)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "other_bytes"])
+def test_a_copy_that_does_not_match_the_manifest_is_ignored(copy, run, damage, caplog):
+    manifest = _save(copy, run, 5, {"w": torch.ones(4096)})
+    path = copy.root / checkpoint_dir(5) / "rank-00000.pt"
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-10])
+    elif damage == "missing":
+        path.unlink()
+    else:  # a copy another writer left for the same step: other state, same step number
+        other = LocalCopy(copy.directory, copy.run_url)
+        other.begin(5)
+        write_payload(other.storage(Storage(str(copy.directory / "elsewhere"))), 5, 0, {"w": torch.zeros(4096)})
+        other.seal(5)
+    with caplog.at_level(logging.INFO, logger="spotrun"):
+        assert not _from_local(copy, run, read_manifest(run, 5))
+    assert ("not used" in caplog.text or "no local copy" in caplog.text) and "reading the run URL" in caplog.text
+
+
+def test_another_runs_copy_and_an_older_step_are_never_used(tmp_path, copy, run, caplog):
+    _save(copy, run, 7, {"w": torch.ones(16)})
+    other_run = Storage(str(tmp_path / "other-run"))
+    other = LocalCopy(copy.directory, other_run.display())
+    other_manifest = _save(other, other_run, 7, {"w": torch.ones(16)})
+    assert other.root != copy.root
+    newer = _save(LocalCopy(tmp_path / "elsewhere", run.display()), run, 9, {"w": torch.ones(16)})
+    with caplog.at_level(logging.INFO, logger="spotrun"):
+        assert not _from_local(copy, run, newer)  # this node holds step 7 only
+    assert "holds step 7" in caplog.text
+    assert _from_local(other, other_run, other_manifest)
+
+
+def test_no_room_skips_the_copy_and_the_save_still_commits(copy, run, caplog):
+    with caplog.at_level(logging.WARNING, logger="spotrun"):
+        manifest = _save(copy, run, 3, {"w": torch.ones(8)}, expected=1 << 60)
+    assert "no local copy of step 3" in caplog.text
+    assert read_manifest(run, 3).files == manifest.files
+    assert not _from_local(copy, run, manifest)
+
+
+def _tmpfs(path) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_tmpfs_drops_the_copy_never_the_save(tmp_path, run, caplog):
+    shm = tmp_path / "shm"
+    if not _tmpfs(shm):
+        pytest.skip("needs root to mount a 1 MiB tmpfs")
+    try:
+        copy = LocalCopy(shm, run.display())
+        state = {"w": torch.arange(1 << 19, dtype=torch.float32)}  # 2 MiB: more than the tmpfs
+        with caplog.at_level(logging.WARNING, logger="spotrun"):
+            manifest = _save(copy, run, 4, state)
+        assert "local copy of step 4 dropped" in caplog.text
+        (name, entry), = read_manifest(run, 4).files.items()
+        assert torch.equal(read_payload(run, 4, name, entry)["w"], state["w"])
+        assert not _from_local(copy, run, manifest)
+        assert not [p for p in copy.root.iterdir() if p.is_dir()]  # nothing half-written kept
+    finally:
+        subprocess.run(["umount", str(shm)], check=False)
+
+
+def test_kill_9_while_the_copy_is_written_leaves_nothing_a_restore_uses(tmp_path, run):
+    local = tmp_path / "local"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from spotrun.recovery.local import LocalCopy
+        from spotrun.snapshot import write_payload
+        from spotrun.storage import Storage
+        run = Storage({str(tmp_path / 'run')!r})
+        copy = LocalCopy({str(local)!r}, run.display())
+        copy.begin(8)
+        big = {{"w": torch.ones(1 << 22)}}
+        print("writing", flush=True)
+        while True:  # rewrite the same file until killed, mid-write most likely
+            write_payload(copy.storage(run), 8, 0, big)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    copy = LocalCopy(local, run.display())
+    partials = [p for p in copy.root.iterdir() if p.name.startswith(".partial-")]
+    assert partials  # the killed writer's half copy is there...
+    manifest = _save(copy, run, 8, {"w": torch.zeros(16)})
+    assert _from_local(copy, run, manifest)  # ...never used for the committed step 8,
+    # and gone once a newer step is sealed (until then it may be another rank's, still writing)
+    _save(copy, run, 9, {"w": torch.zeros(16)})
+    assert not [p for p in copy.root.iterdir() if p.name.startswith(".partial-")]
+
+
+def test_from_env_default_and_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPOTRUN_LOCAL_DIR", "off")
+    assert LocalCopy.from_env("file:///x") is None
+    monkeypatch.setenv("SPOTRUN_LOCAL_DIR", str(tmp_path / "d"))
+    assert LocalCopy.from_env("file:///x").directory == tmp_path / "d"
+    monkeypatch.delenv("SPOTRUN_LOCAL_DIR")
+    default = LocalCopy.from_env("file:///x")
+    assert default is None or str(default.directory) == "/dev/shm/spotrun"
+
+
+# -- through a real training process -------------------------------------------------------------
+
+SCRIPT = str(Path(__file__).parent / "scripts" / "local_copy_train.py")
+
+
+def _interrupted_run(url: str, local: Path) -> int:
+    """Train, SIGTERM at step 12: the stop checkpoint is committed; its step."""
+    out = _run(url, local, "30", "12", code=75)
+    assert "checkpoint at step" in out
+    return max(committed_steps(url))
+
+
+def _run(url: str, local: Path | str, *args: str, code: int = 0) -> str:
+    proc = spawn([SCRIPT, *args], env_for(url, SPOTRUN_LOCAL_DIR=str(local)))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == code, out[-4000:]
+    return out
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("uninterrupted")
+    out = _run(str(base / "run"), "off", "30")
+    return next(line for line in out.splitlines() if line.startswith("final "))
+
+
+def test_a_restart_on_the_same_machine_reads_no_checkpoint_bytes_from_the_run_url(tmp_path, uninterrupted):
+    url, local = str(tmp_path / "run"), tmp_path / "local"
+    step = _interrupted_run(url, local)
+    # Damage the run URL's copy: a restore that read it would find the damage and fall back.
+    _flip(Path(url) / checkpoint_dir(step) / "rank-00000.pt")
+    out = _run(url, local, "30")
+    resumed = next(line for line in out.splitlines() if "resumed from step" in line)
+    assert f"resumed from step {step} " in resumed and "0 B from the run URL" in resumed, resumed
+    assert "from this machine's copy" in resumed and not resumed.split("; ")[-1].startswith("0 B"), resumed
+    assert uninterrupted in out  # the same run: bit for bit the uninterrupted weights
+
+
+def test_a_damaged_local_copy_is_ignored_and_the_run_url_is_read(tmp_path, uninterrupted):
+    url, local = str(tmp_path / "run"), tmp_path / "local"
+    step = _interrupted_run(url, local)
+    (copy_dir,) = [p for p in local.iterdir() if p.is_dir()]
+    _flip(copy_dir / checkpoint_dir(step) / "rank-00000.pt")
+    out = _run(url, local, "30")
+    assert "local copy of" in out and "not used" in out, out[-3000:]
+    resumed = next(line for line in out.splitlines() if "resumed from step" in line)
+    assert f"resumed from step {step} " in resumed and "0 B from this machine's copy" in resumed, resumed
+    assert uninterrupted in out
