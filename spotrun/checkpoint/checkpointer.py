@@ -383,7 +383,8 @@ class Checkpointer:
         (``SystemExit(EXIT_STOP_UNSAVED)`` when the stop checkpoint failed; when it cannot
         commit in the time left the process leaves with that code at once, through
         ``os._exit``, since the abandoned writer thread is still running: ``finally`` blocks
-        and exit hooks do not run, the ledger and logs are flushed first). A background save that failed is raised here as :class:`SaveError`.
+        and exit hooks do not run, the ledger and logs are flushed first). A background save
+        that failed is raised here as :class:`SaveError`.
         """
         group, saver = self._require_active()
         inbox = self._interrupts
