@@ -64,6 +64,9 @@ def slow_reads(monkeypatch):
     fsspec.register_implementation("slowread", SlowReadFS, clobber=True)
     monkeypatch.setattr(SlowReadFS, "delay", 0.0)
     monkeypatch.setenv("SPOTRUN_RESTORE_PROGRESS_S", "0.2")
+    # Every read must come from the (slow) run URL, not this machine's copy of the newest
+    # checkpoint (spotrun.recovery.local), which would make the restore instant.
+    monkeypatch.setenv("SPOTRUN_LOCAL_DIR", "off")
     return SlowReadFS
 
 
@@ -92,7 +95,7 @@ def test_checkpointer_restore_shows_progress_and_the_resumed_size(tmp_path, slow
     assert any("reading step 3: rank-00000.pt" in m for m in progress), messages
     assert all(re.search(r"read in \d+s \(.+/s\)$", m) for m in progress), progress
     resumed = [m for m in messages if m.startswith("resumed from step 3 at ")]
-    assert resumed and re.search(r"\(\d+(\.\d+)? KiB, restored in \d+\.\d\ds\)$", resumed[0]), resumed
+    assert resumed and re.search(r"\(\d+(\.\d+)? KiB, restored in \d+\.\d\ds[;)]", resumed[0]), resumed
 
 
 def test_trainer_download_shows_progress_bytes_and_the_resumed_size(tmp_path, slow_reads, caplog):
