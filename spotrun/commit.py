@@ -46,7 +46,7 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 Status = Literal["committed", "incomplete", "invalid"]
 

@@ -107,7 +107,7 @@ def env_float_or_default(name: str, default: float) -> float:
     try:
         return env_float(name, default)
     except ConfigError as exc:
-        logging.getLogger("spotrun").warning("%s; using %g", exc, default)
+        logging.getLogger(__name__).warning("%s; using %g", exc, default)
         return default
 
 

@@ -42,7 +42,7 @@ __all__ = ["Group", "note_exit", "torchrun"]
 #: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger("spotrun.distributed")
 
 
 class Group:
@@ -135,7 +135,7 @@ def _done_marker() -> bytes | None:
         storage = open_storage()
         return bytes(storage.read_bytes(DONE_MARKER)) if storage.exists(DONE_MARKER) else None
     except Exception as exc:  # noqa: BLE001 - unreadable: trust the exit codes as before
-        log.warning("spotrun: could not read %s under $SPOTRUN_URL: %s", DONE_MARKER, exc)
+        log.warning("could not read %s under $SPOTRUN_URL: %s", DONE_MARKER, exc)
         return None
 
 
@@ -166,7 +166,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_INTERRUPTED in codes:
-            log.warning("spotrun: workers stopped on an interruption (exit codes %s); "
+            log.warning("workers stopped on an interruption (exit codes %s); "
                         "checkpoint committed, exiting %d", codes, EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         done_now = _done_marker()
@@ -175,7 +175,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
             # done.json is written after every rank's final checkpoint committed: the run is
             # finished, whatever a worker did after it (gloo's teardown can abort a worker,
             # "terminate called without an active exception", about 1 run in 5).
-            log.warning("spotrun: the run finished (done.json written) but workers then exited "
+            log.warning("the run finished (done.json written) but workers then exited "
                         "with codes %s; exiting %d", codes, EXIT_FINISHED)
             return EXIT_FINISHED
         print(exc.format_msg(), file=sys.stderr)
@@ -184,7 +184,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
         # torchrun forwarded the signal and waited for its workers, but reports none of
         # their exit codes: their notes say whether the stop checkpoint was committed.
         if EXIT_INTERRUPTED in _noted_codes(notes):
-            log.warning("spotrun: torchrun got signal %d; its workers committed a stop "
+            log.warning("torchrun got signal %d; its workers committed a stop "
                         "checkpoint, exiting %d", int(exc.sigval), EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         return 128 + int(exc.sigval)

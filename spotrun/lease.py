@@ -57,7 +57,7 @@ __all__ = [
     "release_run_lease",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 LEASE_FORMAT = 1
 DEFAULT_TTL_S = 30.0

@@ -61,7 +61,7 @@ from .storage import Storage
 __all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger",
            "clean_dead_writers_temporaries", "ledger_sink"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: The reasons a ``segment_ended`` record may carry (:class:`spotrun.events.EndReason`).
 SEGMENT_END_REASONS = tuple(r.value for r in EndReason)

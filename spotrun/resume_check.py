@@ -47,7 +47,7 @@ from .storage import Storage
 
 __all__ = ["Interruption", "ResumeCheck", "check_resume", "compare_checkpoints", "diff_state"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: How often an attempt is polled for the start of its training (ledger) and its exit.
 _POLL_S = 0.05

@@ -113,7 +113,7 @@ __all__ = [
     "write_sharded",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 _SUFFIX = ".distcp"
 # WriteResults whose index starts with this carry one written file's (name, manifest entry)

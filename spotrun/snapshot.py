@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
-import threading
 from collections.abc import Mapping
 from typing import Any
 

@@ -156,7 +156,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         saved = state["cuda"]
         if len(saved) != torch.cuda.device_count():
             # Per-device streams cannot be mapped onto a different GPU count meaningfully.
-            logging.getLogger("spotrun").warning(
+            logging.getLogger(__name__).warning(
                 "checkpoint has CUDA RNG state for %d devices, this machine has %d; "
                 "restoring the first %d (dropout on the rest will differ from the original run)",
                 len(saved), torch.cuda.device_count(), min(len(saved), torch.cuda.device_count()),

@@ -31,7 +31,7 @@ from ..storage import Storage
 __all__ = ["Captured", "artifact_paths", "capture_artifacts", "restore_artifacts",
            "write_artifacts"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: Stored names start with this, so they never meet a payload, DCP file or the manifest.
 PREFIX = "artifact-"

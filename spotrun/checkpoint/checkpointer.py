@@ -66,7 +66,7 @@ from .training_state import TrainingState
 
 __all__ = ["Checkpointer"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 DEFAULT_EVERY_SECONDS = 300.0
 

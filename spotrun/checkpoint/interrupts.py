@@ -26,7 +26,7 @@ from ..notices import Notice, Watcher, watchers_from_env
 
 __all__ = ["Interrupts"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 
 class Interrupts:

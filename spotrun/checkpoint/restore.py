@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PAYLOAD_FORMAT", "RestoreProgress", "Restorer", "all_damaged_error", "list_readable"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: The payload layout this spotrun writes (and the newest it reads).
 PAYLOAD_FORMAT = 1

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Saver"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: Niceness of the background save thread (0-19; higher yields more to training).
 BACKGROUND_NICE = 10

@@ -50,7 +50,7 @@ from .interrupts import Interrupts
 
 __all__ = ["RunSegment", "process_start_time"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: Longest wait, after a missed stop deadline, for open uploads to be aborted.
 ABORT_BUDGET_S = 5.0

@@ -21,7 +21,7 @@ from ..state import check_stateful, collect_rng_state, unwrap
 
 __all__ = ["TrainingState"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: A model can hold sharded state only once one of these is imported (by FSDP2, FSDP1, TP).
 _SHARDING_MODULES = ("torch.distributed.tensor", "torch.distributed.fsdp",

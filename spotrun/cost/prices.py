@@ -46,7 +46,7 @@ __all__ = [
     "time_weighted_average",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "SPOTRUN_CACHE_DIR"
 ON_DEMAND_TTL_S = 7 * 86400

@@ -69,7 +69,7 @@ from .prices import Price, PriceBook
 __all__ = ["CostReport", "SegmentCost", "build_segments", "price_segments", "report_for_run",
            "require_run"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: A segment with no end record ends "unknown" (killed, or the machine vanished).
 UNKNOWN = "unknown"

@@ -49,7 +49,7 @@ from .folders import folder_files, unsafe_names
 
 __all__ = ["RunSession", "resolve_url"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 16 << 20
 

@@ -43,7 +43,7 @@ from .folders import trainer_json_step_problem
 
 __all__ = ["SpotrunAccelerate"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 
 #: The training step a checkpoint folder was saved at, written beside Accelerate's files.

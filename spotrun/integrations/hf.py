@@ -57,7 +57,7 @@ from .folders import trainer_json_step_problem
 
 __all__ = ["SpotrunCallback", "train"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 _PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 _STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME

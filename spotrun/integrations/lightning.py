@@ -57,7 +57,7 @@ from ._session import RunSession, resolve_url
 
 __all__ = ["SpotrunCallback", "SpotrunCheckpointIO"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 PAYLOAD_FORMAT = 1
 

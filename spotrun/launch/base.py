@@ -36,7 +36,7 @@ __all__ = [
     "log_events",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def check_number(value: Any, low: float, message: str, *, allow_low: bool = True
     except ConfigError:
         raise ConfigError(message) from None
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 
 def last_checkpoint(storage: Storage) -> int | None:

@@ -101,7 +101,7 @@ from .userdata import build_user_data
 
 __all__ = ["Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 
 class Ec2Controller:

@@ -42,7 +42,7 @@ __all__ = [
     "placement_group_name",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 RUN_ID_TAG = "spotrun:run-id"
 MARKET_TAG = "spotrun:market"

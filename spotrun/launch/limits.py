@@ -44,7 +44,7 @@ __all__ = [
     "spend_so_far",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: Where :class:`Limits` lives in the launch state's ``options``.
 LIMITS_KEY = "limits"

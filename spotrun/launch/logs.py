@@ -69,7 +69,7 @@ __all__ = [
     "with_headers",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger("spotrun.launch.logs")
 
 DEFAULT_FLUSH_S = 5.0
 DEFAULT_MAX_CHUNK_BYTES = 1 * MiB
@@ -292,7 +292,7 @@ class LogShipper:
         except (OSError, ValueError) as exc:
             # A closed terminal or a full disk must not stop the shipping (or the command).
             self._echo = None
-            log.warning("spotrun: echoing the command's output stopped (%s: %s); "
+            log.warning("echoing the command's output stopped (%s: %s); "
                         "it is still shipped to %s", type(exc).__name__, exc,
                         self.storage.display(_node_dir(self.segment, self.node)))
 
@@ -322,7 +322,7 @@ class LogShipper:
             left = len(self._buf) + (len(self._pending[1]) if self._pending else 0)
             if left:
                 self.bytes_dropped += left
-                log.warning("spotrun: %d bytes of output were not shipped to %s: the store kept "
+                log.warning("%d bytes of output were not shipped to %s: the store kept "
                             "failing for %.0fs after the command ended; they are in the local "
                             "log only", left, self.storage.display(_node_dir(self.segment, self.node)),
                             timeout)
@@ -406,12 +406,12 @@ class LogShipper:
         except ConfigError as exc:
             # A cluster file that names no usable destination (e.g. a segment that would
             # climb out of logs/) will not get better: ship under our own name instead.
-            log.warning("spotrun: %s; shipping the logs to %s instead", exc,
+            log.warning("%s; shipping the logs to %s instead", exc,
                         self.storage.display(_node_dir(self.segment, self.node)))
             self._resolve = None
             return True
         except Exception as exc:  # noqa: BLE001 - a failing lookup is a "not yet"
-            log.debug("spotrun: log destination not known yet: %s", exc)
+            log.debug("log destination not known yet: %s", exc)
             found = None
         if found is None and not self._closing:
             return False
@@ -431,7 +431,7 @@ class LogShipper:
         with self._cond:
             waiting = len(self._buf) + (len(self._pending[1]) if self._pending else 0)
         log.warning(
-            "spotrun: shipping log chunk %d to %s failed (%s%s)%s; retrying, %d bytes waiting "
+            "shipping log chunk %d to %s failed (%s%s)%s; retrying, %d bytes waiting "
             "(the command is unaffected; past %d MiB the oldest output is dropped)",
             seq, self.storage.display(_node_dir(self.segment, self.node)), type(exc).__name__,
             f": {text}" if text else "", more, waiting, self.max_buffer_bytes // MiB,
@@ -472,7 +472,7 @@ def pump_in_thread(src: BinaryIO, shipper: LogShipper) -> threading.Thread:
         try:
             ship_stream(src, shipper)
         except (OSError, ValueError) as exc:
-            log.warning("spotrun: reading the command's output stopped (%s: %s)", type(exc).__name__, exc)
+            log.warning("reading the command's output stopped (%s: %s)", type(exc).__name__, exc)
 
     thread = threading.Thread(target=pump, name="spotrun-logs-pump", daemon=True)
     thread.start()
@@ -698,7 +698,7 @@ def _ship_main(args: argparse.Namespace) -> int:
         shipper = LogShipper(storage, args.segment, args.node, flush_s=args.flush_s, echo=out,
                              resolve=resolve)
     except Exception as exc:  # noqa: BLE001 - the command's output must flow whatever happens
-        log.warning("spotrun: not shipping logs (%s: %s); echoing only", type(exc).__name__, exc)
+        log.warning("not shipping logs (%s: %s); echoing only", type(exc).__name__, exc)
     src = sys.stdin.buffer
     try:
         if shipper is not None:
@@ -706,7 +706,7 @@ def _ship_main(args: argparse.Namespace) -> int:
         else:
             _echo_only(src, out)
     except (OSError, ValueError) as exc:
-        log.warning("spotrun: reading the command's output stopped (%s: %s)", type(exc).__name__, exc)
+        log.warning("reading the command's output stopped (%s: %s)", type(exc).__name__, exc)
     finally:
         if shipper is not None:
             shipper.close(timeout=args.close_timeout)

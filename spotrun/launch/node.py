@@ -60,7 +60,7 @@ __all__ = [
     "write_cluster",
 ]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger("spotrun.launch.node")
 
 CLUSTER_VERSION = 1
 #: torchrun's own default rendezvous port.

@@ -26,7 +26,7 @@ from ..instance import InstanceInfo
 
 __all__ = ["Notice", "PollingWatcher", "REBALANCE_MODES", "Watcher"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 #: What to do on an EC2 rebalance recommendation (``SPOTRUN_REBALANCE``).
 REBALANCE_MODES = ("checkpoint", "stop", "ignore")
@@ -173,7 +173,7 @@ class PollingWatcher(Watcher):
             try:
                 box[0] = self._fetch_instance_info(deadline)
             except Exception as exc:  # unreachable, odd answer: "not known" is the answer
-                log.debug("spotrun: %s instance info unavailable: %s", self.name, exc)
+                log.debug("%s instance info unavailable: %s", self.name, exc)
 
         # The HTTP timeouts already track the deadline; the join makes the bound hard even
         # when a server trickles bytes slowly enough to dodge socket timeouts.
@@ -238,7 +238,7 @@ class PollingWatcher(Watcher):
         try:
             reachable = self._probe(time.monotonic() + self.startup_timeout)
         except Exception as exc:
-            log.debug("spotrun: %s probe failed: %s", self.name, exc)
+            log.debug("%s probe failed: %s", self.name, exc)
             reachable = False
         if self._stop.is_set():
             self._state = "stopped"
@@ -249,13 +249,13 @@ class PollingWatcher(Watcher):
                 # Something answered: saying "no service answered" would send the reader
                 # looking for a network problem that is not there.
                 log.info(
-                    "spotrun: the %s metadata address answered, but not as the %s service "
+                    "the %s metadata address answered, but not as the %s service "
                     "does (%s); not watching for %s notices%s",
                     self.name, self.name, self._refusal, self.name, self._unavailable_hint(),
                 )
             else:
                 log.info(
-                    "spotrun: no %s metadata service answered; not watching for %s notices%s",
+                    "no %s metadata service answered; not watching for %s notices%s",
                     self.name,
                     self.name,
                     self._unavailable_hint(),
@@ -264,10 +264,10 @@ class PollingWatcher(Watcher):
         self._state = "polling"
         if self._busy_answer is not None:
             log.info(
-                "spotrun: the %s metadata service is there but answered %s; watching its "
+                "the %s metadata service is there but answered %s; watching its "
                 "notices anyway, retrying with backoff", self.name, self._busy_answer,
             )
-        log.debug("spotrun: watching %s notices every %.3g s", self.name, self.poll_interval)
+        log.debug("watching %s notices every %.3g s", self.name, self.poll_interval)
         while not self._stop.is_set():
             ok = self._poll_once(on_notice)
             if ok:
@@ -290,7 +290,7 @@ class PollingWatcher(Watcher):
             if now - self._last_error_log >= _ERROR_LOG_EVERY:
                 self._last_error_log = now
                 log.warning(
-                    "spotrun: polling %s notices failed (%s); still polling every %.3g s",
+                    "polling %s notices failed (%s); still polling every %.3g s",
                     self.name,
                     exc,
                     self.poll_interval,
@@ -298,14 +298,14 @@ class PollingWatcher(Watcher):
             return False
         if self._failing:
             self._failing = False
-            log.info("spotrun: %s metadata service answers again", self.name)
+            log.info("%s metadata service answers again", self.name)
         for key, notice in posted:
             if key in self._delivered or self._stop.is_set():
                 continue
             self._delivered.add(key)
             # info, not warning: the receiver (the Checkpointer) logs what it does about it.
             log.info(
-                "spotrun: %s notice: %s (stop=%s, %s s left)",
+                "%s notice: %s (stop=%s, %s s left)",
                 notice.source,
                 notice.action,
                 notice.stop,
@@ -316,5 +316,5 @@ class PollingWatcher(Watcher):
             except Exception:
                 # The callback's bug must not end notice watching: a later stop notice
                 # still matters more than this one.
-                log.exception("spotrun: the %s notice handler raised", self.name)
+                log.exception("the %s notice handler raised", self.name)
         return True

@@ -23,7 +23,7 @@ from .gcp import DEFAULT_GCP_METADATA_ENDPOINT, GcpWatcher
 
 __all__ = ["NOTICE_SOURCES", "detect_cloud", "watchers_from_env"]
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 NOTICE_SOURCES = ("auto", "ec2", "gcp", "azure", "none")
 
@@ -116,16 +116,16 @@ def watchers_from_env(
 
     hint = detect_cloud()
     if hint in ("ec2", "gcp", "azure"):
-        log.debug("spotrun: DMI says %s; watching its notices", hint)
+        log.debug("DMI says %s; watching its notices", hint)
         return [make(hint)]
     if hint == "none":
-        log.debug("spotrun: not on EC2, GCP or Azure (DMI); no metadata notices to watch")
+        log.debug("not on EC2, GCP or Azure (DMI); no metadata notices to watch")
         return []
     found = _probe_all([make(c) for c in ("ec2", "gcp", "azure")], PROBE_BUDGET_S)
     if found:
-        log.debug("spotrun: metadata probe found %s", ", ".join(w.name for w in found))
+        log.debug("metadata probe found %s", ", ".join(w.name for w in found))
     else:
-        log.info("spotrun: no cloud metadata service answered; watching signals only")
+        log.info("no cloud metadata service answered; watching signals only")
     return found
 
 

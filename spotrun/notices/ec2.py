@@ -49,7 +49,7 @@ REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 # the logs a real latency figure.
 NOTICE_LEAD_S = 120.0
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 # Answers (besides any 5xx) that mean "the service is there but cannot answer right now".
 _BUSY_STATUSES = frozenset({408, 429})
@@ -179,7 +179,7 @@ class Ec2Watcher(PollingWatcher):
                 deadline = now + NOTICE_LEAD_S
                 if key not in self._delivered:
                     log.warning(
-                        "spotrun: ec2 instance-action has an unreadable time %.80r; assuming "
+                        "ec2 instance-action has an unreadable time %.80r; assuming "
                         "the machine goes in %.0f s (EC2's usual notice)", raw_time,
                         NOTICE_LEAD_S,
                     )

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..manifest import FileEntry
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 URL_ENV = "SPOTRUN_URL"
 

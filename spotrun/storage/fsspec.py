@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from ..errors import StorageNotFoundError
 from .base import Backend, HashingWriter
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 
 class FsspecBackend(Backend):

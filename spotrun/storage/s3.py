@@ -45,7 +45,7 @@ from .base import (
 )
 from .fsspec import ObjectStoreBackend
 
-log = logging.getLogger("spotrun")
+log = logging.getLogger(__name__)
 
 DEFAULT_PART_MIB = 16
 DEFAULT_CONCURRENCY = 8
