@@ -60,7 +60,7 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 
 import spotrun  # noqa: E402
-from spotrun.commit import read_manifest  # noqa: E402
+from spotrun.format.commit import read_manifest  # noqa: E402
 from spotrun.storage import Storage  # noqa: E402
 
 MiB = 1 << 20

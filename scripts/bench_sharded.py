@@ -331,7 +331,7 @@ def _worker(args: argparse.Namespace) -> None:
             for _ in range(args.repeats + 1):
                 dist.barrier()
                 t0 = time.perf_counter()
-                for b, t in zip(bufs, local):
+                for b, t in zip(bufs, local, strict=True):
                     b.copy_(t)
                 floor.append(slowest(time.perf_counter() - t0))
             r["floor"] = floor[1:]
@@ -399,7 +399,7 @@ def _worker(args: argparse.Namespace) -> None:
                     t = slowest(t)
                     if rep > 0:
                         r[f"reshard_{mode}"].append(t)
-        del model, optim, local
+        model = optim = local = None  # free this size before the next
     if rank == 0:
         with open(os.path.join(args.dir, f"{phase}.json"), "w") as f:
             json.dump(out, f)

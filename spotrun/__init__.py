@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any
 # launcher do not need torch. Names load from their modules on first use.
 _EXPORTS = {
     "Checkpointer": "checkpoint",
-    "CheckpointInfo": "commit",
-    "find_latest_valid": "commit",
-    "list_checkpoints": "commit",
-    "verify_checkpoint": "commit",
-    "ResumableLoader": "data",
-    "InstanceInfo": "instance",
-    "EXIT_FAILED": "layout",
-    "EXIT_FINISHED": "layout",
-    "EXIT_INTERRUPTED": "layout",
-    "seed_everything": "state",
+    "CheckpointInfo": "format.commit",
+    "find_latest_valid": "format.commit",
+    "list_checkpoints": "format.commit",
+    "verify_checkpoint": "format.commit",
+    "ResumableLoader": "checkpoint.data",
+    "InstanceInfo": "records.instance",
+    "EXIT_FAILED": "records.layout",
+    "EXIT_FINISHED": "records.layout",
+    "EXIT_INTERRUPTED": "records.layout",
+    "seed_everything": "format.state",
     "Storage": "storage",
     "open_storage": "storage",
 }
@@ -57,11 +57,11 @@ from .errors import (  # noqa: E402 - errors are light and needed everywhere
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
-    from .commit import CheckpointInfo, find_latest_valid, list_checkpoints, verify_checkpoint
-    from .data import ResumableLoader
-    from .instance import InstanceInfo
-    from .layout import EXIT_FAILED, EXIT_FINISHED, EXIT_INTERRUPTED
-    from .state import seed_everything
+    from .checkpoint.data import ResumableLoader
+    from .format.commit import CheckpointInfo, find_latest_valid, list_checkpoints, verify_checkpoint
+    from .format.state import seed_everything
+    from .records.instance import InstanceInfo
+    from .records.layout import EXIT_FAILED, EXIT_FINISHED, EXIT_INTERRUPTED
     from .storage import Storage, open_storage
 
 

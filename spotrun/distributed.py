@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
+from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
 
 __all__ = ["Group", "note_exit", "torchrun"]
 

@@ -30,7 +30,7 @@ problem and, where there is one, the fix.
     │   ├── CapacityError            no spot or on-demand capacity in any pool
     │   ├── ClusterWaitError         a node's cluster file never came (multi-node)
     │   └── EndpointUnreachableError  the cloud API could not be reached at all
-    └── LeaseError                   the run's one-writer lease (see spotrun.lease)
+    └── LeaseError                   the run's one-writer lease (see spotrun.records.lease)
         ├── LeaseHeldError           another live trainer is writing this run
         └── LeaseLostError           another trainer took this run over: no more commits
 
@@ -54,10 +54,10 @@ __all__ = [
     "EndpointUnreachableError",
     "IncompatibleCheckpointError",
     "LaunchError",
-    "LedgerRecordError",
     "LeaseError",
     "LeaseHeldError",
     "LeaseLostError",
+    "LedgerRecordError",
     "LoaderUsageError",
     "MetadataBusyError",
     "NoCheckpointError",

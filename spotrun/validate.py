@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 

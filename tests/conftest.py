@@ -129,8 +129,8 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     the same: ranks, shards, seeds and the gloo all-reduce of two are the same."""
     import re
 
-    from spotrun.commit import list_checkpoints
-    from spotrun.layout import EXIT_FINISHED
+    from spotrun.format.commit import list_checkpoints
+    from spotrun.records.layout import EXIT_FINISHED
     from spotrun.storage import Storage
 
     def build(folder: Path) -> None:

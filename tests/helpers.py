@@ -61,7 +61,7 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) ->
 def run_to_end(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
     """Run a training script (``python ARGS``) to its end; its output. The test fails, showing
     the output's tail, unless it exits 0 (finished, done.json written)."""
-    from spotrun.layout import EXIT_FINISHED
+    from spotrun.records.layout import EXIT_FINISHED
 
     proc = spawn(args, env)
     out, _ = proc.communicate(timeout=timeout)
@@ -128,7 +128,7 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
 
 def committed_steps(url: str) -> list[int]:
     """The steps of the committed checkpoints under ``url``, oldest first."""
-    from spotrun.commit import list_checkpoints
+    from spotrun.format.commit import list_checkpoints
     from spotrun.storage import Storage
 
     return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
@@ -147,7 +147,7 @@ def wait_child(proc: subprocess.Popen, ready: Callable[[], Any], what: str, time
 
 def ledger_events(url: str, event: str) -> list[dict]:
     """The run ledger's records of one kind, in ledger order."""
-    from spotrun.ledger import Ledger
+    from spotrun.records.ledger import Ledger
     from spotrun.storage import Storage
 
     return [r for r in Ledger(Storage(url)).records() if r["event"] == event]

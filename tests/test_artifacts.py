@@ -17,11 +17,11 @@ from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
 from spotrun.cli import main as cli_main
-from spotrun.commit import find_latest_valid, list_checkpoints
 from spotrun.errors import ConfigError
-from spotrun.layout import checkpoint_dir
-from spotrun.manifest import Manifest
-from spotrun.snapshot import read_payload
+from spotrun.format.commit import find_latest_valid, list_checkpoints
+from spotrun.format.manifest import Manifest
+from spotrun.format.snapshot import read_payload
+from spotrun.records.layout import checkpoint_dir
 from spotrun.storage import Storage
 
 SCRIPT = str(REPO / "tests" / "scripts" / "artifact_train.py")

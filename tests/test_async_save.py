@@ -14,9 +14,9 @@ from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
 from spotrun.cli import main as cli_main
-from spotrun.commit import find_latest_valid, list_checkpoints
-from spotrun.layout import EXIT_INTERRUPTED
-from spotrun.ledger import Ledger
+from spotrun.format.commit import find_latest_valid, list_checkpoints
+from spotrun.records.layout import EXIT_INTERRUPTED
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 slowfs.register()

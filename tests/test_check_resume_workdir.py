@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, env_for
 
 from spotrun.cli import main
-from spotrun.resume_check import check_resume
+from spotrun.proof.resume_check import check_resume
 
 PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
 

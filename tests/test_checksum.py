@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import spotrun
-from spotrun import checksum
-from spotrun.commit import find_latest_valid, list_checkpoints, verify_checkpoint
 from spotrun.errors import CorruptCheckpointError, UnsupportedFormatError
-from spotrun.layout import MANIFEST, checkpoint_dir
-from spotrun.manifest import FORMAT_VERSION, FileEntry, Manifest
+from spotrun.format import checksum
+from spotrun.format.commit import find_latest_valid, list_checkpoints, verify_checkpoint
+from spotrun.format.manifest import FORMAT_VERSION, FileEntry, Manifest
+from spotrun.records.layout import MANIFEST, checkpoint_dir
 from spotrun.storage import HashingWriter, Storage
 
 FORMAT1_RUN = Path(__file__).parent / "data" / "format1-run"

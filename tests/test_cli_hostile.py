@@ -3,6 +3,9 @@ and the right exit code, and nothing the CLI prints can harm the user's terminal
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from spotrun.units import format_bytes
@@ -18,10 +21,10 @@ def test_format_bytes_picks_the_unit_that_fits(n: int, text: str) -> None:
 
 
 def test_ls_prints_a_small_checkpoint_in_bytes_not_zero_mb(tmp_path, capsys) -> None:
+    import torch
+
     from spotrun.checkpoint import Checkpointer
     from spotrun.cli import main
-
-    import torch
 
     model = torch.nn.Linear(2, 1)
     with Checkpointer(str(tmp_path / "run"), model=model, every_steps=1, async_save=False,
@@ -36,10 +39,7 @@ def test_ls_prints_a_small_checkpoint_in_bytes_not_zero_mb(tmp_path, capsys) -> 
 # -- issue 20: no SDK chatter before a one-line error at the default verbosity -------------
 
 
-def _spotrun(env: dict, *args: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
+def _spotrun(env: dict, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "spotrun.cli", *args], env=env, capture_output=True,
                           text=True, timeout=120, check=False)
 

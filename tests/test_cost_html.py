@@ -10,8 +10,8 @@ import pytest
 
 from spotrun.cost import report_for_run, report_html, report_text
 from spotrun.cost.html import cumulative_points
-from spotrun.instance import InstanceInfo
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 T0 = 1_700_000_000.0

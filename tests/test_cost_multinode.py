@@ -9,10 +9,9 @@ import pytest
 
 from spotrun.cost import build_segments, report_for_run, report_html, report_text
 from spotrun.errors import ConfigError
-from spotrun.events import SegmentStarted, Source, parse_records
-from spotrun.ledger import ledger_sink
-from spotrun.instance import InstanceInfo
-from spotrun.ledger import Ledger
+from spotrun.records.events import SegmentStarted, Source, parse_records
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.ledger import Ledger, ledger_sink
 from spotrun.storage import Storage
 
 T0 = 1_700_000_000.0

@@ -12,10 +12,10 @@ import time
 import pytest
 from test_launch_ec2 import World, controller, options, storage, world  # noqa: F401 - fixtures
 
-from spotrun.instance import InstanceInfo
 from spotrun.launch.controller import Ec2Controller
 from spotrun.launch.ec2 import transition_time
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 OUTAGE_S = 3 * 3600.0

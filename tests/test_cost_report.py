@@ -19,8 +19,8 @@ from spotrun.cost import (
     report_text,
     time_weighted_average,
 )
-from spotrun.instance import InstanceInfo
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 T0 = 1_700_000_000.0

@@ -16,10 +16,10 @@ from spotrun.cost import (
     report_text,
 )
 from spotrun.cost.prices import load_snapshot
-from spotrun.instance import InstanceInfo
-from spotrun.launch.state import LaunchState, Segment, save_state
 from spotrun.launch.status import format_status, run_status
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.launch_state import LaunchState, Segment, save_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 

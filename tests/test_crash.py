@@ -17,7 +17,7 @@ from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
 from spotrun.cli import main as cli_main
-from spotrun.commit import find_latest_valid, list_checkpoints
+from spotrun.format.commit import find_latest_valid, list_checkpoints
 from spotrun.storage import Storage
 
 SCRIPT = str(REPO / "tests" / "scripts" / "big_state.py")

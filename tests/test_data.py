@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from spotrun import ResumableLoader
-from spotrun.data import EpochSampler, rank_seed
+from spotrun.checkpoint.data import EpochSampler, rank_seed
 from spotrun.errors import ConfigError
 
 

@@ -19,8 +19,8 @@ from collections import Counter
 import pytest
 from helpers import REPO, committed_steps, env_for, finish_session, torchrun
 
-from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
-from spotrun.resume_check import compare_checkpoints
+from spotrun.proof.resume_check import compare_checkpoints
+from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.storage import Storage
 
 pytestmark = pytest.mark.slow

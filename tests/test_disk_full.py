@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import spotrun
-from spotrun.commit import find_latest_valid
 from spotrun.errors import SaveError, StorageError
+from spotrun.format.commit import find_latest_valid
 from spotrun.storage import Storage
 
 

@@ -16,7 +16,7 @@ from spotrun.errors import (
     StorageURLError,
     UnsupportedFormatError,
 )
-from spotrun.layout import MANIFEST, checkpoint_dir
+from spotrun.records.layout import MANIFEST, checkpoint_dir
 from spotrun.storage import Storage
 
 

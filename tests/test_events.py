@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from spotrun.errors import ConfigError, StorageError
-from spotrun.events import Cloud, EndReason, Market, Source
-from spotrun.instance import InstanceInfo
-from spotrun.layout import checkpoint_dir
-from spotrun.ledger import Ledger
+from spotrun.records.events import Cloud, EndReason, Market, Source
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.layout import checkpoint_dir
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 
@@ -59,7 +59,7 @@ def test_report_module_does_not_import_its_renderers():
 
 
 def test_parse_record_reads_old_spellings_and_optional_fields():
-    from spotrun.events import parse_record
+    from spotrun.records.events import parse_record
 
     started = parse_record({"event": "segment_started", "time": 5.0, "segment_id": 7, "started_at": 5.0,
                             "source": "launcher", "instance": {"cloud": "ec2", "market": "spot"}})

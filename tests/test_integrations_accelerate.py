@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn
 
-from spotrun.commit import list_damaged
+from spotrun.format.commit import list_damaged
 from spotrun.integrations.compare import compare_runs
-from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.records.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.storage import Storage
 
 EXAMPLE = str(REPO / "examples" / "accelerate_train.py")

@@ -16,10 +16,10 @@ import torch
 from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
 from safetensors.torch import load_file
 
-from spotrun.commit import list_checkpoints, list_damaged
-from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.format.commit import list_checkpoints, list_damaged
 from spotrun.notices.fake_server import FakeMetadataServer
-from spotrun.resume_check import compare_checkpoints, diff_state
+from spotrun.proof.resume_check import compare_checkpoints, diff_state
+from spotrun.records.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.storage import Storage
 
 EXAMPLE = str(REPO / "examples" / "hf_train.py")

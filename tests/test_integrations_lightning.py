@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
 
-from spotrun.commit import list_checkpoints, list_damaged
-from spotrun.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
+from spotrun.format.commit import list_checkpoints, list_damaged
 from spotrun.notices.fake_server import FakeMetadataServer
-from spotrun.resume_check import compare_checkpoints
+from spotrun.proof.resume_check import compare_checkpoints
+from spotrun.records.layout import DONE_MARKER, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.storage import Storage
 
 EXAMPLE = str(REPO / "examples" / "lightning_train.py")

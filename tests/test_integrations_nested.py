@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from helpers import committed_steps
 
-from spotrun.commit import commit, list_damaged, read_manifest, verify_checkpoint
 from spotrun.errors import AllCheckpointsDamagedError
+from spotrun.format.commit import commit, list_damaged, read_manifest, verify_checkpoint
 from spotrun.integrations._session import RunSession
-from spotrun.layout import checkpoint_dir
+from spotrun.records.layout import checkpoint_dir
 from spotrun.storage import Storage
 
 DEEPSPEED = [
@@ -132,7 +132,7 @@ def test_manifest_naming_a_file_outside_its_folder_is_damage_never_followed(tmp_
     storage = Storage(url)
     entry = storage.write_bytes(f"{checkpoint_dir(3)}/a", b"x")
     storage.write_bytes("escaped", b"y")
-    from spotrun.manifest import Manifest
+    from spotrun.format.manifest import Manifest
 
     commit(storage, Manifest(step=3, files={"a": entry, "../escaped": entry}))
     session = _session(url)

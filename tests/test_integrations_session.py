@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.commit import (
+from spotrun.errors import SaveError
+from spotrun.format.commit import (
     list_checkpoints,
     list_damaged,
     read_manifest,
     verify_checkpoint,
 )
-from spotrun.errors import SaveError
 from spotrun.integrations._session import RunSession
-from spotrun.layout import EXIT_INTERRUPTED, MANIFEST, checkpoint_dir
-from spotrun.ledger import Ledger
+from spotrun.records.layout import EXIT_INTERRUPTED, MANIFEST, checkpoint_dir
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from helpers import REPO, committed_steps
 
-from spotrun.commit import commit, list_damaged, read_manifest
-from spotrun.layout import checkpoint_dir
-from spotrun.manifest import Manifest
+from spotrun.format.commit import commit, list_damaged, read_manifest
+from spotrun.format.manifest import Manifest
+from spotrun.records.layout import checkpoint_dir
 from spotrun.storage import Storage
 
 EXAMPLE = str(REPO / "examples" / "hf_train.py")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from spotrun.events import EndReason, Market
 from spotrun.launch.attempt import (
     Action,
     AttemptEnd,
@@ -20,8 +19,10 @@ from spotrun.launch.attempt import (
     fallback_reason,
     next_step,
 )
+from spotrun.records.events import EndReason, Market
 
-I, F, S, X = EndReason.INTERRUPTED, EndReason.FAILED, EndReason.STOPPED, EndReason.FINISHED
+# One letter each keeps every table row on one line.
+I, F, S, X = EndReason.INTERRUPTED, EndReason.FAILED, EndReason.STOPPED, EndReason.FINISHED  # noqa: E741
 
 
 def _one(rc: int, **kw: object) -> AttemptEnd:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from spotrun.errors import LaunchError
-from spotrun.instance import InstanceInfo
 from spotrun.launch import Backend, RunBook, backend_for, load_state, stop_run
 from spotrun.launch.base import BACKENDS
-from spotrun.launch.state import LaunchState, Segment
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.launch_state import LaunchState, Segment
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 

@@ -22,11 +22,11 @@ from moto.ec2.models.instances import StateReason
 from spotrun.cli import main
 from spotrun.cli.launch import parse_deadline
 from spotrun.errors import ConfigError
+from spotrun.format.manifest import Manifest
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import Ec2Api
-from spotrun.launch.state import load_state
-from spotrun.ledger import Ledger
-from spotrun.manifest import Manifest
+from spotrun.records.launch_state import load_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 REGION = "us-east-1"

@@ -23,8 +23,8 @@ from spotrun.errors import CapacityError, ConfigError
 from spotrun.launch.base import LaunchEvent
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
-from spotrun.launch.state import STOP_FILE, exit_record_path, load_state
-from spotrun.ledger import Ledger
+from spotrun.records.launch_state import STOP_FILE, exit_record_path, load_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 REGION = "us-east-1"

@@ -23,13 +23,13 @@ from test_launch_ec2 import Lines, ScarceCapacity
 from spotrun.cli import main
 from spotrun.cost import report_for_run
 from spotrun.errors import CapacityError
-from spotrun.instance import InstanceInfo
 from spotrun.launch.controller import Ec2Controller, Ec2Options, Timing
 from spotrun.launch.ec2 import RUN_ID_TAG, Ec2Api
 from spotrun.launch.node import node_argv, read_cluster
-from spotrun.launch.state import load_state
 from spotrun.launch.status import format_status, run_status, stop_run
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.launch_state import load_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 HOME, OTHER = "us-east-1", "us-west-2"

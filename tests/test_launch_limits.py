@@ -12,7 +12,6 @@ from spotrun.cli.launch import parse_deadline
 from spotrun.cost import report_for_run
 from spotrun.cost.prices import load_snapshot
 from spotrun.errors import ConfigError
-from spotrun.instance import InstanceInfo
 from spotrun.launch.limits import (
     CostGuard,
     Limits,
@@ -22,8 +21,9 @@ from spotrun.launch.limits import (
     parse_duration,
     spend_so_far,
 )
-from spotrun.launch.state import LaunchState, Segment, save_state
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.launch_state import LaunchState, Segment, save_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 #: What the shipped snapshot charges a simulated g5.xlarge spot hour (offline pricing).

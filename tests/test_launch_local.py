@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from spotrun.launch.common import last_checkpoint
-from spotrun.launch.state import load_state
-from spotrun.ledger import Ledger
+from spotrun.records.launch_state import load_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 # A tiny training loop on the wrapper's API. Its "weights" are a running hash of a random
@@ -185,8 +185,8 @@ def test_child_sees_the_simulated_instance(tmp_path: Path, child_env: dict) -> N
 
 
 def _final_objects(run: Path, steps: int) -> dict:
-    from spotrun.commit import read_manifest
-    from spotrun.snapshot import read_payload
+    from spotrun.format.commit import read_manifest
+    from spotrun.format.snapshot import read_payload
 
     storage = Storage(str(run))
     manifest = read_manifest(storage, steps)

@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 from helpers import DDP_EVERY, DDP_SCRIPT, DDP_STEPS, REPO
 
-from spotrun.commit import list_checkpoints
+from spotrun.format.commit import list_checkpoints
 from spotrun.launch.common import last_checkpoint
-from spotrun.launch.state import load_state
-from spotrun.ledger import Ledger
-from spotrun.resume_check import compare_checkpoints
+from spotrun.proof.resume_check import compare_checkpoints
+from spotrun.records.launch_state import load_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 SCRIPT = DDP_SCRIPT
@@ -260,7 +260,7 @@ def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Pa
 
 def _node(index: int, rc: int):
     from spotrun.launch.local import _Node
-    from spotrun.launch.state import Segment
+    from spotrun.records.launch_state import Segment
 
     seg = Segment(segment_id=f"sim-1-n{index}", instance_id=f"sim-1-n{index}", instance_type="g5.xlarge",
                   market="spot", started_at=0.0, group="sim-1", node=index)
@@ -309,7 +309,7 @@ def test_bad_node_options_are_refused(kw, words) -> None:
 
 
 def test_old_launch_states_load_without_group_or_node() -> None:
-    from spotrun.launch.state import LaunchState
+    from spotrun.records.launch_state import LaunchState
 
     old = {"mode": "local", "run_id": "r", "created_at": 1.0, "segments": [
         {"segment_id": "sim-1", "instance_id": "sim-1", "instance_type": "g5.xlarge", "market": "spot",

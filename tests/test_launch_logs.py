@@ -30,8 +30,8 @@ from spotrun.launch.logs import (
     read_logs,
     ship_stream,
 )
-from spotrun.launch.state import LaunchState, Segment, save_state
-from spotrun.layout import DONE_MARKER
+from spotrun.records.launch_state import LaunchState, Segment, save_state
+from spotrun.records.layout import DONE_MARKER
 from spotrun.storage import Storage
 
 PY = sys.executable

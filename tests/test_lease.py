@@ -16,10 +16,10 @@ import pytest
 from helpers import REPO, env_for, finish, spawn, wait_for_line, wait_until
 
 from spotrun.cli import main as cli_main
-from spotrun.commit import list_checkpoints
+from spotrun.format.commit import list_checkpoints
 from spotrun.launch.status import format_status, run_status
-from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED, LEASE
-from spotrun.lease import STALE_TMP_S, Lease, LeaseInfo, read_lease
+from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED, LEASE
+from spotrun.records.lease import STALE_TMP_S, Lease, LeaseInfo, read_lease
 from spotrun.storage import Storage
 
 SCRIPT = str(REPO / "tests" / "scripts" / "lease_train.py")

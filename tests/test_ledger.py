@@ -12,15 +12,15 @@ import time
 
 import pytest
 
-from spotrun.instance import InstanceInfo
-from spotrun.layout import LEDGER_DIR
-from spotrun.ledger import Ledger
+from spotrun.records.instance import InstanceInfo
+from spotrun.records.layout import LEDGER_DIR
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 WRITER = textwrap.dedent(
     """
     import sys
-    from spotrun.ledger import Ledger
+    from spotrun.records.ledger import Ledger
     from spotrun.storage import Storage
     url, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ledger = Ledger(Storage(url))
@@ -32,7 +32,7 @@ WRITER = textwrap.dedent(
 FOREVER = textwrap.dedent(
     """
     import sys
-    from spotrun.ledger import Ledger
+    from spotrun.records.ledger import Ledger
     from spotrun.storage import Storage
     ledger = Ledger(Storage(sys.argv[1]))
     i = 0
@@ -155,8 +155,8 @@ def test_empty_ledger(tmp_path):
 def test_a_segment_that_ends_at_its_start_time_lists_start_first(tmp_path) -> None:
     """The launcher may end a segment at its start time (EC2's whole-second transition time,
     clamped); random record ids must not put the end before the start."""
-    from spotrun.instance import InstanceInfo
-    from spotrun.ledger import Ledger
+    from spotrun.records.instance import InstanceInfo
+    from spotrun.records.ledger import Ledger
     from spotrun.storage import Storage
 
     ledger = Ledger(Storage(str(tmp_path)))

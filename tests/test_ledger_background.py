@@ -19,10 +19,10 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 import spotrun
-from spotrun.commit import find_latest_valid
-from spotrun.events import TrainingResumed
-from spotrun.layout import LEDGER_DIR
-from spotrun.ledger import BackgroundLedger, Ledger
+from spotrun.format.commit import find_latest_valid
+from spotrun.records.events import TrainingResumed
+from spotrun.records.layout import LEDGER_DIR
+from spotrun.records.ledger import BackgroundLedger, Ledger
 from spotrun.storage import Storage
 
 
@@ -90,7 +90,7 @@ def test_hanging_ledger_does_not_block_enter_or_steps(hanging, monkeypatch, capl
     info = find_latest_valid(Storage(url))
     assert info is not None and info.step == 6
     assert ck.finished
-    messages = [r.getMessage() for r in caplog.records if r.name == "spotrun"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("spotrun")]
     assert any("not written within" in m and "SPOTRUN_LEDGER_FLUSH_S" in m for m in messages), \
         messages
 
@@ -115,7 +115,7 @@ def test_records_beyond_the_queue_are_dropped_with_one_warning(hanging, caplog):
         assert writer.flush(0.2) is False  # bounded, and says it did not finish
     # One in the writer's hands, three waiting; the rest dropped.
     assert accepted.count(True) in (3, 4) and writer.dropped >= 6
-    messages = [r.getMessage() for r in caplog.records if r.name == "spotrun"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("spotrun")]
     assert len([m for m in messages if "not keeping up" in m]) == 1, messages
     assert len([m for m in messages if "has been running for" in m]) == 1, messages
     HangMemFS.release.set()

@@ -17,9 +17,9 @@ import torch
 from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
-from spotrun.lease import read_lease
-from spotrun.ledger import Ledger
+from spotrun.records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.records.lease import read_lease
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 EPOCH_LOOP = str(REPO / "examples" / "epoch_loop.py")
@@ -163,7 +163,7 @@ def test_close_inside_except_records_the_failure(tmp_path):
 
 
 def test_break_then_finish_writes_done_and_counts_the_step(tmp_path):
-    from spotrun.commit import find_latest_valid
+    from spotrun.format.commit import find_latest_valid
 
     url = str(tmp_path / "run")
     with _ckpt(url, model=torch.nn.Linear(2, 2), every_steps=100) as ck:
@@ -203,8 +203,8 @@ def test_break_without_finish_warns_at_close(tmp_path, caplog):
 
 
 def _final_state(url: str) -> dict:
-    from spotrun.commit import find_latest_valid
-    from spotrun.snapshot import read_payload
+    from spotrun.format.commit import find_latest_valid
+    from spotrun.format.snapshot import read_payload
 
     info = find_latest_valid(Storage(url))
     payload = read_payload(Storage(url), info.step, "rank-00000.pt", info.manifest.files["rank-00000.pt"])
@@ -247,7 +247,7 @@ def test_epoch_loop_start_close_sigterm_resumes_bit_exact(tmp_path, monkeypatch)
 def test_exit_hook_closes_after_an_uncaught_exception(tmp_path):
     """start() and no close(): an exception ends the script while step 3's save is in flight;
     the exit hook commits it, records 'failed', releases the lease, restores SIGTERM."""
-    from spotrun.commit import find_latest_valid
+    from spotrun.format.commit import find_latest_valid
 
     url = str(tmp_path / "run")
     script = str(REPO / "tests" / "scripts" / "start_close_train.py")

@@ -122,7 +122,7 @@ def test_auto_probe_with_silent_endpoints_respects_budget(monkeypatch, tmp_path,
         took = time.monotonic() - t0
     assert took < 1.5, took
     assert len(loopback_only) >= 3  # all three were asked, in parallel
-    assert len([r for r in caplog.records if r.name == "spotrun"]) == 1
+    assert len([r for r in caplog.records if r.name.startswith("spotrun")]) == 1
 
 
 def test_auto_with_non_cloud_dmi_sends_no_packet(monkeypatch, tmp_path, loopback_only):

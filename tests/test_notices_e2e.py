@@ -20,11 +20,11 @@ import pytest
 from conftest import free_port
 from helpers import EXAMPLE, REPO, env_for, spawn
 
-from spotrun.commit import list_checkpoints
-from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
-from spotrun.ledger import Ledger
+from spotrun.format.commit import list_checkpoints
 from spotrun.notices.fake_server import FakeMetadataServer
-from spotrun.resume_check import compare_checkpoints
+from spotrun.proof.resume_check import compare_checkpoints
+from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 STEPS, EVERY, STEP_SLEEP = 160, 40, 0.02

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from spotrun.errors import ConfigError
-from spotrun.instance import InstanceInfo
 from spotrun.notices.fake_server import FakeMetadataServer, control
+from spotrun.records.instance import InstanceInfo
 
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"

@@ -8,10 +8,10 @@ import time
 import pytest
 from helpers import Inbox, wait_until
 
-from spotrun.instance import InstanceInfo
 from spotrun.notices import AzureWatcher, GcpWatcher
 from spotrun.notices.fake_server import AZURE_VM_NAME, FakeMetadataServer
 from spotrun.notices.gcp import PREEMPTION_WINDOW_S
+from spotrun.records.instance import InstanceInfo
 
 POLL = 0.05
 

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from spotrun.commit import commit, read_manifest
-from spotrun.layout import checkpoint_dir
-from spotrun.manifest import Manifest
-from spotrun.recovery.local import LocalCopy
-from spotrun.snapshot import read_payload, write_payload
-from spotrun.storage import Storage
-
 from helpers import committed_steps, env_for, spawn
+
+from spotrun.format.commit import commit, read_manifest
+from spotrun.format.manifest import Manifest
+from spotrun.format.snapshot import read_payload, write_payload
+from spotrun.records.layout import checkpoint_dir
+from spotrun.recovery.local import LocalCopy
+from spotrun.storage import Storage
 
 
 def _save(copy: LocalCopy, run: Storage, step: int, payload: dict, *, expected: int | None = None) -> Manifest:
@@ -69,7 +68,7 @@ def test_a_sealed_copy_restores_the_committed_bytes_and_only_the_newest_is_kept(
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "other_bytes"])
 def test_a_copy_that_does_not_match_the_manifest_is_ignored(copy, run, damage, caplog):
-    manifest = _save(copy, run, 5, {"w": torch.ones(4096)})
+    _save(copy, run, 5, {"w": torch.ones(4096)})
     path = copy.root / checkpoint_dir(5) / "rank-00000.pt"
     if damage == "flip":
         data = bytearray(path.read_bytes())
@@ -141,7 +140,7 @@ def test_kill_9_while_the_copy_is_written_leaves_nothing_a_restore_uses(tmp_path
     script = textwrap.dedent(f"""
         import sys, torch
         from spotrun.recovery.local import LocalCopy
-        from spotrun.snapshot import write_payload
+        from spotrun.format.snapshot import write_payload
         from spotrun.storage import Storage
         run = Storage({str(tmp_path / 'run')!r})
         copy = LocalCopy({str(local)!r}, run.display())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -115,7 +116,7 @@ def test_trainer_download_shows_progress_bytes_and_the_resumed_size(tmp_path, sl
     session = RunSession(url, watchers=[], handle_signals=False)
     local = session.resume_dir(str(tmp_path / "local"))
     session.close("stopped")
-    assert local is not None and open(f"{local}/model.bin", "rb").read() == b"x" * 300_000
+    assert local is not None and Path(local, "model.bin").read_bytes() == b"x" * 300_000
     messages = _messages(caplog)
     progress = [m for m in messages if m.startswith("restoring from slowread://")]
     assert any("downloading step 7: model.bin" in m for m in progress), messages

@@ -31,15 +31,15 @@ from helpers import EXAMPLE, REPO, env_for
 
 import spotrun
 from spotrun.cli import main as cli_main
-from spotrun.commit import DAMAGED_DIR, list_checkpoints, prune
 from spotrun.errors import (
     AllCheckpointsDamagedError,
     CheckpointUnreadableError,
     ConfigError,
     UnloadableStateError,
 )
-from spotrun.layout import EXIT_FINISHED, MANIFEST, checkpoint_dir, parse_step
-from spotrun.snapshot import check_loadable, check_plain
+from spotrun.format.commit import DAMAGED_DIR, list_checkpoints, prune
+from spotrun.format.snapshot import check_loadable, check_plain
+from spotrun.records.layout import EXIT_FINISHED, MANIFEST, checkpoint_dir, parse_step
 from spotrun.storage import Storage
 
 # -- helpers -----------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import time
 import pytest
 from helpers import EXAMPLE, REPO, env_for, spawn
 
-from spotrun.commit import list_checkpoints
-from spotrun.layout import EXIT_INTERRUPTED
-from spotrun.resume_check import check_resume, compare_checkpoints
+from spotrun.format.commit import list_checkpoints
+from spotrun.proof.resume_check import check_resume, compare_checkpoints
+from spotrun.records.layout import EXIT_INTERRUPTED
 from spotrun.storage import Storage
 
 ARGS = [EXAMPLE, "--steps", "240", "--every-steps", "20", "--step-sleep", "0.01"]

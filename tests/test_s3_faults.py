@@ -22,10 +22,10 @@ import torch
 from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from spotrun.commit import find_latest_valid, list_checkpoints
 from spotrun.errors import StorageError, StorageUnavailableError
-from spotrun.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
+from spotrun.format.commit import find_latest_valid, list_checkpoints
 from spotrun.notices import Notice, Watcher
+from spotrun.records.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 from spotrun.storage import Storage
 
 SCRIPT = str(REPO / "tests" / "scripts" / "s3_stop_train.py")

@@ -15,15 +15,15 @@ import pytest
 import torch
 from helpers import REPO, finish_session, torchrun
 
-from spotrun.commit import commit, list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     SaveError,
     StorageError,
 )
-from spotrun.manifest import Manifest
-from spotrun.sharded import (
+from spotrun.format.commit import commit, list_checkpoints, read_manifest, verify_checkpoint
+from spotrun.format.manifest import Manifest
+from spotrun.format.sharded import (
     DCP_METADATA,
     ShardedSaver,
     is_sharded,
@@ -200,7 +200,7 @@ def test_malicious_metadata_is_refused(tmp_path: Path) -> None:
 
     raw = pickle.dumps(Evil())
     (tmp_path / "run" / "000000000007" / DCP_METADATA).write_bytes(raw)
-    from spotrun.manifest import FileEntry
+    from spotrun.format.manifest import FileEntry
 
     manifest.files[DCP_METADATA] = FileEntry(len(raw), hashlib.sha256(raw).hexdigest())
     with pytest.raises(CorruptCheckpointError, match="not allowed"):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 import spotrun
-from spotrun.commit import read_manifest
-from spotrun.sharded import ShardedSaver, get_state, read_full
+from spotrun.format.commit import read_manifest
+from spotrun.format.sharded import ShardedSaver, get_state, read_full
 from spotrun.storage import Storage
 
 

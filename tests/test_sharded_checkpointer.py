@@ -15,9 +15,9 @@ import pytest
 import torch
 from helpers import REPO, committed_steps, env_for, finish_session, free_port, torchrun
 
-from spotrun.commit import list_checkpoints, read_manifest, verify_checkpoint
-from spotrun.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.format.commit import list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.notices.fake_server import FakeMetadataServer
+from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -201,12 +201,13 @@ def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, refe
         imds.post_interruption("terminate", in_seconds=120)
         code, first = _finish(proc)
     assert code == EXIT_INTERRUPTED, first[-4000:]
-    assert "rank1 spotrun ec2 notice 'terminate'" in first and "rank0 spotrun ec2 notice" not in first
+    assert re.search(r"rank1 spotrun[\w.]* ec2 notice 'terminate'", first)
+    assert not re.search(r"rank0 spotrun[\w.]* ec2 notice", first)
     stops = set(re.findall(rf"^rank \d exit {EXIT_INTERRUPTED} at step (\d+)$", first, re.MULTILINE))
     assert len(stops) == 1, first[-4000:]
     stop = int(stops.pop())
     assert max(committed_steps(url)) == stop
-    assert re.search(r"rank1 spotrun stop after notice: posted \d\d:\d\d:\d\d", first), first[-4000:]
+    assert re.search(r"rank1 spotrun[\w.]* stop after notice: posted \d\d:\d\d:\d\d", first), first[-4000:]
 
     stop, second = _interrupt(url, 2, after=stop)
     st = Storage(url)

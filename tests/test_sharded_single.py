@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 import spotrun
-from spotrun.commit import find_latest_valid
-from spotrun.resume_check import compare_checkpoints
+from spotrun.format.commit import find_latest_valid
+from spotrun.proof.resume_check import compare_checkpoints
 from spotrun.storage import Storage
 
 

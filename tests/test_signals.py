@@ -10,8 +10,8 @@ import torch
 from helpers import REPO, env_for, spawn, wait_for_line
 
 import spotrun
-from spotrun.commit import find_latest_valid
-from spotrun.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.format.commit import find_latest_valid
+from spotrun.records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
 from spotrun.storage import Storage
 
 SCRIPT = str(REPO / "tests" / "scripts" / "sleepy_train.py")
@@ -65,7 +65,7 @@ def test_handlers_restored_on_exit(tmp_path):
 
 
 def test_failure_exits_nonzero_and_is_recorded(tmp_path):
-    from spotrun.ledger import Ledger
+    from spotrun.records.ledger import Ledger
 
     url = str(tmp_path / "r")
     with pytest.raises(ZeroDivisionError):

@@ -13,8 +13,8 @@ import pytest
 import slowfs
 from helpers import REPO, env_for, spawn, wait_for_line
 
-from spotrun.commit import find_latest_valid
-from spotrun.layout import EXIT_INTERRUPTED
+from spotrun.format.commit import find_latest_valid
+from spotrun.records.layout import EXIT_INTERRUPTED
 from spotrun.storage import Storage
 
 slowfs.register()

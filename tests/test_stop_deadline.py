@@ -12,9 +12,9 @@ import signal
 import subprocess
 
 import pytest
-
 from helpers import REPO, env_for, ledger_events, spawn, wait_for_line
-from spotrun.layout import EXIT_STOP_UNSAVED
+
+from spotrun.records.layout import EXIT_STOP_UNSAVED
 
 SCRIPT = str(REPO / "tests" / "scripts" / "stop_deadline_exit.py")
 RUNS_PER_WRAPPER = 5

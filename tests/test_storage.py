@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import spotrun
-from spotrun.commit import find_latest_valid, list_checkpoints
-from spotrun.layout import MANIFEST, checkpoint_dir
+from spotrun.format.commit import find_latest_valid, list_checkpoints
+from spotrun.records.layout import MANIFEST, checkpoint_dir
 from spotrun.storage import Storage
 
 

@@ -18,8 +18,8 @@ from types import MappingProxyType
 
 import pytest
 
-from spotrun.checksum import entry_for
 from spotrun.errors import ConfigError, StorageNotFoundError, StorageURLError
+from spotrun.format.checksum import entry_for
 from spotrun.storage import (
     Backend,
     FsspecBackend,

@@ -198,8 +198,8 @@ def test_a_killed_writers_ledger_temporary_goes_at_the_next_start(tmp_path):
     import subprocess
     import sys
 
-    from spotrun.instance import InstanceInfo
-    from spotrun.ledger import Ledger
+    from spotrun.records.instance import InstanceInfo
+    from spotrun.records.ledger import Ledger
 
     run = str(tmp_path / "run")
     # A real writer, kill -9ed while its record sat in a temporary (fresh, a second old).
@@ -231,7 +231,7 @@ def test_a_manifest_that_is_a_folder_is_damage_and_the_previous_checkpoint_resto
     import torch
 
     import spotrun
-    from spotrun.commit import list_checkpoints, list_damaged
+    from spotrun.format.commit import list_checkpoints, list_damaged
 
     url = str(tmp_path / "run") if scheme == "local" else f"memory://{uuid.uuid4().hex}/run"
     torch.manual_seed(0)

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import spotrun
-from spotrun.checksum import entry_for
 from spotrun.errors import ConfigError, StorageError
+from spotrun.format.checksum import entry_for
 from spotrun.storage import HashingWriter, Storage
 
 MiB = 1 << 20

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..commit import verify_checkpoint
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, SaveError
-from ..layout import checkpoint_dir
-from ..manifest import FileEntry, Manifest
+from ..format.commit import verify_checkpoint
+from ..format.manifest import FileEntry, Manifest
+from ..records.layout import checkpoint_dir
 from ..storage import Storage
 
 __all__ = ["Captured", "artifact_paths", "capture_artifacts", "restore_artifacts",

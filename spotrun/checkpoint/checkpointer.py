@@ -49,16 +49,16 @@ import torch
 
 from .. import config
 from ..config import IF_ALL_DAMAGED_ENV  # noqa: F401 - importable from here, as before
-from ..data import ResumableLoader
 from ..distributed import Group
 from ..errors import ConfigError
-from ..layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
-from ..lease import Lease
 from ..notices import Watcher
+from ..records.layout import DONE_MARKER, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
+from ..records.lease import Lease
 from ..recovery.local import LocalCopy
 from ..storage import Storage, open_storage
 from ..units import format_bytes
 from .artifacts import artifact_paths, capture_artifacts
+from .data import ResumableLoader
 from .restore import PAYLOAD_FORMAT, RestoreProgress, Restorer
 from .saver import Saver
 from .segment import RunSegment, process_start_time  # noqa: F401 - importable from here
@@ -246,7 +246,7 @@ class Checkpointer:
         self._lease = seg.begin()  # the lease (rank 0), signal handlers, notice watchers
         try:
             if self.sharded:
-                from ..sharded import ShardedSaver
+                from ..format.sharded import ShardedSaver
 
                 # Collective (it makes the saver's own process group): every rank is here.
                 self._sharded_saver = self._state.sharded_saver = ShardedSaver(self.storage)
@@ -446,7 +446,7 @@ class Checkpointer:
         completed (its update is in the model); pass ``steps_done`` to say otherwise (e.g.
         ``finish(step)`` when the break came before that step's work).
         """
-        group, _ = self._require_active()
+        self._require_active()
         if steps_done is not None:
             self.steps_done = int(steps_done)
         elif self._range_at is not None and self._range_at == self.steps_done + 1:

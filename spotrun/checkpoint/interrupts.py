@@ -20,9 +20,9 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..instance import InstanceInfo
-from ..layout import EXIT_INTERRUPTED
 from ..notices import Notice, Watcher, watchers_from_env
+from ..records.instance import InstanceInfo
+from ..records.layout import EXIT_INTERRUPTED
 
 __all__ = ["Interrupts"]
 

@@ -18,9 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import config
-from ..commit import DAMAGED_DIR, CheckpointInfo, list_checkpoints, newest_valid, quarantine, verify_checkpoint
 from ..config import IF_ALL_DAMAGED_ENV
-from ..data import ResumableLoader, rank_seed
 from ..distributed import Group
 from ..errors import (
     AllCheckpointsDamagedError,
@@ -32,13 +30,15 @@ from ..errors import (
     StorageNotFoundError,
     UnsupportedFormatError,
 )
-from ..layout import checkpoint_dir
-from ..manifest import Manifest
-from ..snapshot import open_payload, payload_name, read_payload
-from ..state import load_object_state, restore_rng_state, seed_everything, unwrap
+from ..format.commit import DAMAGED_DIR, CheckpointInfo, list_checkpoints, newest_valid, quarantine, verify_checkpoint
+from ..format.manifest import Manifest
+from ..format.snapshot import open_payload, payload_name, read_payload
+from ..format.state import load_object_state, restore_rng_state, seed_everything, unwrap
+from ..records.layout import checkpoint_dir
 from ..storage import Storage
 from ..units import format_bytes
 from .artifacts import restore_artifacts
+from .data import ResumableLoader, rank_seed
 
 if TYPE_CHECKING:
     from ..recovery.local import LocalCopy
@@ -184,7 +184,7 @@ class Restorer:
         Rank 0 lists the checkpoints; every rank walks the same list, newest first, loads
         its part of each candidate and agrees with the others on the outcome (see
         :meth:`_agree`). Every payload's checksums are verified before any of it is loaded
-        (see :func:`~spotrun.snapshot.open_payload`), so a damaged checkpoint leaves the
+        (see :func:`~spotrun.format.snapshot.open_payload`), so a damaged checkpoint leaves the
         objects untouched and the older one is loaded into them. Only proven
         damage skips a checkpoint; damaged ones are moved aside once a usable one is found
         (or a fresh start was asked for), so no later save writes into them.
@@ -332,7 +332,7 @@ class Restorer:
                 "parallel) but this run's model is not sharded; shard it the same way (or "
                 "pass sharded=True)"
             )
-        from ..sharded import read_sharded, set_state
+        from ..format.sharded import read_sharded, set_state
 
         assert self.sharded_state is not None
         state = self.sharded_state()  # this world size's own (empty) shards, filled in place

@@ -9,7 +9,7 @@ written (:meth:`Saver.commit_written`, main thread, a collective). Whatever fail
 previous checkpoint stays the latest, untouched.
 
 A sharded run (FSDP2, tensor parallel) has two kinds of payload per rank: its DCP shard files
-(model and optimizer, written through :class:`~spotrun.sharded.ShardedSaver` on its own
+(model and optimizer, written through :class:`~spotrun.format.sharded.ShardedSaver` on its own
 process group, so the background write never interleaves with the training thread's
 collectives) and its ``rank-NNNNN.pt`` (everything else). Both are written before the commit,
 and the manifest lists every file of every rank.
@@ -41,20 +41,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ..commit import BackgroundRetention, commit
 from ..distributed import Group
 from ..errors import SaveError, StorageError
-from ..events import CheckpointCommitted, EventSink
-from ..lease import Lease
-from ..manifest import FileEntry, Manifest
-from ..snapshot import StagingBuffers, write_payload
+from ..format.commit import BackgroundRetention, commit
+from ..format.manifest import FileEntry, Manifest
+from ..format.snapshot import StagingBuffers, write_payload
+from ..records.events import CheckpointCommitted, EventSink
+from ..records.lease import Lease
 from ..storage import Storage
 from ..units import format_bytes
 from .artifacts import Captured, write_artifacts
 
 if TYPE_CHECKING:
+    from ..format.sharded import ShardedSaver
     from ..recovery.local import LocalCopy
-    from ..sharded import ShardedSaver
 
 __all__ = ["Saver"]
 

@@ -17,7 +17,7 @@ Call order (every rank)::
     seg.stop_listening(); seg.release(...); seg.record_end(reason)   # on the way out
 
 The stop deadline lives here and only here (:meth:`save_before_stop`): a save that misses
-it is abandoned and the process leaves with :data:`~spotrun.layout.EXIT_STOP_UNSAVED` at
+it is abandoned and the process leaves with :data:`~spotrun.records.layout.EXIT_STOP_UNSAVED` at
 once, through ``os._exit`` (:meth:`leave_abandoned`), because the abandoned writer thread
 may still be inside ``torch.save`` or an upload, and an interpreter shutting down under it
 can crash (SIGSEGV, abort) and turn "relaunch, it resumes" into a signal death.
@@ -40,11 +40,11 @@ from collections.abc import Callable, Sequence
 from ..config import StopKnobs, env_str, stop_knobs
 from ..distributed import Group, note_exit
 from ..errors import SaveError, StorageError
-from ..events import Event, NoticeReceived, SegmentEnded, SegmentStarted, TrainingResumed
-from ..layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
-from ..lease import Lease, acquire_run_lease, release_run_lease
-from ..ledger import BackgroundLedger, Ledger
 from ..notices import Notice, Watcher
+from ..records.events import Event, NoticeReceived, SegmentEnded, SegmentStarted, TrainingResumed
+from ..records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
+from ..records.lease import Lease, acquire_run_lease, release_run_lease
+from ..records.ledger import BackgroundLedger, Ledger
 from ..storage import Storage, inflight
 from .interrupts import Interrupts
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..distributed import Group
 from ..errors import ConfigError
-from ..snapshot import check_loadable, check_plain
-from ..state import check_stateful, collect_rng_state, unwrap
+from ..format.snapshot import check_loadable, check_plain
+from ..format.state import check_stateful, collect_rng_state, unwrap
 
 __all__ = ["TrainingState"]
 
@@ -90,7 +90,7 @@ class TrainingState:
             # No DTensor / FSDP / ShardedTensor class was ever imported, so no model holds
             # one: skip importing DCP (about a second, paid again at every restart).
             return False
-        from ..sharded import is_sharded
+        from ..format.sharded import is_sharded
 
         detected = any(is_sharded(unwrap(self.objects[n])) for n in self.model_names)
         if not (detected or self._sharded_arg):
@@ -113,7 +113,7 @@ class TrainingState:
 
     def sharded_state(self) -> dict[str, Any]:
         """Model and optimizer state as DCP wants it: each rank's own shards, no gather."""
-        from ..sharded import get_state
+        from ..format.sharded import get_state
 
         model = unwrap(self.objects[self.model_names[0]])
         optimizers = [self.objects[n] for n in self.optimizer_names]

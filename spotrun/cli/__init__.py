@@ -1,6 +1,6 @@
 """The ``spotrun`` command: argument parsing only; every command calls the library.
 
-Exit codes of the CLI itself (a training command's own codes are in ``spotrun.layout``):
+Exit codes of the CLI itself (a training command's own codes are in ``spotrun.records.layout``):
 
 * 0  success (``verify``: every checkpoint intact; ``check-resume``: PASS)
 * 1  the command ran and found a problem (damage, FAIL, a failed run)

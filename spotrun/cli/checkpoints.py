@@ -71,9 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from ..commit import list_checkpoints
-    from ..layout import DONE_MARKER
-    from ..lease import read_lease
+    from ..format.commit import list_checkpoints
+    from ..records.layout import DONE_MARKER
+    from ..records.lease import read_lease
     from ..storage import Storage
     from ..units import format_bytes
 
@@ -113,7 +113,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ..commit import DAMAGED_DIR, list_checkpoints, list_damaged, verify_checkpoint
+    from ..format.commit import DAMAGED_DIR, list_checkpoints, list_damaged, verify_checkpoint
     from ..storage import Storage
     from .runs import require_run
 
@@ -156,7 +156,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_check_resume(args: argparse.Namespace) -> int:
-    from ..resume_check import check_resume
+    from ..proof.resume_check import check_resume
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":

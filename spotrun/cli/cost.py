@@ -15,7 +15,8 @@ from ..errors import ConfigError
 
 
 def _add_price_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spot-price", type=validate.argparse_type(validate.price, "--spot-price"), metavar="USD", help="spot price per hour (overrides every source)")
+    p.add_argument("--spot-price", type=validate.argparse_type(validate.price, "--spot-price"), metavar="USD",
+                   help="spot price per hour (overrides every source)")
     p.add_argument("--on-demand-price", type=validate.argparse_type(validate.price, "--on-demand-price"),
                    metavar="USD",
                    help="on-demand price per hour (overrides every source)")

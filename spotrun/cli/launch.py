@@ -227,7 +227,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="seconds from notice to SIGTERM (AWS gives 120; default 5)")
     loc.add_argument("--seed", type=int, help="seed for the interruption times")
     loc.add_argument("--mean-interval", type=_number("--mean-interval", example="30"),
-                     help="interrupt about this many seconds into each segment (default: after its first new checkpoint)")
+                     help="interrupt about this many seconds into each segment "
+                          "(default: after its first new checkpoint)")
     loc.add_argument("--node-losses", type=_count("--node-losses", minimum=0, example="1"), default=0,
                      metavar="M",
                      help="of the --interruptions, M are a node vanishing without notice (SIGKILL of "
@@ -292,7 +293,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("run_url", metavar="RUN_URL")
     t.add_argument("--json", action="store_true", help="machine-readable output")
     t.add_argument("--wait", type=float, default=None,
-                   help="seconds to wait for a live controller to acknowledge (default: three of its polls, at least 30)")
+                   help="seconds to wait for a live controller to acknowledge "
+                        "(default: three of its polls, at least 30)")
     t.set_defaults(func=_stop)
 
 

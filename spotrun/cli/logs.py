@@ -10,6 +10,7 @@ line on stderr lists the known ones); 130 Ctrl-C during --follow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -95,10 +96,8 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _write_quietly(out: object, data: bytes) -> None:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         out.write(data)  # type: ignore[attr-defined]
-    except (OSError, ValueError):
-        pass
 
 
 def _flush_quietly(out: object) -> None:

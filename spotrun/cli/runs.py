@@ -4,7 +4,7 @@ folder that holds none, instead of a report of "n/a" and exit 0 that reads like 
 from __future__ import annotations
 
 from ..errors import StorageNotFoundError
-from ..layout import DAMAGED_DIR, DONE_MARKER, LAUNCH_DIR, LEASE, LEDGER_DIR, LOGS_DIR, parse_step
+from ..records.layout import DAMAGED_DIR, DONE_MARKER, LAUNCH_DIR, LEASE, LEDGER_DIR, LOGS_DIR, parse_step
 from ..storage import Storage
 
 __all__ = ["require_run"]

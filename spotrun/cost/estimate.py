@@ -39,8 +39,8 @@ __all__ = [
     "ADVISOR_BUCKETS",
     "HOURS_PER_MONTH",
     "JobEstimate",
-    "expected_wall_time",
     "estimate_job",
+    "expected_wall_time",
     "interval_curve",
     "parse_duration",
     "rate_per_hour",
@@ -206,7 +206,8 @@ class JobEstimate:
             + (f" (mean {self.mtbi_hours:,.0f} h between interruptions)" if self.mtbi_hours
                else " (never interrupted: no re-work, no restarts)"),
             f"  spot price                  ${self.spot_price.usd_per_hour:.4f}/h  [{self.spot_price.label()}]",
-            f"  on-demand price             ${self.on_demand_price.usd_per_hour:.4f}/h  [{self.on_demand_price.label()}]",
+            f"  on-demand price             ${self.on_demand_price.usd_per_hour:.4f}/h  "
+            f"[{self.on_demand_price.label()}]",
             "",
             f"  checkpoint interval         {fmt_duration(self.checkpoint_interval_s)}"
             + ("" if self.interval_was_set else " (not set: the recommended one)" if self.rate_per_hour
@@ -218,7 +219,8 @@ class JobEstimate:
             f"    restarts                  {fmt_duration(a['restart_s'])}",
         ]
         if self.recommended_interval_s is not None and self.at_recommended is not None:
-            over = 100.0 * (self.at_recommended["wall_s"] / (self.hours_per_run * 3600.0) - 1.0) if self.hours_per_run else 0.0
+            over = (100.0 * (self.at_recommended["wall_s"] / (self.hours_per_run * 3600.0) - 1.0)
+                    if self.hours_per_run else 0.0)
             lines.append(
                 f"  recommended interval        {fmt_duration(self.recommended_interval_s)} "
                 f"(Young: sqrt(2 x {self.checkpoint_save_s:g}s x MTBI); overhead there +{over:.2f}%)"
@@ -227,8 +229,10 @@ class JobEstimate:
                 lines.append("    (longer than the run: one checkpoint per run, plus one on each notice, is enough)")
         lines += [
             "",
-            f"  spot, expected              {fmt_usd(self.spot_cost_per_run)}/run  {fmt_usd(self.spot_cost_per_month)}/month",
-            f"  on-demand                   {fmt_usd(self.on_demand_cost_per_run)}/run  {fmt_usd(self.on_demand_cost_per_month)}/month",
+            f"  spot, expected              {fmt_usd(self.spot_cost_per_run)}/run  "
+            f"{fmt_usd(self.spot_cost_per_month)}/month",
+            f"  on-demand                   {fmt_usd(self.on_demand_cost_per_run)}/run  "
+            f"{fmt_usd(self.on_demand_cost_per_month)}/month",
             f"  savings                     {fmt_usd(self.savings_per_month)}/month ({fmt_pct(self.savings_pct)})",
         ]
         return "\n".join(lines) + "\n"

@@ -109,11 +109,13 @@ def _timeline(report: CostReport) -> str:
             "</title></rect>"
         )
         if s.startup_s > 0:
-            parts.append(f'<rect x="{x(s.start):.1f}" y="{y}" width="{x(s.start + s.startup_s) - x(s.start):.1f}" '
-                         f'height="20" fill="#999" opacity=".7"><title>startup {_a(fmt_duration(s.startup_s))}</title></rect>')
+            width = x(s.start + s.startup_s) - x(s.start)
+            parts.append(f'<rect x="{x(s.start):.1f}" y="{y}" width="{width:.1f}" height="20" fill="#999" '
+                         f'opacity=".7"><title>startup {_a(fmt_duration(s.startup_s))}</title></rect>')
         if s.lost_work_s > 0:
-            parts.append(f'<rect x="{x(s.end - s.lost_work_s):.1f}" y="{y}" width="{x(s.end) - x(s.end - s.lost_work_s):.1f}" '
-                         f'height="20" fill="url(#hatch)"><title>lost work {_a(fmt_duration(s.lost_work_s))}</title></rect>')
+            lost_x = x(s.end - s.lost_work_s)
+            parts.append(f'<rect x="{lost_x:.1f}" y="{y}" width="{x(s.end) - lost_x:.1f}" height="20" '
+                         f'fill="url(#hatch)"><title>lost work {_a(fmt_duration(s.lost_work_s))}</title></rect>')
         for c in s.checkpoints:
             cx = x(float(c["committed_at"]))
             parts.append(f'<line class="checkpoint" x1="{cx:.1f}" y1="{y - 2}" x2="{cx:.1f}" y2="{y + 22}" '
@@ -131,6 +133,10 @@ def _timeline(report: CostReport) -> str:
     return '<div class="chart">' + "".join(parts) + "</div>"
 
 
+# The lost-work swatch: the timeline's hatch pattern, in CSS.
+_HATCH = ";background-image:repeating-linear-gradient(45deg,#c0392b 0 2px,transparent 2px 5px)"
+
+
 def _sw(color: str, extra: str = "") -> str:
     """A colour swatch for the legend."""
     return f'<span class="sw" style="background:{color}{extra}"></span>'
@@ -143,8 +149,7 @@ def _timeline_legend() -> str:
     items += [
         f'<span>{_sw("#fff", ";outline:2.5px solid #111;outline-offset:-2.5px")}black outline: on-demand</span>',
         f'<span>{_sw("#999")}startup</span>',
-        f'<span>{_sw("#e8b0a8", ";background-image:repeating-linear-gradient(45deg,#c0392b 0 2px,transparent 2px 5px)")}'
-        "lost work</span>",
+        f'<span>{_sw("#e8b0a8", _HATCH)}lost work</span>',
         f'<span>{_sw("#1f4e99", ";width:.25em")}checkpoint</span>',
         f'<span>{_sw("#e67e22", ";clip-path:polygon(0 0,100% 0,50% 100%)")}notice</span>',
         '<span><span class="x" style="color:#c0392b;font-weight:700">&#x2715;</span> interruption</span>',
@@ -200,15 +205,18 @@ def _cumulative(report: CostReport) -> str:
     ]
     for tick in y_ticks(top):
         py = plot_bottom - tick / top * (plot_bottom - plot_top)
-        parts.append(f'<line class="y-grid" x1="{_LEFT}" y1="{py:.1f}" x2="{_LEFT + _WIDTH}" y2="{py:.1f}" stroke="#eee"/>')
-        parts.append(f'<text class="y-tick" x="{_LEFT - 8}" y="{py + 5:.1f}" text-anchor="end">{_a(_tick_usd(tick))}</text>')
+        parts.append(f'<line class="y-grid" x1="{_LEFT}" y1="{py:.1f}" x2="{_LEFT + _WIDTH}" y2="{py:.1f}" '
+                     'stroke="#eee"/>')
+        parts.append(f'<text class="y-tick" x="{_LEFT - 8}" y="{py + 5:.1f}" text-anchor="end">'
+                     f'{_a(_tick_usd(tick))}</text>')
     styles = {"spot": ("#d08a1c", "", "paid (this run)"),
               "on_demand": ("#1f4e99", ' stroke-dasharray="6 4"', "on-demand, same work")}
     for key, (color, dash, name) in styles.items():
         pts = " ".join(xy(t, v) for t, v in lines[key])
         last = lines[key][-1][1]
         parts.append(f'<polyline class="cum-{key.replace("_", "-")}" points="{pts}" fill="none" '
-                     f'stroke="{color}" stroke-width="2.5"{dash}><title>{_a(name)}: {_a(fmt_usd(last))}</title></polyline>')
+                     f'stroke="{color}" stroke-width="2.5"{dash}><title>{_a(name)}: {_a(fmt_usd(last))}</title>'
+                     '</polyline>')
     # The key: a line sample and the label in the line's colour. Inline ``style``, not the
     # ``fill`` attribute: a stylesheet rule (``svg text{fill:...}``) overrides an attribute,
     # never an inline style.
@@ -343,6 +351,7 @@ def report_html(report: CostReport) -> str:
         "<h2>Price sources</h2><ul>" + "".join(f"<li>{_a(p)}</li>" for p in d["price_sources"]) + "</ul>",
     ]
     if d["warnings"]:
-        html.append('<h2>Warnings</h2><ul class="warn">' + "".join(f"<li>{_a(w)}</li>" for w in d["warnings"]) + "</ul>")
+        items = "".join(f"<li>{_a(w)}</li>" for w in d["warnings"])
+        html.append(f'<h2>Warnings</h2><ul class="warn">{items}</ul>')
     html.append("</body></html>")
     return "\n".join(html) + "\n"

@@ -55,14 +55,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PriceUnavailableError, StorageNotFoundError
-from ..events import Cloud, EndReason, Market, parse_records
-from ..instance import InstanceInfo
-from ..ledger import Ledger
+from ..records.events import Cloud, EndReason, Market, parse_records
+from ..records.instance import InstanceInfo
+from ..records.ledger import Ledger
 from ..storage import Storage
 from .prices import Price, PriceBook
 
@@ -83,7 +83,7 @@ NO_API_CLOUDS = (Cloud.SIMULATED, Cloud.LOCAL)
 class SegmentCost:
     """What one segment (one stretch of compute: a process, or an instance) cost and did,
     merged from its ledger records. The segment itself, as a launcher records it, is
-    :class:`spotrun.launch.state.Segment`."""
+    :class:`spotrun.records.launch_state.Segment`."""
 
     segment_id: str
     instance: InstanceInfo
@@ -596,7 +596,7 @@ class CostReport:
 def running_segments(storage: Storage) -> set[str]:
     """The segments the run's launcher says are running now (its launch state's open
     segments: one per node of a multi-node attempt), if any."""
-    from ..launch.state import load_state
+    from ..records.launch_state import load_state
 
     try:
         state = load_state(storage)

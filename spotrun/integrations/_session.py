@@ -34,15 +34,15 @@ from typing import Any
 from .. import config
 from ..checkpoint.restore import RestoreProgress, all_damaged_error, list_readable
 from ..checkpoint.segment import RunSegment
-from ..commit import BackgroundRetention, commit, list_checkpoints, newest_valid, quarantine, verify_checkpoint
 from ..config import IF_ALL_DAMAGED_ENV, env_str  # noqa: F401 - importable here, as before
 from ..distributed import Group
 from ..errors import CheckpointUnreadableError, ConfigError, SaveError, StorageError, StorageNotFoundError
-from ..events import CheckpointCommitted
-from ..layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
-from ..lease import Lease
-from ..manifest import FileEntry, Manifest
+from ..format.commit import BackgroundRetention, commit, list_checkpoints, newest_valid, quarantine, verify_checkpoint
+from ..format.manifest import FileEntry, Manifest
 from ..notices import Watcher
+from ..records.events import CheckpointCommitted
+from ..records.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir
+from ..records.lease import Lease
 from ..storage import Storage, open_storage
 from ..units import format_bytes
 from .folders import folder_files, unsafe_names
@@ -358,7 +358,7 @@ class RunSession:
         Rank 0 only, no collectives (for trainers that save from rank 0 alone). ``bounded``:
         a stop checkpoint, given the time the machine has left; returns whether it committed.
         """
-        from ..snapshot import write_payload
+        from ..format.snapshot import write_payload
 
         def write() -> dict[str, FileEntry]:
             return dict([write_payload(self.storage, step, 0, payload)])

@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..commit import find_latest_valid
 from ..errors import CheckpointError
+from ..format.commit import find_latest_valid
 from ..proof.diff import file_differences
 from ..storage import Storage, open_storage
 

@@ -49,10 +49,10 @@ except ImportError:  # pragma: no cover - depends on which package is installed
                           "pip install 'spotrun[lightning]'") from exc
 
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
-from ..layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir, parse_step
+from ..format.snapshot import check_loadable, read_payload
+from ..format.state import collect_rng_state, restore_rng_state
 from ..notices import Watcher
-from ..snapshot import check_loadable, read_payload
-from ..state import collect_rng_state, restore_rng_state
+from ..records.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, checkpoint_dir, parse_step
 from ._session import RunSession, resolve_url
 
 __all__ = ["SpotrunCallback", "SpotrunCheckpointIO"]
@@ -101,8 +101,8 @@ class SpotrunCheckpointIO(CheckpointIO):
                                                      bounded=self._stop_save)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        from ..commit import read_manifest
-        from ..snapshot import payload_name
+        from ..format.commit import read_manifest
+        from ..format.snapshot import payload_name
 
         step = parse_step(os.path.basename(str(path).rstrip("/")))
         if step is None:

@@ -17,6 +17,7 @@ Both are backends of one shape (:mod:`.base`): a :class:`Launcher` whose ``run()
 
 from __future__ import annotations
 
+from ..records.launch_state import LaunchState, Segment, load_state
 from .base import (
     Backend,
     Launcher,
@@ -29,7 +30,6 @@ from .book import RunBook
 from .controller import Ec2Controller, Ec2Options, Timing
 from .ec2 import Ec2Api, Pool
 from .local import LocalLauncher, LocalOptions, default_run_url
-from .state import LaunchState, Segment, load_state
 from .status import format_status, run_status, stop_run
 from .userdata import build_user_data, check_no_secrets
 

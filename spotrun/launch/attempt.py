@@ -6,7 +6,7 @@ of a multi-node job. Both launchers gather what they saw when it ended as plain 
 simulator played, EC2's state and reason) and ask this module, which does no I/O:
 
 * :func:`classify_local` / :func:`classify_ec2`: the :class:`Verdict`, an
-  :class:`~spotrun.events.EndReason` with its detail; the two differ only in the evidence
+  :class:`~spotrun.records.events.EndReason` with its detail; the two differ only in the evidence
   each launcher has (the simulator knows what it did; the controller reads EC2's reasons);
 * :func:`next_step`: the :class:`Decision` that follows (finish, relaunch, stop, fail) and
   the counters it moves;
@@ -24,8 +24,8 @@ import enum
 import signal
 from dataclasses import dataclass
 
-from ..events import EndReason, Market
-from ..layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from ..records.events import EndReason, Market
+from ..records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
 from .ec2 import SPOT_INTERRUPTION
 
 __all__ = [

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import LaunchError
+from ..records.launch_state import LaunchState, Segment
 from ..storage import Storage
-from .state import LaunchState, Segment
 
 __all__ = [
     "BACKENDS",

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import time
 
-from ..events import EndReason, SegmentEnded, SegmentStarted, Source
-from ..instance import InstanceInfo
-from ..ledger import Ledger
+from ..records.events import EndReason, SegmentEnded, SegmentStarted, Source
+from ..records.instance import InstanceInfo
+from ..records.launch_state import STOP_FILE, LaunchState, RunStatus, Segment, save_state
+from ..records.ledger import Ledger
 from ..storage import Storage
-from .state import STOP_FILE, LaunchState, RunStatus, Segment, save_state
 
 __all__ = ["SOURCE", "RunBook", "close_books"]
 

@@ -21,12 +21,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CapacityError, LaunchError
-from ..events import EndReason, Market
+from ..records.events import EndReason, Market
+from ..records.launch_state import STOP_FILE, RunStatus
 from .attempt import choose_market, fallback_reason
 from .base import LaunchEventKind, LaunchOutcome
 from .ec2 import PRICE_ERRORS, Pool
 from .limits import fmt_wait
-from .state import STOP_FILE, RunStatus
 from .userdata import build_user_data
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from ..errors import ConfigError
-from ..layout import DONE_MARKER
+from ..records.layout import DONE_MARKER
 from ..storage import Storage
 from ..validate import count, number
 
@@ -49,7 +49,7 @@ def last_checkpoint(storage: Storage) -> int | None:
     Manifests are read but payloads not verified: cheap enough to poll, and the training
     process verifies what it loads.
     """
-    from ..commit import list_checkpoints, newest_valid
+    from ..format.commit import list_checkpoints, newest_valid
 
     found, _ = newest_valid(list_checkpoints(storage), where=storage.display(), warn=False)
     return None if found is None else found.step

@@ -67,8 +67,17 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
-from ..events import EndReason
-from ..layout import EXIT_FINISHED
+from ..records.events import EndReason
+from ..records.launch_state import (
+    STOP_FILE,
+    LaunchState,
+    RunStatus,
+    Segment,
+    exit_record_path,
+    load_state,
+    new_run_id,
+)
+from ..records.layout import EXIT_FINISHED
 from ..storage import Storage
 from .attempt import (
     Action,
@@ -88,15 +97,6 @@ from .ec2_attempts import Ec2Attempts
 from .ec2_ending import Ec2Ending
 from .ec2_options import Ec2Options, Timing
 from .limits import CostGuard, Limits, WaitClock
-from .state import (
-    STOP_FILE,
-    LaunchState,
-    RunStatus,
-    Segment,
-    exit_record_path,
-    load_state,
-    new_run_id,
-)
 from .userdata import build_user_data
 
 __all__ = ["Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
@@ -349,7 +349,7 @@ class Ec2Controller:
         alive_until = max(seg.started_at, self._seen_alive.get(seg.segment_id, seg.started_at))
         deadlines: list[float] = []
         try:
-            from ..ledger import Ledger
+            from ..records.ledger import Ledger
 
             for r in Ledger(self.storage).records():
                 if r.get("segment_id") != seg.segment_id or r.get("source") == "launcher":

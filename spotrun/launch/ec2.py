@@ -29,10 +29,10 @@ from ..errors import ConfigError, CredentialsError, EndpointUnreachableError, La
 
 __all__ = [
     "CAPACITY_ERRORS",
+    "MARKET_TAG",
     "PARTIAL_CAPACITY",
     "PRICE_ERRORS",
     "RUN_ID_TAG",
-    "MARKET_TAG",
     "SPOT_INTERRUPTION",
     "Ec2Api",
     "FleetResult",
@@ -223,7 +223,7 @@ class Ec2Api:
         ssm = boto3.client("ssm", region_name=self.region)
         try:
             return str(ssm.get_parameter(Name=DEFAULT_AMI_PARAMETER)["Parameter"]["Value"])
-        except Exception as exc:  # noqa: BLE001 - any failure has the same fix
+        except Exception as exc:
             raise ConfigError(
                 f"could not look up the default GPU AMI ({exc}); pass --ami ami-..."
             ) from exc

@@ -16,12 +16,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import LaunchError
-from ..events import Cloud, Market
-from ..instance import InstanceInfo
+from ..records.events import Cloud, Market
+from ..records.instance import InstanceInfo
+from ..records.launch_state import Segment
 from ..storage import Storage
 from .base import LaunchEventKind
 from .ec2 import FleetResult, InstanceStatus, LaunchedInstance, Pool
-from .state import Segment
 
 if TYPE_CHECKING:
     from .controller import Ec2Controller

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..records.launch_state import STOP_FILE, LaunchState, RunStatus, Segment, load_state
 from ..storage import Storage
 from .book import close_books
 from .ec2 import Ec2Api
-from .state import STOP_FILE, LaunchState, RunStatus, Segment, load_state
 
 __all__ = ["EC2_BACKEND", "Ec2Backend"]
 

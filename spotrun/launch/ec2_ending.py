@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
-from ..events import EndReason
+from ..records.events import EndReason
+from ..records.launch_state import STOP_FILE, RunStatus, Segment
 from .attempt import Verdict, finished_detail
 from .base import LaunchEventKind, LaunchOutcome
 from .ec2 import InstanceStatus
-from .state import STOP_FILE, RunStatus, Segment
 
 if TYPE_CHECKING:
     from .controller import Ec2Controller
@@ -59,7 +59,8 @@ class Ec2Ending:
         if attempt:
             ctrl._terminate(attempt)
             for seg in attempt:
-                ctrl._end_segment(seg, EndReason.STOPPED if status == RunStatus.STOPPED else EndReason.FAILED, detail=why)
+                reason = EndReason.STOPPED if status == RunStatus.STOPPED else EndReason.FAILED
+                ctrl._end_segment(seg, reason, detail=why)
         ctrl.capacity.cleanup()
         ctrl.state.status = status
         ctrl.state.message = why
@@ -103,11 +104,13 @@ class Ec2Ending:
             ctrl._say(f"interrupted; could not list the run's instances ({exc}). "
                       f"{'Instance ' + ids + ' may still be running. ' if running else ''}"
                       f"Stop everything with: spotrun stop {url}")
-            return LaunchOutcome(RunStatus.DETACHED, 130, "interrupted", len(ctrl.state.segments), ctrl.state.interruptions)
+            return LaunchOutcome(RunStatus.DETACHED, 130, "interrupted", len(ctrl.state.segments),
+                                 ctrl.state.interruptions)
         if not alive:
             ctrl._say(f"interrupted; no instance is running for this run. Resume with: spotrun launch --resume {url}")
             ctrl._save()
-            return LaunchOutcome(RunStatus.DETACHED, 130, "interrupted", len(ctrl.state.segments), ctrl.state.interruptions)
+            return LaunchOutcome(RunStatus.DETACHED, 130, "interrupted", len(ctrl.state.segments),
+                                 ctrl.state.interruptions)
         desc = ", ".join(f"{s.instance_id} ({s.instance_type} {s.market} in {s.availability_zone})" for _, s in alive)
         choice = ctrl.on_ctrl_c(desc) if callable(ctrl.on_ctrl_c) else ctrl.on_ctrl_c
         if choice not in ("terminate", "leave"):

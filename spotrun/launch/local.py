@@ -40,8 +40,9 @@ or each node's index in a multi-node attempt) and is echoed to this process's st
 It stops when ``done.json`` appears (the child exits 0). Any other exit (not 75, not killed
 by the simulator) is a failure: reported, exit code 1. Ctrl-C (or ``spotrun stop``) forwards
 one SIGINT to the child (to every node), waits for it to commit its checkpoint and exit, and
-exits 130; run the same command again to continue. Every segment is recorded in the run ledger (source ``"launcher"``), and
-the cost report, priced offline as instance type T, is printed at the end.
+exits 130; run the same command again to continue. Every segment is recorded in the run ledger
+(source ``"launcher"``), and the cost report, priced offline as instance type T, is printed at the
+end.
 """
 
 from __future__ import annotations
@@ -59,16 +60,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
 from ..errors import ConfigError
-from ..events import EndReason
+from ..records.events import EndReason
+from ..records.launch_state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
 from ..storage import Storage
 from .attempt import Action, AttemptEnd, NodeEnd, Verdict, classify_local, next_step
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
+from .limits import CostGuard, Limits
 from .local_nodes import LocalNodes, _Node, killpg
 from .proctree import kill_tree
-from .limits import CostGuard, Limits
-from .state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 

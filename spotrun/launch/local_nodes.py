@@ -8,6 +8,7 @@ multi-node attempt), and stops and closes them; :mod:`.local` plays spot on them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LaunchError
-from ..events import Cloud, EndReason, Market
-from ..instance import InstanceInfo
+from ..records.events import Cloud, EndReason, Market
+from ..records.instance import InstanceInfo
+from ..records.launch_state import Segment
 from .base import LaunchEventKind
 from .proctree import kill_tree
-from .state import Segment
 
 if TYPE_CHECKING:
     from .local import LocalLauncher
@@ -140,10 +141,8 @@ class LocalNodes:
 
 
 def killpg(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def free_port() -> int:

@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ConfigError, SpotrunError, StorageNotFoundError
-from ..layout import DONE_MARKER, LOGS_DIR
+from ..records.layout import DONE_MARKER, LOGS_DIR
 from ..storage import MiB, Storage
 
 if TYPE_CHECKING:
-    from .state import LaunchState
+    from ..records.launch_state import LaunchState
 
 __all__ = [
     "DEFAULT_FLUSH_S",
@@ -501,7 +501,7 @@ def _natural_key(name: str) -> list[int | str]:
 
 
 def _load_state_quietly(storage: Storage) -> LaunchState | None:
-    from .state import load_state
+    from ..records.launch_state import load_state
 
     try:
         return load_state(storage)
@@ -613,7 +613,7 @@ def read_logs(
 
 def _run_over(storage: Storage, state: LaunchState | None) -> bool:
     """Whether the run has ended: the launcher stopped running it, or ``done.json`` exists."""
-    from .state import RunStatus
+    from ..records.launch_state import RunStatus
 
     if state is not None and state.status != RunStatus.RUNNING:
         return True

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
-from ..layout import NODES_DIR
+from ..records.layout import NODES_DIR
 from ..storage import Storage
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 

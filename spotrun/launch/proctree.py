@@ -9,6 +9,7 @@ descendant and each descendant's own group. It never signals the caller's own gr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,10 +73,8 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
     own = os.getpgrp()
     groups: set[int] = set()
     for p in [pid, *below]:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             groups.add(os.getpgid(p))
-        except (ProcessLookupError, PermissionError):
-            pass
     # The group of a child started with start_new_session is its pid; signal it even when
     # the leader has already gone (its group can outlive it).
     groups.add(pid)
@@ -87,7 +86,5 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
 
 
 def _signal(send: Callable[[int, int], None], target: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already, or not ours
         send(target, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # gone already, or not ours

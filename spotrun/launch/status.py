@@ -8,20 +8,19 @@ from typing import Any
 
 from ..cost.render import fmt_duration, fmt_pct, fmt_usd
 from ..errors import ConfigError
-from ..events import EndReason
+from ..records.events import EndReason
+from ..records.launch_state import RunStatus, load_state
 from ..storage import Storage
 from .base import backend_for
 from .common import cost_report, is_done, last_checkpoint
-from .state import RunStatus, load_state
 
 __all__ = ["format_status", "run_status", "stop_run"]
 
 
 def _ledger_segments(storage: Storage) -> list[dict[str, Any]]:
     """Segments as the launcher recorded them in the ledger, oldest first."""
-    from ..ledger import Ledger
-
-    from ..events import Source, parse_records
+    from ..records.events import Source, parse_records
+    from ..records.ledger import Ledger
 
     segs: dict[str, dict[str, Any]] = {}
     # Damaged or hostile records are skipped here as in the cost report (which warns).
@@ -73,7 +72,7 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
         "message": state.message if state else None,
         "writer": None,
     }
-    from ..lease import read_lease
+    from ..records.lease import read_lease
 
     try:
         lease = read_lease(storage)

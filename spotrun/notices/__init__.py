@@ -15,13 +15,13 @@ from .ec2 import Ec2Watcher
 from .gcp import GcpWatcher
 
 __all__ = [
+    "NOTICE_SOURCES",
+    "REBALANCE_MODES",
     "AzureWatcher",
     "Ec2Watcher",
     "GcpWatcher",
-    "NOTICE_SOURCES",
     "Notice",
     "PollingWatcher",
-    "REBALANCE_MODES",
     "Watcher",
     "detect_cloud",
     "watchers_from_env",

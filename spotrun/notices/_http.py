@@ -27,7 +27,7 @@ __all__ = [
 class Response:
     """Status and body text of one answer (the body is tiny for metadata)."""
 
-    __slots__ = ("status", "text", "headers")
+    __slots__ = ("headers", "status", "text")
 
     def __init__(self, status: int, text: str, headers: dict[str, str]) -> None:
         self.status = status

@@ -20,11 +20,11 @@ from typing import Any
 import requests
 
 from ..errors import NoticeError
-from ..instance import InstanceInfo
+from ..records.instance import InstanceInfo
 from ._http import http_request, new_session, parse_rfc1123, remaining
 from .base import Notice, PollingWatcher
 
-__all__ = ["AzureWatcher", "DEFAULT_AZURE_METADATA_ENDPOINT"]
+__all__ = ["DEFAULT_AZURE_METADATA_ENDPOINT", "AzureWatcher"]
 
 DEFAULT_AZURE_METADATA_ENDPOINT = "http://169.254.169.254"
 

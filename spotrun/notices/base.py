@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, MetadataBusyError, NoticeError
-from ..instance import InstanceInfo
+from ..records.instance import InstanceInfo
 
-__all__ = ["Notice", "PollingWatcher", "REBALANCE_MODES", "Watcher"]
+__all__ = ["REBALANCE_MODES", "Notice", "PollingWatcher", "Watcher"]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class PollingWatcher(Watcher):
         def fetch() -> None:
             try:
                 box[0] = self._fetch_instance_info(deadline)
-            except Exception as exc:  # unreachable, odd answer: "not known" is the answer
+            except Exception as exc:  # noqa: BLE001 - unreachable, odd answer: "not known" is the answer
                 log.debug("%s instance info unavailable: %s", self.name, exc)
 
         # The HTTP timeouts already track the deadline; the join makes the bound hard even
@@ -237,7 +237,7 @@ class PollingWatcher(Watcher):
     def _run(self, on_notice: OnNotice) -> None:
         try:
             reachable = self._probe(time.monotonic() + self.startup_timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a probe that breaks means "not reachable"
             log.debug("%s probe failed: %s", self.name, exc)
             reachable = False
         if self._stop.is_set():
@@ -284,7 +284,7 @@ class PollingWatcher(Watcher):
         """One poll; False when it failed (the caller retries sooner, with backoff)."""
         try:
             posted = self._poll()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the watcher thread must outlive any failed poll
             self._failing = True
             now = time.monotonic()
             if now - self._last_error_log >= _ERROR_LOG_EVERY:

@@ -137,7 +137,7 @@ def _probe_all(candidates: list[PollingWatcher], budget: float) -> list[Watcher]
     def probe(i: int) -> None:
         try:
             answered[i] = candidates[i]._probe(deadline)
-        except Exception:  # a probe that breaks means "not here"
+        except Exception:  # noqa: BLE001 - a probe that breaks means "not here"
             answered[i] = False
 
     threads = [
@@ -149,4 +149,4 @@ def _probe_all(candidates: list[PollingWatcher], budget: float) -> list[Watcher]
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     # A probe still running past the budget counts as "no"; its own timeouts end it soon.
-    return [w for w, ok, t in zip(candidates, answered, threads) if ok and not t.is_alive()]
+    return [w for w, ok, t in zip(candidates, answered, threads, strict=True) if ok and not t.is_alive()]

@@ -26,11 +26,11 @@ from typing import Any
 import requests
 
 from ..errors import ConfigError, MetadataBusyError, NoticeError
-from ..instance import InstanceInfo
+from ..records.instance import InstanceInfo
 from ._http import http_request, new_session, parse_time, remaining
 from .base import REBALANCE_MODES, Notice, PollingWatcher
 
-__all__ = ["DEFAULT_IMDS_ENDPOINT", "Ec2Watcher", "MAX_TOKEN_TTL", "region_from_az"]
+__all__ = ["DEFAULT_IMDS_ENDPOINT", "MAX_TOKEN_TTL", "Ec2Watcher", "region_from_az"]
 
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 #: The longest token lifetime IMDS accepts (six hours).

@@ -46,7 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..errors import ConfigError
-from ..instance import InstanceInfo
+from ..records.instance import InstanceInfo
 
 __all__ = ["FLAVORS", "FakeMetadataServer", "control", "main"]
 
@@ -397,9 +397,9 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(body)
 
-    do_GET = do_PUT = do_POST = do_DELETE = _handle  # noqa: N815
+    do_GET = do_PUT = do_POST = do_DELETE = _handle
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log is kept in fake.requests; stderr stays clean for tests
 
 

@@ -15,11 +15,11 @@ from typing import Any
 import requests
 
 from ..errors import NoticeError
-from ..instance import InstanceInfo
+from ..records.instance import InstanceInfo
 from ._http import http_request, new_session, remaining
 from .base import Notice, PollingWatcher
 
-__all__ = ["DEFAULT_GCP_METADATA_ENDPOINT", "GcpWatcher", "PREEMPTION_WINDOW_S"]
+__all__ = ["DEFAULT_GCP_METADATA_ENDPOINT", "PREEMPTION_WINDOW_S", "GcpWatcher"]
 
 DEFAULT_GCP_METADATA_ENDPOINT = "http://metadata.google.internal"
 #: How long GCP lets a preempted VM run after the notice (its documented ~30 s).

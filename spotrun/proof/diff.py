@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..layout import checkpoint_dir
-from ..sharded import read_full
-from ..snapshot import read_payload
+from ..format.sharded import read_full
+from ..format.snapshot import read_payload
+from ..records.layout import checkpoint_dir
 from ..storage import Storage
 
 __all__ = ["artifact_names", "diff_state", "file_differences", "is_payload", "state_at"]
@@ -53,7 +53,7 @@ def diff_state(a: Any, b: Any, path: str = "") -> list[str]:
         if len(a) != len(b):
             return [f"{path}: length {len(a)} vs {len(b)}"]
         out = []
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             out.extend(diff_state(x, y, f"{path}[{i}]"))
         # An RNG state is a long tuple: name it once, not per element.
         return [f"{path}: values differ"] if len(out) > 3 else out

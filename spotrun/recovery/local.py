@@ -38,10 +38,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..checksum import problem_in_file
 from ..config import env_str
-from ..layout import checkpoint_dir
-from ..manifest import Manifest
+from ..format.checksum import problem_in_file
+from ..format.manifest import Manifest
+from ..records.layout import checkpoint_dir
 from ..units import format_bytes
 
 __all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "NearestReader", "TeeStorage", "TeeWriter"]
@@ -264,7 +264,7 @@ class NearestReader:
 
     def open_read(self, rel: str) -> Any:
         path = self._local(rel)
-        return self._storage.open_read(rel) if path is None else open(path, "rb")  # noqa: SIM115
+        return self._storage.open_read(rel) if path is None else open(path, "rb")
 
     def display(self, rel: str = "") -> str:
         path = self._checked.get(rel) if rel else None

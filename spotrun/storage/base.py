@@ -24,8 +24,6 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import split_protocol
 
-from .. import checksum
-from ..checksum import ChunkedCRC
 from ..errors import (
     ConfigError,
     CredentialsError,
@@ -34,7 +32,9 @@ from ..errors import (
     StorageUnavailableError,
     StorageURLError,
 )
-from ..manifest import FileEntry
+from ..format import checksum
+from ..format.checksum import ChunkedCRC
+from ..format.manifest import FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def translate_errors(url: str, what: str) -> Iterator[None]:
 
 class HashingWriter:
     """A write-only file wrapper that counts bytes and checksums them as they pass
-    (CRC32C per chunk, see :mod:`spotrun.checksum`).
+    (CRC32C per chunk, see :mod:`spotrun.format.checksum`).
 
     Checksumming on the way out means a commit never re-reads what it just wrote.
     """
@@ -548,13 +548,11 @@ class Storage:
         """Delete ``rel`` (a file or a whole folder); missing is not an error."""
         path = self.full(rel)
         with translate_errors(self.display(rel), "deleting"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(path, recursive=True)
-            except FileNotFoundError:
-                pass
             self.fs.invalidate_cache(posixpath.dirname(path))
 
-    # -- conditional writes (the run's single-writer lease, see spotrun.lease) -----------
+    # -- conditional writes (the run's single-writer lease, see spotrun.records.lease) -----------
     #
     # A "tagged" object changes only through whoever read its current version (its tag), so
     # of two writers that read the same version exactly one can replace it. On S3 it is one

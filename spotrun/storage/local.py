@@ -13,9 +13,9 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 
-from .. import checksum
 from ..errors import StorageNotFoundError
-from ..manifest import FileEntry
+from ..format import checksum
+from ..format.manifest import FileEntry
 from .base import Backend, HashingWriter, translate_errors
 
 

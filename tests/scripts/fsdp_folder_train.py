@@ -16,6 +16,7 @@ and exits 75. Rank 0 prints ``full-state SHA`` of the gathered model and optimiz
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -75,7 +76,7 @@ def main() -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     spotrun.seed_everything(0)
-    layers = [nn.Linear(a, b) for a, b in zip(DIMS, DIMS[1:])]
+    layers = [nn.Linear(a, b) for a, b in itertools.pairwise(DIMS)]
     model = nn.Sequential(layers[0], nn.GELU(), nn.Dropout(0.2), layers[1], nn.GELU(), layers[2])
     mesh = init_device_mesh("cpu", (world,))
     for layer in layers:

@@ -1,6 +1,6 @@
 """An FSDP2 model + AdamW under torchrun (gloo, CPU) that saves or loads a sharded checkpoint.
 
-    save:  train a few steps, write through spotrun.sharded (sync or --async, the latter
+    save:  train a few steps, write through spotrun.format.sharded (sync or --async, the latter
            while the training thread keeps running all_reduces), rank 0 commits the
            manifest and keeps the gathered full state next to it (--reference) for checking.
     load:  build a fresh model on this many ranks, read_sharded (resharding), gather the
@@ -31,10 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from spotrun.commit import commit, read_manifest
 from spotrun.errors import SpotrunError
-from spotrun.manifest import Manifest
-from spotrun.sharded import (
+from spotrun.format.commit import commit, read_manifest
+from spotrun.format.manifest import Manifest
+from spotrun.format.sharded import (
     ShardedSaver,
     get_state,
     is_sharded,

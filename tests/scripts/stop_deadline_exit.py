@@ -13,11 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
 
-import torch  # noqa: E402
+import slowfs
+import torch
 
-import slowfs  # noqa: E402
-import spotrun  # noqa: E402
-from spotrun.storage import inflight  # noqa: E402
+import spotrun
+from spotrun.storage import inflight
 
 slowfs.register()
 torch.set_num_threads(1)  # ten of these run side by side on a small machine

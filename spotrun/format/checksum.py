@@ -185,7 +185,7 @@ def problem(data: Any, entry: FileEntry) -> str | None:
     if entry.chunk:
         got = _hex(_chunk_crcs(view, entry.chunk))
         if got != entry.crc32c:
-            bad = next((i for i, (a, b) in enumerate(zip(got, entry.crc32c)) if a != b),
+            bad = next((i for i, (a, b) in enumerate(zip(got, entry.crc32c, strict=False)) if a != b),
                        min(len(got), len(entry.crc32c)))
             lo = bad * entry.chunk
             return (f"crc32c of bytes {lo}-{min(lo + entry.chunk, entry.size) - 1} does not "

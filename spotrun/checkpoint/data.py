@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from .errors import ConfigError, LoaderUsageError
+from ..errors import ConfigError, LoaderUsageError
 
 __all__ = ["EpochSampler", "ResumableLoader", "rank_seed"]
 

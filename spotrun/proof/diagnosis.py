@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .commit import list_checkpoints
-from .proof.diff import diff_state, state_at
-from .storage import Storage
+from ..format.commit import list_checkpoints
+from ..storage import Storage
+from .diff import diff_state, state_at
 
 __all__ = ["Divergence", "entry_under", "find_divergence", "rng_entries_never_drawn"]
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import ConfigError, IncompatibleCheckpointError
+from ..errors import ConfigError, IncompatibleCheckpointError
 
 __all__ = [
     "Stateful",

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from . import checksum
-from .errors import (
+from ..errors import (
     CheckpointError,
     CorruptCheckpointError,
     UnloadableStateError,
 )
-from .layout import checkpoint_dir
+from ..records.layout import checkpoint_dir
+from ..storage import Storage, translate_errors
+from . import checksum
 from .manifest import FileEntry
-from .storage import Storage, translate_errors
 
 __all__ = [
     "BufferReader",

@@ -1,6 +1,6 @@
 """The run ledger: what happened during a run, one small JSON object per event.
 
-Records live under ``RUN_URL/ledger/`` (:data:`spotrun.layout.LEDGER_DIR`), one object each,
+Records live under ``RUN_URL/ledger/`` (:data:`spotrun.records.layout.LEDGER_DIR`), one object each,
 named ``{time_ns:020d}-{uuid12}.json`` so that lexical order is time order. Every record is
 created with :meth:`Storage.write_if_absent` under a name no other writer can pick, so
 concurrent writers (several ranks, a relaunched process, the launcher on another machine)
@@ -43,8 +43,9 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .config import env_float_or_default
-from .errors import ConfigError, StorageError
+from ..config import env_float_or_default
+from ..errors import ConfigError, StorageError
+from ..storage import Storage
 from .events import (
     CheckpointCommitted,
     EndReason,
@@ -56,14 +57,13 @@ from .events import (
     TrainingResumed,
 )
 from .layout import LEDGER_DIR, is_temporary
-from .storage import Storage
 
 __all__ = ["DEFAULT_FLUSH_S", "SEGMENT_END_REASONS", "BackgroundLedger", "Ledger",
            "clean_dead_writers_temporaries", "ledger_sink"]
 
 log = logging.getLogger(__name__)
 
-#: The reasons a ``segment_ended`` record may carry (:class:`spotrun.events.EndReason`).
+#: The reasons a ``segment_ended`` record may carry (:class:`spotrun.records.events.EndReason`).
 SEGMENT_END_REASONS = tuple(r.value for r in EndReason)
 _RESERVED = ("event", "pid", "host", "id")
 
@@ -110,7 +110,7 @@ class Ledger:
             }
             data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
             # Negative times (never expected) would break the lexical order; clamp the name only.
-            name = f"{max(0, int(round(when * 1e9))):020d}-{rid[:12]}.json"
+            name = f"{max(0, round(when * 1e9)):020d}-{rid[:12]}.json"
             if self.storage.write_if_absent(f"{LEDGER_DIR}/{name}", data):
                 return record
         # Five uuid4 collisions in a row do not happen; a storage that always says "exists" does.
@@ -156,7 +156,7 @@ class Ledger:
     # -- events ------------------------------------------------------------------------
 
     def record(self, event: Event) -> dict:
-        """Write one typed event (:mod:`spotrun.events`) as a record: the one door every
+        """Write one typed event (:mod:`spotrun.records.events`) as a record: the one door every
         spotrun event goes through. Its ``time`` is the event's own time field."""
         if not isinstance(event, _EVENT_TYPES):
             raise TypeError(f"not a spotrun event: {event!r}")
@@ -236,7 +236,7 @@ def clean_dead_writers_temporaries(storage: Storage) -> int:
     dead, here a process of this host that no longer runs (the record inside names its pid
     and host); any other (another host's, a live process's, an empty one a full disk left)
     only once it is old, which the lease holder's sweep does
-    (:func:`spotrun.lease.clean_stale_temporaries`). A live writer's temporary is never
+    (:func:`spotrun.records.lease.clean_stale_temporaries`). A live writer's temporary is never
     touched: its pid still runs.
     """
     folder = storage.local_path(LEDGER_DIR)

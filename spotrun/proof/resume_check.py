@@ -13,7 +13,7 @@ the uninterrupted run's pace), after the attempt's restore, so slow imports cann
 it. Fewer than ``K`` delivered interruptions is never a PASS.
 
 Both runs keep every checkpoint (retention off), so on a FAIL the runs are compared step by
-step (:mod:`spotrun.resume_diagnosis`): the first step whose state differs, the entries that
+step (:mod:`spotrun.proof.diagnosis`): the first step whose state differs, the entries that
 differ first and the likely cause.
 """
 
@@ -32,18 +32,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
-from .commit import KEEP_ALL_ENV, find_latest_valid, list_checkpoints
-from .errors import CheckpointError, ConfigError
-from .layout import DCP_METADATA, DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, LEDGER_DIR
-from .resume_diagnosis import (
+from ..errors import CheckpointError, ConfigError
+from ..format.commit import KEEP_ALL_ENV, find_latest_valid, list_checkpoints
+from ..records.layout import DCP_METADATA, DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, LEDGER_DIR
+from ..storage import Storage
+from .diagnosis import (
     Divergence,
     entry_under,
     find_divergence,
     rng_entries_never_drawn,
 )
-from .proof.diff import artifact_names, diff_state, file_differences, is_payload, state_at
-from .storage import Storage
+from .diff import artifact_names, diff_state, file_differences, is_payload, state_at
 
 __all__ = ["Interruption", "ResumeCheck", "check_resume", "compare_checkpoints", "diff_state"]
 

@@ -23,14 +23,14 @@ change it only together with ``manifest.FORMAT_VERSION``.
                                (``000000000015-<when>-<id>/`` with a ``damaged.json``)
       lease                    who writes the run now (owner, heartbeat, expiry): on S3 one
                                object replaced by conditional writes; elsewhere a folder of
-                               numbered versions, the newest current (see spotrun.lease)
+                               numbered versions, the newest current (see spotrun.records.lease)
 """
 
 from __future__ import annotations
 
 import re
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "DAMAGED_DIR",
@@ -61,7 +61,7 @@ LAUNCH_DIR = "launch"
 LOGS_DIR = "logs"
 #: Multi-node cluster files, ``NODES_DIR/<instance id>.json`` (:mod:`spotrun.launch.node`).
 NODES_DIR = f"{LAUNCH_DIR}/nodes"
-#: The single-writer lease (:mod:`spotrun.lease`).
+#: The single-writer lease (:mod:`spotrun.records.lease`).
 LEASE = "lease"
 #: Where damaged checkpoint folders are moved: out of the names :func:`parse_step` takes,
 #: so no save, restore or retention touches them again; kept until a person deletes them.

@@ -19,15 +19,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import LaunchError, StorageError
-from ..layout import LAUNCH_DIR
 from ..storage import Storage
+from .layout import LAUNCH_DIR
 
 __all__ = [
-    "RunStatus",
     "STATE_FILE",
     "STATE_VERSION",
     "STOP_FILE",
     "LaunchState",
+    "RunStatus",
     "Segment",
     "exit_record_path",
     "load_state",

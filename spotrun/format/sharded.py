@@ -89,17 +89,17 @@ from torch.distributed.checkpoint.storage import (
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from . import checksum
-from .errors import (
+from ..errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     SaveError,
     StorageError,
     StorageNotFoundError,
 )
-from .layout import DCP_METADATA, MANIFEST, checkpoint_dir
+from ..records.layout import DCP_METADATA, MANIFEST, checkpoint_dir
+from ..storage import Storage
+from . import checksum
 from .manifest import FileEntry, Manifest
-from .storage import Storage
 
 __all__ = [
     "DCP_METADATA",
@@ -1058,7 +1058,7 @@ class _LiveState:
         refresh: list[tuple[Any, Any, Any, Any]] = []
         names: list[str] = []
         params: list[Any] = []
-        for group, saved in zip(groups, saved_groups):
+        for group, saved in zip(groups, saved_groups, strict=True):
             if set(group) != set(saved):
                 return None
             refresh += [(saved, k, group, k) for k in group if k != "params"]
@@ -1066,7 +1066,7 @@ class _LiveState:
             params += list(group["params"])
         if len(names) != len(params):
             return None  # tied or renamed parameters: no one-to-one map to follow
-        by_name = dict(zip(names, params))
+        by_name = dict(zip(names, params, strict=True))
         states = {p: st for opt in self.optimizers for p, st in opt.state.items()}
         for name, saved_state in osd.get("state", {}).items():
             live_state = states.get(by_name.get(name))
@@ -1095,7 +1095,7 @@ class _CopyPlan:
         src_leaves, dst_leaves = list(_leaves(source)), list(_leaves(staged))
         if len(src_leaves) != len(dst_leaves):
             raise ValueError("staged state has another structure")
-        for (src_c, k, v), (dst_c, dk, d) in zip(src_leaves, dst_leaves):
+        for (src_c, k, v), (dst_c, dk, d) in zip(src_leaves, dst_leaves, strict=True):
             if k != dk or isinstance(v, torch.Tensor) != isinstance(d, torch.Tensor):
                 raise ValueError("staged state has another structure")
             if isinstance(v, torch.Tensor):

@@ -2,7 +2,7 @@
 
 It names every payload file with its size and checksum, so a reader can tell a complete
 checkpoint from a half-written or damaged one without trusting listing order or mtimes.
-Format 2 lists a CRC32C per 16 MiB chunk (see :mod:`spotrun.checksum`); format 1 listed one
+Format 2 lists a CRC32C per 16 MiB chunk (see :mod:`spotrun.format.checksum`); format 1 listed one
 sha256 per file, and is still read and verified.
 """
 
@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CorruptCheckpointError, UnsupportedFormatError
-from .layout import DCP_METADATA
+from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from ..records.layout import DCP_METADATA
 
 __all__ = ["FORMAT_VERSION", "FileEntry", "Manifest"]
 
@@ -99,7 +99,7 @@ class Manifest:
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from exc
         if version > FORMAT_VERSION:
-            from . import __version__
+            from .. import __version__
 
             raise UnsupportedFormatError(
                 f"{where}: manifest format {version} is newer than this spotrun "
@@ -134,6 +134,6 @@ def _artifacts(raw: Any) -> dict[str, dict[str, Any]]:
 def _versions() -> dict[str, str]:
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"spotrun": __version__, "torch": torch.__version__, "python": platform.python_version()}

@@ -1,4 +1,4 @@
-"""One writer per run: a lease under the run URL (:data:`spotrun.layout.LEASE`).
+"""One writer per run: a lease under the run URL (:data:`spotrun.records.layout.LEASE`).
 
 Two trainers on one run URL would write the same step folders and prune each other's
 checkpoints. So the trainer (rank 0 of it; other ranks never touch the lease) holds a lease
@@ -36,16 +36,16 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .config import env_float, env_str
-from .errors import (
+from ..config import env_float, env_str
+from ..errors import (
     ConfigError,
     LeaseError,
     LeaseHeldError,
     LeaseLostError,
     SpotrunError,
 )
+from ..storage import Storage
 from .layout import LAUNCH_DIR, LEASE, LEDGER_DIR, parse_step
-from .storage import Storage
 
 __all__ = [
     "DEFAULT_TTL_S",

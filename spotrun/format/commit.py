@@ -22,15 +22,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import checksum
-from .errors import (
+from ..errors import (
     CorruptCheckpointError,
     StorageError,
     StorageNotFoundError,
 )
-from .layout import DAMAGED_DIR, MANIFEST, checkpoint_dir, parse_step
+from ..records.layout import DAMAGED_DIR, MANIFEST, checkpoint_dir, parse_step
+from ..storage import Storage, translate_errors
+from . import checksum
 from .manifest import Manifest
-from .storage import Storage, translate_errors
 
 __all__ = [
     "DAMAGED_DIR",

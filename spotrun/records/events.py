@@ -18,9 +18,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
-from .errors import ConfigError, LedgerRecordError
+from ..errors import ConfigError, LedgerRecordError
 from .instance import InstanceInfo
 
 __all__ = [
@@ -263,7 +263,7 @@ class NoticeReceived(_Event):
         return {**super().fields(), "notice_time": self.notice_time, "deadline": self.deadline}
 
 
-Event = Union[SegmentStarted, SegmentEnded, CheckpointCommitted, TrainingResumed, NoticeReceived]
+Event = SegmentStarted | SegmentEnded | CheckpointCommitted | TrainingResumed | NoticeReceived
 EventSink = Callable[[Event], None]
 
 
