@@ -135,6 +135,16 @@ def test_local_launch_flags_out_of_range_are_refused_at_parse(
     assert not run.exists()  # refused before anything started
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_stop_wait_out_of_range_is_refused_at_parse(value: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["stop", str(tmp_path / "run"), "--wait", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--wait" in err, err  # was: accepted (float('nan'))
+    assert len(err.strip().splitlines()) <= 2
+
+
 @pytest.mark.parametrize("kw", [
     {"nodes": 10**6}, {"nodes": True}, {"nproc_per_node": 10**6}, {"nproc_per_node": True},
     {"grace_s": math.nan}, {"grace_s": math.inf}, {"mean_interval": math.nan}, {"peer_exit_s": math.nan},

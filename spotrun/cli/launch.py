@@ -292,7 +292,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("stop", help="terminate a run's instances (or local command); keep its checkpoints")
     t.add_argument("run_url", metavar="RUN_URL")
     t.add_argument("--json", action="store_true", help="machine-readable output")
-    t.add_argument("--wait", type=float, default=None,
+    t.add_argument("--wait", type=_number("--wait", example="60", allow_zero=True), default=None,
                    help="seconds to wait for a live controller to acknowledge "
                         "(default: three of its polls, at least 30)")
     t.set_defaults(func=_stop)
