@@ -57,3 +57,25 @@ def test_all_damaged_policy_is_checked_by_both_wrappers(tmp_path, monkeypatch):
         spotrun.Checkpointer(str(tmp_path / "a"), model=torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="SPOTRUN_IF_ALL_DAMAGED"):
         RunSession(str(tmp_path / "b"))
+
+
+def test_a_missed_deadline_still_gives_open_uploads_time_to_be_aborted(tmp_path, monkeypatch):
+    """At the deadline itself (SPOTRUN_STOP_MARGIN=0: no time left) the uploads the abandoned
+    save opened still get a bounded chance to be aborted before the process leaves 143."""
+    import time
+
+    from spotrun.checkpoint import segment as segment_mod
+    from spotrun.notices import Notice
+    from spotrun.records.layout import EXIT_STOP_UNSAVED
+    from spotrun.storage import Storage
+
+    seg = segment_mod.RunSegment(Storage(str(tmp_path / "run")), handle_signals=False, watchers=[])
+    seg.interrupts.stop_notice = Notice(source="ec2", action="terminate", stop=True,
+                                        detected_at=time.time() - 120, deadline=time.time() - 1)
+    budgets: list[float] = []
+    exits: list[int] = []
+    monkeypatch.setattr(segment_mod.inflight, "abort_all", budgets.append)
+    monkeypatch.setattr(segment_mod, "_exit_now", exits.append)
+    seg.leave_abandoned()
+    assert exits == [EXIT_STOP_UNSAVED]
+    assert budgets and budgets[0] >= segment_mod.ABORT_MIN_S > 0  # was 0 s: nothing went out

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 #: Longest wait, after a missed stop deadline, for open uploads to be aborted.
 ABORT_BUDGET_S = 5.0
+#: ... and at least this long, even at the deadline itself (SPOTRUN_STOP_MARGIN=0): the abort
+#: requests must get out, and a second more cannot cost a checkpoint that is already lost.
+ABORT_MIN_S = 1.0
 
 
 def process_start_time() -> float:
@@ -283,14 +286,15 @@ class RunSegment:
 
         What must outlive the process is done first, each bounded: open uploads the save
         started are aborted (:func:`spotrun.storage.inflight.abort_all`, at most
-        :data:`ABORT_BUDGET_S` or the time left before the deadline), the lease stops being
+        :data:`ABORT_BUDGET_S` or the time left before the deadline, at least
+        :data:`ABORT_MIN_S`), the lease stops being
         renewed (the save may still write, so it is not released), ``segment_ended`` is
         written, logs and streams are flushed. Then ``os._exit``: no interpreter shutdown
         runs under the abandoned writer, so the exit code is 143 every time.
         """
         notice = self.interrupts.stop_notice
         left = notice.seconds_left() if notice is not None else None
-        budget = ABORT_BUDGET_S if left is None else max(0.0, min(ABORT_BUDGET_S, left))
+        budget = ABORT_BUDGET_S if left is None else max(ABORT_MIN_S, min(ABORT_BUDGET_S, left))
         with contextlib.suppress(Exception):
             inflight.abort_all(budget)
         self.interrupts.stop_watchers()
