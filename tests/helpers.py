@@ -219,3 +219,25 @@ class FakePlacementGroups:
             return self._error("InvalidPlacementGroup.InUse")
         del self.groups[req["GroupName"]]
         return self._answer(200, {})
+
+
+def tiny_hf_trainer(output_dir: str, steps: int, callback):
+    """A 2-layer GPT-2 Trainer on the HF example's token data: saves every 2 steps, no noise."""
+    import importlib.util
+
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+    spec = importlib.util.spec_from_file_location("hf_train_example", str(REPO / "examples" / "hf_train.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    set_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    args = TrainingArguments(output_dir=output_dir, max_steps=steps, save_strategy="steps", save_steps=2,
+                             per_device_train_batch_size=8, seed=0, use_cpu=True, report_to=[],
+                             disable_tqdm=True, logging_strategy="no")
+    return Trainer(model=model, args=args, train_dataset=example._Tokens(32, 16, 64), callbacks=[callback])

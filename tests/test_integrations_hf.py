@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, tiny_hf_trainer, wait_child
 from safetensors.torch import load_file
 
 from spotrun.format.commit import list_checkpoints, list_damaged
@@ -125,27 +125,6 @@ def test_reference_run_commits_every_trainer_save_and_finishes(reference):
     assert ended["reason"] == "finished" and ended["steps_done"] == STEPS
 
 
-def _tiny_trainer(output_dir: str, steps: int, callback):
-    import importlib.util
-
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
-    spec = importlib.util.spec_from_file_location("hf_train_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    set_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
-    args = TrainingArguments(output_dir=output_dir, max_steps=steps, save_strategy="steps", save_steps=2,
-                             per_device_train_batch_size=8, seed=0, use_cpu=True, report_to=[],
-                             disable_tqdm=True, logging_strategy="no")
-    return Trainer(model=model, args=args, train_dataset=example._Tokens(32, 16, 64), callbacks=[callback])
-
-
 @pytest.mark.slow
 def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, s3_bucket):
     """In-process, against moto: each Trainer save lands in S3 with its manifest; the next
@@ -156,19 +135,19 @@ def test_s3_run_url_commits_remotely_resumes_from_a_verified_download(tmp_path, 
 
     url = f"s3://{s3_bucket}/hf-run"
     first = SpotrunCallback(url, handle_signals=False, watchers=[])
-    train(_tiny_trainer(str(tmp_path / "a"), 4, first))
+    train(tiny_hf_trainer(str(tmp_path / "a"), 4, first))
     assert committed_steps(url) == [2, 4]
     assert Storage(url).exists(DONE_MARKER)
 
     # A second train() on the same URL, not told to resume: refused, nothing written.
-    plain = _tiny_trainer(str(tmp_path / "b"), 6, SpotrunCallback(url, handle_signals=False, watchers=[]))
+    plain = tiny_hf_trainer(str(tmp_path / "b"), 6, SpotrunCallback(url, handle_signals=False, watchers=[]))
     with pytest.raises(ConfigError, match="already has a checkpoint at step 4"):
         plain.train()
     assert committed_steps(url) == [2, 4]
 
     # Resumed properly: the newest checkpoint is downloaded under output_dir, verified, loaded.
     again = SpotrunCallback(url, handle_signals=False, watchers=[])
-    trainer = _tiny_trainer(str(tmp_path / "c"), 6, again)
+    trainer = tiny_hf_trainer(str(tmp_path / "c"), 6, again)
     path = again.resume_path(trainer)
     assert path == str(tmp_path / "c" / "spotrun-resume" / checkpoint_dir(4))
     trainer.train(resume_from_checkpoint=path)

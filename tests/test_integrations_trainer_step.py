@@ -11,14 +11,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from helpers import REPO, committed_steps
+from helpers import committed_steps, tiny_hf_trainer
 
 from spotrun.format.commit import commit, list_damaged, read_manifest
 from spotrun.format.manifest import Manifest
 from spotrun.records.layout import checkpoint_dir
 from spotrun.storage import Storage
-
-EXAMPLE = str(REPO / "examples" / "hf_train.py")
 
 
 def copy_over_and_rehash(url: str, source: int, target: int) -> None:
@@ -35,32 +33,16 @@ def copy_over_and_rehash(url: str, source: int, target: int) -> None:
     commit(storage, Manifest(step=target, files=files, world_size=old.world_size))
 
 
-def _tiny_hf_trainer(output_dir: str, steps: int, callback):
-    import importlib.util
-
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
-
-    spec = importlib.util.spec_from_file_location("hf_train_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    set_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
-    args = TrainingArguments(output_dir=output_dir, max_steps=steps, save_strategy="steps", save_steps=2,
-                             per_device_train_batch_size=8, seed=0, use_cpu=True, report_to=[],
-                             disable_tqdm=True, logging_strategy="no")
-    return Trainer(model=model, args=args, train_dataset=example._Tokens(32, 16, 64), callbacks=[callback])
-
-
 def test_hf_folder_holding_another_steps_trainer_state_is_damage(tmp_path):
     from spotrun.integrations.hf import SpotrunCallback, train
 
     url = str(tmp_path / "run")
-    train(_tiny_hf_trainer(str(tmp_path / "a"), 4, SpotrunCallback(url, handle_signals=False, watchers=[])))
+    train(tiny_hf_trainer(str(tmp_path / "a"), 4, SpotrunCallback(url, handle_signals=False, watchers=[])))
     assert committed_steps(url) == [2, 4]
     copy_over_and_rehash(url, source=2, target=4)
 
     again = SpotrunCallback(url, handle_signals=False, watchers=[])
-    trainer = _tiny_hf_trainer(str(tmp_path / "b"), 6, again)
+    trainer = tiny_hf_trainer(str(tmp_path / "b"), 6, again)
     path = again.resume_path(trainer)
     # Not "resuming from step 4" with step 2's state: step 4 is moved aside, 2 is used.
     assert path == str(Path(url) / checkpoint_dir(2))
