@@ -42,6 +42,7 @@ from ..config import env_str
 from ..format.checksum import problem_in_file
 from ..format.manifest import Manifest
 from ..records.layout import checkpoint_dir
+from ..storage.base import write_all
 from ..units import format_bytes
 
 __all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "NearestReader", "TeeStorage", "TeeWriter"]
@@ -312,12 +313,7 @@ class TeeWriter:
     def write(self, data: Any) -> int:
         if self._local is not None:
             try:
-                view = memoryview(data).cast("B")
-                while view.nbytes:
-                    n = self._local.write(view)
-                    if n is None or n >= view.nbytes:
-                        break
-                    view = view[n:]
+                write_all(self._local, memoryview(data).cast("B"))
             except OSError as exc:
                 self._local = None
                 self._on_error(exc)

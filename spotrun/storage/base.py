@@ -153,6 +153,16 @@ def translate_errors(url: str, what: str) -> Iterator[None]:
         raise
 
 
+def write_all(raw: Any, view: memoryview) -> None:
+    """Write every byte of ``view`` to ``raw``: an unbuffered file may write less than asked
+    (Linux caps one write at ~2 GiB)."""
+    while view.nbytes:
+        written = raw.write(view)
+        if written is None or written >= view.nbytes:
+            return
+        view = view[written:]
+
+
 class HashingWriter:
     """A write-only file wrapper that counts bytes and checksums them as they pass
     (CRC32C per chunk, see :mod:`spotrun.format.checksum`).
@@ -183,12 +193,7 @@ class HashingWriter:
         return n
 
     def _write_all(self, view: memoryview) -> None:
-        # An unbuffered file may write less than asked (Linux caps one write at ~2 GiB).
-        while view.nbytes:
-            written = self._raw.write(view)
-            if written is None or written >= view.nbytes:
-                return
-            view = view[written:]
+        write_all(self._raw, view)
 
     def flush(self) -> None:
         self._raw.flush()
