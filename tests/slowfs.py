@@ -17,9 +17,15 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 
-class _SlowWriter:
+class Slowed:
+    """A file whose every read or write call first sleeps ``delay`` seconds."""
+
     def __init__(self, raw, delay: float) -> None:
         self._raw, self._delay = raw, delay
+
+    def read(self, *args):
+        time.sleep(self._delay)
+        return self._raw.read(*args)
 
     def write(self, data):
         time.sleep(self._delay)
@@ -51,7 +57,7 @@ class SlowLocalFS(LocalFileSystem):
         f = super()._open(path, mode, *args, **kwargs)
         delay = float(os.environ.get("SPOTRUN_TEST_WRITE_DELAY", "0"))
         if "w" in mode and delay and self.slow_marker in path:
-            return _SlowWriter(f, delay)
+            return Slowed(f, delay)
         return f
 
 

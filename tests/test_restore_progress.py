@@ -12,28 +12,11 @@ import fsspec
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from slowfs import Slowed
 
 import spotrun
 from spotrun.integrations._session import RunSession
 from spotrun.units import format_bytes
-
-
-class _SlowReader:
-    def __init__(self, raw, delay: float) -> None:
-        self._raw, self._delay = raw, delay
-
-    def read(self, *args):
-        time.sleep(self._delay)
-        return self._raw.read(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._raw, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._raw.close()
 
 
 class SlowReadFS(LocalFileSystem):
@@ -56,7 +39,7 @@ class SlowReadFS(LocalFileSystem):
     def _open(self, path, mode="rb", *args, **kwargs):
         f = super()._open(path, mode, *args, **kwargs)
         if "r" in mode and "/00000" in path and not path.endswith(".json"):
-            return _SlowReader(f, self.delay)
+            return Slowed(f, self.delay)
         return f
 
 
