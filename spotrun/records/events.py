@@ -31,6 +31,7 @@ __all__ = [
     "EventSink",
     "Market",
     "NoticeReceived",
+    "RecoveryStarted",
     "SegmentEnded",
     "SegmentStarted",
     "Source",
@@ -233,11 +234,56 @@ class TrainingResumed(_Event):
     step: int
     process_started_at: float
     first_step_at: float
+    # What the restore before that step cost (None where nothing was restored, and in older
+    # records): when it began, how long it took, and its bytes by where they came from
+    # (this machine's copy, a peer node's copy, the run URL).
+    restore_started_at: float | None = None
+    restore_s: float | None = None
+    bytes_local: int | None = None
+    bytes_peer: int | None = None
+    bytes_url: int | None = None
 
     def __post_init__(self) -> None:
         self._coerce(segment_id=str(self.segment_id), step=int(self.step),
                      process_started_at=float(self.process_started_at),
-                     first_step_at=float(self.first_step_at))
+                     first_step_at=float(self.first_step_at),
+                     restore_started_at=_optional_float(self.restore_started_at),
+                     restore_s=_optional_float(self.restore_s),
+                     **{k: None if getattr(self, k) is None else int(getattr(self, k))
+                        for k in ("bytes_local", "bytes_peer", "bytes_url")})
+
+
+@dataclass(frozen=True)
+class RecoveryStarted(_Event):
+    """A launcher lost node(s) of an attempt and starts the next one (the launcher writes it,
+    under the *next* attempt's ``group``). ``mode``: "replace" kept the survivors and started
+    only replacements, "relaunch" started a whole new attempt. ``lost_at``: when the loss was
+    known (the notice, or the node seen gone); ``capacity_at``: when every machine of the next
+    attempt was running (None while unknown). The nodes' own ``training_resumed`` records
+    carry the rest of the split (process start, restore, first step)."""
+
+    kind: ClassVar[str] = "recovery_started"
+    time_field: ClassVar[str] = "lost_at"
+
+    segment_id: str  # the next attempt's group id (its nodes' segments name it as their group)
+    lost_at: float
+    mode: str
+    lost: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+    instances_started: int = 0
+    capacity_at: float | None = None
+    source: Source = Source.LAUNCHER
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("replace", "relaunch"):
+            raise ConfigError(f"recovery mode {self.mode!r} must be 'replace' or 'relaunch'")
+        self._coerce(segment_id=str(self.segment_id), lost_at=float(self.lost_at),
+                     lost=tuple(str(x) for x in self.lost), kept=tuple(str(x) for x in self.kept),
+                     instances_started=int(self.instances_started),
+                     capacity_at=_optional_float(self.capacity_at), source=Source.parse(self.source))
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "lost": list(self.lost), "kept": list(self.kept)}
 
 
 @dataclass(frozen=True)
@@ -263,7 +309,7 @@ class NoticeReceived(_Event):
         return {**super().fields(), "notice_time": self.notice_time, "deadline": self.deadline}
 
 
-Event = SegmentStarted | SegmentEnded | CheckpointCommitted | TrainingResumed | NoticeReceived
+Event = SegmentStarted | SegmentEnded | CheckpointCommitted | TrainingResumed | NoticeReceived | RecoveryStarted
 EventSink = Callable[[Event], None]
 
 
@@ -276,12 +322,16 @@ _TIMES = {
     "segment_started": (("started_at",), ()),
     "segment_ended": (("ended_at",), ("last_step_at",)),
     "checkpoint_committed": (("committed_at",), ("captured_at",)),
-    "training_resumed": (("process_started_at", "first_step_at"), ()),
+    "training_resumed": (("process_started_at", "first_step_at"), ("restore_started_at",)),
     "notice_received": (("detected_at",), ("notice_time", "deadline")),
+    "recovery_started": (("lost_at",), ("capacity_at",)),
 }
-_SECONDS = {"checkpoint_committed": ("stall_s", "save_s")}
-_COUNTS = {"checkpoint_committed": ("step", "nbytes"), "training_resumed": ("step",),
-           "segment_ended": ("steps_done",)}
+_SECONDS = {"checkpoint_committed": ("stall_s", "save_s"), "training_resumed": ("restore_s",)}
+_COUNTS = {"checkpoint_committed": ("step", "nbytes"),
+           "training_resumed": ("step", "bytes_local", "bytes_peer", "bytes_url"),
+           "segment_ended": ("steps_done",), "recovery_started": ("instances_started",)}
+# Counts a record may leave out (older records, or nothing of that kind happened).
+_OPTIONAL_COUNTS = ("steps_done", "nbytes", "bytes_local", "bytes_peer", "bytes_url")
 _INSTANCE_TEXT = ("instance_id", "instance_type", "region", "availability_zone")
 
 
@@ -333,10 +383,10 @@ def parse_record(record: dict) -> dict:
     for key in _SECONDS.get(event, ()):
         # Optional (a stall nobody measured is no stall), but a number when present.
         seconds = _number(record, key, low=0.0, high=MAX_TIME, optional=True)
-        out[key] = 0.0 if seconds is None else seconds
+        out[key] = seconds if seconds is not None or key == "restore_s" else 0.0
     for key in _COUNTS.get(event, ()):
         value = record.get(key)
-        if value is None and key in ("steps_done", "nbytes"):
+        if value is None and key in _OPTIONAL_COUNTS:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise LedgerRecordError(f"{key} {_show(value)} is not a count >= 0")
@@ -363,6 +413,13 @@ def parse_record(record: dict) -> dict:
             out["instance"] = {k: v for k, v in clean.items() if v is not None}
     except ConfigError as exc:
         raise LedgerRecordError(str(exc)) from None
+    if event == "recovery_started":
+        if record.get("mode") not in ("replace", "relaunch"):
+            raise LedgerRecordError(f"mode {_show(record.get('mode'))} is not 'replace' or 'relaunch'")
+        for key in ("lost", "kept"):
+            ids = record.get(key, [])
+            if not isinstance(ids, list) or len(ids) > 4096 or not all(isinstance(x, str) for x in ids):
+                raise LedgerRecordError(f"{key} {_show(ids)} is not a list of node ids")
     if event == "notice_received":
         for key in ("source", "action"):
             if not isinstance(record.get(key), str):

@@ -52,6 +52,7 @@ from .events import (
     Event,
     EventSink,
     NoticeReceived,
+    RecoveryStarted,
     SegmentEnded,
     SegmentStarted,
     TrainingResumed,
@@ -184,8 +185,12 @@ class Ledger:
     def notice_received(self, **fields: Any) -> dict:
         return self.record(NoticeReceived(**fields))
 
+    def recovery_started(self, **fields: Any) -> dict:
+        return self.record(RecoveryStarted(**fields))
 
-_EVENT_TYPES = (SegmentStarted, SegmentEnded, CheckpointCommitted, TrainingResumed, NoticeReceived)
+
+_EVENT_TYPES = (SegmentStarted, SegmentEnded, CheckpointCommitted, TrainingResumed, NoticeReceived,
+                RecoveryStarted)
 
 
 def ledger_sink(ledger: Ledger) -> EventSink:
