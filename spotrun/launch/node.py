@@ -96,8 +96,10 @@ class ClusterSpec:
     min_nodes: int | None = None
     version: int = field(default=CLUSTER_VERSION)
     #: The attempt's secret for the peer copy channel (spotrun.recovery.peer), new per spec;
-    #: written only in the cluster file. Empty (an older cluster file): no peer copies.
-    peer_token: str = field(default_factory=new_token)
+    #: written only in the cluster file (never in a repr, so never in a log line; not part of
+    #: equality: segment and rendezvous id name the attempt). Empty (an older cluster file):
+    #: no peer copies.
+    peer_token: str = field(default_factory=new_token, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.nodes:
