@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
-from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..records.layout import NODES_DIR
+from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 

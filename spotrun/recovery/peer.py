@@ -47,6 +47,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -165,7 +166,8 @@ class PeerServer:
         self._active = 0
         self._last_request = time.monotonic()
         handler = type("Handler", (_Handler,), {"peer": self, "timeout": self.timeout})
-        self._httpd = ThreadingHTTPServer((address, port), handler)
+        server_class = _Server6 if ":" in address else ThreadingHTTPServer
+        self._httpd = server_class((address, port), handler)
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -247,12 +249,16 @@ class PeerServer:
         self._slots.release()
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     peer: PeerServer
     server_version = "spotrun-peer"
     sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("peer %s: " + format, self.client_address[0], *args)
 
     def _answer(self, code: int, why: str = "") -> None:
@@ -288,10 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.peer.leave()
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self._guarded(self._get)
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._guarded(self._put)
 
     def _get(self) -> None:
