@@ -279,6 +279,8 @@ def test_serve_attempt_gives_the_workers_the_buddy_and_off_means_none(tmp_path, 
     spec = ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", port=free_port(),
                        nodes=[{"instance_id": f"n{i}", "address": "127.0.0.1"} for i in range(3)])
     assert ClusterSpec.from_json(spec.to_json()).peer_token == spec.peer_token
+    assert spec.peer_token not in repr(spec)  # a spec in a log line never shows the secret
+    assert ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", nodes=spec.nodes).peer_token != spec.peer_token
     older = {k: v for k, v in spec.to_json().items() if k != "peer_token"}
     assert ClusterSpec.from_json(older).peer_token == ""  # never one per node
     monkeypatch.setenv("SPOTRUN_LOCAL_DIR", str(tmp_path / "local"))

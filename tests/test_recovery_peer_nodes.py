@@ -13,6 +13,7 @@ from its buddy), and finish bit-exact against the shared uninterrupted 2-rank ru
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -92,6 +93,8 @@ def test_a_replacement_restores_from_its_buddy_and_no_node_reads_the_run_url(tmp
     _cluster(url, "p2", ["node-a", "node-c"])
     second = {n: finish_session(p, TIMEOUT) for n, p in procs.items()}
     shown = "\n".join(f"--- {n} exited {c}:\n{o[-3000:]}" for n, (c, o) in second.items())
+    token = ClusterSpec.from_json(json.loads((Path(url) / "launch" / "nodes" / "node-c.json").read_text())).peer_token
+    assert len(token) == 32 and not any(token in out for _, out in [*first.values(), *second.values()])
     assert {c for c, _ in second.values()} == {EXIT_FINISHED}, shown
     for node, (_, out) in second.items():
         resumed = next((line for line in out.splitlines() if "resumed from step" in line), "")

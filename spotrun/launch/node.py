@@ -331,7 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with serve_attempt(spec, index) as peer_env:
         os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
-        return torchrun(argv_)
+        try:
+            return torchrun(argv_)
+        finally:
+            for key in peer_env:  # this attempt's token and addresses end with it
+                os.environ.pop(key, None)
 
 
 if __name__ == "__main__":

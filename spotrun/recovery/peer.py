@@ -88,7 +88,7 @@ DEFAULT_EXIT_WAIT = 30.0
 
 _BLOCK = 1 << 20  # bytes per read/write: the buffer that bounds the channel's memory
 _MAX_FILE = 1 << 40  # no checkpoint file is larger; a bigger Content-Length is refused
-_MAX_CONCURRENT = 16  # requests one server handles at once; more are answered 503
+_MAX_CONCURRENT = 64  # requests one server handles at once; more are answered 503
 _MIN_RATE = 8 << 20  # bytes/s a transfer may not fall below (its overall deadline)
 _HEADROOM = 1.10  # the room rule of the local copy (spotrun/recovery/local.py)
 _KEEP_FREE = 0.25
