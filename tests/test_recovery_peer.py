@@ -207,6 +207,11 @@ def test_a_wrong_token_and_a_path_out_of_the_folder_are_refused(nodes, run, tmp_
     with caplog.at_level(logging.WARNING, logger="spotrun"), pytest.raises(PeerError, match="403"):
         fetch_file(b.address, new_token(), key, 10, payload_name(1), tmp_path / "x", 1 << 20)
     assert "wrong token" in caplog.text and TOKEN not in caplog.text
+    big = tmp_path / "big"
+    big.write_bytes(b"z" * (8 << 20))  # more than the socket buffers: refused before its body
+    with pytest.raises(PeerError, match="403"):
+        send_file(b.address, new_token(), key, 20, payload_name(1), big)
+    assert b.held(20) == []
     for name in ("../../../evil", "a/../../evil", "/etc/evil", ".."):
         conn = http.client.HTTPConnection("127.0.0.1", b.server.port, timeout=5)
         conn.request("PUT", f"/v1/{key}/10/{name}", body=b"evil",

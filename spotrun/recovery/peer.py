@@ -386,8 +386,17 @@ def send_file(address: str, token: str, run_key: str, step: int, name: str, path
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            conn.request("PUT", f"/v1/{run_key}/{step}/{name}", body=f,
-                         headers={"Authorization": f"Bearer {token}", "Content-Length": str(size)})
+            try:
+                conn.request("PUT", f"/v1/{run_key}/{step}/{name}", body=f,
+                             headers={"Authorization": f"Bearer {token}", "Content-Length": str(size)})
+            except OSError as exc:
+                # The server may have refused before taking the body (wrong token, no room,
+                # an older step) and closed: its answer says why better than a broken pipe.
+                try:
+                    reply = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise exc from None
+                raise PeerError(f"{address} answered {reply.status} ({reply.read(1024).decode(errors='replace')})") from None
         reply = conn.getresponse()
         why = reply.read(1024).decode(errors="replace")
         if reply.status != 204:
