@@ -122,6 +122,31 @@ def test_a_replacement_restores_its_share_from_the_buddy_and_reads_nothing_from_
         fresh.server.stop()
 
 
+def test_the_ranks_of_a_replacement_fetch_a_shared_file_once(nodes, run, tmp_path):
+    """Every rank reads rank 0's payload: one rank of the machine fetches it, the others wait
+    and read the machine's copy (one transfer, one file in memory)."""
+    a, b, _ = nodes
+    manifest = _save(a.copy(b, rank=0, nodes=[a, b]), run, 10, {0: _state(1), 1: _state(2)})
+    fresh = Node(tmp_path, "replacement", run)
+    readers = []
+
+    def restore(rank: int) -> None:
+        readers.append(_restore(fresh.copy(b, rank=rank), run, manifest, [payload_name(0)])[0])
+
+    try:
+        threads = [threading.Thread(target=restore, args=(r,)) for r in (2, 3, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        fresh.server.stop()
+    size = manifest.files[payload_name(0)].size
+    assert sorted(r.peer_bytes for r in readers) == [0, 0, size]
+    assert sorted(r.local_bytes for r in readers) == [0, size, size]
+    assert all(r.url_bytes == 0 for r in readers)
+
+
 def test_rank_0_sends_what_every_rank_reads_to_every_node_so_survivors_read_no_url_bytes(nodes, run):
     a, b, c = nodes
     # Rank 0 on node a (buddy b); rank 1 on node b (buddy c); rank 2 on node c (buddy a).

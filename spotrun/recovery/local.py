@@ -29,6 +29,7 @@ else the run URL; a file no nearer source holds simply comes from the run URL.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ _HEADROOM = 1.10
 #: The share of the device a copy never takes (other users of /dev/shm: NCCL, dataloaders).
 _KEEP_FREE = 0.25
 _PARTIAL = ".partial-"
+_FETCH_LOCK = ".fetch-lock-"  # one per file fetched from a peer: one rank of a machine fetches it
 
 
 def _run_key(run_url: str) -> str:
@@ -276,17 +278,23 @@ class NearestReader:
                 log.warning("local copy of %s not used (%s); reading %s", rel, problem,
                             "a peer's" if self._peer else "the run URL")
         if found is None and entry is not None and name is not None and self._peer is not None:
-            found = self._from_peer(name, entry)
-            if found is not None:
-                self.peer_bytes += entry.size
+            got = self._from_peer(name, entry)
+            if got is not None:
+                found, source = got
+                if source == "peer":
+                    self.peer_bytes += entry.size
+                else:
+                    self.local_bytes += entry.size  # another rank of this machine fetched it
         if found is None and entry is not None:
             self.url_bytes += entry.size
         self._checked[rel] = found
         return found
 
-    def _from_peer(self, name: str, entry: Any) -> str | None:
+    def _from_peer(self, name: str, entry: Any) -> tuple[str, str] | None:
         """``name`` from a peer, checked against the manifest: the copy this node holds for
-        others, else the buddy's, fetched into this machine's copy. None: read the run URL."""
+        others, else the buddy's, fetched into this machine's copy. (path, "peer"), or
+        (path, "local") when another rank of this machine fetched it first; None: read the
+        run URL."""
         assert self._peer is not None
         step = self._manifest.step
         held = self._peer.held_path(step, name)
@@ -296,10 +304,32 @@ class NearestReader:
             except OSError as exc:
                 problem = str(exc)
             if problem is None:
-                return str(held)
+                return str(held), "peer"
             log.warning("peer copy of %s held here not used (%s); asking the buddy", name, problem)
         if self._root is None:
             return None
+        target = self._root / checkpoint_dir(step) / name
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+            for old in self._root.glob(f"{_FETCH_LOCK}*"):  # older restores' locks
+                if not old.name.startswith(f"{_FETCH_LOCK}{step}-"):
+                    old.unlink(missing_ok=True)
+            lock = open(self._root / f"{_FETCH_LOCK}{step}-{name.replace('/', '_')}", "a")  # noqa: SIM115
+        except OSError as exc:
+            log.warning("peer copy of %s not used (%s); reading the run URL", name, exc)
+            return None
+        with lock:
+            # One rank of this machine fetches a file; the others (every rank reads rank 0's
+            # payload) wait for it and read this machine's copy: one transfer, one file in memory.
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the holder's fetch is bounded by the peer timeouts
+            with contextlib.suppress(OSError):
+                if problem_in_file(str(target), entry) is None:
+                    return str(target), "local"
+            path = self._fetch(step, name, entry, target)
+            return None if path is None else (path, "peer")
+
+    def _fetch(self, step: int, name: str, entry: Any, target: Path) -> str | None:
+        assert self._peer is not None and self._root is not None
         partial = self._root / f"{_PARTIAL}{step}-{uuid.uuid4().hex[:8]}"
         try:
             partial.mkdir(parents=True)
@@ -318,7 +348,6 @@ class NearestReader:
                 log.warning("peer copy of %s from %s not used (%s); reading the run URL",
                             name, served_by, problem)
                 return None
-            target = self._root / checkpoint_dir(step) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(dest, target)  # now this machine's copy too (a restart reads it here)
             return str(target)

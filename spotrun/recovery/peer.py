@@ -396,7 +396,8 @@ def send_file(address: str, token: str, run_key: str, step: int, name: str, path
                     reply = conn.getresponse()
                 except (OSError, http.client.HTTPException):
                     raise exc from None
-                raise PeerError(f"{address} answered {reply.status} ({reply.read(1024).decode(errors='replace')})") from None
+                why = reply.read(1024).decode(errors="replace")
+                raise PeerError(f"{address} answered {reply.status} ({why})") from None
         reply = conn.getresponse()
         why = reply.read(1024).decode(errors="replace")
         if reply.status != 204:
