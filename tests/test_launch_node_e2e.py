@@ -10,7 +10,12 @@ tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic). Issue 14 items 1, 2 
   the head's machine vanishes (SIGKILL of its agent and workers, no notice: the survivor's
   collectives fail and its wrapper exits non-zero); the last segment resumes from the last
   committed checkpoint, both nodes finish (done.json) and the final state is bit-exact
-  against the shared uninterrupted 2-rank run (``ddp_reference``, conftest.py). Chained in
+  against the shared uninterrupted 2-rank run (``ddp_reference``, conftest.py). Each node has
+  a local directory of its own (its machine's memory: the local copy and the peer copies,
+  spotrun/recovery/peer.py); after the notice node-b's machine is replaced (its directory
+  deleted) and the run URL's copies of the stop checkpoint are damaged on purpose, so the
+  replacement resumes from that step only by reading 0 bytes from the run URL (its files
+  come from its buddy, node-a). Chained in
   one test because each 2-node start costs ~10-30 s of a loaded 2-core box. A joining
   node's machine vanishing is test_launch_local_nodes' first attempt (the same node
   launcher, through the CLI);
@@ -21,8 +26,10 @@ tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic). Issue 14 items 1, 2 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +43,7 @@ from spotrun.format.commit import list_checkpoints
 from spotrun.launch.node import ClusterSpec, write_cluster
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.proof.resume_check import compare_checkpoints
-from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -177,12 +184,13 @@ def _vanish(procs: dict[str, subprocess.Popen], victim: str) -> tuple[str, int, 
 def test_notice_then_vanished_head_relaunch_and_finish_bit_exact(tmp_path, ddp_reference):
     url = str(tmp_path / "run")
     times: list[str] = []
+    local = {n: {"SPOTRUN_LOCAL_DIR": str(tmp_path / f"local-{n}")} for n in NODES}
 
     # Segment 1: a notice to node-b only; node-a never sees one, yet both stop at one step.
     t0 = time.monotonic()
     with FakeMetadataServer("ec2") as imds_a, FakeMetadataServer("ec2") as imds_b:
         env = {n: {"SPOTRUN_NOTICE_SOURCE": "ec2", "SPOTRUN_IMDS_ENDPOINT": s.url,
-                   "SPOTRUN_POLL_INTERVAL": "0.2"}
+                   "SPOTRUN_POLL_INTERVAL": "0.2", **local[n]}
                for n, s in (("node-a", imds_a), ("node-b", imds_b))}
         procs = _job(url, "s1", step_sleep=0.05, env=env)
         _wait_for_checkpoint_after(procs, url, 0)
@@ -203,11 +211,19 @@ def test_notice_then_vanished_head_relaunch_and_finish_bit_exact(tmp_path, ddp_r
     infos = {c.step: c for c in list_checkpoints(Storage(url))}
     assert max(infos) == stop and all(c.status == "committed" for c in infos.values()), infos
     assert sorted(infos[stop].manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
+    # node-b's machine is replaced by one with empty memory; the run URL's copies are damaged
+    # (a restore that read them would resume from an older step).
+    shutil.rmtree(local["node-b"]["SPOTRUN_LOCAL_DIR"])
+    for name in infos[stop].manifest.files:
+        path = Path(url) / checkpoint_dir(stop) / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
 
     # Segment 2: the head (the store's host) vanishes.
     last = stop
     t0 = time.monotonic()
-    procs = _job(url, "s2", step_sleep=0.05)
+    procs = _job(url, "s2", step_sleep=0.05, env=local)
     _wait_for_checkpoint_after(procs, url, last)
     time.sleep(0.3)  # a few steps past it
     survivor, code, took, out = _vanish(procs, "node-a")
@@ -217,7 +233,10 @@ def test_notice_then_vanished_head_relaunch_and_finish_bit_exact(tmp_path, ddp_r
     times.extend([f"  {survivor}: {line[:200]}" for line in out.splitlines()
                  if re.search(r"Error|error|exitcode|exited", line)][:8])
     assert code not in (EXIT_FINISHED, EXIT_INTERRUPTED), out[-4000:]
-    assert f"resumed from step {last} " in out, out[-4000:]
+    resumed = next((line for line in out.splitlines() if f"resumed from step {last} " in line), "")
+    # The replacement: everything from its buddy (a peer), nothing from the run URL.
+    assert re.search(r"0 B from this machine's copy, [1-9][\d.]* \w+ from peers, 0 B from the run URL",
+                     resumed), out[-4000:]
     assert not Path(url, "done.json").exists()
     assert max(committed_steps(url)) > last
     last = max(committed_steps(url))
@@ -225,7 +244,7 @@ def test_notice_then_vanished_head_relaunch_and_finish_bit_exact(tmp_path, ddp_r
 
     # Segment 3: resumes from the last committed checkpoint, both nodes finish, bit-exact.
     t0 = time.monotonic()
-    results = _finish_all(_job(url, "s3"))
+    results = _finish_all(_job(url, "s3", env=local))
     times.append(f"s3 finish: {time.monotonic() - t0:.1f}s")
     print("\n".join(times))
     for (code, out) in results.values():
@@ -235,6 +254,8 @@ def test_notice_then_vanished_head_relaunch_and_finish_bit_exact(tmp_path, ddp_r
     assert "node 0 of 2" in results["node-a"][1] and "host" in results["node-a"][1]
     assert "node 1 of 2" in results["node-b"][1]
     _resumed_from(results, last)
+    token = json.loads(Path(url, "launch", "nodes", "node-a.json").read_text())["peer_token"]
+    assert len(token) == 32 and not any(token in out for _, out in results.values())  # never in logs
     assert Path(url, "done.json").exists()
     # Every scheduled checkpoint after the resume, the last one written by both nodes' ranks.
     assert set(range(last - last % EVERY + EVERY, STEPS + 1, EVERY)) <= set(committed_steps(url))

@@ -44,6 +44,7 @@ from typing import Any
 
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
 from ..records.layout import NODES_DIR
+from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 
@@ -94,6 +95,11 @@ class ClusterSpec:
     #: Elastic lower bound (``--nnodes MIN:MAX``); None means every node (``len(nodes)``).
     min_nodes: int | None = None
     version: int = field(default=CLUSTER_VERSION)
+    #: The attempt's secret for the peer copy channel (spotrun.recovery.peer), new per spec;
+    #: written only in the cluster file (never in a repr, so never in a log line; not part of
+    #: equality: segment and rendezvous id name the attempt). Empty (an older cluster file):
+    #: no peer copies.
+    peer_token: str = field(default_factory=new_token, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -124,6 +130,8 @@ class ClusterSpec:
             raise ConfigError(f"cluster file segment {self.segment!r}: use letters, digits, '.', '_', '-'")
         if not isinstance(self.rdzv_id, str) or not _SAFE_ID.fullmatch(self.rdzv_id):
             raise ConfigError(f"rendezvous id {self.rdzv_id!r}: use letters, digits, '.', '_', '-'")
+        if self.peer_token and not valid_token(self.peer_token):
+            raise ConfigError("cluster file peer_token is not 32-128 hex digits; rewrite it with write_cluster")
         if self.version > CLUSTER_VERSION:
             raise ConfigError(f"cluster file version {self.version} is newer than this spotrun "
                               f"understands ({CLUSTER_VERSION}); upgrade spotrun on the node")
@@ -135,6 +143,18 @@ class ClusterSpec:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"
+
+    def peer_address(self, index: int) -> str:
+        """``HOST:PORT`` of node ``index``'s peer copy server: its own address, port
+        ``port + 1 + index`` (the nodes of a simulated cluster share one address)."""
+        host = self.nodes[index]["address"]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        port = self.port + 1 + index
+        if port > 65535:
+            raise ConfigError(f"rendezvous port {self.port} leaves no peer port for node {index}; "
+                              f"use a port below {65535 - len(self.nodes)}")
+        return f"{host}:{port}"
 
     def index(self, instance_id: str) -> int:
         for i, node in enumerate(self.nodes):
@@ -151,8 +171,10 @@ class ClusterSpec:
         if not isinstance(data, dict):
             raise ConfigError("a cluster file must hold a JSON object; rewrite it with write_cluster")
         known = set(cls.__dataclass_fields__)
+        fields = {k: v for k, v in data.items() if k in known}
+        fields.setdefault("peer_token", "")  # an older file: no token, never one per node
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            return cls(**fields)
         except TypeError as exc:  # a missing field
             raise ConfigError(f"cluster file is incomplete ({exc}); rewrite it with write_cluster") from None
 
@@ -307,7 +329,13 @@ def main(argv: Sequence[str] | None = None) -> int:
              spec.head, spec.rdzv_id, "host" if index == 0 else "joining", spec.nproc_per_node)
     from ..distributed import torchrun
 
-    return torchrun(argv_)
+    with serve_attempt(spec, index) as peer_env:
+        os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
+        try:
+            return torchrun(argv_)
+        finally:
+            for key in peer_env:  # this attempt's token and addresses end with it
+                os.environ.pop(key, None)
 
 
 if __name__ == "__main__":

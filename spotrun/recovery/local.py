@@ -21,13 +21,15 @@ Layout under the local directory (the ranks of one machine share it)::
     <dir>/<run key>/.partial-<step>-<id>/  a rank's copy being written (gone once sealed)
 
 A restore reads each file from the nearest place that holds it byte for byte
-(:class:`NearestReader`): this machine's copy, else the run URL; a file missing here (another
-machine's rank wrote it) simply comes from the run URL.
+(:class:`NearestReader`): this machine's copy, else a peer's (what this node holds of that
+step for others, then its buddy node over the peer channel, :mod:`spotrun.recovery.peer`),
+else the run URL; a file no nearer source holds simply comes from the run URL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +38,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import env_str
 from ..format.checksum import problem_in_file
@@ -44,6 +46,9 @@ from ..format.manifest import Manifest
 from ..records.layout import checkpoint_dir
 from ..storage.base import write_all
 from ..units import format_bytes
+
+if TYPE_CHECKING:
+    from .peer import PeerLink
 
 __all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "NearestReader", "TeeStorage", "TeeWriter"]
 
@@ -57,6 +62,7 @@ _HEADROOM = 1.10
 #: The share of the device a copy never takes (other users of /dev/shm: NCCL, dataloaders).
 _KEEP_FREE = 0.25
 _PARTIAL = ".partial-"
+_FETCH_LOCK = ".fetch-lock-"  # one per file fetched from a peer: one rank of a machine fetches it
 
 
 def _run_key(run_url: str) -> str:
@@ -78,6 +84,9 @@ class LocalCopy:
         self._partial: Path | None = None
         self._step: int | None = None
         self._failed: str | None = None
+        #: The peer channel (set by :meth:`from_env` inside a multi-node attempt): sealed
+        #: files go to the buddy, a restore asks peers before the run URL.
+        self.peer: PeerLink | None = None
 
     @classmethod
     def from_env(cls, run_url: str) -> LocalCopy | None:
@@ -89,7 +98,11 @@ class LocalCopy:
         directory = raw or DEFAULT_LOCAL_DIR
         if raw is None and not Path(directory).parent.is_dir():
             return None  # no /dev/shm (macOS): no default copy
-        return cls(directory, run_url)
+        from .peer import PeerLink
+
+        copy = cls(directory, run_url)
+        copy.peer = PeerLink.from_env(run_url, directory)
+        return copy
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -161,18 +174,23 @@ class LocalCopy:
             shutil.rmtree(partial, ignore_errors=True)
             return False
         final = self.root / checkpoint_dir(step)
+        moved: list[tuple[str, Path]] = []
         try:
             for path in sorted(partial.rglob("*")):
                 if path.is_file():
-                    target = final / path.relative_to(partial)
+                    name = path.relative_to(partial).as_posix()
+                    target = final / name
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(path, target)
+                    moved.append((name, target))
         except OSError as exc:
             self._fail(exc)
             return False
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         self._remove_older_than(step)
+        if self.peer is not None:
+            self.peer.push(step, moved)  # background: never a cost to the step
         return True
 
     def drop(self) -> None:
@@ -208,26 +226,36 @@ class LocalCopy:
         if not folder.is_dir():
             held = sorted(c.name for c in self.root.iterdir() if c.name.isdigit()) if self.root.is_dir() else []
             why = f"it holds step {int(held[-1])}" if held else "there is none"
-            log.info("no local copy of step %d in %s (%s); reading the run URL", manifest.step,
-                     self.directory, why)
+            log.info("no local copy of step %d in %s (%s); reading %s", manifest.step,
+                     self.directory, why, "peers, then the run URL" if self.peer else "the run URL")
             folder = None
-        return NearestReader(storage, manifest, folder)
+        return NearestReader(storage, manifest, folder, peer=self.peer, root=self.root)
 
 
 class NearestReader:
     """A run URL :class:`~spotrun.storage.Storage` for one restore whose reads of the
     checkpoint's files come from the local copy where it matches the committed manifest
-    (size and checksums, checked once per file before its first use), else from the run URL.
-    Counts the bytes each source served (:attr:`local_bytes`, :attr:`url_bytes`)."""
+    (size and checksums, checked once per file before its first use), else from a peer (the
+    file this node holds for others, else fetched from the buddy into this machine's copy,
+    checked the same way), else from the run URL. Counts the bytes each source served
+    (:attr:`local_bytes`, :attr:`peer_bytes`, :attr:`url_bytes`)."""
 
-    def __init__(self, storage: Any, manifest: Manifest, folder: Path | None) -> None:
+    def __init__(self, storage: Any, manifest: Manifest, folder: Path | None, *,
+                 peer: PeerLink | None = None, root: Path | None = None) -> None:
         self._storage = storage
         self._manifest = manifest
         self._folder = folder
+        self._peer = peer
+        self._root = root  # the local copies' folder: where files fetched from a peer land
         self._prefix = checkpoint_dir(manifest.step) + "/"
         self._checked: dict[str, str | None] = {}  # rel -> local path, or None: use the URL
         self.local_bytes = 0
+        self.peer_bytes = 0
         self.url_bytes = 0
+
+    def bytes_by_source(self) -> dict[str, int]:
+        """The checkpoint bytes this restore read from each source."""
+        return {"local": self.local_bytes, "peer": self.peer_bytes, "url": self.url_bytes}
 
     def _local(self, rel: str) -> str | None:
         if rel in self._checked:
@@ -246,12 +274,88 @@ class NearestReader:
             if problem is None:
                 found = str(path)
                 self.local_bytes += entry.size
-            else:
-                log.warning("local copy of %s not used (%s); reading the run URL", rel, problem)
+            elif self._peer is None or problem != "not in the local copy":
+                log.warning("local copy of %s not used (%s); reading %s", rel, problem,
+                            "a peer's" if self._peer else "the run URL")
+        if found is None and entry is not None and name is not None and self._peer is not None:
+            got = self._from_peer(name, entry)
+            if got is not None:
+                found, source = got
+                if source == "peer":
+                    self.peer_bytes += entry.size
+                else:
+                    self.local_bytes += entry.size  # another rank of this machine fetched it
         if found is None and entry is not None:
             self.url_bytes += entry.size
         self._checked[rel] = found
         return found
+
+    def _from_peer(self, name: str, entry: Any) -> tuple[str, str] | None:
+        """``name`` from a peer, checked against the manifest: the copy this node holds for
+        others, else the buddy's, fetched into this machine's copy. (path, "peer"), or
+        (path, "local") when another rank of this machine fetched it first; None: read the
+        run URL."""
+        assert self._peer is not None
+        step = self._manifest.step
+        held = self._peer.held_path(step, name)
+        if held.is_file():
+            try:
+                problem = problem_in_file(str(held), entry)
+            except OSError as exc:
+                problem = str(exc)
+            if problem is None:
+                return str(held), "peer"
+            log.warning("peer copy of %s held here not used (%s); asking the buddy", name, problem)
+        if self._root is None:
+            return None
+        target = self._root / checkpoint_dir(step) / name
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+            for old in self._root.glob(f"{_FETCH_LOCK}*"):  # older restores' locks
+                if not old.name.startswith(f"{_FETCH_LOCK}{step}-"):
+                    old.unlink(missing_ok=True)
+            lock = open(self._root / f"{_FETCH_LOCK}{step}-{name.replace('/', '_')}", "a")  # noqa: SIM115
+        except OSError as exc:
+            log.warning("peer copy of %s not used (%s); reading the run URL", name, exc)
+            return None
+        with lock:
+            # One rank of this machine fetches a file; the others (every rank reads rank 0's
+            # payload) wait for it and read this machine's copy: one transfer, one file in memory.
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the holder's fetch is bounded by the peer timeouts
+            with contextlib.suppress(OSError):
+                if problem_in_file(str(target), entry) is None:
+                    return str(target), "local"
+            path = self._fetch(step, name, entry, target)
+            return None if path is None else (path, "peer")
+
+    def _fetch(self, step: int, name: str, entry: Any, target: Path) -> str | None:
+        assert self._peer is not None and self._root is not None
+        partial = self._root / f"{_PARTIAL}{step}-{uuid.uuid4().hex[:8]}"
+        try:
+            partial.mkdir(parents=True)
+            usage = shutil.disk_usage(partial)
+            if usage.free - int(entry.size * _HEADROOM) < usage.total * _KEEP_FREE:
+                log.warning("no room in %s for a peer's copy of %s; reading the run URL",
+                            self._root.parent, name)
+                return None
+            dest = partial / name.replace("/", "_")
+            served_by = self._peer.fetch(step, name, dest, entry.size)
+            if served_by is None:
+                log.info("no peer holds step %d %s; reading the run URL", step, name)
+                return None
+            problem = problem_in_file(str(dest), entry)
+            if problem is not None:
+                log.warning("peer copy of %s from %s not used (%s); reading the run URL",
+                            name, served_by, problem)
+                return None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(dest, target)  # now this machine's copy too (a restart reads it here)
+            return str(target)
+        except OSError as exc:
+            log.warning("peer copy of %s not used (%s); reading the run URL", name, exc)
+            return None
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
     def local_path(self, rel: str) -> str | None:
         return self._local(rel) or self._storage.local_path(rel)
@@ -272,7 +376,8 @@ class NearestReader:
         return path if path is not None else self._storage.display(rel)
 
     def summary(self) -> str:
-        return (f"{format_bytes(self.local_bytes)} from this machine's copy, "
+        peer = f"{format_bytes(self.peer_bytes)} from peers, " if self._peer is not None else ""
+        return (f"{format_bytes(self.local_bytes)} from this machine's copy, {peer}"
                 f"{format_bytes(self.url_bytes)} from the run URL")
 
     def __getattr__(self, name: str) -> Any:

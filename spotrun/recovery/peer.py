@@ -1,0 +1,624 @@
+"""A copy on a peer: each node holds the newest checkpoint files of one other node (its buddy
+holds this node's), sent between saves over a channel of its own.
+
+The channel is plain HTTP/1.0 over TCP, one request per connection (``http.server`` on the
+serving side, ``http.client`` on the asking side; nothing to install). It never touches the
+training's process group: a peer copy must go on when that group is broken (a node vanished)
+and must never hold up a collective. The server runs in each node's agent
+(``python -m spotrun.launch.node``), which outlives the training processes of an attempt, so a
+node's copies stay served while its workers restart. :func:`serve_attempt` runs it for one
+attempt, at :meth:`~spotrun.launch.node.ClusterSpec.peer_address` (the node's own address),
+and gives the workers what they need to reach it in their environment:
+
+- ``SPOTRUN_PEER_BUDDY``: ``host:port`` of the node holding this node's copies (the next node
+  of the cluster file, ``(i + 1) % N``),
+- ``SPOTRUN_PEER_NODES``: every node's ``host:port`` (rank 0 sends the files every rank reads,
+  see below, to all of them), ``SPOTRUN_PEER_SELF``: this node's,
+- ``SPOTRUN_PEER_TOKEN``: the attempt's secret (:attr:`ClusterSpec.peer_token`, in the
+  cluster file under the run URL only); every request carries it, compared in constant time.
+
+What is sent: after a save's local copy is sealed (the run URL committed the step), a
+background thread of each rank sends the files it wrote to its buddy, one file at a time,
+streamed in 1 MiB blocks (memory-bounded), newest step only (a newer seal cancels the send of
+an older one). Rank 0 also sends the files that *every* rank reads on restore (its payload
+``rank-00000.pt``, DCP's ``.metadata``, artifacts) to every other node, so a survivor of a
+replicated (DDP) run restores without reading them from the run URL.
+
+What is held: under ``$SPOTRUN_LOCAL_DIR/peer/<run key>/<step>/``, newest step only (a
+complete file of a newer step removes the older ones), with the local copy's room rule (no
+room: the file is refused, the sender logs it, nothing fails). A file arrives under a
+temporary name and is renamed into place only once every byte came, so a sender killed in the
+middle leaves nothing a restore could use.
+
+What is trusted: nothing. A restore checks every peer file against the committed manifest
+(size and checksums) before it uses it, exactly as a local copy (see
+:class:`~spotrun.recovery.local.NearestReader`); a peer that does not answer within the
+timeout is skipped and the run URL is read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hmac
+import http.client
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from ..config import env_str
+from ..units import format_bytes
+
+__all__ = [
+    "BUDDY_ENV",
+    "NODES_ENV",
+    "SELF_ENV",
+    "TOKEN_ENV",
+    "PeerError",
+    "PeerLink",
+    "PeerServer",
+    "fetch_file",
+    "new_token",
+    "send_file",
+    "serve_attempt",
+]
+
+log = logging.getLogger(__name__)
+
+BUDDY_ENV = "SPOTRUN_PEER_BUDDY"
+NODES_ENV = "SPOTRUN_PEER_NODES"
+SELF_ENV = "SPOTRUN_PEER_SELF"
+TOKEN_ENV = "SPOTRUN_PEER_TOKEN"
+#: Seconds any one socket operation of the channel may wait (connect, a block of a body).
+TIMEOUT_ENV = "SPOTRUN_PEER_TIMEOUT"
+DEFAULT_TIMEOUT = 10.0
+#: Seconds a finishing training process waits for its last send (a notice's final save).
+EXIT_WAIT_ENV = "SPOTRUN_PEER_EXIT_WAIT"
+DEFAULT_EXIT_WAIT = 30.0
+
+_BLOCK = 1 << 20  # bytes per read/write: the buffer that bounds the channel's memory
+_MAX_FILE = 1 << 40  # no checkpoint file is larger; a bigger Content-Length is refused
+_MAX_CONCURRENT = 64  # requests one server handles at once; more are answered 503
+_MIN_RATE = 8 << 20  # bytes/s a transfer may not fall below (its overall deadline)
+_HEADROOM = 1.10  # the room rule of the local copy (spotrun/recovery/local.py)
+_KEEP_FREE = 0.25
+_LINGER_QUIET = 1.0  # after training ends: serve until this long without a request ...
+_LINGER_MAX = 20.0  # ... but never longer than this
+_PARTIAL = ".partial-"
+_RUN_KEY = re.compile(r"[0-9a-f]{16}")
+_PART = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+_TOKEN = re.compile(r"[0-9a-f]{32,128}")
+_OWN_FILE = re.compile(r"rank-\d{5}\.pt|.*\.distcp")
+
+
+class PeerError(Exception):
+    """One transfer over the peer channel failed (refused, timed out, cut short)."""
+
+
+def new_token() -> str:
+    """A fresh attempt token (128 random bits, hex)."""
+    return secrets.token_hex(16)
+
+
+def valid_token(token: Any) -> bool:
+    return isinstance(token, str) and bool(_TOKEN.fullmatch(token))
+
+
+def _timeout() -> float:
+    raw = env_str(TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
+
+
+def _safe_name(name: str) -> bool:
+    """A file name of a checkpoint folder: relative, no ``..``/``.`` parts, no odd characters."""
+    parts = name.split("/")
+    return (0 < len(name) <= 512 and len(parts) <= 4
+            and all(_PART.fullmatch(p) and p not in (".", "..") for p in parts))
+
+
+def _split_host(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _room_for(directory: Path, size: int) -> bool:
+    usage = shutil.disk_usage(directory)
+    return usage.free - int(size * _HEADROOM) >= usage.total * _KEEP_FREE
+
+
+def _deadline(size: int, timeout: float) -> float:
+    return time.monotonic() + timeout + size / _MIN_RATE
+
+
+# -- the server (in the node agent) ---------------------------------------------------------------
+
+class PeerServer:
+    """The node's peer server: receives the buddy's files (``PUT``) and serves what this node
+    holds of a step (``GET``: the files held for others, then the node's own local copy)."""
+
+    def __init__(self, address: str, port: int, token: str, local_dir: str | os.PathLike[str],
+                 run_url: str) -> None:
+        from .local import _run_key
+
+        if not valid_token(token):
+            raise ValueError("the peer token must be 32-128 hex digits")
+        self.token = token
+        self.run_key = _run_key(run_url)
+        self.local_dir = Path(local_dir)
+        self.root = self.local_dir / "peer" / self.run_key
+        self.timeout = _timeout()
+        self._lock = threading.Lock()  # placing a file and removing older steps
+        self._slots = threading.BoundedSemaphore(_MAX_CONCURRENT)
+        self._active = 0
+        self._last_request = time.monotonic()
+        handler = type("Handler", (_Handler,), {"peer": self, "timeout": self.timeout})
+        server_class = _Server6 if ":" in address else ThreadingHTTPServer
+        self._httpd = server_class((address, port), handler)
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> PeerServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="spotrun-peer",
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, linger: bool = False) -> None:
+        """Stop serving; with ``linger``, first let transfers under way (a buddy's last send
+        after a notice's checkpoint) finish: until no request came for a second, at most 20 s."""
+        if linger:
+            end = time.monotonic() + _LINGER_MAX
+            while time.monotonic() < end:
+                with self._lock:
+                    quiet = self._active == 0 and time.monotonic() - self._last_request >= _LINGER_QUIET
+                if quiet:
+                    break
+                time.sleep(0.05)
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- what the handler calls ---------------------------------------------------------------
+
+    def authorized(self, header: str | None) -> bool:
+        given = (header or "").removeprefix("Bearer ").encode()
+        return hmac.compare_digest(given, self.token.encode())
+
+    def newest_held(self) -> int | None:
+        steps = [int(c.name) for c in self.root.iterdir() if c.name.isdigit()] if self.root.is_dir() else []
+        return max(steps, default=None)
+
+    def place(self, step: int, name: str, partial: Path) -> str | None:
+        """Move a complete received file into place; None, or why it was not kept."""
+        from ..records.layout import checkpoint_dir
+
+        with self._lock:
+            newest = self.newest_held()
+            if newest is not None and newest > step:
+                return f"this node holds step {newest}, newer than {step}"
+            target = self.root / checkpoint_dir(step) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+            for child in self.root.iterdir():
+                if child.name.isdigit() and int(child.name) < step:
+                    shutil.rmtree(child, ignore_errors=True)
+        return None
+
+    def held(self, step: int, name: str) -> Path | None:
+        """This node's file ``name`` of ``step``: held for another node, else its own copy."""
+        from ..records.layout import checkpoint_dir
+
+        for base in (self.root, self.local_dir / self.run_key):
+            path = base / checkpoint_dir(step) / name
+            if path.is_file():
+                return path
+        return None
+
+    def enter(self) -> bool:
+        if not self._slots.acquire(blocking=False):
+            return False
+        with self._lock:
+            self._active += 1
+            self._last_request = time.monotonic()
+        return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._last_request = time.monotonic()
+        self._slots.release()
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    peer: PeerServer
+    server_version = "spotrun-peer"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("peer %s: " + format, self.client_address[0], *args)
+
+    def _answer(self, code: int, why: str = "") -> None:
+        body = why.encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _target(self) -> tuple[int, str] | None:
+        """(step, name) of ``/v1/<run key>/<step>/<name>``, after the token; None answered."""
+        if not self.peer.authorized(self.headers.get("Authorization")):
+            log.warning("peer request from %s refused: wrong token (another attempt, or not a "
+                        "spotrun node)", self.client_address[0])
+            self._answer(403, "wrong token")
+            return None
+        parts = self.path.split("/", 4)
+        if (len(parts) != 5 or parts[0] or parts[1] != "v1" or not _RUN_KEY.fullmatch(parts[2])
+                or not parts[3].isdigit() or len(parts[3]) > 12 or not _safe_name(parts[4])):
+            self._answer(400, "bad path")
+            return None
+        if parts[2] != self.peer.run_key:
+            self._answer(404, "another run")
+            return None
+        return int(parts[3]), parts[4]
+
+    def _guarded(self, work: Any) -> None:
+        if not self.peer.enter():
+            self._answer(503, "busy")
+            return
+        try:
+            work()
+        finally:
+            self.peer.leave()
+
+    def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_PUT(self) -> None:
+        self._guarded(self._put)
+
+    def _get(self) -> None:
+        target = self._target()
+        if target is None:
+            return
+        path = self.peer.held(*target)
+        if path is None:
+            self._answer(404, "not held")
+            return
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
+            self._answer(404, "not held")
+            return
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            shutil.copyfileobj(f, self.wfile, _BLOCK)
+
+    def _put(self) -> None:
+        target = self._target()
+        if target is None:
+            return
+        step, name = target
+        try:
+            size = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._answer(411, "Content-Length needed")
+            return
+        if not 0 <= size <= _MAX_FILE:
+            self._answer(413, "too large")
+            return
+        newest = self.peer.newest_held()
+        if newest is not None and newest > step:
+            self._answer(409, f"holds step {newest}, newer")
+            return
+        root = self.peer.root
+        root.mkdir(parents=True, exist_ok=True)
+        if not _room_for(root, size):
+            log.warning("peer copy of step %d %s (%s) not kept: no room in %s (the run URL has it)",
+                        step, name, format_bytes(size), self.peer.local_dir)
+            self._answer(507, "no room")
+            return
+        partial = root / f"{_PARTIAL}{uuid.uuid4().hex}"
+        why = None
+        try:
+            with open(partial, "wb") as out:
+                left, end = size, _deadline(size, self.peer.timeout)
+                while left:
+                    block = self.rfile.read(min(_BLOCK, left))
+                    if not block:
+                        raise PeerError(f"cut short, {left} of {size} bytes missing")
+                    out.write(block)
+                    left -= len(block)
+                    if time.monotonic() > end:
+                        raise PeerError("too slow")
+            why = self.peer.place(step, name, partial)
+        except (OSError, PeerError) as exc:
+            why = str(exc)
+        finally:
+            partial.unlink(missing_ok=True)
+        if why is not None:
+            log.info("peer copy of step %d %s from %s not kept: %s", step, name,
+                     self.client_address[0], why)
+            with contextlib.suppress(OSError):
+                self._answer(409, why)
+            return
+        self._answer(204)
+
+
+# -- the client (in the ranks) ---------------------------------------------------------------------
+
+def _connect(address: str, timeout: float) -> http.client.HTTPConnection:
+    host, port = _split_host(address)
+    return http.client.HTTPConnection(host, port, timeout=timeout, blocksize=_BLOCK)
+
+
+def send_file(address: str, token: str, run_key: str, step: int, name: str, path: str | os.PathLike[str],
+              timeout: float | None = None) -> None:
+    """Stream the local file ``path`` to the peer at ``address`` as ``name`` of ``step``."""
+    timeout = timeout or _timeout()
+    conn = _connect(address, timeout)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                conn.request("PUT", f"/v1/{run_key}/{step}/{name}", body=f,
+                             headers={"Authorization": f"Bearer {token}", "Content-Length": str(size)})
+            except OSError as exc:
+                # The server may have refused before taking the body (wrong token, no room,
+                # an older step) and closed: its answer says why better than a broken pipe.
+                try:
+                    reply = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise exc from None
+                why = reply.read(1024).decode(errors="replace")
+                raise PeerError(f"{address} answered {reply.status} ({why})") from None
+        reply = conn.getresponse()
+        why = reply.read(1024).decode(errors="replace")
+        if reply.status != 204:
+            raise PeerError(f"{address} answered {reply.status} ({why})")
+    except (OSError, http.client.HTTPException) as exc:
+        raise PeerError(f"{address}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def fetch_file(address: str, token: str, run_key: str, step: int, name: str, dest: Path,
+               max_size: int, timeout: float | None = None) -> bool:
+    """Stream the peer's ``name`` of ``step`` into ``dest``; False when it does not hold it.
+    Raises :class:`PeerError` when the peer refuses, is silent past the timeout, or sends
+    more than ``max_size`` bytes (the manifest's size: anything larger is not the file)."""
+    timeout = timeout or _timeout()
+    conn = _connect(address, timeout)
+    try:
+        conn.request("GET", f"/v1/{run_key}/{step}/{name}", headers={"Authorization": f"Bearer {token}"})
+        reply = conn.getresponse()
+        if reply.status == 404:
+            reply.read(1024)
+            return False
+        if reply.status != 200:
+            raise PeerError(f"{address} answered {reply.status} ({reply.read(1024).decode(errors='replace')})")
+        size = int(reply.getheader("Content-Length") or -1)
+        if not 0 <= size <= max_size:
+            raise PeerError(f"{address} offers {size} bytes, the manifest says {max_size}")
+        end = _deadline(size, timeout)
+        with open(dest, "wb") as out:
+            left = size
+            while left:
+                block = reply.read(min(_BLOCK, left))
+                if not block:
+                    raise PeerError(f"{address} cut the file short ({left} of {size} bytes missing)")
+                out.write(block)
+                left -= len(block)
+                if time.monotonic() > end:
+                    raise PeerError(f"{address} is too slow")
+        return True
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise PeerError(f"{address}: {exc}") from None
+    finally:
+        conn.close()
+
+
+class PeerLink:
+    """A training process's end of the channel: sends its sealed files (background thread)
+    and asks peers for files on restore."""
+
+    def __init__(self, run_url: str, local_dir: str | os.PathLike[str], token: str, buddy: str,
+                 nodes: Sequence[str] = (), self_address: str = "", rank: int = 0) -> None:
+        from .local import _run_key
+
+        self.run_key = _run_key(run_url)
+        self.local_dir = Path(local_dir)
+        self.held_root = self.local_dir / "peer" / self.run_key
+        self.token, self.buddy = token, buddy
+        self.nodes = [n for n in nodes if n]
+        self.self_address, self.rank = self_address, rank
+        self._cond = threading.Condition()
+        self._job: tuple[int, list[tuple[str, Path]]] | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._dead: set[str] = set()  # peers that failed once in this process: not asked again
+
+    @classmethod
+    def from_env(cls, run_url: str, local_dir: str | os.PathLike[str]) -> PeerLink | None:
+        """The link the node agent set up (:func:`serve_attempt`), or None outside one."""
+        token, buddy = env_str(TOKEN_ENV), env_str(BUDDY_ENV)
+        if not token or not buddy or not valid_token(token):
+            return None
+        nodes = (env_str(NODES_ENV) or "").split(",")
+        try:
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            rank = 0
+        return cls(run_url, local_dir, token, buddy, nodes, env_str(SELF_ENV) or "", rank)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def targets(self, name: str) -> list[str]:
+        """Where this rank sends its file ``name``: the buddy; rank 0's files that every rank
+        reads also to every other node."""
+        out = [self.buddy]
+        shared = name == "rank-00000.pt" or not _OWN_FILE.fullmatch(name.rsplit("/", 1)[-1])
+        if self.rank == 0 and shared:
+            out += [n for n in self.nodes if n not in (self.buddy, self.self_address)]
+        return out
+
+    def push(self, step: int, files: list[tuple[str, Path]]) -> None:
+        """Send ``files`` (name, sealed local path) of ``step`` in the background; a newer push
+        replaces one not yet done. Never blocks and never raises."""
+        if not files:
+            return
+        with self._cond:
+            self._job = (step, list(files))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spotrun-peer-push", daemon=True)
+                self._thread.start()
+                _links.append(self)
+            self._cond.notify_all()
+
+    def _newer_waiting(self, step: int) -> bool:
+        with self._cond:
+            return self._job is not None and self._job[0] > step
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                step, files = self._job
+                self._job, self._busy = None, True
+            t0, sent, skipped = time.monotonic(), 0, 0
+            for name, path in files:
+                for target in self.targets(name):
+                    if self._newer_waiting(step):
+                        break
+                    try:
+                        send_file(target, self.token, self.run_key, step, name, path)
+                        sent += path.stat().st_size
+                    except (PeerError, OSError) as exc:
+                        skipped += 1
+                        log.warning("peer copy of step %d %s to %s not sent (%s); the run URL has it",
+                                    step, name, target, exc)
+            log.info("peer copy of step %d: %s sent in %.2fs%s", step, format_bytes(sent),
+                     time.monotonic() - t0, f", {skipped} file(s) not sent" if skipped else "")
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the sends under way are done; False after ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._busy or self._job is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def held_path(self, step: int, name: str) -> Path:
+        """Where this node keeps ``name`` of ``step`` when a peer sent it here."""
+        from ..records.layout import checkpoint_dir
+
+        return self.held_root / checkpoint_dir(step) / name
+
+    def fetch(self, step: int, name: str, dest: Path, size: int) -> str | None:
+        """Fetch ``name`` of ``step`` into ``dest`` from the buddy, else any other node;
+        the peer that served it, or None (each failure logged)."""
+        order = [self.buddy] + [n for n in self.nodes if n not in (self.buddy, self.self_address)]
+        for address in order:
+            if address in self._dead:
+                continue
+            try:
+                if fetch_file(address, self.token, self.run_key, step, name, dest, size):
+                    return address
+            except PeerError as exc:
+                self._dead.add(address)
+                log.warning("peer %s did not serve step %d %s (%s); asking the next source",
+                            address, step, name, exc)
+        return None
+
+
+_links: list[PeerLink] = []
+
+
+@atexit.register
+def _finish_sends() -> None:
+    """A finishing process (a notice's final save) gives its last send a bounded wait."""
+    raw = env_str(EXIT_WAIT_ENV)
+    try:
+        limit = float(raw) if raw else DEFAULT_EXIT_WAIT
+    except ValueError:
+        limit = DEFAULT_EXIT_WAIT
+    for link in _links:
+        if not link.wait(limit):
+            log.warning("peer copy still being sent after %.0fs at exit; leaving it (the run "
+                        "URL has every file)", limit)
+
+
+# -- one attempt, in the node agent ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def serve_attempt(spec: Any, index: int, run_url: str | None = None) -> Iterator[dict[str, str]]:
+    """Run this node's peer server for one attempt of ``spec`` (a
+    :class:`~spotrun.launch.node.ClusterSpec`) and yield the environment its workers need.
+
+    Nothing (an empty dict, no server) when the job has one node, the cluster file carries
+    no token, or the local copy is off (``SPOTRUN_LOCAL_DIR=off``: no node copies at all); a
+    server that cannot start (the port is taken) is logged and skipped: the run URL remains.
+    """
+    from .local import LocalCopy
+
+    run_url = run_url or os.environ.get("SPOTRUN_URL", "")
+    copy = LocalCopy.from_env(run_url) if run_url else None
+    token = getattr(spec, "peer_token", "")
+    if len(spec.nodes) < 2 or copy is None or not valid_token(token):
+        yield {}
+        return
+    address = spec.peer_address(index)
+    host, port = _split_host(address)
+    try:
+        server = PeerServer(host, port, token, copy.directory, run_url).start()
+    except OSError as exc:
+        log.warning("no peer copies on this node: cannot serve at %s (%s); restores read the "
+                    "run URL", address, exc)
+        yield {}
+        return
+    n = len(spec.nodes)
+    env = {
+        BUDDY_ENV: spec.peer_address((index + 1) % n),
+        NODES_ENV: ",".join(spec.peer_address(i) for i in range(n)),
+        SELF_ENV: address,
+        TOKEN_ENV: token,
+    }
+    log.info("peer copies: serving at %s, this node's copies go to %s", address, env[BUDDY_ENV])
+    try:
+        yield env
+    finally:
+        server.stop(linger=True)

@@ -1,0 +1,360 @@
+"""The copy on a peer (spotrun/recovery/peer.py): a node's sealed files go to its buddy's
+server; a restore with no valid local copy asks the buddy before the run URL, and trusts
+nothing it gets until it matches the committed manifest byte for byte.
+
+Each "node" here is a local directory and a real server on 127.0.0.1 (threads of this
+process, real sockets); the senders that are killed are real processes. The two-node job
+through real node agents is tests/test_recovery_peer_nodes.py."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import free_port
+
+from spotrun.format.commit import commit
+from spotrun.format.manifest import Manifest
+from spotrun.format.snapshot import payload_name, write_payload
+from spotrun.launch.node import ClusterSpec
+from spotrun.records.layout import checkpoint_dir
+from spotrun.recovery import peer as peer_mod
+from spotrun.recovery.local import LocalCopy, _run_key
+from spotrun.recovery.peer import PeerError, PeerLink, PeerServer, fetch_file, new_token, send_file
+from spotrun.storage import Storage
+
+TOKEN = "ab" * 16
+
+
+@pytest.fixture(autouse=True)
+def _short_timeout(monkeypatch):
+    monkeypatch.setenv("SPOTRUN_PEER_TIMEOUT", "0.5")
+
+
+@pytest.fixture
+def run(tmp_path):
+    return Storage(str(tmp_path / "run"))
+
+
+class Node:
+    """One simulated machine: a local directory and its peer server."""
+
+    def __init__(self, base: Path, name: str, run: Storage) -> None:
+        self.dir = base / name
+        self.run = run
+        self.server = PeerServer("127.0.0.1", 0, TOKEN, self.dir, run.display()).start()
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def copy(self, buddy: Node | str, *, rank: int = 0, nodes: list[Node] = ()) -> LocalCopy:
+        copy = LocalCopy(self.dir, self.run.display())
+        addr = buddy if isinstance(buddy, str) else buddy.address
+        copy.peer = PeerLink(self.run.display(), self.dir, TOKEN, addr, [n.address for n in nodes],
+                             self.address, rank)
+        return copy
+
+    def held(self, step: int) -> list[str]:
+        folder = self.server.root / checkpoint_dir(step)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.fixture
+def nodes(tmp_path, run):
+    made = [Node(tmp_path, f"node{i}", run) for i in range(3)]
+    yield made
+    for n in made:
+        n.server.stop()
+
+
+def _save(copy: LocalCopy, run: Storage, step: int, payloads: dict[int, dict]) -> Manifest:
+    """A save of ``step``: ``copy``'s rank writes through the tee; other ranks' files go
+    straight to the run URL; commit; seal (which starts the send); wait for the send."""
+    copy.begin(step)
+    files = {}
+    for rank, payload in payloads.items():
+        store = copy.storage(run) if rank == copy.peer.rank else run
+        name, entry = write_payload(store, step, rank, payload)
+        files[name] = entry
+    manifest = Manifest(step=step, files=files, world_size=len(payloads))
+    commit(run, manifest)
+    assert copy.seal(step)
+    assert copy.peer.wait(30)
+    return manifest
+
+
+def _restore(copy: LocalCopy, run: Storage, manifest: Manifest, names=None):
+    reader = copy.reader(run, manifest)
+    data = {n: bytes(reader.read_bytes(f"{checkpoint_dir(manifest.step)}/{n}"))
+            for n in (names or manifest.files)}
+    return reader, data
+
+
+def _state(seed: int) -> dict:
+    return {"w": torch.arange(4000.0) * seed}
+
+
+def test_a_replacement_restores_its_share_from_the_buddy_and_reads_nothing_from_the_url(nodes, run, tmp_path):
+    a, b, _ = nodes
+    manifest = _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
+    assert b.held(10) == [payload_name(1)]
+    # The replacement of node a: an empty local directory, the same buddy.
+    fresh = Node(tmp_path, "replacement", run)
+    try:
+        reader, data = _restore(fresh.copy(b, rank=1), run, manifest, [payload_name(1)])
+        assert data[payload_name(1)] == (Path(run.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes()
+        size = manifest.files[payload_name(1)].size
+        assert reader.bytes_by_source() == {"local": 0, "peer": size, "url": 0}
+        assert "from peers" in reader.summary()
+        # What came from the buddy is now this machine's copy: a restart reads it locally.
+        reader, _ = _restore(fresh.copy(b, rank=1), run, manifest, [payload_name(1)])
+        assert reader.bytes_by_source() == {"local": size, "peer": 0, "url": 0}
+    finally:
+        fresh.server.stop()
+
+
+def test_the_ranks_of_a_replacement_fetch_a_shared_file_once(nodes, run, tmp_path):
+    """Every rank reads rank 0's payload: one rank of the machine fetches it, the others wait
+    and read the machine's copy (one transfer, one file in memory)."""
+    a, b, _ = nodes
+    manifest = _save(a.copy(b, rank=0, nodes=[a, b]), run, 10, {0: _state(1), 1: _state(2)})
+    fresh = Node(tmp_path, "replacement", run)
+    readers = []
+
+    def restore(rank: int) -> None:
+        readers.append(_restore(fresh.copy(b, rank=rank), run, manifest, [payload_name(0)])[0])
+
+    try:
+        threads = [threading.Thread(target=restore, args=(r,)) for r in (2, 3, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        fresh.server.stop()
+    size = manifest.files[payload_name(0)].size
+    assert sorted(r.peer_bytes for r in readers) == [0, 0, size]
+    assert sorted(r.local_bytes for r in readers) == [0, size, size]
+    assert all(r.url_bytes == 0 for r in readers)
+
+
+def test_rank_0_sends_what_every_rank_reads_to_every_node_so_survivors_read_no_url_bytes(nodes, run):
+    a, b, c = nodes
+    # Rank 0 on node a (buddy b); rank 1 on node b (buddy c); rank 2 on node c (buddy a).
+    payloads = {0: _state(1), 1: _state(2), 2: _state(3)}
+    manifest = _save(a.copy(b, rank=0, nodes=nodes), run, 10, payloads)
+    assert b.held(10) == [payload_name(0)] and c.held(10) == [payload_name(0)]
+    assert a.held(10) == []  # never to itself
+    # Rank 2 (node c) restores its own file locally... (written here through its own tee)
+    _save(c.copy(a, rank=2, nodes=nodes), run, 10, payloads)
+    assert a.held(10) == [payload_name(2)] and c.held(10) == [payload_name(0)]
+    reader, _ = _restore(c.copy(a, rank=2, nodes=nodes), run, manifest,
+                         [payload_name(0), payload_name(2)])
+    sizes = {n: e.size for n, e in manifest.files.items()}
+    assert reader.bytes_by_source() == {"local": sizes[payload_name(2)], "peer": sizes[payload_name(0)], "url": 0}
+
+
+def test_only_the_newest_step_is_held_and_an_older_one_is_refused(nodes, run, tmp_path):
+    a, b, _ = nodes
+    copy = a.copy(b, rank=1)
+    _save(copy, run, 10, {0: _state(1), 1: _state(2)})
+    _save(copy, run, 20, {0: _state(3), 1: _state(4)})
+    assert b.held(20) == [payload_name(1)] and b.held(10) == []
+    src = tmp_path / "old.pt"
+    src.write_bytes(b"x" * 100)
+    with pytest.raises(PeerError, match="409"):
+        send_file(b.address, TOKEN, _run_key(run.display()), 10, payload_name(1), src)
+    assert b.held(10) == []
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "older step", "another run", "stale writer"])
+def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp_path, damage, caplog):
+    a, b, _ = nodes
+    manifest = _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
+    held = b.server.root / checkpoint_dir(10) / payload_name(1)
+    if damage == "flipped byte":
+        data = bytearray(held.read_bytes())
+        data[len(data) // 2] ^= 1
+        held.write_bytes(bytes(data))
+    elif damage == "truncated":
+        held.write_bytes(held.read_bytes()[:-10])
+    elif damage == "older step":
+        # The buddy holds step 10; the run committed step 20 since (its send never came).
+        manifest = Manifest(step=20, files=dict(manifest.files), world_size=2)
+        for name in manifest.files:
+            (Path(run.display()) / checkpoint_dir(20)).mkdir(parents=True, exist_ok=True)
+            os.link(Path(run.display()) / checkpoint_dir(10) / name,
+                    Path(run.display()) / checkpoint_dir(20) / name)
+        commit(run, manifest)
+    elif damage == "another run":
+        other = Storage(str(tmp_path / "other-run"))
+        other_copy = LocalCopy(a.dir, other.display())
+        other_copy.peer = PeerLink(other.display(), a.dir, TOKEN, b.address, rank=1)
+        # The buddy refuses another run's files; placed by hand they sit under another key.
+        other_copy.begin(10)
+        write_payload(other_copy.storage(other), 10, 1, _state(9))
+        other_copy.seal(10)
+        other_copy.peer.wait(30)
+        assert not (b.dir / "peer" / _run_key(other.display())).exists()
+        held.write_bytes((Path(other.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes())
+    else:
+        # A writer whose lease was taken over wrote its own bytes of the same step.
+        stale = Storage(str(tmp_path / "stale"))
+        write_payload(stale, 10, 1, _state(7))
+        held.write_bytes((Path(stale.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes())
+    fresh = Node(tmp_path, "replacement", run)
+    try:
+        with caplog.at_level(logging.INFO, logger="spotrun"):
+            reader, data = _restore(fresh.copy(b, rank=1), run, manifest, [payload_name(1)])
+    finally:
+        fresh.server.stop()
+    url_file = Path(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)
+    assert data[payload_name(1)] == url_file.read_bytes()
+    assert reader.bytes_by_source() == {"local": 0, "peer": 0, "url": manifest.files[payload_name(1)].size}
+    assert any(("not used" in r.message or "no peer holds" in r.message) for r in caplog.records), caplog.text
+    # Nothing unchecked was left where a restart would take it for this machine's copy.
+    assert not (fresh.dir / _run_key(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)).exists()
+
+
+def test_a_wrong_token_and_a_path_out_of_the_folder_are_refused(nodes, run, tmp_path, caplog):
+    a, b, _ = nodes
+    _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
+    key = _run_key(run.display())
+    with caplog.at_level(logging.WARNING, logger="spotrun"), pytest.raises(PeerError, match="403"):
+        fetch_file(b.address, new_token(), key, 10, payload_name(1), tmp_path / "x", 1 << 20)
+    assert "wrong token" in caplog.text and TOKEN not in caplog.text
+    big = tmp_path / "big"
+    big.write_bytes(b"z" * (8 << 20))  # more than the socket buffers: refused before its body
+    with pytest.raises(PeerError, match="403"):
+        send_file(b.address, new_token(), key, 20, payload_name(1), big)
+    assert b.held(20) == []
+    for name in ("../../../evil", "a/../../evil", "/etc/evil", ".."):
+        conn = http.client.HTTPConnection("127.0.0.1", b.server.port, timeout=5)
+        conn.request("PUT", f"/v1/{key}/10/{name}", body=b"evil",
+                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Length": "4"})
+        assert conn.getresponse().status in (400, 404), name
+        conn.close()
+    assert not any(p.name == "evil" for p in tmp_path.rglob("*"))
+
+
+def test_a_peer_that_does_not_answer_or_is_gone_costs_a_bounded_wait_then_the_url(nodes, run, tmp_path, caplog):
+    a, b, _ = nodes
+    manifest = _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens: the buddy lost with its partner
+    try:
+        for buddy in (f"127.0.0.1:{silent.getsockname()[1]}", gone):
+            fresh = Node(tmp_path, f"replacement-{buddy.rsplit(':', 1)[1]}", run)
+            try:
+                t0 = time.monotonic()
+                with caplog.at_level(logging.WARNING, logger="spotrun"):
+                    reader, _ = _restore(fresh.copy(buddy, rank=1), run, manifest)
+                assert time.monotonic() - t0 < 5  # 0.5 s timeout, each peer asked once
+                assert reader.bytes_by_source()["url"] == manifest.total_bytes
+                assert f"peer {buddy} did not serve" in caplog.text
+            finally:
+                fresh.server.stop()
+        # And a send to a silent buddy gives up too (in the background; the save never waits).
+        copy = a.copy(f"127.0.0.1:{silent.getsockname()[1]}", rank=1)
+        t0 = time.monotonic()
+        _save(copy, run, 20, {0: _state(1), 1: _state(2)})
+        assert time.monotonic() - t0 < 10
+    finally:
+        silent.close()
+
+
+# A sender killed -9 in the middle of a file: the buddy keeps nothing of it.
+_HALF_SENDER = textwrap.dedent("""
+    import socket, sys, time
+    port, key, token = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall((f"PUT /v1/{key}/30/rank-00001.pt HTTP/1.0\\r\\nAuthorization: Bearer {token}\\r\\n"
+               f"Content-Length: 1000000\\r\\n\\r\\n").encode() + b"x" * 400000)
+    print("sent", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_kill_9_while_a_peer_copy_is_written_leaves_nothing_a_restore_uses(nodes, run):
+    a, b, _ = nodes
+    _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
+    proc = subprocess.Popen([sys.executable, "-c", _HALF_SENDER, str(b.server.port),
+                             _run_key(run.display()), TOKEN], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "sent"
+    deadline = time.monotonic() + 5
+    while not list(b.server.root.glob(".partial-*")):  # the server is writing it
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while list(b.server.root.glob(".partial-*")):
+        assert time.monotonic() < deadline, "the cut-off file was never removed"
+        time.sleep(0.02)
+    assert b.held(30) == [] and b.held(10) == [payload_name(1)]  # the older copy is untouched
+
+
+def test_serve_attempt_gives_the_workers_the_buddy_and_off_means_none(tmp_path, monkeypatch, run):
+    spec = ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", port=free_port(),
+                       nodes=[{"instance_id": f"n{i}", "address": "127.0.0.1"} for i in range(3)])
+    assert ClusterSpec.from_json(spec.to_json()).peer_token == spec.peer_token
+    assert spec.peer_token not in repr(spec)  # a spec in a log line never shows the secret
+    assert ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", nodes=spec.nodes).peer_token != spec.peer_token
+    older = {k: v for k, v in spec.to_json().items() if k != "peer_token"}
+    assert ClusterSpec.from_json(older).peer_token == ""  # never one per node
+    monkeypatch.setenv("SPOTRUN_LOCAL_DIR", str(tmp_path / "local"))
+    with peer_mod.serve_attempt(spec, 2, run.display()) as env:
+        assert env["SPOTRUN_PEER_BUDDY"] == spec.peer_address(0) == f"127.0.0.1:{spec.port + 1}"
+        assert env["SPOTRUN_PEER_SELF"] == spec.peer_address(2)
+        assert env["SPOTRUN_PEER_TOKEN"] == spec.peer_token
+        # The server answers at its address (404: holds nothing yet), and only with the token.
+        assert not fetch_file(spec.peer_address(2), spec.peer_token, _run_key(run.display()), 1,
+                              "rank-00000.pt", tmp_path / "x", 10)
+    with pytest.raises(PeerError):  # stopped with the attempt
+        fetch_file(spec.peer_address(2), spec.peer_token, _run_key(run.display()), 1,
+                   "rank-00000.pt", tmp_path / "x", 10)
+    monkeypatch.setenv("SPOTRUN_LOCAL_DIR", "off")
+    with peer_mod.serve_attempt(spec, 0, run.display()) as env:
+        assert env == {}
+    one = ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", nodes=spec.nodes[:1])
+    monkeypatch.setenv("SPOTRUN_LOCAL_DIR", str(tmp_path / "local"))
+    with peer_mod.serve_attempt(one, 0, run.display()) as env:
+        assert env == {}
+
+
+def test_a_full_buddy_refuses_the_file_and_the_save_goes_on(nodes, run, monkeypatch, caplog):
+    a, b, _ = nodes
+    monkeypatch.setattr(peer_mod, "_room_for", lambda directory, size: False)
+    with caplog.at_level(logging.WARNING, logger="spotrun"):
+        _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
+    assert b.held(10) == [] and "no room" in caplog.text and "not sent" in caplog.text
+
+
+def test_a_send_never_blocks_the_training_thread(nodes, run, tmp_path):
+    """push() returns at once even while the buddy is slow to take the file."""
+    a, _, _ = nodes
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        link = PeerLink(run.display(), a.dir, TOKEN, f"127.0.0.1:{silent.getsockname()[1]}", rank=1)
+        f = tmp_path / "f"
+        f.write_bytes(b"y" * 1000)
+        t0 = time.monotonic()
+        link.push(10, [("rank-00001.pt", f)])
+        assert time.monotonic() - t0 < 0.2
+        assert threading.active_count() >= 2
+        assert link.wait(10)
+    finally:
+        silent.close()
