@@ -258,11 +258,12 @@ def _recovery(d: dict[str, Any]) -> list[str]:
     recs = d.get("recoveries") or []
     if not recs:
         return []
-    headers = ["Attempt", "Mode", "Lost at (UTC)", "Loss -> first step", *(label.capitalize() for _, label in PARTS),
+    headers = ["#", "Attempt (lost -> recovered)", "Mode", "Lost at (UTC)", "Loss -> first step", *(label.capitalize() for _, label in PARTS),
                "From local copy", "From peer", "From run URL", "Instances"]
     rows = []
-    for r in recs:
-        cells = [_a(r["attempt"]), _a(r.get("mode") or "?"), _a(fmt_time(r["lost_at"]))]
+    for n, r in enumerate(recs, 1):
+        cells = [str(n), _a(f"{r.get('previous') or '?'} -> {r['attempt']}"), _a(r.get("mode") or "?"),
+                 _a(fmt_time(r["lost_at"]))]
         nums = [
             "no step yet" if r["total_s"] is None else fmt_duration(r["total_s"]),
             *("?" if r.get(key) is None else fmt_duration(r[key]) for key, _ in PARTS),

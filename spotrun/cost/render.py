@@ -49,24 +49,30 @@ def recovery_lines(d: dict[str, Any]) -> list[str]:
     recs = d.get("recoveries") or []
     if not recs:
         return []
-    headers = ["attempt", "mode", "loss -> step", *(label for _, label in PARTS),
+    headers = ["#", "attempt", "mode", "loss -> step", *(label for _, label in PARTS),
                "local", "peer", "run URL", "instances"]
     rows = []
-    for r in recs:
+    for n, r in enumerate(recs, 1):
         rows.append([
-            str(r["attempt"])[:12],
+            str(n),
+            _after(r),
             r.get("mode") or "?",
             "no step yet" if r["total_s"] is None else fmt_duration(r["total_s"]),
             *("?" if r.get(key) is None else fmt_duration(r[key]) for key, _ in PARTS),
             fmt_bytes(r.get("bytes_local")), fmt_bytes(r.get("bytes_peer")), fmt_bytes(r.get("bytes_url")),
             fmt_instances(r.get("instances_started"), r.get("instances_kept")),
         ])
-    right = set(range(2, 3 + len(PARTS) + 3))
+    right = {0, *range(3, 4 + len(PARTS) + 3)}
     out = ["", "Recovery (from each loss to the first training step of the attempt after it)"]
     out += ["  " + line for line in table(headers, rows, right=right)]
     out.append("  ('?': not in the ledger; an unknown part's time is in the part before it. "
                "Bytes: what the restore read from this machine's copy, a peer node, the run URL)")
     return out
+
+
+def _after(r: dict[str, Any]) -> str:
+    """``a1b2 -> c3d4``: the attempt that lost and the one that recovered (ids shortened)."""
+    return f"{str(r.get('previous') or '?')[:10]} -> {str(r['attempt'])[:10]}"
 
 
 def fmt_time(t: float) -> str:
