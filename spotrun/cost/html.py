@@ -258,8 +258,8 @@ def _recovery(d: dict[str, Any]) -> list[str]:
     recs = d.get("recoveries") or []
     if not recs:
         return []
-    headers = ["#", "Attempt (lost -> recovered)", "Mode", "Lost at (UTC)", "Loss -> first step", *(label.capitalize() for _, label in PARTS),
-               "From local copy", "From peer", "From run URL", "Instances"]
+    headers = ["#", "Attempt (lost -> recovered)", "Mode", "Lost at (UTC)", "Loss -> first step",
+               *(label.capitalize() for _, label in PARTS), "From local copy", "From peer", "From run URL", "Instances"]
     rows = []
     for n, r in enumerate(recs, 1):
         cells = [str(n), _a(f"{r.get('previous') or '?'} -> {r['attempt']}"), _a(r.get("mode") or "?"),

@@ -28,6 +28,7 @@ shown).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ class Recovery:
         pts = self.points()
         out: dict[str, float | None] = {key: None for key, _ in PARTS}
         known = [i for i, t in enumerate(pts) if t is not None]
-        for a, b in zip(known, known[1:]):
+        for a, b in itertools.pairwise(known):
             out[PARTS[a][0]] = pts[b] - pts[a]  # type: ignore[operator]
         return out
 

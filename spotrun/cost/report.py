@@ -41,6 +41,11 @@ Figures, per segment (all times in seconds):
 
 Savings = total on-demand cost - total cost; percent of the on-demand cost.
 
+Recovery (:mod:`spotrun.cost.recovery`): per attempt that followed a loss, the wall-clock time
+from the loss to its first training step, split, with the restore's bytes by source and the
+instances started. It is time, not money: its billed part is already in the restarts above.
+The launcher's ``recovery_started`` records feed it and never make a segment.
+
 Multi-node jobs: each node is its own segment (its instance), and the launcher's
 ``segment_started`` names the attempt all N nodes belong to (``group``) and the node's rank
 (``node``). The training process writes its records (resumes, checkpoints, notices, its end)

@@ -214,6 +214,7 @@ def _recovery_lines(cost: dict[str, Any]) -> list[str]:
     n = len(recs)
     median = "" if t.get("median_s") is None else f", median {fmt_duration(t['median_s'])}"
     last = recs[-1]
+    instances = fmt_instances(last.get("instances_started"), last.get("instances_kept"))
     parts = ", ".join(f"{label} {fmt_duration(last[key])}" for key, label in PARTS if last.get(key) is not None)
     total = "no training step yet" if last["total_s"] is None else fmt_duration(last["total_s"])
     return [
@@ -221,7 +222,7 @@ def _recovery_lines(cost: dict[str, Any]) -> list[str]:
         f"in all{median}",
         f"           latest ({last.get('mode') or 'mode unknown'}): {total} ({parts}); restored "
         f"{fmt_bytes(last.get('bytes_local'))} local, {fmt_bytes(last.get('bytes_peer'))} peer, "
-        f"{fmt_bytes(last.get('bytes_url'))} run URL; instances {fmt_instances(last.get('instances_started'), last.get('instances_kept'))}",
+        f"{fmt_bytes(last.get('bytes_url'))} run URL; instances {instances}",
     ]
 
 
