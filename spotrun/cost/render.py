@@ -10,7 +10,7 @@ from ..units import format_bytes
 if TYPE_CHECKING:
     from .report import CostReport
 
-__all__ = ["fmt_bytes", "fmt_duration", "fmt_usd", "recovery_lines", "report_text"]
+__all__ = ["fmt_bytes", "fmt_duration", "fmt_instances", "fmt_usd", "recovery_lines", "report_text"]
 
 
 def fmt_usd(value: float | None) -> str:
