@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import committed_steps, env_for, spawn
+from helpers import committed_steps, env_for, ledger_events, spawn
 
 from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
@@ -210,6 +210,7 @@ def uninterrupted(tmp_path_factory):
 def test_a_restart_on_the_same_machine_reads_no_checkpoint_bytes_from_the_run_url(tmp_path, uninterrupted):
     url, local = str(tmp_path / "run"), tmp_path / "local"
     step = _interrupted_run(url, local)
+    total = read_manifest(Storage(url), step).total_bytes  # retention removes it later
     # Damage the run URL's copy: a restore that read it would find the damage and fall back.
     _flip(Path(url) / checkpoint_dir(step) / "rank-00000.pt")
     out = _run(url, local, "30")
@@ -217,11 +218,13 @@ def test_a_restart_on_the_same_machine_reads_no_checkpoint_bytes_from_the_run_ur
     assert f"resumed from step {step} " in resumed and "0 B from the run URL" in resumed, resumed
     assert "from this machine's copy" in resumed and not resumed.split("; ")[-1].startswith("0 B"), resumed
     assert uninterrupted in out  # the same run: bit for bit the uninterrupted weights
+    _assert_restore_recorded(url, step, total, local=True)
 
 
 def test_a_damaged_local_copy_is_ignored_and_the_run_url_is_read(tmp_path, uninterrupted):
     url, local = str(tmp_path / "run"), tmp_path / "local"
     step = _interrupted_run(url, local)
+    total = read_manifest(Storage(url), step).total_bytes
     (copy_dir,) = [p for p in local.iterdir() if p.is_dir()]
     _flip(copy_dir / checkpoint_dir(step) / "rank-00000.pt")
     out = _run(url, local, "30")
@@ -229,3 +232,15 @@ def test_a_damaged_local_copy_is_ignored_and_the_run_url_is_read(tmp_path, unint
     resumed = next(line for line in out.splitlines() if "resumed from step" in line)
     assert f"resumed from step {step} " in resumed and "0 B from this machine's copy" in resumed, resumed
     assert uninterrupted in out
+    _assert_restore_recorded(url, step, total, local=False)
+
+
+def _assert_restore_recorded(url: str, step: int, total: int, *, local: bool) -> None:
+    """The resumed segment's ``training_resumed`` says what its restore cost: when it began,
+    how long it took, and the checkpoint's bytes by source (the cost report's recovery)."""
+    resumed = ledger_events(url, "training_resumed")[-1]
+    assert resumed["step"] == step
+    expected = {"bytes_local": total if local else 0, "bytes_peer": 0, "bytes_url": 0 if local else total}
+    assert {k: resumed.get(k) for k in expected} == expected, resumed
+    assert resumed["process_started_at"] <= resumed["restore_started_at"] <= resumed["first_step_at"], resumed
+    assert 0 < resumed["restore_s"] <= resumed["first_step_at"] - resumed["restore_started_at"], resumed

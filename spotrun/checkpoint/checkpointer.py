@@ -525,6 +525,7 @@ class Checkpointer:
             log.info("resumed from step %d at %s (%s, restored in %.2fs; %s)", step,
                      self.storage.display(), format_bytes(restorer.restored_bytes),
                      progress.elapsed, restorer.sources)
+            self._seg.restored(progress.started_at, progress.elapsed, restorer.bytes_read)
             if group.is_main and self.storage.exists(DONE_MARKER):
                 log.info("this run already finished (done marker present)")
         self._restored = True

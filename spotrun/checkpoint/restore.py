@@ -35,6 +35,7 @@ from ..format.manifest import Manifest
 from ..format.snapshot import open_payload, payload_name, read_payload
 from ..format.state import load_object_state, restore_rng_state, seed_everything, unwrap
 from ..records.layout import checkpoint_dir
+from ..recovery.local import NearestReader
 from ..storage import Storage
 from ..units import format_bytes
 from .artifacts import restore_artifacts
@@ -91,11 +92,14 @@ class RestoreProgress:
         self.doing = "listing checkpoints"
         self.total: int | None = None  # the size of the checkpoint being read
         self.done = 0
+        #: When the restore began (epoch seconds), for the ledger's ``training_resumed``.
+        self.started_at = time.time()
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> RestoreProgress:
+        self.started_at = time.time()
         self._t0 = time.monotonic()
         if self.interval_s > 0:
             self._thread = threading.Thread(target=self._report, name="spotrun-restore-progress",
@@ -177,6 +181,11 @@ class Restorer:
         self.progress = progress or RestoreProgress(storage.display(), 0)
         #: The size of the checkpoint restored (all ranks' files), once one is.
         self.restored_bytes = 0
+        # Every reader this restore used (one per checkpoint tried), for the bytes it read.
+        self._readers: list[NearestReader] = []
+        #: The checkpoint bytes read by source ("local", "peer", "url"): on rank 0 every
+        #: rank's together (gathered once the restore is decided), elsewhere this rank's.
+        self.bytes_read: dict[str, int] = {"local": 0, "peer": 0, "url": 0}
 
     def newest_valid(self) -> int | None:
         """Load the newest committed checkpoint whose files check out; return its step.
@@ -213,6 +222,7 @@ class Restorer:
         found = None if chosen is None else chosen.step
         if chosen is not None and chosen.manifest is not None:
             self.restored_bytes = chosen.manifest.total_bytes
+        self._gather_bytes(group)
         if damaged and found is None and self.policy != "start_fresh":
             raise all_damaged_error(self.storage, damaged, argument=True)
         if group.is_main:
@@ -235,6 +245,26 @@ class Restorer:
                         self.storage.display(), DAMAGED_DIR)
         return found
 
+    def bytes_by_source(self) -> dict[str, int]:
+        """The checkpoint bytes this rank read, by source, over every checkpoint it tried
+        (a damaged newest one read before the older one that loaded counts too: it was
+        read)."""
+        out = {"local": 0, "peer": 0, "url": 0}
+        for reader in self._readers:
+            for key, n in reader.bytes_by_source().items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    def _gather_bytes(self, group: Group) -> None:
+        # Every rank reaches this together (the outcomes before it were agreed), so the one
+        # gather cannot leave a rank waiting alone. Rank 0 records the job's total.
+        mine = self.bytes_by_source()
+        everyone = group.gather(mine) if group.distributed else [mine]
+        if everyone is None:
+            self.bytes_read = mine
+            return
+        self.bytes_read = {key: sum(int(d.get(key, 0)) for d in everyone) for key in mine}
+
     def _try_load(self, step: int, manifest: Manifest, group: Group) -> str | None:
         """Load one committed checkpoint on every rank; None when it loaded, else its damage.
 
@@ -245,7 +275,10 @@ class Restorer:
         (shared state) and its own, verifying their hashes.
         """
         outcome: _Outcome | None = None
-        self._reader = self.storage if self._local is None else self._local.reader(self.storage, manifest)
+        # Without a local copy the reader only counts what comes from the run URL.
+        self._reader = (NearestReader(self.storage, manifest, None) if self._local is None
+                        else self._local.reader(self.storage, manifest))
+        self._readers.append(self._reader)
         self.progress.phase(f"checking step {step}'s files", manifest.total_bytes)
         if group.is_main:
             outcome = self._attempt(lambda: self._check_present(step, manifest))
@@ -258,7 +291,7 @@ class Restorer:
             # The same checkpoint's files, so state and artifacts never come from two saves.
             outcome = self._agree(group, self._attempt(lambda: self._put_back_artifacts(manifest)))
         if outcome is None:
-            if self._reader is not self.storage:
+            if self._local is not None:
                 self.sources = self._reader.summary()
             return None
         if outcome.kind == "damaged":

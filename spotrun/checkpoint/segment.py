@@ -112,6 +112,8 @@ class RunSegment:
         #: Completed training steps and when the last one ended (for ``segment_ended``).
         self.steps_done = 0
         self.last_step_at: float | None = None
+        #: What the restore before training cost (:meth:`restored`), for ``training_resumed``.
+        self._restore: dict[str, float | int] = {}
 
     # -- begin -----------------------------------------------------------------------------
 
@@ -151,13 +153,24 @@ class RunSegment:
         hanging ledger never stops or stalls training."""
         self._ledger.submit(event)
 
+    def restored(self, started_at: float, seconds: float, bytes_by_source: dict[str, int]) -> None:
+        """A checkpoint was restored: when the restore began, how long it took and its
+        bytes by source (``local``, ``peer``, ``url``; on rank 0 every rank's together).
+        :meth:`training_started` records them with the first step: the cost report's
+        recovery split."""
+        self._restore = {
+            "restore_started_at": float(started_at), "restore_s": max(0.0, float(seconds)),
+            **{f"bytes_{key}": int(bytes_by_source.get(key, 0)) for key in ("local", "peer", "url")},
+        }
+
     def training_started(self, step: int) -> None:
-        """Where training (re)starts: the cost report's restart overhead (rank 0 records)."""
+        """Where training (re)starts: the cost report's restart overhead and recovery split
+        (rank 0 records; with the restore's figures when :meth:`restored` was told them)."""
         self.steps_done = step
         if self.group is not None and self.group.is_main:
             self.emit(TrainingResumed(segment_id=self.segment_id, step=step,
                                       process_started_at=self.started_at,
-                                      first_step_at=time.time()))
+                                      first_step_at=time.time(), **self._restore))  # type: ignore[arg-type]
 
     def drain(self, steps_done: int) -> None:
         """A step ended: count it, log and record every notice that arrived since the last."""

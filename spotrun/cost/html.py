@@ -18,7 +18,7 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from .render import attempt_label, fmt_duration, fmt_pct, fmt_time, fmt_usd
+from .render import attempt_label, fmt_bytes, fmt_duration, fmt_instances, fmt_pct, fmt_time, fmt_usd
 
 if TYPE_CHECKING:
     from .report import CostReport
@@ -251,6 +251,38 @@ def _tick_usd(v: float) -> str:
     return f"${v:,.0f}" if v >= 100 else (f"${v:.2f}" if v >= 0.1 else f"${v:.4g}")
 
 
+def _recovery(d: dict[str, Any]) -> list[str]:
+    """The recovery table: one row per attempt that followed a loss (cost.recovery)."""
+    from .recovery import PARTS
+
+    recs = d.get("recoveries") or []
+    if not recs:
+        return []
+    headers = ["#", "Attempt (lost -> recovered)", "Mode", "Lost at (UTC)", "Loss -> first step",
+               *(label.capitalize() for _, label in PARTS), "From local copy", "From peer", "From run URL", "Instances"]
+    rows = []
+    for n, r in enumerate(recs, 1):
+        cells = [str(n), _a(f"{r.get('previous') or '?'} -> {r['attempt']}"), _a(r.get("mode") or "?"),
+                 _a(fmt_time(r["lost_at"]))]
+        nums = [
+            "no step yet" if r["total_s"] is None else fmt_duration(r["total_s"]),
+            *("?" if r.get(key) is None else fmt_duration(r[key]) for key, _ in PARTS),
+            fmt_bytes(r.get("bytes_local")), fmt_bytes(r.get("bytes_peer")), fmt_bytes(r.get("bytes_url")),
+            fmt_instances(r.get("instances_started"), r.get("instances_kept")),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells)
+                    + "".join(f'<td class="n">{_a(c)}</td>' for c in nums) + "</tr>")
+    return [
+        "<h2>Recovery</h2>",
+        '<div class="scroll"><table id="recovery-table"><thead><tr>'
+        + "".join(f"<th>{_a(h)}</th>" for h in headers) + "</tr></thead><tbody>" + "".join(rows)
+        + "</tbody></table></div>",
+        "<p>From each loss to the first training step of the attempt after it, wall-clock, once per "
+        "interruption; '?' is not in the ledger (its time is in the part before it). The restarts "
+        "figure above is what the same stretch cost in billed instance time, every node counted.</p>",
+    ]
+
+
 def report_html(report: CostReport) -> str:
     """The report as one self-contained HTML page (see the module docstring)."""
     d = report.to_dict()
@@ -348,6 +380,7 @@ def report_html(report: CostReport) -> str:
         '<div class="scroll"><table id="cost-table"><thead><tr>' + "".join(f"<th>{_a(h)}</th>" for h in headers)
         + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>",
         *notes,
+        *_recovery(d),
         "<h2>Price sources</h2><ul>" + "".join(f"<li>{_a(p)}</li>" for p in d["price_sources"]) + "</ul>",
     ]
     if d["warnings"]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from ..units import format_bytes
+
 if TYPE_CHECKING:
     from .report import CostReport
 
-__all__ = ["fmt_duration", "fmt_usd", "report_text"]
+__all__ = ["fmt_bytes", "fmt_duration", "fmt_instances", "fmt_usd", "recovery_lines", "report_text"]
 
 
 def fmt_usd(value: float | None) -> str:
@@ -28,6 +30,49 @@ def fmt_duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{int(s // 60)}m{s % 60:04.1f}s"
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "?" if n is None else format_bytes(int(n))
+
+
+def fmt_instances(started: int | None, kept: int | None) -> str:
+    """``1 started, 2 kept``; ``?`` parts where the ledger does not say."""
+    return f"{'?' if started is None else started} started, {'?' if kept is None else kept} kept"
+
+
+def recovery_lines(d: dict[str, Any]) -> list[str]:
+    """The recovery section of a report dict (``to_dict()``): one row per attempt that
+    followed a loss, loss -> first step and its split, bytes by source, instances."""
+    from .recovery import PARTS
+
+    recs = d.get("recoveries") or []
+    if not recs:
+        return []
+    headers = ["#", "attempt", "mode", "loss -> step", *(label for _, label in PARTS),
+               "local", "peer", "run URL", "instances"]
+    rows = []
+    for n, r in enumerate(recs, 1):
+        rows.append([
+            str(n),
+            _after(r),
+            r.get("mode") or "?",
+            "no step yet" if r["total_s"] is None else fmt_duration(r["total_s"]),
+            *("?" if r.get(key) is None else fmt_duration(r[key]) for key, _ in PARTS),
+            fmt_bytes(r.get("bytes_local")), fmt_bytes(r.get("bytes_peer")), fmt_bytes(r.get("bytes_url")),
+            fmt_instances(r.get("instances_started"), r.get("instances_kept")),
+        ])
+    right = {0, *range(3, 4 + len(PARTS) + 3)}
+    out = ["", "Recovery (from each loss to the first training step of the attempt after it)"]
+    out += ["  " + line for line in table(headers, rows, right=right)]
+    out.append("  ('?': not in the ledger; an unknown part's time is in the part before it. "
+               "Bytes: what the restore read from this machine's copy, a peer node, the run URL)")
+    return out
+
+
+def _after(r: dict[str, Any]) -> str:
+    """``a1b2 -> c3d4``: the attempt that lost and the one that recovered (ids shortened)."""
+    return f"{str(r.get('previous') or '?')[:10]} -> {str(r['attempt'])[:10]}"
 
 
 def fmt_time(t: float) -> str:
@@ -107,6 +152,8 @@ def report_text(report: CostReport) -> str:
         ("  of which checkpoint stalls", f"{fmt_usd(t['stall_usd'])} ({fmt_duration(t['stall_s'])})"),
         ("on-demand cost of the useful work", fmt_usd(t["on_demand_usd"])),
         ("savings", f"{fmt_usd(t['savings_usd'])} ({fmt_pct(t['savings_pct'])})"),
+        *([("recovery (loss -> first step)", _recovery_total(d["recovery_totals"]))]
+          if d.get("recovery_totals", {}).get("recoveries") else []),
         ("SageMaker's figure (1 - billable/training)",
          f"{fmt_pct(d['sagemaker']['savings_pct'])} (billable {fmt_duration(d['sagemaker']['billable_s'])}, "
          f"training {fmt_duration(d['sagemaker']['training_s'])})"),
@@ -132,6 +179,7 @@ def report_text(report: CostReport) -> str:
                     else "; not relaunched"
                 )
             )
+    out += recovery_lines(d)
     if d.get("notes"):
         out += ["", "Notes"]
         out += [f"  - {n}" for n in d["notes"]]
@@ -144,3 +192,9 @@ def report_text(report: CostReport) -> str:
         out += ["", "Warnings"]
         out += [f"  ! {w}" for w in d["warnings"]]
     return "\n".join(out) + "\n"
+
+
+def _recovery_total(t: dict[str, Any]) -> str:
+    n = t["recoveries"]
+    median = "" if t.get("median_s") is None else f", median {fmt_duration(t['median_s'])}"
+    return f"{fmt_duration(t['total_s'])} over {n} recover{'ies' if n != 1 else 'y'}{median}"

@@ -41,6 +41,11 @@ Figures, per segment (all times in seconds):
 
 Savings = total on-demand cost - total cost; percent of the on-demand cost.
 
+Recovery (:mod:`spotrun.cost.recovery`): per attempt that followed a loss, the wall-clock time
+from the loss to its first training step, split, with the restore's bytes by source and the
+instances started. It is time, not money: its billed part is already in the restarts above.
+The launcher's ``recovery_started`` records feed it and never make a segment.
+
 Multi-node jobs: each node is its own segment (its instance), and the launcher's
 ``segment_started`` names the attempt all N nodes belong to (``group``) and the node's rank
 (``node``). The training process writes its records (resumes, checkpoints, notices, its end)
@@ -65,6 +70,7 @@ from ..records.instance import InstanceInfo
 from ..records.ledger import Ledger
 from ..storage import Storage
 from .prices import Price, PriceBook
+from .recovery import Recovery, recoveries, recovery_records, recovery_totals
 
 __all__ = ["CostReport", "SegmentCost", "build_segments", "price_segments", "report_for_run",
            "require_run"]
@@ -94,6 +100,11 @@ class SegmentCost:
     first_step_at: float | None = None
     resumed_step: int | None = None
     process_started_at: float | None = None
+    # What the restore before the first step cost (the wrapper's training_resumed; None in
+    # older records and where nothing was restored): for the recovery split.
+    restore_started_at: float | None = None
+    restore_s: float | None = None
+    restore_bytes: dict[str, int | None] = field(default_factory=dict)
     training_ended_at: float | None = None  # the wrapper's end record, when it wrote one
     last_step_at: float | None = None
     checkpoints: list[dict] = field(default_factory=list)
@@ -279,7 +290,9 @@ def build_segments(
     groups: dict[str, list[dict]] = {}
     for r in records:
         sid = r.get("segment_id")
-        if sid is not None:
+        # A recovery record names the attempt that follows a loss, not a stretch of compute
+        # (cost.recovery reads it): it never makes or joins a segment.
+        if sid is not None and r["event"] != "recovery_started":
             groups.setdefault(str(sid), []).append(r)
     segments = []
     for sid, recs in groups.items():
@@ -322,6 +335,10 @@ def build_segments(
                 first_step_at=None if first is None else float(first["first_step_at"]),
                 resumed_step=None if first is None else int(first["step"]),
                 process_started_at=None if first is None else float(first["process_started_at"]),
+                restore_started_at=None if first is None else first.get("restore_started_at"),
+                restore_s=None if first is None else first.get("restore_s"),
+                restore_bytes={} if first is None else {
+                    key: first.get(f"bytes_{key}") for key in ("local", "peer", "url")},
                 training_ended_at=float(ends["wrapper"]["ended_at"]) if "wrapper" in ends else None,
                 last_step_at=(ends["wrapper"].get("last_step_at") if "wrapper" in ends else None),
                 checkpoints=[
@@ -425,6 +442,12 @@ class CostReport:
     segments: list[SegmentCost]
     generated_at: float = field(default_factory=time.time)
     warnings: list[str] = field(default_factory=list)
+    #: The ledger's ``recovery_started`` records (:func:`~spotrun.cost.recovery.recovery_records`).
+    recovery_records: list[dict] = field(default_factory=list)
+
+    def recoveries(self) -> list[Recovery]:
+        """What each recovery cost, loss to first step (:func:`~spotrun.cost.recovery.recoveries`)."""
+        return recoveries(self.segments, self.recovery_records)
 
     def totals(self) -> dict[str, Any]:
         segs = [s.to_dict() for s in self.segments]
@@ -578,12 +601,15 @@ class CostReport:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        recs = self.recoveries()
         return {
             "run_url": self.run_url,
             "generated_at": self.generated_at,
             "totals": self.totals(),
             "segments": [s.to_dict() for s in self.segments],
             "interruptions": self.interruptions(),
+            "recoveries": [r.to_dict() for r in recs],
+            "recovery_totals": recovery_totals(recs),
             "price_sources": self.price_sources(),
             "snapshot_vintage": self.snapshot_vintage(),
             "sagemaker": self.sagemaker_figure(),
@@ -645,7 +671,9 @@ def report_for_run(
         running = running_segments(storage)
     segments = build_segments(records, skipped, running=running, now=now)
     price_segments(segments, prices)
-    report = CostReport(run_url=storage.display(), segments=segments, warnings=skipped)
+    report = CostReport(run_url=storage.display(), segments=segments, warnings=skipped,
+                        recovery_records=recovery_records(records))
+    recoveries(segments, report.recovery_records, report.warnings)  # its warnings, once
     for line in skipped:
         log.warning("%s", line)
     if not segments:

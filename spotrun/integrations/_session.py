@@ -199,6 +199,10 @@ class RunSession:
                     outcome = self._find(check)
                 if outcome[0] == "found":  # with its size and time, for the line below
                     outcome = ("found", (*outcome[1], self._progress.elapsed))
+                    # For the ledger: every byte came from the run URL (downloaded, or read
+                    # in place: the trainer loads the run URL's own folder).
+                    self._seg.restored(self._progress.started_at, self._progress.elapsed,
+                                       {"url": self._progress.done or outcome[1][2]})
             except Exception as exc:  # noqa: BLE001 - told to every rank, raised below
                 error, outcome = exc, ("error", str(exc))
         if group.distributed:

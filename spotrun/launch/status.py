@@ -187,6 +187,7 @@ def _cost_lines(cost: dict[str, Any]) -> list[str]:
     lines.append(f"           lost work {fmt_usd(t.get('lost_work_usd'))} ({fmt_duration(t.get('lost_work_s'))}), "
                  f"restarts {fmt_usd(t.get('restart_overhead_usd'))}, "
                  f"checkpoint stalls {fmt_usd(t.get('stall_usd'))}")
+    lines += _recovery_lines(cost)
     short: list[str] = []
     for s in cost["segments"]:
         for kind, p in (("market", s.get("price")), ("on-demand", s.get("on_demand_price"))):
@@ -198,6 +199,31 @@ def _cost_lines(cost: dict[str, Any]) -> list[str]:
                 short.append(text)
     lines.append(f"           prices: {', '.join(short) or 'none'} (spotrun cost RUN_URL says more)")
     return lines
+
+
+def _recovery_lines(cost: dict[str, Any]) -> list[str]:
+    """Recovery in two lines: how many, loss -> first step (median), and the latest one's
+    split, bytes by source and instances (``spotrun cost`` has the table)."""
+    from ..cost.recovery import PARTS
+    from ..cost.render import fmt_bytes, fmt_instances
+
+    recs = cost.get("recoveries") or []
+    if not recs:
+        return []
+    t = cost.get("recovery_totals") or {}
+    n = len(recs)
+    median = "" if t.get("median_s") is None else f", median {fmt_duration(t['median_s'])}"
+    last = recs[-1]
+    instances = fmt_instances(last.get("instances_started"), last.get("instances_kept"))
+    parts = ", ".join(f"{label} {fmt_duration(last[key])}" for key, label in PARTS if last.get(key) is not None)
+    total = "no training step yet" if last["total_s"] is None else fmt_duration(last["total_s"])
+    return [
+        f"recovery   {n} recover{'ies' if n != 1 else 'y'}, loss -> first step {fmt_duration(t.get('total_s'))} "
+        f"in all{median}",
+        f"           latest ({last.get('mode') or 'mode unknown'}): {total} ({parts}); restored "
+        f"{fmt_bytes(last.get('bytes_local'))} local, {fmt_bytes(last.get('bytes_peer'))} peer, "
+        f"{fmt_bytes(last.get('bytes_url'))} run URL; instances {instances}",
+    ]
 
 
 def stop_run(storage: Storage, *, wait_s: float | None = None,
