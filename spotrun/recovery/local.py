@@ -375,12 +375,6 @@ class NearestReader:
         path = self._checked.get(rel) if rel else None
         return path if path is not None else self._storage.display(rel)
 
-    def bytes_by_source(self) -> dict[str, int]:
-        """The checkpoint bytes this restore took from each source: this machine's copy
-        (``local``), a peer node's copy (``peer``: none until a peer channel serves reads)
-        and the run URL (``url``); what the ledger's ``training_resumed`` records."""
-        return {"local": self.local_bytes, "peer": 0, "url": self.url_bytes}
-
     def summary(self) -> str:
         peer = f"{format_bytes(self.peer_bytes)} from peers, " if self._peer is not None else ""
         return (f"{format_bytes(self.local_bytes)} from this machine's copy, {peer}"
