@@ -282,15 +282,18 @@ shutdown -h now
 """
 
 
-def _command_line(command: Sequence[str], *, distributed: bool) -> str:
+def _command_line(command: Sequence[str], *, distributed: bool, rejoin_timeout_s: float = 0.0) -> str:
     line = shlex.join(list(command))
     if not distributed:
         return line
+    # With --recovery replace the node agent waits, after an interrupted attempt, for the
+    # next one's cluster file: the instance stays up (and bills) only while it waits.
+    rejoin = f"--rejoin-timeout {rejoin_timeout_s:g} " if rejoin_timeout_s > 0 else ""
     # The node launcher keys its entry in the cluster file by the instance id; it runs
     # spotrun.distributed (torchrun) with the rendezvous options and returns the job's code.
     return ('export SPOTRUN_INSTANCE_ID="$INSTANCE_ID"\n'
-            '"${SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}" -m spotrun.launch.node -- '
-            + line)
+            '"${SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}" -m spotrun.launch.node '
+            + rejoin + "-- " + line)
 
 
 def build_user_data(
@@ -303,6 +306,7 @@ def build_user_data(
     secrets: Mapping[str, str] | None = None,
     nodes: int = 1,
     nproc_per_node: int | None = None,
+    rejoin_timeout_s: float = 0.0,
 ) -> str:
     """The bash boot script for one instance of the run (see the module docstring).
 
@@ -343,7 +347,7 @@ def build_user_data(
         env_lines=env_lines,
         setup_lines=setup_lines,
         secret_lines=secret_lines,
-        command=_command_line(command, distributed=distributed),
+        command=_command_line(command, distributed=distributed, rejoin_timeout_s=rejoin_timeout_s),
         # A node learns its attempt and index from its cluster file: its logs go there.
         ship_args=' --cluster-instance "$INSTANCE_ID"' if distributed else "",
     )
