@@ -9,43 +9,49 @@ Every EC2 call that starts or ends instances is counted through botocore's event
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from helpers import FakePlacementGroups
+from moto import mock_aws
 from test_launch_ec2 import Lines, ScarceCapacity
-from test_launch_ec2_cluster import (  # noqa: F401 - the fixtures are used by name
-    FAST,
-    HOME,
-    T0,
-    Cloud,
-    cloud,
-    cluster_file,
-    controller,
-    launcher_records,
-    options,
-    storage,
-)
+from test_launch_ec2_cluster import FAST, HOME, T0, Cloud, cluster_file, controller, launcher_records, options
 
 from spotrun.cost import report_for_run
 from spotrun.launch.controller import Ec2Controller, Timing
 from spotrun.launch.node import node_argv, read_cluster
-from spotrun.launch.userdata import build_user_data
 from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 
+@pytest.fixture()
+def cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[Cloud]:
+    monkeypatch.setenv("SPOTRUN_CACHE_DIR", str(tmp_path / "cache"))
+    with mock_aws():
+        yield Cloud()
+
+
+@pytest.fixture()
+def storage(tmp_path: Any) -> Storage:
+    return Storage(str(tmp_path / "run"))
+
+
 class Calls:
-    """Every RunInstances / CreateFleet request and every id TerminateInstances was given."""
+    """Every RunInstances / CreateFleet request, every id TerminateInstances was given, and
+    the user data of every launch template."""
 
     def __init__(self, client: Any) -> None:
         self.run_instances = 0
         self.fleets: list[int] = []  # TotalTargetCapacity of each CreateFleet
         self.terminated: list[str] = []
+        self.user_data: list[str] = []
         ev = client.meta.events
+        ev.register("provide-client-params.ec2.CreateLaunchTemplate", lambda params, **_: self.user_data.append(
+            base64.b64decode(params["LaunchTemplateData"]["UserData"]).decode()))
         ev.register("provide-client-params.ec2.RunInstances", lambda **_: self._run())
-        ev.register("provide-client-params.ec2.CreateFleet",
-                    lambda params, **_: self.fleets.append(params["TargetCapacitySpecification"]["TotalTargetCapacity"]))
+        ev.register("provide-client-params.ec2.CreateFleet", lambda params, **_: self.fleets.append(
+            params["TargetCapacitySpecification"]["TotalTargetCapacity"]))
         ev.register("provide-client-params.ec2.TerminateInstances",
                     lambda params, **_: self.terminated.extend(params["InstanceIds"]))
 
@@ -104,6 +110,9 @@ def test_one_node_lost_of_three_starts_exactly_one_and_keeps_two(cloud: Cloud, s
     assert ov["SubnetId"] == cloud.subnet and ov["Placement"] == {"GroupName": f"spotrun-{ctl.state.run_id}"}
     assert "MinTargetCapacity" not in req.get("SpotOptions", {})
     assert "keeping" in out.getvalue() and "asking for 1 replacement(s)" in out.getvalue()
+    # The survivors stayed because their agents wait to rejoin, as user data tells them.
+    (script,) = calls.user_data
+    assert "-m spotrun.launch.node --rejoin-timeout 900 -- python train.py" in script
 
     # The next attempt's cluster file: new segment and rendezvous id, a later attempt
     # number, a survivor hosting the store; what the nodes make of it.
@@ -160,8 +169,8 @@ def test_relaunch_mode_terminates_the_survivors_and_records_it(cloud: Cloud, sto
     assert sorted(calls.terminated) == sorted([first[0], first[2]])
     (rec,) = [r for r in launcher_records(storage) if r["event"] == "recovery_started"]
     assert (rec["mode"], rec["lost"], rec["kept"], rec["instances_started"]) == ("relaunch", [first[1]], [], 3)
-    assert "--rejoin-timeout" not in build_user_data(run_url="s3://b/r", run_id="r", command=["python", "t.py"],
-                                                     nodes=3, rejoin_timeout_s=0.0)
+    (script,) = calls.user_data
+    assert "-m spotrun.launch.node -- python train.py" in script and "--rejoin-timeout" not in script
 
 
 @pytest.mark.parametrize("min_nodes", [2, None])
@@ -212,15 +221,3 @@ def test_no_replacement_capacity_goes_on_with_min_nodes_or_relaunches(
     (rec,) = [r for r in launcher_records(storage) if r["event"] == "recovery_started"]
     assert rec["instances_started"] == 0 and rec["kept"] == [n["instance_id"] for n in first["nodes"][:2]]
     assert "going on with the 2 survivor(s) (--min-nodes 2)" in out.getvalue()
-
-
-def test_user_data_keeps_a_survivor_waiting_only_with_replace(cloud: Cloud, storage: Storage) -> None:
-    script = build_user_data(run_url="s3://b/r", run_id="r", command=["python", "t.py"], nodes=3,
-                             rejoin_timeout_s=900.0)
-    assert "-m spotrun.launch.node --rejoin-timeout 900 -- python t.py" in script
-    # The controller's template carries it (replace is the default).
-    ctl = Ec2Controller.start(storage, cloud.apis[HOME], options(cloud, storage, nodes=2), timing=FAST)
-    ctl.capacity.ensure_template(HOME)
-    data = cloud.clients[HOME].describe_launch_template_versions(
-        LaunchTemplateId=ctl.state.launch_template_id)["LaunchTemplateVersions"][0]["LaunchTemplateData"]
-    assert "--rejoin-timeout 900" in base64.b64decode(data["UserData"]).decode()

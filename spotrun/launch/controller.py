@@ -289,6 +289,9 @@ class Ec2Controller:
                 if is_done(self.storage):
                     return self.ending.finish()
                 if self.replace.pending is not None:
+                    why = self._over_budget()
+                    if why is not None:
+                        return self.ending.budget_stop(why)
                     outcome = self.replace.step()
                     if outcome is not None:
                         return outcome

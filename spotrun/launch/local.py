@@ -401,24 +401,29 @@ class LocalLauncher:
         first_exit: _Node | None = None
         peers_term_at = peers_kill_at = None
         forwarded = 0
-        next_check = started
+        next_check = next_note = started
         seen_step, seen_at = start_step, None
         kill_after = o.grace_s if o.kill_after_s is None else o.kill_after_s
         try:
             while True:
                 now = self.clock()
+                notes = rejoining and now >= next_note
+                if notes:
+                    next_note = now + o.check_s  # type: ignore[operator]
                 for node in nodes:
-                    if node.rc is None and node.proc.poll() is not None:  # type: ignore[union-attr]
+                    if node.rc is not None:
+                        continue
+                    if node.proc.poll() is not None:  # type: ignore[union-attr]
                         node.rc = node.proc.returncode  # type: ignore[union-attr]
-                        first_exit = first_exit or node
-                    elif node.rc is None and rejoining:
+                        what = "{} exited with code {}"
+                    elif notes:
                         # Its agent stays to rejoin: the attempt is over for it once it noted so.
                         node.rc = read_attempt_exit(self.storage, group, node.seg.segment_id)
-                        if node.rc is not None:
-                            first_exit = first_exit or node
+                        what = "{}: torchrun exited with code {}; its node agent stays to rejoin"
+                    if node.rc is not None:
+                        first_exit = first_exit or node
                         if multi:
-                            self._say(f"{node.seg.segment_id} exited with code {node.rc}",
-                                      LaunchEventKind.INFO, group)
+                            self._say(what.format(node.seg.segment_id, node.rc), LaunchEventKind.INFO, group)
                 alive = [n for n in nodes if n.rc is None]
                 if not alive:
                     break

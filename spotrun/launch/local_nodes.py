@@ -120,11 +120,10 @@ class LocalNodes:
                 node.shipper = LogShipper(ctrl.storage, group, node=index, echo=echo)
                 node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
         except BaseException as exc:
-            # Nothing started may outlive a failed start (a node is in its own session).
+            # Nothing started may outlive a failed start (a node is in its own session), nor
+            # a kept machine waiting for an attempt that will not come.
+            nodes += [n for n in keep.values() if n not in nodes]
             self.abandon(nodes)
-            for node in keep.values():  # abandoned with the rest: the books must say so
-                if node.seg.open:
-                    ctrl.book.end(node.seg, EndReason.FAILED, ended_at=ctrl.clock(), detail=str(exc))
             if not isinstance(exc, OSError):
                 raise
             for node in nodes:
