@@ -21,6 +21,7 @@ from test_launch_ec2_cluster import FAST, HOME, T0, Cloud, cluster_file, control
 from spotrun.cost import report_for_run
 from spotrun.launch.controller import Ec2Controller, Timing
 from spotrun.launch.node import node_argv, read_cluster
+from spotrun.launch.status import format_status, run_status
 from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
@@ -72,6 +73,7 @@ def test_one_node_lost_of_three_starts_exactly_one_and_keeps_two(cloud: Cloud, s
     now = [T0]
     attempts: list[list[str]] = []
     specs: list[dict] = []
+    status: list[str] = []
 
     def act(ctl: Ec2Controller) -> None:
         ids = [s.instance_id for s in ctl.state.running]
@@ -88,6 +90,8 @@ def test_one_node_lost_of_three_starts_exactly_one_and_keeps_two(cloud: Cloud, s
             # Every node of the new attempt has the same file, the survivors included.
             assert all(cluster_file(storage, i) == spec for i in ids)
             assert cloud.running(ctl.state.run_id) == sorted(ids)
+            # status names the running attempt: the new one, of three nodes (two kept).
+            status.append(format_status(run_status(storage, live=False)))
             storage.write_bytes("done.json", b"{}")
             for i in ids:
                 cloud.shut_down(i)
@@ -117,6 +121,7 @@ def test_one_node_lost_of_three_starts_exactly_one_and_keeps_two(cloud: Cloud, s
     # The next attempt's cluster file: new segment and rendezvous id, a later attempt
     # number, a survivor hosting the store; what the nodes make of it.
     a1, a2 = specs
+    assert f"nodes      3 of 3 in attempt {a2['segment']}" in status[0], status[0]
     assert a2["segment"] != a1["segment"] and a2["rdzv_id"] != a1["rdzv_id"]
     assert a2["attempt"] == a1["attempt"] + 1 == 2 and a2["host"] == 0
     assert [n["instance_id"] for n in a2["nodes"]] == second
