@@ -71,16 +71,17 @@ def test_exit_notes_per_attempt(tmp_path: Path) -> None:
 def test_no_rejoin_after_a_finish_a_failure_or_a_signal(tmp_path: Path, code: int) -> None:
     storage = Storage(str(tmp_path))
     write_cluster(storage, _spec("a2", 2))
-    assert node._rejoin(storage, "b", _spec("a1", 1), code, timeout_s=5, poll_s=0.05) is None
+    assert node._rejoin(storage, "b", _spec("a1", 1), code, timeout_s=5, poll_s=0.05) == (None, code)
 
 
 def test_no_rejoin_without_a_timeout_or_when_the_wait_runs_out(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path))
     first = _spec("a1", 1)
     write_cluster(storage, first)
-    assert node._rejoin(storage, "b", first, 75, timeout_s=0, poll_s=0.05) is None
+    assert node._rejoin(storage, "b", first, 1, timeout_s=0, poll_s=0.05) == (None, 1)  # today's behaviour
     t0 = time.monotonic()
-    assert node._rejoin(storage, "b", first, 1, timeout_s=0.4, poll_s=0.05) is None
+    # Gave up waiting after a peer's loss: interrupted (75), not the command failing (1).
+    assert node._rejoin(storage, "b", first, 1, timeout_s=0.4, poll_s=0.05) == (None, 75)
     assert 0.3 < time.monotonic() - t0 < 5
 
 
@@ -91,9 +92,9 @@ def test_a_machine_with_its_own_notice_does_not_wait(tmp_path: Path, monkeypatch
         monkeypatch.setenv("SPOTRUN_NOTICE_SOURCE", "ec2")
         monkeypatch.setenv("SPOTRUN_IMDS_ENDPOINT", imds.url)
         # No notice here: it rejoins the later attempt.
-        assert node._rejoin(storage, "b", _spec("a1", 1), 75, timeout_s=5, poll_s=0.05) == _spec("a2", 2)
+        assert node._rejoin(storage, "b", _spec("a1", 1), 1, timeout_s=5, poll_s=0.05) == (_spec("a2", 2), 75)
         imds.post_interruption("terminate", in_seconds=120)
-        assert node._rejoin(storage, "b", _spec("a1", 1), 75, timeout_s=5, poll_s=0.05) is None
+        assert node._rejoin(storage, "b", _spec("a1", 1), 1, timeout_s=5, poll_s=0.05) == (None, 1)
 
 
 def test_a_signal_while_waiting_ends_the_wait(tmp_path: Path) -> None:
@@ -103,7 +104,7 @@ def test_a_signal_while_waiting_ends_the_wait(tmp_path: Path) -> None:
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
     before = signal.getsignal(signal.SIGTERM)
     t0 = time.monotonic()
-    assert node._rejoin(storage, "b", first, 75, timeout_s=30, poll_s=0.05) is None
+    assert node._rejoin(storage, "b", first, 1, timeout_s=30, poll_s=0.05) == (None, 75)
     assert time.monotonic() - t0 < 10 and signal.getsignal(signal.SIGTERM) is before
 
 

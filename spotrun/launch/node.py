@@ -37,8 +37,10 @@ rank stopped at one step on a notice; 1: a peer vanished and the collectives fai
 this machine has no interruption notice of its own, the node waits up to S seconds for a
 cluster file of a *newer* attempt that names it (the launcher keeps the survivors and starts
 only replacements) and runs torchrun again, under that attempt's new rendezvous id. No such
-file in time, a notice for this machine, a signal while waiting, or any other code: it exits
-with torchrun's code, as before (on EC2 the instance then shuts down).
+file in time, or a signal while waiting: it exits 75 (interrupted: its peer's loss stopped it,
+the last committed checkpoint is intact; a 1 here would read as the command failing, after
+the launcher already dealt with the loss). A notice for this machine, or any other code: it
+exits with torchrun's code, as before (on EC2 the instance then shuts down).
 """
 
 from __future__ import annotations
@@ -317,28 +319,30 @@ def _raise_leave(signum: int, _frame: Any) -> None:
 
 
 def _rejoin(storage: Storage, instance_id: str, spec: ClusterSpec, code: int, timeout_s: float,
-            poll_s: float) -> ClusterSpec | None:
-    """The next attempt's cluster file when this node should and may join it, else None."""
+            poll_s: float) -> tuple[ClusterSpec | None, int]:
+    """(the next attempt's cluster file, None when this node should not or cannot join one;
+    the code to exit with then: see "Rejoining")."""
     if timeout_s <= 0 or code not in REJOIN_CODES:
-        return None
+        return None, code
     if _own_notice():
         log.info("spotrun node %s: this machine has an interruption notice; not waiting to rejoin", instance_id)
-        return None
+        return None, code
     log.info("spotrun node %s: torchrun exited %d; waiting up to %gs for the next attempt's cluster file "
              "(this machine stays)", instance_id, code, timeout_s)
     previous = {sig: signal.signal(sig, _raise_leave) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         nxt = wait_for_next_cluster(storage, instance_id, spec, timeout_s, poll_s)
     except _Leave as leave:
-        log.info("spotrun node %s: signal %d while waiting to rejoin; exiting", instance_id, leave.signum)
-        return None
+        log.info("spotrun node %s: signal %d while waiting to rejoin; exiting %d", instance_id, leave.signum,
+                 EXIT_INTERRUPTED)
+        return None, EXIT_INTERRUPTED
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if nxt is None:
         log.warning("spotrun node %s: no newer cluster file naming this node after %gs; exiting %d",
-                    instance_id, timeout_s, code)
-    return nxt
+                    instance_id, timeout_s, EXIT_INTERRUPTED)
+    return nxt, EXIT_INTERRUPTED
 
 
 def torchrun_command(command: Sequence[str]) -> list[str]:
@@ -451,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - the note helps the launcher; its absence ends no run
             log.warning("could not note this node's exit code in the run URL: %s", exc)
         try:
-            nxt = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll)
+            nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll)
             if nxt is None:
                 return code
             spec, argv_ = nxt, node_argv(nxt, instance_id, command)
