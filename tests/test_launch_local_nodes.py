@@ -8,9 +8,12 @@ Issue 14 item 8 (with items 2 and 5 for the local backend):
 - one run over two launches: the joining node vanishing without notice (SIGKILL of its
   agent and workers, the survivor fails), ``spotrun stop`` (SIGINT to every node, one
   checkpoint), the same command again, a notice to one node (both stop at one step, only
-  that node heard it); each relaunching the whole job from the last committed checkpoint;
-  the last attempt's 2 ledger segments of one group finish, its cluster file names both
-  nodes on loopback, both nodes' output is readable with ``spotrun logs``; the final state
+  that node heard it); the first launch (``--recovery relaunch``) relaunching the whole job
+  from the last committed checkpoint, the second (``replace``, the default) keeping the node
+  without the notice (its agent rejoins the next attempt, its segment goes on) and starting
+  one node in the noticed one's slot (issue 22 item 3, with its ``recovery_started``
+  records); the last attempt's cluster file names both nodes on loopback, a survivor
+  hosting the store, both nodes' output is readable with ``spotrun logs``; the final state
   is bit-exact against the shared uninterrupted 2-rank run (``ddp_reference``,
   conftest.py: two nodes of one rank train as two ranks on one machine do); the ledger has
   N segments per attempt, the cost report an attempt/node column;
