@@ -23,7 +23,9 @@ What the script does, in order:
    command); the first failing line (a failed ``pip install``) fails the segment;
 4. runs the command (for a node of an N-node job, through ``python -m spotrun.launch.node --
    CMD`` with ``SPOTRUN_INSTANCE_ID`` set: it finds the node's rank and the head's address in
-   the run's cluster file and starts torchrun), its output piped through
+   the run's cluster file and starts torchrun; with ``--recovery replace`` it is started with
+   ``--rejoin-timeout``, so after an interrupted attempt it waits, bounded, to join the next
+   one on this same instance, which stays up meanwhile), its output piped through
    ``python -m spotrun.launch.logs ship`` to ``RUN_URL/logs/`` (``spotrun logs``) and the
    instance's log, and records its exit code under ``RUN_URL/launch/exit-<segment>.json``
    (through spotrun itself, which the setup installed, so no AWS CLI is needed; the Python
