@@ -194,3 +194,42 @@ _ROUND = {"market": Market.SPOT, "on_demand_fallback": True, "price_blocked": Fa
 ])
 def test_fallback_reason(kw: dict, words: str | None) -> None:
     assert fallback_reason(**{**_ROUND, **kw}) == words
+
+
+# -- replace only what was lost (--recovery) -------------------------------------------------
+
+ABC = ("n0", "n1", "n2")
+
+
+@pytest.mark.parametrize(("reason", "lost", "recovery", "action", "kept"), [
+    (I, ("n1",), "replace", Action.REPLACE, ("n0", "n2")),  # one of three: keep two
+    (I, ("n0", "n2"), "replace", Action.REPLACE, ("n1",)),  # a pool taken together: two replacements
+    (I, ABC, "replace", Action.RELAUNCH, ()),  # every node lost: a whole new attempt
+    (I, (), "replace", Action.RELAUNCH, ABC),  # nobody's machine is gone (a stop on its own): relaunch
+    (I, ("n1",), "relaunch", Action.RELAUNCH, ("n0", "n2")),  # --recovery relaunch: today's behaviour
+    (I, ("elsewhere",), "replace", Action.RELAUNCH, ABC),  # a lost id not of this attempt
+    (F, ("n1",), "replace", Action.FAIL, ()),  # a failure is never replaced in place
+    (S, ("n1",), "replace", Action.STOP, ()),
+    (X, ("n1",), "replace", Action.FINISH, ()),
+])
+def test_next_step_replaces_only_the_lost(reason: EndReason, lost: tuple, recovery: str, action: Action,
+                                          kept: tuple) -> None:
+    got = next_step(Verdict(reason, "d", lost=lost), failures=0, max_failures=0, nodes=ABC, recovery=recovery)
+    assert got.action is action, got
+    if action is Action.REPLACE:
+        assert got.kept == kept and got.lost == tuple(n for n in ABC if n in lost)
+        assert got.interruptions == 1 and got.failures == 0  # one interruption, however many lost
+        assert f"keeping {', '.join(kept)}" in got.why
+    if action is Action.RELAUNCH:
+        assert got.interruptions == 1
+
+
+def test_next_step_replace_single_node_is_a_relaunch() -> None:
+    got = next_step(Verdict(I, "d", lost=("sim-1",)), failures=0, max_failures=0, nodes=("sim-1",),
+                    recovery="replace")
+    assert got.action is Action.RELAUNCH and got.lost == ("sim-1",)
+
+
+def test_next_step_refuses_an_unknown_recovery() -> None:
+    with pytest.raises(ValueError, match="recovery 'spare'"):
+        next_step(Verdict(I, "d"), failures=0, max_failures=0, recovery="spare")

@@ -106,8 +106,10 @@ def test_cli_launch_interrupt_status_finish_on_s3(aws: dict) -> None:
     assert result["code"] == 0, result.get("out")
     events = [(r["event"], r["segment_id"], r.get("reason")) for r in Ledger(storage).records()
               if r.get("source") == "launcher"]
+    # (The relaunch follows a loss: the launcher's recovery_started names the next segment.)
     assert events == [
         ("segment_started", seg1.instance_id, None), ("segment_ended", seg1.instance_id, "interrupted"),
+        ("recovery_started", seg2.instance_id, None),
         ("segment_started", seg2.instance_id, None), ("segment_ended", seg2.instance_id, "finished"),
     ]
     assert "run finished" in result["out"]

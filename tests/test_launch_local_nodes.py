@@ -8,12 +8,17 @@ Issue 14 item 8 (with items 2 and 5 for the local backend):
 - one run over two launches: the joining node vanishing without notice (SIGKILL of its
   agent and workers, the survivor fails), ``spotrun stop`` (SIGINT to every node, one
   checkpoint), the same command again, a notice to one node (both stop at one step, only
-  that node heard it); each relaunching the whole job from the last committed checkpoint;
-  the last attempt's 2 ledger segments of one group finish, its cluster file names both
-  nodes on loopback, both nodes' output is readable with ``spotrun logs``; the final state
-  is bit-exact against the shared uninterrupted 2-rank run (``ddp_reference``,
-  conftest.py: two nodes of one rank train as two ranks on one machine do); the ledger has
-  N segments per attempt, the cost report an attempt/node column;
+  that node heard it). The first launch (``--recovery replace``, the default) keeps the
+  survivor of the loss (its agent rejoins the next attempt under a new rendezvous id, its
+  segment goes on, it hosts the store) and starts one node in the lost one's slot; the stop
+  then ends the kept machine too (issue 22 item 3). The second keeps the node without the
+  notice the same way (exit 75 there). Both record ``recovery_started``; ``--recovery
+  relaunch`` (today's whole relaunch) is the EC2 tests' and the benchmark's. The cluster
+  files name the nodes on loopback, both nodes' output is readable with ``spotrun logs``;
+  the final state is bit-exact against the shared uninterrupted 2-rank run
+  (``ddp_reference``, conftest.py: two nodes of one rank train as two ranks on one machine
+  do); the ledger has one segment per machine (a kept one spans its attempts), the cost
+  report an attempt/node column;
 - the single-node SIGKILL after the grace period reaches a process in a session of its own.
 """
 
@@ -94,8 +99,9 @@ def _node_log(child_env: dict, run: Path, segment: str, node: int) -> str:
 @pytest.mark.slow
 def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
         tmp_path: Path, ddp_reference: str, child_env_module: dict) -> None:
-    """Launch 1: a node vanishes (sim-1), the relaunch (sim-2) is stopped with spotrun stop.
-    Launch 2 (the same command): a notice to one node (sim-3), then the finish (sim-4)."""
+    """Launch 1: a node vanishes (sim-1), its replacement joins the survivor (sim-2), which
+    is stopped with spotrun stop. Launch 2 (the same command): a notice to one node (sim-3),
+    the other kept, then the finish (sim-4)."""
     run, log1 = tmp_path / "run", tmp_path / "launch1.out"
     storage = Storage(str(run))
     t0 = time.monotonic()
@@ -137,12 +143,23 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     assert f"resuming after step {stopped_at})" in second
     (noticed,) = re.findall(r"spot interruption notice for sim-3-n(\d) \(node \d\)", second) or [None]
     assert noticed is not None, second[-8000:]
-    assert re.search(r"sim-3 ended: interrupted \(simulated spot interruption", second)
-    assert re.search(r"sim-1 ended: interrupted \(simulated node loss", first)
+    x, y = int(noticed), 1 - int(noticed)
+    assert re.search(rf"sim-3 ended: interrupted \(simulated spot interruption.*; keeping sim-3-n{y}", second)
+    assert re.search(r"sim-1 ended: interrupted \(simulated node loss.*; keeping sim-1-n0", first)
     assert re.search(r"sim-2 ended: stopped", first)
 
-    reasons = {"sim-1": "interrupted", "sim-2": "stopped", "sim-3": "interrupted", "sim-4": "finished"}
-    assert _attempts(run) == {g: [(f"{g}-n0", 0, r), (f"{g}-n1", 1, r)] for g, r in reasons.items()}
+    # Each launch kept the machine that was not hit (one machine, one segment, across two
+    # attempts) and started one node in the lost node's slot.
+    expected = {"sim-1": [("sim-1-n0", 0, "stopped"), ("sim-1-n1", 1, "interrupted")],
+                "sim-2": [("sim-2-n1", 1, "stopped")],
+                "sim-3": sorted([(f"sim-3-n{x}", x, "interrupted"), (f"sim-3-n{y}", y, "finished")]),
+                "sim-4": [(f"sim-4-n{x}", x, "finished")]}
+    assert {g: sorted(v) for g, v in _attempts(run).items()} == expected
+    recoveries = [(r["segment_id"], r["mode"], r["lost"], r["kept"], r["instances_started"])
+                  for r in _launcher_records(run, "recovery_started")]
+    assert recoveries == [("sim-2", "replace", ["sim-1-n1"], ["sim-1-n0"], 1),
+                          ("sim-4", "replace", [f"sim-3-n{x}"], [f"sim-3-n{y}"], 1)], recoveries
+    assert all(r["capacity_at"] >= r["lost_at"] for r in _launcher_records(run, "recovery_started"))
     state = load_state(storage)
     assert state.status == "finished"
     assert [(s.segment_id, s.group, s.node) for s in state.segments][:2] == [
@@ -153,24 +170,36 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     notice_logs = {node: _node_log(child_env_module, run, "sim-3", node) for node in (0, 1)}
     assert "ec2 notice 'terminate'" in notice_logs[int(noticed)], notice_logs[int(noticed)][-3000:]
     assert "ec2 notice" not in notice_logs[1 - int(noticed)]
-    stops = {re.findall(r"^rank \d exit (\d+) at step (\d+)$", text, re.MULTILINE)[-1]
+    # (The kept node's folder goes on with its next attempt: its first stop is sim-3's.)
+    stops = {re.findall(r"^rank \d exit (\d+) at step (\d+)$", text, re.MULTILINE)[0]
              for text in notice_logs.values()}
     assert len(stops) == 1 and next(iter(stops))[0] == "75", stops
     notice_stop = int(next(iter(stops))[1])
     manifest = {c.step: c for c in list_checkpoints(storage)}[notice_stop].manifest
     assert manifest is not None and sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
 
-    # The finishing attempt: the cluster file the launcher wrote names both nodes on
-    # loopback, node 0 hosts the store; both nodes' output is in the run's logs.
-    spec = json.loads((run / "launch" / "nodes" / "sim-4-n1.json").read_text())
-    assert [n["instance_id"] for n in spec["nodes"]] == ["sim-4-n0", "sim-4-n1"]
-    assert spec["segment"] == "sim-4" and spec["rdzv_id"].endswith("-sim-4")
-    for node in (0, 1):
-        text = _node_log(child_env_module, run, "sim-4", node)
-        assert f"spotrun node sim-4-n{node}: node {node} of 2 in segment sim-4" in text, text[-3000:]
+    # The finishing attempt: the cluster file names the kept node and the new one (in the
+    # noticed node's slot) on loopback, the survivor hosting the store. The survivor's
+    # agent rejoined (its output goes on in its machine's first folder, sim-3).
+    spec = json.loads((run / "launch" / "nodes" / f"sim-4-n{x}.json").read_text())
+    names = {x: f"sim-4-n{x}", y: f"sim-3-n{y}"}
+    assert [n["instance_id"] for n in spec["nodes"]] == [names[0], names[1]]
+    assert spec["segment"] == "sim-4" and spec["rdzv_id"].endswith("-sim-4") and spec["host"] == y
+    for node, folder in ((x, "sim-4"), (y, "sim-3")):
+        text = _node_log(child_env_module, run, folder, node)
+        assert f"spotrun node {names[node]}: node {node} of 2 in segment sim-4" in text, text[-3000:]
         assert re.search(rf"^rank \d exit 0 at step {STEPS}$", text, re.MULTILINE), text[-3000:]
     both = _cli(child_env_module, "logs", str(run))
-    assert "==> sim-4 node-0 <==" in both.stdout and "==> sim-4 node-1 <==" in both.stdout
+    assert f"==> sim-4 node-{x} <==" in both.stdout and f"==> sim-3 node-{y} <==" in both.stdout
+
+    # The replaced attempt: the survivor (after its collectives failed, exit 1) waited and
+    # rejoined sim-2 as its host (its output goes on in its machine's first folder, sim-1).
+    spec2 = json.loads((run / "launch" / "nodes" / "sim-2-n1.json").read_text())
+    assert [n["instance_id"] for n in spec2["nodes"]] == ["sim-1-n0", "sim-2-n1"] and spec2["host"] == 0
+    survivor_log = _node_log(child_env_module, run, "sim-1", 0)
+    assert "torchrun exited 1; waiting up to 60s for the next attempt's cluster file" in survivor_log, \
+        survivor_log[-3000:]
+    assert "spotrun node sim-1-n0: node 0 of 2 in segment sim-2" in survivor_log
 
     # Resumed from the last committed checkpoint every time, and ended where an
     # uninterrupted run does, bit for bit.
@@ -178,15 +207,24 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     step, differences = compare_checkpoints(Storage(ddp_reference), storage)
     assert step == STEPS and differences == []
 
-    # The cost report prices eight node segments in four attempts, two interrupted.
+    # The cost report prices six node segments (each survivor once, for its whole time).
     cost = _cli(child_env_module, "cost", str(run), "--json")
     assert cost.returncode == 0, cost.stderr
-    totals = json.loads(cost.stdout)["totals"]
-    assert totals["segments"] == 8 and totals["attempts"] == 4 and totals["interruptions"] == 2
+    report = json.loads(cost.stdout)
+    machines = {s.segment_id: s for s in state.segments}
+    priced = [s for s in report["segments"] if s["segment_id"] in machines]
+    assert sorted(s["segment_id"] for s in priced) == sorted(machines)  # each machine once
+    for survivor in (machines["sim-1-n0"], machines[f"sim-3-n{y}"]):
+        (row,) = [s for s in priced if s["segment_id"] == survivor.segment_id]
+        assert row["start"] == pytest.approx(survivor.started_at)
+        assert row["end"] == pytest.approx(survivor.ended_at)
+    # (Counted on the machines: a report that does not know recovery_started records yet
+    # would make each a segment of its own; the books branch teaches it.)
+    assert len([i for i in report["interruptions"] if i["segment_id"] in machines]) == 2
     text = _cli(child_env_module, "cost", str(run)).stdout
-    assert "attempt/node" in text and "sim-1/0" in text and "sim-4/1" in text, text
+    assert "attempt/node" in text and "sim-1/0" in text and "sim-2/1" in text and f"sim-4/{x}" in text, text
     status = json.loads(_cli(child_env_module, "status", str(run), "--json").stdout)
-    assert status["interruptions"] == 2 and len(status["segments"]) == 8
+    assert status["interruptions"] == 2 and len(status["segments"]) == 6
 
     # The vanished node's output is in the run's logs up to its end.
     logs = _cli(child_env_module, "logs", str(run), "--segment", "sim-1", "--node", lost[-1])

@@ -215,6 +215,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="G",
                    help="torchrun processes per node (default 1 with --nodes > 1; with one node and "
                    "no --nproc-per-node, CMD runs as is, without torchrun)")
+    p.add_argument("--recovery", choices=("replace", "relaunch"), default="replace",
+                   help="when some nodes of an attempt are lost: keep the others and start only "
+                   "replacements (replace, default) or start every node again (relaunch)")
 
     loc = p.add_argument_group("local mode")
     loc.add_argument("--local", action="store_true", help="run CMD here, playing spot")
@@ -317,7 +320,7 @@ def _launch(args: argparse.Namespace) -> int:
             instance_type=args.instance_type, grace_s=args.grace, seed=args.seed,
             mean_interval=args.mean_interval, max_failures=args.max_failures,
             nodes=args.nodes, nproc_per_node=args.nproc_per_node, node_losses=args.node_losses,
-            max_cost_usd=args.max_cost,
+            max_cost_usd=args.max_cost, recovery=args.recovery,
         )
         storage = Storage(url)
         return _run_launcher(LocalLauncher(storage, opts, on_event=event_printer()), storage, offline=True)
@@ -373,6 +376,7 @@ def _launch(args: argparse.Namespace) -> int:
             deadline=parse_deadline(args.deadline) if args.deadline else None,
             nodes=nodes, nproc_per_node=args.nproc_per_node, min_nodes=args.min_nodes,
             placement_group=args.placement_group, max_cost_usd=args.max_cost, max_wait_s=args.max_wait,
+            recovery=args.recovery,
         )
         opts.validate()
         ctl = Ec2Controller.start(storage, Ec2Api.for_region(opts.region), opts,

@@ -8,20 +8,23 @@ simulator played, EC2's state and reason) and ask this module, which does no I/O
 * :func:`classify_local` / :func:`classify_ec2`: the :class:`Verdict`, an
   :class:`~spotrun.records.events.EndReason` with its detail; the two differ only in the evidence
   each launcher has (the simulator knows what it did; the controller reads EC2's reasons);
-* :func:`next_step`: the :class:`Decision` that follows (finish, relaunch, stop, fail) and
-  the counters it moves;
+* :func:`next_step`: the :class:`Decision` that follows (finish, replace, relaunch, stop,
+  fail) and the counters it moves;
 * :func:`choose_market` and :func:`fallback_reason`: on which market the next attempt asks
   for capacity (spot, or on-demand when the rules say so).
 
-A verdict names the nodes whose machine is gone (:attr:`Verdict.lost`): today every next
-attempt is a whole new one, but "keep the survivors, replace only these" is a decision
-this shape is ready for (a new :class:`Action`, taken where ``lost`` is a strict subset).
+A verdict names the nodes whose machine is gone (:attr:`Verdict.lost`). With recovery
+``"replace"`` (the launchers' default) an interruption that took a non-empty strict subset of
+an attempt's nodes is :attr:`Action.REPLACE`: the survivors' machines stay and only the lost
+nodes are started again (:attr:`Decision.lost`, :attr:`Decision.kept`); when every node is
+lost, or with recovery ``"relaunch"``, the next attempt is a whole new one.
 """
 
 from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..records.events import EndReason, Market
@@ -30,6 +33,7 @@ from .ec2 import SPOT_INTERRUPTION
 
 __all__ = [
     "KILLED",
+    "RECOVERY_MODES",
     "Action",
     "AttemptEnd",
     "Decision",
@@ -43,6 +47,9 @@ __all__ = [
     "finished_detail",
     "next_step",
 ]
+
+#: ``--recovery``: keep the survivors and replace only the lost nodes, or relaunch every node.
+RECOVERY_MODES = ("replace", "relaunch")
 
 #: Exit codes of a process the simulator killed (Popen's -signal, or a shell's 128 + signal).
 KILLED = (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL)
@@ -105,6 +112,7 @@ class Action(str, enum.Enum):
     """What a launcher does after an attempt."""
 
     FINISH = "finish"  # the run is done
+    REPLACE = "replace"  # a new attempt on the survivors' machines and one new node per lost one
     RELAUNCH = "relaunch"  # a new attempt (a whole one: every node new)
     STOP = "stop"  # end the run, keeping its checkpoints (it can be continued)
     FAIL = "fail"  # end the run as failed
@@ -112,12 +120,18 @@ class Action(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
-    """:func:`next_step`'s answer: the action, why, and what it adds to the run's counters."""
+    """:func:`next_step`'s answer: the action, why, and what it adds to the run's counters.
+
+    ``lost``/``kept``: for an interruption, the nodes whose machine is gone and the ones
+    still running (in the attempt's order); :attr:`Action.REPLACE` keeps ``kept`` and starts
+    one node per ``lost``."""
 
     action: Action
     why: str
     interruptions: int = 0
     failures: int = 0
+    lost: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
 
 
 # -- how an attempt ended ---------------------------------------------------------------
@@ -239,14 +253,23 @@ def classify_ec2(end: AttemptEnd) -> Verdict:
 # -- what next --------------------------------------------------------------------------
 
 
-def next_step(verdict: Verdict, *, failures: int, max_failures: int) -> Decision:
+def next_step(verdict: Verdict, *, failures: int, max_failures: int, nodes: Sequence[str] = (),
+              recovery: str = "relaunch") -> Decision:
     """After an attempt: an interruption relaunches (and counts, once per attempt however
-    many nodes it had); a failure relaunches until ``failures`` (before this one) would pass
-    ``max_failures``; a stop stops; done finishes."""
+    many nodes it had), or with ``recovery="replace"`` and some of ``nodes`` (the attempt's,
+    in order) still there, replaces only the lost ones; a failure relaunches (whole) until
+    ``failures`` (before this one) would pass ``max_failures``; a stop stops; done finishes."""
+    if recovery not in RECOVERY_MODES:
+        raise ValueError(f"recovery {recovery!r} must be one of {RECOVERY_MODES}")
     if verdict.reason is EndReason.FINISHED:
         return Decision(Action.FINISH, verdict.detail)
     if verdict.reason is EndReason.INTERRUPTED:
-        return Decision(Action.RELAUNCH, verdict.detail, interruptions=1)
+        lost = tuple(n for n in nodes if n in verdict.lost)
+        kept = tuple(n for n in nodes if n not in verdict.lost)
+        if recovery == "replace" and lost and kept:
+            return Decision(Action.REPLACE, f"{verdict.detail}; keeping {', '.join(kept)}, replacing "
+                            f"{', '.join(lost)}", interruptions=1, lost=lost, kept=kept)
+        return Decision(Action.RELAUNCH, verdict.detail, interruptions=1, lost=lost or verdict.lost)
     if verdict.reason is EndReason.STOPPED:
         return Decision(Action.STOP, verdict.detail)
     if failures + 1 > max_failures:

@@ -60,6 +60,7 @@ class CapacitySearch:
         user_data = build_user_data(
             run_url=o.run_url, run_id=state.run_id, command=o.command, setup=o.setup, env=o.env,
             secrets=o.secrets, nodes=o.nodes, nproc_per_node=o.nproc_per_node,
+            rejoin_timeout_s=o.rejoin_timeout_s if o.recovery == "replace" else 0.0,
         )
         home = region == ctl.home
         ami = api.resolve_ami(o.amis.get(region) or o.ami)

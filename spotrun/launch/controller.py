@@ -35,10 +35,14 @@ address the controller writes each node's cluster file (``launch/nodes/<instance
 read by :mod:`spotrun.launch.node`): the nodes in rank order, **sorted by instance id**
 (node 0, the smallest id, hosts torchrun's c10d rendezvous), so a resumed controller
 derives the same order. Every node is its own segment (segment id = instance id) in the
-state and the ledger, all with the attempt's ``group`` and their rank as ``node``. When any
-node goes, the attempt is over: the controller terminates the survivors (their shutdown
-SIGTERMs the command, which may commit), ends every node's segment with the attempt's
-reason, counts ONE interruption (or failure) and relaunches a full new attempt.
+state and the ledger, all with the attempt's ``group`` and their rank as ``node``. When
+nodes are lost to an interruption and others still run, ``--recovery replace`` (the default)
+keeps the survivors and asks only for replacements (:mod:`.ec2_replace`); otherwise (every
+node lost, a failure, ``--recovery relaunch``) the attempt is over: the controller terminates
+the survivors (their shutdown SIGTERMs the command, which may commit), ends every node's
+segment with the attempt's reason, counts ONE interruption (or failure) and relaunches a
+full new attempt. The ledger gets a ``recovery_started`` record before each attempt that
+follows a loss.
 ``--min-nodes M`` accepts an attempt of M..N nodes; a smaller attempt is not grown while it
 runs, the next relaunch asks for N again.
 
@@ -96,6 +100,7 @@ from .ec2 import Ec2Api, InstanceStatus, Pool
 from .ec2_attempts import Ec2Attempts
 from .ec2_ending import Ec2Ending
 from .ec2_options import Ec2Options, Timing
+from .ec2_replace import Ec2Replacement
 from .limits import CostGuard, Limits, WaitClock
 from .userdata import build_user_data
 
@@ -163,6 +168,7 @@ class Ec2Controller:
         wait_s = limits.max_wait_s if limits.max_wait_s is not None else self.timing.capacity_timeout_s
         self.wait = WaitClock(wait_s, since=state.waiting_since)
         self.capacity = CapacitySearch(self)
+        self.replace = Ec2Replacement(self)
         self.attempts = Ec2Attempts(self)
         self.ending = Ec2Ending(self)
 
@@ -186,7 +192,8 @@ class Ec2Controller:
         # The script is built now so that bad options fail before anything is created.
         build_user_data(run_url=options.run_url, run_id="check", command=options.command,
                         setup=options.setup, env=options.env, secrets=options.secrets,
-                        nodes=options.nodes, nproc_per_node=options.nproc_per_node)
+                        nodes=options.nodes, nproc_per_node=options.nproc_per_node,
+                        rejoin_timeout_s=options.rejoin_timeout_s if options.recovery == "replace" else 0.0)
         state = LaunchState(
             mode="ec2", run_id=run_id or new_run_id(), created_at=time.time(), options=options.to_dict()
         )
@@ -281,6 +288,14 @@ class Ec2Controller:
                     return self.ending.stopped_by_request()
                 if is_done(self.storage):
                     return self.ending.finish()
+                if self.replace.pending is not None:
+                    why = self._over_budget()
+                    if why is not None:
+                        return self.ending.budget_stop(why)
+                    outcome = self.replace.step()
+                    if outcome is not None:
+                        return outcome
+                    continue
                 attempt = self.state.running
                 if not attempt:
                     why = self._over_budget()
@@ -416,7 +431,15 @@ class Ec2Controller:
                               detail=verdict.detail, ended_at=ended_at)
             self._say(f"{seg.instance_id} ended: {verdict.reason} ({verdict.detail})",
                       LaunchEventKind.SEGMENT_ENDED, seg.segment_id)
+            if verdict.reason is EndReason.INTERRUPTED:
+                self.replace.expect_relaunch([seg])
         else:
+            decision = next_step(verdict, failures=self.state.failures, max_failures=self.options.max_failures,
+                                 nodes=[s.instance_id for s in attempt], recovery=self.options.recovery)
+            if decision.action is Action.REPLACE and self.replace.keep(attempt, statuses, gone, verdict, decision):
+                return None
+            if verdict.reason is EndReason.INTERRUPTED:
+                self.replace.expect_relaunch([s for s in attempt if s in gone])
             why = verdict.detail
             still = [s for s in attempt
                      if statuses[s.instance_id].state not in ("terminated", "shutting-down", "missing")]

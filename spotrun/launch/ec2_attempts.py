@@ -13,6 +13,7 @@ strays.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 from ..errors import LaunchError
@@ -36,6 +37,17 @@ class Ec2Attempts:
 
     def __init__(self, ctl: Ec2Controller) -> None:
         self.ctl = ctl
+        #: The highest attempt number handed out by this controller (an attempt on the
+        #: survivors alone, ``--min-nodes``, has no segment of its own to count).
+        self._last_k = 0
+
+    def next_group(self, suffix: str = "") -> tuple[int, str]:
+        """The next attempt's number and group id, ``<run id>-a<K>``: one more than any
+        attempt recorded, so rendezvous ids never repeat and nodes rejoin only forward."""
+        ks = [_attempt_number(s.group) for s in self.ctl.state.segments if s.group]
+        k = max([self._last_k, len({s.group for s in self.ctl.state.segments if s.group}), *ks]) + 1
+        self._last_k = k
+        return k, f"{self.ctl.state.run_id}-a{k}{suffix}"
 
     def reconcile(self) -> None:
         """Make the state agree with what EC2 runs under this run id (after a crash).
@@ -54,7 +66,9 @@ class Ec2Attempts:
         if attempt:
             ids = {s.instance_id for s in attempt}
             keep = {s.instance_id for _, s in alive if s.instance_id in ids}
-            if ctrl.options.distributed and keep == ids:
+            # Nodes of several groups: survivors and their replacements, whose files were
+            # written before they were recorded; rewriting them from here could only go back.
+            if ctrl.options.distributed and keep == ids and len({s.group for s in attempt}) == 1:
                 self.write_cluster(attempt)
         elif alive and not ctrl.options.distributed:
             region, newest = max(alive, key=lambda rs: (rs[1].launch_time or 0.0, rs[1].instance_id))
@@ -142,8 +156,7 @@ class Ec2Attempts:
         if statuses is None:
             return None
         now = started_at or ctrl.clock()
-        k = len({s.group for s in ctrl.state.segments if s.group}) + 1
-        group = f"{ctrl.state.run_id}-a{k}"
+        k, group = self.next_group()
         started: list[tuple[Segment, InstanceInfo]] = []
         for rank, iid in enumerate(ids):
             got, st = by_id[iid], statuses[iid]
@@ -157,7 +170,8 @@ class Ec2Attempts:
                 cloud=Cloud.AWS.value, instance_id=iid, instance_type=seg.instance_type, region=region,
                 availability_zone=seg.availability_zone, market=got.market)))
         segs = ctrl.book.begin_many(started)
-        self.write_cluster(segs, statuses)
+        self.write_cluster(segs, statuses, attempt=k)
+        ctrl.replace.record_relaunch(group, started=len(segs))
         head = segs[0]
         short = f" ({len(segs)} of --nodes {ctrl.options.nodes}: --min-nodes {ctrl.options.need})" \
             if len(segs) < ctrl.options.nodes else ""
@@ -168,10 +182,13 @@ class Ec2Attempts:
                   nodes=[s.instance_id for s in segs])
         return segs
 
-    def write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None) -> None:
-        """Every node's cluster file (:mod:`spotrun.launch.node`'s format)."""
+    def write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None, *,
+                      group: str | None = None, attempt: int | None = None, host: int = 0) -> None:
+        """Every node's cluster file (:mod:`spotrun.launch.node`'s format), ``segs`` in slot
+        order; ``group`` (default: theirs) names the attempt, ``host`` the store's node."""
         ctrl = self.ctl
         segs = sorted(segs, key=lambda s: s.node or 0)
+        group = group or segs[0].group or segs[0].segment_id
         if statuses is None:
             statuses = ctrl._describe(segs)
         addresses = {s.instance_id: statuses[s.instance_id].private_ip for s in segs}
@@ -179,7 +196,8 @@ class Ec2Attempts:
             log.warning("no private address for every node of %s yet; cluster files not written", segs[0].group)
             return
         write_cluster_files(
-            ctrl.storage, group=segs[0].group or segs[0].segment_id,
+            ctrl.storage, group=group, host=host,
+            attempt=_attempt_number(group) if attempt is None else attempt,
             nodes=[{"instance_id": s.instance_id, "address": str(addresses[s.instance_id])} for s in segs],
             nproc_per_node=ctrl.options.nproc_per_node or 1,
             # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
@@ -196,7 +214,8 @@ class Ec2Attempts:
             got, extra = result.instances[0], result.instances[1:]
             if extra:
                 api.terminate([i.instance_id for i in extra])
-            ctrl._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
+            seg = ctrl._begin_segment(got.instance_id, got.pool, got.market, fleet_id=result.fleet_id, region=region)
+            ctrl.replace.record_relaunch(seg.segment_id, started=1)
             return True
         launched, extra = result.instances[: ctrl.options.nodes], result.instances[ctrl.options.nodes:]
         if extra:
@@ -212,12 +231,18 @@ class Ec2Attempts:
 
 
 def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, str]], nproc_per_node: int,
-                        min_nodes: int | None) -> list[str]:
+                        min_nodes: int | None, host: int = 0, attempt: int = 0) -> list[str]:
     """Write every node's cluster file, ``launch/nodes/<instance id>.json``
     (:class:`spotrun.launch.node.ClusterSpec`: ``segment`` and ``rdzv_id`` are the attempt's
-    group id, new for every attempt; node 0 hosts the rendezvous)."""
+    group id, new for every attempt; node ``host`` hosts the rendezvous)."""
     from .node import ClusterSpec, write_cluster
 
     spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
-                       min_nodes=min_nodes)
+                       min_nodes=min_nodes, host=host, attempt=attempt)
     return write_cluster(storage, spec)
+
+
+def _attempt_number(group: str | None) -> int:
+    """K of a group id ``<run id>-a<K>[...]`` (0 when it names none)."""
+    found = re.search(r"-a(\d+)(?:-m)?$", group or "")
+    return int(found.group(1)) if found else 0

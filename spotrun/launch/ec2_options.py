@@ -33,6 +33,9 @@ class Timing:
     deadline_margin_s: float = 3600.0
     #: At the end: how long a placement group may stay "in use" by nodes shutting down.
     cleanup_wait_s: float = 180.0
+    #: ``--recovery replace``: how long to ask for the lost nodes' replacements (next to the
+    #: survivors) before going on without them (``--min-nodes``) or relaunching every node.
+    replace_wait_s: float = 600.0
 
 
 @dataclass
@@ -68,6 +71,12 @@ class Ec2Options:
     amis: dict[str, str] = field(default_factory=dict)
     max_cost_usd: float | None = None
     max_wait_s: float | None = None
+    #: ``--recovery``: "replace" keeps the running nodes of a partial loss and asks only for
+    #: replacements; "relaunch" terminates them and starts a whole new attempt.
+    recovery: str = "replace"
+    #: How long a survivor's node agent waits for the next attempt's cluster file (the
+    #: replacement's capacity search and boot come first); then it exits and shuts down.
+    rejoin_timeout_s: float = 900.0
 
     def validate(self) -> None:
         if not self.command:
@@ -111,6 +120,10 @@ class Ec2Options:
                 raise ConfigError(f"--ami names {','.join(self.amis)} but the run's regions are "
                                   f"{','.join(regions) or 'not given'}; give one AMI for each region of --regions")
         Limits(self.max_cost_usd, self.max_wait_s).validate()
+        if self.recovery not in ("replace", "relaunch"):
+            raise ConfigError(f"--recovery {self.recovery!r}: use replace or relaunch")
+        if not (isinstance(self.rejoin_timeout_s, (int, float)) and 0 <= self.rejoin_timeout_s <= 86400):
+            raise ConfigError(f"rejoin_timeout_s {self.rejoin_timeout_s!r} must be 0 to 86400 seconds")
 
     @property
     def distributed(self) -> bool:

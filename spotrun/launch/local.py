@@ -29,9 +29,21 @@ goes to one node (drawn by ``--seed``): the all-rank agreement stops every rank 
 of its agent *and* its workers (torchrun puts each worker in a session of its own, so a
 group kill would not reach them); the survivors' collectives fail and they exit 1, which
 counts as an interruption, not a failure. Once one node has exited the others get
-``peer_exit_s`` (30 s) to follow, then SIGTERM, then SIGKILL of their trees. Every attempt is
-relaunched whole, from the last committed checkpoint; every node is its own ledger segment
-with ``group`` = the attempt and ``node`` = its index, so the cost report prices N nodes.
+``peer_exit_s`` (30 s) to follow, then SIGTERM, then SIGKILL of their trees. Every node is its
+own ledger segment with ``group`` = the attempt and ``node`` = its index, so the cost report
+prices N nodes.
+
+**Recovery** (``--recovery``, :func:`.attempt.next_step`): with ``replace`` (the default) an
+interruption that took some of the nodes keeps the others' machines: their node agents note
+the attempt's exit code in the run URL and wait (``rejoin_timeout_s``) for the next cluster
+file; the launcher starts one new node per lost one, in the lost node's slot, under a new
+attempt and rendezvous id (a survivor hosts the store). A survivor is one machine billing
+continuously: its ledger segment goes on (one start, one end), not a new one. A survivor
+whose agent has exited cannot be kept: then every node is relaunched. With ``relaunch``,
+or when every node was lost, every attempt is relaunched whole, from the last committed
+checkpoint. Before each attempt that follows a loss the ledger gets a ``recovery_started``
+record (lost and kept nodes, nodes started, when the loss was known and when every machine
+ran).
 
 **Logs.** The command's output (stdout and stderr) goes through this process to
 ``RUN_URL/logs/<segment>/node-<R>/`` (:mod:`spotrun.launch.logs`; segment ``sim-K``, node 0,
@@ -62,13 +74,15 @@ from typing import Any, BinaryIO, ClassVar
 from ..errors import ConfigError
 from ..records.events import EndReason
 from ..records.launch_state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
+from ..records.ledger import Ledger
 from ..storage import Storage
-from .attempt import Action, AttemptEnd, NodeEnd, Verdict, classify_local, next_step
+from .attempt import RECOVERY_MODES, Action, AttemptEnd, Decision, NodeEnd, classify_local, next_step
 from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_events
 from .book import RunBook
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
 from .limits import CostGuard, Limits
 from .local_nodes import LocalNodes, _Node, killpg
+from .node import REJOIN_CODES, read_attempt_exit
 from .proctree import kill_tree
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
@@ -113,6 +127,11 @@ class LocalOptions:
     #: ``--max-cost``: stop (keeping the checkpoint) once the ledger says the run spent
     #: this much, priced as ``spotrun status`` prices it (offline, as instance_type).
     max_cost_usd: float | None = None
+    #: ``--recovery``: "replace" keeps the survivors of a partial loss and starts only
+    #: replacements; "relaunch" starts every node again (see :mod:`.attempt`).
+    recovery: str = "replace"
+    #: How long a survivor's node agent waits for the next attempt's cluster file.
+    rejoin_timeout_s: float = 60.0
 
     @property
     def cluster(self) -> bool:
@@ -131,6 +150,10 @@ class LocalOptions:
         if not 0 <= self.node_losses <= self.interruptions:
             raise ConfigError(f"--node-losses {self.node_losses}: use 0 to --interruptions "
                               f"({self.interruptions}); they are counted among the interruptions")
+        if self.recovery not in RECOVERY_MODES:
+            raise ConfigError(f"--recovery {self.recovery!r}: use {' or '.join(RECOVERY_MODES)}")
+        check_number(self.rejoin_timeout_s, 0.0, f"rejoin_timeout_s {self.rejoin_timeout_s!r} must be a number "
+                     "of seconds >= 0")
         check_number(self.peer_exit_s, 0.0, f"peer_exit_s {self.peer_exit_s!r} must be a number of seconds >= 0")
         # nan would pass every comparison below and break the segment later: refused here.
         check_number(self.grace_s, 0.0, f"--grace {self.grace_s!r} must be a number of seconds >= 0")
@@ -209,6 +232,10 @@ class LocalLauncher:
         self.cost_guard = (CostGuard(Limits(max_cost_usd=options.max_cost_usd), storage, min_interval_s=2.0)
                            if options.max_cost_usd is not None else None)
         self._limit_reason: str | None = None
+        #: The survivors of the last attempt, by index, kept for the next (Action.REPLACE).
+        self._kept: dict[int, _Node] = {}
+        #: What the next attempt recovers from: the RecoveryStarted fields known so far.
+        self._recovery: dict[str, Any] | None = None
         self.state = self._load_or_new_state()
         self.nodes = LocalNodes(self)
         self.book = RunBook(storage, self.state, heartbeat_s=options.check_s)
@@ -283,9 +310,7 @@ class LocalLauncher:
                 if self._limit_reason is not None:
                     return self._limit_stop()
                 interrupt = kinds[done_interruptions] if done_interruptions < planned else None
-                verdict = self._segment(interrupt=interrupt)
-                decision = next_step(verdict, failures=self.state.failures,
-                                     max_failures=self.options.max_failures)
+                decision = self._segment(interrupt=interrupt)
                 self.state.interruptions += decision.interruptions
                 self.state.failures += decision.failures
                 if decision.action is Action.FINISH:
@@ -313,6 +338,8 @@ class LocalLauncher:
                 self._say(f"{decision.why}; restarting ({self.state.failures} of "
                           f"{self.options.max_failures} failure(s) allowed)")
         finally:
+            # A run that ends between attempts (a limit, an error) leaves no survivor waiting.
+            self._release_kept(EndReason.STOPPED, "the run ended before the next attempt")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -324,6 +351,7 @@ class LocalLauncher:
                          f"run the same command with a higher --max-cost")
 
     def _end(self, status: str, code: int, message: str) -> LaunchOutcome:
+        self._release_kept(EndReason.STOPPED if status != RunStatus.FINISHED else EndReason.FINISHED, message)
         self.state.status = status
         self.state.message = message
         self._save()
@@ -350,14 +378,18 @@ class LocalLauncher:
             return self.echo  # type: ignore[return-value]
         return getattr(sys.stdout, "buffer", None)
 
-    def _segment(self, *, interrupt: str | None) -> Verdict:
-        """One attempt: start its node(s), play ``interrupt`` ("notice" or "loss") on one of
-        them, wait until all have exited; returns how it ended."""
+    def _segment(self, *, interrupt: str | None) -> Decision:
+        """One attempt: start its node(s) (keeping the survivors of the one before), play
+        ``interrupt`` ("notice" or "loss") on one of them, wait until all have exited (or
+        noted their exit and wait to rejoin); returns what happens next."""
         o = self.options
         k = self._attempt_number()
         start_step = last_checkpoint(self.storage)
         started = self.clock()
-        group, nodes = self.nodes.start(k, start_step)
+        kept, self._kept = self._kept, {}
+        group, nodes = self.nodes.start(k, start_step, keep=kept)
+        self._record_recovery(group, started=len(nodes) - len(kept))
+        rejoining = o.cluster and o.recovery == "replace"
         multi = len(nodes) > 1
         # Which node the interruption hits (drawn only with several: one node's runs keep
         # the random sequence they always had).
@@ -369,19 +401,29 @@ class LocalLauncher:
         first_exit: _Node | None = None
         peers_term_at = peers_kill_at = None
         forwarded = 0
-        next_check = started
+        next_check = next_note = started
         seen_step, seen_at = start_step, None
         kill_after = o.grace_s if o.kill_after_s is None else o.kill_after_s
         try:
             while True:
                 now = self.clock()
+                notes = rejoining and now >= next_note
+                if notes:
+                    next_note = now + o.check_s  # type: ignore[operator]
                 for node in nodes:
-                    if node.rc is None and node.proc.poll() is not None:  # type: ignore[union-attr]
+                    if node.rc is not None:
+                        continue
+                    if node.proc.poll() is not None:  # type: ignore[union-attr]
                         node.rc = node.proc.returncode  # type: ignore[union-attr]
+                        what = "{} exited with code {}"
+                    elif notes:
+                        # Its agent stays to rejoin: the attempt is over for it once it noted so.
+                        node.rc = read_attempt_exit(self.storage, group, node.seg.segment_id)
+                        what = "{}: torchrun exited with code {}; its node agent stays to rejoin"
+                    if node.rc is not None:
                         first_exit = first_exit or node
                         if multi:
-                            self._say(f"{node.seg.segment_id} exited with code {node.rc}",
-                                      LaunchEventKind.INFO, group)
+                            self._say(what.format(node.seg.segment_id, node.rc), LaunchEventKind.INFO, group)
                 alive = [n for n in nodes if n.rc is None]
                 if not alive:
                     break
@@ -459,20 +501,82 @@ class LocalLauncher:
         except BaseException:
             self.nodes.abandon(nodes)
             raise
-        self.nodes.close(nodes)
-        for node in nodes:
-            if _group_gone(node.proc.pid):  # type: ignore[union-attr]
-                self._gone_segments.append(node.seg.segment_id)
         self._interrupted_last = posted is not None or lost is not None
         verdict = classify_local(self._attempt_end(nodes, victim, posted=posted is not None,
                                                    lost=lost is not None, stopped=forwarded > 0,
                                                    first=first_exit, done=is_done(self.storage)))
+        decision = next_step(verdict, failures=self.state.failures, max_failures=o.max_failures,
+                             nodes=[n.seg.segment_id for n in nodes], recovery=o.recovery)
+        keep = [n for n in nodes if n.seg.segment_id in decision.kept] if decision.action is Action.REPLACE else []
+        stuck = [n for n in keep if n.proc.poll() is not None or n.rc not in REJOIN_CODES]  # type: ignore[union-attr]
+        if stuck:
+            self._say(f"cannot keep {', '.join(n.seg.segment_id for n in stuck)} (its node agent exited "
+                      f"{', '.join(str(n.rc) for n in stuck)} instead of waiting to rejoin): relaunching every node",
+                      LaunchEventKind.WARNING, group)
+            decision = Decision(Action.RELAUNCH, verdict.detail, interruptions=decision.interruptions,
+                                lost=decision.lost)
+            keep = []
+        gone = [n for n in nodes if n not in keep]
+        self._stop_waiting(gone, kill_after)
+        self.nodes.close(gone)
+        for node in gone:
+            if _group_gone(node.proc.pid):  # type: ignore[union-attr]
+                self._gone_segments.append(node.seg.segment_id)
         ended = self.clock()
-        for node in nodes:
+        for node in gone:
             self.book.end(node.seg, verdict.reason, ended_at=ended, exit_code=node.rc,
                           detail=verdict.detail if not multi else f"{verdict.detail}; this node exited {node.rc}")
-        self._say(f"{group} ended: {verdict.reason} ({verdict.detail})", LaunchEventKind.SEGMENT_ENDED, group)
-        return verdict
+        for node in keep:  # the same machines go on: their segments stay open (billed once)
+            node.rc = node.exited_at = None
+        self._kept = {n.index: n for n in keep}
+        self._recovery = None
+        if decision.interruptions and decision.lost:
+            self._recovery = {"lost_at": posted if posted is not None else lost if lost is not None else ended,
+                              "mode": "replace" if keep else "relaunch", "lost": decision.lost,
+                              "kept": tuple(n.seg.segment_id for n in keep)}
+        self._say(f"{group} ended: {verdict.reason} ({verdict.detail})"
+                  + (f"; keeping {', '.join(n.seg.segment_id for n in keep)}" if keep else ""),
+                  LaunchEventKind.SEGMENT_ENDED, group)
+        return decision
+
+    def _stop_waiting(self, nodes: list[_Node], grace_s: float) -> None:
+        """Node agents still alive after their attempt (waiting to rejoin one that will not
+        come, or a lost machine's agent): SIGTERM ends the wait; SIGKILL of the tree after
+        ``grace_s``."""
+        alive = [n for n in nodes if n.proc is not None and n.proc.poll() is None]
+        for node in alive:
+            killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
+        deadline = time.monotonic() + grace_s
+        for node in alive:
+            try:
+                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001 - TimeoutExpired: the machine is gone anyway
+                kill_tree(node.proc.pid)  # type: ignore[union-attr]
+                node.proc.wait()  # type: ignore[union-attr]
+
+    def _release_kept(self, reason: str, detail: str) -> None:
+        """Survivors kept for an attempt that will not start: stop them, end their segments."""
+        kept, self._kept = list(self._kept.values()), {}
+        if not kept:
+            return
+        self._stop_waiting(kept, 5.0)
+        self.nodes.close(kept)
+        ended = self.clock()
+        for node in kept:
+            if node.seg.open:
+                self.book.end(node.seg, reason, ended_at=ended, exit_code=node.proc.returncode,  # type: ignore[union-attr]
+                              detail=f"kept for an attempt that did not start: {detail}")
+
+    def _record_recovery(self, group: str, *, started: int) -> None:
+        """The ledger's ``recovery_started`` for an attempt that follows a loss (both modes)."""
+        if self._recovery is None:
+            return
+        fields, self._recovery = self._recovery, None
+        try:
+            Ledger(self.storage).recovery_started(segment_id=group, instances_started=started,
+                                                  capacity_at=self.clock(), **fields)
+        except Exception as exc:  # noqa: BLE001 - the books never stop the run
+            self._say(f"could not record the recovery in the ledger: {exc}", LaunchEventKind.WARNING, group)
 
     @staticmethod
     def _attempt_end(nodes: list[_Node], victim: _Node, *, posted: bool, lost: bool, stopped: bool,

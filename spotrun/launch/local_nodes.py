@@ -3,13 +3,21 @@
 metadata service, its ledger segment, and its output shipped to ``RUN_URL/logs/``.
 
 :class:`LocalNodes` starts an attempt's nodes (writing their cluster file first, for a
-multi-node attempt), and stops and closes them; :mod:`.local` plays spot on them.
+multi-node attempt), and stops and closes them; :mod:`.local` plays spot on them. A node kept
+from the attempt before (``--recovery replace``) is the same machine: the same process group
+(its node agent waits to rejoin), metadata service, ledger segment and local directory.
+
+Each machine has its own node-local directory, ``SPOTRUN_LOCAL_DIR=<base>/<machine id>``
+(base: the launcher's ``SPOTRUN_LOCAL_DIR``, default ``/dev/shm/spotrun``; none when it is
+``off``), deleted when the machine ends, as a lost machine's memory is: no node can read
+another's copy except through the peer channel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +37,7 @@ from .proctree import kill_tree
 if TYPE_CHECKING:
     from .local import LocalLauncher
 
-__all__ = ["LocalNodes", "free_port", "killpg"]
+__all__ = ["LocalNodes", "free_port", "killpg", "local_dir_base"]
 
 REGION = "us-east-1"
 ZONE = "us-east-1a"
@@ -41,33 +49,45 @@ class LocalNodes:
     def __init__(self, launcher: LocalLauncher) -> None:
         self.launcher = launcher
 
-    def start(self, k: int, start_step: int | None) -> tuple[str, list[_Node]]:
-        """Record and start the attempt's node(s); returns (log segment id, nodes)."""
+    def start(self, k: int, start_step: int | None,
+              keep: dict[int, _Node] | None = None) -> tuple[str, list[_Node]]:
+        """Record and start the attempt's node(s); returns (log segment id, nodes). ``keep``:
+        the survivors of the attempt before, by index, whose machines this attempt reuses
+        (their agents wait for this attempt's cluster file); the other slots get new nodes."""
         ctrl = self.launcher  # the launcher whose nodes these are
         from ..notices.fake_server import FakeMetadataServer
         from .logs import LogShipper, pump_in_thread
 
         o = ctrl.options
+        keep = keep or {}
         group = f"sim-{k}"
         count = o.nodes if o.cluster else 1
-        ids = [f"{group}-n{i}" for i in range(count)] if o.cluster else [group]
+        ids = ([keep[i].seg.segment_id if i in keep else f"{group}-n{i}" for i in range(count)]
+               if o.cluster else [group])
         if o.cluster:
             from .node import ClusterSpec, write_cluster
 
-            # Before the nodes start: each finds its file at once (ids are new per attempt,
-            # so no node can join an older attempt's rendezvous).
+            # Before the nodes start: each finds its file at once (the attempt and its
+            # rendezvous id are new, so no node can join an older attempt's rendezvous). A
+            # survivor hosts the store when there is one: it is up already.
             write_cluster(ctrl.storage, ClusterSpec(
                 segment=group, nproc_per_node=o.nproc_per_node or 1,
                 rdzv_id=f"{ctrl.state.run_id}-{group}", port=free_port(),
-                nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids]))
+                nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids],
+                host=min(keep) if keep else 0, attempt=k))
+            rejoin = o.rejoin_timeout_s if o.recovery == "replace" else 0.0
             command = [sys.executable, "-m", "spotrun.launch.node", "--timeout", "120", "--poll", "0.2",
-                       "--segment", group, "--", *o.command]
+                       "--rejoin-timeout", f"{rejoin:g}", "--segment", group, "--", *o.command]
         else:
             command = list(o.command)
         nodes: list[_Node] = []
         echo = ctrl._echo_stream()
+        base = local_dir_base({**os.environ, **o.env})
         try:
             for index, node_id in enumerate(ids):
+                if index in keep:
+                    nodes.append(keep[index])  # the same machine, its agent already waiting
+                    continue
                 info = InstanceInfo(cloud=Cloud.SIMULATED.value, instance_id=node_id, instance_type=o.instance_type,
                                     region=REGION, availability_zone=ZONE, market=Market.SPOT.value)
                 server = FakeMetadataServer("ec2", instance=info).start()
@@ -86,6 +106,9 @@ class LocalNodes:
                        "PYTHONUNBUFFERED": "1"}
                 if o.cluster:
                     env["SPOTRUN_INSTANCE_ID"] = node_id
+                if base is not None:
+                    node.local_dir = os.path.join(base, node_id)
+                    env["SPOTRUN_LOCAL_DIR"] = node.local_dir
                 if ctrl._gone_segments:
                     env["SPOTRUN_LEASE_TAKEOVER"] = ",".join(ctrl._gone_segments)
                 # Its own session: a terminal's Ctrl-C reaches only us, and we forward one
@@ -97,15 +120,20 @@ class LocalNodes:
                 node.shipper = LogShipper(ctrl.storage, group, node=index, echo=echo)
                 node.pump = pump_in_thread(node.proc.stdout, node.shipper)  # type: ignore[arg-type]
         except BaseException as exc:
-            # Nothing started may outlive a failed start (a node is in its own session).
+            # Nothing started may outlive a failed start (a node is in its own session), nor
+            # a kept machine waiting for an attempt that will not come.
+            nodes += [n for n in keep.values() if n not in nodes]
             self.abandon(nodes)
             if not isinstance(exc, OSError):
                 raise
             for node in nodes:
-                ctrl.book.end(node.seg, EndReason.FAILED, ended_at=ctrl.clock(), detail=str(exc))
+                if node.seg.open:
+                    ctrl.book.end(node.seg, EndReason.FAILED, ended_at=ctrl.clock(), detail=str(exc))
             raise LaunchError(f"cannot start {command[0]!r}: {exc}") from exc
         where = (f"{count} simulated {o.instance_type} spot nodes x {o.nproc_per_node or 1} process(es), "
                  f"{', '.join(ids)}" if o.cluster else f"{group}, simulated {o.instance_type} spot")
+        if keep:
+            where += f"; kept {', '.join(keep[i].seg.segment_id for i in sorted(keep))}"
         ctrl._say(f"segment {k} ({where}): {' '.join(o.command)}"
                   + (f" (resuming after step {start_step})" if start_step is not None else ""),
                   LaunchEventKind.SEGMENT_STARTED, group)
@@ -126,9 +154,12 @@ class LocalNodes:
         self.close(nodes)
 
     def close(self, nodes: list[_Node]) -> None:
-        """Stop the fake metadata services and ship the last of each node's output."""
+        """The machines are gone: stop the fake metadata services, ship the last of each
+        node's output, delete each one's local directory."""
         for node in nodes:
             node.server.stop()
+            if node.local_dir is not None:
+                shutil.rmtree(node.local_dir, ignore_errors=True)
         for node in nodes:
             # Before the state leaves "running": `spotrun logs --follow` stops soon after.
             if node.pump is not None:
@@ -138,6 +169,19 @@ class LocalNodes:
             if node.proc is not None and node.proc.stdout is not None:
                 node.proc.stdout.close()
             node.pump = node.shipper = None
+
+
+def local_dir_base(env: dict[str, str]) -> str | None:
+    """Where the simulated machines' local directories go (one folder each), or None when
+    the node-local copy is off (``SPOTRUN_LOCAL_DIR=off``)."""
+    from ..recovery.local import DEFAULT_LOCAL_DIR, LOCAL_DIR_ENV
+
+    raw = env.get(LOCAL_DIR_ENV)
+    if raw is not None and raw.strip().lower() in ("off", "0", "none", "false"):
+        return None
+    if raw is None and not os.path.isdir(os.path.dirname(DEFAULT_LOCAL_DIR)):
+        return None  # no /dev/shm (macOS): no default copy, as LocalCopy.from_env decides
+    return raw or DEFAULT_LOCAL_DIR
 
 
 def killpg(proc: subprocess.Popen, sig: int) -> None:
@@ -162,5 +206,9 @@ class _Node:
     proc: subprocess.Popen | None = None
     shipper: Any = None  # LogShipper
     pump: threading.Thread | None = None
+    #: This attempt's exit code: the process's, or the one its node agent noted for the
+    #: attempt while it stays to rejoin (``--recovery replace``).
     rc: int | None = None
     exited_at: float | None = None
+    #: This machine's SPOTRUN_LOCAL_DIR (None when off), deleted with the machine.
+    local_dir: str | None = None

@@ -26,7 +26,21 @@ with only the agent killed they train on (the survivor's agent then waits out to
 300 s exit barrier).
 
 Group ranks are torchrun's to assign (c10d sorts the nodes that joined); the index in the
-cluster file decides only which node hosts the store.
+cluster file decides only which node hosts the store (node ``host``, 0 unless the launcher
+names a survivor: see below).
+
+**Rejoining** (``--rejoin-timeout S``, set by the launchers when ``--recovery replace``):
+after torchrun returns, the node writes ``launch/nodes/exits/<segment>/<instance id>.json``
+(its exit code for that attempt, which the local simulator reads to know the attempt is
+over on a machine that stays). When the code says the attempt was interrupted (75: every
+rank stopped at one step on a notice; 1: a peer vanished and the collectives failed) and
+this machine has no interruption notice of its own, the node waits up to S seconds for a
+cluster file of a *newer* attempt that names it (the launcher keeps the survivors and starts
+only replacements) and runs torchrun again, under that attempt's new rendezvous id. No such
+file in time, or a signal while waiting: it exits 75 (interrupted: its peer's loss stopped it,
+the last committed checkpoint is intact; a 1 here would read as the command failing, after
+the launcher already dealt with the loss). A notice for this machine, or any other code: it
+exits with torchrun's code, as before (on EC2 the instance then shuts down).
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -43,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
-from ..records.layout import NODES_DIR
+from ..records.layout import EXIT_INTERRUPTED, NODES_DIR
 from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
@@ -51,13 +66,18 @@ from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 __all__ = [
     "CLUSTER_VERSION",
     "DEFAULT_PORT",
+    "REJOIN_CODES",
     "ClusterSpec",
+    "attempt_exit_file",
     "cluster_file",
     "main",
     "node_argv",
+    "read_attempt_exit",
     "read_cluster",
     "torchrun_command",
     "wait_for_cluster",
+    "wait_for_next_cluster",
+    "write_attempt_exit",
     "write_cluster",
 ]
 
@@ -70,6 +90,9 @@ DEFAULT_PORT = 29400
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Interpreters the command may name; torchrun starts its own (this one) in their place.
 _PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
+#: torchrun's codes after which a node whose machine survived may join the next attempt:
+#: the ranks stopped at one step on a notice (75), or a peer vanished mid-collective (1).
+REJOIN_CODES = (EXIT_INTERRUPTED, 1)
 
 
 def cluster_file(instance_id: str) -> str:
@@ -100,6 +123,13 @@ class ClusterSpec:
     #: equality: segment and rendezvous id name the attempt). Empty (an older cluster file):
     #: no peer copies.
     peer_token: str = field(default_factory=new_token, repr=False, compare=False)
+    #: The index of the node that hosts the rendezvous store: 0, or a survivor when the
+    #: launcher replaced node 0 (a replacement still booting cannot host the store the
+    #: survivors connect to at once). Older readers ignore it and use node 0.
+    host: int = 0
+    #: The attempt's sequence number in the run (0: not numbered, an older launcher): a
+    #: node waiting to rejoin joins only a file of a later attempt than its last.
+    attempt: int = 0
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -120,6 +150,9 @@ class ClusterSpec:
         check_count(self.port, 1, 65535, f"rendezvous port {self.port!r} is not a TCP port; use 1-65535")
         check_count(self.nproc_per_node, 1, MAX_NPROC_PER_NODE, f"nproc_per_node {self.nproc_per_node!r} must "
                f"be a positive integer, at most {MAX_NPROC_PER_NODE}")
+        check_count(self.attempt, 0, None, f"attempt number {self.attempt!r} must be a whole number >= 0")
+        check_count(self.host, 0, len(self.nodes) - 1, f"rendezvous host {self.host!r} must index one of the "
+                    f"{len(self.nodes)} nodes listed")
         if self.min_nodes is not None:
             check_count(self.min_nodes, 1, len(self.nodes), f"min_nodes {self.min_nodes!r} must be between 1 "
                    f"and the {len(self.nodes)} nodes listed")
@@ -139,7 +172,7 @@ class ClusterSpec:
     @property
     def head(self) -> str:
         """The rendezvous endpoint, ``HOST:PORT`` (IPv6 hosts in brackets)."""
-        host = self.nodes[0]["address"]
+        host = self.nodes[self.host]["address"]
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"
@@ -229,6 +262,111 @@ def wait_for_cluster(storage: Storage, instance_id: str, timeout_s: float = 600.
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
+def wait_for_next_cluster(storage: Storage, instance_id: str, after: ClusterSpec, timeout_s: float,
+                          poll_s: float = 2.0) -> ClusterSpec | None:
+    """Poll until this node's cluster file names a newer attempt than ``after`` (another
+    segment and rendezvous id, not a lower attempt number: a controller rewriting an older
+    attempt's file must not send a node back to it); None after ``timeout_s``. A file that cannot be read yet (a
+    store error, a half-written object on a store without atomic writes) is looked at again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            spec = read_cluster(storage, instance_id)
+        except (ConfigError, OSError) as exc:
+            log.warning("cannot read the cluster file of %s yet (%s); looking again", instance_id, exc)
+            spec = None
+        if (spec is not None and spec.segment != after.segment and spec.rdzv_id != after.rdzv_id
+                and spec.attempt >= after.attempt):
+            spec.index(instance_id)
+            return spec
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def attempt_exit_file(segment: str, instance_id: str) -> str:
+    """Where a node notes torchrun's exit code for one attempt, relative to the run URL."""
+    cluster_file(instance_id)  # validates the id
+    if not _SAFE_ID.fullmatch(segment or ""):
+        raise ConfigError(f"segment {segment!r}: use letters, digits, '.', '_', '-'")
+    return f"{NODES_DIR}/exits/{segment}/{instance_id}.json"
+
+
+def write_attempt_exit(storage: Storage, segment: str, instance_id: str, exit_code: int) -> None:
+    """Note that this node's torchrun for ``segment`` returned ``exit_code`` (the machine may
+    stay to rejoin, so its process's own end says nothing)."""
+    data = {"segment": segment, "instance_id": instance_id, "exit_code": int(exit_code), "time": time.time()}
+    storage.write_bytes(attempt_exit_file(segment, instance_id), json.dumps(data).encode())
+
+
+def read_attempt_exit(storage: Storage, segment: str, instance_id: str) -> int | None:
+    """The exit code ``instance_id`` noted for ``segment``, or None when it noted none (yet)."""
+    path = attempt_exit_file(segment, instance_id)
+    try:
+        if not storage.exists(path):
+            return None
+        code = json.loads(storage.read_bytes(path)).get("exit_code")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+def _own_notice() -> bool:
+    """Whether this machine has an interruption notice posted now (then it is going too, and
+    its node does not wait to rejoin). Unreachable metadata counts as no notice: the wait
+    is bounded anyway."""
+    try:
+        from ..notices.base import PollingWatcher
+        from ..notices.detect import watchers_from_env
+
+        for watcher in watchers_from_env(rebalance="ignore"):
+            # One poll, now (the watcher's thread would deliver it a poll later).
+            if isinstance(watcher, PollingWatcher) and any(n.stop for _key, n in watcher._poll()):
+                return True
+    except Exception as exc:  # noqa: BLE001 - a failed look is no notice
+        log.warning("could not ask the metadata service for a notice (%s); assuming none", exc)
+    return False
+
+
+class _Leave(Exception):
+    """A signal arrived while the node waited to rejoin."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_leave(signum: int, _frame: Any) -> None:
+    raise _Leave(signum)
+
+
+def _rejoin(storage: Storage, instance_id: str, spec: ClusterSpec, code: int, timeout_s: float,
+            poll_s: float) -> tuple[ClusterSpec | None, int]:
+    """(the next attempt's cluster file, None when this node should not or cannot join one;
+    the code to exit with then: see "Rejoining")."""
+    if timeout_s <= 0 or code not in REJOIN_CODES:
+        return None, code
+    if _own_notice():
+        log.info("spotrun node %s: this machine has an interruption notice; not waiting to rejoin", instance_id)
+        return None, code
+    log.info("spotrun node %s: torchrun exited %d; waiting up to %gs for the next attempt's cluster file "
+             "(this machine stays)", instance_id, code, timeout_s)
+    previous = {sig: signal.signal(sig, _raise_leave) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        nxt = wait_for_next_cluster(storage, instance_id, spec, timeout_s, poll_s)
+    except _Leave as leave:
+        log.info("spotrun node %s: signal %d while waiting to rejoin; exiting %d", instance_id, leave.signum,
+                 EXIT_INTERRUPTED)
+        return None, EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if nxt is None:
+        log.warning("spotrun node %s: no newer cluster file naming this node after %gs; exiting %d",
+                    instance_id, timeout_s, EXIT_INTERRUPTED)
+    return nxt, EXIT_INTERRUPTED
+
+
 def torchrun_command(command: Sequence[str]) -> list[str]:
     """The user's command as torchrun's trailing arguments (script and its args).
 
@@ -276,7 +414,7 @@ def node_argv(spec: ClusterSpec, instance_id: str, command: Sequence[str]) -> li
         "--rdzv-id", spec.rdzv_id,
         # Explicit, never guessed from the hostname: two "nodes" on one machine would both
         # think they are the host (and on EC2 a private DNS name may not match).
-        "--rdzv-conf", f"is_host={1 if index == 0 else 0}",
+        "--rdzv-conf", f"is_host={1 if index == spec.host else 0}",
         "--local-addr", spec.nodes[index]["address"],
         # torchrun restarting its workers in place would not replace a lost node; spotrun's
         # launcher relaunches the whole job from the last committed checkpoint instead.
@@ -305,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds between looks for the cluster file (default 2)")
     parser.add_argument("--segment", default=None,
                         help="join only a cluster file of this segment (wait past older ones)")
+    parser.add_argument("--rejoin-timeout", type=float, default=0.0,
+                        help="after an interrupted attempt, wait this long for a newer cluster file "
+                             "naming this node and run again (default 0: exit)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -323,19 +464,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpotrunError as exc:
         print(f"spotrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    index = spec.index(instance_id)
-    log.info("spotrun node %s: node %d of %d in segment %s, rendezvous %s (id %s, %s), "
-             "%d process(es) per node", instance_id, index, len(spec.nodes), spec.segment,
-             spec.head, spec.rdzv_id, "host" if index == 0 else "joining", spec.nproc_per_node)
     from ..distributed import torchrun
 
-    with serve_attempt(spec, index) as peer_env:
-        os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
+    while True:  # one pass per attempt this machine runs (see "Rejoining")
+        index = spec.index(instance_id)
+        log.info("spotrun node %s: node %d of %d in segment %s, rendezvous %s (id %s, %s), "
+                 "%d process(es) per node", instance_id, index, len(spec.nodes), spec.segment,
+                 spec.head, spec.rdzv_id, "host" if index == spec.host else "joining", spec.nproc_per_node)
+        with serve_attempt(spec, index) as peer_env:
+            os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
+            try:
+                code = torchrun(argv_)
+            finally:
+                for key in peer_env:  # this attempt's token and addresses end with it
+                    os.environ.pop(key, None)
         try:
-            return torchrun(argv_)
-        finally:
-            for key in peer_env:  # this attempt's token and addresses end with it
-                os.environ.pop(key, None)
+            write_attempt_exit(storage, spec.segment, instance_id, code)
+        except Exception as exc:  # noqa: BLE001 - the note helps the launcher; its absence ends no run
+            log.warning("could not note this node's exit code in the run URL: %s", exc)
+        try:
+            nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll)
+            if nxt is None:
+                return code
+            spec, argv_ = nxt, node_argv(nxt, instance_id, command)
+        except SpotrunError as exc:
+            print(f"spotrun: error: {exc}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -117,7 +117,10 @@ def _attempt(state: Any, running: list[Any], *, live: bool) -> dict[str, Any]:
               "instance_type": s.instance_type, "market": s.market, "region": s.region,
               "availability_zone": s.availability_zone, **details.get(s.instance_id, {})}
              for s in running]
-    return {"group": running[0].group, "nodes": nodes,
+    # Survivors kept by --recovery replace stay in the attempt they started in; the running
+    # attempt is the newest group among the nodes.
+    newest = max(running, key=lambda s: (s.started_at, s.group or ""))
+    return {"group": newest.group, "nodes": nodes,
             "requested_nodes": int(state.options.get("nodes") or len(running))}
 
 

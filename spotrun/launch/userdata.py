@@ -23,7 +23,9 @@ What the script does, in order:
    command); the first failing line (a failed ``pip install``) fails the segment;
 4. runs the command (for a node of an N-node job, through ``python -m spotrun.launch.node --
    CMD`` with ``SPOTRUN_INSTANCE_ID`` set: it finds the node's rank and the head's address in
-   the run's cluster file and starts torchrun), its output piped through
+   the run's cluster file and starts torchrun; with ``--recovery replace`` it is started with
+   ``--rejoin-timeout``, so after an interrupted attempt it waits, bounded, to join the next
+   one on this same instance, which stays up meanwhile), its output piped through
    ``python -m spotrun.launch.logs ship`` to ``RUN_URL/logs/`` (``spotrun logs``) and the
    instance's log, and records its exit code under ``RUN_URL/launch/exit-<segment>.json``
    (through spotrun itself, which the setup installed, so no AWS CLI is needed; the Python
@@ -282,15 +284,18 @@ shutdown -h now
 """
 
 
-def _command_line(command: Sequence[str], *, distributed: bool) -> str:
+def _command_line(command: Sequence[str], *, distributed: bool, rejoin_timeout_s: float = 0.0) -> str:
     line = shlex.join(list(command))
     if not distributed:
         return line
+    # With --recovery replace the node agent waits, after an interrupted attempt, for the
+    # next one's cluster file: the instance stays up (and bills) only while it waits.
+    rejoin = f"--rejoin-timeout {rejoin_timeout_s:g} " if rejoin_timeout_s > 0 else ""
     # The node launcher keys its entry in the cluster file by the instance id; it runs
     # spotrun.distributed (torchrun) with the rendezvous options and returns the job's code.
     return ('export SPOTRUN_INSTANCE_ID="$INSTANCE_ID"\n'
-            '"${SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}" -m spotrun.launch.node -- '
-            + line)
+            '"${SPOTRUN_PYTHON:-$(command -v python3 || command -v python)}" -m spotrun.launch.node '
+            + rejoin + "-- " + line)
 
 
 def build_user_data(
@@ -303,6 +308,7 @@ def build_user_data(
     secrets: Mapping[str, str] | None = None,
     nodes: int = 1,
     nproc_per_node: int | None = None,
+    rejoin_timeout_s: float = 0.0,
 ) -> str:
     """The bash boot script for one instance of the run (see the module docstring).
 
@@ -343,7 +349,7 @@ def build_user_data(
         env_lines=env_lines,
         setup_lines=setup_lines,
         secret_lines=secret_lines,
-        command=_command_line(command, distributed=distributed),
+        command=_command_line(command, distributed=distributed, rejoin_timeout_s=rejoin_timeout_s),
         # A node learns its attempt and index from its cluster file: its logs go there.
         ship_args=' --cluster-instance "$INSTANCE_ID"' if distributed else "",
     )
