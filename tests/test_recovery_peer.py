@@ -30,7 +30,8 @@ from spotrun.format.snapshot import payload_name, write_payload
 from spotrun.launch.node import ClusterSpec
 from spotrun.records.layout import checkpoint_dir
 from spotrun.recovery import peer as peer_mod
-from spotrun.recovery.local import LocalCopy, _run_key
+from spotrun.recovery.local import LocalCopy
+from spotrun.recovery.localdir import run_key
 from spotrun.recovery.peer import PeerError, PeerLink, PeerServer, fetch_file, new_token, send_file
 from spotrun.storage import Storage
 
@@ -172,7 +173,7 @@ def test_only_the_newest_step_is_held_and_an_older_one_is_refused(nodes, run, tm
     src = tmp_path / "old.pt"
     src.write_bytes(b"x" * 100)
     with pytest.raises(PeerError, match="409"):
-        send_file(b.address, TOKEN, _run_key(run.display()), 10, payload_name(1), src)
+        send_file(b.address, TOKEN, run_key(run.display()), 10, payload_name(1), src)
     assert b.held(10) == []
 
 
@@ -204,7 +205,7 @@ def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp
         write_payload(other_copy.storage(other), 10, 1, _state(9))
         other_copy.seal(10)
         other_copy.peer.wait(30)
-        assert not (b.dir / "peer" / _run_key(other.display())).exists()
+        assert not (b.dir / "peer" / run_key(other.display())).exists()
         held.write_bytes((Path(other.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes())
     else:
         # A writer whose lease was taken over wrote its own bytes of the same step.
@@ -222,13 +223,13 @@ def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp
     assert reader.bytes_by_source() == {"local": 0, "peer": 0, "url": manifest.files[payload_name(1)].size}
     assert any(("not used" in r.message or "no peer holds" in r.message) for r in caplog.records), caplog.text
     # Nothing unchecked was left where a restart would take it for this machine's copy.
-    assert not (fresh.dir / _run_key(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)).exists()
+    assert not (fresh.dir / run_key(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)).exists()
 
 
 def test_a_wrong_token_and_a_path_out_of_the_folder_are_refused(nodes, run, tmp_path, caplog):
     a, b, _ = nodes
     _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
-    key = _run_key(run.display())
+    key = run_key(run.display())
     with caplog.at_level(logging.WARNING, logger="spotrun"), pytest.raises(PeerError, match="403"):
         fetch_file(b.address, new_token(), key, 10, payload_name(1), tmp_path / "x", 1 << 20)
     assert "wrong token" in caplog.text and TOKEN not in caplog.text
@@ -290,7 +291,7 @@ def test_kill_9_while_a_peer_copy_is_written_leaves_nothing_a_restore_uses(nodes
     a, b, _ = nodes
     _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
     proc = subprocess.Popen([sys.executable, "-c", _HALF_SENDER, str(b.server.port),
-                             _run_key(run.display()), TOKEN], stdout=subprocess.PIPE, text=True)
+                             run_key(run.display()), TOKEN], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "sent"
     deadline = time.monotonic() + 5
     while not list(b.server.root.glob(".partial-*")):  # the server is writing it
@@ -319,10 +320,10 @@ def test_serve_attempt_gives_the_workers_the_buddy_and_off_means_none(tmp_path, 
         assert env["SPOTRUN_PEER_SELF"] == spec.peer_address(2)
         assert env["SPOTRUN_PEER_TOKEN"] == spec.peer_token
         # The server answers at its address (404: holds nothing yet), and only with the token.
-        assert not fetch_file(spec.peer_address(2), spec.peer_token, _run_key(run.display()), 1,
+        assert not fetch_file(spec.peer_address(2), spec.peer_token, run_key(run.display()), 1,
                               "rank-00000.pt", tmp_path / "x", 10)
     with pytest.raises(PeerError):  # stopped with the attempt
-        fetch_file(spec.peer_address(2), spec.peer_token, _run_key(run.display()), 1,
+        fetch_file(spec.peer_address(2), spec.peer_token, run_key(run.display()), 1,
                    "rank-00000.pt", tmp_path / "x", 10)
     monkeypatch.setenv("SPOTRUN_LOCAL_DIR", "off")
     with peer_mod.serve_attempt(spec, 0, run.display()) as env:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..records.events import parse_records
 from ..records.instance import InstanceInfo
+from .attempts import group_attempts
 
 if TYPE_CHECKING:
     from .report import SegmentCost
@@ -177,9 +178,8 @@ def recoveries(segments: list[SegmentCost], records: list[dict],
     (:func:`~spotrun.cost.report.build_segments`), ``records``: its ``recovery_started``
     records (:func:`recovery_records`). A record that names no attempt of the ledger, or
     whose loss is after the attempt's first step, is ignored (a line in ``warnings``)."""
-    from .report import _attempts  # the one grouping of segments into attempts
 
-    attempts = _attempts(segments)
+    attempts = group_attempts(segments)
     index = {_attempt_key(a[0]): i for i, a in enumerate(attempts)}
     launcher: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: (r["lost_at"], str(r.get("id")))):

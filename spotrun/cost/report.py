@@ -69,6 +69,7 @@ from ..records.events import Cloud, EndReason, Market, parse_records
 from ..records.instance import InstanceInfo
 from ..records.ledger import Ledger
 from ..storage import Storage
+from .attempts import group_attempts
 from .prices import Price, PriceBook
 from .recovery import Recovery, recoveries, recovery_records, recovery_totals
 
@@ -368,21 +369,6 @@ def build_segments(
     return segments
 
 
-def _attempts(segments: list[SegmentCost]) -> list[list[SegmentCost]]:
-    """The segments grouped by attempt (a multi-node group is one), in start order."""
-    out: list[list[SegmentCost]] = []
-    by_group: dict[str, list[SegmentCost]] = {}
-    for seg in segments:
-        if seg.group is None:
-            out.append([seg])
-        elif seg.group in by_group:
-            by_group[seg.group].append(seg)
-        else:
-            by_group[seg.group] = [seg]
-            out.append(by_group[seg.group])
-    return out
-
-
 def restart_row(attempt: list[SegmentCost]) -> SegmentCost:
     """The segment of an attempt that carries its restart (and its interruption line): the
     first interrupted node, else its first segment."""
@@ -396,7 +382,7 @@ def attribute_restarts(segments: list[SegmentCost]) -> None:
     training step) of every segment of the attempt that follows it. The whole amount is
     carried by one segment of the ending attempt (:func:`restart_row`); every other segment
     carries none. The first attempt's startup is useful time, never a restart."""
-    attempts = _attempts(segments)
+    attempts = group_attempts(segments)
     for seg in segments:
         seg.restart_parts = []
     for i, attempt in enumerate(attempts):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,12 +39,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import env_str
 from ..format.checksum import problem_in_file
 from ..format.manifest import Manifest
 from ..records.layout import checkpoint_dir
 from ..storage.base import write_all
 from ..units import format_bytes
+from .localdir import DEFAULT_LOCAL_DIR, LOCAL_DIR_ENV, local_dir_from_env, room, run_key
 
 if TYPE_CHECKING:
     from .peer import PeerLink
@@ -54,19 +53,8 @@ __all__ = ["DEFAULT_LOCAL_DIR", "LOCAL_DIR_ENV", "LocalCopy", "NearestReader", "
 
 log = logging.getLogger(__name__)
 
-LOCAL_DIR_ENV = "SPOTRUN_LOCAL_DIR"
-#: In memory where the machine has one; off (``SPOTRUN_LOCAL_DIR=off``) where memory is short.
-DEFAULT_LOCAL_DIR = "/dev/shm/spotrun"
-#: Free space to keep beyond the copy itself, so the copy never fills a tmpfs to the brim.
-_HEADROOM = 1.10
-#: The share of the device a copy never takes (other users of /dev/shm: NCCL, dataloaders).
-_KEEP_FREE = 0.25
 _PARTIAL = ".partial-"
 _FETCH_LOCK = ".fetch-lock-"  # one per file fetched from a peer: one rank of a machine fetches it
-
-
-def _run_key(run_url: str) -> str:
-    return hashlib.sha256(run_url.encode()).hexdigest()[:16]
 
 
 class LocalCopy:
@@ -80,7 +68,7 @@ class LocalCopy:
     def __init__(self, directory: str | os.PathLike[str], run_url: str) -> None:
         self.directory = Path(directory)
         self.run_url = run_url
-        self.root = self.directory / _run_key(run_url)
+        self.root = self.directory / run_key(run_url)
         self._partial: Path | None = None
         self._step: int | None = None
         self._failed: str | None = None
@@ -92,12 +80,9 @@ class LocalCopy:
     def from_env(cls, run_url: str) -> LocalCopy | None:
         """The local copy ``SPOTRUN_LOCAL_DIR`` asks for: unset means the default (memory,
         where ``/dev/shm`` exists), ``off`` (or ``0``, ``none``) means none."""
-        raw = env_str(LOCAL_DIR_ENV)
-        if raw is not None and raw.strip().lower() in ("off", "0", "none", "false"):
+        directory = local_dir_from_env()
+        if directory is None:
             return None
-        directory = raw or DEFAULT_LOCAL_DIR
-        if raw is None and not Path(directory).parent.is_dir():
-            return None  # no /dev/shm (macOS): no default copy
         from .peer import PeerLink
 
         copy = cls(directory, run_url)
@@ -108,22 +93,22 @@ class LocalCopy:
 
     def begin(self, step: int, expected_bytes: int | None = None) -> bool:
         """Start the copy of ``step``; False (and no copy) when ``expected_bytes`` (about
-        what this process will write) would leave less than a quarter of the device free."""
+        what this process will write) would break the room rule (:func:`.localdir.room`)."""
         self.drop()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             meta = self.root / "run.json"
             if not meta.exists():
                 meta.write_text(json.dumps({"run_url": self.run_url}) + "\n")
-            usage = shutil.disk_usage(self.root)
-            # The copy being replaced is freed only after the new one is sealed; and a quarter
-            # of the device stays free for others (NCCL's shared memory lives in /dev/shm).
-            need = int((expected_bytes or 0) * _HEADROOM)
-            if usage.free - need < usage.total * _KEEP_FREE:
+            # The copy being replaced is freed only after the new one is sealed; and part of
+            # the device stays free for others (NCCL's shared memory lives in /dev/shm).
+            need = expected_bytes or 0
+            fits, free, total = room(self.root, need)
+            if not fits:
                 log.warning("no local copy of step %d: %s has %s free of %s, the copy needs "
-                            "about %s and a quarter stays free (the run URL still gets every "
-                            "byte)", step, self.directory, format_bytes(usage.free),
-                            format_bytes(usage.total), format_bytes(need))
+                            "about %s and a quarter (at most 8 GiB) stays free (the run URL still "
+                            "gets every byte)", step, self.directory, format_bytes(free),
+                            format_bytes(total), format_bytes(need))
                 return False
             partial = self.root / f"{_PARTIAL}{step}-{uuid.uuid4().hex[:8]}"
             partial.mkdir()
@@ -333,8 +318,7 @@ class NearestReader:
         partial = self._root / f"{_PARTIAL}{step}-{uuid.uuid4().hex[:8]}"
         try:
             partial.mkdir(parents=True)
-            usage = shutil.disk_usage(partial)
-            if usage.free - int(entry.size * _HEADROOM) < usage.total * _KEEP_FREE:
+            if not room(partial, entry.size)[0]:
                 log.warning("no room in %s for a peer's copy of %s; reading the run URL",
                             self._root.parent, name)
                 return None

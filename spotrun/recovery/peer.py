@@ -58,6 +58,7 @@ from typing import Any
 
 from ..config import env_str
 from ..units import format_bytes
+from .localdir import local_dir_from_env, room, run_key
 
 __all__ = [
     "BUDDY_ENV",
@@ -90,8 +91,6 @@ _BLOCK = 1 << 20  # bytes per read/write: the buffer that bounds the channel's m
 _MAX_FILE = 1 << 40  # no checkpoint file is larger; a bigger Content-Length is refused
 _MAX_CONCURRENT = 64  # requests one server handles at once; more are answered 503
 _MIN_RATE = 8 << 20  # bytes/s a transfer may not fall below (its overall deadline)
-_HEADROOM = 1.10  # the room rule of the local copy (spotrun/recovery/local.py)
-_KEEP_FREE = 0.25
 _LINGER_QUIET = 1.0  # after training ends: serve until this long without a request ...
 _LINGER_MAX = 20.0  # ... but never longer than this
 _PARTIAL = ".partial-"
@@ -136,8 +135,7 @@ def _split_host(address: str) -> tuple[str, int]:
 
 
 def _room_for(directory: Path, size: int) -> bool:
-    usage = shutil.disk_usage(directory)
-    return usage.free - int(size * _HEADROOM) >= usage.total * _KEEP_FREE
+    return room(directory, size)[0]  # the local copy's room rule (localdir.room)
 
 
 def _deadline(size: int, timeout: float) -> float:
@@ -152,12 +150,10 @@ class PeerServer:
 
     def __init__(self, address: str, port: int, token: str, local_dir: str | os.PathLike[str],
                  run_url: str) -> None:
-        from .local import _run_key
-
         if not valid_token(token):
             raise ValueError("the peer token must be 32-128 hex digits")
         self.token = token
-        self.run_key = _run_key(run_url)
+        self.run_key = run_key(run_url)
         self.local_dir = Path(local_dir)
         self.root = self.local_dir / "peer" / self.run_key
         self.timeout = _timeout()
@@ -450,9 +446,7 @@ class PeerLink:
 
     def __init__(self, run_url: str, local_dir: str | os.PathLike[str], token: str, buddy: str,
                  nodes: Sequence[str] = (), self_address: str = "", rank: int = 0) -> None:
-        from .local import _run_key
-
-        self.run_key = _run_key(run_url)
+        self.run_key = run_key(run_url)
         self.local_dir = Path(local_dir)
         self.held_root = self.local_dir / "peer" / self.run_key
         self.token, self.buddy = token, buddy
@@ -593,18 +587,16 @@ def serve_attempt(spec: Any, index: int, run_url: str | None = None) -> Iterator
     no token, or the local copy is off (``SPOTRUN_LOCAL_DIR=off``: no node copies at all); a
     server that cannot start (the port is taken) is logged and skipped: the run URL remains.
     """
-    from .local import LocalCopy
-
     run_url = run_url or os.environ.get("SPOTRUN_URL", "")
-    copy = LocalCopy.from_env(run_url) if run_url else None
+    directory = local_dir_from_env() if run_url else None
     token = getattr(spec, "peer_token", "")
-    if len(spec.nodes) < 2 or copy is None or not valid_token(token):
+    if len(spec.nodes) < 2 or directory is None or not valid_token(token):
         yield {}
         return
     address = spec.peer_address(index)
     host, port = _split_host(address)
     try:
-        server = PeerServer(host, port, token, copy.directory, run_url).start()
+        server = PeerServer(host, port, token, directory, run_url).start()
     except OSError as exc:
         log.warning("no peer copies on this node: cannot serve at %s (%s); restores read the "
                     "run URL", address, exc)
