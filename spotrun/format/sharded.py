@@ -107,6 +107,7 @@ __all__ = [
     "get_state",
     "is_sharded",
     "is_sharded_checkpoint",
+    "local_nbytes",
     "read_full",
     "read_sharded",
     "set_state",
@@ -915,11 +916,17 @@ class ShardedSaver:
             torch.cuda.synchronize()
         return staged
 
-    def write(self, step: int, staged: dict[str, Any]) -> list[tuple[str, FileEntry]]:
+    def write(self, step: int, staged: dict[str, Any], *,
+              storage: Storage | None = None) -> list[tuple[str, FileEntry]]:
         """Write a staged state; safe in a background thread (collectives only on the
-        saver's own group). Returns what :func:`write_sharded` returns."""
+        saver's own group). Returns what :func:`write_sharded` returns.
+
+        ``storage``: where to write instead of the saver's own storage, for this save only
+        (the Checkpointer passes the run URL teed into the machine's local copy, so a
+        restart there reads its shards locally)."""
         with self._lock:
-            return write_sharded(self.storage, step, staged, process_group=self._group)
+            return write_sharded(self.storage if storage is None else storage, step, staged,
+                                 process_group=self._group)
 
     def write_async(self, step: int, staged: dict[str, Any]
                     ) -> concurrent.futures.Future[list[tuple[str, FileEntry]]]:
@@ -936,6 +943,18 @@ class ShardedSaver:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+
+
+def local_nbytes(state: Any) -> int:
+    """The bytes of this rank's tensors in a (sharded) state dict: a DTensor's local shard,
+    not its global size (what this rank writes, about)."""
+    total = 0
+    for _, _, v in _leaves(state):
+        if isinstance(v, ShardedTensor):  # FSDP1: its local shards
+            total += sum(s.tensor.numel() * s.tensor.element_size() for s in v.local_shards())
+        elif isinstance(v, torch.Tensor):
+            total += _local(v).numel() * _local(v).element_size()
+    return total
 
 
 def _same_structure(state: Any, buffers: Any) -> bool:
