@@ -89,6 +89,8 @@ def _torchrun(args: argparse.Namespace, nproc: int, phase: str, env: dict[str, s
            "--repeats", str(args.repeats), "--dir", args.dir]
     if args.s3:
         cmd.append("--s3")
+    if args.profile:
+        cmd += ["--profile", args.profile]
     rc = subprocess.call(cmd, env=env)
     if rc:
         raise SystemExit(f"the {phase} phase on {nproc} ranks failed (exit {rc})")
@@ -250,6 +252,17 @@ def _fsspec_options() -> dict[str, Any]:
             "skip_instance_cache": True}
 
 
+def _profiler(args: argparse.Namespace) -> Any:
+    """A running cProfile when ``--profile DIR`` asks for one (restores only), else None."""
+    if not args.profile:
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
 def _worker(args: argparse.Namespace) -> None:
     import logging
 
@@ -318,9 +331,15 @@ def _worker(args: argparse.Namespace) -> None:
             ck.__enter__()
             try:
                 dist.barrier()
+                prof = _profiler(args)
                 t0 = time.perf_counter()
                 ck.restore()
-                return time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                if prof is not None:
+                    prof.disable()
+                    prof.dump_stats(os.path.join(
+                        args.profile, f"restore-{phase}-{size_s}-rank{rank}-{time.time_ns()}.prof"))
+                return took
             finally:
                 ck.__exit__(None, None, None)
 
@@ -417,6 +436,9 @@ def main() -> None:
                    help="2 ranks, 4 MiB, 1 repeat: checks the benchmark runs (for the tests)")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write every measurement here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="cProfile every spotrun restore, one .prof per rank and restore in DIR "
+                        "(the timings then include the profiler's overhead)")
     p.add_argument("--worker", choices=("save", "reshard"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
