@@ -48,6 +48,8 @@ import contextlib
 import dataclasses
 import io
 import logging
+import mmap
+import os
 import pickle
 import threading
 import uuid
@@ -100,7 +102,7 @@ from ..errors import (
     StorageNotFoundError,
 )
 from ..records.layout import DCP_METADATA, MANIFEST, checkpoint_dir
-from ..storage import Storage
+from ..storage import Storage, translate_errors
 from . import checksum
 from .manifest import FileEntry, Manifest
 from .tensorfile import tensor_in
@@ -126,6 +128,10 @@ _SUFFIX = ".distcp"
 _FILE_RECORD_FQN = "__spotrun_file__/"
 # Files one rank reads at once on restore (a resharded rank reads a few ranks' files).
 _READ_THREADS = 8
+# Local files at least this large are memory-mapped on restore instead of read.
+_MAP_MIN = 1 << 20
+# Fault the mapped pages in at once (one call) rather than one fault per page later.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 # -- what is sharded -------------------------------------------------------------------
@@ -439,9 +445,12 @@ class SpotrunStorageReader(StorageReader):
         self.metadata = self._load_metadata()
         self.storage_data: dict[MetadataIndex, Any] = {}
 
-    def read_verified(self, name: str) -> bytes | bytearray:
-        """The bytes of one file of the checkpoint, or CorruptCheckpointError when it is
-        missing, unlisted, or differs from the manifest (StorageError for access errors)."""
+    def read_verified(self, name: str) -> Any:
+        """The bytes of one file of the checkpoint (a buffer), or CorruptCheckpointError
+        when it is missing, unlisted, or differs from the manifest (StorageError for
+        access errors). A file on local disk (the run folder, or this machine's copy) is
+        memory-mapped, not read: the checksums and the tensors' copies read the page
+        cache directly."""
         rel = f"{self.folder}/{name}"
         where = self.storage.display(rel)
         entry = self.manifest.files.get(name)
@@ -451,7 +460,9 @@ class SpotrunStorageReader(StorageReader):
                 "checkpoint is damaged, restore from an older one"
             )
         try:
-            data = self.storage.read_bytes(rel)
+            data = self._mapped(rel, where, entry.size)
+            if data is None:
+                data = self.storage.read_bytes(rel)
         except StorageNotFoundError:
             # A missing file under a readable manifest is damage; a missing bucket or
             # folder (the manifest gone too) is an access problem and stays a StorageError.
@@ -465,6 +476,19 @@ class SpotrunStorageReader(StorageReader):
         if found:
             raise CorruptCheckpointError(f"{where}: {found}; restore from an older checkpoint")
         return data
+
+    def _mapped(self, rel: str, where: str, size: int) -> memoryview | None:
+        """``rel`` mapped read-only and prefaulted, when it is a local file of the listed
+        size (other sizes go through the read, whose check names the mismatch)."""
+        local = self.storage.local_path(rel) if size >= _MAP_MIN else None
+        if local is None:
+            return None
+        with translate_errors(where, "reading"), open(local, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return None
+            # The map lives as long as the view and the tensors made over it.
+            return memoryview(mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _POPULATE,
+                                        prot=mmap.PROT_READ))
 
     def _load_metadata(self) -> Metadata:
         raw = self.read_verified(DCP_METADATA)
