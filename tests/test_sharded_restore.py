@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from spotrun.errors import CheckpointError, CorruptCheckpointError
 from spotrun.format.commit import commit
 from spotrun.format.manifest import Manifest
 from spotrun.format.sharded import read_sharded, write_sharded
-from spotrun.format.tensorfile import tensor_in
+from spotrun.format.tensorfile import tensor_in, value_in
 from spotrun.storage import Storage
 
 
@@ -101,3 +102,22 @@ def test_plain_values_and_tensors_round_trip_through_the_safe_load(tmp_path: Pat
     assert {k: v for k, v in target["optim"].items() if k != "step"} == \
         {k: v for k, v in state["optim"].items() if k != "step"}
     assert torch.equal(target["optim"]["step"], state["optim"]["step"])
+
+
+@pytest.mark.parametrize("value", [0.25, (0.9, 0.999), None, True, "adamw", {"a": [1, 2.5]}, 7])
+def test_value_in_equals_a_weights_only_load(value):
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    assert value_in(memoryview(buf.getvalue())) == (True, torch.load(io.BytesIO(buf.getvalue()),
+                                                                      weights_only=True))
+
+
+def test_value_in_leaves_tensors_to_torch_load_and_refuses_code(tmp_path: Path):
+    buf = io.BytesIO()
+    torch.save({"t": torch.ones(2)}, buf)
+    assert value_in(memoryview(buf.getvalue())) == (False, None)
+    buf = io.BytesIO()
+    torch.save(_Evil(str(tmp_path / "pwned")), buf)
+    with pytest.raises(pickle.UnpicklingError):
+        value_in(memoryview(buf.getvalue()))
+    assert not (tmp_path / "pwned").exists()

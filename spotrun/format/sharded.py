@@ -67,6 +67,7 @@ from torch.distributed._state_dict_utils import (
     _copy_state_dict,
     _create_cpu_state_dict,
 )
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
@@ -105,7 +106,7 @@ from ..records.layout import DCP_METADATA, MANIFEST, checkpoint_dir
 from ..storage import Storage, translate_errors
 from . import checksum
 from .manifest import FileEntry, Manifest
-from .tensorfile import tensor_in
+from .tensorfile import tensor_in, value_in
 
 __all__ = [
     "DCP_METADATA",
@@ -560,8 +561,7 @@ class SpotrunStorageReader(StorageReader):
                     f"{info.transform_descriptors} are not supported by spotrun's reader"
                 )
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, self._safe_value(data[info.offset:info.offset + info.length],
-                                                          item.storage_index.fqn))
+                self._load_value(data[info.offset:info.offset + info.length], item, planner)
                 continue
             view = data[info.offset:info.offset + info.length]
             tensor = tensor_in(view)
@@ -578,15 +578,36 @@ class SpotrunStorageReader(StorageReader):
             target.copy_(tensor)
             planner.commit_tensor(item, target)
 
-    def _safe_value(self, raw: memoryview, fqn: str) -> io.BytesIO:
-        """A non-tensor value's bytes for ``planner.load_bytes``, which DCP's planners load
-        with ``weights_only=False`` (any code the pickle names would run): unless asked not
-        to, the value is loaded here with ``weights_only=True`` and the planner gets it
-        re-saved, so what it unpickles was made by ``torch.save`` from a safe load."""
+    def _load_value(self, raw: memoryview, item: Any, planner: LoadPlanner) -> None:
+        """Give a non-tensor value to the planner. DCP's planners load it with
+        ``weights_only=False`` (any code the pickle names would run): unless asked not to,
+        it is loaded here with ``weights_only=True``, then put straight into DCP's default
+        planner's state (what its ``load_bytes`` does), or handed to another planner
+        re-saved, so what that one unpickles was made by ``torch.save`` from a safe load."""
         if not self.weights_only:
-            return io.BytesIO(raw)
+            planner.load_bytes(item, io.BytesIO(raw))
+            return
+        value = self._safe_value(raw, item.storage_index.fqn)
+        if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
+            assert isinstance(planner, DefaultLoadPlanner)
+            fqn = item.dest_index.fqn
+            if planner.flatten_state_dict:
+                set_element(planner.original_state_dict, planner.mappings[fqn], value)
+            else:
+                planner.state_dict[fqn] = value
+            return
+        out = io.BytesIO()
+        torch.save(value, out)
+        out.seek(0)
+        planner.load_bytes(item, out)
+
+    def _safe_value(self, raw: memoryview, fqn: str) -> Any:
+        """``torch.load(weights_only=True)`` of a non-tensor value's bytes (a short cut for
+        the plain values DCP writes), with spotrun's errors."""
         try:
-            value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            plain, value = value_in(raw)
+            if not plain:
+                value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(
@@ -599,10 +620,7 @@ class SpotrunStorageReader(StorageReader):
                 f"{self.storage.display(self.folder)}: the value {fqn!r} cannot be read "
                 f"({exc}); restore from an older checkpoint"
             ) from exc
-        out = io.BytesIO()
-        torch.save(value, out)
-        out.seek(0)
-        return out
+        return value
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:

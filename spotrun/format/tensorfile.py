@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import struct
 import sys
 import threading
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tensor_in"]
+__all__ = ["tensor_in", "value_in"]
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory (22 bytes, no comment)
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")  # 20 bytes before the EOCD
@@ -87,6 +88,31 @@ def tensor_in(view: memoryview) -> torch.Tensor | None:
         return flat.as_strided(recipe.size, recipe.stride, recipe.offset)
     except (ValueError, IndexError, KeyError, RuntimeError, struct.error, UnicodeDecodeError):
         return None
+
+
+def value_in(view: memoryview) -> tuple[bool, Any]:
+    """``(True, value)`` for a ``torch.save`` of a value holding no tensor (a learning rate,
+    betas, a flag), unpickled with torch's weights-only unpickler as
+    ``torch.load(weights_only=True)`` would (its refusal, ``pickle.UnpicklingError``, is
+    raised); ``(False, None)`` when the bytes are anything else (let ``torch.load`` decide)."""
+    try:
+        entries = _entries(view)
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+        return False, None
+    if entries is None:
+        return False, None
+    pkl = next((n for n in entries if n.endswith("/data.pkl")), None)
+    if pkl is None or any("/data/" in n for n in entries):
+        return False, None
+    from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
+
+    def no_storage(pid: Any) -> Any:
+        raise pickle.UnpicklingError("a storage where no tensor was saved")
+
+    start, length = entries[pkl]
+    unpickler = WeightsOnlyUnpickler(io.BytesIO(bytes(view[start:start + length])), encoding="utf-8")
+    unpickler.persistent_load = no_storage  # type: ignore[method-assign]
+    return True, unpickler.load()
 
 
 def _entries(view: memoryview) -> dict[str, tuple[int, int]] | None:
