@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -197,7 +199,17 @@ def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, refe
     falls back to an older step)."""
     digest, ref_out = reference
     url = str(tmp_path / "run")
-    local = {"SPOTRUN_LOCAL_DIR": str(tmp_path / "local")}
+    # Where a user's copy goes by default (memory): a local copy never takes the last
+    # quarter of a device, and the disk under tmp_path may be fuller than that.
+    shm = tempfile.mkdtemp(prefix="spotrun-test-", dir="/dev/shm") if os.path.isdir("/dev/shm") \
+        else str(tmp_path / "local")
+    try:
+        _notice_sigterm_resume(url, {"SPOTRUN_LOCAL_DIR": shm}, digest, ref_out)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def _notice_sigterm_resume(url: str, local: dict[str, str], digest: str, ref_out: str) -> None:
     with FakeMetadataServer("ec2") as imds:
         proc = _launch(url, 2, "--step-sleep", "0.05", SPOTRUN_TEST_IMDS_RANK1=imds.url,
                        SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none", **local)
@@ -224,10 +236,12 @@ def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, refe
     assert manifest.world_size == 2 and verify_checkpoint(st, manifest) == []
 
     for name in manifest.files:  # the run URL's copy damaged, sizes kept
-        path = tmp_path / "run" / checkpoint_dir(stop) / name
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
+        path = os.path.join(url, checkpoint_dir(stop), name)
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            data[len(data) // 2] ^= 0x01
+            f.seek(0)
+            f.write(data)
     assert verify_checkpoint(st, manifest) != []
     code, out = _finish(_launch(url, 2, **local))
     assert code == EXIT_FINISHED, out[-4000:]
