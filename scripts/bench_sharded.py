@@ -2,7 +2,7 @@
 """Sharded checkpoints on N ranks against PyTorch DCP, both called the way users call them.
 
     python scripts/bench_sharded.py [--nproc 4] [--sizes 120,384] [--repeats 5] [--s3]
-                                    [--quick] [--dir DIR]
+                                    [--quick] [--dir DIR] [--local-copy DIR] [--profile DIR]
 
 Launches itself under torchrun twice: ``--nproc`` gloo ranks on CPU (save, restore on the
 same world size), then ``--nproc // 2`` ranks (restore N -> N/2). State: an MLP under FSDP2
@@ -28,7 +28,9 @@ DCP uses the default (gloo) group: the training loop here runs no collective whi
 is in flight, so that is safe, and it is what ``dcp.async_save(sd, checkpoint_id=...)`` does.
 With ``--s3``, a moto server runs in its own process; spotrun writes ``s3://`` through its
 own backend, DCP through ``FsspecWriter``/``FsspecReader`` (s3fs) to the same server.
-Ratios are spotrun / DCP, both measured in the same run.
+Ratios are spotrun / DCP, both measured in the same run. spotrun runs without its node-local
+copy (``SPOTRUN_LOCAL_DIR=off``: the run URL alone, like DCP) unless ``--local-copy DIR``
+gives it one; ``--profile DIR`` writes a cProfile of every spotrun restore, per rank.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def _torchrun(args: argparse.Namespace, nproc: int, phase: str, env: dict[str, s
            "--repeats", str(args.repeats), "--dir", args.dir]
     if args.s3:
         cmd.append("--s3")
+    if args.profile:
+        cmd += ["--profile", args.profile]
     rc = subprocess.call(cmd, env=env)
     if rc:
         raise SystemExit(f"the {phase} phase on {nproc} ranks failed (exit {rc})")
@@ -99,6 +103,10 @@ def _launch(args: argparse.Namespace) -> None:
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
+    # spotrun reads and writes the run URL only, as DCP does, unless --local-copy asks for
+    # the node-local copy too (what a user gets by default: every save also teed there,
+    # every restore reading it).
+    env["SPOTRUN_LOCAL_DIR"] = args.local_copy or "off"
     moto = None
     if args.s3:
         for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -127,6 +135,8 @@ def _med(xs: list[float]) -> float:
 
 def _report(args: argparse.Namespace, save: dict, reshard: dict) -> None:
     where = "s3 (moto server, own process)" if args.s3 else f"local disk {args.dir}"
+    if args.local_copy:
+        where += f", spotrun's node-local copy in {args.local_copy}"
     print(f"{save['world']} gloo ranks (restore N->M on {reshard['world']}), {where}, "
           f"medians of {args.repeats} interleaved repeats, slowest rank")
     for size, r in save["sizes"].items():
@@ -250,6 +260,17 @@ def _fsspec_options() -> dict[str, Any]:
             "skip_instance_cache": True}
 
 
+def _profiler(args: argparse.Namespace) -> Any:
+    """A running cProfile when ``--profile DIR`` asks for one (restores only), else None."""
+    if not args.profile:
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
 def _worker(args: argparse.Namespace) -> None:
     import logging
 
@@ -318,9 +339,15 @@ def _worker(args: argparse.Namespace) -> None:
             ck.__enter__()
             try:
                 dist.barrier()
+                prof = _profiler(args)
                 t0 = time.perf_counter()
                 ck.restore()
-                return time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                if prof is not None:
+                    prof.disable()
+                    prof.dump_stats(os.path.join(
+                        args.profile, f"restore-{phase}-{size_s}-rank{rank}-{time.time_ns()}.prof"))
+                return took
             finally:
                 ck.__exit__(None, None, None)
 
@@ -417,6 +444,12 @@ def main() -> None:
                    help="2 ranks, 4 MiB, 1 repeat: checks the benchmark runs (for the tests)")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write every measurement here")
+    p.add_argument("--local-copy", default=None, metavar="DIR",
+                   help="give spotrun a node-local copy in DIR (e.g. /dev/shm/spotrun-bench); "
+                        "default: none, both sides use the run URL alone")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="cProfile every spotrun restore, one .prof per rank and restore in DIR "
+                        "(the timings then include the profiler's overhead)")
     p.add_argument("--worker", choices=("save", "reshard"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -69,6 +69,22 @@ def _check_manifest(url: str, world: int) -> Manifest:
     values = {f"__{r}_1.distcp" for r in range(world)}
     assert {DCP_METADATA} | shards <= set(manifest.files) <= {DCP_METADATA} | shards | values
     assert verify_checkpoint(storage, manifest) == []
+    # Whole tensors (AdamW's per-parameter step) sit beside the values in the small files,
+    # which every rank reads on restore; a shard file holds shards only, so a rank reads
+    # its own shard file and no other's.
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from spotrun.format.sharded import SpotrunStorageReader
+
+    md = SpotrunStorageReader(storage, manifest).metadata
+    kinds = {"whole": set(), "shard": set()}
+    for index, info in md.storage_data.items():
+        meta = md.state_dict_metadata[index.fqn]
+        if isinstance(meta, TensorStorageMetadata):
+            chunk = next(c for c in meta.chunks if c.offsets == index.offset)
+            kind = "whole" if tuple(chunk.sizes) == tuple(meta.size) else "shard"
+            kinds[kind].add(info.relative_path[-len("_0.distcp"):])
+    assert kinds == {"whole": {"_1.distcp"}, "shard": {"_0.distcp"}}, kinds
     return manifest
 
 

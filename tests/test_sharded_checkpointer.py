@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -17,7 +19,7 @@ from helpers import REPO, committed_steps, env_for, finish_session, free_port, t
 
 from spotrun.format.commit import list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.notices.fake_server import FakeMetadataServer
-from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
 from spotrun.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -50,10 +52,10 @@ def _per_epoch(out: str) -> dict[int, Counter]:
     return epochs
 
 
-def _interrupt(url: str, nproc: int, *extra: str, after: int = 0) -> tuple[int, str]:
+def _interrupt(url: str, nproc: int, *extra: str, after: int = 0, **more: str) -> tuple[int, str]:
     """Run on ``nproc`` ranks and SIGTERM the wrapper just after its first checkpoint past
     step ``after`` (the one it resumed from)."""
-    proc = _launch(url, nproc, "--step-sleep", "0.05", *extra)
+    proc = _launch(url, nproc, "--step-sleep", "0.05", *extra, **more)
     deadline = time.monotonic() + TIMEOUT
     while max(committed_steps(url), default=0) <= after:
         if proc.poll() is not None:
@@ -188,12 +190,29 @@ def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, refe
     2. resumed from it, SIGTERM to the wrapper: both stop at one step again; every rank's
        shards, DCP's index and the rank files are listed in the manifest and verify;
     3. the finish ends bit-for-bit as the uninterrupted run, and across the three launches
-       every epoch read the samples the uninterrupted run read."""
+       every epoch read the samples the uninterrupted run read.
+
+    The three launches share one node-local copy (``SPOTRUN_LOCAL_DIR``), the same machine
+    restarting: before the finish every file of the run URL's stop checkpoint but the
+    manifest is damaged, so resuming from it proves that the shards, DCP's index and the
+    rank files all came from the local copy (a read of the run URL finds the damage and
+    falls back to an older step)."""
     digest, ref_out = reference
     url = str(tmp_path / "run")
+    # Where a user's copy goes by default (memory): a local copy never takes the last
+    # quarter of a device, and the disk under tmp_path may be fuller than that.
+    shm = tempfile.mkdtemp(prefix="spotrun-test-", dir="/dev/shm") if os.path.isdir("/dev/shm") \
+        else str(tmp_path / "local")
+    try:
+        _notice_sigterm_resume(url, {"SPOTRUN_LOCAL_DIR": shm}, digest, ref_out)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def _notice_sigterm_resume(url: str, local: dict[str, str], digest: str, ref_out: str) -> None:
     with FakeMetadataServer("ec2") as imds:
         proc = _launch(url, 2, "--step-sleep", "0.05", SPOTRUN_TEST_IMDS_RANK1=imds.url,
-                       SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none")
+                       SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none", **local)
         deadline = time.monotonic() + TIMEOUT
         while not committed_steps(url):
             assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
@@ -209,15 +228,26 @@ def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, refe
     assert max(committed_steps(url)) == stop
     assert re.search(r"rank1 spotrun[\w.]* stop after notice: posted \d\d:\d\d:\d\d", first), first[-4000:]
 
-    stop, second = _interrupt(url, 2, after=stop)
+    stop, second = _interrupt(url, 2, after=stop, **local)
     st = Storage(url)
     manifest = read_manifest(st, stop)
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt",
             "rank-00001.pt"} <= set(manifest.files)
     assert manifest.world_size == 2 and verify_checkpoint(st, manifest) == []
 
-    code, out = _finish(_launch(url, 2))
+    for name in manifest.files:  # the run URL's copy damaged, sizes kept
+        path = os.path.join(url, checkpoint_dir(stop), name)
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            data[len(data) // 2] ^= 0x01
+            f.seek(0)
+            f.write(data)
+    assert verify_checkpoint(st, manifest) != []
+    code, out = _finish(_launch(url, 2, **local))
     assert code == EXIT_FINISHED, out[-4000:]
-    assert f"resumed from step {stop}" in out
+    resumed = re.findall(rf"rank(\d) \S+ resumed from step {stop} .*$", out, re.MULTILINE)
+    assert len(resumed) == 2, out[-4000:]
+    assert "from the run URL" not in out or all(
+        "0 B from the run URL" in line for line in re.findall(r"resumed from step .*$", out, re.MULTILINE))
     assert _digest(out) == digest
     assert _per_epoch(first + second + out) == _per_epoch(ref_out)

@@ -371,7 +371,7 @@ class Restorer:
         state = self.sharded_state()  # this world size's own (empty) shards, filled in place
         self.state_loaded_from = manifest.step
         self.progress.phase(f"reading step {manifest.step}: sharded model and optimizer")
-        read_sharded(self._reader, manifest, state)
+        read_sharded(self._reader, manifest, state, weights_only=self.weights_only)
         self.progress.add(sum(e.size for n, e in manifest.files.items() if not n.endswith(".pt")))
         set_state(unwrap(self.model), list(self.optimizers), state)
 

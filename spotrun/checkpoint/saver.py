@@ -180,16 +180,18 @@ class Saver:
             if self._lease is not None:
                 self._lease.check()  # a writer whose lease was taken over writes nothing more
             entries: Entries = []
+            # This rank's files, its DCP shards included, also go to the machine's local copy
+            # as they pass (never a cost to the save: no room or a local failure just drops
+            # the copy).
+            store: Any = self.storage
+            if self._local is not None and self._local.begin(step, _tensor_bytes(state) + (
+                    0 if shards is None else _shard_bytes(shards))):
+                store = self._local.storage(self.storage)
             if shards is not None:
                 assert self._sharded is not None
                 # Collective on the sharded saver's own group: every rank's shards and DCP's
                 # .metadata are durable when it returns (rank 0 gets every file's entry).
-                entries += self._sharded.write(step, shards)
-            # This rank's files also go to the machine's local copy as they pass (never a
-            # cost to the save: no room or a local failure just drops the copy).
-            store: Any = self.storage
-            if self._local is not None and self._local.begin(step, _tensor_bytes(state)):
-                store = self._local.storage(self.storage)
+                entries += self._sharded.write(step, shards, storage=store)
             entries.append(write_payload(store, step, self.group.rank, state))
             if captured is not None:
                 entries += write_artifacts(store, step, captured)
@@ -324,6 +326,12 @@ class Saver:
                 raise
             log.error("%s", err)
         self.wait_retention(RETENTION_EXIT_WAIT_S)
+
+
+def _shard_bytes(state: Any) -> int:
+    from ..format.sharded import local_nbytes
+
+    return local_nbytes(state)
 
 
 def _tensor_bytes(tree: Any) -> int:

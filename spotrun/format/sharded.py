@@ -11,7 +11,8 @@ Layout of one sharded checkpoint (DCP's own names, so ``dcp.load`` with a plain
 
     000000000100/
       __0_0.distcp      rank 0's shards (one file per rank)
-      __0_1.distcp      the non-tensor values DCP gave rank 0 to write (small; not every rank)
+      __0_1.distcp      what every rank reads that DCP gave rank 0 to write: non-tensor values,
+                        unsharded tensors such as AdamW's step (small; not every rank has one)
       __1_0.distcp      rank 1's shards
       ...
       .metadata         DCP's index (written by rank 0 after every rank has written)
@@ -47,8 +48,9 @@ import contextlib
 import dataclasses
 import io
 import logging
+import mmap
+import os
 import pickle
-import sys
 import threading
 import uuid
 import warnings
@@ -65,7 +67,9 @@ from torch.distributed._state_dict_utils import (
     _copy_state_dict,
     _create_cpu_state_dict,
 )
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo, _StoragePrefix
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
@@ -81,6 +85,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import (
     StorageReader,
     StorageWriter,
@@ -90,6 +95,7 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from ..errors import (
+    CheckpointError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     SaveError,
@@ -97,9 +103,10 @@ from ..errors import (
     StorageNotFoundError,
 )
 from ..records.layout import DCP_METADATA, MANIFEST, checkpoint_dir
-from ..storage import Storage
+from ..storage import Storage, translate_errors
 from . import checksum
 from .manifest import FileEntry, Manifest
+from .tensorfile import tensor_in, value_in
 
 __all__ = [
     "DCP_METADATA",
@@ -107,6 +114,7 @@ __all__ = [
     "get_state",
     "is_sharded",
     "is_sharded_checkpoint",
+    "local_nbytes",
     "read_full",
     "read_sharded",
     "set_state",
@@ -121,6 +129,10 @@ _SUFFIX = ".distcp"
 _FILE_RECORD_FQN = "__spotrun_file__/"
 # Files one rank reads at once on restore (a resharded rank reads a few ranks' files).
 _READ_THREADS = 8
+# Local files at least this large are memory-mapped on restore instead of read.
+_MAP_MIN = 1 << 20
+# Fault the mapped pages in at once (one call) rather than one fault per page later.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 # -- what is sharded -------------------------------------------------------------------
@@ -229,6 +241,18 @@ def set_state(
 # -- DCP storage writer over spotrun's Storage -----------------------------------------
 
 
+def _read_by_every_rank(item: Any) -> bool:
+    """Whether every rank needs ``item`` on any restore (any world size): a non-tensor
+    value, or a tensor saved whole (not a shard of a larger one)."""
+    if item.type == WriteItemType.BYTE_IO:
+        return True
+    data = item.tensor_data
+    if data is None:
+        return False
+    chunk = data.chunk
+    return all(o == 0 for o in chunk.offsets) and tuple(chunk.sizes) == tuple(data.size)
+
+
 @dataclasses.dataclass(frozen=True)
 class _FileRecord:
     name: str
@@ -282,18 +306,24 @@ class SpotrunStorageWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix if plan.storage_data is not None else f"__{self.rank}_"
-        # Tensors in __<rank>_0.distcp (always written), the non-tensor items DCP gave this
-        # rank (learning rates, optimizer settings: DCP spreads the replicated ones over the
-        # ranks) in a small __<rank>_1.distcp: on restore every rank needs some of those
-        # values, and a separate file lets it read and verify a few KiB of another rank's
-        # instead of that rank's whole shard file. DCP's own readers find each item by the
-        # file named in .metadata, so they read the layout as well.
-        byte_items = [wi for wi in plan.items if wi.type == WriteItemType.BYTE_IO]
-        tensor_items = [wi for wi in plan.items if wi.type != WriteItemType.BYTE_IO]
+        # This rank's shards in __<rank>_0.distcp (always written); the items every rank
+        # reads on any restore in a small __<rank>_1.distcp: non-tensor values (learning
+        # rates, optimizer settings) and whole, unsharded tensors (AdamW's per-parameter
+        # ``step``, replicated buffers), which DCP's dedup spreads over the ranks. Kept
+        # among the shards, they made every rank read every other rank's whole shard file
+        # to find a few scalars; apart, a rank reads its own shards and a few KiB of the
+        # others'. DCP's own readers find each item by the file named in .metadata, so they
+        # read the layout as well.
+        # A rank with no shards at all (one rank, or a replicated state) keeps its tensors
+        # in __<rank>_0: every rank reads everything then, and one file is one read.
+        own = [wi for wi in plan.items if not _read_by_every_rank(wi)] or [
+            wi for wi in plan.items if wi.type != WriteItemType.BYTE_IO]
+        mine = {id(wi) for wi in own}
+        shared = [wi for wi in plan.items if id(wi) not in mine]
         results: list[WriteResult] = []
         self.files = []
-        for name, items in ((f"{prefix}0{_SUFFIX}", tensor_items),
-                            (f"{prefix}1{_SUFFIX}", byte_items)):
+        for name, items in ((f"{prefix}0{_SUFFIX}", own),
+                            (f"{prefix}1{_SUFFIX}", shared)):
             if not items and name.endswith(f"1{_SUFFIX}"):
                 continue
             with self.storage.open_write(f"{self.folder}/{name}") as out:
@@ -406,18 +436,22 @@ class SpotrunStorageReader(StorageReader):
        into the planner's tensors (DCP narrows saved shards to this rank's new shards)
     """
 
-    def __init__(self, storage: Storage, manifest: Manifest) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest, *, weights_only: bool = True) -> None:
         super().__init__()
         self.storage = storage
         self.manifest = manifest
+        self.weights_only = weights_only
         self.folder = checkpoint_dir(manifest.step)
         self.load_id = uuid.uuid4().hex
         self.metadata = self._load_metadata()
         self.storage_data: dict[MetadataIndex, Any] = {}
 
-    def read_verified(self, name: str) -> bytes | bytearray:
-        """The bytes of one file of the checkpoint, or CorruptCheckpointError when it is
-        missing, unlisted, or differs from the manifest (StorageError for access errors)."""
+    def read_verified(self, name: str) -> Any:
+        """The bytes of one file of the checkpoint (a buffer), or CorruptCheckpointError
+        when it is missing, unlisted, or differs from the manifest (StorageError for
+        access errors). A file on local disk (the run folder, or this machine's copy) is
+        memory-mapped, not read: the checksums and the tensors' copies read the page
+        cache directly."""
         rel = f"{self.folder}/{name}"
         where = self.storage.display(rel)
         entry = self.manifest.files.get(name)
@@ -427,7 +461,9 @@ class SpotrunStorageReader(StorageReader):
                 "checkpoint is damaged, restore from an older one"
             )
         try:
-            data = self.storage.read_bytes(rel)
+            data = self._mapped(rel, where, entry.size)
+            if data is None:
+                data = self.storage.read_bytes(rel)
         except StorageNotFoundError:
             # A missing file under a readable manifest is damage; a missing bucket or
             # folder (the manifest gone too) is an access problem and stays a StorageError.
@@ -441,6 +477,19 @@ class SpotrunStorageReader(StorageReader):
         if found:
             raise CorruptCheckpointError(f"{where}: {found}; restore from an older checkpoint")
         return data
+
+    def _mapped(self, rel: str, where: str, size: int) -> memoryview | None:
+        """``rel`` mapped read-only and prefaulted, when it is a local file of the listed
+        size (other sizes go through the read, whose check names the mismatch)."""
+        local = self.storage.local_path(rel) if size >= _MAP_MIN else None
+        if local is None:
+            return None
+        with translate_errors(where, "reading"), open(local, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return None
+            # The map lives as long as the view and the tensors made over it.
+            return memoryview(mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _POPULATE,
+                                        prot=mmap.PROT_READ))
 
     def _load_metadata(self) -> Metadata:
         raw = self.read_verified(DCP_METADATA)
@@ -497,6 +546,13 @@ class SpotrunStorageReader(StorageReader):
 
     def _load_items(self, data: memoryview, items: list[Any],
                     planner: LoadPlanner) -> None:
+        with warnings.catch_warnings():
+            # The tensors are read-only views of the verified bytes, only ever copied from
+            # (torch warns about the read-only buffer once per process).
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            self._load_each(data, items, planner)
+
+    def _load_each(self, data: memoryview, items: list[Any], planner: LoadPlanner) -> None:
         for item in items:
             info = self.storage_data[item.storage_index]
             if info.transform_descriptors:
@@ -505,10 +561,10 @@ class SpotrunStorageReader(StorageReader):
                     f"{info.transform_descriptors} are not supported by spotrun's reader"
                 )
             if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(data[info.offset:info.offset + info.length]))
+                self._load_value(data[info.offset:info.offset + info.length], item, planner)
                 continue
             view = data[info.offset:info.offset + info.length]
-            tensor = _tensor_in(view)
+            tensor = tensor_in(view)
             if tensor is None:  # not the layout torch.save writes today: the general path
                 tensor = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
             tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
@@ -522,94 +578,53 @@ class SpotrunStorageReader(StorageReader):
             target.copy_(tensor)
             planner.commit_tensor(item, target)
 
+    def _load_value(self, raw: memoryview, item: Any, planner: LoadPlanner) -> None:
+        """Give a non-tensor value to the planner. DCP's planners load it with
+        ``weights_only=False`` (any code the pickle names would run): unless asked not to,
+        it is loaded here with ``weights_only=True``, then put straight into DCP's default
+        planner's state (what its ``load_bytes`` does), or handed to another planner
+        re-saved, so what that one unpickles was made by ``torch.save`` from a safe load."""
+        if not self.weights_only:
+            planner.load_bytes(item, io.BytesIO(raw))
+            return
+        value = self._safe_value(raw, item.storage_index.fqn)
+        if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
+            assert isinstance(planner, DefaultLoadPlanner)
+            fqn = item.dest_index.fqn
+            if planner.flatten_state_dict:
+                set_element(planner.original_state_dict, planner.mappings[fqn], value)
+            else:
+                planner.state_dict[fqn] = value
+            return
+        out = io.BytesIO()
+        torch.save(value, out)
+        out.seek(0)
+        planner.load_bytes(item, out)
+
+    def _safe_value(self, raw: memoryview, fqn: str) -> Any:
+        """``torch.load(weights_only=True)`` of a non-tensor value's bytes (a short cut for
+        the plain values DCP writes), with spotrun's errors."""
+        try:
+            plain, value = value_in(raw)
+            if not plain:
+                value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{self.storage.display(self.folder)}: the value {fqn!r}: safe loading "
+                f"(weights_only=True) refused it: {first}; if you trust this storage, pass "
+                "weights_only=False"
+            ) from exc
+        except (RuntimeError, EOFError, ValueError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.storage.display(self.folder)}: the value {fqn!r} cannot be read "
+                f"({exc}); restore from an older checkpoint"
+            ) from exc
+        return value
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
-
-
-class _ViewFile(io.RawIOBase):
-    """A read-only, seekable file over a memoryview that copies only what is read
-    (``io.BytesIO(view)`` would copy the whole view first)."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        n = max(0, min(len(buf), len(self._view) - self._pos))
-        buf[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-
-def _tensor_in(view: memoryview) -> torch.Tensor | None:
-    """The tensor ``torch.save`` wrote into ``view``, over ``view``'s own bytes (no copy),
-    or None when the bytes are not laid out as expected (then ``torch.load`` reads them).
-
-    A torch.save file is a zip: ``<name>/data.pkl`` (a small pickle that rebuilds the
-    tensor from its storages' ids, offset, shape and stride) and ``<name>/data/<key>``,
-    each storage's bytes, stored uncompressed. The pickle goes through torch's
-    weights-only unpickler, as ``torch.load(weights_only=True)`` would; only the storages
-    are taken straight from the verified buffer instead of being copied out of it. The
-    caller copies the result into the live tensor, which is then the only copy made.
-    """
-    import zipfile
-
-    from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
-
-    try:
-        zf = zipfile.ZipFile(io.BufferedReader(_ViewFile(view)))
-        names = zf.namelist()
-        pkl = next((n for n in names if n.endswith("/data.pkl")), None)
-        if pkl is None or sys.byteorder != "little":
-            return None
-        prefix = pkl[: -len("data.pkl")]
-        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder") != b"little":
-            return None
-
-        def storage(pid: Any) -> Any:
-            typename, storage_type, key, _location, numel = pid
-            if typename != "storage":
-                raise ValueError(typename)
-            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-            nbytes = numel * torch._utils._element_size(dtype)
-            info = zf.getinfo(f"{prefix}data/{key}")
-            if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
-                raise ValueError(key)
-            head = view[info.header_offset:info.header_offset + 30]
-            if bytes(head[:4]) != b"PK\x03\x04":
-                raise ValueError(key)
-            start = (info.header_offset + 30 + int.from_bytes(head[26:28], "little")
-                     + int.from_bytes(head[28:30], "little"))
-            raw = view[start:start + nbytes]
-            with warnings.catch_warnings():  # read-only bytes: only ever read, then copied
-                warnings.simplefilter("ignore", UserWarning)
-                flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else \
-                    torch.empty(0, dtype=torch.uint8)
-            return torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(),
-                                              dtype=dtype, _internal=True)
-
-        unpickler = WeightsOnlyUnpickler(io.BytesIO(zf.read(pkl)), encoding="utf-8")
-        unpickler.persistent_load = storage  # type: ignore[method-assign]
-        tensor = unpickler.load()
-    except Exception:  # noqa: BLE001 - any surprise: torch.load decides (and raises)
-        return None
-    return tensor if isinstance(tensor, torch.Tensor) else None
 
 
 def _read_all(read: Any, names: list[str]) -> dict[str, Any]:
@@ -652,11 +667,15 @@ def _rank_errors(exc: CheckpointException) -> list[tuple[int, BaseException]]:
     return out
 
 
+# The class every rank raises when ranks failed differently: the first that matches.
+_AGREED = (CorruptCheckpointError, IncompatibleCheckpointError, StorageError, CheckpointError)
+
+
 def _reraise_load(exc: CheckpointException) -> None:
     """DCP gathers every rank's failure into one CheckpointException on all ranks; raise
     spotrun's class for it, so every rank takes the same decision (fall back or stop)."""
     errors = _rank_errors(exc)
-    for cls in (CorruptCheckpointError, IncompatibleCheckpointError, StorageError):
+    for cls in _AGREED:
         for rank, err in errors:
             if isinstance(err, cls):
                 raise type(err)(f"rank {rank}: {err}") from exc
@@ -723,16 +742,24 @@ def read_sharded(
     *,
     process_group: dist.ProcessGroup | None = None,
     planner: LoadPlanner | None = None,
+    weights_only: bool = True,
 ) -> None:
     """Load a committed sharded checkpoint into ``state_dict`` in place, resharding.
 
     ``state_dict`` is this run's own (e.g. :func:`get_state` of a freshly built model on
-    any number of ranks): DCP reads, for each of its shards, the overlapping parts of the
-    saved shards. Each file read is checked against ``manifest`` first. Collective: every
-    rank calls it. Raises, on every rank alike: CorruptCheckpointError when a file is
-    missing or differs from the manifest (fall back to an older checkpoint);
-    StorageError when storage cannot be read; IncompatibleCheckpointError when the state
-    does not fit (missing keys, other shapes).
+    any number of ranks): each of its shards is filled from the overlapping parts of the
+    saved shards. Each file read is checked against ``manifest`` first; non-tensor values
+    are loaded with ``weights_only`` (True: a bucket is not a trusted code source).
+    Collective: every rank calls it. Raises, on every rank alike: CorruptCheckpointError
+    when a file is missing or differs from the manifest (fall back to an older
+    checkpoint); StorageError when storage cannot be read; IncompatibleCheckpointError
+    when the state does not fit (missing keys, other shapes); CheckpointError when a safe
+    load refuses a value.
+
+    With DCP's default planner (``planner=None``) each rank plans its reads alone: that
+    planner's global step changes nothing, so DCP's two plan collectives and its closing
+    one would only cost time (on a busy machine, most of a restore's). One agreement at
+    the end makes every rank raise alike. Another planner goes through ``dcp.load``.
     """
     if not is_sharded_checkpoint(manifest):
         raise IncompatibleCheckpointError(
@@ -740,10 +767,91 @@ def read_sharded(
             "checkpoint; restore it with the Checkpointer's replicated path"
         )
     use_dist = dist.is_available() and dist.is_initialized()
+    if not _plans_locally(planner):
+        _read_through_dcp(storage, manifest, state_dict, process_group, planner, weights_only)
+        return
+    failure: BaseException | None = None
+    try:
+        reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only)
+        coordinator = not use_dist or dist.get_rank(process_group) == 0
+        _load_locally(reader, state_dict, planner or DefaultLoadPlanner(), coordinator)
+    except CheckpointError as exc:  # Corrupt, Incompatible, refused by a safe load
+        failure = exc
+    except StorageError as exc:
+        failure = exc
+    except Exception as exc:  # noqa: BLE001 - the planner's RuntimeErrors (missing keys), torch's
+        failure = IncompatibleCheckpointError(
+            f"{storage.display(checkpoint_dir(manifest.step))}: loading the sharded checkpoint "
+            f"failed ({type(exc).__name__}: {exc}); check that the model and optimizer match "
+            "the ones that saved it"
+        )
+        failure.__cause__ = exc
+    if use_dist:
+        failures: list[Any] = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(failures, None if failure is None else (type(failure), str(failure)),
+                               group=process_group)
+        _raise_agreed(failures, failure)
+    elif failure is not None:
+        raise failure
+
+
+def _raise_agreed(failures: list[Any], mine: BaseException | None) -> None:
+    """Raise, on every rank, the same class for the gathered ``(class, message)`` failures
+    (this rank's own exception, with its traceback, when it has that class)."""
+    found = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if not found:
+        return
+    for cls in _AGREED:
+        hits = [(rank, f) for rank, f in found if issubclass(f[0], cls)]
+        if hits:
+            if isinstance(mine, cls):
+                raise mine
+            rank, (kind, msg) = hits[0]
+            raise kind(f"rank {rank}: {msg}")
+    rank, (kind, msg) = found[0]
+    raise IncompatibleCheckpointError(f"rank {rank}: {kind.__name__}: {msg}")
+
+
+def _plans_locally(planner: LoadPlanner | None) -> bool:
+    """True for DCP's default load planner (and subclasses keeping its identity global
+    step), whose plan each rank can make alone."""
+    if planner is None:
+        return True
+    cls = type(planner)
+    return isinstance(planner, DefaultLoadPlanner) \
+        and cls.create_global_plan is DefaultLoadPlanner.create_global_plan \
+        and cls.finish_plan is DefaultLoadPlanner.finish_plan
+
+
+def _load_locally(reader: SpotrunStorageReader, state_dict: dict[str, Any],
+                  planner: LoadPlanner, coordinator: bool) -> None:
+    """What ``dcp.load`` does on one rank, without its collectives: Stateful values are
+    loaded through their state dicts, then put back (as ``dcp.load`` does)."""
+    keys = sorted(state_dict)
+    plain = {k: state_dict[k].state_dict() if isinstance(state_dict[k], Stateful) else state_dict[k]
+             for k in keys}
+    metadata = reader.read_metadata()
+    planner.set_up_planner(plain, metadata, coordinator)
+    reader.set_up_storage_reader(metadata, coordinator)
+    plan = reader.prepare_local_plan(planner.create_local_plan())
+    plan = reader.prepare_global_plan(planner.create_global_plan([plan]))[0]
+    reader.read_data(planner.finish_plan(plan), planner).wait()
+    for k in keys:
+        if isinstance(state_dict[k], Stateful):
+            state_dict[k].load_state_dict(plain[k])
+        else:
+            state_dict[k] = plain[k]
+
+
+def _read_through_dcp(storage: Storage, manifest: Manifest, state_dict: dict[str, Any],
+                      process_group: dist.ProcessGroup | None, planner: LoadPlanner | None,
+                      weights_only: bool) -> None:
+    """``dcp.load`` with a planner whose global step may matter (collective)."""
+    use_dist = dist.is_available() and dist.is_initialized()
     reader: SpotrunStorageReader | None = None
     failure: BaseException | None = None
     try:
-        reader = SpotrunStorageReader(storage, manifest)
+        reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only)
     except (CorruptCheckpointError, StorageError) as exc:
         failure = exc
     if use_dist:
@@ -752,12 +860,7 @@ def read_sharded(
         failures: list[Any] = [None] * dist.get_world_size(process_group)
         dist.all_gather_object(failures, None if failure is None else (type(failure), str(failure)),
                                group=process_group)
-        for rank, f in enumerate(failures):
-            if f is not None:
-                cls, msg = f
-                if failure is not None:
-                    raise failure
-                raise cls(f"rank {rank}: {msg}")
+        _raise_agreed(failures, failure)
     elif failure is not None:
         raise failure
     assert reader is not None
@@ -915,11 +1018,17 @@ class ShardedSaver:
             torch.cuda.synchronize()
         return staged
 
-    def write(self, step: int, staged: dict[str, Any]) -> list[tuple[str, FileEntry]]:
+    def write(self, step: int, staged: dict[str, Any], *,
+              storage: Storage | None = None) -> list[tuple[str, FileEntry]]:
         """Write a staged state; safe in a background thread (collectives only on the
-        saver's own group). Returns what :func:`write_sharded` returns."""
+        saver's own group). Returns what :func:`write_sharded` returns.
+
+        ``storage``: where to write instead of the saver's own storage, for this save only
+        (the Checkpointer passes the run URL teed into the machine's local copy, so a
+        restart there reads its shards locally)."""
         with self._lock:
-            return write_sharded(self.storage, step, staged, process_group=self._group)
+            return write_sharded(self.storage if storage is None else storage, step, staged,
+                                 process_group=self._group)
 
     def write_async(self, step: int, staged: dict[str, Any]
                     ) -> concurrent.futures.Future[list[tuple[str, FileEntry]]]:
@@ -936,6 +1045,18 @@ class ShardedSaver:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+
+
+def local_nbytes(state: Any) -> int:
+    """The bytes of this rank's tensors in a (sharded) state dict: a DTensor's local shard,
+    not its global size (what this rank writes, about)."""
+    total = 0
+    for _, _, v in _leaves(state):
+        if isinstance(v, ShardedTensor):  # FSDP1: its local shards
+            total += sum(s.tensor.numel() * s.tensor.element_size() for s in v.local_shards())
+        elif isinstance(v, torch.Tensor):
+            total += _local(v).numel() * _local(v).element_size()
+    return total
 
 
 def _same_structure(state: Any, buffers: Any) -> bool:
