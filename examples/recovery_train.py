@@ -1,7 +1,7 @@
 """A big-state job for recovery runs: FSDP2 (sharded) or DDP (replicated), CPU or GPU.
 
     spotrun launch --local --nodes 3 --nproc-per-node 1 -- \
-        python examples/recovery_train.py --parallel fsdp --state-mib 256 --steps 16
+        python examples/recovery_train.py --parallel fsdp --state-mib 256 --steps 10
 
 What ``scripts/bench_recovery.py`` runs: an MLP of ``--layers`` square layers whose width is
 chosen so that each rank holds about ``--state-mib`` MiB of state (weights plus AdamW's two
@@ -76,8 +76,8 @@ def main() -> int:
                    help="MiB of state per rank (weights + AdamW moments; default 256 or "
                         "$SPOTRUN_EXAMPLE_STATE_MIB)")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--every-steps", type=int, default=4, help="checkpoint interval in steps")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--every-steps", type=int, default=2, help="checkpoint interval in steps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step")
     p.add_argument("--seed", type=int, default=0)
@@ -110,9 +110,10 @@ def main() -> int:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
+        # Kept gathered from forward to backward: one all-gather per step, not two.
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
         trained = model
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP

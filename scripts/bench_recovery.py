@@ -124,7 +124,7 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
     cmd = spotrun_cmd("launch", "--local", "--nodes", str(NODES), "--nproc-per-node", "1",
                       "--run-url", url, "--interruptions", str(interruptions),
                       "--node-losses", "1" if interruptions == 2 else "0",
-                      "--seed", str(seed))
+                      "--seed", str(seed), "--grace", f"{args.grace:g}")
     if has_recovery:
         cmd += ["--recovery", path]
     cmd += ["--", "python", EXAMPLE, "--parallel", case, "--state-mib", f"{args.state_mib:g}",
@@ -142,6 +142,7 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
             for line in proc.stdout:
                 lines.append((time.time(), line.rstrip("\n")))
                 log.write(line)
+                log.flush()
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -217,9 +218,9 @@ def recoveries(records: list[dict], lines: list[tuple[float, str]]) -> list[dict
         if prev not in losses and rs is None:
             continue  # not a loss (a failure restart, a stop)
         kind, seen_at = losses.get(prev, ("?", None))
-        ids = {s["segment_id"] for s in groups[nxt]}
-        mine = [r for r in resumed if r["segment_id"] in ids and r["first_step_at"] >= start_of[nxt]
-                and group_at(r["first_step_at"]) == nxt]
+        # By time, not by segment id: with --recovery replace a survivor keeps its machine's
+        # segment (rank 0 may be one), and only the replacement records a new segment_started.
+        mine = [r for r in resumed if group_at(r["first_step_at"]) == nxt]
         t0 = rs["lost_at"] if rs is not None else seen_at
         nodes_at = _max([s["started_at"] for s in groups[nxt]])
         t1 = rs.get("capacity_at") if rs is not None else None
@@ -392,11 +393,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", default="fsdp,ddp", help="fsdp (sharded), ddp (replicated), or both")
     p.add_argument("--paths", default="relaunch,replace",
                    help="relaunch (today), replace (issue 22), or both (default)")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--every-steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--every-steps", type=int, default=2)
     p.add_argument("--interruptions", type=int, default=2,
                    help="per run: 1 = one notice; 2 = a notice and a node vanishing (default)")
     p.add_argument("--seed", type=int, default=0, help="first launcher seed (repeat r uses seed + r)")
+    p.add_argument("--grace", type=float, default=15.0,
+                   help="notice to SIGTERM of the node hit (launch --grace; default 15 s: room for the "
+                        "notice's checkpoint of a big state on a loaded machine; AWS gives 120)")
     p.add_argument("--s3", action="store_true", help="run URL on a moto S3 server (own process) instead of disk")
     p.add_argument("--no-exact", action="store_true", help="skip the uninterrupted reference runs")
     p.add_argument("--quick", action="store_true",
