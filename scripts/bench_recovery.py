@@ -149,15 +149,11 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
         try:
             rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            # SIGINT: the launcher forwards it to every node and waits for them (each node is
-            # in a session of its own: killing only the launcher would leave them running).
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
             rc = None
+        except BaseException:  # Ctrl-C or SIGTERM of the benchmark: leave no node behind
+            _stop(proc)
+            raise
         reader.join(30)
     digest = None
     if os.path.exists(digest_file):
@@ -165,6 +161,23 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
             digest = f.read().strip() or None
     return {"case": case, "path": path, "rc": rc, "wall_s": time.time() - started, "lines": lines,
             "digest": digest, "records": read_ledger(url), "log": log_path}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the launcher: it forwards it to every node and waits for them (each node is
+    in a session of its own: killing only the launcher would leave them running)."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=90)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def read_ledger(url: str) -> list[dict]:
@@ -398,9 +411,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interruptions", type=int, default=2,
                    help="per run: 1 = one notice; 2 = a notice and a node vanishing (default)")
     p.add_argument("--seed", type=int, default=0, help="first launcher seed (repeat r uses seed + r)")
-    p.add_argument("--grace", type=float, default=15.0,
-                   help="notice to SIGTERM of the node hit (launch --grace; default 15 s: room for the "
-                        "notice's checkpoint of a big state on a loaded machine; AWS gives 120)")
+    p.add_argument("--grace", type=float, default=120.0,
+                   help="notice to SIGTERM of the node hit (launch --grace; default 120 s, as AWS "
+                        "gives: the notice's checkpoint must commit SPOTRUN_STOP_MARGIN (10 s) before it)")
     p.add_argument("--s3", action="store_true", help="run URL on a moto S3 server (own process) instead of disk")
     p.add_argument("--no-exact", action="store_true", help="skip the uninterrupted reference runs")
     p.add_argument("--quick", action="store_true",
@@ -425,6 +438,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
