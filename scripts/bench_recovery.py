@@ -43,6 +43,7 @@ with the same digest.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -226,7 +227,7 @@ def recoveries(records: list[dict], lines: list[tuple[float, str]]) -> list[dict
     resumed = [r for r in records if r["event"] == "training_resumed"]
 
     out: list[dict[str, Any]] = []
-    for prev, nxt in zip(order, order[1:]):
+    for prev, nxt in itertools.pairwise(order):
         rs = started_rec.get(nxt)
         if prev not in losses and rs is None:
             continue  # not a loss (a failure restart, a stop)
@@ -335,7 +336,7 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                 cells = [_ratio(new[k], old[k]) for k in ("total", *PARTS, "start_to_step")]
                 print(f"{case:5} {kind:6} {'ratio':8} " + " ".join(
                     f"{'-' if c is None else f'{c:.2f}x':>{w}}"
-                    for c, w in zip(cells, (7, 8, 6, 10, 7, 9, 11))))
+                    for c, w in zip(cells, (7, 8, 6, 10, 7, 9, 11), strict=True)))
     failed = [r for r in runs if r["rc"] != 0]
     for r in failed:
         print(f"run failed: {r['case']} {r['path']} exit {r['rc']} (log {r['log']})")
