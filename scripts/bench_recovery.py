@@ -337,6 +337,11 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                 print(f"{case:5} {kind:6} {'ratio':8} " + " ".join(
                     f"{'-' if c is None else f'{c:.2f}x':>{w}}"
                     for c, w in zip(cells, (7, 8, 6, 10, 7, 9, 11), strict=True)))
+    for run in runs:
+        for rec in run["recoveries"]:
+            if rec["t5"] is None:  # counted in n, not in the medians: say why
+                print(f"{run['case']} {rec['kind']} {run['path']}: {rec['from']} -> {rec['to']} reached no "
+                      f"training step (that attempt ended first; log {run['log']})")
     failed = [r for r in runs if r["rc"] != 0]
     for r in failed:
         print(f"run failed: {r['case']} {r['path']} exit {r['rc']} (log {r['log']})")
