@@ -10,8 +10,11 @@ strongly connected group of modules, naming it.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import spotrun
 
@@ -146,3 +149,12 @@ def test_no_import_circles():
         for group in found
     )
     assert not found, f"import circles: {detail}"
+
+
+@pytest.mark.parametrize("module", ["spotrun.launch.node", "spotrun.distributed"])
+def test_modules_run_with_python_m_import_cleanly(module):
+    # A package __init__ that imports the module (through a sibling) makes `python -m` warn
+    # "found in sys.modules ... unpredictable behaviour" on every node of every launch.
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "RuntimeWarning" not in done.stderr, done.stderr[-2000:]

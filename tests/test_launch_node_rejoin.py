@@ -143,3 +143,41 @@ def test_main_loops_once_per_attempt_and_notes_each_exit(tmp_path: Path, monkeyp
     write_cluster(storage, _spec("a3", 3))
     _stub_torchrun(monkeypatch, lambda argv: runs.append(argv) or 75)
     assert node.main(["--poll", "0.05", "--", "python", "t.py"]) == 75 and len(runs) == 1
+
+
+def test_a_signal_right_after_torchrun_is_heard_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun leaves its own SIGTERM handler (raising its SignalException, an Exception)
+    installed after it returns. The launcher's SIGTERM to a lost machine's agent arrived while
+    it asked the metadata service for a notice, inside a broad except: swallowed, and the
+    agent waited out its whole rejoin timeout (the launcher its whole grace period)."""
+
+    class SignalException(Exception):  # torch.distributed.elastic's, in shape
+        pass
+
+    def torchrun_like(argv: list[str]) -> int:
+        def handler(signum, frame):
+            raise SignalException(f"Process {os.getpid()} got signal: {signum}")
+
+        signal.signal(signal.SIGTERM, handler)
+        return 75
+
+    def watchers_signalled(**_kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        return []
+
+    import spotrun.notices.detect as detect
+
+    before = signal.getsignal(signal.SIGTERM)
+    storage = Storage(str(tmp_path))
+    write_cluster(storage, _spec("a1", 1))
+    _stub_torchrun(monkeypatch, torchrun_like)
+    monkeypatch.setattr(detect, "watchers_from_env", watchers_signalled)
+    monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
+    monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "b")
+    t0 = time.monotonic()
+    try:
+        assert node.main(["--poll", "0.05", "--rejoin-timeout", "30", "--", "python", "t.py"]) == 75
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert time.monotonic() - t0 < 10

@@ -786,6 +786,12 @@ def read_sharded(
             "the ones that saved it"
         )
         failure.__cause__ = exc
+    _agree(failure, use_dist, process_group)
+
+
+def _agree(failure: BaseException | None, use_dist: bool, process_group: Any) -> None:
+    """Every rank raises the same failure, or none does (one all-gather when distributed),
+    so no rank goes on into collectives the others have left."""
     if use_dist:
         failures: list[Any] = [None] * dist.get_world_size(process_group)
         dist.all_gather_object(failures, None if failure is None else (type(failure), str(failure)),
@@ -854,15 +860,9 @@ def _read_through_dcp(storage: Storage, manifest: Manifest, state_dict: dict[str
         reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only)
     except (CorruptCheckpointError, StorageError) as exc:
         failure = exc
-    if use_dist:
-        # Agree before DCP's collectives, so a rank that cannot read .metadata does not
-        # leave the others waiting in DCP's planning.
-        failures: list[Any] = [None] * dist.get_world_size(process_group)
-        dist.all_gather_object(failures, None if failure is None else (type(failure), str(failure)),
-                               group=process_group)
-        _raise_agreed(failures, failure)
-    elif failure is not None:
-        raise failure
+    # Agree before DCP's collectives, so a rank that cannot read .metadata does not leave
+    # the others waiting in DCP's planning.
+    _agree(failure, use_dist, process_group)
     assert reader is not None
     try:
         with _quiet_single_process(use_dist):

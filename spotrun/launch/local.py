@@ -82,7 +82,6 @@ from .book import RunBook
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count, check_number, is_done, last_checkpoint
 from .limits import CostGuard, Limits
 from .local_nodes import LocalNodes, _Node, killpg
-from .node import REJOIN_CODES, read_attempt_exit
 from .proctree import kill_tree
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
@@ -418,6 +417,8 @@ class LocalLauncher:
                         what = "{} exited with code {}"
                     elif notes:
                         # Its agent stays to rejoin: the attempt is over for it once it noted so.
+                        from .node import read_attempt_exit  # not at the top: see REJOIN_CODES below
+
                         node.rc = read_attempt_exit(self.storage, group, node.seg.segment_id)
                         what = "{}: torchrun exited with code {}; its node agent stays to rejoin"
                     if node.rc is not None:
@@ -508,6 +509,10 @@ class LocalLauncher:
         decision = next_step(verdict, failures=self.state.failures, max_failures=o.max_failures,
                              nodes=[n.seg.segment_id for n in nodes], recovery=o.recovery)
         keep = [n for n in nodes if n.seg.segment_id in decision.kept] if decision.action is Action.REPLACE else []
+        # Imported here: spotrun.launch imports this module, and a module-level import of
+        # .node would make `python -m spotrun.launch.node` warn that it was already imported.
+        from .node import REJOIN_CODES
+
         stuck = [n for n in keep if n.proc.poll() is not None or n.rc not in REJOIN_CODES]  # type: ignore[union-attr]
         if stuck:
             self._say(f"cannot keep {', '.join(n.seg.segment_id for n in stuck)} (its node agent exited "

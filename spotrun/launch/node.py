@@ -328,8 +328,9 @@ def _own_notice() -> bool:
     return False
 
 
-class _Leave(Exception):
-    """A signal arrived while the node waited to rejoin."""
+class _Leave(BaseException):
+    """A signal arrived after the node's attempt (while it waited to rejoin, or before).
+    Not an Exception: the broad excepts around best-effort steps must not swallow it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -471,26 +472,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("spotrun node %s: node %d of %d in segment %s, rendezvous %s (id %s, %s), "
                  "%d process(es) per node", instance_id, index, len(spec.nodes), spec.segment,
                  spec.head, spec.rdzv_id, "host" if index == spec.host else "joining", spec.nproc_per_node)
-        with serve_attempt(spec, index) as peer_env:
-            os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
+        code, previous = 1, None
+        try:
+            with serve_attempt(spec, index) as peer_env:
+                os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
+                try:
+                    code = torchrun(argv_)
+                finally:
+                    for key in peer_env:  # this attempt's token and addresses end with it
+                        os.environ.pop(key, None)
+                    # torchrun's own signal handlers stay installed after it returns and would
+                    # raise its SignalException inside whatever runs next (the peer server's
+                    # linger, the exit note, the notice check), where a broad except swallowed
+                    # it: the launcher's SIGTERM then went unheard for its whole grace period.
+                    previous = {sig: signal.signal(sig, _raise_leave) for sig in (signal.SIGTERM, signal.SIGINT)}
             try:
-                code = torchrun(argv_)
-            finally:
-                for key in peer_env:  # this attempt's token and addresses end with it
-                    os.environ.pop(key, None)
-        try:
-            write_attempt_exit(storage, spec.segment, instance_id, code)
-        except Exception as exc:  # noqa: BLE001 - the note helps the launcher; its absence ends no run
-            log.warning("could not note this node's exit code in the run URL: %s", exc)
-        try:
+                write_attempt_exit(storage, spec.segment, instance_id, code)
+            except Exception as exc:  # noqa: BLE001 - the note helps the launcher; its absence ends no run
+                log.warning("could not note this node's exit code in the run URL: %s", exc)
             nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll)
-            if nxt is None:
-                return code
-            spec, argv_ = nxt, node_argv(nxt, instance_id, command)
+        except _Leave as leave:
+            code = EXIT_INTERRUPTED if code in REJOIN_CODES else code
+            log.info("spotrun node %s: signal %d after its attempt; exiting %d", instance_id, leave.signum, code)
+            return code
         except SpotrunError as exc:
             print(f"spotrun: error: {exc}", file=sys.stderr)
             return code
-
+        finally:
+            for sig, handler in (previous or {}).items():
+                signal.signal(sig, handler)
+        if nxt is None:
+            return code
+        spec, argv_ = nxt, node_argv(nxt, instance_id, command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,6 +43,7 @@ import contextlib
 import hmac
 import http.client
 import logging
+import math
 import os
 import re
 import secrets
@@ -56,7 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ..config import env_str
+from ..config import env_float_or_default, env_str
 from ..units import format_bytes
 from .localdir import local_dir_from_env, room, run_key
 
@@ -114,12 +115,9 @@ def valid_token(token: Any) -> bool:
 
 
 def _timeout() -> float:
-    raw = env_str(TIMEOUT_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT
-    except ValueError:
-        value = DEFAULT_TIMEOUT
-    return value if value > 0 else DEFAULT_TIMEOUT
+    # A bad value must not cost a restore or a save: the default, with a warning.
+    value = env_float_or_default(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    return value if value > 0 and math.isfinite(value) else DEFAULT_TIMEOUT
 
 
 def _safe_name(name: str) -> bool:
@@ -565,11 +563,8 @@ _links: list[PeerLink] = []
 @atexit.register
 def _finish_sends() -> None:
     """A finishing process (a notice's final save) gives its last send a bounded wait."""
-    raw = env_str(EXIT_WAIT_ENV)
-    try:
-        limit = float(raw) if raw else DEFAULT_EXIT_WAIT
-    except ValueError:
-        limit = DEFAULT_EXIT_WAIT
+    limit = env_float_or_default(EXIT_WAIT_ENV, DEFAULT_EXIT_WAIT)
+    limit = limit if limit >= 0 and math.isfinite(limit) else DEFAULT_EXIT_WAIT
     for link in _links:
         if not link.wait(limit):
             log.warning("peer copy still being sent after %.0fs at exit; leaving it (the run "
