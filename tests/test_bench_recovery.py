@@ -77,20 +77,24 @@ def test_recoveries_split_the_time_from_the_ledger(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_prints_the_relaunch_rows(tmp_path, child_env):
+def test_quick_run_replaces_the_lost_node_and_reads_nothing_from_the_run_url(tmp_path, child_env):
+    """The suite's one 3-node replace through the launcher: one machine started, two kept,
+    every restored byte from a local or a peer copy (the 2-node chains cover the rest)."""
     out = tmp_path / "bench.json"
     res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_recovery.py"), "--quick", "--paths", "relaunch",
+        [sys.executable, str(REPO / "scripts" / "bench_recovery.py"), "--quick", "--paths", "replace",
          "--no-exact", "--json", str(out), "--dir", str(tmp_path / "work")],
         cwd=tmp_path, env=child_env, capture_output=True, text=True, timeout=400,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert re.search(r"^case +loss +path +total +capacity", res.stdout, re.M), res.stdout
-    row = re.search(r"^fsdp +notice +relaunch +([0-9.]+) ", res.stdout, re.M)
+    row = re.search(r"^fsdp +notice +replace +([0-9.]+) ", res.stdout, re.M)
     assert row and float(row.group(1)) > 0, res.stdout
     assert "Targets (issue 22)" in res.stdout
+    assert re.search(r"^ +yes +fsdp notice: starts exactly 1 machine, keeps 2", res.stdout, re.M), res.stdout
+    assert re.search(r"^ +yes +fsdp notice: 0 checkpoint bytes from the run URL", res.stdout, re.M), res.stdout
     result = json.loads(out.read_text())
-    assert [(r["case"], r["kind"], r["path"], r["n"]) for r in result["table"]] == [("fsdp", "notice", "relaunch", 1)]
+    assert [(r["case"], r["kind"], r["path"], r["n"]) for r in result["table"]] == [("fsdp", "notice", "replace", 1)]
     (run,) = result["runs"]
     assert run["rc"] == 0 and len(run["digest"]) == 64
     # Run folders and logs are gone; the work directory is left empty.
