@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import REPO, env_for, free_port
 
 from spotrun.format.commit import commit
 from spotrun.format.manifest import Manifest
@@ -359,3 +359,19 @@ def test_a_send_never_blocks_the_training_thread(nodes, run, tmp_path):
         assert link.wait(10)
     finally:
         silent.close()
+
+
+def test_a_stop_checkpoint_is_sent_to_the_buddy_before_the_process_leaves(nodes, run, tmp_path):
+    """Scripts that end with os._exit (gloo's teardown can hang) skip exit hooks: the stop
+    path itself gives the send the time the machine has left. It used to be cut short, and
+    a replacement then read the lost node's files from the run URL."""
+    _, b, _ = nodes
+    env = env_for(run.display(), SPOTRUN_LOCAL_DIR=str(tmp_path / "sender"), SPOTRUN_PEER_TOKEN=TOKEN,
+                  SPOTRUN_PEER_BUDDY=b.address, SPOTRUN_PEER_NODES=b.address, SPOTRUN_NOTICE_SOURCE="none")
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "peer_stop_exit.py")], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 75, done.stdout[-2000:] + done.stderr[-2000:]
+    (step,) = [int(p.name) for p in Path(run.display()).iterdir() if p.name.isdigit()]
+    assert b.held(step) == [payload_name(0)], done.stderr[-2000:]
+    held = b.server.root / checkpoint_dir(step) / payload_name(0)
+    assert held.read_bytes() == (Path(run.display()) / checkpoint_dir(step) / payload_name(0)).read_bytes()

@@ -409,6 +409,12 @@ class Checkpointer:
         if stop:
             inbox.stop_requested = True
             committed = self._save_before_stop()
+            if committed and self._local is not None and self._local.peer is not None:
+                # The stop checkpoint's peer copy is what a replacement node restores from:
+                # its send gets the time the machine has left (bounded), before this exits.
+                from ..recovery.peer import finish_sends
+
+                finish_sends(self._seg.stop_bound(time.time())[0])
             # Kept for the exit hook: without a with block, nothing else sees this exit.
             self._raised = SystemExit(EXIT_INTERRUPTED if committed else EXIT_STOP_UNSAVED)
             raise self._raised

@@ -560,15 +560,32 @@ class PeerLink:
 _links: list[PeerLink] = []
 
 
-@atexit.register
-def _finish_sends() -> None:
-    """A finishing process (a notice's final save) gives its last send a bounded wait."""
+def _exit_wait() -> float:
     limit = env_float_or_default(EXIT_WAIT_ENV, DEFAULT_EXIT_WAIT)
-    limit = limit if limit >= 0 and math.isfinite(limit) else DEFAULT_EXIT_WAIT
+    return limit if limit >= 0 and math.isfinite(limit) else DEFAULT_EXIT_WAIT
+
+
+def finish_sends(deadline: float | None = None) -> bool:
+    """Give the sends under way (a stop checkpoint's) a bounded wait: at most
+    ``SPOTRUN_PEER_EXIT_WAIT`` seconds, and never past ``deadline`` (epoch seconds: when the
+    machine goes, less the stop margin). True when every send is done."""
+    limit = _exit_wait()
+    if deadline is not None:
+        limit = max(0.0, min(limit, deadline - time.time()))
+    done = True
     for link in _links:
         if not link.wait(limit):
-            log.warning("peer copy still being sent after %.0fs at exit; leaving it (the run "
-                        "URL has every file)", limit)
+            done = False
+            log.warning("peer copy still being sent after %.0fs; leaving it (the run URL has "
+                        "every file)", limit)
+    return done
+
+
+# A script may leave without the Checkpointer's stop path (an exception after a save): the
+# interpreter's exit waits too. The stop path calls finish_sends itself, before SystemExit:
+# scripts that end with os._exit (torch.distributed examples do, to skip gloo's teardown)
+# never reach exit hooks.
+atexit.register(finish_sends)
 
 
 # -- one attempt, in the node agent ---------------------------------------------------------------
