@@ -344,6 +344,13 @@ class NearestReader:
     def local_path(self, rel: str) -> str | None:
         return self._local(rel) or self._storage.local_path(rel)
 
+    def verified(self, rel: str) -> bool:
+        """Whether ``rel`` is served from a copy this reader has already checked against the
+        committed manifest (size and checksums): a reader that verifies what it reads can
+        skip a second pass over the same bytes. (Sealed copies are never rewritten in place:
+        a copy is written under a temporary name and renamed.)"""
+        return self._checked.get(rel) is not None
+
     def read_bytes(self, rel: str) -> bytes | bytearray:
         path = self._local(rel)
         if path is None:
