@@ -181,3 +181,10 @@ def test_a_signal_right_after_torchrun_is_heard_not_swallowed(tmp_path: Path, mo
     finally:
         signal.signal(signal.SIGTERM, before)
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "soon"])
+def test_a_bad_rejoin_timeout_is_refused_at_parse(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        node.main(["--rejoin-timeout", bad, "--", "python", "t.py"])
+    assert exc.value.code == 2 and "--rejoin-timeout" in capsys.readouterr().err

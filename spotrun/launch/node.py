@@ -61,6 +61,7 @@ from ..errors import ClusterWaitError, ConfigError, SpotrunError
 from ..records.layout import EXIT_INTERRUPTED, NODES_DIR
 from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
+from ..validate import argparse_type, number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 
 __all__ = [
@@ -444,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds between looks for the cluster file (default 2)")
     parser.add_argument("--segment", default=None,
                         help="join only a cluster file of this segment (wait past older ones)")
-    parser.add_argument("--rejoin-timeout", type=float, default=0.0,
+    parser.add_argument("--rejoin-timeout", default=0.0,
+                        type=argparse_type(number, "--rejoin-timeout", minimum=0.0, example="900"),
                         help="after an interrupted attempt, wait this long for a newer cluster file "
                              "naming this node and run again (default 0: exit)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
