@@ -130,7 +130,7 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
         cmd += ["--recovery", path]
     cmd += ["--", "python", EXAMPLE, "--parallel", case, "--state-mib", f"{args.state_mib:g}",
             "--steps", str(args.steps), "--every-steps", str(args.every_steps),
-            "--digest-file", digest_file]
+            "--step-sleep", f"{args.step_sleep:g}", "--digest-file", digest_file]
     lines: list[tuple[float, str]] = []
     started = time.time()
     with open(log_path, "w") as log:
@@ -414,6 +414,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="relaunch (today), replace (issue 22), or both (default)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--every-steps", type=int, default=2)
+    p.add_argument("--step-sleep", type=float, default=0.0,
+                   help="seconds each step sleeps (a tiny state's steps are too quick for the "
+                        "launcher to see a checkpoint and post a notice before the run ends)")
     p.add_argument("--interruptions", type=int, default=2,
                    help="per run: 1 = one notice; 2 = a notice and a node vanishing (default)")
     p.add_argument("--seed", type=int, default=0, help="first launcher seed (repeat r uses seed + r)")
@@ -423,14 +426,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3", action="store_true", help="run URL on a moto S3 server (own process) instead of disk")
     p.add_argument("--no-exact", action="store_true", help="skip the uninterrupted reference runs")
     p.add_argument("--quick", action="store_true",
-                   help="4 MiB per rank, fsdp only, one notice, one repeat, 6 steps (a smoke run)")
+                   help="4 MiB per rank, fsdp only, one notice, one repeat, 10 steps of at least "
+                        "0.4 s (a smoke run)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one launch may take")
     p.add_argument("--dir", default=None, help="where run folders go (default: a temp directory)")
     p.add_argument("--keep", action="store_true", help="keep run folders and logs")
     p.add_argument("--json", default=None, help="write every figure here")
     args = p.parse_args(argv)
     if args.quick:
-        args.state_mib, args.repeats, args.steps, args.every_steps, args.interruptions = 4.0, 1, 6, 2, 1
+        args.state_mib, args.repeats, args.steps, args.every_steps, args.interruptions = 4.0, 1, 10, 2, 1
+        args.step_sleep = max(args.step_sleep, 0.4)
         if args.cases == p.get_default("cases"):
             args.cases = "fsdp"
     if args.repeats < 1 or args.interruptions not in (1, 2) or args.state_mib <= 0:

@@ -33,9 +33,10 @@ def test_one_signal_saves_and_exits_resumable(tmp_path, sig):
 
 def test_second_sigint_aborts_at_once(tmp_path):
     url = str(tmp_path / "run")
-    proc = spawn([SCRIPT, "100", "2.0"], env_for(url))  # 2 s steps
+    proc = spawn([SCRIPT, "100", "30.0"], env_for(url))  # 30 s steps
     wait_for_line(proc, "ready")
-    # Both inside one step: the second must abort without waiting for the step to end.
+    # Both inside one step: the second must abort without waiting for the step to end (a
+    # wait would take up to 30 s; the bound leaves a loaded machine's teardown its seconds).
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)  # two pending SIGINTs would coalesce into one
@@ -43,7 +44,7 @@ def test_second_sigint_aborts_at_once(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, out)
     assert "KeyboardInterrupt" in out
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 10
 
 
 def test_finished_run_exits_zero_with_done_marker_and_resume_is_noop(tmp_path):
