@@ -33,10 +33,18 @@ def tmp_root(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_pass_removes_the_temporary_folder_and_says_so(tmp_root, capsys) -> None:
-    assert main(["check-resume", "-k", "1", "--seed", "2", "--", *_cmd("--fixed")]) == 0
+    """Also the fixed prefetch port's PASS (was test_resume.py's
+    test_check_resume_passes_the_fixed_prefetch_port, the same command: folded here to start
+    it once): the prefetched batch saved through values= resumes exactly. The script seeds
+    torch only: its Python and NumPy RNGs start differently in every process but are never
+    drawn from, which is no difference (issue 11 item 4)."""
+    assert main(["check-resume", "-k", "2", "--seed", "2", "--", *_cmd("--fixed")]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "removed the working folder" in out, out
     assert list(tmp_root.iterdir()) == []
+    assert "2 of 2 interruptions delivered" in out, out
+    ignored = " ".join(ln for ln in out.splitlines() if "ignored (never drawn from in either run):" in ln)
+    assert "rank-00000.rng.python" in ignored and "rank-00000.rng.numpy" in ignored, out
 
 
 @pytest.mark.slow
@@ -46,6 +54,15 @@ def test_keep_and_fail_keep_the_folder_and_name_it(tmp_root) -> None:
     failed = check_resume(_cmd("--fixed", "--numpy-draw"), interruptions=1, seed=2, env=env_for(""),
                           timeout=300)
     assert failed.verdict == "FAIL" and failed.kept
+    # What the FAIL names (was test_resume.py's
+    # test_check_resume_fails_on_an_unseeded_rng_that_is_drawn_from, the same run: folded
+    # here): an unseeded RNG that is drawn from differs, one never drawn from does not.
+    assert not failed.passed, failed.to_dict()
+    assert any(d.startswith("rank-00000.rng.numpy") for d in failed.differences), failed.differences
+    assert not any("rng.python" in d for d in failed.differences)  # never drawn from
+    assert failed.divergence is not None
+    assert failed.divergence.entries[0].startswith("rank-00000.rng.numpy")
+    assert "before any resume" in failed.divergence.cause, failed.divergence.cause
     left = sorted(p.name for p in tmp_root.iterdir())
     assert len(left) == 2 and all(n.startswith("spotrun-check-resume-") for n in left)
     for r in (kept, failed):
