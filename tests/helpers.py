@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import os
 import shutil
 import signal
@@ -38,6 +40,25 @@ def env_for(url: str, **extra: str) -> dict[str, str]:
     env["SPOTRUN_URL"] = url
     env.update(extra)
     return env
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``spotrun ARGS`` through the CLI's entry point in this process: the exit code and
+    output a ``python -m spotrun.cli ARGS`` child would give, without that child's
+    interpreter start and imports (a second or more each on a loaded 2-core box). For
+    commands that read a run folder or signal another process (logs, cost, status, stop);
+    a test of the process itself (one-line errors, a closed pipe) starts one."""
+    from spotrun.cli import main
+
+    raw = {"out": io.BytesIO(), "err": io.BytesIO()}
+    streams = {k: io.TextIOWrapper(b, encoding="utf-8", write_through=True) for k, b in raw.items()}
+    with contextlib.redirect_stdout(streams["out"]), contextlib.redirect_stderr(streams["err"]):
+        code = main(list(args))
+    for stream in streams.values():
+        stream.flush()
+    # Read back as ``text=True`` would (universal newlines).
+    text = {k: io.TextIOWrapper(io.BytesIO(b.getvalue()), encoding="utf-8").read() for k, b in raw.items()}
+    return subprocess.CompletedProcess(["spotrun", *args], code, text["out"], text["err"])
 
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from spotrun.launch.common import last_checkpoint
 from spotrun.records.launch_state import load_state
@@ -105,8 +106,7 @@ def test_k_interruptions_then_finish_bit_for_bit(tmp_path: Path, script: Path, c
     assert state.status == "finished" and state.interruptions == 2
 
     # status reads the same story back.
-    st = subprocess.run([sys.executable, "-m", "spotrun.cli", "status", str(run), "--json"],
-                        env=child_env, capture_output=True, text=True, timeout=60)
+    st = cli("status", str(run), "--json")
     assert st.returncode == 0, st.stderr
     data = json.loads(st.stdout)
     assert data["status"] == "finished" and data["interruptions"] == 2
@@ -239,8 +239,7 @@ def test_spotrun_stop_then_same_command_continues(tmp_path: Path, script: Path, 
     wait_until = time.time() + 60
     while time.time() < wait_until and (last_checkpoint(storage) or 0) < 20:
         time.sleep(0.05)
-    stop = subprocess.run([sys.executable, "-m", "spotrun.cli", "stop", str(run)], env=child_env,
-                          capture_output=True, text=True, timeout=60)
+    stop = cli("stop", str(run))
     assert stop.returncode == 0 and f"pid {proc.pid}" in stop.stdout, stop.stdout + stop.stderr
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DDP_EVERY, DDP_SCRIPT, DDP_STEPS, REPO
+from helpers import DDP_EVERY, DDP_SCRIPT, DDP_STEPS, REPO, cli
 
 from spotrun.format.commit import list_checkpoints
 from spotrun.launch.common import last_checkpoint
@@ -63,11 +63,6 @@ def _launch(child_env: dict, run: Path, *args: str, step_sleep: float = 0.0) -> 
     return proc.returncode, proc.stdout, time.monotonic() - t0
 
 
-def _cli(child_env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spotrun.cli", *args], env=child_env,
-                          capture_output=True, text=True, timeout=120, check=False)
-
-
 def _launcher_records(run: Path, event: str) -> list[dict]:
     return [r for r in Ledger(Storage(str(run))).records()
             if r["event"] == event and r["source"] == "launcher"]
@@ -90,8 +85,8 @@ def child_env_module() -> dict:
     return env
 
 
-def _node_log(child_env: dict, run: Path, segment: str, node: int) -> str:
-    logs = _cli(child_env, "logs", str(run), "--segment", segment, "--node", str(node))
+def _node_log(run: Path, segment: str, node: int) -> str:
+    logs = cli("logs", str(run), "--segment", segment, "--node", str(node))
     assert logs.returncode == 0, logs.stderr
     return logs.stdout
 
@@ -120,7 +115,7 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
                 assert proc.poll() is None, text[-8000:]
                 assert time.monotonic() < deadline, text[-8000:]
                 time.sleep(0.1)
-            stop = _cli(child_env_module, "stop", str(run))
+            stop = cli("stop", str(run))
             assert stop.returncode == 0 and f"pid {proc.pid}" in stop.stdout, stop.stdout + stop.stderr
             code = proc.wait(timeout=TIMEOUT)
         finally:
@@ -167,7 +162,7 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
 
     # The notice reached one node only, yet both stopped at one step and wrote their halves
     # of one committed checkpoint.
-    notice_logs = {node: _node_log(child_env_module, run, "sim-3", node) for node in (0, 1)}
+    notice_logs = {node: _node_log(run, "sim-3", node) for node in (0, 1)}
     assert "ec2 notice 'terminate'" in notice_logs[int(noticed)], notice_logs[int(noticed)][-3000:]
     assert "ec2 notice" not in notice_logs[1 - int(noticed)]
     # (The kept node's folder goes on with its next attempt: its first stop is sim-3's.)
@@ -186,17 +181,17 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     assert [n["instance_id"] for n in spec["nodes"]] == [names[0], names[1]]
     assert spec["segment"] == "sim-4" and spec["rdzv_id"].endswith("-sim-4") and spec["host"] == y
     for node, folder in ((x, "sim-4"), (y, "sim-3")):
-        text = _node_log(child_env_module, run, folder, node)
+        text = _node_log(run, folder, node)
         assert f"spotrun node {names[node]}: node {node} of 2 in segment sim-4" in text, text[-3000:]
         assert re.search(rf"^rank \d exit 0 at step {STEPS}$", text, re.MULTILINE), text[-3000:]
-    both = _cli(child_env_module, "logs", str(run))
+    both = cli("logs", str(run))
     assert f"==> sim-4 node-{x} <==" in both.stdout and f"==> sim-3 node-{y} <==" in both.stdout
 
     # The replaced attempt: the survivor (after its collectives failed, exit 1) waited and
     # rejoined sim-2 as its host (its output goes on in its machine's first folder, sim-1).
     spec2 = json.loads((run / "launch" / "nodes" / "sim-2-n1.json").read_text())
     assert [n["instance_id"] for n in spec2["nodes"]] == ["sim-1-n0", "sim-2-n1"] and spec2["host"] == 0
-    survivor_log = _node_log(child_env_module, run, "sim-1", 0)
+    survivor_log = _node_log(run, "sim-1", 0)
     assert "torchrun exited 1; waiting up to 60s for the next attempt's cluster file" in survivor_log, \
         survivor_log[-3000:]
     assert "spotrun node sim-1-n0: node 0 of 2 in segment sim-2" in survivor_log
@@ -208,7 +203,7 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     assert step == STEPS and differences == []
 
     # The cost report prices six node segments (each survivor once, for its whole time).
-    cost = _cli(child_env_module, "cost", str(run), "--json")
+    cost = cli("cost", str(run), "--json")
     assert cost.returncode == 0, cost.stderr
     report = json.loads(cost.stdout)
     machines = {s.segment_id: s for s in state.segments}
@@ -221,13 +216,13 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     # (Counted on the machines: a report that does not know recovery_started records yet
     # would make each a segment of its own; the books branch teaches it.)
     assert len([i for i in report["interruptions"] if i["segment_id"] in machines]) == 2
-    text = _cli(child_env_module, "cost", str(run)).stdout
+    text = cli("cost", str(run)).stdout
     assert "attempt/node" in text and "sim-1/0" in text and "sim-2/1" in text and f"sim-4/{x}" in text, text
-    status = json.loads(_cli(child_env_module, "status", str(run), "--json").stdout)
+    status = json.loads(cli("status", str(run), "--json").stdout)
     assert status["interruptions"] == 2 and len(status["segments"]) == 6
 
     # The vanished node's output is in the run's logs up to its end.
-    logs = _cli(child_env_module, "logs", str(run), "--segment", "sim-1", "--node", lost[-1])
+    logs = cli("logs", str(run), "--segment", "sim-1", "--node", lost[-1])
     assert logs.returncode == 0 and f"spotrun node {lost}: node {lost[-1]} of 2" in logs.stdout, logs.stderr
 
 
@@ -285,8 +280,7 @@ def test_sigkill_after_grace_reaches_processes_in_their_own_session(tmp_path: Pa
         assert ended == {"sim-1": "interrupted", "sim-2": "finished"}
         # Its output went through the launcher to the run's logs (and to the terminal).
         assert "helper started" in proc.stdout
-        logs = subprocess.run([sys.executable, "-m", "spotrun.cli", "logs", str(run), "--segment", "sim-1"],
-                              env=child_env, capture_output=True, text=True, timeout=60, check=False)
+        logs = cli("logs", str(run), "--segment", "sim-1")
         assert logs.stdout == "helper started\n", logs.stdout + logs.stderr
     finally:
         if helper is not None and _running(helper):
