@@ -4,8 +4,6 @@ metadata service, the real wrapper; results checked against an independent compu
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -114,32 +112,6 @@ def test_k_interruptions_then_finish_bit_for_bit(tmp_path: Path, script: Path, c
     assert data["cost"]["totals"]["interruptions"] == 2
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_with_a_committed_checkpoint(tmp_path: Path, script: Path, child_env: dict) -> None:
-    run = tmp_path / "run"
-    proc = launcher(child_env, run, "--interruptions", "0",
-                    cmd=[sys.executable, str(script), "100000", "10", "0.01"])
-    storage = Storage(str(run))
-    deadline = time.time() + 60
-    while time.time() < deadline and (last_checkpoint(storage) or 0) < 20:
-        time.sleep(0.1)
-    seen = last_checkpoint(storage)
-    assert seen is not None and seen >= 20
-    os.kill(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
-    after = last_checkpoint(storage)
-    assert after is not None and after >= seen
-    # The stop checkpoint is a real commit that loads (manifest present), and no child lingers.
-    assert (run / f"{after:012d}" / "manifest.json").exists()
-    assert not (run / "done.json").exists()
-    assert launcher_segments(run) == [("sim-1", "stopped")]
-    assert "Continue with" in out
-    wrapper_end = [r for r in Ledger(storage).records()
-                   if r["event"] == "segment_ended" and r["source"] == "wrapper"]
-    assert wrapper_end and wrapper_end[-1]["reason"] == "interrupted"  # committed, exit 75
-
-
 def test_failing_command_is_reported(tmp_path: Path, child_env: dict) -> None:
     run = tmp_path / "run"
     proc = launcher(child_env, run, cmd=[sys.executable, "-c", "import sys; sys.exit(3)"])
@@ -245,6 +217,16 @@ def test_spotrun_stop_then_same_command_continues(tmp_path: Path, script: Path, 
     assert proc.returncode == 130, out
     stopped_at = last_checkpoint(storage)
     assert stopped_at is not None and 20 <= stopped_at < steps
+    # What a Ctrl-C does (spotrun stop sends the launcher the same SIGINT; this was also
+    # test_ctrl_c_stops_cleanly_with_a_committed_checkpoint, folded here): the stop
+    # checkpoint is a real commit that loads (manifest present), and no child lingers.
+    assert (run / f"{stopped_at:012d}" / "manifest.json").exists()
+    assert not (run / "done.json").exists()
+    assert launcher_segments(run) == [("sim-1", "stopped")]
+    assert "Continue with" in out
+    wrapper_end = [r for r in Ledger(storage).records()
+                   if r["event"] == "segment_ended" and r["source"] == "wrapper"]
+    assert wrapper_end and wrapper_end[-1]["reason"] == "interrupted"  # committed, exit 75
 
     again = launcher(child_env, run, "--interruptions", "0", cmd=cmd)
     out, _ = again.communicate(timeout=120)
