@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 from helpers import EXAMPLE, REPO, env_for, spawn
 
+from spotrun.cli import main
 from spotrun.format.commit import list_checkpoints
 from spotrun.proof.resume_check import check_resume, compare_checkpoints
 from spotrun.records.layout import EXIT_INTERRUPTED
@@ -38,25 +38,38 @@ def test_sigterm_checkpoint_is_at_the_interrupted_step(tmp_path):
     assert newest % 20 != 0, f"stop checkpoint should be off-schedule, got step {newest}"
 
 
-def _check_resume(tmp_path, *extra, interruptions: int = 2):
-    cmd = [sys.executable, "-m", "spotrun", "check-resume", "-k", str(interruptions), "--seed", "3",
-           "--workdir", str(tmp_path / "cr"), "--", sys.executable, *ARGS, *extra]
+def _cli(capfd, monkeypatch, *args: str) -> tuple[int, str]:
+    """``spotrun check-resume ARGS`` through the CLI's own entry point, in this process (its
+    runs are real processes; a process for the CLI itself would only import torch once
+    more); its exit code and standard output (the runs' too, as from a terminal)."""
+    for k, v in env_for("").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(REPO)
+    capfd.readouterr()
+    code = main(["check-resume", *args])
+    out, err = capfd.readouterr()
+    print(err[-4000:])  # the log, shown if the test fails
+    return code, out
+
+
+def _check_resume(tmp_path, capfd, monkeypatch, *extra, interruptions: int = 2) -> tuple[int, str]:
     # Five or more starts of the example (torch imports; spare attempts for signals that came
     # too late): seconds each in CI, a minute or more each on a 2-core box at load 30.
-    return subprocess.run(cmd, env=env_for(""), capture_output=True, text=True, timeout=900, cwd=REPO)
+    return _cli(capfd, monkeypatch, "-k", str(interruptions), "--seed", "3", "--timeout", "900",
+                "--workdir", str(tmp_path / "cr"), "--", sys.executable, *ARGS, *extra)
 
 
 @pytest.mark.slow
-def test_check_resume_cli_passes_on_the_example(tmp_path):
+def test_check_resume_cli_passes_on_the_example(tmp_path, capfd, monkeypatch):
     """The example, SIGTERMed three times at random moments (mid-step, mid-save, between),
     each after it made fresh progress, exits 75 each time and resumes bit-exact. (This was
     also test_sigterm_several_times_resumes_bit_exact, on the same example: folded here.)"""
-    res = _check_resume(tmp_path, interruptions=3)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "PASS" in res.stdout
+    code, out = _check_resume(tmp_path, capfd, monkeypatch, interruptions=3)
+    assert code == 0, out
+    assert "PASS" in out
     # Delivered = exited 75 (EXIT_INTERRUPTED) with a checkpoint newer than it started from.
-    assert "3 of 3 interruptions delivered" in res.stdout, res.stdout
-    assert "final step 240" in res.stdout, res.stdout
+    assert "3 of 3 interruptions delivered" in out, out
+    assert "final step 240" in out, out
     # Independently of the CLI's verdict: the two runs' final checkpoints, compared here.
     cr = tmp_path / "cr"
     step, differences = compare_checkpoints(Storage(str(cr / "uninterrupted")), Storage(str(cr / "interrupted")))
@@ -65,15 +78,15 @@ def test_check_resume_cli_passes_on_the_example(tmp_path):
 
 
 @pytest.mark.slow
-def test_check_resume_cli_fails_without_rng_and_names_entries(tmp_path):
-    res = _check_resume(tmp_path, "--no-rng")
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert "FAIL" in res.stdout
-    assert "2 of 2 interruptions delivered" in res.stdout, res.stdout
+def test_check_resume_cli_fails_without_rng_and_names_entries(tmp_path, capfd, monkeypatch):
+    code, out = _check_resume(tmp_path, capfd, monkeypatch, "--no-rng")
+    assert code == 1, out
+    assert "FAIL" in out
+    assert "2 of 2 interruptions delivered" in out, out
     # Dropout masks differ after resume, so the weights and the optimizer moments do.
-    assert "objects.model.0.weight" in res.stdout
-    assert "objects.optimizer.state" in res.stdout
-    assert "likely cause: the checkpoints hold no RNG state" in res.stdout, res.stdout
+    assert "objects.model.0.weight" in out
+    assert "objects.optimizer.state" in out
+    assert "likely cause: the checkpoints hold no RNG state" in out, out
 
 
 PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
@@ -100,16 +113,14 @@ def test_check_resume_is_never_a_pass_with_fewer_interruptions_than_asked(tmp_pa
 
 
 @pytest.mark.slow
-def test_check_resume_names_the_prefetched_batch(tmp_path):
+def test_check_resume_names_the_prefetched_batch(tmp_path, capfd, monkeypatch):
     """Issue 11 items 1 and 3: a nanoGPT-style loop ported from the README alone trains the
     first step after a resume on the wrong batch. Its start-up is slow (as torch's imports
     are on a loaded machine), so signals sent at a fraction of the whole run's time would
     land before the first checkpoint and prove nothing; each must land after the restore."""
-    cmd = [sys.executable, "-m", "spotrun", "check-resume", "-k", "2", "--seed", "4",
-           "--workdir", str(tmp_path / "cr"), "--", *_prefetch_cmd("--startup-sleep", "1.5")]
-    res = subprocess.run(cmd, env=env_for(""), capture_output=True, text=True, timeout=600, cwd=REPO)
-    out = res.stdout
-    assert res.returncode == 1, out + res.stderr
+    code, out = _cli(capfd, monkeypatch, "-k", "2", "--seed", "4", "--timeout", "600",
+                     "--workdir", str(tmp_path / "cr"), "--", *_prefetch_cmd("--startup-sleep", "1.5"))
+    assert code == 1, out
     assert "2 of 2 interruptions delivered" in out and "FAIL" in out, out
     assert "first difference at step" in out, out
     cause = next(line for line in out.splitlines() if line.startswith("likely cause:"))
