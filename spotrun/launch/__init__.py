@@ -17,21 +17,58 @@ Both are backends of one shape (:mod:`.base`): a :class:`Launcher` whose ``run()
 
 from __future__ import annotations
 
-from ..records.launch_state import LaunchState, Segment, load_state
-from .base import (
-    Backend,
-    Launcher,
-    LaunchEvent,
-    LaunchEventKind,
-    LaunchOutcome,
-    backend_for,
-)
-from .book import RunBook
-from .controller import Ec2Controller, Ec2Options, Timing
-from .ec2 import Ec2Api, Pool
-from .local import LocalLauncher, LocalOptions, default_run_url
-from .status import format_status, run_status, stop_run
-from .userdata import build_user_data, check_no_secrets
+from typing import TYPE_CHECKING, Any
+
+# A node agent (`python -m spotrun.launch.node`) imports this package first; it needs neither
+# the EC2 controller nor the cost renderers that status pulls in (~0.5 s of a replacement
+# node's start on a quiet 2-core machine, seconds under load), so names load on first use.
+_EXPORTS = {
+    "LaunchState": "..records.launch_state",
+    "Segment": "..records.launch_state",
+    "load_state": "..records.launch_state",
+    "Backend": ".base",
+    "Launcher": ".base",
+    "LaunchEvent": ".base",
+    "LaunchEventKind": ".base",
+    "LaunchOutcome": ".base",
+    "backend_for": ".base",
+    "RunBook": ".book",
+    "Ec2Controller": ".controller",
+    "Ec2Options": ".controller",
+    "Timing": ".controller",
+    "Ec2Api": ".ec2",
+    "Pool": ".ec2",
+    "LocalLauncher": ".local",
+    "LocalOptions": ".local",
+    "default_run_url": ".local",
+    "format_status": ".status",
+    "run_status": ".status",
+    "stop_run": ".status",
+    "build_user_data": ".userdata",
+    "check_no_secrets": ".userdata",
+}
+
+if TYPE_CHECKING:
+    from ..records.launch_state import LaunchState, Segment, load_state
+    from .base import Backend, Launcher, LaunchEvent, LaunchEventKind, LaunchOutcome, backend_for
+    from .book import RunBook
+    from .controller import Ec2Controller, Ec2Options, Timing
+    from .ec2 import Ec2Api, Pool
+    from .local import LocalLauncher, LocalOptions, default_run_url
+    from .status import format_status, run_status, stop_run
+    from .userdata import build_user_data, check_no_secrets
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Backend",
