@@ -37,7 +37,16 @@ prices N nodes.
 interruption that took some of the nodes keeps the others' machines: their node agents note
 the attempt's exit code in the run URL and wait (``rejoin_timeout_s``) for the next cluster
 file; the launcher starts one new node per lost one, in the lost node's slot, under a new
-attempt and rendezvous id (a survivor hosts the store). A survivor is one machine billing
+attempt and rendezvous id (a survivor hosts the store). The replacement is asked for the moment
+the loss is known, as EC2 would be: at the notice, or when the node vanishes, not once the
+attempt has stopped. Its machine starts then (ledger segment, metadata service, local
+directory; ``capacity_at`` in the books) and its node agent (``--segment sim-K+1``) imports
+torch while it waits for the next attempt's cluster file, which is written only when that
+attempt starts. When no attempt needs it (the run finished, a stop, a failure, a whole
+relaunch) its machine is stopped and its segment ended (``stopped``: billed for the time it
+ran); that attempt number is then skipped. One that dies while it waits (or waits past its
+bound: the grace, kill and ``peer_exit_s`` times plus 120 s) is ended (``failed``) and another
+is started in its slot with the attempt (two instances for that loss). A survivor is one machine billing
 continuously: its ledger segment goes on (one start, one end), not a new one. A survivor
 whose agent has exited cannot be kept: then every node is relaunched. With ``relaunch``,
 or when every node was lost, every attempt is relaunched whole, from the last committed

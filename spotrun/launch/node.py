@@ -25,6 +25,11 @@ locally, kill the agent *and* its workers: the workers are in sessions of their 
 with only the agent killed they train on (the survivor's agent then waits out torchrun's
 300 s exit barrier).
 
+The agent imports torch and torchrun's machinery (3 s of CPU) on a thread of its own from
+its start, while it waits for its cluster file: a node started before its attempt (a
+replacement the launcher asks for at the loss) is ready to run torchrun when the file comes.
+An import that fails still fails after the wait, with the import's own exception.
+
 Group ranks are torchrun's to assign (c10d sorts the nodes that joined); the index in the
 cluster file decides only which node hosts the store (node ``host``, 0 unless the launcher
 names a survivor: see below).
