@@ -348,7 +348,9 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                       f"{row['n']:>2}")
             old, new = table.get((case, kind, "relaunch")), table.get((case, kind, "replace"))
             if old is not None and new is not None:
-                cells = [_ratio(new[k], old[k]) for k in ("total", *PARTS, "start_to_step")]
+                # A part the relaunch path spends (next to) no time in has no useful ratio.
+                cells = [_ratio(new[k], old[k]) if (old[k] or 0) >= 0.05 else None
+                         for k in ("total", *PARTS, "start_to_step")]
                 print(f"{case:5} {kind:6} {'ratio':8} " + " ".join(
                     f"{'-' if c is None else f'{c:.2f}x':>{w}}"
                     for c, w in zip(cells, (7, 8, 9, 10, 7, 9, 11), strict=True)))
