@@ -23,11 +23,13 @@ repeat). Two recovery paths, interleaved in the same run (A B, then B A, ...):
 Every figure comes from the run's ledger (``RUN_URL/ledger``). For each loss, with
 t0 = the loss (``recovery_started.lost_at``; without that record: when the launcher printed
 the notice or the vanishing), t1 = every machine of the next attempt running
-(``capacity_at``; else its last ``segment_started``), t2 = the next attempt's nodes started
-(its last launcher ``segment_started``), t3 = restore began (``restore_started_at``), t4 =
+(``capacity_at``: with ``--recovery replace`` the replacement is started at the loss), t2 =
+the next attempt started (the launcher's "segment K (" line: its cluster file written, its
+other new nodes started; else its last launcher ``segment_started``), t3 = restore began (``restore_started_at``), t4 =
 t3 + ``restore_s``, t5 = the first training step (``training_resumed.first_step_at``):
 
-    total = t5 - t0, to capacity = t1 - t0, boot/setup = t2 - t1,
+    total = t5 - t0, to capacity = t1 - t0, boot/wait = t2 - t1 (locally: no boot; a replacement started
+    at the loss waits here for the attempt before to stop),
     start + rendezvous = t3 - t2, restore = t4 - t3, restore -> step = t5 - t4
 
 and the bytes the restore read from the local copy, a peer and the run URL
@@ -70,6 +72,8 @@ KINDS = ("notice", "loss")
 # The launcher's own lines that say where a loss happened (spotrun/launch/local.py).
 NOTICE_LINE = re.compile(r"spot interruption notice for (\S+)")
 LOSS_LINE = re.compile(r"(\S+?)(?: \(node \d+\))? vanished without notice")
+# The launcher's line when an attempt starts (its cluster file written, its new nodes started).
+ATTEMPT_LINE = re.compile(r"^spotrun: segment (\d+) \(")
 PARTS = ("to_capacity", "boot", "start_rdzv", "restore", "restore_to_step")
 
 
@@ -156,6 +160,8 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
             _stop(proc)
             raise
         reader.join(30)
+    with open(log_path + ".lines.json", "w") as f:  # to recompute the figures later (--keep)
+        json.dump(lines, f)
     digest = None
     if os.path.exists(digest_file):
         with open(digest_file) as f:
@@ -208,8 +214,15 @@ def recoveries(records: list[dict], lines: list[tuple[float, str]]) -> list[dict
     for r in records:
         if r["event"] == "segment_started" and r.get("source") == "launcher" and r.get("group"):
             groups.setdefault(r["group"], []).append(r)
-    order = sorted(groups, key=lambda g: min(s["started_at"] for s in groups[g]))
-    start_of = {g: min(s["started_at"] for s in groups[g]) for g in order}
+    # When each attempt started: the launcher's "segment K (" line, else its first machine's
+    # start (a replacement asked for at the loss starts its machine during the attempt before).
+    said = {}
+    for t, line in lines:
+        m = ATTEMPT_LINE.search(line)
+        if m and f"sim-{m.group(1)}" in groups:
+            said.setdefault(f"sim-{m.group(1)}", t)
+    start_of = {g: said.get(g, min(s["started_at"] for s in groups[g])) for g in groups}
+    order = sorted(groups, key=lambda g: start_of[g])
 
     def group_at(t: float) -> str | None:
         """The attempt running at time t: the latest one started by then."""
@@ -240,6 +253,8 @@ def recoveries(records: list[dict], lines: list[tuple[float, str]]) -> list[dict
         t1 = rs.get("capacity_at") if rs is not None else None
         t1 = t1 if t1 is not None else nodes_at
         t2 = max(nodes_at, t1) if nodes_at is not None else t1
+        if nxt in said and t1 is not None:  # the attempt itself started (after the one before stopped)
+            t2 = max(said[nxt], t1)
         t3 = _min([r["restore_started_at"] for r in mine if r.get("restore_started_at") is not None])
         ends = [r["restore_started_at"] + r["restore_s"] for r in mine
                 if r.get("restore_started_at") is not None and r.get("restore_s") is not None]
@@ -315,7 +330,7 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
     if not has_replace:
         print("replace path not available in this build (spotrun launch has no --recovery): "
               "only today's relaunch is measured")
-    head = (f"{'case':5} {'loss':6} {'path':8} {'total':>7} {'capacity':>8} {'boot':>6} {'start+rdzv':>10} "
+    head = (f"{'case':5} {'loss':6} {'path':8} {'total':>7} {'capacity':>8} {'boot+wait':>9} {'start+rdzv':>10} "
             f"{'restore':>7} {'rst->step':>9} {'start..step':>11} {'MiB local':>9} {'MiB peer':>8} "
             f"{'MiB url':>7} {'n':>2}")
     print(head)
@@ -327,16 +342,18 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                 if row is None:
                     continue
                 print(f"{case:5} {kind:6} {path:8} {_s(row['total']):>7} {_s(row['to_capacity']):>8} "
-                      f"{_s(row['boot']):>6} {_s(row['start_rdzv']):>10} {_s(row['restore']):>7} "
+                      f"{_s(row['boot']):>9} {_s(row['start_rdzv']):>10} {_s(row['restore']):>7} "
                       f"{_s(row['restore_to_step']):>9} {_s(row['start_to_step']):>11} "
                       f"{_mib(row['bytes_local']):>9} {_mib(row['bytes_peer']):>8} {_mib(row['bytes_url']):>7} "
                       f"{row['n']:>2}")
             old, new = table.get((case, kind, "relaunch")), table.get((case, kind, "replace"))
             if old is not None and new is not None:
-                cells = [_ratio(new[k], old[k]) for k in ("total", *PARTS, "start_to_step")]
+                # A part the relaunch path spends (next to) no time in has no useful ratio.
+                cells = [_ratio(new[k], old[k]) if (old[k] or 0) >= 0.05 else None
+                         for k in ("total", *PARTS, "start_to_step")]
                 print(f"{case:5} {kind:6} {'ratio':8} " + " ".join(
                     f"{'-' if c is None else f'{c:.2f}x':>{w}}"
-                    for c, w in zip(cells, (7, 8, 6, 10, 7, 9, 11), strict=True)))
+                    for c, w in zip(cells, (7, 8, 9, 10, 7, 9, 11), strict=True)))
     for run in runs:
         for rec in run["recoveries"]:
             if rec["t5"] is None:  # counted in n, not in the medians: say why

@@ -37,7 +37,7 @@ import torch
 
 from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
 
-__all__ = ["Group", "note_exit", "torchrun"]
+__all__ = ["Group", "note_exit", "preload", "torchrun"]
 
 #: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
@@ -137,6 +137,15 @@ def _done_marker() -> bytes | None:
     except Exception as exc:  # noqa: BLE001 - unreadable: trust the exit codes as before
         log.warning("could not read %s under $SPOTRUN_URL: %s", DONE_MARKER, exc)
         return None
+
+
+def preload() -> None:
+    """Import what :func:`torchrun` imports when it runs (torchrun's agent and its elastic
+    machinery: about 0.5 s on top of ``import torch``), so a node agent can have it done while
+    it still waits for its cluster file (spotrun.launch.node)."""
+    import torch.distributed.elastic.multiprocessing.api
+    import torch.distributed.elastic.multiprocessing.errors
+    import torch.distributed.run  # noqa: F401
 
 
 def torchrun(argv: Sequence[str] | None = None) -> int:

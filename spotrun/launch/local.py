@@ -37,7 +37,16 @@ prices N nodes.
 interruption that took some of the nodes keeps the others' machines: their node agents note
 the attempt's exit code in the run URL and wait (``rejoin_timeout_s``) for the next cluster
 file; the launcher starts one new node per lost one, in the lost node's slot, under a new
-attempt and rendezvous id (a survivor hosts the store). A survivor is one machine billing
+attempt and rendezvous id (a survivor hosts the store). The replacement is asked for the moment
+the loss is known, as EC2 would be: at the notice, or when the node vanishes, not once the
+attempt has stopped. Its machine starts then (ledger segment, metadata service, local
+directory; ``capacity_at`` in the books) and its node agent (``--segment sim-K+1``) imports
+torch while it waits for the next attempt's cluster file, which is written only when that
+attempt starts. When no attempt needs it (the run finished, a stop, a failure, a whole
+relaunch) its machine is stopped and its segment ended (``stopped``: billed for the time it
+ran); that attempt number is then skipped. One that dies while it waits (or waits past its
+bound: the grace, kill and ``peer_exit_s`` times plus 120 s) is ended (``failed``) and another
+is started in its slot with the attempt (two instances for that loss). A survivor is one machine billing
 continuously: its ledger segment goes on (one start, one end), not a new one. A survivor
 whose agent has exited cannot be kept: then every node is relaunched. With ``relaunch``,
 or when every node was lost, every attempt is relaunched whole, from the last committed
@@ -233,6 +242,13 @@ class LocalLauncher:
         self._limit_reason: str | None = None
         #: The survivors of the last attempt, by index, kept for the next (Action.REPLACE).
         self._kept: dict[int, _Node] = {}
+        #: Replacements started at the loss (``--recovery replace``), by the lost node's index,
+        #: waiting for attempt ``_early_k``'s cluster file (see "Recovery" in the docstring).
+        self._early: dict[int, _Node] = {}
+        self._early_k: int | None = None
+        #: Replacements started at a loss that died before their attempt started (counted
+        #: among the instances that recovery started).
+        self._early_dead = 0
         #: What the next attempt recovers from: the RecoveryStarted fields known so far.
         self._recovery: dict[str, Any] | None = None
         self.state = self._load_or_new_state()
@@ -382,12 +398,16 @@ class LocalLauncher:
         ``interrupt`` ("notice" or "loss") on one of them, wait until all have exited (or
         noted their exit and wait to rejoin); returns what happens next."""
         o = self.options
-        k = self._attempt_number()
+        k = self._early_k if self._early else self._attempt_number()
         start_step = last_checkpoint(self.storage)
         started = self.clock()
         kept, self._kept = self._kept, {}
-        group, nodes = self.nodes.start(k, start_step, keep=kept)
-        self._record_recovery(group, started=len(nodes) - len(kept))
+        early = self._take_early()
+        group, nodes = self.nodes.start(k, start_step, keep=kept, early=early)
+        fresh = [n for n in nodes if n.index not in kept and n.index not in early]
+        self._record_recovery(group, started=len(nodes) - len(kept) + self._early_dead,
+                              capacity_at=None if fresh or not early else max(n.seg.started_at for n in early.values()))
+        self._early_dead = 0
         rejoining = o.cluster and o.recovery == "replace"
         multi = len(nodes) > 1
         # Which node the interruption hits (drawn only with several: one node's runs keep
@@ -472,6 +492,8 @@ class LocalLauncher:
                         posted = now
                         self._say(f"spot interruption notice for {vid}{_of(victim, multi)}: SIGTERM in "
                                   f"{o.grace_s:g}s", LaunchEventKind.NOTICE, group)
+                    if rejoining and multi:
+                        self._start_early(victim, group)
                 if posted is not None and term_at is None and now >= posted + o.grace_s:
                     term_at = now
                     if victim.rc is None:
@@ -501,6 +523,7 @@ class LocalLauncher:
                 self.sleep(o.poll_s)
         except BaseException:
             self.nodes.abandon(nodes)
+            self._end_early("the launcher stopped")
             raise
         self._interrupted_last = posted is not None or lost is not None
         verdict = classify_local(self._attempt_end(nodes, victim, posted=posted is not None,
@@ -521,6 +544,10 @@ class LocalLauncher:
             decision = Decision(Action.RELAUNCH, verdict.detail, interruptions=decision.interruptions,
                                 lost=decision.lost)
             keep = []
+        lost_slots = {n.index for n in nodes if n.seg.segment_id in decision.lost} if keep else set()
+        for index in [i for i in self._early if i not in lost_slots]:
+            # No attempt will use it (finished, stopped, failed, relaunched whole).
+            self._release_early(index, decision.action.value, group)
         gone = [n for n in nodes if n not in keep]
         self._stop_waiting(gone, kill_after)
         self.nodes.close(gone)
@@ -559,8 +586,67 @@ class LocalLauncher:
                 kill_tree(node.proc.pid)  # type: ignore[union-attr]
                 node.proc.wait()  # type: ignore[union-attr]
 
+    def _start_early(self, victim: _Node, group: str) -> None:
+        """Ask for ``victim``'s replacement now, at the loss (the notice, or the node seen
+        gone), as EC2 would be asked, instead of once the attempt has stopped: its machine is
+        up, its agent imported torch and waits for the next attempt's cluster file by the
+        time the survivors are ready for it. A machine that cannot start is only a warning:
+        the next attempt starts the replacement then, as before."""
+        if victim.index in self._early:
+            return
+        k = self._early_k if self._early else self._attempt_number()
+        try:
+            node = self.nodes.start_early(k, victim.index)
+        except Exception as exc:  # noqa: BLE001 - LaunchError, an OSError of the services
+            self._say(f"could not start {victim.seg.segment_id}'s replacement at the loss ({exc}); "
+                      "starting it with the next attempt", LaunchEventKind.WARNING, group)
+            return
+        self._early[victim.index], self._early_k = node, k
+        self._say(f"{node.seg.segment_id}: replacement for {victim.seg.segment_id} started at the loss; "
+                  f"it waits for attempt sim-{k}", LaunchEventKind.INFO, group)
+
+    def _take_early(self) -> dict[int, _Node]:
+        """The early replacements for the attempt starting now. One whose agent already
+        exited (it died, or waited past its bound) is not used: its machine is ended (FAILED)
+        and the slot gets a new node, started now (counted: two instances for that loss)."""
+        early, self._early, self._early_k = self._early, {}, None
+        for index, node in list(early.items()):
+            if node.proc is not None and node.proc.poll() is None:
+                continue
+            del early[index]
+            code = node.proc.returncode if node.proc is not None else None
+            self._say(f"{node.seg.segment_id}: the replacement started at the loss exited {code} before its "
+                      "attempt started; starting another", LaunchEventKind.WARNING, node.seg.group)
+            self.nodes.close([node])
+            if node.seg.open:
+                self.book.end(node.seg, EndReason.FAILED, ended_at=self.clock(), exit_code=code,
+                              detail="replacement started at the loss; its node agent exited before its attempt")
+            self._early_dead += 1
+        return early
+
+    def _release_early(self, index: int, why: str, group: str) -> None:
+        """An early replacement no attempt will use: stop its machine, end its segment
+        (billed for the time it ran, like any machine)."""
+        node = self._early.pop(index)
+        if not self._early:
+            self._early_k = None
+        self._say(f"{node.seg.segment_id}: the replacement started at the loss is not needed "
+                  f"({why}); stopping its machine", LaunchEventKind.INFO, group)
+        self._stop_waiting([node], 5.0)
+        self.nodes.close([node])
+        if node.seg.open:
+            self.book.end(node.seg, EndReason.STOPPED, ended_at=self.clock(),
+                          exit_code=node.proc.returncode if node.proc is not None else None,
+                          detail=f"replacement started at the loss, not needed ({why})")
+
+    def _end_early(self, why: str) -> None:
+        for index in list(self._early):
+            self._release_early(index, why, "")
+
     def _release_kept(self, reason: str, detail: str) -> None:
-        """Survivors kept for an attempt that will not start: stop them, end their segments."""
+        """Survivors kept for an attempt that will not start: stop them, end their segments;
+        and any replacement started for it."""
+        self._end_early(detail)
         kept, self._kept = list(self._kept.values()), {}
         if not kept:
             return
@@ -572,14 +658,17 @@ class LocalLauncher:
                 self.book.end(node.seg, reason, ended_at=ended, exit_code=node.proc.returncode,  # type: ignore[union-attr]
                               detail=f"kept for an attempt that did not start: {detail}")
 
-    def _record_recovery(self, group: str, *, started: int) -> None:
-        """The ledger's ``recovery_started`` for an attempt that follows a loss (both modes)."""
+    def _record_recovery(self, group: str, *, started: int, capacity_at: float | None = None) -> None:
+        """The ledger's ``recovery_started`` for an attempt that follows a loss (both modes).
+        ``capacity_at``: when the last of its new machines was up (a replacement started at
+        the loss); default now (they were started with the attempt)."""
         if self._recovery is None:
             return
         fields, self._recovery = self._recovery, None
         try:
             Ledger(self.storage).recovery_started(segment_id=group, instances_started=started,
-                                                  capacity_at=self.clock(), **fields)
+                                                  capacity_at=self.clock() if capacity_at is None else capacity_at,
+                                                  **fields)
         except Exception as exc:  # noqa: BLE001 - the books never stop the run
             self._say(f"could not record the recovery in the ledger: {exc}", LaunchEventKind.WARNING, group)
 

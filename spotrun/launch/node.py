@@ -25,6 +25,11 @@ locally, kill the agent *and* its workers: the workers are in sessions of their 
 with only the agent killed they train on (the survivor's agent then waits out torchrun's
 300 s exit barrier).
 
+The agent imports torch and torchrun's machinery (3 s of CPU) on a thread of its own from
+its start, while it waits for its cluster file: a node started before its attempt (a
+replacement the launcher asks for at the loss) is ready to run torchrun when the file comes.
+An import that fails still fails after the wait, with the import's own exception.
+
 Group ranks are torchrun's to assign (c10d sorts the nodes that joined); the index in the
 cluster file decides only which node hosts the store (node ``host``, 0 unless the launcher
 names a survivor: see below).
@@ -46,12 +51,14 @@ exits with torchrun's code, as before (on EC2 the instance then shuts down).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -433,6 +440,47 @@ def _instance_id() -> str:
                       "(the launcher sets it on every node)")
 
 
+class _Preload:
+    """``spotrun.distributed`` (torch and torchrun's machinery, 3 s of CPU here) imported on a
+    thread of its own from the agent's start, while it waits for its cluster file: a node
+    started before its attempt (a replacement asked for at the loss) is then ready to run
+    torchrun the moment the file comes, instead of starting the import then.
+
+    Why a thread and not the import before the wait: the wait itself (opening the run URL,
+    boto3 on S3) overlaps it, and an import that fails still fails where it failed before the
+    preload, after the wait, with the same exception: :meth:`torchrun` joins the thread (the
+    main thread never imports the module while the thread does) and raises what the import
+    raised."""
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="spotrun-preload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            module = importlib.import_module("spotrun.distributed")
+        except BaseException as exc:  # noqa: BLE001 - raised again by torchrun(), in the main thread
+            self._error = exc
+            return
+        try:
+            preload = getattr(module, "preload", None)  # a stand-in module (tests) has none
+            if preload is not None:
+                preload()
+        except Exception as exc:  # noqa: BLE001 - torchrun() imports these itself and raises then
+            log.debug("preloading torchrun's modules failed (%s); torchrun imports them again", exc)
+
+    def torchrun(self) -> Any:
+        """:func:`spotrun.distributed.torchrun`, once the thread's import is done."""
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        from ..distributed import torchrun
+
+        return torchrun
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m spotrun.launch.node [--timeout S] -- CMD...``; exits with torchrun's code."""
     parser = argparse.ArgumentParser(
@@ -461,13 +509,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("SPOTRUN_URL is not set; the launcher sets it to the run URL")
         torchrun_command(command)  # a command it cannot run fails before any waiting
         instance_id = _instance_id()
+        preload = _Preload()
         storage = open_storage(url)
         spec = wait_for_cluster(storage, instance_id, args.timeout, args.poll, segment=args.segment)
         argv_ = node_argv(spec, instance_id, command)
     except SpotrunError as exc:
         print(f"spotrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    from ..distributed import torchrun
+    torchrun = preload.torchrun()
 
     while True:  # one pass per attempt this machine runs (see "Rejoining")
         index = spec.index(instance_id)
