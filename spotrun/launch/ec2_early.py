@@ -182,6 +182,10 @@ class EarlyReplacements:
         if not early:
             return
         ids = [e.instance.instance_id for e in early]
+        try:  # before terminating: one that already went (its agent gave up) bills until then
+            statuses = ctl._describe([_segment(e) for e in early])
+        except LaunchError:
+            statuses = {}
         ctl._say(f"terminating {', '.join(ids)}: {why}", LaunchEventKind.WARNING)
         for e in early:
             try:
@@ -191,9 +195,12 @@ class EarlyReplacements:
         now = ctl.clock()
         for e in early:
             seg = _segment(e)
+            st = statuses.get(seg.instance_id)
+            gone_at = st.transition_at if st is not None and not st.alive and st.transition_at else None
+            ended_at = max(e.launched_at, min(now, gone_at) if gone_at is not None else now)
             ctl.book.begin(seg, InstanceInfo(cloud=Cloud.AWS.value, instance_id=seg.instance_id,
                                              instance_type=seg.instance_type, region=e.region, market=seg.market))
-            ctl._end_segment(seg, reason, detail=f"terminated by spotrun: {why}", ended_at=max(now, e.launched_at))
+            ctl._end_segment(seg, reason, detail=f"terminated by spotrun: {why}", ended_at=ended_at)
 
 
 def _segment(e: Early) -> Segment:
