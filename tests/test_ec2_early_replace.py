@@ -130,6 +130,10 @@ def test_run_finishing_after_a_notice_terminates_the_early_instance_and_bills_it
     starts = {r["segment_id"]: r["started_at"] for r in recs if r["event"] == "segment_started"}
     ends = {r["segment_id"]: (r["reason"], r["ended_at"]) for r in recs if r["event"] == "segment_ended"}
     assert starts[early] == T0 + 1000 and ends[early] == ("stopped", T0 + 1060)  # launched, terminated
+    # The cost report bills its minute (as restart time: it never trained), in its zone.
+    (seg,) = [s for s in report_for_run(storage, offline=True).segments if s.segment_id == early]
+    assert (seg.start, seg.end) == (T0 + 1000, T0 + 1060)
+    assert seg.instance.availability_zone == "us-east-1b" and seg.to_dict()["cost_usd"] > 0
     assert [r for r in recs if r["event"] == "recovery_started"] == []
     assert ctl.state.interruptions == 0
 

@@ -198,8 +198,10 @@ class EarlyReplacements:
             st = statuses.get(seg.instance_id)
             gone_at = st.transition_at if st is not None and not st.alive and st.transition_at else None
             ended_at = max(e.launched_at, min(now, gone_at) if gone_at is not None else now)
+            seg.availability_zone = st.availability_zone if st is not None else None
             ctl.book.begin(seg, InstanceInfo(cloud=Cloud.AWS.value, instance_id=seg.instance_id,
-                                             instance_type=seg.instance_type, region=e.region, market=seg.market))
+                                             instance_type=seg.instance_type, region=e.region,
+                                             availability_zone=seg.availability_zone, market=seg.market))
             ctl._end_segment(seg, reason, detail=f"terminated by spotrun: {why}", ended_at=ended_at)
 
 
