@@ -20,6 +20,10 @@ their exit codes, so each worker leaves a one-line note in a folder the wrapper 
 committed a stop checkpoint, otherwise what torchrun would have returned, except that a
 failure after the run finished (``done.json`` at ``$SPOTRUN_URL`` written during this launch;
 gloo's teardown sometimes aborts a worker after it) is 0, with a warning naming the codes.
+When every failed worker exited ``128 + SIGTERM`` (``EXIT_STOP_UNSAVED``: its stop checkpoint
+missed the deadline) or ``128 + SIGINT``, that code comes back too (the larger of the two
+when both), not 1: the node was interrupted and resumes from the previous checkpoint, which a
+launcher must not count as a failure of the command (``--max-failures``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -35,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED
+from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 
 __all__ = ["Group", "note_exit", "preload", "torchrun"]
 
@@ -43,6 +48,10 @@ __all__ = ["Group", "note_exit", "preload", "torchrun"]
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 
 log = logging.getLogger("spotrun.distributed")
+
+#: Worker exit codes that mean "stopped by a signal, stop checkpoint not committed": a worker
+#: whose stop save missed its deadline exits 143; a shell passes a SIGINT on as 130.
+SIGNAL_EXITS = frozenset({EXIT_STOP_UNSAVED, 128 + signal.SIGINT})
 
 
 class Group:
@@ -157,8 +166,9 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     change that), whether the signal reached the workers directly or through torchrun;
     ``128 + signum`` when torchrun was signalled and no worker committed a stop
     checkpoint; 0 also when workers failed after writing ``done.json`` (at
-    ``$SPOTRUN_URL``) during this launch; 1 for any other failure, after printing torchrun's
-    failure summary. "Written during this launch" is known from the workers' exit notes
+    ``$SPOTRUN_URL``) during this launch; ``128 + signum`` when every failed worker exited
+    with one of :data:`SIGNAL_EXITS` (the largest, 143 before 130); 1 for any other failure,
+    after printing torchrun's failure summary. "Written during this launch" is known from the workers' exit notes
     (every rank notes 0 once done.json is written), or from ``$SPOTRUN_URL`` when the
     workers died before noting.
     """
@@ -187,6 +197,13 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
             log.warning("the run finished (done.json written) but workers then exited "
                         "with codes %s; exiting %d", codes, EXIT_FINISHED)
             return EXIT_FINISHED
+        if codes and set(codes) <= SIGNAL_EXITS:
+            # Every worker that ended was stopped by a signal and could not commit its stop
+            # checkpoint in time: an interruption that loses the steps since the previous
+            # checkpoint, not a failure of the command (torchrun alone would exit 1).
+            log.warning("workers were stopped by a signal and did not commit a stop checkpoint "
+                        "(exit codes %s); exiting %d", codes, max(codes))
+            return max(codes)
         print(exc.format_msg(), file=sys.stderr)
         return 1
     except SignalException as exc:

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..records.events import EndReason, Market
-from ..records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+from ..records.layout import EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 from .ec2 import SPOT_INTERRUPTION
 
 __all__ = [
     "KILLED",
     "RECOVERY_MODES",
+    "UNSAVED_STOP",
     "Action",
     "AttemptEnd",
     "Decision",
@@ -53,6 +54,17 @@ RECOVERY_MODES = ("replace", "relaunch")
 
 #: Exit codes of a process the simulator killed (Popen's -signal, or a shell's 128 + signal).
 KILLED = (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL)
+
+#: Exit codes of a command stopped by a signal whose stop checkpoint was not committed: 143
+#: (``EXIT_STOP_UNSAVED``, the stop save missed its deadline; ``python -m spotrun.distributed``
+#: passes it on from its workers) and 130 (a SIGINT through a shell). An interruption that
+#: loses the steps since the previous checkpoint, never a failure of the command.
+UNSAVED_STOP = (EXIT_STOP_UNSAVED, 128 + signal.SIGINT)
+
+
+def _unsaved(code: int | None) -> str:
+    return (f"stopped on an interruption, but its stop checkpoint was not committed (exit {code}); "
+            "it resumes from the previous checkpoint")
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,8 @@ def classify_local(end: AttemptEnd) -> Verdict:
                        end.hit, lost)
     if EXIT_INTERRUPTED in rcs:
         return Verdict(EndReason.INTERRUPTED, f"the command stopped itself on a notice (exit 75); exit codes {codes}")
+    if all(rc in UNSAVED_STOP for rc in rcs):
+        return Verdict(EndReason.INTERRUPTED, f"the command {_unsaved(rcs[0])}; exit codes {codes}")
     if all(rc == EXIT_FINISHED for rc in rcs):
         return Verdict(EndReason.FAILED, "every node exited 0 without writing done.json; does the command run "
                        "its loop through spotrun.Checkpointer (range() or finish())?")
@@ -187,6 +201,8 @@ def _classify_local_one(end: AttemptEnd) -> Verdict:
         return Verdict(EndReason.INTERRUPTED, f"simulated spot interruption; the command {how}", node.node_id, gone)
     if rc == EXIT_INTERRUPTED:
         return Verdict(EndReason.INTERRUPTED, "the command stopped itself on a notice (exit 75)", node.node_id, gone)
+    if rc in UNSAVED_STOP:
+        return Verdict(EndReason.INTERRUPTED, f"the command {_unsaved(rc)}", node.node_id, gone)
     if end.node_lost:
         return Verdict(EndReason.INTERRUPTED, f"simulated machine loss without notice (exit {rc})",
                        node.node_id, gone)
@@ -213,6 +229,8 @@ def classify_instance(node: NodeEnd, *, done: bool) -> Verdict:
         return Verdict(EndReason.INTERRUPTED, "spot interruption", me, (me,))
     if code == EXIT_INTERRUPTED:
         return Verdict(EndReason.INTERRUPTED, "the command stopped on an interruption notice (exit 75)", me, (me,))
+    if code in UNSAVED_STOP:
+        return Verdict(EndReason.INTERRUPTED, f"the command {_unsaved(code)}", me, (me,))
     if code is not None:
         what = "exited 0 without writing done.json" if code == 0 else f"exited with code {code}"
         return Verdict(EndReason.FAILED, f"the command {what}; see /var/log/spotrun.log on the instance", me, (me,))

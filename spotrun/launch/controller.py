@@ -42,7 +42,9 @@ node lost, a failure, ``--recovery relaunch``) the attempt is over: the controll
 the survivors (their shutdown SIGTERMs the command, which may commit), ends every node's
 segment with the attempt's reason, counts ONE interruption (or failure) and relaunches a
 full new attempt. The ledger gets a ``recovery_started`` record before each attempt that
-follows a loss.
+follows a loss. A node's interruption notice (the ``notice_received`` record its wrapper
+writes into the run ledger) makes the controller ask for that node's replacement at once,
+before the node is gone (:mod:`.ec2_early`).
 ``--min-nodes M`` accepts an attempt of M..N nodes; a smaller attempt is not grown while it
 runs, the next relaunch asks for N again.
 
@@ -98,6 +100,7 @@ from .capacity import CapacitySearch
 from .common import is_done
 from .ec2 import Ec2Api, InstanceStatus, Pool
 from .ec2_attempts import Ec2Attempts
+from .ec2_early import EarlyReplacements
 from .ec2_ending import Ec2Ending
 from .ec2_options import Ec2Options, Timing
 from .ec2_replace import Ec2Replacement
@@ -169,6 +172,7 @@ class Ec2Controller:
         self.wait = WaitClock(wait_s, since=state.waiting_since)
         self.capacity = CapacitySearch(self)
         self.replace = Ec2Replacement(self)
+        self.early = EarlyReplacements(self)
         self.attempts = Ec2Attempts(self)
         self.ending = Ec2Ending(self)
 
@@ -314,6 +318,7 @@ class Ec2Controller:
                     why = self._over_budget()
                     if why is not None:
                         return self.ending.budget_stop(why)
+                    self.early.check(attempt)
                     self.sleep(self.timing.poll_s)
                     continue
                 outcome = self._attempt_over(attempt, statuses, gone)
@@ -438,6 +443,7 @@ class Ec2Controller:
                                  nodes=[s.instance_id for s in attempt], recovery=self.options.recovery)
             if decision.action is Action.REPLACE and self.replace.keep(attempt, statuses, gone, verdict, decision):
                 return None
+            self.early.discard(f"attempt {attempt[0].group} ended: {verdict.reason}")
             if verdict.reason is EndReason.INTERRUPTED:
                 self.replace.expect_relaunch([s for s in attempt if s in gone])
             why = verdict.detail

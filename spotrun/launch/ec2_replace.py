@@ -33,15 +33,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LaunchError
-from ..records.events import EndReason
+from ..records.events import EndReason, Market
 from ..records.launch_state import RunStatus, Segment
 from ..records.ledger import Ledger
 from .attempt import Decision, Verdict, classify_instance
 from .base import LaunchEventKind, LaunchOutcome
-from .ec2 import InstanceStatus, Pool
+from .ec2 import FleetResult, InstanceStatus, Pool
 
 if TYPE_CHECKING:
     from .controller import Ec2Controller
+    from .ec2_early import Early
 
 __all__ = ["Ec2Replacement", "Pending"]
 
@@ -154,12 +155,45 @@ class Ec2Replacement:
         if market is None:
             return ctl.ending.give_up(RunStatus.FAILED, why, exit_code=1)
         region = p.kept[0].region or ctl.home
+        subnet = p.kept[0].subnet_id
+        # Replacements asked for at the lost nodes' notices (.ec2_early) take their slots.
+        early = ctl.early.take(p.lost)
+        rest = [s for s in p.lost if s.instance_id not in early]
+        n = len(rest)
+        if not rest:
+            if self._begin(region, [], fleet_id=None, early=early):
+                return None
+            early, rest, n = {}, list(p.lost), len(p.lost)  # _begin ended them
+        launched, errors = self.ask(region, subnet, p.kept[0].instance_type, n, market)
+        if launched is not None:
+            if self._begin(region, launched.instances, fleet_id=launched.fleet_id, early=early):
+                return None
+            errors = [*errors, "replacements without an address"]
+        elif early:
+            # The early ones wait for the others; they are billed meanwhile, as a survivor is.
+            ctl.early.put_back(early)
+        waited = ctl.clock() - p.since
+        if waited >= ctl.timing.replace_wait_s:
+            where = f"{subnet or 'the default subnet'} ({p.kept[0].availability_zone or '?'})"
+            if len(p.kept) >= ctl.options.need and ctl.options.min_nodes is not None:
+                return self._shrink(f"no capacity for {n} replacement(s) in {where} for {waited:.0f}s")
+            return self._relaunch(f"no capacity for {n} replacement(s) in {where} for {waited:.0f}s"
+                                  + (f" ({'; '.join(errors[-3:])})" if errors else ""))
+        ctl._say(f"no capacity for {n} replacement(s) yet ({'; '.join(errors[-3:]) or 'none given'}); "
+                 f"asking again in {ctl.timing.capacity_retry_s:g}s", LaunchEventKind.CAPACITY)
+        ctl.sleep(ctl.timing.capacity_retry_s)
+        return None
+
+    def ask(self, region: str, subnet: str | None, first_type: str | None, n: int,
+            market: Market) -> tuple[FleetResult | None, list[str]]:
+        """Ask EC2 for ``n`` instances in ``subnet`` (``first_type`` first, then every
+        ``--instance-types`` type), in the run's placement group: all or nothing. The fleet
+        that gave them (``n`` instances exactly), or None and the capacity errors."""
+        ctl = self.ctl
         api = ctl._api(region)
         template = ctl.capacity.ensure_template(region)
-        subnet = p.kept[0].subnet_id
-        types = [p.kept[0].instance_type or "", *ctl.options.instance_types]
+        types = [first_type or "", *ctl.options.instance_types]
         pools = [Pool(t, subnet) for t in dict.fromkeys(t for t in types if t)]
-        n = len(p.lost)
         errors: list[str] = []
         for request in ([pools] if n == 1 else [[pool] for pool in pools]):
             ctl.state.attempts += 1
@@ -175,53 +209,49 @@ class Ec2Replacement:
                 extra = result.instances[n:]
                 if extra:
                     api.terminate([i.instance_id for i in extra])
-                if self._begin(region, result.instances[:n], fleet_id=result.fleet_id):
-                    return None
-                continue
+                return FleetResult(result.fleet_id, result.instances[:n], result.errors), errors
             hard = [e for e in result.errors if not e.is_capacity]
             if hard and not any(e.is_capacity for e in result.errors):
                 e = hard[0]
                 raise LaunchError(f"create_fleet ({market}) for a replacement failed in {e.pool or 'every pool'}: "
                                   f"{e.code}: {e.message}")
             errors.extend(f"{e.pool or 'all pools'}: {e.code}" for e in result.errors)
-        waited = ctl.clock() - p.since
-        if waited >= ctl.timing.replace_wait_s:
-            where = f"{subnet or 'the default subnet'} ({p.kept[0].availability_zone or '?'})"
-            if len(p.kept) >= ctl.options.need and ctl.options.min_nodes is not None:
-                return self._shrink(f"no capacity for {n} replacement(s) in {where} for {waited:.0f}s")
-            return self._relaunch(f"no capacity for {n} replacement(s) in {where} for {waited:.0f}s"
-                                  + (f" ({'; '.join(errors[-3:])})" if errors else ""))
-        ctl._say(f"no capacity for {n} replacement(s) yet ({'; '.join(errors[-3:]) or 'none given'}); "
-                 f"asking again in {ctl.timing.capacity_retry_s:g}s", LaunchEventKind.CAPACITY)
-        ctl.sleep(ctl.timing.capacity_retry_s)
-        return None
+        return None, errors
 
-    def _begin(self, region: str, launched: list[Any], *, fleet_id: str | None) -> bool:
-        """Record the replacements (each in a lost node's slot) and write the next attempt's
-        cluster files; False (instances terminated) when they never got an address."""
+    def _begin(self, region: str, launched: list[Any], *, fleet_id: str | None,
+               early: dict[str, Early] | None = None) -> bool:
+        """Record the replacements (each in a lost node's slot; one asked for at a node's
+        notice, ``early``, in that node's) and write the next attempt's cluster files; False
+        (the new instances terminated, the early ones ended) when one never got an address."""
         ctl = self.ctl
         p = self.pending
         assert p is not None
+        early = early or {}
         ids = sorted(i.instance_id for i in launched)
-        statuses = ctl.attempts.addresses(region, ids)
+        all_ids = [*ids, *(e.instance.instance_id for e in early.values())]
+        statuses = ctl.attempts.addresses(region, all_ids)
         if statuses is None:
-            ctl._say(f"terminating {', '.join(ids)}: not every replacement got a private address",
+            ctl._say(f"terminating {', '.join(all_ids)}: not every replacement got a private address",
                      LaunchEventKind.WARNING)
-            ctl._api(region).terminate(ids)
+            if ids:
+                ctl._api(region).terminate(ids)
+            ctl.early.end(list(early.values()), EndReason.INTERRUPTED, "no private address")
             return False
         k, group = ctl.attempts.next_group()
-        by_id = {i.instance_id: i for i in launched}
-        slots = [s.node or 0 for s in p.lost]
+        by_id = {i.instance_id: (i, fleet_id, None) for i in launched}
+        by_id.update({e.instance.instance_id: (e.instance, e.fleet_id, e.launched_at) for e in early.values()})
+        slots = [(s.node or 0, early[s.instance_id].instance.instance_id) for s in p.lost if s.instance_id in early]
+        slots += list(zip([s.node or 0 for s in p.lost if s.instance_id not in early], ids, strict=True))
         started = []
         from ..records.events import Cloud
         from ..records.instance import InstanceInfo
 
         now = ctl.clock()
-        for slot, iid in zip(slots, ids, strict=True):
-            got, st = by_id[iid], statuses[iid]
+        for slot, iid in sorted(slots):
+            (got, fleet, since), st = by_id[iid], statuses[iid]
             seg = Segment(segment_id=iid, instance_id=iid, instance_type=got.pool.instance_type, market=got.market,
-                          started_at=now, availability_zone=st.availability_zone,
-                          subnet_id=st.subnet_id or got.pool.subnet_id, fleet_id=fleet_id, group=group, node=slot,
+                          started_at=now if since is None else since, availability_zone=st.availability_zone,
+                          subnet_id=st.subnet_id or got.pool.subnet_id, fleet_id=fleet, group=group, node=slot,
                           region=region)
             started.append((seg, InstanceInfo(cloud=Cloud.AWS.value, instance_id=iid, instance_type=seg.instance_type,
                                               region=region, availability_zone=seg.availability_zone,
@@ -229,9 +259,12 @@ class Ec2Replacement:
         segs = ctl.book.begin_many(started)
         nodes = sorted([*p.kept, *segs], key=lambda s: s.node or 0)
         ctl.attempts.write_cluster(nodes, group=group, attempt=k, host=nodes.index(p.kept[0]))
+        # Capacity came when the last replacement was there: an early one at its launch.
+        capacity_at = now if ids else max(min(e.launched_at, now) for e in early.values())
         self.record(group, mode="replace", lost=[s.instance_id for s in p.lost],
-                    kept=[s.instance_id for s in p.kept], started=len(segs), lost_at=p.lost_at, capacity_at=now)
-        ctl._say(f"replaced {', '.join(s.instance_id for s in p.lost)} with {', '.join(ids)} "
+                    kept=[s.instance_id for s in p.kept], started=len(segs), lost_at=p.lost_at,
+                    capacity_at=max(capacity_at, p.lost_at))
+        ctl._say(f"replaced {', '.join(s.instance_id for s in p.lost)} with {', '.join(s.instance_id for s in segs)} "
                  f"({segs[0].instance_type}, {segs[0].market}, {segs[0].availability_zone or '?'}); attempt {group} "
                  f"on {len(nodes)} node(s), kept {', '.join(s.instance_id for s in p.kept)}",
                  LaunchEventKind.SEGMENT_STARTED, segs[0].segment_id, group=group,
@@ -245,6 +278,7 @@ class Ec2Replacement:
         ctl = self.ctl
         p = self.pending
         assert p is not None
+        ctl.early.discard("going on with the survivors")
         k, group = ctl.attempts.next_group(suffix="-m")
         ctl.attempts.write_cluster(p.kept, group=group, attempt=k, host=0)
         self.record(group, mode="replace", lost=[s.instance_id for s in p.lost],
@@ -259,6 +293,7 @@ class Ec2Replacement:
         p = self.pending
         assert p is not None
         self.pending = None
+        ctl.early.discard("every node relaunched")
         if p.kept:
             ctl._say(f"{why}: terminating {', '.join(s.instance_id for s in p.kept)} and relaunching every node",
                      LaunchEventKind.WARNING)
