@@ -4,8 +4,9 @@ What both wrappers share (the :class:`~spotrun.Checkpointer` and the trainer int
 :class:`~spotrun.integrations._session.RunSession`): listing the run's checkpoints (a
 listing that fails is "unreadable", never damage), the all-damaged policy and its message.
 :class:`Restorer` is the Checkpointer's loader: rank 0's and this rank's payloads, verified
-before anything is loaded, DCP shards resharded, artifacts put back, every phase agreed
-between ranks so none is left alone in a collective.
+before anything is loaded, DCP shards resharded, artifacts put back, the outcome of each
+checkpoint tried agreed between ranks (once, at its end, where its phases run no collective;
+after each phase otherwise) so none is left alone in a collective.
 """
 
 from __future__ import annotations
