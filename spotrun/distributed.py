@@ -99,6 +99,24 @@ class Group:
         self._dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same length on every rank), on every rank: one
+        tensor collective, no pickling (what a decision that usually says "all fine" wants)."""
+        if self._dist is None:
+            return [list(values)]
+        mine = torch.tensor(list(values), dtype=torch.int64, device=self._device)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._dist.all_gather(out, mine)
+        return [[int(v) for v in t.tolist()] for t in out]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), as a list on every rank."""
+        if self._dist is None:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` as a list on rank 0; None elsewhere."""
         if self._dist is None:

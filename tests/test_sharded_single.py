@@ -54,3 +54,40 @@ def test_compare_checkpoints_sees_sharded_weights(tmp_path):
     _, diffs = compare_checkpoints(Storage(a), Storage(c))
     assert any(d.startswith("sharded.model.") for d in diffs), diffs
     assert any(d.startswith("sharded.optim.") for d in diffs), diffs
+
+
+def _save_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "spotrun-save" and t.is_alive()]
+
+
+def test_saves_share_one_writer_thread_that_ends_when_idle(tmp_path, monkeypatch):
+    """Async saves run on one kept thread (no thread started per save, part of the stall);
+    it ends after WRITER_IDLE_S without work, and the next save starts another."""
+    from spotrun.checkpoint import saver
+
+    monkeypatch.setattr(saver, "WRITER_IDLE_S", 0.5)
+    url = str(tmp_path / "run")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = set(_save_threads())
+    with spotrun.Checkpointer(url, model=model, optimizer=opt, sharded=True, every_steps=10**9,
+                              keep_last=5, watchers=[], handle_signals=False) as ck:
+        seen = []
+        for step in (1, 2, 3):
+            ck.steps_done = step
+            ck.save()
+            ck.wait()
+            seen.append(set(_save_threads()) - before)
+        assert len(seen[0]) == 1 and seen[0] == seen[1] == seen[2], seen
+        (thread,) = seen[0]
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the idle writer thread did not end"
+        ck.steps_done = 4
+        ck.save()
+        ck.wait()
+        assert len(set(_save_threads()) - before - {thread}) == 1
+    info = find_latest_valid(Storage(url))
+    assert info is not None and info.step == 4

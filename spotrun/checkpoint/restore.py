@@ -4,8 +4,9 @@ What both wrappers share (the :class:`~spotrun.Checkpointer` and the trainer int
 :class:`~spotrun.integrations._session.RunSession`): listing the run's checkpoints (a
 listing that fails is "unreadable", never damage), the all-damaged policy and its message.
 :class:`Restorer` is the Checkpointer's loader: rank 0's and this rank's payloads, verified
-before anything is loaded, DCP shards resharded, artifacts put back, every phase agreed
-between ranks so none is left alone in a collective.
+before anything is loaded, DCP shards resharded, artifacts put back, the outcome of each
+checkpoint tried agreed between ranks (once, at its end, where its phases run no collective;
+after each phase otherwise) so none is left alone in a collective.
 """
 
 from __future__ import annotations
@@ -186,6 +187,13 @@ class Restorer:
         #: The checkpoint bytes read by source ("local", "peer", "url"): on rank 0 every
         #: rank's together (gathered once the restore is decided), elsewhere this rank's.
         self.bytes_read: dict[str, int] = {"local": 0, "peer": 0, "url": 0}
+        # Every rank's bytes together, as the latest agreement carried them (None before
+        # one): after a checkpoint's last agreement no rank reads again, so the final
+        # agreement's figures are the restore's, without a gather of their own.
+        self._agreed_bytes: dict[str, int] | None = None
+        # Whether a checkpoint's phases run without collectives, so one agreement at the
+        # end of each checkpoint tried is enough (see _try_load).
+        self._one_agreement = not self.sharded or _loads_without_collectives(self.model)
 
     def newest_valid(self) -> int | None:
         """Load the newest committed checkpoint whose files check out; return its step.
@@ -225,10 +233,11 @@ class Restorer:
         self._gather_bytes(group)
         if damaged and found is None and self.policy != "start_fresh":
             raise all_damaged_error(self.storage, damaged, argument=True)
-        if group.is_main:
-            for step, problem in damaged:
-                quarantine(self.storage, step, problem)
-        group.barrier()  # the damaged folders are out of the way before anyone saves
+        if damaged:  # the same list on every rank: it comes from agreed outcomes
+            if group.is_main:
+                for step, problem in damaged:
+                    quarantine(self.storage, step, problem)
+            group.barrier()  # the damaged folders are out of the way before anyone saves
         if damaged and found is None:
             if self.state_loaded_from is not None:
                 # A hash failed only after its state was loaded (verified while loading):
@@ -257,9 +266,15 @@ class Restorer:
 
     def _gather_bytes(self, group: Group) -> None:
         # Every rank reaches this together (the outcomes before it were agreed), so the one
-        # gather cannot leave a rank waiting alone. Rank 0 records the job's total.
+        # gather cannot leave a rank waiting alone. Rank 0 records the job's total. The
+        # last agreement already carried every rank's figures (or nothing was tried, and
+        # nobody read a byte): no collective of its own then.
         mine = self.bytes_by_source()
-        everyone = group.gather(mine) if group.distributed else [mine]
+        if not group.distributed or self._agreed_bytes is not None or not self._readers:
+            agreed = self._agreed_bytes
+            self.bytes_read = agreed if agreed is not None and group.is_main else mine
+            return
+        everyone = group.gather(mine)
         if everyone is None:
             self.bytes_read = mine
             return
@@ -268,11 +283,17 @@ class Restorer:
     def _try_load(self, step: int, manifest: Manifest, group: Group) -> str | None:
         """Load one committed checkpoint on every rank; None when it loaded, else its damage.
 
-        Three phases, each ending in an agreement so no rank is left in a collective alone:
-        rank 0 checks that every listed file is there with its size (cheap, and catches a
-        partial copy); a sharded checkpoint's model and optimizer load through DCP (a
-        collective that reshards to this world size); each rank loads rank 0's payload
-        (shared state) and its own, verifying their hashes.
+        Three phases: rank 0 checks that every listed file is there with its size (cheap,
+        and catches a partial copy); a sharded checkpoint's model and optimizer load
+        through DCP (resharded to this world size); each rank loads rank 0's payload
+        (shared state) and its own, verifying their hashes. When none of them runs a
+        collective (a replicated run; a sharded one of DTensors, FSDP2 or tensor parallel,
+        whose state is built and loaded rank by rank), a rank whose phase failed skips the
+        rest and all of them meet once, at the end: one agreement per checkpoint instead
+        of one per phase (each waits for the slowest rank, most of a restore's time on a
+        busy machine). FSDP1's ShardedTensor state is built and loaded collectively, so
+        there every phase still ends in its own agreement, and no rank is left in a
+        collective alone.
         """
         outcome: _Outcome | None = None
         # Without a local copy the reader only counts what comes from the run URL.
@@ -280,13 +301,17 @@ class Restorer:
                         else self._local.reader(self.storage, manifest))
         self._readers.append(self._reader)
         self.progress.phase(f"checking step {step}'s files", manifest.total_bytes)
+        one = self._one_agreement
+        agree = (lambda o: o) if one else (lambda o: self._agree(group, o))
         if group.is_main:
             outcome = self._attempt(lambda: self._check_present(step, manifest))
-        outcome = self._agree(group, outcome)
+        outcome = agree(outcome)
         if outcome is None and manifest.sharded:
-            outcome = self._agree(group, self._attempt(lambda: self._load_sharded(manifest)))
+            outcome = agree(self._attempt(lambda: self._load_sharded(manifest, agreed=not one)))
         if outcome is None:
-            outcome = self._agree(group, self._attempt(lambda: self._load_payloads(manifest, group)))
+            outcome = agree(self._attempt(lambda: self._load_payloads(manifest, group)))
+        if one:
+            outcome = self._agree(group, outcome)
         if outcome is None and (self.artifacts or manifest.artifacts):
             # The same checkpoint's files, so state and artifacts never come from two saves.
             outcome = self._agree(group, self._attempt(lambda: self._put_back_artifacts(manifest)))
@@ -321,23 +346,23 @@ class Restorer:
         return None
 
     def _agree(self, group: Group, mine: _Outcome | None) -> _Outcome | None:
-        """The outcome every rank acts on: the worst of all ranks' (error > unreadable > damaged)."""
+        """The outcome every rank acts on: the worst of all ranks' (error > unreadable >
+        damaged). One all-gather of a few integers (each rank's outcome and the bytes it
+        has read so far, by source), every rank deciding alike from the same figures; the
+        messages are gathered only when some rank failed."""
         if not group.distributed:
             return mine
-        everyone = group.gather(None if mine is None else (mine.kind, mine.message))
-        decision = None
-        if group.is_main:
-            assert everyone is not None
-            failed = [(r, o) for r, o in enumerate(everyone) if o is not None]
-            for kind in ("error", "unreadable", "damaged"):
-                hits = [(r, msg) for r, (k, msg) in failed if k == kind]
-                if hits:
-                    decision = (kind, "; ".join(f"rank {r}: {m}" for r, m in hits))
-                    break
-        decision = group.broadcast(decision)
-        if decision is None:
+        code = 0 if mine is None else _KINDS.index(mine.kind) + 1
+        counts = self.bytes_by_source()
+        rows = group.all_gather_ints([code, *(counts.get(k, 0) for k in _SOURCES)])
+        self._agreed_bytes = {k: sum(row[i + 1] for row in rows) for i, k in enumerate(_SOURCES)}
+        worst = max(row[0] for row in rows)
+        if worst == 0:
             return None
-        kind, message = decision
+        messages = group.all_gather(None if mine is None else mine.message)
+        kind = _KINDS[worst - 1]
+        message = "; ".join(f"rank {r}: {m}" for r, (row, m) in enumerate(
+            zip(rows, messages, strict=True)) if row[0] == worst)
         if mine is not None and mine.kind == kind:
             return _Outcome(kind, message, mine.error)
         return _Outcome(kind, message)
@@ -357,8 +382,9 @@ class Restorer:
         if local_rank == 0:
             restore_artifacts(self._reader, manifest, self.artifacts)
 
-    def _load_sharded(self, manifest: Manifest) -> None:
-        """Model and optimizer from DCP's files, resharded to this run's world size."""
+    def _load_sharded(self, manifest: Manifest, *, agreed: bool = True) -> None:
+        """Model and optimizer from DCP's files, resharded to this run's world size.
+        ``agreed=False``: this rank's failure is raised as is, the ranks agree later."""
         if not self.sharded:
             raise IncompatibleCheckpointError(
                 f"the checkpoint at step {manifest.step} holds a sharded model (FSDP / tensor "
@@ -371,7 +397,7 @@ class Restorer:
         state = self.sharded_state()  # this world size's own (empty) shards, filled in place
         self.state_loaded_from = manifest.step
         self.progress.phase(f"reading step {manifest.step}: sharded model and optimizer")
-        read_sharded(self._reader, manifest, state, weights_only=self.weights_only)
+        read_sharded(self._reader, manifest, state, weights_only=self.weights_only, agree=agreed)
         self.progress.add(sum(e.size for n, e in manifest.files.items() if not n.endswith(".pt")))
         set_state(unwrap(self.model), list(self.optimizers), state)
 
@@ -456,6 +482,20 @@ class Restorer:
                             "ranks); it starts fresh", name, group.rank)
         if self.save_rng:
             seed_everything(rank_seed(seed, group.rank, step))
+
+
+# Outcome codes in the one agreement, worse later (0: loaded), and the byte sources.
+_KINDS = ("damaged", "unreadable", "error")
+_SOURCES = ("local", "peer", "url")
+
+
+def _loads_without_collectives(model: Any) -> bool:
+    """Whether building and loading ``model``'s sharded state runs no collective (DTensors:
+    FSDP2, tensor parallel); FSDP1's sharded state dicts gather and scatter."""
+    from ..format.sharded import loads_without_collectives
+
+    return loads_without_collectives(model)
+
 
 class _Outcome:
     """Why one restore phase failed on a rank: ``damaged`` (skip to an older checkpoint),

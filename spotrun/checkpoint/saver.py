@@ -33,6 +33,7 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: Niceness of the background save thread (0-19; higher yields more to training).
 BACKGROUND_NICE = 10
+#: How long the background save thread waits for the next save before it ends.
+WRITER_IDLE_S = 60.0
 #: On the way out, how long to wait for retention still deleting old checkpoints.
 RETENTION_EXIT_WAIT_S = 30.0
 
@@ -109,6 +112,7 @@ class Saver:
         self._sharded = sharded
         self._local = local  # this machine's copy of the newest checkpoint (recovery/local.py)
         self._staging = StagingBuffers()
+        self._writer = _Writer()  # one background thread for every save of this saver
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
         self._written: _Written | None = None  # distributed: written here, not yet committed
@@ -152,8 +156,12 @@ class Saver:
                 return
             log.info("save at step %d waits for the save of step %d to finish writing",
                      step, self._pending_step)
-        # The previous save must be durable before its staging buffers are reused.
-        self.wait()
+        # The previous save must be durable before its staging buffers are reused. With
+        # nothing in flight there is nothing to wait for, and wait()'s barriers would only
+        # add the slowest rank's lateness to every rank's stall: ranks save the same steps
+        # and commit together, so when nothing is in flight here, nothing is anywhere.
+        if self._job is not None or self._written is not None:
+            self.wait()
         state = payload()
         captured = artifacts() if artifacts is not None else None
         shards = sharded() if sharded is not None and self._sharded is not None else None
@@ -168,7 +176,7 @@ class Saver:
         job = _Job(self._write, step, state, shards, captured, t0, stall)
         self._job = job
         if self.async_save:
-            job.start()
+            self._writer.submit(job)
         else:
             job.run()
             self.wait()
@@ -345,25 +353,61 @@ def _tensor_bytes(tree: Any) -> int:
     return 0
 
 
+class _Writer:
+    """The background thread that writes a saver's saves, started on the first and kept
+    while saves keep coming: starting a thread on every save cost the training thread 1-2
+    ms of its stall on a busy machine. It ends after :data:`WRITER_IDLE_S` without work (a
+    Checkpointer left open holds no thread forever). A daemon (a second Ctrl-C must not
+    wait for it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._running = False  # a thread is taking jobs from self._jobs
+        self._current: _Job | None = None
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            # Saves run one at a time (the saver waits for the previous one first), so the
+            # thread is idle here; one still busy with a save the saver gave up on
+            # (abandon()) is left to it, and a new thread takes this one.
+            busy = self._current is not None and not self._current.done.is_set()
+            if not self._running or busy:
+                self._jobs = queue.SimpleQueue()
+                self._running = True
+                threading.Thread(target=self._loop, args=(self._jobs,), name="spotrun-save",
+                                 daemon=True).start()
+            self._current = job
+            self._jobs.put(job)
+
+    def _loop(self, jobs: queue.SimpleQueue[_Job]) -> None:
+        # Training comes first: on a busy CPU the writer (serialising, hashing, syscalls)
+        # yields to the training threads instead of stretching their steps. Linux applies
+        # nice per thread, and threads this one starts (the hash pool) inherit it.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        while True:
+            try:
+                job = jobs.get(timeout=WRITER_IDLE_S)
+            except queue.Empty:
+                with self._lock:  # submit() puts under the lock: nothing can slip in now
+                    if jobs.empty():
+                        if self._jobs is jobs:
+                            self._running = False
+                        return
+                continue
+            job.run()
+            del job
+
+
 class _Job:
-    """One background save: a daemon thread (a second Ctrl-C must not wait for it)."""
+    """One save, run by the :class:`_Writer`'s thread (or in the caller's, synchronously)."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self.fn, self.args = fn, args
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
-
-    def start(self) -> None:
-        threading.Thread(target=self._run_in_background, name="spotrun-save", daemon=True).start()
-
-    def _run_in_background(self) -> None:
-        # Training comes first: on a busy CPU the writer (serialising, hashing, syscalls)
-        # yields to the training threads instead of stretching their steps. Linux applies
-        # nice per thread, and threads this one starts (the hash pool) inherit it.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-        self.run()
 
     def run(self) -> None:
         try:

@@ -114,6 +114,7 @@ __all__ = [
     "get_state",
     "is_sharded",
     "is_sharded_checkpoint",
+    "loads_without_collectives",
     "local_nbytes",
     "read_full",
     "read_sharded",
@@ -180,6 +181,15 @@ def _fsdp1_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDP1)
                and getattr(m, "_state_dict_type", None) == StateDictType.SHARDED_STATE_DICT
                for m in module.modules())
+
+
+def loads_without_collectives(model: torch.nn.Module | None) -> bool:
+    """Whether :func:`get_state`, :func:`read_sharded` (``agree=False``, DCP's default
+    planner) and :func:`set_state` of ``model`` run on each rank alone, no collective: true
+    for DTensor state (FSDP2, tensor parallel: each rank's shards are its own, the default
+    options gather nothing); false for FSDP1, whose sharded state dicts are built and
+    loaded collectively."""
+    return model is None or not _fsdp1_sharded(model)
 
 
 def is_sharded_checkpoint(manifest: Manifest) -> bool:
@@ -746,6 +756,7 @@ def read_sharded(
     process_group: dist.ProcessGroup | None = None,
     planner: LoadPlanner | None = None,
     weights_only: bool = True,
+    agree: bool = True,
 ) -> None:
     """Load a committed sharded checkpoint into ``state_dict`` in place, resharding.
 
@@ -763,6 +774,10 @@ def read_sharded(
     planner's global step changes nothing, so DCP's two plan collectives and its closing
     one would only cost time (on a busy machine, most of a restore's). One agreement at
     the end makes every rank raise alike. Another planner goes through ``dcp.load``.
+
+    ``agree=False`` (DCP's default planner only): no collective at all; this rank raises
+    its own failure and the caller agrees with the other ranks afterwards (the
+    Checkpointer's restore meets once per checkpoint, after every phase of it).
     """
     if not is_sharded_checkpoint(manifest):
         raise IncompatibleCheckpointError(
@@ -770,6 +785,9 @@ def read_sharded(
             "checkpoint; restore it with the Checkpointer's replicated path"
         )
     use_dist = dist.is_available() and dist.is_initialized()
+    if not agree and not _plans_locally(planner):
+        raise ValueError("read_sharded(agree=False) needs DCP's default load planner: another "
+                         "planner plans collectively; pass agree=True")
     if not _plans_locally(planner):
         _read_through_dcp(storage, manifest, state_dict, process_group, planner, weights_only)
         return
@@ -789,19 +807,35 @@ def read_sharded(
             "the ones that saved it"
         )
         failure.__cause__ = exc
-    _agree(failure, use_dist, process_group)
+    if agree:
+        _agree(failure, use_dist, process_group)
+    elif failure is not None:
+        raise failure
 
 
 def _agree(failure: BaseException | None, use_dist: bool, process_group: Any) -> None:
-    """Every rank raises the same failure, or none does (one all-gather when distributed),
-    so no rank goes on into collectives the others have left."""
+    """Every rank raises the same failure, or none does, so no rank goes on into
+    collectives the others have left. One all-reduce of a flag when every rank succeeded
+    (no pickling); the failures are gathered only when one did not."""
     if use_dist:
+        flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32,
+                            device=_group_device(process_group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=process_group)
+        if not int(flag.item()):
+            return
         failures: list[Any] = [None] * dist.get_world_size(process_group)
         dist.all_gather_object(failures, None if failure is None else (type(failure), str(failure)),
                                group=process_group)
         _raise_agreed(failures, failure)
     elif failure is not None:
         raise failure
+
+
+def _group_device(process_group: Any) -> torch.device:
+    """Where a tensor for a collective on ``process_group`` lives (NCCL wants the GPU)."""
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _raise_agreed(failures: list[Any], mine: BaseException | None) -> None:

@@ -165,6 +165,10 @@ def check_plain(name: str, value: Any) -> None:
         ) from None
 
 
+# Values a staged state shares with the live one: immutable, nothing to copy.
+_PLAIN = frozenset({int, float, bool, str, bytes, type(None)})
+
+
 class StagingBuffers:
     """Host copies of the state's tensors, allocated once and reused by every save.
 
@@ -205,6 +209,8 @@ class StagingBuffers:
         if isinstance(node, list):
             return [self._copy(v, (*path, i), cuda) for i, v in enumerate(node)]
         if isinstance(node, tuple):
+            if all(type(v) in _PLAIN for v in node):
+                return node  # immutable through and through (Python's RNG state: 625 ints)
             return tuple(self._copy(v, (*path, i), cuda) for i, v in enumerate(node))
         return node  # ints, floats, strings, None: immutable, safe to share
 
