@@ -35,13 +35,13 @@ threading._register_atexit(note, "threading_atexit")
 def late():  # a non-daemon thread the interpreter joins before atexit
     import time; time.sleep(0.3); note("thread")
 threading.Thread(target=late).start()
-if mode == "probe":
+if mode.startswith("probe"):
     import torch
     ppid = os.getppid()
     with open(f"/proc/{ppid}/cmdline", "rb") as f:
         parent = f.read().replace(b"\\0", b" ").decode()
     info = {
-        "preloaded": PRELOADED, "parent": parent, "own_session": os.getsid(0) == os.getpid(),
+        "preloaded": PRELOADED, "parent": parent, "ppid": ppid, "own_session": os.getsid(0) == os.getpid(),
         "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "file": __file__,
         "name": __name__, "main_is_me": sys.modules["__main__"].__dict__ is globals(),
         "write_through": sys.stdout.write_through, "line_buffering": sys.stdout.line_buffering,
@@ -52,7 +52,7 @@ if mode == "probe":
                 "EARLY_GONE", "SPOTRUN_EXIT_NOTES", "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID")},
     }
     print(f"probe-stdout-{rank}")
-    with open(os.path.join(out, f"probe-{rank}.json"), "w") as f:
+    with open(os.path.join(out, f"{mode}-{rank}.json"), "w") as f:
         json.dump(info, f)
 elif mode == "exit75":
     sys.exit(75)
@@ -86,11 +86,20 @@ def main():
     os.environ.pop("EARLY_GONE", None)   # gone since, as a previous attempt's variables are
     results = {}
     for i, mode in enumerate(modes):
-        n = 2 if mode == "probe" else 1
+        if mode == "killfs":  # the forkserver dies between attempts: the next one starts it again
+            from multiprocessing import forkserver
+            import signal, time
+            pid = forkserver._forkserver._forkserver_pid
+            if pid:  # none when warm workers are off
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+            results[mode] = pid
+            continue
+        n = 2 if mode.startswith("probe") else 1
         argv = ["--nnodes", "1", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", f"t{i}", "--max-restarts", "0",
                 "--monitor-interval", "0.1", probe, out, mode]
-        if mode in ("probe", "sleep"):
+        if mode.startswith("probe") or mode == "sleep":
             results[mode] = sd.torchrun(argv)
             continue
         try:  # the workers' own codes, as torchrun reports them
@@ -107,7 +116,7 @@ if __name__ == "__main__":  # workers import this file as __mp_main__
     main()
 '''
 
-MODES = "probe,exit75,osexit75,raise,kill"
+MODES = "probe,exit75,osexit75,raise,kill,killfs,probe2"
 
 
 def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
@@ -187,6 +196,16 @@ def test_a_warm_worker_sees_what_python_u_script_sees(runs):
     assert runs["warm"]["probe"] == runs["cold"]["probe"] == 0
     for text in (runs["warm_text"], runs["cold_text"]):
         assert "probe-stdout-0" in text and "probe-stdout-1" in text
+
+
+def test_a_dead_forkserver_is_started_again_for_the_next_attempt(runs):
+    assert runs["warm"]["probe2"] == 0
+    for rank in (0, 1):
+        again = json.loads((runs["warm_out"] / f"probe2-{rank}.json").read_text())
+        assert again["preloaded"] and "forkserver" in again["parent"]
+        first = json.loads((runs["warm_out"] / f"probe-{rank}.json").read_text())
+        assert first["ppid"] == runs["warm"]["killfs"] != again["ppid"]
+        assert again["own_session"] and again["env"]["LATE_VAR"] == "late"
 
 
 def test_exit_codes_are_those_of_python_u_script(runs, tmp_path):
