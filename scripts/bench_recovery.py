@@ -3,7 +3,7 @@
 
     python scripts/bench_recovery.py [--state-mib 256] [--repeats 3] [--cases fsdp,ddp]
                                      [--paths relaunch,replace] [--s3] [--quick] [--no-exact]
-                                     [--json out.json] [--dir DIR] [--keep]
+                                     [--json out.json] [--dir DIR] [--keep] [--warm-workers]
 
 Each run is ``spotrun launch --local --nodes 3 --nproc-per-node 1`` of
 ``examples/recovery_train.py`` (about ``--state-mib`` MiB of weights and AdamW moments per
@@ -19,6 +19,10 @@ repeat). Two recovery paths, interleaved in the same run (A B, then B A, ...):
   started in the lost one's slot, ranks restore from their own or their buddy's copy.
   Only where ``spotrun launch --help`` lists ``--recovery``; else "replace path not
   available in this build" and only the relaunch path is measured.
+
+``--warm-workers`` sets ``SPOTRUN_WARM_WORKERS=1`` on the replace path (0 on the relaunch path):
+torchrun's workers are then forks of a forkserver that imported torch while the agent waited
+(docs/launch.md, "Recovery"); a survivor's next attempt skips each worker's ``import torch``.
 
 Every figure comes from the run's ledger (``RUN_URL/ledger``). For each loss, with
 t0 = the loss (``recovery_started.lost_at``; without that record: when the launcher printed
@@ -125,6 +129,9 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
     was read, its exit code, the final digest and the ledger's records."""
     env = dict(env)
     env["SPOTRUN_LOCAL_DIR"] = local_base if (path == "replace" and local_base) else "off"
+    # Warm workers (torchrun's workers forked from a forkserver that imported torch) pay off
+    # where an agent survives its attempt: the replace path. A relaunch starts every agent anew.
+    env["SPOTRUN_WARM_WORKERS"] = "1" if (path == "replace" and args.warm_workers) else "0"
     digest_file = log_path + ".sha256"
     cmd = spotrun_cmd("launch", "--local", "--nodes", str(NODES), "--nproc-per-node", "1",
                       "--run-url", url, "--interruptions", str(interruptions),
@@ -449,6 +456,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", default=None, help="where run folders go (default: a temp directory)")
     p.add_argument("--keep", action="store_true", help="keep run folders and logs")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--warm-workers", action="store_true",
+                   help="SPOTRUN_WARM_WORKERS=1 on the replace path (torchrun's workers forked from "
+                        "a forkserver that imported torch; docs/launch.md, Recovery); 0 otherwise")
     args = p.parse_args(argv)
     if args.quick:
         args.state_mib, args.repeats, args.steps, args.every_steps, args.interruptions = 4.0, 1, 10, 2, 1

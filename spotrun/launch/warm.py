@@ -32,6 +32,7 @@ import threading
 import traceback
 import types
 from collections.abc import Mapping
+from typing import Any, NoReturn
 
 __all__ = ["WARM_ENV", "enabled", "run_worker", "start_forkserver"]
 
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 #: The environment this module was imported under. In a forked worker it is the forkserver's
 #: (imported there by PRELOAD), so what differs from it is what torchrun set for the worker.
 _BASE_ENV = dict(os.environ)
+
+#: [True] once this worker's return value is, or will be, in torchrun's queue (put by
+#: os._exit(0), or by torchrun's wrapper when run_worker returns).
+_RETURN_PUT = [False]
 
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -118,6 +123,46 @@ def _thread_counts() -> None:
         torch.set_num_threads(int(value))
 
 
+def _return_value_queue() -> Any:
+    """The queue torchrun's worker wrapper puts this worker's return value in (torch 2.13:
+    ``ret_val_`` in ``torch.distributed.elastic.multiprocessing.api._wrap``, which calls us),
+    or None where a torch keeps it elsewhere."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_wrap" and "ret_val_" in frame.f_locals:
+            return frame.f_locals["ret_val_"]
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _return_before_exit_0() -> None:
+    """Make ``os._exit(0)`` tell torchrun this worker returned.
+
+    torchrun's function workers count as finished only once their return value is in its
+    queue; one that left by ``os._exit(0)`` (scripts end so to skip gloo's teardown, the
+    examples do) would leave torchrun's agent polling forever. Put the value just before.
+    """
+    queue = _return_value_queue()
+    if queue is None:
+        log.warning("warm workers: torchrun's return-value queue not found; a worker that "
+                    "ends with os._exit(0) would not be seen to finish")
+        return
+    real_exit = os._exit
+    put = threading.Lock()
+    done = _RETURN_PUT
+
+    def _exit(code: int) -> NoReturn:
+        if code == 0:
+            with put:
+                if not done[0]:
+                    done[0] = True
+                    with contextlib.suppress(Exception):
+                        queue.put(None)  # a pipe write: it stays readable after this exits
+        real_exit(code)
+
+    os._exit = _exit  # type: ignore[assignment]
+
+
 def _exit_code(exc: SystemExit) -> int:
     """What the interpreter exits with for ``sys.exit(code)``."""
     code = exc.code
@@ -160,6 +205,7 @@ def run_worker(environ: dict[str, str], cwd: str, module: bool, target: str, *ar
     _unbuffered_stdio()
     os.chdir(cwd)
     _thread_counts()
+    _return_before_exit_0()
     code = 0
     try:
         if module:
@@ -188,6 +234,7 @@ def run_worker(environ: dict[str, str], cwd: str, module: bool, target: str, *ar
             sys.excepthook(*sys.exc_info())
     _finish()
     if code == 0:
+        _RETURN_PUT[0] = True  # torchrun's wrapper puts it; os._exit(0) later must not again
         return  # torchrun collects a return value from every worker before they exit
     if code < 0:  # an unhandled KeyboardInterrupt: the interpreter ends by SIGINT itself
         signal.signal(-code, signal.SIG_DFL)
