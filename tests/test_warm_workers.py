@@ -267,3 +267,17 @@ def test_off_by_default_and_spelled_as_documented():
     assert not warm.enabled({})
     assert warm.enabled({"SPOTRUN_WARM_WORKERS": "1"})
     assert not warm.enabled({"SPOTRUN_WARM_WORKERS": "0"})
+
+
+def test_ec2_user_data_passes_the_switch_on_when_the_launcher_has_it(monkeypatch):
+    from spotrun.launch.userdata import build_user_data
+
+    kw = dict(run_url="s3://b/r", run_id="r", command=["python", "train.py"], nodes=2)
+    monkeypatch.delenv("SPOTRUN_WARM_WORKERS", raising=False)
+    assert "SPOTRUN_WARM_WORKERS" not in build_user_data(**kw)
+    monkeypatch.setenv("SPOTRUN_WARM_WORKERS", "1")
+    script = build_user_data(**kw)
+    assert "export SPOTRUN_WARM_WORKERS=1" in script
+    assert script.index("export SPOTRUN_WARM_WORKERS=1") < script.index("-m spotrun.launch.node")
+    # an explicit --env wins over the launcher's environment
+    assert "export SPOTRUN_WARM_WORKERS=0" in build_user_data(**kw, env={"SPOTRUN_WARM_WORKERS": "0"})
