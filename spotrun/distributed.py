@@ -35,6 +35,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,6 +169,15 @@ def _run_warm(args: Any) -> bool:
     from .launch import warm
 
     if not warm.enabled() or args.no_python or args.run_path:
+        return False
+    from torch.distributed.elastic.multiprocessing import api as mp_api
+
+    code = getattr(getattr(mp_api, "_wrap", None), "__code__", None)
+    if not isinstance(code, types.CodeType) or "ret_val_" not in code.co_varnames:
+        # run_worker finds torchrun's return-value queue by this name (see warm.py); without
+        # it a worker ending in os._exit(0) would not be seen to finish.
+        log.warning("warm workers: this torch's worker wrapper is not the one spotrun knows; "
+                    "starting subprocess workers")
         return False
     if not warm.start_forkserver():  # running already (the agent's preload thread) or now
         return False

@@ -97,10 +97,11 @@ def main():
             time.sleep(0.5)
             results[mode] = pid
             continue
-        n = 2 if mode.startswith("probe") else 1
+        n = 2 if mode in ("probe", "probe2") else 1
+        target = ["--module", "sub.probe"] if mode == "probe-m" else [probe]
         argv = ["--nnodes", "1", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", f"t{i}", "--max-restarts", "0",
-                "--monitor-interval", "0.1", probe, out, mode]
+                "--monitor-interval", "0.1", *target, out, mode]
         if mode.startswith("probe") or mode == "sleep":
             results[mode] = sd.torchrun(argv)
             continue
@@ -118,7 +119,7 @@ if __name__ == "__main__":  # workers import this file as __mp_main__
     main()
 '''
 
-MODES = "probe,exit75,osexit75,osexit0,raise,kill,killfs,probe2"
+MODES = "probe,probe-m,exit75,osexit75,osexit0,raise,kill,killfs,probe2"
 
 
 def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
@@ -198,6 +199,21 @@ def test_a_warm_worker_sees_what_python_u_script_sees(runs):
     assert runs["warm"]["probe"] == runs["cold"]["probe"] == 0
     for text in (runs["warm_text"], runs["cold_text"]):
         assert "probe-stdout-0" in text and "probe-stdout-1" in text
+
+
+def test_a_module_runs_as_python_u_m_module_runs_it(runs, tmp_path):
+    """``python -m sub.probe`` (torchrun --module): compared with that command run directly."""
+    warm = json.loads((runs["warm_out"] / "probe-m-0.json").read_text())
+    work = runs["warm_out"].parent / "warm-cwd"
+    env = {**os.environ, "RANK": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([PY, "-u", "-m", "sub.probe", str(tmp_path), "probe-m"], cwd=work, env=env,
+                   check=True, capture_output=True, timeout=120)
+    plain = json.loads((tmp_path / "probe-m-0.json").read_text())
+    for key in ("path0", "cwd", "file", "name", "main_is_me", "write_through"):
+        assert warm[key] == plain[key], (key, warm[key], plain[key])
+    assert warm["own_session"]
+    assert warm["argv"][0] == plain["argv"][0] == str(work / "sub" / "probe.py")
+    assert warm["path0"] == str(work) and warm["preloaded"]
 
 
 def test_a_dead_forkserver_is_started_again_for_the_next_attempt(runs):
