@@ -23,7 +23,7 @@ PY = sys.executable
 
 # Line 1 must come before any import: it says whether torch was in the process already.
 PROBE = '''\
-import sys; PRELOADED = "torch" in sys.modules
+import sys; PRELOADED = "torch" in sys.modules; EXTRA = {"torch.distributed.fsdp", "colorsys"} & set(sys.modules)
 import atexit, json, os, threading
 out, mode = sys.argv[1], sys.argv[2]
 rank = os.environ.get("RANK", "x")
@@ -41,7 +41,8 @@ if mode.startswith("probe"):
     with open(f"/proc/{ppid}/cmdline", "rb") as f:
         parent = f.read().replace(b"\\0", b" ").decode()
     info = {
-        "preloaded": PRELOADED, "parent": parent, "ppid": ppid, "own_session": os.getsid(0) == os.getpid(),
+        "preloaded": PRELOADED, "extra": sorted(EXTRA), "parent": parent, "ppid": ppid,
+        "own_session": os.getsid(0) == os.getpid(),
         "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "file": __file__,
         "name": __name__, "main_is_me": sys.modules["__main__"].__dict__ is globals(),
         "write_through": sys.stdout.write_through, "line_buffering": sys.stdout.line_buffering,
@@ -131,7 +132,8 @@ def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
     (work / "sub" / "probe.py").write_text(PROBE)
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK")}
-    env.update(EARLY_GONE="early", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(EARLY_GONE="early", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               SPOTRUN_WARM_PRELOAD="colorsys, no_such_module_x")  # a missing one is skipped
     env["SPOTRUN_WARM_WORKERS"] = "1" if warm_on else "0"
     proc = subprocess.Popen([PY, str(tmp_path / "driver.py"), str(out), "sub/probe.py", modes],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -172,6 +174,7 @@ def test_a_warm_worker_is_a_fork_with_torch_imported_and_a_cold_one_is_not(runs)
     for rank in (0, 1):
         warm, cold = _probe(runs["warm_out"], rank), _probe(runs["cold_out"], rank)
         assert warm["preloaded"] and "forkserver" in warm["parent"], warm
+        assert warm["extra"] == ["colorsys", "torch.distributed.fsdp"]  # SPOTRUN_WARM_PRELOAD too
         assert not cold["preloaded"] and "forkserver" not in cold["parent"], cold
         assert warm["cuda_initialized"] is False
 
