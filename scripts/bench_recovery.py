@@ -3,7 +3,7 @@
 
     python scripts/bench_recovery.py [--state-mib 256] [--repeats 3] [--cases fsdp,ddp]
                                      [--paths relaunch,replace] [--s3] [--quick] [--no-exact]
-                                     [--json out.json] [--dir DIR] [--keep]
+                                     [--json out.json] [--dir DIR] [--keep] [--warm-workers]
 
 Each run is ``spotrun launch --local --nodes 3 --nproc-per-node 1`` of
 ``examples/recovery_train.py`` (about ``--state-mib`` MiB of weights and AdamW moments per
@@ -19,6 +19,12 @@ repeat). Two recovery paths, interleaved in the same run (A B, then B A, ...):
   started in the lost one's slot, ranks restore from their own or their buddy's copy.
   Only where ``spotrun launch --help`` lists ``--recovery``; else "replace path not
   available in this build" and only the relaunch path is measured.
+
+``--warm-workers`` adds a third path, ``warm``: ``replace`` with ``SPOTRUN_WARM_WORKERS=1``
+(0 on the others), interleaved with them in the same run; torchrun's workers are then forks of
+a forkserver that imported torch while the agent waited (docs/launch.md, "Recovery"), and a
+survivor's next attempt skips each worker's ``import torch``. Ratios ``warm/rel`` and
+``warm/rep`` compare it with the relaunch and the (cold) replace path.
 
 Every figure comes from the run's ledger (``RUN_URL/ledger``). For each loss, with
 t0 = the loss (``recovery_started.lost_at``; without that record: when the launcher printed
@@ -67,7 +73,7 @@ if REPO not in sys.path:
 EXAMPLE = os.path.join(REPO, "examples", "recovery_train.py")
 NODES = 3
 BUCKET = "bench-recovery"
-PATHS = ("relaunch", "replace")
+PATHS = ("relaunch", "replace", "warm")
 KINDS = ("notice", "loss")
 # The launcher's own lines that say where a loss happened (spotrun/launch/local.py).
 NOTICE_LINE = re.compile(r"spot interruption notice for (\S+)")
@@ -124,14 +130,18 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
     """One ``spotrun launch --local`` run to the end; its output lines with the time each
     was read, its exit code, the final digest and the ledger's records."""
     env = dict(env)
-    env["SPOTRUN_LOCAL_DIR"] = local_base if (path == "replace" and local_base) else "off"
+    replacing = path in ("replace", "warm")
+    env["SPOTRUN_LOCAL_DIR"] = local_base if (replacing and local_base) else "off"
+    # Warm workers (torchrun's workers forked from a forkserver that imported torch) pay off
+    # where an agent survives its attempt: the "warm" path is the replace path with them on.
+    env["SPOTRUN_WARM_WORKERS"] = "1" if path == "warm" else "0"
     digest_file = log_path + ".sha256"
     cmd = spotrun_cmd("launch", "--local", "--nodes", str(NODES), "--nproc-per-node", "1",
                       "--run-url", url, "--interruptions", str(interruptions),
                       "--node-losses", "1" if interruptions == 2 else "0",
                       "--seed", str(seed), "--grace", f"{args.grace:g}")
     if has_recovery:
-        cmd += ["--recovery", path]
+        cmd += ["--recovery", "replace" if replacing else path]
     cmd += ["--", "python", EXAMPLE, "--parallel", case, "--state-mib", f"{args.state_mib:g}",
             "--steps", str(args.steps), "--every-steps", str(args.every_steps),
             "--step-sleep", f"{args.step_sleep:g}", "--digest-file", digest_file]
@@ -346,12 +356,15 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                       f"{_s(row['restore_to_step']):>9} {_s(row['start_to_step']):>11} "
                       f"{_mib(row['bytes_local']):>9} {_mib(row['bytes_peer']):>8} {_mib(row['bytes_url']):>7} "
                       f"{row['n']:>2}")
-            old, new = table.get((case, kind, "relaunch")), table.get((case, kind, "replace"))
-            if old is not None and new is not None:
-                # A part the relaunch path spends (next to) no time in has no useful ratio.
+            for label, a, b in (("ratio", "replace", "relaunch"), ("warm/rel", "warm", "relaunch"),
+                                ("warm/rep", "warm", "replace")):
+                old, new = table.get((case, kind, b)), table.get((case, kind, a))
+                if old is None or new is None:
+                    continue
+                # A part the baseline spends (next to) no time in has no useful ratio.
                 cells = [_ratio(new[k], old[k]) if (old[k] or 0) >= 0.05 else None
                          for k in ("total", *PARTS, "start_to_step")]
-                print(f"{case:5} {kind:6} {'ratio':8} " + " ".join(
+                print(f"{case:5} {kind:6} {label:8} " + " ".join(
                     f"{'-' if c is None else f'{c:.2f}x':>{w}}"
                     for c, w in zip(cells, (7, 8, 9, 10, 7, 9, 11), strict=True)))
     for run in runs:
@@ -396,6 +409,14 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                 target(f"{case} {kind}: restore <= 0.2x a restore from the run URL",
                        "-" if r is None else f"{r:.2f}x ({_s(new['restore'])} / {_s(old['restore'])} s)",
                        None if r is None else r <= 0.2)
+    for case in cases:
+        for kind in KINDS:
+            old, new = table.get((case, kind, "relaunch")), table.get((case, kind, "warm"))
+            if old is not None and new is not None:
+                r = _ratio(new["total"], old["total"])
+                target(f"{case} {kind}: loss -> first step <= 0.5x relaunch, with warm workers",
+                       "-" if r is None else f"{r:.2f}x ({_s(new['total'])} / {_s(old['total'])} s)",
+                       None if r is None else r <= 0.5)
     for case in cases:
         ref = exact.get(case)
         got = [(r["path"], r["digest"]) for r in runs if r["case"] == case]
@@ -449,6 +470,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", default=None, help="where run folders go (default: a temp directory)")
     p.add_argument("--keep", action="store_true", help="keep run folders and logs")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--warm-workers", action="store_true",
+                   help="add the path 'warm': replace with SPOTRUN_WARM_WORKERS=1 (torchrun's workers "
+                        "forked from a forkserver that imported torch; docs/launch.md, Recovery), "
+                        "interleaved with the others in the same run")
     args = p.parse_args(argv)
     if args.quick:
         args.state_mib, args.repeats, args.steps, args.every_steps, args.interruptions = 4.0, 1, 10, 2, 1
@@ -473,9 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     cases = args.cases.split(",")
     wanted = [x for x in args.paths.split(",") if x]
+    if args.warm_workers and "warm" not in wanted:
+        wanted.append("warm")
     has_recovery = replace_available(env)
     paths = [p for p in wanted if p == "relaunch" or has_recovery]
-    has_replace = "replace" in paths
+    has_replace = "replace" in paths or "warm" in paths
     if "replace" in wanted and not has_recovery:
         print("replace path not available in this build (spotrun launch has no --recovery)", flush=True)
 

@@ -35,6 +35,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -175,6 +176,61 @@ def preload() -> None:
     import torch.distributed.run  # noqa: F401
 
 
+def _run_warm(args: Any) -> bool:
+    """Run torchrun as ``torch.distributed.run.run(args)`` does, with warm workers: forks of
+    a forkserver that imported torch, each running :func:`spotrun.launch.warm.run_worker`.
+
+    False, having started nothing, when warm workers are off (``SPOTRUN_WARM_WORKERS``), when
+    the command is not a Python script or module (``--no-python``, ``--run-path``), or when
+    the forkserver cannot be started (warned): torchrun's subprocess workers then run it.
+    """
+    from .launch import warm
+
+    if not warm.enabled() or args.no_python or args.run_path:
+        return False
+    from torch.distributed.elastic.multiprocessing import api as mp_api
+
+    code = getattr(getattr(mp_api, "_wrap", None), "__code__", None)
+    if not isinstance(code, types.CodeType) or "ret_val_" not in code.co_varnames:
+        # run_worker finds torchrun's return-value queue by this name (see warm.py); without
+        # it a worker ending in os._exit(0) would not be seen to finish.
+        log.warning("warm workers: this torch's worker wrapper is not the one spotrun knows; "
+                    "starting subprocess workers")
+        return False
+    if not warm.start_forkserver():  # running already (the agent's preload thread) or now
+        return False
+    import uuid
+
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args
+
+    # What run() does before config_from_args (torch 2.13), so both paths launch the same.
+    if args.standalone:
+        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    elif args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None:
+        from torch.distributed.run import parse_min_max_nnodes as _nnodes
+
+        if _nnodes(args.nnodes)[1] == 1:
+            args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    if args.master_port is None:
+        args.master_port = 29500
+    config, _cmd, cmd_args = config_from_args(args)  # also sets OMP_NUM_THREADS, as run() does
+    if cmd_args[:1] != ["-u"]:
+        return False  # a torch whose command line this does not know: subprocess workers
+    rest = cmd_args[1:]
+    module = rest[:1] == ["-m"]
+    if module:
+        rest = rest[1:]
+    config.start_method = "forkserver"
+    torch.multiprocessing._set_thread_name("pt_elastic")  # as run() does
+    # The environment now, not the forkserver's: peer addresses and the exit-notes folder
+    # were set after it started.
+    environ = dict(os.environ)
+    log.info("warm workers: forking %s from the forkserver (SPOTRUN_WARM_WORKERS)", rest[0])
+    elastic_launch(config=config, entrypoint=warm.run_worker)(environ, os.getcwd(), module, *rest)
+    return True
+
+
 def torchrun(argv: Sequence[str] | None = None) -> int:
     """Run ``torch.distributed.run`` (torchrun) with ``argv``; return spotrun's exit code.
 
@@ -199,7 +255,8 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
     done_before = _done_marker()
     try:
-        run(args)
+        if not _run_warm(args):
+            run(args)
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_INTERRUPTED in codes:

@@ -458,6 +458,12 @@ class _Preload:
         self._thread.start()
 
     def _run(self) -> None:
+        from . import warm
+
+        if warm.enabled():
+            # torchrun's workers will be forks of it (SPOTRUN_WARM_WORKERS): it imports torch
+            # in a process of its own, alongside this import, before the cluster file comes.
+            warm.start_forkserver()
         try:
             module = importlib.import_module("spotrun.distributed")
         except BaseException as exc:  # noqa: BLE001 - raised again by torchrun(), in the main thread

@@ -38,12 +38,14 @@ What the script does, in order:
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError
 from ..secret_shapes import TOKEN_SHAPES
+from .warm import WARM_ENV
 
 __all__ = ["MAX_USER_DATA_BYTES", "build_user_data", "check_no_secrets", "is_secret_name", "parse_secret"]
 
@@ -325,6 +327,10 @@ def build_user_data(
     if nproc_per_node is not None and nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node {nproc_per_node}: a node runs at least 1 process")
     env = dict(env or {})
+    if WARM_ENV not in env and os.environ.get(WARM_ENV):
+        # Warm workers (docs/launch.md, Recovery) set where the launcher runs: the node
+        # agents on the instances read it, as the local launcher's nodes inherit it.
+        env[WARM_ENV] = os.environ[WARM_ENV]
     secrets = dict(secrets or {})
     both = sorted(set(env) & set(secrets))
     if both:
