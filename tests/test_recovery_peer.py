@@ -375,3 +375,25 @@ def test_a_stop_checkpoint_is_sent_to_the_buddy_before_the_process_leaves(nodes,
     assert b.held(step) == [payload_name(0)], done.stderr[-2000:]
     held = b.server.root / checkpoint_dir(step) / payload_name(0)
     assert held.read_bytes() == (Path(run.display()) / checkpoint_dir(step) / payload_name(0)).read_bytes()
+
+
+def test_a_send_to_a_node_that_serves_nothing_is_an_error_the_pusher_logs(tmp_path: Path) -> None:
+    # A refused connection used to escape as AttributeError (the answer of a connection that
+    # never opened was read) and ended the push thread: no peer copy was sent for the rest
+    # of the attempt. It is an OSError/PeerError now, which the pusher logs and goes on.
+    path = tmp_path / "a.pt"
+    path.write_bytes(b"x" * 10)
+    with pytest.raises((PeerError, OSError)):
+        send_file(f"127.0.0.1:{free_port()}", "t" * 32, "k", 1, "a.pt", path)
+
+
+def test_the_simulator_picks_a_rendezvous_port_whose_peer_ports_are_free_too() -> None:
+    # Each simulated node serves peer copies at port + 1 + index: a port picked alone collided
+    # with another socket there now and then, and that node served no copies.
+    from spotrun.launch.local_nodes import free_port as block
+
+    for _ in range(5):
+        port = block(following=3)
+        for p in range(port + 1, port + 4):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", p))

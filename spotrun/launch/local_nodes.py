@@ -74,7 +74,7 @@ class LocalNodes:
             try:
                 write_cluster(ctrl.storage, ClusterSpec(
                     segment=group, nproc_per_node=o.nproc_per_node or 1,
-                    rdzv_id=f"{ctrl.state.run_id}-{group}", port=free_port(),
+                    rdzv_id=f"{ctrl.state.run_id}-{group}", port=free_port(following=len(ids)),
                     nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids],
                     host=min(keep) if keep else 0, attempt=k))
             except BaseException:
@@ -244,11 +244,27 @@ def killpg(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(following: int = 0) -> int:
+    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store, with the
+    ``following`` ports after it free too: each simulated node serves its peer copies at
+    ``port + 1 + index`` (node.ClusterSpec.peer_address). A port picked alone collided with
+    another process's socket there now and then ("Address already in use"): that node then
+    served no copies and its peers' restores read the run URL."""
+    for _ in range(100):
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            if port + following > 65535:
+                continue
+            try:
+                for p in range(port + 1, port + 1 + following):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return port
+    raise LaunchError(f"no block of {following + 1} free TCP ports on 127.0.0.1 after 100 tries; "
+                      "free some ports, or run fewer --nodes")
 
 
 @dataclass(eq=False)

@@ -384,6 +384,8 @@ def send_file(address: str, token: str, run_key: str, step: int, name: str, path
                 conn.request("PUT", f"/v1/{run_key}/{step}/{name}", body=f,
                              headers={"Authorization": f"Bearer {token}", "Content-Length": str(size)})
             except OSError as exc:
+                if conn.sock is None:  # never connected (refused, unreachable): no answer to read
+                    raise
                 # The server may have refused before taking the body (wrong token, no room,
                 # an older step) and closed: its answer says why better than a broken pipe.
                 try:
