@@ -15,24 +15,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 # Importing spotrun must stay cheap: the CLI's --help, the fake metadata server and the
 # launcher do not need torch. Names load from their modules on first use.
 _EXPORTS = {
-    "Checkpointer": "checkpoint",
-    "CheckpointInfo": "format.commit",
-    "find_latest_valid": "format.commit",
-    "list_checkpoints": "format.commit",
-    "verify_checkpoint": "format.commit",
-    "ResumableLoader": "checkpoint.data",
-    "InstanceInfo": "records.instance",
-    "EXIT_FAILED": "records.layout",
-    "EXIT_FINISHED": "records.layout",
-    "EXIT_INTERRUPTED": "records.layout",
-    "seed_everything": "format.state",
-    "Storage": "storage",
-    "open_storage": "storage",
+    "Checkpointer": ".checkpoint",
+    "CheckpointInfo": ".format.commit",
+    "find_latest_valid": ".format.commit",
+    "list_checkpoints": ".format.commit",
+    "verify_checkpoint": ".format.commit",
+    "ResumableLoader": ".checkpoint.data",
+    "InstanceInfo": ".records.instance",
+    "EXIT_FAILED": ".records.layout",
+    "EXIT_FINISHED": ".records.layout",
+    "EXIT_INTERRUPTED": ".records.layout",
+    "seed_everything": ".format.state",
+    "Storage": ".storage",
+    "open_storage": ".storage",
 }
 
 from .errors import (  # noqa: E402 - errors are light and needed everywhere
@@ -65,15 +67,7 @@ if TYPE_CHECKING:
     from .storage import Storage, open_storage
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spotrun' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())
 
 
 __all__ = [

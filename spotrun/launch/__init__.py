@@ -17,7 +17,9 @@ Both are backends of one shape (:mod:`.base`): a :class:`Launcher` whose ``run()
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 # A node agent (`python -m spotrun.launch.node`) imports this package first; it needs neither
 # the EC2 controller nor the cost renderers that status pulls in (~0.5 s of a replacement
@@ -59,15 +61,7 @@ if TYPE_CHECKING:
     from .userdata import build_user_data, check_no_secrets
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, globals())
 
 
 __all__ = [
