@@ -201,3 +201,67 @@ def test_multi_region_run_shows_regions_and_the_transfer_note(tmp_path):
     assert "Notes" in text and note in text
     html = report_html(report)
     assert "<th>Region</th>" in html and "<td>eu-west-1</td>" in html and "cross-region data transfer" in html
+
+
+def write_run_with_spares(url: str) -> None:
+    """Attempt g1 (i-0, i-1) gets a notice at T0+500: a replacement i-5 is started at once for
+    attempt g2 and waits. The run is then relaunched whole (g2 = i-2, i-3), so i-5 is stopped,
+    not needed (local launcher: it carries group g2 and node 0). An EC2 early replacement i-6
+    (no group) is started at T0+1400 and goes (interrupted) while it waits, before g2 finishes.
+    Only node 0 of each attempt writes training records."""
+    led = Ledger(Storage(url))
+    for sid, node in (("i-0", 0), ("i-1", 1)):
+        led.segment_started(segment_id=sid, instance=_inst(sid), started_at=T0, source="launcher",
+                            group="g1", node=node)
+    led.training_resumed(segment_id="i-0", step=0, process_started_at=T0 + 50, first_step_at=T0 + 100)
+    led.checkpoint_committed(segment_id="i-0", step=50, committed_at=T0 + 990, stall_s=1.0, save_s=2.0,
+                             nbytes=10, captured_at=T0 + 985)
+    led.segment_ended(segment_id="i-0", reason="interrupted", ended_at=T0 + 995, source="wrapper",
+                      steps_done=50, last_step_at=T0 + 985)
+    led.segment_started(segment_id="i-5", instance=_inst("i-5"), started_at=T0 + 500, source="launcher",
+                        group="g2", node=0)
+    for sid in ("i-0", "i-1"):
+        led.segment_ended(segment_id=sid, reason="interrupted", ended_at=T0 + 1000, source="launcher")
+    led.segment_ended(segment_id="i-5", reason="stopped", ended_at=T0 + 1100, source="launcher", unused=True)
+    for sid, node in (("i-2", 0), ("i-3", 1)):
+        led.segment_started(segment_id=sid, instance=_inst(sid), started_at=T0 + 1100, source="launcher",
+                            group="g2", node=node)
+    led.training_resumed(segment_id="i-2", step=50, process_started_at=T0 + 1150, first_step_at=T0 + 1200)
+    led.segment_started(segment_id="i-6", instance=_inst("i-6"), started_at=T0 + 1400, source="launcher")
+    led.segment_ended(segment_id="i-6", reason="interrupted", ended_at=T0 + 1600, source="launcher", unused=True)
+    for sid in ("i-2", "i-3"):
+        led.segment_ended(segment_id=sid, reason="finished", ended_at=T0 + 2000, source="launcher")
+
+
+def test_a_spare_no_attempt_used_is_the_restart_it_was_paid_for_not_an_attempt(tmp_path):
+    url = str(tmp_path / "run")
+    write_run_with_spares(url)
+    report = report_for_run(Storage(url), spot_price=SPOT, on_demand_price=OD)
+    segs = {s.segment_id: s for s in report.segments}
+    spare, ec2_spare = segs["i-5"], segs["i-6"]
+    assert spare.unused and ec2_spare.unused and not segs["i-2"].unused
+    # Two attempts ran (g1, g2); the spares are neither attempts nor interruptions of training.
+    totals = report.to_dict()["totals"]
+    assert totals["attempts"] == 2 and totals["segments"] == 6
+    assert [i.get("group") for i in report.interruptions()] == ["g1"]
+    # A spare never trained: it takes none of its group's records and has no useful time.
+    assert spare.training_from is None and spare.useful_s == 0 and spare.lost_work_s == 0
+    assert ec2_spare.useful_s == 0 and ec2_spare.lost_work_s == 0 and not ec2_spare.interrupted
+    # g2's node 1 still takes node 0's records (the spare with node 0 is not its head).
+    assert segs["i-3"].training_from == "i-2"
+    # Its whole time is the restart of the attempt it started in: i-5 (600 s) g1's, i-6
+    # (200 s) g2's, on top of g1's shutdowns and g2's startups.
+    g1_restart = segs["i-0"].restart_overhead_s
+    assert dict((s.segment_id, sec) for s, sec in segs["i-0"].restart_parts)["i-5"] == pytest.approx(600)
+    assert g1_restart == pytest.approx(2 * (1000 - 995) + 600 + 2 * 100)  # both nodes shut down
+    assert segs["i-2"].restart_overhead_s == pytest.approx(200)
+    # Every second paid is useful, lost, stalled or restart: the books balance.
+    paid = sum(s.duration_s for s in report.segments)
+    parts = sum(s.useful_s + s.lost_work_s + s.stall_s + s.restart_time_in_segment_s for s in report.segments)
+    assert parts == pytest.approx(paid)
+    # SageMaker's wall-clock billable counts time when several machines ran once: 2000 s.
+    assert report.sagemaker_figure()["billable_s"] == pytest.approx(2000)
+    # The table calls it a spare.
+    text = report_text(report)
+    assert "spare" in next(line for line in text.splitlines() if line.startswith("i-5"))
+    assert "(2 attempts)" in text

@@ -12,10 +12,13 @@ __all__ = ["group_attempts"]
 
 
 def group_attempts(segments: list[SegmentCost]) -> list[list[SegmentCost]]:
-    """The segments grouped by attempt (a multi-node group is one), in start order."""
+    """The segments grouped by attempt (a multi-node group is one), in start order. A spare
+    no attempt used (``unused``) is in none, though it may carry the group it waited for."""
     out: list[list[SegmentCost]] = []
     by_group: dict[str, list[SegmentCost]] = {}
     for seg in segments:
+        if seg.unused:
+            continue
         if seg.group is None:
             out.append([seg])
         elif seg.group in by_group:

@@ -96,7 +96,10 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] | None = No
 
 
 def attempt_label(segment: dict[str, Any]) -> str:
-    """``a1b2c3d4e5/1``: a node's attempt (its group id, shortened) and rank; "" without one."""
+    """``a1b2c3d4e5/1``: a node's attempt (its group id, shortened) and rank; "" without one;
+    ``spare`` for a machine started at a loss that no attempt used."""
+    if segment.get("unused"):
+        return "spare"
     if segment.get("group") is None:
         return ""
     node = segment.get("node")

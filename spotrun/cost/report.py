@@ -117,6 +117,10 @@ class SegmentCost:
     # the segment they came from, and its checkpoints (for lost work and stalls only).
     training_from: str | None = None
     group_checkpoints: list[dict] = field(default_factory=list)
+    # A machine no attempt used (the launcher's ``unused``: a replacement asked for at a loss
+    # and stopped, not needed): no attempt, no interruption of training; its whole time is
+    # the restart of the attempt it was started in (attribute_restarts).
+    unused: bool = False
     # Filled in by price_segments.
     is_first: bool = False
     price: Price | None = None
@@ -129,7 +133,7 @@ class SegmentCost:
 
     @property
     def interrupted(self) -> bool:
-        return self.end_reason in INTERRUPTED_REASONS
+        return self.end_reason in INTERRUPTED_REASONS and not self.unused
 
     @property
     def duration_s(self) -> float:
@@ -208,6 +212,8 @@ class SegmentCost:
         multi: dict[str, Any] = {}
         if self.group is not None:
             multi = {"group": self.group, "node": self.node, "training_from": self.training_from}
+        if self.unused:
+            multi["unused"] = True
         return {
             "segment_id": self.segment_id,
             **multi,
@@ -248,7 +254,7 @@ def _share_group_records(segments: list[SegmentCost]) -> None:
     what a node lacks is filled in (a node whose own process wrote records keeps them)."""
     groups: dict[str, list[SegmentCost]] = {}
     for seg in segments:
-        if seg.group is not None:
+        if seg.group is not None and not seg.unused:  # a spare never trained
             groups.setdefault(seg.group, []).append(seg)
     for members in groups.values():
         heads = sorted((s for s in members if s.first_step_at is not None or s.checkpoints),
@@ -342,6 +348,7 @@ def build_segments(
                     key: first.get(f"bytes_{key}") for key in ("local", "peer", "url")},
                 training_ended_at=float(ends["wrapper"]["ended_at"]) if "wrapper" in ends else None,
                 last_step_at=(ends["wrapper"].get("last_step_at") if "wrapper" in ends else None),
+                unused=bool(end_rec is not None and end_rec.get("unused")),
                 checkpoints=[
                     {k: r.get(k) for k in ("step", "committed_at", "stall_s", "save_s", "nbytes", "captured_at")}
                     for r in recs
@@ -390,6 +397,12 @@ def attribute_restarts(segments: list[SegmentCost]) -> None:
         parts = [(s, s.shutdown_s) for s in attempt if s.shutdown_s > 0]
         parts += [(s, s.startup_s) for s in nxt if not s.is_first]
         restart_row(attempt).restart_parts = parts
+    # A spare (started at a loss, used by no attempt) was paid for the recovery of the
+    # attempt it started in: all its time is that attempt's restart.
+    for spare in (s for s in segments if s.unused):
+        during = [a for a in attempts if min(s.start for s in a) <= spare.start] or attempts[:1]
+        if during:
+            restart_row(during[-1]).restart_parts.append((spare, spare.duration_s))
 
 
 def price_segments(segments: list[SegmentCost], prices: PriceBook) -> None:
@@ -462,8 +475,9 @@ class CostReport:
         }
 
     def attempts(self) -> int:
-        """Attempts at the job: a group of nodes is one, a segment without a group one."""
-        return len({s.group if s.group is not None else ("", s.segment_id) for s in self.segments})
+        """Attempts at the job: a group of nodes is one, a segment without a group one; a spare
+        no attempt used is none."""
+        return len({s.group if s.group is not None else ("", s.segment_id) for s in self.segments if not s.unused})
 
     def regions(self) -> list[str]:
         """The regions the segments ran in, in order of first use."""
@@ -555,23 +569,19 @@ class CostReport:
         SageMaker reports ``TrainingTimeInSeconds`` (the job, start to end, waits for
         capacity included) and ``BillableTimeInSeconds`` (the wall-clock seconds instances
         ran) and calls ``(1 - billable / training) x 100`` the savings. Here: training =
-        first segment start to last segment end; billable = the segments' durations. Like
-        SageMaker's (wall-clock, not multiplied by the instance count), an attempt of N nodes
-        counts its wall time once: first node up to last node down.
+        first segment start to last segment end; billable = the wall-clock time during which
+        any segment ran. Like SageMaker's (wall-clock, not multiplied by the instance count),
+        time when several machines ran at once counts once: the nodes of an attempt, the
+        survivors kept beside their replacement, a spare started at a loss.
         """
         if not self.segments:
             return {"training_s": 0.0, "billable_s": 0.0, "savings_pct": None}
         training = max(s.end for s in self.segments) - min(s.start for s in self.segments)
-        billable = 0.0
-        for s in self.segments:
-            if s.group is None:
-                billable += s.duration_s
-        spans: dict[str, tuple[float, float]] = {}
-        for s in self.segments:
-            if s.group is not None:
-                lo, hi = spans.get(s.group, (s.start, s.end))
-                spans[s.group] = (min(lo, s.start), max(hi, s.end))
-        billable += sum(hi - lo for lo, hi in spans.values())
+        billable, reached = 0.0, float("-inf")
+        for s in sorted(self.segments, key=lambda s: s.start):
+            if s.end > reached:
+                billable += s.end - max(s.start, reached)
+                reached = s.end
         return {
             "training_s": training,
             "billable_s": billable,

@@ -70,15 +70,18 @@ class RunBook:
         return [segment for segment, _ in started]
 
     def end(self, segment: Segment, reason: str, *, ended_at: float, exit_code: int | None = None,
-            detail: str | None = None) -> None:
-        """Record that ``segment`` ended (finished, interrupted, failed, stopped) at ``ended_at``."""
+            detail: str | None = None, unused: bool = False) -> None:
+        """Record that ``segment`` ended (finished, interrupted, failed, stopped) at ``ended_at``;
+        ``unused``: a machine started for an attempt that never used it (a replacement asked
+        for at a loss and not needed)."""
         segment.ended_at = ended_at
         segment.end_reason = reason
         segment.exit_code = exit_code
         segment.detail = detail
         self.save()
         Ledger(self.storage).record(SegmentEnded(
-            segment_id=segment.segment_id, reason=reason, ended_at=ended_at, source=SOURCE
+            segment_id=segment.segment_id, reason=reason, ended_at=ended_at, source=SOURCE,
+            unused=True if unused else None,
         ))
 
     def close_open(self, reason: str, detail: str, *, ended_at: float | None = None) -> list[Segment]:

@@ -352,9 +352,9 @@ class Ec2Controller:
                                            started_at=started_at, region=region)
 
     def _end_segment(self, seg: Segment, reason: str, *, exit_code: int | None = None,
-                     detail: str | None = None, ended_at: float | None = None) -> None:
+                     detail: str | None = None, ended_at: float | None = None, unused: bool = False) -> None:
         self.book.end(seg, reason, ended_at=self.clock() if ended_at is None else ended_at,
-                      exit_code=exit_code, detail=detail)
+                      exit_code=exit_code, detail=detail, unused=unused)
 
     def _gone_at(self, seg: Segment, status: InstanceStatus) -> float:
         """When the segment's instance went, at the earliest the evidence supports.

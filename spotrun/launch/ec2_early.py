@@ -202,7 +202,9 @@ class EarlyReplacements:
             ctl.book.begin(seg, InstanceInfo(cloud=Cloud.AWS.value, instance_id=seg.instance_id,
                                              instance_type=seg.instance_type, region=e.region,
                                              availability_zone=seg.availability_zone, market=seg.market))
-            ctl._end_segment(seg, reason, detail=f"terminated by spotrun: {why}", ended_at=ended_at)
+            # No attempt ran on it: the cost report books it as the recovery's spare, not as an
+            # attempt or an interruption of training.
+            ctl._end_segment(seg, reason, detail=f"terminated by spotrun: {why}", ended_at=ended_at, unused=True)
 
 
 def _segment(e: Early) -> Segment:

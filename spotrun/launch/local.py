@@ -637,7 +637,7 @@ class LocalLauncher:
         if node.seg.open:
             self.book.end(node.seg, EndReason.STOPPED, ended_at=self.clock(),
                           exit_code=node.proc.returncode if node.proc is not None else None,
-                          detail=f"replacement started at the loss, not needed ({why})")
+                          detail=f"replacement started at the loss, not needed ({why})", unused=True)
 
     def _end_early(self, why: str) -> None:
         for index in list(self._early):

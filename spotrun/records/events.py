@@ -192,8 +192,14 @@ class SegmentEnded(_Event):
     source: Source = Source.WRAPPER
     steps_done: int | None = None
     last_step_at: float | None = None
+    # True for a machine no attempt used: a replacement started at a loss (``--recovery
+    # replace``) that was stopped because the run finished, stopped or relaunched whole. The
+    # cost report books its time as the restart it was paid for, not as an attempt.
+    unused: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.unused is not None and not isinstance(self.unused, bool):
+            raise ConfigError(f"unused {self.unused!r} must be true or false")
         self._coerce(segment_id=str(self.segment_id), reason=EndReason.parse(self.reason),
                      ended_at=float(self.ended_at), source=Source.parse(self.source),
                      steps_done=None if self.steps_done is None else int(self.steps_done),
