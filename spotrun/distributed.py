@@ -24,6 +24,15 @@ When every failed worker exited ``128 + SIGTERM`` (``EXIT_STOP_UNSAVED``: its st
 missed the deadline) or ``128 + SIGINT``, that code comes back too (the larger of the two
 when both), not 1: the node was interrupted and resumes from the previous checkpoint, which a
 launcher must not count as a failure of the command (``--max-failures``).
+
+**torchrun's shutdown bound.** Once signalled, torchrun's agent forwards the signal and waits
+``--shutdown-timeout`` seconds (torch's default: 30) before it SIGKILLs its workers, while a
+worker's stop checkpoint may take up to ``SPOTRUN_STOP_TIMEOUT`` (90 s): a stop of more than
+30 s (a large state to S3, a planned stop to grow the job) was killed half-written, the steps
+since the previous checkpoint lost. :func:`torchrun` therefore waits
+``SPOTRUN_STOP_TIMEOUT`` + :data:`SHUTDOWN_SLACK_S` unless ``--shutdown-timeout`` or
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise: the wrapper's own bound decides when a stop
+is abandoned (it exits 143), torchrun's kill stays the last resort after it.
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ __all__ = ["Group", "note_exit", "preload", "torchrun"]
 
 #: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
+
+#: Seconds torchrun waits for its signalled workers beyond ``SPOTRUN_STOP_TIMEOUT``: their
+#: own bound ends a stop that cannot commit (exit 143) before torchrun kills them.
+SHUTDOWN_SLACK_S = 15.0
 
 log = logging.getLogger("spotrun.distributed")
 
@@ -251,6 +264,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    _patient_shutdown(args)
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
     os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
     done_before = _done_marker()
@@ -292,6 +306,25 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(notes, ignore_errors=True)
     return 0
+
+
+def _patient_shutdown(args: Any) -> None:
+    """Let signalled workers finish their stop checkpoint (see the module docstring): a
+    ``--shutdown-timeout`` of ``SPOTRUN_STOP_TIMEOUT`` + slack, unless the user gave one. A
+    torch without the option (older than 2.9) keeps its fixed 30 s."""
+    if not hasattr(args, "shutdown_timeout") or args.shutdown_timeout is not None \
+            or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        return
+    import math
+
+    from .config import stop_knobs
+    from .errors import ConfigError
+
+    try:
+        stop_s = stop_knobs().timeout_s
+    except ConfigError:
+        return  # each worker's wrapper refuses the value with its one-line error
+    args.shutdown_timeout = math.ceil(stop_s + SHUTDOWN_SLACK_S)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, committed_steps, env_for, finish_session, ledger_events, torchrun, wait_for_line
+from helpers import REPO, committed_steps, env_for, finish_session, free_port, ledger_events, torchrun, wait_for_line
 
 from spotrun.launch.attempt import (
     Action,
@@ -112,3 +114,50 @@ def test_a_real_failure_is_still_a_failure():
     assert classify_instance(NodeEnd("i-1", exit_code=1, state="terminated"), done=False).reason is EndReason.FAILED
     end = AttemptEnd(nodes=(NodeEnd("a", exit_code=EXIT_STOP_UNSAVED, rank=0), NodeEnd("b", exit_code=1, rank=1)))
     assert classify_local(end).reason is EndReason.FAILED  # no notice, and one node crashed
+
+
+# A worker whose stop takes ``STOP_TAKES`` seconds after SIGTERM, then commits (a marker file
+# and the exit note the Checkpointer leaves) and exits 75: a stop checkpoint of a large state.
+SLOW_STOP = """
+import os, signal, sys, time
+from spotrun.distributed import note_exit
+def stop(signum, frame):
+    time.sleep(float(os.environ["STOP_TAKES"]))
+    open(os.environ["MARK"], "w").write("committed")
+    note_exit(75)
+    os._exit(75)
+signal.signal(signal.SIGTERM, stop)
+open(os.environ["READY"], "w").write("ready")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def _slow_stop(tmp_path: Path, takes: float, *torchrun_args: str, **env: str) -> tuple[int, bool, str]:
+    """SIGTERM to ``python -m spotrun.distributed`` (the agent, as a launcher's stop or a planned
+    grow sends it) whose one worker needs ``takes`` s to commit: (exit code, committed, output)."""
+    script = tmp_path / "slow_stop.py"
+    script.write_text(SLOW_STOP)
+    ready, mark = tmp_path / "ready", tmp_path / "mark"
+    run_env = env_for(str(tmp_path / "run"), STOP_TAKES=str(takes), READY=str(ready), MARK=str(mark), **env)
+    proc = subprocess.Popen([sys.executable, "-m", "spotrun.distributed", *torchrun_args, "--nproc-per-node", "1",
+                             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)],
+                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=REPO)
+    _wait_for(proc, ready.exists, "the worker's start")
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish_session(proc, 120)
+    return code, mark.exists(), out
+
+
+@pytest.mark.slow
+def test_torchrun_waits_for_a_stop_longer_than_its_30_s_default(tmp_path):
+    """torch's agent SIGKILLs signalled workers after 30 s; a stop checkpoint may take up to
+    SPOTRUN_STOP_TIMEOUT. Without the longer bound the worker dies at 30 s, uncommitted (143)."""
+    code, committed, out = _slow_stop(tmp_path, 33, SPOTRUN_STOP_TIMEOUT="40")
+    assert committed and code == 75, (code, out[-4000:])
+
+
+def test_a_shutdown_timeout_the_user_gives_is_kept(tmp_path):
+    code, committed, out = _slow_stop(tmp_path, 33, "--shutdown-timeout", "2")
+    assert not committed and code == 128 + signal.SIGTERM, (code, out[-4000:])
