@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import sys
 import threading
@@ -152,3 +153,113 @@ def _later(delay: float, fn) -> threading.Thread:
     thread = threading.Thread(target=lambda: (time.sleep(delay), fn()), daemon=True)
     thread.start()
     return thread
+
+
+# -- the EC2 controller, against moto ---------------------------------------------------
+
+@pytest.fixture()
+def cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from moto import mock_aws
+    from test_launch_ec2_cluster import Cloud
+
+    monkeypatch.setenv("SPOTRUN_CACHE_DIR", str(tmp_path / "cache"))
+    with mock_aws():
+        yield Cloud()
+
+
+def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud, tmp_path: Path) -> None:
+    """3 nodes, --min-nodes 2: a node lost with no capacity anywhere, the two survivors go on
+    (attempt -m). The controller asks for the missing node again 100 s after, then 200 s after
+    that, then every 250 s (the cap); capacity comes back, and the next ask starts one
+    instance in the empty slot and writes the grown attempt: 3 nodes, survivors in their
+    slots, ``grow`` set (what the survivors' agents stop and join on); a ``recovery_started``
+    of mode grow; no survivor terminated; the grow is no interruption."""
+    from test_launch_ec2 import Lines, ScarceCapacity
+    from test_launch_ec2_cluster import FAST, HOME, T0, cluster_file, controller, launcher_records, options
+    from test_launch_ec2_replace import Calls
+
+    from spotrun.cost import report_for_run
+    from spotrun.launch.controller import Ec2Controller, Timing
+    from spotrun.launch.status import format_status, run_status
+
+    storage = Storage(str(tmp_path / "run"))
+    calls = Calls(cloud.clients[HOME])
+    scarce = ScarceCapacity(cloud.clients[HOME], {})
+    now = [T0]
+    asks: list[tuple[float, int]] = []  # (clock, count) of every CreateFleet
+    cloud.clients[HOME].meta.events.register(
+        "provide-client-params.ec2.CreateFleet",
+        lambda params, **_: asks.append((now[0], params["TargetCapacitySpecification"]["TotalTargetCapacity"])))
+    seen: list[dict] = []
+    status: list[str] = []
+    shrunk_at: list[float] = []
+
+    def act(ctl: Ec2Controller) -> None:
+        now[0] += 10
+        running = ctl.state.running
+        if not running:
+            return
+        spec = cluster_file(storage, running[0].instance_id)
+        if not seen or seen[-1]["segment"] != spec["segment"]:
+            seen.append(spec)
+            if len(seen) == 1:
+                scarce.scarce[("spot", "g5.xlarge")] = "InsufficientInstanceCapacity"
+                scarce.scarce[("on-demand", "g5.xlarge")] = "InsufficientInstanceCapacity"
+                cloud.spot_interrupt(running[2].instance_id)
+            elif len(seen) == 2:
+                shrunk_at.append(now[0])
+            else:
+                status.append(format_status(run_status(storage, live=False)))
+                storage.write_bytes("done.json", b"{}")
+                for s in running:
+                    cloud.shut_down(s.instance_id)
+        if shrunk_at and now[0] >= shrunk_at[0] + 400:
+            scarce.scarce.clear()  # capacity is back
+
+    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 100.0, "grow_retry_max_s": 250.0})
+    out = Lines()
+    ctl = controller(cloud, storage, options(cloud, storage, nodes=3, min_nodes=2, nproc_per_node=None), act,
+                     clock=now, timing=timing, on_event=out)
+    assert ctl.run().status == "finished", out.getvalue()
+    first, shrunk, grown = seen
+    ids = [n["instance_id"] for n in first["nodes"]]
+    kept = ids[:2]
+    assert [n["instance_id"] for n in shrunk["nodes"]] == kept and shrunk["segment"].endswith("-m")
+
+    # The asks after the shrink: +100 s, then +200 s, then the 250 s cap; the third one (after
+    # capacity came back at +400 s) got the node. Each a single instance.
+    after = [(round(t - shrunk_at[0]), n) for t, n in asks if t >= shrunk_at[0]]
+    assert [n for _, n in after] == [1, 1, 1], (after, out.getvalue())
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(after)]
+    assert 90 <= after[0][0] <= 110 and 190 <= gaps[0] <= 210 and 240 <= gaps[1] <= 260, after
+    assert "no capacity yet for 1 node(s) to grow back to 3" in out.getvalue()
+
+    # The grown attempt: 3 nodes, the survivors in their slots, a new one in the empty slot,
+    # a new rendezvous id, a later attempt number, a survivor hosting the store, grow set.
+    (new,) = set(n["instance_id"] for n in grown["nodes"]) - set(kept)
+    assert [n["instance_id"] for n in grown["nodes"]] == [*kept, new]
+    assert grown["grow"] is True and shrunk.get("grow") is False and first.get("grow") is False
+    assert grown["attempt"] == shrunk["attempt"] + 1 and grown["rdzv_id"] != shrunk["rdzv_id"]
+    assert grown["host"] == 0 and grown["nodes"][0]["instance_id"] == kept[0]
+    # What a survivor's agent, running the shrunk attempt, finds: the attempt to stop and join.
+    spec = node._next_grow(storage, kept[1], ClusterSpec.from_json(shrunk))
+    assert spec is not None and spec.segment == grown["segment"] and len(spec.nodes) == 3
+    assert f"nodes      3 of 3 in attempt {grown['segment']}" in status[0], status[0]
+
+    # The survivors were never terminated; the grow is no interruption (the loss was one).
+    assert not set(calls.terminated) & set(kept) and ctl.state.interruptions == 1 and ctl.state.failures == 0
+    recs = launcher_records(storage)
+    modes = [(r["segment_id"], r["mode"], r["lost"], r["kept"], r["instances_started"])
+             for r in recs if r["event"] == "recovery_started"]
+    assert modes == [(shrunk["segment"], "replace", [ids[2]], kept, 0), (grown["segment"], "grow", [], kept, 1)]
+    (grow_rec,) = [r for r in recs if r["event"] == "recovery_started" and r["mode"] == "grow"]
+    assert grow_rec["lost_at"] == grow_rec["capacity_at"] == after[2][0] + shrunk_at[0]
+    starts = sorted(r["segment_id"] for r in recs if r["event"] == "segment_started")
+    assert starts == sorted([*ids, new])  # each survivor one segment: one start, one end
+    ends = {r["segment_id"]: r["reason"] for r in recs if r["event"] == "segment_ended"}
+    assert ends == {ids[2]: "interrupted", kept[0]: "finished", kept[1]: "finished", new: "finished"}
+
+    # spotrun cost: the grow is a recovery of mode grow that started one instance, kept two.
+    report = report_for_run(storage, offline=True)
+    grows = [r for r in report.recoveries() if r.mode == "grow"]
+    assert len(grows) == 1 and (grows[0].instances_started, grows[0].instances_kept) == (1, 2), report.recoveries
