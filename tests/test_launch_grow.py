@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -263,3 +264,130 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
     report = report_for_run(storage, offline=True)
     grows = [r for r in report.recoveries() if r.mode == "grow"]
     assert len(grows) == 1 and (grows[0].instances_started, grows[0].instances_kept) == (1, 2), report.recoveries
+
+
+# -- real processes ---------------------------------------------------------------------
+
+_WORKER = '''\
+"""A torchrun worker (no torch import) for the 143 test: attempt 1 exits 143 without a note,
+on its own (mode alone: the stop checkpoint missed its deadline) or on the SIGTERM torchrun
+forwards (mode signalled); any later attempt finishes (0)."""
+import os, signal, sys, time
+folder, mode = sys.argv[1], sys.argv[2]
+run = os.environ["TORCHELASTIC_RUN_ID"]
+open(os.path.join(folder, "start-" + run), "w").close()
+if not run.endswith("-a1"):
+    sys.exit(0)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+open(os.path.join(folder, "ready"), "w").close()
+while not os.path.exists(os.path.join(folder, "go")):
+    time.sleep(0.02)
+os._exit(143)
+'''
+
+
+def _agent(url: str, iid: str, command: list[str], *extra: str):
+    import subprocess
+
+    from helpers import REPO, env_for
+
+    return subprocess.Popen([sys.executable, "-m", "spotrun.launch.node", "--timeout", "120", "--poll", "0.1",
+                             *extra, "--", *command],
+                            env=env_for(url, SPOTRUN_INSTANCE_ID=iid), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
+
+
+def _wait(what: str, ready, procs, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"{what}: a node exited {p.returncode} early:\n{p.communicate()[0][-4000:]}")
+        assert time.monotonic() < deadline, f"{what}: timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_143_rejoins_only_when_the_agent_itself_was_not_signalled(tmp_path: Path) -> None:
+    """Two one-node agents side by side (real torchrun, workers without torch): in both the
+    worker exits 143 with no stop checkpoint and a newer cluster file names the node. Where
+    only the worker stopped so (a peer's notice; its stop missed the deadline) the agent joins
+    the next attempt; where the agent itself got the SIGTERM (its machine shutting down) it
+    exits 143 and runs nothing more."""
+    from helpers import finish_session, free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    procs, folders, urls = {}, {}, {}
+    for mode in ("alone", "signalled"):
+        folders[mode] = tmp_path / mode
+        folders[mode].mkdir()
+        urls[mode] = str(tmp_path / f"run-{mode}")
+        write_cluster(Storage(urls[mode]), _spec(f"{mode}-a1", 1, ids=("n",), port=free_port()))
+        procs[mode] = _agent(urls[mode], "n", ["python", str(script), str(folders[mode]), mode],
+                             "--rejoin-timeout", "60")
+    _wait("workers ready", lambda: all((f / "ready").exists() for f in folders.values()), procs.values())
+    for mode in procs:
+        write_cluster(Storage(urls[mode]), _spec(f"{mode}-a2", 2, ids=("n",), port=free_port()))
+    (folders["alone"] / "go").touch()
+    os.killpg(procs["signalled"].pid, signal.SIGTERM)
+    results = {mode: finish_session(p, 180) for mode, p in procs.items()}
+    code, out = results["alone"]
+    assert code == 0 and (folders["alone"] / "start-run-alone-a2").exists(), out[-4000:]
+    assert read_attempt_exit(Storage(urls["alone"]), "alone-a1", "n") == 143
+    code, out = results["signalled"]
+    assert code == 143 and not (folders["signalled"] / "start-run-signalled-a2").exists(), out[-4000:]
+    assert read_attempt_exit(Storage(urls["signalled"]), "signalled-a1", "n") == 143
+
+
+@pytest.mark.slow
+def test_a_real_one_node_attempt_grows_to_two_at_a_step_bit_exact(tmp_path: Path) -> None:
+    """The survivor of a shrunk job runs alone (attempt a2-m, one node, FSDP2 on
+    tests/scripts/fsdp_train.py); the launcher writes the grown attempt a3 (that node and a new
+    one, ``grow``). The survivor's agent (the same process throughout: its machine kept) stops
+    its torchrun at a step, the checkpoint committed there, joins a3 with the new node, and the
+    job finishes on two nodes resumed from that very step (0 steps lost); what a3 restored
+    (resharded 1 -> 2) is bit-exact what the stop saved."""
+    import re
+
+    import torch
+    from helpers import REPO, finish_session, free_port
+    from test_sharded_checkpointer import _flatten
+
+    from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
+
+    url, dump = str(tmp_path / "run"), tmp_path / "dump"
+    dump.mkdir()
+    steps = 60
+    cmd = ["python", str(REPO / "tests" / "scripts" / "fsdp_train.py"), "--url", url, "--steps", str(steps),
+           "--every-steps", "5", "--step-sleep", "0.05", "--dump", str(dump)]
+    storage = Storage(url)
+    write_cluster(storage, _spec("a2-m", 2, ids=("node-a",), port=free_port()))
+    survivor = _agent(url, "node-a", cmd, "--rejoin-timeout", "120")
+    from helpers import committed_steps
+
+    _wait("a first checkpoint", lambda: bool(committed_steps(url)), [survivor])
+    before = max(committed_steps(url))
+    new = _agent(url, "node-c", cmd, "--rejoin-timeout", "120")
+    grown = _spec("a3", 3, ids=("node-a", "node-c"), grow=True, port=free_port())
+    write_cluster(storage, grown)
+    results = {"node-a": finish_session(survivor, 300), "node-c": finish_session(new, 300)}
+    show = "\n".join(f"--- {n} exited {c}:\n{o[-3000:]}" for n, (c, o) in results.items())
+    assert {c for c, _ in results.values()} == {EXIT_FINISHED}, show
+    out_a = results["node-a"][1]
+    assert "grows the job to 2 node(s)" in out_a and "joining attempt a3 (2 nodes)" in out_a, show
+    # The planned stop: one exit 75 at step S in the shrunk attempt, S's checkpoint committed,
+    # and the grown attempt (both nodes) resumed from S: no step lost.
+    (stop,) = [int(s) for s in re.findall(rf"^rank 0 exit {EXIT_INTERRUPTED} at step (\d+)$", out_a, re.MULTILINE)]
+    assert before <= stop < steps and stop in committed_steps(url), show
+    assert read_attempt_exit(storage, "a2-m", "node-a") == EXIT_INTERRUPTED
+    assert read_attempt_exit(storage, "a3", "node-a") == 0 and read_attempt_exit(storage, "a3", "node-c") == 0
+    assert "node 0 of 2 in segment a3" in out_a and "node 1 of 2 in segment a3" in results["node-c"][1]
+    assert all(f"resumed from step {stop}" in o for _, o in results.values()), show
+    assert len(re.findall(rf"^rank \d exit 0 at step {steps}$", out_a + results["node-c"][1], re.MULTILINE)) == 2
+    assert (Path(url) / "done.json").exists()
+    saved = _flatten(torch.load(dump / f"stopped-{stop}.pt", weights_only=True))
+    loaded = _flatten(torch.load(dump / f"restored-{stop}.pt", weights_only=True))
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():
+        assert torch.equal(value, loaded[key]) if isinstance(value, torch.Tensor) else value == loaded[key], key
