@@ -242,6 +242,9 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
     assert grown["grow"] is True and shrunk.get("grow") is False and first.get("grow") is False
     assert grown["attempt"] == shrunk["attempt"] + 1 and grown["rdzv_id"] != shrunk["rdzv_id"]
     assert grown["host"] == 0 and grown["nodes"][0]["instance_id"] == kept[0]
+    # Every node of it, not --min-nodes of them: the survivors join at once, the new node
+    # boots; an elastic rendezvous would start without it.
+    assert grown["min_nodes"] is None
     # What a survivor's agent, running the shrunk attempt, finds: the attempt to stop and join.
     spec = node._next_grow(storage, kept[1], ClusterSpec.from_json(shrunk))
     assert spec is not None and spec.segment == grown["segment"] and len(spec.nodes) == 3

@@ -187,7 +187,8 @@ class Ec2Attempts:
                       grow: bool = False) -> None:
         """Every node's cluster file (:mod:`spotrun.launch.node`'s format), ``segs`` in slot
         order; ``group`` (default: theirs) names the attempt, ``host`` the store's node;
-        ``grow``: the attempt grows a shrunk job back (.ec2_grow)."""
+        ``grow``: the attempt grows a shrunk job back (.ec2_grow), and needs every node listed
+        (elastic, torchrun would start on the survivors alone while the new ones boot)."""
         ctrl = self.ctl
         segs = sorted(segs, key=lambda s: s.node or 0)
         group = group or segs[0].group or segs[0].segment_id
@@ -204,7 +205,7 @@ class Ec2Attempts:
             nproc_per_node=ctrl.options.nproc_per_node or 1,
             # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
             # without a straggler when fewer were asked to wait for.
-            min_nodes=ctrl.options.need if ctrl.options.need < len(segs) else None, grow=grow,
+            min_nodes=ctrl.options.need if ctrl.options.need < len(segs) and not grow else None, grow=grow,
         )
 
     def start(self, region: str, result: FleetResult) -> bool:
