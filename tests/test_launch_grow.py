@@ -266,7 +266,9 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
     # spotrun cost: the grow is a recovery of mode grow that started one instance, kept two.
     report = report_for_run(storage, offline=True)
     grows = [r for r in report.recoveries() if r.mode == "grow"]
-    assert len(grows) == 1 and (grows[0].instances_started, grows[0].instances_kept) == (1, 2), report.recoveries
+    assert len(grows) == 1 and (grows[0].instances_started, grows[0].instances_kept) == (1, 2), report.recoveries()
+    text = format_status(run_status(storage, live=False))
+    assert "latest (grow)" in text and "instances 1 started, 2 kept" in text, text
 
 
 # -- real processes ---------------------------------------------------------------------
