@@ -181,6 +181,7 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
 
     from spotrun.cost import report_for_run
     from spotrun.launch.controller import Ec2Controller, Timing
+    from spotrun.launch.grow import note_waiting
     from spotrun.launch.status import format_status, run_status
 
     storage = Storage(str(tmp_path / "run"))
@@ -194,6 +195,7 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
     seen: list[dict] = []
     status: list[str] = []
     shrunk_at: list[float] = []
+    booting: list[float] = []
 
     def act(ctl: Ec2Controller) -> None:
         now[0] += 10
@@ -216,8 +218,16 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
                     cloud.shut_down(s.instance_id)
         if shrunk_at and now[0] >= shrunk_at[0] + 400:
             scarce.scarce.clear()  # capacity is back
+        if ctl.grow.booting:
+            booting.append(now[0])
+            # The new node boots; the survivors train on in the shrunk attempt meanwhile.
+            assert cluster_file(storage, running[0].instance_id)["segment"] == seen[1]["segment"]
+            if len(booting) == 3:  # its agent waits for its cluster file
+                for _, e in ctl.grow.booting:
+                    note_waiting(storage, e.instance.instance_id)
 
-    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 100.0, "grow_retry_max_s": 250.0})
+    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 100.0, "grow_retry_max_s": 250.0,
+                       "grow_boot_wait_s": 300.0})
     out = Lines()
     ctl = controller(cloud, storage, options(cloud, storage, nodes=3, min_nodes=2, nproc_per_node=None), act,
                      clock=now, timing=timing, on_event=out)
@@ -257,7 +267,8 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
              for r in recs if r["event"] == "recovery_started"]
     assert modes == [(shrunk["segment"], "replace", [ids[2]], kept, 0), (grown["segment"], "grow", [], kept, 1)]
     (grow_rec,) = [r for r in recs if r["event"] == "recovery_started" and r["mode"] == "grow"]
-    assert grow_rec["lost_at"] == grow_rec["capacity_at"] == after[2][0] + shrunk_at[0]
+    # The stop was asked for once the new node's agent waited (three polls after its launch).
+    assert len(booting) == 3 and grow_rec["lost_at"] == grow_rec["capacity_at"] == booting[-1]
     starts = sorted(r["segment_id"] for r in recs if r["event"] == "segment_started")
     assert starts == sorted([*ids, new])  # each survivor one segment: one start, one end
     ends = {r["segment_id"]: r["reason"] for r in recs if r["event"] == "segment_ended"}
@@ -265,6 +276,8 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
 
     # spotrun cost: the grow is a recovery of mode grow that started one instance, kept two.
     report = report_for_run(storage, offline=True)
+    by_id = {seg.segment_id: seg for seg in report.segments}
+    assert by_id[new].start == after[2][0] + shrunk_at[0]  # billed from its launch, boot included
     grows = [r for r in report.recoveries() if r.mode == "grow"]
     assert len(grows) == 1 and (grows[0].instances_started, grows[0].instances_kept) == (1, 2), report.recoveries()
     text = format_status(run_status(storage, live=False))
@@ -396,3 +409,66 @@ def test_a_real_one_node_attempt_grows_to_two_at_a_step_bit_exact(tmp_path: Path
     assert saved.keys() == loaded.keys()
     for key, value in saved.items():
         assert torch.equal(value, loaded[key]) if isinstance(value, torch.Tensor) else value == loaded[key], key
+
+
+def test_ec2_a_new_node_that_never_waits_or_a_finish_while_it_boots_is_terminated_and_booked(
+        cloud, tmp_path: Path) -> None:
+    """Capacity comes back at once, but the first new node's agent never waits for its file
+    (a broken boot): after grow_boot_wait_s it is terminated and booked (stopped, billed from
+    its launch), the survivors untouched; the next ask's node is still booting when the run
+    finishes: terminated and booked too. Nothing is left running; no grow happened."""
+    from test_launch_ec2 import Lines, ScarceCapacity
+    from test_launch_ec2_cluster import FAST, HOME, T0, cluster_file, controller, launcher_records, options
+    from test_launch_ec2_replace import Calls
+
+    from spotrun.launch.controller import Ec2Controller, Timing
+
+    storage = Storage(str(tmp_path / "run"))
+    calls = Calls(cloud.clients[HOME])
+    scarce = ScarceCapacity(cloud.clients[HOME], {})
+    now = [T0]
+    seen: list[str] = []
+    started: list[tuple[float, str]] = []
+
+    def act(ctl: Ec2Controller) -> None:
+        now[0] += 10
+        running = ctl.state.running
+        if not running:
+            return
+        segment = cluster_file(storage, running[0].instance_id)["segment"]
+        if not seen or seen[-1] != segment:
+            seen.append(segment)
+            if len(seen) == 1:
+                scarce.scarce[("spot", "g5.xlarge")] = "InsufficientInstanceCapacity"
+                scarce.scarce[("on-demand", "g5.xlarge")] = "InsufficientInstanceCapacity"
+                cloud.spot_interrupt(running[1].instance_id)
+            else:
+                scarce.scarce.clear()
+        for _, e in ctl.grow.booting:
+            if e.instance.instance_id not in [i for _, i in started]:
+                started.append((e.launched_at, e.instance.instance_id))
+        if len(started) == 2:  # the second one boots: the run finishes meanwhile
+            storage.write_bytes("done.json", b"{}")
+            for s in running:
+                cloud.shut_down(s.instance_id)
+
+    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 20.0, "grow_retry_max_s": 40.0,
+                       "grow_boot_wait_s": 50.0})
+    out = Lines()
+    ctl = controller(cloud, storage, options(cloud, storage, nodes=2, min_nodes=1, nproc_per_node=None), act,
+                     clock=now, timing=timing, on_event=out)
+    assert ctl.run().status == "finished", out.getvalue()
+    assert len(seen) == 2 and seen[1].endswith("-m")  # never grown
+    (t1, first), (t2, second) = started
+    survivor = next(s.instance_id for s in ctl.state.segments if s.node == 0)
+    assert first in calls.terminated and second in calls.terminated and survivor not in calls.terminated
+    assert t2 - t1 >= 50 and "no node agent waiting on" in out.getvalue(), out.getvalue()
+    assert cloud.running(ctl.state.run_id) == []
+    recs = launcher_records(storage)
+    ends = {r["segment_id"]: r for r in recs if r["event"] == "segment_ended"}
+    starts = {r["segment_id"]: r for r in recs if r["event"] == "segment_started"}
+    for iid in (first, second):
+        assert ends[iid]["reason"] == "stopped", ends[iid]
+    assert out.getvalue().count("a node to grow back not needed") == 2, out.getvalue()
+    assert starts[first]["time"] <= t1 and ends[first]["time"] >= t1 + 50
+    assert [r["mode"] for r in recs if r["event"] == "recovery_started"] == ["replace"]

@@ -422,6 +422,7 @@ class Ec2Controller:
                       gone: list[Segment]) -> LaunchOutcome | None:
         """A node (or the one instance) of the attempt is gone: the attempt is over, for
         every node; the policy (:mod:`.attempt`) says why and what next."""
+        self.grow.discard(f"attempt {attempt[0].group} lost a node")
         ends = {s.segment_id: self._node_end(s, statuses[s.instance_id]) for s in gone}
         done = is_done(self.storage)
         verdict = classify_ec2(AttemptEnd(nodes=tuple(ends[s.segment_id] for s in gone), done=done))

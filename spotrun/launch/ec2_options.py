@@ -41,6 +41,9 @@ class Timing:
     grow_retry_s: float = 60.0
     #: ... at most this long between two asks (.ec2_grow).
     grow_retry_max_s: float = 900.0
+    #: How long the new nodes of a grow may boot before their agents wait for their cluster
+    #: file (user data, ``--setup``); then they are terminated and the asks go on.
+    grow_boot_wait_s: float = 900.0
 
 
 @dataclass

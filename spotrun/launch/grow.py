@@ -23,16 +23,48 @@ as that planned stop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["GrowWatch"]
+from ..errors import ConfigError
+from ..records.layout import NODES_DIR
+from ..storage import Storage
+
+__all__ = ["GrowWatch", "note_waiting", "noted_waiting", "waiting_file"]
 
 log = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def waiting_file(instance_id: str) -> str:
+    """Where a node agent notes that it waits for its first cluster file (relative to the run
+    URL): the controller writes a grown attempt's files only once every new node's agent is
+    there, so the survivors train on while a new machine boots."""
+    if not _SAFE_ID.fullmatch(instance_id or ""):
+        raise ConfigError(f"instance id {instance_id!r} cannot name a file; use letters, digits, '.', '_', '-'")
+    return f"{NODES_DIR}/waiting/{instance_id}.json"
+
+
+def note_waiting(storage: Storage, instance_id: str) -> None:
+    storage.write_bytes(waiting_file(instance_id), json.dumps({"instance_id": instance_id,
+                                                               "time": time.time()}).encode())
+
+
+def noted_waiting(storage: Storage, instance_id: str) -> bool:
+    """Whether ``instance_id``'s agent noted it waits (a store error reads as not yet)."""
+    try:
+        return storage.exists(waiting_file(instance_id))
+    except OSError as exc:
+        log.warning("cannot look for %s's waiting note yet (%s)", instance_id, exc)
+        return False
 
 #: How often, once a grow was found, to look whether torchrun's SIGTERM handler is in place.
 _HANDLER_POLL_S = 0.05

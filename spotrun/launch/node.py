@@ -79,7 +79,7 @@ from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from ..validate import argparse_type, number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
-from .grow import GrowWatch
+from .grow import GrowWatch, note_waiting
 
 __all__ = [
     "CLUSTER_VERSION",
@@ -588,6 +588,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         instance_id = _instance_id()
         preload = _Preload()
         storage = open_storage(url)
+        if args.rejoin_timeout > 0:
+            try:  # a new node of a grown attempt: the controller writes its file once this is there
+                note_waiting(storage, instance_id)
+            except Exception as exc:  # noqa: BLE001 - the note only times a grow; its absence bounds it
+                log.warning("could not note that this node waits in the run URL: %s", exc)
         spec = wait_for_cluster(storage, instance_id, args.timeout, args.poll, segment=args.segment)
         argv_ = node_argv(spec, instance_id, command)
     except SpotrunError as exc:
