@@ -54,7 +54,9 @@ as before (on EC2 the instance then shuts down).
 cluster file for a newer attempt marked ``grow`` (the controller growing a ``--min-nodes``
 job back to N once capacity returned); then it stops its own attempt with a SIGTERM to
 torchrun (the ranks commit at one step and exit 75) and joins that attempt whatever the
-code (:mod:`spotrun.launch.grow`).
+code (:mod:`spotrun.launch.grow`). Such a node also notes, before its first wait, that it
+waits (``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's
+files only once every new node is there, so the survivors train on while it boots.
 """
 
 from __future__ import annotations
