@@ -47,6 +47,10 @@ def _stub_torchrun(monkeypatch: pytest.MonkeyPatch, fake, agent_signal=lambda: N
     monkeypatch.setattr(spotrun, "distributed", module, raising=False)
 
 
+#: The node agent's arguments in process: quick looks, a bounded rejoin wait.
+ARGV = ["--poll", "0.05", "--rejoin-timeout", "5", "--grow-poll", "0.05", "--", "python", "t.py"]
+
+
 class _Signalled(Exception):
     """torch.distributed.elastic's SignalException, in shape."""
 
@@ -82,7 +86,7 @@ def test_a_grow_file_stops_the_running_attempt_and_the_node_joins_it(
     monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
     monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "a")
     try:
-        assert node.main(["--poll", "0.05", "--rejoin-timeout", "5", "--", "python", "t.py"]) == 0
+        assert node.main(ARGV) == 0
     finally:
         signal.signal(signal.SIGTERM, before)
     assert runs == ["run-a2", "run-a3"] and got and got[0] < 10
@@ -111,7 +115,7 @@ def test_a_newer_file_that_does_not_grow_sends_no_signal(tmp_path: Path, monkeyp
     monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
     monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "b")
     try:
-        assert node.main(["--poll", "0.05", "--rejoin-timeout", "5", "--", "python", "t.py"]) == 0
+        assert node.main(ARGV) == 0
     finally:
         signal.signal(signal.SIGTERM, before)
     assert runs == ["run-a1", "run-a2"] and signalled == []
@@ -143,7 +147,7 @@ def test_the_planned_stop_raised_outside_torchruns_handling_still_joins(
     monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "a")
     t0 = time.monotonic()
     try:
-        assert node.main(["--poll", "0.05", "--rejoin-timeout", "5", "--", "python", "t.py"]) == 0
+        assert node.main(ARGV) == 0
     finally:
         signal.signal(signal.SIGTERM, before)
     assert runs == ["run-a2", "run-a3"] and time.monotonic() - t0 < 15
@@ -381,7 +385,7 @@ def test_a_real_one_node_attempt_grows_to_two_at_a_step_bit_exact(tmp_path: Path
            "--every-steps", "5", "--step-sleep", "0.05", "--dump", str(dump)]
     storage = Storage(url)
     write_cluster(storage, _spec("a2-m", 2, ids=("node-a",), port=free_port()))
-    survivor = _agent(url, "node-a", cmd, "--rejoin-timeout", "120")
+    survivor = _agent(url, "node-a", cmd, "--rejoin-timeout", "120", "--grow-poll", "0.1")
     from helpers import committed_steps
 
     _wait("a first checkpoint", lambda: bool(committed_steps(url)), [survivor])

@@ -576,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         type=argparse_type(number, "--rejoin-timeout", minimum=0.0, example="900"),
                         help="after an interrupted attempt, wait this long for a newer cluster file "
                              "naming this node and run again (default 0: exit)")
+    parser.add_argument("--grow-poll", default=10.0,
+                        type=argparse_type(number, "--grow-poll", minimum=0.05, example="10"),
+                        help="with --rejoin-timeout, while torchrun runs: seconds between looks for a "
+                             "newer cluster file that grows the job (default 10; two small reads each)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -609,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  spec.head, spec.rdzv_id, "host" if index == spec.host else "joining", spec.nproc_per_node)
         code, previous = 1, None
         # A survivor of a shrunk job watches for the attempt that grows it back (spotrun.launch.grow).
-        watch = (GrowWatch(lambda s=spec: _next_grow(storage, instance_id, s), args.poll, name=instance_id)
+        watch = (GrowWatch(lambda s=spec: _next_grow(storage, instance_id, s), args.grow_poll, name=instance_id)
                  if args.rejoin_timeout > 0 else None)
         try:
             with serve_attempt(spec, index) as peer_env:
