@@ -476,3 +476,20 @@ def test_ec2_a_new_node_that_never_waits_or_a_finish_while_it_boots_is_terminate
     assert out.getvalue().count("a node to grow back not needed") == 2, out.getvalue()
     assert starts[first]["time"] <= t1 and ends[first]["time"] >= t1 + 50
     assert [r["mode"] for r in recs if r["event"] == "recovery_started"] == ["replace"]
+
+
+def test_a_cluster_file_grow_must_be_a_boolean_and_older_files_do_not_grow() -> None:
+    from spotrun.errors import ConfigError
+
+    data = _spec("a3", 3, grow=True).to_json()
+    assert ClusterSpec.from_json(data).grow is True
+    assert ClusterSpec.from_json({k: v for k, v in data.items() if k != "grow"}).grow is False
+    with pytest.raises(ConfigError, match="grow 'yes' must be true or false"):
+        ClusterSpec.from_json({**data, "grow": "yes"})
+
+
+@pytest.mark.parametrize("bad", ["0", "nan", "-1", "often"])
+def test_a_bad_grow_poll_is_refused_at_parse(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        node.main(["--grow-poll", bad, "--", "python", "t.py"])
+    assert exc.value.code == 2 and "--grow-poll" in capsys.readouterr().err
