@@ -1,5 +1,7 @@
 """The EC2 controller grows a job that went on shrunk (``--min-nodes``) back to N nodes.
 
+(Any attempt running on fewer than N nodes, with ``--recovery replace``: the survivors of a
+loss, or an elastic start with fewer nodes than asked for.)
 :mod:`.ec2_replace` goes on with the survivors alone when no replacement came within
 ``replace_wait_s`` (a cluster file of just them, the checkpoint resharded to the smaller
 world). While that attempt runs, :class:`Ec2Grow` asks EC2 again for the missing count, in
@@ -85,7 +87,10 @@ class Ec2Grow:
         whether the ones asked for are ready to join."""
         ctl = self.ctl
         o, t = ctl.options, ctl.timing
-        shrunk = o.distributed and o.min_nodes is not None and 0 < len(attempt) < o.nodes
+        # Only agents started with --rejoin-timeout (user data, --recovery replace) watch for a
+        # grow; with relaunch the survivors would never stop for it.
+        shrunk = (o.distributed and o.min_nodes is not None and o.recovery == "replace"
+                  and 0 < len(attempt) < o.nodes)
         if not shrunk:
             self.discard("the attempt has every node")
             self.next_at, self.asks = None, 0
