@@ -493,3 +493,27 @@ def test_a_bad_grow_poll_is_refused_at_parse(bad: str, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exc:
         node.main(["--grow-poll", bad, "--", "python", "t.py"])
     assert exc.value.code == 2 and "--grow-poll" in capsys.readouterr().err
+
+
+def test_ec2_no_grow_with_recovery_relaunch(cloud, tmp_path: Path) -> None:
+    """With --recovery relaunch the agents do not watch for a grow (no --rejoin-timeout in user
+    data): an attempt on fewer nodes is left as it is, nothing asked for."""
+    from test_launch_ec2_cluster import FAST, controller, options
+
+    from spotrun.launch.controller import Timing
+    from spotrun.records.launch_state import Segment
+
+    storage = Storage(str(tmp_path / "run"))
+    now = [1_800_000_000.0]
+    for recovery, expect_asks in (("relaunch", 0), ("replace", 1)):
+        opts = options(cloud, storage, nodes=3, min_nodes=2, nproc_per_node=None, recovery=recovery)
+        ctl = controller(cloud, storage, opts, lambda _c: None, clock=now,
+                         timing=Timing(**{**FAST.__dict__, "grow_retry_s": 10.0}))
+        before = len(cloud.fleets["us-east-1"])
+        attempt = [Segment(segment_id=f"i-{n}", instance_id=f"i-{n}", node=n, instance_type="g5.xlarge",
+                           subnet_id=cloud.subnet, market="spot", started_at=now[0]) for n in range(2)]
+        ctl.grow.check(attempt)
+        now[0] += 11
+        ctl.grow.check(attempt)
+        assert len(cloud.fleets["us-east-1"]) - before == expect_asks and ctl.grow.asks == expect_asks, recovery
+        ctl.grow.discard("the test is over")
