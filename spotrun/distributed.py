@@ -52,7 +52,7 @@ import torch
 
 from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 
-__all__ = ["Group", "note_exit", "preload", "torchrun"]
+__all__ = ["Group", "last_agent_signal", "note_exit", "preload", "torchrun"]
 
 #: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
@@ -66,6 +66,19 @@ log = logging.getLogger("spotrun.distributed")
 #: Worker exit codes that mean "stopped by a signal, stop checkpoint not committed": a worker
 #: whose stop save missed its deadline exits 143; a shell passes a SIGINT on as 130.
 SIGNAL_EXITS = frozenset({EXIT_STOP_UNSAVED, 128 + signal.SIGINT})
+
+# The signal torchrun's agent (this process) received in the last torchrun() call, or None.
+_agent_signal: int | None = None
+
+
+def last_agent_signal() -> int | None:
+    """The signal this process (torchrun's agent) received during the last :func:`torchrun`
+    call, or None when none did. Both ways to 143 or 130 look alike in the code: the agent
+    signalled (its machine shutting down, it forwarded the signal), or only the workers
+    stopped so (their stop checkpoint missed its deadline on a peer's notice) while this
+    agent and its machine stay. spotrun's node agent rejoins the next attempt only in the
+    second case (spotrun.launch.node, "Rejoining")."""
+    return _agent_signal
 
 
 class Group:
@@ -263,6 +276,8 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    global _agent_signal
+    _agent_signal = None
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     _patient_shutdown(args)
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
@@ -296,6 +311,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
         print(exc.format_msg(), file=sys.stderr)
         return 1
     except SignalException as exc:
+        _agent_signal = int(exc.sigval)
         # torchrun forwarded the signal and waited for its workers, but reports none of
         # their exit codes: their notes say whether the stop checkpoint was committed.
         if EXIT_INTERRUPTED in _noted_codes(notes):

@@ -67,11 +67,21 @@ def test_exit_notes_per_attempt(tmp_path: Path) -> None:
         attempt_exit_file("../x", "b")
 
 
-@pytest.mark.parametrize("code", [0, 3, 130, 143])
-def test_no_rejoin_after_a_finish_a_failure_or_a_signal(tmp_path: Path, code: int) -> None:
+@pytest.mark.parametrize("code, signalled", [(0, False), (3, False), (130, True), (143, True)])
+def test_no_rejoin_after_a_finish_a_failure_or_a_signal(tmp_path: Path, code: int, signalled: bool) -> None:
     storage = Storage(str(tmp_path))
     write_cluster(storage, _spec("a2", 2))
-    assert node._rejoin(storage, "b", _spec("a1", 1), code, timeout_s=5, poll_s=0.05) == (None, code)
+    assert node._rejoin(storage, "b", _spec("a1", 1), code, timeout_s=5, poll_s=0.05,
+                        signalled=signalled) == (None, code)
+
+
+@pytest.mark.parametrize("code", [130, 143])
+def test_rejoin_when_only_the_workers_were_signalled(tmp_path: Path, code: int) -> None:
+    """143: the workers' stop checkpoint missed its deadline (a peer's notice stopped them);
+    the agent itself got no signal, so its machine stays and joins the next attempt."""
+    storage = Storage(str(tmp_path))
+    write_cluster(storage, _spec("a2", 2))
+    assert node._rejoin(storage, "b", _spec("a1", 1), code, timeout_s=5, poll_s=0.05) == (_spec("a2", 2), 75)
 
 
 def test_no_rejoin_without_a_timeout_or_when_the_wait_runs_out(tmp_path: Path) -> None:
@@ -108,12 +118,14 @@ def test_a_signal_while_waiting_ends_the_wait(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10 and signal.getsignal(signal.SIGTERM) is before
 
 
-def _stub_torchrun(monkeypatch: pytest.MonkeyPatch, fake) -> None:
+def _stub_torchrun(monkeypatch: pytest.MonkeyPatch, fake, agent_signal=None) -> None:
     """spotrun.distributed without importing torch (seconds on a loaded box)."""
     import spotrun
 
     module = types.ModuleType("spotrun.distributed")
     module.torchrun = fake  # type: ignore[attr-defined]
+    if agent_signal is not None:
+        module.last_agent_signal = agent_signal  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "spotrun.distributed", module)
     monkeypatch.setattr(spotrun, "distributed", module, raising=False)
 
@@ -188,3 +200,26 @@ def test_a_bad_rejoin_timeout_is_refused_at_parse(bad: str, capsys: pytest.Captu
     with pytest.raises(SystemExit) as exc:
         node.main(["--rejoin-timeout", bad, "--", "python", "t.py"])
     assert exc.value.code == 2 and "--rejoin-timeout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("agent_signal, runs_expected, code_expected", [(None, 2, 0), (15, 1, 143)])
+def test_main_rejoins_after_143_only_when_the_agent_was_not_signalled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent_signal, runs_expected: int, code_expected: int) -> None:
+    """torchrun returns 143 both when its workers alone missed the stop deadline and when the
+    agent itself was signalled (the machine shutting down); the node asks which."""
+    storage = Storage(str(tmp_path))
+    write_cluster(storage, _spec("a1", 1))
+    runs: list[list[str]] = []
+
+    def fake_torchrun(argv: list[str]) -> int:
+        runs.append(argv)
+        if len(runs) == 1:
+            write_cluster(storage, _spec("a2", 2))
+            return 143
+        return 0
+
+    _stub_torchrun(monkeypatch, fake_torchrun, agent_signal=lambda: agent_signal)
+    monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
+    monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "b")
+    assert node.main(["--poll", "0.05", "--rejoin-timeout", "5", "--", "python", "t.py"]) == code_expected
+    assert len(runs) == runs_expected and read_attempt_exit(storage, "a1", "b") == 143

@@ -271,7 +271,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--offline-prices", action="store_true", help="price the report from the shipped snapshot")
     ec2.add_argument("--min-nodes", type=_cluster_count("--min-nodes", "MAX_NODES", "2"), default=None,
                      help="start an attempt with as few as M of --nodes (checkpoints resume on the new "
-                     "world size); the next relaunch asks for --nodes again (default: --nodes)")
+                     "world size), or go on with M survivors when no replacement comes; with --recovery replace "
+                     "an attempt on fewer nodes asks for the missing ones again with a backoff and grows "
+                     "back to --nodes at a planned stop (checkpoint committed at a step) (default: --nodes)")
     ec2.add_argument("--placement-group", action="store_true",
                      help="put each attempt's nodes in a cluster placement group (low-latency network)")
     ec2.add_argument("--regions", type=_csv, default=None, metavar="R1,R2",

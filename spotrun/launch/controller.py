@@ -102,6 +102,7 @@ from .ec2 import Ec2Api, InstanceStatus, Pool
 from .ec2_attempts import Ec2Attempts
 from .ec2_early import EarlyReplacements
 from .ec2_ending import Ec2Ending
+from .ec2_grow import Ec2Grow
 from .ec2_options import Ec2Options, Timing
 from .ec2_replace import Ec2Replacement
 from .limits import CostGuard, Limits, WaitClock
@@ -173,6 +174,7 @@ class Ec2Controller:
         self.capacity = CapacitySearch(self)
         self.replace = Ec2Replacement(self)
         self.early = EarlyReplacements(self)
+        self.grow = Ec2Grow(self)
         self.attempts = Ec2Attempts(self)
         self.ending = Ec2Ending(self)
 
@@ -319,6 +321,7 @@ class Ec2Controller:
                     if why is not None:
                         return self.ending.budget_stop(why)
                     self.early.check(attempt)
+                    self.grow.check(attempt)
                     self.sleep(self.timing.poll_s)
                     continue
                 outcome = self._attempt_over(attempt, statuses, gone)
@@ -419,6 +422,7 @@ class Ec2Controller:
                       gone: list[Segment]) -> LaunchOutcome | None:
         """A node (or the one instance) of the attempt is gone: the attempt is over, for
         every node; the policy (:mod:`.attempt`) says why and what next."""
+        self.grow.discard(f"attempt {attempt[0].group} lost a node")
         ends = {s.segment_id: self._node_end(s, statuses[s.instance_id]) for s in gone}
         done = is_done(self.storage)
         verdict = classify_ec2(AttemptEnd(nodes=tuple(ends[s.segment_id] for s in gone), done=done))

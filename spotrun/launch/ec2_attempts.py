@@ -183,9 +183,12 @@ class Ec2Attempts:
         return segs
 
     def write_cluster(self, segs: list[Segment], statuses: dict[str, InstanceStatus] | None = None, *,
-                      group: str | None = None, attempt: int | None = None, host: int = 0) -> None:
+                      group: str | None = None, attempt: int | None = None, host: int = 0,
+                      grow: bool = False) -> None:
         """Every node's cluster file (:mod:`spotrun.launch.node`'s format), ``segs`` in slot
-        order; ``group`` (default: theirs) names the attempt, ``host`` the store's node."""
+        order; ``group`` (default: theirs) names the attempt, ``host`` the store's node;
+        ``grow``: the attempt grows a shrunk job back (.ec2_grow), and needs every node listed
+        (elastic, torchrun would start on the survivors alone while the new ones boot)."""
         ctrl = self.ctl
         segs = sorted(segs, key=lambda s: s.node or 0)
         group = group or segs[0].group or segs[0].segment_id
@@ -202,7 +205,7 @@ class Ec2Attempts:
             nproc_per_node=ctrl.options.nproc_per_node or 1,
             # An attempt has exactly the nodes listed; --min-nodes only lets torchrun start
             # without a straggler when fewer were asked to wait for.
-            min_nodes=ctrl.options.need if ctrl.options.need < len(segs) else None,
+            min_nodes=ctrl.options.need if ctrl.options.need < len(segs) and not grow else None, grow=grow,
         )
 
     def start(self, region: str, result: FleetResult) -> bool:
@@ -231,14 +234,14 @@ class Ec2Attempts:
 
 
 def write_cluster_files(storage: Storage, *, group: str, nodes: list[dict[str, str]], nproc_per_node: int,
-                        min_nodes: int | None, host: int = 0, attempt: int = 0) -> list[str]:
+                        min_nodes: int | None, host: int = 0, attempt: int = 0, grow: bool = False) -> list[str]:
     """Write every node's cluster file, ``launch/nodes/<instance id>.json``
     (:class:`spotrun.launch.node.ClusterSpec`: ``segment`` and ``rdzv_id`` are the attempt's
     group id, new for every attempt; node ``host`` hosts the rendezvous)."""
     from .node import ClusterSpec, write_cluster
 
     spec = ClusterSpec(segment=group, nodes=nodes, nproc_per_node=nproc_per_node, rdzv_id=group,
-                       min_nodes=min_nodes, host=host, attempt=attempt)
+                       min_nodes=min_nodes, host=host, attempt=attempt, grow=grow)
     return write_cluster(storage, spec)
 
 

@@ -33,6 +33,7 @@ class Ec2Ending:
     def finish(self) -> LaunchOutcome:
         ctrl = self.ctl
         ctrl.early.discard("the run finished")
+        ctrl.grow.discard("the run finished")
         attempt = ctrl.state.running
         if attempt:
             statuses = self.wait_gone(attempt, ctrl.timing.finish_grace_s)
@@ -57,6 +58,7 @@ class Ec2Ending:
     def give_up(self, status: str, why: str, *, exit_code: int) -> LaunchOutcome:
         ctrl = self.ctl
         ctrl.early.discard(f"the run {status}")
+        ctrl.grow.discard(f"the run {status}")
         attempt = ctrl.state.running
         if attempt:
             ctrl._terminate(attempt)
@@ -100,6 +102,7 @@ class Ec2Ending:
         url = ctrl.storage.display()
         with contextlib.suppress(Exception):  # an early replacement never trained: not left running
             ctrl.early.discard("Ctrl-C on the controller")
+            ctrl.grow.discard("Ctrl-C on the controller")
         try:
             alive = ctrl._alive_everywhere()
         except Exception as exc:  # noqa: BLE001 - we must still say something useful
@@ -152,6 +155,7 @@ class Ec2Ending:
         url = ctrl.storage.display()
         with contextlib.suppress(Exception):
             ctrl.early.discard(f"the controller stopped: {exc}")
+            ctrl.grow.discard(f"the controller stopped: {exc}")
         with contextlib.suppress(Exception):
             ctrl.state.message = f"controller stopped: {exc}"
             ctrl._save()

@@ -36,6 +36,14 @@ class Timing:
     #: ``--recovery replace``: how long to ask for the lost nodes' replacements (next to the
     #: survivors) before going on without them (``--min-nodes``) or relaunching every node.
     replace_wait_s: float = 600.0
+    #: ``--min-nodes``: while an attempt runs on fewer nodes, ask for the missing ones this
+    #: long after it was seen shrunk, then twice as long after each ask that got none...
+    grow_retry_s: float = 60.0
+    #: ... at most this long between two asks (.ec2_grow).
+    grow_retry_max_s: float = 900.0
+    #: How long the new nodes of a grow may boot before their agents wait for their cluster
+    #: file (user data, ``--setup``); then they are terminated and the asks go on.
+    grow_boot_wait_s: float = 900.0
 
 
 @dataclass

@@ -17,7 +17,8 @@ When some nodes of an N-node attempt are gone and the others still run, the cont
 
 No replacement within :attr:`.ec2_options.Timing.replace_wait_s`: with ``--min-nodes M`` and
 at least M survivors, the job goes on on the survivors alone (a cluster file of just them:
-the checkpoint reshards to the smaller world); else the survivors are terminated and the
+the checkpoint reshards to the smaller world; :mod:`.ec2_grow` then asks for the missing
+nodes again and grows the job back at a planned stop); else the survivors are terminated and the
 run relaunches whole (whose own wait ends, without capacity, in the usual clear failure,
 checkpoints kept). A survivor that dies meanwhile joins the lost; none left, a whole
 relaunch. A controller that dies while a replacement is pending forgets it: ``--resume``

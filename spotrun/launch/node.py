@@ -38,14 +38,25 @@ names a survivor: see below).
 after torchrun returns, the node writes ``launch/nodes/exits/<segment>/<instance id>.json``
 (its exit code for that attempt, which the local simulator reads to know the attempt is
 over on a machine that stays). When the code says the attempt was interrupted (75: every
-rank stopped at one step on a notice; 1: a peer vanished and the collectives failed) and
+rank stopped at one step on a notice; 1: a peer vanished and the collectives failed; 143 or
+130 when only the workers were stopped so, their stop checkpoint having missed its deadline
+on a peer's notice, and not this agent: :func:`spotrun.distributed.last_agent_signal`) and
 this machine has no interruption notice of its own, the node waits up to S seconds for a
 cluster file of a *newer* attempt that names it (the launcher keeps the survivors and starts
 only replacements) and runs torchrun again, under that attempt's new rendezvous id. No such
 file in time, or a signal while waiting: it exits 75 (interrupted: its peer's loss stopped it,
 the last committed checkpoint is intact; a 1 here would read as the command failing, after
-the launcher already dealt with the loss). A notice for this machine, or any other code: it
-exits with torchrun's code, as before (on EC2 the instance then shuts down).
+the launcher already dealt with the loss). A notice for this machine, a signal to this agent (143/130 with the agent
+signalled: the machine is shutting down), or any other code: it exits with torchrun's code,
+as before (on EC2 the instance then shuts down).
+
+**Growing back** (same flag): while torchrun runs, a node that may rejoin also watches its
+cluster file for a newer attempt marked ``grow`` (the controller growing a ``--min-nodes``
+job back to N once capacity returned); then it stops its own attempt with a SIGTERM to
+torchrun (the ranks commit at one step and exit 75) and joins that attempt whatever the
+code (:mod:`spotrun.launch.grow`). Such a node also notes, before its first wait, that it
+waits (``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's
+files only once every new node is there, so the survivors train on while it boots.
 """
 
 from __future__ import annotations
@@ -65,20 +76,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
-from ..records.layout import EXIT_INTERRUPTED, NODES_DIR
+from ..records.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, NODES_DIR
 from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from ..validate import argparse_type, number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
+from .grow import GrowWatch, note_waiting
 
 __all__ = [
     "CLUSTER_VERSION",
     "DEFAULT_PORT",
     "REJOIN_CODES",
+    "SIGNAL_REJOIN_CODES",
     "ClusterSpec",
     "attempt_exit_file",
     "cluster_file",
     "main",
+    "next_cluster",
     "node_argv",
     "read_attempt_exit",
     "read_cluster",
@@ -101,6 +115,10 @@ _PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
 #: torchrun's codes after which a node whose machine survived may join the next attempt:
 #: the ranks stopped at one step on a notice (75), or a peer vanished mid-collective (1).
 REJOIN_CODES = (EXIT_INTERRUPTED, 1)
+#: torchrun's codes after which such a node rejoins only when its agent was not signalled:
+#: its workers were stopped by a signal (143: the stop checkpoint missed its deadline, on a
+#: peer's notice; 130: SIGINT). The agent signalled itself means this machine is going.
+SIGNAL_REJOIN_CODES = (EXIT_STOP_UNSAVED, 128 + signal.SIGINT)
 
 
 def cluster_file(instance_id: str) -> str:
@@ -138,6 +156,9 @@ class ClusterSpec:
     #: The attempt's sequence number in the run (0: not numbered, an older launcher): a
     #: node waiting to rejoin joins only a file of a later attempt than its last.
     attempt: int = 0
+    #: This attempt grows a shrunk job back (``--min-nodes``): a node running an older
+    #: attempt when it appears stops that one at a step and joins this (spotrun.launch.grow).
+    grow: bool = False
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -173,6 +194,8 @@ class ClusterSpec:
             raise ConfigError(f"rendezvous id {self.rdzv_id!r}: use letters, digits, '.', '_', '-'")
         if self.peer_token and not valid_token(self.peer_token):
             raise ConfigError("cluster file peer_token is not 32-128 hex digits; rewrite it with write_cluster")
+        if not isinstance(self.grow, bool):
+            raise ConfigError(f"cluster file grow {self.grow!r} must be true or false")
         if self.version > CLUSTER_VERSION:
             raise ConfigError(f"cluster file version {self.version} is newer than this spotrun "
                               f"understands ({CLUSTER_VERSION}); upgrade spotrun on the node")
@@ -279,17 +302,32 @@ def wait_for_next_cluster(storage: Storage, instance_id: str, after: ClusterSpec
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            spec = read_cluster(storage, instance_id)
+            spec = next_cluster(storage, instance_id, after)
         except (ConfigError, OSError) as exc:
             log.warning("cannot read the cluster file of %s yet (%s); looking again", instance_id, exc)
             spec = None
-        if (spec is not None and spec.segment != after.segment and spec.rdzv_id != after.rdzv_id
-                and spec.attempt >= after.attempt):
-            spec.index(instance_id)
+        if spec is not None:
             return spec
         if time.monotonic() >= deadline:
             return None
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def next_cluster(storage: Storage, instance_id: str, after: ClusterSpec) -> ClusterSpec | None:
+    """One look: this node's cluster file when it names a newer attempt than ``after``, else
+    None (see :func:`wait_for_next_cluster`). Raises what reading it raises."""
+    spec = read_cluster(storage, instance_id)
+    if (spec is not None and spec.segment != after.segment and spec.rdzv_id != after.rdzv_id
+            and spec.attempt >= after.attempt):
+        spec.index(instance_id)
+        return spec
+    return None
+
+
+def _next_grow(storage: Storage, instance_id: str, after: ClusterSpec) -> ClusterSpec | None:
+    """:func:`next_cluster` when that attempt grows the job (the planned stop's trigger)."""
+    spec = next_cluster(storage, instance_id, after)
+    return spec if spec is not None and spec.grow else None
 
 
 def attempt_exit_file(segment: str, instance_id: str) -> str:
@@ -350,10 +388,11 @@ def _raise_leave(signum: int, _frame: Any) -> None:
 
 
 def _rejoin(storage: Storage, instance_id: str, spec: ClusterSpec, code: int, timeout_s: float,
-            poll_s: float) -> tuple[ClusterSpec | None, int]:
+            poll_s: float, *, signalled: bool = False) -> tuple[ClusterSpec | None, int]:
     """(the next attempt's cluster file, None when this node should not or cannot join one;
-    the code to exit with then: see "Rejoining")."""
-    if timeout_s <= 0 or code not in REJOIN_CODES:
+    the code to exit with then: see "Rejoining"). ``signalled``: torchrun's agent (this
+    process) got a signal during the attempt."""
+    if timeout_s <= 0 or not (code in REJOIN_CODES or (code in SIGNAL_REJOIN_CODES and not signalled)):
         return None, code
     if _own_notice():
         log.info("spotrun node %s: this machine has an interruption notice; not waiting to rejoin", instance_id)
@@ -374,6 +413,40 @@ def _rejoin(storage: Storage, instance_id: str, spec: ClusterSpec, code: int, ti
         log.warning("spotrun node %s: no newer cluster file naming this node after %gs; exiting %d",
                     instance_id, timeout_s, EXIT_INTERRUPTED)
     return nxt, EXIT_INTERRUPTED
+
+
+def _agent_signal() -> int | None:
+    """The signal torchrun's agent (this process) got in its last run, from
+    :func:`spotrun.distributed.last_agent_signal` (None: none, or a module without it)."""
+    getter = getattr(sys.modules.get("spotrun.distributed"), "last_agent_signal", None)
+    return getter() if callable(getter) else None
+
+
+def _run_torchrun(torchrun: Any, argv: list[str], watch: GrowWatch | None) -> int:
+    """``torchrun(argv)``, the grow watch stopped the moment it returns. The watch's own
+    SIGTERM raised outside torchrun's handling of it (it came as torchrun was starting or
+    returning: its handler stays installed) is that planned stop, not an error: 1, and the
+    node joins the growing attempt from the last committed checkpoint."""
+    try:
+        try:
+            return int(torchrun(argv))
+        finally:
+            if watch is not None:
+                watch.stop()
+    except Exception as exc:
+        if watch is None or not watch.sent:
+            raise
+        log.warning("the planned stop's signal ended torchrun outside its own handling (%s: %s)",
+                    type(exc).__name__, exc)
+        return 1
+
+
+def _look_again(storage: Storage, instance_id: str, after: ClusterSpec) -> ClusterSpec | None:
+    try:
+        return next_cluster(storage, instance_id, after)
+    except (ConfigError, OSError) as exc:
+        log.warning("cannot read the cluster file of %s (%s); using the one read before", instance_id, exc)
+        return None
 
 
 def torchrun_command(command: Sequence[str]) -> list[str]:
@@ -503,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         type=argparse_type(number, "--rejoin-timeout", minimum=0.0, example="900"),
                         help="after an interrupted attempt, wait this long for a newer cluster file "
                              "naming this node and run again (default 0: exit)")
+    parser.add_argument("--grow-poll", default=10.0,
+                        type=argparse_type(number, "--grow-poll", minimum=0.05, example="10"),
+                        help="with --rejoin-timeout, while torchrun runs: seconds between looks for a "
+                             "newer cluster file that grows the job (default 10; two small reads each)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -517,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         instance_id = _instance_id()
         preload = _Preload()
         storage = open_storage(url)
+        if args.rejoin_timeout > 0:
+            try:  # a new node of a grown attempt: the controller writes its file once this is there
+                note_waiting(storage, instance_id)
+            except Exception as exc:  # noqa: BLE001 - the note only times a grow; its absence bounds it
+                log.warning("could not note that this node waits in the run URL: %s", exc)
         spec = wait_for_cluster(storage, instance_id, args.timeout, args.poll, segment=args.segment)
         argv_ = node_argv(spec, instance_id, command)
     except SpotrunError as exc:
@@ -530,11 +612,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "%d process(es) per node", instance_id, index, len(spec.nodes), spec.segment,
                  spec.head, spec.rdzv_id, "host" if index == spec.host else "joining", spec.nproc_per_node)
         code, previous = 1, None
+        # A survivor of a shrunk job watches for the attempt that grows it back (spotrun.launch.grow).
+        watch = (GrowWatch(lambda s=spec: _next_grow(storage, instance_id, s), args.grow_poll, name=instance_id)
+                 if args.rejoin_timeout > 0 else None)
         try:
             with serve_attempt(spec, index) as peer_env:
                 os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
                 try:
-                    code = torchrun(argv_)
+                    code = _run_torchrun(torchrun, argv_, watch)
                 finally:
                     for key in peer_env:  # this attempt's token and addresses end with it
                         os.environ.pop(key, None)
@@ -547,7 +632,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_attempt_exit(storage, spec.segment, instance_id, code)
             except Exception as exc:  # noqa: BLE001 - the note helps the launcher; its absence ends no run
                 log.warning("could not note this node's exit code in the run URL: %s", exc)
-            nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll)
+            if watch is not None and watch.spec is not None:
+                # The planned stop for a grow: join that attempt whatever the code (a newer
+                # file written since wins, as in the rejoin wait).
+                nxt = _look_again(storage, instance_id, spec) or watch.spec
+                log.info("spotrun node %s: torchrun exited %d on the planned stop; joining attempt %s (%d nodes)",
+                         instance_id, code, nxt.segment, len(nxt.nodes))
+            else:
+                signalled = _agent_signal() is not None
+                nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll,
+                                    signalled=signalled)
         except _Leave as leave:
             code = EXIT_INTERRUPTED if code in REJOIN_CODES else code
             log.info("spotrun node %s: signal %d after its attempt; exiting %d", instance_id, leave.signum, code)

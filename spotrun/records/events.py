@@ -259,11 +259,18 @@ class TrainingResumed(_Event):
                         for k in ("bytes_local", "bytes_peer", "bytes_url")})
 
 
+#: ``recovery_started`` modes: survivors kept and the lost nodes replaced, a whole new attempt,
+#: or a shrunk (``--min-nodes``) job grown back to N at a planned stop (nothing lost).
+RECOVERY_MODES = ("replace", "relaunch", "grow")
+
+
 @dataclass(frozen=True)
 class RecoveryStarted(_Event):
     """A launcher lost node(s) of an attempt and starts the next one (the launcher writes it,
     under the *next* attempt's ``group``). ``mode``: "replace" kept the survivors and started
-    only replacements, "relaunch" started a whole new attempt. ``lost_at``: when the loss was
+    only replacements, "relaunch" started a whole new attempt, "grow" grew a job that went on
+    shrunk (``--min-nodes``) back to N at a planned stop (``lost`` empty, ``lost_at`` the stop's
+    request). ``lost_at``: when the loss was
     known (the notice, or the node seen gone); ``capacity_at``: when every machine of the next
     attempt was running (None while unknown). The nodes' own ``training_resumed`` records
     carry the rest of the split (process start, restore, first step)."""
@@ -281,8 +288,8 @@ class RecoveryStarted(_Event):
     source: Source = Source.LAUNCHER
 
     def __post_init__(self) -> None:
-        if self.mode not in ("replace", "relaunch"):
-            raise ConfigError(f"recovery mode {self.mode!r} must be 'replace' or 'relaunch'")
+        if self.mode not in RECOVERY_MODES:
+            raise ConfigError(f"recovery mode {self.mode!r} must be 'replace', 'relaunch' or 'grow'")
         self._coerce(segment_id=str(self.segment_id), lost_at=float(self.lost_at),
                      lost=tuple(str(x) for x in self.lost), kept=tuple(str(x) for x in self.kept),
                      instances_started=int(self.instances_started),
@@ -420,8 +427,8 @@ def parse_record(record: dict) -> dict:
     except ConfigError as exc:
         raise LedgerRecordError(str(exc)) from None
     if event == "recovery_started":
-        if record.get("mode") not in ("replace", "relaunch"):
-            raise LedgerRecordError(f"mode {_show(record.get('mode'))} is not 'replace' or 'relaunch'")
+        if record.get("mode") not in RECOVERY_MODES:
+            raise LedgerRecordError(f"mode {_show(record.get('mode'))} is not 'replace', 'relaunch' or 'grow'")
         for key in ("lost", "kept"):
             ids = record.get(key, [])
             if not isinstance(ids, list) or len(ids) > 4096 or not all(isinstance(x, str) for x in ids):

@@ -1,0 +1,128 @@
+"""Growing a shrunk multi-node job back to N nodes, the node agent's side: a planned stop.
+
+An attempt that went on with the survivors alone (``--min-nodes``, the EC2 controller's
+``ec2_replace``) runs on fewer nodes than asked for. Once capacity for the missing nodes is
+back the controller writes the next attempt's cluster file, ``grow`` set, naming the
+survivors (in their slots) and the new machines. Nothing else reaches a running command, so
+the survivors' node agents look for it themselves: while torchrun runs, :class:`GrowWatch`
+reads this node's cluster file every ``poll_s`` seconds (the look the rejoin wait makes
+after an attempt), and when a newer attempt that grows is there, sends SIGTERM to its own
+process: torchrun's agent forwards it to the ranks, which agree on one step, commit the stop
+checkpoint there and exit 75 (no step lost). The node then joins that attempt whatever
+torchrun's code was (``spotrun.launch.node``'s loop).
+
+Why a signal to the agent and not to the workers: the agent is what a launcher signals in
+every other stop, it knows its workers (a forkserver's ones too, ``SPOTRUN_WARM_WORKERS``),
+and it waits for them to exit. The signal is sent only once torchrun's own handler is in
+place (a Python handler for SIGTERM; before that the default would kill the agent), and
+never after :meth:`GrowWatch.stop`, which the node calls the moment torchrun returns. A
+signal already sent may still be raised (torchrun's handler stays installed after it returns)
+in the node's code around the call; the node treats an exception while :attr:`GrowWatch.sent`
+as that planned stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigError
+from ..records.layout import NODES_DIR
+from ..storage import Storage
+
+__all__ = ["GrowWatch", "note_waiting", "noted_waiting", "waiting_file"]
+
+log = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def waiting_file(instance_id: str) -> str:
+    """Where a node agent notes that it waits for its first cluster file (relative to the run
+    URL): the controller writes a grown attempt's files only once every new node's agent is
+    there, so the survivors train on while a new machine boots."""
+    if not _SAFE_ID.fullmatch(instance_id or ""):
+        raise ConfigError(f"instance id {instance_id!r} cannot name a file; use letters, digits, '.', '_', '-'")
+    return f"{NODES_DIR}/waiting/{instance_id}.json"
+
+
+def note_waiting(storage: Storage, instance_id: str) -> None:
+    storage.write_bytes(waiting_file(instance_id), json.dumps({"instance_id": instance_id,
+                                                               "time": time.time()}).encode())
+
+
+def noted_waiting(storage: Storage, instance_id: str) -> bool:
+    """Whether ``instance_id``'s agent noted it waits (a store error reads as not yet)."""
+    try:
+        return storage.exists(waiting_file(instance_id))
+    except OSError as exc:
+        log.warning("cannot look for %s's waiting note yet (%s)", instance_id, exc)
+        return False
+
+#: How often, once a grow was found, to look whether torchrun's SIGTERM handler is in place.
+_HANDLER_POLL_S = 0.05
+
+
+class GrowWatch:
+    """Watch for a growing attempt while torchrun runs (see the module docstring).
+
+    ``look()`` returns this node's next attempt's cluster spec when there is one that grows
+    (None otherwise); it is called every ``poll_s`` seconds on a thread of its own. A look
+    that raises is logged and tried again (a half-written file on a store without atomic
+    writes, a store error): a planned stop is never worth ending the attempt over.
+    """
+
+    def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "") -> None:
+        self._look = look
+        self._poll_s = max(0.05, float(poll_s))
+        self._name = name
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._running = True
+        #: The growing attempt's spec, once found.
+        self.spec: Any | None = None
+        #: Whether the SIGTERM was sent to this process.
+        self.sent = False
+        self._thread = threading.Thread(target=self._run, name="spotrun-grow-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self._poll_s if self.spec is None else _HANDLER_POLL_S):
+            if self.spec is None:
+                try:
+                    spec = self._look()
+                except Exception as exc:  # noqa: BLE001 - looked at again next poll
+                    log.warning("spotrun node %s: cannot read the cluster file (%s); looking again", self._name, exc)
+                    continue
+                if spec is None:
+                    continue
+                with self._lock:
+                    if not self._running:
+                        return
+                    self.spec = spec
+                log.info("spotrun node %s: attempt %s grows the job to %d node(s); stopping this attempt at a "
+                         "step (SIGTERM to torchrun: the ranks commit a checkpoint) to join it", self._name,
+                         getattr(spec, "segment", "?"), len(getattr(spec, "nodes", ())))
+            with self._lock:
+                if not self._running:
+                    return
+                # A Python handler: torchrun's (raising its SignalException, which makes it
+                # forward the signal to the workers). SIG_DFL would kill this agent.
+                if callable(signal.getsignal(signal.SIGTERM)):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    self.sent = True
+                    return
+
+    def stop(self) -> None:
+        """No signal and no new spec from now on (torchrun returned); the thread ends at its
+        next look (not joined: a slow store read must not hold the node up)."""
+        with self._lock:
+            self._running = False
+        self._done.set()
