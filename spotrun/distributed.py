@@ -23,7 +23,10 @@ gloo's teardown sometimes aborts a worker after it) is 0, with a warning naming 
 When every failed worker exited ``128 + SIGTERM`` (``EXIT_STOP_UNSAVED``: its stop checkpoint
 missed the deadline) or ``128 + SIGINT``, that code comes back too (the larger of the two
 when both), not 1: the node was interrupted and resumes from the previous checkpoint, which a
-launcher must not count as a failure of the command (``--max-failures``).
+launcher must not count as a failure of the command (``--max-failures``). When the rendezvous
+store becomes unreachable while the workers run (its host, node 0's agent, vanished), torchrun
+raises instead of returning; that is 1 too (a peer lost mid-attempt), so a node agent that
+stays to rejoin the next attempt does, with a survivor hosting the store.
 """
 
 from __future__ import annotations
@@ -293,6 +296,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -326,6 +330,21 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
                         "(exit codes %s); exiting %d", codes, max(codes))
             return max(codes)
         print(exc.format_msg(), file=sys.stderr)
+        return 1
+    except RendezvousConnectionError as exc:
+        # The rendezvous store is gone: the node hosting it (node 0's agent) vanished. torchrun
+        # asks the store how many nodes wait at every monitoring pass while the workers run,
+        # and raises out of run() (its agent stops the workers first). That is a peer lost
+        # mid-attempt, as a failed collective is: exit 1 like one, so a node agent that stays
+        # to rejoin (spotrun.launch.node) can, instead of dying of the exception, which made
+        # the launcher relaunch every node when node 0 vanished.
+        codes = _noted_codes(notes)
+        if EXIT_INTERRUPTED in codes:
+            return EXIT_INTERRUPTED
+        if EXIT_FINISHED in codes:
+            return EXIT_FINISHED
+        log.warning("the rendezvous store is unreachable (%s: its host node is gone?); "
+                    "exiting 1", exc.__cause__ or exc)
         return 1
     except SignalException as exc:
         # torchrun forwarded the signal and waited for its workers, but reports none of
