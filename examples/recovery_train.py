@@ -175,14 +175,17 @@ def main() -> int:
         log.error("training failed: %s: %s", type(exc).__name__, exc)
         sys.stdout.flush()
         os._exit(1)  # no teardown: a process group with a dead peer can hang in it
-    dist.destroy_process_group()
-    return int(code or 0)
+    # Leave from here, with the model and the process group still referenced, and without
+    # interpreter finalisation. Returning freed DDP's reducer, whose last reference to the gloo
+    # process group ran its destructor, which joins gloo's worker thread while holding the GIL
+    # that thread was waiting for: a warm-worker DDP rank hung there for minutes after its
+    # final checkpoint (gdb: ~ProcessGroupGloo -> std::thread::join under Reducer's dealloc).
+    # destroy_process_group is skipped for the same reason: the kernel closes the sockets.
+    # Finalisation could abort the process too ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
 
 
 if __name__ == "__main__":
-    # Leave without interpreter finalisation: gloo's worker threads can abort the process
-    # there ("terminate called without an active exception") after the run is safely done.
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    main()

@@ -23,7 +23,10 @@ gloo's teardown sometimes aborts a worker after it) is 0, with a warning naming 
 When every failed worker exited ``128 + SIGTERM`` (``EXIT_STOP_UNSAVED``: its stop checkpoint
 missed the deadline) or ``128 + SIGINT``, that code comes back too (the larger of the two
 when both), not 1: the node was interrupted and resumes from the previous checkpoint, which a
-launcher must not count as a failure of the command (``--max-failures``).
+launcher must not count as a failure of the command (``--max-failures``). When the rendezvous
+store becomes unreachable while the workers run (its host, node 0's agent, vanished), torchrun
+raises instead of returning; that is 1 too (a peer lost mid-attempt), so a node agent that
+stays to rejoin the next attempt does, with a survivor hosting the store.
 
 **torchrun's shutdown bound.** Once signalled, torchrun's agent forwards the signal and waits
 ``--shutdown-timeout`` seconds (torch's default: 30) before it SIGKILLs its workers, while a
@@ -202,6 +205,50 @@ def preload() -> None:
     import torch.distributed.run  # noqa: F401
 
 
+#: torchrun's agent loggers that log a record with a traceback on the way out of an attempt
+#: (a worker that exited non-zero, a failed rendezvous shutdown, ...).
+_AGENT_LOGGERS = (
+    "torch.distributed.elastic.multiprocessing.api",
+    "torch.distributed.elastic.multiprocessing.errors",
+    "torch.distributed.elastic.multiprocessing.tail_log",
+    "torch.distributed.elastic.agent.server.api",
+    "torch.distributed.elastic.rendezvous.registry",
+    "torch.distributed.elastic.utils.distributed",
+    "torch.distributed.launcher.api",
+)
+
+
+class _PlainTraceback(logging.Filter):
+    """Formats a record's traceback the standard library's way before torch's handler sees it.
+
+    torch's log formatter (``torch._logging``) imports ``torch._dynamo`` to format any record
+    that carries ``exc_info`` (to read one config flag): sympy, inductor and dynamo, 3-7 s of
+    CPU on this 2-core machine. torchrun's multiprocessing context (warm workers) logs every
+    worker that exits non-zero with ``logger.exception``, so each survivor's agent paid that
+    import between its workers' exit 75 (or 1) and torchrun returning: measured 4.5-12 s on a
+    script that only exits 75, against 1 s with subprocess workers, whose failure is logged
+    without a traceback. The same text is logged: ``exc_text`` is what the formatter would
+    have appended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
+_PLAIN_TRACEBACK = _PlainTraceback()
+
+
+def _plain_agent_tracebacks() -> None:
+    """Install :class:`_PlainTraceback` on torchrun's agent loggers (once per process)."""
+    for name in _AGENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _PLAIN_TRACEBACK not in logger.filters:
+            logger.addFilter(_PLAIN_TRACEBACK)
+
+
 def _run_warm(args: Any) -> bool:
     """Run torchrun as ``torch.distributed.run.run(args)`` does, with warm workers: forks of
     a forkserver that imported torch, each running :func:`spotrun.launch.warm.run_worker`.
@@ -214,6 +261,7 @@ def _run_warm(args: Any) -> bool:
 
     if not warm.enabled() or args.no_python or args.run_path:
         return False
+    _plain_agent_tracebacks()  # its worker failures are logged with a traceback
     from torch.distributed.elastic.multiprocessing import api as mp_api
 
     code = getattr(getattr(mp_api, "_wrap", None), "__code__", None)
@@ -274,12 +322,14 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import parse_args, run
 
     global _agent_signal
     _agent_signal = None
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     _patient_shutdown(args)
+    _plain_agent_tracebacks()
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
     os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
     done_before = _done_marker()
@@ -309,6 +359,21 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
                         "(exit codes %s); exiting %d", codes, max(codes))
             return max(codes)
         print(exc.format_msg(), file=sys.stderr)
+        return 1
+    except RendezvousConnectionError as exc:
+        # The rendezvous store is gone: the node hosting it (node 0's agent) vanished. torchrun
+        # asks the store how many nodes wait at every monitoring pass while the workers run,
+        # and raises out of run() (its agent stops the workers first). That is a peer lost
+        # mid-attempt, as a failed collective is: exit 1 like one, so a node agent that stays
+        # to rejoin (spotrun.launch.node) can, instead of dying of the exception, which made
+        # the launcher relaunch every node when node 0 vanished.
+        codes = _noted_codes(notes)
+        if EXIT_INTERRUPTED in codes:
+            return EXIT_INTERRUPTED
+        if EXIT_FINISHED in codes:
+            return EXIT_FINISHED
+        log.warning("the rendezvous store is unreachable (%s: its host node is gone?); "
+                    "exiting 1", exc.__cause__ or exc)
         return 1
     except SignalException as exc:
         _agent_signal = int(exc.sigval)
