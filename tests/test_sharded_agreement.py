@@ -141,6 +141,28 @@ SCRIPT = textwrap.dedent('''
         report["error"] = f"{type(exc).__name__}: {exc}"
     ck.__exit__(None, None, None)
     dist.barrier()
+
+    # 4) A rank's background write starts nothing (DCP planning, serialising, checksums)
+    # until every rank has staged: rank 1 saves 1.5 s late, and rank 0's write must not
+    # begin before rank 1's save was even called. Its own folder: 1-3 above are untouched.
+    import time
+    import spotrun.format.sharded as sharded_mod
+    real_write, started = sharded_mod.write_sharded, []
+    def write_sharded(*a, **k):
+        started.append(time.time())
+        return real_write(*a, **k)
+    sharded_mod.write_sharded = write_sharded
+    model, opt = build(4)
+    train(model, opt)
+    with spotrun.Checkpointer(url + "-late", model=model, optimizer=opt, every_steps=10**9,
+                              watchers=[], handle_signals=False) as ck:
+        if rank == 1:
+            time.sleep(1.5)
+        report["save_called_at"] = time.time()
+        ck.steps_done = 1; ck.save(); ck.wait()
+    sharded_mod.write_sharded = real_write
+    report["write_started_at"] = started[0] if started else None
+    dist.barrier()
     # One file per rank: two ranks printing at once interleave their lines.
     with open(os.path.join(os.path.dirname(url), f"report-{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -188,6 +210,14 @@ def test_clean_restore_is_exact_and_agrees_once(reports):
                      "dist.gather_object", "dist.gather", "dist.scatter", "dist.all_reduce",
                      "dist.barrier"):
             assert not counts.get(name), (name, counts)
+
+
+def test_a_ranks_background_write_waits_until_every_rank_has_staged(reports):
+    # Where ranks share cores, a write started early (DCP planning, serialising, checksums)
+    # took CPU from ranks still copying and doubled the slowest rank's stall (issue 24).
+    started, late = reports[0]["write_started_at"], reports[1]["save_called_at"]
+    assert started is not None, reports[0]
+    assert started >= late, f"rank 0 began writing {late - started:.2f}s before rank 1 staged"
 
 
 def test_a_save_with_nothing_in_flight_runs_no_collective_in_the_training_thread(reports):
