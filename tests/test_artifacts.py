@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, env_for, spawn, wait_for_line
+from helpers import REPO, env_for, wait_for_line
+from warmfork import WarmPython
 
 import spotrun
 from spotrun.cli import main as cli_main
@@ -176,19 +177,23 @@ def test_kill9_during_saves_never_pairs_one_checkpoints_artifacts_with_anothers_
     work.mkdir()
     rng = random.Random(7)
     restored = []
-    for _ in range(4):
-        proc = spawn([SCRIPT, str(work), "100000"], env_for(url))
+    # Each start a fork of one interpreter that imported torch (tests/warmfork.py): a real
+    # process SIGKILLed mid-save, without a torch import per start.
+    with WarmPython(env_for(url)) as warm:
+        for _ in range(4):
+            proc = warm.spawn([SCRIPT, str(work), "100000"])
+            restored.append(_check_restored(wait_for_line(proc, "restored ", timeout=120)))
+            # Every step saves 4 MiB of artifacts; kills land in the capture, the write, the
+            # commit or between them.
+            wait_for_line(proc, f"step {restored[-1] + 3}", timeout=120)
+            time.sleep(rng.uniform(0.0, 0.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+            assert _check_every_commit(url) >= 1
+        proc = warm.spawn([SCRIPT, str(work), "0"])
         restored.append(_check_restored(wait_for_line(proc, "restored ", timeout=120)))
-        # Every step saves 4 MiB of artifacts; kills land in the capture, the write, the
-        # commit or between them.
-        wait_for_line(proc, f"step {restored[-1] + 3}", timeout=120)
-        time.sleep(rng.uniform(0.0, 0.5))
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()
         proc.wait(timeout=30)
-        assert _check_every_commit(url) >= 1
-    proc = spawn([SCRIPT, str(work), "0"], env_for(url))
-    restored.append(_check_restored(wait_for_line(proc, "restored ", timeout=120)))
-    proc.kill()
-    proc.wait(timeout=30)
     assert all(s > 0 for s in restored[1:]) and restored == sorted(restored), restored
     assert cli_main(["verify", url]) == 0
