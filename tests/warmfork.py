@@ -5,7 +5,8 @@ over one run URL. A fresh ``python script`` per round spends most of the round i
 (3 s of CPU here, far more on a loaded 2-core box); the kill itself needs a fraction of a
 second. :class:`WarmPython` imports once and forks a child per round that runs the script as
 ``python script args`` would (``__main__``, ``sys.argv``, ``sys.path[0]``, stdin from
-/dev/null, the parent's environment); the child is a real process, SIGKILLed for real, mid-save.
+/dev/null, the parent's environment, the exit: threads joined, ``atexit`` run, the script's exit
+code); the child is a real process, SIGKILLed for real, mid-save.
 Its output and the server's notes share one pipe, so a child is read as a ``Popen`` would be.
 """
 
@@ -23,7 +24,7 @@ import time
 
 _SERVER = textwrap.dedent(
     """
-    import json, os, runpy, sys, traceback
+    import atexit, json, os, runpy, sys, threading, traceback
     import torch, spotrun, spotrun.checkpoint  # the imports every round shares
     print("warmfork: ready", flush=True)
     for request in sys.stdin:
@@ -44,8 +45,13 @@ _SERVER = textwrap.dedent(
             except BaseException:
                 traceback.print_exc()
             finally:
-                sys.stdout.flush(); sys.stderr.flush()
-                os._exit(code)
+                # As the interpreter's own exit: non-daemon threads joined, atexit run.
+                try:
+                    threading._shutdown()
+                    atexit._run_exitfuncs()
+                finally:
+                    sys.stdout.flush(); sys.stderr.flush()
+                    os._exit(code)
         print(f"warmfork: pid {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
         print(f"warmfork: exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
