@@ -25,7 +25,11 @@ import time
 _SERVER = textwrap.dedent(
     """
     import atexit, json, os, runpy, sys, threading, traceback
-    import torch, spotrun, spotrun.checkpoint  # the imports every round shares
+    # The imports every round shares: torch and spotrun, and what a first optimizer step and
+    # save import lazily (torch._dynamo and sympy: 900 modules, 3 of a round's 4 s under load).
+    # Import only: no tensor op runs here, so no thread pool exists to be forked.
+    import torch, torch._dynamo, torch.optim, numpy.random, fsspec.implementations.local
+    import spotrun, spotrun.checkpoint, spotrun.format, spotrun.storage
     print("warmfork: ready", flush=True)
     for request in sys.stdin:
         argv = json.loads(request)
