@@ -121,6 +121,17 @@ def fault_proxy(moto_server: str) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def warm_python() -> Iterator:
+    """One :class:`warmfork.WarmPython` per worker: forks of an interpreter that imported torch
+    and spotrun, for tests that start a single-process training script and signal or kill it
+    (each ``spawn`` saves a torch import; tests/warmfork.py says what a fork keeps)."""
+    from warmfork import WarmPython
+
+    with WarmPython(dict(os.environ)) as warm:
+        yield warm
+
+
+@pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One uninterrupted 2-rank run of tests/scripts/ddp_train.py (``DDP_STEPS`` steps, a
     checkpoint every ``DDP_EVERY``), built once per session for every worker: the yardstick of

@@ -24,7 +24,7 @@ import time
 
 _SERVER = textwrap.dedent(
     """
-    import atexit, json, os, runpy, sys, threading, traceback
+    import atexit, json, os, runpy, signal, sys, threading, traceback
     # The imports every round shares: torch and spotrun, and what a first optimizer step and
     # save import lazily (torch._dynamo and sympy: 900 modules, 3 of a round's 4 s under load).
     # Import only: no tensor op runs here, so no thread pool exists to be forked.
@@ -32,29 +32,42 @@ _SERVER = textwrap.dedent(
     import spotrun, spotrun.checkpoint, spotrun.format, spotrun.storage
     print("warmfork: ready", flush=True)
     for request in sys.stdin:
-        argv = json.loads(request)
+        argv, env = json.loads(request)
         sys.stdout.flush(); sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            code = 1
+            code, interrupted = 1, False
             try:
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
+                if env is not None:
+                    os.environ.clear()
+                    os.environ.update(env)
                 sys.argv = list(argv)
                 sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
                 runpy.run_path(argv[0], run_name="__main__")
                 code = 0
             except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+            except KeyboardInterrupt:
+                traceback.print_exc()
+                interrupted = True
             except BaseException:
                 traceback.print_exc()
             finally:
-                # As the interpreter's own exit: non-daemon threads joined, atexit run.
+                # As the interpreter's own exit: non-daemon threads joined, atexit run; an
+                # uncaught KeyboardInterrupt ends the process by SIGINT (exit -2), as python's.
                 try:
                     threading._shutdown()
                     atexit._run_exitfuncs()
                 finally:
                     sys.stdout.flush(); sys.stderr.flush()
+                    if interrupted:
+                        signal.signal(signal.SIGINT, signal.SIG_DFL)
+                        os.kill(os.getpid(), signal.SIGINT)
                     os._exit(code)
         print(f"warmfork: pid {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
@@ -63,10 +76,19 @@ _SERVER = textwrap.dedent(
 )
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (not gone, not a zombie the server has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class WarmChild:
     """One forked run of a script, read and signalled as a ``subprocess.Popen`` is (the
-    subset the kill loops use: ``pid``, ``stdout``, ``send_signal``, ``kill``, ``wait``,
-    ``poll``, ``returncode``)."""
+    subset the tests use: ``pid``, ``stdout``, ``send_signal``, ``kill``, ``wait``, ``poll``,
+    ``communicate``, ``returncode``)."""
 
     def __init__(self, server: WarmPython, pid: int) -> None:
         self._server, self.pid = server, pid
@@ -84,7 +106,23 @@ class WarmChild:
         self.send_signal(signal.SIGKILL)
 
     def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid):
+            self.wait(timeout=30)  # its exit note is on its way
         return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        """The rest of its output once it exited (stderr is in it, as ``spawn`` merges it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lines = []
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"warm child {self.pid}", timeout or 0)
+            line = self.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        self.wait()
+        return "".join(lines), None
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -141,12 +179,14 @@ class WarmPython:
             self._child.returncode = int(found.group(2))
         return line
 
-    def spawn(self, args: list[str]) -> WarmChild:
-        """Fork a child running ``python ARGS`` (``ARGS[0]``: the script); the previous child
-        must have exited (its exit note read)."""
-        assert self._child is None or self._child.returncode is not None, "one child at a time"
+    def spawn(self, args: list[str], env: dict[str, str] | None = None) -> WarmChild:
+        """Fork a child running ``python ARGS`` (``ARGS[0]``: the script) with ``env`` (None:
+        the server's). A previous child still running is killed first."""
+        if self._child is not None and self._child.returncode is None:
+            self._child.kill()
+            self._child.wait(timeout=60)
         assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps(args) + "\n")
+        self._proc.stdin.write(json.dumps([args, env]) + "\n")
         self._proc.stdin.flush()
         early: list[str] = []
         while True:
