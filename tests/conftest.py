@@ -127,7 +127,9 @@ def warm_python() -> Iterator:
     (each ``spawn`` saves a torch import; tests/warmfork.py says what a fork keeps)."""
     from warmfork import WarmPython
 
-    with WarmPython(dict(os.environ)) as warm:
+    env = env_for("")  # what a test's child gets (PYTHONPATH, PYTHONUNBUFFERED), less the URL
+    del env["SPOTRUN_URL"]
+    with WarmPython(env) as warm:
         yield warm
 
 

@@ -8,6 +8,12 @@ second. :class:`WarmPython` imports once and forks a child per round that runs t
 /dev/null, the parent's environment, the exit: threads joined, ``atexit`` run, the script's exit
 code); the child is a real process, SIGKILLed for real, mid-save.
 Its output and the server's notes share one pipe, so a child is read as a ``Popen`` would be.
+
+What a fork cannot take from its own environment is what is read when an interpreter or torch
+starts: ``PYTHON*`` (the path, the hash seed: every fork shares the server's), ``OMP_*``,
+``MKL_*``, ``TORCH_*``, ``CUDA*``... :meth:`WarmPython.spawn` refuses an environment that
+differs from the server's there. So it is for tests of what a process does with signals and
+saves, not for bit-exact comparisons between processes (those start fresh ones).
 """
 
 from __future__ import annotations
@@ -152,11 +158,20 @@ class _ChildLines:
         return ""
 
 
+#: Environment variables read at interpreter or torch start (a fork cannot change them).
+_AT_START = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "TORCH_", "PYTORCH_", "CUDA", "LD_", "MALLOC")
+
+
+def _at_start(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_AT_START)}
+
+
 class WarmPython:
     """A server interpreter started with ``env`` that forks ``python ARGS`` look-alikes.
     One child at a time; close it (a context manager) when the test ends."""
 
     def __init__(self, env: dict[str, str]) -> None:
+        self._env = dict(env)
         self._proc = subprocess.Popen([sys.executable, "-c", _SERVER], env=env, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True)
@@ -182,6 +197,9 @@ class WarmPython:
     def spawn(self, args: list[str], env: dict[str, str] | None = None) -> WarmChild:
         """Fork a child running ``python ARGS`` (``ARGS[0]``: the script) with ``env`` (None:
         the server's). A previous child still running is killed first."""
+        if env is not None and _at_start(env) != _at_start(self._env):
+            differ = sorted(set(_at_start(env).items()) ^ set(_at_start(self._env).items()))
+            raise AssertionError(f"a fork cannot take these (read at start): {differ}; start a process")
         if self._child is not None and self._child.returncode is None:
             self._child.kill()
             self._child.wait(timeout=60)
