@@ -121,6 +121,19 @@ def fault_proxy(moto_server: str) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def warm_python() -> Iterator:
+    """One :class:`warmfork.WarmPython` per worker: forks of an interpreter that imported torch
+    and spotrun, for tests that start a single-process training script and signal or kill it
+    (each ``spawn`` saves a torch import; tests/warmfork.py says what a fork keeps)."""
+    from warmfork import WarmPython
+
+    env = env_for("")  # what a test's child gets (PYTHONPATH, PYTHONUNBUFFERED), less the URL
+    del env["SPOTRUN_URL"]
+    with WarmPython(env) as warm:
+        yield warm
+
+
+@pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One uninterrupted 2-rank run of tests/scripts/ddp_train.py (``DDP_STEPS`` steps, a
     checkpoint every ``DDP_EVERY``), built once per session for every worker: the yardstick of
@@ -148,3 +161,39 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
         assert sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
 
     return str(shared_run(tmp_path_factory, "ddp-reference", build))
+
+
+
+# Weights for the schedule below: a test marked slow (a real multi-process run, often a
+# minute on a loaded box) against one that is not (mostly well under a second each).
+_SLOW_WEIGHT, _TEST_WEIGHT = 40, 1
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two halves of about equal weight, each with its heaviest test files first.
+
+    ``--dist worksteal`` hands the first worker ``items[:n // 2]`` and the second the rest, and
+    an idle worker takes the back half of the other's queue. In file-name order the slow
+    files bunch up (one worker got most of them) and a one-minute chain could start last and
+    run alone while the other worker sat idle. Here the files are dealt heaviest first to
+    whichever half weighs less; each half runs its heavy files first, so the tails, and what
+    is stolen, are short tests. The half with more tests goes first, so the cut at ``n // 2``
+    falls among its light files. A file stays whole, so a module-scoped shared run is not
+    split across the workers by the layout. (After pytest's own fixture-scope ordering.)
+    """
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def weight(tests: list[pytest.Item]) -> int:
+        return sum(_SLOW_WEIGHT if t.get_closest_marker("slow") else _TEST_WEIGHT for t in tests)
+
+    halves: list[list[list[pytest.Item]]] = [[], []]
+    loads = [0, 0]
+    for tests in sorted(modules.values(), key=weight, reverse=True):  # stable: ties in file order
+        lighter = loads.index(min(loads))
+        halves[lighter].append(tests)
+        loads[lighter] += weight(tests)
+    halves.sort(key=lambda half: sum(len(t) for t in half), reverse=True)
+    items[:] = [item for half in halves for tests in half for item in tests]

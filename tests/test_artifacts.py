@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, env_for, spawn, wait_for_line
+from helpers import REPO, env_for, wait_for_line
 
 import spotrun
 from spotrun.cli import main as cli_main
@@ -171,13 +171,15 @@ def _check_restored(line: str) -> int:
 
 
 @pytest.mark.slow
-def test_kill9_during_saves_never_pairs_one_checkpoints_artifacts_with_anothers_state(tmp_path):
+def test_kill9_during_saves_never_pairs_one_checkpoints_artifacts_with_anothers_state(tmp_path, warm_python):
     url, work = str(tmp_path / "run"), tmp_path / "work"
     work.mkdir()
     rng = random.Random(7)
     restored = []
+    # Each start a fork of one interpreter that imported torch (``warm_python``,
+    # tests/warmfork.py): a real process SIGKILLed mid-save, without a torch import per start.
     for _ in range(4):
-        proc = spawn([SCRIPT, str(work), "100000"], env_for(url))
+        proc = warm_python.spawn([SCRIPT, str(work), "100000"], env_for(url))
         restored.append(_check_restored(wait_for_line(proc, "restored ", timeout=120)))
         # Every step saves 4 MiB of artifacts; kills land in the capture, the write, the
         # commit or between them.
@@ -185,8 +187,9 @@ def test_kill9_during_saves_never_pairs_one_checkpoints_artifacts_with_anothers_
         time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
         assert _check_every_commit(url) >= 1
-    proc = spawn([SCRIPT, str(work), "0"], env_for(url))
+    proc = warm_python.spawn([SCRIPT, str(work), "0"], env_for(url))
     restored.append(_check_restored(wait_for_line(proc, "restored ", timeout=120)))
     proc.kill()
     proc.wait(timeout=30)

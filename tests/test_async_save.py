@@ -10,7 +10,7 @@ import uuid
 import pytest
 import slowfs
 import torch
-from helpers import REPO, env_for, spawn, wait_for_line
+from helpers import REPO, env_for, wait_for_line
 
 import spotrun
 from spotrun.cli import main as cli_main
@@ -109,10 +109,10 @@ SCRIPT = str(REPO / "tests" / "scripts" / "slow_save_train.py")
 
 
 @pytest.mark.slow
-def test_sigterm_during_inflight_save_commits_it_before_exit(tmp_path):
+def test_sigterm_during_inflight_save_commits_it_before_exit(tmp_path, warm_python):
     url = f"slowfile://{tmp_path}/run"
     env = env_for(url, SPOTRUN_TEST_WRITE_DELAY="0.05")
-    proc = spawn([SCRIPT], env)
+    proc = warm_python.spawn([SCRIPT], env)
     wait_for_line(proc, "step 23")  # the save of step 20 is being written (slowly)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -124,10 +124,10 @@ def test_sigterm_during_inflight_save_commits_it_before_exit(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill9_during_inflight_save_leaves_previous_checkpoint(tmp_path):
+def test_kill9_during_inflight_save_leaves_previous_checkpoint(tmp_path, warm_python):
     url = f"slowfile://{tmp_path}/run"
     env = env_for(url, SPOTRUN_TEST_WRITE_DELAY="0.05")
-    proc = spawn([SCRIPT], env)
+    proc = warm_python.spawn([SCRIPT], env)
     wait_for_line(proc, "step 43")  # 20 committed (probably), 40 in flight
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)

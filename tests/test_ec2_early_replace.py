@@ -8,13 +8,11 @@ like tests/test_launch_ec2_replace.py, whose cloud, clock and call counting thes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from moto import mock_aws
+import test_launch_ec2_cluster
 from test_launch_ec2 import Lines
-from test_launch_ec2_cluster import HOME, T0, Cloud, cluster_file, controller, launcher_records, options
+from test_launch_ec2_cluster import HOME, T0, cluster_file, controller, launcher_records, options
 from test_launch_ec2_replace import Calls
 
 from spotrun.cost import report_for_run
@@ -23,17 +21,10 @@ from spotrun.launch.ec2_early import NoticeScan
 from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
-
-@pytest.fixture()
-def cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[Cloud]:
-    monkeypatch.setenv("SPOTRUN_CACHE_DIR", str(tmp_path / "cache"))
-    with mock_aws():
-        yield Cloud()
-
-
-@pytest.fixture()
-def storage(tmp_path: Any) -> Storage:
-    return Storage(str(tmp_path / "run"))
+# The EC2 cluster tests' fixtures, defined there once (not in conftest.py: other files have a
+# storage fixture of their own).
+cloud = test_launch_ec2_cluster.cloud
+storage = test_launch_ec2_cluster.storage
 
 
 def _notice(storage: Storage, iid: str, at: float, *, source: str = "ec2", action: str = "terminate") -> None:

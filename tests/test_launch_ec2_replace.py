@@ -9,12 +9,11 @@ Every EC2 call that starts or ends instances is counted through botocore's event
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import test_launch_ec2_cluster
 from helpers import FakePlacementGroups
-from moto import mock_aws
 from test_launch_ec2 import Lines, ScarceCapacity
 from test_launch_ec2_cluster import FAST, HOME, T0, Cloud, cluster_file, controller, launcher_records, options
 
@@ -25,17 +24,10 @@ from spotrun.launch.status import format_status, run_status
 from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
-
-@pytest.fixture()
-def cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[Cloud]:
-    monkeypatch.setenv("SPOTRUN_CACHE_DIR", str(tmp_path / "cache"))
-    with mock_aws():
-        yield Cloud()
-
-
-@pytest.fixture()
-def storage(tmp_path: Any) -> Storage:
-    return Storage(str(tmp_path / "run"))
+# The EC2 cluster tests' fixtures, defined there once (not in conftest.py: other files have a
+# storage fixture of their own).
+cloud = test_launch_ec2_cluster.cloud
+storage = test_launch_ec2_cluster.storage
 
 
 class Calls:

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from helpers import EXAMPLE, REPO, env_for, spawn
+from helpers import EXAMPLE, REPO, env_for
 
 from spotrun.cli import main
 from spotrun.format.commit import list_checkpoints
@@ -22,10 +22,10 @@ def _committed_steps(url: str) -> list[int]:
     return [c.step for c in list_checkpoints(Storage(url)) if c.status == "committed"]
 
 
-def test_sigterm_checkpoint_is_at_the_interrupted_step(tmp_path):
+def test_sigterm_checkpoint_is_at_the_interrupted_step(tmp_path, warm_python):
     """The stop checkpoint is taken where the signal landed, not at the last scheduled one."""
     url = str(tmp_path / "run")
-    proc = spawn([*ARGS[:-2], "--step-sleep", "0.03"], env_for(url))
+    proc = warm_python.spawn([*ARGS[:-2], "--step-sleep", "0.03"], env_for(url))
     deadline = time.monotonic() + 60
     while not _committed_steps(url):
         assert time.monotonic() < deadline and proc.poll() is None

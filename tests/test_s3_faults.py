@@ -19,7 +19,7 @@ import uuid
 import boto3
 import pytest
 import torch
-from helpers import REPO, env_for, spawn, wait_for_line
+from helpers import REPO, env_for, wait_for_line
 
 import spotrun
 from spotrun.errors import StorageError, StorageUnavailableError
@@ -73,11 +73,11 @@ def _committed_run(moto_server: str, bucket: str, steps: tuple[int, ...]) -> tup
 # -- item 6: the stop checkpoint is bounded -----------------------------------------------
 
 
-def test_sigterm_while_s3_hangs_exits_within_the_bound(s3_bucket, moto_server, fault_proxy):
+def test_sigterm_while_s3_hangs_exits_within_the_bound(s3_bucket, moto_server, fault_proxy, warm_python):
     bound = 8.0
     url = f"s3://{s3_bucket}/run"
     env = env_for(url, AWS_ENDPOINT_URL=fault_proxy.url, SPOTRUN_STOP_TIMEOUT=str(bound))
-    proc = spawn([SCRIPT], env)
+    proc = warm_python.spawn([SCRIPT], env)
     try:
         wait_for_line(proc, "committed 3", timeout=120)
         # From now on S3 accepts checkpoint writes and never answers them.
@@ -112,9 +112,9 @@ def test_sigterm_while_s3_hangs_exits_within_the_bound(s3_bucket, moto_server, f
     assert not _moto(moto_server).list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
-def test_sigterm_with_s3_answering_still_exits_75(s3_bucket, fault_proxy):
+def test_sigterm_with_s3_answering_still_exits_75(s3_bucket, fault_proxy, warm_python):
     url = f"s3://{s3_bucket}/run"
-    proc = spawn([SCRIPT], env_for(url, AWS_ENDPOINT_URL=fault_proxy.url,
+    proc = warm_python.spawn([SCRIPT], env_for(url, AWS_ENDPOINT_URL=fault_proxy.url,
                                    SPOTRUN_STOP_TIMEOUT="60"))
     try:
         wait_for_line(proc, "committed 3", timeout=120)
@@ -311,12 +311,12 @@ def test_forbidden_checkpoint_reads_fail_the_start_and_change_nothing(s3_bucket,
 
 @pytest.mark.slow
 def test_missed_stop_deadline_with_a_hung_part_leaves_no_open_upload(s3_bucket, moto_server,
-                                                                      fault_proxy):
+                                                                      fault_proxy, warm_python):
     bound = 6.0
     url = f"s3://{s3_bucket}/run"
     env = env_for(url, AWS_ENDPOINT_URL=fault_proxy.url, SPOTRUN_STOP_TIMEOUT=str(bound),
                   SPOTRUN_S3_PART_MIB="5", S3_STOP_WIDTH="1300")  # a two-part payload
-    proc = spawn([SCRIPT], env)
+    proc = warm_python.spawn([SCRIPT], env)
     try:
         wait_for_line(proc, "committed 3", timeout=120)
         # From now on every part 2 is accepted and never answered: the stop save's

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, env_for, spawn, wait_for_line
+from helpers import REPO, env_for, wait_for_line
 
 import spotrun
 from spotrun.format.commit import find_latest_valid
@@ -18,9 +18,9 @@ SCRIPT = str(REPO / "tests" / "scripts" / "sleepy_train.py")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_one_signal_saves_and_exits_resumable(tmp_path, sig):
+def test_one_signal_saves_and_exits_resumable(tmp_path, sig, warm_python):
     url = str(tmp_path / "run")
-    proc = spawn([SCRIPT], env_for(url))
+    proc = warm_python.spawn([SCRIPT], env_for(url))
     wait_for_line(proc, "ready")
     time.sleep(0.2)
     proc.send_signal(sig)
@@ -31,9 +31,9 @@ def test_one_signal_saves_and_exits_resumable(tmp_path, sig):
     assert not Storage(url).exists(DONE_MARKER)
 
 
-def test_second_sigint_aborts_at_once(tmp_path):
+def test_second_sigint_aborts_at_once(tmp_path, warm_python):
     url = str(tmp_path / "run")
-    proc = spawn([SCRIPT, "100", "30.0"], env_for(url))  # 30 s steps
+    proc = warm_python.spawn([SCRIPT, "100", "30.0"], env_for(url))  # 30 s steps
     wait_for_line(proc, "ready")
     # Both inside one step: the second must abort without waiting for the step to end (a
     # wait would take up to 30 s; the bound leaves a loaded machine's teardown its seconds).
@@ -49,13 +49,13 @@ def test_second_sigint_aborts_at_once(tmp_path):
     assert time.monotonic() - t0 < 10
 
 
-def test_finished_run_exits_zero_with_done_marker_and_resume_is_noop(tmp_path):
+def test_finished_run_exits_zero_with_done_marker_and_resume_is_noop(tmp_path, warm_python):
     url = str(tmp_path / "run")
-    proc = spawn([SCRIPT, "5"], env_for(url))
+    proc = warm_python.spawn([SCRIPT, "5"], env_for(url))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_FINISHED, out
     assert Storage(url).exists(DONE_MARKER)
-    proc = spawn([SCRIPT, "5"], env_for(url))
+    proc = warm_python.spawn([SCRIPT, "5"], env_for(url))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_FINISHED and "ready" not in out
 

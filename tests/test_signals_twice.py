@@ -11,7 +11,7 @@ import time
 
 import pytest
 import slowfs
-from helpers import REPO, env_for, spawn, wait_for_line
+from helpers import REPO, env_for, wait_for_line
 
 from spotrun.format.commit import find_latest_valid
 from spotrun.records.layout import EXIT_INTERRUPTED
@@ -22,11 +22,11 @@ SCRIPT = str(REPO / "tests" / "scripts" / "stop_twice_train.py")
 
 
 @pytest.mark.parametrize("gap", [0.3, 1.0])
-def test_second_sigterm_after_the_stop_commit_still_exits_75(tmp_path, gap):
+def test_second_sigterm_after_the_stop_commit_still_exits_75(tmp_path, gap, warm_python):
     url = str(tmp_path / "run")
     # The teardown lingers 3 s after the with-block: the second SIGTERM lands there, where
     # the old handlers used to be back and the default action killed the process (-15).
-    proc = spawn([SCRIPT], env_for(url, STOP_TWICE_LINGER="3"))
+    proc = warm_python.spawn([SCRIPT], env_for(url, STOP_TWICE_LINGER="3"))
     try:
         wait_for_line(proc, "ready")
         time.sleep(0.2)
@@ -42,12 +42,12 @@ def test_second_sigterm_after_the_stop_commit_still_exits_75(tmp_path, gap):
     assert info is not None and info.step >= 1
 
 
-def test_second_sigterm_during_the_stop_save_does_not_abort_it(tmp_path):
+def test_second_sigterm_during_the_stop_save_does_not_abort_it(tmp_path, warm_python):
     # Each payload write call sleeps 0.3 s: the stop save is still writing when the second
     # SIGTERM lands. The first SIGTERM already asked for a stop; the second changes nothing
     # (only a second Ctrl-C aborts, see test_signals.py), so the save commits and exit is 75.
     url = f"slowfile://{tmp_path}/run"
-    proc = spawn([SCRIPT], env_for(url, SPOTRUN_TEST_WRITE_DELAY="0.3"))
+    proc = warm_python.spawn([SCRIPT], env_for(url, SPOTRUN_TEST_WRITE_DELAY="0.3"))
     try:
         wait_for_line(proc, "ready")
         time.sleep(0.2)
@@ -66,12 +66,12 @@ def test_second_sigterm_during_the_stop_save_does_not_abort_it(tmp_path):
     assert info is not None and info.step == step
 
 
-def test_ctrl_c_after_the_stop_commit_exits_75_at_once(tmp_path):
+def test_ctrl_c_after_the_stop_commit_exits_75_at_once(tmp_path, warm_python):
     # Ctrl-C, then Ctrl-C again while the process is still tearing down: the user means
     # "now", and the stop checkpoint is committed, so the code is 75 without the teardown.
     # (This one held before the fix too; it guards the handler installed after the commit.)
     url = str(tmp_path / "run")
-    proc = spawn([SCRIPT], env_for(url, STOP_TWICE_LINGER="30"))
+    proc = warm_python.spawn([SCRIPT], env_for(url, STOP_TWICE_LINGER="30"))
     try:
         wait_for_line(proc, "ready")
         time.sleep(0.2)
