@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -348,12 +349,21 @@ def test_143_rejoins_only_when_the_agent_itself_was_not_signalled(tmp_path: Path
         write_cluster(Storage(urls[mode]), _spec(f"{mode}-a1", 1, ids=("n",), port=free_port()))
         procs[mode] = _agent(urls[mode], "n", ["python", str(script), str(folders[mode]), mode],
                              "--rejoin-timeout", "60")
-    _wait("workers ready", lambda: all((f / "ready").exists() for f in folders.values()), procs.values())
-    for mode in procs:
-        write_cluster(Storage(urls[mode]), _spec(f"{mode}-a2", 2, ids=("n",), port=free_port()))
-    (folders["alone"] / "go").touch()
-    os.killpg(procs["signalled"].pid, signal.SIGTERM)
-    results = {mode: finish_session(p, 180) for mode, p in procs.items()}
+    try:
+        _wait("workers ready", lambda: all((f / "ready").exists() for f in folders.values()), procs.values())
+        for mode in procs:
+            write_cluster(Storage(urls[mode]), _spec(f"{mode}-a2", 2, ids=("n",), port=free_port()))
+        (folders["alone"] / "go").touch()
+        os.killpg(procs["signalled"].pid, signal.SIGTERM)
+        results = {mode: finish_session(p, 180) for mode, p in procs.items()}
+    finally:
+        # A failed wait leaves both agents running a worker that waits for "go" forever
+        # (seen: an agent and its worker left an hour after such a failure).
+        for p in procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
     code, out = results["alone"]
     assert code == 0 and (folders["alone"] / "start-run-alone-a2").exists(), out[-4000:]
     assert read_attempt_exit(Storage(urls["alone"]), "alone-a1", "n") == 143
