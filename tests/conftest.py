@@ -4,7 +4,9 @@ traffic to fake servers on loopback, and the real metadata address is switched o
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +199,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         loads[lighter] += weight(tests)
     halves.sort(key=lambda half: sum(len(t) for t in half), reverse=True)
     items[:] = [item for half in halves for tests in half for item in tests]
+
+
+_HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions_kept() -> Iterator[None]:
+    """Each test leaves this process's signal dispositions as it found them. A test that runs
+    the wrapper in-process can end with SIGTERM at SIG_IGN (an interrupted stop holds it so
+    until exit, by design), and every child a later test starts in this worker inherits an
+    ignored SIGTERM: a signal test then fails or not depending on the order the tests ran in."""
+    saved = {sig: signal.getsignal(sig) for sig in _HELD_SIGNALS}
+    yield
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) != handler:
+            signal.signal(sig, handler)
