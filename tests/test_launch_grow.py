@@ -52,6 +52,19 @@ def _stub_torchrun(monkeypatch: pytest.MonkeyPatch, fake, agent_signal=lambda: N
 ARGV = ["--poll", "0.05", "--rejoin-timeout", "5", "--grow-poll", "0.05", "--", "python", "t.py"]
 
 
+def _agent_main(monkeypatch: pytest.MonkeyPatch, url: Path, instance_id: str, torchrun_like) -> int:
+    """The node agent's ``main(ARGV)`` in this process as ``instance_id`` of the run at ``url``,
+    torchrun replaced by ``torchrun_like``; SIGTERM's handler put back as it was before."""
+    before = signal.getsignal(signal.SIGTERM)
+    _stub_torchrun(monkeypatch, torchrun_like)
+    monkeypatch.setenv("SPOTRUN_URL", str(url))
+    monkeypatch.setenv("SPOTRUN_INSTANCE_ID", instance_id)
+    try:
+        return node.main(ARGV)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 class _Signalled(Exception):
     """torch.distributed.elastic's SignalException, in shape."""
 
@@ -82,14 +95,7 @@ def test_a_grow_file_stops_the_running_attempt_and_the_node_joins_it(
         threading_write.join()
         return 75  # the ranks committed at one step
 
-    before = signal.getsignal(signal.SIGTERM)
-    _stub_torchrun(monkeypatch, torchrun_like)
-    monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
-    monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "a")
-    try:
-        assert node.main(ARGV) == 0
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    assert _agent_main(monkeypatch, tmp_path, "a", torchrun_like) == 0
     assert runs == ["run-a2", "run-a3"] and got and got[0] < 10
     assert read_attempt_exit(storage, "a2", "a") == 75 and read_attempt_exit(storage, "a3", "a") == 0
 
@@ -111,14 +117,7 @@ def test_a_newer_file_that_does_not_grow_sends_no_signal(tmp_path: Path, monkeyp
         time.sleep(1.0)  # twenty looks of the watch
         return 75
 
-    before = signal.getsignal(signal.SIGTERM)
-    _stub_torchrun(monkeypatch, torchrun_like)
-    monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
-    monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "b")
-    try:
-        assert node.main(ARGV) == 0
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    assert _agent_main(monkeypatch, tmp_path, "b", torchrun_like) == 0
     assert runs == ["run-a1", "run-a2"] and signalled == []
 
 
@@ -143,12 +142,9 @@ def test_the_planned_stop_raised_outside_torchruns_handling_still_joins(
         return 0
 
     before = signal.signal(signal.SIGTERM, raising)  # a previous attempt's torchrun handler
-    _stub_torchrun(monkeypatch, torchrun_like)
-    monkeypatch.setenv("SPOTRUN_URL", str(tmp_path))
-    monkeypatch.setenv("SPOTRUN_INSTANCE_ID", "a")
     t0 = time.monotonic()
     try:
-        assert node.main(ARGV) == 0
+        assert _agent_main(monkeypatch, tmp_path, "a", torchrun_like) == 0
     finally:
         signal.signal(signal.SIGTERM, before)
     assert runs == ["run-a2", "run-a3"] and time.monotonic() - t0 < 15
