@@ -22,10 +22,10 @@ import signal
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
+from test_launch_node_rejoin import _stub_torchrun
 
 from spotrun.launch import node
 from spotrun.launch.node import ClusterSpec, read_attempt_exit, write_cluster
@@ -35,17 +35,6 @@ from spotrun.storage import Storage
 def _spec(segment: str, attempt: int, ids=("a", "b"), *, grow: bool = False, port: int = 29500) -> ClusterSpec:
     return ClusterSpec(segment=segment, nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids],
                        nproc_per_node=1, rdzv_id=f"run-{segment}", port=port, attempt=attempt, grow=grow)
-
-
-def _stub_torchrun(monkeypatch: pytest.MonkeyPatch, fake, agent_signal=lambda: None) -> None:
-    """spotrun.distributed without importing torch (seconds on a loaded box)."""
-    import spotrun
-
-    module = types.ModuleType("spotrun.distributed")
-    module.torchrun = fake  # type: ignore[attr-defined]
-    module.last_agent_signal = agent_signal  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "spotrun.distributed", module)
-    monkeypatch.setattr(spotrun, "distributed", module, raising=False)
 
 
 #: The node agent's arguments in process: quick looks, a bounded rejoin wait.
