@@ -49,6 +49,16 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
 # -- an abandoned multipart upload is aborted (issue 20, S3 after a missed stop deadline) ----
 
 
+def _aborts_answered(proxy) -> list[int | None]:
+    """The statuses of the upload aborts sent: exactly one succeeded, and any before it was a
+    server error that botocore retried (moto's abort can race a part still arriving and
+    answer 500: ``dictionary changed size during iteration``), never a second abort."""
+    statuses = [r.status for r in proxy.requests(method="DELETE", path=r"uploadId=")]
+    assert statuses and statuses[-1] == 204, statuses
+    assert all(s is not None and s >= 500 for s in statuses[:-1]), statuses
+    return statuses
+
+
 def test_abort_all_aborts_an_upload_whose_part_hangs(s3_bucket, moto_server, fault_proxy):
     st = Storage(f"s3://{s3_bucket}/run", _opts(fault_proxy.url), part_size=PART, concurrency=2)
     fault_proxy.add("hang", **PART_2)
@@ -71,7 +81,7 @@ def test_abort_all_aborts_an_upload_whose_part_hangs(s3_bucket, moto_server, fau
     assert inflight.abort_all(10.0) == 1  # what the missed-deadline path runs before _exit
     assert time.monotonic() - t0 < 10.0
     assert _open_uploads(moto_server, s3_bucket) == []
-    assert fault_proxy.count(method="DELETE", path=r"uploadId=") == 1
+    aborts = _aborts_answered(fault_proxy)
 
     # The abandoned writer, once its part's connection drops, fails without retrying the
     # parts into an aborted upload, aborts nothing twice and leaves no object.
@@ -79,7 +89,7 @@ def test_abort_all_aborts_an_upload_whose_part_hangs(s3_bucket, moto_server, fau
     writer.join(60)
     assert not writer.is_alive()
     assert isinstance(outcome[0], SpotrunError | OSError)
-    assert fault_proxy.count(method="DELETE", path=r"uploadId=") == 1
+    assert _aborts_answered(fault_proxy) == aborts
     assert not _client(moto_server).list_objects_v2(Bucket=s3_bucket).get("Contents")
     assert inflight.abort_all(1.0) == 0
 
