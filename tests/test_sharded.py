@@ -285,6 +285,47 @@ def test_saver_stage_reuses_buffers_and_sees_new_values(tmp_path: Path) -> None:
         saver.close()
 
 
+def test_saver_reuses_its_save_plan_until_the_layout_changes(tmp_path: Path) -> None:
+    # DCP's plan (and .metadata's index) is made once per state layout; a layout that
+    # changed between saves must be planned again, or .metadata describes the old one.
+    storage = Storage(str(tmp_path / "run"))
+    saver = ShardedSaver(storage)
+
+    def save(step: int, state: dict) -> None:
+        files = saver.write(step, saver.stage(state))
+        commit(storage, Manifest(step=step, files=dict(files)))
+
+    def loaded(step: int, like: dict) -> dict:
+        target = {"model": {k: torch.zeros_like(v) for k, v in like["model"].items()},
+                  "optim": {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None
+                            for k, v in like["optim"].items()}}
+        read_sharded(storage, read_manifest(storage, step), target)
+        return target
+
+    try:
+        state = _state()
+        save(1, state)
+        state["model"]["w"].add_(1)
+        state["optim"]["lr"] = 0.25
+        save(2, state)
+        assert saver.plans_made == 1  # the second save reused the first one's plan
+        got = loaded(2, state)
+        assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["optim"]["lr"] == 0.25
+        # Same tensors, other layouts: a shape, a new key, a value that became a tensor.
+        state["model"]["w"] = torch.arange(6.0).reshape(2, 3)
+        state["model"]["extra"] = torch.full((4,), 7.0)
+        state["optim"]["lr"] = torch.tensor(0.125)
+        save(3, state)
+        got = loaded(3, state)  # a stale plan: .metadata has no "extra", w the old shape
+        for k, v in state["model"].items():
+            assert torch.equal(got["model"][k], v), k
+        assert torch.equal(got["optim"]["lr"], state["optim"]["lr"])
+        assert got["optim"]["names"] == ["a", "b"] and got["optim"]["step"] == 3
+        assert saver.plans_made == 2
+    finally:
+        saver.close()
+
+
 def test_failed_write_raises_save_error_and_commits_nothing(tmp_path: Path) -> None:
     storage, _ = _write_and_commit(str(tmp_path / "run"), _state(), step=7)
     folder = tmp_path / "run" / "000000000008"

@@ -147,11 +147,11 @@ SCRIPT = textwrap.dedent('''
     # begin before rank 1's save was even called. Its own folder: 1-3 above are untouched.
     import time
     import spotrun.format.sharded as sharded_mod
-    real_write, started = sharded_mod.write_sharded, []
-    def write_sharded(*a, **k):
+    real_write, started = sharded_mod._write_planned, []
+    def write_planned(*a, **k):
         started.append(time.time())
         return real_write(*a, **k)
-    sharded_mod.write_sharded = write_sharded
+    sharded_mod._write_planned = write_planned
     model, opt = build(4)
     train(model, opt)
     with spotrun.Checkpointer(url + "-late", model=model, optimizer=opt, every_steps=10**9,
@@ -160,7 +160,11 @@ SCRIPT = textwrap.dedent('''
             time.sleep(1.5)
         report["save_called_at"] = time.time()
         ck.steps_done = 1; ck.save(); ck.wait()
-    sharded_mod.write_sharded = real_write
+        # 5) The next save of the same layout reuses DCP's save plan (no planning round).
+        train(model, opt)
+        ck.steps_done = 2; ck.save(); ck.wait()
+        report["plans_made"] = ck._sharded_saver.plans_made
+    sharded_mod._write_planned = real_write
     report["write_started_at"] = started[0] if started else None
     dist.barrier()
     # One file per rank: two ranks printing at once interleave their lines.
@@ -218,6 +222,12 @@ def test_a_ranks_background_write_waits_until_every_rank_has_staged(reports):
     started, late = reports[0]["write_started_at"], reports[1]["save_called_at"]
     assert started is not None, reports[0]
     assert started >= late, f"rank 0 began writing {late - started:.2f}s before rank 1 staged"
+
+
+def test_a_second_save_of_the_same_layout_reuses_the_save_plan(reports):
+    # (Its restore stays exact: tests/test_sharded.py changes the layout between saves.)
+    for rank, r in reports.items():
+        assert r["plans_made"] == 1, (rank, r["plans_made"])
 
 
 def test_a_save_with_nothing_in_flight_runs_no_collective_in_the_training_thread(reports):
