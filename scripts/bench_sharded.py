@@ -2,7 +2,8 @@
 """Sharded checkpoints on N ranks against PyTorch DCP, both called the way users call them.
 
     python scripts/bench_sharded.py [--nproc 4] [--sizes 120,384] [--repeats 5] [--s3]
-                                    [--quick] [--dir DIR] [--local-copy DIR] [--profile DIR]
+                                    [--stall-saves 3] [--quick] [--dir DIR]
+                                    [--local-copy DIR] [--profile DIR]
 
 Launches itself under torchrun twice: ``--nproc`` gloo ranks on CPU (save, restore on the
 same world size), then ``--nproc // 2`` ranks (restore N -> N/2). State: an MLP under FSDP2
@@ -12,7 +13,9 @@ one model per ``--sizes`` entry (MiB of state in all, every rank's shards togeth
 What each figure times (every figure: the slowest rank, median over interleaved repeats):
 
 * copy floor: a plain ``copy_`` of this rank's local shards into buffers allocated once,
-  timed right before each spotrun save;
+  timed right before each spotrun save (``--stall-saves`` saves per repeat, each with its
+  own floor; rank 0's deletion of the previous checkpoint is waited for first, as a
+  training loop's steps would);
 * spotrun stall: ``Checkpointer.save()`` returning (what the training loop is blocked for);
   the first save is reported on its own line (warm-up: buffers and the plan are built);
 * spotrun durable: ``save()`` + ``wait()`` returning (every rank's files, DCP's index and
@@ -89,7 +92,8 @@ def _torchrun(args: argparse.Namespace, nproc: int, phase: str, env: dict[str, s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            os.path.abspath(__file__), "--worker", phase, "--sizes", args.sizes,
-           "--repeats", str(args.repeats), "--dir", args.dir]
+           "--repeats", str(args.repeats), "--stall-saves", str(args.stall_saves),
+           "--dir", args.dir]
     if args.s3:
         cmd.append("--s3")
     if args.profile:
@@ -134,18 +138,28 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _spread(xs: list[float], scale: float = 1e3, fmt: str = ".1f") -> str:
+    """The samples' range and quartiles, ``[min | p25-p75 | max]``."""
+    if len(xs) < 2:
+        return ""
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return (f"[{min(xs) * scale:{fmt}} | {q[0] * scale:{fmt}}-{q[2] * scale:{fmt}} | "
+            f"{max(xs) * scale:{fmt}}]")
+
+
 def _report(args: argparse.Namespace, save: dict, reshard: dict) -> None:
     where = "s3 (moto server, own process)" if args.s3 else f"local disk {args.dir}"
     if args.local_copy:
         where += f", spotrun's node-local copy in {args.local_copy}"
     print(f"{save['world']} gloo ranks (restore N->M on {reshard['world']}), {where}, "
-          f"medians of {args.repeats} interleaved repeats, slowest rank")
+          f"medians of {args.repeats} interleaved repeats ({args.repeats * args.stall_saves} "
+          "spotrun stalls and floors), slowest rank; [min | p25-p75 | max] of the samples")
     for size, r in save["sizes"].items():
         rr = reshard["sizes"][size]
         m = {k: _med(v) for k, v in {**r, **rr}.items() if isinstance(v, list)}
         print(f"\nstate {r['total_mib']:.0f} MiB in all ({r['local_mib']:.1f} MiB of shards on "
               f"the largest rank, {r['layers']} x Linear({WIDTH}, {WIDTH}) + AdamW)")
-        print(f"  copy floor (per rank)      {m['floor'] * 1e3:8.1f} ms")
+        print(f"  copy floor (per rank)      {m['floor'] * 1e3:8.1f} ms   {_spread(r['floor'])}")
         print(f"  first save stall           spotrun {r['first_stall_spotrun'] * 1e3:8.1f} ms"
               f"   dcp {r['first_stall_dcp'] * 1e3:8.1f} ms")
         rows = [("stall", "stall_spotrun", "stall_dcp", "<= 0.5"),
@@ -156,9 +170,13 @@ def _report(args: argparse.Namespace, save: dict, reshard: dict) -> None:
         for label, a, b, target in rows:
             print(f"  {label:26s} spotrun {m[a] * 1e3:8.1f} ms   dcp {m[b] * 1e3:8.1f} ms   "
                   f"spotrun / dcp {m[a] / m[b]:.2f}x (target {target})")
+            spread_a, spread_b = _spread(rr.get(a, r.get(a, []))), _spread(rr.get(b, r.get(b, [])))
+            if spread_a or spread_b:
+                print(f"  {'':26s} spotrun {spread_a}   dcp {spread_b}")
         pairs = [a / b for a, b in zip(r["stall_spotrun"], r["floor"], strict=True)]
         print(f"  steady stall / copy floor  {m['stall_spotrun'] / m['floor']:.2f}x of the medians, "
-              f"{_med(pairs):.2f}x median of each save's own (target <= 1.5)")
+              f"{_med(pairs):.2f}x median of each save's own {_spread(pairs, 1, '.2f')} "
+              "(target <= 1.5)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"save": save, "reshard": reshard, "s3": args.s3}, f, indent=1)
@@ -390,25 +408,36 @@ def _worker(args: argparse.Namespace) -> None:
             for rep in range(args.repeats + 1):
                 order = ("spotrun", "dcp") if rep % 2 == 0 else ("dcp", "spotrun")
                 for mode in order:
-                    step += 1
-                    dist.barrier()
-                    if mode == "spotrun":
-                        floor = floor_copy()
-                        if rep > 0:
-                            r["floor"].append(floor)
+                    # spotrun's turn is --stall-saves saves, each beside its own floor (the
+                    # stall is a few ms at 120 MiB: one core taken from one of 4 ranks for
+                    # a moment decides a single sample); DCP's turn one save. Durable is
+                    # the first of each turn's saves, so both paths have as many.
+                    for k in range(args.stall_saves if mode == "spotrun" and rep else 1):
+                        step += 1
                         dist.barrier()
-                        ck.steps_done = step
-                        stall, durable = spot_save()
-                    else:
-                        stall, durable = dcp_save(step)
-                    stall, durable = slowest(stall), slowest(durable)
-                    if rep == 0:
-                        r[f"first_stall_{mode}"] = stall
-                        r[f"first_durable_{mode}"] = durable
-                    else:
-                        r[f"stall_{mode}"].append(stall)
-                        r[f"durable_{mode}"].append(durable)
-                    dist.barrier()
+                        if mode == "spotrun":
+                            # Retention of the previous commit (rank 0 deleting the old
+                            # folder) is done in a training loop by the next save; here it
+                            # would overlap the floor and the stall of back-to-back saves.
+                            ck._saver.wait_retention(60)
+                            dist.barrier()
+                            floor = floor_copy()
+                            if rep > 0:
+                                r["floor"].append(floor)
+                            dist.barrier()
+                            ck.steps_done = step
+                            stall, durable = spot_save()
+                        else:
+                            stall, durable = dcp_save(step)
+                        stall, durable = slowest(stall), slowest(durable)
+                        if rep == 0:
+                            r[f"first_stall_{mode}"] = stall
+                            r[f"first_durable_{mode}"] = durable
+                        else:
+                            r[f"stall_{mode}"].append(stall)
+                            if k == 0:
+                                r[f"durable_{mode}"].append(durable)
+                        dist.barrier()
                     if mode == "dcp":
                         if rank == 0 and last_dcp:
                             places.remove_dcp(last_dcp)  # keep one DCP checkpoint, as keep_last=1
@@ -450,6 +479,9 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--sizes", default="120,384", help="MiB of state in all, comma-separated")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stall-saves", type=int, default=3,
+                   help="spotrun saves per interleaved repeat for the stall and the copy "
+                        "floor (each save beside its own floor); durable takes the first")
     p.add_argument("--s3", action="store_true", help="write to a moto S3 server")
     p.add_argument("--quick", action="store_true",
                    help="2 ranks, 4 MiB, 1 repeat: checks the benchmark runs (for the tests)")
@@ -467,7 +499,7 @@ def main() -> None:
         _worker(args)
         return
     if args.quick:
-        args.nproc, args.sizes, args.repeats = 2, "4", 1
+        args.nproc, args.sizes, args.repeats, args.stall_saves = 2, "4", 1, 2
     own = args.dir is None
     args.dir = args.dir or tempfile.mkdtemp(prefix="spotrun-bench-sharded-")
     try:

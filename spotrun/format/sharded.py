@@ -1257,8 +1257,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sig(t: torch.Tensor) -> tuple[Any, ...]:
-    loc = _local(t)
-    return (loc.data_ptr(), loc.dtype, tuple(loc.shape), loc.stride(), tuple(t.shape))
+    loc = t._local_tensor if isinstance(t, DTensor) else t
+    return (loc.data_ptr(), loc.dtype, loc.shape, loc.stride(), t.shape)
 
 
 def _leaves(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, Any, Any]]:
@@ -1297,10 +1297,15 @@ class _LiveState:
 
     def key(self) -> tuple[Any, ...]:
         parts: list[Any] = []
-        for name, t in self.model.named_parameters():
-            parts.append((name, _sig(t)))
-        for name, t in self.model.named_buffers():
-            parts.append((name, _sig(t)))
+        # One walk of the modules, each one's parameter and buffer slots read directly
+        # (named_parameters then named_buffers walked the tree twice: half of this check's
+        # cost, which is on the training thread at every save).
+        for prefix, module in self.model.named_modules():
+            parts.append(prefix)
+            for name, t in module._parameters.items():
+                parts.append((name, None if t is None else _sig(t)))
+            for name, t in module._buffers.items():
+                parts.append((name, None if t is None else _sig(t)))
         for opt in self.optimizers:
             # The dicts themselves too: the non-tensor values are refreshed from these very
             # objects, and optimizer.load_state_dict (a restore) replaces them with new ones.
