@@ -12,6 +12,8 @@ one model per ``--sizes`` entry (MiB of state in all, every rank's shards togeth
 
 What each figure times (every figure: the slowest rank, median over interleaved repeats):
 
+* training thread CPU time (``time.thread_time``, slowest rank) of the stall and of the
+  floor: the work itself, which a busy host's waits for a core do not blur;
 * copy floor: a plain ``copy_`` of this rank's local shards into buffers allocated once,
   timed right before each spotrun save (``--stall-saves`` saves per repeat, each with its
   own floor; rank 0's deletion of the previous checkpoint is waited for first, as a
@@ -177,6 +179,11 @@ def _report(args: argparse.Namespace, save: dict, reshard: dict) -> None:
         print(f"  steady stall / copy floor  {m['stall_spotrun'] / m['floor']:.2f}x of the medians, "
               f"{_med(pairs):.2f}x median of each save's own {_spread(pairs, 1, '.2f')} "
               "(target <= 1.5)")
+        if r.get("stall_cpu"):
+            cpu = [a / b for a, b in zip(r["stall_cpu"], r["floor_cpu"], strict=True)]
+            print(f"  training thread CPU time   stall {m['stall_cpu'] * 1e3:.1f} ms, floor "
+                  f"{m['floor_cpu'] * 1e3:.1f} ms: {_med(cpu):.2f}x median of each save's own "
+                  f"{_spread(cpu, 1, '.2f')} (what the thread did, without waiting for a core)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"save": save, "reshard": reshard, "s3": args.s3}, f, indent=1)
@@ -378,15 +385,16 @@ def _worker(args: argparse.Namespace) -> None:
             # floor timed once at the start compared a stall with another minute's copy).
             bufs = [torch.empty_like(t) for t in local]
 
-            def floor_copy() -> float:
+            def floor_copy() -> tuple[float, float]:
                 dist.barrier()
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 for b, t in zip(bufs, local, strict=True):
                     b.copy_(t)
-                return slowest(time.perf_counter() - t0)
+                took, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                return slowest(took), slowest(cpu)
 
             floor_copy()  # warm-up: the buffers' first touch
-            r["floor"] = []
+            r["floor"], r["floor_cpu"], r["stall_cpu"] = [], [], []
             for k in ("stall_spotrun", "durable_spotrun", "stall_dcp", "durable_dcp",
                       "restore_spotrun", "restore_dcp"):
                 r[k] = []
@@ -399,11 +407,16 @@ def _worker(args: argparse.Namespace) -> None:
             last_dcp = ""
 
             def spot_save() -> tuple[float, float]:
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 ck.save()
-                stall = time.perf_counter() - t0
+                stall, cpu = time.perf_counter() - t0, time.thread_time() - c0
                 ck.wait()
-                return stall, time.perf_counter() - t0
+                durable = time.perf_counter() - t0
+                if step_cpu is not None:
+                    step_cpu.append(slowest(cpu))
+                return stall, durable
+
+            step_cpu: list[float] | None = None
 
             for rep in range(args.repeats + 1):
                 order = ("spotrun", "dcp") if rep % 2 == 0 else ("dcp", "spotrun")
@@ -421,11 +434,13 @@ def _worker(args: argparse.Namespace) -> None:
                             # would overlap the floor and the stall of back-to-back saves.
                             ck._saver.wait_retention(60)
                             dist.barrier()
-                            floor = floor_copy()
+                            floor, floor_cpu = floor_copy()
                             if rep > 0:
                                 r["floor"].append(floor)
+                                r["floor_cpu"].append(floor_cpu)
                             dist.barrier()
                             ck.steps_done = step
+                            step_cpu = r["stall_cpu"] if rep > 0 else None
                             stall, durable = spot_save()
                         else:
                             stall, durable = dcp_save(step)
