@@ -172,6 +172,7 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
     from spotrun.cost import report_for_run
     from spotrun.launch.controller import Ec2Controller, Timing
     from spotrun.launch.grow import note_waiting
+    from spotrun.launch.limits import CostGuard, Limits
     from spotrun.launch.status import format_status, run_status
 
     storage = Storage(str(tmp_path / "run"))
@@ -210,6 +211,15 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
             scarce.scarce.clear()  # capacity is back
         if ctl.grow.booting:
             booting.append(now[0])
+            # Not in the ledger until it joins, but billed from its launch: --max-cost counts it.
+            (b,) = ctl.booting()
+            (_, e), = ctl.grow.booting
+            assert (b.instance_type, b.launched_at) == ("g5.xlarge", e.launched_at) and b.availability_zone
+            guard = CostGuard(Limits(max_cost_usd=1e6), storage, min_interval_s=0.0)
+            guard.check(now[0], running=[s.segment_id for s in running])
+            without = guard.spent_usd
+            guard.check(now[0], running=[s.segment_id for s in running], booting=ctl.booting())
+            assert guard.spent_usd > without
             # The new node boots; the survivors train on in the shrunk attempt meanwhile.
             assert cluster_file(storage, running[0].instance_id)["segment"] == seen[1]["segment"]
             if len(booting) == 3:  # its agent waits for its cluster file

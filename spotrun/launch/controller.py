@@ -105,7 +105,7 @@ from .ec2_ending import Ec2Ending
 from .ec2_grow import Ec2Grow
 from .ec2_options import Ec2Options, Timing
 from .ec2_replace import Ec2Replacement
-from .limits import CostGuard, Limits, WaitClock
+from .limits import Booting, CostGuard, Limits, WaitClock
 from .userdata import build_user_data
 
 __all__ = ["Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
@@ -491,6 +491,13 @@ class Ec2Controller:
         """The ``--max-cost`` reason to stop, once the run's spend reached it."""
         if self.options.max_cost_usd is None:
             return None
-        return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running])
+        return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running],
+                                     booting=self.booting())
+
+    def booting(self) -> list[Booting]:
+        """The machines started for a replacement (at a notice) or a grow that are not in the
+        ledger yet: billed from their launch, they reach the ledger only when they join, so
+        ``--max-cost`` counts them here (or a budget would be late by their boot)."""
+        return [e.booting() for e in self.early.waiting.values()] + [e.booting() for _, e in self.grow.booting]
 
     # -- Ctrl-C ------------------------------------------------------------------------

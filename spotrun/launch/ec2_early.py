@@ -46,6 +46,7 @@ from ..records.layout import LEDGER_DIR
 from ..storage import Storage
 from .base import LaunchEventKind
 from .ec2 import LaunchedInstance
+from .limits import Booting
 
 if TYPE_CHECKING:
     from .controller import Ec2Controller
@@ -68,6 +69,13 @@ class Early:
     region: str
     fleet_id: str | None
     launched_at: float
+    #: The zone it was asked in (its subnet's), for pricing it while it boots.
+    availability_zone: str | None = None
+
+    def booting(self) -> Booting:
+        """What ``--max-cost`` counts for it until it is booked (billed from its launch)."""
+        return Booting(self.instance.pool.instance_type, self.instance.market, self.region,
+                       self.availability_zone, self.launched_at)
 
 
 class NoticeScan:
@@ -149,7 +157,8 @@ class EarlyReplacements:
                      LaunchEventKind.CAPACITY)
             return
         (got,) = result.instances
-        self.waiting[noticed.instance_id] = Early(noticed.instance_id, got, region, result.fleet_id, ctl.clock())
+        self.waiting[noticed.instance_id] = Early(noticed.instance_id, got, region, result.fleet_id, ctl.clock(),
+                                                   home.availability_zone)
         ctl._say(f"{noticed.instance_id} has an interruption notice: asked for its replacement now, "
                  f"{got.instance_id} ({got.pool}, {got.market}) boots while it writes its stop checkpoint",
                  LaunchEventKind.CAPACITY, noticed.instance_id, early=got.instance_id)

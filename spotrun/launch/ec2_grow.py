@@ -143,7 +143,8 @@ class Ec2Grow:
             return False
         now = ctl.clock()
         got = sorted(launched.instances, key=lambda i: i.instance_id)
-        self.booting = [(slot, Early(f"slot {slot}", inst, region, launched.fleet_id, now))
+        self.booting = [(slot, Early(f"slot {slot}", inst, region, launched.fleet_id, now,
+                                             first.availability_zone))
                         for slot, inst in zip(slots, got, strict=True)]
         self.booting_since = now
         ctl._say(f"capacity is back: started {', '.join(i.instance_id for i in got)} to grow back to "
