@@ -483,6 +483,87 @@ def test_ec2_a_new_node_that_never_waits_or_a_finish_while_it_boots_is_terminate
     assert [r["mode"] for r in recs if r["event"] == "recovery_started"] == ["replace"]
 
 
+@pytest.mark.parametrize("how", ["notice", "vanish"])
+def test_ec2_a_node_lost_while_a_grow_boots_is_replaced_by_the_booting_machine(cloud, tmp_path: Path,
+                                                                               how: str) -> None:
+    """3 nodes, --min-nodes 2, shrunk to 2 after a loss with no capacity; capacity comes back
+    and a machine boots to grow back. Then survivor node 1 gets a notice (or vanishes): the
+    booting machine replaces it (no new ask, not terminated unused), in node 1's slot; the
+    attempt is still shrunk, so the grow starts over and asks for slot 2 again."""
+    from test_ec2_early_replace import _notice
+    from test_launch_ec2 import Lines, ScarceCapacity
+    from test_launch_ec2_cluster import FAST, HOME, T0, cluster_file, controller, launcher_records, options
+    from test_launch_ec2_replace import Calls
+
+    from spotrun.launch.controller import Ec2Controller, Timing
+
+    storage = Storage(str(tmp_path / "run"))
+    calls = Calls(cloud.clients[HOME])
+    scarce = ScarceCapacity(cloud.clients[HOME], {})
+    now = [T0]
+    seen: list[dict] = []
+    grow_machine: list[str] = []
+    fleets_at_loss: list[int] = []
+
+    def act(ctl: Ec2Controller) -> None:
+        now[0] += 10
+        running = ctl.state.running
+        if not running:
+            return
+        spec = cluster_file(storage, running[0].instance_id)
+        if not seen or seen[-1]["segment"] != spec["segment"]:
+            seen.append(spec)
+            if len(seen) == 1:
+                scarce.scarce[("spot", "g5.xlarge")] = "InsufficientInstanceCapacity"
+                scarce.scarce[("on-demand", "g5.xlarge")] = "InsufficientInstanceCapacity"
+                cloud.spot_interrupt(running[2].instance_id)
+            elif len(seen) == 2:
+                scarce.scarce.clear()  # capacity is back: the grow's first ask gets a machine
+            else:  # the attempt after node 1's loss: finish
+                storage.write_bytes("done.json", b"{}")
+                for s in running:
+                    cloud.shut_down(s.instance_id)
+            return
+        if ctl.grow.booting and not grow_machine:
+            ((_, e),) = ctl.grow.booting
+            grow_machine.append(e.instance.instance_id)
+            node1 = next(s.instance_id for s in running if s.node == 1)
+            if how == "notice":
+                _notice(storage, node1, at=now[0])
+            else:
+                fleets_at_loss.append(len(calls.fleets))
+                cloud.spot_interrupt(node1)
+        elif how == "notice" and grow_machine and ctl.early.waiting and not fleets_at_loss:
+            # The notice was seen: the booting machine is node 1's replacement; spot takes node 1.
+            fleets_at_loss.append(len(calls.fleets))
+            cloud.spot_interrupt(next(s.instance_id for s in running if s.node == 1))
+
+    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 20.0, "grow_retry_max_s": 40.0,
+                       "grow_boot_wait_s": 300.0})
+    out = Lines()
+    ctl = controller(cloud, storage, options(cloud, storage, nodes=3, min_nodes=2, nproc_per_node=None), act,
+                     clock=now, timing=timing, on_event=out)
+    assert ctl.run().status == "finished", out.getvalue()
+    assert len(seen) == 3, out.getvalue()
+    first, _, replaced = seen
+    ids = [n["instance_id"] for n in first["nodes"]]
+    (g,) = grow_machine
+    # The booting machine took node 1's slot; nothing more was asked for between the loss
+    # and the new attempt; it was never terminated before the run's end.
+    assert [n["instance_id"] for n in replaced["nodes"]] == [ids[0], g], out.getvalue()
+    assert len(calls.fleets) == fleets_at_loss[0], (calls.fleets, out.getvalue())
+    assert "booting to grow the job back, replaces it instead" in out.getvalue()
+    assert "a node to grow back not needed" not in out.getvalue()
+    recs = launcher_records(storage)
+    (rec,) = [r for r in recs if r["event"] == "recovery_started" and r["segment_id"] == replaced["segment"]]
+    assert (rec["mode"], rec["lost"], rec["kept"], rec["instances_started"]) == ("replace", [ids[1]], [ids[0]], 1)
+    starts = {r["segment_id"]: r for r in recs if r["event"] == "segment_started"}
+    assert starts[g]["node"] == 1 and starts[g]["group"] == replaced["segment"]
+    ends = {r["segment_id"]: r for r in recs if r["event"] == "segment_ended"}
+    assert ends[g]["reason"] == "finished" and not ends[g].get("unused"), ends[g]
+    assert cloud.running(ctl.state.run_id) == []
+
+
 def test_a_cluster_file_grow_must_be_a_boolean_and_older_files_do_not_grow() -> None:
     from spotrun.errors import ConfigError
 

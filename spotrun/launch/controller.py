@@ -422,10 +422,17 @@ class Ec2Controller:
                       gone: list[Segment]) -> LaunchOutcome | None:
         """A node (or the one instance) of the attempt is gone: the attempt is over, for
         every node; the policy (:mod:`.attempt`) says why and what next."""
-        self.grow.discard(f"attempt {attempt[0].group} lost a node")
         ends = {s.segment_id: self._node_end(s, statuses[s.instance_id]) for s in gone}
         done = is_done(self.storage)
         verdict = classify_ec2(AttemptEnd(nodes=tuple(ends[s.segment_id] for s in gone), done=done))
+        decision = next_step(verdict, failures=self.state.failures, max_failures=self.options.max_failures,
+                             nodes=[s.instance_id for s in attempt], recovery=self.options.recovery)
+        if decision.action is Action.REPLACE and len(attempt) > 1:
+            # Machines booting to grow the job back replace the lost nodes that have no early
+            # replacement yet, rather than being terminated unused.
+            unreplaced = [s.instance_id for s in gone if s.instance_id not in self.early.waiting]
+            self.early.adopt(unreplaced, self.grow.hand_over(len(unreplaced)))
+        self.grow.discard(f"attempt {attempt[0].group} lost a node")
         if verdict.reason is EndReason.FINISHED:
             if len(attempt) > 1:
                 return self.ending.finish()
@@ -443,8 +450,6 @@ class Ec2Controller:
             if verdict.reason is EndReason.INTERRUPTED:
                 self.replace.expect_relaunch([seg])
         else:
-            decision = next_step(verdict, failures=self.state.failures, max_failures=self.options.max_failures,
-                                 nodes=[s.instance_id for s in attempt], recovery=self.options.recovery)
             if decision.action is Action.REPLACE and self.replace.keep(attempt, statuses, gone, verdict, decision):
                 return None
             self.early.discard(f"attempt {attempt[0].group} ended: {verdict.reason}")

@@ -33,6 +33,7 @@ launched and never recorded).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ class EarlyReplacements:
 
     def _ask(self, noticed: Segment, others: list[Segment]) -> None:
         ctl = self.ctl
+        if self.adopt([noticed.instance_id], ctl.grow.hand_over(1)):
+            return
         market, _ = ctl.capacity.choose_market()
         if market is None or not others:
             return
@@ -162,6 +165,17 @@ class EarlyReplacements:
         ctl._say(f"{noticed.instance_id} has an interruption notice: asked for its replacement now, "
                  f"{got.instance_id} ({got.pool}, {got.market}) boots while it writes its stop checkpoint",
                  LaunchEventKind.CAPACITY, noticed.instance_id, early=got.instance_id)
+
+    def adopt(self, lost_ids: list[str], spare: list[Early]) -> bool:
+        """Machines already booting (for a grow back) become the replacements of ``lost_ids``,
+        one each, in order; billed from their own launch. True when any was adopted."""
+        for iid, e in zip(lost_ids, spare, strict=False):
+            self.waiting[iid] = dataclasses.replace(e, noticed=iid)
+            self._asked.add(iid)
+            self.ctl._say(f"{iid} is going: {e.instance.instance_id} ({e.instance.pool}, {e.instance.market}), "
+                          "booting to grow the job back, replaces it instead", LaunchEventKind.CAPACITY, iid,
+                          early=e.instance.instance_id)
+        return bool(spare)
 
     def take(self, lost: list[Segment]) -> dict[str, Early]:
         """The early replacements of ``lost`` that still run: lost instance id -> replacement
