@@ -36,7 +36,10 @@ t3 + ``restore_s``, t5 = the first training step (``training_resumed.first_step_
 
     total = t5 - t0, to capacity = t1 - t0, boot/wait = t2 - t1 (locally: no boot; a replacement started
     at the loss waits here for the attempt before to stop),
-    start + rendezvous = t3 - t2, restore = t4 - t3, restore -> step = t5 - t4
+    start + rendezvous = t3 - t2, restore = t4 - t3, restore -> step = t5 - t4,
+    gone..step = t5 - tg, tg = the lost machine gone (its launcher ``segment_ended``: after a
+    notice, once its stop checkpoint committed and it exited; the stop is the same in both
+    paths and paid inside the notice's two minutes, so this is what recovery itself costs)
 
 and the bytes the restore read from the local copy, a peer and the run URL
 (``bytes_local/peer/url``). Records a build does not write yet show as "-" (then
@@ -247,6 +250,12 @@ def recoveries(records: list[dict], lines: list[tuple[float, str]]) -> list[dict
                 if g is not None and g not in losses:
                     losses[g] = (kind, t)
     started_rec = {r["segment_id"]: r for r in records if r["event"] == "recovery_started"}
+    # When each machine was gone, as the launcher booked it (a noticed node: once its stop
+    # checkpoint committed and it exited).
+    ended_at: dict[str, float] = {}
+    for r in records:
+        if r["event"] == "segment_ended" and r.get("source") == "launcher":
+            ended_at.setdefault(r["segment_id"], r["ended_at"])
     resumed = [r for r in records if r["event"] == "training_resumed"]
 
     out: list[dict[str, Any]] = []
@@ -282,6 +291,10 @@ def recoveries(records: list[dict], lines: list[tuple[float, str]]) -> list[dict
         entry["restore"] = None if t3 is None or t4 is None else t4 - t3
         entry["restore_to_step"] = None if t4 is None or t5 is None else t5 - t4
         entry["start_to_step"] = None if t2 is None or t5 is None else t5 - t2
+        # From the lost machine gone (after a notice: its stop checkpoint committed; the same
+        # in both paths, paid inside the notice's two minutes) to the first step.
+        gone = _max([ended_at[i] for i in (rs or {}).get("lost", []) if i in ended_at])
+        entry["gone_to_step"] = None if gone is None or t5 is None else t5 - max(gone, t0 or gone)
         for src in ("local", "peer", "url"):
             vals = [r[f"bytes_{src}"] for r in mine if r.get(f"bytes_{src}") is not None]
             entry[f"bytes_{src}"] = sum(vals) if vals else None
@@ -323,7 +336,8 @@ def summarise(runs: list[dict], cases: list[str], paths: list[str]) -> dict[tupl
                 if not recs:
                     continue
                 row = {k: _med([r[k] for r in recs]) for k in
-                       ("total", *PARTS, "start_to_step", "bytes_local", "bytes_peer", "bytes_url")}
+                       ("total", *PARTS, "start_to_step", "gone_to_step", "bytes_local", "bytes_peer",
+                        "bytes_url")}
                 row["n"] = len(recs)
                 row["instances_started"] = [r.get("instances_started") for r in recs]
                 row["kept"] = [len(r["kept"]) if r.get("kept") is not None else None for r in recs]
@@ -341,7 +355,7 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
         print("replace path not available in this build (spotrun launch has no --recovery): "
               "only today's relaunch is measured")
     head = (f"{'case':5} {'loss':6} {'path':8} {'total':>7} {'capacity':>8} {'boot+wait':>9} {'start+rdzv':>10} "
-            f"{'restore':>7} {'rst->step':>9} {'start..step':>11} {'MiB local':>9} {'MiB peer':>8} "
+            f"{'restore':>7} {'rst->step':>9} {'start..step':>11} {'gone..step':>10} {'MiB local':>9} {'MiB peer':>8} "
             f"{'MiB url':>7} {'n':>2}")
     print(head)
     print("-" * len(head))
@@ -353,7 +367,7 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                     continue
                 print(f"{case:5} {kind:6} {path:8} {_s(row['total']):>7} {_s(row['to_capacity']):>8} "
                       f"{_s(row['boot']):>9} {_s(row['start_rdzv']):>10} {_s(row['restore']):>7} "
-                      f"{_s(row['restore_to_step']):>9} {_s(row['start_to_step']):>11} "
+                      f"{_s(row['restore_to_step']):>9} {_s(row['start_to_step']):>11} {_s(row['gone_to_step']):>10} "
                       f"{_mib(row['bytes_local']):>9} {_mib(row['bytes_peer']):>8} {_mib(row['bytes_url']):>7} "
                       f"{row['n']:>2}")
             for label, a, b in (("ratio", "replace", "relaunch"), ("warm/rel", "warm", "relaunch"),
@@ -363,10 +377,10 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                     continue
                 # A part the baseline spends (next to) no time in has no useful ratio.
                 cells = [_ratio(new[k], old[k]) if (old[k] or 0) >= 0.05 else None
-                         for k in ("total", *PARTS, "start_to_step")]
+                         for k in ("total", *PARTS, "start_to_step", "gone_to_step")]
                 print(f"{case:5} {kind:6} {label:8} " + " ".join(
                     f"{'-' if c is None else f'{c:.2f}x':>{w}}"
-                    for c, w in zip(cells, (7, 8, 9, 10, 7, 9, 11), strict=True)))
+                    for c, w in zip(cells, (7, 8, 9, 10, 7, 9, 11, 10), strict=True)))
     for run in runs:
         for rec in run["recoveries"]:
             if rec["t5"] is None:  # counted in n, not in the medians: say why
@@ -405,6 +419,12 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                 target(f"{case} {kind}: loss -> first step <= 0.5x relaunch",
                        "-" if r is None else f"{r:.2f}x ({_s(new['total'])} / {_s(old['total'])} s)",
                        None if r is None else r <= 0.5)
+                if kind == "notice":  # the same as the total after a vanishing
+                    r = _ratio(new["gone_to_step"], old["gone_to_step"])
+                    target(f"{case} {kind}: lost machine gone -> first step <= 0.5x relaunch (the notice's stop "
+                           "checkpoint, the same in both paths, not counted)",
+                           "-" if r is None else f"{r:.2f}x ({_s(new['gone_to_step'])} / "
+                           f"{_s(old['gone_to_step'])} s)", None if r is None else r <= 0.5)
                 r = _ratio(new["restore"], old["restore"])
                 target(f"{case} {kind}: restore <= 0.2x a restore from the run URL",
                        "-" if r is None else f"{r:.2f}x ({_s(new['restore'])} / {_s(old['restore'])} s)",

@@ -46,6 +46,7 @@ def test_recoveries_split_the_time_from_the_ledger(tmp_path):
     # A node vanished at 110 (the launcher said so at 110.3); the next attempt replaced it: only
     # the replacement is a new segment, rank 0 is a survivor and keeps its segment id.
     _attempt(ledger, "sim-2", 112.0, nodes=(2,))
+    ledger.segment_ended(segment_id="sim-1-n2", reason="interrupted", ended_at=110.5, source="launcher")
     ledger.recovery_started(segment_id="sim-2", lost_at=110.0, mode="replace", lost=["sim-1-n2"],
                             kept=["sim-1-n0", "sim-1-n1"], instances_started=1, capacity_at=111.0)
     ledger.training_resumed(segment_id="sim-1-n0", step=8, process_started_at=112.5, first_step_at=120.0,
@@ -68,12 +69,14 @@ def test_recoveries_split_the_time_from_the_ledger(tmp_path):
     assert loss["restore_to_step"] == pytest.approx(3.0)  # 117 -> 120
     assert (loss["bytes_local"], loss["bytes_peer"], loss["bytes_url"]) == (300, 100, 0)
     assert (loss["instances_started"], loss["kept"]) == (1, ["sim-1-n0", "sim-1-n1"])
+    assert loss["gone_to_step"] == pytest.approx(9.5)     # the lost machine booked gone 110.5 -> 120
 
     assert (notice["kind"], notice["recorded"]) == ("notice", False)
     assert notice["total"] == pytest.approx(11.0)         # the launcher's line at 130 -> 141
     assert notice["to_capacity"] == pytest.approx(3.2)    # -> the last node started
     assert notice["restore"] is None and notice["bytes_url"] is None
     assert notice["start_to_step"] == pytest.approx(141.0 - 133.2)
+    assert notice["gone_to_step"] is None  # no record says which machine was lost
 
 
 @pytest.mark.slow

@@ -158,6 +158,65 @@ def cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         yield Cloud()
 
 
+class _Shrink:
+    """Drives an in-process EC2 controller on moto: a clock that advances 10 s a poll, the
+    cluster files seen (one per attempt), and at the first one no capacity anywhere and the
+    attempt's last node lost, so a job with ``--min-nodes`` goes on shrunk."""
+
+    def __init__(self, cloud, storage: Storage) -> None:
+        from test_launch_ec2 import ScarceCapacity
+        from test_launch_ec2_cluster import HOME, T0
+        from test_launch_ec2_replace import Calls
+
+        self.cloud, self.storage = cloud, storage
+        self.calls = Calls(cloud.clients[HOME])
+        self.scarce = ScarceCapacity(cloud.clients[HOME], {})
+        self.now = [T0]
+        self.seen: list[dict] = []
+
+    def tick(self, ctl) -> bool:
+        """One poll: the clock moves on; True when a new attempt's cluster file is there."""
+        from test_launch_ec2_cluster import cluster_file
+
+        self.now[0] += 10
+        running = ctl.state.running
+        if not running:
+            return False
+        spec = cluster_file(self.storage, running[0].instance_id)
+        if self.seen and self.seen[-1]["segment"] == spec["segment"]:
+            return False
+        self.seen.append(spec)
+        if len(self.seen) == 1:
+            for market in ("spot", "on-demand"):
+                self.scarce.scarce[(market, "g5.xlarge")] = "InsufficientInstanceCapacity"
+            self.cloud.spot_interrupt(running[-1].instance_id)
+        return True
+
+    def capacity_back(self) -> None:
+        self.scarce.scarce.clear()
+
+    def run(self, act, *, nodes: int, min_nodes: int, **timing: float):
+        """The controller run to its finish with ``act`` called every poll: (controller, its
+        printed lines). ``timing``: the grow's Timing fields (no replacement wait)."""
+        from test_launch_ec2 import Lines
+        from test_launch_ec2_cluster import FAST, controller, options
+
+        from spotrun.launch.controller import Timing
+
+        out = Lines()
+        ctl = controller(self.cloud, self.storage, options(self.cloud, self.storage, nodes=nodes, min_nodes=min_nodes,
+                                                           nproc_per_node=None), act, clock=self.now,
+                         timing=Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, **timing}), on_event=out)
+        assert ctl.run().status == "finished", out.getvalue()
+        return ctl, out
+
+    def finish(self, ctl) -> None:
+        """The command is done: done.json, and every node shuts down."""
+        self.storage.write_bytes("done.json", b"{}")
+        for s in ctl.state.running:
+            self.cloud.shut_down(s.instance_id)
+
+
 def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud, tmp_path: Path) -> None:
     """3 nodes, --min-nodes 2: a node lost with no capacity anywhere, the two survivors go on
     (attempt -m). The controller asks for the missing node again 100 s after, then 200 s after
@@ -165,63 +224,56 @@ def test_ec2_a_shrunk_job_grows_back_with_a_backoff_keeping_the_survivors(cloud,
     instance in the empty slot and writes the grown attempt: 3 nodes, survivors in their
     slots, ``grow`` set (what the survivors' agents stop and join on); a ``recovery_started``
     of mode grow; no survivor terminated; the grow is no interruption."""
-    from test_launch_ec2 import Lines, ScarceCapacity
-    from test_launch_ec2_cluster import FAST, HOME, T0, cluster_file, controller, launcher_records, options
-    from test_launch_ec2_replace import Calls
+    from test_launch_ec2_cluster import HOME, cluster_file, launcher_records
 
     from spotrun.cost import report_for_run
-    from spotrun.launch.controller import Ec2Controller, Timing
+    from spotrun.launch.controller import Ec2Controller
     from spotrun.launch.grow import note_waiting
+    from spotrun.launch.limits import CostGuard, Limits
     from spotrun.launch.status import format_status, run_status
 
     storage = Storage(str(tmp_path / "run"))
-    calls = Calls(cloud.clients[HOME])
-    scarce = ScarceCapacity(cloud.clients[HOME], {})
-    now = [T0]
+    play = _Shrink(cloud, storage)
+    calls, now, seen = play.calls, play.now, play.seen
     asks: list[tuple[float, int]] = []  # (clock, count) of every CreateFleet
     cloud.clients[HOME].meta.events.register(
         "provide-client-params.ec2.CreateFleet",
         lambda params, **_: asks.append((now[0], params["TargetCapacitySpecification"]["TotalTargetCapacity"])))
-    seen: list[dict] = []
     status: list[str] = []
     shrunk_at: list[float] = []
     booting: list[float] = []
 
     def act(ctl: Ec2Controller) -> None:
-        now[0] += 10
+        if play.tick(ctl):
+            if len(seen) == 2:
+                shrunk_at.append(now[0])
+            elif len(seen) == 3:
+                status.append(format_status(run_status(storage, live=False)))
+                play.finish(ctl)
         running = ctl.state.running
         if not running:
             return
-        spec = cluster_file(storage, running[0].instance_id)
-        if not seen or seen[-1]["segment"] != spec["segment"]:
-            seen.append(spec)
-            if len(seen) == 1:
-                scarce.scarce[("spot", "g5.xlarge")] = "InsufficientInstanceCapacity"
-                scarce.scarce[("on-demand", "g5.xlarge")] = "InsufficientInstanceCapacity"
-                cloud.spot_interrupt(running[2].instance_id)
-            elif len(seen) == 2:
-                shrunk_at.append(now[0])
-            else:
-                status.append(format_status(run_status(storage, live=False)))
-                storage.write_bytes("done.json", b"{}")
-                for s in running:
-                    cloud.shut_down(s.instance_id)
         if shrunk_at and now[0] >= shrunk_at[0] + 400:
-            scarce.scarce.clear()  # capacity is back
+            play.capacity_back()
         if ctl.grow.booting:
             booting.append(now[0])
+            # Not in the ledger until it joins, but billed from its launch: --max-cost counts it.
+            (b,) = ctl.booting()
+            (_, e), = ctl.grow.booting
+            assert (b.instance_type, b.launched_at) == ("g5.xlarge", e.launched_at) and b.availability_zone
+            guard = CostGuard(Limits(max_cost_usd=1e6), storage, min_interval_s=0.0)
+            guard.check(now[0], running=[s.segment_id for s in running])
+            without = guard.spent_usd
+            guard.check(now[0], running=[s.segment_id for s in running], booting=ctl.booting())
+            assert guard.spent_usd > without
             # The new node boots; the survivors train on in the shrunk attempt meanwhile.
             assert cluster_file(storage, running[0].instance_id)["segment"] == seen[1]["segment"]
             if len(booting) == 3:  # its agent waits for its cluster file
                 for _, e in ctl.grow.booting:
                     note_waiting(storage, e.instance.instance_id)
 
-    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 100.0, "grow_retry_max_s": 250.0,
-                       "grow_boot_wait_s": 300.0})
-    out = Lines()
-    ctl = controller(cloud, storage, options(cloud, storage, nodes=3, min_nodes=2, nproc_per_node=None), act,
-                     clock=now, timing=timing, on_event=out)
-    assert ctl.run().status == "finished", out.getvalue()
+    ctl, out = play.run(act, nodes=3, min_nodes=2, grow_retry_s=100.0, grow_retry_max_s=250.0,
+                        grow_boot_wait_s=300.0)
     first, shrunk, grown = seen
     ids = [n["instance_id"] for n in first["nodes"]]
     kept = ids[:2]
@@ -416,48 +468,27 @@ def test_ec2_a_new_node_that_never_waits_or_a_finish_while_it_boots_is_terminate
     (a broken boot): after grow_boot_wait_s it is terminated and booked (stopped, billed from
     its launch), the survivors untouched; the next ask's node is still booting when the run
     finishes: terminated and booked too. Nothing is left running; no grow happened."""
-    from test_launch_ec2 import Lines, ScarceCapacity
-    from test_launch_ec2_cluster import FAST, HOME, T0, cluster_file, controller, launcher_records, options
-    from test_launch_ec2_replace import Calls
+    from test_launch_ec2_cluster import launcher_records
 
-    from spotrun.launch.controller import Ec2Controller, Timing
+    from spotrun.launch.controller import Ec2Controller
 
     storage = Storage(str(tmp_path / "run"))
-    calls = Calls(cloud.clients[HOME])
-    scarce = ScarceCapacity(cloud.clients[HOME], {})
-    now = [T0]
-    seen: list[str] = []
+    play = _Shrink(cloud, storage)
+    calls, seen = play.calls, play.seen
     started: list[tuple[float, str]] = []
 
     def act(ctl: Ec2Controller) -> None:
-        now[0] += 10
-        running = ctl.state.running
-        if not running:
-            return
-        segment = cluster_file(storage, running[0].instance_id)["segment"]
-        if not seen or seen[-1] != segment:
-            seen.append(segment)
-            if len(seen) == 1:
-                scarce.scarce[("spot", "g5.xlarge")] = "InsufficientInstanceCapacity"
-                scarce.scarce[("on-demand", "g5.xlarge")] = "InsufficientInstanceCapacity"
-                cloud.spot_interrupt(running[1].instance_id)
-            else:
-                scarce.scarce.clear()
+        if play.tick(ctl) and len(seen) == 2:
+            play.capacity_back()
         for _, e in ctl.grow.booting:
             if e.instance.instance_id not in [i for _, i in started]:
                 started.append((e.launched_at, e.instance.instance_id))
         if len(started) == 2:  # the second one boots: the run finishes meanwhile
-            storage.write_bytes("done.json", b"{}")
-            for s in running:
-                cloud.shut_down(s.instance_id)
+            play.finish(ctl)
 
-    timing = Timing(**{**FAST.__dict__, "replace_wait_s": 0.0, "grow_retry_s": 20.0, "grow_retry_max_s": 40.0,
-                       "grow_boot_wait_s": 50.0})
-    out = Lines()
-    ctl = controller(cloud, storage, options(cloud, storage, nodes=2, min_nodes=1, nproc_per_node=None), act,
-                     clock=now, timing=timing, on_event=out)
-    assert ctl.run().status == "finished", out.getvalue()
-    assert len(seen) == 2 and seen[1].endswith("-m")  # never grown
+    ctl, out = play.run(act, nodes=2, min_nodes=1, grow_retry_s=20.0, grow_retry_max_s=40.0,
+                        grow_boot_wait_s=50.0)
+    assert len(seen) == 2 and seen[1]["segment"].endswith("-m")  # never grown
     (t1, first), (t2, second) = started
     survivor = next(s.instance_id for s in ctl.state.segments if s.node == 0)
     assert first in calls.terminated and second in calls.terminated and survivor not in calls.terminated
@@ -471,6 +502,70 @@ def test_ec2_a_new_node_that_never_waits_or_a_finish_while_it_boots_is_terminate
     assert out.getvalue().count("a node to grow back not needed") == 2, out.getvalue()
     assert starts[first]["time"] <= t1 and ends[first]["time"] >= t1 + 50
     assert [r["mode"] for r in recs if r["event"] == "recovery_started"] == ["replace"]
+
+
+@pytest.mark.parametrize("how", ["notice", "vanish"])
+def test_ec2_a_node_lost_while_a_grow_boots_is_replaced_by_the_booting_machine(cloud, tmp_path: Path,
+                                                                               how: str) -> None:
+    """3 nodes, --min-nodes 2, shrunk to 2 after a loss with no capacity; capacity comes back
+    and a machine boots to grow back. Then survivor node 1 gets a notice (or vanishes): the
+    booting machine replaces it (no new ask, not terminated unused), in node 1's slot; the
+    attempt is still shrunk, so the grow starts over and asks for slot 2 again."""
+    from test_ec2_early_replace import _notice
+    from test_launch_ec2_cluster import launcher_records
+
+    from spotrun.launch.controller import Ec2Controller
+
+    storage = Storage(str(tmp_path / "run"))
+    play = _Shrink(cloud, storage)
+    calls, now, seen = play.calls, play.now, play.seen
+    grow_machine: list[str] = []
+    fleets_at_loss: list[int] = []
+
+    def act(ctl: Ec2Controller) -> None:
+        if play.tick(ctl):
+            if len(seen) == 2:
+                play.capacity_back()  # the grow's first ask gets a machine
+            elif len(seen) == 3:  # the attempt after node 1's loss: finish
+                play.finish(ctl)
+            return
+        running = ctl.state.running
+        if not running:
+            return
+        if ctl.grow.booting and not grow_machine:
+            ((_, e),) = ctl.grow.booting
+            grow_machine.append(e.instance.instance_id)
+            node1 = next(s.instance_id for s in running if s.node == 1)
+            if how == "notice":
+                _notice(storage, node1, at=now[0])
+            else:
+                fleets_at_loss.append(len(calls.fleets))
+                cloud.spot_interrupt(node1)
+        elif how == "notice" and grow_machine and ctl.early.waiting and not fleets_at_loss:
+            # The notice was seen: the booting machine is node 1's replacement; spot takes node 1.
+            fleets_at_loss.append(len(calls.fleets))
+            cloud.spot_interrupt(next(s.instance_id for s in running if s.node == 1))
+
+    ctl, out = play.run(act, nodes=3, min_nodes=2, grow_retry_s=20.0, grow_retry_max_s=40.0,
+                        grow_boot_wait_s=300.0)
+    assert len(seen) == 3, out.getvalue()
+    first, _, replaced = seen
+    ids = [n["instance_id"] for n in first["nodes"]]
+    (g,) = grow_machine
+    # The booting machine took node 1's slot; nothing more was asked for between the loss
+    # and the new attempt; it was never terminated before the run's end.
+    assert [n["instance_id"] for n in replaced["nodes"]] == [ids[0], g], out.getvalue()
+    assert len(calls.fleets) == fleets_at_loss[0], (calls.fleets, out.getvalue())
+    assert "booting to grow the job back, replaces it instead" in out.getvalue()
+    assert "a node to grow back not needed" not in out.getvalue()
+    recs = launcher_records(storage)
+    (rec,) = [r for r in recs if r["event"] == "recovery_started" and r["segment_id"] == replaced["segment"]]
+    assert (rec["mode"], rec["lost"], rec["kept"], rec["instances_started"]) == ("replace", [ids[1]], [ids[0]], 1)
+    starts = {r["segment_id"]: r for r in recs if r["event"] == "segment_started"}
+    assert starts[g]["node"] == 1 and starts[g]["group"] == replaced["segment"]
+    ends = {r["segment_id"]: r for r in recs if r["event"] == "segment_ended"}
+    assert ends[g]["reason"] == "finished" and not ends[g].get("unused"), ends[g]
+    assert cloud.running(ctl.state.run_id) == []
 
 
 def test_a_cluster_file_grow_must_be_a_boolean_and_older_files_do_not_grow() -> None:

@@ -13,6 +13,7 @@ from spotrun.cost import report_for_run
 from spotrun.cost.prices import load_snapshot
 from spotrun.errors import ConfigError
 from spotrun.launch.limits import (
+    Booting,
     CostGuard,
     Limits,
     WaitClock,
@@ -193,6 +194,30 @@ def test_cost_guard_counts_both_nodes(tmp_path):
     # 1.5 node-hours: reached already by two nodes after one hour.
     reason = CostGuard(Limits(max_cost_usd=SPOT * 1.5), storage).check(now)
     assert reason is not None and reason.startswith(f"spent ${2 * SPOT:,.2f}")
+
+
+def test_cost_guard_counts_machines_booting_from_their_launch(tmp_path):
+    """A replacement or a grow's node boots for minutes before it joins (and reaches the
+    ledger, billed from its launch): the guard counts it meanwhile, at its market's price."""
+    now = time.time()
+    storage = _run(str(tmp_path / "run"), now - 3600.0)
+    on_demand = load_snapshot()["on_demand"]["g5.xlarge"]
+    spot = Booting("g5.xlarge", "spot", "us-east-1", "us-east-1a", now - 1800.0)
+    od = Booting("g5.xlarge", "on-demand", "us-east-1", None, now - 900.0)
+    guard = CostGuard(Limits(max_cost_usd=SPOT * 1.5), storage, min_interval_s=30.0)
+    # One node-hour booked plus half an hour of a booting spot machine: the limit is reached.
+    assert guard.check(now, booting=[spot]) is not None
+    assert guard.spent_usd == pytest.approx(SPOT * 1.5)
+    guard = CostGuard(Limits(max_cost_usd=100.0), storage, min_interval_s=30.0)
+    assert guard.check(now, booting=[spot, od]) is None
+    assert guard.spent_usd == pytest.approx(SPOT * 1.5 + on_demand / 4)
+    # Its rate counts toward the early re-pricing: 2 spot + 1 on-demand machines run now.
+    assert guard.last.usd_per_hour == pytest.approx(2 * SPOT + on_demand)
+    # One with no price counts nothing, with one warning; the rest still count.
+    unknown = Booting("no-such.type", "spot", "us-east-1", None, now - 600.0)
+    guard = CostGuard(Limits(max_cost_usd=100.0), storage, min_interval_s=30.0)
+    guard.check(now, booting=[unknown, spot])
+    assert guard.spent_usd == pytest.approx(SPOT * 1.5)
 
 
 # -- waiting for capacity ---------------------------------------------------------------------

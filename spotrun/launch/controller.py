@@ -105,7 +105,7 @@ from .ec2_ending import Ec2Ending
 from .ec2_grow import Ec2Grow
 from .ec2_options import Ec2Options, Timing
 from .ec2_replace import Ec2Replacement
-from .limits import CostGuard, Limits, WaitClock
+from .limits import Booting, CostGuard, Limits, WaitClock
 from .userdata import build_user_data
 
 __all__ = ["Ec2Controller", "Ec2Options", "LaunchOutcome", "Timing"]
@@ -422,10 +422,17 @@ class Ec2Controller:
                       gone: list[Segment]) -> LaunchOutcome | None:
         """A node (or the one instance) of the attempt is gone: the attempt is over, for
         every node; the policy (:mod:`.attempt`) says why and what next."""
-        self.grow.discard(f"attempt {attempt[0].group} lost a node")
         ends = {s.segment_id: self._node_end(s, statuses[s.instance_id]) for s in gone}
         done = is_done(self.storage)
         verdict = classify_ec2(AttemptEnd(nodes=tuple(ends[s.segment_id] for s in gone), done=done))
+        decision = next_step(verdict, failures=self.state.failures, max_failures=self.options.max_failures,
+                             nodes=[s.instance_id for s in attempt], recovery=self.options.recovery)
+        if decision.action is Action.REPLACE and len(attempt) > 1:
+            # Machines booting to grow the job back replace the lost nodes that have no early
+            # replacement yet, rather than being terminated unused.
+            unreplaced = [s.instance_id for s in gone if s.instance_id not in self.early.waiting]
+            self.early.adopt(unreplaced, self.grow.hand_over(len(unreplaced)))
+        self.grow.discard(f"attempt {attempt[0].group} lost a node")
         if verdict.reason is EndReason.FINISHED:
             if len(attempt) > 1:
                 return self.ending.finish()
@@ -443,8 +450,6 @@ class Ec2Controller:
             if verdict.reason is EndReason.INTERRUPTED:
                 self.replace.expect_relaunch([seg])
         else:
-            decision = next_step(verdict, failures=self.state.failures, max_failures=self.options.max_failures,
-                                 nodes=[s.instance_id for s in attempt], recovery=self.options.recovery)
             if decision.action is Action.REPLACE and self.replace.keep(attempt, statuses, gone, verdict, decision):
                 return None
             self.early.discard(f"attempt {attempt[0].group} ended: {verdict.reason}")
@@ -491,6 +496,13 @@ class Ec2Controller:
         """The ``--max-cost`` reason to stop, once the run's spend reached it."""
         if self.options.max_cost_usd is None:
             return None
-        return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running])
+        return self.cost_guard.check(self.clock(), running=[s.segment_id for s in self.state.running],
+                                     booting=self.booting())
+
+    def booting(self) -> list[Booting]:
+        """The machines started for a replacement (at a notice) or a grow that are not in the
+        ledger yet: billed from their launch, they reach the ledger only when they join, so
+        ``--max-cost`` counts them here (or a budget would be late by their boot)."""
+        return [e.booting() for e in self.early.waiting.values()] + [e.booting() for _, e in self.grow.booting]
 
     # -- Ctrl-C ------------------------------------------------------------------------

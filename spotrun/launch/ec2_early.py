@@ -33,6 +33,7 @@ launched and never recorded).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from ..records.layout import LEDGER_DIR
 from ..storage import Storage
 from .base import LaunchEventKind
 from .ec2 import LaunchedInstance
+from .limits import Booting
 
 if TYPE_CHECKING:
     from .controller import Ec2Controller
@@ -68,6 +70,13 @@ class Early:
     region: str
     fleet_id: str | None
     launched_at: float
+    #: The zone it was asked in (its subnet's), for pricing it while it boots.
+    availability_zone: str | None = None
+
+    def booting(self) -> Booting:
+        """What ``--max-cost`` counts for it until it is booked (billed from its launch)."""
+        return Booting(self.instance.pool.instance_type, self.instance.market, self.region,
+                       self.availability_zone, self.launched_at)
 
 
 class NoticeScan:
@@ -132,6 +141,8 @@ class EarlyReplacements:
 
     def _ask(self, noticed: Segment, others: list[Segment]) -> None:
         ctl = self.ctl
+        if self.adopt([noticed.instance_id], ctl.grow.hand_over(1)):
+            return
         market, _ = ctl.capacity.choose_market()
         if market is None or not others:
             return
@@ -149,10 +160,22 @@ class EarlyReplacements:
                      LaunchEventKind.CAPACITY)
             return
         (got,) = result.instances
-        self.waiting[noticed.instance_id] = Early(noticed.instance_id, got, region, result.fleet_id, ctl.clock())
+        self.waiting[noticed.instance_id] = Early(noticed.instance_id, got, region, result.fleet_id, ctl.clock(),
+                                                   home.availability_zone)
         ctl._say(f"{noticed.instance_id} has an interruption notice: asked for its replacement now, "
                  f"{got.instance_id} ({got.pool}, {got.market}) boots while it writes its stop checkpoint",
                  LaunchEventKind.CAPACITY, noticed.instance_id, early=got.instance_id)
+
+    def adopt(self, lost_ids: list[str], spare: list[Early]) -> bool:
+        """Machines already booting (for a grow back) become the replacements of ``lost_ids``,
+        one each, in order; billed from their own launch. True when any was adopted."""
+        for iid, e in zip(lost_ids, spare, strict=False):
+            self.waiting[iid] = dataclasses.replace(e, noticed=iid)
+            self._asked.add(iid)
+            self.ctl._say(f"{iid} is going: {e.instance.instance_id} ({e.instance.pool}, {e.instance.market}), "
+                          "booting to grow the job back, replaces it instead", LaunchEventKind.CAPACITY, iid,
+                          early=e.instance.instance_id)
+        return bool(spare)
 
     def take(self, lost: list[Segment]) -> dict[str, Early]:
         """The early replacements of ``lost`` that still run: lost instance id -> replacement

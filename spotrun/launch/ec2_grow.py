@@ -36,8 +36,12 @@ instance without an address) only waits longer: the shrunk attempt goes on. A ne
 that dies while it boots, or whose agent is not waiting within ``grow_boot_wait_s``, is
 terminated with the others of that ask and booked (begun at its launch, ended then,
 ``stopped``: billed, never trained), and the asks go on with the backoff. When the attempt or
-the run ends meanwhile (a loss, the finish, a stop, Ctrl-C, a controller error),
-:meth:`Ec2Grow.discard` terminates and books them the same way. A controller that
+the run ends meanwhile (the finish, a stop, Ctrl-C, a controller error),
+:meth:`Ec2Grow.discard` terminates and books them the same way. A node of the attempt that
+gets a notice or is lost meanwhile takes a booting one as its replacement instead
+(:meth:`Ec2Grow.hand_over`: it boots in the survivors' subnet already, on the market the
+rules picked); the grow starts over once the attempt has recovered, and waits while a
+replacement asked for at a notice is pending. A controller that
 dies forgets the backoff; ``--resume`` asks again from its start.
 """
 
@@ -96,7 +100,8 @@ class Ec2Grow:
             self.next_at, self.asks = None, 0
             return
         if self.booting:
-            self._poll_booting(attempt)
+            if not ctl.early.waiting:  # a node of the attempt is going: its recovery goes first
+                self._poll_booting(attempt)
             return
         now = ctl.clock()
         if self.next_at is None:
@@ -113,6 +118,16 @@ class Ec2Grow:
         if self.booting:
             early, self.booting = [e for _, e in self.booting], []
             self.ctl.early.end(early, EndReason.STOPPED, f"a node to grow back not needed ({why})")
+
+    def hand_over(self, n: int) -> list[Early]:
+        """Up to ``n`` of the new nodes still booting, taken out of the grow: a node of the
+        attempt is being lost, and a machine already booting in its subnet, on the market the
+        rules picked, replaces it sooner than a new ask (and is not terminated unused). The
+        grow starts over (its backoff from the start) once the attempt has recovered."""
+        given, self.booting = self.booting[:n], self.booting[n:]
+        if given:
+            self.next_at, self.asks = None, 0
+        return [e for _, e in given]
 
     def _back_off(self) -> None:
         t = self.ctl.timing
@@ -143,7 +158,8 @@ class Ec2Grow:
             return False
         now = ctl.clock()
         got = sorted(launched.instances, key=lambda i: i.instance_id)
-        self.booting = [(slot, Early(f"slot {slot}", inst, region, launched.fleet_id, now))
+        self.booting = [(slot, Early(f"slot {slot}", inst, region, launched.fleet_id, now,
+                                             first.availability_zone))
                         for slot, inst in zip(slots, got, strict=True)]
         self.booting_since = now
         ctl._say(f"capacity is back: started {', '.join(i.instance_id for i in got)} to grow back to "

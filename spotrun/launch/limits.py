@@ -9,7 +9,10 @@ Both launchers (the local simulator and the EC2 controller) use the same pieces:
   ledger priced exactly as ``spotrun status`` prices it: running segments to now) reached
   ``--max-cost``. It prices the ledger at most every ``min_interval_s`` and, between two
   pricings, schedules the next one for when the running segments' hourly rate says the
-  limit would be crossed, so the stop lands on time without reading the ledger every poll;
+  limit would be crossed, so the stop lands on time without reading the ledger every poll.
+  Machines started but not in the ledger yet (:class:`Booting`: a replacement asked for at a
+  loss, the nodes of a grow back, while they boot) are billed from their launch, so they
+  count too;
 * :class:`WaitClock`: how long no pool (and no region) has had capacity; past
   ``--max-wait`` the launcher gives up, keeping the checkpoint;
 * :func:`limits_status`: what ``spotrun status`` shows about them.
@@ -24,16 +27,17 @@ import logging
 import math
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PriceUnavailableError
 from ..storage import Storage
 
 __all__ = [
     "DEFAULT_COST_CHECK_S",
     "LIMITS_KEY",
+    "Booting",
     "CostGuard",
     "Limits",
     "WaitClock",
@@ -157,6 +161,19 @@ def _warn_once(message: str, seen: set[str] | None = None) -> None:
 
 
 @dataclass(frozen=True)
+class Booting:
+    """A machine the launcher started that is not in the ledger yet (it becomes a segment
+    once it joins an attempt, billed from ``launched_at``; until then only the launcher knows
+    it runs). ``market``: ``spot`` or ``on-demand``."""
+
+    instance_type: str
+    market: str
+    region: str | None
+    availability_zone: str | None
+    launched_at: float
+
+
+@dataclass(frozen=True)
 class _Spend:
     usd: float | None
     usd_per_hour: float  # what the running segments add per hour (0 when none run)
@@ -164,19 +181,22 @@ class _Spend:
 
 
 def _priced(storage: Storage, *, offline: bool, now: float | None, running: Collection[str] | None,
-            seen: set[str] | None) -> _Spend:
+            seen: set[str] | None, booting: Sequence[Booting] = ()) -> _Spend:
+    from ..cost.prices import PriceBook
     from ..cost.report import RUNNING, report_for_run
 
     when = time.time() if now is None else now
     where = storage.display()
+    prices = PriceBook(offline=offline)
     try:
-        report = report_for_run(storage, offline=offline, running=running, now=when)
+        report = report_for_run(storage, offline=offline, running=running, now=when, price_book=prices)
     except Exception as exc:  # noqa: BLE001 - a limit check must never end the launcher
         _warn_once(f"cannot price the run at {where} for --max-cost ({exc}); the limit is not "
                    "enforced until it can", seen)
         return _Spend(None, 0.0, when)
+    extra_usd, extra_rate = _booting_spend(booting, prices, when, seen)
     if not report.segments:
-        return _Spend(0.0, 0.0, when)
+        return _Spend(extra_usd, extra_rate, when)
     priced = [s for s in report.segments if s.price is not None]
     unpriced = [s.segment_id for s in report.segments if s.price is None]
     if not priced:
@@ -189,7 +209,30 @@ def _priced(storage: Storage, *, offline: bool, now: float | None, running: Coll
                    "counts only the priced ones", seen)
     usd = float(sum(s.duration_s / 3600.0 * s.price.usd_per_hour for s in priced if s.price is not None))
     rate = float(sum(s.price.usd_per_hour for s in priced if s.end_reason == RUNNING and s.price is not None))
-    return _Spend(usd, rate, when)
+    return _Spend(usd + extra_usd, rate + extra_rate, when)
+
+
+def _booting_spend(booting: Sequence[Booting], prices: Any, now: float,
+                   seen: set[str] | None) -> tuple[float, float]:
+    """(USD so far, USD per hour) of the machines started but not booked yet, priced as the
+    report will price their segments once they join (spot: the zone's price over the time
+    since launch; on-demand: the list price). One that cannot be priced counts nothing (a
+    lower bound, as for the ledger's unpriced segments), with one warning."""
+    usd = rate = 0.0
+    for b in booting:
+        start = min(b.launched_at, now)
+        try:
+            if b.market == "on-demand":
+                price = prices.on_demand(b.instance_type, b.region)
+            else:
+                price = prices.spot(b.instance_type, b.availability_zone, start, now, region=b.region)
+        except PriceUnavailableError as exc:
+            _warn_once(f"a booting {b.instance_type} has no price ({exc}); --max-cost counts it "
+                       "once it joins", seen)
+            continue
+        usd += (now - start) / 3600.0 * price.usd_per_hour
+        rate += price.usd_per_hour
+    return usd, rate
 
 
 def spend_so_far(storage: Storage, *, offline: bool = True, now: float | None = None,
@@ -228,17 +271,19 @@ class CostGuard:
         """The last priced spend (None before the first, or when it could not be priced)."""
         return None if self.last is None else self.last.usd
 
-    def check(self, now: float | None = None, *, running: Collection[str] | None = None) -> str | None:
+    def check(self, now: float | None = None, *, running: Collection[str] | None = None,
+              booting: Sequence[Booting] = ()) -> str | None:
         """The reason to stop (``spent $12.34 of --max-cost 12.00``) once the spend reached
         the limit, else None. ``running``: the segments running now (default: the launch
-        state's open segments)."""
+        state's open segments); ``booting``: machines started but not in the ledger yet."""
         limit = self.limits.max_cost_usd
         if limit is None or self._reason is not None:
             return self._reason
         now = time.time() if now is None else now
         if now < self._next_at:
             return None
-        spend = _priced(self.storage, offline=self.offline, now=now, running=running, seen=self._warned)
+        spend = _priced(self.storage, offline=self.offline, now=now, running=running, seen=self._warned,
+                        booting=booting)
         self.pricings += 1
         self.last = spend
         if spend.usd is not None and spend.usd >= limit:
