@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..records.layout import NODES_DIR
 from ..storage import Storage
+from .proctree import kill_tree, worker_sessions
 
 __all__ = ["GrowWatch", "note_waiting", "noted_waiting", "waiting_file"]
 
@@ -69,6 +70,18 @@ def noted_waiting(storage: Storage, instance_id: str) -> bool:
 #: How often, once a grow was found, to look whether torchrun's SIGTERM handler is in place.
 _HANDLER_POLL_S = 0.05
 
+#: A dead attempt's workers (see "A dead attempt" above): SIGTERM, then SIGKILL this much
+#: later. Short: a rank blocked in a collective with a vanished peer never runs its Python
+#: handler, so nothing it could save is waited for; the last committed checkpoint is the
+#: restore point.
+DEAD_STOP_GRACE_S = 5.0
+
+#: After the SIGKILL, how long torchrun's agent gets to return. It can take minutes when the
+#: lost node hosted the rendezvous store: the agent's store calls (its monitoring pass, its
+#: shutdown) each wait 60 s on a host that never answers. Past this the watch calls
+#: ``on_stuck`` (the node agent starts itself afresh: ``spotrun.launch.node``).
+DEAD_RETURN_S = 10.0
+
 
 class GrowWatch:
     """Watch for a growing attempt while torchrun runs (see the module docstring).
@@ -79,8 +92,16 @@ class GrowWatch:
     writes, a store error): a planned stop is never worth ending the attempt over.
     """
 
-    def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "") -> None:
+    def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "",
+                 dead_grace_s: float = DEAD_STOP_GRACE_S, stuck_s: float = DEAD_RETURN_S,
+                 on_stuck: Callable[[Any], None] | None = None) -> None:
         self._look = look
+        self._dead_grace_s = dead_grace_s
+        self._stuck_s = stuck_s
+        self._on_stuck = on_stuck
+        #: Whether the attempt was found dead (a newer attempt that does not grow) and its
+        #: workers were stopped.
+        self.dead = False
         self._poll_s = max(0.05, float(poll_s))
         self._name = name
         self._lock = threading.Lock()
@@ -107,6 +128,9 @@ class GrowWatch:
                     if not self._running:
                         return
                     self.spec = spec
+                if not getattr(spec, "grow", True):
+                    self._stop_dead(spec)
+                    return
                 log.info("spotrun node %s: attempt %s grows the job to %d node(s); stopping this attempt at a "
                          "step (SIGTERM to torchrun: the ranks commit a checkpoint) to join it", self._name,
                          getattr(spec, "segment", "?"), len(getattr(spec, "nodes", ())))
@@ -120,9 +144,59 @@ class GrowWatch:
                     self.sent = True
                     return
 
+    def _stop_dead(self, spec: Any) -> None:
+        """A newer attempt names this node and does not grow: the launcher declared a peer
+        lost and replaced it while this attempt still runs (its ranks wait in a collective
+        on a peer that never answers). Stop its workers: SIGTERM to each worker's session,
+        SIGKILL of what is left after the grace; torchrun's agent then sees its workers fail
+        and returns, and the node joins ``spec``. Not a signal to the agent (the planned
+        stop's): the ranks would try to agree on a stop step with the lost peer."""
+        self.dead = True
+        workers = worker_sessions(os.getpid())
+        log.warning("spotrun node %s: attempt %s replaces a lost node while this attempt runs: it cannot "
+                    "finish; stopping its %d worker(s) (SIGTERM, SIGKILL after %gs) to join it from the last "
+                    "committed checkpoint", self._name, getattr(spec, "segment", "?"), len(workers),
+                    self._dead_grace_s)
+        for sig, wait_s in ((signal.SIGTERM, self._dead_grace_s), (signal.SIGKILL, 0.0)):
+            with self._lock:
+                if not self._running:  # torchrun returned: these workers are gone already
+                    return
+                for pid in workers:
+                    kill_tree(pid, sig)
+            end = time.monotonic() + wait_s
+            while time.monotonic() < end and any(_alive(p) for p in workers):
+                if self._done.wait(0.1):
+                    return
+        if self._done.wait(self._stuck_s) or self._on_stuck is None:
+            return
+        with self._lock:
+            if not self._running:
+                return
+            log.warning("spotrun node %s: torchrun's agent has not returned %gs after its workers were killed "
+                        "(its rendezvous store was on the lost node?); leaving it behind", self._name,
+                        self._stuck_s)
+            self._on_stuck(spec)  # does not return when it starts the agent afresh
+
     def stop(self) -> None:
         """No signal and no new spec from now on (torchrun returned); the thread ends at its
         next look (not joined: a slow store read must not hold the node up)."""
         with self._lock:
             self._running = False
         self._done.set()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped by torchrun, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        if os.path.isdir("/proc"):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -68,6 +68,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -331,6 +332,14 @@ def _next_grow(storage: Storage, instance_id: str, after: ClusterSpec) -> Cluste
     return spec if spec is not None and spec.grow else None
 
 
+def _look_next(storage: Storage, instance_id: str, after: ClusterSpec) -> ClusterSpec | None:
+    """The running attempt's watch (:class:`GrowWatch`): :func:`next_cluster`. One that grows
+    is a planned stop; any other newer attempt naming this node means the launcher replaced
+    a lost peer while this attempt runs, so this attempt is dead (its collectives wait on
+    the lost peer) and is stopped at once."""
+    return next_cluster(storage, instance_id, after)
+
+
 def attempt_exit_file(segment: str, instance_id: str) -> str:
     """Where a node notes torchrun's exit code for one attempt, relative to the run URL."""
     cluster_file(instance_id)  # validates the id
@@ -584,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    base_env = dict(os.environ)  # before any attempt's own variables (see _start_afresh)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         from ..storage import open_storage
@@ -614,7 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  spec.head, spec.rdzv_id, "host" if index == spec.host else "joining", spec.nproc_per_node)
         code, previous = 1, None
         # A survivor of a shrunk job watches for the attempt that grows it back (spotrun.launch.grow).
-        watch = (GrowWatch(lambda s=spec: _next_grow(storage, instance_id, s), args.grow_poll, name=instance_id)
+        # And for an attempt that replaces a lost peer while this one still runs: a peer that
+        # vanished silently leaves this attempt's collectives waiting (spotrun.launch.grow).
+        watch = (GrowWatch(lambda s=spec: _look_next(storage, instance_id, s), args.grow_poll, name=instance_id,
+                           on_stuck=lambda nxt, old=spec: _start_afresh(args, command, base_env, storage,
+                                                                        instance_id, old, nxt))
                  if args.rejoin_timeout > 0 else None)
         try:
             with serve_attempt(spec, index) as peer_env:
@@ -641,8 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The planned stop for a grow: join that attempt whatever the code (a newer
                 # file written since wins, as in the rejoin wait).
                 nxt = _look_again(storage, instance_id, spec) or watch.spec
-                log.info("spotrun node %s: torchrun exited %d on the planned stop; joining attempt %s (%d nodes)",
-                         instance_id, code, nxt.segment, len(nxt.nodes))
+                log.info("spotrun node %s: torchrun exited %d on the %s; joining attempt %s (%d nodes)",
+                         instance_id, code, "stop of a dead attempt" if watch.dead else "planned stop",
+                         nxt.segment, len(nxt.nodes))
             else:
                 signalled = _agent_signal() is not None
                 nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll,
@@ -660,6 +675,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if nxt is None:
             return code
         spec, argv_ = nxt, node_argv(nxt, instance_id, command)
+
+def _start_afresh(args: argparse.Namespace, command: list[str], env: dict[str, str], storage: Storage,
+                  instance_id: str, old: ClusterSpec, nxt: ClusterSpec) -> None:
+    """A dead attempt's torchrun agent that does not return once its workers were killed
+    (GrowWatch): blocked in a call to a rendezvous store on the lost node, where no signal
+    helps. This process becomes a fresh node agent for ``nxt`` (exec: the same pid, so the
+    launcher and EC2's user data still see their node; the same stdout), with the
+    environment it started with. Nothing is lost: the workers are dead, the run URL holds
+    the last committed checkpoint, and sockets and pipes (peer server, forkserver) close
+    with the old image."""
+    try:
+        write_attempt_exit(storage, old.segment, instance_id, 1)
+    except Exception as exc:  # noqa: BLE001 - the note helps a launcher; its absence ends no run
+        log.warning("could not note this node's exit code in the run URL: %s", exc)
+    notes = os.environ.get("SPOTRUN_EXIT_NOTES")  # spotrun.distributed's, left by its torchrun()
+    if notes and notes != env.get("SPOTRUN_EXIT_NOTES"):
+        shutil.rmtree(notes, ignore_errors=True)
+    argv = [sys.executable, "-m", "spotrun.launch.node", "--timeout", f"{args.timeout:g}", "--poll", f"{args.poll:g}",
+            "--rejoin-timeout", f"{args.rejoin_timeout:g}", "--grow-poll", f"{args.grow_poll:g}",
+            "--segment", nxt.segment, "--", *command]
+    log.warning("spotrun node %s: starting this node agent afresh for attempt %s (exit 1 noted for %s)",
+                instance_id, nxt.segment, old.segment)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.execve(sys.executable, argv, env)
+
 
 def _leave(code: int) -> None:
     """Exit with ``code`` once the output is flushed, without finalizing the interpreter: this
