@@ -19,6 +19,18 @@ never after :meth:`GrowWatch.stop`, which the node calls the moment torchrun ret
 signal already sent may still be raised (torchrun's handler stays installed after it returns)
 in the node's code around the call; the node treats an exception while :attr:`GrowWatch.sent`
 as that planned stop.
+
+**A dead attempt.** The same look finds a newer attempt naming this node that does *not*
+grow when the launcher declared a peer lost and replaced it while this attempt still runs: a
+peer that vanished silently (no RST: on EC2 a machine gone from the network) leaves the
+ranks waiting in a collective up to the process group's timeout. Such an attempt can never
+finish, and its ranks never run a signal handler while they wait, so the watch does not ask
+them to stop at a step: it sends SIGTERM to each worker's session
+(:func:`.proctree.worker_sessions`: torchrun's workers, warm ones too, not the forkserver),
+SIGKILL of what is left after :data:`DEAD_STOP_GRACE_S`, and the node joins that attempt from
+the last committed checkpoint. torchrun's agent normally returns once its workers died; one
+still blocked :data:`DEAD_RETURN_S` later (its store calls wait 60 s each on a rendezvous host
+that never answers) is left behind through ``on_stuck`` (the node agent execs itself afresh).
 """
 
 from __future__ import annotations

@@ -33,6 +33,19 @@ counts as an interruption, not a failure. Once one node has exited the others ge
 own ledger segment with ``group`` = the attempt and ``node`` = its index, so the cost report
 prices N nodes.
 
+**Silent loss** (``--loss-mode silent``): a ``--node-losses`` loss played as an EC2 machine
+that drops off the network without closing its connections (no FIN, no RST): SIGSTOP of the
+node's agent and every process below it. The survivors' collectives then wait on a peer that
+never answers (up to the process group's timeout, 30 min for gloo by default), so the
+launcher, which knows the node is lost, does not wait for them: with ``replace`` the attempt
+ends at the loss (the survivors kept, their ``rc`` unknown) and the next one's cluster files
+make the survivors' node agents stop their dead attempt and rejoin (:mod:`.grow`). The stopped
+processes get SIGKILL once every other node left the attempt (a stopped process on this host
+would keep the run's lease forever: lease.py never takes over from a pid alive here), after
+``vanish_kill_s``, or on any way out of the run; a guard process (its own session) kills them
+if this launcher itself dies. Not the default (``kill``): the existing tests and the recovery
+benchmark time the reset-connection case.
+
 **Recovery** (``--recovery``, :func:`.attempt.next_step`): with ``replace`` (the default) an
 interruption that took some of the nodes keeps the others' machines: their node agents note
 the attempt's exit code in the run URL and wait (``rejoin_timeout_s``) for the next cluster
@@ -97,7 +110,8 @@ from .proctree import kill_tree
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
 
-#: ``--loss-mode``: how ``--node-losses`` plays a node vanishing (see "Silent loss" above).
+#: ``--loss-mode``: how ``--node-losses`` plays a node vanishing (see "Silent loss" in the
+#: module docstring).
 LOSS_MODES = ("kill", "silent")
 
 #: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
@@ -642,8 +656,19 @@ class LocalLauncher:
         (torchrun's workers are in sessions of their own): its connections stay open and
         nothing answers on them, as with a machine that dropped off the network (no FIN, no
         RST). SIGKILL follows in :meth:`_reap_vanished`."""
-        self._vanished.append(_Vanished(node, group, others, time.monotonic() + self.options.vanish_kill_s))
-        kill_tree(node.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        pid = node.proc.pid  # type: ignore[union-attr]
+        stopped = [pid, *kill_tree(pid, signal.SIGSTOP)]
+        # A guard outside this process kills them should this launcher die without its
+        # cleanup (SIGKILL): stopped processes can do nothing for themselves.
+        guard = None
+        try:
+            guard = subprocess.Popen([sys.executable, "-c", _GUARD, f"{self.options.vanish_kill_s:g}",
+                                      *map(str, stopped)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     start_new_session=True)
+        except OSError as exc:
+            self._say(f"no guard for the stopped processes of {node.seg.segment_id} ({exc}); they are killed "
+                      "when this launcher ends", LaunchEventKind.WARNING, group)
+        self._vanished.append(_Vanished(node, group, others, time.monotonic() + self.options.vanish_kill_s, guard))
 
     def _reap_vanished(self, *, force: bool = False) -> None:
         """SIGKILL of a silently vanished machine's processes once every other node of its
@@ -671,6 +696,11 @@ class LocalLauncher:
                 continue
             self._vanished.remove(v)
             node = v.node
+            if v.guard is not None:  # first: it must never signal pids reused after this kill
+                v.guard.kill()
+                v.guard.wait()
+                if v.guard.stdin is not None:
+                    v.guard.stdin.close()
             # A new child a stopped parent forked just before the stop is found too: the tree
             # is listed again after each kill until nothing is left (bounded).
             for _ in range(5):
@@ -792,6 +822,23 @@ class _Vanished:
     group: str
     others: list[_Node]
     kill_at: float
+    #: The guard process (:data:`_GUARD`), None when it could not start.
+    guard: subprocess.Popen | None = None
+
+
+#: ``python -c _GUARD BOUND PID...``: SIGKILL of the stopped processes (each and its group)
+#: when its stdin closes (the launcher died) or after BOUND seconds. The launcher kills the
+#: guard itself before it kills them on its own exit paths.
+_GUARD = """
+import os, select, signal, sys
+select.select([sys.stdin], [], [], float(sys.argv[1]))
+for pid in map(int, sys.argv[2:]):
+    for send in (os.kill, os.killpg):
+        try:
+            send(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
 
 
 def _group_gone(pgid: int) -> bool:

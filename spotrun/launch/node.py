@@ -20,7 +20,9 @@ A vanished peer is noticed quickly only when its connections are reset (its proc
 died, its kernel answers): gloo then fails the next collective at once (2-9 s from the kill
 to the survivor's exit 1 in tests/test_launch_node_e2e.py). A machine that drops off the
 network without resetting them is noticed only at the process group's timeout, so a
-launcher that sees a node gone should stop the survivors itself. To play a vanished node
+launcher that sees a node gone writes the next attempt's cluster files, and a survivor's
+agent that sees one naming it while torchrun still runs stops its workers and joins it
+(see "Growing back" below and :mod:`spotrun.launch.grow`, "A dead attempt"). To play a vanished node
 locally, kill the agent *and* its workers: the workers are in sessions of their own, and
 with only the agent killed they train on (the survivor's agent then waits out torchrun's
 300 s exit barrier).
@@ -54,7 +56,12 @@ as before (on EC2 the instance then shuts down).
 cluster file for a newer attempt marked ``grow`` (the controller growing a ``--min-nodes``
 job back to N once capacity returned); then it stops its own attempt with a SIGTERM to
 torchrun (the ranks commit at one step and exit 75) and joins that attempt whatever the
-code (:mod:`spotrun.launch.grow`). Such a node also notes, before its first wait, that it
+code (:mod:`spotrun.launch.grow`). A newer attempt that does not grow, seen while torchrun
+runs, means a peer was lost and replaced meanwhile (it vanished without resetting its
+connections): the attempt is dead, so its workers are stopped at once (SIGTERM, SIGKILL 5 s
+later) and the node joins the new one; a torchrun agent still blocked 10 s after that (on the
+lost node's rendezvous store) is left behind: the agent notes exit 1 for the dead attempt and
+execs itself afresh for the new one (:func:`_start_afresh`). Such a node also notes, before its first wait, that it
 waits (``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's
 files only once every new node is there, so the survivors train on while it boots.
 """
@@ -589,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grow-poll", default=10.0,
                         type=argparse_type(number, "--grow-poll", minimum=0.05, example="10"),
                         help="with --rejoin-timeout, while torchrun runs: seconds between looks for a "
-                             "newer cluster file that grows the job (default 10; two small reads each)")
+                             "newer cluster file (one that grows the job, or replaces a lost peer while "
+                             "this attempt hangs; default 10; two small reads each)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
