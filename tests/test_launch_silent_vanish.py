@@ -34,6 +34,7 @@ from helpers import DDP_EVERY, DDP_SCRIPT, DDP_STEPS, REPO
 
 from spotrun.launch.proctree import descendants, kill_tree
 from spotrun.proof.resume_check import compare_checkpoints
+from spotrun.records.launch_state import load_state
 from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
@@ -152,10 +153,18 @@ def test_survivors_rejoin_promptly_and_the_run_finishes(vanish_run: dict) -> Non
 
 
 def test_the_survivor_is_kept_and_one_node_replaces_the_lost_one(vanish_run: dict) -> None:
+    storage = Storage(str(vanish_run["run"]))
+    records = [r for r in Ledger(storage).records() if r["source"] == "launcher"]
     recoveries = [(r["segment_id"], r["mode"], r["lost"], r["kept"], r["instances_started"])
-                  for r in Ledger(Storage(str(vanish_run["run"]))).records()
-                  if r["event"] == "recovery_started" and r["source"] == "launcher"]
+                  for r in records if r["event"] == "recovery_started"]
     assert recoveries == [("sim-2", "replace", ["sim-1-n0"], ["sim-1-n1"], 1)], recoveries
+    # One machine, one segment: the survivor's dead attempt is not its interruption, the
+    # lost node's is (one interruption in the run).
+    started = sorted(r["segment_id"] for r in records if r["event"] == "segment_started")
+    ended = sorted((r["segment_id"], r["reason"]) for r in records if r["event"] == "segment_ended")
+    assert started == ["sim-1-n0", "sim-1-n1", "sim-2-n0"], started
+    assert ended == [("sim-1-n0", "interrupted"), ("sim-1-n1", "finished"), ("sim-2-n0", "finished")], ended
+    assert load_state(storage).interruptions == 1
 
 
 def test_resumes_from_the_last_commit_bit_exact(vanish_run: dict, ddp_reference: str) -> None:

@@ -523,8 +523,9 @@ class LocalLauncher:
                     if interrupt == "loss" and o.loss_mode == "silent":
                         lost = now
                         self._say(f"{vid}{_of(victim, multi)} vanished silently: SIGSTOP of its processes "
-                                  f"(their sockets stay open, nothing answers; SIGKILL in {o.vanish_kill_s:g}s "
-                                  "or at the run's end)", LaunchEventKind.NOTICE, group)
+                                  "(their sockets stay open, nothing answers; SIGKILL once the others left the "
+                                  f"attempt, at the run's end or in {o.vanish_kill_s:g}s)",
+                                  LaunchEventKind.NOTICE, group)
                         self._vanish(victim, group, [n for n in nodes if n is not victim])
                         # The launcher knows the machine is gone (EC2: its instance state):
                         # it counts as exited now, with the code of a killed machine.
