@@ -30,7 +30,8 @@ them to stop at a step: it sends SIGTERM to each worker's session
 SIGKILL of what is left after :data:`DEAD_STOP_GRACE_S`, and the node joins that attempt from
 the last committed checkpoint. torchrun's agent normally returns once its workers died; one
 still blocked :data:`DEAD_RETURN_S` later (its store calls wait 60 s each on a rendezvous host
-that never answers) is left behind through ``on_stuck`` (the node agent execs itself afresh).
+that never answers; ``stuck_s`` may depend on the new attempt: 1 s when the store's host is
+not in it) is left behind through ``on_stuck`` (the node agent execs itself afresh).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class GrowWatch:
     """
 
     def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "",
-                 dead_grace_s: float = DEAD_STOP_GRACE_S, stuck_s: float = DEAD_RETURN_S,
+                 dead_grace_s: float = DEAD_STOP_GRACE_S,
+                 stuck_s: float | Callable[[Any], float] = DEAD_RETURN_S,
                  on_stuck: Callable[[Any], None] | None = None) -> None:
         self._look = look
         self._dead_grace_s = dead_grace_s
@@ -179,14 +181,14 @@ class GrowWatch:
             while time.monotonic() < end and any(_alive(p) for p in workers):
                 if self._done.wait(0.1):
                     return
-        if self._done.wait(self._stuck_s) or self._on_stuck is None:
+        stuck_s = self._stuck_s(spec) if callable(self._stuck_s) else self._stuck_s
+        if self._done.wait(stuck_s) or self._on_stuck is None:
             return
         with self._lock:
             if not self._running:
                 return
             log.warning("spotrun node %s: torchrun's agent has not returned %gs after its workers were killed "
-                        "(its rendezvous store was on the lost node?); leaving it behind", self._name,
-                        self._stuck_s)
+                        "(its rendezvous store was on the lost node?); leaving it behind", self._name, stuck_s)
             self._on_stuck(spec)  # does not return when it starts the agent afresh
 
     def stop(self) -> None:

@@ -59,11 +59,12 @@ torchrun (the ranks commit at one step and exit 75) and joins that attempt whate
 code (:mod:`spotrun.launch.grow`). A newer attempt that does not grow, seen while torchrun
 runs, means a peer was lost and replaced meanwhile (it vanished without resetting its
 connections): the attempt is dead, so its workers are stopped at once (SIGTERM, SIGKILL 5 s
-later) and the node joins the new one; a torchrun agent still blocked 10 s after that (on the
-lost node's rendezvous store) is left behind: the agent notes exit 1 for the dead attempt and
-execs itself afresh for the new one (:func:`_start_afresh`). Such a node also notes, before its first wait, that it
-waits (``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's
-files only once every new node is there, so the survivors train on while it boots.
+later) and the node joins the new one; a torchrun agent still blocked 10 s after that (1 s
+when the lost node hosted the rendezvous store it blocks on) is left behind: the agent
+notes exit 1 for the dead attempt and execs itself afresh for the new one
+(:func:`_start_afresh`). Such a node also notes, before its first wait, that it waits
+(``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's files
+only once every new node is there, so the survivors train on while it boots.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from ..validate import argparse_type, number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
-from .grow import GrowWatch, note_waiting
+from .grow import DEAD_RETURN_S, GrowWatch, note_waiting
 
 __all__ = [
     "CLUSTER_VERSION",
@@ -635,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # And for an attempt that replaces a lost peer while this one still runs: a peer that
         # vanished silently leaves this attempt's collectives waiting (spotrun.launch.grow).
         watch = (GrowWatch(lambda s=spec: _look_next(storage, instance_id, s), args.grow_poll, name=instance_id,
+                           stuck_s=lambda nxt, old=spec: _stuck_s(old, nxt),
                            on_stuck=lambda nxt, old=spec: _start_afresh(args, command, base_env, storage,
                                                                         instance_id, old, nxt))
                  if args.rejoin_timeout > 0 else None)
@@ -683,6 +685,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if nxt is None:
             return code
         spec, argv_ = nxt, node_argv(nxt, instance_id, command)
+
+def _stuck_s(old: ClusterSpec, nxt: ClusterSpec) -> float:
+    """How long a dead attempt's torchrun agent gets to return once its workers were killed:
+    briefly when its rendezvous store's host is not in the next attempt (lost: every store
+    call the agent makes waits 60 s on it, measured over 2 min in all), else the default."""
+    host = old.nodes[old.host]["instance_id"] if 0 <= old.host < len(old.nodes) else None
+    return 1.0 if host not in {n["instance_id"] for n in nxt.nodes} else DEAD_RETURN_S
+
 
 def _start_afresh(args: argparse.Namespace, command: list[str], env: dict[str, str], storage: Storage,
                   instance_id: str, old: ClusterSpec, nxt: ClusterSpec) -> None:
