@@ -41,8 +41,8 @@ from spotrun.storage import Storage
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")]
 
 #: From the loss to the survivor's node agent starting the next attempt. Measured 12-21 s on
-#: the loaded 2-core box (1 s poll, 5 s grace, 10 s for torchrun's agent to return, a fresh
-#: agent's imports); gloo's default timeout is 1800 s.
+#: the loaded 2-core box (1 s poll, 5 s grace, 1 s for torchrun's agent here since the lost
+#: node hosted its store, a fresh agent's imports); gloo's default timeout is 1800 s.
 REJOIN_BOUND_S = 60.0
 TIMEOUT = 420  # the whole run; each wait below is bounded too
 
