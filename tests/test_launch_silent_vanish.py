@@ -184,3 +184,52 @@ def test_resumes_from_the_last_commit_bit_exact(vanish_run: dict, ddp_reference:
 def test_no_stopped_process_is_left_behind(vanish_run: dict) -> None:
     assert vanish_run["groups"], "no node process group was seen"
     assert vanish_run["left"] == [], vanish_run["left"]  # stopped (T) or running: none
+
+
+# -- the node agent's side alone, without torch (seconds) ----------------------------------
+
+STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+
+
+def test_a_dead_attempt_kills_the_workers_then_leaves_a_stuck_agent_behind() -> None:
+    """A newer attempt that does not grow: the watch stops the workers (SIGTERM ignored here,
+    so SIGKILL after the grace), and when torchrun does not return (``stop()`` never called)
+    it hands the new attempt to ``on_stuck``; a growing one is still the planned stop."""
+    from spotrun.launch.grow import GrowWatch
+    from spotrun.launch.proctree import worker_sessions
+
+    worker = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True)
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # not a worker
+    try:
+        mine = worker_sessions(os.getpid())
+        assert worker.pid in mine and helper.pid not in mine
+        spec = type("Spec", (), {"grow": False, "segment": "sim-2", "nodes": ()})()
+        stuck: list = []
+        t0 = time.monotonic()
+        watch = GrowWatch(lambda: spec, 0.05, name="t", dead_grace_s=0.5, stuck_s=lambda s: 0.3,
+                          on_stuck=stuck.append, workers=lambda: [worker.pid])
+        assert worker.wait(timeout=30) == -signal.SIGKILL  # SIGTERM ignored: killed after the grace
+        end = time.monotonic() + 30
+        while not stuck and time.monotonic() < end:
+            time.sleep(0.05)
+        assert stuck == [spec] and watch.dead and watch.spec is spec and not watch.sent
+        assert 0.5 <= time.monotonic() - t0 < 30
+        assert helper.poll() is None  # only the workers
+        watch.stop()
+    finally:
+        for proc in (worker, helper):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_stuck_bound_is_short_when_the_store_host_is_gone() -> None:
+    from spotrun.launch.grow import DEAD_RETURN_S
+    from spotrun.launch.node import ClusterSpec, _stuck_s
+
+    def spec(segment: str, ids: list[str], host: int = 0) -> ClusterSpec:
+        return ClusterSpec(segment=segment, nodes=[{"instance_id": i, "address": "127.0.0.1"} for i in ids],
+                           nproc_per_node=1, rdzv_id=f"r-{segment}", host=host)
+
+    old = spec("sim-1", ["a", "b"])
+    assert _stuck_s(old, spec("sim-2", ["c", "b"], host=1)) == 1.0  # a hosted the store and is lost
+    assert _stuck_s(old, spec("sim-2", ["a", "c"])) == DEAD_RETURN_S  # b was lost: a's store answers

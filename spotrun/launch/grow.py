@@ -108,8 +108,11 @@ class GrowWatch:
     def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "",
                  dead_grace_s: float = DEAD_STOP_GRACE_S,
                  stuck_s: float | Callable[[Any], float] = DEAD_RETURN_S,
-                 on_stuck: Callable[[Any], None] | None = None) -> None:
+                 on_stuck: Callable[[Any], None] | None = None,
+                 workers: Callable[[], list[int]] | None = None) -> None:
         self._look = look
+        #: The dead attempt's workers: this agent's (torchrun's) worker sessions.
+        self._workers = workers or (lambda: worker_sessions(os.getpid()))
         self._dead_grace_s = dead_grace_s
         self._stuck_s = stuck_s
         self._on_stuck = on_stuck
@@ -166,7 +169,7 @@ class GrowWatch:
         and returns, and the node joins ``spec``. Not a signal to the agent (the planned
         stop's): the ranks would try to agree on a stop step with the lost peer."""
         self.dead = True
-        workers = worker_sessions(os.getpid())
+        workers = self._workers()
         log.warning("spotrun node %s: attempt %s replaces a lost node while this attempt runs: it cannot "
                     "finish; stopping its %d worker(s) (SIGTERM, SIGKILL after %gs) to join it from the last "
                     "committed checkpoint", self._name, getattr(spec, "segment", "?"), len(workers),
