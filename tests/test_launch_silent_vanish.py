@@ -188,7 +188,8 @@ def test_no_stopped_process_is_left_behind(vanish_run: dict) -> None:
 
 # -- the node agent's side alone, without torch (seconds) ----------------------------------
 
-STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+            "time.sleep(120)")
 
 
 def test_a_dead_attempt_kills_the_workers_then_leaves_a_stuck_agent_behind() -> None:
@@ -198,7 +199,9 @@ def test_a_dead_attempt_kills_the_workers_then_leaves_a_stuck_agent_behind() -> 
     from spotrun.launch.grow import GrowWatch
     from spotrun.launch.proctree import worker_sessions
 
-    worker = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True)
+    worker = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=True, stdout=subprocess.PIPE,
+                              text=True)
+    assert worker.stdout.readline() == "ready\n"  # its SIGTERM handler is in place
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # not a worker
     try:
         mine = worker_sessions(os.getpid())
@@ -220,6 +223,7 @@ def test_a_dead_attempt_kills_the_workers_then_leaves_a_stuck_agent_behind() -> 
         for proc in (worker, helper):
             proc.kill()
             proc.wait()
+        worker.stdout.close()
 
 
 def test_the_stuck_bound_is_short_when_the_store_host_is_gone() -> None:
