@@ -236,6 +236,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      metavar="M",
                      help="of the --interruptions, M are a node vanishing without notice (SIGKILL of "
                      "all its processes) instead of a notice; which ones and which node: --seed (default 0)")
+    loc.add_argument("--loss-mode", choices=("kill", "silent"), default="kill",
+                     help="how --node-losses plays a loss: kill (SIGKILL: its sockets close, the survivors "
+                     "fail at once; default) or silent (SIGSTOP: its sockets stay open and nothing answers, "
+                     "as an EC2 machine that drops off the network; SIGKILL at the run's end)")
 
     ec2 = p.add_argument_group("EC2 mode")
     ec2.add_argument("--instance-types", type=_csv, help="comma-separated, e.g. g5.xlarge,g6.xlarge,g4dn.xlarge")
@@ -322,6 +326,7 @@ def _launch(args: argparse.Namespace) -> int:
             instance_type=args.instance_type, grace_s=args.grace, seed=args.seed,
             mean_interval=args.mean_interval, max_failures=args.max_failures,
             nodes=args.nodes, nproc_per_node=args.nproc_per_node, node_losses=args.node_losses,
+            loss_mode=args.loss_mode,
             max_cost_usd=args.max_cost, recovery=args.recovery,
         )
         storage = Storage(url)

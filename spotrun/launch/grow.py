@@ -19,6 +19,19 @@ never after :meth:`GrowWatch.stop`, which the node calls the moment torchrun ret
 signal already sent may still be raised (torchrun's handler stays installed after it returns)
 in the node's code around the call; the node treats an exception while :attr:`GrowWatch.sent`
 as that planned stop.
+
+**A dead attempt.** The same look finds a newer attempt naming this node that does *not*
+grow when the launcher declared a peer lost and replaced it while this attempt still runs: a
+peer that vanished silently (no RST: on EC2 a machine gone from the network) leaves the
+ranks waiting in a collective up to the process group's timeout. Such an attempt can never
+finish, and its ranks never run a signal handler while they wait, so the watch does not ask
+them to stop at a step: it sends SIGTERM to each worker's session
+(:func:`.proctree.worker_sessions`: torchrun's workers, warm ones too, not the forkserver),
+SIGKILL of what is left after :data:`DEAD_STOP_GRACE_S`, and the node joins that attempt from
+the last committed checkpoint. torchrun's agent normally returns once its workers died; one
+still blocked :data:`DEAD_RETURN_S` later (its store calls wait 60 s each on a rendezvous host
+that never answers; ``stuck_s`` may depend on the new attempt: 1 s when the store's host is
+not in it) is left behind through ``on_stuck`` (the node agent execs itself afresh).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..records.layout import NODES_DIR
 from ..storage import Storage
+from .proctree import kill_tree, worker_sessions
 
 __all__ = ["GrowWatch", "note_waiting", "noted_waiting", "waiting_file"]
 
@@ -69,6 +83,18 @@ def noted_waiting(storage: Storage, instance_id: str) -> bool:
 #: How often, once a grow was found, to look whether torchrun's SIGTERM handler is in place.
 _HANDLER_POLL_S = 0.05
 
+#: A dead attempt's workers (see "A dead attempt" above): SIGTERM, then SIGKILL this much
+#: later. Short: a rank blocked in a collective with a vanished peer never runs its Python
+#: handler, so nothing it could save is waited for; the last committed checkpoint is the
+#: restore point.
+DEAD_STOP_GRACE_S = 5.0
+
+#: After the SIGKILL, how long torchrun's agent gets to return. It can take minutes when the
+#: lost node hosted the rendezvous store: the agent's store calls (its monitoring pass, its
+#: shutdown) each wait 60 s on a host that never answers. Past this the watch calls
+#: ``on_stuck`` (the node agent starts itself afresh: ``spotrun.launch.node``).
+DEAD_RETURN_S = 10.0
+
 
 class GrowWatch:
     """Watch for a growing attempt while torchrun runs (see the module docstring).
@@ -79,8 +105,20 @@ class GrowWatch:
     writes, a store error): a planned stop is never worth ending the attempt over.
     """
 
-    def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "") -> None:
+    def __init__(self, look: Callable[[], Any | None], poll_s: float, *, name: str = "",
+                 dead_grace_s: float = DEAD_STOP_GRACE_S,
+                 stuck_s: float | Callable[[Any], float] = DEAD_RETURN_S,
+                 on_stuck: Callable[[Any], None] | None = None,
+                 workers: Callable[[], list[int]] | None = None) -> None:
         self._look = look
+        #: The dead attempt's workers: this agent's (torchrun's) worker sessions.
+        self._workers = workers or (lambda: worker_sessions(os.getpid()))
+        self._dead_grace_s = dead_grace_s
+        self._stuck_s = stuck_s
+        self._on_stuck = on_stuck
+        #: Whether the attempt was found dead (a newer attempt that does not grow) and its
+        #: workers were stopped.
+        self.dead = False
         self._poll_s = max(0.05, float(poll_s))
         self._name = name
         self._lock = threading.Lock()
@@ -107,6 +145,9 @@ class GrowWatch:
                     if not self._running:
                         return
                     self.spec = spec
+                if not getattr(spec, "grow", True):
+                    self._stop_dead(spec)
+                    return
                 log.info("spotrun node %s: attempt %s grows the job to %d node(s); stopping this attempt at a "
                          "step (SIGTERM to torchrun: the ranks commit a checkpoint) to join it", self._name,
                          getattr(spec, "segment", "?"), len(getattr(spec, "nodes", ())))
@@ -120,9 +161,59 @@ class GrowWatch:
                     self.sent = True
                     return
 
+    def _stop_dead(self, spec: Any) -> None:
+        """A newer attempt names this node and does not grow: the launcher declared a peer
+        lost and replaced it while this attempt still runs (its ranks wait in a collective
+        on a peer that never answers). Stop its workers: SIGTERM to each worker's session,
+        SIGKILL of what is left after the grace; torchrun's agent then sees its workers fail
+        and returns, and the node joins ``spec``. Not a signal to the agent (the planned
+        stop's): the ranks would try to agree on a stop step with the lost peer."""
+        self.dead = True
+        workers = self._workers()
+        log.warning("spotrun node %s: attempt %s replaces a lost node while this attempt runs: it cannot "
+                    "finish; stopping its %d worker(s) (SIGTERM, SIGKILL after %gs) to join it from the last "
+                    "committed checkpoint", self._name, getattr(spec, "segment", "?"), len(workers),
+                    self._dead_grace_s)
+        for sig, wait_s in ((signal.SIGTERM, self._dead_grace_s), (signal.SIGKILL, 0.0)):
+            with self._lock:
+                if not self._running:  # torchrun returned: these workers are gone already
+                    return
+                for pid in workers:
+                    kill_tree(pid, sig)
+            end = time.monotonic() + wait_s
+            while time.monotonic() < end and any(_alive(p) for p in workers):
+                if self._done.wait(0.1):
+                    return
+        stuck_s = self._stuck_s(spec) if callable(self._stuck_s) else self._stuck_s
+        if self._done.wait(stuck_s) or self._on_stuck is None:
+            return
+        with self._lock:
+            if not self._running:
+                return
+            log.warning("spotrun node %s: torchrun's agent has not returned %gs after its workers were killed "
+                        "(its rendezvous store was on the lost node?); leaving it behind", self._name, stuck_s)
+            self._on_stuck(spec)  # does not return when it starts the agent afresh
+
     def stop(self) -> None:
         """No signal and no new spec from now on (torchrun returned); the thread ends at its
         next look (not joined: a slow store read must not hold the node up)."""
         with self._lock:
             self._running = False
         self._done.set()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped by torchrun, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        if os.path.isdir("/proc"):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

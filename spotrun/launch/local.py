@@ -33,6 +33,19 @@ counts as an interruption, not a failure. Once one node has exited the others ge
 own ledger segment with ``group`` = the attempt and ``node`` = its index, so the cost report
 prices N nodes.
 
+**Silent loss** (``--loss-mode silent``): a ``--node-losses`` loss played as an EC2 machine
+that drops off the network without closing its connections (no FIN, no RST): SIGSTOP of the
+node's agent and every process below it. The survivors' collectives then wait on a peer that
+never answers (up to the process group's timeout, 30 min for gloo by default), so the
+launcher, which knows the node is lost, does not wait for them: with ``replace`` the attempt
+ends at the loss (the survivors kept, their ``rc`` unknown) and the next one's cluster files
+make the survivors' node agents stop their dead attempt and rejoin (:mod:`.grow`). The stopped
+processes get SIGKILL once every other node left the attempt (a stopped process on this host
+would keep the run's lease forever: lease.py never takes over from a pid alive here), after
+``vanish_kill_s``, or on any way out of the run; a guard process (its own session) kills them
+if this launcher itself dies. Not the default (``kill``): the existing tests and the recovery
+benchmark time the reset-connection case.
+
 **Recovery** (``--recovery``, :func:`.attempt.next_step`): with ``replace`` (the default) an
 interruption that took some of the nodes keeps the others' machines: their node agents note
 the attempt's exit code in the run URL and wait (``rejoin_timeout_s``) for the next cluster
@@ -68,11 +81,13 @@ end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -94,6 +109,10 @@ from .local_nodes import LocalNodes, _Node, killpg
 from .proctree import kill_tree
 
 __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "LocalOptions", "default_run_url"]
+
+#: ``--loss-mode``: how ``--node-losses`` plays a node vanishing (see "Silent loss" in the
+#: module docstring).
+LOSS_MODES = ("kill", "silent")
 
 #: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
 ECHO_STDOUT = "stdout"
@@ -129,6 +148,13 @@ class LocalOptions:
     #: Of the ``interruptions``, how many are a node vanishing without notice (SIGKILL of
     #: its processes) instead of a notice; which ones is drawn by ``seed``.
     node_losses: int = 0
+    #: How a node loss is played: "kill" (SIGKILL of its processes: the kernel closes their
+    #: sockets, the survivors' collectives fail at once) or "silent" (SIGSTOP of them: the
+    #: sockets stay open and nothing answers, as an EC2 machine that drops off the network).
+    loss_mode: str = "kill"
+    #: "silent": the stopped machine's processes get SIGKILL this long after the loss, or when
+    #: the run ends (every exit path), whichever comes first; never left behind.
+    vanish_kill_s: float = 600.0
     #: Once one node has exited, how long the others get to exit on their own before they
     #: are stopped (SIGTERM, then SIGKILL of their processes ``kill_after_s`` later).
     peer_exit_s: float = 30.0
@@ -160,6 +186,10 @@ class LocalOptions:
                               f"({self.interruptions}); they are counted among the interruptions")
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(f"--recovery {self.recovery!r}: use {' or '.join(RECOVERY_MODES)}")
+        if self.loss_mode not in LOSS_MODES:
+            raise ConfigError(f"--loss-mode {self.loss_mode!r}: use {' or '.join(LOSS_MODES)}")
+        check_number(self.vanish_kill_s, 0.0, f"vanish_kill_s {self.vanish_kill_s!r} must be a number of "
+                     "seconds >= 0")
         check_number(self.rejoin_timeout_s, 0.0, f"rejoin_timeout_s {self.rejoin_timeout_s!r} must be a number "
                      "of seconds >= 0")
         check_number(self.peer_exit_s, 0.0, f"peer_exit_s {self.peer_exit_s!r} must be a number of seconds >= 0")
@@ -249,6 +279,9 @@ class LocalLauncher:
         #: Replacements started at a loss that died before their attempt started (counted
         #: among the instances that recovery started).
         self._early_dead = 0
+        #: Machines that vanished silently (SIGSTOP), until their processes get SIGKILL.
+        self._vanished: list[_Vanished] = []
+        self._vanish_look_at = 0.0
         #: What the next attempt recovers from: the RecoveryStarted fields known so far.
         self._recovery: dict[str, Any] | None = None
         self.state = self._load_or_new_state()
@@ -353,7 +386,9 @@ class LocalLauncher:
                 self._say(f"{decision.why}; restarting ({self.state.failures} of "
                           f"{self.options.max_failures} failure(s) allowed)")
         finally:
-            # A run that ends between attempts (a limit, an error) leaves no survivor waiting.
+            # A run that ends between attempts (a limit, an error) leaves no survivor waiting,
+            # and no silently vanished machine stopped.
+            self._reap_vanished(force=True)
             self._release_kept(EndReason.STOPPED, "the run ended before the next attempt")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -418,6 +453,8 @@ class LocalLauncher:
             notice_at = started + self._notice_delay()
         posted = lost = term_at = kill_at = None
         first_exit: _Node | None = None
+        #: The node that vanished silently in this attempt (``--loss-mode silent``).
+        silent: _Node | None = None
         peers_term_at = peers_kill_at = None
         forwarded = 0
         next_check = next_note = started
@@ -426,6 +463,7 @@ class LocalLauncher:
         try:
             while True:
                 now = self.clock()
+                self._reap_vanished()
                 notes = rejoining and now >= next_note
                 if notes:
                     next_note = now + o.check_s  # type: ignore[operator]
@@ -482,7 +520,19 @@ class LocalLauncher:
                 vid = victim.seg.segment_id
                 if (notice_at is not None and posted is None and lost is None and forwarded == 0
                         and now >= notice_at and victim.rc is None):
-                    if interrupt == "loss":
+                    if interrupt == "loss" and o.loss_mode == "silent":
+                        lost = now
+                        self._say(f"{vid}{_of(victim, multi)} vanished silently: SIGSTOP of its processes "
+                                  "(their sockets stay open, nothing answers; SIGKILL once the others left the "
+                                  f"attempt, at the run's end or in {o.vanish_kill_s:g}s)",
+                                  LaunchEventKind.NOTICE, group)
+                        self._vanish(victim, group, [n for n in nodes if n is not victim])
+                        # The launcher knows the machine is gone (EC2: its instance state):
+                        # it counts as exited now, with the code of a killed machine.
+                        victim.rc, victim.exited_at = -signal.SIGKILL, now
+                        first_exit = first_exit or victim
+                        silent = victim
+                    elif interrupt == "loss":
                         lost = now
                         self._say(f"{vid}{_of(victim, multi)} vanished without notice: SIGKILL of its "
                                   "processes", LaunchEventKind.NOTICE, group)
@@ -494,6 +544,15 @@ class LocalLauncher:
                                   f"{o.grace_s:g}s", LaunchEventKind.NOTICE, group)
                     if rejoining and multi:
                         self._start_early(victim, group)
+                    if silent is not None and rejoining and multi:
+                        # The survivors' collectives wait on a peer that never answers (up to
+                        # the process group's timeout, 30 min by default): their attempt is
+                        # dead. It ends now; the next attempt's cluster file, which names
+                        # them, makes their node agents stop it and rejoin (node.py).
+                        self._say(f"{', '.join(n.seg.segment_id for n in alive if n is not victim)}: "
+                                  "their attempt cannot finish without the lost node; the next "
+                                  "attempt's cluster file stops it", LaunchEventKind.INFO, group)
+                        break
                 if posted is not None and term_at is None and now >= posted + o.grace_s:
                     term_at = now
                     if victim.rc is None:
@@ -522,7 +581,8 @@ class LocalLauncher:
                         kill_tree(node.proc.pid)  # type: ignore[union-attr]
                 self.sleep(o.poll_s)
         except BaseException:
-            self.nodes.abandon(nodes)
+            self._reap_vanished(force=True)
+            self.nodes.abandon([n for n in nodes if n is not silent])
             self._end_early("the launcher stopped")
             raise
         self._interrupted_last = posted is not None or lost is not None
@@ -536,7 +596,10 @@ class LocalLauncher:
         # .node would make `python -m spotrun.launch.node` warn that it was already imported.
         from .node import REJOIN_CODES
 
-        stuck = [n for n in keep if n.proc.poll() is not None or n.rc not in REJOIN_CODES]  # type: ignore[union-attr]
+        # A survivor of a silent loss is still in its dead attempt (rc None): its agent stops
+        # it when the next attempt's cluster file comes, and joins that.
+        stuck = [n for n in keep if n.proc.poll() is not None  # type: ignore[union-attr]
+                 or (n.rc not in REJOIN_CODES and not (silent is not None and n.rc is None))]
         if stuck:
             self._say(f"cannot keep {', '.join(n.seg.segment_id for n in stuck)} (its node agent exited "
                       f"{', '.join(str(n.rc) for n in stuck)} instead of waiting to rejoin): relaunching every node",
@@ -549,10 +612,13 @@ class LocalLauncher:
             # No attempt will use it (finished, stopped, failed, relaunched whole).
             self._release_early(index, decision.action.value, group)
         gone = [n for n in nodes if n not in keep]
-        self._stop_waiting(gone, kill_after)
-        self.nodes.close(gone)
+        # The silently vanished machine stays stopped (its sockets open) until _reap_vanished;
+        # it can never write again, so its run lease may be taken over at once.
+        stopped = [n for n in gone if n is not silent]
+        self._stop_waiting(stopped, kill_after)
+        self.nodes.close(stopped)
         for node in gone:
-            if _group_gone(node.proc.pid):  # type: ignore[union-attr]
+            if node is silent or _group_gone(node.proc.pid):  # type: ignore[union-attr]
                 self._gone_segments.append(node.seg.segment_id)
         ended = self.clock()
         for node in gone:
@@ -585,6 +651,65 @@ class LocalLauncher:
             except Exception:  # noqa: BLE001 - TimeoutExpired: the machine is gone anyway
                 kill_tree(node.proc.pid)  # type: ignore[union-attr]
                 node.proc.wait()  # type: ignore[union-attr]
+
+    def _vanish(self, node: _Node, group: str, others: list[_Node]) -> None:
+        """``--loss-mode silent``: SIGSTOP of ``node``'s agent and every process below it
+        (torchrun's workers are in sessions of their own): its connections stay open and
+        nothing answers on them, as with a machine that dropped off the network (no FIN, no
+        RST). SIGKILL follows in :meth:`_reap_vanished`."""
+        pid = node.proc.pid  # type: ignore[union-attr]
+        stopped = [pid, *kill_tree(pid, signal.SIGSTOP)]
+        # A guard outside this process kills them should this launcher die without its
+        # cleanup (SIGKILL): stopped processes can do nothing for themselves.
+        guard = None
+        try:
+            guard = subprocess.Popen([sys.executable, "-c", _GUARD, f"{self.options.vanish_kill_s:g}",
+                                      *map(str, stopped)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     start_new_session=True)
+        except OSError as exc:
+            self._say(f"no guard for the stopped processes of {node.seg.segment_id} ({exc}); they are killed "
+                      "when this launcher ends", LaunchEventKind.WARNING, group)
+        self._vanished.append(_Vanished(node, group, others, time.monotonic() + self.options.vanish_kill_s, guard))
+
+    def _reap_vanished(self, *, force: bool = False) -> None:
+        """SIGKILL of a silently vanished machine's processes once every other node of its
+        attempt has left that attempt (noted its exit, or its process ended: nobody talks to
+        the stopped machine any more), or its bound passed, or at once with ``force`` (every
+        way out of the run calls it: stopped processes are never left behind); then its
+        machine is closed (metadata service, local directory, the last of its output).
+
+        Why not later: a stopped process on this host still holds what its rank 0 held,
+        the run's lease, and a lease whose pid is alive on the same host is never taken over
+        (lease.py), while on EC2 it expires (``SPOTRUN_LEASE_TTL``) once its machine is gone.
+        Killing it after the survivors left changes nothing they see."""
+        if not self._vanished:
+            return
+        now = time.monotonic()
+        if not force and now < self._vanish_look_at:
+            return
+        self._vanish_look_at = now + (self.options.check_s or 0.1)
+        from .node import read_attempt_exit  # not at the top: see REJOIN_CODES in _segment
+
+        for v in list(self._vanished):
+            if not (force or now >= v.kill_at or all(
+                    o.proc is None or o.proc.poll() is not None
+                    or read_attempt_exit(self.storage, v.group, o.seg.segment_id) is not None for o in v.others)):
+                continue
+            self._vanished.remove(v)
+            node = v.node
+            if v.guard is not None:  # first: it must never signal pids reused after this kill
+                v.guard.kill()
+                v.guard.wait()
+                if v.guard.stdin is not None:
+                    v.guard.stdin.close()
+            # A new child a stopped parent forked just before the stop is found too: the tree
+            # is listed again after each kill until nothing is left (bounded).
+            for _ in range(5):
+                if not kill_tree(node.proc.pid) and node.proc.poll() is not None:  # type: ignore[union-attr]
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.proc.wait(timeout=2)  # type: ignore[union-attr]
+            self.nodes.close([node])
 
     def _start_early(self, victim: _Node, group: str) -> None:
         """Ask for ``victim``'s replacement now, at the loss (the notice, or the node seen
@@ -687,6 +812,34 @@ class LocalLauncher:
         verdict = classify_local(self._attempt_end(nodes, victim, posted=posted, lost=lost, stopped=stopped,
                                                    first=first, done=is_done(self.storage)))
         return verdict.reason, verdict.detail
+
+
+@dataclass(eq=False)
+class _Vanished:
+    """A machine that vanished silently (``--loss-mode silent``): its stopped node, its
+    attempt, the attempt's other nodes, and the bound on its SIGKILL (monotonic)."""
+
+    node: _Node
+    group: str
+    others: list[_Node]
+    kill_at: float
+    #: The guard process (:data:`_GUARD`), None when it could not start.
+    guard: subprocess.Popen | None = None
+
+
+#: ``python -c _GUARD BOUND PID...``: SIGKILL of the stopped processes (each and its group)
+#: when its stdin closes (the launcher died) or after BOUND seconds. The launcher kills the
+#: guard itself before it kills them on its own exit paths.
+_GUARD = """
+import os, select, signal, sys
+select.select([sys.stdin], [], [], float(sys.argv[1]))
+for pid in map(int, sys.argv[2:]):
+    for send in (os.kill, os.killpg):
+        try:
+            send(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
 
 
 def _group_gone(pgid: int) -> bool:

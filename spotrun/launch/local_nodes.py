@@ -144,8 +144,10 @@ class LocalNodes:
     def _node_command(self, group: str, timeout_s: float) -> list[str]:
         o = self.launcher.options
         rejoin = o.rejoin_timeout_s if o.recovery == "replace" else 0.0
+        # --grow-poll: how soon a survivor of a silent loss sees the next attempt's cluster
+        # file while its own attempt hangs (two reads of local disk a second).
         return [sys.executable, "-m", "spotrun.launch.node", "--timeout", f"{timeout_s:g}", "--poll", "0.2",
-                "--rejoin-timeout", f"{rejoin:g}", "--segment", group, "--", *o.command]
+                "--rejoin-timeout", f"{rejoin:g}", "--grow-poll", "1", "--segment", group, "--", *o.command]
 
     def _machine(self, index: int, node_id: str, group: str, command: list[str]) -> _Node:
         """One simulated machine, up: its metadata service, ledger segment, local directory

@@ -20,7 +20,9 @@ A vanished peer is noticed quickly only when its connections are reset (its proc
 died, its kernel answers): gloo then fails the next collective at once (2-9 s from the kill
 to the survivor's exit 1 in tests/test_launch_node_e2e.py). A machine that drops off the
 network without resetting them is noticed only at the process group's timeout, so a
-launcher that sees a node gone should stop the survivors itself. To play a vanished node
+launcher that sees a node gone writes the next attempt's cluster files, and a survivor's
+agent that sees one naming it while torchrun still runs stops its workers and joins it
+(see "Growing back" below and :mod:`spotrun.launch.grow`, "A dead attempt"). To play a vanished node
 locally, kill the agent *and* its workers: the workers are in sessions of their own, and
 with only the agent killed they train on (the survivor's agent then waits out torchrun's
 300 s exit barrier).
@@ -54,9 +56,15 @@ as before (on EC2 the instance then shuts down).
 cluster file for a newer attempt marked ``grow`` (the controller growing a ``--min-nodes``
 job back to N once capacity returned); then it stops its own attempt with a SIGTERM to
 torchrun (the ranks commit at one step and exit 75) and joins that attempt whatever the
-code (:mod:`spotrun.launch.grow`). Such a node also notes, before its first wait, that it
-waits (``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's
-files only once every new node is there, so the survivors train on while it boots.
+code (:mod:`spotrun.launch.grow`). A newer attempt that does not grow, seen while torchrun
+runs, means a peer was lost and replaced meanwhile (it vanished without resetting its
+connections): the attempt is dead, so its workers are stopped at once (SIGTERM, SIGKILL 5 s
+later) and the node joins the new one; a torchrun agent still blocked 10 s after that (1 s
+when the lost node hosted the rendezvous store it blocks on) is left behind: the agent
+notes exit 1 for the dead attempt and execs itself afresh for the new one
+(:func:`_start_afresh`). Such a node also notes, before its first wait, that it waits
+(``launch/nodes/waiting/<instance id>.json``): the controller writes a grown attempt's files
+only once every new node is there, so the survivors train on while it boots.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -82,7 +91,7 @@ from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from ..validate import argparse_type, number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
-from .grow import GrowWatch, note_waiting
+from .grow import DEAD_RETURN_S, GrowWatch, note_waiting
 
 __all__ = [
     "CLUSTER_VERSION",
@@ -329,6 +338,14 @@ def _next_grow(storage: Storage, instance_id: str, after: ClusterSpec) -> Cluste
     """:func:`next_cluster` when that attempt grows the job (the planned stop's trigger)."""
     spec = next_cluster(storage, instance_id, after)
     return spec if spec is not None and spec.grow else None
+
+
+def _look_next(storage: Storage, instance_id: str, after: ClusterSpec) -> ClusterSpec | None:
+    """The running attempt's watch (:class:`GrowWatch`): :func:`next_cluster`. One that grows
+    is a planned stop; any other newer attempt naming this node means the launcher replaced
+    a lost peer while this attempt runs, so this attempt is dead (its collectives wait on
+    the lost peer) and is stopped at once."""
+    return next_cluster(storage, instance_id, after)
 
 
 def attempt_exit_file(segment: str, instance_id: str) -> str:
@@ -580,10 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grow-poll", default=10.0,
                         type=argparse_type(number, "--grow-poll", minimum=0.05, example="10"),
                         help="with --rejoin-timeout, while torchrun runs: seconds between looks for a "
-                             "newer cluster file that grows the job (default 10; two small reads each)")
+                             "newer cluster file (one that grows the job, or replaces a lost peer while "
+                             "this attempt hangs; default 10; two small reads each)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    base_env = dict(os.environ)  # before any attempt's own variables (see _start_afresh)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         from ..storage import open_storage
@@ -614,7 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                  spec.head, spec.rdzv_id, "host" if index == spec.host else "joining", spec.nproc_per_node)
         code, previous = 1, None
         # A survivor of a shrunk job watches for the attempt that grows it back (spotrun.launch.grow).
-        watch = (GrowWatch(lambda s=spec: _next_grow(storage, instance_id, s), args.grow_poll, name=instance_id)
+        # And for an attempt that replaces a lost peer while this one still runs: a peer that
+        # vanished silently leaves this attempt's collectives waiting (spotrun.launch.grow).
+        watch = (GrowWatch(lambda s=spec: _look_next(storage, instance_id, s), args.grow_poll, name=instance_id,
+                           stuck_s=lambda nxt, old=spec: _stuck_s(old, nxt),
+                           on_stuck=lambda nxt, old=spec: _start_afresh(args, command, base_env, storage,
+                                                                        instance_id, old, nxt))
                  if args.rejoin_timeout > 0 else None)
         try:
             with serve_attempt(spec, index) as peer_env:
@@ -641,8 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The planned stop for a grow: join that attempt whatever the code (a newer
                 # file written since wins, as in the rejoin wait).
                 nxt = _look_again(storage, instance_id, spec) or watch.spec
-                log.info("spotrun node %s: torchrun exited %d on the planned stop; joining attempt %s (%d nodes)",
-                         instance_id, code, nxt.segment, len(nxt.nodes))
+                log.info("spotrun node %s: torchrun exited %d on the %s; joining attempt %s (%d nodes)",
+                         instance_id, code, "stop of a dead attempt" if watch.dead else "planned stop",
+                         nxt.segment, len(nxt.nodes))
             else:
                 signalled = _agent_signal() is not None
                 nxt, code = _rejoin(storage, instance_id, spec, code, args.rejoin_timeout, args.poll,
@@ -660,6 +685,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         if nxt is None:
             return code
         spec, argv_ = nxt, node_argv(nxt, instance_id, command)
+
+def _stuck_s(old: ClusterSpec, nxt: ClusterSpec) -> float:
+    """How long a dead attempt's torchrun agent gets to return once its workers were killed:
+    briefly when its rendezvous store's host is not in the next attempt (lost: every store
+    call the agent makes waits 60 s on it, measured over 2 min in all), else the default."""
+    host = old.nodes[old.host]["instance_id"] if 0 <= old.host < len(old.nodes) else None
+    return 1.0 if host not in {n["instance_id"] for n in nxt.nodes} else DEAD_RETURN_S
+
+
+def _start_afresh(args: argparse.Namespace, command: list[str], env: dict[str, str], storage: Storage,
+                  instance_id: str, old: ClusterSpec, nxt: ClusterSpec) -> None:
+    """A dead attempt's torchrun agent that does not return once its workers were killed
+    (GrowWatch): blocked in a call to a rendezvous store on the lost node, where no signal
+    helps. This process becomes a fresh node agent for ``nxt`` (exec: the same pid, so the
+    launcher and EC2's user data still see their node; the same stdout), with the
+    environment it started with. Nothing is lost: the workers are dead, the run URL holds
+    the last committed checkpoint, and sockets and pipes (peer server, forkserver) close
+    with the old image."""
+    try:
+        write_attempt_exit(storage, old.segment, instance_id, 1)
+    except Exception as exc:  # noqa: BLE001 - the note helps a launcher; its absence ends no run
+        log.warning("could not note this node's exit code in the run URL: %s", exc)
+    notes = os.environ.get("SPOTRUN_EXIT_NOTES")  # spotrun.distributed's, left by its torchrun()
+    if notes and notes != env.get("SPOTRUN_EXIT_NOTES"):
+        shutil.rmtree(notes, ignore_errors=True)
+    argv = [sys.executable, "-m", "spotrun.launch.node", "--timeout", f"{args.timeout:g}", "--poll", f"{args.poll:g}",
+            "--rejoin-timeout", f"{args.rejoin_timeout:g}", "--grow-poll", f"{args.grow_poll:g}",
+            "--segment", nxt.segment, "--", *command]
+    log.warning("spotrun node %s: starting this node agent afresh for attempt %s (exit 1 noted for %s)",
+                instance_id, nxt.segment, old.segment)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.execve(sys.executable, argv, env)
+
 
 def _leave(code: int) -> None:
     """Exit with ``code`` once the output is flushed, without finalizing the interpreter: this

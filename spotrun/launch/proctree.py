@@ -15,7 +15,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 
-__all__ = ["descendants", "kill_tree"]
+__all__ = ["descendants", "kill_tree", "worker_sessions"]
 
 
 def _parents() -> dict[int, int]:
@@ -88,3 +88,15 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
 def _signal(send: Callable[[int, int], None], target: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already, or not ours
         send(target, sig)
+
+
+def worker_sessions(pid: int) -> list[int]:
+    """The processes below ``pid`` that lead a session of their own: torchrun's workers
+    (started with ``start_new_session``; a warm worker calls ``setsid`` itself), not the
+    forkserver they are forked from (it stays in the agent's session, for the next attempt)."""
+    out = []
+    for p in descendants(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getsid(p) == p:
+                out.append(p)
+    return out
