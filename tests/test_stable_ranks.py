@@ -105,6 +105,28 @@ def test_a_node_without_a_slot_leaves_torchs_order(caplog: pytest.LogCaptureFixt
     assert any("not every node carries a slot" in r.getMessage() for r in caplog.records), caplog.text
 
 
+def test_a_torch_whose_descriptor_differs_keeps_its_order_with_one_line(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+
+    @dataclasses.dataclass(eq=True, order=True, frozen=True)
+    class OtherDesc:  # a future torch's descriptor: a field more
+        addr: str
+        pid: int
+        local_id: int
+        incarnation: int = 0
+
+    before = dr.DynamicRendezvousHandler._node_desc_generator
+    monkeypatch.setattr(dr, "_NodeDesc", OtherDesc)
+    with caplog.at_level(logging.WARNING, logger="spotrun.launch.ranks"):
+        assert ranks.install(1) is False
+    assert dr.DynamicRendezvousHandler._node_desc_generator is before  # torch's own, untouched
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "torchrun's rendezvous order" in lines[0] and "incarnation" in lines[0], lines
+
+
 def test_slot_rides_in_rdzv_conf_and_is_taken_out_before_torch_sees_it() -> None:
     spec = ClusterSpec(segment="s-1", nodes=[{"instance_id": f"i-{i}", "address": "127.0.0.1"} for i in range(3)],
                        nproc_per_node=1, rdzv_id="r-1", host=1)
