@@ -40,7 +40,7 @@ TIMEOUT = 420  # a 3-node run with one replacement on a loaded 2-core box; a han
 
 # -- the hook, in one process --------------------------------------------------------------------
 
-def _rendezvous(slots: list[int | None], run_id: str) -> dict[int, int]:
+def _rendezvous(slots: list[int | None], run_id: str, max_nodes: int | None = None) -> dict[int, int]:
     """A real c10d rendezvous of one handler per entry of ``slots`` (created in that order,
     each under :func:`ranks.install` of its slot), all on 127.0.0.1 in this process; the
     group rank each got, by its position in ``slots``."""
@@ -61,8 +61,9 @@ def _rendezvous(slots: list[int | None], run_id: str) -> dict[int, int]:
             store = TCPStore("127.0.0.1", server.port, is_master=False, timeout=datetime.timedelta(seconds=60))
             backend = C10dRendezvousBackend(store, run_id)
             handlers.append(DynamicRendezvousHandler.from_backend(
-                run_id, store, backend, len(slots), len(slots), local_addr="127.0.0.1",
-                timeout=RendezvousTimeout(join=datetime.timedelta(seconds=60))))
+                run_id, store, backend, len(slots), max_nodes or len(slots), local_addr="127.0.0.1",
+                timeout=RendezvousTimeout(join=datetime.timedelta(seconds=60),
+                                          last_call=datetime.timedelta(seconds=1))))
     finally:
         ranks.install(None)
     got: dict[int, int] = {}
@@ -93,8 +94,9 @@ def test_c10d_rendezvous_numbers_nodes_by_slot_on_this_torch() -> None:
 
 
 def test_elastic_survivors_are_numbered_densely_in_slot_order() -> None:
-    # A shrunk M:N attempt: the nodes of slots 3, 1 and 4 joined (dense ranks 0..2 by slot).
-    assert _rendezvous([4, 1, 3], "stable-ranks-b") == {0: 2, 1: 0, 2: 1}
+    # An M:N attempt (2:3) that two nodes joined, slots 2 and 0: completed at the last call
+    # (not by the Nth node joining), dense ranks in slot order.
+    assert _rendezvous([2, 0], "stable-ranks-b", max_nodes=3) == {0: 1, 1: 0}
 
 
 def test_a_node_without_a_slot_leaves_torchs_order(caplog: pytest.LogCaptureFixture) -> None:
