@@ -28,6 +28,11 @@ store becomes unreachable while the workers run (its host, node 0's agent, vanis
 raises instead of returning; that is 1 too (a peer lost mid-attempt), so a node agent that
 stays to rejoin the next attempt does, with a survivor hosting the store.
 
+**Node ranks.** A node agent (spotrun.launch.node) passes its slot in the cluster file as
+``--rdzv-conf ...,spotrun_slot=I``; :func:`torchrun` takes it out and makes the c10d
+rendezvous number the nodes by slot (:mod:`spotrun.launch.ranks`), so a survivor of a replaced
+node keeps its rank (and restores its own local copy).
+
 **torchrun's shutdown bound.** Once signalled, torchrun's agent forwards the signal and waits
 ``--shutdown-timeout`` seconds (torch's default: 30) before it SIGKILLs its workers, while a
 worker's stop checkpoint may take up to ``SPOTRUN_STOP_TIMEOUT`` (90 s): a stop of more than
@@ -328,6 +333,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     global _agent_signal
     _agent_signal = None
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    _slot_ranks(args)
     _patient_shutdown(args)
     _plain_agent_tracebacks()
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
@@ -387,6 +393,18 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(notes, ignore_errors=True)
     return 0
+
+
+def _slot_ranks(args: Any) -> None:
+    """Node ranks by the cluster file's slot (spotrun.launch.ranks): a node agent passes its
+    slot in ``--rdzv-conf``; taken out here (torch never sees it) and installed for the
+    rendezvous this call runs. No slot (torchrun called by hand): torch's own order."""
+    from .launch import ranks
+
+    conf, slot = ranks.take_slot(getattr(args, "rdzv_conf", None))
+    if slot is not None:
+        args.rdzv_conf = conf
+    ranks.install(slot)
 
 
 def _patient_shutdown(args: Any) -> None:

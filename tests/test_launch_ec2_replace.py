@@ -119,7 +119,7 @@ def test_one_node_lost_of_three_starts_exactly_one_and_keeps_two(cloud: Cloud, s
     assert [n["instance_id"] for n in a2["nodes"]] == second
     argv = node_argv(read_cluster(storage, new), new, ["python", "train.py"])
     assert argv[argv.index("--rdzv-endpoint") + 1] == f"{cloud.instance(first[0]).private_ip}:29400"
-    assert "is_host=0" in argv
+    assert f"is_host=0,spotrun_slot={second.index(new)}" in argv  # the lost node's slot
 
     # The books: the survivors are one segment each (one start, one end), the lost node's
     # segment ended at the loss, the replacement is a segment of the new attempt.

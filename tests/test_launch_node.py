@@ -64,9 +64,9 @@ def test_node_argv_head_and_joiner():
         assert _opt(argv, "--rdzv-id") == "run1-seg1"
         assert _opt(argv, "--max-restarts") == "0"
         assert argv[-3:] == ["train.py", "--lr", "3e-4"]
-        assert "--node-rank" not in argv  # c10d assigns group ranks itself
-    assert _opt(head, "--rdzv-conf") == "is_host=1"
-    assert _opt(joiner, "--rdzv-conf") == "is_host=0"
+        assert "--node-rank" not in argv  # c10d assigns group ranks, by slot (spotrun.launch.ranks)
+    assert _opt(head, "--rdzv-conf") == "is_host=1,spotrun_slot=0"
+    assert _opt(joiner, "--rdzv-conf") == "is_host=0,spotrun_slot=2"
     assert _opt(head, "--local-addr") == "10.0.0.5"
     assert _opt(joiner, "--local-addr") == "10.0.0.7"
 

@@ -50,8 +50,8 @@ def test_waits_for_a_later_attempt_and_never_goes_back(tmp_path: Path) -> None:
     got = wait_for_next_cluster(storage, "c", first, timeout_s=10, poll_s=0.05)
     assert got == later and time.monotonic() - t0 < 5
     argv = node_argv(got, "c", ["python", "t.py"])
-    assert "is_host=1" in argv and argv[argv.index("--rdzv-endpoint") + 1] == "127.0.0.1:29500"
-    assert "is_host=0" in node_argv(got, "a", ["python", "t.py"])
+    assert "is_host=1,spotrun_slot=2" in argv and argv[argv.index("--rdzv-endpoint") + 1] == "127.0.0.1:29500"
+    assert "is_host=0,spotrun_slot=0" in node_argv(got, "a", ["python", "t.py"])
 
 
 def test_exit_notes_per_attempt(tmp_path: Path) -> None:

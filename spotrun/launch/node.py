@@ -32,9 +32,11 @@ its start, while it waits for its cluster file: a node started before its attemp
 replacement the launcher asks for at the loss) is ready to run torchrun when the file comes.
 An import that fails still fails after the wait, with the import's own exception.
 
-Group ranks are torchrun's to assign (c10d sorts the nodes that joined); the index in the
-cluster file decides only which node hosts the store (node ``host``, 0 unless the launcher
-names a survivor: see below).
+Group ranks follow the cluster file: node ``i`` is rank ``i`` (in an elastic ``M:N`` attempt,
+the nodes that joined numbered in slot order), so a survivor of a replacement keeps its rank
+and its local copy (:mod:`spotrun.launch.ranks`: the slot rides in ``--rdzv-conf``, torchrun's
+c10d rendezvous numbers by it). Which node hosts the store is separate: node ``host``, 0
+unless the launcher names a survivor (see below).
 
 **Rejoining** (``--rejoin-timeout S``, set by the launchers when ``--recovery replace``):
 after torchrun returns, the node writes ``launch/nodes/exits/<segment>/<instance id>.json``
@@ -92,6 +94,7 @@ from ..storage import Storage
 from ..validate import argparse_type, number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 from .grow import DEAD_RETURN_S, GrowWatch, note_waiting
+from .ranks import SLOT_KEY
 
 __all__ = [
     "CLUSTER_VERSION",
@@ -514,7 +517,9 @@ def node_argv(spec: ClusterSpec, instance_id: str, command: Sequence[str]) -> li
         "--rdzv-id", spec.rdzv_id,
         # Explicit, never guessed from the hostname: two "nodes" on one machine would both
         # think they are the host (and on EC2 a private DNS name may not match).
-        "--rdzv-conf", f"is_host={1 if index == spec.host else 0}",
+        # The slot: node ranks follow the cluster file, not torchrun's sort of the nodes
+        # that joined (spotrun.launch.ranks; the wrapper takes it out of torch's config).
+        "--rdzv-conf", f"is_host={1 if index == spec.host else 0},{SLOT_KEY}={index}",
         "--local-addr", spec.nodes[index]["address"],
         # torchrun restarting its workers in place would not replace a lost node; spotrun's
         # launcher relaunches the whole job from the last committed checkpoint instead.
