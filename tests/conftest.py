@@ -3,6 +3,7 @@ traffic to fake servers on loopback, and the real metadata address is switched o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -166,39 +167,99 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 
-# Weights for the schedule below: a test marked slow (a real multi-process run, often a
-# minute on a loaded box) against one that is not (mostly well under a second each).
-_SLOW_WEIGHT, _TEST_WEIGHT = 40, 1
+# What each test file costs, for the schedule below: seconds measured in a whole run of the
+# suite (tests/durations.json; ``SPOTRUN_TEST_DURATIONS=tests/durations.json make test``
+# writes it again), with a guess from the markers for what that run did not have. The markers
+# alone were a poor guide: a file of ten plain tests can start two torchruns (test_warm_workers,
+# 100 s loaded) and one slow test can take a second; the halves came out minutes apart.
+_DURATIONS = Path(__file__).with_name("durations.json")
+_DURATIONS_OUT = "SPOTRUN_TEST_DURATIONS"
+# The guess, in seconds: a test marked slow (a real multi-process run) against one that is not.
+_SLOW_S, _TEST_S = 60.0, 0.8  # fitted to tests/durations.json (a run at load 10: ~3x CI's)
+
+
+def _guess(slow_tests: int, tests: int) -> float:
+    return slow_tests * _SLOW_S + (tests - slow_tests) * _TEST_S
+
+
+def _measured() -> dict[str, dict]:
+    try:
+        return json.loads(_DURATIONS.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Two halves of about equal weight, each with its heaviest test files first.
+    """Two halves of about equal cost, each with its heaviest test files first.
 
     ``--dist worksteal`` hands the first worker ``items[:n // 2]`` and the second the rest, and
     an idle worker takes the back half of the other's queue. In file-name order the slow
     files bunch up (one worker got most of them) and a one-minute chain could start last and
     run alone while the other worker sat idle. Here the files are dealt heaviest first to
-    whichever half weighs less; each half runs its heavy files first, so the tails, and what
+    whichever half costs less; each half runs its heavy files first, so the tails, and what
     is stolen, are short tests. The half with more tests goes first, so the cut at ``n // 2``
     falls among its light files. A file stays whole, so a module-scoped shared run is not
     split across the workers by the layout. (After pytest's own fixture-scope ordering.)
+
+    A file's cost is its measured seconds plus the guess for the slow and plain tests it has
+    gained since (a file measured before it got a new chain still weighs that chain).
     """
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    measured = _measured()
 
-    def weight(tests: list[pytest.Item]) -> int:
-        return sum(_SLOW_WEIGHT if t.get_closest_marker("slow") else _TEST_WEIGHT for t in tests)
+    def cost(path: str, tests: list[pytest.Item]) -> float:
+        slow = sum(1 for t in tests if t.get_closest_marker("slow"))
+        then = measured.get(path)
+        if then is None:
+            return _guess(slow, len(tests))
+        return then["seconds"] + max(0.0, _guess(slow, len(tests)) - _guess(then["slow"], then["tests"]))
 
+    costs = {path: cost(path, tests) for path, tests in modules.items()}
     halves: list[list[list[pytest.Item]]] = [[], []]
-    loads = [0, 0]
-    for tests in sorted(modules.values(), key=weight, reverse=True):  # stable: ties in file order
+    loads = [0.0, 0.0]
+    # Heaviest first; ties in file order (a stable sort).
+    for path in sorted(modules, key=lambda p: costs[p], reverse=True):
         lighter = loads.index(min(loads))
-        halves[lighter].append(tests)
-        loads[lighter] += weight(tests)
+        halves[lighter].append(modules[path])
+        loads[lighter] += costs[path]
     halves.sort(key=lambda half: sum(len(t) for t in half), reverse=True)
     items[:] = [item for half in halves for tests in half for item in tests]
+
+
+class _DurationsRecorder:
+    """Sums each test file's setup, call and teardown seconds over a run (in the xdist
+    controller, which gets every worker's reports) and writes them where
+    ``SPOTRUN_TEST_DURATIONS`` says, with the counts the guess above needs."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.files: dict[str, dict] = {}
+        self.failed = False
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entry = self.files.setdefault(report.nodeid.split("::", 1)[0],
+                                      {"seconds": 0.0, "tests": 0, "slow": 0})
+        entry["seconds"] += report.duration
+        if report.when == "setup":
+            entry["tests"] += 1
+            entry["slow"] += "slow" in report.keywords
+        self.failed |= report.failed
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.failed or session.testsfailed:  # a failed run's seconds are not the suite's
+            print(f"\n{_DURATIONS_OUT}: a test failed; {self.out} not written", file=sys.stderr)
+            return
+        files = {path: {**e, "seconds": round(e["seconds"], 1)} for path, e in sorted(self.files.items())}
+        Path(self.out).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    out = os.environ.get(_DURATIONS_OUT)
+    if out and not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        config.pluginmanager.register(_DurationsRecorder(out), "spotrun-durations")
 
 
 _HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -17,7 +17,7 @@ tests/scripts/ddp_train.py (DDP, gloo, CPU, deterministic). Issue 14 items 1, 2 
   replacement resumes from that step only by reading 0 bytes from the run URL (its files
   come from its buddy, node-a). Chained in
   one test because each 2-node start costs ~10-30 s of a loaded 2-core box. A joining
-  node's machine vanishing is test_launch_local_nodes' first attempt (the same node
+  node's machine vanishing is test_launch_warm's first loss (the same node
   launcher, through the CLI);
 - a SIGTERM to a node's process group reaches each worker once (a 1-node job with a
   worker that counts signals and imports no torch).

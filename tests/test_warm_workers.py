@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import shared_run
 
 PY = sys.executable
 
@@ -156,14 +157,22 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[dict, st
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One agent with warm workers, one without (only the probe: its codes are the reference)."""
-    tmp = tmp_path_factory.mktemp("warm")
-    warm, warm_out = _agent(tmp, "warm", True)
-    results, text = _finish(warm)
-    cold, cold_out = _agent(tmp, "cold", False, modes="probe")
-    cold_results, cold_text = _finish(cold)
-    return {"warm": results, "warm_text": text, "warm_out": warm_out,
-            "cold": cold_results, "cold_text": cold_text, "cold_out": cold_out}
+    """One agent with warm workers, one without (only the probe: its codes are the reference).
+
+    Built once per session through ``shared_run`` (helpers.py): worksteal can hand this
+    file's tests to both workers, and each would otherwise run both agents again."""
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        for name, warm_on, modes in (("warm", True, MODES), ("cold", False, "probe")):
+            results, text = _finish(_agent(tmp, name, warm_on, modes=modes)[0])
+            (tmp / f"{name}-results.json").write_text(json.dumps(results))
+            (tmp / f"{name}-text.log").write_text(text)
+
+    tmp = shared_run(tmp_path_factory, "warm-workers", build)
+    return {name + key: value for name in ("warm", "cold") for key, value in (
+        ("", json.loads((tmp / f"{name}-results.json").read_text())),
+        ("_text", (tmp / f"{name}-text.log").read_text()), ("_out", tmp / name))}
 
 
 def _probe(out: Path, rank: int) -> dict:
