@@ -90,8 +90,14 @@ def test_a_grow_file_stops_the_running_attempt_and_the_node_joins_it(
 
 
 def test_a_newer_file_that_does_not_grow_sends_no_signal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A replacement's file (no grow) while the attempt runs is not a planned stop: the
-    attempt runs to its end; the node then joins it through the usual rejoin wait (75)."""
+    """A replacement's file (no grow) while the attempt runs is not a planned stop: no
+    signal to the agent; the attempt is dead (a lost peer), so the workers it started would
+    be killed (it has none here), and the node joins the new attempt. A session the agent's
+    process led before the attempt (here: this test process's own child) is never touched:
+    CI once lost the suite's warm interpreter to exactly that."""
+    import subprocess
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     storage = Storage(str(tmp_path))
     write_cluster(storage, _spec("a1", 1))
     runs: list[str] = []
@@ -106,8 +112,13 @@ def test_a_newer_file_that_does_not_grow_sends_no_signal(tmp_path: Path, monkeyp
         time.sleep(1.0)  # twenty looks of the watch
         return 75
 
-    assert _agent_main(monkeypatch, tmp_path, "b", torchrun_like) == 0
-    assert runs == ["run-a1", "run-a2"] and signalled == []
+    try:
+        assert _agent_main(monkeypatch, tmp_path, "b", torchrun_like) == 0
+        assert runs == ["run-a1", "run-a2"] and signalled == []
+        assert bystander.poll() is None, "the dead attempt's stop killed a session it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 def test_the_planned_stop_raised_outside_torchruns_handling_still_joins(

@@ -26,7 +26,8 @@ peer that vanished silently (no RST: on EC2 a machine gone from the network) lea
 ranks waiting in a collective up to the process group's timeout. Such an attempt can never
 finish, and its ranks never run a signal handler while they wait, so the watch does not ask
 them to stop at a step: it sends SIGTERM to each worker's session
-(:func:`.proctree.worker_sessions`: torchrun's workers, warm ones too, not the forkserver),
+(:func:`.proctree.worker_sessions` started since the attempt began: torchrun's workers, warm
+ones too, not the forkserver, never a session the agent's process led before),
 SIGKILL of what is left after :data:`DEAD_STOP_GRACE_S`, and the node joins that attempt from
 the last committed checkpoint. torchrun's agent normally returns once its workers died; one
 still blocked :data:`DEAD_RETURN_S` later (its store calls wait 60 s each on a rendezvous host
@@ -49,7 +50,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..records.layout import NODES_DIR
 from ..storage import Storage
-from .proctree import kill_tree, worker_sessions
+from .proctree import kill_tree, sessions_started_after
 
 __all__ = ["GrowWatch", "note_waiting", "noted_waiting", "waiting_file"]
 
@@ -111,8 +112,9 @@ class GrowWatch:
                  on_stuck: Callable[[Any], None] | None = None,
                  workers: Callable[[], list[int]] | None = None) -> None:
         self._look = look
-        #: The dead attempt's workers: this agent's (torchrun's) worker sessions.
-        self._workers = workers or (lambda: worker_sessions(os.getpid()))
+        #: The dead attempt's workers: the worker sessions this agent (torchrun, in process)
+        #: starts from now on; none that was there before the attempt.
+        self._workers = workers or sessions_started_after(os.getpid())
         self._dead_grace_s = dead_grace_s
         self._stuck_s = stuck_s
         self._on_stuck = on_stuck
