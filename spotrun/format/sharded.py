@@ -741,11 +741,7 @@ def write_sharded(
             dcp.save(state_dict, storage_writer=writer, planner=planner,
                      process_group=process_group, no_dist=not use_dist)
     except CheckpointException as exc:
-        errors = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in _rank_errors(exc))
-        raise SaveError(
-            f"sharded save of step {step} to {storage.display(checkpoint_dir(step))} failed "
-            f"({errors}); the previous checkpoint is untouched, fix the cause and save again"
-        ) from exc
+        raise _save_error(storage, step, exc) from exc
     return writer.files
 
 
@@ -799,6 +795,15 @@ def _layout_key(state: Any) -> tuple[Any, ...] | None:
         else:
             parts.append((path, "V"))
     return tuple(parts)
+
+
+def _save_error(storage: Storage, step: int, exc: CheckpointException) -> SaveError:
+    """DCP's gathered failure of a sharded save (every rank's error) as one SaveError."""
+    errors = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in _rank_errors(exc))
+    return SaveError(
+        f"sharded save of step {step} to {storage.display(checkpoint_dir(step))} failed "
+        f"({errors}); the previous checkpoint is untouched, fix the cause and save again"
+    )
 
 
 def _write_planned(storage: Storage, step: int, state_dict: dict[str, Any],
@@ -857,11 +862,7 @@ def _write_planned(storage: Storage, step: int, state_dict: dict[str, Any],
             # dcp.save does, would tell the other ranks nothing they use.
             dw.all_reduce("write", write_data, finish)
     except CheckpointException as exc:
-        errors = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in _rank_errors(exc))
-        raise SaveError(
-            f"sharded save of step {step} to {storage.display(checkpoint_dir(step))} failed "
-            f"({errors}); the previous checkpoint is untouched, fix the cause and save again"
-        ) from exc
+        raise _save_error(storage, step, exc) from exc
     assert final is not None
     return writer.files, _SavePlanCache(None, final, metadata)
 

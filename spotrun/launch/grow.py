@@ -49,6 +49,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..records.layout import NODES_DIR
+from ..records.lease import pid_gone
 from ..storage import Storage
 from .proctree import kill_tree, sessions_started_after
 
@@ -183,7 +184,7 @@ class GrowWatch:
                 for pid in workers:
                     kill_tree(pid, sig)
             end = time.monotonic() + wait_s
-            while time.monotonic() < end and any(_alive(p) for p in workers):
+            while time.monotonic() < end and any(not pid_gone(p, None) for p in workers):
                 if self._done.wait(0.1):
                     return
         stuck_s = self._stuck_s(spec) if callable(self._stuck_s) else self._stuck_s
@@ -202,20 +203,3 @@ class GrowWatch:
         with self._lock:
             self._running = False
         self._done.set()
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet reaped by torchrun, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except OSError:
-        if os.path.isdir("/proc"):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -15,7 +15,9 @@ import signal
 import subprocess
 from collections.abc import Callable
 
-__all__ = ["descendants", "kill_tree", "process_key", "sessions_started_after", "worker_sessions"]
+from ..records.lease import pid_started
+
+__all__ = ["descendants", "kill_tree", "sessions_started_after", "worker_sessions"]
 
 
 def _parents() -> dict[int, int]:
@@ -102,20 +104,10 @@ def worker_sessions(pid: int) -> list[int]:
     return out
 
 
-def process_key(pid: int) -> tuple[int, int | None]:
-    """``(pid, start time)``: tells a process from a later one that reuses its pid (the start
-    time in clock ticks since boot, from ``/proc``; None where there is no ``/proc``)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[-1].split()
-        return pid, int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return pid, None
-
-
 def sessions_started_after(pid: int) -> Callable[[], list[int]]:
     """A function giving :func:`worker_sessions` of ``pid`` less those that run now: the
     sessions started from here on (an attempt's workers), never one that was there before
     (an in-process agent's host process may lead other sessions: a test's servers)."""
-    before = {process_key(p) for p in worker_sessions(pid)}
-    return lambda: [p for p in worker_sessions(pid) if process_key(p) not in before]
+    # (pid, start time): a later process that reuses a pid that was there is still new.
+    before = {(p, pid_started(p)) for p in worker_sessions(pid)}
+    return lambda: [p for p in worker_sessions(pid) if (p, pid_started(p)) not in before]

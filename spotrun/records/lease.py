@@ -53,6 +53,8 @@ __all__ = [
     "LeaseInfo",
     "acquire_run_lease",
     "clean_stale_temporaries",
+    "pid_gone",
+    "pid_started",
     "read_lease",
     "release_run_lease",
 ]
@@ -85,7 +87,7 @@ def _boot_id() -> str:
         return ""
 
 
-def _pid_started(pid: int) -> int | None:
+def pid_started(pid: int) -> int | None:
     """The start time (clock ticks since boot) of ``pid``; tells a reused pid apart."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -94,7 +96,9 @@ def _pid_started(pid: int) -> int | None:
         return None
 
 
-def _pid_gone(pid: int, started: int | None) -> bool:
+def pid_gone(pid: int, started: int | None) -> bool:
+    """Whether ``pid`` (started at ``started`` clock ticks, or None: unknown) has exited: no
+    such process, a zombie not yet reaped, or its pid reused by a later process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -193,7 +197,7 @@ def _owner_gone(info: LeaseInfo) -> str | None:
         if info.token in _HELD:
             return None
         return "it was left behind by an earlier checkpointer in this process"
-    if _pid_gone(info.pid, info.pid_started):
+    if pid_gone(info.pid, info.pid_started):
         return f"its process (pid {info.pid} on this host) is gone"
     return None
 
@@ -260,7 +264,7 @@ class Lease:
     def _new_info(self, now: float) -> LeaseInfo:
         pid = os.getpid()
         return LeaseInfo(token=self.token, segment_id=self.segment_id, host=socket.gethostname(),
-                         pid=pid, boot_id=_boot_id(), pid_started=_pid_started(pid),
+                         pid=pid, boot_id=_boot_id(), pid_started=pid_started(pid),
                          world_size=self.world_size, acquired_at=now, renewed_at=now,
                          expires_at=now + self.ttl_s, ttl_s=self.ttl_s)
 
