@@ -267,6 +267,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ec2.add_argument("--deadline", help="finish by: ISO time (UTC) or a duration (6h); on-demand when it is near")
     ec2.add_argument("--poll", type=_number("--poll", example="15"), default=15.0,
                      help="seconds between checks on the instance (default 15)")
+    ec2.add_argument("--node-silence", type=_number("--node-silence", example="120", allow_zero=True),
+                     default=None, metavar="SECONDS",
+                     help="terminate and replace a node that EC2 still calls running but that wrote no "
+                     "heartbeat for this long or failed its status checks (default 120; 0: off; with "
+                     "--resume: the new value)")
     ec2.add_argument("--spot-wait", type=_number("--spot-wait", example="600", allow_zero=True),
                      default=600.0,
                      help="seconds to wait for spot capacity before falling back (default 600)")
@@ -345,7 +350,8 @@ def _launch(args: argparse.Namespace) -> int:
         if cmd:
             raise ConfigError("--resume takes no command: the run's own is used")
         storage = Storage(args.resume)
-        ctl = Ec2Controller.resume(storage, max_cost_usd=args.max_cost, max_wait_s=args.max_wait, **kwargs)
+        ctl = Ec2Controller.resume(storage, max_cost_usd=args.max_cost, max_wait_s=args.max_wait,
+                                   node_silence_s=args.node_silence, **kwargs)
     else:
         if not args.run_url:
             raise ConfigError("EC2 mode needs --run-url s3://bucket/prefix (or use --local)")
@@ -385,6 +391,8 @@ def _launch(args: argparse.Namespace) -> int:
             placement_group=args.placement_group, max_cost_usd=args.max_cost, max_wait_s=args.max_wait,
             recovery=args.recovery,
         )
+        if args.node_silence is not None:
+            opts.node_silence_s = args.node_silence
         opts.validate()
         ctl = Ec2Controller.start(storage, Ec2Api.for_region(opts.region), opts,
                                   run_id=check_run_id(args.run_id) if args.run_id else None, **kwargs)

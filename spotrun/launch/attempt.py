@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..records.events import EndReason, Market
 from ..records.layout import EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
-from .ec2 import SPOT_INTERRUPTION
+from .ec2 import NODE_SILENT, SPOT_INTERRUPTION
 
 __all__ = [
     "KILLED",
@@ -81,6 +81,8 @@ class NodeEnd:
     state: str | None = None
     reason_code: str = ""
     rank: int | None = None
+    #: EC2's state-reason message (or the controller's own, for :data:`.ec2.NODE_SILENT`).
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,8 @@ def classify_instance(node: NodeEnd, *, done: bool) -> Verdict:
         return Verdict(EndReason.FINISHED, finished_detail(code), me)
     if rc == SPOT_INTERRUPTION:
         return Verdict(EndReason.INTERRUPTED, "spot interruption", me, (me,))
+    if rc == NODE_SILENT:  # the controller terminated it; the message says why (.ec2_silence)
+        return Verdict(EndReason.INTERRUPTED, node.message or "went silent; terminated by spotrun", me, (me,))
     if code == EXIT_INTERRUPTED:
         return Verdict(EndReason.INTERRUPTED, "the command stopped on an interruption notice (exit 75)", me, (me,))
     if code in UNSAVED_STOP:

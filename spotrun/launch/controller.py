@@ -44,7 +44,9 @@ segment with the attempt's reason, counts ONE interruption (or failure) and rela
 full new attempt. The ledger gets a ``recovery_started`` record before each attempt that
 follows a loss. A node's interruption notice (the ``notice_received`` record its wrapper
 writes into the run ledger) makes the controller ask for that node's replacement at once,
-before the node is gone (:mod:`.ec2_early`).
+before the node is gone (:mod:`.ec2_early`). A node that EC2 still calls running but that
+wrote no heartbeat for ``--node-silence`` seconds, or failed its status checks, is terminated
+and lost like any other (:mod:`.ec2_silence`).
 ``--min-nodes M`` accepts an attempt of M..N nodes; a smaller attempt is not grown while it
 runs, the next relaunch asks for N again.
 
@@ -98,13 +100,14 @@ from .base import EventSink, LaunchEvent, LaunchEventKind, LaunchOutcome, log_ev
 from .book import RunBook
 from .capacity import CapacitySearch
 from .common import is_done
-from .ec2 import Ec2Api, InstanceStatus, Pool
+from .ec2 import NODE_SILENT, Ec2Api, InstanceStatus, Pool
 from .ec2_attempts import Ec2Attempts
 from .ec2_early import EarlyReplacements
 from .ec2_ending import Ec2Ending
 from .ec2_grow import Ec2Grow
 from .ec2_options import Ec2Options, Timing
 from .ec2_replace import Ec2Replacement
+from .ec2_silence import SilenceWatch
 from .limits import Booting, CostGuard, Limits, WaitClock
 from .userdata import build_user_data
 
@@ -175,6 +178,7 @@ class Ec2Controller:
         self.replace = Ec2Replacement(self)
         self.early = EarlyReplacements(self)
         self.grow = Ec2Grow(self)
+        self.silence = SilenceWatch(self)
         self.attempts = Ec2Attempts(self)
         self.ending = Ec2Ending(self)
 
@@ -211,11 +215,12 @@ class Ec2Controller:
 
     @classmethod
     def resume(cls, storage: Storage, api: Ec2Api | None = None, *, max_cost_usd: float | None = None,
-               max_wait_s: float | None = None, **kwargs: Any) -> Ec2Controller:
+               max_wait_s: float | None = None, node_silence_s: float | None = None,
+               **kwargs: Any) -> Ec2Controller:
         """A controller that continues the launch recorded at ``storage``.
 
         ``max_cost_usd``/``max_wait_s`` replace the run's limits (how a run stopped by one
-        continues: raise it and resume).
+        continues: raise it and resume); ``node_silence_s`` its ``--node-silence``.
         """
         state = load_state(storage)
         if state is None:
@@ -232,6 +237,9 @@ class Ec2Controller:
             if max_wait_s is not None:
                 state.options["max_wait_s"] = max_wait_s
                 state.waiting_since = None  # a new patience counts from now
+        if node_silence_s is not None:
+            state.options["node_silence_s"] = node_silence_s
+            Ec2Options.from_dict(state.options).validate()
         if api is None:
             regions = state.options.get("regions") or []
             api = Ec2Api.for_region(regions[0] if regions else state.options.get("region"))
@@ -311,7 +319,7 @@ class Ec2Controller:
                     if outcome is not None:
                         return outcome
                     continue
-                statuses = self._describe(attempt)
+                statuses = self.silence.check(attempt, self._describe(attempt))
                 gone = [s for s in attempt if not self._still_there(s, statuses[s.instance_id])]
                 if not gone:
                     for seg in attempt:
@@ -404,7 +412,8 @@ class Ec2Controller:
 
     def _node_end(self, seg: Segment, status: InstanceStatus) -> NodeEnd:
         """What the controller knows about how ``seg``'s instance ended, as plain values."""
-        return NodeEnd(seg.instance_id, self._read_exit_record(seg), status.state, status.reason_code, seg.node)
+        return NodeEnd(seg.instance_id, self._read_exit_record(seg), status.state, status.reason_code, seg.node,
+                       message=status.reason_message if status.reason_code == NODE_SILENT else "")
 
     def classify(self, seg: Segment, status: InstanceStatus) -> tuple[EndReason, int | None, str]:
         """Why the segment's instance is gone: (reason, exit code, detail)."""
@@ -448,13 +457,13 @@ class Ec2Controller:
             self._say(f"{seg.instance_id} ended: {verdict.reason} ({verdict.detail})",
                       LaunchEventKind.SEGMENT_ENDED, seg.segment_id)
             if verdict.reason is EndReason.INTERRUPTED:
-                self.replace.expect_relaunch([seg])
+                self.replace.expect_relaunch([seg], verdict.detail)
         else:
             if decision.action is Action.REPLACE and self.replace.keep(attempt, statuses, gone, verdict, decision):
                 return None
             self.early.discard(f"attempt {attempt[0].group} ended: {verdict.reason}")
             if verdict.reason is EndReason.INTERRUPTED:
-                self.replace.expect_relaunch([s for s in attempt if s in gone])
+                self.replace.expect_relaunch([s for s in attempt if s in gone], verdict.detail)
             why = verdict.detail
             still = [s for s in attempt
                      if statuses[s.instance_id].state not in ("terminated", "shutting-down", "missing")]

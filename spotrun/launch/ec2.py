@@ -30,6 +30,7 @@ from ..errors import ConfigError, CredentialsError, EndpointUnreachableError, La
 __all__ = [
     "CAPACITY_ERRORS",
     "MARKET_TAG",
+    "NODE_SILENT",
     "PARTIAL_CAPACITY",
     "PRICE_ERRORS",
     "RUN_ID_TAG",
@@ -50,6 +51,10 @@ SPOT_INTERRUPTION = "Server.SpotInstanceTermination"
 #: Not an EC2 code: :meth:`Ec2Api.release_if_short` reports with it that a pool gave fewer
 #: instances than the job needs (and that they were terminated).
 PARTIAL_CAPACITY = "spotrun.PartialCapacity"
+#: Not an EC2 code: the controller terminated a node that EC2 still called running because
+#: it went silent (no heartbeat for ``--node-silence``) or failed its status checks
+#: (:mod:`spotrun.launch.ec2_silence`); its message says which, and for how long.
+NODE_SILENT = "spotrun.NodeSilent"
 #: Per-pool errors that mean "no capacity here now": try another pool.
 CAPACITY_ERRORS = frozenset(
     {
@@ -526,6 +531,33 @@ class Ec2Api:
                 if not token:
                     break
         return {iid: out.get(iid) or InstanceStatus(iid, "missing", "", "") for iid in ids}
+
+    def impaired(self, instance_ids: Sequence[str]) -> dict[str, str]:
+        """Instance id -> which check failed, for those of ``instance_ids`` whose EC2 status
+        checks say ``impaired`` (DescribeInstanceStatus: the system check, EC2's hardware and
+        network, and the instance check, its kernel and network stack). ``initializing`` and
+        ``insufficient-data`` are not failures: a booting instance is judged once checked.
+        Ids as a filter, as :meth:`describe_many` (an unknown id would fail the call)."""
+        ids = list(dict.fromkeys(instance_ids))
+        out: dict[str, str] = {}
+        for start in range(0, len(ids), 200):
+            chunk = ids[start:start + 200]
+            token: str | None = None
+            while True:
+                kwargs: dict[str, Any] = {"Filters": [{"Name": "instance-id", "Values": chunk}]}
+                if token:
+                    kwargs["NextToken"] = token
+                resp = self._call(f"describe_instance_status {', '.join(chunk)}",
+                                  self.client.describe_instance_status, **kwargs)
+                for st in resp.get("InstanceStatuses") or []:
+                    failed = [name for name, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
+                              if (st.get(key) or {}).get("Status") == "impaired"]
+                    if failed and st.get("InstanceId") in chunk:
+                        out[st["InstanceId"]] = " and ".join(failed)
+                token = resp.get("NextToken")
+                if not token:
+                    break
+        return out
 
     def find_run_instances(self, run_id: str, states: Sequence[str] = ALIVE_STATES) -> list[InstanceStatus]:
         """Every instance tagged with ``run_id`` in one of ``states``, oldest first."""

@@ -85,6 +85,10 @@ class Ec2Options:
     #: How long a survivor's node agent waits for the next attempt's cluster file (the
     #: replacement's capacity search and boot come first); then it exits and shuts down.
     rejoin_timeout_s: float = 900.0
+    #: ``--node-silence``: a node EC2 still calls running whose heartbeat has not changed for
+    #: this long (or whose status checks fail) is terminated and lost (:mod:`.ec2_silence`);
+    #: 0: off. Well above the nodes' 30 s beat and the 15 s poll.
+    node_silence_s: float = 120.0
 
     def validate(self) -> None:
         if not self.command:
@@ -130,6 +134,9 @@ class Ec2Options:
         Limits(self.max_cost_usd, self.max_wait_s).validate()
         if self.recovery not in ("replace", "relaunch"):
             raise ConfigError(f"--recovery {self.recovery!r}: use replace or relaunch")
+        if not (isinstance(self.node_silence_s, (int, float)) and not isinstance(self.node_silence_s, bool)
+                and 0 <= self.node_silence_s <= 86400):
+            raise ConfigError(f"--node-silence {self.node_silence_s!r} must be 0 (off) to 86400 seconds; e.g. 120")
         if not (isinstance(self.rejoin_timeout_s, (int, float)) and 0 <= self.rejoin_timeout_s <= 86400):
             raise ConfigError(f"rejoin_timeout_s {self.rejoin_timeout_s!r} must be 0 to 86400 seconds")
 

@@ -88,6 +88,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ClusterWaitError, ConfigError, SpotrunError
+from ..records.heartbeat import HeartbeatWriter
 from ..records.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, NODES_DIR
 from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
@@ -585,6 +586,15 @@ class _Preload:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m spotrun.launch.node [--timeout S] -- CMD...``; exits with torchrun's code."""
+    beats: list[HeartbeatWriter] = []
+    try:
+        return _main(argv, beats)
+    finally:
+        for beat in beats:  # an agent run in-process (tests) leaves no writer behind
+            beat.stop()
+
+
+def _main(argv: Sequence[str] | None, beats: list[HeartbeatWriter]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m spotrun.launch.node",
         description="Wait for this node's cluster file under $SPOTRUN_URL, then run CMD under "
@@ -630,6 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spotrun: error: {exc}", file=sys.stderr)
         return exc.exit_code
     torchrun = preload.torchrun()
+    # Liveness for the EC2 controller's --node-silence, from the node's first attempt on,
+    # through its rejoin waits; the lambda reads the attempt the loop below runs now.
+    beat = HeartbeatWriter.start(storage, instance_id, attempt=lambda: spec.segment)
+    if beat is not None:
+        beats.append(beat)
 
     while True:  # one pass per attempt this machine runs (see "Rejoining")
         index = spec.index(instance_id)

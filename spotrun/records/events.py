@@ -286,6 +286,9 @@ class RecoveryStarted(_Event):
     instances_started: int = 0
     capacity_at: float | None = None
     source: Source = Source.LAUNCHER
+    #: Why the nodes were lost, in words (e.g. "node 1 (i-..) silent for 130s while EC2 said
+    #: running; terminated by spotrun"); None in records written before it was kept.
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RECOVERY_MODES:
@@ -293,7 +296,8 @@ class RecoveryStarted(_Event):
         self._coerce(segment_id=str(self.segment_id), lost_at=float(self.lost_at),
                      lost=tuple(str(x) for x in self.lost), kept=tuple(str(x) for x in self.kept),
                      instances_started=int(self.instances_started),
-                     capacity_at=_optional_float(self.capacity_at), source=Source.parse(self.source))
+                     capacity_at=_optional_float(self.capacity_at), source=Source.parse(self.source),
+                     reason=None if self.reason is None else str(self.reason))
 
     def fields(self) -> dict[str, Any]:
         return {**super().fields(), "lost": list(self.lost), "kept": list(self.kept)}

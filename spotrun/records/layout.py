@@ -17,6 +17,8 @@ change it only together with ``manifest.FORMAT_VERSION``.
       launch/                  the launcher's own state (instances, attempts)
         nodes/<instance>.json  a multi-node segment's cluster file, one per node (same
                                content): rendezvous head, port and id (spotrun.launch.node)
+        nodes/alive/<instance>.json  each node agent's heartbeat, overwritten every 30 s
+                               (spotrun.records.heartbeat)
       logs/                    the command's output, shipped in whole chunks:
         <segment>/node-<N>/<seq>.log   (see spotrun.launch.logs)
       damaged/                 checkpoints that failed verification, moved aside as evidence
@@ -40,6 +42,7 @@ __all__ = [
     "EXIT_FINISHED",
     "EXIT_INTERRUPTED",
     "EXIT_STOP_UNSAVED",
+    "HEARTBEAT_DIR",
     "LAUNCH_DIR",
     "LEASE",
     "LEDGER_DIR",
@@ -61,6 +64,9 @@ LAUNCH_DIR = "launch"
 LOGS_DIR = "logs"
 #: Multi-node cluster files, ``NODES_DIR/<instance id>.json`` (:mod:`spotrun.launch.node`).
 NODES_DIR = f"{LAUNCH_DIR}/nodes"
+#: Each node agent's liveness record, ``HEARTBEAT_DIR/<instance id>.json``
+#: (:mod:`spotrun.records.heartbeat`).
+HEARTBEAT_DIR = f"{NODES_DIR}/alive"
 #: The single-writer lease (:mod:`spotrun.records.lease`).
 LEASE = "lease"
 #: Where damaged checkpoint folders are moved: out of the names :func:`parse_step` takes,
