@@ -238,7 +238,7 @@ def test_a_silent_node_is_terminated_and_replaced_alone_after_node_silence(cloud
     assert end["reason"] == seg.end_reason == "interrupted" and "silent for" in (seg.detail or ""), (end, seg)
     (rec,) = [r for r in recs if r["event"] == "recovery_started"]
     assert (rec["mode"], rec["lost"], rec["kept"], rec["instances_started"]) == ("replace", [lost], kept, 1)
-    assert "silent for" in rec["reason"] and lost in rec["reason"], rec
+    assert "silent for" in rec["detail"] and lost in rec["detail"], rec
     # What a survivor's agent, still in a1 (its torchrun blocked), finds: the next attempt.
     nxt = node._look_next(storage, kept[1], ClusterSpec.from_json(a1))
     assert nxt is not None and nxt.segment == a2["segment"]
@@ -313,4 +313,4 @@ def test_a_failed_status_check_relaunches_a_single_instance_run(cloud: Cloud, st
     assert world.calls.terminated[0] == first and ctl.state.interruptions == 1 and world.calls.fleets == [1, 1]
     assert f"{first}) failed its EC2 system status check" in out.getvalue(), out.getvalue()
     (rec,) = [r for r in launcher_records(storage) if r["event"] == "recovery_started"]
-    assert rec["mode"] == "relaunch" and rec["lost"] == [first] and "status check" in rec["reason"]
+    assert rec["mode"] == "relaunch" and rec["lost"] == [first] and "status check" in rec["detail"]

@@ -87,11 +87,11 @@ class Ec2Replacement:
         return min(times, default=now)
 
     def record(self, group: str, *, mode: str, lost: list[str], kept: list[str], started: int,
-               lost_at: float, capacity_at: float | None, reason: str | None = None) -> None:
+               lost_at: float, capacity_at: float | None, detail: str | None = None) -> None:
         try:
             Ledger(self.ctl.storage).recovery_started(
                 segment_id=group, lost_at=lost_at, mode=mode, lost=tuple(lost), kept=tuple(kept),
-                instances_started=started, capacity_at=capacity_at, reason=reason)
+                instances_started=started, capacity_at=capacity_at, detail=detail)
         except Exception as exc:  # noqa: BLE001 - the books never stop the run
             self.ctl._say(f"could not record the recovery in the ledger: {exc}", LaunchEventKind.WARNING)
 
@@ -105,7 +105,7 @@ class Ec2Replacement:
     def expect_relaunch(self, lost: list[Segment], why: str | None = None) -> None:
         """The next whole attempt follows the loss of ``lost`` (``why``: the verdict's words)."""
         if lost:
-            self.relaunch = {"lost": [s.instance_id for s in lost], "lost_at": self.lost_at(lost), "reason": why}
+            self.relaunch = {"lost": [s.instance_id for s in lost], "lost_at": self.lost_at(lost), "detail": why}
 
     # -- keeping the survivors -----------------------------------------------------------
 
@@ -264,7 +264,7 @@ class Ec2Replacement:
         capacity_at = now if ids else max(min(e.launched_at, now) for e in early.values())
         self.record(group, mode="replace", lost=[s.instance_id for s in p.lost],
                     kept=[s.instance_id for s in p.kept], started=len(segs), lost_at=p.lost_at,
-                    capacity_at=max(capacity_at, p.lost_at), reason=p.why)
+                    capacity_at=max(capacity_at, p.lost_at), detail=p.why)
         ctl._say(f"replaced {', '.join(s.instance_id for s in p.lost)} with {', '.join(s.instance_id for s in segs)} "
                  f"({segs[0].instance_type}, {segs[0].market}, {segs[0].availability_zone or '?'}); attempt {group} "
                  f"on {len(nodes)} node(s), kept {', '.join(s.instance_id for s in p.kept)}",
@@ -284,7 +284,7 @@ class Ec2Replacement:
         ctl.attempts.write_cluster(p.kept, group=group, attempt=k, host=0)
         self.record(group, mode="replace", lost=[s.instance_id for s in p.lost],
                     kept=[s.instance_id for s in p.kept], started=0, lost_at=p.lost_at, capacity_at=ctl.clock(),
-                    reason=p.why)
+                    detail=p.why)
         ctl._say(f"{why}: going on with the {len(p.kept)} survivor(s) (--min-nodes {ctl.options.need}); "
                  f"attempt {group}", LaunchEventKind.CAPACITY, group=group)
         self.pending = None
@@ -303,4 +303,4 @@ class Ec2Replacement:
             now = ctl.clock()
             for seg in p.kept:
                 ctl._end_segment(seg, EndReason.INTERRUPTED, detail=f"terminated by spotrun: {why}", ended_at=now)
-        self.relaunch = {"lost": [s.instance_id for s in p.lost], "lost_at": p.lost_at, "reason": p.why}
+        self.relaunch = {"lost": [s.instance_id for s in p.lost], "lost_at": p.lost_at, "detail": p.why}

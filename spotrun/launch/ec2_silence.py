@@ -27,7 +27,7 @@ terminated, and the run's writer lease already refuses a commit from a writer wh
 taken over), with one log line naming it and how long it was silent; then the attempt goes
 on as for any vanished node: its status reads "shutting-down" with the reason code
 :data:`.ec2.NODE_SILENT`, which :func:`.attempt.classify_instance` books as an interruption
-(the ledger's segment end and ``recovery_started`` carry the reason), so ``--recovery
+(the ledger's segment end and ``recovery_started`` carry the words), so ``--recovery
 replace`` keeps the survivors and starts one replacement in its slot, and ``relaunch``
 relaunches. The survivors' agents see the next attempt's cluster file while their torchrun
 still hangs and stop it (:mod:`.grow`, "A dead attempt").

@@ -286,9 +286,10 @@ class RecoveryStarted(_Event):
     instances_started: int = 0
     capacity_at: float | None = None
     source: Source = Source.LAUNCHER
-    #: Why the nodes were lost, in words (e.g. "node 1 (i-..) silent for 130s while EC2 said
-    #: running; terminated by spotrun"); None in records written before it was kept.
-    reason: str | None = None
+    #: Why the nodes were lost, in words (e.g. "node 1 (i-..) silent for 130s ... while EC2
+    #: said running; terminated by spotrun"); None in records written before it was kept.
+    #: Not named ``reason``: readers take that key for a segment end's EndReason.
+    detail: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RECOVERY_MODES:
@@ -297,7 +298,7 @@ class RecoveryStarted(_Event):
                      lost=tuple(str(x) for x in self.lost), kept=tuple(str(x) for x in self.kept),
                      instances_started=int(self.instances_started),
                      capacity_at=_optional_float(self.capacity_at), source=Source.parse(self.source),
-                     reason=None if self.reason is None else str(self.reason))
+                     detail=None if self.detail is None else str(self.detail))
 
     def fields(self) -> dict[str, Any]:
         return {**super().fields(), "lost": list(self.lost), "kept": list(self.kept)}
