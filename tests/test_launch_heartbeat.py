@@ -314,3 +314,15 @@ def test_a_failed_status_check_relaunches_a_single_instance_run(cloud: Cloud, st
     assert f"{first}) failed its EC2 system status check" in out.getvalue(), out.getvalue()
     (rec,) = [r for r in launcher_records(storage) if r["event"] == "recovery_started"]
     assert rec["mode"] == "relaunch" and rec["lost"] == [first] and "status check" in rec["detail"]
+
+
+def test_a_silent_node_is_booked_an_interruption_unless_its_exit_record_says_more() -> None:
+    from spotrun.launch.attempt import NodeEnd, classify_instance
+    from spotrun.launch.ec2 import NODE_SILENT
+
+    words = "silent for 130s (no heartbeat; --node-silence 120) while EC2 said running; terminated by spotrun"
+    v = classify_instance(NodeEnd("i-1", None, "shutting-down", NODE_SILENT, 1, message=words), done=False)
+    assert (v.reason.value, v.detail, v.lost) == ("interrupted", words, ("i-1",))
+    # Its command had exited 1 and the machine was shutting down: the exit record decides.
+    v = classify_instance(NodeEnd("i-1", 1, "shutting-down", NODE_SILENT, 1, message=words), done=False)
+    assert v.reason.value == "failed" and "exited with code 1" in v.detail

@@ -229,8 +229,6 @@ def classify_instance(node: NodeEnd, *, done: bool) -> Verdict:
         return Verdict(EndReason.FINISHED, finished_detail(code), me)
     if rc == SPOT_INTERRUPTION:
         return Verdict(EndReason.INTERRUPTED, "spot interruption", me, (me,))
-    if rc == NODE_SILENT:  # the controller terminated it; the message says why (.ec2_silence)
-        return Verdict(EndReason.INTERRUPTED, node.message or "went silent; terminated by spotrun", me, (me,))
     if code == EXIT_INTERRUPTED:
         return Verdict(EndReason.INTERRUPTED, "the command stopped on an interruption notice (exit 75)", me, (me,))
     if code in UNSAVED_STOP:
@@ -238,6 +236,8 @@ def classify_instance(node: NodeEnd, *, done: bool) -> Verdict:
     if code is not None:
         what = "exited 0 without writing done.json" if code == 0 else f"exited with code {code}"
         return Verdict(EndReason.FAILED, f"the command {what}; see /var/log/spotrun.log on the instance", me, (me,))
+    if rc == NODE_SILENT:  # terminated by the controller (.ec2_silence); an exit record above says more
+        return Verdict(EndReason.INTERRUPTED, node.message or "went silent; terminated by spotrun", me, (me,))
     if rc.startswith("Server."):
         return Verdict(EndReason.INTERRUPTED, f"EC2 ended the instance ({rc})", me, (me,))
     if rc == "Client.UserInitiatedShutdown":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -44,6 +45,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# A file name under the run URL on every backend, as a cluster file's (spotrun.launch.node).
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
 #: Seconds between two beats of a node agent (``SPOTRUN_HEARTBEAT_S``). Well under the
 #: controller's default ``--node-silence`` (120 s): four beats may fail before a node is
 #: declared lost.
@@ -52,7 +56,7 @@ DEFAULT_HEARTBEAT_S = 30.0
 
 def heartbeat_file(instance_id: str) -> str:
     """Where node ``instance_id``'s liveness record lives, relative to the run URL."""
-    if not instance_id or "/" in instance_id or instance_id.startswith("."):
+    if not _SAFE_ID.fullmatch(instance_id or ""):
         raise ConfigError(f"instance id {instance_id!r} cannot name a heartbeat file; use letters, digits, - or _")
     return f"{HEARTBEAT_DIR}/{instance_id}.json"
 
