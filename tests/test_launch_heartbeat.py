@@ -326,3 +326,21 @@ def test_a_silent_node_is_booked_an_interruption_unless_its_exit_record_says_mor
     # Its command had exited 1 and the machine was shutting down: the exit record decides.
     v = classify_instance(NodeEnd("i-1", 1, "shutting-down", NODE_SILENT, 1, message=words), done=False)
     assert v.reason.value == "failed" and "exited with code 1" in v.detail
+
+
+def test_with_recovery_relaunch_a_silent_node_relaunches_every_node(cloud: Cloud, storage: Storage) -> None:
+    world = World(cloud, storage)
+
+    def act(ctl: Ec2Controller) -> None:
+        ids = world.poll(ctl)
+        if world.n == 2:
+            world.quiet.add(ids[0])
+        if len(world.specs) == 2 and world.n < world.polls:
+            world.finish(ctl)
+
+    ctl, _ = _run(world, act, nodes=2, node_silence_s=60.0, recovery="relaunch")
+    first = [n["instance_id"] for n in world.specs[0]["nodes"]]
+    assert world.calls.fleets == [2, 2] and ctl.state.interruptions == 1
+    assert world.calls.terminated[:2] == [first[0], first[1]], world.calls.terminated  # the silent one first
+    (rec,) = [r for r in launcher_records(storage) if r["event"] == "recovery_started"]
+    assert rec["mode"] == "relaunch" and rec["lost"] == [first[0]] and "silent for" in rec["detail"], rec
