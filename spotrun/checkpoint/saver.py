@@ -303,7 +303,11 @@ class Saver:
             job.done.wait()
             self._collect(job)
         if self.group.distributed:
-            self.group.barrier()  # every rank has written its files
+            if self._written is None:
+                self.group.barrier()  # nothing to commit; every rank is past its save
+                return
+            # No barrier first: commit_written's gather waits for every rank's entries, and
+            # a rank sends them only once its files are written.
             self.commit_written()
             self.group.barrier()  # the manifest exists before anyone moves on
 
