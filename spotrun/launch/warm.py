@@ -130,6 +130,21 @@ def _thread_counts() -> None:
         torch.set_num_threads(int(value))
 
 
+def _fresh_random_state() -> None:
+    """numpy's global random state as a fresh interpreter has it: seeded from the OS.
+
+    CPython reseeds ``random`` in every fork child, and torch's default generator starts from
+    its fixed seed in both kinds of worker; numpy's legacy global state is seeded when
+    ``numpy.random`` is first imported, so a forkserver that imported it (a module named in
+    SPOTRUN_WARM_PRELOAD that imports numpy.random) would hand every worker of every attempt
+    the same state: unseeded ``np.random`` draws (augmentation, sampling) equal on all ranks
+    and repeated after each restart, where subprocess workers draw independently."""
+    mod = sys.modules.get("numpy.random")
+    if mod is not None:
+        with contextlib.suppress(Exception):
+            mod.seed()
+
+
 def _return_value_queue() -> Any:
     """The queue torchrun's worker wrapper puts this worker's return value in (torch 2.13:
     ``ret_val_`` in ``torch.distributed.elastic.multiprocessing.api._wrap``, which calls us),
@@ -212,6 +227,7 @@ def run_worker(environ: dict[str, str], cwd: str, module: bool, target: str, *ar
     _unbuffered_stdio()
     os.chdir(cwd)
     _thread_counts()
+    _fresh_random_state()
     _return_before_exit_0()
     code = 0
     try:
