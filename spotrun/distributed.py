@@ -41,6 +41,14 @@ since the previous checkpoint lost. :func:`torchrun` therefore waits
 ``SPOTRUN_STOP_TIMEOUT`` + :data:`SHUTDOWN_SLACK_S` unless ``--shutdown-timeout`` or
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise: the wrapper's own bound decides when a stop
 is abandoned (it exits 143), torchrun's kill stays the last resort after it.
+
+**Rendezvous polls.** torch's c10d rendezvous makes a node that joined wait for the round to
+close by polling the store with a fixed ``_delay(seconds=1)`` between polls
+(``dynamic_rendezvous``), so each node but the last to join sees the round complete up to 1 s
+late, and the attempt's workers start when the latest of them does. :func:`torchrun` shortens
+that one delay to :data:`RDZV_POLL_S` (``SPOTRUN_RDZV_POLL_S``; 1 restores torch's), leaving
+the first round's random skew and every timeout as torch has them; a torch whose rendezvous
+does not poll through that name keeps its own pace, with one log line.
 """
 
 from __future__ import annotations
@@ -70,6 +78,11 @@ EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 SHUTDOWN_SLACK_S = 15.0
 
 log = logging.getLogger("spotrun.distributed")
+
+#: Seconds between a waiting node's polls of the rendezvous state (torch: 1 s); see
+#: "Rendezvous polls" above. A poll is one small store operation per waiting node.
+RDZV_POLL_S = 0.1
+RDZV_POLL_ENV = "SPOTRUN_RDZV_POLL_S"
 
 #: Worker exit codes that mean "stopped by a signal, stop checkpoint not committed": a worker
 #: whose stop save missed its deadline exits 143; a shell passes a SIGINT on as 130.
@@ -334,6 +347,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     _agent_signal = None
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     _slot_ranks(args)
+    quick_rendezvous_polls()
     _patient_shutdown(args)
     _plain_agent_tracebacks()
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
@@ -405,6 +419,82 @@ def _slot_ranks(args: Any) -> None:
     if slot is not None:
         args.rdzv_conf = conf
     ranks.install(slot)
+
+
+def _rdzv_poll_s() -> float:
+    raw = os.environ.get(RDZV_POLL_ENV, "").strip()
+    if not raw:
+        return RDZV_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.01 <= value <= 1.0:
+        log.warning("ignoring %s=%r (seconds between rendezvous polls, 0.01-1, e.g. 0.1); "
+                    "using %g", RDZV_POLL_ENV, raw, RDZV_POLL_S)
+        return RDZV_POLL_S
+    return value
+
+
+#: The poll the patched rendezvous uses now (None: not patched); read at each delay and at
+#: each state holder's creation, so a later call with another value takes effect.
+_rdzv_poll: list[float | None] = [None]
+
+
+def quick_rendezvous_polls(poll_s: float | None = None) -> bool:
+    """Make torch's c10d rendezvous look at its state every ``poll_s`` seconds (default
+    :func:`_rdzv_poll_s`) instead of every second while a node waits for its round (see
+    "Rendezvous polls" in the module docstring): the executor's fixed one-second delay
+    between polls, and the state holder's one-second cache that serves a poll without asking
+    the store. The first round's random skew and every other delay pass through. False, with
+    one log line, when this torch's rendezvous does not wait through those two pieces."""
+    poll = _rdzv_poll_s() if poll_s is None else poll_s
+    try:
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+    except ImportError as exc:
+        log.info("rendezvous polls: torch's dynamic rendezvous not importable (%s)", exc)
+        return False
+    current = getattr(dr, "_delay", None)
+    executor = getattr(dr, "_DistributedRendezvousOpExecutor", None)
+    run = getattr(getattr(executor, "run", None), "__code__", None)
+    holder = getattr(dr, "_BackendRendezvousStateHolder", None)
+    init_fn = getattr(holder, "__init__", None)
+    init = getattr(getattr(init_fn, "_spotrun_original", init_fn), "__code__", None)
+    sync = getattr(getattr(holder, "sync", None), "__code__", None)
+    if not callable(current) or not isinstance(run, types.CodeType) \
+            or "_delay" not in run.co_names or 1 not in run.co_consts \
+            or not isinstance(init, types.CodeType) or "cache_duration" not in init.co_varnames \
+            or not isinstance(sync, types.CodeType) or "_cache_duration" not in sync.co_names:
+        log.info("rendezvous polls: this torch's rendezvous does not poll through "
+                 "_delay(seconds=1) and a state cache of cache_duration; keeping its own pace")
+        return False
+    _rdzv_poll[0] = poll
+    if not hasattr(current, "_spotrun_original"):
+        original_delay = current
+
+        def _delay(seconds: float | tuple[float, float]) -> None:
+            # Only the SYNC poll asks for exactly 1 s; anything else is torch's own choice.
+            quick = _rdzv_poll[0]
+            original_delay(quick if seconds == 1 and quick is not None else seconds)
+
+        _delay._spotrun_original = original_delay  # type: ignore[attr-defined]
+        dr._delay = _delay
+    if not hasattr(holder.__init__, "_spotrun_original"):
+        original_init = holder.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            quick = _rdzv_poll[0]
+            # torch's default (1 s) only: a caller's own cache_duration stays.
+            if quick is not None and self._cache_duration == 1 and "cache_duration" not in kwargs \
+                    and len(args) < 3:
+                self._cache_duration = quick
+
+        __init__._spotrun_original = original_init  # type: ignore[attr-defined]
+        holder.__init__ = __init__
+    if poll != 1:
+        log.debug("rendezvous polls every %g s (torch: 1 s)", poll)
+    return True
 
 
 def _patient_shutdown(args: Any) -> None:
