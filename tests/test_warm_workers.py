@@ -48,7 +48,7 @@ if mode.startswith("probe"):
         "name": __name__, "main_is_me": sys.modules["__main__"].__dict__ is globals(),
         "write_through": sys.stdout.write_through, "line_buffering": sys.stdout.line_buffering,
         "stderr_write_through": sys.stderr.write_through,
-        "np_draw": float(__import__("numpy.random").random.rand()),
+        "np_draw": float(__import__("numpy.random").random.rand()), "torch_draw": torch.rand(1).item(),
         "threads": torch.get_num_threads(), "cuda_initialized": torch.cuda.is_initialized(),
         "sigint": str(__import__("signal").getsignal(2)), "sigterm": str(__import__("signal").getsignal(15)),
         "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LATE_VAR",
@@ -215,13 +215,16 @@ def test_a_warm_worker_sees_what_python_u_script_sees(runs):
         assert "probe-stdout-0" in text and "probe-stdout-1" in text
 
 
-def test_numpys_global_random_state_is_fresh_in_every_warm_worker(runs):
-    # numpy.random preloaded in the forkserver (SPOTRUN_WARM_PRELOAD): without the reseed every
-    # fork starts from the forkserver's state, so both ranks, and the next attempt's worker
-    # (probe-m, same forkserver), draw the same number.
-    draws = [_probe(runs["warm_out"], rank)["np_draw"] for rank in (0, 1)]
-    draws.append(json.loads((runs["warm_out"] / "probe-m-0.json").read_text())["np_draw"])
+@pytest.mark.parametrize("draw", ["torch_draw", "np_draw"])
+def test_unseeded_random_draws_are_fresh_in_every_warm_worker(runs, draw):
+    # torch seeds its generator at import, numpy.random too (preloaded here through
+    # SPOTRUN_WARM_PRELOAD): without the reseed every fork starts from the forkserver's state,
+    # so both ranks, and the next attempt's worker (probe-m, same forkserver), draw the same.
+    draws = [_probe(runs["warm_out"], rank)[draw] for rank in (0, 1)]
+    draws.append(json.loads((runs["warm_out"] / "probe-m-0.json").read_text())[draw])
     assert len(set(draws)) == 3, draws
+    cold = [_probe(runs["cold_out"], rank)[draw] for rank in (0, 1)]
+    assert len(set(cold)) == 2, cold  # subprocess workers: independent, as the reference
 
 
 def test_a_module_runs_as_python_u_m_module_runs_it(runs, tmp_path):

@@ -131,14 +131,20 @@ def _thread_counts() -> None:
 
 
 def _fresh_random_state() -> None:
-    """numpy's global random state as a fresh interpreter has it: seeded from the OS.
+    """Random generators seeded from the OS, as a fresh interpreter's are.
 
-    CPython reseeds ``random`` in every fork child, and torch's default generator starts from
-    its fixed seed in both kinds of worker; numpy's legacy global state is seeded when
-    ``numpy.random`` is first imported, so a forkserver that imported it (a module named in
-    SPOTRUN_WARM_PRELOAD that imports numpy.random) would hand every worker of every attempt
-    the same state: unseeded ``np.random`` draws (augmentation, sampling) equal on all ranks
-    and repeated after each restart, where subprocess workers draw independently."""
+    torch seeds its default CPU generator from the OS when it is imported, and numpy its
+    legacy global state when ``numpy.random`` is imported; a fork inherits the forkserver's,
+    so every worker of every attempt of one forkserver would start from the same state:
+    unseeded ``torch.rand`` / dropout masks / ``np.random`` draws equal on all ranks and
+    repeated after each restart, where subprocess workers draw independently. A script that
+    seeds (``torch.manual_seed``) is unaffected either way. CPython reseeds ``random`` in
+    every fork child itself; CUDA generators do not exist yet (the forkserver never
+    initialises CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            torch.random.default_generator.seed()
     mod = sys.modules.get("numpy.random")
     if mod is not None:
         with contextlib.suppress(Exception):
