@@ -43,12 +43,14 @@ since the previous checkpoint lost. :func:`torchrun` therefore waits
 is abandoned (it exits 143), torchrun's kill stays the last resort after it.
 
 **Rendezvous polls.** torch's c10d rendezvous makes a node that joined wait for the round to
-close by polling the store with a fixed ``_delay(seconds=1)`` between polls
-(``dynamic_rendezvous``), so each node but the last to join sees the round complete up to 1 s
-late, and the attempt's workers start when the latest of them does. :func:`torchrun` shortens
-that one delay to :data:`RDZV_POLL_S` (``SPOTRUN_RDZV_POLL_S``; 1 restores torch's), leaving
-the first round's random skew and every timeout as torch has them; a torch whose rendezvous
-does not poll through that name keeps its own pace, with one log line.
+close by sleeping ``_delay(seconds=1)`` between polls and answering a poll from a state cache
+kept 1 s (``dynamic_rendezvous``), so each node but the last to join sees the round complete up
+to 1 s late, rank 0 among them, whose published store address every node then waits for.
+:func:`torchrun` makes both :data:`RDZV_POLL_S` for up to :data:`RDZV_POLL_NODES` nodes, and
+proportionally longer above (at most torch's 1 s), so the store answers at most about
+``RDZV_POLL_NODES / RDZV_POLL_S`` state reads a second; ``SPOTRUN_RDZV_POLL_S`` sets it
+exactly (1: torch's pace). The first round's random skew and every timeout stay as torch has
+them; a torch whose rendezvous waits some other way keeps its own pace, with one log line.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ log = logging.getLogger("spotrun.distributed")
 #: "Rendezvous polls" above. A poll is one small store operation per waiting node.
 RDZV_POLL_S = 0.1
 RDZV_POLL_ENV = "SPOTRUN_RDZV_POLL_S"
+#: Up to this many nodes poll every RDZV_POLL_S; more poll proportionally less often (the
+#: state read grows with the nodes too): at most ~160 reads a second of the store's host.
+RDZV_POLL_NODES = 16
 
 #: Worker exit codes that mean "stopped by a signal, stop checkpoint not committed": a worker
 #: whose stop save missed its deadline exits 143; a shell passes a SIGINT on as 130.
@@ -347,7 +352,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     _agent_signal = None
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     _slot_ranks(args)
-    quick_rendezvous_polls()
+    quick_rendezvous_polls(_scaled_poll(args))
     _patient_shutdown(args)
     _plain_agent_tracebacks()
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
@@ -434,6 +439,21 @@ def _rdzv_poll_s() -> float:
                     "using %g", RDZV_POLL_ENV, raw, RDZV_POLL_S)
         return RDZV_POLL_S
     return value
+
+
+def _scaled_poll(args: Any) -> float | None:
+    """The poll for this launch: ``SPOTRUN_RDZV_POLL_S`` when set, else :data:`RDZV_POLL_S`
+    scaled by the most nodes the rendezvous may hold (``--nnodes N`` or ``M:N``) above
+    :data:`RDZV_POLL_NODES`, at most 1 s. None (the default poll) when ``--nnodes`` is unreadable."""
+    if os.environ.get(RDZV_POLL_ENV, "").strip():
+        return None
+    try:
+        from torch.distributed.run import parse_min_max_nnodes
+
+        most = int(parse_min_max_nnodes(str(args.nnodes))[1])
+    except Exception:  # noqa: BLE001 - torchrun reports a bad --nnodes itself
+        return None
+    return min(1.0, RDZV_POLL_S * max(1.0, most / RDZV_POLL_NODES))
 
 
 #: The poll the patched rendezvous uses now (None: not patched); read at each delay and at

@@ -142,3 +142,15 @@ def test_a_torch_that_does_not_poll_so_keeps_its_pace(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="spotrun.distributed"):
         assert not sd.quick_rendezvous_polls()
     assert dr._delay is before and "keeping its own pace" in caplog.text
+
+
+def test_the_poll_grows_with_the_nodes_and_the_setting_wins(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv(sd.RDZV_POLL_ENV, raising=False)
+    assert sd._scaled_poll(SimpleNamespace(nnodes="3")) == sd.RDZV_POLL_S
+    assert sd._scaled_poll(SimpleNamespace(nnodes="2:16")) == sd.RDZV_POLL_S
+    assert sd._scaled_poll(SimpleNamespace(nnodes="64")) == pytest.approx(0.4)
+    assert sd._scaled_poll(SimpleNamespace(nnodes="8:1000")) == 1.0  # never slower than torch
+    monkeypatch.setenv(sd.RDZV_POLL_ENV, "0.2")
+    assert sd._scaled_poll(SimpleNamespace(nnodes="64")) is None  # quick_rendezvous_polls reads it
