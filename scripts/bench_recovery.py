@@ -4,6 +4,7 @@
     python scripts/bench_recovery.py [--state-mib 256] [--repeats 3] [--cases fsdp,ddp]
                                      [--paths relaunch,replace] [--s3] [--quick] [--no-exact]
                                      [--json out.json] [--dir DIR] [--keep] [--warm-workers]
+                                     [--rdzv-poll S]
 
 Each run is ``spotrun launch --local --nodes 3 --nproc-per-node 1`` of
 ``examples/recovery_train.py`` (about ``--state-mib`` MiB of weights and AdamW moments per
@@ -19,6 +20,10 @@ repeat). Two recovery paths, interleaved in the same run (A B, then B A, ...):
   started in the lost one's slot, ranks restore from their own or their buddy's copy.
   Only where ``spotrun launch --help`` lists ``--recovery``; else "replace path not
   available in this build" and only the relaunch path is measured.
+
+``--rdzv-poll S`` sets ``SPOTRUN_RDZV_POLL_S`` for every path (``1``: torch's own once-a-second
+rendezvous polls; spotrun's torchrun wrapper polls every 0.1 s by default), so two runs show what
+the shorter poll saves in start+rdzv.
 
 ``--warm-workers`` adds a third path, ``warm``: ``replace`` with ``SPOTRUN_WARM_WORKERS=1``
 (0 on the others), interleaved with them in the same run; torchrun's workers are then forks of
@@ -350,7 +355,8 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                  cases: list[str], paths: list[str], has_replace: bool, where: str) -> list[dict]:
     print(f"\nRecovery after a loss: {NODES} nodes x 1 process (gloo, CPU), about {args.state_mib:g} MiB "
           f"of state per rank, run URL on {where}, {args.repeats} repeat(s), medians; times in s, "
-          f"bytes in MiB")
+          f"bytes in MiB" + (f"; rendezvous poll {args.rdzv_poll:g} s (SPOTRUN_RDZV_POLL_S)"
+                             if getattr(args, "rdzv_poll", None) is not None else ""))
     if not has_replace:
         print("replace path not available in this build (spotrun launch has no --recovery): "
               "only today's relaunch is measured")
@@ -494,6 +500,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add the path 'warm': replace with SPOTRUN_WARM_WORKERS=1 (torchrun's workers "
                         "forked from a forkserver that imported torch; docs/launch.md, Recovery), "
                         "interleaved with the others in the same run")
+    p.add_argument("--rdzv-poll", type=float, default=None, metavar="S",
+                   help="SPOTRUN_RDZV_POLL_S for every path: seconds between a waiting node's looks "
+                        "at the c10d rendezvous (spotrun's default 0.1; 1 = torch's own pace), to "
+                        "see what the shorter poll saves in start+rdzv")
     args = p.parse_args(argv)
     if args.quick:
         args.state_mib, args.repeats, args.steps, args.every_steps, args.interruptions = 4.0, 1, 10, 2, 1
@@ -516,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
+    if args.rdzv_poll is not None:
+        env["SPOTRUN_RDZV_POLL_S"] = f"{args.rdzv_poll:g}"
     cases = args.cases.split(",")
     wanted = [x for x in args.paths.split(",") if x]
     if args.warm_workers and "warm" not in wanted:

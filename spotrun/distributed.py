@@ -41,6 +41,16 @@ since the previous checkpoint lost. :func:`torchrun` therefore waits
 ``SPOTRUN_STOP_TIMEOUT`` + :data:`SHUTDOWN_SLACK_S` unless ``--shutdown-timeout`` or
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise: the wrapper's own bound decides when a stop
 is abandoned (it exits 143), torchrun's kill stays the last resort after it.
+
+**Rendezvous polls.** torch's c10d rendezvous makes a node that joined wait for the round to
+close by sleeping ``_delay(seconds=1)`` between polls and answering a poll from a state cache
+kept 1 s (``dynamic_rendezvous``), so each node but the last to join sees the round complete up
+to 1 s late, rank 0 among them, whose published store address every node then waits for.
+:func:`torchrun` makes both :data:`RDZV_POLL_S` for up to :data:`RDZV_POLL_NODES` nodes, and
+proportionally longer above (at most torch's 1 s), so the store answers at most about
+``RDZV_POLL_NODES / RDZV_POLL_S`` state reads a second; ``SPOTRUN_RDZV_POLL_S`` sets it
+exactly (1: torch's pace). The first round's random skew and every timeout stay as torch has
+them; a torch whose rendezvous waits some other way keeps its own pace, with one log line.
 """
 
 from __future__ import annotations
@@ -70,6 +80,14 @@ EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 SHUTDOWN_SLACK_S = 15.0
 
 log = logging.getLogger("spotrun.distributed")
+
+#: Seconds between a waiting node's polls of the rendezvous state (torch: 1 s); see
+#: "Rendezvous polls" above. A poll is one small store operation per waiting node.
+RDZV_POLL_S = 0.1
+RDZV_POLL_ENV = "SPOTRUN_RDZV_POLL_S"
+#: Up to this many nodes poll every RDZV_POLL_S; more poll proportionally less often (the
+#: state read grows with the nodes too): at most ~160 reads a second of the store's host.
+RDZV_POLL_NODES = 16
 
 #: Worker exit codes that mean "stopped by a signal, stop checkpoint not committed": a worker
 #: whose stop save missed its deadline exits 143; a shell passes a SIGINT on as 130.
@@ -334,6 +352,7 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     _agent_signal = None
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     _slot_ranks(args)
+    quick_rendezvous_polls(_scaled_poll(args))
     _patient_shutdown(args)
     _plain_agent_tracebacks()
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
@@ -405,6 +424,97 @@ def _slot_ranks(args: Any) -> None:
     if slot is not None:
         args.rdzv_conf = conf
     ranks.install(slot)
+
+
+def _rdzv_poll_s() -> float:
+    raw = os.environ.get(RDZV_POLL_ENV, "").strip()
+    if not raw:
+        return RDZV_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.01 <= value <= 1.0:
+        log.warning("ignoring %s=%r (seconds between rendezvous polls, 0.01-1, e.g. 0.1); "
+                    "using %g", RDZV_POLL_ENV, raw, RDZV_POLL_S)
+        return RDZV_POLL_S
+    return value
+
+
+def _scaled_poll(args: Any) -> float | None:
+    """The poll for this launch: ``SPOTRUN_RDZV_POLL_S`` when set, else :data:`RDZV_POLL_S`
+    scaled by the most nodes the rendezvous may hold (``--nnodes N`` or ``M:N``) above
+    :data:`RDZV_POLL_NODES`, at most 1 s. None (the default poll) when ``--nnodes`` is unreadable."""
+    if os.environ.get(RDZV_POLL_ENV, "").strip():
+        return None
+    try:
+        from torch.distributed.run import parse_min_max_nnodes
+
+        most = int(parse_min_max_nnodes(str(args.nnodes))[1])
+    except Exception:  # noqa: BLE001 - torchrun reports a bad --nnodes itself
+        return None
+    return min(1.0, RDZV_POLL_S * max(1.0, most / RDZV_POLL_NODES))
+
+
+#: The poll the patched rendezvous uses now (None: not patched); read at each delay and at
+#: each state holder's creation, so a later call with another value takes effect.
+_rdzv_poll: list[float | None] = [None]
+
+
+def quick_rendezvous_polls(poll_s: float | None = None) -> bool:
+    """Make torch's c10d rendezvous look at its state every ``poll_s`` seconds (default
+    :func:`_rdzv_poll_s`) instead of every second while a node waits for its round (see
+    "Rendezvous polls" in the module docstring): the executor's fixed one-second delay
+    between polls, and the state holder's one-second cache that serves a poll without asking
+    the store. The first round's random skew and every other delay pass through. False, with
+    one log line, when this torch's rendezvous does not wait through those two pieces."""
+    poll = _rdzv_poll_s() if poll_s is None else poll_s
+    try:
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+    except ImportError as exc:
+        log.info("rendezvous polls: torch's dynamic rendezvous not importable (%s)", exc)
+        return False
+    current = getattr(dr, "_delay", None)
+    executor = getattr(dr, "_DistributedRendezvousOpExecutor", None)
+    run = getattr(getattr(executor, "run", None), "__code__", None)
+    holder = getattr(dr, "_BackendRendezvousStateHolder", None)
+    init_fn = getattr(holder, "__init__", None)
+    init = getattr(getattr(init_fn, "_spotrun_original", init_fn), "__code__", None)
+    sync = getattr(getattr(holder, "sync", None), "__code__", None)
+    if not callable(current) or not isinstance(run, types.CodeType) \
+            or "_delay" not in run.co_names or 1 not in run.co_consts \
+            or not isinstance(init, types.CodeType) or "cache_duration" not in init.co_varnames \
+            or not isinstance(sync, types.CodeType) or "_cache_duration" not in sync.co_names:
+        log.info("rendezvous polls: this torch's rendezvous does not poll through "
+                 "_delay(seconds=1) and a state cache of cache_duration; keeping its own pace")
+        return False
+    _rdzv_poll[0] = poll
+    if not hasattr(current, "_spotrun_original"):
+        original_delay = current
+
+        def _delay(seconds: float | tuple[float, float]) -> None:
+            # Only the SYNC poll asks for exactly 1 s; anything else is torch's own choice.
+            quick = _rdzv_poll[0]
+            original_delay(quick if seconds == 1 and quick is not None else seconds)
+
+        _delay._spotrun_original = original_delay  # type: ignore[attr-defined]
+        dr._delay = _delay
+    if not hasattr(holder.__init__, "_spotrun_original"):
+        original_init = holder.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            quick = _rdzv_poll[0]
+            # torch's default (1 s) only: a caller's own cache_duration stays.
+            if quick is not None and self._cache_duration == 1 and "cache_duration" not in kwargs \
+                    and len(args) < 3:
+                self._cache_duration = quick
+
+        __init__._spotrun_original = original_init  # type: ignore[attr-defined]
+        holder.__init__ = __init__
+    if poll != 1:
+        log.debug("rendezvous polls every %g s (torch: 1 s)", poll)
+    return True
 
 
 def _patient_shutdown(args: Any) -> None:

@@ -48,6 +48,7 @@ if mode.startswith("probe"):
         "name": __name__, "main_is_me": sys.modules["__main__"].__dict__ is globals(),
         "write_through": sys.stdout.write_through, "line_buffering": sys.stdout.line_buffering,
         "stderr_write_through": sys.stderr.write_through,
+        "np_draw": float(__import__("numpy.random").random.rand()), "torch_draw": torch.rand(1).item(),
         "threads": torch.get_num_threads(), "cuda_initialized": torch.cuda.is_initialized(),
         "sigint": str(__import__("signal").getsignal(2)), "sigterm": str(__import__("signal").getsignal(15)),
         "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LATE_VAR",
@@ -135,7 +136,7 @@ def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK")}
     env.update(EARLY_GONE="early", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-               SPOTRUN_WARM_PRELOAD="colorsys, no_such_module_x")  # a missing one is skipped
+               SPOTRUN_WARM_PRELOAD="colorsys, numpy.random, no_such_module_x")  # a missing one is skipped
     env["SPOTRUN_WARM_WORKERS"] = "1" if warm_on else "0"
     proc = subprocess.Popen([PY, str(tmp_path / "driver.py"), str(out), "sub/probe.py", modes],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -212,6 +213,18 @@ def test_a_warm_worker_sees_what_python_u_script_sees(runs):
     assert runs["warm"]["probe"] == runs["cold"]["probe"] == 0
     for text in (runs["warm_text"], runs["cold_text"]):
         assert "probe-stdout-0" in text and "probe-stdout-1" in text
+
+
+@pytest.mark.parametrize("draw", ["torch_draw", "np_draw"])
+def test_unseeded_random_draws_are_fresh_in_every_warm_worker(runs, draw):
+    # torch seeds its generator at import, numpy.random too (preloaded here through
+    # SPOTRUN_WARM_PRELOAD): without the reseed every fork starts from the forkserver's state,
+    # so both ranks, and the next attempt's worker (probe-m, same forkserver), draw the same.
+    draws = [_probe(runs["warm_out"], rank)[draw] for rank in (0, 1)]
+    draws.append(json.loads((runs["warm_out"] / "probe-m-0.json").read_text())[draw])
+    assert len(set(draws)) == 3, draws
+    cold = [_probe(runs["cold_out"], rank)[draw] for rank in (0, 1)]
+    assert len(set(cold)) == 2, cold  # subprocess workers: independent, as the reference
 
 
 def test_a_module_runs_as_python_u_m_module_runs_it(runs, tmp_path):

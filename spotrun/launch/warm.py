@@ -130,6 +130,27 @@ def _thread_counts() -> None:
         torch.set_num_threads(int(value))
 
 
+def _fresh_random_state() -> None:
+    """Random generators seeded from the OS, as a fresh interpreter's are.
+
+    torch seeds its default CPU generator from the OS when it is imported, and numpy its
+    legacy global state when ``numpy.random`` is imported; a fork inherits the forkserver's,
+    so every worker of every attempt of one forkserver would start from the same state:
+    unseeded ``torch.rand`` / dropout masks / ``np.random`` draws equal on all ranks and
+    repeated after each restart, where subprocess workers draw independently. A script that
+    seeds (``torch.manual_seed``) is unaffected either way. CPython reseeds ``random`` in
+    every fork child itself; CUDA generators do not exist yet (the forkserver never
+    initialises CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            torch.random.default_generator.seed()
+    mod = sys.modules.get("numpy.random")
+    if mod is not None:
+        with contextlib.suppress(Exception):
+            mod.seed()
+
+
 def _return_value_queue() -> Any:
     """The queue torchrun's worker wrapper puts this worker's return value in (torch 2.13:
     ``ret_val_`` in ``torch.distributed.elastic.multiprocessing.api._wrap``, which calls us),
@@ -212,6 +233,7 @@ def run_worker(environ: dict[str, str], cwd: str, module: bool, target: str, *ar
     _unbuffered_stdio()
     os.chdir(cwd)
     _thread_counts()
+    _fresh_random_state()
     _return_before_exit_0()
     code = 0
     try:
