@@ -70,8 +70,13 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60.0) ->
     """Read the child's output until a line contains ``needle``; fail on exit or timeout."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
+    # A warm child's pipe is polled, so its deadline holds while it prints nothing (a Popen's
+    # readline blocks until a line or the end).
+    readline_by = getattr(proc.stdout, "readline_by", None)
     while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+        line = proc.stdout.readline() if readline_by is None else readline_by(deadline)
+        if line is None:
+            break
         if not line:
             raise AssertionError(f"process exited ({proc.wait()}) before printing {needle!r}")
         if needle in line:
