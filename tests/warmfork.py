@@ -13,7 +13,8 @@ What a fork cannot take from its own environment is what is read when an interpr
 starts: ``PYTHON*`` (the path, the hash seed: every fork shares the server's), ``OMP_*``,
 ``MKL_*``, ``TORCH_*``, ``CUDA*``... :meth:`WarmPython.spawn` refuses an environment that
 differs from the server's there. So it is for tests of what a process does with signals and
-saves, not for bit-exact comparisons between processes (those start fresh ones).
+saves; a bit-exact comparison is between forks of one server (alike) or fresh processes, not a
+fork against a fresh process.
 """
 
 from __future__ import annotations
