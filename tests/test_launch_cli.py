@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+from helpers import moto_ami
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models.instances import StateReason
@@ -47,7 +48,7 @@ def aws(s3_bucket: str, moto_server: str) -> dict:
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_server)
     vpc = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.1.1.0/24", AvailabilityZone="us-east-1b")["Subnet"]["SubnetId"]
-    ami = ec2.describe_images()["Images"][0]["ImageId"]
+    ami = moto_ami(ec2)
     return {"ec2": ec2, "subnet": subnet, "ami": ami, "url": f"s3://{s3_bucket}/runs/cli"}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
+from helpers import moto_ami
 from moto import mock_aws
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -46,7 +47,7 @@ class World:
             ]["SubnetId"]
             for i, az in enumerate(("us-east-1a", "us-east-1b"))
         ]
-        self.ami = self.client.describe_images()["Images"][0]["ImageId"]
+        self.ami = moto_ami(self.client)
         iam = boto3.client("iam", region_name=REGION)
         iam.create_role(RoleName="spotrun-node", AssumeRolePolicyDocument=json.dumps({
             "Version": "2012-10-17",

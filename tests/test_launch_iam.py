@@ -25,7 +25,7 @@ from typing import Any
 import boto3
 import pytest
 import torch
-from helpers import FakePlacementGroups
+from helpers import FakePlacementGroups, moto_ami
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models.instances import StateReason
@@ -149,7 +149,7 @@ def ec2_world(s3_bucket: str) -> Iterator[dict]:
                                                 "Action": "sts:AssumeRole"}]}))
     iam.create_instance_profile(InstanceProfileName=name)
     iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
-    yield {"ec2": ec2, "subnets": subnets, "ami": ec2.describe_images()["Images"][0]["ImageId"], "profile": name,
+    yield {"ec2": ec2, "subnets": subnets, "ami": moto_ami(ec2), "profile": name,
            "backend": get_backend("ec2")[DEFAULT_ACCOUNT_ID][REGION]}
 
 

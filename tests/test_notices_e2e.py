@@ -18,7 +18,8 @@ from statistics import median
 
 import pytest
 from conftest import free_port
-from helpers import EXAMPLE, REPO, env_for, spawn
+from helpers import EXAMPLE, REPO, env_for
+from warmfork import WarmChild, WarmPython
 
 from spotrun.format.commit import list_checkpoints
 from spotrun.notices.fake_server import FakeMetadataServer
@@ -44,11 +45,11 @@ def _notice_env(url: str, imds: FakeMetadataServer) -> dict[str, str]:
                    SPOTRUN_POLL_INTERVAL=str(POLL))
 
 
-def _start(url: str, imds: FakeMetadataServer, *extra: str) -> subprocess.Popen:
-    return spawn([*ARGS, "--step-sleep", str(STEP_SLEEP), *extra], _notice_env(url, imds))
+def _start(warm: WarmPython, url: str, imds: FakeMetadataServer, *extra: str) -> WarmChild:
+    return warm.spawn([*ARGS, "--step-sleep", str(STEP_SLEEP), *extra], _notice_env(url, imds))
 
 
-def _wait(proc: subprocess.Popen, ready, what: str, timeout: float = 60.0) -> None:
+def _wait(proc: WarmChild, ready, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -79,19 +80,21 @@ def _log_times(out: str) -> tuple[float, float, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
+def reference(tmp_path_factory, warm_python) -> str:
+    # Every run of the example here is a fork of the warm interpreter (tests/warmfork.py): no
+    # torch import per run; the bit-exact comparisons are between forks, the reference too.
     url = str(tmp_path_factory.mktemp("e2e") / "reference")
-    proc = spawn(ARGS, env_for(url))
+    proc = warm_python.spawn(ARGS, env_for(url))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_FINISHED, out
     return url
 
 
 @pytest.mark.slow
-def test_stop_notice_commits_exits_75_in_time_and_resumes_bit_exact(tmp_path, reference):
+def test_stop_notice_commits_exits_75_in_time_and_resumes_bit_exact(tmp_path, reference, warm_python):
     url = str(tmp_path / "run")
     with FakeMetadataServer("ec2") as imds:
-        proc = _start(url, imds)
+        proc = _start(warm_python, url, imds)
         _wait(proc, lambda: _committed(url), "a first checkpoint")
         posted = time.time()
         deadline = imds.post_interruption("terminate", in_seconds=120)
@@ -123,7 +126,7 @@ def test_stop_notice_commits_exits_75_in_time_and_resumes_bit_exact(tmp_path, re
 
         # The notice is withdrawn (a new machine); the relaunch resumes and finishes.
         imds.clear()
-        proc = spawn(ARGS, _notice_env(url, imds))
+        proc = warm_python.spawn(ARGS, _notice_env(url, imds))
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_FINISHED, out
     assert f"resumed from step {stop} " in out
@@ -133,11 +136,11 @@ def test_stop_notice_commits_exits_75_in_time_and_resumes_bit_exact(tmp_path, re
 
 
 @pytest.mark.slow
-def test_rebalance_checkpoints_without_stopping(tmp_path, reference):
+def test_rebalance_checkpoints_without_stopping(tmp_path, reference, warm_python):
     url = str(tmp_path / "run")
     with FakeMetadataServer("ec2") as imds:
         # No scheduled checkpoints: any checkpoint before the end is the rebalance one.
-        proc = spawn([EXAMPLE, "--steps", str(STEPS), "--every-steps", "100000",
+        proc = warm_python.spawn([EXAMPLE, "--steps", str(STEPS), "--every-steps", "100000",
                       "--step-sleep", str(STEP_SLEEP)], _notice_env(url, imds))
         _wait(proc, lambda: _polling(imds), "a poll of the metadata service")
         posted = time.time()
@@ -157,10 +160,10 @@ def test_rebalance_checkpoints_without_stopping(tmp_path, reference):
     assert (step, differences) == (STEPS, [])
 
 
-def test_deadline_too_close_still_saves_and_says_so(tmp_path):
+def test_deadline_too_close_still_saves_and_says_so(tmp_path, warm_python):
     url = str(tmp_path / "run")
     with FakeMetadataServer("ec2") as imds:
-        proc = _start(url, imds)
+        proc = _start(warm_python, url, imds)
         # One save measured first: that is what "too close" is judged against.
         _wait(proc, lambda: _committed(url), "a first checkpoint")
         imds.post_interruption("terminate", in_seconds=0)  # the deadline is already here

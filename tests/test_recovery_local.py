@@ -8,14 +8,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import committed_steps, env_for, ledger_events, spawn
+from helpers import committed_steps, env_for, ledger_events
+from warmfork import WarmPython
 
 from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
@@ -135,7 +135,7 @@ def test_a_full_tmpfs_drops_the_copy_never_the_save(tmp_path, run, caplog):
         subprocess.run(["umount", str(shm)], check=False)
 
 
-def test_kill_9_while_the_copy_is_written_leaves_nothing_a_restore_uses(tmp_path, run):
+def test_kill_9_while_the_copy_is_written_leaves_nothing_a_restore_uses(tmp_path, run, warm_python):
     local = tmp_path / "local"
     script = textwrap.dedent(f"""
         import sys, torch
@@ -150,7 +150,9 @@ def test_kill_9_while_the_copy_is_written_leaves_nothing_a_restore_uses(tmp_path
         while True:  # rewrite the same file until killed, mid-write most likely
             write_payload(copy.storage(run), 8, 0, big)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # A fork of the warm interpreter (tests/warmfork.py): a real process, SIGKILLed for real.
+    (tmp_path / "writer.py").write_text(script)
+    proc = warm_python.spawn([str(tmp_path / "writer.py")])
     assert proc.stdout.readline().strip() == "writing"
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
@@ -180,15 +182,18 @@ def test_from_env_default_and_off(monkeypatch, tmp_path):
 SCRIPT = str(Path(__file__).parent / "scripts" / "local_copy_train.py")
 
 
-def _interrupted_run(url: str, local: Path) -> int:
+def _interrupted_run(warm: WarmPython, url: str, local: Path) -> int:
     """Train, SIGTERM at step 12: the stop checkpoint is committed; its step."""
-    out = _run(url, local, "30", "12", code=75)
+    out = _run(warm, url, local, "30", "12", code=75)
     assert "checkpoint at step" in out
     return max(committed_steps(url))
 
 
-def _run(url: str, local: Path | str, *args: str, code: int = 0) -> str:
-    proc = spawn([SCRIPT, *args], env_for(url, SPOTRUN_LOCAL_DIR=str(local)))
+def _run(warm: WarmPython, url: str, local: Path | str, *args: str, code: int = 0) -> str:
+    # Each run a fork of the warm interpreter (tests/warmfork.py; no torch import per run):
+    # all of them, the uninterrupted reference too, so the bit-for-bit comparison is between
+    # processes started alike.
+    proc = warm.spawn([SCRIPT, *args], env_for(url, SPOTRUN_LOCAL_DIR=str(local)))
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == code, out[-4000:]
     return out
@@ -201,19 +206,20 @@ def _flip(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, warm_python):
     base = tmp_path_factory.mktemp("uninterrupted")
-    out = _run(str(base / "run"), "off", "30")
+    out = _run(warm_python, str(base / "run"), "off", "30")
     return next(line for line in out.splitlines() if line.startswith("final "))
 
 
-def test_a_restart_on_the_same_machine_reads_no_checkpoint_bytes_from_the_run_url(tmp_path, uninterrupted):
+def test_a_restart_on_the_same_machine_reads_no_checkpoint_bytes_from_the_run_url(tmp_path, uninterrupted,
+                                                                                  warm_python):
     url, local = str(tmp_path / "run"), tmp_path / "local"
-    step = _interrupted_run(url, local)
+    step = _interrupted_run(warm_python, url, local)
     total = read_manifest(Storage(url), step).total_bytes  # retention removes it later
     # Damage the run URL's copy: a restore that read it would find the damage and fall back.
     _flip(Path(url) / checkpoint_dir(step) / "rank-00000.pt")
-    out = _run(url, local, "30")
+    out = _run(warm_python, url, local, "30")
     resumed = next(line for line in out.splitlines() if "resumed from step" in line)
     assert f"resumed from step {step} " in resumed and "0 B from the run URL" in resumed, resumed
     assert "from this machine's copy" in resumed and not resumed.split("; ")[-1].startswith("0 B"), resumed
@@ -221,13 +227,13 @@ def test_a_restart_on_the_same_machine_reads_no_checkpoint_bytes_from_the_run_ur
     _assert_restore_recorded(url, step, total, local=True)
 
 
-def test_a_damaged_local_copy_is_ignored_and_the_run_url_is_read(tmp_path, uninterrupted):
+def test_a_damaged_local_copy_is_ignored_and_the_run_url_is_read(tmp_path, uninterrupted, warm_python):
     url, local = str(tmp_path / "run"), tmp_path / "local"
-    step = _interrupted_run(url, local)
+    step = _interrupted_run(warm_python, url, local)
     total = read_manifest(Storage(url), step).total_bytes
     (copy_dir,) = [p for p in local.iterdir() if p.is_dir()]
     _flip(copy_dir / checkpoint_dir(step) / "rank-00000.pt")
-    out = _run(url, local, "30")
+    out = _run(warm_python, url, local, "30")
     assert "local copy of" in out and "not used" in out, out[-3000:]
     resumed = next(line for line in out.splitlines() if "resumed from step" in line)
     assert f"resumed from step {step} " in resumed and "0 B from this machine's copy" in resumed, resumed

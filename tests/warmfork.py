@@ -13,7 +13,8 @@ What a fork cannot take from its own environment is what is read when an interpr
 starts: ``PYTHON*`` (the path, the hash seed: every fork shares the server's), ``OMP_*``,
 ``MKL_*``, ``TORCH_*``, ``CUDA*``... :meth:`WarmPython.spawn` refuses an environment that
 differs from the server's there. So it is for tests of what a process does with signals and
-saves, not for bit-exact comparisons between processes (those start fresh ones).
+saves; a bit-exact comparison is between forks of one server (alike) or fresh processes, not a
+fork against a fresh process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -30,13 +32,19 @@ import time
 
 _SERVER = textwrap.dedent(
     """
-    import atexit, json, os, runpy, signal, sys, threading, traceback
+    import atexit, faulthandler, json, os, runpy, signal, sys, threading, traceback
     # The imports every round shares: torch and spotrun, and what a first optimizer step and
     # save import lazily (torch._dynamo and sympy: 900 modules, 3 of a round's 4 s under load).
     # Import only: no tensor op runs here, so no thread pool exists to be forked.
     import torch, torch._dynamo, torch.optim, numpy.random, fsspec.implementations.local
     import spotrun, spotrun.checkpoint, spotrun.format, spotrun.storage
-    print("warmfork: ready", flush=True)
+    def note(text):
+        # One write of the whole line: under PYTHONUNBUFFERED a print() is two (text, then
+        # newline), and a child printing at that moment lands in between ("step 1warmfork: pid
+        # 42"): the note was missed and the test read on forever. A child's own line can still
+        # be cut by a note; WarmPython.readline finds the note wherever it lands.
+        os.write(1, f"warmfork: {text}\\n".encode())
+    note("ready")
     for request in sys.stdin:
         argv, env = json.loads(request)
         sys.stdout.flush(); sys.stderr.flush()
@@ -44,6 +52,9 @@ _SERVER = textwrap.dedent(
         if pid == 0:
             code, interrupted = 1, False
             try:
+                # SIGUSR2 dumps every thread's stack into its output: what a child past its
+                # deadline was stuck in, shown before it is killed (nothing here sends it else).
+                faulthandler.register(signal.SIGUSR2, all_threads=True)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 if env is not None:
@@ -75,9 +86,9 @@ _SERVER = textwrap.dedent(
                         signal.signal(signal.SIGINT, signal.SIG_DFL)
                         os.kill(os.getpid(), signal.SIGINT)
                     os._exit(code)
-        print(f"warmfork: pid {pid}", flush=True)
+        note(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"warmfork: exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+        note(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
     """
 )
 
@@ -91,16 +102,43 @@ def _alive(pid: int) -> bool:
         return False
 
 
+#: The bound of a wait given no timeout (``communicate()``, ``wait()``): a test that forgot
+#: one fails after this long instead of holding its worker, and the whole suite, forever.
+NO_TIMEOUT_S = 600.0
+
+
+class _Deadline(Exception):
+    """No full line from the server before the deadline (internal to this module)."""
+
+
+class WarmTimeout(subprocess.TimeoutExpired):
+    """A warm child did not exit in time; it was killed, and the message shows what it printed."""
+
+    def __str__(self) -> str:
+        out = self.output if isinstance(self.output, str) else ""
+        return f"{super().__str__()}; it was killed. Its output (tail):\n{out[-4000:]}"
+
+
+def _deadline(timeout: float | None) -> float:
+    return time.monotonic() + (NO_TIMEOUT_S if timeout is None else timeout)
+
+
 class WarmChild:
     """One forked run of a script, read and signalled as a ``subprocess.Popen`` is (the
     subset the tests use: ``pid``, ``stdout``, ``send_signal``, ``kill``, ``wait``, ``poll``,
-    ``communicate``, ``returncode``)."""
+    ``communicate``, ``returncode``).
+
+    Every wait has a deadline that holds even while the child prints nothing (the server's
+    pipe is polled, not read line by line); ``communicate`` kills a child still running at its
+    deadline and raises :class:`WarmTimeout` with what it printed. (A ``readline`` of a
+    silent child once blocked a whole suite for 14 minutes.)"""
 
     def __init__(self, server: WarmPython, pid: int) -> None:
         self._server, self.pid = server, pid
         self.stdout = _ChildLines(self)
         self.returncode: int | None = None
-        self.early: list[str] = []  # its lines read before the server's note of its pid
+        self.pending: list[str] = []  # its output lines read from the pipe, not yet returned
+        self.printed: list[str] = []  # all it printed (for a timeout's report)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -117,27 +155,51 @@ class WarmChild:
         return self.returncode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, None]:
-        """The rest of its output once it exited (stderr is in it, as ``spawn`` merges it)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """The rest of its output once it exited (stderr is in it, as ``spawn`` merges it).
+        Still running at ``timeout`` (None: :data:`NO_TIMEOUT_S`): killed, and
+        :class:`WarmTimeout` names what it printed."""
+        deadline = _deadline(timeout)
         lines = []
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"warm child {self.pid}", timeout or 0)
-            line = self.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        self.wait()
+        try:
+            while True:
+                line = self.stdout.readline(deadline=deadline)
+                if not line:
+                    break
+                lines.append(line)
+        except _Deadline:
+            self._kill_and_reap()
+            raise WarmTimeout(f"warm child {self.pid} ({self.args})", timeout or NO_TIMEOUT_S,
+                              output="".join(self.printed)) from None
         return "".join(lines), None
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Its exit code, as ``Popen.wait``; ``subprocess.TimeoutExpired`` at ``timeout``
+        (None: :data:`NO_TIMEOUT_S`), the child left running (as a Popen's)."""
+        deadline = _deadline(timeout)
         while self.returncode is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"warm child {self.pid}", timeout or 0)
-            if not self._server.readline():
-                raise AssertionError("the warm interpreter exited")
+            try:
+                if not self._server.readline(deadline):
+                    raise AssertionError(f"the warm interpreter exited before child {self.pid}")
+            except _Deadline:
+                raise subprocess.TimeoutExpired(f"warm child {self.pid} ({self.args})",
+                                                timeout or NO_TIMEOUT_S, output="".join(self.printed)) from None
         return self.returncode
+
+    @property
+    def args(self) -> str:
+        return " ".join(self._server.argv_of(self))
+
+    def _kill_and_reap(self) -> None:
+        """Kill it past its deadline; first its threads' stacks (SIGUSR2) into its output."""
+        if self.returncode is None:
+            self.send_signal(signal.SIGUSR2)
+            end = time.monotonic() + 2.0
+            with contextlib.suppress(_Deadline):
+                while self.returncode is None and self._server.readline(end):
+                    pass
+        self.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired, AssertionError):
+            self.wait(timeout=30)
 
 
 class _ChildLines:
@@ -146,17 +208,37 @@ class _ChildLines:
     def __init__(self, child: WarmChild) -> None:
         self._child = child
 
-    def readline(self) -> str:
-        if self._child.early:
-            return self._child.early.pop(0)
-        while self._child.returncode is None:
-            line = self._child._server.readline()
-            if line and not line.startswith("warmfork: "):
-                return line
-            if not line:
-                return ""
-        return ""
+    def readline(self, deadline: float | None = None) -> str:
+        """Its next line, or ``""`` once it exited. With ``deadline`` (``time.monotonic()``),
+        raises ``_Deadline`` if no line came by then; without, waits at most
+        :data:`NO_TIMEOUT_S`, then kills the child and raises :class:`WarmTimeout`."""
+        child = self._child
+        bounded = deadline is not None
+        deadline = _deadline(None) if deadline is None else deadline
+        while not child.pending and child.returncode is None:
+            try:
+                if not child._server.readline(deadline):
+                    return ""
+            except _Deadline:
+                if bounded:
+                    raise
+                child._kill_and_reap()
+                raise WarmTimeout(f"warm child {child.pid} ({child.args})", NO_TIMEOUT_S,
+                                  output="".join(child.printed)) from None
+        return child.pending.pop(0) if child.pending else ""
 
+    def readline_by(self, deadline: float) -> str | None:
+        """Its next line, ``""`` once it exited, None if nothing came by ``deadline`` (then
+        the child is killed: a test that stops waiting for it leaves nothing running)."""
+        try:
+            return self.readline(deadline=deadline)
+        except _Deadline:
+            self._child._kill_and_reap()
+            return None
+
+
+#: The server's notes: one write each, so whole, but possibly right after a child's unended line.
+_NOTE = re.compile(r"warmfork: (?P<what>ready|pid|exit)(?: (?P<pid>\d+))?(?: (?P<code>-?\d+))?\n\Z")
 
 #: Environment variables read at interpreter or torch start (a fork cannot change them).
 _AT_START = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "TORCH_", "PYTORCH_", "CUDA", "LD_", "MALLOC")
@@ -170,31 +252,97 @@ class WarmPython:
     """A server interpreter started with ``env`` that forks ``python ARGS`` look-alikes.
     One child at a time; close it (a context manager) when the test ends."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], start_timeout: float = 600.0) -> None:
         self._env = dict(env)
         self._proc = subprocess.Popen([sys.executable, "-c", _SERVER], env=env, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       start_new_session=True)
-        self._child: WarmChild | None = None
-        self._lines: list[str] = []
-        while True:
-            line = self.readline()
-            if not line:
-                raise AssertionError(f"the warm interpreter did not start:\n{''.join(self._lines)[-4000:]}")
-            if line == "warmfork: ready\n":
-                break
-
-    def readline(self) -> str:
-        """The next output line (the child's or a note); records a child's exit note."""
         assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()
+        self._fd = self._proc.stdout.fileno()
+        self._buf = b""
+        self._eof = False
+        self._child: WarmChild | None = None
+        self._early: list[str] = []  # a new child's lines before the note of its pid
+        self._partial = ""  # a child's line cut by a note: its start
+        self._argv: dict[int, list[str]] = {}
+        self._lines: list[str] = []
+        deadline = time.monotonic() + start_timeout
+        try:
+            while True:
+                line = self.readline(deadline)
+                if not line:
+                    raise AssertionError(f"the warm interpreter did not start:\n{self.tail()}")
+                if line == "warmfork: ready\n":
+                    break
+        except _Deadline:
+            self.close()
+            raise AssertionError(f"the warm interpreter did not start in {start_timeout:.0f}s:\n"
+                                 f"{self.tail()}") from None
+
+    def tail(self) -> str:
+        return "".join(self._lines)[-4000:]
+
+    def argv_of(self, child: WarmChild) -> list[str]:
+        return self._argv.get(child.pid, [])
+
+    def _read_line(self, deadline: float) -> str:
+        """The next raw line of the pipe, ``""`` at its end; ``_Deadline`` if none came by
+        ``deadline``. The pipe is polled, so a silent writer cannot hold this past it."""
+        while True:
+            cut = self._buf.find(b"\n")
+            if cut >= 0:
+                raw, self._buf = self._buf[:cut + 1], self._buf[cut + 1:]
+                return raw.decode("utf-8", "replace")
+            if self._eof:
+                raw, self._buf = self._buf, b""
+                return raw.decode("utf-8", "replace")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Deadline
+            ready, _, _ = select.select([self._fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if chunk:
+                    self._buf += chunk
+                else:
+                    self._eof = True
+
+    def readline(self, deadline: float | None = None) -> str:
+        """The next output line (the child's or a note; ``""`` at the end of the pipe) by
+        ``deadline`` (``time.monotonic()``; None: :data:`NO_TIMEOUT_S` from now), else
+        ``_Deadline``. A child's line is kept for its ``stdout`` whoever reads it; a child's
+        exit note sets its ``returncode``. A note that cut into a child's line is told apart
+        (the child's part goes on after it), so no note is missed."""
+        line = self._read_line(_deadline(None) if deadline is None else deadline)
         self._lines = [*self._lines[-200:], line]
-        found = re.match(r"warmfork: exit (\d+) (-?\d+)$", line)
-        if found and self._child is not None and int(found.group(1)) == self._child.pid:
-            self._child.returncode = int(found.group(2))
+        found = _NOTE.search(line)
+        if found is None:
+            line, self._partial = self._partial + line, ""
+            if line:
+                self._deliver(line)
+            return line
+        cut, line = line[:found.start()], line[found.start():]
+        if found["what"] == "exit":
+            # The dead child's unterminated last line (killed mid-print), as a Popen gives it.
+            if self._partial + cut:
+                self._deliver(self._partial + cut)
+            self._partial = ""
+            child = self._child
+            if child is not None and int(found["pid"]) == child.pid:
+                child.returncode = int(found["code"])
+        else:
+            self._partial += cut  # the new child's line, cut by its pid note, goes on after it
         return line
 
-    def spawn(self, args: list[str], env: dict[str, str] | None = None) -> WarmChild:
+    def _deliver(self, line: str) -> None:
+        child = self._child
+        if child is None:
+            self._early.append(line)  # a child printed before the note of its pid came
+        elif child.returncode is None:
+            child.pending.append(line)
+            child.printed = [*child.printed[-2000:], line]
+
+    def spawn(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120.0) -> WarmChild:
         """Fork a child running ``python ARGS`` (``ARGS[0]``: the script) with ``env`` (None:
         the server's). A previous child still running is killed first."""
         if env is not None and _at_start(env) != _at_start(self._env):
@@ -203,28 +351,35 @@ class WarmPython:
         if self._child is not None and self._child.returncode is None:
             self._child.kill()
             self._child.wait(timeout=60)
+        self._child, self._early, self._partial = None, [], ""
         assert self._proc.stdin is not None
-        self._proc.stdin.write(json.dumps([args, env]) + "\n")
+        self._proc.stdin.write((json.dumps([args, env]) + "\n").encode())
         self._proc.stdin.flush()
-        early: list[str] = []
+        deadline = time.monotonic() + timeout
         while True:
-            line = self.readline()
+            try:
+                line = self.readline(deadline)
+            except _Deadline:
+                raise AssertionError(f"the warm interpreter forked no child in {timeout:.0f}s:\n"
+                                     f"{self.tail()}") from None
             if not line:
-                raise AssertionError(f"the warm interpreter exited:\n{''.join(self._lines)[-4000:]}")
-            found = re.match(r"warmfork: pid (\d+)$", line)
-            if found:
-                self._child = WarmChild(self, int(found.group(1)))
-                self._child.early = early
-                return self._child
-            if not line.startswith("warmfork: "):
-                early.append(line)
+                raise AssertionError(f"the warm interpreter exited:\n{self.tail()}")
+            found = _NOTE.match(line)
+            if found and found["what"] == "pid":
+                child = WarmChild(self, int(found["pid"]))
+                child.pending, child.printed = self._early, list(self._early)
+                self._argv = {child.pid: list(args)}
+                self._child, self._early = child, []
+                return child
 
     def close(self) -> None:
         if self._child is not None and self._child.returncode is None:
             self._child.kill()
         if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.communicate(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.communicate(timeout=30)
 
     def __enter__(self) -> WarmPython:
         return self
