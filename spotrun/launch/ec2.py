@@ -20,7 +20,7 @@ import base64
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -513,23 +513,11 @@ class Ec2Api:
         """
         ids = list(dict.fromkeys(instance_ids))
         out: dict[str, InstanceStatus] = {}
-        # EC2 caps the values of one filter at 200; N nodes stay far below that, one call.
-        for start in range(0, len(ids), 200):
-            chunk = ids[start:start + 200]
-            token: str | None = None
-            while True:
-                kwargs: dict[str, Any] = {"Filters": [{"Name": "instance-id", "Values": chunk}]}
-                if token:
-                    kwargs["NextToken"] = token
-                resp = self._call(f"describe_instances {', '.join(chunk)}",
-                                  self.client.describe_instances, **kwargs)
-                for res in resp.get("Reservations") or []:
-                    for inst in res.get("Instances") or []:
-                        if inst.get("InstanceId") in chunk:
-                            out[inst["InstanceId"]] = _status(inst)
-                token = resp.get("NextToken")
-                if not token:
-                    break
+        for chunk, resp in self._by_id_filter("describe_instances", self.client.describe_instances, ids):
+            for res in resp.get("Reservations") or []:
+                for inst in res.get("Instances") or []:
+                    if inst.get("InstanceId") in chunk:
+                        out[inst["InstanceId"]] = _status(inst)
         return {iid: out.get(iid) or InstanceStatus(iid, "missing", "", "") for iid in ids}
 
     def impaired(self, instance_ids: Sequence[str]) -> dict[str, str]:
@@ -538,8 +526,20 @@ class Ec2Api:
         network, and the instance check, its kernel and network stack). ``initializing`` and
         ``insufficient-data`` are not failures: a booting instance is judged once checked.
         Ids as a filter, as :meth:`describe_many` (an unknown id would fail the call)."""
-        ids = list(dict.fromkeys(instance_ids))
         out: dict[str, str] = {}
+        for chunk, resp in self._by_id_filter("describe_instance_status", self.client.describe_instance_status,
+                                              list(dict.fromkeys(instance_ids))):
+            for st in resp.get("InstanceStatuses") or []:
+                failed = [name for name, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
+                          if (st.get(key) or {}).get("Status") == "impaired"]
+                if failed and st.get("InstanceId") in chunk:
+                    out[st["InstanceId"]] = " and ".join(failed)
+        return out
+
+    def _by_id_filter(self, what: str, call: Any, ids: list[str]) -> Iterator[tuple[list[str], dict[str, Any]]]:
+        """(the chunk of ids, one response page) for ``call`` filtered by instance id: EC2
+        caps one filter at 200 values (N nodes stay far below: one call), and pages follow
+        ``NextToken``."""
         for start in range(0, len(ids), 200):
             chunk = ids[start:start + 200]
             token: str | None = None
@@ -547,17 +547,11 @@ class Ec2Api:
                 kwargs: dict[str, Any] = {"Filters": [{"Name": "instance-id", "Values": chunk}]}
                 if token:
                     kwargs["NextToken"] = token
-                resp = self._call(f"describe_instance_status {', '.join(chunk)}",
-                                  self.client.describe_instance_status, **kwargs)
-                for st in resp.get("InstanceStatuses") or []:
-                    failed = [name for name, key in (("system", "SystemStatus"), ("instance", "InstanceStatus"))
-                              if (st.get(key) or {}).get("Status") == "impaired"]
-                    if failed and st.get("InstanceId") in chunk:
-                        out[st["InstanceId"]] = " and ".join(failed)
+                resp = self._call(f"{what} {', '.join(chunk)}", call, **kwargs)
+                yield chunk, resp
                 token = resp.get("NextToken")
                 if not token:
                     break
-        return out
 
     def find_run_instances(self, run_id: str, states: Sequence[str] = ALIVE_STATES) -> list[InstanceStatus]:
         """Every instance tagged with ``run_id`` in one of ``states``, oldest first."""
