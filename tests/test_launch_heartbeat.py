@@ -259,6 +259,32 @@ def test_a_booting_node_without_a_first_heartbeat_is_not_silent(cloud: Cloud, st
     assert world.status_calls >= 25  # the status checks were asked, every poll
 
 
+def test_a_node_beating_slower_than_node_silence_is_judged_by_its_own_interval(cloud: Cloud,
+                                                                              storage: Storage) -> None:
+    """Node 1's agent beats every 90 s (its SPOTRUN_HEARTBEAT_S, which the controller cannot
+    see but its record states) under --node-silence 60: not silent between its beats; once it
+    stops, silent after three of its intervals (270 s), not after 60."""
+    world = World(cloud, storage, polls=60)
+    slow: list[str] = []
+
+    def act(ctl: Ec2Controller) -> None:
+        if world.n == 0:
+            slow.append(ctl.state.running[1].instance_id)
+            world.quiet.add(slow[0])  # World's own 1 s writer never beats for it
+        ids = world.poll(ctl)
+        if slow[0] in ids and world.n % 9 == 1 and world.n < 20:  # polls 1, 10, 19: every 90 s
+            assert HeartbeatWriter(storage, slow[0], 90.0).beat()
+            world.last_beat[slow[0]] = world.now[0]
+        if len(world.specs) == 2 and world.n < world.polls:
+            world.finish(ctl)
+
+    _, out = _run(world, act, nodes=2, node_silence_s=60.0)
+    (iid,) = slow
+    assert world.calls.terminated[:1] == [iid], out.getvalue()
+    assert 270 <= world.terminated_at[iid] - world.last_beat[iid] <= 290, (world.terminated_at, world.last_beat)
+    assert world.calls.fleets == [2, 1]
+
+
 def test_node_silence_zero_changes_nothing(cloud: Cloud, storage: Storage) -> None:
     """--node-silence 0: a node silent for 300 s is left alone, and EC2 is asked nothing more."""
     world = World(cloud, storage, polls=30)

@@ -8,7 +8,8 @@ it stays ``running``, its peers block in their collective until the process grou
 
 * every node agent writes ``launch/nodes/alive/<instance id>.json`` every 30 s
   (:mod:`spotrun.records.heartbeat`); the controller reads each running node's record and
-  notes, by its *own* clock, when the record last changed. Unchanged for S seconds: silent.
+  notes, by its *own* clock, when the record last changed. Unchanged for S seconds (or three
+  of the node's own intervals, which its record states, when longer): silent.
   Measured on the controller's clock, so the machines' clocks may differ; a resumed
   controller counts from its first read (at worst S late, never early).
 * a node that has not written its first record is not judged by its heartbeat: it boots or
@@ -36,10 +37,11 @@ still hangs and stop it (:mod:`.grow`, "A dead attempt").
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import TYPE_CHECKING
 
-from ..records.heartbeat import read_heartbeat
+from ..records.heartbeat import Heartbeat, read_heartbeat
 from ..records.launch_state import Segment
 from .base import LaunchEventKind
 from .ec2 import NODE_SILENT, InstanceStatus
@@ -50,6 +52,19 @@ if TYPE_CHECKING:
 __all__ = ["SilenceWatch"]
 
 log = logging.getLogger(__name__)
+
+
+#: A node is silent after --node-silence, or this many of its own beat intervals when
+#: longer (a node started with a long SPOTRUN_HEARTBEAT_S is not silent between beats).
+_SLOW_BEATS = 3
+
+
+def _interval(raw: bytes) -> float:
+    """The writer's interval its record states (0 when it states none or cannot be read)."""
+    try:
+        return Heartbeat.from_json(json.loads(raw)).interval_s or 0.0
+    except (ValueError, TypeError):  # unreadable or odd: judged by --node-silence alone
+        return 0.0
 
 
 class SilenceWatch:
@@ -122,7 +137,7 @@ class SilenceWatch:
             if seen is None or seen[0] != raw:
                 self._seen[iid] = (raw, now)
                 continue
-            if now - seen[1] >= limit:
+            if now - seen[1] >= max(limit, _SLOW_BEATS * _interval(raw)):
                 silent[iid] = now - seen[1]
         if len(running) > 1 and silent and len(silent) == len(running) == beating:
             if self._all_quiet_since is None:

@@ -80,6 +80,9 @@ class Heartbeat:
     pid: int
     host: str
     attempt: str | None = None
+    #: The writer's interval (``SPOTRUN_HEARTBEAT_S``): the controller, which cannot see a
+    #: node's environment, waits at least three of them before calling the node silent.
+    interval_s: float | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -91,10 +94,12 @@ class Heartbeat:
         seq, t = data.get("seq"), data.get("time")
         if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(t, (int, float)):
             raise ValueError("seq or time missing")
-        attempt = data.get("attempt")
+        attempt, interval = data.get("attempt"), data.get("interval_s")
         return cls(instance_id=str(data.get("instance_id", "")), seq=seq, time=float(t),
                    pid=int(data.get("pid") or 0), host=str(data.get("host", "")),
-                   attempt=attempt if isinstance(attempt, str) else None)
+                   attempt=attempt if isinstance(attempt, str) else None,
+                   interval_s=float(interval) if isinstance(interval, (int, float))
+                   and not isinstance(interval, bool) and interval > 0 else None)
 
 
 def read_heartbeat(storage: Storage, instance_id: str) -> bytes | None:
@@ -150,7 +155,8 @@ class HeartbeatWriter:
     def beat(self) -> bool:
         """Write one record now; False (logged, retried at the next beat) when it failed."""
         try:
-            hb = Heartbeat(self.instance_id, self.beats, time.time(), os.getpid(), self._host, self.attempt())
+            hb = Heartbeat(self.instance_id, self.beats, time.time(), os.getpid(), self._host, self.attempt(),
+                           self.interval_s)
             self.storage.write_bytes(self._file, hb.to_bytes())
         except Exception as exc:  # noqa: BLE001 - a missed beat is retried; it never ends the node
             self.failures += 1
