@@ -205,6 +205,18 @@ class Inbox:
         self.arrived.set()
 
 
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``pred`` every 50 ms until it returns something truthy, and return that; an
+    AssertionError naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
 def wait_until(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
     """Poll ``pred`` until it holds or ``timeout`` passes; its final answer."""
     end = time.monotonic() + timeout

@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 from contextlib import redirect_stdout
 from typing import Any
 
 import boto3
 import pytest
-from helpers import moto_ami
+from helpers import moto_ami, wait_for
 from moto.backends import get_backend
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models.instances import StateReason
@@ -31,16 +30,6 @@ from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 REGION = "us-east-1"
-
-
-def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture()

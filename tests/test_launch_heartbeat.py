@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import test_launch_ec2_cluster
+from helpers import wait_for
 from moto.ec2.models.instances import Instance
 from test_launch_ec2 import Lines
 from test_launch_ec2_cluster import HOME, T0, Cloud, cluster_file, controller, launcher_records, options
@@ -69,16 +70,6 @@ def _beat(st: Storage, iid: str) -> Heartbeat | None:
     return None if raw is None else Heartbeat.from_json(json.loads(raw))
 
 
-def _wait_for(what, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s")
-
-
 def test_a_node_agent_writes_its_heartbeat_refreshes_it_and_a_frozen_one_goes_silent(tmp_path: Path) -> None:
     run = tmp_path / "run"
     st = Storage(str(run))
@@ -89,10 +80,10 @@ def test_a_node_agent_writes_its_heartbeat_refreshes_it_and_a_frozen_one_goes_si
     proc = subprocess.Popen([sys.executable, "-c", AGENT], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        first = _wait_for(lambda: _beat(st, "i-0aaa"))
+        first = wait_for(lambda: _beat(st, "i-0aaa"))
         assert (first.instance_id, first.attempt, first.pid) == ("i-0aaa", "a1", proc.pid)
         # Refreshed in place: one object, a later beat, a later time.
-        later = _wait_for(lambda: (b := _beat(st, "i-0aaa")) and b.seq >= first.seq + 3 and b)
+        later = wait_for(lambda: (b := _beat(st, "i-0aaa")) and b.seq >= first.seq + 3 and b)
         assert later.time > first.time and later.pid == proc.pid
         assert [n for n in os.listdir(run / "launch" / "nodes" / "alive") if not n.startswith(".")] == ["i-0aaa.json"]
         # Frozen (the simulator's silent loss): the record stops changing.
@@ -102,7 +93,7 @@ def test_a_node_agent_writes_its_heartbeat_refreshes_it_and_a_frozen_one_goes_si
         time.sleep(1.0)  # five beats' worth
         assert read_heartbeat(st, "i-0aaa") == frozen
         os.kill(proc.pid, signal.SIGCONT)
-        _wait_for(lambda: read_heartbeat(st, "i-0aaa") != frozen)
+        wait_for(lambda: read_heartbeat(st, "i-0aaa") != frozen)
         (run / "stop-fake-torchrun").write_text("")
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
