@@ -41,7 +41,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from ..records.heartbeat import Heartbeat, read_heartbeat
+from ..records.heartbeat import Heartbeat, read_heartbeat, silence_limit
 from ..records.launch_state import Segment
 from .base import LaunchEventKind
 from .ec2 import NODE_SILENT, InstanceStatus
@@ -52,11 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["SilenceWatch"]
 
 log = logging.getLogger(__name__)
-
-
-#: A node is silent after --node-silence, or this many of its own beat intervals when
-#: longer (a node started with a long SPOTRUN_HEARTBEAT_S is not silent between beats).
-_SLOW_BEATS = 3
 
 
 def _interval(raw: bytes) -> float:
@@ -137,7 +132,7 @@ class SilenceWatch:
             if seen is None or seen[0] != raw:
                 self._seen[iid] = (raw, now)
                 continue
-            if now - seen[1] >= max(limit, _SLOW_BEATS * _interval(raw)):
+            if now - seen[1] >= silence_limit(limit, _interval(raw)):
                 silent[iid] = now - seen[1]
         if len(running) > 1 and silent and len(silent) == len(running) == beating:
             if self._all_quiet_since is None:

@@ -95,6 +95,7 @@ def run_status(storage: Storage, *, live: bool = True, offline: bool = True) -> 
     running = state.running if state else []
     if state is not None and (len(running) > 1 or (running and running[0].group)):
         out["attempt"] = _attempt(state, running, live=live)
+        _judge_beats(state, storage, out["attempt"]["nodes"], controller_alive=out["controller_alive"])
     else:
         out["attempt"] = None
     report = cost_report(storage, offline=offline)
@@ -122,6 +123,65 @@ def _attempt(state: Any, running: list[Any], *, live: bool) -> dict[str, Any]:
     newest = max(running, key=lambda s: (s.started_at, s.group or ""))
     return {"group": newest.group, "nodes": nodes,
             "requested_nodes": int(state.options.get("nodes") or len(running))}
+
+
+def _judge_beats(state: Any, storage: Storage, nodes: list[dict[str, Any]], *, controller_alive: bool) -> None:
+    """Each node's ``heartbeat`` (its record's age and what the launcher makes of it), added
+    to ``nodes`` in place. Both modes: a node agent beats wherever it runs (``--local
+    --nodes N`` starts the same agent), though only the EC2 controller judges by the beat;
+    the local launcher sees its node processes and needs none."""
+    from ..records.heartbeat import read_node_beat, silence_limit
+
+    opts = state.options or {}
+    off = str((opts.get("env") or {}).get("SPOTRUN_HEARTBEAT_S", "")).strip() in ("0", "0.0")
+    ec2 = state.mode == "ec2"
+    silence = float(opts.get("node_silence_s", 120.0) or 0.0) if ec2 else 0.0
+    beats = {n["instance_id"]: read_node_beat(storage, n["instance_id"]) for n in nodes}
+    limits = {iid: silence_limit(silence, b.beat.interval_s if b.beat else None) for iid, b in beats.items()}
+    late = {iid for iid, b in beats.items() if silence > 0 and b.age_s is not None and b.age_s >= limits[iid]}
+    # The controller's own rule: every node of a multi-node attempt silent at once is the
+    # run URL, not N machines; it warns and terminates none (spotrun.launch.ec2_silence).
+    all_quiet = len(nodes) > 1 and late == set(beats)
+    for n in nodes:
+        iid = n["instance_id"]
+        b = beats[iid]
+        hb: dict[str, Any] = {"age_s": None if b.age_s is None else round(b.age_s, 1),
+                              "interval_s": b.beat.interval_s if b.beat else None,
+                              "seq": b.beat.seq if b.beat else None,
+                              "limit_s": limits[iid] if silence > 0 else None,
+                              "silent": iid in late, "error": b.error}
+        hb["text"] = _beat_text(b.age_s, b.error, hb, off=off, ec2=ec2, silence=silence, all_quiet=all_quiet,
+                                controller_alive=controller_alive, recovery=str(opts.get("recovery") or "replace"))
+        n["heartbeat"] = hb
+
+
+def _beat_text(age: float | None, error: str | None, hb: dict[str, Any], *, off: bool, ec2: bool,
+               silence: float, all_quiet: bool, controller_alive: bool, recovery: str) -> str:
+    if error is not None:
+        return f"heartbeat unreadable ({error})"
+    if age is None:
+        if off:
+            return "no heartbeat (SPOTRUN_HEARTBEAT_S=0 in --env)"
+        judged = ", not judged by it until its first" if ec2 and silence > 0 else ""
+        return f"no heartbeat yet (booting or in --setup{judged})"
+    text = f"last beat {age:.0f}s ago"
+    if not ec2:
+        # The local launcher watches its node processes, not their beats: a stale beat is
+        # worth a word only when it is well past the writer's own interval.
+        if hb["interval_s"] and age >= 3 * hb["interval_s"]:
+            text += " (stale; the local launcher judges its nodes by their processes, not this)"
+        return text
+    if silence <= 0:
+        return text + " (--node-silence 0: not judged)"
+    if not hb["silent"]:
+        return text
+    text = f"silent {age:.0f}s (limit {hb['limit_s']:.0f}s)"
+    if all_quiet:
+        return text + ": every node is, more likely the run URL than the machines; the controller terminates none"
+    if not controller_alive:
+        return text + ": no live controller acts on it (spotrun launch --resume RUN_URL)"
+    then = "starts one replacement in its slot" if recovery == "replace" else "relaunches every node"
+    return text + f": the controller terminates it and {then}"
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -159,8 +219,9 @@ def format_status(st: dict[str, Any]) -> str:
         for n in att["nodes"]:
             state = n.get("state") or n.get("state_error") or "?"
             where = ", ".join(w for w in (n["availability_zone"], n["region"]) if w) or "?"
+            beat = f"; {n['heartbeat']['text']}" if n.get("heartbeat") else ""
             lines.append(f"  node {n['node']}: {n['instance_id']} ({n['instance_type']} {n['market']} in "
-                         f"{where}), {label} {state}")
+                         f"{where}), {label} {state}{beat}")
     lim = st.get("limits")
     if lim and lim.get("text"):
         lines += lim["text"]

@@ -36,11 +36,15 @@ from .layout import HEARTBEAT_DIR
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
+    "SLOW_BEATS",
     "Heartbeat",
     "HeartbeatWriter",
+    "NodeBeat",
     "heartbeat_file",
     "heartbeat_interval",
     "read_heartbeat",
+    "read_node_beat",
+    "silence_limit",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,16 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #: controller's default ``--node-silence`` (120 s): four beats may fail before a node is
 #: declared lost.
 DEFAULT_HEARTBEAT_S = 30.0
+
+#: A node is silent after ``--node-silence``, or this many of its own beat intervals when
+#: longer (a node started with a long SPOTRUN_HEARTBEAT_S is not silent between beats).
+SLOW_BEATS = 3
+
+
+def silence_limit(node_silence_s: float, interval_s: float | None) -> float:
+    """Seconds without a new beat after which a node whose record states ``interval_s`` is
+    silent under ``--node-silence node_silence_s`` (the controller's rule; ``status`` shows it)."""
+    return max(node_silence_s, SLOW_BEATS * (interval_s or 0.0))
 
 
 def heartbeat_file(instance_id: str) -> str:
@@ -111,6 +125,52 @@ def read_heartbeat(storage: Storage, instance_id: str) -> bytes | None:
         return bytes(storage.read_bytes(rel))
     except (FileNotFoundError, StorageNotFoundError):
         return None
+
+
+@dataclass(frozen=True)
+class NodeBeat:
+    """What a reader outside the controller (``spotrun status``) knows of one node's beat:
+    ``age_s`` None when the node has written none yet; ``beat`` None when there is none or
+    it cannot be parsed; ``error`` when the store could not be read."""
+
+    instance_id: str
+    age_s: float | None = None
+    beat: Heartbeat | None = None
+    error: str | None = None
+
+
+def read_node_beat(storage: Storage, instance_id: str, *, now: Callable[[], float] = time.time) -> NodeBeat:
+    """Node ``instance_id``'s record and how long ago it was last written. Never raises for a
+    store it cannot read (the answer carries the error): ``status`` shows what it can.
+
+    The age comes from the store's own time of the write (S3's LastModified, a file's mtime),
+    not the record's ``time``: that is the node's clock, and the node is the machine in
+    doubt (a hung or misset clock is what we look for); the store stamps a beat when it
+    *arrives*, which is also what the controller judges (a beat that never lands is
+    silence). It is compared with this machine's clock, so an unsynchronised reader's skew
+    shows in the age; the controller, which acts, uses no wall clock at all (see
+    :mod:`spotrun.launch.ec2_silence`). The record's time is the fallback on a store that
+    keeps no times."""
+    rel = heartbeat_file(instance_id)
+    try:
+        raw = read_heartbeat(storage, instance_id)
+        if raw is None:
+            return NodeBeat(instance_id)
+        written = storage.modified(rel)
+    except (FileNotFoundError, StorageNotFoundError):  # removed between the two reads
+        return NodeBeat(instance_id)
+    except Exception as exc:  # noqa: BLE001 - status shows what it can
+        return NodeBeat(instance_id, error=str(exc))
+    try:
+        beat: Heartbeat | None = Heartbeat.from_json(json.loads(raw))
+    except (ValueError, TypeError):  # an odd record still says the node wrote something
+        beat = None
+    if written is None:
+        written = beat.time if beat is not None else None
+    age = None if written is None else max(0.0, now() - written)
+    if age is None:
+        return NodeBeat(instance_id, beat=beat, error="the store keeps no time for it")
+    return NodeBeat(instance_id, age_s=age, beat=beat)
 
 
 class HeartbeatWriter:

@@ -12,6 +12,7 @@ root) it hands to its backend, chosen by protocol from a registry (:func:`regist
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import logging
 import os
@@ -485,6 +486,22 @@ class Storage:
     def size(self, rel: str) -> int:
         with translate_errors(self.display(rel), "reading size of"):
             return int(self.fs.size(self.full(rel)))
+
+    def modified(self, rel: str) -> float | None:
+        """When ``rel`` was last written (epoch seconds) by the store's own clock: S3's
+        LastModified, a local file's mtime; None when the backend does not say. Raises
+        StorageNotFoundError when ``rel`` is absent."""
+        path = self.full(rel)
+        with translate_errors(self.display(rel), "reading the time of"):
+            self.fs.invalidate_cache(posixpath.dirname(path))  # another machine rewrites it
+            info = self.fs.info(path)
+        for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
+            value = info.get(key)
+            if isinstance(value, datetime.datetime):
+                return value.timestamp()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return None
 
     def read_bytes(self, rel: str) -> bytes | bytearray:
         """The whole content of ``rel``.
