@@ -4,15 +4,25 @@ that has not beaten yet.
 
 The records are real files (ages set with ``os.utime``) or real objects on the moto server
 (ages by waiting: S3 stamps LastModified itself), read through the real ``status`` command.
+
+Then the silent node end to end (one module-scoped run, about 15 s): the real ``spotrun
+launch`` against EC2 and S3 on the moto server, real node agent processes beating into the
+run, one of them SIGSTOPped; the controller terminates it and replaces it, and ``status``
+taken meanwhile shows the survivor beating and the replacement booting.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +31,7 @@ import pytest
 from spotrun.launch.status import format_status, run_status
 from spotrun.records.heartbeat import Heartbeat, heartbeat_file
 from spotrun.records.launch_state import LaunchState, Segment, save_state
+from spotrun.records.ledger import Ledger
 from spotrun.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,14 +148,155 @@ def test_the_status_command_prints_the_beats(four: Storage, child_env: dict) -> 
 def test_status_reads_beat_ages_from_s3_last_modified(s3_bucket: str) -> None:
     """On the moto server: S3 stamps each write (LastModified, in whole seconds, so an age
     reads up to 1 s old); a record written 3.2 s ago is silent under --node-silence 3 with
-    0.2 s beats, one just written is not, a node without one is booting."""
+    0.2 s beats, one just written is not (its 10 s beats: limit 30 s, however slow the
+    machine), a node without one is booting."""
     storage = Storage(f"s3://{s3_bucket}/runs/beats")
     _state(storage, ["i-old", "i-new", "i-none"], node_silence_s=3.0)
     _beat(storage, "i-old", interval_s=0.2)
     time.sleep(3.2)
-    _beat(storage, "i-new", interval_s=0.2, node_time=0.0)  # a node clock at 1970: not used
+    _beat(storage, "i-new", interval_s=10.0, node_time=0.0)  # a node clock at 1970: not used
     hb = _beats(run_status(storage, live=False))
     assert hb["i-old"]["silent"] and 3.2 <= hb["i-old"]["age_s"] < 20, hb["i-old"]
     assert hb["i-old"]["text"].startswith("silent ") and hb["i-old"]["limit_s"] == 3.0
-    assert not hb["i-new"]["silent"] and hb["i-new"]["age_s"] < 3, hb["i-new"]
+    assert not hb["i-new"]["silent"] and hb["i-new"]["limit_s"] == 30, hb["i-new"]
+    assert hb["i-new"]["age_s"] <= hb["i-old"]["age_s"] - 2, hb  # 3.2 s apart, give or take S3's second
     assert hb["i-none"]["age_s"] is None and hb["i-none"]["text"].startswith("no heartbeat yet")
+
+
+# -- the silent node end to end: the real controller and node agents on the moto server ----
+
+REGION = "us-east-1"
+SILENCE_S = 2.0
+
+# A node agent (python -m spotrun.launch.node) with torchrun stood in for (no torch import):
+# it "trains" until killed; its heartbeat thread is the real one, beating every 0.2 s.
+AGENT = textwrap.dedent(
+    """
+    import sys, time, types
+    import spotrun
+    module = types.ModuleType("spotrun.distributed")
+    module.torchrun = lambda argv: time.sleep(120) or 0
+    sys.modules["spotrun.distributed"] = module
+    spotrun.distributed = module
+    import spotrun.launch.node as node
+    sys.exit(node.main(["--timeout", "60", "--poll", "0.05", "--", "python", "t.py"]))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def silent_run(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """``spotrun launch --nodes 2 --node-silence 2 --poll 0.05`` (the real CLI, in a thread)
+    against EC2 and S3 on the moto server; a real node agent process per node, beating into
+    the run on S3; node 1's agent SIGSTOPped (a hung machine EC2 still calls running). Runs
+    until the controller has replaced it, takes ``spotrun status --json`` then, and finishes
+    the run. What happened, for the tests below."""
+    import boto3
+    from helpers import moto_ami, wait_for
+    from moto.backends import get_backend
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models.instances import StateReason
+
+    from spotrun.cli import main
+    from spotrun.records.heartbeat import read_heartbeat
+    from spotrun.records.launch_state import load_state
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ENDPOINT_URL", moto_server)
+    agents: list[subprocess.Popen] = []
+    out: dict[str, Any] = {}
+    try:
+        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_server)
+        s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto_server)
+        bucket = f"spotrun-silent-{uuid.uuid4().hex[:10]}"
+        s3.create_bucket(Bucket=bucket)
+        vpc = ec2.create_vpc(CidrBlock="10.2.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.2.1.0/24",
+                                   AvailabilityZone="us-east-1b")["Subnet"]["SubnetId"]
+        url = f"s3://{bucket}/runs/silent"
+        storage = Storage(url)
+        result: dict[str, Any] = {}
+
+        def launch() -> None:
+            result["code"] = main([
+                "launch", "--run-url", url, "--instance-types", "g5.xlarge", "--region", REGION,
+                "--subnets", subnet, "--ami", moto_ami(ec2), "--nodes", "2", "--nproc-per-node", "1",
+                "--poll", "0.05", "--node-silence", f"{SILENCE_S:g}", "--offline-prices",
+                "--on-ctrl-c", "terminate", "--", "python", "train.py"])
+
+        thread = threading.Thread(target=launch, daemon=True)
+        thread.start()
+        first = wait_for(lambda: (s := load_state(storage)) and len(s.running) == 2 and s.running,
+                         what="the first attempt's two nodes")
+        ids = [s.instance_id for s in first]
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   SPOTRUN_URL=url, SPOTRUN_HEARTBEAT_S="0.2")
+        for iid in ids:
+            agents.append(subprocess.Popen([sys.executable, "-c", AGENT], env={**env, "SPOTRUN_INSTANCE_ID": iid},
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # Both beat (each record changes: the controller has seen them as alive).
+        seen = [wait_for(lambda i=i: read_heartbeat(storage, i), what=f"{i}'s first beat") for i in ids]
+        wait_for(lambda: all(read_heartbeat(storage, i) != b for i, b in zip(ids, seen, strict=True)),
+                 what="a second beat of each")
+        os.kill(agents[1].pid, signal.SIGSTOP)
+        out["stopped_at"] = time.time()
+        inst = get_backend("ec2")[DEFAULT_ACCOUNT_ID][REGION].get_instance
+        wait_for(lambda: inst(ids[1]).state == "terminated", timeout=60, what="the silent node terminated")
+        out["terminated_at"] = time.time()
+        second = wait_for(lambda: (s := load_state(storage)) and len(s.running) == 2
+                          and ids[1] not in [r.instance_id for r in s.running] and s.running,
+                          timeout=60, what="the replacement attempt")
+        # What spotrun status shows (EC2's live state too) while the survivor beats and the
+        # replacement boots (the command itself: test_the_status_command_prints_the_beats).
+        out["status"] = json.loads(json.dumps(run_status(storage), default=str))
+        out["terminated_state"] = inst(ids[1]).state
+        # What the nodes do when the command finishes: done.json, then their own shutdown.
+        storage.write_bytes("done.json", b"{}")
+        for seg in second:
+            node = inst(seg.instance_id)
+            node.terminate()
+            node.state_reason = StateReason("Client.InstanceInitiatedShutdown: x", "Client.InstanceInitiatedShutdown")
+        thread.join(60)
+        assert not thread.is_alive(), "the controller did not finish"
+        out.update(code=result.get("code"), first=ids, second=[s.instance_id for s in second],
+                   state=load_state(storage), records=[r for r in Ledger(storage).records()
+                                                       if r.get("source") == "launcher"])
+    finally:
+        for proc in agents:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+            proc.wait()
+        mp.undo()
+    yield out
+
+
+def test_a_silent_node_is_terminated_and_replaced_end_to_end(silent_run: dict[str, Any]) -> None:
+    r = silent_run
+    node0, lost = r["first"]
+    assert r["code"] == 0 and r["terminated_state"] == "terminated"
+    # Not before --node-silence after its last beat (at most one 0.2 s beat before the stop),
+    # and well within the test's patience after it.
+    assert SILENCE_S - 0.5 <= r["terminated_at"] - r["stopped_at"] < 30, r
+    # --recovery replace: the survivor kept in slot 0, one new instance in slot 1.
+    assert r["second"][0] == node0 and r["second"][1] not in r["first"]
+    (seg,) = [s for s in r["state"].segments if s.segment_id == lost]
+    assert seg.end_reason == "interrupted" and "silent for" in (seg.detail or "")
+    assert f"--node-silence {SILENCE_S:g}" in seg.detail and "terminated by spotrun" in seg.detail
+    (end,) = [x for x in r["records"] if x["event"] == "segment_ended" and x["segment_id"] == lost]
+    assert end["reason"] == "interrupted"
+    (rec,) = [x for x in r["records"] if x["event"] == "recovery_started"]
+    assert (rec["mode"], rec["lost"], rec["kept"], rec["instances_started"]) == ("replace", [lost], [node0], 1)
+    assert "silent for" in rec["detail"] and lost in rec["detail"]
+    assert r["state"].interruptions == 1 and r["state"].status == "finished"
+
+
+def test_status_during_the_replacement_shows_the_survivors_beat_and_the_new_node_booting(
+        silent_run: dict[str, Any]) -> None:
+    st = silent_run["status"]
+    nodes = {n["instance_id"]: n for n in st["attempt"]["nodes"]}
+    survivor, new = silent_run["second"]
+    assert set(nodes) == {survivor, new} and nodes[survivor]["state"] == "running"
+    hb = nodes[survivor]["heartbeat"]
+    assert hb["age_s"] < SILENCE_S + 1 and not hb["silent"] and hb["interval_s"] == 0.2, hb
+    assert nodes[new]["heartbeat"]["text"].startswith("no heartbeat yet"), nodes[new]
