@@ -13,6 +13,7 @@ taken meanwhile shows the survivor beating and the replacement booting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -205,6 +206,8 @@ def silent_run(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
     mp.setenv("AWS_ENDPOINT_URL", moto_server)
     agents: list[subprocess.Popen] = []
     out: dict[str, Any] = {}
+    thread: threading.Thread | None = None
+    url = ""
     try:
         ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=moto_server)
         s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto_server)
@@ -262,6 +265,10 @@ def silent_run(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> It
                    state=load_state(storage), records=[r for r in Ledger(storage).records()
                                                        if r.get("source") == "launcher"])
     finally:
+        if thread is not None and thread.is_alive():  # a failed step: leave no controller polling
+            with contextlib.suppress(Exception):
+                main(["stop", url, "--wait", "5"])
+            thread.join(30)
         for proc in agents:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)
