@@ -30,9 +30,14 @@ def number(
     maximum: float | None = None,
     allow_minimum: bool = True,
     example: str = "1",
+    text: bool = True,
 ) -> float:
     """A finite real number (a bool is not one) within ``[minimum, maximum]``; with
-    ``allow_minimum=False`` the minimum itself is refused (``minimum=0`` then means "> 0")."""
+    ``allow_minimum=False`` the minimum itself is refused (``minimum=0`` then means "> 0").
+    ``text=False``: a numeric string is refused too (a typed field checked in place, which
+    the caller does not reassign: accepting ``"120"`` there would leave a str behind)."""
+    if isinstance(value, str) and not text:
+        raise ConfigError(f"{name}={value!r} is text; give it as a number, e.g. {example}")
     if isinstance(value, str):
         try:
             value = float(value.strip())

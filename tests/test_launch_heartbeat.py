@@ -123,9 +123,14 @@ def test_a_heartbeat_that_cannot_be_written_is_retried_never_fatal(tmp_path: Pat
 
 
 def test_node_silence_is_checked(cloud: Cloud, storage: Storage) -> None:
-    for bad in (-1.0, float("nan"), 86401.0, True):
+    for bad in (-1.0, float("nan"), 86401.0, True, None):
         with pytest.raises(ConfigError, match="--node-silence"):
             options(cloud, storage, node_silence_s=bad).validate()
+    # Checked in place (validate.number with text=False): a numeric string is refused, not
+    # passed on as a str that the controller would later compare with a float.
+    with pytest.raises(ConfigError, match=r"--node-silence='120' is text; give it as a number, e.g. 120 \(0: off\)"):
+        options(cloud, storage, node_silence_s="120").validate()
+    options(cloud, storage, node_silence_s=0).validate()
     assert Ec2Options(run_url="x", command=["c"], instance_types=["t"]).node_silence_s == 120.0
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..validate import number
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 from .ec2 import Pool
 from .limits import Limits
@@ -134,9 +135,8 @@ class Ec2Options:
         Limits(self.max_cost_usd, self.max_wait_s).validate()
         if self.recovery not in ("replace", "relaunch"):
             raise ConfigError(f"--recovery {self.recovery!r}: use replace or relaunch")
-        if not (isinstance(self.node_silence_s, (int, float)) and not isinstance(self.node_silence_s, bool)
-                and 0 <= self.node_silence_s <= 86400):
-            raise ConfigError(f"--node-silence {self.node_silence_s!r} must be 0 (off) to 86400 seconds; e.g. 120")
+        number(self.node_silence_s, "--node-silence", minimum=0.0, maximum=86400.0, example="120 (0: off)",
+               text=False)
         if not (isinstance(self.rejoin_timeout_s, (int, float)) and 0 <= self.rejoin_timeout_s <= 86400):
             raise ConfigError(f"rejoin_timeout_s {self.rejoin_timeout_s!r} must be 0 to 86400 seconds")
 
