@@ -13,7 +13,9 @@ no training) and a failed write is logged and tried again at the next beat, neve
 
 The record carries a counter and the node's wall time, but the controller judges silence by
 its *own* clock: the time it first read each new record (content changed). Two machines'
-clocks may differ; a controller's never differs from itself.
+clocks may differ; a controller's never differs from itself. ``spotrun status``, which reads
+once and cannot watch for a change, ages a record by the store's time of the write
+(:func:`read_node_beat`) and judges it by the controller's rule (:func:`silence_limit`).
 """
 
 from __future__ import annotations
