@@ -91,9 +91,10 @@ def test_status_shows_fresh_silent_slow_and_missing_beats_by_the_stores_clock(fo
     assert hb["i-stale"]["text"].startswith("silent 2") and hb["i-stale"]["text"].endswith(
         "(limit 120s): the controller terminates it and starts one replacement in its slot"), hb["i-stale"]
     assert not hb["i-slow"]["silent"] and hb["i-slow"]["limit_s"] == 270, hb["i-slow"]
-    assert hb["i-slow"]["text"].startswith("last beat 2")
+    assert hb["i-slow"]["text"].startswith("last beat 2") and hb["i-slow"]["text"].endswith(
+        "s ago (beats every 90s: silent after 270s)")
     assert hb["i-boot"]["age_s"] is None and not hb["i-boot"]["silent"]
-    assert hb["i-boot"]["text"] == "no heartbeat yet (booting or in --setup, not judged by it until its first)"
+    assert hb["i-boot"]["text"] == "no heartbeat yet (booting or in --setup; judged from its first beat)"
     text = format_status(st)
     assert f"node 1: i-stale (g5.xlarge spot in us-east-1a, us-east-1), EC2 state ?; {hb['i-stale']['text']}" in text
     assert "node 3: i-boot" in text and "no heartbeat yet" in text

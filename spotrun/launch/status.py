@@ -162,7 +162,7 @@ def _beat_text(age: float | None, error: str | None, hb: dict[str, Any], *, off:
     if age is None:
         if off:
             return "no heartbeat (SPOTRUN_HEARTBEAT_S=0 in --env)"
-        judged = ", not judged by it until its first" if ec2 and silence > 0 else ""
+        judged = "; judged from its first beat" if ec2 and silence > 0 else ""
         return f"no heartbeat yet (booting or in --setup{judged})"
     text = f"last beat {age:.0f}s ago"
     if not ec2:
@@ -174,6 +174,8 @@ def _beat_text(age: float | None, error: str | None, hb: dict[str, Any], *, off:
     if silence <= 0:
         return text + " (--node-silence 0: not judged)"
     if not hb["silent"]:
+        if hb["interval_s"] and hb["limit_s"] > silence:  # a slow writer: its own three beats rule
+            text += f" (beats every {hb['interval_s']:g}s: silent after {hb['limit_s']:.0f}s)"
         return text
     text = f"silent {age:.0f}s (limit {hb['limit_s']:.0f}s)"
     if all_quiet:
