@@ -131,6 +131,10 @@ def test_node_silence_is_checked(cloud: Cloud, storage: Storage) -> None:
     with pytest.raises(ConfigError, match=r"--node-silence='120' is text; give it as a number, e.g. 120 \(0: off\)"):
         options(cloud, storage, node_silence_s="120").validate()
     options(cloud, storage, node_silence_s=0).validate()
+    # The survivors' rejoin wait, checked alike (its own copy of the rules took True for 1 s).
+    for bad in (True, "900", -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="rejoin_timeout_s="):
+            options(cloud, storage, rejoin_timeout_s=bad).validate()
     assert Ec2Options(run_url="x", command=["c"], instance_types=["t"]).node_silence_s == 120.0
 
 

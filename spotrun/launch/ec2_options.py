@@ -137,8 +137,7 @@ class Ec2Options:
             raise ConfigError(f"--recovery {self.recovery!r}: use replace or relaunch")
         number(self.node_silence_s, "--node-silence", minimum=0.0, maximum=86400.0, example="120 (0: off)",
                text=False)
-        if not (isinstance(self.rejoin_timeout_s, (int, float)) and 0 <= self.rejoin_timeout_s <= 86400):
-            raise ConfigError(f"rejoin_timeout_s {self.rejoin_timeout_s!r} must be 0 to 86400 seconds")
+        number(self.rejoin_timeout_s, "rejoin_timeout_s", minimum=0.0, maximum=86400.0, example="900", text=False)
 
     @property
     def distributed(self) -> bool:
