@@ -239,12 +239,14 @@ class Saver:
             captured_at=written.captured_at,
         ))
         self._retention.after_commit(step, self.keep_last)
-        self._committed(step)
+        self._committed(step, announce=True)
 
-    def _committed(self, step: int) -> None:
-        """``step`` is committed at the run URL: this machine's copy of it becomes the one kept."""
+    def _committed(self, step: int, *, announce: bool = False) -> None:
+        """``step`` is committed at the run URL: this machine's copy of it becomes the one
+        kept. ``announce``: this rank wrote the manifest, so it tells the peers (the other
+        ranks only know their files were gathered, not that the commit happened)."""
         if self._local is not None:
-            self._local.seal(step)
+            self._local.seal(step, announce=announce)
 
     def _drop_local(self) -> None:
         if self._local is not None:
