@@ -63,6 +63,9 @@ class LocalCopy:
     Writers call :meth:`begin` before a save writes its files, write them through
     :meth:`storage`, then :meth:`seal` once the run URL committed the step (or :meth:`drop`
     when the save failed). A restore reads through :meth:`reader` with the committed manifest.
+    Inside a multi-node attempt each file complete in the copy is handed to the peer link at
+    once (sent to the buddy before the commit), and the rank that commits announces it in
+    :meth:`seal` (see :mod:`.peer`).
     """
 
     def __init__(self, directory: str | os.PathLike[str], run_url: str) -> None:

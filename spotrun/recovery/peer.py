@@ -1,5 +1,5 @@
 """A copy on a peer: each node holds the newest checkpoint files of one other node (its buddy
-holds this node's), sent between saves over a channel of its own.
+holds this node's), sent while a save writes them, over a channel of its own.
 
 The channel is plain HTTP/1.0 over TCP, one request per connection (``http.server`` on the
 serving side, ``http.client`` on the asking side; nothing to install). It never touches the
