@@ -466,7 +466,7 @@ _SAVER = textwrap.dedent("""
                             local=copy)
     for step in (10, 20):
         try:
-            saver.save(step, lambda: {"w": torch.arange(1_000_000.0) * step})
+            saver.save(step, lambda: {"w": torch.arange(250_000.0) * step})
         except SaveError as exc:
             print("save failed:", exc, flush=True)
         assert copy.peer.wait(30)
