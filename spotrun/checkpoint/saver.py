@@ -331,7 +331,13 @@ class Saver:
             return
         if self.group.distributed and exc is not None:
             # Other ranks may be gone: no collectives. The write finishes, nothing commits.
+            # Its length is said: after a lost node it is part of the survivors' exit, which
+            # the next attempt waits for (issue 22's recovery trace).
+            t0 = time.monotonic()
             job.done.wait()
+            log.info("the save of step %s was being written when this rank failed (%s): not "
+                     "committed; waited %.2fs for its write on the way out", self._pending_step,
+                     type(exc).__name__, time.monotonic() - t0)
             return
         try:
             self.wait()
