@@ -536,3 +536,54 @@ def test_a_late_file_of_the_sealed_step_joins_it_and_an_older_one_is_refused(nod
         send_file(b.address, TOKEN, key, 15, payload_name(1), f)  # older than the pending one
     send_sealed(b.address, TOKEN, key, 5)  # a late message: ignored
     assert b.held(10) == [payload_name(1), payload_name(2)]
+
+
+# A rank that leaves with a save written but never committed (a peer node vanished): its files
+# still queued for the peers are dropped, so its exit does not wait to send them. A real
+# (one-rank gloo) process group, so the Saver takes its distributed path; the link's thread is
+# held by a node that accepts and never answers, so step 20's file is still queued when the
+# rank leaves.
+_LEAVER = textwrap.dedent("""
+    import os, sys, time
+    import torch, torch.distributed as dist
+    from spotrun.checkpoint.saver import Saver
+    from spotrun.distributed import Group
+    from spotrun.recovery.local import LocalCopy
+    from spotrun.recovery.peer import PeerLink
+    from spotrun.storage import Storage
+
+    run_dir, local_dir, buddy, silent, token, port = sys.argv[1:7]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    run = Storage(run_dir)
+    copy = LocalCopy(local_dir, run.display())
+    copy.peer = PeerLink(run.display(), local_dir, token, buddy, [buddy, silent], rank=0)
+    saver = Saver(run, Group(), keep_last=3, async_save=True, when_busy="wait", metadata={},
+                  segment_id="s", emit=lambda e: None, local=copy)
+    saver.save(10, lambda: {"w": torch.ones(1000)})
+    saver.wait()  # committed; its commit message to the silent node holds the link's thread
+    saver.save(20, lambda: {"w": torch.ones(1000) * 2})
+    while saver.poll():
+        time.sleep(0.01)  # written, awaiting a commit that will not come
+    saver.finish_inflight(RuntimeError("a peer node vanished"))
+    assert copy.peer.wait(60)
+    print("done", flush=True)
+""")
+
+
+def test_a_rank_leaving_before_its_commit_drops_the_sends_queued_for_that_step(nodes, run, tmp_path):
+    _, b, _ = nodes
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LEAVER, run.display(), str(tmp_path / "leaver"), b.address,
+             f"127.0.0.1:{silent.getsockname()[1]}", TOKEN, str(free_port())],
+            env=env_for(run.display(), SPOTRUN_PEER_TIMEOUT="1.5"), capture_output=True, text=True, timeout=120)
+    finally:
+        silent.close()
+    assert done.returncode == 0 and "done" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert (Path(run.display()) / checkpoint_dir(10) / "manifest.json").exists()
+    assert not (Path(run.display()) / checkpoint_dir(20) / "manifest.json").exists()
+    assert not (b.server.root / ".pending-20").exists(), "a step that never commits was sent"
+    assert b.server.root.joinpath(checkpoint_dir(10)).is_dir()  # step 10's commit was heard

@@ -326,18 +326,25 @@ class Saver:
         if isinstance(exc, KeyboardInterrupt):
             return  # a second Ctrl-C means now; the last commit is intact
         job = self._job
-        if job is None:
-            self.wait_retention(RETENTION_EXIT_WAIT_S)
-            return
-        if self.group.distributed and exc is not None:
+        if self.group.distributed and exc is not None and (job is not None or self._written is not None):
             # Other ranks may be gone: no collectives. The write finishes, nothing commits.
             # Its length is said: after a lost node it is part of the survivors' exit, which
             # the next attempt waits for (issue 22's recovery trace).
-            t0 = time.monotonic()
-            job.done.wait()
-            log.info("the save of step %s was being written when this rank failed (%s): not "
-                     "committed; waited %.2fs for its write on the way out", self._pending_step,
-                     type(exc).__name__, time.monotonic() - t0)
+            if job is not None:
+                t0 = time.monotonic()
+                job.done.wait()
+                log.info("the save of step %s was being written when this rank failed (%s): not "
+                         "committed; waited %.2fs for its write on the way out", self._pending_step,
+                         type(exc).__name__, time.monotonic() - t0)
+            # The commit is a collective this rank leaves: the step never commits, so its
+            # local copy, and its files still queued for the peers (sent before the commit),
+            # are worth nothing; dropped, the exit does not wait for those sends.
+            self._written = None
+            self._drop_local()
+            if job is not None:
+                return
+        if job is None:
+            self.wait_retention(RETENTION_EXIT_WAIT_S)
             return
         try:
             self.wait()
