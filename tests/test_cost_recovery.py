@@ -260,6 +260,12 @@ def test_cost_json_text_html_and_status_show_it(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "recovery (loss -> first step)" in text and "1m50.0s" in text
     assert all(label in text for _, label in PARTS)
+    # What each byte column means, said where the figures are shown (issue 22: bytes held on
+    # the restoring machine for another node are local, not peer: nothing crossed the network).
+    flat = " ".join(text.split())
+    assert "local = already on the restoring machine, its own copy or files it held for other nodes" in flat, text
+    assert "peer = fetched from another node over the peer channel during the restore" in flat, text
+    assert "Local (on the machine)" in html and "fetched from another node over the peer channel" in html
     status = format_status(run_status(Storage(url), live=False))
     assert "recovery   1 recovery, loss -> first step 1m50.0s" in status, status
     assert "restore 12.5s" in status and "1.00 GiB local, 256 MiB peer, 0 B run URL" in status, status

@@ -24,7 +24,7 @@ import pytest
 import torch
 from helpers import REPO, env_for, free_port
 
-from spotrun.format.commit import commit
+from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
 from spotrun.format.snapshot import payload_name, write_payload
 from spotrun.launch.node import ClusterSpec
@@ -32,7 +32,15 @@ from spotrun.records.layout import checkpoint_dir
 from spotrun.recovery import peer as peer_mod
 from spotrun.recovery.local import LocalCopy
 from spotrun.recovery.localdir import run_key
-from spotrun.recovery.peer import PeerError, PeerLink, PeerServer, fetch_file, new_token, send_file
+from spotrun.recovery.peer import (
+    PeerError,
+    PeerLink,
+    PeerServer,
+    fetch_file,
+    new_token,
+    send_file,
+    send_sealed,
+)
 from spotrun.storage import Storage
 
 TOKEN = "ab" * 16
@@ -88,7 +96,7 @@ def _save(copy: LocalCopy, run: Storage, step: int, payloads: dict[int, dict]) -
         files[name] = entry
     manifest = Manifest(step=step, files=files, world_size=len(payloads))
     commit(run, manifest)
-    assert copy.seal(step)
+    assert copy.seal(step, announce=True)  # as the rank that wrote the manifest
     assert copy.peer.wait(30)
     return manifest
 
@@ -161,7 +169,9 @@ def test_rank_0_sends_what_every_rank_reads_to_every_node_so_survivors_read_no_u
     reader, _ = _restore(c.copy(a, rank=2, nodes=nodes), run, manifest,
                          [payload_name(0), payload_name(2)])
     sizes = {n: e.size for n, e in manifest.files.items()}
-    assert reader.bytes_by_source() == {"local": sizes[payload_name(2)], "peer": sizes[payload_name(0)], "url": 0}
+    # Rank 0's file was on this machine before the restore began (held for others): local.
+    assert reader.bytes_by_source() == {"local": sizes[payload_name(2)] + sizes[payload_name(0)],
+                                        "peer": 0, "url": 0}
 
 
 def test_only_the_newest_step_is_held_and_an_older_one_is_refused(nodes, run, tmp_path):
@@ -203,7 +213,7 @@ def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp
         # The buddy refuses another run's files; placed by hand they sit under another key.
         other_copy.begin(10)
         write_payload(other_copy.storage(other), 10, 1, _state(9))
-        other_copy.seal(10)
+        other_copy.seal(10, announce=True)
         other_copy.peer.wait(30)
         assert not (b.dir / "peer" / run_key(other.display())).exists()
         held.write_bytes((Path(other.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes())
@@ -304,6 +314,7 @@ def test_kill_9_while_a_peer_copy_is_written_leaves_nothing_a_restore_uses(nodes
         assert time.monotonic() < deadline, "the cut-off file was never removed"
         time.sleep(0.02)
     assert b.held(30) == [] and b.held(10) == [payload_name(1)]  # the older copy is untouched
+    assert not (b.server.root / ".pending-30").exists()  # and nothing of the cut-off step is held
 
 
 def test_serve_attempt_gives_the_workers_the_buddy_and_off_means_none(tmp_path, monkeypatch, run):
@@ -397,3 +408,182 @@ def test_the_simulator_picks_a_rendezvous_port_whose_peer_ports_are_free_too() -
         for p in range(port + 1, port + 4):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", p))
+
+
+# -- files sent before the commit ----------------------------------------------------------------
+# A save's files go to the buddy as soon as they are complete locally: a node killed right
+# after its commit has left its buddy its files; the buddy keeps its older committed step until
+# it hears the new one committed, so a save that fails never costs it. The saving node is a
+# real process running the real Saver (killed -9 right after the manifest is written). Its run
+# URL finishes a payload file a while after the last byte was handed to it, as S3 does (the
+# last part and the multipart completion): that tail is the window the early send uses.
+
+# argv: run dir, local dir, buddy address, token, what happens at the commit of step 20
+# ("kill": SIGKILL right after the manifest is written; "refused": the commit raises).
+_SAVER = textwrap.dedent("""
+    import contextlib, os, signal, sys, time
+    import torch
+    from spotrun.checkpoint import saver as saver_mod
+    from spotrun.distributed import Group
+    from spotrun.errors import SaveError, StorageError
+    from spotrun.recovery.local import LocalCopy
+    from spotrun.recovery.peer import PeerLink
+    from spotrun.storage import Storage
+
+    run_dir, local_dir, buddy, token, at_commit = sys.argv[1:6]
+    run = Storage(run_dir)
+
+    class UploadTail:
+        # The run URL: step 20's payload is durable 1.5 s after its last byte was handed over.
+        def __init__(self, storage):
+            self._storage = storage
+        @contextlib.contextmanager
+        def open_write(self, rel):
+            with self._storage.open_write(rel) as out:
+                yield out
+                if rel.startswith("000000000020/") and rel.endswith(".pt"):
+                    time.sleep(1.5)
+        def write_bytes(self, rel, data):
+            with self.open_write(rel) as f:
+                f.write(data)
+            return f.entry
+        def __getattr__(self, name):
+            return getattr(self._storage, name)
+
+    real_commit = saver_mod.commit
+    def commit(storage, manifest):
+        if manifest.step == 20 and at_commit == "refused":
+            raise StorageError("the commit was refused")
+        real_commit(storage, manifest)
+        if manifest.step == 20 and at_commit == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # the machine goes right after the commit
+    saver_mod.commit = commit
+
+    copy = LocalCopy(local_dir, run.display())
+    copy.peer = PeerLink(run.display(), local_dir, token, buddy, rank=0)
+    saver = saver_mod.Saver(UploadTail(run), Group(), keep_last=3, async_save=False,
+                            when_busy="wait", metadata={}, segment_id="s", emit=lambda e: None,
+                            local=copy)
+    for step in (10, 20):
+        try:
+            saver.save(step, lambda: {"w": torch.arange(250_000.0) * step})
+        except SaveError as exc:
+            print("save failed:", exc, flush=True)
+        assert copy.peer.wait(30)
+    print("done", flush=True)
+""")
+
+
+def _run_saver(run: Storage, local: Path, buddy: Node, at_commit: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _SAVER, run.display(), str(local), buddy.address,
+                           TOKEN, at_commit], env=env_for(run.display()), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_node_killed_right_after_its_commit_left_its_buddy_the_files(nodes, run, tmp_path):
+    _, b, _ = nodes
+    done = _run_saver(run, tmp_path / "lost-node", b, "kill")
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr[-3000:]
+    manifest = read_manifest(run, 20)  # committed: the kill came after the manifest
+    # Its commit message never went: the buddy holds step 20 as pending, step 10 as sealed.
+    assert b.held(10) == [payload_name(0)]
+    assert (b.server.root / ".pending-20" / payload_name(0)).is_file()
+    replacement = Node(tmp_path, "replacement", run)
+    try:
+        reader, data = _restore(replacement.copy(b, rank=0), run, manifest)
+    finally:
+        replacement.server.stop()
+    assert reader.bytes_by_source() == {"local": 0, "peer": manifest.total_bytes, "url": 0}
+    url_file = Path(run.display()) / checkpoint_dir(20) / payload_name(0)
+    assert data[payload_name(0)] == url_file.read_bytes()
+
+
+def test_a_save_that_fails_after_its_files_reached_the_buddy_leaves_the_older_step(nodes, run, tmp_path):
+    a, b, _ = nodes
+    done = _run_saver(run, tmp_path / "node", b, "refused")
+    assert done.returncode == 0 and "save failed" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert not (Path(run.display()) / checkpoint_dir(20) / "manifest.json").exists()
+    # Step 20's file did reach the buddy (pending), and cost it nothing: step 10 is still
+    # held, and a replacement restores it (the newest committed step) without the run URL.
+    assert (b.server.root / ".pending-20" / payload_name(0)).is_file()
+    assert b.held(10) == [payload_name(0)]
+    manifest = read_manifest(run, 10)
+    replacement = Node(tmp_path, "replacement", run)
+    try:
+        reader, _ = _restore(replacement.copy(b, rank=0), run, manifest)
+    finally:
+        replacement.server.stop()
+    assert reader.bytes_by_source() == {"local": 0, "peer": manifest.total_bytes, "url": 0}
+    # The next commit frees both the failed step and the older one: at most two steps held.
+    _save(a.copy(b, rank=0), run, 30, {0: {"w": torch.ones(10)}})
+    assert sorted(p.name for p in b.server.root.iterdir()) == [checkpoint_dir(30)]
+
+
+def test_a_late_file_of_the_sealed_step_joins_it_and_an_older_one_is_refused(nodes, run, tmp_path):
+    """The commit message may arrive before a slow rank's file of the same step: the file
+    joins the sealed step; a file of an older step than the one held is refused."""
+    _, b, _ = nodes
+    key = run_key(run.display())
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 1000)
+    send_file(b.address, TOKEN, key, 10, payload_name(1), f)
+    assert b.held(10) == [] and (b.server.root / ".pending-10" / payload_name(1)).is_file()
+    send_sealed(b.address, TOKEN, key, 10)
+    send_file(b.address, TOKEN, key, 10, payload_name(2), f)
+    assert b.held(10) == [payload_name(1), payload_name(2)]
+    send_file(b.address, TOKEN, key, 20, payload_name(1), f)  # pending beside the sealed step
+    with pytest.raises(PeerError, match="409"):
+        send_file(b.address, TOKEN, key, 15, payload_name(1), f)  # older than the pending one
+    send_sealed(b.address, TOKEN, key, 5)  # a late message: ignored
+    assert b.held(10) == [payload_name(1), payload_name(2)]
+
+
+# A rank that leaves with a save written but never committed (a peer node vanished): its files
+# still queued for the peers are dropped, so its exit does not wait to send them. A real
+# (one-rank gloo) process group, so the Saver takes its distributed path; the link's thread is
+# held by a node that accepts and never answers, so step 20's file is still queued when the
+# rank leaves.
+_LEAVER = textwrap.dedent("""
+    import os, sys, time
+    import torch, torch.distributed as dist
+    from spotrun.checkpoint.saver import Saver
+    from spotrun.distributed import Group
+    from spotrun.recovery.local import LocalCopy
+    from spotrun.recovery.peer import PeerLink
+    from spotrun.storage import Storage
+
+    run_dir, local_dir, buddy, silent, token, port = sys.argv[1:7]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    run = Storage(run_dir)
+    copy = LocalCopy(local_dir, run.display())
+    copy.peer = PeerLink(run.display(), local_dir, token, buddy, [buddy, silent], rank=0)
+    saver = Saver(run, Group(), keep_last=3, async_save=True, when_busy="wait", metadata={},
+                  segment_id="s", emit=lambda e: None, local=copy)
+    saver.save(10, lambda: {"w": torch.ones(1000)})
+    saver.wait()  # committed; its commit message to the silent node holds the link's thread
+    saver.save(20, lambda: {"w": torch.ones(1000) * 2})
+    while saver.poll():
+        time.sleep(0.01)  # written, awaiting a commit that will not come
+    saver.finish_inflight(RuntimeError("a peer node vanished"))
+    assert copy.peer.wait(60)
+    print("done", flush=True)
+""")
+
+
+def test_a_rank_leaving_before_its_commit_drops_the_sends_queued_for_that_step(nodes, run, tmp_path):
+    _, b, _ = nodes
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LEAVER, run.display(), str(tmp_path / "leaver"), b.address,
+             f"127.0.0.1:{silent.getsockname()[1]}", TOKEN, str(free_port())],
+            env=env_for(run.display(), SPOTRUN_PEER_TIMEOUT="1.5"), capture_output=True, text=True, timeout=120)
+    finally:
+        silent.close()
+    assert done.returncode == 0 and "done" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert (Path(run.display()) / checkpoint_dir(10) / "manifest.json").exists()
+    assert not (Path(run.display()) / checkpoint_dir(20) / "manifest.json").exists()
+    assert not (b.server.root / ".pending-20").exists(), "a step that never commits was sent"
+    assert b.server.root.joinpath(checkpoint_dir(10)).is_dir()  # step 10's commit was heard

@@ -239,12 +239,14 @@ class Saver:
             captured_at=written.captured_at,
         ))
         self._retention.after_commit(step, self.keep_last)
-        self._committed(step)
+        self._committed(step, announce=True)
 
-    def _committed(self, step: int) -> None:
-        """``step`` is committed at the run URL: this machine's copy of it becomes the one kept."""
+    def _committed(self, step: int, *, announce: bool = False) -> None:
+        """``step`` is committed at the run URL: this machine's copy of it becomes the one
+        kept. ``announce``: this rank wrote the manifest, so it tells the peers (the other
+        ranks only know their files were gathered, not that the commit happened)."""
         if self._local is not None:
-            self._local.seal(step)
+            self._local.seal(step, announce=announce)
 
     def _drop_local(self) -> None:
         if self._local is not None:
@@ -324,12 +326,25 @@ class Saver:
         if isinstance(exc, KeyboardInterrupt):
             return  # a second Ctrl-C means now; the last commit is intact
         job = self._job
+        if self.group.distributed and exc is not None and (job is not None or self._written is not None):
+            # Other ranks may be gone: no collectives. The write finishes, nothing commits.
+            # Its length is said: after a lost node it is part of the survivors' exit, which
+            # the next attempt waits for (issue 22's recovery trace).
+            if job is not None:
+                t0 = time.monotonic()
+                job.done.wait()
+                log.info("the save of step %s was being written when this rank failed (%s): not "
+                         "committed; waited %.2fs for its write on the way out", self._pending_step,
+                         type(exc).__name__, time.monotonic() - t0)
+            # The commit is a collective this rank leaves: the step never commits, so its
+            # local copy, and its files still queued for the peers (sent before the commit),
+            # are worth nothing; dropped, the exit does not wait for those sends.
+            self._written = None
+            self._drop_local()
+            if job is not None:
+                return
         if job is None:
             self.wait_retention(RETENTION_EXIT_WAIT_S)
-            return
-        if self.group.distributed and exc is not None:
-            # Other ranks may be gone: no collectives. The write finishes, nothing commits.
-            job.done.wait()
             return
         try:
             self.wait()

@@ -259,7 +259,8 @@ def _recovery(d: dict[str, Any]) -> list[str]:
     if not recs:
         return []
     headers = ["#", "Attempt (lost -> recovered)", "Mode", "Lost at (UTC)", "Loss -> first step",
-               *(label.capitalize() for _, label in PARTS), "From local copy", "From peer", "From run URL", "Instances"]
+               *(label.capitalize() for _, label in PARTS), "Local (on the machine)", "Peer (fetched)",
+               "From run URL", "Instances"]
     rows = []
     for n, r in enumerate(recs, 1):
         cells = [str(n), _a(f"{r.get('previous') or '?'} -> {r['attempt']}"), _a(r.get("mode") or "?"),
@@ -278,8 +279,11 @@ def _recovery(d: dict[str, Any]) -> list[str]:
         + "".join(f"<th>{_a(h)}</th>" for h in headers) + "</tr></thead><tbody>" + "".join(rows)
         + "</tbody></table></div>",
         "<p>From each loss to the first training step of the attempt after it, wall-clock, once per "
-        "interruption; '?' is not in the ledger (its time is in the part before it). The restarts "
-        "figure above is what the same stretch cost in billed instance time, every node counted.</p>",
+        "interruption; '?' is not in the ledger (its time is in the part before it). Bytes the "
+        "restore read: local were already on the restoring machine (its own copy, or files it held "
+        "for other nodes), peer were fetched from another node over the peer channel during the "
+        "restore, the rest came from the run URL. The restarts figure above is what the same "
+        "stretch cost in billed instance time, every node counted.</p>",
     ]
 
 

@@ -14,7 +14,10 @@ followed a loss (an attempt: a multi-node group, or one segment):
   segments' instance ids (an id the previous attempt also ran on was kept);
 * the wrapper's ``training_resumed`` of the attempt (rank 0 writes it; the node whose own
   process wrote it): the process start, the restore's start and length, the bytes restored
-  from this machine's copy, a peer and the run URL (all ranks together), the first step.
+  (all ranks together) by where they were when the restore began: ``local``, already on the
+  restoring machine (its own copy, or files it held for other nodes, sent before the loss);
+  ``peer``, fetched from another node over the peer channel during the restore; ``url``, read
+  from the run URL. The first step.
 
 The time from the loss to the first step is split at those points, in order: waiting for
 capacity (loss -> capacity), boot and setup (capacity -> process start), process start and

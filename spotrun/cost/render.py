@@ -65,8 +65,11 @@ def recovery_lines(d: dict[str, Any]) -> list[str]:
     right = {0, *range(3, 4 + len(PARTS) + 3)}
     out = ["", "Recovery (from each loss to the first training step of the attempt after it)"]
     out += ["  " + line for line in table(headers, rows, right=right)]
-    out.append("  ('?': not in the ledger; an unknown part's time is in the part before it. "
-               "Bytes: what the restore read from this machine's copy, a peer node, the run URL)")
+    out.append("  ('?': not in the ledger; an unknown part's time is in the part before it.")
+    out.append("  Bytes the restore read: local = already on the restoring machine, its own copy or "
+               "files it held for other nodes;")
+    out.append("  peer = fetched from another node over the peer channel during the restore; "
+               "run URL = read from the run URL)")
     return out
 
 

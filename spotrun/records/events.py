@@ -241,8 +241,9 @@ class TrainingResumed(_Event):
     process_started_at: float
     first_step_at: float
     # What the restore before that step cost (None where nothing was restored, and in older
-    # records): when it began, how long it took, and its bytes by where they came from
-    # (this machine's copy, a peer node's copy, the run URL).
+    # records): when it began, how long it took, and its bytes by where they were when it
+    # began: local (on the restoring machine: its own copy, or files held there for other
+    # nodes), peer (fetched from another node over the peer channel), the run URL.
     restore_started_at: float | None = None
     restore_s: float | None = None
     bytes_local: int | None = None

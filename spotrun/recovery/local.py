@@ -63,6 +63,9 @@ class LocalCopy:
     Writers call :meth:`begin` before a save writes its files, write them through
     :meth:`storage`, then :meth:`seal` once the run URL committed the step (or :meth:`drop`
     when the save failed). A restore reads through :meth:`reader` with the committed manifest.
+    Inside a multi-node attempt each file complete in the copy is handed to the peer link at
+    once (sent to the buddy before the commit), and the rank that commits announces it in
+    :meth:`seal` (see :mod:`.peer`).
     """
 
     def __init__(self, directory: str | os.PathLike[str], run_url: str) -> None:
@@ -141,16 +144,29 @@ class LocalCopy:
             yield primary
             return
         writer = TeeWriter(primary, local, self._fail)
+        step = self._step
         try:
             yield writer
-        finally:
+        except BaseException:
             with contextlib.suppress(OSError):
                 local.close()
+            raise
+        try:
+            local.close()
+        except OSError as exc:
+            self._fail(exc)
+        if self.peer is not None and self._failed is None and writer.intact and step == self._step:
+            # The file is complete here: its send starts now, while the run URL's upload of
+            # it may still run, so the buddy usually has it before the step is committed.
+            self.peer.offer(step, rel[len(prefix or ""):], path)
 
-    def seal(self, step: int) -> bool:
+    def seal(self, step: int, *, announce: bool = False) -> bool:
         """The run URL committed ``step``: keep this copy as the newest, remove older ones.
         Ranks of one machine share the folder: each moves its own files in. False when the
-        copy was dropped or failed."""
+        copy was dropped or failed. ``announce`` (the rank that wrote the manifest, so knows
+        the commit happened): tell every node's peer server, whatever became of this copy."""
+        if announce and self.peer is not None:
+            self.peer.announce(step)
         partial, copying = self._partial, self._step
         self._partial = self._step = None
         if partial is None or copying != step:
@@ -159,7 +175,6 @@ class LocalCopy:
             shutil.rmtree(partial, ignore_errors=True)
             return False
         final = self.root / checkpoint_dir(step)
-        moved: list[tuple[str, Path]] = []
         try:
             for path in sorted(partial.rglob("*")):
                 if path.is_file():
@@ -167,22 +182,22 @@ class LocalCopy:
                     target = final / name
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(path, target)
-                    moved.append((name, target))
         except OSError as exc:
             self._fail(exc)
             return False
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         self._remove_older_than(step)
-        if self.peer is not None:
-            self.peer.push(step, moved)  # background: never a cost to the step
         return True
 
     def drop(self) -> None:
         """Abandon the copy under way (the save failed, or another begins)."""
-        partial, self._partial, self._step = self._partial, None, None
+        partial, step = self._partial, self._step
+        self._partial = self._step = None
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
+        if step is not None and self.peer is not None:
+            self.peer.cancel(step)  # what the buddy got of it stays pending, never sealed
 
     def _fail(self, exc: BaseException) -> None:
         if self._failed is None:
@@ -222,8 +237,11 @@ class NearestReader:
     checkpoint's files come from the local copy where it matches the committed manifest
     (size and checksums, checked once per file before its first use), else from a peer (the
     file this node holds for others, else fetched from the buddy into this machine's copy,
-    checked the same way), else from the run URL. Counts the bytes each source served
-    (:attr:`local_bytes`, :attr:`peer_bytes`, :attr:`url_bytes`)."""
+    checked the same way), else from the run URL. Counts the bytes each source served, by
+    where the bytes were when the restore began: :attr:`local_bytes` were on this machine
+    already (its own copy, a file a peer sent here earlier to hold, a file another rank of
+    this machine fetched first), :attr:`peer_bytes` crossed the peer channel during this
+    restore, :attr:`url_bytes` came from the run URL."""
 
     def __init__(self, storage: Any, manifest: Manifest, folder: Path | None, *,
                  peer: PeerLink | None = None, root: Path | None = None) -> None:
@@ -277,19 +295,22 @@ class NearestReader:
 
     def _from_peer(self, name: str, entry: Any) -> tuple[str, str] | None:
         """``name`` from a peer, checked against the manifest: the copy this node holds for
-        others, else the buddy's, fetched into this machine's copy. (path, "peer"), or
-        (path, "local") when another rank of this machine fetched it first; None: read the
-        run URL."""
+        others, else the buddy's, fetched into this machine's copy. (path, "peer") when it
+        was fetched now over the channel, (path, "local") when it was on this machine
+        already (held here for others, or another rank of this machine fetched it first);
+        None: read the run URL."""
         assert self._peer is not None
         step = self._manifest.step
-        held = self._peer.held_path(step, name)
-        if held.is_file():
+        for held in self._peer.held_paths(step, name):
             try:
                 problem = problem_in_file(str(held), entry)
+            except FileNotFoundError:
+                continue
             except OSError as exc:
                 problem = str(exc)
             if problem is None:
-                return str(held), "peer"
+                # On this machine already (a peer sent it before the loss): no transfer now.
+                return str(held), "local"
             log.warning("peer copy of %s held here not used (%s); asking the buddy", name, problem)
         if self._root is None:
             return None
@@ -405,6 +426,11 @@ class TeeWriter:
         self._primary = primary
         self._local: Any = local
         self._on_error = on_error
+
+    @property
+    def intact(self) -> bool:
+        """Whether the local side got every byte written so far."""
+        return self._local is not None
 
     def write(self, data: Any) -> int:
         if self._local is not None:

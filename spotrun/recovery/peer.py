@@ -1,5 +1,5 @@
 """A copy on a peer: each node holds the newest checkpoint files of one other node (its buddy
-holds this node's), sent between saves over a channel of its own.
+holds this node's), sent while a save writes them, over a channel of its own.
 
 The channel is plain HTTP/1.0 over TCP, one request per connection (``http.server`` on the
 serving side, ``http.client`` on the asking side; nothing to install). It never touches the
@@ -17,21 +17,37 @@ and gives the workers what they need to reach it in their environment:
 - ``SPOTRUN_PEER_TOKEN``: the attempt's secret (:attr:`ClusterSpec.peer_token`, in the
   cluster file under the run URL only); every request carries it, compared in constant time.
 
-What is sent: after a save's local copy is sealed (the run URL committed the step), a
-background thread of each rank sends the files it wrote to its buddy, one file at a time,
-streamed in 1 MiB blocks (memory-bounded), newest step only (a newer seal cancels the send of
-an older one). Rank 0 also sends the files that *every* rank reads on restore (its payload
+What is sent: each file of a save as soon as it is complete in the rank's local copy, *before*
+the commit (while the run URL's upload of it may still run, and while the other ranks still
+write): a background thread of each rank sends it to its buddy, one file at a time, streamed
+in 1 MiB blocks (memory-bounded), newest step only (a file of a newer step drops the queued
+files of older ones; a failed save's files still queued are dropped). Sending only after the
+commit left a window: a node killed right after a commit, before its send finished, left its
+buddy with the previous step, and the replacement read its whole share from the run URL.
+Rank 0 also sends the files that *every* rank reads on restore (its payload
 ``rank-00000.pt``, DCP's ``.metadata``, artifacts) to every other node, so a survivor of a
 replicated (DDP) run restores without reading them from the run URL.
 
-What is held: under ``$SPOTRUN_LOCAL_DIR/peer/<run key>/<step>/``, newest step only (a
-complete file of a newer step removes the older ones), with the local copy's room rule (no
-room: the file is refused, the sender logs it, nothing fails). A file arrives under a
-temporary name and is renamed into place only once every byte came, so a sender killed in the
-middle leaves nothing a restore could use.
+The commit message: the rank that wrote the manifest (rank 0), once the commit succeeded,
+sends a small ``POST .../<step>/sealed`` to every node (ahead of any file it still has
+queued). Only that rank knows the commit happened: the other ranks learn that their files were
+gathered, not that the manifest was written (the lease may refuse it). Reading the committed
+manifest from the run URL instead would cost every node a run URL request per save and
+credentials in the agent; the message costs a loopback round trip. A message that is lost (the
+node went right after its commit) costs only memory, never a restore: the files wait as
+pending, which a restore may use (below), until the next step's commit message frees them.
 
-What is trusted: nothing. A restore checks every peer file against the committed manifest
-(size and checksums) before it uses it, exactly as a local copy (see
+What is held: under ``$SPOTRUN_LOCAL_DIR/peer/<run key>/``: ``<step>/``, the newest step this
+node heard committed, and ``.pending-<step>/``, the files of a newer step not yet heard
+committed; at most those two steps (a file of a newer pending step removes older pending ones,
+a commit message removes every older step). A save that fails or is abandoned so never
+removes the older committed copy: its files stay pending until a newer step replaces them.
+The local copy's room rule applies (no room: the file is refused, the sender logs it, nothing
+fails). A file arrives under a temporary name and is renamed into place only once every byte
+came, so a sender killed in the middle leaves nothing a restore could use.
+
+What is trusted: nothing. A restore checks every peer file (sealed or pending) against the
+committed manifest (size and checksums) before it uses it, exactly as a local copy (see
 :class:`~spotrun.recovery.local.NearestReader`); a peer that does not answer within the
 timeout is skipped and the run URL is read.
 """
@@ -39,6 +55,7 @@ timeout is skipped and the run URL is read.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import hmac
 import http.client
@@ -95,6 +112,8 @@ _MIN_RATE = 8 << 20  # bytes/s a transfer may not fall below (its overall deadli
 _LINGER_QUIET = 1.0  # after training ends: serve until this long without a request ...
 _LINGER_MAX = 20.0  # ... but never longer than this
 _PARTIAL = ".partial-"
+_PENDING = ".pending-"  # files of a step this node has not heard committed (see the docstring)
+_SEALED = "sealed"  # POST /v1/<run key>/<step>/sealed: the sender's run committed <step>
 _RUN_KEY = re.compile(r"[0-9a-f]{16}")
 _PART = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 _TOKEN = re.compile(r"[0-9a-f]{32,128}")
@@ -198,32 +217,85 @@ class PeerServer:
         given = (header or "").removeprefix("Bearer ").encode()
         return hmac.compare_digest(given, self.token.encode())
 
-    def newest_held(self) -> int | None:
-        steps = [int(c.name) for c in self.root.iterdir() if c.name.isdigit()] if self.root.is_dir() else []
-        return max(steps, default=None)
+    def _steps(self) -> tuple[int | None, list[int]]:
+        """The newest sealed step held here (None: none) and the pending steps."""
+        sealed: list[int] = []
+        pending: list[int] = []
+        if self.root.is_dir():
+            for child in self.root.iterdir():
+                if child.name.isdigit():
+                    sealed.append(int(child.name))
+                elif child.name.startswith(_PENDING) and child.name[len(_PENDING):].isdigit():
+                    pending.append(int(child.name[len(_PENDING):]))
+        return max(sealed, default=None), pending
+
+    def refuses(self, step: int) -> str | None:
+        """Why a file of ``step`` would not be kept (a newer step is held), or None."""
+        sealed, pending = self._steps()
+        if sealed is not None and sealed > step:
+            return f"holds step {sealed}, newer than {step}"
+        if sealed != step and any(p > step for p in pending):
+            return f"holds step {max(pending)} (pending), newer than {step}"
+        return None
+
+    def _folder(self, step: int, sealed: int | None) -> Path:
+        from ..records.layout import checkpoint_dir
+
+        return self.root / (checkpoint_dir(step) if step == sealed else f"{_PENDING}{step}")
 
     def place(self, step: int, name: str, partial: Path) -> str | None:
-        """Move a complete received file into place; None, or why it was not kept."""
+        """Move a complete received file into place; None, or why it was not kept.
+
+        A file of the sealed step joins it; a file of a newer step is *pending* (the run URL
+        has not committed it as far as this node knows) and older pending steps (saves
+        that failed or were overtaken) go. The sealed step stays until a newer one is sealed.
+        """
+        with self._lock:
+            why = self.refuses(step)
+            if why is not None:
+                return why
+            sealed, pending = self._steps()
+            target = self._folder(step, sealed) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+            for old in pending:
+                if old < step:
+                    shutil.rmtree(self.root / f"{_PENDING}{old}", ignore_errors=True)
+        return None
+
+    def seal(self, step: int) -> None:
+        """The run URL committed ``step``: its pending files become the sealed step held
+        here, and every older step (sealed or pending) goes. A step older than the sealed
+        one is ignored (a late message)."""
         from ..records.layout import checkpoint_dir
 
         with self._lock:
-            newest = self.newest_held()
-            if newest is not None and newest > step:
-                return f"this node holds step {newest}, newer than {step}"
-            target = self.root / checkpoint_dir(step) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, target)
+            sealed, pending = self._steps()
+            if sealed is not None and sealed >= step:
+                return
+            final = self.root / checkpoint_dir(step)
+            if step in pending:
+                os.replace(self.root / f"{_PENDING}{step}", final)
+            else:
+                final.mkdir(parents=True, exist_ok=True)  # none of it here yet: it may follow
             for child in self.root.iterdir():
-                if child.name.isdigit() and int(child.name) < step:
+                if child.name.isdigit():
+                    old = int(child.name)
+                elif child.name.startswith(_PENDING) and child.name[len(_PENDING):].isdigit():
+                    old = int(child.name[len(_PENDING):])
+                else:
+                    continue
+                if old < step:
                     shutil.rmtree(child, ignore_errors=True)
-        return None
 
     def held(self, step: int, name: str) -> Path | None:
-        """This node's file ``name`` of ``step``: held for another node, else its own copy."""
+        """This node's file ``name`` of ``step``: held for another node (sealed or pending:
+        a restore checks it against the committed manifest either way), else its own copy."""
         from ..records.layout import checkpoint_dir
 
-        for base in (self.root, self.local_dir / self.run_key):
-            path = base / checkpoint_dir(step) / name
+        for base in (self.root / checkpoint_dir(step), self.root / f"{_PENDING}{step}",
+                     self.local_dir / self.run_key / checkpoint_dir(step)):
+            path = base / name
             if path.is_file():
                 return path
         return None
@@ -294,6 +366,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._guarded(self._put)
 
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _post(self) -> None:
+        target = self._target()
+        if target is None:
+            return
+        step, name = target
+        if name != _SEALED:
+            self._answer(400, "bad path")
+            return
+        try:
+            self.peer.seal(step)
+        except OSError as exc:
+            self._answer(500, str(exc))
+            return
+        self._answer(204)
+
     def _get(self) -> None:
         target = self._target()
         if target is None:
@@ -327,9 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not 0 <= size <= _MAX_FILE:
             self._answer(413, "too large")
             return
-        newest = self.peer.newest_held()
-        if newest is not None and newest > step:
-            self._answer(409, f"holds step {newest}, newer")
+        refused = self.peer.refuses(step)
+        if refused is not None:
+            self._answer(409, refused)
             return
         root = self.peer.root
         root.mkdir(parents=True, exist_ok=True)
@@ -372,13 +462,16 @@ def _connect(address: str, timeout: float) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(host, port, timeout=timeout, blocksize=_BLOCK)
 
 
-def send_file(address: str, token: str, run_key: str, step: int, name: str, path: str | os.PathLike[str],
-              timeout: float | None = None) -> None:
-    """Stream the local file ``path`` to the peer at ``address`` as ``name`` of ``step``."""
+def send_file(address: str, token: str, run_key: str, step: int, name: str,
+              path: str | os.PathLike[str] | int, timeout: float | None = None) -> None:
+    """Stream the local file ``path`` (or an open descriptor of it: a file sent while its
+    folder is renamed, sealed or dropped) to the peer at ``address`` as ``name`` of ``step``."""
     timeout = timeout or _timeout()
     conn = _connect(address, timeout)
     try:
-        with open(path, "rb") as f:
+        if isinstance(path, int):
+            os.lseek(path, 0, os.SEEK_SET)
+        with open(path, "rb", closefd=not isinstance(path, int)) as f:
             size = os.fstat(f.fileno()).st_size
             try:
                 conn.request("PUT", f"/v1/{run_key}/{step}/{name}", body=f,
@@ -394,6 +487,24 @@ def send_file(address: str, token: str, run_key: str, step: int, name: str, path
                     raise exc from None
                 why = reply.read(1024).decode(errors="replace")
                 raise PeerError(f"{address} answered {reply.status} ({why})") from None
+        reply = conn.getresponse()
+        why = reply.read(1024).decode(errors="replace")
+        if reply.status != 204:
+            raise PeerError(f"{address} answered {reply.status} ({why})")
+    except (OSError, http.client.HTTPException) as exc:
+        raise PeerError(f"{address}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def send_sealed(address: str, token: str, run_key: str, step: int, timeout: float | None = None) -> None:
+    """Tell the peer at ``address`` that the run URL committed ``step`` (it keeps that step's
+    files as the ones it holds and frees older ones)."""
+    timeout = timeout or _timeout()
+    conn = _connect(address, timeout)
+    try:
+        conn.request("POST", f"/v1/{run_key}/{step}/{_SEALED}",
+                     headers={"Authorization": f"Bearer {token}", "Content-Length": "0"})
         reply = conn.getresponse()
         why = reply.read(1024).decode(errors="replace")
         if reply.status != 204:
@@ -441,8 +552,9 @@ def fetch_file(address: str, token: str, run_key: str, step: int, name: str, des
 
 
 class PeerLink:
-    """A training process's end of the channel: sends its sealed files (background thread)
-    and asks peers for files on restore."""
+    """A training process's end of the channel: sends each of its files to the buddy as soon
+    as the file is complete in the local copy, tells every node when its run committed a
+    step (rank 0), both in a background thread, and asks peers for files on restore."""
 
     def __init__(self, run_url: str, local_dir: str | os.PathLike[str], token: str, buddy: str,
                  nodes: Sequence[str] = (), self_address: str = "", rank: int = 0) -> None:
@@ -453,9 +565,11 @@ class PeerLink:
         self.nodes = [n for n in nodes if n]
         self.self_address, self.rank = self_address, rank
         self._cond = threading.Condition()
-        self._job: tuple[int, list[tuple[str, Path]]] | None = None
+        self._files: collections.deque[tuple[int, str, int]] = collections.deque()  # step, name, fd
+        self._seals: list[int] = []
         self._busy = False
         self._thread: threading.Thread | None = None
+        self._tally: dict[int, list[float]] = {}  # step -> [started, bytes sent, files not sent]
         self._dead: set[str] = set()  # peers that failed once in this process: not asked again
 
     @classmethod
@@ -482,52 +596,118 @@ class PeerLink:
             out += [n for n in self.nodes if n not in (self.buddy, self.self_address)]
         return out
 
-    def push(self, step: int, files: list[tuple[str, Path]]) -> None:
-        """Send ``files`` (name, sealed local path) of ``step`` in the background; a newer push
-        replaces one not yet done. Never blocks and never raises."""
-        if not files:
+    def offer(self, step: int, name: str, path: Path) -> None:
+        """Send ``name`` of ``step`` (complete at ``path``; opened now, so that sealing or
+        dropping its folder does not take it from under the send) in the background. Files
+        of older steps not yet sent are dropped: only the newest step is worth holding.
+        Never blocks and never raises."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            log.warning("peer copy of step %d %s not sent (%s); the run URL has it", step, name, exc)
             return
         with self._cond:
-            self._job = (step, list(files))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="spotrun-peer-push", daemon=True)
-                self._thread.start()
-                _links.append(self)
-            self._cond.notify_all()
+            self._discard(lambda s: s < step)
+            self._files.append((step, name, fd))
+            self._start()
 
-    def _newer_waiting(self, step: int) -> bool:
+    def push(self, step: int, files: list[tuple[str, Path]]) -> None:
+        """Send ``files`` (name, complete local path) of ``step`` in the background."""
+        for name, path in files:
+            self.offer(step, name, path)
+
+    def cancel(self, step: int) -> None:
+        """The save of ``step`` failed or was abandoned: send none of its files still queued."""
         with self._cond:
-            return self._job is not None and self._job[0] > step
+            self._discard(lambda s: s == step)
+
+    def announce(self, step: int) -> None:
+        """This rank committed ``step`` at the run URL: tell every node (in the background,
+        ahead of any file still queued), so each keeps that step's files and frees older."""
+        with self._cond:
+            self._seals.append(step)
+            self._start()
+
+    def _discard(self, which: Any) -> None:
+        keep: collections.deque[tuple[int, str, int]] = collections.deque()
+        for step, name, fd in self._files:
+            if which(step):
+                os.close(fd)
+            else:
+                keep.append((step, name, fd))
+        self._files = keep
+
+    def _start(self) -> None:
+        # Under self._cond.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="spotrun-peer-push", daemon=True)
+            self._thread.start()
+            _links.append(self)
+        self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._job is None:
+                while not self._files and not self._seals:
                     self._busy = False
                     self._cond.notify_all()
                     self._cond.wait()
-                step, files = self._job
-                self._job, self._busy = None, True
-            t0, sent, skipped = time.monotonic(), 0, 0
-            for name, path in files:
-                for target in self.targets(name):
-                    if self._newer_waiting(step):
-                        break
-                    try:
-                        send_file(target, self.token, self.run_key, step, name, path)
-                        sent += path.stat().st_size
-                    except (PeerError, OSError) as exc:
-                        skipped += 1
-                        log.warning("peer copy of step %d %s to %s not sent (%s); the run URL has it",
-                                    step, name, target, exc)
-            log.info("peer copy of step %d: %s sent in %.2fs%s", step, format_bytes(sent),
-                     time.monotonic() - t0, f", {skipped} file(s) not sent" if skipped else "")
+                self._busy = True
+                if self._seals:
+                    job: tuple[str, int, str, int] = ("seal", self._seals.pop(0), "", -1)
+                else:
+                    step, name, fd = self._files.popleft()
+                    job = ("file", step, name, fd)
+            kind, step, name, fd = job
+            try:
+                if kind == "seal":
+                    self._send_seal(step)
+                    continue
+                self._send(step, name, fd)
+            except Exception:  # this thread sends every later copy: it must live
+                log.exception("peer copy of step %d: unexpected error (the run URL has every file)", step)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            with self._cond:
+                if not any(s == step for s, _, _ in self._files):
+                    self._report(step)
+
+    def _send_seal(self, step: int) -> None:
+        for target in self.nodes or [self.buddy]:
+            try:
+                send_sealed(target, self.token, self.run_key, step)
+            except PeerError as exc:
+                log.warning("peer %s not told that step %d is committed (%s); it keeps its older "
+                            "copy too", target, step, exc)
+
+    def _send(self, step: int, name: str, fd: int) -> None:
+        tally = self._tally.setdefault(step, [time.monotonic(), 0, 0])
+        for target in self.targets(name):
+            with self._cond:
+                if any(s > step for s, _, _ in self._files):
+                    return  # a newer step's files are waiting: this one is not worth more time
+            try:
+                send_file(target, self.token, self.run_key, step, name, fd)
+                tally[1] += os.fstat(fd).st_size
+            except (PeerError, OSError) as exc:
+                tally[2] += 1
+                log.warning("peer copy of step %d %s to %s not sent (%s); the run URL has it",
+                            step, name, target, exc)
+
+    def _report(self, step: int) -> None:
+        tally = self._tally.pop(step, None)
+        if tally is None:
+            return
+        started, sent, skipped = tally
+        log.info("peer copy of step %d: %s sent in %.2fs%s", step, format_bytes(int(sent)),
+                 time.monotonic() - started, f", {int(skipped)} file(s) not sent" if skipped else "")
 
     def wait(self, timeout: float) -> bool:
         """Block until the sends under way are done; False after ``timeout`` seconds."""
         end = time.monotonic() + timeout
         with self._cond:
-            while self._busy or self._job is not None:
+            while self._busy or self._files or self._seals:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -536,11 +716,13 @@ class PeerLink:
 
     # -- restoring ----------------------------------------------------------------------------
 
-    def held_path(self, step: int, name: str) -> Path:
-        """Where this node keeps ``name`` of ``step`` when a peer sent it here."""
+    def held_paths(self, step: int, name: str) -> list[Path]:
+        """Where this node keeps ``name`` of ``step`` when a peer sent it here: the sealed
+        step, then a pending one (its commit message may never have come: the sender's node
+        went right after the commit; the manifest check decides)."""
         from ..records.layout import checkpoint_dir
 
-        return self.held_root / checkpoint_dir(step) / name
+        return [self.held_root / checkpoint_dir(step) / name, self.held_root / f"{_PENDING}{step}" / name]
 
     def fetch(self, step: int, name: str, dest: Path, size: int) -> str | None:
         """Fetch ``name`` of ``step`` into ``dest`` from the buddy, else any other node;
