@@ -135,6 +135,9 @@ def test_node_loss_stop_notice_relaunch_and_finish_bit_exact(
     # The store's host (--seed 1 draws it); with --recovery relaunch it is test_launch_node_e2e's.
     assert lost == "sim-1-n0", first[-8000:]
     assert "relaunching every node" not in first, first[-8000:]
+    # The launcher knows the killed machine is gone: the attempt ends at the kill (the
+    # survivor's agent stops what is left of it), not when the survivor's collective fails.
+    assert "sim-1-n1: their attempt cannot finish without the lost node" in first, first[-8000:]
 
     code, second, took2 = _launch(child_env_module, run, "--interruptions", "1", "--grace", "1",
                                   "--seed", "5", step_sleep=0.05)

@@ -23,7 +23,9 @@ as that planned stop.
 **A dead attempt.** The same look finds a newer attempt naming this node that does *not*
 grow when the launcher declared a peer lost and replaced it while this attempt still runs: a
 peer that vanished silently (no RST: on EC2 a machine gone from the network) leaves the
-ranks waiting in a collective up to the process group's timeout. Such an attempt can never
+ranks waiting in a collective up to the process group's timeout; after one that vanished with
+its connections reset, a rank computing a long step meets the failure only at its next
+collective (the launcher declares the loss at once in both cases). Such an attempt can never
 finish, and its ranks never run a signal handler while they wait, so the watch does not ask
 them to stop at a step: it sends SIGTERM to each worker's session
 (:func:`.proctree.worker_sessions` started since the attempt began: torchrun's workers, warm
@@ -87,9 +89,11 @@ _HANDLER_POLL_S = 0.05
 
 #: A dead attempt's workers (see "A dead attempt" above): SIGTERM, then SIGKILL this much
 #: later. Short: a rank blocked in a collective with a vanished peer never runs its Python
-#: handler, so nothing it could save is waited for; the last committed checkpoint is the
-#: restore point.
-DEAD_STOP_GRACE_S = 5.0
+#: handler, and no save of a dead attempt can commit (its gather needs the lost rank), so
+#: nothing is waited for; the last committed checkpoint is the restore point. A rank still
+#: uploading a save that can never commit (seen: 5.7 s of 256 MiB to S3) is cut as kill -9
+#: cuts any save: the committed checkpoint stays intact.
+DEAD_STOP_GRACE_S = 2.0
 
 #: After the SIGKILL, how long torchrun's agent gets to return. It can take minutes when the
 #: lost node hosted the rendezvous store: the agent's store calls (its monitoring pass, its

@@ -28,8 +28,13 @@ goes to one node (drawn by ``--seed``): the all-rank agreement stops every rank 
 ``--node-losses M`` plays M of the interruptions as a node vanishing without notice: SIGKILL
 of its agent *and* its workers (torchrun puts each worker in a session of its own, so a
 group kill would not reach them); the survivors' collectives fail and they exit 1, which
-counts as an interruption, not a failure. Once one node has exited the others get
-``peer_exit_s`` (30 s) to follow, then SIGTERM, then SIGKILL of their trees. Every node is its
+counts as an interruption, not a failure. With ``replace`` the attempt ends at the kill, as
+after a silent loss (below): the launcher knows the machine is gone, as EC2's controller
+knows from the instance's state, and the survivors' agents stop what is left of their attempt
+when the next one's cluster file comes, instead of each waiting for its next collective to
+fail (a long step away for FSDP2: 7-10 s measured on the loaded test machine). Otherwise,
+once one node has exited the others get ``peer_exit_s`` (30 s) to follow, then SIGTERM, then
+SIGKILL of their trees. Every node is its
 own ledger segment with ``group`` = the attempt and ``node`` = its index, so the cost report
 prices N nodes.
 
@@ -455,6 +460,9 @@ class LocalLauncher:
         first_exit: _Node | None = None
         #: The node that vanished silently in this attempt (``--loss-mode silent``).
         silent: _Node | None = None
+        #: The lost node when the attempt ended at its loss (silent, or killed with the
+        #: survivors kept): the survivors' ``rc`` is then unknown, their agents stop it.
+        cut: _Node | None = None
         peers_term_at = peers_kill_at = None
         forwarded = 0
         next_check = next_note = started
@@ -537,6 +545,13 @@ class LocalLauncher:
                         self._say(f"{vid}{_of(victim, multi)} vanished without notice: SIGKILL of its "
                                   "processes", LaunchEventKind.NOTICE, group)
                         kill_tree(victim.proc.pid)  # type: ignore[union-attr]
+                        if rejoining and multi:
+                            # Known gone now (EC2: its instance state), as a silent loss: the
+                            # attempt ends at the loss rather than when each survivor's next
+                            # collective fails, which after a long step took seconds.
+                            victim.rc, victim.exited_at = -signal.SIGKILL, now
+                            first_exit = first_exit or victim
+                            cut = victim
                     else:
                         victim.server.post_interruption("terminate", in_seconds=o.grace_s)
                         posted = now
@@ -544,11 +559,14 @@ class LocalLauncher:
                                   f"{o.grace_s:g}s", LaunchEventKind.NOTICE, group)
                     if rejoining and multi:
                         self._start_early(victim, group)
-                    if silent is not None and rejoining and multi:
-                        # The survivors' collectives wait on a peer that never answers (up to
-                        # the process group's timeout, 30 min by default): their attempt is
-                        # dead. It ends now; the next attempt's cluster file, which names
-                        # them, makes their node agents stop it and rejoin (node.py).
+                    cut = cut or silent
+                    if cut is not None and rejoining and multi:
+                        # The survivors' attempt is dead: after a silent loss their collectives
+                        # wait on a peer that never answers (up to the process group's timeout,
+                        # 30 min by default); after a kill they fail at their next collective,
+                        # which may be a long step away. It ends now; the next attempt's
+                        # cluster file, which names them, makes their node agents stop it (if
+                        # it has not failed by then) and rejoin (node.py, grow.py).
                         self._say(f"{', '.join(n.seg.segment_id for n in alive if n is not victim)}: "
                                   "their attempt cannot finish without the lost node; the next "
                                   "attempt's cluster file stops it", LaunchEventKind.INFO, group)
@@ -596,10 +614,10 @@ class LocalLauncher:
         # .node would make `python -m spotrun.launch.node` warn that it was already imported.
         from .node import REJOIN_CODES
 
-        # A survivor of a silent loss is still in its dead attempt (rc None): its agent stops
-        # it when the next attempt's cluster file comes, and joins that.
+        # A survivor of an attempt that ended at its loss may still be in it (rc None): its
+        # agent stops it when the next attempt's cluster file comes, and joins that.
         stuck = [n for n in keep if n.proc.poll() is not None  # type: ignore[union-attr]
-                 or (n.rc not in REJOIN_CODES and not (silent is not None and n.rc is None))]
+                 or (n.rc not in REJOIN_CODES and not (cut is not None and n.rc is None))]
         if stuck:
             self._say(f"cannot keep {', '.join(n.seg.segment_id for n in stuck)} (its node agent exited "
                       f"{', '.join(str(n.rc) for n in stuck)} instead of waiting to rejoin): relaunching every node",
