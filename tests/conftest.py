@@ -137,6 +137,28 @@ def warm_python() -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def warm_exec() -> Iterator:
+    """One :class:`warmfork.WarmExec` per worker: a command line (``warm_exec.command(SCRIPT,
+    ARGS)``) that runs ``python SCRIPT ARGS`` as a fork of an interpreter that imported torch
+    and spotrun, for a program that starts the script itself, signals it and reads its exit
+    (``spotrun check-resume``: four or five starts a check, each a torch import saved).
+
+    Its forks run torch on one thread (``OMP_NUM_THREADS=1``; a client's environment must
+    hold ``warm_exec.at_start``, what the server read at its start): on a 2-core machine at
+    load 10 the example's 240 steps took 22-40 s with torch's default two threads and 9-22 s
+    with one. Every run a check compares is such a fork."""
+    import tempfile
+
+    from warmfork import WarmExec
+
+    env = {**env_for(""), "OMP_NUM_THREADS": "1"}
+    del env["SPOTRUN_URL"]
+    # Short: a socket's path has a limit of about 100 bytes, which pytest's folders can pass.
+    with tempfile.TemporaryDirectory(prefix="spotrun-warm-") as folder, WarmExec(env, folder) as warm:
+        yield warm
+
+
+@pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One uninterrupted 2-rank run of tests/scripts/ddp_train.py (``DDP_STEPS`` steps, a
     checkpoint every ``DDP_EVERY``), built once per session for every worker: the yardstick of

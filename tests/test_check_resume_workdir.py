@@ -16,29 +16,31 @@ from spotrun.proof.resume_check import check_resume
 PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
 
 
-def _cmd(*extra: str) -> list[str]:
-    return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5", "--step-sleep", "0.05", *extra]
+def _cmd(warm_exec, *extra: str) -> list[str]:
+    # Each start a warm fork (``warm_exec``): a real process, without a torch import.
+    return warm_exec.command(PREFETCH, "--steps", "40", "--every-steps", "5", "--step-sleep", "0.05", *extra)
 
 
 @pytest.fixture()
-def tmp_root(tmp_path, monkeypatch):
-    """Where mkdtemp puts the working folder, so the test sees what is left there."""
+def tmp_root(tmp_path, monkeypatch, warm_exec):
+    """Where mkdtemp puts the working folder, so the test sees what is left there; the
+    environment a ``warm_exec`` client needs."""
     root = tmp_path / "tmp"
     root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(root))
-    for k, v in env_for("").items():
+    for k, v in {**env_for(""), **warm_exec.at_start}.items():
         monkeypatch.setenv(k, v)
     return root
 
 
 @pytest.mark.slow
-def test_pass_removes_the_temporary_folder_and_says_so(tmp_root, capsys) -> None:
+def test_pass_removes_the_temporary_folder_and_says_so(tmp_root, capsys, warm_exec) -> None:
     """Also the fixed prefetch port's PASS (was test_resume.py's
     test_check_resume_passes_the_fixed_prefetch_port, the same command: folded here to start
     it once): the prefetched batch saved through values= resumes exactly. The script seeds
     torch only: its Python and NumPy RNGs start differently in every process but are never
     drawn from, which is no difference (issue 11 item 4)."""
-    assert main(["check-resume", "-k", "2", "--seed", "2", "--", *_cmd("--fixed")]) == 0
+    assert main(["check-resume", "-k", "2", "--seed", "2", "--", *_cmd(warm_exec, "--fixed")]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "removed the working folder" in out, out
     assert list(tmp_root.iterdir()) == []
@@ -48,10 +50,11 @@ def test_pass_removes_the_temporary_folder_and_says_so(tmp_root, capsys) -> None
 
 
 @pytest.mark.slow
-def test_keep_and_fail_keep_the_folder_and_name_it(tmp_root) -> None:
-    kept = check_resume(_cmd("--fixed"), interruptions=1, seed=2, env=env_for(""), timeout=300, keep=True)
+def test_keep_and_fail_keep_the_folder_and_name_it(tmp_root, warm_exec) -> None:
+    kept = check_resume(_cmd(warm_exec, "--fixed"), interruptions=1, seed=2, env=env_for(""), timeout=300,
+                        keep=True)
     assert kept.passed and kept.kept
-    failed = check_resume(_cmd("--fixed", "--numpy-draw"), interruptions=1, seed=2, env=env_for(""),
+    failed = check_resume(_cmd(warm_exec, "--fixed", "--numpy-draw"), interruptions=1, seed=2, env=env_for(""),
                           timeout=300)
     assert failed.verdict == "FAIL" and failed.kept
     # What the FAIL names (was test_resume.py's

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 
 import pytest
@@ -38,11 +37,11 @@ def test_sigterm_checkpoint_is_at_the_interrupted_step(tmp_path, warm_python):
     assert newest % 20 != 0, f"stop checkpoint should be off-schedule, got step {newest}"
 
 
-def _cli(capfd, monkeypatch, *args: str) -> tuple[int, str]:
+def _cli(capfd, monkeypatch, warm_exec, *args: str) -> tuple[int, str]:
     """``spotrun check-resume ARGS`` through the CLI's own entry point, in this process (its
     runs are real processes; a process for the CLI itself would only import torch once
     more); its exit code and standard output (the runs' too, as from a terminal)."""
-    for k, v in env_for("").items():
+    for k, v in {**env_for(""), **warm_exec.at_start}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(REPO)
     capfd.readouterr()
@@ -52,19 +51,20 @@ def _cli(capfd, monkeypatch, *args: str) -> tuple[int, str]:
     return code, out
 
 
-def _check_resume(tmp_path, capfd, monkeypatch, *extra, interruptions: int = 2) -> tuple[int, str]:
-    # Five or more starts of the example (torch imports; spare attempts for signals that came
-    # too late): seconds each in CI, a minute or more each on a 2-core box at load 30.
-    return _cli(capfd, monkeypatch, "-k", str(interruptions), "--seed", "3", "--timeout", "900",
-                "--workdir", str(tmp_path / "cr"), "--", sys.executable, *ARGS, *extra)
+def _check_resume(tmp_path, capfd, monkeypatch, warm_exec, *extra, interruptions: int = 2) -> tuple[int, str]:
+    # Five or more starts of the example (spare attempts for signals that came too late), each
+    # a warm fork (``warm_exec``: a real process, signalled and exiting for real, without the
+    # torch import that was most of a start: seconds in CI, a minute on a 2-core box at load 30).
+    return _cli(capfd, monkeypatch, warm_exec, "-k", str(interruptions), "--seed", "3", "--timeout", "900",
+                "--workdir", str(tmp_path / "cr"), "--", *warm_exec.command(*ARGS, *extra))
 
 
 @pytest.mark.slow
-def test_check_resume_cli_passes_on_the_example(tmp_path, capfd, monkeypatch):
+def test_check_resume_cli_passes_on_the_example(tmp_path, capfd, monkeypatch, warm_exec):
     """The example, SIGTERMed three times at random moments (mid-step, mid-save, between),
     each after it made fresh progress, exits 75 each time and resumes bit-exact. (This was
     also test_sigterm_several_times_resumes_bit_exact, on the same example: folded here.)"""
-    code, out = _check_resume(tmp_path, capfd, monkeypatch, interruptions=3)
+    code, out = _check_resume(tmp_path, capfd, monkeypatch, warm_exec, interruptions=3)
     assert code == 0, out
     assert "PASS" in out
     # Delivered = exited 75 (EXIT_INTERRUPTED) with a checkpoint newer than it started from.
@@ -78,8 +78,8 @@ def test_check_resume_cli_passes_on_the_example(tmp_path, capfd, monkeypatch):
 
 
 @pytest.mark.slow
-def test_check_resume_cli_fails_without_rng_and_names_entries(tmp_path, capfd, monkeypatch):
-    code, out = _check_resume(tmp_path, capfd, monkeypatch, "--no-rng")
+def test_check_resume_cli_fails_without_rng_and_names_entries(tmp_path, capfd, monkeypatch, warm_exec):
+    code, out = _check_resume(tmp_path, capfd, monkeypatch, warm_exec, "--no-rng")
     assert code == 1, out
     assert "FAIL" in out
     assert "2 of 2 interruptions delivered" in out, out
@@ -92,19 +92,18 @@ def test_check_resume_cli_fails_without_rng_and_names_entries(tmp_path, capfd, m
 PREFETCH = str(REPO / "tests" / "scripts" / "prefetch_train.py")
 
 
-def _prefetch_cmd(*extra: str) -> list[str]:
+def _prefetch_cmd(warm_exec, *extra: str) -> list[str]:
     # 40 steps of 50 ms: two seconds of training for two signals to land in, on a loaded CI.
-    return [sys.executable, PREFETCH, "--steps", "40", "--every-steps", "5",
-            "--step-sleep", "0.05", *extra]
+    return warm_exec.command(PREFETCH, "--steps", "40", "--every-steps", "5", "--step-sleep", "0.05", *extra)
 
 
 @pytest.mark.slow
-def test_check_resume_is_never_a_pass_with_fewer_interruptions_than_asked(tmp_path):
+def test_check_resume_is_never_a_pass_with_fewer_interruptions_than_asked(tmp_path, warm_exec):
     """Issue 11 item 1: a run with one step leaves room for one interruption at most; the
     old check counted an attempt that finished before its signal, and passed."""
-    result = check_resume([sys.executable, PREFETCH, "--steps", "1", "--fixed", "--seed-all"],
+    result = check_resume(warm_exec.command(PREFETCH, "--steps", "1", "--fixed", "--seed-all"),
                           interruptions=2, seed=1, workdir=str(tmp_path / "cr"),
-                          env=env_for(""), timeout=300)
+                          env={**env_for(""), **warm_exec.at_start}, timeout=300)
     assert not result.passed and result.verdict == "INCOMPLETE", result.to_dict()
     assert result.interruptions <= 1 and result.requested == 2
     assert result.not_counted, result.to_dict()
@@ -113,13 +112,14 @@ def test_check_resume_is_never_a_pass_with_fewer_interruptions_than_asked(tmp_pa
 
 
 @pytest.mark.slow
-def test_check_resume_names_the_prefetched_batch(tmp_path, capfd, monkeypatch):
+def test_check_resume_names_the_prefetched_batch(tmp_path, capfd, monkeypatch, warm_exec):
     """Issue 11 items 1 and 3: a nanoGPT-style loop ported from the README alone trains the
     first step after a resume on the wrong batch. Its start-up is slow (as torch's imports
     are on a loaded machine), so signals sent at a fraction of the whole run's time would
     land before the first checkpoint and prove nothing; each must land after the restore."""
-    code, out = _cli(capfd, monkeypatch, "-k", "2", "--seed", "4", "--timeout", "600",
-                     "--workdir", str(tmp_path / "cr"), "--", *_prefetch_cmd("--startup-sleep", "1.5"))
+    code, out = _cli(capfd, monkeypatch, warm_exec, "-k", "2", "--seed", "4", "--timeout", "600",
+                     "--workdir", str(tmp_path / "cr"), "--",
+                     *_prefetch_cmd(warm_exec, "--startup-sleep", "1.5"))
     assert code == 1, out
     assert "2 of 2 interruptions delivered" in out and "FAIL" in out, out
     assert "first difference at step" in out, out

@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import REPO, committed_steps, env_for, finish_session, free_port, torchrun
 
+from spotrun.cli import main
 from spotrun.format.commit import list_checkpoints, read_manifest, verify_checkpoint
 from spotrun.notices.fake_server import FakeMetadataServer
 from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED, checkpoint_dir
@@ -165,21 +166,26 @@ def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_pat
     assert _digest(out) == digest
 
 
-def test_check_resume_passes_under_the_wrapper(tmp_path):
+def test_check_resume_passes_under_the_wrapper(tmp_path, capfd, monkeypatch):
     """`spotrun check-resume` on an FSDP2 script under `python -m spotrun.distributed`:
     real SIGTERMs to the wrapper, and the sharded state compared whole."""
     # One interruption keeps this torchrun test short; test_resume.py covers several.
-    cmd = [sys.executable, "-m", "spotrun", "check-resume", "-k", "1", "--seed", "5",
-           "--workdir", str(tmp_path / "cr"), "--",
-           sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
-           "--steps", str(STEPS), "--every-steps", str(EVERY), "--samples", str(SAMPLES),
-           "--step-sleep", "0.1"]
-    res = subprocess.run(cmd, env=env_for(""), capture_output=True, text=True,
-                         timeout=2 * TIMEOUT, cwd=REPO)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "PASS" in res.stdout
-    assert "1 of 1 interruptions delivered" in res.stdout, res.stdout
+    # check-resume through the CLI's entry point in this process (as test_resume.py's): its
+    # runs are real torchruns; a process for the CLI itself only imported torch once more.
+    for k, v in env_for("").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(REPO)
+    capfd.readouterr()
+    code = main(["check-resume", "-k", "1", "--seed", "5", "--timeout", str(TIMEOUT),
+                 "--workdir", str(tmp_path / "cr"), "--",
+                 sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "2",
+                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
+                 "--steps", str(STEPS), "--every-steps", str(EVERY), "--samples", str(SAMPLES),
+                 "--step-sleep", "0.1"])
+    out, err = capfd.readouterr()
+    assert code == 0, (out + err)[-4000:]
+    assert "PASS" in out
+    assert "1 of 1 interruptions delivered" in out, out
 
 
 def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, reference):

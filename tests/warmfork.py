@@ -30,7 +30,9 @@ import sys
 import textwrap
 import time
 
-_SERVER = textwrap.dedent(
+# What every warm server runs first: the imports its forks share, and ``run_script`` (a fork's
+# whole life: the script run as ``python ARGV``, then the interpreter's exit, never returning).
+_PRELUDE = textwrap.dedent(
     """
     import atexit, faulthandler, json, os, runpy, signal, sys, threading, traceback
     # The imports every round shares: torch and spotrun, and what a first optimizer step and
@@ -44,48 +46,55 @@ _SERVER = textwrap.dedent(
         # 42"): the note was missed and the test read on forever. A child's own line can still
         # be cut by a note; WarmPython.readline finds the note wherever it lands.
         os.write(1, f"warmfork: {text}\\n".encode())
+    def run_script(argv, env):
+        code, interrupted = 1, False
+        try:
+            # SIGUSR2 dumps every thread's stack into its output: what a child past its
+            # deadline was stuck in, shown before it is killed (nothing here sends it else).
+            faulthandler.register(signal.SIGUSR2, all_threads=True)
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            interrupted = True
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            # As the interpreter's own exit: non-daemon threads joined, atexit run; an
+            # uncaught KeyboardInterrupt ends the process by SIGINT (exit -2), as python's.
+            try:
+                threading._shutdown()
+                atexit._run_exitfuncs()
+            finally:
+                sys.stdout.flush(); sys.stderr.flush()
+                if interrupted:
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGINT)
+                os._exit(code)
+    """
+)
+
+_SERVER = _PRELUDE + textwrap.dedent(
+    """
     note("ready")
     for request in sys.stdin:
         argv, env = json.loads(request)
         sys.stdout.flush(); sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            code, interrupted = 1, False
-            try:
-                # SIGUSR2 dumps every thread's stack into its output: what a child past its
-                # deadline was stuck in, shown before it is killed (nothing here sends it else).
-                faulthandler.register(signal.SIGUSR2, all_threads=True)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                if env is not None:
-                    os.environ.clear()
-                    os.environ.update(env)
-                sys.argv = list(argv)
-                sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-                runpy.run_path(argv[0], run_name="__main__")
-                code = 0
-            except SystemExit as exc:
-                if exc.code is None or isinstance(exc.code, int):
-                    code = exc.code or 0
-                else:
-                    print(exc.code, file=sys.stderr)
-            except KeyboardInterrupt:
-                traceback.print_exc()
-                interrupted = True
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                # As the interpreter's own exit: non-daemon threads joined, atexit run; an
-                # uncaught KeyboardInterrupt ends the process by SIGINT (exit -2), as python's.
-                try:
-                    threading._shutdown()
-                    atexit._run_exitfuncs()
-                finally:
-                    sys.stdout.flush(); sys.stderr.flush()
-                    if interrupted:
-                        signal.signal(signal.SIGINT, signal.SIG_DFL)
-                        os.kill(os.getpid(), signal.SIGINT)
-                    os._exit(code)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            run_script(argv, env)
         note(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
         note(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
@@ -386,3 +395,183 @@ class WarmPython:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A warm server for a command another program starts (``spotrun check-resume`` runs its
+# command once per attempt and signals it): it serves ``python warmfork.py SOCKET SCRIPT ARGS``,
+# a client of a few stdlib imports that has the server fork ``python SCRIPT ARGS`` with the
+# client's environment, working folder and standard streams (passed over the socket), forwards
+# the signals it gets to that fork and exits as the fork did (a signal's death by the same
+# signal). A client killed outright (SIGKILL, which no handler sees) takes its fork with it.
+_EXEC_SERVER = _PRELUDE + textwrap.dedent(
+    """
+    import random, select, socket
+    import numpy
+    AT_START = tuple(json.loads(sys.argv[2]))
+    def at_start(env):
+        found = {k: v for k, v in env.items() if k.startswith(AT_START)}
+        # A path given twice is the path once (a test's env_for on an env_for'd environment).
+        if "PYTHONPATH" in found:
+            found["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(found["PYTHONPATH"].split(os.pathsep)))
+        return found
+    def send(conn, **msg):
+        conn.sendall((json.dumps(msg) + "\\n").encode())
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sys.argv[1])
+    listener.listen(8)
+    note("ready")
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            while not data.endswith(b"\\n"):
+                more = conn.recv(1 << 20)
+                if not more:
+                    break
+                data += more
+            request = json.loads(data)
+            if at_start(request["env"]) != at_start(dict(os.environ)):
+                differ = sorted(set(at_start(request["env"]).items()) ^ set(at_start(dict(os.environ)).items()))
+                send(conn, error=f"a fork cannot take these (read at start): {differ}; start a process")
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sys.stdout.flush(); sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close(); conn.close()
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                os.chdir(request["cwd"])
+                # A fresh interpreter seeds Python's and NumPy's global RNGs from the OS, each
+                # its own: so does each fork (else every fork would draw what the others do,
+                # and an unseeded script would resume "exactly" here and nowhere else).
+                random.seed()
+                numpy.random.seed()
+                run_script(request["argv"], request["env"])
+            for fd in fds:
+                os.close(fd)
+            send(conn, pid=pid)
+            child = os.pidfd_open(pid)
+            try:
+                while True:
+                    ready, _, _ = select.select([child, conn], [], [])
+                    if child in ready:
+                        _, status = os.waitpid(pid, 0)
+                        send(conn, exit=os.waitstatus_to_exitcode(status))
+                        break
+                    if not conn.recv(1):  # the client is gone (killed): its fork goes too
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        break
+            finally:
+                os.close(child)
+    """
+)
+
+#: What the client forwards to its fork (what ``check-resume`` and the launchers send).
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class WarmExec:
+    """A server that imported torch and spotrun, listening on a socket for :meth:`command`'s
+    clients: ``python warmfork.py SOCKET SCRIPT ARGS`` behaves as ``python SCRIPT ARGS`` (its
+    own environment, folder, streams, signals and exit), in a fork that skips the imports.
+    Clients are served one at a time. Started with ``env``; a client whose environment
+    differs from it in what is read at start (``PYTHON*``, ``OMP_*``...) is refused."""
+
+    def __init__(self, env: dict[str, str], folder: str, start_timeout: float = 600.0) -> None:
+        self.socket = os.path.join(folder, "warm.sock")
+        #: What a client's environment must hold as it is here (read when the server started).
+        self.at_start = _at_start(env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _EXEC_SERVER, self.socket, json.dumps(_AT_START)], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], start_timeout)
+        line = self._proc.stdout.readline() if ready else b""
+        if line != b"warmfork: ready\n":
+            self.close()
+            raise AssertionError(f"the warm exec server did not start in {start_timeout:.0f}s: {line!r}")
+        # Drained from here on, so that nothing it prints can fill the pipe and stop it.
+        self._drain = _Drain(self._proc.stdout)
+
+    def command(self, script: str, *args: str) -> list[str]:
+        """The command line that runs ``python SCRIPT ARGS`` as a warm fork."""
+        return [sys.executable, os.path.abspath(__file__), self.socket, script, *args]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=30)
+
+    def __enter__(self) -> WarmExec:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Drain:
+    """Reads a pipe to its end in a daemon thread (what the server itself prints: nothing,
+    unless it fails; kept for a failure's message)."""
+
+    def __init__(self, pipe) -> None:
+        import threading
+
+        self.text = b""
+        self._pipe = pipe
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        for line in self._pipe:
+            self.text = (self.text + line)[-4000:]
+
+
+def _client(sock_path: str, argv: list[str]) -> int:
+    """``python warmfork.py SOCKET SCRIPT ARGS``: run ``SCRIPT ARGS`` as a fork of the server
+    at SOCKET and end as it ended (see :class:`WarmExec`)."""
+    import socket
+
+    pid: int | None = None
+    pending: list[int] = []
+
+    def forward(sig: int, _frame: object) -> None:
+        if pid is None:
+            pending.append(sig)  # before the fork exists: sent as soon as it does
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(sock_path)
+    request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}) + "\n"
+    socket.send_fds(conn, [request.encode()], [0, 1, 2])
+    replies = conn.makefile("r")
+    for line in replies:
+        reply = json.loads(line)
+        if "error" in reply:
+            print(f"warmfork: {reply['error']}", file=sys.stderr)
+            return 2
+        if "pid" in reply:
+            pid = reply["pid"]
+            for sig in pending:
+                os.kill(pid, sig)
+        if "exit" in reply:
+            code = int(reply["exit"])
+            if code < 0:  # killed by a signal: so is this process, as a Popen would see it
+                signal.signal(-code, signal.SIG_DFL)
+                os.kill(os.getpid(), -code)
+            return code
+    print("warmfork: the warm exec server closed before its fork exited", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_client(sys.argv[1], sys.argv[2:]))
