@@ -27,6 +27,7 @@ from helpers import REPO, env_for, free_port
 from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
 from spotrun.format.snapshot import payload_name, write_payload
+from spotrun.launch.local_nodes import free_port as free_port_block
 from spotrun.launch.node import ClusterSpec
 from spotrun.records.layout import checkpoint_dir
 from spotrun.recovery import peer as peer_mod
@@ -318,7 +319,8 @@ def test_kill_9_while_a_peer_copy_is_written_leaves_nothing_a_restore_uses(nodes
 
 
 def test_serve_attempt_gives_the_workers_the_buddy_and_off_means_none(tmp_path, monkeypatch, run):
-    spec = ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", port=free_port(),
+    # Three peer servers listen at port + 1 + index: a port picked alone collided (CI).
+    spec = ClusterSpec(segment="s1", nproc_per_node=1, rdzv_id="r", port=free_port_block(following=3),
                        nodes=[{"instance_id": f"n{i}", "address": "127.0.0.1"} for i in range(3)])
     assert ClusterSpec.from_json(spec.to_json()).peer_token == spec.peer_token
     assert spec.peer_token not in repr(spec)  # a spec in a log line never shows the secret
