@@ -487,14 +487,19 @@ def send_file(address: str, token: str, run_key: str, step: int, name: str,
                     raise exc from None
                 why = reply.read(1024).decode(errors="replace")
                 raise PeerError(f"{address} answered {reply.status} ({why})") from None
-        reply = conn.getresponse()
-        why = reply.read(1024).decode(errors="replace")
-        if reply.status != 204:
-            raise PeerError(f"{address} answered {reply.status} ({why})")
+        _expect_done(conn, address)
     except (OSError, http.client.HTTPException) as exc:
         raise PeerError(f"{address}: {exc}") from None
     finally:
         conn.close()
+
+
+def _expect_done(conn: http.client.HTTPConnection, address: str) -> None:
+    """The peer's answer to a request that stores something: 204, else a PeerError with its words."""
+    reply = conn.getresponse()
+    why = reply.read(1024).decode(errors="replace")
+    if reply.status != 204:
+        raise PeerError(f"{address} answered {reply.status} ({why})")
 
 
 def send_sealed(address: str, token: str, run_key: str, step: int, timeout: float | None = None) -> None:
@@ -505,10 +510,7 @@ def send_sealed(address: str, token: str, run_key: str, step: int, timeout: floa
     try:
         conn.request("POST", f"/v1/{run_key}/{step}/{_SEALED}",
                      headers={"Authorization": f"Bearer {token}", "Content-Length": "0"})
-        reply = conn.getresponse()
-        why = reply.read(1024).decode(errors="replace")
-        if reply.status != 204:
-            raise PeerError(f"{address} answered {reply.status} ({why})")
+        _expect_done(conn, address)
     except (OSError, http.client.HTTPException) as exc:
         raise PeerError(f"{address}: {exc}") from None
     finally:
