@@ -636,7 +636,11 @@ class LocalLauncher:
         self._stop_waiting(stopped, kill_after)
         self.nodes.close(stopped)
         for node in gone:
-            if node is silent or _group_gone(node.proc.pid):  # type: ignore[union-attr]
+            # A node killed at the loss (``cut``) is judged moments after its SIGKILL: its
+            # processes may not all be reaped yet, so it gets a moment to go (its run lease
+            # is then taken over at once instead of at the lease's expiry).
+            if node is silent or _group_gone(node.proc.pid,  # type: ignore[union-attr]
+                                             wait_s=2.0 if node is cut else 0.0):
                 self._gone_segments.append(node.seg.segment_id)
         ended = self.clock()
         for node in gone:
@@ -860,15 +864,20 @@ for pid in map(int, sys.argv[2:]):
 """
 
 
-def _group_gone(pgid: int) -> bool:
-    """True when no process of the child's session is left (one could still be writing)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+def _group_gone(pgid: int, wait_s: float = 0.0) -> bool:
+    """True when no process of the child's session is left (one could still be writing),
+    looking again for up to ``wait_s`` seconds."""
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
 
 
 def _of(node: _Node, multi: bool) -> str:
