@@ -20,7 +20,7 @@ ARGS ?=
 # folded end-to-end tests; 1059 about 16 with the recovery runs, 1090 about 19, 1117 about 16 with the single-process
 # signal and kill tests forked from one warm interpreter and the files dealt into two halves, 1134 about 16 with
 # the halves dealt by measured seconds, tests/durations.json; 1155 16.4 with the lease, EC2 and
-# recovery trainers forked warm and the EC2 tests' one-AMI set-up; 1166 15.7 with check-resume's
+# recovery trainers forked warm and the EC2 tests' one-AMI set-up; 1166 14.8-15.7 with check-resume's
 # runs forked warm); more would starve the
 # timing-bounded tests. worksteal keeps the long
 # torchrun tests from queueing behind each other on one worker.
