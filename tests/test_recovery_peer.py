@@ -79,6 +79,14 @@ class Node:
 
 
 @pytest.fixture
+def replacement(tmp_path, run):
+    """The machine started in a lost node's slot: an empty local directory, its own server."""
+    fresh = Node(tmp_path, "replacement", run)
+    yield fresh
+    fresh.server.stop()
+
+
+@pytest.fixture
 def nodes(tmp_path, run):
     made = [Node(tmp_path, f"node{i}", run) for i in range(3)]
     yield made
@@ -482,7 +490,7 @@ def _run_saver(run: Storage, local: Path, buddy: Node, at_commit: str) -> subpro
                           text=True, timeout=120)
 
 
-def test_a_node_killed_right_after_its_commit_left_its_buddy_the_files(nodes, run, tmp_path):
+def test_a_node_killed_right_after_its_commit_left_its_buddy_the_files(nodes, run, tmp_path, replacement):
     _, b, _ = nodes
     done = _run_saver(run, tmp_path / "lost-node", b, "kill")
     assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr[-3000:]
@@ -490,17 +498,14 @@ def test_a_node_killed_right_after_its_commit_left_its_buddy_the_files(nodes, ru
     # Its commit message never went: the buddy holds step 20 as pending, step 10 as sealed.
     assert b.held(10) == [payload_name(0)]
     assert (b.server.root / ".pending-20" / payload_name(0)).is_file()
-    replacement = Node(tmp_path, "replacement", run)
-    try:
-        reader, data = _restore(replacement.copy(b, rank=0), run, manifest)
-    finally:
-        replacement.server.stop()
+    reader, data = _restore(replacement.copy(b, rank=0), run, manifest)
     assert reader.bytes_by_source() == {"local": 0, "peer": manifest.total_bytes, "url": 0}
     url_file = Path(run.display()) / checkpoint_dir(20) / payload_name(0)
     assert data[payload_name(0)] == url_file.read_bytes()
 
 
-def test_a_save_that_fails_after_its_files_reached_the_buddy_leaves_the_older_step(nodes, run, tmp_path):
+def test_a_save_that_fails_after_its_files_reached_the_buddy_leaves_the_older_step(nodes, run, tmp_path,
+                                                                                   replacement):
     a, b, _ = nodes
     done = _run_saver(run, tmp_path / "node", b, "refused")
     assert done.returncode == 0 and "save failed" in done.stdout, done.stdout + done.stderr[-3000:]
@@ -510,11 +515,7 @@ def test_a_save_that_fails_after_its_files_reached_the_buddy_leaves_the_older_st
     assert (b.server.root / ".pending-20" / payload_name(0)).is_file()
     assert b.held(10) == [payload_name(0)]
     manifest = read_manifest(run, 10)
-    replacement = Node(tmp_path, "replacement", run)
-    try:
-        reader, _ = _restore(replacement.copy(b, rank=0), run, manifest)
-    finally:
-        replacement.server.stop()
+    reader, _ = _restore(replacement.copy(b, rank=0), run, manifest)
     assert reader.bytes_by_source() == {"local": 0, "peer": manifest.total_bytes, "url": 0}
     # The next commit frees both the failed step and the older one: at most two steps held.
     _save(a.copy(b, rank=0), run, 30, {0: {"w": torch.ones(10)}})
