@@ -121,23 +121,19 @@ def _state(seed: int) -> dict:
     return {"w": torch.arange(4000.0) * seed}
 
 
-def test_a_replacement_restores_its_share_from_the_buddy_and_reads_nothing_from_the_url(nodes, run, tmp_path):
+def test_a_replacement_restores_its_share_from_the_buddy_and_reads_nothing_from_the_url(nodes, run, replacement):
     a, b, _ = nodes
     manifest = _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
     assert b.held(10) == [payload_name(1)]
     # The replacement of node a: an empty local directory, the same buddy.
-    fresh = Node(tmp_path, "replacement", run)
-    try:
-        reader, data = _restore(fresh.copy(b, rank=1), run, manifest, [payload_name(1)])
-        assert data[payload_name(1)] == (Path(run.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes()
-        size = manifest.files[payload_name(1)].size
-        assert reader.bytes_by_source() == {"local": 0, "peer": size, "url": 0}
-        assert "from peers" in reader.summary()
-        # What came from the buddy is now this machine's copy: a restart reads it locally.
-        reader, _ = _restore(fresh.copy(b, rank=1), run, manifest, [payload_name(1)])
-        assert reader.bytes_by_source() == {"local": size, "peer": 0, "url": 0}
-    finally:
-        fresh.server.stop()
+    reader, data = _restore(replacement.copy(b, rank=1), run, manifest, [payload_name(1)])
+    assert data[payload_name(1)] == (Path(run.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes()
+    size = manifest.files[payload_name(1)].size
+    assert reader.bytes_by_source() == {"local": 0, "peer": size, "url": 0}
+    assert "from peers" in reader.summary()
+    # What came from the buddy is now this machine's copy: a restart reads it locally.
+    reader, _ = _restore(replacement.copy(b, rank=1), run, manifest, [payload_name(1)])
+    assert reader.bytes_by_source() == {"local": size, "peer": 0, "url": 0}
 
 
 def test_the_ranks_of_a_replacement_fetch_a_shared_file_once(nodes, run, tmp_path):
