@@ -25,9 +25,11 @@ repeat). Two recovery paths, interleaved in the same run (A B, then B A, ...):
 rendezvous polls; spotrun's torchrun wrapper polls every 0.1 s by default), so two runs show what
 the shorter poll saves in start+rdzv.
 
-``--warm-workers`` adds a third path, ``warm``: ``replace`` with ``SPOTRUN_WARM_WORKERS=1``
-(0 on the others), interleaved with them in the same run; torchrun's workers are then forks of
-a forkserver that imported torch while the agent waited (docs/launch.md, "Recovery"), and a
+``--warm-workers`` adds a third path, ``warm``: ``replace`` with warm workers
+(``SPOTRUN_WARM_WORKERS=1``; 0 on the other two paths, so ``relaunch`` stays today's full
+relaunch as issue 22 measured it and ``replace`` the cold replace path),
+interleaved with them in the same run; torchrun's workers then run in standby interpreters
+each node agent started ahead with torch imported (docs/launch.md, "Recovery"), and a
 survivor's next attempt skips each worker's ``import torch``. Ratios ``warm/rel`` and
 ``warm/rep`` compare it with the relaunch and the (cold) replace path.
 
@@ -140,8 +142,9 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
     env = dict(env)
     replacing = path in ("replace", "warm")
     env["SPOTRUN_LOCAL_DIR"] = local_base if (replacing and local_base) else "off"
-    # Warm workers (torchrun's workers forked from a forkserver that imported torch) pay off
-    # where an agent survives its attempt: the "warm" path is the replace path with them on.
+    # Warm workers (standby interpreters with torch imported, opt-in) pay off where
+    # an agent survives its attempt: the "warm" path is the replace path with them on; the
+    # other two keep them off (relaunch: today's path as issue 22 measured it).
     env["SPOTRUN_WARM_WORKERS"] = "1" if path == "warm" else "0"
     digest_file = log_path + ".sha256"
     cmd = spotrun_cmd("launch", "--local", "--nodes", str(NODES), "--nproc-per-node", "1",
@@ -497,8 +500,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep run folders and logs")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--warm-workers", action="store_true",
-                   help="add the path 'warm': replace with SPOTRUN_WARM_WORKERS=1 (torchrun's workers "
-                        "forked from a forkserver that imported torch; docs/launch.md, Recovery), "
+                   help="add the path 'warm': replace with SPOTRUN_WARM_WORKERS=1 (torchrun's "
+                        "workers run in standby interpreters started ahead with torch "
+                        "imported; docs/launch.md, Recovery), "
                         "interleaved with the others in the same run")
     p.add_argument("--rdzv-poll", type=float, default=None, metavar="S",
                    help="SPOTRUN_RDZV_POLL_S for every path: seconds between a waiting node's looks "

@@ -70,7 +70,7 @@ import torch
 
 from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 
-__all__ = ["Group", "last_agent_signal", "note_exit", "preload", "torchrun"]
+__all__ = ["Group", "last_agent_signal", "note_exit", "note_started", "preload", "torchrun"]
 
 #: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
@@ -193,10 +193,33 @@ def note_exit(code: int) -> None:
             f.write(str(code))
 
 
+#: A worker's note that it trained its attempt's first step (see note_started).
+STARTED_SUFFIX = ".started"
+
+
+def note_started() -> None:
+    """Under :func:`torchrun`, tell the agent this worker trained its attempt's first step:
+    its restart is over, so a node agent with warm workers starts the next attempt's standbys
+    now (:mod:`spotrun.launch.warm`) instead of competing with the restart. A no-op elsewhere."""
+    folder = os.environ.get(EXIT_NOTES_ENV)
+    if not folder:
+        return
+    with contextlib.suppress(OSError):  # a courtesy: the agent falls back to a timer
+        open(os.path.join(folder, f"{os.getpid()}{STARTED_SUFFIX}"), "w").close()
+
+
+def _noted_started(folder: str) -> bool:
+    with contextlib.suppress(OSError):
+        return any(name.endswith(STARTED_SUFFIX) for name in os.listdir(folder))
+    return False
+
+
 def _noted_codes(folder: str) -> set[int]:
     codes: set[int] = set()
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
+            if name.endswith(STARTED_SUFFIX):
+                continue
             with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as f:
                 codes.add(int(f.read().strip()))
     return codes
@@ -272,60 +295,17 @@ def _plain_agent_tracebacks() -> None:
             logger.addFilter(_PLAIN_TRACEBACK)
 
 
-def _run_warm(args: Any) -> bool:
-    """Run torchrun as ``torch.distributed.run.run(args)`` does, with warm workers: forks of
-    a forkserver that imported torch, each running :func:`spotrun.launch.warm.run_worker`.
-
-    False, having started nothing, when warm workers are off (``SPOTRUN_WARM_WORKERS``), when
-    the command is not a Python script or module (``--no-python``, ``--run-path``), or when
-    the forkserver cannot be started (warned): torchrun's subprocess workers then run it.
-    """
+def _warm_workers(notes: str) -> None:
+    """Where a node agent started standby interpreters (``SPOTRUN_WARM_WORKERS``, on by
+    default; :mod:`spotrun.launch.warm`), torchrun's workers run in them, and the agent's next
+    standbys start once a worker noted its first step in ``notes``. torchrun run by hand (no
+    agent, no standbys) starts its workers as usual."""
     from .launch import warm
 
-    if not warm.enabled() or args.no_python or args.run_path:
-        return False
-    _plain_agent_tracebacks()  # its worker failures are logged with a traceback
-    from torch.distributed.elastic.multiprocessing import api as mp_api
-
-    code = getattr(getattr(mp_api, "_wrap", None), "__code__", None)
-    if not isinstance(code, types.CodeType) or "ret_val_" not in code.co_varnames:
-        # run_worker finds torchrun's return-value queue by this name (see warm.py); without
-        # it a worker ending in os._exit(0) would not be seen to finish.
-        log.warning("warm workers: this torch's worker wrapper is not the one spotrun knows; "
-                    "starting subprocess workers")
-        return False
-    if not warm.start_forkserver():  # running already (the agent's preload thread) or now
-        return False
-    import uuid
-
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args
-
-    # What run() does before config_from_args (torch 2.13), so both paths launch the same.
-    if args.standalone:
-        args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
-    elif args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None:
-        from torch.distributed.run import parse_min_max_nnodes as _nnodes
-
-        if _nnodes(args.nnodes)[1] == 1:
-            args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
-    if args.master_port is None:
-        args.master_port = 29500
-    config, _cmd, cmd_args = config_from_args(args)  # also sets OMP_NUM_THREADS, as run() does
-    if cmd_args[:1] != ["-u"]:
-        return False  # a torch whose command line this does not know: subprocess workers
-    rest = cmd_args[1:]
-    module = rest[:1] == ["-m"]
-    if module:
-        rest = rest[1:]
-    config.start_method = "forkserver"
-    torch.multiprocessing._set_thread_name("pt_elastic")  # as run() does
-    # The environment now, not the forkserver's: peer addresses and the exit-notes folder
-    # were set after it started.
-    environ = dict(os.environ)
-    log.info("warm workers: forking %s from the forkserver (SPOTRUN_WARM_WORKERS)", rest[0])
-    elastic_launch(config=config, entrypoint=warm.run_worker)(environ, os.getcwd(), module, *rest)
-    return True
+    pool = warm.current()
+    if pool is None or not warm.enabled() or not warm.install():
+        return
+    pool.first_step = lambda: _noted_started(notes)
 
 
 def torchrun(argv: Sequence[str] | None = None) -> int:
@@ -358,9 +338,9 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     notes = tempfile.mkdtemp(prefix="spotrun-exit-")
     os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
     done_before = _done_marker()
+    _warm_workers(notes)
     try:
-        if not _run_warm(args):
-            run(args)
+        run(args)
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         if EXIT_INTERRUPTED in codes:

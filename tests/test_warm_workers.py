@@ -1,9 +1,9 @@
-"""Warm workers (SPOTRUN_WARM_WORKERS=1): torchrun's workers are forks of a forkserver that
-imported torch, and each must still look, to the script, like ``python -u script args``.
+"""Warm workers (SPOTRUN_WARM_WORKERS=1): torchrun's workers run in standby interpreters that
+imported torch ahead, and each must still look, to the script, like ``python -u script args``.
 
 Real processes throughout: one agent process (a driver that does what the node agent does:
-forkserver started first, environment changed after, then several torchrun attempts in the
-same process, as a survivor runs them) against one with warm workers off, both running the
+standbys started first, spotrun's variables changed after, then several torchrun attempts in
+the same process, as a survivor runs them) against one with warm workers off, both running the
 same probe script; the probe's view of its interpreter is compared field by field.
 """
 
@@ -49,10 +49,13 @@ if mode.startswith("probe"):
         "write_through": sys.stdout.write_through, "line_buffering": sys.stdout.line_buffering,
         "stderr_write_through": sys.stderr.write_through,
         "np_draw": float(__import__("numpy.random").random.rand()), "torch_draw": torch.rand(1).item(),
+        "hash": hash("spotrun"), "orig_argv": sys.orig_argv,
+        "cmdline": open("/proc/self/cmdline", "rb").read().replace(b"\\0", b" ").decode(),
         "threads": torch.get_num_threads(), "cuda_initialized": torch.cuda.is_initialized(),
         "sigint": str(__import__("signal").getsignal(2)), "sigterm": str(__import__("signal").getsignal(15)),
-        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LATE_VAR",
-                "EARLY_GONE", "SPOTRUN_EXIT_NOTES", "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID")},
+        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SPOTRUN_LATE_VAR",
+                "SPOTRUN_EARLY_GONE", "SPOTRUN_EXIT_NOTES", "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID",
+                "PLAIN_LATE", "PLAIN_NEW")},
     }
     print(f"probe-stdout-{rank}")
     with open(os.path.join(out, f"{mode}-{rank}.json"), "w") as f:
@@ -73,45 +76,51 @@ elif mode == "sleep":
     import time; time.sleep(120)
 '''
 
-# What the node agent does (spotrun.launch.node): forkserver first, the environment of the
-# attempt set after it, then spotrun's torchrun, once per attempt, in one process.
+# What the node agent does (spotrun.launch.node): standbys first, the attempt's spotrun
+# variables set after them, then spotrun's torchrun, once per attempt, in one process.
 DRIVER = '''\
-import json, os, sys
+import json, os, signal, sys, time
 
 
 def main():
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from spotrun.launch import warm
     import spotrun.distributed as sd
-    from torch.distributed.run import parse_args
     out, probe, modes = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-    if warm.enabled():
-        assert warm.start_forkserver()
-    os.environ["LATE_VAR"] = "late"      # set after the forkserver started, as peer addresses are
-    os.environ.pop("EARLY_GONE", None)   # gone since, as a previous attempt's variables are
     results = {}
     for i, mode in enumerate(modes):
-        if mode == "killfs":  # the forkserver dies between attempts: the next one starts it again
-            from multiprocessing import forkserver
-            import signal, time
-            pid = forkserver._forkserver._forkserver_pid
-            if pid:  # none when warm workers are off
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)
-            results[mode] = pid
-            continue
+        mode, _, twist = mode.partition(":")
         n = 2 if mode in ("probe", "probe2") else 1
+        mode += twist  # the probe's name for its files
         target = ["--module", "sub.probe"] if mode == "probe-m" else [probe]
+        if warm.enabled():  # ahead of torchrun, as the agent starts them at its start
+            warm.pool().fill(n, warm.worker_tail([*target, out, mode]))
+            assert all(s.wait_ready(120) for s in warm.pool()._idle)
+        if i == 0:
+            os.environ["SPOTRUN_LATE_VAR"] = "late"   # set after the standbys started, as peer addresses are
+            os.environ.pop("SPOTRUN_EARLY_GONE", None)  # gone since, as a previous attempt's variables are
+        if twist == "killsb":  # the standbys die before torchrun takes them
+            for sb in warm.pool()._idle:
+                os.kill(sb.proc.pid, signal.SIGKILL)
+                results.setdefault("killed", []).append(sb.proc.pid)
+            time.sleep(0.5)
+        if twist == "plain":  # a variable an interpreter could read at start, set after the standbys
+            os.environ["PLAIN_LATE"] = "1"
+        if twist == "newenv":  # set before the agent's fill for the attempt: new standbys under it
+            os.environ["PLAIN_NEW"] = "1"
+            warm.pool().fill(n, warm.worker_tail([*target, out, mode]))
         argv = ["--nnodes", "1", "--nproc-per-node", str(n), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", f"t{i}", "--max-restarts", "0",
                 "--monitor-interval", "0.1", *target, out, mode]
         if mode.startswith("probe") or mode == "sleep":
             results[mode] = sd.torchrun(argv)
+            os.environ.pop("PLAIN_LATE", None)
+            os.environ.pop("PLAIN_NEW", None)
             continue
         try:  # the workers' own codes, as torchrun reports them
-            if not sd._run_warm(parse_args(argv)):
-                from torch.distributed.run import run
-                run(parse_args(argv))
+            sd._warm_workers(out)
+            from torch.distributed.run import run
+            run(parse_args(argv))
             results[mode] = [0]
         except ChildFailedError as exc:
             results[mode] = sorted(f.exitcode for f in exc.failures.values())
@@ -119,11 +128,13 @@ def main():
     print("RESULTS " + json.dumps(results), flush=True)
 
 
-if __name__ == "__main__":  # workers import this file as __mp_main__
+from torch.distributed.run import parse_args
+
+if __name__ == "__main__":
     main()
 '''
 
-MODES = "probe,probe-m,exit75,osexit75,osexit0,raise,kill,killfs,probe2"
+MODES = "probe,probe-m,exit75,osexit75,osexit0,raise,kill,probe2:killsb,probe2:plain,probe2:newenv"
 
 
 def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
@@ -135,7 +146,7 @@ def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
     (work / "sub" / "probe.py").write_text(PROBE)
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK")}
-    env.update(EARLY_GONE="early", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    env.update(SPOTRUN_EARLY_GONE="early", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                SPOTRUN_WARM_PRELOAD="colorsys, numpy.random, no_such_module_x")  # a missing one is skipped
     env["SPOTRUN_WARM_WORKERS"] = "1" if warm_on else "0"
     proc = subprocess.Popen([PY, str(tmp_path / "driver.py"), str(out), "sub/probe.py", modes],
@@ -180,14 +191,19 @@ def _probe(out: Path, rank: int) -> dict:
     return json.loads((out / f"probe-{rank}.json").read_text())
 
 
-def test_a_warm_worker_is_a_fork_with_torch_imported_and_a_cold_one_is_not(runs):
-    # Fails with the feature off: the worker's parent is then torchrun's agent, torch not loaded.
+def test_a_warm_worker_is_a_standby_with_torch_imported_and_a_cold_one_is_not(runs):
+    # Fails with the feature off: torch is then not loaded before the script's first line.
     for rank in (0, 1):
         warm, cold = _probe(runs["warm_out"], rank), _probe(runs["cold_out"], rank)
-        assert warm["preloaded"] and "forkserver" in warm["parent"], warm
-        assert warm["extra"] == ["colorsys", "torch.distributed.fsdp"]  # SPOTRUN_WARM_PRELOAD too
-        assert not cold["preloaded"] and "forkserver" not in cold["parent"], cold
+        assert warm["preloaded"] and warm["extra"] == ["colorsys", "torch.distributed.fsdp"], warm
+        assert not cold["preloaded"], cold
+        # both are children of the agent (torchrun's), each in a session of its own
+        assert "driver.py" in warm["parent"] and "driver.py" in cold["parent"]
+        assert warm["own_session"] and cold["own_session"]
         assert warm["cuda_initialized"] is False
+        # ps and pgrep -f see the script and its arguments
+        assert "sub/probe.py " in warm["cmdline"] and warm["cmdline"].endswith(" probe ")
+        assert "-c" in warm["orig_argv"] and "-c" not in cold["orig_argv"]  # documented
 
 
 def test_a_warm_worker_sees_what_python_u_script_sees(runs):
@@ -203,23 +219,23 @@ def test_a_warm_worker_sees_what_python_u_script_sees(runs):
             assert w == c, (key, w, c)
         assert warm["path0"].endswith("/sub") and warm["argv"][0] == "sub/probe.py"
         env_w, env_c = dict(warm["env"]), dict(cold["env"])
-        # the attempt's environment, not the forkserver's: set / removed after it started
-        assert env_w["LATE_VAR"] == env_c["LATE_VAR"] == "late"
-        assert env_w["EARLY_GONE"] is None and env_c["EARLY_GONE"] is None
+        # the attempt's spotrun variables, not the standby's: set / removed after it started
+        assert env_w["SPOTRUN_LATE_VAR"] == env_c["SPOTRUN_LATE_VAR"] == "late"
+        assert env_w["SPOTRUN_EARLY_GONE"] is None and env_c["SPOTRUN_EARLY_GONE"] is None
         assert env_w.pop("SPOTRUN_EXIT_NOTES") and env_c.pop("SPOTRUN_EXIT_NOTES")
         env_w.pop("TORCHELASTIC_RUN_ID"), env_c.pop("TORCHELASTIC_RUN_ID")
         assert env_w == env_c and env_w["RANK"] == str(rank) and env_w["OMP_NUM_THREADS"] == "1"
-        assert warm["threads"] == 1
+        assert warm["threads"] == 1  # started before torchrun set OMP_NUM_THREADS=1: set for it
     assert runs["warm"]["probe"] == runs["cold"]["probe"] == 0
     for text in (runs["warm_text"], runs["cold_text"]):
         assert "probe-stdout-0" in text and "probe-stdout-1" in text
 
 
-@pytest.mark.parametrize("draw", ["torch_draw", "np_draw"])
-def test_unseeded_random_draws_are_fresh_in_every_warm_worker(runs, draw):
-    # torch seeds its generator at import, numpy.random too (preloaded here through
-    # SPOTRUN_WARM_PRELOAD): without the reseed every fork starts from the forkserver's state,
-    # so both ranks, and the next attempt's worker (probe-m, same forkserver), draw the same.
+@pytest.mark.parametrize("draw", ["torch_draw", "np_draw", "hash"])
+def test_random_draws_and_str_hashes_are_each_workers_own(runs, draw):
+    # Each standby is an interpreter of its own: unseeded torch and numpy draws and the str
+    # hash seed differ between ranks and attempts, as for subprocess workers (forks of one
+    # forkserver, the first design, shared the hash seed, which nothing could reset).
     draws = [_probe(runs["warm_out"], rank)[draw] for rank in (0, 1)]
     draws.append(json.loads((runs["warm_out"] / "probe-m-0.json").read_text())[draw])
     assert len(set(draws)) == 3, draws
@@ -242,14 +258,19 @@ def test_a_module_runs_as_python_u_m_module_runs_it(runs, tmp_path):
     assert warm["path0"] == str(work) and warm["preloaded"]
 
 
-def test_a_dead_forkserver_is_started_again_for_the_next_attempt(runs):
-    assert runs["warm"]["probe2"] == 0
+def test_a_dead_standby_or_a_changed_variable_starts_the_worker_as_usual(runs):
+    assert runs["warm"]["probe2killsb"] == runs["warm"]["probe2plain"] == runs["warm"]["probe2newenv"] == 0
+    assert len(runs["warm"]["killed"]) == 2
     for rank in (0, 1):
-        again = json.loads((runs["warm_out"] / f"probe2-{rank}.json").read_text())
-        assert again["preloaded"] and "forkserver" in again["parent"]
-        first = json.loads((runs["warm_out"] / f"probe-{rank}.json").read_text())
-        assert first["ppid"] == runs["warm"]["killfs"] != again["ppid"]
-        assert again["own_session"] and again["env"]["LATE_VAR"] == "late"
+        dead = json.loads((runs["warm_out"] / f"probe2killsb-{rank}.json").read_text())
+        assert not dead["preloaded"] and dead["env"]["SPOTRUN_LATE_VAR"] == "late"
+        plain = json.loads((runs["warm_out"] / f"probe2plain-{rank}.json").read_text())
+        assert not plain["preloaded"] and plain["env"]["PLAIN_LATE"] == "1"
+        # changed before the agent's fill: it ended the old standbys and started new ones under it
+        new = json.loads((runs["warm_out"] / f"probe2newenv-{rank}.json").read_text())
+        assert new["preloaded"] and new["env"]["PLAIN_NEW"] == "1" and new["env"]["PLAIN_LATE"] is None
+    assert "PLAIN_LATE differs from when the standby started" in runs["warm_text"]
+    assert "a standby ended before it was used (exit -9)" in runs["warm_text"]
 
 
 def test_exit_codes_are_those_of_python_u_script(runs, tmp_path):
@@ -258,8 +279,6 @@ def test_exit_codes_are_those_of_python_u_script(runs, tmp_path):
         p = subprocess.run([PY, "-u", "-c", PROBE, str(tmp_path), mode], capture_output=True)
         expected[mode] = [p.returncode]
     assert expected == {"exit75": [75], "osexit75": [75], "osexit0": [0], "raise": [1], "kill": [-9]}
-    # os._exit(0): torchrun counts a function worker finished only once its return value is
-    # in torchrun's queue; without warm.run_worker putting it, the agent polled forever.
     got = {m: runs["warm"][m] for m in expected}
     assert got == expected
     assert "RuntimeError: boom" in runs["warm_text"]
@@ -267,9 +286,8 @@ def test_exit_codes_are_those_of_python_u_script(runs, tmp_path):
 
 def test_a_worker_failure_is_logged_with_its_traceback_without_importing_dynamo(runs):
     # torch's log formatter imports torch._dynamo (3-7 s of CPU here) to format a record with
-    # exc_info; torchrun logs each failed warm worker so, and every survivor's agent paid it
-    # between its workers' exit 75 and torchrun returning (the 39 s DDP notice in BENCHMARKS).
-    assert "ProcessExitedException: process 0 terminated with exit code 75" in runs["warm_text"]
+    # exc_info; the agent never needs it, whatever its workers did.
+    assert 'raise RuntimeError("boom")' in runs["warm_text"]
     assert runs["warm"]["dynamo"] is False
 
 
@@ -315,8 +333,23 @@ def test_off_by_default_and_spelled_as_documented():
     from spotrun.launch import warm
 
     assert not warm.enabled({})
-    assert warm.enabled({"SPOTRUN_WARM_WORKERS": "1"})
+    for on in ("1", "true", "Yes", " on "):
+        assert warm.enabled({"SPOTRUN_WARM_WORKERS": on})
     assert not warm.enabled({"SPOTRUN_WARM_WORKERS": "0"})
+
+
+def test_torchrun_run_by_hand_starts_no_standby(tmp_path):
+    # Standbys help only where an agent started them ahead; python -m spotrun.distributed
+    # alone starts its workers as torchrun does (nothing started, no hook needed).
+    env = {**os.environ, "SPOTRUN_WARM_WORKERS": "1"}
+    env.pop("SPOTRUN_URL", None)
+    script = tmp_path / "p.py"
+    script.write_text('import sys; print("torch" in sys.modules, flush=True)\n')
+    out = subprocess.run([PY, "-m", "spotrun.distributed", "--nproc-per-node", "1", "--standalone",
+                          "--monitor-interval", "0.1", str(script)], env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False" and "standby" not in out.stderr
 
 
 def test_ec2_user_data_passes_the_switch_on_when_the_launcher_has_it(monkeypatch):
@@ -331,3 +364,67 @@ def test_ec2_user_data_passes_the_switch_on_when_the_launcher_has_it(monkeypatch
     assert script.index("export SPOTRUN_WARM_WORKERS=1") < script.index("-m spotrun.launch.node")
     # an explicit --env wins over the launcher's environment
     assert "export SPOTRUN_WARM_WORKERS=0" in build_user_data(**kw, env={"SPOTRUN_WARM_WORKERS": "0"})
+
+
+def test_an_agent_that_runs_again_starts_its_next_standby_after_the_first_step(tmp_path):
+    # A survivor's next attempt starts warm only if new standbys wait by then; started while
+    # this attempt restarts, their imports would slow it: they start once a worker noted its
+    # first training step (REFILL_DELAY_S at the latest).
+    from spotrun.launch import warm
+
+    script = tmp_path / "quick.py"
+    script.write_text("import sys; sys.exit(3)\n")
+    tail = (str(script),)
+    pool = warm.Pool()
+    stepped = [False]
+    pool.first_step = lambda: stepped[0]
+    try:
+        pool.keep(1, tail)
+        pool.fill(1, tail)
+        proc = pool.take(tail, dict(os.environ), str(tmp_path))
+        assert proc is not None and proc.wait(timeout=120) == 3  # the script's own exit code
+        time.sleep(1.0)
+        assert pool._idle == []  # no refill before the first step
+        stepped[0] = True
+        deadline = time.monotonic() + 10
+        while not pool._idle and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(pool._idle) == 1 and pool._idle[0].wait_ready(120)
+        assert pool._idle[0].proc.pid != proc.pid
+    finally:
+        pool.close()
+
+
+def test_a_dead_attempts_stop_kills_its_warm_workers_and_spares_the_idle_standbys(tmp_path):
+    # A standby made into a worker was started before the attempt (so before the dead-attempt
+    # watch noted the sessions that were there): the stop must still reach it; an idle one
+    # waits for the next attempt and must not be killed.
+    from spotrun.launch import warm
+    from spotrun.launch.grow import GrowWatch
+
+    script = tmp_path / "w.py"
+    script.write_text("import time; time.sleep(120)\n")
+    tail = (str(script),)
+    pool = warm.pool()
+    try:
+        pool.fill(1, tail)
+        worker = pool.take(tail, dict(os.environ), str(tmp_path))
+        assert worker is not None
+        pool.fill(1, tail)
+        (idle,) = warm.idle_pids()
+        spec = type("Spec", (), {"grow": False, "segment": "sim-2", "nodes": ()})()
+        stuck: list = []
+        watch = GrowWatch(lambda: spec, 0.05, name="t", dead_grace_s=0.5, stuck_s=lambda s: 0.3,
+                          on_stuck=stuck.append)
+        assert worker.wait(timeout=30) in (-signal.SIGTERM, -signal.SIGKILL)
+        end = time.monotonic() + 30
+        while not stuck and time.monotonic() < end:
+            time.sleep(0.05)
+        assert stuck == [spec] and _alive(idle) and warm.idle_pids() == {idle}
+        watch.stop()
+    finally:
+        warm.close()
+    end = time.monotonic() + 10
+    while _alive(idle) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not _alive(idle)  # closing the pool ends its idle standbys

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from ..config import StopKnobs, env_str, stop_knobs
-from ..distributed import Group, note_exit
+from ..distributed import Group, note_exit, note_started
 from ..errors import SaveError, StorageError
 from ..notices import Notice, Watcher
 from ..records.events import Event, NoticeReceived, SegmentEnded, SegmentStarted, TrainingResumed
@@ -167,6 +167,7 @@ class RunSegment:
         """Where training (re)starts: the cost report's restart overhead and recovery split
         (rank 0 records; with the restore's figures when :meth:`restored` was told them)."""
         self.steps_done = step
+        note_started()  # under spotrun's torchrun: the agent's cue for its next standbys
         if self.group is not None and self.group.is_main:
             self.emit(TrainingResumed(segment_id=self.segment_id, step=step,
                                       process_started_at=self.started_at,

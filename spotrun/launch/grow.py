@@ -12,7 +12,7 @@ checkpoint there and exit 75 (no step lost). The node then joins that attempt wh
 torchrun's code was (``spotrun.launch.node``'s loop).
 
 Why a signal to the agent and not to the workers: the agent is what a launcher signals in
-every other stop, it knows its workers (a forkserver's ones too, ``SPOTRUN_WARM_WORKERS``),
+every other stop, it knows its workers (warm ones too, ``SPOTRUN_WARM_WORKERS``),
 and it waits for them to exit. The signal is sent only once torchrun's own handler is in
 place (a Python handler for SIGTERM; before that the default would kill the agent), and
 never after :meth:`GrowWatch.stop`, which the node calls the moment torchrun returns. A
@@ -29,7 +29,8 @@ collective (the launcher declares the loss at once in both cases). Such an attem
 finish, and its ranks never run a signal handler while they wait, so the watch does not ask
 them to stop at a step: it sends SIGTERM to each worker's session
 (:func:`.proctree.worker_sessions` started since the attempt began: torchrun's workers, warm
-ones too, not the forkserver, never a session the agent's process led before),
+ones too, not an idle standby waiting for the next attempt, never a session the agent's
+process led before),
 SIGKILL of what is left after :data:`DEAD_STOP_GRACE_S`, and the node joins that attempt from
 the last committed checkpoint. torchrun's agent normally returns once its workers died; one
 still blocked :data:`DEAD_RETURN_S` later (its store calls wait 60 s each on a rendezvous host
@@ -53,6 +54,7 @@ from ..errors import ConfigError
 from ..records.layout import NODES_DIR
 from ..records.lease import pid_gone
 from ..storage import Storage
+from . import warm
 from .proctree import kill_tree, sessions_started_after
 
 __all__ = ["GrowWatch", "note_waiting", "noted_waiting", "waiting_file"]
@@ -176,7 +178,10 @@ class GrowWatch:
         and returns, and the node joins ``spec``. Not a signal to the agent (the planned
         stop's): the ranks would try to agree on a stop step with the lost peer."""
         self.dead = True
-        workers = self._workers()
+        # Warm workers: standbys run this attempt's workers though started before it; idle
+        # ones (sessions of their own too) wait for the next attempt and are spared.
+        idle = warm.idle_pids()
+        workers = sorted({*self._workers(), *warm.worker_pids()} - idle)
         log.warning("spotrun node %s: attempt %s replaces a lost node while this attempt runs: it cannot "
                     "finish; stopping its %d worker(s) (SIGTERM, SIGKILL after %gs) to join it from the last "
                     "committed checkpoint", self._name, getattr(spec, "segment", "?"), len(workers),

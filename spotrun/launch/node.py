@@ -93,6 +93,7 @@ from ..records.layout import EXIT_INTERRUPTED, EXIT_STOP_UNSAVED, NODES_DIR
 from ..recovery.peer import new_token, serve_attempt, valid_token
 from ..storage import Storage
 from ..validate import argparse_type, number
+from . import warm
 from .common import MAX_NODES, MAX_NPROC_PER_NODE, check_count
 from .grow import DEAD_RETURN_S, GrowWatch, note_waiting
 from .ranks import SLOT_KEY
@@ -549,18 +550,18 @@ class _Preload:
     main thread never imports the module while the thread does) and raises what the import
     raised."""
 
-    def __init__(self) -> None:
+    def __init__(self, command: Sequence[str]) -> None:
+        self._command = list(command)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="spotrun-preload", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        from . import warm
-
         if warm.enabled():
-            # torchrun's workers will be forks of it (SPOTRUN_WARM_WORKERS): it imports torch
-            # in a process of its own, alongside this import, before the cluster file comes.
-            warm.start_forkserver()
+            # torchrun's first worker will run in it (SPOTRUN_WARM_WORKERS): a standby imports
+            # torch in a process of its own, alongside this import, before the cluster file
+            # comes (the attempt's worker count comes with the file; torchrun starts the rest).
+            warm.pool().fill(1, warm.worker_tail(torchrun_command(self._command)))
         try:
             module = importlib.import_module("spotrun.distributed")
         except BaseException as exc:  # noqa: BLE001 - raised again by torchrun(), in the main thread
@@ -592,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for beat in beats:  # an agent run in-process (tests) leaves no writer behind
             beat.stop()
+        warm.close()  # nor idle standbys (a real agent leaves by os._exit: they see EOF)
 
 
 def _main(argv: Sequence[str] | None, beats: list[HeartbeatWriter]) -> int:
@@ -627,7 +629,7 @@ def _main(argv: Sequence[str] | None, beats: list[HeartbeatWriter]) -> int:
             raise ConfigError("SPOTRUN_URL is not set; the launcher sets it to the run URL")
         torchrun_command(command)  # a command it cannot run fails before any waiting
         instance_id = _instance_id()
-        preload = _Preload()
+        preload = _Preload(command)
         storage = open_storage(url)
         if args.rejoin_timeout > 0:
             try:  # a new node of a grown attempt: the controller writes its file once this is there
@@ -660,6 +662,14 @@ def _main(argv: Sequence[str] | None, beats: list[HeartbeatWriter]) -> int:
                            on_stuck=lambda nxt, old=spec: _start_afresh(args, command, base_env, storage,
                                                                         instance_id, old, nxt))
                  if args.rejoin_timeout > 0 else None)
+        if warm.enabled():
+            # Standby interpreters for this attempt's workers (spotrun.launch.warm): the first
+            # came with the agent's start; a no-op where they wait already. A machine that may
+            # run the next attempt too starts its next ones after this attempt's first step.
+            standbys, tail = warm.pool(), warm.worker_tail(torchrun_command(command))
+            standbys.fill(spec.nproc_per_node, tail)
+            if watch is not None:
+                standbys.keep(spec.nproc_per_node, tail)
         try:
             with serve_attempt(spec, index) as peer_env:
                 os.environ.update(peer_env)  # torchrun's workers inherit the agent's environment
@@ -721,7 +731,7 @@ def _start_afresh(args: argparse.Namespace, command: list[str], env: dict[str, s
     helps. This process becomes a fresh node agent for ``nxt`` (exec: the same pid, so the
     launcher and EC2's user data still see their node; the same stdout), with the
     environment it started with. Nothing is lost: the workers are dead, the run URL holds
-    the last committed checkpoint, and sockets and pipes (peer server, forkserver) close
+    the last committed checkpoint, and sockets and pipes (peer server, idle standbys: they leave) close
     with the old image."""
     try:
         write_attempt_exit(storage, old.segment, instance_id, 1)

@@ -94,8 +94,8 @@ def _signal(send: Callable[[int, int], None], target: int, sig: int) -> None:
 
 def worker_sessions(pid: int) -> list[int]:
     """The processes below ``pid`` that lead a session of their own: torchrun's workers
-    (started with ``start_new_session``; a warm worker calls ``setsid`` itself), not the
-    forkserver they are forked from (it stays in the agent's session, for the next attempt)."""
+    (started with ``start_new_session``), and warm workers' standby interpreters (started so
+    too: :func:`spotrun.launch.warm.idle_pids` tells the idle ones)."""
     out = []
     for p in descendants(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
