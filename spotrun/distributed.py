@@ -42,6 +42,10 @@ since the previous checkpoint lost. :func:`torchrun` therefore waits
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` says otherwise: the wrapper's own bound decides when a stop
 is abandoned (it exits 143), torchrun's kill stays the last resort after it.
 
+**A finished worker stuck on its way out.** torchrun waits for every worker to exit; one that
+noted the run finished and then deadlocked in torch's gloo teardown (:data:`FINISHED_STUCK_S`)
+is killed by :func:`torchrun`'s watch, and the run ends 0 as the notes say.
+
 **Rendezvous polls.** torch's c10d rendezvous makes a node that joined wait for the round to
 close by sleeping ``_delay(seconds=1)`` between polls and answering a poll from a state cache
 kept 1 s (``dynamic_rendezvous``), so each node but the last to join sees the round complete up
@@ -62,6 +66,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +84,15 @@ EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 #: Seconds torchrun waits for its signalled workers beyond ``SPOTRUN_STOP_TIMEOUT``: their
 #: own bound ends a stop that cannot commit (exit 143) before torchrun kills them.
 SHUTDOWN_SLACK_S = 15.0
+
+#: A worker that noted the run finished (``done.json`` written, every rank past the last
+#: barrier) and then used no CPU for this long is stuck on its way out: torch's gloo process
+#: group destructor can deadlock on the GIL (``~ProcessGroupGloo`` joins a thread that waits
+#: for the GIL; pytorch issue 56297), and torchrun's agent would wait for it forever (on EC2:
+#: an instance billed to the end of time). :func:`torchrun` kills it (SIGKILL of its
+#: session) and exits 0: the run is finished. ``SPOTRUN_FINISHED_STUCK_S``; 0 turns it off.
+FINISHED_STUCK_S = 60.0
+FINISHED_STUCK_ENV = "SPOTRUN_FINISHED_STUCK_S"
 
 log = logging.getLogger("spotrun.distributed")
 
@@ -214,6 +229,84 @@ def _noted_started(folder: str) -> bool:
     return False
 
 
+def _cpu_ticks(pid: int, parent: int) -> int | None:
+    """User + system CPU ticks of ``pid`` (all its threads); None when it is gone or is not a
+    child of ``parent`` (a pid reused by someone else's process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 13 or fields[0] == "Z" or int(fields[1]) != parent:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+class _FinishedWatch:
+    """While torchrun runs: kill a worker that noted the run finished and then sat with no
+    CPU for ``stuck_s`` (see :data:`FINISHED_STUCK_S`). A worker still doing anything (an
+    upload, an evaluation) uses CPU and is left alone."""
+
+    def __init__(self, notes: str, stuck_s: float) -> None:
+        self._notes, self._stuck_s = notes, stuck_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spotrun-finished-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = os.getpid()
+        seen: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, since when unchanged)
+        while not self._stop.wait(min(5.0, self._stuck_s / 4)):
+            now = time.monotonic()
+            for pid in _finished_pids(self._notes):
+                ticks = _cpu_ticks(pid, me)
+                if ticks is None:
+                    seen.pop(pid, None)
+                    continue
+                last = seen.get(pid)
+                if last is None or last[0] != ticks:
+                    seen[pid] = (ticks, now)
+                elif now - last[1] >= self._stuck_s:
+                    log.warning("worker %d noted the run finished and then used no CPU for %.0fs: stuck on "
+                                "its way out (torch's gloo teardown can deadlock); killing it "
+                                "(%s=0 turns this off)", pid, now - last[1], FINISHED_STUCK_ENV)
+                    with contextlib.suppress(OSError):
+                        if os.getsid(pid) == pid:
+                            os.killpg(pid, signal.SIGKILL)
+                        else:
+                            os.kill(pid, signal.SIGKILL)
+                    seen[pid] = (ticks, float("inf"))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _finished_pids(folder: str) -> list[int]:
+    pids = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.isdigit():
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as f:
+                    if int(f.read().strip()) == EXIT_FINISHED:
+                        pids.append(int(name))
+    return pids
+
+
+def _finished_stuck_s() -> float:
+    raw = os.environ.get(FINISHED_STUCK_ENV, "").strip()
+    if not raw:
+        return FINISHED_STUCK_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        log.warning("ignoring %s=%r (seconds, e.g. 60; 0: off); using %g", FINISHED_STUCK_ENV, raw,
+                    FINISHED_STUCK_S)
+        return FINISHED_STUCK_S
+    return value
+
+
 def _noted_codes(folder: str) -> set[int]:
     codes: set[int] = set()
     with contextlib.suppress(OSError):
@@ -339,6 +432,8 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
     os.environ[EXIT_NOTES_ENV] = notes  # inherited by the workers torchrun starts
     done_before = _done_marker()
     _warm_workers(notes)
+    stuck_s = _finished_stuck_s()
+    finished_watch = _FinishedWatch(notes, stuck_s) if stuck_s > 0 else None
     try:
         run(args)
     except ChildFailedError as exc:
@@ -390,6 +485,8 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         return 128 + int(exc.sigval)
     finally:
+        if finished_watch is not None:
+            finished_watch.stop()
         shutil.rmtree(notes, ignore_errors=True)
     return 0
 
