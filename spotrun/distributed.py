@@ -43,8 +43,9 @@ since the previous checkpoint lost. :func:`torchrun` therefore waits
 is abandoned (it exits 143), torchrun's kill stays the last resort after it.
 
 **A finished worker stuck on its way out.** torchrun waits for every worker to exit; one that
-noted the run finished and then deadlocked in torch's gloo teardown (:data:`FINISHED_STUCK_S`)
-is killed by :func:`torchrun`'s watch, and the run ends 0 as the notes say.
+noted its exit (run finished, or stop checkpoint committed) and then deadlocked in torch's
+gloo teardown (:data:`FINISHED_STUCK_S`) is killed by :func:`torchrun`'s watch, and the wrapper
+exits as the notes say (0 or 75).
 
 **Rendezvous polls.** torch's c10d rendezvous makes a node that joined wait for the round to
 close by sleeping ``_delay(seconds=1)`` between polls and answering a poll from a state cache
@@ -85,12 +86,14 @@ EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 #: own bound ends a stop that cannot commit (exit 143) before torchrun kills them.
 SHUTDOWN_SLACK_S = 15.0
 
-#: A worker that noted the run finished (``done.json`` written, every rank past the last
-#: barrier) and then used no CPU for this long is stuck on its way out: torch's gloo process
+#: A worker that noted its exit (the run finished: ``done.json`` written, every rank past the
+#: last barrier; or its stop checkpoint committed) and then used no CPU for this long is
+#: stuck on its way out: torch's gloo process
 #: group destructor can deadlock on the GIL (``~ProcessGroupGloo`` joins a thread that waits
 #: for the GIL; pytorch issue 56297), and torchrun's agent would wait for it forever (on EC2:
 #: an instance billed to the end of time). :func:`torchrun` kills it (SIGKILL of its
-#: session) and exits 0: the run is finished. ``SPOTRUN_FINISHED_STUCK_S``; 0 turns it off.
+#: session) and exits as the notes say (0: finished, 75: interrupted, checkpoint committed).
+#: ``SPOTRUN_FINISHED_STUCK_S``; 0 turns it off.
 FINISHED_STUCK_S = 60.0
 FINISHED_STUCK_ENV = "SPOTRUN_FINISHED_STUCK_S"
 
@@ -243,7 +246,7 @@ def _cpu_ticks(pid: int, parent: int) -> int | None:
 
 
 class _FinishedWatch:
-    """While torchrun runs: kill a worker that noted the run finished and then sat with no
+    """While torchrun runs: kill a worker that noted its exit (0 or 75) and then sat with no
     CPU for ``stuck_s`` (see :data:`FINISHED_STUCK_S`). A worker still doing anything (an
     upload, an evaluation) uses CPU and is left alone."""
 
@@ -258,7 +261,7 @@ class _FinishedWatch:
         seen: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, since when unchanged)
         while not self._stop.wait(min(5.0, self._stuck_s / 4)):
             now = time.monotonic()
-            for pid in _finished_pids(self._notes):
+            for pid in _exited_pids(self._notes):
                 ticks = _cpu_ticks(pid, me)
                 if ticks is None:
                     seen.pop(pid, None)
@@ -267,7 +270,7 @@ class _FinishedWatch:
                 if last is None or last[0] != ticks:
                     seen[pid] = (ticks, now)
                 elif now - last[1] >= self._stuck_s:
-                    log.warning("worker %d noted the run finished and then used no CPU for %.0fs: stuck on "
+                    log.warning("worker %d noted its exit and then used no CPU for %.0fs: stuck on "
                                 "its way out (torch's gloo teardown can deadlock); killing it "
                                 "(%s=0 turns this off)", pid, now - last[1], FINISHED_STUCK_ENV)
                     with contextlib.suppress(OSError):
@@ -281,13 +284,13 @@ class _FinishedWatch:
         self._stop.set()
 
 
-def _finished_pids(folder: str) -> list[int]:
+def _exited_pids(folder: str) -> list[int]:
     pids = []
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             if name.isdigit():
                 with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as f:
-                    if int(f.read().strip()) == EXIT_FINISHED:
+                    if int(f.read().strip()) in (EXIT_FINISHED, EXIT_INTERRUPTED):
                         pids.append(int(name))
     return pids
 
@@ -438,7 +441,9 @@ def torchrun(argv: Sequence[str] | None = None) -> int:
         run(args)
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
-        if EXIT_INTERRUPTED in codes:
+        # A noted 75 is the same promise as an exit 75 (the stop checkpoint committed on every
+        # rank): a worker killed after its note (stuck on its way out) does not undo it.
+        if EXIT_INTERRUPTED in codes or EXIT_INTERRUPTED in _noted_codes(notes):
             log.warning("workers stopped on an interruption (exit codes %s); "
                         "checkpoint committed, exiting %d", codes, EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED

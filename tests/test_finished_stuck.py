@@ -1,4 +1,4 @@
-"""A worker that noted the run finished and then hangs on its way out (torch's gloo process
+"""A worker that noted its exit (run finished, or stop committed) and then hangs on its way out (torch's gloo process
 group destructor deadlocking on the GIL, pytorch issue 56297, seen in this suite) must not
 keep torchrun's agent waiting forever: spotrun's torchrun kills it once it used no CPU for
 ``SPOTRUN_FINISHED_STUCK_S`` and exits 0 (the run finished). A worker still working after
@@ -66,3 +66,16 @@ def test_a_bad_setting_is_named_and_the_default_used(monkeypatch, caplog, value)
     monkeypatch.setenv("SPOTRUN_FINISHED_STUCK_S", value)
     assert distributed._finished_stuck_s() == distributed.FINISHED_STUCK_S
     assert "SPOTRUN_FINISHED_STUCK_S" in caplog.text
+
+
+def test_a_worker_stuck_after_its_stop_checkpoint_committed_is_killed_and_the_run_ends_75(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text("from spotrun.distributed import note_exit\nnote_exit(75)\n"
+                      "import threading\nthreading.Event().wait()\n")
+    env = {**os.environ, "SPOTRUN_FINISHED_STUCK_S": "2", "SPOTRUN_WARM_WORKERS": "0"}
+    env.pop("SPOTRUN_URL", None)
+    res = subprocess.run([sys.executable, "-m", "spotrun.distributed", "--standalone", "--nproc-per-node", "1",
+                          "--monitor-interval", "0.1", str(script)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 75 and "killing it" in out, out[-3000:]
