@@ -137,25 +137,21 @@ def test_a_replacement_restores_its_share_from_the_buddy_and_reads_nothing_from_
     assert reader.bytes_by_source() == {"local": size, "peer": 0, "url": 0}
 
 
-def test_the_ranks_of_a_replacement_fetch_a_shared_file_once(nodes, run, tmp_path):
+def test_the_ranks_of_a_replacement_fetch_a_shared_file_once(nodes, run, replacement):
     """Every rank reads rank 0's payload: one rank of the machine fetches it, the others wait
     and read the machine's copy (one transfer, one file in memory)."""
     a, b, _ = nodes
     manifest = _save(a.copy(b, rank=0, nodes=[a, b]), run, 10, {0: _state(1), 1: _state(2)})
-    fresh = Node(tmp_path, "replacement", run)
     readers = []
 
     def restore(rank: int) -> None:
-        readers.append(_restore(fresh.copy(b, rank=rank), run, manifest, [payload_name(0)])[0])
+        readers.append(_restore(replacement.copy(b, rank=rank), run, manifest, [payload_name(0)])[0])
 
-    try:
-        threads = [threading.Thread(target=restore, args=(r,)) for r in (2, 3, 4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    finally:
-        fresh.server.stop()
+    threads = [threading.Thread(target=restore, args=(r,)) for r in (2, 3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
     size = manifest.files[payload_name(0)].size
     assert sorted(r.peer_bytes for r in readers) == [0, 0, size]
     assert sorted(r.local_bytes for r in readers) == [0, size, size]
@@ -194,7 +190,8 @@ def test_only_the_newest_step_is_held_and_an_older_one_is_refused(nodes, run, tm
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "older step", "another run", "stale writer"])
-def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp_path, damage, caplog):
+def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp_path, damage, caplog,
+                                                                 replacement):
     a, b, _ = nodes
     manifest = _save(a.copy(b, rank=1), run, 10, {0: _state(1), 1: _state(2)})
     held = b.server.root / checkpoint_dir(10) / payload_name(1)
@@ -228,18 +225,14 @@ def test_a_peer_copy_that_does_not_match_the_manifest_is_ignored(nodes, run, tmp
         stale = Storage(str(tmp_path / "stale"))
         write_payload(stale, 10, 1, _state(7))
         held.write_bytes((Path(stale.display()) / checkpoint_dir(10) / payload_name(1)).read_bytes())
-    fresh = Node(tmp_path, "replacement", run)
-    try:
-        with caplog.at_level(logging.INFO, logger="spotrun"):
-            reader, data = _restore(fresh.copy(b, rank=1), run, manifest, [payload_name(1)])
-    finally:
-        fresh.server.stop()
+    with caplog.at_level(logging.INFO, logger="spotrun"):
+        reader, data = _restore(replacement.copy(b, rank=1), run, manifest, [payload_name(1)])
     url_file = Path(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)
     assert data[payload_name(1)] == url_file.read_bytes()
     assert reader.bytes_by_source() == {"local": 0, "peer": 0, "url": manifest.files[payload_name(1)].size}
     assert any(("not used" in r.message or "no peer holds" in r.message) for r in caplog.records), caplog.text
     # Nothing unchecked was left where a restart would take it for this machine's copy.
-    assert not (fresh.dir / run_key(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)).exists()
+    assert not (replacement.dir / run_key(run.display()) / checkpoint_dir(manifest.step) / payload_name(1)).exists()
 
 
 def test_a_wrong_token_and_a_path_out_of_the_folder_are_refused(nodes, run, tmp_path, caplog):
