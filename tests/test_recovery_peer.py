@@ -645,3 +645,35 @@ def test_a_commit_message_that_comes_after_the_next_steps_files_finds_the_step_s
     assert reader.bytes_by_source() == {"local": 0, "peer": files[payload_name(1)].size, "url": 0}
     assert data[payload_name(1)] == rank1
     assert (b.server.root / ".pending-12" / payload_name(1)).is_file()  # still pending beside it
+
+
+def test_a_commit_message_goes_out_before_the_next_node_gets_the_shared_file(nodes, run, tmp_path):
+    """Rank 0 sends its shared file to every node in turn. A commit announced meanwhile goes
+    before the next node's copy: it used to wait for the whole fan-out (one file to each of
+    N - 1 nodes), while the other ranks' next files already reached those nodes."""
+    a, b, _ = nodes
+    silent = [socket.socket() for _ in range(2)]  # nodes that accept and never answer (0.5 s each)
+    for s in silent:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+    slow = [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
+    try:
+        link = PeerLink(run.display(), a.dir, TOKEN, slow[0], [a.address, *slow, b.address], a.address, rank=0)
+        f = tmp_path / payload_name(0)
+        f.write_bytes(b"z" * 1000)
+        link.offer(10, payload_name(0), f)
+        held_up, _ = silent[0].accept()  # the fan-out has begun: the buddy's copy hangs
+        link.announce(10)
+        sealed = b.server.root / checkpoint_dir(10)
+        deadline = time.monotonic() + 10
+        while not sealed.is_dir():
+            assert time.monotonic() < deadline, "no commit message reached node b"
+            time.sleep(0.01)
+        first_seen = sorted(p.name for p in sealed.iterdir())
+        assert link.wait(30)
+        held_up.close()
+    finally:
+        for s in silent:
+            s.close()
+    assert first_seen == [], "the commit message waited behind the file's copies to other nodes"
+    assert b.held(10) == [payload_name(0)]  # the file came after, and joined the sealed step

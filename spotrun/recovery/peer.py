@@ -30,8 +30,9 @@ replicated (DDP) run restores without reading them from the run URL.
 
 The commit message: the rank that wrote the manifest (rank 0), once the commit succeeded,
 sends a small ``POST .../<step>/sealed`` to every node (ahead of any file it still has
-queued). Only that rank knows the commit happened: the other ranks learn that their files were
-gathered, not that the manifest was written (the lease may refuse it). Reading the committed
+queued, and before the next node's copy of a file it is sending to several). Only that rank
+knows the commit happened: the other ranks learn that their files were gathered, not that
+the manifest was written (the lease may refuse it). Reading the committed
 manifest from the run URL instead would cost every node a run URL request per save and
 credentials in the agent; the message costs a loopback round trip. A message that is lost (the
 node went right after its commit) costs only memory, never a restore: the files wait as
@@ -734,6 +735,12 @@ class PeerLink:
             with self._cond:
                 if any(s > step for s, _, _ in self._files):
                     return  # a newer step's files are waiting: this one is not worth more time
+                seals, self._seals = self._seals, []
+            # A commit message announced meanwhile goes before the next node's copy: rank 0's
+            # shared file goes to every node, one after another, and the other ranks' next
+            # files must not reach a node long before the message that seals this step.
+            for sealed in seals:
+                self._send_seal(sealed)
             try:
                 send_file(target, self.token, self.run_key, step, name, fd)
                 tally[1] += os.fstat(fd).st_size
