@@ -5,7 +5,8 @@ One commit path for one rank and many: every rank writes its own payload files, 
 and retention runs after that. With one rank "every rank has written" is true the moment
 its write ends, so the commit follows at once in the writer thread; with several ranks it
 is known at the first step boundary where the ranks agree that no save is still being
-written (:meth:`Saver.commit_written`, main thread, a collective). Whatever fails, the
+written, nor, with peer copies, still on its way to the peers (bounded: :meth:`Saver.poll`)
+(:meth:`Saver.commit_written`, main thread, a collective). Whatever fails, the
 previous checkpoint stays the latest, untouched.
 
 A sharded run (FSDP2, tensor parallel) has two kinds of payload per rank: its DCP shard files
@@ -85,6 +86,7 @@ class _Written:
     captured_at: float
     stall: float
     artifacts: dict[str, Any] | None = None  # the manifest's artifacts index (rank 0)
+    written_at: float = 0.0  # when the last file was written (time.time())
 
 
 class Saver:
@@ -209,7 +211,7 @@ class Saver:
             if captured is not None:
                 entries += write_artifacts(store, step, captured)
             written = _Written(step, entries, t0, stall,
-                               captured.index if captured is not None else None)
+                               captured.index if captured is not None else None, time.time())
             if self.group.distributed:
                 return written  # committed from the training thread once every rank has written
             self._commit(written, [written.entries])
@@ -268,14 +270,29 @@ class Saver:
     # -- completing ----------------------------------------------------------------------------
 
     def poll(self) -> bool:
-        """True while this rank's save is still being written; raises a failed one."""
+        """True while this rank's save is still being written, or its files are still on
+        their way to the peers (see :meth:`_copies_pending`); raises a failed one."""
         job = self._job
-        if job is None:
+        if job is not None:
+            if not job.done.is_set():
+                return True
+            self._collect(job)
+        return self._copies_pending()
+
+    def _copies_pending(self) -> bool:
+        """Distributed: this rank's files of the step written and not yet committed are still
+        being sent to the peers (each went as soon as it was complete here). The commit, at a
+        step boundary where no rank is busy, waits for them (training does not), at most as
+        long again as the write took (at least 1 s): a node lost right after a commit with its
+        send under way left no peer its files, and every rank read them from the run URL (seen
+        in the benchmark with the run URL on local disk, where the write ends moments before
+        the commit: DDP rank 0's 64 MiB to two nodes, 0.3-0.8 s on one loaded core). A save
+        due meanwhile, the stop checkpoint and the way out commit at once, as before."""
+        written = self._written
+        peer = self._local.peer if self._local is not None else None
+        if written is None or peer is None or not peer.sending(written.step):
             return False
-        if not job.done.is_set():
-            return True
-        self._collect(job)
-        return False
+        return time.time() - written.written_at < max(1.0, written.written_at - written.captured_at)
 
     def _collect(self, job: _Job) -> None:
         self._job = None

@@ -616,6 +616,7 @@ class PeerLink:
         self._files: collections.deque[tuple[int, str, int]] = collections.deque()  # step, name, fd
         self._seals: list[int] = []
         self._busy = False
+        self._sending: int | None = None  # the step of the file being sent now
         self._thread: threading.Thread | None = None
         self._tally: dict[int, list[float]] = {}  # step -> [started, bytes sent, files not sent]
         self._dead: set[str] = set()  # peers that failed once in this process: not asked again
@@ -706,6 +707,7 @@ class PeerLink:
                 else:
                     step, name, fd = self._files.popleft()
                     job = ("file", step, name, fd)
+                    self._sending = step
             kind, step, name, fd = job
             try:
                 if kind == "seal":
@@ -718,6 +720,7 @@ class PeerLink:
                 if fd >= 0:
                     os.close(fd)
             with self._cond:
+                self._sending = None
                 if not any(s == step for s, _, _ in self._files):
                     self._report(step)
 
@@ -756,6 +759,11 @@ class PeerLink:
         started, sent, skipped = tally
         log.info("peer copy of step %d: %s sent in %.2fs%s", step, format_bytes(int(sent)),
                  time.monotonic() - started, f", {int(skipped)} file(s) not sent" if skipped else "")
+
+    def sending(self, step: int) -> bool:
+        """Whether a file of ``step`` is still queued or being sent."""
+        with self._cond:
+            return self._sending == step or any(s == step for s, _, _ in self._files)
 
     def wait(self, timeout: float) -> bool:
         """Block until the sends under way are done; False after ``timeout`` seconds."""
