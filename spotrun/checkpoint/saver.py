@@ -123,6 +123,9 @@ class Saver:
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
         self._written: _Written | None = None  # distributed: written here, not yet committed
+        # Distributed, not rank 0: the step gathered last, whose commit this rank has not seen
+        # proven yet (its older local copy is kept until then: see _committed).
+        self._unconfirmed: int | None = None
         self._abandoned = False  # a stop save given up on: its thread may still write
         self._retention = BackgroundRetention(storage)  # retention of the newest commit
         #: The newest step this process saw committed (or restored from).
@@ -250,10 +253,32 @@ class Saver:
 
     def _committed(self, step: int, *, announce: bool = False) -> None:
         """``step`` is committed at the run URL: this machine's copy of it becomes the one
-        kept. ``announce``: this rank wrote the manifest, so it tells the peers (the other
-        ranks only know their files were gathered, not that the commit happened)."""
-        if self._local is not None:
-            self._local.seal(step, announce=announce)
+        kept. ``announce``: this rank wrote the manifest, so it tells the peers and frees its
+        older copy. The other ranks only know their files were gathered, not that the commit
+        happened (rank 0 may die before the manifest): they keep their older copy until a
+        later collective proves rank 0 came back from the commit (:meth:`agreed`); dropped at
+        the gather, a survivor then read its own file of the step restored from the run URL
+        (seen in the benchmark: DDP, rank 0's node killed between the gather and the manifest)."""
+        if self._local is None:
+            return
+        if announce:
+            self._local.seal(step, announce=True)
+            return
+        self._confirm()  # this gather proves the commit before it: rank 0 got past it to save again
+        self._local.seal(step, keep_older=True)
+        self._unconfirmed = step
+
+    def agreed(self) -> None:
+        """Every rank passed a collective after the last gather (distributed; the step's
+        agreement): rank 0, which committed right after that gather, came back from it, so
+        the commit happened (a failed one raises on rank 0, which then never reaches this
+        collective). This rank's older local copies can go."""
+        self._confirm()
+
+    def _confirm(self) -> None:
+        step, self._unconfirmed = self._unconfirmed, None
+        if step is not None and self._local is not None:
+            self._local.prune(step)
 
     def _drop_local(self) -> None:
         if self._local is not None:
@@ -329,11 +354,13 @@ class Saver:
         if self.group.distributed:
             if self._written is None:
                 self.group.barrier()  # nothing to commit; every rank is past its save
+                self._confirm()
                 return
             # No barrier first: commit_written's gather waits for every rank's entries, and
             # a rank sends them only once its files are written.
             self.commit_written()
             self.group.barrier()  # the manifest exists before anyone moves on
+            self._confirm()
 
     def _abort_dead_write(self, job: _Job, exc: BaseException) -> None:
         """This rank's attempt is dead with ``job`` still writing: abort its open uploads
