@@ -42,9 +42,9 @@ def test_a_rank_whose_peer_vanished_mid_save_aborts_the_write_and_leaves_promptl
     procs: dict[int, subprocess.Popen] = {}
     try:
         for rank in (0, 1):
-            env = env_for(f"slowupload://{run_dir}", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+            env = env_for(f"slowfile://{run_dir}", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SPOTRUN_NOTICE_SOURCE="none",
-                          SPOTRUN_LOCAL_DIR="off", OMP_NUM_THREADS="1")
+                          SPOTRUN_LOCAL_DIR="off", OMP_NUM_THREADS="1", SPOTRUN_TEST_WRITE_DELAY="0")
             out = subprocess.PIPE if rank == 0 else open(tmp_path / "rank1.log", "w")  # noqa: SIM115
             procs[rank] = subprocess.Popen([sys.executable, SCRIPT, mode, str(run_dir)], env=env,
                                            stdout=out, stderr=subprocess.STDOUT, text=True)

@@ -21,57 +21,34 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
-import fsspec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
+
+import slowfs
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
 
 import spotrun
 from spotrun.storage import inflight
 
-DELAY = 0.5  # seconds per payload write call once slow: the step-6 write takes well over 30 s
+DELAY = "0.5"  # seconds per payload write call once slow: the step-6 write takes well over 30 s
 mode, run_dir = sys.argv[1], sys.argv[2]
 aborted = threading.Event()
-slow = threading.Event()
 
 
-class _SlowFile:
-    def __init__(self, raw):
-        self._raw = raw
+class Abortable(slowfs.Slowed):
+    """A slowed payload write that fails once the process aborted its uploads."""
 
     def write(self, data):
-        if slow.is_set():
-            time.sleep(DELAY)
-            if aborted.is_set():
-                raise OSError("upload aborted")
-        return self._raw.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._raw, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._raw.close()
+        written = super().write(data)
+        if aborted.is_set():
+            raise OSError("upload aborted")
+        return written
 
 
-class SlowUploadFS(LocalFileSystem):
-    protocol = ("slowupload",)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        if isinstance(path, str) and path.startswith("slowupload://"):
-            path = path[len("slowupload://"):]
-        return super()._strip_protocol(path)
-
-    def _open(self, path, mode="rb", *args, **kwargs):
-        f = super()._open(path, mode, *args, **kwargs)
-        return _SlowFile(f) if "w" in mode and ".pt" in path else f  # a temporary name
-
-
-fsspec.register_implementation("slowupload", SlowUploadFS, clobber=True)
+slowfs.Slowed = Abortable  # slowfile:// wraps each payload file it opens for writing in it
+slowfs.register()
 if mode == "abortable":
     inflight.register("the test's slow upload", aborted.set)
 
@@ -84,7 +61,7 @@ model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 failed_at = None
 try:
-    with spotrun.Checkpointer(f"slowupload://{run_dir}", model=model, optimizer=opt,
+    with spotrun.Checkpointer(f"slowfile://{run_dir}", model=model, optimizer=opt,
                               every_steps=3, keep_last=5) as ckpt:
         try:
             for step in ckpt.range(10_000):
@@ -94,7 +71,7 @@ try:
                 opt.step()
                 dist.all_reduce(torch.ones(1))  # fails once the other rank is gone
                 if os.path.exists(os.path.join(run_dir, "000000000003", "manifest.json")):
-                    slow.set()
+                    os.environ["SPOTRUN_TEST_WRITE_DELAY"] = DELAY  # read at each file's open
                 print(f"rank {rank} step {step + 1}", flush=True)
                 time.sleep(0.05)
         except Exception:
