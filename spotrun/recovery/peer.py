@@ -430,7 +430,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None:
             # What it holds instead goes back with the answer: the asker's log then says why
             # a replacement read a file from the run URL (which step this node has, whose files).
-            self._answer(404, f"not held; {self.peer.holding()}")
+            try:
+                held = self.peer.holding()
+            except OSError:  # a folder removed while it was listed (a commit message came)
+                held = "its folders changed while listed"
+            self._answer(404, f"not held; {held}")
             return
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
