@@ -250,3 +250,83 @@ def _assert_restore_recorded(url: str, step: int, total: int, *, local: bool) ->
     assert {k: resumed.get(k) for k in expected} == expected, resumed
     assert resumed["process_started_at"] <= resumed["restore_started_at"] <= resumed["first_step_at"], resumed
     assert 0 < resumed["restore_s"] <= resumed["first_step_at"] - resumed["restore_started_at"], resumed
+
+
+# Rank 1 learns only that its files were gathered for the commit, not that rank 0 wrote the
+# manifest: it keeps its older copy until a later collective proves the commit happened. It
+# used to drop it at the gather, and when rank 0's node died between the gather and the
+# manifest (seen in the benchmark: DDP, 1 of 8 runs), rank 1 restored the older, committed step
+# and read its own file of it from the run URL. Two real gloo ranks through the Checkpointer,
+# each with its own local directory (two machines); rank 0 is killed -9 at the commit of
+# step 4, before its manifest.
+_GATHERED = textwrap.dedent("""
+    import os, signal, sys, time
+    import torch, torch.distributed as dist
+    import spotrun
+    from spotrun.checkpoint import saver as saver_mod
+
+    rank, mode = int(os.environ["RANK"]), sys.argv[1]
+    real_commit = saver_mod.commit
+    def commit(storage, manifest):
+        if manifest.step == 4 and mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # the machine goes before the manifest
+        real_commit(storage, manifest)
+    saver_mod.commit = commit
+    dist.init_process_group("gloo")
+    model = torch.nn.Linear(32, 32)
+    try:
+        with spotrun.Checkpointer(model=model, per_rank={"own": torch.nn.Linear(8, 8)},
+                                  every_steps=2) as ckpt:
+            for step in ckpt.range(100 if mode == "kill" else 6):
+                dist.all_reduce(torch.ones(1))
+                print(f"rank {rank} step {step + 1}", flush=True)
+                time.sleep(0.05)
+    except Exception as exc:  # the other rank vanished
+        print(f"rank {rank} failed: {type(exc).__name__}", flush=True)
+        os._exit(1)
+""")
+
+
+def _two_machines(tmp_path: Path, run: Storage, mode: str) -> tuple[list[subprocess.Popen], list[str]]:
+    from helpers import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = env_for(run.display(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port, SPOTRUN_LOCAL_DIR=str(tmp_path / f"machine{rank}"),
+                      SPOTRUN_NOTICE_SOURCE="none", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([os.sys.executable, "-c", _GATHERED, mode], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return procs, outs
+
+
+@pytest.mark.slow
+def test_a_rank_keeps_its_older_copy_until_the_commit_it_was_gathered_for_is_proven(tmp_path, run):
+    procs, outs = _two_machines(tmp_path, run, "kill")
+    assert procs[0].returncode == -signal.SIGKILL, outs[0][-3000:]
+    assert procs[1].returncode == 1, outs[1][-3000:]
+    assert committed_steps(run.display()) == [2]  # step 4 was gathered, never committed
+    manifest = read_manifest(run, 2)
+    machine1 = LocalCopy(tmp_path / "machine1", run.display())
+    reader = machine1.reader(run, manifest)
+    own = "rank-00001.pt"
+    data = reader.read_bytes(f"{checkpoint_dir(2)}/{own}")
+    assert data == (Path(run.display()) / checkpoint_dir(2) / own).read_bytes()
+    assert reader.bytes_by_source() == {"local": manifest.files[own].size, "peer": 0, "url": 0}, outs[1][-2000:]
+
+
+@pytest.mark.slow
+def test_once_the_commit_is_proven_the_older_copy_goes(tmp_path, run):
+    """The other side of the rule above: only the newest committed copy stays on a machine."""
+    procs, outs = _two_machines(tmp_path, run, "finish")
+    assert [p.returncode for p in procs] == [0, 0], outs[1][-3000:]
+    for machine in ("machine0", "machine1"):
+        root = LocalCopy(tmp_path / machine, run.display()).root
+        assert sorted(c.name for c in root.iterdir() if c.name.isdigit()) == [checkpoint_dir(6)], machine

@@ -403,6 +403,7 @@ class Checkpointer:
         stop, requested, time_due, any_busy = group.agree(
             stop=inbox.stop_requested, save=inbox.save_requested, time_due=time_due, busy=busy
         )
+        saver.agreed()  # a commit gathered before this agreement has happened
         if not any_busy:
             saver.commit_written()
         step_due = self.every_steps is not None and self.steps_done % self.every_steps == 0

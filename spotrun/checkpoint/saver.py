@@ -5,7 +5,8 @@ One commit path for one rank and many: every rank writes its own payload files, 
 and retention runs after that. With one rank "every rank has written" is true the moment
 its write ends, so the commit follows at once in the writer thread; with several ranks it
 is known at the first step boundary where the ranks agree that no save is still being
-written (:meth:`Saver.commit_written`, main thread, a collective). Whatever fails, the
+written, nor, with peer copies, still on its way to the peers (bounded: :meth:`Saver.poll`)
+(:meth:`Saver.commit_written`, main thread, a collective). Whatever fails, the
 previous checkpoint stays the latest, untouched.
 
 A sharded run (FSDP2, tensor parallel) has two kinds of payload per rank: its DCP shard files
@@ -49,7 +50,7 @@ from ..format.manifest import FileEntry, Manifest
 from ..format.snapshot import StagingBuffers, write_payload
 from ..records.events import CheckpointCommitted, EventSink
 from ..records.lease import Lease
-from ..storage import Storage
+from ..storage import Storage, inflight
 from ..units import format_bytes
 from .artifacts import Captured, write_artifacts
 
@@ -67,6 +68,11 @@ BACKGROUND_NICE = 10
 WRITER_IDLE_S = 60.0
 #: On the way out, how long to wait for retention still deleting old checkpoints.
 RETENTION_EXIT_WAIT_S = 30.0
+#: A distributed rank that fails with a save being written (a peer gone: the commit, a
+#: collective, cannot happen): how long the aborts of its open uploads may take, then how long
+#: its write then gets to end before it is left running (see :meth:`Saver.finish_inflight`).
+DEAD_ABORT_S = 5.0
+DEAD_WRITE_WAIT_S = 2.0
 
 Entries = list[tuple[str, FileEntry]]
 
@@ -80,6 +86,7 @@ class _Written:
     captured_at: float
     stall: float
     artifacts: dict[str, Any] | None = None  # the manifest's artifacts index (rank 0)
+    written_at: float = 0.0  # when the last file was written (time.time())
 
 
 class Saver:
@@ -116,6 +123,9 @@ class Saver:
         self._job: _Job | None = None  # the save being written in the background, if any
         self._pending_step: int | None = None
         self._written: _Written | None = None  # distributed: written here, not yet committed
+        # Distributed, not rank 0: the step gathered last, whose commit this rank has not seen
+        # proven yet (its older local copy is kept until then: see _committed).
+        self._unconfirmed: int | None = None
         self._abandoned = False  # a stop save given up on: its thread may still write
         self._retention = BackgroundRetention(storage)  # retention of the newest commit
         #: The newest step this process saw committed (or restored from).
@@ -204,7 +214,7 @@ class Saver:
             if captured is not None:
                 entries += write_artifacts(store, step, captured)
             written = _Written(step, entries, t0, stall,
-                               captured.index if captured is not None else None)
+                               captured.index if captured is not None else None, time.time())
             if self.group.distributed:
                 return written  # committed from the training thread once every rank has written
             self._commit(written, [written.entries])
@@ -243,10 +253,32 @@ class Saver:
 
     def _committed(self, step: int, *, announce: bool = False) -> None:
         """``step`` is committed at the run URL: this machine's copy of it becomes the one
-        kept. ``announce``: this rank wrote the manifest, so it tells the peers (the other
-        ranks only know their files were gathered, not that the commit happened)."""
-        if self._local is not None:
-            self._local.seal(step, announce=announce)
+        kept. ``announce``: this rank wrote the manifest, so it tells the peers and frees its
+        older copy. The other ranks only know their files were gathered, not that the commit
+        happened (rank 0 may die before the manifest): they keep their older copy until a
+        later collective proves rank 0 came back from the commit (:meth:`agreed`); dropped at
+        the gather, a survivor then read its own file of the step restored from the run URL
+        (seen in the benchmark: DDP, rank 0's node killed between the gather and the manifest)."""
+        if self._local is None:
+            return
+        if announce:
+            self._local.seal(step, announce=True)
+            return
+        self._confirm()  # this gather proves the commit before it: rank 0 got past it to save again
+        self._local.seal(step, keep_older=True)
+        self._unconfirmed = step
+
+    def agreed(self) -> None:
+        """Every rank passed a collective after the last gather (distributed; the step's
+        agreement): rank 0, which committed right after that gather, came back from it, so
+        the commit happened (a failed one raises on rank 0, which then never reaches this
+        collective). This rank's older local copies can go."""
+        self._confirm()
+
+    def _confirm(self) -> None:
+        step, self._unconfirmed = self._unconfirmed, None
+        if step is not None and self._local is not None:
+            self._local.prune(step)
 
     def _drop_local(self) -> None:
         if self._local is not None:
@@ -263,14 +295,29 @@ class Saver:
     # -- completing ----------------------------------------------------------------------------
 
     def poll(self) -> bool:
-        """True while this rank's save is still being written; raises a failed one."""
+        """True while this rank's save is still being written, or its files are still on
+        their way to the peers (see :meth:`_copies_pending`); raises a failed one."""
         job = self._job
-        if job is None:
+        if job is not None:
+            if not job.done.is_set():
+                return True
+            self._collect(job)
+        return self._copies_pending()
+
+    def _copies_pending(self) -> bool:
+        """Distributed: this rank's files of the step written and not yet committed are still
+        being sent to the peers (each went as soon as it was complete here). The commit, at a
+        step boundary where no rank is busy, waits for them (training does not), at most as
+        long again as the write took (at least 1 s): a node lost right after a commit with its
+        send under way left no peer its files, and every rank read them from the run URL (seen
+        in the benchmark with the run URL on local disk, where the write ends moments before
+        the commit: DDP rank 0's 64 MiB to two nodes, 0.3-0.8 s on one loaded core). A save
+        due meanwhile, the stop checkpoint and the way out commit at once, as before."""
+        written = self._written
+        peer = self._local.peer if self._local is not None else None
+        if written is None or peer is None or not peer.sending(written.step):
             return False
-        if not job.done.is_set():
-            return True
-        self._collect(job)
-        return False
+        return time.time() - written.written_at < max(1.0, written.written_at - written.captured_at)
 
     def _collect(self, job: _Job) -> None:
         self._job = None
@@ -307,11 +354,40 @@ class Saver:
         if self.group.distributed:
             if self._written is None:
                 self.group.barrier()  # nothing to commit; every rank is past its save
+                self._confirm()
                 return
             # No barrier first: commit_written's gather waits for every rank's entries, and
             # a rank sends them only once its files are written.
             self.commit_written()
             self.group.barrier()  # the manifest exists before anyone moves on
+            self._confirm()
+
+    def _abort_dead_write(self, job: _Job, exc: BaseException) -> None:
+        """This rank's attempt is dead with ``job`` still writing: abort its open uploads
+        (an S3 multipart upload: nothing appears, no part stays billed), give the write
+        :data:`DEAD_WRITE_WAIT_S` to end, else leave it running (:meth:`abandon`).
+
+        Nothing can commit here: this rank never reaches the commit's gather again, and
+        without the manifest its files are no checkpoint (the previous one stays the
+        latest). The lease follows what is known: a write that ended lets the Checkpointer
+        release the lease as on any exit; one left running keeps it held (not renewed) until
+        this process is gone, so no next writer can take the run over while a late byte of
+        this one may still land in a step folder it writes too.
+        """
+        step, t0 = self._pending_step, time.monotonic()
+        aborted = 0 if job.done.is_set() else inflight.abort_all(DEAD_ABORT_S)
+        ended = job.done.wait(DEAD_WRITE_WAIT_S)
+        what = f"the save of step {step} was being written when this rank failed ({type(exc).__name__})"
+        if ended:
+            log.info("%s: not committed; %s, its write ended %.2fs later", what,
+                     f"aborted {aborted} open upload(s)" if aborted else "no open upload to abort",
+                     time.monotonic() - t0)
+            return
+        log.warning("%s: not committed; its write is still running %.2fs after %s, so it is left "
+                    "to end with this process, and the run's lease stays held (not renewed) until "
+                    "then", what, time.monotonic() - t0,
+                    f"aborting {aborted} upload(s)" if aborted else "nothing could be aborted")
+        self.abandon()
 
     def abandon(self) -> None:
         """Forget the save in flight (its daemon thread dies with the process), so the way
@@ -327,18 +403,15 @@ class Saver:
             return  # a second Ctrl-C means now; the last commit is intact
         job = self._job
         if self.group.distributed and exc is not None and (job is not None or self._written is not None):
-            # Other ranks may be gone: no collectives. The write finishes, nothing commits.
-            # Its length is said: after a lost node it is part of the survivors' exit, which
-            # the next attempt waits for (issue 22's recovery trace).
+            # Other ranks may be gone: no collectives, so the commit (a gather) never comes.
+            # The write in flight is worth nothing: its open uploads are aborted rather than
+            # waited for (after a lost node this exit is part of the recovery, which the next
+            # attempt waits for: 5.7 s for DDP's 256 MiB on S3 in issue 22's trace).
             if job is not None:
-                t0 = time.monotonic()
-                job.done.wait()
-                log.info("the save of step %s was being written when this rank failed (%s): not "
-                         "committed; waited %.2fs for its write on the way out", self._pending_step,
-                         type(exc).__name__, time.monotonic() - t0)
-            # The commit is a collective this rank leaves: the step never commits, so its
-            # local copy, and its files still queued for the peers (sent before the commit),
-            # are worth nothing; dropped, the exit does not wait for those sends.
+                self._abort_dead_write(job, exc)
+            # The step never commits, so its local copy, and its files still queued for the
+            # peers (sent before the commit), are worth nothing; dropped, the exit does not
+            # wait for those sends.
             self._written = None
             self._drop_local()
             if job is not None:

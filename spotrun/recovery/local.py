@@ -4,7 +4,9 @@ reads nothing from the run URL but the manifest.
 The run URL stays the only commit point and the truth. While a save writes its files to the
 run URL, each byte also goes to a local folder (``SPOTRUN_LOCAL_DIR``: memory such as
 ``/dev/shm/spotrun``, or local NVMe); once the run URL's manifest is committed, the local
-folder is sealed under the step's name and older local copies are removed. A restore uses a
+folder is sealed under the step's name and older local copies are removed (a rank that did
+not write the manifest seals at the commit's gather and removes them only once a later
+collective proves the manifest was written: see ``Saver._committed``). A restore uses a
 local copy only when every file the committed manifest lists is there with the manifest's
 size and checksums; anything else (a flipped byte, a truncated file, an older step, another
 run's folder, a copy some other writer left) is ignored with a log line, and the run URL is
@@ -160,11 +162,14 @@ class LocalCopy:
             # it may still run, so the buddy usually has it before the step is committed.
             self.peer.offer(step, rel[len(prefix or ""):], path)
 
-    def seal(self, step: int, *, announce: bool = False) -> bool:
+    def seal(self, step: int, *, announce: bool = False, keep_older: bool = False) -> bool:
         """The run URL committed ``step``: keep this copy as the newest, remove older ones.
         Ranks of one machine share the folder: each moves its own files in. False when the
         copy was dropped or failed. ``announce`` (the rank that wrote the manifest, so knows
-        the commit happened): tell every node's peer server, whatever became of this copy."""
+        the commit happened): tell every node's peer server, whatever became of this copy.
+        ``keep_older`` (a rank that only knows its files were gathered for the commit): the
+        older copies stay until :meth:`prune` (the commit may yet fail, or its writer die
+        before the manifest, and then the older step is the one restored)."""
         if announce and self.peer is not None:
             self.peer.announce(step)
         partial, copying = self._partial, self._step
@@ -187,8 +192,16 @@ class LocalCopy:
             return False
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        self._remove_older_than(step)
+        if not keep_older:
+            self._remove_older_than(step)
         return True
+
+    def prune(self, step: int) -> None:
+        """``step`` is known committed: remove this machine's older copies."""
+        try:
+            self._remove_older_than(step)
+        except OSError as exc:
+            log.warning("older local copies not removed (%s); the next commit removes them", exc)
 
     def drop(self) -> None:
         """Abandon the copy under way (the save failed, or another begins)."""

@@ -30,18 +30,28 @@ replicated (DDP) run restores without reading them from the run URL.
 
 The commit message: the rank that wrote the manifest (rank 0), once the commit succeeded,
 sends a small ``POST .../<step>/sealed`` to every node (ahead of any file it still has
-queued). Only that rank knows the commit happened: the other ranks learn that their files were
-gathered, not that the manifest was written (the lease may refuse it). Reading the committed
+queued, and before the next node's copy of a file it is sending to several). Only that rank
+knows the commit happened: the other ranks learn that their files were gathered, not that
+the manifest was written (the lease may refuse it). Reading the committed
 manifest from the run URL instead would cost every node a run URL request per save and
 credentials in the agent; the message costs a loopback round trip. A message that is lost (the
 node went right after its commit) costs only memory, never a restore: the files wait as
 pending, which a restore may use (below), until the next step's commit message frees them.
 
 What is held: under ``$SPOTRUN_LOCAL_DIR/peer/<run key>/``: ``<step>/``, the newest step this
-node heard committed, and ``.pending-<step>/``, the files of a newer step not yet heard
-committed; at most those two steps (a file of a newer pending step removes older pending ones,
-a commit message removes every older step). A save that fails or is abandoned so never
-removes the older committed copy: its files stay pending until a newer step replaces them.
+node heard committed, and ``.pending-<step>/``, the files of newer steps not yet heard
+committed: the newest two of them (a file of a third pending step removes the oldest; a
+commit message removes every older step). Two, not one: a rank sends a step's files only
+once the step before went through the commit's gather, so the pending step before the newest
+may well be committed with its commit message still on its way (rank 0 sends it after the
+commit, from a thread that may still be sending its own big file, and on a busy machine the
+other ranks reached their next save first). Keeping one pending step dropped exactly that
+step's files, and a node lost right then had its replacement read them from the run URL
+(seen in the benchmark, DDP at 64 MiB on one core: 6 of 10 runs). So a node holds at most
+three steps for a moment (the sealed one and two pending), two once the message comes. A
+save that fails or is abandoned never removes the older committed copy: its files stay
+pending until newer steps replace them. A node asked for a file it does not hold answers with
+what it holds instead, which the asking rank logs: a file read from the run URL says why.
 The local copy's room rule applies (no room: the file is refused, the sender logs it, nothing
 fails). A file arrives under a temporary name and is renamed into place only once every byte
 came, so a sender killed in the middle leaves nothing a restore could use.
@@ -113,6 +123,7 @@ _LINGER_QUIET = 1.0  # after training ends: serve until this long without a requ
 _LINGER_MAX = 20.0  # ... but never longer than this
 _PARTIAL = ".partial-"
 _PENDING = ".pending-"  # files of a step this node has not heard committed (see the docstring)
+_PENDING_KEPT = 2  # pending steps held: the newest two (see the docstring)
 _SEALED = "sealed"  # POST /v1/<run key>/<step>/sealed: the sender's run committed <step>
 _RUN_KEY = re.compile(r"[0-9a-f]{16}")
 _PART = re.compile(r"[A-Za-z0-9_.-]{1,200}")
@@ -230,13 +241,36 @@ class PeerServer:
         return max(sealed, default=None), pending
 
     def refuses(self, step: int) -> str | None:
-        """Why a file of ``step`` would not be kept (a newer step is held), or None."""
+        """Why a file of ``step`` would not be kept (a newer step is sealed, or two newer
+        ones are pending), or None."""
         sealed, pending = self._steps()
         if sealed is not None and sealed > step:
             return f"holds step {sealed}, newer than {step}"
-        if sealed != step and any(p > step for p in pending):
-            return f"holds step {max(pending)} (pending), newer than {step}"
+        newer = sorted(p for p in pending if p > step)
+        if sealed != step and len(newer) >= _PENDING_KEPT:
+            return f"holds steps {', '.join(map(str, newer))} (pending), newer than {step}"
         return None
+
+    def holding(self) -> str:
+        """What this node holds of the run, in words (a 404's answer, for the asker's log):
+        each step held for others with its files, and the step of the node's own copy."""
+        from ..records.layout import checkpoint_dir
+
+        sealed, pending = self._steps()
+        folders = [(checkpoint_dir(sealed), f"step {sealed} sealed")] if sealed is not None else []
+        folders += [(f"{_PENDING}{p}", f"step {p} pending") for p in sorted(pending)]
+        parts = []
+        for folder, what in folders:
+            try:
+                names = sorted(c.name for c in (self.root / folder).iterdir())
+            except OSError:
+                names = []
+            more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+            parts.append(f"{what} ({', '.join(names[:4]) + more or 'no files'})")
+        own_root = self.local_dir / self.run_key
+        own = sorted(c.name for c in own_root.iterdir() if c.name.isdigit()) if own_root.is_dir() else []
+        return (f"holds for others: {'; '.join(parts) or 'nothing'}; own copy: "
+                f"{f'step {int(own[-1])}' if own else 'none'}")
 
     def _folder(self, step: int, sealed: int | None) -> Path:
         from ..records.layout import checkpoint_dir
@@ -247,8 +281,10 @@ class PeerServer:
         """Move a complete received file into place; None, or why it was not kept.
 
         A file of the sealed step joins it; a file of a newer step is *pending* (the run URL
-        has not committed it as far as this node knows) and older pending steps (saves
-        that failed or were overtaken) go. The sealed step stays until a newer one is sealed.
+        has not committed it as far as this node knows); of the pending steps the newest
+        two stay (the one before the newest may be committed, its commit message not here
+        yet: see the module docstring), older ones (saves that failed or were overtaken)
+        go. The sealed step stays until a newer one is sealed.
         """
         with self._lock:
             why = self.refuses(step)
@@ -258,9 +294,11 @@ class PeerServer:
             target = self._folder(step, sealed) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial, target)
-            for old in pending:
-                if old < step:
-                    shutil.rmtree(self.root / f"{_PENDING}{old}", ignore_errors=True)
+            if step != sealed:
+                kept = sorted(set(pending) | {step})[-_PENDING_KEPT:]
+                for old in pending:
+                    if old not in kept:
+                        shutil.rmtree(self.root / f"{_PENDING}{old}", ignore_errors=True)
         return None
 
     def seal(self, step: int) -> None:
@@ -390,7 +428,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.peer.held(*target)
         if path is None:
-            self._answer(404, "not held")
+            # What it holds instead goes back with the answer: the asker's log then says why
+            # a replacement read a file from the run URL (which step this node has, whose files).
+            try:
+                held = self.peer.holding()
+            except OSError:  # a folder removed while it was listed (a commit message came)
+                held = "its folders changed while listed"
+            self._answer(404, f"not held; {held}")
             return
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -522,14 +566,20 @@ def fetch_file(address: str, token: str, run_key: str, step: int, name: str, des
     """Stream the peer's ``name`` of ``step`` into ``dest``; False when it does not hold it.
     Raises :class:`PeerError` when the peer refuses, is silent past the timeout, or sends
     more than ``max_size`` bytes (the manifest's size: anything larger is not the file)."""
+    return _fetch(address, token, run_key, step, name, dest, max_size, timeout) is None
+
+
+def _fetch(address: str, token: str, run_key: str, step: int, name: str, dest: Path,
+           max_size: int, timeout: float | None = None) -> str | None:
+    """:func:`fetch_file`, saying why not: None when the file is in ``dest``, else the peer's
+    words (it does not hold it; what it holds instead)."""
     timeout = timeout or _timeout()
     conn = _connect(address, timeout)
     try:
         conn.request("GET", f"/v1/{run_key}/{step}/{name}", headers={"Authorization": f"Bearer {token}"})
         reply = conn.getresponse()
         if reply.status == 404:
-            reply.read(1024)
-            return False
+            return reply.read(2048).decode(errors="replace") or "not held"
         if reply.status != 200:
             raise PeerError(f"{address} answered {reply.status} ({reply.read(1024).decode(errors='replace')})")
         size = int(reply.getheader("Content-Length") or -1)
@@ -546,7 +596,7 @@ def fetch_file(address: str, token: str, run_key: str, step: int, name: str, des
                 left -= len(block)
                 if time.monotonic() > end:
                     raise PeerError(f"{address} is too slow")
-        return True
+        return None
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise PeerError(f"{address}: {exc}") from None
     finally:
@@ -570,6 +620,7 @@ class PeerLink:
         self._files: collections.deque[tuple[int, str, int]] = collections.deque()  # step, name, fd
         self._seals: list[int] = []
         self._busy = False
+        self._sending: int | None = None  # the step of the file being sent now
         self._thread: threading.Thread | None = None
         self._tally: dict[int, list[float]] = {}  # step -> [started, bytes sent, files not sent]
         self._dead: set[str] = set()  # peers that failed once in this process: not asked again
@@ -660,6 +711,7 @@ class PeerLink:
                 else:
                     step, name, fd = self._files.popleft()
                     job = ("file", step, name, fd)
+                    self._sending = step
             kind, step, name, fd = job
             try:
                 if kind == "seal":
@@ -672,6 +724,7 @@ class PeerLink:
                 if fd >= 0:
                     os.close(fd)
             with self._cond:
+                self._sending = None
                 if not any(s == step for s, _, _ in self._files):
                     self._report(step)
 
@@ -689,6 +742,12 @@ class PeerLink:
             with self._cond:
                 if any(s > step for s, _, _ in self._files):
                     return  # a newer step's files are waiting: this one is not worth more time
+                seals, self._seals = self._seals, []
+            # A commit message announced meanwhile goes before the next node's copy: rank 0's
+            # shared file goes to every node, one after another, and the other ranks' next
+            # files must not reach a node long before the message that seals this step.
+            for sealed in seals:
+                self._send_seal(sealed)
             try:
                 send_file(target, self.token, self.run_key, step, name, fd)
                 tally[1] += os.fstat(fd).st_size
@@ -704,6 +763,11 @@ class PeerLink:
         started, sent, skipped = tally
         log.info("peer copy of step %d: %s sent in %.2fs%s", step, format_bytes(int(sent)),
                  time.monotonic() - started, f", {int(skipped)} file(s) not sent" if skipped else "")
+
+    def sending(self, step: int) -> bool:
+        """Whether a file of ``step`` is still queued or being sent."""
+        with self._cond:
+            return self._sending == step or any(s == step for s, _, _ in self._files)
 
     def wait(self, timeout: float) -> bool:
         """Block until the sends under way are done; False after ``timeout`` seconds."""
@@ -734,8 +798,14 @@ class PeerLink:
             if address in self._dead:
                 continue
             try:
-                if fetch_file(address, self.token, self.run_key, step, name, dest, size):
+                why = _fetch(address, self.token, self.run_key, step, name, dest, size)
+                if why is None:
                     return address
+                # Which peer, and what it holds instead: the next occurrence of a file
+                # read from the run URL explains itself (a buddy that never got it, a step
+                # it dropped, a commit message not heard).
+                log.info("peer %s%s does not hold step %d %s: %s", address,
+                         " (the buddy)" if address == self.buddy else "", step, name, why)
             except PeerError as exc:
                 self._dead.add(address)
                 log.warning("peer %s did not serve step %d %s (%s); asking the next source",
