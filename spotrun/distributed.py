@@ -87,15 +87,19 @@ EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
 SHUTDOWN_SLACK_S = 15.0
 
 #: A worker that noted its exit (the run finished: ``done.json`` written, every rank past the
-#: last barrier; or its stop checkpoint committed) and then used no CPU for this long is
-#: stuck on its way out: torch's gloo process
+#: last barrier; or its stop checkpoint committed) and then used under :data:`STUCK_CPU_SHARE`
+#: of a core for this long is stuck on its way out: torch's gloo process
 #: group destructor can deadlock on the GIL (``~ProcessGroupGloo`` joins a thread that waits
 #: for the GIL; pytorch issue 56297), and torchrun's agent would wait for it forever (on EC2:
 #: an instance billed to the end of time). :func:`torchrun` kills it (SIGKILL of its
 #: session) and exits as the notes say (0: finished, 75: interrupted, checkpoint committed).
 #: ``SPOTRUN_FINISHED_STUCK_S``; 0 turns it off.
-FINISHED_STUCK_S = 60.0
+FINISHED_STUCK_S = 300.0
 FINISHED_STUCK_ENV = "SPOTRUN_FINISHED_STUCK_S"
+#: "Not working": the deadlocked worker's waiting thread polls the GIL every 5 ms (measured:
+#: 0.4% of a core), so "no CPU at all" would never see it; an upload or an evaluation after
+#: the note uses far more than 1%.
+STUCK_CPU_SHARE = 0.01
 
 log = logging.getLogger("spotrun.distributed")
 
@@ -246,9 +250,9 @@ def _cpu_ticks(pid: int, parent: int) -> int | None:
 
 
 class _FinishedWatch:
-    """While torchrun runs: kill a worker that noted its exit (0 or 75) and then sat with no
-    CPU for ``stuck_s`` (see :data:`FINISHED_STUCK_S`). A worker still doing anything (an
-    upload, an evaluation) uses CPU and is left alone."""
+    """While torchrun runs: kill a worker that noted its exit (0 or 75) and then used under
+    :data:`STUCK_CPU_SHARE` of a core for ``stuck_s`` (see :data:`FINISHED_STUCK_S`). A worker
+    still doing anything (an upload, an evaluation) uses more and is left alone."""
 
     def __init__(self, notes: str, stuck_s: float) -> None:
         self._notes, self._stuck_s = notes, stuck_s
@@ -257,8 +261,8 @@ class _FinishedWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        me = os.getpid()
-        seen: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, since when unchanged)
+        me, hz = os.getpid(), os.sysconf("SC_CLK_TCK")
+        seen: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, when) since it last worked
         while not self._stop.wait(min(5.0, self._stuck_s / 4)):
             now = time.monotonic()
             for pid in _exited_pids(self._notes):
@@ -267,10 +271,10 @@ class _FinishedWatch:
                     seen.pop(pid, None)
                     continue
                 last = seen.get(pid)
-                if last is None or last[0] != ticks:
-                    seen[pid] = (ticks, now)
+                if last is None or ticks - last[0] > STUCK_CPU_SHARE * hz * max(now - last[1], 1.0):
+                    seen[pid] = (ticks, now)  # working (or first seen): the window starts again
                 elif now - last[1] >= self._stuck_s:
-                    log.warning("worker %d noted its exit and then used no CPU for %.0fs: stuck on "
+                    log.warning("worker %d noted its exit and then used under 1%% of a core for %.0fs: stuck on "
                                 "its way out (torch's gloo teardown can deadlock); killing it "
                                 "(%s=0 turns this off)", pid, now - last[1], FINISHED_STUCK_ENV)
                     with contextlib.suppress(OSError):
