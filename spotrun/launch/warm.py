@@ -194,7 +194,7 @@ class _Standby:
 
 class Pool:
     """A node agent's standbys. Thread-safe: the agent's preload thread, its main thread and
-    the refill timer all call it."""
+    the refill thread all call it."""
 
     def __init__(self) -> None:
         self._idle: list[_Standby] = []
@@ -249,7 +249,7 @@ class Pool:
             if self._closed or self._refilling is not None:
                 return  # one refill pending at a time
             self._refilling = threading.Thread(target=self._refill, args=(keep, started),
-                                           name="spotrun-warm-refill", daemon=True)
+                                               name="spotrun-warm-refill", daemon=True)
             self._refilling.start()
 
     def _refill(self, keep: tuple[int, tuple[str, ...] | None], started: Callable[[], bool] | None) -> None:
@@ -285,7 +285,7 @@ class Pool:
             else:
                 if why is not None:
                     log.warning("warm workers: %s differs from when the standby started; "
-                             "starting this worker as usual", why)
+                                "starting this worker as usual", why)
                 return None
         self._refill_after_start()
         if s.wait_ready(READY_WAIT_S) and s.hand(env, cwd):
