@@ -159,12 +159,35 @@ def warm_exec() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+def warm_ranks() -> Iterator:
+    """One :class:`warmfork.WarmExec` per worker for torchrun's ranks: ``torchrun(...,
+    warm=warm_ranks)`` (tests/helpers.py) has each worker run as a fork of an interpreter that
+    imported torch, torch.distributed (DDP, FSDP2, DCP) and spotrun, served side by side. A
+    rank's start was 2-3 s of CPU (torch and its distributed modules), 2 to 4 of them at once
+    on 2 cores, in every torchrun start of the suite. Its environment holds what torchrun
+    puts in every worker's (``helpers.RANK_AT_START``: one torch thread)."""
+    import tempfile
+
+    from helpers import RANK_AT_START
+    from warmfork import WarmExec
+
+    env = {**env_for(""), **RANK_AT_START}
+    del env["SPOTRUN_URL"]
+    imports = ("import torch.distributed, torch.distributed.checkpoint, torch.distributed.checkpoint.state_dict, "
+               "torch.distributed.fsdp, torch.distributed.device_mesh, torch.nn.parallel, torch.utils.data")
+    with tempfile.TemporaryDirectory(prefix="spotrun-ranks-") as folder, \
+            WarmExec(env, folder, imports=imports) as warm:
+        yield warm
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> str:
     """One uninterrupted 2-rank run of tests/scripts/ddp_train.py (``DDP_STEPS`` steps, a
     checkpoint every ``DDP_EVERY``), built once per session for every worker: the yardstick of
     the torchrun tests (test_distributed) and the 2-node tests (test_launch_node_e2e,
     test_launch_local_nodes). Two ranks on one machine or two nodes of one rank each train
-    the same: ranks, shards, seeds and the gloo all-reduce of two are the same."""
+    the same: ranks, shards, seeds and the gloo all-reduce of two are the same. Its ranks are
+    forks of ``warm_ranks``, started only in the worker that builds it."""
     import re
 
     from spotrun.format.commit import list_checkpoints
@@ -174,7 +197,7 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     def build(folder: Path) -> None:
         url = str(folder)
         proc = torchrun(DDP_SCRIPT, 2, "--url", url, "--steps", str(DDP_STEPS), "--every-steps",
-                        str(DDP_EVERY), env=env_for(url))
+                        str(DDP_EVERY), env=env_for(url), warm=request.getfixturevalue("warm_ranks"))
         code, out = finish_session(proc, 300)
         assert code == EXIT_FINISHED, out[-4000:]
         exits = sorted(re.findall(r"^rank (\d) exit (\d+) at step (\d+)$", out, re.MULTILINE))

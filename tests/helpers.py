@@ -25,6 +25,8 @@ DDP_SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
 # The 2-rank DDP run every multi-rank and multi-node test of ddp_train.py resumes and compares
 # against (see ``ddp_reference`` in conftest.py): one length for all, so one reference serves.
 DDP_STEPS, DDP_EVERY = 120, 10
+#: ``python WARMFORK SOCKET SCRIPT ARGS``: ``python SCRIPT ARGS`` as a fork of a warm server.
+WARMFORK = str(REPO / "tests" / "warmfork.py")
 
 
 def free_port() -> int:
@@ -112,11 +114,26 @@ def finish_session(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: bool = True) -> subprocess.Popen:
+#: What torchrun puts in every worker's environment that a warm fork cannot take (read at
+#: start; see ``warm_ranks`` in conftest.py): set for the launcher too, so its workers inherit it.
+RANK_AT_START = {"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: bool = True,
+             warm: Any = None) -> subprocess.Popen:
     """``python -m spotrun.distributed`` (or, with ``wrapper=False``, plain torchrun) running
     ``script`` on ``nproc`` CPU workers, its store on a free 127.0.0.1 port. The launcher gets a
-    session of its own, so :func:`finish_session` can kill it and every worker on a hang."""
+    session of its own, so :func:`finish_session` can kill it and every worker on a hang.
+
+    With ``warm`` (the ``warm_ranks`` fixture, a :class:`warmfork.WarmExec`) each worker torchrun
+    starts is ``python -u warmfork.py SOCKET SCRIPT ARGS``: a client of stdlib imports whose
+    rank runs as a fork of an interpreter that imported torch, torch.distributed and spotrun
+    (a real process, signalled, killed and exiting for real; its pid is the one the script
+    prints). On one torch thread, as torchrun gives every worker of two or more anyway."""
     runner = "spotrun.distributed" if wrapper else "torch.distributed.run"
+    if warm is not None:
+        env = {**env, **RANK_AT_START}
+        script, args = WARMFORK, (warm.socket, script, *args)
     cmd = [sys.executable, "-m", runner, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), script, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
