@@ -45,12 +45,14 @@ from helpers import (  # noqa: E402 (the environment above comes first)
     DDP_EVERY,
     DDP_SCRIPT,
     DDP_STEPS,
+    RANK_AT_START,
     committed_steps,
     env_for,
     finish_session,
     free_port,  # re-exported: tests import it from here
     shared_run,
     torchrun,
+    warm_server,
 )
 
 
@@ -147,14 +149,7 @@ def warm_exec() -> Iterator:
     hold ``warm_exec.at_start``, what the server read at its start): on a 2-core machine at
     load 10 the example's 240 steps took 22-40 s with torch's default two threads and 9-22 s
     with one. Every run a check compares is such a fork."""
-    import tempfile
-
-    from warmfork import WarmExec
-
-    env = {**env_for(""), "OMP_NUM_THREADS": "1"}
-    del env["SPOTRUN_URL"]
-    # Short: a socket's path has a limit of about 100 bytes, which pytest's folders can pass.
-    with tempfile.TemporaryDirectory(prefix="spotrun-warm-") as folder, WarmExec(env, folder) as warm:
+    with warm_server(OMP_NUM_THREADS="1") as warm:
         yield warm
 
 
@@ -166,17 +161,9 @@ def warm_ranks() -> Iterator:
     rank's start was 2-3 s of CPU (torch and its distributed modules), 2 to 4 of them at once
     on 2 cores, in every torchrun start of the suite. Its environment holds what torchrun
     puts in every worker's (``helpers.RANK_AT_START``: one torch thread)."""
-    import tempfile
-
-    from helpers import RANK_AT_START
-    from warmfork import WarmExec
-
-    env = {**env_for(""), **RANK_AT_START}
-    del env["SPOTRUN_URL"]
     imports = ("import torch.distributed, torch.distributed.checkpoint, torch.distributed.checkpoint.state_dict, "
                "torch.distributed.fsdp, torch.distributed.device_mesh, torch.nn.parallel, torch.utils.data")
-    with tempfile.TemporaryDirectory(prefix="spotrun-ranks-") as folder, \
-            WarmExec(env, folder, imports=imports) as warm:
+    with warm_server(imports, **RANK_AT_START) as warm:
         yield warm
 
 

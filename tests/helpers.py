@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -138,6 +138,24 @@ def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: 
            "--master-port", str(free_port()), script, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=REPO)
+
+
+@contextlib.contextmanager
+def warm_server(imports: str = "", **env: str) -> Iterator[Any]:
+    """A :class:`warmfork.WarmExec` started with a test child's environment (:func:`env_for`,
+    less the URL) plus ``env``, its forks sharing ``imports`` too (Python run once: a file's
+    heavy libraries, Lightning's or transformers' seconds of imports). A client's environment
+    must hold what the server read at its start (``server.at_start``)."""
+    import tempfile
+
+    from warmfork import WarmExec
+
+    full = {**env_for(""), **env}
+    del full["SPOTRUN_URL"]
+    # Short: a socket's path has a limit of about 100 bytes, which pytest's folders can pass.
+    with tempfile.TemporaryDirectory(prefix="spotrun-warm-") as folder, \
+            WarmExec(full, folder, imports=imports) as server:
+        yield server
 
 
 def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:

@@ -18,7 +18,6 @@ from collections import Counter
 
 import pytest
 from helpers import REPO, committed_steps, env_for, finish_session, torchrun
-
 from warmfork import WarmExec
 
 from spotrun.proof.resume_check import compare_checkpoints

@@ -28,7 +28,6 @@ from helpers import (
     free_port,
     torchrun,
 )
-
 from warmfork import WarmExec
 
 from spotrun.format.commit import list_checkpoints

@@ -412,7 +412,12 @@ _EXEC_SERVER = _PRELUDE + textwrap.dedent(
     import random, select, socket
     import numpy
     AT_START = tuple(json.loads(sys.argv[2]))
+    STARTED = dict(os.environ)
     exec(sys.argv[3])  # the imports this server's forks share beyond the prelude's
+    # What those imports wrote to the environment (Lightning sets a PYTORCH_ variable): a
+    # fresh process importing them writes it over what it was given, so a fork gets it too,
+    # and a client is compared with the environment the server started with.
+    SET_BY_IMPORTS = {k: v for k, v in os.environ.items() if STARTED.get(k) != v}
     def at_start(env):
         found = {k: v for k, v in env.items() if k.startswith(AT_START)}
         # A path given twice is the path once (a test's env_for on an env_for'd environment).
@@ -437,8 +442,8 @@ _EXEC_SERVER = _PRELUDE + textwrap.dedent(
                 break
             data += more
         request = json.loads(data)
-        if at_start(request["env"]) != at_start(dict(os.environ)):
-            differ = sorted(set(at_start(request["env"]).items()) ^ set(at_start(dict(os.environ)).items()))
+        if at_start(request["env"]) != at_start(STARTED):
+            differ = sorted(set(at_start(request["env"]).items()) ^ set(at_start(STARTED).items()))
             send(conn, error=f"a fork cannot take these (read at start): {differ}; start a process")
             for fd in fds:
                 os.close(fd)
@@ -462,7 +467,7 @@ _EXEC_SERVER = _PRELUDE + textwrap.dedent(
             # and an unseeded script would resume "exactly" here and nowhere else).
             random.seed()
             numpy.random.seed()
-            run_script(request["argv"], request["env"])
+            run_script(request["argv"], {**request["env"], **SET_BY_IMPORTS})
         for fd in fds:
             os.close(fd)
         send(conn, pid=pid)
@@ -590,6 +595,10 @@ def _client(sock_path: str, argv: list[str]) -> int:
                 os.kill(pid, sig)
         if "exit" in reply:
             code = int(reply["exit"])
+            # The fork has ended: a signal from here on is for no one (a supervisor's SIGTERMs
+            # while a stopped process tears down), and must not turn its exit into a death.
+            for sig in _FORWARDED:
+                signal.signal(sig, signal.SIG_IGN)
             if code < 0:  # killed by a signal: so is this process, as a Popen would see it
                 signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
