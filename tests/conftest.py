@@ -155,14 +155,15 @@ def warm_exec() -> Iterator:
 
 @pytest.fixture(scope="session")
 def warm_ranks() -> Iterator:
-    """One :class:`warmfork.WarmExec` per worker for torchrun's ranks: ``torchrun(...,
-    warm=warm_ranks)`` (tests/helpers.py) has each worker run as a fork of an interpreter that
-    imported torch, torch.distributed (DDP, FSDP2, DCP) and spotrun, served side by side. A
+    """One :class:`warmfork.WarmExec` per worker for torchrun: ``torchrun(..., warm=warm_ranks)``
+    (tests/helpers.py) has the launcher and each worker run as a fork of an interpreter that
+    imported torch, torch.distributed (DDP, FSDP2, DCP, torchrun) and spotrun, side by side. A
     rank's start was 2-3 s of CPU (torch and its distributed modules), 2 to 4 of them at once
     on 2 cores, in every torchrun start of the suite. Its environment holds what torchrun
     puts in every worker's (``helpers.RANK_AT_START``: one torch thread)."""
     imports = ("import torch.distributed, torch.distributed.checkpoint, torch.distributed.checkpoint.state_dict, "
-               "torch.distributed.fsdp, torch.distributed.device_mesh, torch.nn.parallel, torch.utils.data")
+               "torch.distributed.fsdp, torch.distributed.device_mesh, torch.nn.parallel, torch.utils.data, "
+               "torch.distributed.run")
     with warm_server(imports, **RANK_AT_START) as warm:
         yield warm
 

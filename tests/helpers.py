@@ -125,16 +125,20 @@ def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: 
     ``script`` on ``nproc`` CPU workers, its store on a free 127.0.0.1 port. The launcher gets a
     session of its own, so :func:`finish_session` can kill it and every worker on a hang.
 
-    With ``warm`` (the ``warm_ranks`` fixture, a :class:`warmfork.WarmExec`) each worker torchrun
-    starts is ``python -u warmfork.py SOCKET SCRIPT ARGS``: a client of stdlib imports whose
-    rank runs as a fork of an interpreter that imported torch, torch.distributed and spotrun
-    (a real process, signalled, killed and exiting for real; its pid is the one the script
-    prints). On one torch thread, as torchrun gives every worker of two or more anyway."""
+    With ``warm`` (the ``warm_ranks`` fixture, a :class:`warmfork.WarmExec`) the launcher is
+    ``python warmfork.py SOCKET -m RUNNER ...`` and each worker it starts ``python -u warmfork.py
+    SOCKET SCRIPT ARGS``: clients of stdlib imports whose program runs as a fork of an
+    interpreter that imported torch, torch.distributed and spotrun (a real process, signalled,
+    killed and exiting for real; a rank's pid is the one the script prints). The returned
+    Popen is the launcher's client: its signals reach the launcher, its exit is the launcher's.
+    On one torch thread, as torchrun gives every worker of two or more anyway."""
     runner = "spotrun.distributed" if wrapper else "torch.distributed.run"
+    python = [sys.executable]
     if warm is not None:
         env = {**env, **RANK_AT_START}
         script, args = WARMFORK, (warm.socket, script, *args)
-    cmd = [sys.executable, "-m", runner, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+        python = [sys.executable, WARMFORK, warm.socket]  # the launcher a fork too
+    cmd = [*python, "-m", runner, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), script, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=REPO)

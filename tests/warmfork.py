@@ -46,6 +46,12 @@ _PRELUDE = textwrap.dedent(
         # 42"): the note was missed and the test read on forever. A child's own line can still
         # be cut by a note; WarmPython.readline finds the note wherever it lands.
         os.write(1, f"warmfork: {text}\\n".encode())
+    # What the script left (its namespace, an exception and its frames) is kept until the
+    # fork's os._exit, as the interpreter keeps it until its finalization, where a thread that
+    # wants the GIL back is stopped instead. Freed here, DDP's reducer destroyed the gloo group
+    # holding the GIL while gloo's run loop waited for the GIL to free a tensor: a rank refused
+    # by AllCheckpointsDamagedError hung so (test_restore_safety, once in a few runs).
+    KEPT = []
     def run_script(argv, env):
         code, interrupted = 1, False
         try:
@@ -55,19 +61,29 @@ _PRELUDE = textwrap.dedent(
             if env is not None:
                 os.environ.clear()
                 os.environ.update(env)
-            sys.argv = list(argv)
-            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-            runpy.run_path(argv[0], run_name="__main__")
+            if argv[0] == "-m":  # python -m MODULE ARGS: the module's path first, the folder on the path
+                sys.argv = ["-m", *argv[2:]]
+                sys.path[0] = os.getcwd()
+                # Not imported before it runs, as in a fresh interpreter (runpy warns otherwise).
+                sys.modules.pop(argv[1], None)
+                KEPT.append(runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
+            else:
+                sys.argv = list(argv)
+                sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+                KEPT.append(runpy.run_path(argv[0], run_name="__main__"))
             code = 0
         except SystemExit as exc:
+            KEPT.append(exc)
             if exc.code is None or isinstance(exc.code, int):
                 code = exc.code or 0
             else:
                 print(exc.code, file=sys.stderr)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            KEPT.append(exc)
             sys.excepthook(*sys.exc_info())
             interrupted = True
-        except BaseException:
+        except BaseException as exc:
+            KEPT.append(exc)
             # Through sys.excepthook, as the interpreter reports it: torch.distributed's hook
             # prefixes every line with the rank ("[rank1]: ...").
             sys.excepthook(*sys.exc_info())
