@@ -149,7 +149,10 @@ def warm_server(imports: str = "", **env: str) -> Iterator[Any]:
     """A :class:`warmfork.WarmExec` started with a test child's environment (:func:`env_for`,
     less the URL) plus ``env``, its forks sharing ``imports`` too (Python run once: a file's
     heavy libraries, Lightning's or transformers' seconds of imports). A client's environment
-    must hold what the server read at its start (``server.at_start``)."""
+    must hold what the server read at its start (``server.at_start``). ``python WARMFORK
+    SOCKET SCRIPT ARGS`` is then a real process, signalled and exiting for real; a bit-exact
+    comparison is between forks of one server (test_integrations_hf, _lightning: their
+    example runs, the reference included)."""
     import tempfile
 
     from warmfork import WarmExec

@@ -14,18 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    REPO,
-    WARMFORK,
-    committed_steps,
-    env_for,
-    ledger_events,
-    run_to_end,
-    spawn,
-    tiny_hf_trainer,
-    wait_child,
-    warm_server,
-)
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, tiny_hf_trainer, wait_child
 from safetensors.torch import load_file
 from warmfork import WarmExec
 
@@ -48,7 +37,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
 
 
 def _run(url: str, warm: WarmExec, *extra: str, timeout: float = 300, **env: str) -> str:
-    return run_to_end([WARMFORK, warm.socket, *ARGS, *extra], _env(url, **env), timeout)
+    return run_to_end(warm.args(*ARGS, *extra), _env(url, **env), timeout)
 
 
 def _final(url: str) -> dict:
@@ -61,9 +50,9 @@ def _final(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def warm() -> Iterator[WarmExec]:
-    """This file's processes are forks of one server that imported torch and transformers (seconds
-    of imports each; a bit-exact comparison is between forks of it): ``python WARMFORK SOCKET
-    EXAMPLE ARGS``, a real process, signalled and exiting for real."""
+    """What every example run here forks from (transformers imported once)."""
+    from helpers import warm_server
+
     with warm_server("import transformers, transformers.trainer, spotrun.integrations.hf", **ONE_THREAD) as server:
         yield server
 
@@ -81,7 +70,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     url = str(tmp_path / "run")
     # 1. SIGTERM mid-run (after the first scheduled commit): the Trainer saves at the
     #    current step, spotrun commits it, the process exits 75.
-    proc = spawn([WARMFORK, warm.socket, *ARGS, *SLEEP], _env(url))
+    proc = spawn(warm.args(*ARGS, *SLEEP), _env(url))
     wait_child(proc, lambda: committed_steps(url), "a first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -96,7 +85,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     # 2. The relaunch resumes from that step; a spot notice from the fake metadata
     #    service stops it again (exit 75, checkpoint committed, notice in the ledger).
     with FakeMetadataServer("ec2") as imds:
-        proc = spawn([WARMFORK, warm.socket, *ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
+        proc = spawn(warm.args(*ARGS, *SLEEP), _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
                                            SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
         wait_child(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
         imds.post_interruption("terminate", in_seconds=120)

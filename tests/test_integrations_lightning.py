@@ -13,17 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import (
-    REPO,
-    WARMFORK,
-    committed_steps,
-    env_for,
-    ledger_events,
-    run_to_end,
-    spawn,
-    wait_child,
-    warm_server,
-)
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child, warm_server
 from warmfork import WarmExec
 
 from spotrun.format.commit import list_checkpoints, list_damaged
@@ -44,7 +34,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
 
 
 def _run(url: str, warm: WarmExec, *extra: str, timeout: float = 300) -> str:
-    return run_to_end([WARMFORK, warm.socket, *ARGS, *extra], _env(url), timeout)
+    return run_to_end(warm.args(*ARGS, *extra), _env(url), timeout)
 
 
 def _read_until(proc, needle: str, timeout: float = 120.0) -> str:
@@ -63,9 +53,7 @@ def _read_until(proc, needle: str, timeout: float = 120.0) -> str:
 
 @pytest.fixture(scope="module")
 def warm() -> Iterator[WarmExec]:
-    """This file's processes are forks of one server that imported torch and Lightning (seconds
-    of imports each; a bit-exact comparison is between forks of it): ``python WARMFORK SOCKET
-    EXAMPLE ARGS``, a real process, signalled and exiting for real."""
+    """The server of this module's runs: Lightning imported once, not in each of them."""
     with warm_server("import lightning.pytorch, spotrun.integrations.lightning", **ONE_THREAD) as server:
         yield server
 
@@ -81,7 +69,7 @@ def reference(tmp_path_factory, warm) -> str:
 def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, reference, warm):
     url = str(tmp_path / "run")
     # 1. SIGTERM mid-run: checkpoint at the end of the current batch, exit 75.
-    proc = spawn([WARMFORK, warm.socket, *ARGS, *SLEEP], _env(url))
+    proc = spawn(warm.args(*ARGS, *SLEEP), _env(url))
     wait_child(proc, lambda: committed_steps(url), "a first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -93,7 +81,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
 
     # 2. Resumed from there; a spot notice from the fake metadata service stops it again.
     with FakeMetadataServer("ec2") as imds:
-        proc = spawn([WARMFORK, warm.socket, *ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
+        proc = spawn(warm.args(*ARGS, *SLEEP), _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
                                            SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
         wait_child(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
         imds.post_interruption("terminate", in_seconds=120)

@@ -546,7 +546,11 @@ class WarmExec:
 
     def command(self, script: str, *args: str) -> list[str]:
         """The command line that runs ``python SCRIPT ARGS`` as a warm fork."""
-        return [sys.executable, os.path.abspath(__file__), self.socket, script, *args]
+        return [sys.executable, *self.args(script, *args)]
+
+    def args(self, script: str, *args: str) -> list[str]:
+        """:meth:`command` less the interpreter (for helpers that put ``python`` first)."""
+        return [os.path.abspath(__file__), self.socket, script, *args]
 
     def close(self) -> None:
         if self._proc.poll() is None:
