@@ -45,12 +45,14 @@ from helpers import (  # noqa: E402 (the environment above comes first)
     DDP_EVERY,
     DDP_SCRIPT,
     DDP_STEPS,
+    RANK_AT_START,
     committed_steps,
     env_for,
     finish_session,
     free_port,  # re-exported: tests import it from here
     shared_run,
     torchrun,
+    warm_server,
 )
 
 
@@ -147,24 +149,33 @@ def warm_exec() -> Iterator:
     hold ``warm_exec.at_start``, what the server read at its start): on a 2-core machine at
     load 10 the example's 240 steps took 22-40 s with torch's default two threads and 9-22 s
     with one. Every run a check compares is such a fork."""
-    import tempfile
-
-    from warmfork import WarmExec
-
-    env = {**env_for(""), "OMP_NUM_THREADS": "1"}
-    del env["SPOTRUN_URL"]
-    # Short: a socket's path has a limit of about 100 bytes, which pytest's folders can pass.
-    with tempfile.TemporaryDirectory(prefix="spotrun-warm-") as folder, WarmExec(env, folder) as warm:
+    with warm_server(OMP_NUM_THREADS="1") as warm:
         yield warm
 
 
 @pytest.fixture(scope="session")
-def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+def warm_ranks() -> Iterator:
+    """One :class:`warmfork.WarmExec` per worker for torchrun: ``torchrun(..., warm=warm_ranks)``
+    (tests/helpers.py) has the launcher and each worker run as a fork of an interpreter that
+    imported torch, torch.distributed (DDP, FSDP2, DCP, torchrun) and spotrun, side by side. A
+    rank's start was 2-3 s of CPU (torch and its distributed modules), 2 to 4 of them at once
+    on 2 cores, in every torchrun start of the suite. Its environment holds what torchrun
+    puts in every worker's (``helpers.RANK_AT_START``: one torch thread)."""
+    imports = ("import torch.distributed, torch.distributed.checkpoint, torch.distributed.checkpoint.state_dict, "
+               "torch.distributed.fsdp, torch.distributed.device_mesh, torch.nn.parallel, torch.utils.data, "
+               "torch.distributed.run")
+    with warm_server(imports, **RANK_AT_START) as warm:
+        yield warm
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> str:
     """One uninterrupted 2-rank run of tests/scripts/ddp_train.py (``DDP_STEPS`` steps, a
     checkpoint every ``DDP_EVERY``), built once per session for every worker: the yardstick of
     the torchrun tests (test_distributed) and the 2-node tests (test_launch_node_e2e,
     test_launch_local_nodes). Two ranks on one machine or two nodes of one rank each train
-    the same: ranks, shards, seeds and the gloo all-reduce of two are the same."""
+    the same: ranks, shards, seeds and the gloo all-reduce of two are the same. Its ranks are
+    forks of ``warm_ranks``, started only in the worker that builds it."""
     import re
 
     from spotrun.format.commit import list_checkpoints
@@ -174,7 +185,7 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     def build(folder: Path) -> None:
         url = str(folder)
         proc = torchrun(DDP_SCRIPT, 2, "--url", url, "--steps", str(DDP_STEPS), "--every-steps",
-                        str(DDP_EVERY), env=env_for(url))
+                        str(DDP_EVERY), env=env_for(url), warm=request.getfixturevalue("warm_ranks"))
         code, out = finish_session(proc, 300)
         assert code == EXIT_FINISHED, out[-4000:]
         exits = sorted(re.findall(r"^rank (\d) exit (\d+) at step (\d+)$", out, re.MULTILINE))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +25,8 @@ DDP_SCRIPT = str(REPO / "tests" / "scripts" / "ddp_train.py")
 # The 2-rank DDP run every multi-rank and multi-node test of ddp_train.py resumes and compares
 # against (see ``ddp_reference`` in conftest.py): one length for all, so one reference serves.
 DDP_STEPS, DDP_EVERY = 120, 10
+#: ``python WARMFORK SOCKET SCRIPT ARGS``: ``python SCRIPT ARGS`` as a fork of a warm server.
+WARMFORK = str(REPO / "tests" / "warmfork.py")
 
 
 def free_port() -> int:
@@ -112,15 +114,55 @@ def finish_session(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: bool = True) -> subprocess.Popen:
+#: What torchrun puts in every worker's environment that a warm fork cannot take (read at
+#: start; see ``warm_ranks`` in conftest.py): set for the launcher too, so its workers inherit it.
+RANK_AT_START = {"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def torchrun(script: str, nproc: int, *args: str, env: dict[str, str], wrapper: bool = True,
+             warm: Any = None) -> subprocess.Popen:
     """``python -m spotrun.distributed`` (or, with ``wrapper=False``, plain torchrun) running
     ``script`` on ``nproc`` CPU workers, its store on a free 127.0.0.1 port. The launcher gets a
-    session of its own, so :func:`finish_session` can kill it and every worker on a hang."""
+    session of its own, so :func:`finish_session` can kill it and every worker on a hang.
+
+    With ``warm`` (the ``warm_ranks`` fixture, a :class:`warmfork.WarmExec`) the launcher is
+    ``python warmfork.py SOCKET -m RUNNER ...`` and each worker it starts ``python -u warmfork.py
+    SOCKET SCRIPT ARGS``: clients of stdlib imports whose program runs as a fork of an
+    interpreter that imported torch, torch.distributed and spotrun (a real process, signalled,
+    killed and exiting for real; a rank's pid is the one the script prints). The returned
+    Popen is the launcher's client: its signals reach the launcher, its exit is the launcher's.
+    On one torch thread, as torchrun gives every worker of two or more anyway."""
     runner = "spotrun.distributed" if wrapper else "torch.distributed.run"
-    cmd = [sys.executable, "-m", runner, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+    python = [sys.executable]
+    if warm is not None:
+        env = {**env, **RANK_AT_START}
+        script, args = WARMFORK, (warm.socket, script, *args)
+        python = [sys.executable, WARMFORK, warm.socket]  # the launcher a fork too
+    cmd = [*python, "-m", runner, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), script, *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=REPO)
+
+
+@contextlib.contextmanager
+def warm_server(imports: str = "", **env: str) -> Iterator[Any]:
+    """A :class:`warmfork.WarmExec` started with a test child's environment (:func:`env_for`,
+    less the URL) plus ``env``, its forks sharing ``imports`` too (Python run once: a file's
+    heavy libraries, Lightning's or transformers' seconds of imports). A client's environment
+    must hold what the server read at its start (``server.at_start``). ``python WARMFORK
+    SOCKET SCRIPT ARGS`` is then a real process, signalled and exiting for real; a bit-exact
+    comparison is between forks of one server (test_integrations_hf, _lightning: their
+    example runs, the reference included)."""
+    import tempfile
+
+    from warmfork import WarmExec
+
+    full = {**env_for(""), **env}
+    del full["SPOTRUN_URL"]
+    # Short: a socket's path has a limit of about 100 bytes, which pytest's folders can pass.
+    with tempfile.TemporaryDirectory(prefix="spotrun-warm-") as folder, \
+            WarmExec(full, folder, imports=imports) as server:
+        yield server
 
 
 def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:

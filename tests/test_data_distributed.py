@@ -18,6 +18,7 @@ from collections import Counter
 
 import pytest
 from helpers import REPO, committed_steps, env_for, finish_session, torchrun
+from warmfork import WarmExec
 
 from spotrun.proof.resume_check import compare_checkpoints
 from spotrun.records.layout import EXIT_FINISHED, EXIT_INTERRUPTED
@@ -30,9 +31,10 @@ STEPS, EVERY, SAMPLES = 60, 10, 400  # 2 ranks x 16 per step: 12.5 steps an epoc
 TIMEOUT = 240  # a loaded 2-core machine runs one of these in about a minute
 
 
-def _launch(url: str, nproc: int = 2, step_sleep: float = 0.0) -> subprocess.Popen:
+def _launch(url: str, warm: WarmExec, nproc: int = 2, step_sleep: float = 0.0) -> subprocess.Popen:
+    """torchrun of the script, its ranks forks of ``warm`` (the ``warm_ranks`` fixture)."""
     return torchrun(SCRIPT, nproc, "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
-                    "--samples", str(SAMPLES), "--step-sleep", str(step_sleep), env=env_for(url))
+                    "--samples", str(SAMPLES), "--step-sleep", str(step_sleep), env=env_for(url), warm=warm)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -59,9 +61,9 @@ def _per_epoch(*runs: dict) -> dict[int, Counter]:
     return epochs
 
 
-def _interrupt(url: str, nproc: int) -> tuple[int, dict]:
+def _interrupt(url: str, nproc: int, warm: WarmExec) -> tuple[int, dict]:
     """Run on ``nproc`` ranks, SIGTERM the wrapper a few steps past its first checkpoint."""
-    proc = _launch(url, nproc, step_sleep=0.05)
+    proc = _launch(url, warm, nproc, step_sleep=0.05)
     deadline = time.monotonic() + TIMEOUT
     while not committed_steps(url):
         if proc.poll() is not None:
@@ -84,10 +86,10 @@ def _interrupt(url: str, nproc: int) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[str, dict]:
+def reference(tmp_path_factory, warm_ranks) -> tuple[str, dict]:
     """One uninterrupted 2-rank run, the yardstick."""
     url = str(tmp_path_factory.mktemp("loader") / "reference")
-    code, out = _finish(_launch(url))
+    code, out = _finish(_launch(url, warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     assert _exits(out) == {0: (0, STEPS), 1: (0, STEPS)}
     steps = _steps(out)
@@ -96,19 +98,19 @@ def reference(tmp_path_factory) -> tuple[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory) -> tuple[str, int, dict]:
+def stopped(tmp_path_factory, warm_ranks) -> tuple[str, int, dict]:
     """A 2-rank run stopped by SIGTERM to the wrapper (copied by each test that resumes it)."""
     url = str(tmp_path_factory.mktemp("loader") / "stopped")
-    stop, steps = _interrupt(url, 2)
+    stop, steps = _interrupt(url, 2, warm_ranks)
     return url, stop, steps
 
 
-def test_sigterm_then_resume_on_same_ranks_is_bit_exact(tmp_path, reference, stopped):
+def test_sigterm_then_resume_on_same_ranks_is_bit_exact(tmp_path, reference, stopped, warm_ranks):
     ref_url, ref_steps = reference
     url = str(tmp_path / "run")
     shutil.copytree(stopped[0], url)
     stop, head = stopped[1], stopped[2]
-    code, out = _finish(_launch(url))
+    code, out = _finish(_launch(url, warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop} " in out
     tail = _steps(out)
@@ -119,11 +121,11 @@ def test_sigterm_then_resume_on_same_ranks_is_bit_exact(tmp_path, reference, sto
     assert step == STEPS and differences == []
 
 
-def test_resume_on_one_rank_reads_the_unread_samples_once(tmp_path, stopped):
+def test_resume_on_one_rank_reads_the_unread_samples_once(tmp_path, stopped, warm_ranks):
     url = str(tmp_path / "run")
     shutil.copytree(stopped[0], url)
     stop, head = stopped[1], stopped[2]
-    code, out = _finish(_launch(url, nproc=1))
+    code, out = _finish(_launch(url, warm_ranks, nproc=1))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop} " in out
     tail = _steps(out)
@@ -135,10 +137,10 @@ def test_resume_on_one_rank_reads_the_unread_samples_once(tmp_path, stopped):
         assert epochs[e] == Counter(range(SAMPLES)), f"epoch {e}"
 
 
-def test_resume_on_more_ranks_reads_the_unread_samples_once(tmp_path):
+def test_resume_on_more_ranks_reads_the_unread_samples_once(tmp_path, warm_ranks):
     url = str(tmp_path / "run")
-    stop, head = _interrupt(url, 1)
-    code, out = _finish(_launch(url, nproc=2))
+    stop, head = _interrupt(url, 1, warm_ranks)
+    code, out = _finish(_launch(url, warm_ranks, nproc=2))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop} " in out
     tail = _steps(out)

@@ -28,6 +28,7 @@ from helpers import (
     free_port,
     torchrun,
 )
+from warmfork import WarmExec
 
 from spotrun.format.commit import list_checkpoints
 from spotrun.notices.fake_server import FakeMetadataServer
@@ -41,13 +42,14 @@ STEPS, EVERY = DDP_STEPS, DDP_EVERY  # the shared ``ddp_reference`` run's (conft
 TIMEOUT = 120  # a deadlocked pair of ranks would sit in a collective forever
 
 
-def _launch(url: str, pid_dir: Path | None = None, *, wrapper: bool = True,
+def _launch(url: str, pid_dir: Path | None = None, *, warm: WarmExec, wrapper: bool = True,
             step_sleep: float = 0.0, **env: str) -> subprocess.Popen:
-    """torchrun (or spotrun's torchrun wrapper) with two CPU workers running ddp_train.py."""
+    """torchrun (or spotrun's torchrun wrapper) with two CPU workers running ddp_train.py,
+    forks of ``warm`` (the ``warm_ranks`` fixture)."""
     args = ["--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY), "--step-sleep", str(step_sleep)]
     if pid_dir is not None:
         args += ["--pid-dir", str(pid_dir)]
-    return torchrun(DDP_SCRIPT, 2, *args, env=env_for(url, **env), wrapper=wrapper)
+    return torchrun(DDP_SCRIPT, 2, *args, env=env_for(url, **env), wrapper=wrapper, warm=warm)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -107,9 +109,10 @@ def _wait_pids(pid_dir: Path) -> dict[int, int]:
     raise AssertionError("workers never wrote their pids")
 
 
-def _sigterm_one_rank(url: str, pid_dir: Path, rank: int, after: int, *, wrapper: bool = True) -> tuple[int, str]:
+def _sigterm_one_rank(url: str, pid_dir: Path, rank: int, after: int, *, warm: WarmExec,
+                      wrapper: bool = True) -> tuple[int, str]:
     pid_dir.mkdir()
-    proc = _launch(url, pid_dir, wrapper=wrapper, step_sleep=0.05)
+    proc = _launch(url, pid_dir, warm=warm, wrapper=wrapper, step_sleep=0.05)
     pid = _wait_pids(pid_dir)[rank]
     _wait_for_checkpoint(proc, url, after)
     time.sleep(0.12)  # a couple of steps past the scheduled checkpoint
@@ -117,7 +120,7 @@ def _sigterm_one_rank(url: str, pid_dir: Path, rank: int, after: int, *, wrapper
     return _finish(proc)
 
 
-def test_every_kind_of_stop_stops_both_ranks_at_one_step_and_resumes_bit_exact(tmp_path, ddp_reference):
+def test_every_kind_of_stop_stops_both_ranks_at_one_step_and_resumes_bit_exact(tmp_path, ddp_reference, warm_ranks):
     """One run through six launches, each resuming from the checkpoint the one before
     stopped at (one chain: every torchrun start costs seconds of a loaded 2-core box):
 
@@ -132,13 +135,13 @@ def test_every_kind_of_stop_stops_both_ranks_at_one_step_and_resumes_bit_exact(t
     url = str(tmp_path / "run")
     stop = 0
     for launch, rank in ((1, 1), (2, 0)):
-        code, out = _sigterm_one_rank(url, tmp_path / f"pids{launch}", rank, stop)
+        code, out = _sigterm_one_rank(url, tmp_path / f"pids{launch}", rank, stop, warm=warm_ranks)
         stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED, stop)
         assert re.search(rf"rank{rank} spotrun[\w.]* signal notice 'SIGTERM'", out)
         assert not re.search(rf"rank{1 - rank} spotrun[\w.]* signal notice", out)
 
     with FakeMetadataServer("ec2") as imds:
-        proc = _launch(url, step_sleep=0.05, SPOTRUN_TEST_IMDS_RANK1=imds.url,
+        proc = _launch(url, warm=warm_ranks, step_sleep=0.05, SPOTRUN_TEST_IMDS_RANK1=imds.url,
                        SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none")
         _wait_for_checkpoint(proc, url, stop)
         imds.post_interruption("terminate", in_seconds=120)
@@ -150,18 +153,18 @@ def test_every_kind_of_stop_stops_both_ranks_at_one_step_and_resumes_bit_exact(t
     assert not re.search(r"rank0 spotrun[\w.]* ec2 notice", out)
     assert re.search(r"rank1 spotrun[\w.]* stop after notice: posted \d\d:\d\d:\d\d", out), out[-4000:]
 
-    code, out = _sigterm_one_rank(url, tmp_path / "pids4", 1, stop, wrapper=False)
+    code, out = _sigterm_one_rank(url, tmp_path / "pids4", 1, stop, warm=warm_ranks, wrapper=False)
     stop = _check_stopped_together(url, out, code, 1, stop)
     assert "exitcode  : 75" in out
 
-    proc = _launch(url, step_sleep=0.05)
+    proc = _launch(url, warm=warm_ranks, step_sleep=0.05)
     _wait_for_checkpoint(proc, url, stop)
     proc.send_signal(signal.SIGTERM)
     code, out = _finish(proc)
     # torchrun does not report its workers' codes when it is signalled; their exit notes do.
     stop = _check_stopped_together(url, out, code, EXIT_INTERRUPTED, stop)
 
-    code, out = _finish(_launch(url))
+    code, out = _finish(_launch(url, warm=warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop} " in out
     assert _exits(out) == {0: (0, STEPS), 1: (0, STEPS)}

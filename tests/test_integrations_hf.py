@@ -9,12 +9,14 @@ nothing here is skipped when transformers is missing: the import fails loudly in
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, tiny_hf_trainer, wait_child
 from safetensors.torch import load_file
+from warmfork import WarmExec
 
 from spotrun.format.commit import list_checkpoints, list_damaged
 from spotrun.notices.fake_server import FakeMetadataServer
@@ -34,8 +36,8 @@ def _env(url: str, **extra: str) -> dict[str, str]:
     return env_for(url, **ONE_THREAD, **extra)
 
 
-def _run(url: str, *extra: str, timeout: float = 300, **env: str) -> str:
-    return run_to_end([*ARGS, *extra], _env(url, **env), timeout)
+def _run(url: str, warm: WarmExec, *extra: str, timeout: float = 300, **env: str) -> str:
+    return run_to_end(warm.args(*ARGS, *extra), _env(url, **env), timeout)
 
 
 def _final(url: str) -> dict:
@@ -47,19 +49,28 @@ def _final(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
+def warm() -> Iterator[WarmExec]:
+    """What every example run here forks from (transformers imported once)."""
+    from helpers import warm_server
+
+    with warm_server("import transformers, transformers.trainer, spotrun.integrations.hf", **ONE_THREAD) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, warm) -> str:
     url = str(tmp_path_factory.mktemp("hf") / "reference")
-    out = _run(url)
+    out = _run(url, warm)
     Path(url + ".out").write_text(out)  # for the noise check below
     return url
 
 
 @pytest.mark.slow
-def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, reference):
+def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, reference, warm):
     url = str(tmp_path / "run")
     # 1. SIGTERM mid-run (after the first scheduled commit): the Trainer saves at the
     #    current step, spotrun commits it, the process exits 75.
-    proc = spawn([*ARGS, *SLEEP], _env(url))
+    proc = spawn(warm.args(*ARGS, *SLEEP), _env(url))
     wait_child(proc, lambda: committed_steps(url), "a first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -74,7 +85,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     # 2. The relaunch resumes from that step; a spot notice from the fake metadata
     #    service stops it again (exit 75, checkpoint committed, notice in the ledger).
     with FakeMetadataServer("ec2") as imds:
-        proc = spawn([*ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
+        proc = spawn(warm.args(*ARGS, *SLEEP), _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
                                            SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
         wait_child(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
         imds.post_interruption("terminate", in_seconds=120)
@@ -95,7 +106,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     data = bytearray(weights.read_bytes())
     data[-8:] = bytes(8)
     weights.write_bytes(bytes(data))
-    out = _run(url)
+    out = _run(url, warm)
     assert f"skipping damaged checkpoint at step {second_stop}" in out
     assert f"resuming from step {previous} " in out
     assert len(list_damaged(Storage(url))) == 1

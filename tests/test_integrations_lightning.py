@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child
+from helpers import REPO, committed_steps, env_for, ledger_events, run_to_end, spawn, wait_child, warm_server
+from warmfork import WarmExec
 
 from spotrun.format.commit import list_checkpoints, list_damaged
 from spotrun.notices.fake_server import FakeMetadataServer
@@ -31,8 +33,8 @@ def _env(url: str, **extra: str) -> dict[str, str]:
     return env_for(url, **ONE_THREAD, **extra)
 
 
-def _run(url: str, *extra: str, timeout: float = 300) -> str:
-    return run_to_end([*ARGS, *extra], _env(url), timeout)
+def _run(url: str, warm: WarmExec, *extra: str, timeout: float = 300) -> str:
+    return run_to_end(warm.args(*ARGS, *extra), _env(url), timeout)
 
 
 def _read_until(proc, needle: str, timeout: float = 120.0) -> str:
@@ -50,17 +52,24 @@ def _read_until(proc, needle: str, timeout: float = 120.0) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
+def warm() -> Iterator[WarmExec]:
+    """The server of this module's runs: Lightning imported once, not in each of them."""
+    with warm_server("import lightning.pytorch, spotrun.integrations.lightning", **ONE_THREAD) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, warm) -> str:
     url = str(tmp_path_factory.mktemp("lightning") / "reference")
-    _run(url)
+    _run(url, warm)
     return url
 
 
 @pytest.mark.slow
-def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, reference):
+def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, reference, warm):
     url = str(tmp_path / "run")
     # 1. SIGTERM mid-run: checkpoint at the end of the current batch, exit 75.
-    proc = spawn([*ARGS, *SLEEP], _env(url))
+    proc = spawn(warm.args(*ARGS, *SLEEP), _env(url))
     wait_child(proc, lambda: committed_steps(url), "a first checkpoint")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -72,7 +81,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
 
     # 2. Resumed from there; a spot notice from the fake metadata service stops it again.
     with FakeMetadataServer("ec2") as imds:
-        proc = spawn([*ARGS, *SLEEP], _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
+        proc = spawn(warm.args(*ARGS, *SLEEP), _env(url, SPOTRUN_NOTICE_SOURCE="ec2",
                                            SPOTRUN_IMDS_ENDPOINT=imds.url, SPOTRUN_POLL_INTERVAL="0.2"))
         wait_child(proc, lambda: max(committed_steps(url)) > first_stop, "a checkpoint after the resume")
         imds.post_interruption("terminate", in_seconds=120)
@@ -97,7 +106,7 @@ def test_sigterm_notice_and_damage_resume_to_the_uninterrupted_result(tmp_path, 
     data = bytearray(payload.read_bytes())
     data[len(data) // 2] ^= 0xFF
     payload.write_bytes(bytes(data))
-    out = _run(url)
+    out = _run(url, warm)
     assert f"skipping damaged checkpoint at step {second_stop}" in out
     assert f"resuming from step {previous} " in out
     assert len(list_damaged(Storage(url))) == 1

@@ -21,11 +21,11 @@ SCRIPT = str(REPO / "tests" / "scripts" / "lightning_ddp_stop.py")
 
 
 @pytest.mark.slow
-def test_other_ranks_exit_143_when_rank_0_misses_the_stop_deadline(tmp_path):
+def test_other_ranks_exit_143_when_rank_0_misses_the_stop_deadline(tmp_path, warm_ranks):
     url = f"slowfile://{tmp_path}/run"
     env = env_for(url, SPOTRUN_TEST_WRITE_DELAY="1", SPOTRUN_STOP_TIMEOUT="3", SPOTRUN_NOTICE_SOURCE="none",
                   OMP_NUM_THREADS="1")
-    proc = torchrun(SCRIPT, 2, env=env)
+    proc = torchrun(SCRIPT, 2, env=env, warm=warm_ranks)  # its ranks forks of a warm server
     wait_for_line(proc, "rank 1 step 3", timeout=180)
     os.killpg(proc.pid, signal.SIGTERM)
     code, out = finish_session(proc, 120)

@@ -146,17 +146,13 @@ def test_manifest_naming_a_file_outside_its_folder_is_damage_never_followed(tmp_
 FSDP_SCRIPT = str(Path(__file__).parent / "scripts" / "fsdp_folder_train.py")
 
 
-def _torchrun(url: str, staging: Path, *extra: str) -> tuple[int, str]:
-    import subprocess
-    import sys
+def _torchrun(url: str, staging: Path, warm, *extra: str) -> tuple[int, str]:
+    """Plain torchrun, 2 ranks, forks of ``warm`` (the ``warm_ranks`` fixture)."""
+    from helpers import env_for, finish_session, torchrun
 
-    from helpers import env_for
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", FSDP_SCRIPT,
-           "--url", url, "--staging", str(staging), "--steps", "12", "--save-steps", "4", *extra]
-    proc = subprocess.run(cmd, env=env_for(url, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=400)
-    return proc.returncode, proc.stdout
+    proc = torchrun(FSDP_SCRIPT, 2, "--url", url, "--staging", str(staging), "--steps", "12",
+                    "--save-steps", "4", *extra, env=env_for(url), wrapper=False, warm=warm)
+    return finish_session(proc, 400)
 
 
 def _digest(out: str) -> str:
@@ -165,16 +161,16 @@ def _digest(out: str) -> str:
 
 
 @pytest.mark.slow
-def test_fsdp_sharded_folder_on_two_gloo_ranks_stops_and_resumes_exactly(tmp_path):
+def test_fsdp_sharded_folder_on_two_gloo_ranks_stops_and_resumes_exactly(tmp_path, warm_ranks):
     """FSDP2 on 2 CPU ranks writes the FSDP trainer layout (DCP shard folders), spotrun
     commits it; stopped at step 6 and resumed, the final gathered model and optimizer are
     bit-identical to the uninterrupted run's."""
     ref_url, url = str(tmp_path / "ref"), str(tmp_path / "run")
-    code, out = _torchrun(ref_url, tmp_path / "s0")
+    code, out = _torchrun(ref_url, tmp_path / "s0", warm_ranks)
     assert code == 0, out[-3000:]
     reference = _digest(out)
 
-    code, out = _torchrun(url, tmp_path / "s1", "--stop-at", "6")
+    code, out = _torchrun(url, tmp_path / "s1", warm_ranks, "--stop-at", "6")
     assert code != 0 and "rank 0 exit 75" in out and "rank 1 exit 75" in out, out[-3000:]
     assert committed_steps(url) == [4, 6]
     files = read_manifest(Storage(url), 6).files
@@ -183,7 +179,7 @@ def test_fsdp_sharded_folder_on_two_gloo_ranks_stops_and_resumes_exactly(tmp_pat
                  "rng_state_1.pth", "trainer_state.json"):
         assert name in files
 
-    code, out = _torchrun(url, tmp_path / "s2")
+    code, out = _torchrun(url, tmp_path / "s2", warm_ranks)
     assert code == 0, out[-3000:]
     assert "rank 0 start 6" in out and "rank 1 start 6" in out
     assert _digest(out) == reference

@@ -293,12 +293,9 @@ def test_launch_local_hands_the_lease_to_the_next_segment(tmp_path, child_env):
 
 
 @pytest.mark.slow
-def test_torchrun_refused_on_every_rank_without_hanging(tmp_path):
+def test_torchrun_refused_on_every_rank_without_hanging(tmp_path, warm_ranks):
     """Rank 0 is refused; the other rank must hear of it rather than wait in a collective."""
-    import subprocess
-    import sys
-
-    from conftest import free_port
+    from helpers import DDP_SCRIPT, finish_session, torchrun
 
     url = str(tmp_path / "run")
     st = Storage(url)
@@ -306,14 +303,11 @@ def test_torchrun_refused_on_every_rank_without_hanging(tmp_path):
     holder = Lease(st, segment_id="holder")  # this live process, on this host
     holder.acquire()
     try:
-        cmd = [sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               str(REPO / "tests" / "scripts" / "ddp_train.py"), "--url", url, "--steps", "20",
-               "--every-steps", "5"]
-        proc = subprocess.run(cmd, env=env_for(url), capture_output=True, text=True, check=False,
-                              timeout=180, cwd=REPO)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode not in (0, EXIT_INTERRUPTED), out
+        # The ranks are forks of ``warm_ranks`` (children of its server, not of this process).
+        proc = torchrun(DDP_SCRIPT, 2, "--url", url, "--steps", "20", "--every-steps", "5",
+                        env=env_for(url), warm=warm_ranks)
+        code, out = finish_session(proc, 180)
+        assert code not in (0, EXIT_INTERRUPTED), out
         assert "segment holder" in out and "already has a writer" in out
         assert "rank 0 could not take the run's lease" in out  # the other rank was told
         assert list_checkpoints(st) == []

@@ -613,12 +613,12 @@ def test_check_is_cheap_on_a_few_hundred_tensors():
 
 
 @pytest.mark.slow
-def test_all_damaged_fails_every_rank_under_torchrun(tmp_path):
+def test_all_damaged_fails_every_rank_under_torchrun(tmp_path, warm_ranks):
     """Rank 0 refuses; the other rank learns it from rank 0 instead of waiting forever."""
     from test_distributed import _finish, _launch
 
     url = str(tmp_path / "run")
-    code, out = _finish(_launch(url))
+    code, out = _finish(_launch(url, warm=warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     st = Storage(url)
     for info in list_checkpoints(st):
@@ -627,7 +627,7 @@ def test_all_damaged_fails_every_rank_under_torchrun(tmp_path):
             st.write_bytes(rel, bytes(st.read_bytes(rel))[:64])
     os.unlink(os.path.join(url, "done.json"))
     before = _snapshot(url)
-    code, out = _finish(_launch(url))  # fails the test on a hang
+    code, out = _finish(_launch(url, warm=warm_ranks))  # fails the test on a hang
     assert code not in (0, 75), out[-4000:]
     assert "AllCheckpointsDamagedError" in out, out[-4000:]
     # Every rank takes the decision itself (the restore is collective): none is left waiting.

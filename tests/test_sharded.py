@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, finish_session, torchrun
+from warmfork import WarmExec
 
 from spotrun.errors import (
     CorruptCheckpointError,
@@ -38,8 +39,9 @@ SCRIPT = str(REPO / "tests" / "scripts" / "fsdp_sharded.py")
 TIMEOUT = 420  # 4 CPU ranks on a loaded 2-core machine are slow; a hang must still end
 
 
-def _torchrun(nproc: int, *args: str, env: dict) -> str:
-    code, out = finish_session(torchrun(SCRIPT, nproc, *args, env=env, wrapper=False), TIMEOUT)
+def _torchrun(nproc: int, *args: str, env: dict, warm: WarmExec) -> str:
+    """Plain torchrun of the script, its ranks forks of ``warm`` (the ``warm_ranks`` fixture)."""
+    code, out = finish_session(torchrun(SCRIPT, nproc, *args, env=env, wrapper=False, warm=warm), TIMEOUT)
     assert code == 0, out[-6000:]
     return out
 
@@ -48,14 +50,14 @@ def _ok_ranks(out: str, what: str) -> set[int]:
     return {int(r) for r in re.findall(rf"rank (\d+) ok {what}", out)}
 
 
-def _save(nproc: int, url: str, ref: Path, env: dict, *extra: str) -> str:
-    out = _torchrun(nproc, "save", "--url", url, "--reference", str(ref), *extra, env=env)
+def _save(nproc: int, url: str, ref: Path, env: dict, warm: WarmExec, *extra: str) -> str:
+    out = _torchrun(nproc, "save", "--url", url, "--reference", str(ref), *extra, env=env, warm=warm)
     assert _ok_ranks(out, "saved") == set(range(nproc)), out[-4000:]
     return out
 
 
-def _load(nproc: int, url: str, ref: Path, env: dict) -> None:
-    out = _torchrun(nproc, "load", "--url", url, "--reference", str(ref), env=env)
+def _load(nproc: int, url: str, ref: Path, env: dict, warm: WarmExec) -> None:
+    out = _torchrun(nproc, "load", "--url", url, "--reference", str(ref), env=env, warm=warm)
     assert _ok_ranks(out, "loaded") == set(range(nproc)), out[-4000:]
 
 
@@ -92,38 +94,39 @@ def _check_manifest(url: str, world: int) -> Manifest:
 
 
 @pytest.mark.slow
-def test_save_on_4_load_on_2_3(tmp_path: Path, child_env: dict) -> None:
+def test_save_on_4_load_on_2_3(tmp_path: Path, child_env: dict, warm_ranks: WarmExec) -> None:
     # 4 -> 4 is the same-world-size path, covered end to end in test_sharded_checkpointer.
     url, ref = str(tmp_path / "run"), tmp_path / "ref.pt"
-    _save(4, url, ref, child_env)
+    _save(4, url, ref, child_env, warm_ranks)
     _check_manifest(url, 4)
     for nproc in (2, 3):
-        _load(nproc, url, ref, child_env)
+        _load(nproc, url, ref, child_env, warm_ranks)
 
 
 @pytest.mark.slow
-def test_async_save_on_2_overlaps_collectives_then_load_on_4(tmp_path: Path, child_env: dict) -> None:
+def test_async_save_on_2_overlaps_collectives_then_load_on_4(tmp_path: Path, child_env: dict,
+                                                            warm_ranks: WarmExec) -> None:
     # slowdcp:// (defined in the script) sleeps on every shard write, so the background
     # write is still going while the training thread runs its all_reduces.
     env = dict(child_env, SPOTRUN_TEST_WRITE_DELAY="0.2")
     url, ref = f"slowdcp://{tmp_path / 'run'}", tmp_path / "ref.pt"
-    out = _save(2, url, ref, env, "--async")
+    out = _save(2, url, ref, env, warm_ranks, "--async")
     overlapped = [int(n) for n in re.findall(r"rank \d+ overlapped (\d+) of", out)]
     assert len(overlapped) == 2 and all(n > 0 for n in overlapped), out[-4000:]
     _check_manifest(str(tmp_path / "run"), 2)
-    _load(4, str(tmp_path / "run"), ref, child_env)
+    _load(4, str(tmp_path / "run"), ref, child_env, warm_ranks)
 
 
 @pytest.mark.slow
-def test_damaged_shard_raises_corrupt_on_every_rank(tmp_path: Path, child_env: dict) -> None:
+def test_damaged_shard_raises_corrupt_on_every_rank(tmp_path: Path, child_env: dict, warm_ranks: WarmExec) -> None:
     url, ref = str(tmp_path / "run"), tmp_path / "ref.pt"
-    _save(2, url, ref, child_env)
+    _save(2, url, ref, child_env, warm_ranks)
     shard = tmp_path / "run" / "000000000003" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the sha256 catches it
     shard.write_bytes(bytes(data))
     out = _torchrun(2, "load", "--url", url, "--reference", str(ref), "--expect-error",
-                    env=child_env)
+                    env=child_env, warm=warm_ranks)
     errors = re.findall(r"rank \d+ error [^\n]*", out)
     assert len(errors) == 2 and all("CorruptCheckpointError" in e and "__1_0.distcp" in e
                                     for e in errors), out[-4000:]
@@ -135,11 +138,11 @@ def test_damaged_shard_raises_corrupt_on_every_rank(tmp_path: Path, child_env: d
 
 
 @pytest.mark.slow
-def test_sharded_on_s3(s3_bucket: str, tmp_path: Path, child_env: dict) -> None:
+def test_sharded_on_s3(s3_bucket: str, tmp_path: Path, child_env: dict, warm_ranks: WarmExec) -> None:
     url, ref = f"s3://{s3_bucket}/fsdp", tmp_path / "ref.pt"
-    _save(2, url, ref, child_env)
+    _save(2, url, ref, child_env, warm_ranks)
     _check_manifest(url, 2)
-    _load(3, url, ref, child_env)
+    _load(3, url, ref, child_env, warm_ranks)
 
 
 # -- single process --------------------------------------------------------------------

@@ -15,7 +15,17 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import REPO, committed_steps, env_for, finish_session, free_port, torchrun
+from helpers import (
+    RANK_AT_START,
+    REPO,
+    WARMFORK,
+    committed_steps,
+    env_for,
+    finish_session,
+    free_port,
+    torchrun,
+)
+from warmfork import WarmExec
 
 from spotrun.cli import main
 from spotrun.format.commit import list_checkpoints, read_manifest, verify_checkpoint
@@ -30,9 +40,11 @@ STEPS, EVERY, SAMPLES = 40, 8, 240
 TIMEOUT = 300
 
 
-def _launch(url: str, nproc: int, *extra: str, env: dict[str, str] | None = None, **more: str) -> subprocess.Popen:
+def _launch(url: str, nproc: int, *extra: str, warm: WarmExec, env: dict[str, str] | None = None,
+            **more: str) -> subprocess.Popen:
+    """torchrun of the script, its ranks forks of ``warm`` (the ``warm_ranks`` fixture)."""
     return torchrun(SCRIPT, nproc, "--url", url, "--steps", str(STEPS), "--every-steps", str(EVERY),
-                    "--samples", str(SAMPLES), *extra, env=env or env_for(url, **more))
+                    "--samples", str(SAMPLES), *extra, env=env or env_for(url, **more), warm=warm)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -53,10 +65,10 @@ def _per_epoch(out: str) -> dict[int, Counter]:
     return epochs
 
 
-def _interrupt(url: str, nproc: int, *extra: str, after: int = 0, **more: str) -> tuple[int, str]:
+def _interrupt(url: str, nproc: int, *extra: str, warm: WarmExec, after: int = 0, **more: str) -> tuple[int, str]:
     """Run on ``nproc`` ranks and SIGTERM the wrapper just after its first checkpoint past
     step ``after`` (the one it resumed from)."""
-    proc = _launch(url, nproc, "--step-sleep", "0.05", *extra, **more)
+    proc = _launch(url, nproc, "--step-sleep", "0.05", *extra, warm=warm, **more)
     deadline = time.monotonic() + TIMEOUT
     while max(committed_steps(url), default=0) <= after:
         if proc.poll() is not None:
@@ -77,20 +89,20 @@ def _interrupt(url: str, nproc: int, *extra: str, after: int = 0, **more: str) -
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[str, str]:
+def reference(tmp_path_factory, warm_ranks) -> tuple[str, str]:
     url = str(tmp_path_factory.mktemp("fsdp") / "reference")
-    code, out = _finish(_launch(url, 2))
+    code, out = _finish(_launch(url, 2, warm=warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     return _digest(out), out
 
 
 @pytest.mark.parametrize("before,after", [(2, 3), (3, 2)])
-def test_resume_on_another_world_size(tmp_path, before, after):
+def test_resume_on_another_world_size(tmp_path, warm_ranks, before, after):
     url = str(tmp_path / "run")
     dump = tmp_path / "dump"
     dump.mkdir()
-    stop, first = _interrupt(url, before, "--dump", str(dump))
-    code, out = _finish(_launch(url, after, "--dump", str(dump)))
+    stop, first = _interrupt(url, before, "--dump", str(dump), warm=warm_ranks)
+    code, out = _finish(_launch(url, after, "--dump", str(dump), warm=warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop}" in out
     saved = torch.load(dump / f"stopped-{stop}.pt", weights_only=True)
@@ -126,7 +138,7 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix: tree}
 
 
-def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_path, reference):
+def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_path, reference, warm_ranks):
     """A rank killed while the ranks write a sharded checkpoint: that one never commits, the
     previous one stays the latest and verifies, and a relaunch resumes from it bit-exactly."""
     digest, _ = reference
@@ -134,7 +146,7 @@ def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_pat
     url = f"slowfile://{path}"
     env = env_for(url)
     env["SPOTRUN_TEST_WRITE_DELAY"] = "0.3"  # every write call: saves take seconds
-    proc = _launch(url, 2, env=env)
+    proc = _launch(url, 2, env=env, warm=warm_ranks)
     lines: list[str] = []
     pids: dict[int, int] = {}
     while len(pids) < 2:
@@ -160,26 +172,27 @@ def test_kill_9_of_one_rank_during_a_save_leaves_the_previous_checkpoint(tmp_pat
     last = max(committed)
     assert max(committed_steps(str(path))) == last
     assert verify_checkpoint(st, read_manifest(st, last)) == []
-    code, out = _finish(_launch(str(path), 2))
+    code, out = _finish(_launch(str(path), 2, warm=warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {last}" in out
     assert _digest(out) == digest
 
 
-def test_check_resume_passes_under_the_wrapper(tmp_path, capfd, monkeypatch):
+def test_check_resume_passes_under_the_wrapper(tmp_path, capfd, monkeypatch, warm_ranks):
     """`spotrun check-resume` on an FSDP2 script under `python -m spotrun.distributed`:
     real SIGTERMs to the wrapper, and the sharded state compared whole."""
     # One interruption keeps this torchrun test short; test_resume.py covers several.
     # check-resume through the CLI's entry point in this process (as test_resume.py's): its
     # runs are real torchruns; a process for the CLI itself only imported torch once more.
-    for k, v in env_for("").items():
+    # Its ranks are forks of ``warm_ranks`` (each run's wrapper a process of its own).
+    for k, v in {**env_for(""), **RANK_AT_START}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(REPO)
     capfd.readouterr()
     code = main(["check-resume", "-k", "1", "--seed", "5", "--timeout", str(TIMEOUT),
                  "--workdir", str(tmp_path / "cr"), "--",
                  sys.executable, "-m", "spotrun.distributed", "--nproc-per-node", "2",
-                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT,
+                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), WARMFORK, warm_ranks.socket, SCRIPT,
                  "--steps", str(STEPS), "--every-steps", str(EVERY), "--samples", str(SAMPLES),
                  "--step-sleep", "0.1"])
     out, err = capfd.readouterr()
@@ -188,7 +201,7 @@ def test_check_resume_passes_under_the_wrapper(tmp_path, capfd, monkeypatch):
     assert "1 of 1 interruptions delivered" in out, out
 
 
-def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, reference):
+def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, reference, warm_ranks):
     """One run, three launches (each FSDP start costs seconds of a loaded box):
 
     1. rank 1 alone sees a spot notice; the agreement stops both at one step and the sharded
@@ -210,14 +223,14 @@ def test_notice_to_one_rank_then_sigterm_then_resume_is_bit_exact(tmp_path, refe
     shm = tempfile.mkdtemp(prefix="spotrun-test-", dir="/dev/shm") if os.path.isdir("/dev/shm") \
         else str(tmp_path / "local")
     try:
-        _notice_sigterm_resume(url, {"SPOTRUN_LOCAL_DIR": shm}, digest, ref_out)
+        _notice_sigterm_resume(url, {"SPOTRUN_LOCAL_DIR": shm}, digest, ref_out, warm_ranks)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
 
 
-def _notice_sigterm_resume(url: str, local: dict[str, str], digest: str, ref_out: str) -> None:
+def _notice_sigterm_resume(url: str, local: dict[str, str], digest: str, ref_out: str, warm: WarmExec) -> None:
     with FakeMetadataServer("ec2") as imds:
-        proc = _launch(url, 2, "--step-sleep", "0.05", SPOTRUN_TEST_IMDS_RANK1=imds.url,
+        proc = _launch(url, 2, "--step-sleep", "0.05", warm=warm, SPOTRUN_TEST_IMDS_RANK1=imds.url,
                        SPOTRUN_POLL_INTERVAL="0.1", SPOTRUN_NOTICE_SOURCE="none", **local)
         deadline = time.monotonic() + TIMEOUT
         while not committed_steps(url):
@@ -234,7 +247,7 @@ def _notice_sigterm_resume(url: str, local: dict[str, str], digest: str, ref_out
     assert max(committed_steps(url)) == stop
     assert re.search(r"rank1 spotrun[\w.]* stop after notice: posted \d\d:\d\d:\d\d", first), first[-4000:]
 
-    stop, second = _interrupt(url, 2, after=stop, **local)
+    stop, second = _interrupt(url, 2, warm=warm, after=stop, **local)
     st = Storage(url)
     manifest = read_manifest(st, stop)
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt",
@@ -249,7 +262,7 @@ def _notice_sigterm_resume(url: str, local: dict[str, str], digest: str, ref_out
             f.seek(0)
             f.write(data)
     assert verify_checkpoint(st, manifest) != []
-    code, out = _finish(_launch(url, 2, **local))
+    code, out = _finish(_launch(url, 2, warm=warm, **local))
     assert code == EXIT_FINISHED, out[-4000:]
     resumed = re.findall(rf"rank(\d) \S+ resumed from step {stop} .*$", out, re.MULTILINE)
     assert len(resumed) == 2, out[-4000:]

@@ -37,14 +37,14 @@ SIGINT_EXIT = 128 + signal.SIGINT
 
 
 @pytest.mark.slow
-def test_missed_stop_deadline_under_torchrun_exits_143_not_1(tmp_path):
+def test_missed_stop_deadline_under_torchrun_exits_143_not_1(tmp_path, warm_ranks):
     folder = tmp_path / "run"
     url = f"slowfile://{folder}"
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     env = env_for(url, SPOTRUN_TEST_WRITE_DELAY="1", SPOTRUN_STOP_TIMEOUT="3", SPOTRUN_NOTICE_SOURCE="none")
     proc = torchrun(SCRIPT, 2, "--url", url, "--steps", "100000", "--every-steps", "1000000",
-                    "--step-sleep", "0.05", "--pid-dir", str(pid_dir), env=env)
+                    "--step-sleep", "0.05", "--pid-dir", str(pid_dir), env=env, warm=warm_ranks)
     pids = _pids(proc, pid_dir)
     wait_for_line(proc, "rank 1 step 5", timeout=120)
     os.kill(pids[1], signal.SIGTERM)  # the notice reaches one rank; the other learns by agreement

@@ -65,3 +65,45 @@ def test_a_note_landing_in_a_childs_unended_line_is_still_read(tmp_path, warm_py
                                                  "os._exit(3)\n")])
     out, _ = child.communicate(timeout=60)
     assert (child.returncode, out) == (3, "abcdef\nstep 7")
+
+
+# Two forks that each wait for the other's file: met only when the server runs them side by
+# side (as torchrun's ranks must; one at a time, the first waits out its 60 s and exits 1).
+PAIR = """
+import os, sys, time
+mine, theirs = sys.argv[1], sys.argv[2]
+open(mine, "w").write(str(os.getpid()))
+end = time.monotonic() + 60
+while not os.path.exists(theirs):
+    if time.monotonic() > end:
+        sys.exit(1)
+    time.sleep(0.02)
+print("met", flush=True)
+if len(sys.argv) > 3:
+    time.sleep(600)  # killed by the test (through its client)
+"""
+
+
+def _client(warm_exec, script: str, *args: str) -> subprocess.Popen:
+    from helpers import env_for
+
+    env = {**env_for(""), **warm_exec.at_start}
+    return subprocess.Popen(warm_exec.command(script, *args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_warm_exec_serves_clients_side_by_side_and_a_killed_client_takes_its_fork(tmp_path, warm_exec):
+    script = _script(tmp_path, PAIR)
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = _client(warm_exec, script, str(a), str(b))
+    second = _client(warm_exec, script, str(b), str(a), "stay")
+    assert first.communicate(timeout=120) == ("met\n", None) and first.returncode == 0
+    assert second.stdout.readline() == "met\n"
+    fork = int(b.read_text())  # the fork's pid, not its client's
+    assert fork != second.pid and _alive(fork)
+    second.kill()  # SIGKILL: no handler forwards it; the server sees its client gone
+    second.wait(timeout=30)
+    end = time.monotonic() + 30
+    while _alive(fork):
+        assert time.monotonic() < end, "the fork outlived its killed client"
+        time.sleep(0.05)

@@ -34,7 +34,7 @@ import time
 # whole life: the script run as ``python ARGV``, then the interpreter's exit, never returning).
 _PRELUDE = textwrap.dedent(
     """
-    import atexit, faulthandler, json, os, runpy, signal, sys, threading, traceback
+    import atexit, faulthandler, json, os, runpy, signal, sys, threading
     # The imports every round shares: torch and spotrun, and what a first optimizer step and
     # save import lazily (torch._dynamo and sympy: 900 modules, 3 of a round's 4 s under load).
     # Import only: no tensor op runs here, so no thread pool exists to be forked.
@@ -46,6 +46,12 @@ _PRELUDE = textwrap.dedent(
         # 42"): the note was missed and the test read on forever. A child's own line can still
         # be cut by a note; WarmPython.readline finds the note wherever it lands.
         os.write(1, f"warmfork: {text}\\n".encode())
+    # What the script left (its namespace, an exception and its frames) is kept until the
+    # fork's os._exit, as the interpreter keeps it until its finalization, where a thread that
+    # wants the GIL back is stopped instead. Freed here, DDP's reducer destroyed the gloo group
+    # holding the GIL while gloo's run loop waited for the GIL to free a tensor: a rank refused
+    # by AllCheckpointsDamagedError hung so (test_restore_safety, once in a few runs).
+    KEPT = []
     def run_script(argv, env):
         code, interrupted = 1, False
         try:
@@ -55,20 +61,32 @@ _PRELUDE = textwrap.dedent(
             if env is not None:
                 os.environ.clear()
                 os.environ.update(env)
-            sys.argv = list(argv)
-            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-            runpy.run_path(argv[0], run_name="__main__")
+            if argv[0] == "-m":  # python -m MODULE ARGS: the module's path first, the folder on the path
+                sys.argv = ["-m", *argv[2:]]
+                sys.path[0] = os.getcwd()
+                # Not imported before it runs, as in a fresh interpreter (runpy warns otherwise).
+                sys.modules.pop(argv[1], None)
+                KEPT.append(runpy.run_module(argv[1], run_name="__main__", alter_sys=True))
+            else:
+                sys.argv = list(argv)
+                sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+                KEPT.append(runpy.run_path(argv[0], run_name="__main__"))
             code = 0
         except SystemExit as exc:
+            KEPT.append(exc)
             if exc.code is None or isinstance(exc.code, int):
                 code = exc.code or 0
             else:
                 print(exc.code, file=sys.stderr)
-        except KeyboardInterrupt:
-            traceback.print_exc()
+        except KeyboardInterrupt as exc:
+            KEPT.append(exc)
+            sys.excepthook(*sys.exc_info())
             interrupted = True
-        except BaseException:
-            traceback.print_exc()
+        except BaseException as exc:
+            KEPT.append(exc)
+            # Through sys.excepthook, as the interpreter reports it: torch.distributed's hook
+            # prefixes every line with the rank ("[rank1]: ...").
+            sys.excepthook(*sys.exc_info())
         finally:
             # As the interpreter's own exit: non-daemon threads joined, atexit run; an
             # uncaught KeyboardInterrupt ends the process by SIGINT (exit -2), as python's.
@@ -398,16 +416,24 @@ class WarmPython:
 
 
 # A warm server for a command another program starts (``spotrun check-resume`` runs its
-# command once per attempt and signals it): it serves ``python warmfork.py SOCKET SCRIPT ARGS``,
-# a client of a few stdlib imports that has the server fork ``python SCRIPT ARGS`` with the
-# client's environment, working folder and standard streams (passed over the socket), forwards
-# the signals it gets to that fork and exits as the fork did (a signal's death by the same
-# signal). A client killed outright (SIGKILL, which no handler sees) takes its fork with it.
+# command once per attempt and signals it; torchrun starts one per rank): it serves ``python
+# warmfork.py SOCKET SCRIPT ARGS``, a client of a few stdlib imports that has the server fork
+# ``python SCRIPT ARGS`` with the client's environment, working folder and standard streams
+# (passed over the socket), forwards the signals it gets to that fork and exits as the fork did
+# (a signal's death by the same signal). A client killed outright (SIGKILL, which no handler
+# sees) takes its fork with it. Clients are served side by side (one select loop, no thread:
+# every fork is of a one-threaded process), as a torchrun's ranks must run together.
 _EXEC_SERVER = _PRELUDE + textwrap.dedent(
     """
     import random, select, socket
     import numpy
     AT_START = tuple(json.loads(sys.argv[2]))
+    STARTED = dict(os.environ)
+    exec(sys.argv[3])  # the imports this server's forks share beyond the prelude's
+    # What those imports wrote to the environment (Lightning sets a PYTORCH_ variable): a
+    # fresh process importing them writes it over what it was given, so a fork gets it too,
+    # and a client is compared with the environment the server started with.
+    SET_BY_IMPORTS = {k: v for k, v in os.environ.items() if STARTED.get(k) != v}
     def at_start(env):
         found = {k: v for k, v in env.items() if k.startswith(AT_START)}
         # A path given twice is the path once (a test's env_for on an env_for'd environment).
@@ -415,58 +441,75 @@ _EXEC_SERVER = _PRELUDE + textwrap.dedent(
             found["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(found["PYTHONPATH"].split(os.pathsep)))
         return found
     def send(conn, **msg):
-        conn.sendall((json.dumps(msg) + "\\n").encode())
+        try:
+            conn.sendall((json.dumps(msg) + "\\n").encode())
+        except OSError:
+            pass  # the client is gone; its fork is dealt with where its socket is read
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sys.argv[1])
-    listener.listen(8)
+    listener.listen(64)
     note("ready")
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-            while not data.endswith(b"\\n"):
-                more = conn.recv(1 << 20)
-                if not more:
-                    break
-                data += more
-            request = json.loads(data)
-            if at_start(request["env"]) != at_start(dict(os.environ)):
-                differ = sorted(set(at_start(request["env"]).items()) ^ set(at_start(dict(os.environ)).items()))
-                send(conn, error=f"a fork cannot take these (read at start): {differ}; start a process")
-                for fd in fds:
-                    os.close(fd)
-                continue
-            sys.stdout.flush(); sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                listener.close(); conn.close()
-                for target, fd in enumerate(fds):
-                    os.dup2(fd, target)
-                    os.close(fd)
-                os.chdir(request["cwd"])
-                # A fresh interpreter seeds Python's and NumPy's global RNGs from the OS, each
-                # its own: so does each fork (else every fork would draw what the others do,
-                # and an unseeded script would resume "exactly" here and nowhere else).
-                random.seed()
-                numpy.random.seed()
-                run_script(request["argv"], request["env"])
+    forks = {}  # pidfd -> (pid, the client's socket)
+    def serve(conn):
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        while not data.endswith(b"\\n"):
+            more = conn.recv(1 << 20)
+            if not more:
+                break
+            data += more
+        request = json.loads(data)
+        if at_start(request["env"]) != at_start(STARTED):
+            differ = sorted(set(at_start(request["env"]).items()) ^ set(at_start(STARTED).items()))
+            send(conn, error=f"a fork cannot take these (read at start): {differ}; start a process")
             for fd in fds:
                 os.close(fd)
-            send(conn, pid=pid)
-            child = os.pidfd_open(pid)
-            try:
-                while True:
-                    ready, _, _ = select.select([child, conn], [], [])
-                    if child in ready:
-                        _, status = os.waitpid(pid, 0)
-                        send(conn, exit=os.waitstatus_to_exitcode(status))
-                        break
-                    if not conn.recv(1):  # the client is gone (killed): its fork goes too
-                        os.kill(pid, signal.SIGKILL)
-                        os.waitpid(pid, 0)
-                        break
-            finally:
-                os.close(child)
+            conn.close()
+            return
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            # Nothing of the server's or of the other clients' stays open in a fork.
+            listener.close()
+            for pidfd, (_, other) in forks.items():
+                os.close(pidfd)
+                other.close()
+            conn.close()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.chdir(request["cwd"])
+            # A fresh interpreter seeds Python's and NumPy's global RNGs from the OS, each
+            # its own: so does each fork (else every fork would draw what the others do,
+            # and an unseeded script would resume "exactly" here and nowhere else).
+            random.seed()
+            numpy.random.seed()
+            run_script(request["argv"], {**request["env"], **SET_BY_IMPORTS})
+        for fd in fds:
+            os.close(fd)
+        send(conn, pid=pid)
+        forks[os.pidfd_open(pid)] = (pid, conn)
+    def reap(pidfd, client_gone):
+        pid, conn = forks.pop(pidfd)
+        if client_gone:  # killed: its fork goes too
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        if not client_gone:
+            send(conn, exit=os.waitstatus_to_exitcode(status))
+        os.close(pidfd)
+        conn.close()
+    while True:
+        clients = {conn.fileno(): pidfd for pidfd, (_, conn) in forks.items()}
+        ready, _, _ = select.select([listener, *forks, *clients], [], [])
+        for fd in ready:
+            if fd is listener:
+                conn, _ = listener.accept()
+                serve(conn)
+            elif fd in forks:  # its fork exited (a pidfd and a socket never share a number)
+                reap(fd, client_gone=False)
+            elif fd in clients and clients[fd] in forks:
+                pidfd = clients[fd]
+                if not forks[pidfd][1].recv(1):
+                    reap(pidfd, client_gone=True)
     """
 )
 
@@ -478,15 +521,18 @@ class WarmExec:
     """A server that imported torch and spotrun, listening on a socket for :meth:`command`'s
     clients: ``python warmfork.py SOCKET SCRIPT ARGS`` behaves as ``python SCRIPT ARGS`` (its
     own environment, folder, streams, signals and exit), in a fork that skips the imports.
-    Clients are served one at a time. Started with ``env``; a client whose environment
-    differs from it in what is read at start (``PYTHON*``, ``OMP_*``...) is refused."""
+    Clients are served side by side. Started with ``env``; a client whose environment
+    differs from it in what is read at start (``PYTHON*``, ``OMP_*``...) is refused.
+    ``imports``: Python the server runs once before its first fork (modules every fork shares
+    beyond torch and spotrun)."""
 
-    def __init__(self, env: dict[str, str], folder: str, start_timeout: float = 600.0) -> None:
+    def __init__(self, env: dict[str, str], folder: str, start_timeout: float = 600.0,
+                 imports: str = "") -> None:
         self.socket = os.path.join(folder, "warm.sock")
         #: What a client's environment must hold as it is here (read when the server started).
         self.at_start = _at_start(env)
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _EXEC_SERVER, self.socket, json.dumps(_AT_START)], env=env,
+            [sys.executable, "-c", _EXEC_SERVER, self.socket, json.dumps(_AT_START), imports], env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True)
         assert self._proc.stdout is not None
@@ -500,7 +546,11 @@ class WarmExec:
 
     def command(self, script: str, *args: str) -> list[str]:
         """The command line that runs ``python SCRIPT ARGS`` as a warm fork."""
-        return [sys.executable, os.path.abspath(__file__), self.socket, script, *args]
+        return [sys.executable, *self.args(script, *args)]
+
+    def args(self, script: str, *args: str) -> list[str]:
+        """:meth:`command` less the interpreter (for helpers that put ``python`` first)."""
+        return [os.path.abspath(__file__), self.socket, script, *args]
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -565,6 +615,10 @@ def _client(sock_path: str, argv: list[str]) -> int:
                 os.kill(pid, sig)
         if "exit" in reply:
             code = int(reply["exit"])
+            # The fork has ended: a signal from here on is for no one (a supervisor's SIGTERMs
+            # while a stopped process tears down), and must not turn its exit into a death.
+            for sig in _FORWARDED:
+                signal.signal(sig, signal.SIG_IGN)
             if code < 0:  # killed by a signal: so is this process, as a Popen would see it
                 signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
