@@ -77,7 +77,8 @@ import torch
 
 from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 
-__all__ = ["Group", "last_agent_signal", "note_exit", "note_started", "preload", "torchrun"]
+__all__ = ["Group", "last_agent_signal", "note_exit", "note_started", "preload", "settle_comm_threads",
+           "torchrun"]
 
 #: Set by :func:`torchrun` for its workers: where each leaves its exit code (see note_exit).
 EXIT_NOTES_ENV = "SPOTRUN_EXIT_NOTES"
@@ -199,6 +200,29 @@ class Group:
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
         self._dist.gather_object(obj, out, dst=0)
         return out
+
+
+#: How long :func:`settle_comm_threads` lets go of the GIL (see there).
+SETTLE_S = 0.1
+
+
+def settle_comm_threads() -> None:
+    """After this process's last collective (the run's final barrier, or the stop's commit):
+    let go of the GIL for a moment, so gloo's run-loop threads finish with the works they ran.
+
+    Why: gloo's barrier work holds every work queued before it (the commit's gather among
+    them), and its run-loop thread frees it after the barrier returned here; freeing the
+    gather's tensors takes the GIL (torch keeps their Python objects alive from C++). A
+    script that then frees DDP's reducer (``main()`` returning) destroys the process group in
+    ``~ProcessGroupGloo``, which joins that thread *holding* the GIL: a deadlock (pytorch
+    issue 56297), seen in this repository's suite with ranks that imported torch ahead (warm
+    forks and standby workers, whose script reaches that point sooner), with this exact stack
+    (``~AsyncBarrierWork`` -> ``~AsyncGatherWork`` -> decref, waiting for the GIL). A sleep
+    releases the GIL; the waiting thread takes it at once. A no-op without a process group."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    time.sleep(SETTLE_S)
 
 
 def note_exit(code: int) -> None:

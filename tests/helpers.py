@@ -108,8 +108,18 @@ def finish_session(proc: subprocess.Popen, timeout: float) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        # Every descendant, not only the session: torchrun starts each worker in a session of
+        # its own, and one left alive (a warm fork's client) holds the output pipe, so the
+        # communicate() below waited forever (a rank deadlocked at its end hung a whole CI run).
+        from spotrun.launch.proctree import kill_tree
+
+        kill_tree(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            out = "(output not read: something still holds the pipe)"
         pytest.fail(f"torchrun did not finish within {timeout}s (deadlock?)\n{out[-4000:]}")
     return proc.returncode, out
 

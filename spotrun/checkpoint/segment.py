@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from ..config import StopKnobs, env_str, stop_knobs
-from ..distributed import Group, note_exit, note_started
+from ..distributed import Group, note_exit, note_started, settle_comm_threads
 from ..errors import SaveError, StorageError
 from ..notices import Notice, Watcher
 from ..records.events import Event, NoticeReceived, SegmentEnded, SegmentStarted, TrainingResumed
@@ -334,6 +334,7 @@ class RunSegment:
                                    ended_at=time.time(), steps_done=step,
                                    last_step_at=self.last_step_at))
         group.barrier()
+        settle_comm_threads()
         self.finished = True
         # After the barrier every rank knows done.json exists: tell the wrapper, which may not
         # be able to read the run URL (a script that takes it as an argument).
@@ -356,6 +357,7 @@ class RunSegment:
             return
         self.active = False
         if interrupted:
+            settle_comm_threads()
             note_exit(EXIT_INTERRUPTED)  # for python -m spotrun.distributed, if it is ours
             held = self.interrupts.handlers_installed
             self.interrupts.hold_until_exit()
