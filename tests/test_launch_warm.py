@@ -56,6 +56,19 @@ def _records(run: Path, event: str, source: str | None = "launcher") -> list[dic
             if r["event"] == event and (source is None or r.get("source") == source)]
 
 
+def _started_at(pid: int) -> float:
+    """When ``pid`` started (epoch seconds, to the kernel's 10 ms tick), or now if unreadable:
+    the poll below sees a process up to 50 ms after its start, and the launcher's line can
+    come between (a run was failed by 28 ms so)."""
+    now = time.time()
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return now
+    return min(now, now - (uptime - ticks / os.sysconf("SC_CLK_TCK")))
+
+
 class _Agents:
     """Watches /proc for node agents (``python -m spotrun.launch.node``): when each was first
     seen, with its ``--segment`` and instance id; SIGKILLs (its whole group: it leads its own
@@ -88,7 +101,7 @@ class _Agents:
                     continue
                 segment = argv[argv.index(b"--segment") + 1].decode()
                 iid = next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"SPOTRUN_INSTANCE_ID=")), "")
-                self.seen[int(name)] = (time.time(), segment, iid)
+                self.seen[int(name)] = (_started_at(int(name)), segment, iid)
             for pid, (_t, segment, iid) in list(self.seen.items()):
                 if (segment == self.kill_segment and iid in self.early and not self.killed
                         and segment not in self.said):
