@@ -360,7 +360,7 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
           f"of state per rank, run URL on {where}, {args.repeats} repeat(s), medians; times in s, "
           f"bytes in MiB" + (f"; rendezvous poll {args.rdzv_poll:g} s (SPOTRUN_RDZV_POLL_S)"
                              if getattr(args, "rdzv_poll", None) is not None else ""))
-    if not has_replace:
+    if not has_replace and getattr(args, "replace_missing", True):
         print("replace path not available in this build (spotrun launch has no --recovery): "
               "only today's relaunch is measured")
     head = (f"{'case':5} {'loss':6} {'path':8} {'total':>7} {'capacity':>8} {'boot+wait':>9} {'start+rdzv':>10} "
@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     has_recovery = replace_available(env)
     paths = [p for p in wanted if p == "relaunch" or has_recovery]
     has_replace = "replace" in paths or "warm" in paths
+    # Only a build without --recovery is worth a word; --paths relaunch asked for none.
+    args.replace_missing = not has_recovery
     if "replace" in wanted and not has_recovery:
         print("replace path not available in this build (spotrun launch has no --recovery)", flush=True)
 
