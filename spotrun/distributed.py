@@ -75,6 +75,7 @@ from typing import Any
 
 import torch
 
+from .config import env_float_or_default
 from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 
 __all__ = ["Group", "last_agent_signal", "note_exit", "note_started", "preload", "settle_comm_threads",
@@ -324,15 +325,9 @@ def _exited_pids(folder: str) -> list[int]:
 
 
 def _finished_stuck_s() -> float:
-    raw = os.environ.get(FINISHED_STUCK_ENV, "").strip()
-    if not raw:
-        return FINISHED_STUCK_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
+    value = env_float_or_default(FINISHED_STUCK_ENV, FINISHED_STUCK_S)  # a bad one: named, default
     if value < 0:
-        log.warning("ignoring %s=%r (seconds, e.g. 60; 0: off); using %g", FINISHED_STUCK_ENV, raw,
+        log.warning("ignoring %s=%g (seconds, e.g. 300; 0: off); using %g", FINISHED_STUCK_ENV, value,
                     FINISHED_STUCK_S)
         return FINISHED_STUCK_S
     return value
