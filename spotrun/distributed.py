@@ -217,7 +217,7 @@ def settle_comm_threads() -> None:
     script that then frees DDP's reducer (``main()`` returning) destroys the process group in
     ``~ProcessGroupGloo``, which joins that thread *holding* the GIL: a deadlock (pytorch
     issue 56297), seen in this repository's suite with ranks that imported torch ahead (warm
-    forks and standby workers, whose script reaches that point sooner), with this exact stack
+    forks and standby workers; why they meet it more often is not known), with this exact stack
     (``~AsyncBarrierWork`` -> ``~AsyncGatherWork`` -> decref, waiting for the GIL). A sleep
     releases the GIL; the waiting thread takes it at once. A no-op without a process group."""
     dist = sys.modules.get("torch.distributed")
