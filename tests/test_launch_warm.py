@@ -258,8 +258,13 @@ def test_a_replacement_no_attempt_needs_is_stopped(tmp_path: Path) -> None:
     assert ended[early]["ended_at"] > started[early]["started_at"]
     assert _records(run, "recovery_started") == [] and "sim-2" not in said
     # Its process and its machine's local directory are gone.
-    (pid,) = [p for p, (_t, _s, iid) in agents.seen.items() if iid == early]
-    assert not Path(f"/proc/{pid}").exists()
+    # (More than one pid when the watch caught a child the agent forked, a standby with warm
+    # workers on, before its exec: /proc shows the agent's command line until then.)
+    pids = [p for p, (_t, _s, iid) in agents.seen.items() if iid == early]
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids and not any(Path(f"/proc/{p}").exists() for p in pids)
     assert not (local / early).exists()
     state = load_state(Storage(str(run)))
     assert state.status == "finished" and all(not s.open for s in state.segments)
