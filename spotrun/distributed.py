@@ -290,7 +290,9 @@ class _FinishedWatch:
         seen: dict[int, tuple[int, float]] = {}  # pid -> (CPU ticks, when) since it last worked
         while not self._stop.wait(min(5.0, self._stuck_s / 4)):
             now = time.monotonic()
-            for pid in _exited_pids(self._notes):
+            exited = [pid for pid, code in _exit_notes(self._notes).items()
+                      if code in (EXIT_FINISHED, EXIT_INTERRUPTED)]
+            for pid in exited:
                 ticks = _cpu_ticks(pid, me)
                 if ticks is None:
                     seen.pop(pid, None)
@@ -313,17 +315,6 @@ class _FinishedWatch:
         self._stop.set()
 
 
-def _exited_pids(folder: str) -> list[int]:
-    pids = []
-    with contextlib.suppress(OSError):
-        for name in os.listdir(folder):
-            if name.isdigit():
-                with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as f:
-                    if int(f.read().strip()) in (EXIT_FINISHED, EXIT_INTERRUPTED):
-                        pids.append(int(name))
-    return pids
-
-
 def _finished_stuck_s() -> float:
     value = env_float_or_default(FINISHED_STUCK_ENV, FINISHED_STUCK_S)  # a bad one: named, default
     if value < 0:
@@ -333,15 +324,20 @@ def _finished_stuck_s() -> float:
     return value
 
 
-def _noted_codes(folder: str) -> set[int]:
-    codes: set[int] = set()
+def _exit_notes(folder: str) -> dict[int, int]:
+    """The workers' exit notes (:func:`note_exit`): {pid: code}."""
+    notes: dict[int, int] = {}
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             if name.endswith(STARTED_SUFFIX):
                 continue
             with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, name)) as f:
-                codes.add(int(f.read().strip()))
-    return codes
+                notes[int(name)] = int(f.read().strip())
+    return notes
+
+
+def _noted_codes(folder: str) -> set[int]:
+    return set(_exit_notes(folder).values())
 
 
 def _done_marker() -> bytes | None:

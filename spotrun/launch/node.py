@@ -550,8 +550,8 @@ class _Preload:
     main thread never imports the module while the thread does) and raises what the import
     raised."""
 
-    def __init__(self, command: Sequence[str]) -> None:
-        self._command = list(command)
+    def __init__(self, tail: tuple[str, ...] | None) -> None:
+        self._tail = tail  # what a warm worker's standby runs (spotrun.launch.warm.worker_tail)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="spotrun-preload", daemon=True)
         self._thread.start()
@@ -561,7 +561,7 @@ class _Preload:
             # torchrun's first worker will run in it (SPOTRUN_WARM_WORKERS): a standby imports
             # torch in a process of its own, alongside this import, before the cluster file
             # comes (the attempt's worker count comes with the file; torchrun starts the rest).
-            warm.pool().fill(1, warm.worker_tail(torchrun_command(self._command)))
+            warm.pool().fill(1, self._tail)
         try:
             module = importlib.import_module("spotrun.distributed")
         except BaseException as exc:  # noqa: BLE001 - raised again by torchrun(), in the main thread
@@ -627,9 +627,10 @@ def _main(argv: Sequence[str] | None, beats: list[HeartbeatWriter]) -> int:
         url = os.environ.get("SPOTRUN_URL")
         if not url:
             raise ConfigError("SPOTRUN_URL is not set; the launcher sets it to the run URL")
-        torchrun_command(command)  # a command it cannot run fails before any waiting
+        # A command it cannot run fails before any waiting.
+        tail = warm.worker_tail(torchrun_command(command))
         instance_id = _instance_id()
-        preload = _Preload(command)
+        preload = _Preload(tail)
         storage = open_storage(url)
         if args.rejoin_timeout > 0:
             try:  # a new node of a grown attempt: the controller writes its file once this is there
@@ -666,7 +667,7 @@ def _main(argv: Sequence[str] | None, beats: list[HeartbeatWriter]) -> int:
             # Standby interpreters for this attempt's workers (spotrun.launch.warm): the first
             # came with the agent's start; a no-op where they wait already. A machine that may
             # run the next attempt too starts its next ones after this attempt's first step.
-            standbys, tail = warm.pool(), warm.worker_tail(torchrun_command(command))
+            standbys = warm.pool()
             standbys.fill(spec.nproc_per_node, tail)
             if watch is not None:
                 standbys.keep(spec.nproc_per_node, tail)
