@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,10 +28,13 @@ DDP_STEPS, DDP_EVERY = 120, 10
 WARMFORK = str(REPO / "tests" / "warmfork.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(following: int = 0) -> int:
+    """A port (and ``following`` more after it) for a process the test starts to bind:
+    spotrun's own pick, outside the kernel's ephemeral range, so no client socket of
+    the busy suite takes it meanwhile (spotrun/launch/ports.py)."""
+    from spotrun.launch.ports import free_port as pick
+
+    return pick(following)
 
 
 def env_for(url: str, **extra: str) -> dict[str, str]:

@@ -394,13 +394,13 @@ def test_143_rejoins_only_when_the_agent_itself_was_not_signalled(tmp_path: Path
         folders[mode] = tmp_path / mode
         folders[mode].mkdir()
         urls[mode] = str(tmp_path / f"run-{mode}")
-        write_cluster(Storage(urls[mode]), _spec(f"{mode}-a1", 1, ids=("n",), port=free_port()))
+        write_cluster(Storage(urls[mode]), _spec(f"{mode}-a1", 1, ids=("n",), port=free_port(following=2)))
         procs[mode] = _agent(urls[mode], "n", ["python", str(script), str(folders[mode]), mode],
                              "--rejoin-timeout", "60")
     try:
         _wait("workers ready", lambda: all((f / "ready").exists() for f in folders.values()), procs.values())
         for mode in procs:
-            write_cluster(Storage(urls[mode]), _spec(f"{mode}-a2", 2, ids=("n",), port=free_port()))
+            write_cluster(Storage(urls[mode]), _spec(f"{mode}-a2", 2, ids=("n",), port=free_port(following=2)))
         (folders["alone"] / "go").touch()
         os.killpg(procs["signalled"].pid, signal.SIGTERM)
         results = {mode: finish_session(p, 180) for mode, p in procs.items()}
@@ -442,14 +442,14 @@ def test_a_real_one_node_attempt_grows_to_two_at_a_step_bit_exact(tmp_path: Path
     cmd = ["python", str(REPO / "tests" / "scripts" / "fsdp_train.py"), "--url", url, "--steps", str(steps),
            "--every-steps", "5", "--step-sleep", "0.05", "--dump", str(dump)]
     storage = Storage(url)
-    write_cluster(storage, _spec("a2-m", 2, ids=("node-a",), port=free_port()))
+    write_cluster(storage, _spec("a2-m", 2, ids=("node-a",), port=free_port(following=2)))
     survivor = _agent(url, "node-a", cmd, "--rejoin-timeout", "120", "--grow-poll", "0.1")
     from helpers import committed_steps
 
     _wait("a first checkpoint", lambda: bool(committed_steps(url)), [survivor])
     before = max(committed_steps(url))
     new = _agent(url, "node-c", cmd, "--rejoin-timeout", "120")
-    grown = _spec("a3", 3, ids=("node-a", "node-c"), grow=True, port=free_port())
+    grown = _spec("a3", 3, ids=("node-a", "node-c"), grow=True, port=free_port(following=3))
     write_cluster(storage, grown)
     results = {"node-a": finish_session(survivor, 300), "node-c": finish_session(new, 300)}
     show = "\n".join(f"--- {n} exited {c}:\n{o[-3000:]}" for n, (c, o) in results.items())

@@ -56,7 +56,7 @@ TIMEOUT = 180  # two nodes, four torch imports on a loaded 2-core box; a deadloc
 
 def _write_cluster(url: str, segment: str) -> ClusterSpec:
     spec = ClusterSpec(segment=segment, nproc_per_node=1, rdzv_id=f"test-{segment}",
-                       port=free_port(),
+                       port=free_port(following=len(NODES)),
                        nodes=[{"instance_id": n, "address": "127.0.0.1"} for n in NODES])
     write_cluster(Storage(url), spec)
     return spec
@@ -115,7 +115,7 @@ def test_sigterm_to_a_nodes_process_group_reaches_each_worker_once(tmp_path):
     url, folder = str(tmp_path / "run"), tmp_path / "signals"
     folder.mkdir()
     write_cluster(Storage(url), ClusterSpec(
-        segment="s1", nproc_per_node=2, rdzv_id="signals-s1", port=free_port(),
+        segment="s1", nproc_per_node=2, rdzv_id="signals-s1", port=free_port(following=2),
         nodes=[{"instance_id": "node-a", "address": "127.0.0.1"}]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "spotrun.launch.node", "--", "python",

@@ -28,7 +28,7 @@ from spotrun.format.checksum import entry_for
 from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
 from spotrun.format.snapshot import payload_name, write_payload
-from spotrun.launch.local_nodes import free_port as free_port_block
+from spotrun.launch.ports import free_port as free_port_block
 from spotrun.launch.node import ClusterSpec
 from spotrun.records.layout import checkpoint_dir
 from spotrun.recovery import peer as peer_mod
@@ -401,7 +401,7 @@ def test_a_send_to_a_node_that_serves_nothing_is_an_error_the_pusher_logs(tmp_pa
 def test_the_simulator_picks_a_rendezvous_port_whose_peer_ports_are_free_too() -> None:
     # Each simulated node serves peer copies at port + 1 + index: a port picked alone collided
     # with another socket there now and then, and that node served no copies.
-    from spotrun.launch.local_nodes import free_port as block
+    from spotrun.launch.ports import free_port as block
 
     for _ in range(5):
         port = block(following=3)

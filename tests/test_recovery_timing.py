@@ -93,7 +93,7 @@ def test_the_exit_note_is_written_before_the_peer_server_lingers(
 
     import spotrun
     from spotrun.launch import node
-    from spotrun.launch.local_nodes import free_port
+    from spotrun.launch.ports import free_port
     from spotrun.recovery import peer
 
     order: list[str] = []

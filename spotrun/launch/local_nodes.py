@@ -19,7 +19,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,12 +31,13 @@ from ..records.events import Cloud, EndReason, Market
 from ..records.instance import InstanceInfo
 from ..records.launch_state import Segment
 from .base import LaunchEventKind
+from .ports import free_port
 from .proctree import kill_tree
 
 if TYPE_CHECKING:
     from .local import LocalLauncher
 
-__all__ = ["LocalNodes", "free_port", "killpg", "local_dir_base"]
+__all__ = ["LocalNodes", "killpg", "local_dir_base"]
 
 REGION = "us-east-1"
 ZONE = "us-east-1a"
@@ -244,29 +244,6 @@ def local_dir_base(env: dict[str, str]) -> str | None:
 def killpg(proc: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-
-
-def free_port(following: int = 0) -> int:
-    """A TCP port free on 127.0.0.1 now, for an attempt's rendezvous store, with the
-    ``following`` ports after it free too: each simulated node serves its peer copies at
-    ``port + 1 + index`` (node.ClusterSpec.peer_address). A port picked alone collided with
-    another process's socket there now and then ("Address already in use"): that node then
-    served no copies and its peers' restores read the run URL."""
-    for _ in range(100):
-        with contextlib.ExitStack() as held:
-            first = held.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            if port + following > 65535:
-                continue
-            try:
-                for p in range(port + 1, port + 1 + following):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return port
-    raise LaunchError(f"no block of {following + 1} free TCP ports on 127.0.0.1 after 100 tries; "
-                      "free some ports, or run fewer --nodes")
 
 
 @dataclass(eq=False)
