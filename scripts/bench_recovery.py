@@ -142,7 +142,7 @@ def launch(args: argparse.Namespace, env: dict[str, str], *, case: str, path: st
     env = dict(env)
     replacing = path in ("replace", "warm")
     env["SPOTRUN_LOCAL_DIR"] = local_base if (replacing and local_base) else "off"
-    # Warm workers (standby interpreters with torch imported, opt-in) pay off where
+    # Warm workers (standby interpreters with torch imported; on by default) pay off where
     # an agent survives its attempt: the "warm" path is the replace path with them on; the
     # other two keep them off (relaunch: today's path as issue 22 measured it).
     env["SPOTRUN_WARM_WORKERS"] = "1" if path == "warm" else "0"

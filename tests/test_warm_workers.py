@@ -329,13 +329,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_off_by_default_and_spelled_as_documented():
+def test_on_by_default_and_spelled_as_documented():
     from spotrun.launch import warm
 
-    assert not warm.enabled({})
+    assert warm.enabled({}) and warm.enabled({"SPOTRUN_WARM_WORKERS": ""})
     for on in ("1", "true", "Yes", " on "):
         assert warm.enabled({"SPOTRUN_WARM_WORKERS": on})
-    assert not warm.enabled({"SPOTRUN_WARM_WORKERS": "0"})
+    for off in ("0", "false", "No", " off "):
+        assert not warm.enabled({"SPOTRUN_WARM_WORKERS": off})
 
 
 def test_torchrun_run_by_hand_starts_no_standby(tmp_path):

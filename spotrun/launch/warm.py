@@ -2,8 +2,8 @@
 
 Every attempt torchrun starts ``python -u script args`` per worker, and each new interpreter
 imports torch, FSDP2 and spotrun again (2.9 s of CPU per worker on the 2-core test machine;
-three at once were most of a survivor's restart). With warm workers (opt-in,
-``SPOTRUN_WARM_WORKERS=1``) a node agent keeps one **standby** per worker of its next
+three at once were most of a survivor's restart). With warm workers (on by default;
+``SPOTRUN_WARM_WORKERS=0`` turns them off) a node agent keeps one **standby** per worker of its next
 attempt: an interpreter started ahead as ``python -u -c BOOT script args`` (so ``ps`` and
 ``pgrep -f script`` see the script), which imports :data:`PRELOAD` and then waits on a
 socket. When torchrun starts a worker, the hook :func:`install` puts on torchrun's subprocess
@@ -100,10 +100,10 @@ log = logging.getLogger(__name__)
 
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``SPOTRUN_WARM_WORKERS`` asks for warm workers (1/true/yes/on; off by default:
-    docs/launch.md, "Why this design", says why)."""
+    """Whether node agents keep warm workers: on unless ``SPOTRUN_WARM_WORKERS`` says
+    0/false/no/off (docs/launch.md, "Why this design", says why on and how it was proven)."""
     value = (os.environ if environ is None else environ).get(WARM_ENV, "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    return value.strip().lower() not in {"0", "false", "no", "off"}
 
 
 def worker_tail(torchrun_args: Sequence[str]) -> tuple[str, ...] | None:
