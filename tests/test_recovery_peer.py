@@ -28,8 +28,8 @@ from spotrun.format.checksum import entry_for
 from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
 from spotrun.format.snapshot import payload_name, write_payload
-from spotrun.launch.ports import free_port as free_port_block
 from spotrun.launch.node import ClusterSpec
+from spotrun.launch.ports import free_port as free_port_block
 from spotrun.records.layout import checkpoint_dir
 from spotrun.recovery import peer as peer_mod
 from spotrun.recovery.local import LocalCopy
