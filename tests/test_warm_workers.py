@@ -24,7 +24,7 @@ PY = sys.executable
 
 # Line 1 must come before any import: it says whether torch was in the process already.
 PROBE = '''\
-import sys; PRELOADED = "torch" in sys.modules; EXTRA = {"torch.distributed.fsdp", "colorsys"} & set(sys.modules)
+import sys; PRELOADED = "torch" in sys.modules; EXTRA = {"torch.distributed.fsdp", "colorsys", "torch._dynamo", "torch.distributed.checkpoint", "fsspec.implementations.local"} & set(sys.modules)
 import atexit, json, os, threading
 out, mode = sys.argv[1], sys.argv[2]
 rank = os.environ.get("RANK", "x")
@@ -147,7 +147,8 @@ def _agent(tmp_path: Path, name: str, warm_on: bool, modes: str = MODES,
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK")}
     env.update(SPOTRUN_EARLY_GONE="early", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-               SPOTRUN_WARM_PRELOAD="colorsys, numpy.random, no_such_module_x")  # a missing one is skipped
+               SPOTRUN_WARM_PRELOAD="colorsys, numpy.random, no_such_module_x",  # a missing one is skipped
+               SPOTRUN_URL=str(tmp_path / "url"))  # a run URL on local disk: its storage code is preloaded
     env["SPOTRUN_WARM_WORKERS"] = "1" if warm_on else "0"
     proc = subprocess.Popen([PY, str(tmp_path / "driver.py"), str(out), "sub/probe.py", modes],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -195,8 +196,12 @@ def test_a_warm_worker_is_a_standby_with_torch_imported_and_a_cold_one_is_not(ru
     # Fails with the feature off: torch is then not loaded before the script's first line.
     for rank in (0, 1):
         warm, cold = _probe(runs["warm_out"], rank), _probe(runs["cold_out"], rank)
-        assert warm["preloaded"] and warm["extra"] == ["colorsys", "torch.distributed.fsdp"], warm
-        assert not cold["preloaded"], cold
+        # What FSDP2's fully_shard and the checkpointer's first restore import (dynamo, DCP)
+        # and the run URL's storage code (a local disk's fsspec filesystem) come imported too.
+        assert warm["preloaded"] and warm["extra"] == [
+            "colorsys", "fsspec.implementations.local", "torch._dynamo", "torch.distributed.checkpoint",
+            "torch.distributed.fsdp"], warm
+        assert not cold["preloaded"] and not cold["extra"], cold
         # both are children of the agent (torchrun's), each in a session of its own
         assert "driver.py" in warm["parent"] and "driver.py" in cold["parent"]
         assert warm["own_session"] and cold["own_session"]
