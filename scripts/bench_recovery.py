@@ -347,6 +347,10 @@ def summarise(runs: list[dict], cases: list[str], paths: list[str]) -> dict[tupl
                        ("total", *PARTS, "start_to_step", "gone_to_step", "bytes_local", "bytes_peer",
                         "bytes_url")}
                 row["n"] = len(recs)
+                # "0 bytes from the run URL" is a promise per recovery, not per median: the
+                # largest any recovery read (a median of 0 hid 3 of 10 repeats reading 64 MiB).
+                url_reads = [r["bytes_url"] for r in recs if r.get("bytes_url") is not None]
+                row["bytes_url_max"] = max(url_reads) if url_reads else None
                 row["instances_started"] = [r.get("instances_started") for r in recs]
                 row["kept"] = [len(r["kept"]) if r.get("kept") is not None else None for r in recs]
                 row["recorded"] = all(r["recorded"] for r in recs)
@@ -414,9 +418,12 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
             target(f"{case} {kind}: starts exactly 1 machine, keeps {NODES - 1}",
                    f"started {starts or '-'}, kept {kept or '-'}",
                    (all(x == 1 for x in starts) and all(x == NODES - 1 for x in kept)) if starts and kept else None)
-            url = new["bytes_url"]
-            target(f"{case} {kind}: 0 checkpoint bytes from the run URL (survivors and replacement)",
-                   f"{_mib(url)} MiB", None if url is None else url == 0)
+            for label, row in (("", new), (", with warm workers", table.get((case, kind, "warm")))):
+                url = None if row is None else row["bytes_url_max"]
+                if row is not None:
+                    target(f"{case} {kind}: 0 checkpoint bytes from the run URL in every recovery "
+                           f"(survivors and replacement){label}",
+                           f"{_mib(url)} MiB at most ({row['n']} recoveries)", None if url is None else url == 0)
             if old is not None:
                 tot_new = _sum_bytes(new)
                 tot_old = _sum_bytes(old)
@@ -446,6 +453,11 @@ def print_report(args: argparse.Namespace, runs: list[dict], table: dict, exact:
                 target(f"{case} {kind}: loss -> first step <= 0.5x relaunch, with warm workers",
                        "-" if r is None else f"{r:.2f}x ({_s(new['total'])} / {_s(old['total'])} s)",
                        None if r is None else r <= 0.5)
+                if kind == "notice":
+                    r = _ratio(new["gone_to_step"], old["gone_to_step"])
+                    target(f"{case} {kind}: lost machine gone -> first step <= 0.5x relaunch, with warm workers",
+                           "-" if r is None else f"{r:.2f}x ({_s(new['gone_to_step'])} / "
+                           f"{_s(old['gone_to_step'])} s)", None if r is None else r <= 0.5)
     for case in cases:
         ref = exact.get(case)
         got = [(r["path"], r["digest"]) for r in runs if r["case"] == case]
