@@ -22,9 +22,11 @@ from helpers import shared_run
 
 PY = sys.executable
 
-# Line 1 must come before any import: it says whether torch was in the process already.
+# Lines 1-3 must come before any import: they say what was in the process already.
 PROBE = '''\
-import sys; PRELOADED = "torch" in sys.modules; EXTRA = {"torch.distributed.fsdp", "colorsys", "torch._dynamo", "torch.distributed.checkpoint", "fsspec.implementations.local"} & set(sys.modules)
+import sys; PRELOADED = "torch" in sys.modules
+EXTRA = {"torch.distributed.fsdp", "colorsys", "torch._dynamo", "torch.distributed.checkpoint",
+         "fsspec.implementations.local"} & set(sys.modules)
 import atexit, json, os, threading
 out, mode = sys.argv[1], sys.argv[2]
 rank = os.environ.get("RANK", "x")
