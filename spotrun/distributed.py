@@ -76,6 +76,7 @@ from typing import Any
 import torch
 
 from .config import env_float_or_default
+from .procfs import stat_fields
 from .records.layout import DONE_MARKER, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOP_UNSAVED
 
 __all__ = ["Group", "last_agent_signal", "note_exit", "note_started", "preload", "settle_comm_threads",
@@ -264,12 +265,8 @@ def _noted_started(folder: str) -> bool:
 def _cpu_ticks(pid: int, parent: int) -> int | None:
     """User + system CPU ticks of ``pid`` (all its threads); None when it is gone or is not a
     child of ``parent`` (a pid reused by someone else's process)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if len(fields) < 13 or fields[0] == "Z" or int(fields[1]) != parent:
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 13 or fields[0] == "Z" or int(fields[1]) != parent:
         return None
     return int(fields[11]) + int(fields[12])
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 
+from ..procfs import stat_fields
 from ..records.lease import pid_started
 
 __all__ = ["descendants", "kill_tree", "sessions_started_after", "worker_sessions"]
@@ -27,14 +28,8 @@ def _parents() -> dict[int, int]:
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read().decode(errors="replace")
-            except OSError:
-                continue  # it ended while we looked
-            # The command name may contain spaces and parentheses: split after the last ')'.
-            fields = stat.rsplit(")", 1)[-1].split()
-            if len(fields) > 1:
+            fields = stat_fields(entry)  # None: it ended while we looked
+            if fields is not None and len(fields) > 1:
                 out[int(entry)] = int(fields[1])
         return out
     try:  # macOS and other systems without /proc

@@ -44,6 +44,7 @@ from ..errors import (
     LeaseLostError,
     SpotrunError,
 )
+from ..procfs import stat_fields
 from ..storage import Storage
 from .layout import LAUNCH_DIR, LEASE, LEDGER_DIR, parse_step
 
@@ -89,10 +90,10 @@ def _boot_id() -> str:
 
 def pid_started(pid: int) -> int | None:
     """The start time (clock ticks since boot) of ``pid``; tells a reused pid apart."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+        return None if fields is None else int(fields[19])
+    except (ValueError, IndexError):
         return None
 
 
@@ -105,13 +106,14 @@ def pid_gone(pid: int, started: int | None) -> bool:
         return True
     except PermissionError:
         pass
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        if fields is None:
+            return False
         if fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent
             return True
         return started is not None and int(fields[19]) != started  # the pid was reused
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return False
 
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..config import env_float_or_default
 from ..errors import ConfigError, StorageError
+from ..procfs import stat_fields
 from ..storage import Storage
 from .events import (
     CheckpointCommitted,
@@ -226,10 +227,10 @@ def _writer_gone(path: str) -> bool:
         return True
     except PermissionError:
         return False
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not reaped
-    except (OSError, IndexError):
+        return fields is not None and fields[0] in ("Z", "X")  # exited, not reaped
+    except IndexError:
         return False
 
 
