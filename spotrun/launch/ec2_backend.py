@@ -4,12 +4,12 @@ the run URL alone (with or without a live controller)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+from ..procfs import pid_gone
 from ..records.launch_state import STOP_FILE, LaunchState, RunStatus, Segment, load_state
 from ..storage import Storage
 from .book import close_books
@@ -65,12 +65,7 @@ class Ec2Backend:
         apis = [Ec2Api.for_region(r) for r in self._regions(state)]
         alive_controller = state.controller_alive()
         if alive_controller and state.controller_host == socket.gethostname() and state.controller_pid:
-            try:
-                os.kill(state.controller_pid, 0)
-            except ProcessLookupError:
-                alive_controller = False
-            except PermissionError:
-                pass
+            alive_controller = not pid_gone(state.controller_pid)
         storage.write_bytes(STOP_FILE, json.dumps({"requested_at": time.time()}).encode())
         for api in apis:
             ids = [s.instance_id for s in api.find_run_instances(state.run_id)

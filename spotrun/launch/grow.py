@@ -51,8 +51,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
+from ..procfs import pid_gone
 from ..records.layout import NODES_DIR
-from ..records.lease import pid_gone
 from ..storage import Storage
 from . import warm
 from .proctree import kill_tree, sessions_started_after

@@ -101,6 +101,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
 from ..errors import ConfigError
+from ..procfs import pid_gone
 from ..records.events import EndReason
 from ..records.launch_state import STOP_FILE, LaunchState, RunStatus, Segment, load_state, new_run_id
 from ..records.ledger import Ledger
@@ -219,16 +220,6 @@ def default_run_url(command: list[str], name: str | None = None) -> str:
     return os.path.join("runs", name)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class LocalLauncher:
     """Runs the command until the run is done, interrupting it like spot would.
 
@@ -307,7 +298,7 @@ class LocalLauncher:
             )
         if (state.status == RunStatus.RUNNING and state.controller_host == socket.gethostname()
                 and state.controller_pid and state.controller_pid != os.getpid()
-                and _pid_alive(state.controller_pid) and state.controller_alive()):
+                and not pid_gone(state.controller_pid) and state.controller_alive()):
             raise ConfigError(
                 f"another spotrun launch (pid {state.controller_pid}) is running {self.storage.display()}; "
                 "stop it first (spotrun stop URL) or pick another --run-url"

@@ -15,8 +15,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 
-from ..procfs import stat_fields
-from ..records.lease import pid_started
+from ..procfs import pid_started, stat_fields
 
 __all__ = ["descendants", "kill_tree", "sessions_started_after", "worker_sessions"]
 

@@ -44,7 +44,7 @@ from ..errors import (
     LeaseLostError,
     SpotrunError,
 )
-from ..procfs import stat_fields
+from ..procfs import pid_gone, pid_started
 from ..storage import Storage
 from .layout import LAUNCH_DIR, LEASE, LEDGER_DIR, parse_step
 
@@ -86,35 +86,6 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def pid_started(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of ``pid``; tells a reused pid apart."""
-    fields = stat_fields(pid)
-    try:
-        return None if fields is None else int(fields[19])
-    except (ValueError, IndexError):
-        return None
-
-
-def pid_gone(pid: int, started: int | None) -> bool:
-    """Whether ``pid`` (started at ``started`` clock ticks, or None: unknown) has exited: no
-    such process, a zombie not yet reaped, or its pid reused by a later process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    fields = stat_fields(pid)
-    try:
-        if fields is None:
-            return False
-        if fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent
-            return True
-        return started is not None and int(fields[19]) != started  # the pid was reused
-    except (ValueError, IndexError):
-        return False
 
 
 @dataclass

@@ -45,7 +45,7 @@ from typing import Any
 
 from ..config import env_float_or_default
 from ..errors import ConfigError, StorageError
-from ..procfs import stat_fields
+from ..procfs import pid_gone
 from ..storage import Storage
 from .events import (
     CheckpointCommitted,
@@ -221,17 +221,7 @@ def _writer_gone(path: str) -> bool:
         return False  # empty or torn (a full disk): only the age rule may remove it
     if host != socket.gethostname() or type(pid) is not int or pid <= 0 or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    fields = stat_fields(pid)
-    try:
-        return fields is not None and fields[0] in ("Z", "X")  # exited, not reaped
-    except IndexError:
-        return False
+    return pid_gone(pid)
 
 
 def clean_dead_writers_temporaries(storage: Storage) -> int:
