@@ -436,3 +436,35 @@ def test_a_dead_attempts_stop_kills_its_warm_workers_and_spares_the_idle_standby
     while _alive(idle) and time.monotonic() < end:
         time.sleep(0.1)
     assert not _alive(idle)  # closing the pool ends its idle standbys
+
+
+def test_retiring_a_standby_never_holds_the_pool(tmp_path, monkeypatch):
+    # A retire waits (up to 10 s) for its process to be reaped; under the pool's lock that
+    # wait would stall the agent's main thread taking a standby for its next attempt.
+    import threading
+
+    from spotrun.launch import warm
+
+    slow_retire = warm._Standby.retire
+
+    def retire(self):
+        time.sleep(2.0)
+        slow_retire(self)
+
+    monkeypatch.setattr(warm._Standby, "retire", retire)
+    old, new = tmp_path / "old.py", tmp_path / "new.py"
+    for script in (old, new):
+        script.write_text("pass\n")
+    pool = warm.Pool()
+    try:
+        pool.fill(1, (str(old),))
+        filling = threading.Thread(target=pool.fill, args=(1, (str(new),)))
+        filling.start()  # ends the standby for old.py (2 s), starts one for new.py
+        time.sleep(0.3)
+        t = time.monotonic()
+        pool.idle_pids()
+        assert time.monotonic() - t < 1.0  # not behind the retire
+        filling.join(timeout=30)
+        assert [s.tail for s in pool._idle] == [(str(new),)]
+    finally:
+        pool.close()

@@ -226,9 +226,7 @@ class Pool:
                 return 0
             keep = [s for s in self._idle
                     if s.alive() and s.tail == tail and _difference(s.env, env, frozenset()) is None]
-            for s in self._idle:
-                if s not in keep:
-                    s.retire()
+            unfit = [s for s in self._idle if s not in keep]
             self._idle = keep
             try:
                 while len(self._idle) < count:
@@ -236,6 +234,7 @@ class Pool:
                     started += 1
             except Exception as exc:  # noqa: BLE001 - e.g. out of processes: workers start cold
                 log.warning("could not start a warm-worker standby (%s); workers start as usual", exc)
+        _retire_all(unfit)  # outside the lock: each waits for its process to be reaped
         if started:
             log.info("warm workers: %d standby interpreter(s) importing torch for %s", started, tail[0])
         return started
@@ -276,33 +275,37 @@ class Pool:
         """A standby made into the worker ``python -u *tail`` with ``env`` in ``cwd``, or None
         (none fits: the caller starts the worker as usual)."""
         with self._lock:
-            for s in [s for s in self._idle if not s.alive()]:
+            ended = [s for s in self._idle if not s.alive()]
+            for s in ended:
                 log.warning("warm workers: a standby ended before it was used (exit %s)", s.proc.poll())
                 self._idle.remove(s)
-                s.retire()
+            chosen: _Standby | None = None
             why = None
             for s in self._idle:
                 if s.tail != tail:
                     continue
                 why = _difference(s.env, env, own)
                 if why is None:
-                    self._idle.remove(s)
+                    chosen = s
                     break
-            else:
-                if why is not None:
-                    log.warning("warm workers: %s differs from when the standby started; "
-                                "starting this worker as usual", why)
-                return None
+            if chosen is not None:
+                self._idle.remove(chosen)
+        _retire_all(ended)  # outside the lock (they ended: reaped at once)
+        if chosen is None:
+            if why is not None:
+                log.warning("warm workers: %s differs from when the standby started; "
+                            "starting this worker as usual", why)
+            return None
         self._refill_after_start()
-        if s.wait_ready(READY_WAIT_S) and s.hand(env, cwd):
+        if chosen.wait_ready(READY_WAIT_S) and chosen.hand(env, cwd):
             log.info("warm workers: rank %s runs in standby %d (torch imported ahead)",
-                     env.get("RANK", "?"), s.proc.pid)
+                     env.get("RANK", "?"), chosen.proc.pid)
             with self._lock:
-                self._handed = [p for p in self._handed if p.poll() is None] + [s.proc]
-            return s.proc
+                self._handed = [p for p in self._handed if p.poll() is None] + [chosen.proc]
+            return chosen.proc
         log.warning("warm workers: a standby did not get ready (exit %s); starting this worker as usual",
-                    s.proc.poll())
-        s.retire()
+                    chosen.proc.poll())
+        chosen.retire()
         return None
 
     def idle_pids(self) -> set[int]:
@@ -322,8 +325,14 @@ class Pool:
         with self._lock:
             self._closed = True  # a pending refill sees it and starts nothing
             idle, self._idle = self._idle, []
-        for s in idle:
-            s.retire()
+        _retire_all(idle)
+
+
+def _retire_all(standbys: list[_Standby]) -> None:
+    """End standbys, never under the pool's lock: a retire waits (up to 10 s) for its
+    process, and the agent's main thread must not wait behind it to take a standby."""
+    for s in standbys:
+        s.retire()
 
 
 _POOL: Pool | None = None
