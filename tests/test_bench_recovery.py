@@ -94,11 +94,23 @@ def test_quick_run_replaces_the_lost_node_and_reads_nothing_from_the_run_url(tmp
     row = re.search(r"^fsdp +notice +replace +([0-9.]+) ", res.stdout, re.M)
     assert row and float(row.group(1)) > 0, res.stdout
     assert "Targets (issue 22)" in res.stdout
-    assert re.search(r"^ +yes +fsdp notice: starts exactly 1 machine, keeps 2", res.stdout, re.M), res.stdout
-    assert re.search(r"^ +yes +fsdp notice: 0 checkpoint bytes from the run URL", res.stdout, re.M), res.stdout
+    assert re.search(r"^ +yes +fsdp notice \(replace\): starts exactly 1 machine, keeps 2", res.stdout, re.M), \
+        res.stdout
+    assert re.search(r"^ +yes +fsdp notice \(replace\): 0 checkpoint bytes from the run URL", res.stdout, re.M), \
+        res.stdout
     result = json.loads(out.read_text())
     assert [(r["case"], r["kind"], r["path"], r["n"]) for r in result["table"]] == [("fsdp", "notice", "replace", 1)]
     (run,) = result["runs"]
     assert run["rc"] == 0 and len(run["digest"]) == 64
     # Run folders and logs are gone; the work directory is left empty.
     assert list((tmp_path / "work").iterdir()) == []
+    # --report prints the same table and targets from the saved figures, running nothing.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_recovery.py"), "--report", str(out)],
+        cwd=tmp_path, env=child_env, capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    targets = [line for line in res.stdout.splitlines() if re.match(r" +(yes|NO|-) +fsdp", line)]
+    assert targets and targets == [line for line in again.stdout.splitlines()
+                                   if re.match(r" +(yes|NO|-) +fsdp", line)]
+    assert row.group(0) in again.stdout
