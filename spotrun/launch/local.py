@@ -34,7 +34,8 @@ knows from the instance's state, and the survivors' agents stop what is left of 
 when the next one's cluster file comes, instead of each waiting for its next collective to
 fail (a long step away for FSDP2: 7-10 s measured on the loaded test machine). Otherwise,
 once one node has exited the others get ``peer_exit_s`` (30 s) to follow, then SIGTERM, then
-SIGKILL of their trees. Every node is its
+SIGKILL of their trees ``kill_after_s`` later; after a node loss 5 s, then SIGTERM, then
+SIGKILL 2 s later (no checkpoint can commit without the lost node). Every node is its
 own ledger segment with ``group`` = the attempt and ``node`` = its index, so the cost report
 prices N nodes.
 
@@ -119,6 +120,11 @@ __all__ = ["ECHO_STDOUT", "LOCAL_BACKEND", "LocalBackend", "LocalLauncher", "Loc
 #: ``--loss-mode``: how ``--node-losses`` plays a node vanishing (see "Silent loss" in the
 #: module docstring).
 LOSS_MODES = ("kill", "silent")
+#: After a node loss in an attempt that is relaunched whole, the survivors get this long (at
+#: most ``peer_exit_s``) to leave on their own, then SIGTERM, then SIGKILL this much later:
+#: nothing of theirs can commit without the lost node (see ``_segment``).
+LOST_PEER_EXIT_S = 5.0
+LOST_PEER_KILL_S = 2.0
 
 #: ``LocalLauncher(echo=...)`` default: this process's stdout, looked up when a segment starts.
 ECHO_STDOUT = "stdout"
@@ -574,15 +580,24 @@ class LocalLauncher:
                         # The whole tree: a process in a session of its own (torchrun's
                         # workers, a detached helper) would outlive a group kill.
                         kill_tree(victim.proc.pid)  # type: ignore[union-attr]
+                # After a lost node the survivors' attempt is dead: every checkpoint, a stop's
+                # too, needs all ranks, so a SIGTERM has nothing left to commit, and the waits
+                # that give a stop checkpoint its time (ours, then torchrun's shutdown timeout,
+                # the stop timeout + 15 s) only held a survivor whose worker sat in a
+                # collective that never failed: 30 + 105 s measured (bench_recovery, FSDP2).
+                # EC2 terminates those machines at once; here they get a short bound.
+                peer_exit_s, peers_kill_after = ((min(o.peer_exit_s, LOST_PEER_EXIT_S), LOST_PEER_KILL_S)
+                                                 if lost is not None else (o.peer_exit_s, kill_after))
                 if (multi and first_exit is not None and peers_term_at is None
-                        and now >= first_exit.exited_at + o.peer_exit_s):  # type: ignore[operator]
+                        and now >= first_exit.exited_at + peer_exit_s):  # type: ignore[operator]
                     peers_term_at = now
                     self._say(f"{', '.join(n.seg.segment_id for n in alive)} still running "
-                              f"{o.peer_exit_s:g}s after {first_exit.seg.segment_id} exited: SIGTERM",
+                              f"{peer_exit_s:g}s after {first_exit.seg.segment_id} exited: SIGTERM",
                               LaunchEventKind.WARNING, group)
                     for node in alive:
                         killpg(node.proc, signal.SIGTERM)  # type: ignore[arg-type]
-                if peers_term_at is not None and peers_kill_at is None and now >= peers_term_at + kill_after:
+                if (peers_term_at is not None and peers_kill_at is None
+                        and now >= peers_term_at + peers_kill_after):
                     peers_kill_at = now
                     self._say(f"{', '.join(n.seg.segment_id for n in alive)}: SIGKILL",
                               LaunchEventKind.WARNING, group)

@@ -16,6 +16,10 @@ Per-rank notices: when ``SPOTRUN_TEST_IMDS_RANK<LOCAL_RANK>`` is set, this rank 
 (fake) EC2 metadata endpoint and no other rank does, so a test can post a notice that only
 one rank sees. Without it the environment decides, as in any run.
 
+``--hang-at-step N``: in the launcher's first attempt only (rendezvous id ``...-sim-1``),
+once step N's checkpoint committed, every rank ignores SIGTERM and SIGINT and sleeps: a
+worker that sits in a collective that never fails (no Python handler runs there).
+
 Each rank writes its pid to ``<pid-dir>/rank<RANK>.pid`` before training (so a test can
 signal one rank only), prints ``rank R step S`` lines, and on its way out prints
 ``rank R exit CODE at step S``.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -62,7 +67,10 @@ def main() -> int:
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pid-dir", default=None)
+    p.add_argument("--hang-at-step", type=int, default=None)
     args = p.parse_args()
+    hang_at = (args.hang_at_step if os.environ.get("TORCHELASTIC_RUN_ID", "").endswith("-sim-1")
+               else None)
 
     local_rank = os.environ.get("LOCAL_RANK", "0")
     endpoint = os.environ.get(f"SPOTRUN_TEST_IMDS_RANK{local_rank}")
@@ -108,6 +116,13 @@ def main() -> int:
         with ckpt:
             batches = loader.forever()
             for step in ckpt.range(args.steps):
+                if step == hang_at:
+                    ckpt.wait()  # step N's checkpoint committed: the relaunch resumes there
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    say(f"rank {rank} hangs at step {step}")
+                    while True:
+                        time.sleep(1)
                 x, y = next(batches)
                 ddp.train()
                 loss = nn.functional.cross_entropy(ddp(x), y)
