@@ -57,6 +57,12 @@ def _digest(out: str) -> str:
     return found[0]
 
 
+def _restore_steps(out: str) -> dict[int, int]:
+    """rank -> the optimizer steps its restore ran (the script counts them)."""
+    return {int(r): int(n) for r, n in
+            re.findall(r"^rank (\d) restore ran (\d+) optimizer steps$", out, re.MULTILINE)}
+
+
 def _per_epoch(out: str) -> dict[int, Counter]:
     epochs: dict[int, Counter] = {}
     for _, _, e, idx in re.findall(r"^rank (\d) step (\d+) epoch (\d+) idx ([\d,]+)$", out,
@@ -105,6 +111,9 @@ def test_resume_on_another_world_size(tmp_path, warm_ranks, before, after):
     code, out = _finish(_launch(url, after, "--dump", str(dump), warm=warm_ranks))
     assert code == EXIT_FINISHED, out[-4000:]
     assert f"resumed from step {stop}" in out
+    # The fresh AdamW's state came from the checkpoint's index (spotrun.format.optim_init),
+    # not from torch's zero-gradient optimizer step, on every rank of the new world size.
+    assert _restore_steps(out) == dict.fromkeys(range(after), 0), out[-4000:]
     saved = torch.load(dump / f"stopped-{stop}.pt", weights_only=True)
     loaded = torch.load(dump / f"restored-{stop}.pt", weights_only=True)
     flat_saved, flat_loaded = _flatten(saved), _flatten(loaded)

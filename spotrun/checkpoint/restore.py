@@ -391,13 +391,24 @@ class Restorer:
                 "parallel) but this run's model is not sharded; shard it the same way (or "
                 "pass sharded=True)"
             )
-        from ..format.sharded import read_sharded, set_state
+        from ..format.optim_init import init_optimizer_state
+        from ..format.sharded import read_metadata, read_sharded, set_state
 
         assert self.sharded_state is not None
-        state = self.sharded_state()  # this world size's own (empty) shards, filled in place
-        self.state_loaded_from = manifest.step
         self.progress.phase(f"reading step {manifest.step}: sharded model and optimizer")
-        read_sharded(self._reader, manifest, state, weights_only=self.weights_only, agree=agreed)
+        # DCP's index, read once for both uses below. Read here only where this rank's
+        # failure may wait for the agreement after the checkpoint's phases (as the read's
+        # does); where ranks agree at once (FSDP1), read_sharded reads it itself.
+        metadata = None if agreed else read_metadata(self._reader, manifest)
+        # From here the live objects change: the optimizer's state is made, then loaded.
+        self.state_loaded_from = manifest.step
+        if metadata is not None:
+            # A fresh optimizer's state sized from the index, so that building the state
+            # below runs no zero-gradient optimizer step (its time and memory: optim_init).
+            init_optimizer_state(self.model, list(self.optimizers), metadata)
+        state = self.sharded_state()  # this world size's own (empty) shards, filled in place
+        read_sharded(self._reader, manifest, state, weights_only=self.weights_only, agree=agreed,
+                     metadata=metadata)
         self.progress.add(sum(e.size for n, e in manifest.files.items() if not n.endswith(".pt")))
         set_state(unwrap(self.model), list(self.optimizers), state)
 

@@ -36,9 +36,14 @@ Asynchronous save (at most one in flight per :class:`ShardedSaver`)::
 
 Restore on any number of ranks (DCP reshards)::
 
+    metadata = read_metadata(storage, manifest)          # DCP's index, verified
+    init_optimizer_state(model, optimizer, metadata)     # optional (spotrun.format.optim_init)
     state = get_state(model, optimizer)      # the NEW topology's (empty) sharded state
-    read_sharded(storage, manifest, state)   # collective; loads in place, verifies checksums
+    read_sharded(storage, manifest, state, metadata=metadata)  # loads in place, verifies
     set_state(model, optimizer, state)
+
+``init_optimizer_state`` gives a fresh optimizer its state, sized from the index, so that
+``get_state`` does not make it with a full optimizer step over zero gradients (see there).
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ __all__ = [
     "loads_without_collectives",
     "local_nbytes",
     "read_full",
+    "read_metadata",
     "read_sharded",
     "set_state",
     "write_sharded",
@@ -447,14 +453,16 @@ class SpotrunStorageReader(StorageReader):
        into the planner's tensors (DCP narrows saved shards to this rank's new shards)
     """
 
-    def __init__(self, storage: Storage, manifest: Manifest, *, weights_only: bool = True) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest, *, weights_only: bool = True,
+                 metadata: Metadata | None = None) -> None:
         super().__init__()
         self.storage = storage
         self.manifest = manifest
         self.weights_only = weights_only
         self.folder = checkpoint_dir(manifest.step)
         self.load_id = uuid.uuid4().hex
-        self.metadata = self._load_metadata()
+        # ``metadata``: this checkpoint's index as read_metadata already read and verified it.
+        self.metadata = self._load_metadata() if metadata is None else metadata
         self.storage_data: dict[MetadataIndex, Any] = {}
 
     def read_verified(self, name: str) -> Any:
@@ -639,6 +647,14 @@ class SpotrunStorageReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
+
+
+def read_metadata(storage: Storage, manifest: Manifest) -> Metadata:
+    """A committed sharded checkpoint's DCP index (``.metadata``), verified against
+    ``manifest`` and unpickled safely: every saved key with its global size and dtype.
+    Pass it on to :func:`read_sharded` (``metadata=``), which then does not read it again.
+    Raises CorruptCheckpointError / StorageError as :func:`read_sharded` does."""
+    return SpotrunStorageReader(storage, manifest).metadata
 
 
 def _read_all(read: Any, names: list[str]) -> dict[str, Any]:
@@ -876,6 +892,7 @@ def read_sharded(
     planner: LoadPlanner | None = None,
     weights_only: bool = True,
     agree: bool = True,
+    metadata: Metadata | None = None,
 ) -> None:
     """Load a committed sharded checkpoint into ``state_dict`` in place, resharding.
 
@@ -897,6 +914,9 @@ def read_sharded(
     ``agree=False`` (DCP's default planner only): no collective at all; this rank raises
     its own failure and the caller agrees with the other ranks afterwards (the
     Checkpointer's restore meets once per checkpoint, after every phase of it).
+
+    ``metadata``: the checkpoint's index from :func:`read_metadata`, when the caller has
+    already read it (to size the optimizer's state before building ``state_dict``).
     """
     if not is_sharded_checkpoint(manifest):
         raise IncompatibleCheckpointError(
@@ -908,11 +928,13 @@ def read_sharded(
         raise ValueError("read_sharded(agree=False) needs DCP's default load planner: another "
                          "planner plans collectively; pass agree=True")
     if not _plans_locally(planner):
-        _read_through_dcp(storage, manifest, state_dict, process_group, planner, weights_only)
+        _read_through_dcp(storage, manifest, state_dict, process_group, planner, weights_only,
+                          metadata)
         return
     failure: BaseException | None = None
     try:
-        reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only)
+        reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only,
+                                      metadata=metadata)
         coordinator = not use_dist or dist.get_rank(process_group) == 0
         _load_locally(reader, state_dict, planner or DefaultLoadPlanner(), coordinator)
     except CheckpointError as exc:  # Corrupt, Incompatible, refused by a safe load
@@ -1007,13 +1029,14 @@ def _load_locally(reader: SpotrunStorageReader, state_dict: dict[str, Any],
 
 def _read_through_dcp(storage: Storage, manifest: Manifest, state_dict: dict[str, Any],
                       process_group: dist.ProcessGroup | None, planner: LoadPlanner | None,
-                      weights_only: bool) -> None:
+                      weights_only: bool, metadata: Metadata | None) -> None:
     """``dcp.load`` with a planner whose global step may matter (collective)."""
     use_dist = dist.is_available() and dist.is_initialized()
     reader: SpotrunStorageReader | None = None
     failure: BaseException | None = None
     try:
-        reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only)
+        reader = SpotrunStorageReader(storage, manifest, weights_only=weights_only,
+                                      metadata=metadata)
     except (CorruptCheckpointError, StorageError) as exc:
         failure = exc
     # Agree before DCP's collectives, so a rank that cannot read .metadata does not leave

@@ -1,5 +1,9 @@
 """An FSDP2 model + AdamW under torchrun (gloo, CPU) that saves or loads a sharded checkpoint.
 
+``--optim mixed``: three optimizers over the layers instead (AdamW with amsgrad and two
+param groups, one frozen parameter; SGD with Nesterov momentum; a row-vector optimizer
+whose state is not shaped like its parameter).
+
     save:  train a few steps, write through spotrun.format.sharded (sync or --async, the latter
            while the training thread keeps running all_reduces), rank 0 commits the
            manifest and keeps the gathered full state next to it (--reference) for checking.
@@ -18,11 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: slowfs, optim_tools
 
 import slowfs
 import torch
 import torch.distributed as dist
+from optim_tools import RowScaled, counting_steps
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,10 +39,12 @@ from torch.distributed.fsdp import fully_shard
 from spotrun.errors import SpotrunError
 from spotrun.format.commit import commit, read_manifest
 from spotrun.format.manifest import Manifest
+from spotrun.format.optim_init import init_optimizer_state
 from spotrun.format.sharded import (
     ShardedSaver,
     get_state,
     is_sharded,
+    read_metadata,
     read_sharded,
     set_state,
     write_sharded,
@@ -54,7 +61,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(world: int, kind: str = "adamw") -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
     torch.manual_seed(0)
     layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(DIMS)]
     model = torch.nn.Sequential(*layers)
@@ -62,20 +69,33 @@ def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if kind == "adamw":
+        return model, [torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)]
+    first, second, third = layers
+    third.bias.requires_grad_(False)  # frozen: in an optimizer, never given state
+    return model, [
+        torch.optim.AdamW([{"params": [first.weight, third.bias], "weight_decay": 0.1},
+                           {"params": [first.bias], "weight_decay": 0.0, "lr": 3e-3}],
+                          lr=1e-2, amsgrad=True),
+        torch.optim.SGD(second.parameters(), lr=1e-2, momentum=0.9, nesterov=True,
+                        weight_decay=0.01),
+        RowScaled([third.weight]),
+    ]
 
 
-def train(model: torch.nn.Module, optim: torch.optim.Optimizer, rank: int, steps: int) -> None:
+def train(model: torch.nn.Module, optims: list[torch.optim.Optimizer], rank: int,
+          steps: int) -> None:
     gen = torch.Generator().manual_seed(100 + rank)
     for _ in range(steps):
         x = torch.randn(8, DIMS[0], generator=gen)
         loss = model(x).square().mean()
         loss.backward()
-        optim.step()
-        optim.zero_grad()
+        for optim in optims:
+            optim.step()
+            optim.zero_grad()
 
 
-def full_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict:
+def full_state(model: torch.nn.Module, optim: list[torch.optim.Optimizer]) -> dict:
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return {"model": get_model_state_dict(model, options=opts),
             "optim": get_optimizer_state_dict(model, optim, options=opts)}
@@ -105,6 +125,7 @@ def main() -> int:
     p.add_argument("--reference", required=True)
     p.add_argument("--async", dest="use_async", action="store_true")
     p.add_argument("--expect-error", action="store_true")
+    p.add_argument("--optim", choices=["adamw", "mixed"], default="adamw")
     args = p.parse_args()
 
     if args.url.startswith("slowdcp://"):
@@ -112,8 +133,8 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     storage = Storage(args.url)
-    model, optim = build(world)
-    assert is_sharded(model) and is_sharded(optim)
+    model, optim = build(world, args.optim)
+    assert is_sharded(model) and all(is_sharded(o) for o in optim)
 
     if args.mode == "save":
         train(model, optim, rank, args.step)
@@ -153,17 +174,23 @@ def main() -> int:
         say(f"rank {rank} ok saved {sorted(n for n, _ in files)}")
     else:
         manifest = read_manifest(storage, args.step)
-        state = get_state(model, optim)
-        try:
-            read_sharded(storage, manifest, state)
-        except SpotrunError as exc:
-            say(f"rank {rank} error {type(exc).__name__}: {exc}")
-            dist.destroy_process_group()
-            return 0 if args.expect_error else 1
-        if args.expect_error:
-            say(f"rank {rank} loaded a damaged checkpoint without error")
-            return 1
-        set_state(model, optim, state)
+        with counting_steps(optim) as steps:
+            try:
+                # The restore's order (spotrun.checkpoint.restore): the fresh optimizers'
+                # state from DCP's index where it fits, so building the state runs no step.
+                metadata = read_metadata(storage, manifest)
+                made = init_optimizer_state(model, optim, metadata)
+                state = get_state(model, optim)
+                read_sharded(storage, manifest, state, metadata=metadata)
+            except SpotrunError as exc:
+                say(f"rank {rank} error {type(exc).__name__}: {exc}")
+                dist.destroy_process_group()
+                return 0 if args.expect_error else 1
+            if args.expect_error:
+                say(f"rank {rank} loaded a damaged checkpoint without error")
+                return 1
+            set_state(model, optim, state)
+        say(f"rank {rank} load made {[optim.index(o) for o in made]} ran steps {steps}")
         full = full_state(model, optim)
         if rank == 0:
             saved = torch.load(args.reference, weights_only=True)

@@ -27,12 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for slowfs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: slowfs, optim_tools
 
 import slowfs
 import torch
 import torch.distributed as dist
 from ddp_train import make_data, say  # run as a script, its own folder is on sys.path
+from optim_tools import counting_steps
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -105,7 +106,11 @@ def main() -> int:
     try:
         with ckpt:
             assert ckpt.sharded, "FSDP2 model not detected as sharded"
-            start = ckpt.restore()
+            # Optimizer steps the restore ran: torch's zero-gradient step that makes a fresh
+            # optimizer's state would be one; spotrun makes it from the checkpoint's index.
+            with counting_steps([optimizer]) as steps:
+                start = ckpt.restore()
+            say(f"rank {rank} restore ran {steps[0]} optimizer steps")
             if args.dump:
                 state = full_state(model, optimizer)
                 if rank == 0:
