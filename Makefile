@@ -21,7 +21,7 @@ ARGS ?=
 # signal and kill tests forked from one warm interpreter and the files dealt into two halves, 1134 about 16 with
 # the halves dealt by measured seconds, tests/durations.json; 1155 16.4 with the lease, EC2 and
 # recovery trainers forked warm and the EC2 tests' one-AMI set-up; 1166 14.8-15.7 with check-resume's
-# runs forked warm; 1167 7.2 at load 1-2, 10.9 beside two other suites, 1185 7.9 on a fresh clone, 1189 8.2 with warm workers on by default, with torchrun's launcher and
+# runs forked warm; 1167 7.2 at load 1-2, 10.9 beside two other suites, 1185 7.9 on a fresh clone, 1189 8.2 with warm workers on by default, 1204 8.1 at f77dc9a, with torchrun's launcher and
 # ranks and the HF/Lightning examples forked warm); more would starve the
 # timing-bounded tests. worksteal keeps the long
 # torchrun tests from queueing behind each other on one worker.
