@@ -54,8 +54,6 @@ __all__ = [
     "LeaseInfo",
     "acquire_run_lease",
     "clean_stale_temporaries",
-    "pid_gone",
-    "pid_started",
     "read_lease",
     "release_run_lease",
 ]
