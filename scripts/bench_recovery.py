@@ -547,6 +547,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _where(args: argparse.Namespace, work: str | None = None) -> str:
+    """Where the run URL was, for the report's first line."""
+    if args.s3:
+        return "a moto S3 server (own process)"
+    return f"local disk ({work})" if work else "local disk"
+
+
 def report(path: str) -> int:
     """The table and targets of a saved run (``--json``), judged by this version's rules."""
     with open(path) as f:
@@ -557,7 +564,7 @@ def report(path: str) -> int:
     present = {r["path"] for r in runs}
     paths = [p for p in PATHS if p in present]
     table = summarise(runs, cases, paths)
-    where = "a moto S3 server (own process)" if args.s3 else "local disk"
+    where = _where(args)
     args.replace_missing = not saved.get("replace_available", True)
     print_report(args, runs, table, saved.get("exact") or {}, cases, paths,
                  bool(saved.get("replace_available")), where)
@@ -592,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     local_base = tempfile.mkdtemp(prefix="spotrun-bench-", dir=shm) if has_replace else None
     moto = start_moto(env) if args.s3 else None
-    where = "a moto S3 server (own process)" if args.s3 else f"local disk ({work})"
+    where = _where(args, work)
     runs: list[dict] = []
     exact: dict[str, Any] = {}
     n = 0
